@@ -1,0 +1,213 @@
+"""Wire types shared by the control plane and the agent (raftmesh's `tailcfg`).
+
+Everything an agent receives or sends is defined here once, as plain dataclasses with
+explicit JSON forms, so server and agent cannot drift apart and nothing is pickled.
+Field names follow Tailscale's MapResponse where a concept is shared, in snake_case.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Overlay address pools (Tailscale's CGNAT range and ULA prefix).
+IPV4_POOL = "100.64.0.0/10"
+IPV6_POOL = "fd7a:115c:a1e0::/48"
+
+PROTOCOLS = ("tcp", "udp", "icmp")
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    """Inclusive port range; (0, 65535) means any port."""
+
+    first: int = 0
+    last: int = 65535
+
+    def to_json(self) -> str:
+        if (self.first, self.last) == (0, 65535):
+            return "*"
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+    @classmethod
+    def from_json(cls, text: str) -> "PortRange":
+        if text == "*":
+            return cls()
+        lo, _, hi = text.partition("-")
+        return cls(int(lo), int(hi or lo))
+
+
+@dataclass(frozen=True, order=True)
+class FilterDest:
+    """A destination prefix and the ports allowed on it."""
+
+    prefix: str  # CIDR, e.g. "100.64.0.2/32"
+    ports: PortRange = PortRange()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "ports": self.ports.to_json()}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "FilterDest":
+        return cls(obj["prefix"], PortRange.from_json(obj["ports"]))
+
+
+@dataclass(frozen=True, order=True)
+class FilterRule:
+    """Accept packets from any of `src` to any of `dst` with a protocol in `protos`.
+
+    An empty `protos` means tcp, udp and icmp (Tailscale's default). The packet filter is a
+    list of rules; anything not accepted is dropped (deny by default). Rules are evaluated
+    by the receiving node against inbound traffic.
+    """
+
+    src: tuple[str, ...]  # CIDRs
+    dst: tuple[FilterDest, ...]
+    protos: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "src": list(self.src),
+            "dst": [d.to_json() for d in self.dst],
+            "protos": list(self.protos),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "FilterRule":
+        return cls(
+            tuple(obj["src"]),
+            tuple(FilterDest.from_json(d) for d in obj["dst"]),
+            tuple(obj.get("protos", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What a node knows about one peer (or about itself, as `Netmap.self_node`)."""
+
+    id: str
+    name: str
+    node_key: str  # base64 X25519 public key (WireGuard key)
+    addresses: tuple[str, ...]  # overlay addresses as /32 and /128 CIDRs
+    allowed_ips: tuple[str, ...]  # addresses plus approved routes
+    endpoints: tuple[str, ...] = ()  # "ip:port" underlay endpoints
+    key_expiry: float | None = None  # unix seconds; None = never
+    online: bool = False
+    last_seen: float | None = None
+    user: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("addresses", "allowed_ips", "endpoints", "tags"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Peer":
+        return cls(
+            id=obj["id"],
+            name=obj["name"],
+            node_key=obj["node_key"],
+            addresses=tuple(obj["addresses"]),
+            allowed_ips=tuple(obj["allowed_ips"]),
+            endpoints=tuple(obj.get("endpoints", ())),
+            key_expiry=obj.get("key_expiry"),
+            online=bool(obj.get("online", False)),
+            last_seen=obj.get("last_seen"),
+            user=obj.get("user"),
+            tags=tuple(obj.get("tags", ())),
+        )
+
+
+@dataclass
+class Netmap:
+    """A node's whole view of the network at one state version."""
+
+    version: int
+    self_node: Peer
+    peers: dict[str, Peer] = field(default_factory=dict)  # by peer id
+    packet_filter: tuple[FilterRule, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "self": self.self_node.to_json(),
+            "peers": [self.peers[k].to_json() for k in sorted(self.peers)],
+            "packet_filter": [r.to_json() for r in self.packet_filter],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Netmap":
+        peers = [Peer.from_json(p) for p in obj["peers"]]
+        return cls(
+            version=obj["version"],
+            self_node=Peer.from_json(obj["self"]),
+            peers={p.id: p for p in peers},
+            packet_filter=tuple(FilterRule.from_json(r) for r in obj["packet_filter"]),
+        )
+
+
+@dataclass
+class NetmapDelta:
+    """Difference between two netmaps of one node; None/empty means unchanged.
+
+    `packet_filter` is None when unchanged; an empty tuple means "block everything".
+    """
+
+    version: int
+    peers_changed: tuple[Peer, ...] = ()  # added or changed, whole records
+    peers_removed: tuple[str, ...] = ()  # peer ids
+    packet_filter: tuple[FilterRule, ...] | None = None
+    self_node: Peer | None = None
+
+    def is_empty(self) -> bool:
+        return not (self.peers_changed or self.peers_removed or self.self_node) and (
+            self.packet_filter is None
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"version": self.version}
+        if self.peers_changed:
+            d["peers_changed"] = [p.to_json() for p in self.peers_changed]
+        if self.peers_removed:
+            d["peers_removed"] = list(self.peers_removed)
+        if self.packet_filter is not None:
+            d["packet_filter"] = [r.to_json() for r in self.packet_filter]
+        if self.self_node is not None:
+            d["self"] = self.self_node.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "NetmapDelta":
+        pf = obj.get("packet_filter")
+        return cls(
+            version=obj["version"],
+            peers_changed=tuple(Peer.from_json(p) for p in obj.get("peers_changed", ())),
+            peers_removed=tuple(obj.get("peers_removed", ())),
+            packet_filter=None if pf is None else tuple(FilterRule.from_json(r) for r in pf),
+            self_node=Peer.from_json(obj["self"]) if "self" in obj else None,
+        )
+
+
+def diff_netmaps(old: Netmap, new: Netmap) -> NetmapDelta:
+    """The delta that turns `old` into `new` (both of the same node)."""
+    changed = tuple(p for pid, p in sorted(new.peers.items()) if old.peers.get(pid) != p)
+    removed = tuple(sorted(set(old.peers) - set(new.peers)))
+    pf = new.packet_filter if new.packet_filter != old.packet_filter else None
+    me = new.self_node if new.self_node != old.self_node else None
+    return NetmapDelta(new.version, changed, removed, pf, me)
+
+
+def apply_delta(netmap: Netmap, delta: NetmapDelta) -> Netmap:
+    """Return a new netmap with `delta` applied; the caller checks version order."""
+    peers = dict(netmap.peers)
+    for pid in delta.peers_removed:
+        peers.pop(pid, None)
+    for p in delta.peers_changed:
+        peers[p.id] = p
+    return Netmap(
+        version=delta.version,
+        self_node=delta.self_node or netmap.self_node,
+        peers=peers,
+        packet_filter=netmap.packet_filter if delta.packet_filter is None else delta.packet_filter,
+    )

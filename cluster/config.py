@@ -1,0 +1,75 @@
+"""Replica configuration: from a TOML file, flags or code, validated before anything starts."""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+
+MIN_SECRET_BYTES = 16
+
+
+class ConfigError(ValueError):
+    """A configuration a replica must refuse to start with; the message says why."""
+
+
+@dataclass
+class ReplicaConfig:
+    id: str
+    raft_addr: str  # host:port of this replica's Raft transport
+    peers: list[str]  # Raft addresses of the other members at start
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    api_url: str = ""  # how clients and other replicas reach this replica's API
+    data_dir: str = "./raftmesh-data"
+    cluster_secret: str = field(default="", repr=False)
+    # "fsync": the journal is synced before an entry is acknowledged (default).
+    # "none": skip fsync; survives process crashes, but an OS crash or power loss on a
+    # majority can lose acknowledged writes. See docs/durability.md.
+    durability: str = "fsync"
+    bootstrap_admin_key: str = field(default="", repr=False)  # proposed if no API key exists
+    # Raft timing (seconds). Heartbeats every 50 ms, elections after 0.3-0.6 s of silence.
+    heartbeat: float = 0.05
+    election_min: float = 0.3
+    election_max: float = 0.6
+    tick: float = 0.05  # longest idle wait; commands and sockets wake the loop at once
+    snapshot_min_entries: int = 5000
+    snapshot_min_seconds: int = 300
+    write_timeout: float = 5.0  # after this a write's outcome is reported unknown
+    max_body_bytes: int = 1 << 20
+    ready_max_lag: int = 100  # /readyz fails when applied index trails commit by more
+    audit_export_file: str = ""  # append audit entries as JSON lines here
+    audit_export_url: str = ""  # or POST them to this HTTP endpoint
+    join: bool = False  # start as a new member being added to a running cluster
+
+    def __post_init__(self) -> None:
+        if not self.api_url:
+            self.api_url = f"http://{self.api_host}:{self.api_port}"
+
+    def validate(self) -> None:
+        secret = self.cluster_secret.encode()
+        if not secret:
+            raise ConfigError(
+                "a cluster secret is required: pysyncobj unpickles whatever reaches the Raft "
+                "port, so replicas must authenticate each other (set cluster_secret or "
+                "RAFTMESH_CLUSTER_SECRET)")
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(f"the cluster secret must be at least {MIN_SECRET_BYTES} bytes, "
+                              f"got {len(secret)}")
+        if self.durability not in ("fsync", "none"):
+            raise ConfigError(f"durability must be 'fsync' or 'none', not {self.durability!r}")
+        if self.raft_addr in self.peers:
+            raise ConfigError("peers must not include this replica's own raft_addr")
+        if not self.election_min > 3 * self.heartbeat or not self.election_max > self.election_min:
+            raise ConfigError("need election_min > 3 x heartbeat and election_max > election_min")
+
+    @classmethod
+    def from_toml(cls, path: str, **overrides) -> "ReplicaConfig":
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown settings {unknown}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        raw.setdefault("cluster_secret", os.environ.get("RAFTMESH_CLUSTER_SECRET", ""))
+        return cls(**raw)

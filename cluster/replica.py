@@ -1,0 +1,311 @@
+"""One Raft replica: pysyncobj 0.3.17 plus what raftmesh needs from it.
+
+What pysyncobj does not do and this class adds (docs/durability.md has the reasoning):
+* durability: entries are fsynced (storage/journal.py) before a follower acknowledges them
+  and before a leader counts itself towards a commit, once per batch;
+* Raft's commit rule on followers (commit index <= index of the last *new* entry), which
+  pysyncobj only got right by truncating matching entries on every AppendEntries;
+* low latency without a busy loop: our own tick thread, woken by a pipe when a command is
+  submitted, sends new entries and commit advances at once instead of on the next period;
+* linearizable reads through coalesced read barriers (one log entry per batch of reads);
+* apply into LMDB idempotently by Raft index, one transaction per tick, with futures
+  resolved only after that transaction commits.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+import pysyncobj.syncobj as pso
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.config import FAIL_REASON
+from pysyncobj.pipe_notifier import PipeNotifier
+
+from raftmesh.storage import snapshot
+from raftmesh.storage.journal import DurableJournal
+from raftmesh.storage.state_store import StateStore, read_version
+
+from . import state_machine
+from .commands import Command, CommandError
+from .config import ReplicaConfig
+
+log = logging.getLogger("raftmesh.replica")
+
+NOT_APPLIED = {FAIL_REASON.QUEUE_FULL, FAIL_REASON.MISSING_LEADER, FAIL_REASON.DISCARDED,
+               FAIL_REASON.NOT_LEADER, FAIL_REASON.REQUEST_DENIED}
+RAFT_STATES = {0: "follower", 1: "candidate", 2: "leader"}
+_journal_factory_lock = threading.Lock()
+
+
+class Outcome:
+    """How a proposal ended: applied (with result), definitely not applied, or unknown."""
+
+    APPLIED, NOT_APPLIED, UNKNOWN = "applied", "not_applied", "unknown"
+
+    def __init__(self, kind: str, result: dict | None = None, reason: str = ""):
+        self.kind, self.result, self.reason = kind, result, reason
+
+
+class _AlreadyAppliedFilter(logging.Filter):
+    """pysyncobj logs CRITICAL when a follower gets entries it already has. With
+    DurableJournal nothing is truncated unless terms conflict, so it is routine."""
+
+    def filter(self, record):
+        if "truncating already-applied" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("pysyncobj").isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("pysyncobj.syncobj").addFilter(_AlreadyAppliedFilter())
+
+
+class RaftReplica(SyncObj):
+    def __init__(self, config: ReplicaConfig):
+        config.validate()
+        self.config = config
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+        self.store = StateStore(os.path.join(config.data_dir, "state"))
+        self._resolutions: list[tuple[Future, object, int]] = []
+        self._barrier_waiters: list[Future] = []
+        self._apply_listeners: list[Callable[[list], None]] = []
+        self._applied_batch: list[tuple[int, Command, dict]] = []
+        self._sent_log_index = 0
+        self._sent_commit_index = 0
+        self._stopping = False
+        self.stats = {"snapshots": 0, "snapshot_seconds": 0.0, "snapshot_installs": 0}
+        self.status: dict = {}
+        conf = SyncObjConf(
+            password=config.cluster_secret,
+            autoTick=False,
+            appendEntriesUseBatch=True,
+            appendEntriesPeriod=config.heartbeat,
+            raftMinTimeout=config.election_min,
+            raftMaxTimeout=config.election_max,
+            connectionTimeout=max(1.0, config.election_max),
+            connectionRetryTime=0.3,
+            leaderFallbackTimeout=max(1.0, 2 * config.election_max),
+            commandsWaitLeader=False,
+            dynamicMembershipChange=True,
+            journalFile=os.path.join(config.data_dir, "raft.journal"),
+            fullDumpFile=os.path.join(config.data_dir, "raft.snapshot"),
+            serializer=self._write_snapshot,
+            deserializer=self._load_snapshot,
+            logCompactionMinEntries=config.snapshot_min_entries,
+            logCompactionMinTime=config.snapshot_min_seconds,
+            tcp_keepalive=(1, 1, 2),
+        )
+        with _journal_factory_lock:  # pysyncobj builds its journal itself; give it ours
+            original, pso.createJournal = pso.createJournal, DurableJournal
+            try:
+                super().__init__(config.raft_addr, config.peers, conf)
+            finally:
+                pso.createJournal = original
+        self.journal: DurableJournal = self._SyncObj__raftLog
+        self._wrap_transport_send()
+        self._notifier = PipeNotifier(self._poller)
+        self.addOnTickCallback(self._after_tick)
+        self._thread = threading.Thread(target=self._run, name=f"raft-{config.id}", daemon=True)
+        self._thread.start()
+
+    # -- the tick loop -----------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self.doTick(self.config.tick)
+            except Exception:
+                log.exception("raft tick failed")
+                time.sleep(self.config.tick)
+        self.store.commit()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake()
+        self._thread.join(timeout=5)
+        self.destroy()
+        self.store.close()
+
+    def _wake(self) -> None:
+        try:
+            self._notifier.notify()
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is awake already
+
+    def _after_tick(self) -> None:
+        """Runs inside each tick before it waits: replicate, make durable, resolve."""
+        leader = self._isLeader()
+        if leader and self._log_index() > self._sent_log_index:
+            self._SyncObj__sendAppendEntries()  # ship this tick's batch now
+        self._sync_journal()
+        if leader:
+            self._sent_log_index = self._log_index()
+            if self.raftCommitIndex > self._sent_commit_index:
+                self._SyncObj__sendAppendEntries()  # tell followers about the commit now
+                self._sent_commit_index = self.raftCommitIndex
+        self._propose_barrier()
+        self.store.commit()
+        self._publish()
+        self._refresh_status()
+
+    def _log_index(self) -> int:
+        return self.journal[-1][1]
+
+    def _sync_journal(self) -> None:
+        if self.config.durability == "fsync":
+            self.journal.sync()
+
+    def _wrap_transport_send(self) -> None:
+        """Followers fsync before acknowledging entries (the ack is `next_node_idx`)."""
+        transport = self._SyncObj__transport
+        send = transport.send
+
+        def durable_send(node, message):
+            if message.get("type") == "next_node_idx" and message.get("success"):
+                self._sync_journal()
+            return send(node, message)
+
+        transport.send = durable_send
+
+    def _SyncObj__onMessageReceived(self, node, message):
+        """Bound a follower's commit index by the last entry this message vouched for.
+
+        DurableJournal keeps entries past the new ones (they may be acknowledged), so the
+        log can be longer than what the leader just checked; Raft forbids committing those.
+        """
+        if message.get("type") != "append_entries" or "prevLogIdx" not in message \
+                or message.get("transmission") in ("start", "process"):
+            return SyncObj._SyncObj__onMessageReceived(self, node, message)
+        before = self.raftCommitIndex
+        entries = message.get("entries") or []
+        if message.get("transmission") == "finish":  # one large entry sent in chunks
+            last_new = message["prevLogIdx"] + 1
+        else:
+            last_new = entries[-1][1] if entries else message["prevLogIdx"]
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
+        bound = max(before, min(message["commit_index"], last_new))
+        if self.raftCommitIndex > bound:
+            self._SyncObj__raftCommitIndex = bound
+            self.journal.setRaftCommitIndex(bound)
+
+    # -- state machine -------------------------------------------------------------------
+    @replicated
+    def apply_command(self, payload: bytes):
+        index = self.raftLastApplied + 1  # pysyncobj applies entries in order
+        txn = self.store.write_txn()
+        if index <= read_version(txn):
+            return None  # replay after restart: already in LMDB
+        try:
+            cmd = Command.decode(payload)
+            result = state_machine.apply(txn, cmd, index)
+        except CommandError as e:
+            cmd, result = None, {"ok": False, "version": index, "code": "bad_command",
+                                 "message": str(e), "status": 400}
+        self.store.set_applied_version(txn, index)
+        if cmd is not None and cmd.op != "barrier":
+            self._applied_batch.append((index, cmd, result))
+        return result
+
+    def add_apply_listener(self, fn: Callable[[list], None]) -> None:
+        """`fn(batch)` runs on the Raft thread after each committed LMDB batch."""
+        self._apply_listeners.append(fn)
+
+    def _publish(self) -> None:
+        resolutions, self._resolutions = self._resolutions, []
+        for fut, result, err in resolutions:
+            if fut.done():
+                continue
+            if err == FAIL_REASON.SUCCESS:
+                fut.set_result(Outcome(Outcome.APPLIED, result))
+            elif err in NOT_APPLIED:
+                fut.set_result(Outcome(Outcome.NOT_APPLIED, reason=_reason(err)))
+            else:
+                fut.set_result(Outcome(Outcome.UNKNOWN, reason=_reason(err)))
+        if self._applied_batch:
+            batch, self._applied_batch = self._applied_batch, []
+            for fn in self._apply_listeners:
+                try:
+                    fn(batch)
+                except Exception:
+                    log.exception("apply listener failed")
+
+    # -- proposing -------------------------------------------------------------------------
+    def propose(self, cmd: Command) -> Future:
+        """Submit through Raft from any thread; the future yields an Outcome.
+
+        A caller that gives up waiting must report the outcome as unknown: the entry may
+        still commit later.
+        """
+        fut: Future = Future()
+        self.apply_command(cmd.encode(), callback=lambda res, err: self._resolutions.append((fut, res, err)))
+        self._wake()
+        return fut
+
+    def barrier(self) -> Future:
+        """A future that completes once everything committed before this call is applied here."""
+        fut: Future = Future()
+        self._barrier_waiters.append(fut)
+        self._wake()
+        return fut
+
+    def _propose_barrier(self) -> None:
+        if not self._barrier_waiters:
+            return
+        waiters, self._barrier_waiters = self._barrier_waiters, []
+
+        def done(res, err):
+            for fut in waiters:
+                self._resolutions.append((fut, res, err))
+
+        self.apply_command(Command("barrier").encode(), callback=done)
+        self._wake()
+
+    # -- membership -----------------------------------------------------------------------
+    def change_membership(self, action: str, raft_addr: str) -> Future:
+        fut: Future = Future()
+        cb = lambda res, err: self._resolutions.append((fut, res, err))
+        node = pso.TCPNode(raft_addr)
+        if action == "add":
+            self.addNodeToCluster(node, callback=cb)
+        else:
+            self.removeNodeFromCluster(node, callback=cb)
+        self._wake()
+        return fut
+
+    # -- snapshots ------------------------------------------------------------------------
+    def _write_snapshot(self, path: str, raft_data) -> None:
+        started = time.monotonic()
+        snapshot.write_snapshot(self.store, path, raft_data)
+        self.stats["snapshots"] += 1
+        self.stats["snapshot_seconds"] += time.monotonic() - started
+
+    def _load_snapshot(self, path: str):
+        self.stats["snapshot_installs"] += 1
+        return snapshot.load_snapshot(self.store, path)
+
+    # -- status -----------------------------------------------------------------------------
+    def _refresh_status(self) -> None:
+        """A copy taken on the Raft thread, so API threads never read pysyncobj mid-change."""
+        leader = self._getLeader()
+        self.status = {
+            "id": self.config.id,
+            "raft_addr": self.config.raft_addr,
+            "state": RAFT_STATES.get(self._SyncObj__raftState, "unknown"),
+            "leader": leader.id if leader is not None else None,
+            "term": self.raftCurrentTerm,
+            "commit_index": self.raftCommitIndex,
+            "applied_index": self.raftLastApplied,
+            "log_entries": len(self.journal),
+            "has_quorum": self.hasQuorum,
+            "members": sorted([self.config.raft_addr] + [n.id for n in self._SyncObj__otherNodes]),
+            "leader_commit_index": self._SyncObj__leaderCommitIndex,
+            "journal_syncs": self.journal.syncs,
+        }
+
+
+def _reason(err: int) -> str:
+    names = {v: k.lower() for k, v in vars(FAIL_REASON).items() if isinstance(v, int)}
+    return names.get(err, str(err))

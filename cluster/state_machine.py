@@ -1,0 +1,442 @@
+"""Deterministic apply of commands to the replicated state.
+
+`apply(txn, command, version)` is a pure function of the current state (seen through the
+`Txn` protocol of storage/state_store.py), the command and its Raft index: no clock, no
+randomness, no I/O. Every replica therefore reaches the same state at the same version.
+A command the state does not allow is rejected with a stable error code and changes
+nothing (writes are staged and only flushed on success). Every change appends a
+hash-chained audit entry in the same transaction.
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Callable, Protocol
+
+from raftmesh.storage.audit_chain import GENESIS, chain_hash
+
+from .commands import Command
+
+IPV4_BASE = int(ipaddress.IPv4Address("100.64.0.0"))
+IPV4_SLOTS = 1 << 22  # 100.64.0.0/10
+IPV6_BASE = int(ipaddress.IPv6Address("fd7a:115c:a1e0::"))
+IDEMPOTENCY_TTL = 24 * 3600.0
+SECRET_FIELDS = ("hash",)
+
+
+class Txn(Protocol):
+    def get(self, table: str, key: str) -> Any: ...
+    def put(self, table: str, key: str, value: Any) -> None: ...
+    def delete(self, table: str, key: str) -> None: ...
+    def items(self, table: str, start: str = ""): ...
+
+
+class Rejected(Exception):
+    """The state does not allow this command; nothing was changed."""
+
+    def __init__(self, code: str, message: str, status: int = 409):
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+class StagedTxn:
+    """Buffers writes over a base transaction so a rejected command leaves no trace."""
+
+    _DELETED = object()
+
+    def __init__(self, base: Txn):
+        self.base = base
+        self.writes: dict[tuple[str, str], Any] = {}
+
+    def get(self, table, key):
+        v = self.writes.get((table, key), None)
+        if v is self._DELETED:
+            return None
+        return v if (table, key) in self.writes else self.base.get(table, key)
+
+    def put(self, table, key, value):
+        self.writes[(table, key)] = value
+
+    def delete(self, table, key):
+        self.writes[(table, key)] = self._DELETED
+
+    def items(self, table, start=""):
+        staged = {k: v for (t, k), v in self.writes.items() if t == table and k >= start}
+        for k, v in self.base.items(table, start):
+            if k in staged:
+                continue
+            yield k, v
+        for k in sorted(staged):
+            if staged[k] is not self._DELETED:
+                yield k, staged[k]
+
+    def flush(self):
+        for (table, key), value in self.writes.items():
+            if value is self._DELETED:
+                self.base.delete(table, key)
+            else:
+                self.base.put(table, key, value)
+
+
+def public(record: dict | None) -> dict | None:
+    """A record without stored secrets (hashes), as shown in audit and API answers."""
+    if record is None:
+        return None
+    return {k: v for k, v in record.items() if k not in SECRET_FIELDS}
+
+
+class Context:
+    """What a handler needs: the staged state, the command and a way to audit."""
+
+    def __init__(self, txn: StagedTxn, cmd: Command, version: int):
+        self.txn, self.cmd, self.version, self.args = txn, cmd, version, cmd.args
+        self.audits: list[tuple[str, dict | None, dict | None]] = []
+
+    def audit(self, target: str, before: dict | None, after: dict | None) -> None:
+        self.audits.append((target, public(before), public(after)))
+
+    def require(self, table: str, key: str, what: str) -> dict:
+        record = self.txn.get(table, key)
+        if record is None:
+            raise Rejected("not_found", f"{what} {key!r} does not exist", 404)
+        return record
+
+
+HANDLERS: dict[str, Callable[[Context], dict]] = {}
+
+
+def handler(op: str):
+    def register(fn):
+        HANDLERS[op] = fn
+        return fn
+    return register
+
+
+def apply(txn: Txn, cmd: Command, version: int) -> dict:
+    """Apply `cmd` at Raft index `version`; returns {"ok": True, ...} or a rejection."""
+    staged = StagedTxn(txn)
+    if cmd.request_id:
+        seen = staged.get("idempotency", cmd.request_id)
+        if seen is not None:
+            return dict(seen["result"], replayed=True)
+    fn = HANDLERS.get(cmd.op)
+    ctx = Context(staged, cmd, version)
+    try:
+        if fn is None:
+            raise Rejected("unknown_command", f"unknown command {cmd.op!r}", 400)
+        value = fn(ctx)
+        result = {"ok": True, "version": version, "value": value}
+    except Rejected as r:
+        return {"ok": False, "version": version, "code": r.code, "message": r.message,
+                "status": r.status}
+    except (KeyError, TypeError, ValueError) as e:  # malformed args from a buggy proposer
+        return {"ok": False, "version": version, "code": "bad_command",
+                "message": f"{cmd.op}: malformed arguments ({e})", "status": 400}
+    for target, before, after in ctx.audits:
+        _append_audit(staged, cmd, version, target, before, after)
+    if cmd.request_id:
+        _remember(staged, cmd, result)
+    staged.flush()
+    return result
+
+
+# -- audit and idempotency -------------------------------------------------------------
+def _append_audit(txn: StagedTxn, cmd: Command, version: int, target: str,
+                  before: dict | None, after: dict | None) -> None:
+    head = txn.get("meta", "audit_head") or {"seq": 0, "hash": GENESIS}
+    entry = {"seq": head["seq"] + 1, "version": version, "time": cmd.time,
+             "actor": cmd.actor, "action": cmd.op, "target": target,
+             "before": before, "after": after, "prev_hash": head["hash"]}
+    entry["hash"] = chain_hash(head["hash"], entry)
+    txn.put("audit", f"{entry['seq']:016d}", entry)
+    txn.put("meta", "audit_head", {"seq": entry["seq"], "hash": entry["hash"]})
+
+
+def _remember(txn: StagedTxn, cmd: Command, result: dict) -> None:
+    """Store the result under the request id; forget ids older than the TTL (by command time)."""
+    txn.put("idempotency", cmd.request_id, {"result": result, "time": cmd.time})
+    order_key = f"{cmd.time:020.6f}:{cmd.request_id}"
+    txn.put("meta", "idem:" + order_key, cmd.request_id)
+    for key, rid in list(txn.items("meta", "idem:"))[:8]:
+        if not key.startswith("idem:") or float(key[5:].split(":")[0]) > cmd.time - IDEMPOTENCY_TTL:
+            break
+        txn.delete("meta", key)
+        txn.delete("idempotency", rid)
+
+
+# -- cluster ----------------------------------------------------------------------------
+@handler("barrier")
+def _barrier(ctx: Context) -> dict:
+    """No state change: its application proves everything before it is applied here."""
+    return {}
+
+
+@handler("member.announce")
+def _member_announce(ctx: Context) -> dict:
+    a = ctx.args
+    record = {"id": a["id"], "raft_addr": a["raft_addr"], "api_url": a["api_url"]}
+    before = ctx.txn.get("members", a["id"])
+    if before != record:
+        ctx.txn.put("members", a["id"], record)
+        ctx.audit(f"member:{a['id']}", before, record)
+    return record
+
+
+@handler("member.remove")
+def _member_remove(ctx: Context) -> dict:
+    before = ctx.require("members", ctx.args["id"], "member")
+    ctx.txn.delete("members", ctx.args["id"])
+    ctx.audit(f"member:{ctx.args['id']}", before, None)
+    return before
+
+
+# -- API keys ---------------------------------------------------------------------------
+def _create_api_key(ctx: Context) -> dict:
+    a = ctx.args
+    if ctx.txn.get("api_keys", a["id"]) is not None:
+        raise Rejected("conflict", f"API key {a['id']!r} already exists")
+    record = {"id": a["id"], "name": a["name"], "scopes": sorted(a["scopes"]),
+              "hash": a["hash"], "created_at": ctx.cmd.time,
+              "expires_at": a.get("expires_at"), "created_by": ctx.cmd.actor}
+    ctx.txn.put("api_keys", a["id"], record)
+    ctx.audit(f"api_key:{a['id']}", None, record)
+    return public(record)
+
+
+@handler("apikey.bootstrap")
+def _apikey_bootstrap(ctx: Context) -> dict:
+    """The first admin key; refused once any key exists, so replicas may all propose it."""
+    if next(iter(ctx.txn.items("api_keys")), None) is not None:
+        raise Rejected("already_bootstrapped", "API keys already exist")
+    return _create_api_key(ctx)
+
+
+@handler("apikey.create")
+def _apikey_create(ctx: Context) -> dict:
+    return _create_api_key(ctx)
+
+
+@handler("apikey.delete")
+def _apikey_delete(ctx: Context) -> dict:
+    before = ctx.require("api_keys", ctx.args["id"], "API key")
+    ctx.txn.delete("api_keys", ctx.args["id"])
+    ctx.audit(f"api_key:{ctx.args['id']}", before, None)
+    return public(before)
+
+
+# -- users ------------------------------------------------------------------------------
+@handler("user.create")
+def _user_create(ctx: Context) -> dict:
+    name = ctx.args["name"]
+    if ctx.txn.get("users", name) is not None:
+        raise Rejected("conflict", f"user {name!r} already exists")
+    record = {"name": name, "display_name": ctx.args.get("display_name") or name,
+              "created_at": ctx.cmd.time}
+    ctx.txn.put("users", name, record)
+    ctx.audit(f"user:{name}", None, record)
+    return record
+
+
+@handler("user.delete")
+def _user_delete(ctx: Context) -> dict:
+    name = ctx.args["name"]
+    before = ctx.require("users", name, "user")
+    owned = [n["id"] for _, n in ctx.txn.items("nodes") if n.get("user") == name]
+    if owned:
+        raise Rejected("conflict", f"user {name!r} still owns nodes {owned[:5]}; delete them first")
+    for kid, key in list(ctx.txn.items("preauth_keys")):
+        if key["user"] == name:
+            ctx.txn.delete("preauth_keys", kid)
+            ctx.audit(f"preauth_key:{kid}", key, None)
+    ctx.txn.delete("users", name)
+    ctx.audit(f"user:{name}", before, None)
+    return before
+
+
+# -- pre-auth keys ----------------------------------------------------------------------
+@handler("preauthkey.create")
+def _preauth_create(ctx: Context) -> dict:
+    a = ctx.args
+    ctx.require("users", a["user"], "user")
+    if ctx.txn.get("preauth_keys", a["id"]) is not None:
+        raise Rejected("conflict", f"pre-auth key {a['id']!r} already exists")
+    record = {"id": a["id"], "user": a["user"], "hash": a["hash"],
+              "reusable": bool(a.get("reusable", False)),
+              "ephemeral": bool(a.get("ephemeral", False)),
+              "expires_at": a.get("expires_at"), "usage_limit": a.get("usage_limit"),
+              "used": 0, "tags": sorted(a.get("tags", [])), "revoked": False,
+              "created_at": ctx.cmd.time}
+    ctx.txn.put("preauth_keys", a["id"], record)
+    ctx.audit(f"preauth_key:{a['id']}", None, record)
+    return public(record)
+
+
+@handler("preauthkey.delete")
+def _preauth_delete(ctx: Context) -> dict:
+    before = ctx.require("preauth_keys", ctx.args["id"], "pre-auth key")
+    ctx.txn.delete("preauth_keys", ctx.args["id"])
+    ctx.audit(f"preauth_key:{ctx.args['id']}", before, None)
+    return public(before)
+
+
+def preauth_key_problem(key: dict, now: float) -> str | None:
+    """Why a pre-auth key cannot register a node now, or None if it can."""
+    if key.get("revoked"):
+        return "revoked"
+    if key.get("expires_at") is not None and key["expires_at"] <= now:
+        return "expired"
+    limit = 1 if not key["reusable"] else key.get("usage_limit")
+    if limit is not None and key["used"] >= limit:
+        return "used up"
+    return None
+
+
+# -- policy -----------------------------------------------------------------------------
+@handler("policy.set")
+def _policy_set(ctx: Context) -> dict:
+    """Store a policy already validated by the proposer; every version is kept."""
+    head = ctx.txn.get("meta", "policy_head") or {"version": 0}
+    if ctx.args.get("expected_version") not in (None, head["version"]):
+        raise Rejected("version_conflict",
+                       f"policy is at version {head['version']}, not {ctx.args['expected_version']}")
+    record = {"version": head["version"] + 1, "text": ctx.args["text"],
+              "created_at": ctx.cmd.time, "actor": ctx.cmd.actor, "state_version": ctx.version}
+    ctx.txn.put("policy_versions", f"{record['version']:010d}", record)
+    ctx.txn.put("meta", "policy_head", {"version": record["version"]})
+    before = ctx.txn.get("policy_versions", f"{head['version']:010d}") if head["version"] else None
+    summary = lambda r: None if r is None else {"version": r["version"], "bytes": len(r["text"])}
+    ctx.audit("policy", summary(before), summary(record))
+    return {k: record[k] for k in ("version", "created_at", "actor", "state_version")}
+
+
+# -- nodes ------------------------------------------------------------------------------
+def _allocate_ips(txn: StagedTxn) -> tuple[str, str]:
+    """Lowest free slot at or after the cursor; deterministic, collision-free."""
+    cursor = (txn.get("meta", "ip_cursor") or 1)
+    for step in range(IPV4_SLOTS):
+        slot = (cursor + step) % IPV4_SLOTS
+        if slot in (0, IPV4_SLOTS - 1):
+            continue
+        v4 = str(ipaddress.IPv4Address(IPV4_BASE + slot))
+        if txn.get("node_ips", v4) is None:
+            txn.put("meta", "ip_cursor", slot + 1)
+            return v4, str(ipaddress.IPv6Address(IPV6_BASE + slot))
+    raise Rejected("address_pool_exhausted", "no free overlay address left in 100.64.0.0/10", 507)
+
+
+def _unique_name(txn: StagedTxn, wanted: str, exclude_id: str | None = None) -> str:
+    taken = {n["name"] for _, n in txn.items("nodes") if n["id"] != exclude_id}
+    name, i = wanted, 1
+    while name in taken:
+        i += 1
+        name = f"{wanted}-{i}"
+    return name
+
+
+@handler("node.register")
+def _node_register(ctx: Context) -> dict:
+    a, now = ctx.args, ctx.cmd.time
+    if ctx.txn.get("nodes", a["id"]) is not None:
+        raise Rejected("conflict", f"node {a['id']!r} already exists")
+    for _, n in ctx.txn.items("nodes"):
+        if n["machine_key"] == a["machine_key"]:
+            raise Rejected("conflict", "this machine key is already registered as node "
+                           f"{n['id']!r}")
+    user, tags, approved, ephemeral = a.get("user"), sorted(a.get("tags", [])), False, False
+    if a.get("preauth_key_id"):
+        key = ctx.require("preauth_keys", a["preauth_key_id"], "pre-auth key")
+        problem = preauth_key_problem(key, now)
+        if problem:
+            raise Rejected("preauth_key_invalid", f"pre-auth key is {problem}", 401)
+        updated = dict(key, used=key["used"] + 1)
+        ctx.txn.put("preauth_keys", key["id"], updated)
+        ctx.audit(f"preauth_key:{key['id']}", key, updated)
+        user, tags, approved, ephemeral = key["user"], key["tags"], True, key["ephemeral"]
+    if user is not None and not tags:
+        ctx.require("users", user, "user")
+    v4, v6 = _allocate_ips(ctx.txn)
+    record = {"id": a["id"], "name": _unique_name(ctx.txn, a["name"]),
+              "user": None if tags else user, "tags": tags,
+              "registered_by": user, "machine_key": a["machine_key"],
+              "node_key": a["node_key"], "ipv4": v4, "ipv6": v6,
+              "endpoints": sorted(a.get("endpoints", [])), "created_at": now,
+              "last_seen": None, "key_expiry": a.get("key_expiry"), "expired": False,
+              "approved": approved, "ephemeral": ephemeral,
+              "advertised_routes": sorted(a.get("advertised_routes", [])),
+              "approved_routes": []}
+    ctx.txn.put("nodes", a["id"], record)
+    ctx.txn.put("node_ips", v4, a["id"])
+    ctx.audit(f"node:{a['id']}", None, record)
+    return record
+
+
+def _update_node(ctx: Context, changes: dict) -> dict:
+    before = ctx.require("nodes", ctx.args["id"], "node")
+    after = dict(before, **changes)
+    if after != before:
+        ctx.txn.put("nodes", before["id"], after)
+        ctx.audit(f"node:{before['id']}", before, after)
+    return after
+
+
+@handler("node.update")
+def _node_update(ctx: Context) -> dict:
+    changes = {}
+    if "name" in ctx.args:
+        if ctx.args["name"] != _unique_name(ctx.txn, ctx.args["name"], ctx.args["id"]):
+            raise Rejected("conflict", f"node name {ctx.args['name']!r} is taken")
+        changes["name"] = ctx.args["name"]
+    if "tags" in ctx.args:
+        changes["tags"] = sorted(ctx.args["tags"])
+        if changes["tags"]:
+            changes["user"] = None
+        else:
+            node = ctx.require("nodes", ctx.args["id"], "node")
+            changes["user"] = node.get("user") or node.get("registered_by")
+    return _update_node(ctx, changes)
+
+
+@handler("node.approve")
+def _node_approve(ctx: Context) -> dict:
+    return _update_node(ctx, {"approved": True})
+
+
+@handler("node.expire")
+def _node_expire(ctx: Context) -> dict:
+    return _update_node(ctx, {"expired": True, "key_expiry": ctx.cmd.time})
+
+
+@handler("node.routes")
+def _node_routes(ctx: Context) -> dict:
+    node = ctx.require("nodes", ctx.args["id"], "node")
+    routes = sorted(ctx.args["approved_routes"])
+    missing = [r for r in routes if r not in node["advertised_routes"]]
+    if missing:
+        raise Rejected("invalid_route", f"routes {missing} are not advertised by the node", 400)
+    return _update_node(ctx, {"approved_routes": routes})
+
+
+@handler("node.report")
+def _node_report(ctx: Context) -> dict:
+    """What an agent reports about itself: endpoints, advertised routes, liveness."""
+    changes = {k: sorted(ctx.args[k]) for k in ("endpoints", "advertised_routes") if k in ctx.args}
+    if "last_seen" in ctx.args:
+        changes["last_seen"] = ctx.args["last_seen"]
+    return _update_node(ctx, changes)
+
+
+@handler("node.rotate_key")
+def _node_rotate_key(ctx: Context) -> dict:
+    node = ctx.require("nodes", ctx.args["id"], "node")
+    if node["node_key"] != ctx.args["old_node_key"]:
+        raise Rejected("conflict", "old node key does not match the registered one")
+    return _update_node(ctx, {"node_key": ctx.args["node_key"],
+                              "key_expiry": ctx.args.get("key_expiry", node["key_expiry"])})
+
+
+@handler("node.delete")
+def _node_delete(ctx: Context) -> dict:
+    before = ctx.require("nodes", ctx.args["id"], "node")
+    ctx.txn.delete("nodes", before["id"])
+    ctx.txn.delete("node_ips", before["ipv4"])
+    ctx.audit(f"node:{before['id']}", before, None)
+    return before

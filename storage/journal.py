@@ -1,0 +1,199 @@
+"""The Raft log on disk, with the durability and truncation rules pysyncobj 0.3.17 lacks.
+
+pysyncobj's own FileJournal is an mmap that is never flushed or fsynced and a pickled meta
+file written without fsync, and its follower truncates everything after `prevLogIdx` on
+every AppendEntries, even entries that match the leader's. This journal implements
+pysyncobj's `Journal` interface with:
+
+* an append-only file whose writes are made durable by `sync()`; the replica calls it
+  once per batch, before a follower acknowledges entries and before a leader counts
+  itself towards a commit (see cluster/replica.py);
+* Raft's truncation rule (Raft paper, Figure 2, AppendEntries step 3): an existing entry is
+  deleted only when a new entry at the same index has a different term. pysyncobj's
+  `deleteEntriesFrom` is therefore advisory: matching entries, which may already be
+  applied and acknowledged to the leader, are kept;
+* a JSON meta file (term, vote, commit index) written with fsync, and no pickle on disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+from pysyncobj.journal import Journal
+
+_MAGIC = b"RMJOURNAL1\n"
+_HEAD = struct.Struct("<IQQ")  # record length, index, term
+_TAIL = struct.Struct("<I")
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or file creation in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Atomically replace `path` with `data`: tmp file, fsync, rename, fsync dir."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _encode(command: bytes, idx: int, term: int) -> bytes:
+    body_len = len(command)
+    return _HEAD.pack(body_len, idx, term) + command + _TAIL.pack(body_len)
+
+
+class DurableJournal(Journal):
+    """pysyncobj Journal with explicit, batched fsync and conflict-only truncation."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._meta_path = path + ".meta"
+        self._entries: list[tuple[bytes, int, int]] = []
+        self._offsets: list[int] = []  # file offset of each entry's record
+        self._dirty = False
+        self.syncs = 0  # fsync count, exported as a metric
+        self._meta = self._load_meta()
+        self._fd = self._open_and_load()
+
+    # -- loading -------------------------------------------------------------------
+    def _load_meta(self) -> dict:
+        try:
+            with open(self._meta_path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return {}
+
+    def _open_and_load(self) -> int:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        data = b""
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+        if not data.startswith(_MAGIC):
+            if data:
+                raise RuntimeError(f"{self._path} is not a raftmesh journal")
+            os.write(fd, _MAGIC)
+            os.fsync(fd)
+            return fd
+        offset = len(_MAGIC)
+        while offset + _HEAD.size <= len(data):
+            body_len, idx, term = _HEAD.unpack_from(data, offset)
+            end = offset + _HEAD.size + body_len + _TAIL.size
+            if end > len(data) or _TAIL.unpack_from(data, end - _TAIL.size)[0] != body_len:
+                break  # a torn write at the tail: it was never synced, so never acknowledged
+            self._entries.append((data[offset + _HEAD.size : end - _TAIL.size], idx, term))
+            self._offsets.append(offset)
+            offset = end
+        if offset != len(data):
+            os.ftruncate(fd, offset)
+            os.fsync(fd)
+        os.lseek(fd, offset, os.SEEK_SET)
+        return fd
+
+    # -- durability ----------------------------------------------------------------
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    def sync(self) -> None:
+        """fsync appended entries; a no-op when nothing changed since the last call."""
+        if self._dirty:
+            os.fdatasync(self._fd)
+            self._dirty = False
+            self.syncs += 1
+
+    def _store_meta(self) -> None:
+        write_file_durably(self._meta_path, json.dumps(self._meta).encode())
+
+    # -- pysyncobj Journal interface ----------------------------------------------
+    def add(self, command, idx, term):
+        command = bytes(command)
+        if self._entries:
+            pos = idx - self._entries[0][1]
+            if 0 <= pos < len(self._entries):
+                if self._entries[pos][2] == term:
+                    return  # already present: same index and term means same entry
+                self._truncate(pos)  # a real conflict: drop it and everything after
+        record = _encode(command, idx, term)
+        offset = os.lseek(self._fd, 0, os.SEEK_END)
+        os.write(self._fd, record)
+        self._entries.append((command, idx, term))
+        self._offsets.append(offset)
+        self._dirty = True
+
+    def _truncate(self, pos: int) -> None:
+        os.ftruncate(self._fd, self._offsets[pos])
+        del self._entries[pos:]
+        del self._offsets[pos:]
+        self._dirty = True
+
+    def deleteEntriesFrom(self, entryFrom):
+        """Advisory: entries go only when `add` meets a conflicting term (see module doc)."""
+
+    def deleteEntriesTo(self, entryTo):
+        """Drop the first `entryTo` entries after a snapshot: rewrite the file atomically."""
+        keep = self._entries[entryTo:]
+        tmp = self._path + ".compact"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, _MAGIC + b"".join(_encode(*e) for e in keep))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._path)
+        fsync_dir(os.path.dirname(os.path.abspath(self._path)))
+        os.close(self._fd)
+        self._entries, self._offsets = [], []
+        self._fd = self._open_and_load()
+        self._dirty = False
+
+    def clear(self):
+        os.ftruncate(self._fd, len(_MAGIC))
+        self._entries, self._offsets = [], []
+        self._dirty = True
+        self.sync()
+
+    def __getitem__(self, item):
+        return self._entries[item]
+
+    def __len__(self):
+        return len(self._entries)
+
+    def _destroy(self):
+        self.sync()
+        os.close(self._fd)
+
+    def setRaftCommitIndex(self, raftCommitIndex):
+        # Not needed for safety (the leader re-sends it); persisted with the next sync.
+        self._meta["commit_index"] = raftCommitIndex
+
+    def getRaftCommitIndex(self):
+        return self._meta.get("commit_index", 1)
+
+    def setCurrentTerm(self, term, votedForNodeId):
+        # Raft: term and vote must be durable before any message reflecting them is sent.
+        self._meta["term"] = term
+        self._meta["voted_for"] = votedForNodeId
+        self._store_meta()
+
+    def getCurrentTerm(self):
+        return self._meta.get("term", 0)
+
+    def getVotedForNodeId(self):
+        return self._meta.get("voted_for")
+
+    def onOneSecondTimer(self):
+        if self._meta.get("commit_index") != self._meta.get("_stored_commit_index"):
+            self._meta["_stored_commit_index"] = self._meta.get("commit_index")
+            self._store_meta()
