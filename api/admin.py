@@ -1,0 +1,380 @@
+"""Admin API handlers (/api/v1): users, nodes, keys, policy, audit, cluster.
+
+Handlers validate, decide everything non-deterministic (ids, secrets, time), propose one
+command through Raft and answer with the state version it committed at. Reads are
+linearizable unless ?stale=true.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+from aiohttp import web
+
+from raftmesh.cluster.state_machine import public
+
+from . import auth
+from .errors import APIError
+from .routing import STALE_QUERY, Ctx, openapi, route
+
+V = "/api/v1"
+NAME = {"type": "string", "pattern": r"^[a-z0-9][a-z0-9._-]{0,62}$"}
+TAG = {"type": "string", "pattern": r"^tag:[a-z0-9][a-z0-9-]{0,62}$"}
+CIDR = {"type": "string", "minLength": 3, "maxLength": 64}
+
+
+def obj(properties: dict, required: tuple = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+def ok(body: dict, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status)
+
+
+async def _get(ctx: Ctx, table: str, key: str, what: str) -> tuple[dict, int]:
+    version, stale = await ctx.read_version()
+    with ctx.replica.store.read() as txn:
+        record = txn.get(table, key)
+    if record is None:
+        raise APIError(404, "not_found", f"{what} {key!r} does not exist")
+    return record, version
+
+
+async def _list(ctx: Ctx, table: str, keep=lambda r: True) -> tuple[list, int, bool]:
+    version, stale = await ctx.read_version()
+    with ctx.replica.store.read() as txn:
+        return [public(r) for _, r in txn.items(table) if keep(r)], version, stale
+
+
+# -- OpenAPI --------------------------------------------------------------------------------
+@route("GET", V + "/openapi.json", None, "This document")
+async def get_openapi(ctx: Ctx):
+    return ok(openapi())
+
+
+# -- users ------------------------------------------------------------------------------------
+@route("POST", V + "/users", "write", "Create a user", status=201,
+       body=obj({"name": NAME, "display_name": {"type": "string", "maxLength": 200}}, ("name",)))
+async def create_user(ctx: Ctx):
+    r = await ctx.write("user.create", ctx.body)
+    return ok({"user": r["value"], "version": r["version"]}, 201)
+
+
+@route("GET", V + "/users", "read", "List users", query=STALE_QUERY)
+async def list_users(ctx: Ctx):
+    users, version, stale = await _list(ctx, "users")
+    return ok({"users": users, "version": version, "stale": stale})
+
+
+@route("GET", V + "/users/{name}", "read", "Get a user", query=STALE_QUERY)
+async def get_user(ctx: Ctx):
+    user, version = await _get(ctx, "users", ctx.param("name"), "user")
+    return ok({"user": user, "version": version})
+
+
+@route("DELETE", V + "/users/{name}", "write", "Delete a user (must own no nodes)")
+async def delete_user(ctx: Ctx):
+    r = await ctx.write("user.delete", {"name": ctx.param("name")})
+    return ok({"deleted": r["value"], "version": r["version"]})
+
+
+# -- pre-auth keys ----------------------------------------------------------------------------
+@route("POST", V + "/preauth-keys", "write", "Create a pre-auth key (shown once)", status=201,
+       body=obj({"user": NAME, "reusable": {"type": "boolean"}, "ephemeral": {"type": "boolean"},
+                 "expiration_seconds": {"type": "integer", "minimum": 1, "maximum": 10 * 365 * 86400},
+                 "usage_limit": {"type": "integer", "minimum": 1},
+                 "tags": {"type": "array", "items": TAG, "uniqueItems": True, "maxItems": 32}},
+                ("user",)))
+async def create_preauth_key(ctx: Ctx):
+    b = ctx.body
+    if b.get("usage_limit") is not None and not b.get("reusable"):
+        raise APIError(400, "validation_failed", "usage_limit: only reusable keys take a usage limit",
+                       [{"field": "usage_limit", "message": "only reusable keys take a usage limit"}])
+    await check_tags(ctx, b.get("tags", []))
+    key_id, token, digest = auth.new_secret_token("rmp")
+    args = {"id": key_id, "user": b["user"], "hash": digest,
+            "reusable": b.get("reusable", False), "ephemeral": b.get("ephemeral", False),
+            "expires_at": time.time() + b.get("expiration_seconds", 3600),
+            "usage_limit": b.get("usage_limit"), "tags": b.get("tags", [])}
+    r = await ctx.write("preauthkey.create", args)
+    return ok({"preauth_key": r["value"], "key": token, "version": r["version"]}, 201)
+
+
+@route("GET", V + "/preauth-keys", "read", "List pre-auth keys",
+       query={**STALE_QUERY, "user": NAME})
+async def list_preauth_keys(ctx: Ctx):
+    user = ctx.query.get("user")
+    keys, version, stale = await _list(ctx, "preauth_keys", lambda k: user in (None, k["user"]))
+    return ok({"preauth_keys": keys, "version": version, "stale": stale})
+
+
+@route("DELETE", V + "/preauth-keys/{id}", "write", "Revoke a pre-auth key")
+async def delete_preauth_key(ctx: Ctx):
+    r = await ctx.write("preauthkey.delete", {"id": ctx.param("id")})
+    return ok({"deleted": r["value"], "version": r["version"]})
+
+
+# -- API keys -------------------------------------------------------------------------------------
+@route("POST", V + "/api-keys", "admin", "Create an API key (shown once)", status=201,
+       body=obj({"name": {"type": "string", "minLength": 1, "maxLength": 100},
+                 "scopes": {"type": "array", "minItems": 1, "uniqueItems": True,
+                            "items": {"enum": list(auth.SCOPES)}},
+                 "expiration_seconds": {"type": "integer", "minimum": 1}}, ("name", "scopes")))
+async def create_api_key(ctx: Ctx):
+    key_id, token, digest = auth.new_secret_token("rmk")
+    exp = ctx.body.get("expiration_seconds")
+    args = {"id": key_id, "name": ctx.body["name"], "scopes": ctx.body["scopes"], "hash": digest,
+            "expires_at": time.time() + exp if exp else None}
+    r = await ctx.write("apikey.create", args)
+    return ok({"api_key": r["value"], "key": token, "version": r["version"]}, 201)
+
+
+@route("GET", V + "/api-keys", "admin", "List API keys", query=STALE_QUERY)
+async def list_api_keys(ctx: Ctx):
+    keys, version, stale = await _list(ctx, "api_keys")
+    return ok({"api_keys": keys, "version": version, "stale": stale})
+
+
+@route("DELETE", V + "/api-keys/{id}", "admin", "Delete an API key")
+async def delete_api_key(ctx: Ctx):
+    r = await ctx.write("apikey.delete", {"id": ctx.param("id")})
+    return ok({"deleted": r["value"], "version": r["version"]})
+
+
+# -- nodes ------------------------------------------------------------------------------------------
+@route("GET", V + "/nodes", "read", "List nodes", query={**STALE_QUERY, "user": NAME, "tag": TAG})
+async def list_nodes(ctx: Ctx):
+    user, tag = ctx.query.get("user"), ctx.query.get("tag")
+    nodes, version, stale = await _list(
+        ctx, "nodes", lambda n: user in (None, n["user"]) and (tag is None or tag in n["tags"]))
+    return ok({"nodes": nodes, "version": version, "stale": stale})
+
+
+@route("GET", V + "/nodes/{id}", "read", "Get a node", query=STALE_QUERY)
+async def get_node(ctx: Ctx):
+    node, version = await _get(ctx, "nodes", ctx.param("id"), "node")
+    return ok({"node": node, "version": version})
+
+
+@route("PATCH", V + "/nodes/{id}", "write", "Rename a node or set its tags",
+       body={**obj({"name": NAME, "tags": {"type": "array", "items": TAG, "uniqueItems": True,
+                                           "maxItems": 32}}), "minProperties": 1})
+async def patch_node(ctx: Ctx):
+    if "tags" in ctx.body:
+        await check_tags(ctx, ctx.body["tags"])
+    r = await ctx.write("node.update", {"id": ctx.param("id"), **ctx.body})
+    return ok({"node": r["value"], "version": r["version"]})
+
+
+@route("DELETE", V + "/nodes/{id}", "write", "Delete a node (its streams close at once)")
+async def delete_node(ctx: Ctx):
+    r = await ctx.write("node.delete", {"id": ctx.param("id")})
+    return ok({"deleted": r["value"], "version": r["version"]})
+
+
+@route("POST", V + "/nodes/{id}/approve", "write", "Approve a pending node")
+async def approve_node(ctx: Ctx):
+    r = await ctx.write("node.approve", {"id": ctx.param("id")})
+    return ok({"node": r["value"], "version": r["version"]})
+
+
+@route("POST", V + "/nodes/{id}/expire", "write", "Expire a node's key now")
+async def expire_node(ctx: Ctx):
+    r = await ctx.write("node.expire", {"id": ctx.param("id")})
+    return ok({"node": r["value"], "version": r["version"]})
+
+
+@route("PUT", V + "/nodes/{id}/routes", "write", "Approve a subset of advertised routes",
+       body=obj({"approved_routes": {"type": "array", "items": CIDR, "uniqueItems": True,
+                                     "maxItems": 256}}, ("approved_routes",)))
+async def set_routes(ctx: Ctx):
+    r = await ctx.write("node.routes", {"id": ctx.param("id"), **ctx.body})
+    return ok({"node": r["value"], "version": r["version"]})
+
+
+# -- policy -------------------------------------------------------------------------------------------
+POLICY_BODY = {"type": "string", "x-raw-text": True,
+               "description": "the policy as HuJSON text (comments and trailing commas allowed)"}
+
+
+def validate_policy(text: str):
+    from raftmesh.cluster.policy import PolicyError, parse_policy
+    try:
+        return parse_policy(text)
+    except PolicyError as e:
+        raise APIError(400, "validation_failed", "policy is invalid: " + "; ".join(
+            f"{d['path']}: {d['message']}" for d in e.errors[:10]), e.errors)
+
+
+async def current_policy(ctx: Ctx):
+    with ctx.replica.store.read() as txn:
+        head = txn.get("meta", "policy_head")
+        record = txn.get("policy_versions", f"{head['version']:010d}") if head else None
+    return record
+
+
+async def check_tags(ctx: Ctx, tags: list[str]) -> None:
+    """Tags must be declared in tagOwners; a non-admin caller must own them (API keys own none)."""
+    if not tags:
+        return
+    record = await current_policy(ctx)
+    policy = validate_policy(record["text"]) if record else None
+    unknown = [t for t in tags if policy is None or not policy.tag_owners_allow(None, t, True)]
+    if unknown:
+        raise APIError(400, "validation_failed", f"tags {unknown} are not declared in the policy's tagOwners",
+                       [{"field": "tags", "message": f"{t} is not in tagOwners"} for t in unknown])
+    if "admin" not in ctx.scopes:
+        raise APIError(403, "forbidden", "only admin keys may assign tags")
+
+
+@route("GET", V + "/policy", "read", "The current policy", query=STALE_QUERY)
+async def get_policy(ctx: Ctx):
+    version, _ = await ctx.read_version()
+    record = await current_policy(ctx)
+    if record is None:
+        raise APIError(404, "not_found", "no policy has been set (everything is denied)")
+    return ok({"policy": record, "version": version})
+
+
+@route("PUT", V + "/policy", "write", "Replace the policy (validated, tests must pass)", body=POLICY_BODY,
+       query={"expected_version": {"type": "integer", "minimum": 0}})
+async def put_policy(ctx: Ctx):
+    validate_policy(ctx.body)
+    args = {"text": ctx.body}
+    if "expected_version" in ctx.query:
+        args["expected_version"] = ctx.query["expected_version"]
+    r = await ctx.write("policy.set", args)
+    return ok({"policy": r["value"], "version": r["version"]})
+
+
+@route("POST", V + "/policy/validate", "read", "Validate a policy without storing it", body=POLICY_BODY)
+async def validate_policy_route(ctx: Ctx):
+    validate_policy(ctx.body)
+    return ok({"valid": True})
+
+
+@route("GET", V + "/policy/versions", "read", "Every stored policy version",
+       query={**STALE_QUERY, "include_text": {"type": "boolean"}})
+async def list_policy_versions(ctx: Ctx):
+    versions, version, stale = await _list(ctx, "policy_versions")
+    if not ctx.query.get("include_text"):
+        versions = [{k: v for k, v in p.items() if k != "text"} for p in versions]
+    return ok({"versions": versions, "version": version, "stale": stale})
+
+
+# -- audit ---------------------------------------------------------------------------------------------
+@route("GET", V + "/audit", "audit", "Audit log, oldest first, paged by sequence number",
+       query={**STALE_QUERY, "after_seq": {"type": "integer", "minimum": 0},
+              "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+              "since": {"type": "number"}, "until": {"type": "number"},
+              "actor": {"type": "string"}, "target": {"type": "string"},
+              "action": {"type": "string"}})
+async def get_audit(ctx: Ctx):
+    q = ctx.query
+    version, stale = await ctx.read_version()
+    limit, entries, last_seq = q.get("limit", 100), [], q.get("after_seq", 0)
+    with ctx.replica.store.read() as txn:
+        for key, e in txn.items("audit", f"{last_seq + 1:016d}"):
+            last_seq = e["seq"]
+            if (q.get("since") is not None and e["time"] < q["since"]) or \
+               (q.get("until") is not None and e["time"] > q["until"]) or \
+               any(q.get(f) not in (None, e[f]) for f in ("actor", "target", "action")):
+                continue
+            entries.append(e)
+            if len(entries) >= limit:
+                break
+    return ok({"entries": entries, "next_after_seq": last_seq, "version": version, "stale": stale})
+
+
+# -- cluster -----------------------------------------------------------------------------------------
+@route("GET", V + "/cluster/self", "read", "This replica's Raft status")
+async def cluster_self(ctx: Ctx):
+    return ok({"replica": dict(ctx.replica.status, api_url=ctx.config.api_url,
+                               applied_version=ctx.replica.store.applied_version())})
+
+
+@route("GET", V + "/cluster", "read", "Members, leader, term, commit index, applied versions")
+async def get_cluster(ctx: Ctx):
+    status = ctx.replica.status
+    with ctx.replica.store.read() as txn:
+        known = {m["raft_addr"]: m for _, m in txn.items("members")}
+    auth_header = {"Authorization": ctx.request.headers["Authorization"]}
+
+    async def probe(session, raft_addr):
+        member = known.get(raft_addr, {"id": None, "raft_addr": raft_addr, "api_url": None})
+        if raft_addr == ctx.config.raft_addr:
+            return dict(member, **{k: status.get(k) for k in ("state", "term", "commit_index")},
+                        applied_version=ctx.replica.store.applied_version(), reachable=True)
+        if not member.get("api_url"):
+            return dict(member, reachable=False)
+        try:
+            async with session.get(member["api_url"] + V + "/cluster/self", headers=auth_header) as resp:
+                rep = (await resp.json())["replica"]
+            return dict(member, state=rep["state"], term=rep["term"], commit_index=rep["commit_index"],
+                        applied_version=rep["applied_version"], reachable=True)
+        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError):
+            return dict(member, reachable=False)
+
+    timeout = aiohttp.ClientTimeout(total=1.0)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        members = await asyncio.gather(*(probe(session, a) for a in status.get("members", [])))
+    leader = next((m for m in members if m["raft_addr"] == status.get("leader")), None)
+    return ok({"members": members, "leader": leader and leader.get("id"),
+               "leader_raft_addr": status.get("leader"), "term": status.get("term"),
+               "commit_index": status.get("commit_index"), "has_quorum": status.get("has_quorum")})
+
+
+@route("GET", V + "/cluster/members", "read", "Registered members", query=STALE_QUERY)
+async def list_members(ctx: Ctx):
+    members, version, stale = await _list(ctx, "members")
+    return ok({"members": members, "version": version, "stale": stale})
+
+
+MEMBER_BODY = obj({"id": NAME, "raft_addr": {"type": "string", "pattern": r"^[^:\s]+:\d{1,5}$"},
+                   "api_url": {"type": "string", "pattern": r"^https?://\S+$"}},
+                  ("id", "raft_addr", "api_url"))
+
+
+async def _membership(ctx: Ctx, action: str, raft_addr: str) -> None:
+    fut = ctx.replica.change_membership(action, raft_addr)
+    try:
+        outcome = await asyncio.wait_for(asyncio.wrap_future(fut), ctx.config.write_timeout)
+    except asyncio.TimeoutError:
+        raise APIError(503, "outcome_unknown", "membership change not confirmed in time")
+    if outcome.kind != "applied":
+        code = "conflict" if outcome.reason == "request_denied" else (
+            "no_leader" if outcome.kind == "not_applied" else "outcome_unknown")
+        raise APIError(409 if code == "conflict" else 503, code,
+                       f"membership change refused ({outcome.reason}): a change may already be in "
+                       "progress or the member already exists / is absent")
+
+
+@route("POST", V + "/cluster/members", "admin", "Add a replica (start it with --join)", status=201,
+       body=MEMBER_BODY)
+async def add_member(ctx: Ctx):
+    status = ctx.replica.status
+    if ctx.body["raft_addr"] in status.get("members", []):
+        raise APIError(409, "conflict", f"{ctx.body['raft_addr']} is already a member")
+    r = await ctx.write("member.announce", ctx.body)
+    await _membership(ctx, "add", ctx.body["raft_addr"])
+    return ok({"member": r["value"], "version": r["version"]}, 201)
+
+
+@route("DELETE", V + "/cluster/members/{id}", "admin", "Remove a replica")
+async def remove_member(ctx: Ctx):
+    member, _ = await _get(ctx, "members", ctx.param("id"), "member")
+    if member["raft_addr"] not in ctx.replica.status.get("members", []):
+        raise APIError(409, "conflict", f"{member['id']} is not a current Raft member")
+    await _membership(ctx, "remove", member["raft_addr"])
+    r = await ctx.write("member.remove", {"id": member["id"]})
+    return ok({"deleted": r["value"], "version": r["version"]})
+
+
+@route("POST", V + "/cluster/snapshot", "admin", "Take a snapshot and compact this replica's log now",
+       status=202)
+async def force_snapshot(ctx: Ctx):
+    ctx.replica.forceLogCompaction()
+    ctx.replica._wake()
+    return ok({"requested": True}, 202)

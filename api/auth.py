@@ -1,0 +1,48 @@
+"""API keys: generated once, shown once, stored as hashes, checked against scopes.
+
+A key is `rmk_<id>_<secret>`: the id finds the record without scanning, the 256-bit
+secret is stored as sha256 (a slow hash adds nothing for random secrets of this size)
+and compared in constant time.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+SCOPES = ("admin", "operator", "read", "audit")
+# What each scope grants, besides `admin` which grants everything.
+SCOPE_GRANTS = {
+    "read": {"read"},
+    "operator": {"read", "write"},
+    "audit": {"audit"},
+}
+
+
+def new_secret_token(prefix: str) -> tuple[str, str, str]:
+    """(id, full token shown once, hash stored)."""
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return key_id, f"{prefix}_{key_id}_{secret}", hash_secret(secret)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def split_token(token: str, prefix: str) -> tuple[str, str] | None:
+    parts = token.split("_", 2)
+    if len(parts) != 3 or parts[0] != prefix or not parts[1] or not parts[2]:
+        return None
+    return parts[1], parts[2]
+
+
+def secret_matches(secret: str, stored_hash: str) -> bool:
+    return hmac.compare_digest(hash_secret(secret), stored_hash)
+
+
+def allows(scopes: list[str], needed: str) -> bool:
+    """`needed` is one of read, write, audit, admin."""
+    if "admin" in scopes:
+        return True
+    return any(needed in SCOPE_GRANTS.get(s, ()) for s in scopes)

@@ -1,0 +1,129 @@
+"""The `raftmesh` command: `server`, `dev`, and the admin subcommands (api/cli_admin.py)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+
+
+def _add_server(sub) -> None:
+    p = sub.add_parser("server", help="run one replica (config file and/or flags)",
+                       description="Run one replica. The cluster secret comes from the config "
+                       "file or RAFTMESH_CLUSTER_SECRET (never a flag: argv is visible in ps).")
+    p.add_argument("--config", help="TOML file with ReplicaConfig settings")
+    p.add_argument("--id")
+    p.add_argument("--raft-addr", help="host:port for Raft traffic")
+    p.add_argument("--peers", help="comma-separated Raft addresses of the other members")
+    p.add_argument("--api-host")
+    p.add_argument("--api-port", type=int)
+    p.add_argument("--api-url", help="URL other replicas and clients use for this replica")
+    p.add_argument("--data-dir")
+    p.add_argument("--durability", choices=["fsync", "none"])
+    p.add_argument("--join", action="store_true", default=None,
+                   help="this replica is being added to a running cluster")
+    p.add_argument("--audit-export-file")
+    p.add_argument("--audit-export-url")
+    p.add_argument("--snapshot-min-entries", type=int)
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_server)
+
+
+def cmd_server(args) -> int:
+    from raftmesh.cluster.config import ConfigError, ReplicaConfig
+    from raftmesh.api.server import run
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = {"id": args.id, "raft_addr": args.raft_addr,
+             "peers": [p for p in args.peers.split(",") if p] if args.peers is not None else None,
+             "api_host": args.api_host, "api_port": args.api_port, "api_url": args.api_url,
+             "data_dir": args.data_dir, "durability": args.durability, "join": args.join,
+             "audit_export_file": args.audit_export_file, "audit_export_url": args.audit_export_url,
+             "snapshot_min_entries": args.snapshot_min_entries}
+    env = {"cluster_secret": os.environ.get("RAFTMESH_CLUSTER_SECRET"),
+           "bootstrap_admin_key": os.environ.get("RAFTMESH_BOOTSTRAP_ADMIN_KEY")}
+    try:
+        if args.config:
+            config = ReplicaConfig.from_toml(args.config, **flags, **{k: v for k, v in env.items() if v})
+        else:
+            missing = [f"--{k.replace('_', '-')}" for k in ("id", "raft_addr") if not flags[k]]
+            if missing:
+                print(f"raftmesh server: missing {', '.join(missing)} (or --config FILE)", file=sys.stderr)
+                return 2
+            settings = {k: v for k, v in {**flags, **env}.items() if v is not None}
+            settings.setdefault("peers", [])
+            config = ReplicaConfig(**settings)
+        config.validate()
+    except (ConfigError, OSError, ValueError, TypeError) as e:
+        print(f"raftmesh server: {e}", file=sys.stderr)
+        return 2
+    run(config)
+    return 0
+
+
+def _add_dev(sub) -> None:
+    p = sub.add_parser("dev", help="run a local multi-replica cluster on loopback until Ctrl-C")
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--data-dir", default="./raftmesh-data")
+    p.set_defaults(func=cmd_dev)
+
+
+def cmd_dev(args) -> int:
+    from raftmesh.cluster.launcher import LocalCluster
+    if args.replicas < 1:
+        print("raftmesh dev: --replicas must be at least 1", file=sys.stderr)
+        return 2
+    cluster = LocalCluster(args.data_dir, replicas=args.replicas)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        cluster.start_all()
+        cluster.wait_ready(timeout=60)
+        path = os.path.join(cluster.data_dir, "cluster.json")
+        cluster.write_description(path)
+        print(f"raftmesh dev: {args.replicas} replicas ready")
+        for r in cluster.replicas:
+            print(f"  {r.id}  api {r.api_url}  raft {r.raft_addr}  pid {r.pid}")
+        print(f"admin API key: {cluster.admin_key}")
+        print(f"written to {path} (mode 0600); logs in {cluster.data_dir}/r*.log")
+        print("try: raftmesh --server " + cluster.replicas[0].api_url +
+              " --api-key <key> users create alice")
+        print("Ctrl-C stops the cluster.", flush=True)
+        while not stop:
+            for r in cluster.replicas:
+                if not r.alive():
+                    print(f"replica {r.id} exited ({r.proc.returncode}); restarting", flush=True)
+                    cluster.start(r)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping replicas", flush=True)
+        cluster.stop_all()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raftmesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_server(sub)
+    _add_dev(sub)
+    try:
+        from . import cli_admin
+        cli_admin.register(parser, sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""JSON errors with stable codes, and the middleware that guarantees them.
+
+Clients branch on `code`, never on message text. A client's mistake is always a 4xx with a
+message naming the problem; 500 is reserved for our own bugs and logged with a trace.
+"""
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+log = logging.getLogger("raftmesh.api")
+
+# code -> (status, meaning); the OpenAPI document lists these.
+ERROR_CODES = {
+    "bad_request": (400, "malformed request: not JSON, wrong content type, bad query"),
+    "validation_failed": (400, "the body does not match the schema; see details[]"),
+    "unauthenticated": (401, "missing, malformed, unknown or expired API key"),
+    "forbidden": (403, "the API key lacks the scope this operation needs"),
+    "not_found": (404, "no such resource or route"),
+    "method_not_allowed": (405, "the route exists but not with this method"),
+    "conflict": (409, "the state does not allow this (duplicate, still in use, ...)"),
+    "version_conflict": (409, "expected_version does not match the current one"),
+    "payload_too_large": (413, "the body exceeds the size limit"),
+    "no_leader": (503, "no quorum or leader right now; the write was NOT applied, retry"),
+    "outcome_unknown": (503, "the write may or may not have been applied; retry with the "
+                             "same Idempotency-Key to find out"),
+    "not_ready": (503, "this replica cannot serve a linearizable read right now"),
+    "internal": (500, "a bug in raftmesh; it is logged"),
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, code: str, message: str, details: list | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+def error_response(status: int, code: str, message: str, details: list | None = None) -> web.Response:
+    body = {"error": {"code": code, "message": message}}
+    if details:
+        body["error"]["details"] = details
+    return web.json_response(body, status=status)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "payload_too_large"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except APIError as e:
+        return error_response(e.status, e.code, e.message, e.details)
+    except web.HTTPRequestEntityTooLarge as e:
+        return error_response(413, "payload_too_large", f"body exceeds {e.max_size} bytes")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, "bad_request")
+        message = {404: f"no route {request.path}",
+                   405: f"{request.method} is not allowed on {request.path}"}.get(e.status, e.reason)
+        return error_response(e.status, code, message)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error; see the replica's log")

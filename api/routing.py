@@ -1,0 +1,251 @@
+"""Declarative routes: one table drives dispatch, auth, body validation and the OpenAPI doc.
+
+Because /api/v1/openapi.json is generated from the same Route objects that the server
+registers and validates with, it describes exactly what the server does.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import jsonschema
+from aiohttp import web
+
+from raftmesh.cluster.commands import Command
+from raftmesh.cluster.replica import Outcome, RaftReplica
+
+from . import auth
+from .errors import ERROR_CODES, APIError
+
+Handler = Callable[["Ctx"], Awaitable[web.StreamResponse]]
+IDEMPOTENCY_KEY_MAX = 128
+
+
+@dataclass
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    needs: str | None  # "read", "write", "audit", "admin" or None (no auth)
+    summary: str
+    body: dict | None = None  # JSON schema of the request body
+    query: dict[str, dict] = field(default_factory=dict)  # name -> schema
+    status: int = 200
+
+
+ROUTES: list[Route] = []
+
+
+def route(method: str, path: str, needs: str | None, summary: str, body: dict | None = None,
+          query: dict | None = None, status: int = 200):
+    def register(fn: Handler) -> Handler:
+        ROUTES.append(Route(method, path, fn, needs, summary, body, query or {}, status))
+        return fn
+    return register
+
+
+class Ctx:
+    """Per-request helpers: the replica, the caller, the validated body and query."""
+
+    def __init__(self, request: web.Request, replica: RaftReplica, actor: str, scopes: list[str]):
+        self.request, self.replica, self.actor, self.scopes = request, replica, actor, scopes
+        self.body: Any = None
+        self.query: dict[str, Any] = {}
+
+    @property
+    def config(self):
+        return self.replica.config
+
+    def param(self, name: str) -> str:
+        return self.request.match_info[name]
+
+    async def write(self, op: str, args: dict) -> dict:
+        """Propose through Raft and wait; never reports success that did not happen."""
+        key = self.request.headers.get("Idempotency-Key")
+        if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX):
+            raise APIError(400, "bad_request", f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} characters")
+        cmd = Command(op, args, time=time.time(), actor=self.actor,
+                      request_id=f"{self.actor}:{key}" if key else None)
+        fut = self.replica.propose(cmd)
+        try:
+            outcome = await asyncio.wait_for(asyncio.wrap_future(fut), self.config.write_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(503, "outcome_unknown",
+                           f"no commit within {self.config.write_timeout:g}s; the write may still "
+                           "be applied" + (" (retry with the same Idempotency-Key)" if key else ""))
+        if outcome.kind == Outcome.NOT_APPLIED:
+            raise APIError(503, "no_leader", f"write not applied ({outcome.reason}); retry")
+        if outcome.kind == Outcome.UNKNOWN:
+            raise APIError(503, "outcome_unknown", f"leadership changed ({outcome.reason}); the "
+                           "write may or may not be applied")
+        result = outcome.result
+        if not result["ok"]:
+            raise APIError(result["status"], result["code"], result["message"])
+        return result
+
+    async def read_version(self) -> tuple[int, bool]:
+        """Wait for a read barrier unless ?stale=true; returns (version, stale)."""
+        if self.query.get("stale"):
+            return self.replica.store.applied_version(), True
+        try:
+            outcome = await asyncio.wait_for(asyncio.wrap_future(self.replica.barrier()),
+                                             self.config.write_timeout)
+        except asyncio.TimeoutError:
+            outcome = None
+        if outcome is None or outcome.kind != Outcome.APPLIED:
+            raise APIError(503, "not_ready", "cannot confirm the latest state (no quorum?); "
+                           "retry, or pass ?stale=true for this replica's local state")
+        return outcome.result["version"], False
+
+
+STALE_QUERY = {"stale": {"type": "boolean", "description": "read local state without a barrier"}}
+
+
+def _coerce_query(request: web.Request, spec: dict[str, dict]) -> dict[str, Any]:
+    unknown = sorted(set(request.query) - set(spec))
+    if unknown:
+        raise APIError(400, "bad_request", f"unknown query parameters {unknown}")
+    out: dict[str, Any] = {}
+    for name, schema in spec.items():
+        if name not in request.query:
+            continue
+        raw = request.query[name]
+        kind = schema.get("type")
+        try:
+            if kind == "boolean":
+                if raw not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value: Any = raw in ("true", "1")
+            elif kind == "integer":
+                value = int(raw)
+            elif kind == "number":
+                value = float(raw)
+            else:
+                value = raw
+            jsonschema.validate(value, schema)
+        except (ValueError, jsonschema.ValidationError):
+            raise APIError(400, "bad_request", f"query parameter {name!r} must be {_describe(schema)}")
+        out[name] = value
+    return out
+
+
+def _describe(schema: dict) -> str:
+    if "enum" in schema:
+        return "one of " + ", ".join(map(str, schema["enum"]))
+    text = schema.get("type", "a value")
+    if "minimum" in schema or "maximum" in schema:
+        text += f" in [{schema.get('minimum', '')}, {schema.get('maximum', '')}]"
+    return text
+
+
+async def _parse_body(request: web.Request, schema: dict) -> Any:
+    raw = await request.read()  # client_max_size enforces the limit (413)
+    if schema.get("x-raw-text"):
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise APIError(400, "bad_request", "body must be UTF-8 text")
+    if not raw:
+        raise APIError(400, "bad_request", "a JSON body is required")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, "bad_request", f"body is not valid JSON: {e}")
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(body), key=lambda e: list(e.path))
+    if errors:
+        details = [{"field": ".".join(map(str, e.path)) or "(body)", "message": _error_text(e)}
+                   for e in errors]
+        raise APIError(400, "validation_failed",
+                       "; ".join(f"{d['field']}: {d['message']}" for d in details), details)
+    return body
+
+
+def _error_text(e: jsonschema.ValidationError) -> str:
+    if e.validator == "additionalProperties":
+        extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+        return f"unknown fields {extra}"
+    if e.validator == "required":
+        return e.message.replace("is a required property", "is required")
+    return e.message if len(e.message) < 200 else e.message[:200] + "..."
+
+
+def _authenticate(request: web.Request, replica: RaftReplica) -> tuple[str, list[str]]:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise APIError(401, "unauthenticated", "missing 'Authorization: Bearer <api key>'")
+    parts = auth.split_token(header[7:].strip(), "rmk")
+    if parts is None:
+        raise APIError(401, "unauthenticated", "malformed API key")
+    key_id, secret = parts
+    with replica.store.read() as txn:
+        record = txn.get("api_keys", key_id)
+    if record is None or not auth.secret_matches(secret, record["hash"]):
+        raise APIError(401, "unauthenticated", "unknown API key")
+    if record.get("expires_at") is not None and record["expires_at"] <= time.time():
+        raise APIError(401, "unauthenticated", "API key has expired")
+    return f"apikey:{key_id}", record["scopes"]
+
+
+def make_handler(r: Route, replica: RaftReplica):
+    async def handle(request: web.Request) -> web.StreamResponse:
+        actor, scopes = "anonymous", []
+        if r.needs is not None:
+            actor, scopes = _authenticate(request, replica)
+            if not auth.allows(scopes, r.needs):
+                raise APIError(403, "forbidden", f"this operation needs scope "
+                               f"{'admin' if r.needs == 'admin' else r.needs!r}; key has {scopes}")
+        ctx = Ctx(request, replica, actor, scopes)
+        ctx.query = _coerce_query(request, r.query)
+        if r.body is not None:
+            ctx.body = await _parse_body(request, r.body)
+        elif request.method in ("POST", "PUT", "PATCH") and await request.read():
+            raise APIError(400, "bad_request", "this operation takes no body")
+        return await r.handler(ctx)
+    return handle
+
+
+def register(app: web.Application, replica: RaftReplica) -> None:
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, make_handler(r, replica), name=_route_name(r))
+
+
+def _route_name(r: Route) -> str:
+    return r.method.lower() + re.sub(r"[^a-z0-9]+", "_", r.path.lower()).rstrip("_")
+
+
+def openapi() -> dict:
+    """The OpenAPI 3.1 description generated from ROUTES."""
+    paths: dict[str, dict] = {}
+    for r in ROUTES:
+        op: dict[str, Any] = {"summary": r.summary, "operationId": _route_name(r),
+                              "responses": {str(r.status): {"description": "success"}}}
+        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for n in re.findall(r"{(\w+)}", r.path)]
+        params += [{"name": n, "in": "query", "required": False, "schema": s}
+                   for n, s in r.query.items()]
+        if params:
+            op["parameters"] = params
+        if r.body is not None:
+            media = "text/plain" if r.body.get("x-raw-text") else "application/json"
+            op["requestBody"] = {"required": True, "content": {media: {"schema": r.body}}}
+        if r.needs is not None:
+            op["security"] = [{"apiKey": []}]
+            op["x-required-scope"] = r.needs
+        for code, (status, meaning) in ERROR_CODES.items():
+            op["responses"].setdefault(str(status), {"description": ""})
+            op["responses"][str(status)]["description"] += f"{code}: {meaning}. "
+        if r.method in ("POST", "PUT", "PATCH", "DELETE"):
+            op["parameters"] = op.get("parameters", []) + [
+                {"name": "Idempotency-Key", "in": "header", "required": False,
+                 "schema": {"type": "string", "maxLength": IDEMPOTENCY_KEY_MAX}}]
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "raftmesh admin API", "version": "1"},
+        "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }

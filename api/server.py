@@ -1,0 +1,99 @@
+"""One replica process: the Raft replica plus its HTTP server (admin API, health, metrics)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from aiohttp import web
+
+from raftmesh.cluster.commands import Command
+from raftmesh.cluster.config import ReplicaConfig
+from raftmesh.cluster.replica import Outcome, RaftReplica
+from raftmesh.storage.audit_export import AuditExporter
+
+from . import admin  # noqa: F401  (registers the admin routes)
+from . import auth, health, routing
+from .errors import error_middleware
+
+log = logging.getLogger("raftmesh.server")
+
+
+def build_app(replica: RaftReplica) -> web.Application:
+    metrics = health.Metrics(replica)
+    app = web.Application(middlewares=[metrics.middleware, error_middleware],
+                          client_max_size=replica.config.max_body_bytes)
+    routing.register(app, replica)
+    health.add_routes(app, replica, metrics)
+    return app
+
+
+async def _propose_until_done(replica: RaftReplica, make_cmd, what: str) -> None:
+    """Keep proposing a start-up command until the cluster answers it either way."""
+    while True:
+        try:
+            outcome = await asyncio.wait_for(asyncio.wrap_future(replica.propose(make_cmd())), 5)
+            if outcome.kind == Outcome.APPLIED:
+                return
+        except asyncio.TimeoutError:
+            pass
+        await asyncio.sleep(0.5)
+
+
+async def announce(replica: RaftReplica) -> None:
+    """Record this replica's API URL in the replicated member table (idempotent)."""
+    c = replica.config
+    record = {"id": c.id, "raft_addr": c.raft_addr, "api_url": c.api_url}
+    with replica.store.read() as txn:
+        if txn.get("members", c.id) == record:
+            return
+    await _propose_until_done(replica, lambda: Command("member.announce", record, time=time.time(),
+                                                       actor=f"replica:{c.id}"), "announce")
+
+
+async def bootstrap_admin_key(replica: RaftReplica) -> None:
+    """Propose the configured first admin key; refused by the state machine once keys exist."""
+    token = replica.config.bootstrap_admin_key
+    parts = auth.split_token(token, "rmk") if token else None
+    if parts is None:
+        return
+    key_id, secret = parts
+    args = {"id": key_id, "name": "bootstrap", "scopes": ["admin"], "hash": auth.hash_secret(secret)}
+    await _propose_until_done(replica, lambda: Command("apikey.bootstrap", args, time=time.time(),
+                                                       actor=f"replica:{replica.config.id}"), "bootstrap")
+
+
+async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> None:
+    replica = RaftReplica(config)
+    app = build_app(replica)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.api_host, config.api_port, reuse_address=True)
+    await site.start()
+    log.info("replica %s: raft %s, api %s", config.id, config.raft_addr, config.api_url)
+    tasks = [asyncio.create_task(announce(replica)), asyncio.create_task(bootstrap_admin_key(replica))]
+    if config.audit_export_file or config.audit_export_url:
+        exporter = AuditExporter(replica.store, config.data_dir, config.audit_export_file,
+                                 config.audit_export_url)
+        loop = asyncio.get_running_loop()
+        replica.add_apply_listener(lambda batch: loop.call_soon_threadsafe(exporter.wakeup.set))
+        tasks.append(asyncio.create_task(exporter.run()))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await runner.cleanup()
+        replica.stop()
+
+
+def run(config: ReplicaConfig) -> None:
+    config.validate()
+    asyncio.run(serve(config))

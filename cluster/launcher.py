@@ -1,0 +1,190 @@
+"""Local multi-process clusters: used by `raftmesh dev`, the tests, chaos runs and benchmarks.
+
+Each replica is its own OS process (so it can be SIGKILLed, paused or restarted) started as
+`python -m raftmesh.api.cli server ...`. Secrets go through the environment, never argv,
+so they do not show in `ps`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from raftmesh.api import auth
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((host, 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class ReplicaProcess:
+    id: str
+    raft_addr: str
+    api_url: str
+    data_dir: str
+    api_port: int
+    proc: subprocess.Popen | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class LocalCluster:
+    def __init__(self, data_dir: str, replicas: int = 3, host: str = "127.0.0.1",
+                 secret: str | None = None, admin_key: str | None = None,
+                 extra_args: list[str] | None = None, log_dir: str | None = None):
+        self.data_dir = os.path.abspath(data_dir)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        self.host = host
+        self.secret = secret or auth.new_secret_token("cs")[1]
+        self.admin_key = admin_key or auth.new_secret_token("rmk")[1]
+        self.extra_args = extra_args or []
+        self.log_dir = log_dir or self.data_dir
+        self.replicas: list[ReplicaProcess] = []
+        for _ in range(replicas):
+            self._new_replica()
+
+    def _new_replica(self) -> ReplicaProcess:
+        n = len(self.replicas) + 1
+        raft_port, api_port = free_ports(2, self.host)
+        r = ReplicaProcess(id=f"r{n}", raft_addr=f"{self.host}:{raft_port}",
+                           api_url=f"http://{self.host}:{api_port}",
+                           data_dir=os.path.join(self.data_dir, f"r{n}"), api_port=api_port)
+        self.replicas.append(r)
+        return r
+
+    # -- processes ------------------------------------------------------------------------
+    def start(self, r: ReplicaProcess, join: bool = False, peers: list[str] | None = None) -> None:
+        if peers is None:
+            peers = [x.raft_addr for x in self.replicas if x is not r]
+        args = [sys.executable, "-m", "raftmesh.api.cli", "server", "--id", r.id,
+                "--raft-addr", r.raft_addr, "--peers", ",".join(peers),
+                "--api-host", self.host, "--api-port", str(r.api_port), "--api-url", r.api_url,
+                "--data-dir", r.data_dir, *self.extra_args, *r.extra_args]
+        if join:
+            args.append("--join")
+        env = dict(os.environ, RAFTMESH_CLUSTER_SECRET=self.secret,
+                   RAFTMESH_BOOTSTRAP_ADMIN_KEY=self.admin_key)
+        log = open(os.path.join(self.log_dir, f"{r.id}.log"), "ab")
+        r.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL)
+        log.close()
+
+    def start_all(self) -> None:
+        for r in self.replicas:
+            self.start(r)
+
+    def add_replica(self) -> ReplicaProcess:
+        """Start a new process that will join once the cluster adds it (see POST /cluster/members)."""
+        r = self._new_replica()
+        self.start(r, join=True)
+        return r
+
+    def kill(self, r: ReplicaProcess, sig: int = signal.SIGKILL) -> None:
+        if r.alive():
+            r.proc.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+                r.proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for r in self.replicas:
+            if r.alive():
+                r.proc.send_signal(signal.SIGCONT)
+                r.proc.terminate()
+        for r in self.replicas:
+            if r.proc is not None:
+                try:
+                    r.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    r.proc.kill()
+                    r.proc.wait(timeout=5)
+
+    # -- HTTP helpers ----------------------------------------------------------------------
+    def request(self, r: ReplicaProcess | str, method: str, path: str, body=None,
+                key: str | None = None, timeout: float = 10.0, headers: dict | None = None):
+        """(status, parsed JSON or text) without raising on HTTP errors."""
+        base = r if isinstance(r, str) else r.api_url
+        data = None
+        hdrs = {"Authorization": f"Bearer {key or self.admin_key}", **(headers or {})}
+        if body is not None:
+            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "text/plain" if isinstance(body, str) else "application/json")
+        req = urllib.request.Request(base + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw, status = resp.read(), resp.status
+        except urllib.error.HTTPError as e:
+            raw, status = e.read(), e.code
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def wait_ready(self, replicas: list[ReplicaProcess] | None = None, timeout: float = 30.0) -> None:
+        """Until every given replica answers /readyz 200 and the admin key works."""
+        deadline = time.monotonic() + timeout
+        pending = list(replicas or [r for r in self.replicas if r.alive()])
+        while pending:
+            r = pending[0]
+            try:
+                status, _ = self.request(r, "GET", "/readyz", timeout=1)
+                if status == 200:
+                    status, _ = self.request(r, "GET", "/api/v1/users?stale=true", timeout=1)
+                    if status == 200:
+                        pending.pop(0)
+                        continue
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replica {r.id} not ready within {timeout}s "
+                                   f"(log: {os.path.join(self.log_dir, r.id + '.log')})")
+            if not r.alive():
+                raise RuntimeError(f"replica {r.id} exited with {r.proc.returncode}")
+            time.sleep(0.05)
+
+    def leader(self, timeout: float = 10.0) -> ReplicaProcess:
+        deadline = time.monotonic() + timeout
+        while True:
+            for r in self.replicas:
+                if not r.alive():
+                    continue
+                try:
+                    status, body = self.request(r, "GET", "/api/v1/cluster/self", timeout=1)
+                except (OSError, urllib.error.URLError):
+                    continue
+                if status == 200 and body["replica"]["state"] == "leader":
+                    return r
+            if time.monotonic() > deadline:
+                raise TimeoutError("no leader")
+            time.sleep(0.05)
+
+    def describe(self) -> dict:
+        return {"replicas": [{"id": r.id, "api_url": r.api_url, "raft_addr": r.raft_addr,
+                              "pid": r.pid} for r in self.replicas],
+                "admin_key": self.admin_key}
+
+    def write_description(self, path: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the admin key
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.describe(), f, indent=2)
