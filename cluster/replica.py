@@ -50,12 +50,15 @@ class Outcome:
         self.kind, self.result, self.reason = kind, result, reason
 
 
+_handling = threading.local()  # set while a RaftReplica handles a Raft message
+
+
 class _AlreadyAppliedFilter(logging.Filter):
-    """pysyncobj logs CRITICAL when a follower gets entries it already has. With
-    DurableJournal nothing is truncated unless terms conflict, so it is routine."""
+    """pysyncobj logs CRITICAL when a follower gets entries it already has. Inside a
+    RaftReplica nothing is truncated unless terms conflict (DurableJournal), so it is routine."""
 
     def filter(self, record):
-        if "truncating already-applied" in record.getMessage():
+        if getattr(_handling, "replica", False) and "truncating already-applied" in record.getMessage():
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger("pysyncobj").isEnabledFor(logging.DEBUG)
         return True
@@ -185,11 +188,30 @@ class RaftReplica(SyncObj):
             last_new = message["prevLogIdx"] + 1
         else:
             last_new = entries[-1][1] if entries else message["prevLogIdx"]
-        SyncObj._SyncObj__onMessageReceived(self, node, message)
+        prev = self._SyncObj__getEntries(message["prevLogIdx"], 1)
+        accepted = bool(prev) and prev[0][2] == message["prevLogTerm"] and \
+            message["term"] >= self.raftCurrentTerm
+        _handling.replica = True
+        try:
+            SyncObj._SyncObj__onMessageReceived(self, node, message)
+        finally:
+            _handling.replica = False
+        if not accepted:
+            return
         bound = max(before, min(message["commit_index"], last_new))
         if self.raftCommitIndex > bound:
             self._SyncObj__raftCommitIndex = bound
             self.journal.setRaftCommitIndex(bound)
+        self._redo_membership_after(last_new)
+
+    def _redo_membership_after(self, last_new: int) -> None:
+        """pysyncobj rolled back membership changes for every entry after prevLogIdx and
+        redid them only for the new entries; redo them for the tail the journal kept."""
+        first = self.journal[0][1]
+        for command, idx, _ in self.journal[max(0, last_new + 1 - first):]:
+            request = self._SyncObj__parseChangeClusterRequest(command)
+            if request is not None:
+                self._SyncObj__doChangeCluster(request)
 
     # -- state machine -------------------------------------------------------------------
     @replicated

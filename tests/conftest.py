@@ -1,0 +1,51 @@
+"""Shared fixtures: real replica processes on loopback, always ended by pid."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from raftmesh.cluster.launcher import LocalCluster
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    """Factory: make_cluster(n, extra_args=[...]) -> started, ready LocalCluster."""
+    clusters: list[LocalCluster] = []
+
+    def make(replicas: int = 3, extra_args: list[str] | None = None, start: bool = True) -> LocalCluster:
+        c = LocalCluster(str(tmp_path / f"cluster{len(clusters)}"), replicas=replicas,
+                         extra_args=extra_args)
+        clusters.append(c)
+        if start:
+            c.start_all()
+            c.wait_ready(timeout=30)
+        return c
+
+    yield make
+    for c in clusters:
+        c.stop_all()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    """One 3-replica cluster for a whole test module (tests must not depend on order)."""
+    c = LocalCluster(str(tmp_path_factory.mktemp("shared")), replicas=3)
+    c.start_all()
+    try:
+        c.wait_ready(timeout=30)
+        yield c
+    finally:
+        c.stop_all()

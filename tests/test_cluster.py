@@ -1,0 +1,216 @@
+"""The replicated cluster with real replica processes on loopback."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import wait_until
+
+USERS = "/api/v1/users"
+
+
+def user_names(c, r, stale=False):
+    status, body = c.request(r, "GET", USERS + ("?stale=true" if stale else ""))
+    assert status == 200, body
+    return {u["name"] for u in body["users"]}
+
+
+def create_user(c, r, name, **kw):
+    return c.request(r, "POST", USERS, {"name": name}, **kw)
+
+
+def test_write_through_follower_read_linearizably_elsewhere(make_cluster):
+    c = make_cluster(3)
+    leader = c.leader()
+    f1, f2 = [r for r in c.replicas if r is not leader]
+    status, body = create_user(c, f1, "alice")
+    assert status == 201 and body["version"] > 0
+    status, body = c.request(f2, "GET", USERS + "/alice")
+    assert status == 200 and body["user"]["name"] == "alice"
+    assert body["version"] >= 1
+    status, body = c.request(f2, "GET", "/api/v1/cluster")
+    assert status == 200 and body["leader"] == leader.id
+    assert {m["id"] for m in body["members"]} == {"r1", "r2", "r3"}
+    assert all(m["reachable"] and m["applied_version"] > 0 for m in body["members"])
+
+
+def test_leader_kill_loses_no_acknowledged_write(make_cluster):
+    c = make_cluster(3)
+    acked, stop = [], threading.Event()
+    others = lambda: [r for r in c.replicas if r.alive()]
+
+    def writer():
+        i = 0
+        while not stop.is_set() and i < 2000:
+            i += 1
+            for r in others():
+                try:
+                    status, _ = create_user(c, r, f"w{i}", timeout=3,
+                                            headers={"Idempotency-Key": f"w{i}"})
+                except OSError:
+                    continue
+                if status == 201:
+                    acked.append(f"w{i}")
+                    break
+                if status == 409:  # an earlier unknown-outcome attempt did apply
+                    acked.append(f"w{i}")
+                    break
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        wait_until(lambda: len(acked) >= 20, 20, what="writes before the kill")
+        leader = c.leader()
+        c.kill(leader)
+        at_kill = len(acked)
+        wait_until(lambda: len(acked) >= at_kill + 20, 30, what="writes after the leader was killed")
+    finally:
+        stop.set()
+        t.join(30)
+    new_leader = c.leader()
+    assert new_leader is not leader
+    names = user_names(c, new_leader)
+    missing = [n for n in acked if n not in names]
+    assert not missing, f"acknowledged writes lost: {missing[:10]}"
+    c.start(leader)
+    c.wait_ready([leader])
+    wait_until(lambda: set(acked) <= user_names(c, leader, stale=True), 20, what="restarted replica catches up")
+
+
+def test_sigkill_all_replicas_keeps_every_acknowledged_write(make_cluster):
+    c = make_cluster(3)
+    acked = []
+    for i in range(60):
+        status, _ = create_user(c, c.replicas[i % 3], f"k{i}")
+        assert status == 201
+        acked.append(f"k{i}")
+    for r in c.replicas:
+        c.kill(r)
+    c.start_all()
+    c.wait_ready(timeout=30)
+    for r in c.replicas:
+        assert set(acked) <= user_names(c, r)
+    digests = set()
+    for r in c.replicas:
+        status, body = c.request(r, "GET", "/api/v1/audit?limit=1000")
+        digests.add(tuple(e["hash"] for e in body["entries"]))
+    assert len(digests) == 1, "replicas agree on the audit chain after the restart"
+
+
+def test_lagging_replica_catches_up_from_a_snapshot(make_cluster):
+    c = make_cluster(3, extra_args=["--snapshot-min-entries", "50"])
+    lagging = next(r for r in c.replicas if r is not c.leader())
+    c.kill(lagging)
+    live = [r for r in c.replicas if r.alive()]
+    for i in range(150):
+        assert create_user(c, live[i % 2], f"s{i}")[0] == 201
+    for r in live:
+        assert c.request(r, "POST", "/api/v1/cluster/snapshot")[0] == 202
+
+    def compacted():
+        return all(c.request(r, "GET", "/api/v1/cluster/self")[1]["replica"]["log_entries"] < 100
+                   for r in live)
+    wait_until(compacted, 20, what="log compaction on the live replicas")
+    c.start(lagging)
+    c.wait_ready([lagging])
+    wait_until(lambda: {f"s{i}" for i in range(150)} <= user_names(c, lagging, stale=True), 30,
+               what="lagging replica to catch up")
+    metrics = c.request(lagging, "GET", "/metrics")[1]
+    installs = [l for l in metrics.splitlines() if l.startswith("raftmesh_snapshot_installs_total")]
+    assert installs and float(installs[0].split()[-1]) >= 1, "caught up through a snapshot"
+
+
+def test_add_and_remove_a_member(make_cluster):
+    c = make_cluster(3)
+    assert create_user(c, c.replicas[0], "before-join")[0] == 201
+    new = c.add_replica()
+    status, body = c.request(c.replicas[0], "POST", "/api/v1/cluster/members",
+                             {"id": new.id, "raft_addr": new.raft_addr, "api_url": new.api_url})
+    assert status == 201, body
+    c.wait_ready([new])
+    wait_until(lambda: "before-join" in user_names(c, new, stale=True), 20, what="new member has the state")
+    assert create_user(c, new, "via-new-member")[0] == 201
+    status, body = c.request(new, "GET", "/api/v1/cluster")
+    assert len(body["members"]) == 4
+    # Remove a follower that is not the new member.
+    victim = next(r for r in c.replicas[:3] if r is not c.leader())
+    status, body = c.request(new, "DELETE", f"/api/v1/cluster/members/{victim.id}")
+    assert status == 200, body
+    c.kill(victim, signal.SIGTERM)
+    wait_until(lambda: len(c.request(new, "GET", "/api/v1/cluster")[1]["members"]) == 3, 10,
+               what="member list shrinks")
+    assert create_user(c, new, "after-remove")[0] == 201
+    status, body = c.request(new, "POST", "/api/v1/cluster/members",
+                             {"id": new.id, "raft_addr": new.raft_addr, "api_url": new.api_url})
+    assert status == 409 and body["error"]["code"] == "conflict"
+
+
+def test_single_replica_and_five_replica_clusters(make_cluster):
+    one = make_cluster(1)
+    assert create_user(one, one.replicas[0], "solo")[0] == 201
+    assert "solo" in user_names(one, one.replicas[0])
+    five = make_cluster(5)
+    assert create_user(five, five.replicas[4], "quintet")[0] == 201
+    assert all("quintet" in user_names(five, r) for r in five.replicas)
+    c_leader = five.leader()
+    five.kill(c_leader)
+    five.kill(next(r for r in five.replicas if r.alive() and r is not c_leader))
+    survivor = next(r for r in five.replicas if r.alive())
+    wait_until(lambda: create_user(five, survivor, "after-two-down")[0] == 201, 20,
+               what="3 of 5 keep accepting writes")
+
+
+def test_no_quorum_write_is_refused_or_unknown_never_false_success(make_cluster):
+    c = make_cluster(3)
+    survivor = c.replicas[0]
+    for r in c.replicas[1:]:
+        c.kill(r)
+    status, body = create_user(c, survivor, "orphan", timeout=15)
+    assert status == 503 and body["error"]["code"] in ("no_leader", "outcome_unknown")
+    status, body = c.request(survivor, "GET", USERS, timeout=15)
+    assert status == 503 and body["error"]["code"] == "not_ready"
+    status, body = c.request(survivor, "GET", USERS + "?stale=true")
+    assert status == 200 and body["stale"] is True
+    assert c.request(survivor, "GET", "/readyz")[0] == 503
+
+
+def test_replica_refuses_to_start_without_a_cluster_secret(tmp_path):
+    base = [sys.executable, "-m", "raftmesh.api.cli", "server", "--id", "x", "--raft-addr",
+            "127.0.0.1:1", "--data-dir", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "RAFTMESH_CLUSTER_SECRET"}
+    p = subprocess.run(base, env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "cluster secret is required" in p.stderr
+    p = subprocess.run(base, env=dict(env, RAFTMESH_CLUSTER_SECRET="short"), capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 2 and "at least 16 bytes" in p.stderr
+
+
+def test_dev_command_writes_cluster_json(tmp_path):
+    data = tmp_path / "dev"
+    p = subprocess.Popen([sys.executable, "-m", "raftmesh.api.cli", "dev", "--replicas", "3",
+                          "--data-dir", str(data)], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (data / "cluster.json").exists(), 60, what="cluster.json")
+        import json
+        desc = json.loads((data / "cluster.json").read_text())
+        assert len(desc["replicas"]) == 3 and desc["admin_key"].startswith("rmk_")
+        assert set(desc["replicas"][0]) >= {"id", "api_url", "raft_addr"}
+        assert oct((data / "cluster.json").stat().st_mode & 0o777) == "0o600"
+        from raftmesh.cluster.launcher import LocalCluster
+        import urllib.request
+        req = urllib.request.Request(desc["replicas"][1]["api_url"] + USERS, data=b'{"name":"dev"}',
+                                     method="POST", headers={"Authorization": "Bearer " + desc["admin_key"]})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 201
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=30)
+    for r in desc["replicas"]:
+        try:
+            os.kill(r["pid"], 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        assert not alive, f"dev left replica {r['id']} running"

@@ -1,0 +1,146 @@
+"""The pysyncobj 0.3.17 follower truncation ("state machine may have diverged"), reproduced.
+
+When an AppendEntries arrives whose prevLogIdx lies below the follower's last entry (a
+resend after a stale `next_node_idx` reset, common with short tick periods), stock
+pysyncobj deletes every entry after prevLogIdx even though they match the leader's, and
+only re-adds the ones in the message. Entries it had acknowledged and applied vanish from
+its log, so the leader's matchIndex overstates what the follower holds. The tests drive a
+follower with exactly those messages, against stock pysyncobj and against RaftReplica.
+"""
+import logging
+import struct
+
+import pytest
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj import pickle as pso_pickle
+from pysyncobj.node import TCPNode
+
+from raftmesh.cluster.commands import Command
+from raftmesh.cluster.config import ReplicaConfig
+from raftmesh.cluster.launcher import free_ports
+from raftmesh.cluster.replica import RaftReplica
+
+REGULAR = struct.pack("B", 0)
+
+
+def regular(obj, method_name, *args):
+    return REGULAR + pso_pickle.dumps((obj._methodToID[obj._getFuncName(method_name)], args))
+
+
+def append_entries(term, prev_idx, prev_term, entries, commit):
+    return {"type": "append_entries", "term": term, "commit_index": commit,
+            "prevLogIdx": prev_idx, "prevLogTerm": prev_term, "entries": entries}
+
+
+class Counter(SyncObj):
+    def __init__(self, addr, peer):
+        super().__init__(addr, [peer], SyncObjConf(autoTick=False, password="x" * 16))
+        self.value = 0
+
+    @replicated
+    def incr(self, n):
+        self.value += n
+        return self.value
+
+
+@pytest.fixture
+def addrs():
+    a, b = free_ports(2)
+    return f"127.0.0.1:{a}", f"127.0.0.1:{b}"
+
+
+def test_stock_pysyncobj_truncates_applied_matching_entries(addrs, caplog):
+    """Documents the upstream behaviour the replica works around."""
+    me, leader_addr = addrs
+    f = Counter(me, leader_addr)
+    leader = TCPNode(leader_addr)
+    try:
+        log = [(regular(f, "incr", 1), i, 1) for i in range(2, 12)]
+        f._SyncObj__onMessageReceived(leader, append_entries(1, 1, 0, log, 11))
+        f.doTick(0)
+        assert f.raftLastApplied == 11 and f.value == 10
+        with caplog.at_level(logging.CRITICAL, logger="pysyncobj.syncobj"):
+            f._SyncObj__onMessageReceived(leader, append_entries(1, 5, 1, log[4:6], 11))
+        assert f._SyncObj__raftLog[-1][1] == 7, "entries 8..11 were deleted although they matched"
+        assert f.raftLastApplied == 11 > f._SyncObj__raftLog[-1][1]
+        assert "state machine may have diverged" in caplog.text
+    finally:
+        f.destroy()
+
+
+@pytest.fixture
+def follower(tmp_path, addrs):
+    me, leader_addr = addrs
+    r = RaftReplica(ReplicaConfig(id="f", raft_addr=me, peers=[leader_addr],
+                                  data_dir=str(tmp_path / "f"), cluster_secret="s" * 16))
+    r._stopping = True  # drive ticks by hand: no background thread racing the test
+    r._wake()
+    r._thread.join(5)
+    yield r, TCPNode(leader_addr)
+    r.destroy()
+    r.store.close()
+
+
+def user_entry(r, idx, term, name):
+    payload = Command("user.create", {"name": name}, time=1.0).encode()
+    return (regular(r, "apply_command", payload), idx, term)
+
+
+def users(r):
+    with r.store.read() as txn:
+        return sorted(k for k, _ in txn.items("users"))
+
+
+def test_replica_keeps_matching_entries_and_state(follower):
+    r, leader = follower
+    log = [user_entry(r, i, 1, f"u{i}") for i in range(2, 12)]
+    r._SyncObj__onMessageReceived(leader, append_entries(1, 1, 0, log, 11))
+    r.doTick(0)
+    assert r.raftLastApplied == 11 and len(users(r)) == 10
+    digest = r.store.digest()
+    r._SyncObj__onMessageReceived(leader, append_entries(1, 5, 1, log[4:6], 11))
+    r.doTick(0)
+    assert r.journal[-1][1] == 11, "matching entries after the new ones are kept"
+    assert r.raftCommitIndex == 11 and r.raftLastApplied == 11
+    assert r.store.digest() == digest, "nothing re-applied, nothing lost"
+    r.doTick(0)
+    assert r.journal.dirty is False
+
+
+def test_commit_is_bounded_by_the_last_entry_the_leader_vouched_for(follower):
+    """Raft: commitIndex = min(leaderCommit, index of last new entry). A tail kept from an
+    old term must not be committed on the strength of a message that did not cover it."""
+    r, leader = follower
+    base = [user_entry(r, i, 1, f"u{i}") for i in range(2, 6)]
+    r._SyncObj__onMessageReceived(leader, append_entries(1, 1, 0, base, 5))
+    stale_tail = [user_entry(r, 6, 2, "stale6"), user_entry(r, 7, 2, "stale7")]
+    r._SyncObj__onMessageReceived(leader, append_entries(2, 5, 1, stale_tail, 5))
+    # A new leader (term 3) whose entry 6 matches but whose entry 7 differs, commit 7:
+    r._SyncObj__onMessageReceived(leader, append_entries(3, 5, 1, stale_tail[:1], 7))
+    r.doTick(0)
+    assert r.raftCommitIndex == 6
+    assert "stale7" not in users(r) and "stale6" in users(r)
+    # The conflicting entry arrives: the stale one is replaced, then committed.
+    r._SyncObj__onMessageReceived(leader, append_entries(3, 6, 2, [user_entry(r, 7, 3, "new7")], 7))
+    r.doTick(0)
+    assert r.journal[-1][1:] == (7, 3)
+    assert "new7" in users(r) and "stale7" not in users(r)
+
+
+def test_followers_fsync_before_acknowledging(follower):
+    r, leader = follower
+    transport = r._SyncObj__transport
+    seen = []
+    inner = transport.send  # the durable wrapper installed by RaftReplica
+
+    def spy(node, message):
+        if message.get("type") == "next_node_idx" and message.get("success"):
+            dirty_before = r.journal.dirty
+            result = inner(node, message)
+            seen.append((dirty_before, r.journal.dirty))
+            return result
+        return inner(node, message)
+
+    transport.send = spy
+    r._SyncObj__onMessageReceived(leader, append_entries(1, 1, 0, [user_entry(r, 2, 1, "a")], 1))
+    assert seen == [(True, False)], "the ack is sent only after the new entry is synced"

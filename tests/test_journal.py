@@ -1,0 +1,94 @@
+"""DurableJournal: durable appends, Raft's conflict-only truncation, torn-tail recovery."""
+import os
+
+from raftmesh.storage.journal import DurableJournal
+
+
+def entries(j):
+    return [(bytes(c), i, t) for c, i, t in (j[k] for k in range(len(j)))]
+
+
+def test_append_reload_and_sync(tmp_path):
+    path = str(tmp_path / "j")
+    j = DurableJournal(path)
+    for i in range(1, 6):
+        j.add(b"cmd%d" % i, i, 1)
+    assert j.dirty
+    j.sync()
+    assert not j.dirty and j.syncs == 1
+    j.sync()
+    assert j.syncs == 1, "sync is a no-op when nothing changed"
+    j.setCurrentTerm(3, "127.0.0.1:1")
+    j._destroy()
+    j2 = DurableJournal(path)
+    assert entries(j2) == [(b"cmd%d" % i, i, 1) for i in range(1, 6)]
+    assert j2.getCurrentTerm() == 3 and j2.getVotedForNodeId() == "127.0.0.1:1"
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+
+def test_matching_entries_are_kept_after_advisory_delete(tmp_path):
+    """pysyncobj calls deleteEntriesFrom(prevLogIdx+1) on every AppendEntries; entries
+    that match (same index and term) must survive, including those after the new ones."""
+    j = DurableJournal(str(tmp_path / "j"))
+    for i in range(1, 11):
+        j.add(b"c%d" % i, i, 1)
+    j.deleteEntriesFrom(5)  # position 5 = index 6
+    j.add(b"c6", 6, 1)
+    j.add(b"c7", 7, 1)
+    assert [e[1] for e in entries(j)] == list(range(1, 11))
+
+
+def test_conflicting_term_truncates_from_the_conflict(tmp_path):
+    path = str(tmp_path / "j")
+    j = DurableJournal(path)
+    for i in range(1, 9):
+        j.add(b"old%d" % i, i, 1)
+    j.deleteEntriesFrom(5)
+    j.add(b"old6", 6, 1)  # matches
+    j.add(b"new7", 7, 2)  # conflicts: 7 and 8 go
+    assert [(e[1], e[2]) for e in entries(j)] == [(i, 1) for i in range(1, 7)] + [(7, 2)]
+    j.sync()
+    j._destroy()
+    assert [(e[1], e[2]) for e in entries(DurableJournal(path))][-2:] == [(6, 1), (7, 2)]
+
+
+def test_torn_tail_is_dropped_on_load(tmp_path):
+    path = str(tmp_path / "j")
+    j = DurableJournal(path)
+    for i in range(1, 4):
+        j.add(b"x" * 100, i, 1)
+    j.sync()
+    j._destroy()
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 7)  # a crash in the middle of the last record
+    j2 = DurableJournal(path)
+    assert [e[1] for e in entries(j2)] == [1, 2]
+    j2.add(b"y", 3, 2)
+    j2.sync()
+    j2._destroy()
+    assert [(e[1], e[2]) for e in entries(DurableJournal(path))] == [(1, 1), (2, 1), (3, 2)]
+
+
+def test_compaction_keeps_the_tail(tmp_path):
+    path = str(tmp_path / "j")
+    j = DurableJournal(path)
+    for i in range(1, 101):
+        j.add(b"e%d" % i, i, 1)
+    j.deleteEntriesTo(98)
+    assert [e[1] for e in entries(j)] == [99, 100]
+    j.add(b"e101", 101, 1)
+    j.sync()
+    j._destroy()
+    assert [e[1] for e in entries(DurableJournal(path))] == [99, 100, 101]
+
+
+def test_clear(tmp_path):
+    path = str(tmp_path / "j")
+    j = DurableJournal(path)
+    j.add(b"a", 1, 1)
+    j.clear()
+    assert len(j) == 0
+    j.add(b"b", 5, 2)
+    j._destroy()
+    assert entries(DurableJournal(path)) == [(b"b", 5, 2)]

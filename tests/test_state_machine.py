@@ -1,0 +1,156 @@
+"""The state machine as a pure function: determinism, rejection atomicity, audit, idempotency."""
+import ipaddress
+
+import pytest
+
+from raftmesh.cluster import state_machine as sm
+from raftmesh.cluster.commands import Command, CommandError
+from raftmesh.storage.audit_chain import verify
+
+
+class DictTxn:
+    """In-memory Txn with the same ordering semantics as LMDB."""
+
+    def __init__(self):
+        self.tables: dict[str, dict] = {}
+
+    def get(self, table, key):
+        return self.tables.get(table, {}).get(key)
+
+    def put(self, table, key, value):
+        self.tables.setdefault(table, {})[key] = value
+
+    def delete(self, table, key):
+        self.tables.get(table, {}).pop(key, None)
+
+    def items(self, table, start=""):
+        t = self.tables.get(table, {})
+        for k in sorted(t):
+            if k >= start:
+                yield k, t[k]
+
+
+def run(txn, commands, start=1):
+    return [sm.apply(txn, c, start + i) for i, c in enumerate(commands)]
+
+
+def cmd(op, t=100.0, actor="apikey:a", rid=None, **args):
+    return Command(op, args, time=t, actor=actor, request_id=rid)
+
+
+def setup_commands():
+    return [
+        cmd("user.create", name="alice"),
+        cmd("preauthkey.create", id="k1", user="alice", hash="h", reusable=True, usage_limit=2,
+            expires_at=1000.0, tags=[]),
+        cmd("node.register", id="n1", name="laptop", machine_key="m1", node_key="nk1",
+            preauth_key_id="k1"),
+        cmd("node.register", id="n2", name="laptop", machine_key="m2", node_key="nk2",
+            preauth_key_id="k1"),
+        cmd("node.register", id="n3", name="phone", machine_key="m3", node_key="nk3",
+            user="alice"),
+    ]
+
+
+def test_same_commands_same_state():
+    a, b = DictTxn(), DictTxn()
+    ra, rb = run(a, setup_commands()), run(b, setup_commands())
+    assert ra == rb and a.tables == b.tables
+    assert all(r["ok"] for r in ra), ra
+
+
+def test_nodes_get_unique_names_and_addresses():
+    txn = DictTxn()
+    results = run(txn, setup_commands())
+    nodes = [r["value"] for r in results[2:]]
+    assert [n["name"] for n in nodes] == ["laptop", "laptop-2", "phone"]
+    v4 = [n["ipv4"] for n in nodes]
+    assert len(set(v4)) == 3 and all(ipaddress.ip_address(a) in ipaddress.ip_network("100.64.0.0/10") for a in v4)
+    assert all(ipaddress.ip_address(n["ipv6"]) in ipaddress.ip_network("fd7a:115c:a1e0::/48") for n in nodes)
+    assert nodes[0]["approved"] and nodes[1]["approved"] and not nodes[2]["approved"]
+
+
+def test_address_of_deleted_node_is_reused_only_after_wraparound():
+    txn = DictTxn()
+    run(txn, setup_commands())
+    first = txn.get("nodes", "n1")["ipv4"]
+    r = run(txn, [cmd("node.delete", id="n1"),
+                  cmd("node.register", id="n4", name="x", machine_key="m4", node_key="k", user="alice")], 10)
+    assert r[1]["value"]["ipv4"] != first
+    assert txn.get("node_ips", first) is None
+
+
+def test_used_up_and_expired_preauth_keys_are_refused_without_change():
+    txn = DictTxn()
+    run(txn, setup_commands())
+    before = {t: dict(v) for t, v in txn.tables.items()}
+    r = sm.apply(txn, cmd("node.register", id="n9", name="x", machine_key="m9", node_key="k",
+                          preauth_key_id="k1"), 20)
+    assert not r["ok"] and r["code"] == "preauth_key_invalid" and "used up" in r["message"]
+    assert txn.tables == before, "a rejected command changes nothing"
+    run(txn, [cmd("preauthkey.create", id="k2", user="alice", hash="h", expires_at=50.0)], 21)
+    r = sm.apply(txn, cmd("node.register", id="n9", name="x", machine_key="m9", node_key="k",
+                          preauth_key_id="k2"), 22)
+    assert r["code"] == "preauth_key_invalid" and "expired" in r["message"]
+
+
+def test_user_with_nodes_cannot_be_deleted():
+    txn = DictTxn()
+    run(txn, setup_commands())
+    r = sm.apply(txn, cmd("user.delete", name="alice"), 30)
+    assert r["code"] == "conflict" and r["status"] == 409
+
+
+def test_audit_chain_covers_every_change_and_detects_tampering():
+    txn = DictTxn()
+    run(txn, setup_commands())
+    audit = [v for _, v in txn.items("audit")]
+    assert len(audit) >= 5
+    assert verify(audit) == (True, f"{len(audit)} entries verified")
+    assert all("hash" not in (e["after"] or {}) for e in audit), "no stored secret in the audit log"
+    edited = [dict(e) for e in audit]
+    edited[2]["actor"] = "someone-else"
+    assert not verify(edited)[0]
+    assert not verify(audit[:2] + audit[3:])[0]
+    assert not verify([audit[1], audit[0]] + audit[2:])[0]
+
+
+def test_idempotent_replay_returns_first_result_and_changes_nothing():
+    txn = DictTxn()
+    first = sm.apply(txn, cmd("user.create", rid="req-1", name="bob"), 1)
+    snapshot = {t: dict(v) for t, v in txn.tables.items()}
+    again = sm.apply(txn, cmd("user.create", rid="req-1", name="bob"), 2)
+    assert again["replayed"] and again["value"] == first["value"] and again["version"] == 1
+    assert txn.tables == snapshot
+
+
+def test_idempotency_records_expire_by_command_time():
+    txn = DictTxn()
+    sm.apply(txn, cmd("user.create", t=0.0, rid="old", name="u1"), 1)
+    sm.apply(txn, cmd("user.create", t=sm.IDEMPOTENCY_TTL + 10, rid="new", name="u2"), 2)
+    assert txn.get("idempotency", "old") is None and txn.get("idempotency", "new") is not None
+
+
+def test_unknown_and_malformed_commands_are_rejected():
+    txn = DictTxn()
+    assert sm.apply(txn, cmd("nope"), 1)["code"] == "unknown_command"
+    assert sm.apply(txn, Command("user.create", {}), 2)["code"] == "bad_command"
+    assert txn.tables == {}
+    with pytest.raises(CommandError):
+        Command.decode(b"not json")
+    with pytest.raises(CommandError):
+        Command.decode(b'{"v": 99, "op": "x"}')
+
+
+def test_command_round_trip():
+    c = cmd("user.create", rid="r", name="x")
+    assert Command.decode(c.encode()) == c
+
+
+def test_policy_versions_are_all_kept_and_expected_version_is_checked():
+    txn = DictTxn()
+    r = run(txn, [cmd("policy.set", text="{}"), cmd("policy.set", text='{"acls": []}')])
+    assert [x["value"]["version"] for x in r] == [1, 2]
+    assert len(list(txn.items("policy_versions"))) == 2
+    bad = sm.apply(txn, cmd("policy.set", text="{}", expected_version=1), 3)
+    assert bad["code"] == "version_conflict"
