@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_server(sub)
     _add_dev(sub)
+    from raftmesh.chaos import cli as chaos_cli
+    chaos_cli.register(sub)
     try:
         from . import cli_admin
         cli_admin.register(parser, sub)

@@ -1,0 +1,87 @@
+"""Shared output of benchmarks: progress lines, a printed table, JSON and PNG plots."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def summarize(latencies: list[float]) -> dict:
+    s = sorted(latencies)
+    return {"n": len(s), "p50_ms": percentile(s, 0.5) * 1e3, "p99_ms": percentile(s, 0.99) * 1e3,
+            "max_ms": (s[-1] * 1e3) if s else float("nan"),
+            "mean_ms": (sum(s) / len(s) * 1e3) if s else float("nan")}
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+class Progress:
+    """One line that rewrites itself on a terminal, plain lines otherwise."""
+
+    def __init__(self, label: str):
+        self.label, self.tty, self.last = label, sys.stderr.isatty(), 0.0
+
+    def update(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < (0.2 if self.tty else 2.0):
+            return
+        self.last = now
+        line = f"[{self.label}] {text}"
+        sys.stderr.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    from tabulate import tabulate
+    print(f"\n{title} (machine: {os.cpu_count()} CPUs)")
+    print(tabulate([[_fmt(r.get(c)) for c in columns] for r in rows], headers=columns))
+
+
+def _fmt(v):
+    return f"{v:.2f}" if isinstance(v, float) else v
+
+
+def write_json(out_dir: str, name: str, data: dict) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    return path
+
+
+def plot_cdfs(out_dir: str, name: str, title: str, series: dict[str, list[float]]) -> str:
+    """Latency CDFs (milliseconds, log x) of several series in one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, values in series.items():
+        s = sorted(v * 1e3 for v in values)
+        if s:
+            ax.plot(s, [(i + 1) / len(s) for i in range(len(s))], label=f"{label} (n={len(s)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("fraction of operations")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path = os.path.join(out_dir, f"{name}.png")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

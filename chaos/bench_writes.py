@@ -1,0 +1,170 @@
+"""`raftmesh bench writes`: admin-API write latency and throughput, side by side with etcd.
+
+Both systems run 3 members on this machine with durable (fsynced) logs and are driven by
+the same aiohttp client loop over HTTP/JSON (etcd through its v3 JSON gateway), so the
+ratio compares like with like on a shared machine.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import aiohttp
+
+from raftmesh.cluster.launcher import LocalCluster, free_ports
+
+from . import bench_report as report
+
+
+async def _drive(make_request, clients: int, seconds: float, progress: report.Progress):
+    """Run `clients` closed-loop workers for `seconds`; returns (latencies, errors)."""
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + seconds
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def worker(w: int):
+            nonlocal errors
+            i = 0
+            while time.monotonic() < deadline:
+                i += 1
+                started = time.perf_counter()
+                try:
+                    ok = await make_request(session, w, i)
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors += 1
+                progress.update(f"{clients} clients: {len(latencies)} ok, {errors} errors")
+        await asyncio.gather(*(worker(w) for w in range(clients)))
+    return latencies, errors
+
+
+def raftmesh_writer(cluster: LocalCluster, targets: list[str], tag: str):
+    headers = {"Authorization": f"Bearer {cluster.admin_key}"}
+
+    async def write(session, w, i):
+        url = targets[(w + i) % len(targets)] + "/api/v1/users"
+        async with session.post(url, json={"name": f"{tag}-{w}-{i}"}, headers=headers) as resp:
+            await resp.read()
+            return resp.status == 201
+    return write
+
+
+def etcd_writer(urls: list[str], tag: str):
+    async def write(session, w, i):
+        key = base64.b64encode(f"/bench/{tag}/{w}/{i}".encode()).decode()
+        value = base64.b64encode(b'{"name":"x"}').decode()
+        async with session.post(urls[(w + i) % len(urls)] + "/v3/kv/put",
+                                json={"key": key, "value": value}) as resp:
+            await resp.read()
+            return resp.status == 200
+    return write
+
+
+class EtcdCluster:
+    """3 etcd members on loopback, started from Debian's etcd-server when installed."""
+
+    def __init__(self, workdir: str):
+        self.workdir, self.procs, self.client_urls = workdir, [], []
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("etcd") is not None
+
+    def start(self) -> None:
+        ports = free_ports(6)
+        names = [f"e{i}" for i in range(3)]
+        peers = [f"http://127.0.0.1:{ports[2 * i + 1]}" for i in range(3)]
+        initial = ",".join(f"{n}={p}" for n, p in zip(names, peers))
+        for i, name in enumerate(names):
+            client = f"http://127.0.0.1:{ports[2 * i]}"
+            self.client_urls.append(client)
+            log = open(os.path.join(self.workdir, f"{name}.log"), "wb")
+            self.procs.append(subprocess.Popen(
+                ["etcd", "--name", name, "--data-dir", os.path.join(self.workdir, name),
+                 "--listen-client-urls", client, "--advertise-client-urls", client,
+                 "--listen-peer-urls", peers[i], "--initial-advertise-peer-urls", peers[i],
+                 "--initial-cluster", initial, "--initial-cluster-state", "new"],
+                stdout=log, stderr=subprocess.STDOUT))
+        self._wait_healthy()
+
+    def _wait_healthy(self, timeout: float = 30) -> None:
+        import urllib.request
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.client_urls[0] + "/health", timeout=1) as r:
+                    if b'"true"' in r.read():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("etcd did not become healthy")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=10)
+
+
+def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: bool = True) -> dict:
+    workdir = tempfile.mkdtemp(prefix="raftmesh-bench-")
+    progress = report.Progress("writes")
+    rows, series = [], {}
+    cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=3)
+    try:
+        cluster.start_all()
+        cluster.wait_ready(timeout=60)
+        leader = cluster.leader()
+        followers = [r.api_url for r in cluster.replicas if r is not leader]
+        everyone = [r.api_url for r in cluster.replicas]
+        shapes = [("raftmesh", "1 client via leader", [leader.api_url], 1),
+                  ("raftmesh", "1 client via follower", followers, 1),
+                  ("raftmesh", f"{concurrency} clients, all replicas", everyone, concurrency)]
+        for system, label, targets, clients in shapes:
+            lat, errors = asyncio.run(_drive(raftmesh_writer(cluster, targets, f"b{clients}{len(rows)}"),
+                                             clients, seconds, progress))
+            rows.append({"system": system, "shape": label, "clients": clients,
+                         "writes_per_s": len(lat) / seconds, "errors": errors, **report.summarize(lat)})
+            series[f"{system}: {label}"] = lat
+    finally:
+        cluster.stop_all()
+    if with_etcd and EtcdCluster.available():
+        etcd = EtcdCluster(workdir)
+        try:
+            etcd.start()
+            for label, targets, clients in [("1 client via leader-or-follower", etcd.client_urls[:1], 1),
+                                            (f"{concurrency} clients, all members", etcd.client_urls, concurrency)]:
+                lat, errors = asyncio.run(_drive(etcd_writer(targets, f"b{clients}"), clients, seconds, progress))
+                rows.append({"system": "etcd", "shape": label, "clients": clients,
+                             "writes_per_s": len(lat) / seconds, "errors": errors, **report.summarize(lat)})
+                series[f"etcd: {label}"] = lat
+        finally:
+            etcd.stop()
+    progress.done()
+    shutil.rmtree(workdir, ignore_errors=True)
+    result = {"benchmark": "writes", "seconds_per_shape": seconds, "machine": report.machine(), "rows": rows}
+    ours = next((r for r in rows if r["system"] == "raftmesh" and r["clients"] == concurrency), None)
+    theirs = next((r for r in rows if r["system"] == "etcd" and r["clients"] == concurrency), None)
+    if ours and theirs and theirs["writes_per_s"]:
+        result["throughput_ratio_vs_etcd"] = ours["writes_per_s"] / theirs["writes_per_s"]
+    report.print_table("admin API writes, 3 replicas, durable journals", rows,
+                       ["system", "shape", "writes_per_s", "p50_ms", "p99_ms", "max_ms", "errors"])
+    if "throughput_ratio_vs_etcd" in result:
+        print(f"\nthroughput ratio raftmesh/etcd at {concurrency} clients: "
+              f"{result['throughput_ratio_vs_etcd']:.2f}")
+    elif with_etcd:
+        print("\netcd not installed (Debian etcd-server): no side-by-side ratio")
+    result["json"] = report.write_json(out_dir, "writes", result)
+    result["plot"] = report.plot_cdfs(out_dir, "writes", "admin API write latency (3 replicas)", series)
+    print(f"results: {result['json']}, plot: {result['plot']}")
+    return result
