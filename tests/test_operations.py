@@ -1,0 +1,123 @@
+"""Operations: config files, metrics, readiness, continuous audit export."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from conftest import wait_until
+from raftmesh.cluster.config import ConfigError, ReplicaConfig
+from raftmesh.cluster.launcher import LocalCluster, free_ports
+from raftmesh.storage.audit_chain import verify
+
+
+def test_toml_config_unknown_keys_and_secret(tmp_path):
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('id = "r1"\nraft_addr = "127.0.0.1:7000"\npeers = []\nclusterSecret = "x"\n')
+    with pytest.raises(ConfigError, match="unknown settings"):
+        ReplicaConfig.from_toml(str(cfg))
+    cfg.write_text('id = "r1"\nraft_addr = "127.0.0.1:7000"\npeers = []\ndurability = "maybe"\n'
+                   'cluster_secret = "0123456789abcdef"\n')
+    with pytest.raises(ConfigError, match="durability"):
+        ReplicaConfig.from_toml(str(cfg)).validate()
+
+
+def test_server_runs_from_a_toml_file(tmp_path):
+    raft, api = free_ports(2)
+    cfg = tmp_path / "replica.toml"
+    cfg.write_text(f'id = "solo"\nraft_addr = "127.0.0.1:{raft}"\npeers = []\napi_port = {api}\n'
+                   f'data_dir = "{tmp_path / "data"}"\ncluster_secret = "0123456789abcdef"\n')
+    os.chmod(cfg, 0o600)
+    p = subprocess.Popen([sys.executable, "-m", "raftmesh.api.cli", "server", "--config", str(cfg)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import urllib.request
+        def ready():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{api}/readyz", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        wait_until(ready, 30, what="replica from TOML config to be ready")
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=20)
+    assert p.returncode == 0, "SIGTERM stops the replica cleanly"
+
+
+def test_metrics_expose_raft_state_and_request_latency(shared_cluster):
+    c = shared_cluster
+    r = c.replicas[0]
+    assert c.request(r, "POST", "/api/v1/users", {"name": "metrics-user"})[0] == 201
+    assert c.request(r, "GET", "/api/v1/users/does-not-exist")[0] == 404
+    status, text = c.request(r, "GET", "/metrics")
+    assert status == 200
+    for name in ("raftmesh_raft_term", "raftmesh_raft_commit_index", "raftmesh_raft_applied_index",
+                 "raftmesh_raft_apply_lag", "raftmesh_raft_is_leader", "raftmesh_snapshots_total",
+                 "raftmesh_journal_fsyncs_total"):
+        assert f"\n{name} " in text, name
+    assert 'raftmesh_api_request_seconds_count{method="POST",route="/api/v1/users",status="201"}' in text
+    assert 'route="/api/v1/users/{name}",status="404"' in text
+    leaders = 0
+    for rep in c.replicas:
+        metrics = c.request(rep, "GET", "/metrics")[1]
+        leaders += "\nraftmesh_raft_is_leader 1.0" in metrics
+    assert leaders == 1
+
+
+def test_healthz_and_readyz(shared_cluster):
+    c = shared_cluster
+    for r in c.replicas:
+        assert c.request(r, "GET", "/healthz")[1]["status"] == "alive"
+        status, body = c.request(r, "GET", "/readyz")
+        assert status == 200 and body["ready"] is True
+
+
+class _Sink(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Sink.received.extend(json.loads(line) for line in body.decode().splitlines())
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_audit_is_exported_continuously_to_a_file_and_http(tmp_path):
+    port = free_ports(1)[0]
+    sink = HTTPServer(("127.0.0.1", port), _Sink)
+    thread = threading.Thread(target=sink.serve_forever, daemon=True)
+    thread.start()
+    export = tmp_path / "audit.jsonl"
+    c = LocalCluster(str(tmp_path / "c"), replicas=3)
+    c.replicas[0].extra_args = ["--audit-export-file", str(export),
+                                "--audit-export-url", f"http://127.0.0.1:{port}/audit"]
+    try:
+        c.start_all()
+        c.wait_ready()
+        for i in range(5):
+            assert c.request(c.replicas[i % 3], "POST", "/api/v1/users", {"name": f"a{i}"})[0] == 201
+        status, body = c.request(c.replicas[1], "GET", "/api/v1/audit?limit=1000")
+        live = body["entries"]
+
+        def exported():
+            if not export.exists():
+                return False
+            lines = [json.loads(l) for l in export.read_text().splitlines()]
+            return len(lines) >= len(live) and lines
+        lines = wait_until(exported, 15, what="audit entries in the export file")
+        assert lines[: len(live)] == live
+        assert verify(lines)[0]
+        wait_until(lambda: len(_Sink.received) >= len(live), 15, what="audit entries at the HTTP sink")
+        assert _Sink.received[: len(live)] == live
+        assert oct(export.stat().st_mode & 0o777) == "0o600"
+    finally:
+        c.stop_all()
+        sink.shutdown()
