@@ -16,6 +16,7 @@ from raftmesh.cluster.state_machine import public
 
 from . import auth
 from .errors import APIError
+from .machine_auth import new_cluster_key
 from .routing import STALE_QUERY, Ctx, openapi, route
 
 V = "/api/v1"
@@ -378,3 +379,19 @@ async def force_snapshot(ctx: Ctx):
     ctx.replica.forceLogCompaction()
     ctx.replica._wake()
     return ok({"requested": True}, 202)
+
+
+# -- netmap signing keys ------------------------------------------------------------------
+@route("GET", V + "/cluster/keys", "read", "Netmap signing keys (public halves)", query=STALE_QUERY)
+async def list_cluster_keys(ctx: Ctx):
+    keys, version, stale = await _list(ctx, "cluster_keys")
+    return ok({"keys": keys, "version": version, "stale": stale})
+
+
+@route("POST", V + "/cluster/keys/rotate", "admin", "Start signing netmaps with a new key; the old "
+       "one keeps verifying for overlap_seconds", status=201,
+       body=obj({"overlap_seconds": {"type": "integer", "minimum": 0, "maximum": 30 * 86400}}))
+async def rotate_cluster_key(ctx: Ctx):
+    args = dict(new_cluster_key(), overlap_seconds=ctx.body.get("overlap_seconds", 86400))
+    r = await ctx.write("clusterkey.rotate", args)
+    return ok({"key": r["value"], "version": r["version"]}, 201)

@@ -16,6 +16,7 @@ from raftmesh.storage.audit_export import AuditExporter
 from . import admin  # noqa: F401  (registers the admin routes)
 from . import auth, health, routing
 from .errors import error_middleware
+from .machine_auth import new_cluster_key
 
 log = logging.getLogger("raftmesh.server")
 
@@ -64,6 +65,16 @@ async def bootstrap_admin_key(replica: RaftReplica) -> None:
                                                        actor=f"replica:{replica.config.id}"), "bootstrap")
 
 
+async def bootstrap_cluster_key(replica: RaftReplica) -> None:
+    """Make sure a netmap signing key exists; the state machine keeps only the first."""
+    with replica.store.read() as txn:
+        if next(iter(txn.items("cluster_keys")), None) is not None:
+            return
+    args = new_cluster_key()
+    await _propose_until_done(replica, lambda: Command("clusterkey.bootstrap", args, time=time.time(),
+                                                       actor=f"replica:{replica.config.id}"), "cluster key")
+
+
 async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> None:
     replica = RaftReplica(config)
     app = build_app(replica)
@@ -72,7 +83,8 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
     site = web.TCPSite(runner, config.api_host, config.api_port, reuse_address=True)
     await site.start()
     log.info("replica %s: raft %s, api %s", config.id, config.raft_addr, config.api_url)
-    tasks = [asyncio.create_task(announce(replica)), asyncio.create_task(bootstrap_admin_key(replica))]
+    tasks = [asyncio.create_task(announce(replica)), asyncio.create_task(bootstrap_admin_key(replica)),
+             asyncio.create_task(bootstrap_cluster_key(replica))]
     if config.audit_export_file or config.audit_export_url:
         exporter = AuditExporter(replica.store, config.data_dir, config.audit_export_file,
                                  config.audit_export_url)

@@ -20,7 +20,7 @@ IPV4_BASE = int(ipaddress.IPv4Address("100.64.0.0"))
 IPV4_SLOTS = 1 << 22  # 100.64.0.0/10
 IPV6_BASE = int(ipaddress.IPv6Address("fd7a:115c:a1e0::"))
 IDEMPOTENCY_TTL = 24 * 3600.0
-SECRET_FIELDS = ("hash",)
+SECRET_FIELDS = ("hash", "private_key")
 
 
 class Txn(Protocol):
@@ -337,10 +337,9 @@ def _node_register(ctx: Context) -> dict:
     a, now = ctx.args, ctx.cmd.time
     if ctx.txn.get("nodes", a["id"]) is not None:
         raise Rejected("conflict", f"node {a['id']!r} already exists")
-    for _, n in ctx.txn.items("nodes"):
-        if n["machine_key"] == a["machine_key"]:
-            raise Rejected("conflict", "this machine key is already registered as node "
-                           f"{n['id']!r}")
+    existing = ctx.txn.get("node_by_machine", a["machine_key"])
+    if existing is not None:
+        raise Rejected("conflict", f"this machine key is already registered as node {existing!r}")
     user, tags, approved, ephemeral = a.get("user"), sorted(a.get("tags", [])), False, False
     if a.get("preauth_key_id"):
         key = ctx.require("preauth_keys", a["preauth_key_id"], "pre-auth key")
@@ -365,6 +364,7 @@ def _node_register(ctx: Context) -> dict:
               "approved_routes": []}
     ctx.txn.put("nodes", a["id"], record)
     ctx.txn.put("node_ips", v4, a["id"])
+    ctx.txn.put("node_by_machine", a["machine_key"], a["id"])
     ctx.audit(f"node:{a['id']}", None, record)
     return record
 
@@ -438,5 +438,34 @@ def _node_delete(ctx: Context) -> dict:
     before = ctx.require("nodes", ctx.args["id"], "node")
     ctx.txn.delete("nodes", before["id"])
     ctx.txn.delete("node_ips", before["ipv4"])
+    ctx.txn.delete("node_by_machine", before["machine_key"])
     ctx.audit(f"node:{before['id']}", before, None)
     return before
+
+
+# -- cluster signing keys ---------------------------------------------------------------
+def _add_cluster_key(ctx: Context) -> dict:
+    a = ctx.args
+    record = {"id": a["id"], "public_key": a["public_key"], "private_key": a["private_key"],
+              "created_at": ctx.cmd.time, "retire_at": None}
+    for kid, key in list(ctx.txn.items("cluster_keys")):
+        if key["retire_at"] is None:  # the previous signing key keeps verifying for a while
+            retired = dict(key, retire_at=ctx.cmd.time + a.get("overlap_seconds", 86400))
+            ctx.txn.put("cluster_keys", kid, retired)
+            ctx.audit(f"cluster_key:{kid}", key, retired)
+    ctx.txn.put("cluster_keys", a["id"], record)
+    ctx.audit(f"cluster_key:{a['id']}", None, record)
+    return public(record)
+
+
+@handler("clusterkey.bootstrap")
+def _clusterkey_bootstrap(ctx: Context) -> dict:
+    """The first netmap signing key; refused once one exists, so every replica may propose it."""
+    if next(iter(ctx.txn.items("cluster_keys")), None) is not None:
+        raise Rejected("already_bootstrapped", "a cluster key already exists")
+    return _add_cluster_key(ctx)
+
+
+@handler("clusterkey.rotate")
+def _clusterkey_rotate(ctx: Context) -> dict:
+    return _add_cluster_key(ctx)

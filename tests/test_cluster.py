@@ -30,9 +30,10 @@ def test_write_through_follower_read_linearizably_elsewhere(make_cluster):
     status, body = c.request(f2, "GET", USERS + "/alice")
     assert status == 200 and body["user"]["name"] == "alice"
     assert body["version"] >= 1
+    announced = lambda: {m["id"] for m in c.request(f2, "GET", "/api/v1/cluster")[1]["members"]}
+    wait_until(lambda: announced() == {"r1", "r2", "r3"}, 10, what="replicas announce their API URLs")
     status, body = c.request(f2, "GET", "/api/v1/cluster")
     assert status == 200 and body["leader"] == leader.id
-    assert {m["id"] for m in body["members"]} == {"r1", "r2", "r3"}
     assert all(m["reachable"] and m["applied_version"] > 0 for m in body["members"])
 
 
