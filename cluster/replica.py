@@ -141,14 +141,12 @@ class RaftReplica(SyncObj):
     def _after_tick(self) -> None:
         """Runs inside each tick before it waits: replicate, make durable, resolve."""
         leader = self._isLeader()
-        if leader and self._log_index() > self._sent_log_index:
-            self._SyncObj__sendAppendEntries()  # ship this tick's batch now
+        if leader and (self._log_index() > self._sent_log_index
+                       or self.raftCommitIndex > self._sent_commit_index):
+            # Ship this tick's new entries and commit index now, not at the next heartbeat.
+            self._SyncObj__sendAppendEntries()
+            self._sent_log_index, self._sent_commit_index = self._log_index(), self.raftCommitIndex
         self._sync_journal()
-        if leader:
-            self._sent_log_index = self._log_index()
-            if self.raftCommitIndex > self._sent_commit_index:
-                self._SyncObj__sendAppendEntries()  # tell followers about the commit now
-                self._sent_commit_index = self.raftCommitIndex
         self._propose_barrier()
         self.store.commit()
         self._publish()

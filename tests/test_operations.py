@@ -121,3 +121,18 @@ def test_audit_is_exported_continuously_to_a_file_and_http(tmp_path):
     finally:
         c.stop_all()
         sink.shutdown()
+
+
+def test_data_files_are_private(shared_cluster):
+    """Journal, meta, LMDB and snapshots hold keys (hashed) and the netmap signing key."""
+    r = shared_cluster.replicas[0]
+    assert shared_cluster.request(r, "POST", "/api/v1/cluster/snapshot")[0] == 202
+    wait_until(lambda: os.path.exists(os.path.join(r.data_dir, "raft.snapshot")), 10,
+               what="a snapshot file")
+    assert os.stat(r.data_dir).st_mode & 0o077 == 0
+    for root, _, files in os.walk(r.data_dir):
+        for name in files:
+            if name.endswith(".log"):
+                continue
+            mode = os.stat(os.path.join(root, name)).st_mode & 0o777
+            assert mode & 0o077 == 0, f"{name} has mode {oct(mode)}"
