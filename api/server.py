@@ -13,7 +13,7 @@ from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.cluster.replica import Outcome, RaftReplica
 from raftmesh.storage.audit_export import AuditExporter
 
-from . import admin  # noqa: F401  (registers the admin routes)
+from . import admin, agent_api  # noqa: F401  (register their routes)
 from . import auth, health, routing
 from .errors import error_middleware
 from .machine_auth import new_cluster_key

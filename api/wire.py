@@ -211,3 +211,26 @@ def apply_delta(netmap: Netmap, delta: NetmapDelta) -> Netmap:
         peers=peers,
         packet_filter=netmap.packet_filter if delta.packet_filter is None else delta.packet_filter,
     )
+
+
+# -- map stream frames --------------------------------------------------------------------
+# A map stream is one long HTTP response of frames: 4-byte little-endian length, then
+# canonical JSON {"kind", "node_id", "version", "body", "key_id", "sig"}. `sig` is the
+# cluster key's Ed25519 signature over the canonical JSON of everything else, so an agent
+# accepts a frame only from its cluster, whichever replica or proxy relays it.
+FRAME_KINDS = ("full", "delta", "keepalive", "bye")
+MAX_FRAME_BYTES = 16 << 20
+
+
+def canonical_json(obj: Any) -> bytes:
+    import json
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def frame_bytes(frame: dict[str, Any]) -> bytes:
+    data = canonical_json(frame)
+    return len(data).to_bytes(4, "little") + data
+
+
+def signed_part(frame: dict[str, Any]) -> bytes:
+    return canonical_json({k: v for k, v in frame.items() if k != "sig"})

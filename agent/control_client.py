@@ -1,0 +1,96 @@
+"""The agent's HTTP client for the control plane: signed requests, failover between replicas.
+
+Every request is signed with the machine key. A connection error or a 5xx answer moves on
+to the next replica (or load-balancer URL) with exponential backoff and jitter, so a dead
+replica costs one attempt, and a cluster-wide outage does not turn into a retry storm.
+"""
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import time
+import urllib.error
+import urllib.request
+
+from nacl.signing import SigningKey
+
+from raftmesh.api.machine_auth import sign_headers
+
+
+class ControlError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class Backoff:
+    """Exponential backoff with full jitter, capped; reset after a success."""
+
+    def __init__(self, base: float = 0.2, cap: float = 10.0, rng: random.Random | None = None):
+        self.base, self.cap, self.attempt = base, cap, 0
+        self.rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        delay = self.rng.uniform(0, min(self.cap, self.base * (2 ** self.attempt)))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class ControlClient:
+    def __init__(self, servers: list[str], machine_key: SigningKey, timeout: float = 10.0):
+        if not servers:
+            raise ValueError("at least one server URL is needed")
+        self.servers = [s.rstrip("/") for s in servers]
+        self.key, self.timeout = machine_key, timeout
+        self.current = 0
+
+    @property
+    def server(self) -> str:
+        return self.servers[self.current]
+
+    def rotate(self) -> None:
+        self.current = (self.current + 1) % len(self.servers)
+
+    def signed_request(self, method: str, path: str, body: dict | None = None,
+                       stream: bool = False, timeout: float | None = None):
+        data = b"" if body is None else json.dumps(body).encode()
+        headers = sign_headers(self.key, method, path, data, time.time(), secrets.token_hex(12))
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.server + path, data=data if body is not None else None,
+                                     method=method, headers=headers)
+        try:
+            resp = urllib.request.urlopen(req, timeout=timeout or self.timeout)
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                err = json.loads(raw)["error"]
+                raise ControlError(e.code, err["code"], err["message"]) from None
+            except (ValueError, KeyError, TypeError):
+                raise ControlError(e.code, "http_error", raw[:200].decode(errors="replace")) from None
+        if stream:
+            return resp
+        with resp:
+            return json.loads(resp.read())
+
+    def call(self, method: str, path: str, body: dict | None = None, deadline: float = 30.0):
+        """One logical request, failing over across servers until `deadline` seconds pass."""
+        backoff = Backoff()
+        end = time.monotonic() + deadline
+        while True:
+            try:
+                return self.signed_request(method, path, body)
+            except ControlError as e:
+                if e.status < 500:
+                    raise
+                last = e
+            except OSError as e:
+                last = e
+            self.rotate()
+            if time.monotonic() > end:
+                raise last
+            time.sleep(min(backoff.next_delay(), max(0.0, end - time.monotonic())))

@@ -1,0 +1,135 @@
+"""Agent protocol endpoints (/machine/*), served by every replica.
+
+Every request is signed with the agent's machine key (api/machine_auth.py); there is no
+bearer secret to leak. Registration consumes a pre-auth key (approved at once, tags from
+the key) or leaves the node pending until an admin approves it.
+"""
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+
+from aiohttp import web
+
+from raftmesh.cluster.state_machine import preauth_key_problem, public
+
+from . import auth
+from .errors import APIError
+from .machine_auth import NonceCache, SignatureError, verify_headers
+from .routing import Ctx, route
+
+M = "/machine"
+KEY32 = {"type": "string", "pattern": r"^[A-Za-z0-9+/]{43}=$"}  # base64 of 32 bytes
+ENDPOINT = {"type": "string", "pattern": r"^[0-9a-fA-F:.\[\]]+:\d{1,5}$", "maxLength": 64}
+HOSTNAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"}
+CIDR = {"type": "string", "minLength": 3, "maxLength": 64}
+_nonces = NonceCache()
+
+
+def obj(properties: dict, required: tuple = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+async def machine_of(ctx: Ctx) -> str:
+    """The machine key this request proves possession of (401 otherwise)."""
+    body = await ctx.request.read()
+    try:
+        return verify_headers(ctx.request.headers, ctx.request.method, ctx.request.path, body,
+                              time.time(), _nonces)
+    except SignatureError as e:
+        raise APIError(401, "unauthenticated", f"machine signature rejected: {e}")
+
+
+def node_for_machine(ctx: Ctx, machine: str) -> dict | None:
+    with ctx.replica.store.read() as txn:
+        node_id = txn.get("node_by_machine", machine)
+        return txn.get("nodes", node_id) if node_id else None
+
+
+def cluster_public_keys(ctx: Ctx) -> list[dict]:
+    now = time.time()
+    with ctx.replica.store.read() as txn:
+        return [{"id": k["id"], "public_key": k["public_key"]} for _, k in txn.items("cluster_keys")
+                if k["retire_at"] is None or k["retire_at"] > now]
+
+
+@route("POST", M + "/register", None, "Register this machine (signed with its machine key)",
+       status=200, body=obj({"node_key": KEY32, "hostname": HOSTNAME,
+                             "auth_key": {"type": "string", "maxLength": 200},
+                             "endpoints": {"type": "array", "items": ENDPOINT, "maxItems": 32},
+                             "advertised_routes": {"type": "array", "items": CIDR, "maxItems": 256}},
+                            ("node_key", "hostname")))
+async def register(ctx: Ctx):
+    machine = await machine_of(ctx)
+    existing = node_for_machine(ctx, machine)
+    if existing is not None:
+        return web.json_response({"node": public(existing), "approved": existing["approved"],
+                                  "cluster_keys": cluster_public_keys(ctx)})
+    b = ctx.body
+    ctx.actor = f"machine:{machine}"
+    args = {"id": "n" + secrets.token_hex(6), "name": b["hostname"].lower(), "machine_key": machine,
+            "node_key": b["node_key"], "endpoints": b.get("endpoints", []),
+            "advertised_routes": b.get("advertised_routes", [])}
+    if "auth_key" in b:
+        args["preauth_key_id"] = _check_preauth_key(ctx, b["auth_key"])
+    r = await ctx.write("node.register", args)
+    node = r["value"]
+    return web.json_response({"node": public(node), "approved": node["approved"],
+                              "cluster_keys": cluster_public_keys(ctx), "version": r["version"]})
+
+
+def _check_preauth_key(ctx: Ctx, token: str) -> str:
+    """Refuse bad keys here with a clear 401; the state machine re-checks use limits atomically."""
+    parts = auth.split_token(token, "rmp")
+    if parts is None:
+        raise APIError(401, "unauthenticated", "malformed pre-auth key")
+    key_id, secret = parts
+    with ctx.replica.store.read() as txn:
+        key = txn.get("preauth_keys", key_id)
+    if key is None or not auth.secret_matches(secret, key["hash"]):
+        raise APIError(401, "unauthenticated", "unknown pre-auth key")
+    problem = preauth_key_problem(key, time.time())
+    if problem:
+        raise APIError(401, "unauthenticated", f"pre-auth key is {problem}")
+    return key_id
+
+
+async def _own_node(ctx: Ctx) -> dict:
+    machine = await machine_of(ctx)
+    node = node_for_machine(ctx, machine)
+    if node is None:
+        raise APIError(404, "not_found", "this machine is not registered (or was deleted)")
+    return node
+
+
+@route("POST", M + "/report", None, "Report endpoints and advertised routes",
+       body=obj({"endpoints": {"type": "array", "items": ENDPOINT, "maxItems": 32},
+                 "advertised_routes": {"type": "array", "items": CIDR, "maxItems": 256}}))
+async def report(ctx: Ctx):
+    node = await _own_node(ctx)
+    ctx.actor = f"node:{node['id']}"
+    r = await ctx.write("node.report", {"id": node["id"], **ctx.body, "last_seen": time.time()})
+    return web.json_response({"node": public(r["value"]), "version": r["version"]})
+
+
+@route("POST", M + "/rotate-key", None, "Replace the WireGuard key (request signed by the machine key)",
+       body=obj({"old_node_key": KEY32, "node_key": KEY32}, ("old_node_key", "node_key")))
+async def rotate_key(ctx: Ctx):
+    node = await _own_node(ctx)
+    ctx.actor = f"node:{node['id']}"
+    r = await ctx.write("node.rotate_key", {"id": node["id"], **ctx.body})
+    return web.json_response({"node": public(r["value"]), "version": r["version"]})
+
+
+@route("POST", M + "/logout", None, "Expire this machine's node key")
+async def logout(ctx: Ctx):
+    node = await _own_node(ctx)
+    ctx.actor = f"node:{node['id']}"
+    r = await ctx.write("node.expire", {"id": node["id"]})
+    return web.json_response({"node": public(r["value"]), "version": r["version"]})
+
+
+def decode_key(text: str) -> bytes:
+    return base64.b64decode(text)

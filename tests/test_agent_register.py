@@ -1,0 +1,132 @@
+"""Agent registration: machine-key signatures, pre-auth keys, nothing stored on refusal."""
+import base64
+import json
+import secrets
+import time
+import urllib.request
+
+import pytest
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+
+from raftmesh.agent.control_client import ControlClient, ControlError
+from raftmesh.api.machine_auth import sign_headers
+
+
+def node_key() -> str:
+    return base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
+
+
+def client(cluster, i=0) -> ControlClient:
+    return ControlClient([cluster.replicas[i].api_url], SigningKey.generate())
+
+
+def preauth(cluster, **kw) -> str:
+    user = kw.pop("user", "agents")
+    cluster.request(cluster.replicas[0], "POST", "/api/v1/users", {"name": user})
+    status, body = cluster.request(cluster.replicas[0], "POST", "/api/v1/preauth-keys", {"user": user, **kw})
+    assert status == 201, body
+    return body["key"]
+
+
+def node_count(cluster) -> int:
+    return len(cluster.request(cluster.replicas[0], "GET", "/api/v1/nodes")[1]["nodes"])
+
+
+def test_register_with_preauth_key_is_approved_with_addresses(shared_cluster):
+    c = shared_cluster
+    key = preauth(c, reusable=True)
+    a = client(c, 1)
+    resp = a.call("POST", "/machine/register", {"node_key": node_key(), "hostname": "Laptop", "auth_key": key})
+    node = resp["node"]
+    assert resp["approved"] and node["user"] == "agents" and node["name"] == "laptop"
+    assert node["ipv4"].startswith("100.") and node["ipv6"].startswith("fd7a:115c:a1e0:")
+    assert resp["cluster_keys"] and all(len(base64.b64decode(k["public_key"])) == 32 for k in resp["cluster_keys"])
+    assert "machine_key" in node and "hash" not in node
+    again = a.call("POST", "/machine/register", {"node_key": node_key(), "hostname": "laptop"})
+    assert again["node"]["id"] == node["id"], "re-registration of a known machine returns its node"
+
+
+def test_register_without_key_is_pending_until_approved(shared_cluster):
+    c = shared_cluster
+    resp = client(c, 2).call("POST", "/machine/register", {"node_key": node_key(), "hostname": "pending-box"})
+    assert resp["approved"] is False
+    node_id = resp["node"]["id"]
+    status, body = c.request(c.replicas[0], "POST", f"/api/v1/nodes/{node_id}/approve")
+    assert status == 200 and body["node"]["approved"] is True
+
+
+@pytest.mark.parametrize("problem", ["unknown", "malformed", "wrong-secret", "used-up", "expired", "revoked"])
+def test_bad_preauth_keys_are_refused_and_nothing_is_stored(shared_cluster, problem):
+    c = shared_cluster
+    key = preauth(c)
+    key_id = key.split("_")[1]
+    if problem == "unknown":
+        key = f"rmp_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+    elif problem == "malformed":
+        key = "not-a-key"
+    elif problem == "wrong-secret":
+        key = key.rsplit("_", 1)[0] + "_" + secrets.token_urlsafe(32)
+    elif problem == "used-up":
+        client(c).call("POST", "/machine/register", {"node_key": node_key(), "hostname": "first", "auth_key": key})
+    elif problem == "expired":
+        status, body = c.request(c.replicas[0], "POST", "/api/v1/preauth-keys",
+                                 {"user": "agents", "expiration_seconds": 1})
+        key = body["key"]
+        deadline = time.monotonic() + 5
+        while time.time() < body["preauth_key"]["expires_at"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    elif problem == "revoked":
+        assert c.request(c.replicas[0], "DELETE", f"/api/v1/preauth-keys/{key_id}")[0] == 200
+    before = node_count(c)
+    with pytest.raises(ControlError) as e:
+        client(c, 1).call("POST", "/machine/register", {"node_key": node_key(), "hostname": "x", "auth_key": key})
+    assert e.value.status == 401 and e.value.code == "unauthenticated"
+    assert "pre-auth key" in e.value.message
+    assert node_count(c) == before
+
+
+def raw_register(cluster, headers, body: bytes):
+    req = urllib.request.Request(cluster.replicas[0].api_url + "/machine/register", data=body,
+                                 method="POST", headers={**headers, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_forged_stale_and_replayed_signatures_are_refused(shared_cluster):
+    c = shared_cluster
+    body = json.dumps({"node_key": node_key(), "hostname": "sig-test"}).encode()
+    key = SigningKey.generate()
+    before = node_count(c)
+    # Forged: signed by another key than the one claimed.
+    forged = sign_headers(SigningKey.generate(), "POST", "/machine/register", body, time.time(), "n" * 16)
+    forged["X-Raftmesh-Machine"] = sign_headers(key, "POST", "/", b"", time.time(), "m" * 16)["X-Raftmesh-Machine"]
+    assert raw_register(c, forged, body)[0] == 401
+    # Tampered body.
+    h = sign_headers(key, "POST", "/machine/register", body, time.time(), "t" * 16)
+    assert raw_register(c, h, body.replace(b"sig-test", b"sig-evil"))[0] == 401
+    # Stale.
+    h = sign_headers(key, "POST", "/machine/register", body, time.time() - 120, "s" * 16)
+    status, err = raw_register(c, h, body)
+    assert status == 401 and "clock" in err["error"]["message"]
+    assert node_count(c) == before
+    # Fresh, then replayed byte for byte.
+    h = sign_headers(key, "POST", "/machine/register", body, time.time(), secrets.token_hex(8))
+    assert raw_register(c, h, body)[0] == 200
+    status, err = raw_register(c, h, body)
+    assert status == 401 and "replayed" in err["error"]["message"]
+
+
+def test_malformed_register_bodies_are_refused(shared_cluster):
+    c = shared_cluster
+    a = client(c)
+    for bad in ({"hostname": "x"}, {"node_key": "short", "hostname": "x"},
+                {"node_key": node_key(), "hostname": "bad host"},
+                {"node_key": node_key(), "hostname": "x", "extra": 1},
+                {"node_key": node_key(), "hostname": "x", "endpoints": ["not-an-endpoint"]}):
+        with pytest.raises(ControlError) as e:
+            a.call("POST", "/machine/register", bad)
+        assert e.value.status == 400 and e.value.code == "validation_failed"
