@@ -1,23 +1,10 @@
 """Shared fixtures: real replica processes on loopback, always ended by pid."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from raftmesh.cluster.launcher import LocalCluster
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
-    """Poll `predicate` until it returns a truthy value or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+from waiting import wait_until  # noqa: F401  (re-exported for test modules)
 
 
 @pytest.fixture

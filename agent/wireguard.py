@@ -1,0 +1,462 @@
+"""The WireGuard driver: one interface, its peers and the routes to their allowed IPs.
+
+Userspace `wireguard-go` is the default here (no kernel module on many hosts, including CI);
+the kernel module is used behind the same class when present. wireguard-go runs as our own
+foreground child (`WG_PROCESS_FOREGROUND=1`), so we hold its pid and can always end it,
+inside a network namespace through `ip netns exec` when one is given.
+
+`reconcile` is the hot path: a netmap change must touch only what changed. It reads the
+device (`wg show <if> dump`), computes the difference with pure functions
+(`compute_peer_ops`, `compute_route_ops`, unit-tested without root), applies all peer
+changes in one `wg set` and adds or removes only the routes that differ. It never brings the
+link down and never rewrites an unchanged peer, so other peers' sessions keep flowing.
+
+Secrets: the private key goes to `wg` on stdin only, and is validated before, so that
+`wg`'s own error messages (which echo a bad key) are never needed; the dump's private and
+preshared keys are dropped as soon as it is parsed. No key appears in argv, logs or errors.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from raftmesh.api.wire import Peer
+
+ROUTE_PROTO = "82"  # marks routes this driver owns, so it never deletes anyone else's
+WG_RUN_DIR = "/var/run/wireguard"  # wireguard-go's control sockets; shared by all netns
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,15}$")
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+class WireGuardError(RuntimeError):
+    """A wg/ip/wireguard-go step failed. Messages never contain key material."""
+
+
+# -- pure part: parsing and diffing -------------------------------------------------------
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """The part of a peer that reconcile manages, as the device reports it."""
+
+    public_key: str
+    endpoint: str | None
+    allowed_ips: tuple[str, ...]  # canonical CIDRs, sorted
+    keepalive: int = 0  # seconds; 0 = off
+
+
+@dataclass(frozen=True)
+class PeerStats:
+    public_key: str
+    endpoint: str | None
+    latest_handshake: float | None  # unix seconds; None = never
+    rx_bytes: int
+    tx_bytes: int
+
+
+@dataclass(frozen=True)
+class DeviceDump:
+    """`wg show <if> dump` without its secrets (private and preshared keys are dropped)."""
+
+    public_key: str | None
+    listen_port: int
+    peers: dict[str, PeerConfig] = field(default_factory=dict)
+    stats: dict[str, PeerStats] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DesiredPeer:
+    """What the netmap wants for one peer; any of `endpoints` is acceptable."""
+
+    public_key: str
+    endpoints: tuple[str, ...]
+    allowed_ips: tuple[str, ...]
+    keepalive: int = 0
+
+
+@dataclass(frozen=True)
+class PeerOp:
+    """One peer's change; None fields are left as they are on the device."""
+
+    public_key: str
+    remove: bool = False
+    endpoint: str | None = None
+    allowed_ips: tuple[str, ...] | None = None
+    keepalive: int | None = None
+
+    def wg_args(self) -> list[str]:
+        """Arguments for this peer inside a `wg set <if> ...` command line."""
+        args = ["peer", self.public_key]
+        if self.remove:
+            return args + ["remove"]
+        if self.endpoint is not None:
+            args += ["endpoint", self.endpoint]
+        if self.allowed_ips is not None:
+            args += ["allowed-ips", ",".join(self.allowed_ips)]
+        if self.keepalive is not None:
+            args += ["persistent-keepalive", str(self.keepalive) if self.keepalive else "off"]
+        return args
+
+
+def canonical_prefixes(prefixes: Iterable[str]) -> tuple[str, ...]:
+    """Sorted, de-duplicated canonical CIDRs, so device and netmap compare equal."""
+    nets = {ipaddress.ip_network(p.strip(), strict=False) for p in prefixes if p.strip()}
+    return tuple(str(n) for n in sorted(nets, key=lambda n: (n.version, n.network_address,
+                                                              n.prefixlen)))
+
+
+def canonical_endpoint(endpoint: str) -> str:
+    """`ip:port` as wg prints it (IPv6 in brackets, compressed); host names kept as given."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep:
+        raise ValueError(f"endpoint {endpoint!r} has no port")
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return endpoint
+    return f"[{ip}]:{int(port)}" if ip.version == 6 else f"{ip}:{int(port)}"
+
+
+def check_key(key: str, what: str = "public key") -> str:
+    """A base64 32-byte WireGuard key; the error never repeats the value."""
+    try:
+        ok = len(base64.b64decode(key, validate=True)) == 32
+    except (binascii.Error, ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} is not a base64-encoded 32-byte key")
+    return key
+
+
+def _none(text: str) -> str | None:
+    return None if text in ("(none)", "") else text
+
+
+def parse_dump(text: str) -> DeviceDump:
+    """Parse `wg show <if> dump`. Raises ValueError naming a line number, never its content."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError("empty wg dump")
+    head = lines[0].split("\t")
+    if len(head) != 4:
+        raise ValueError("malformed wg dump line 1")
+    public_key, listen_port = _none(head[1]), int(head[2])
+    peers: dict[str, PeerConfig] = {}
+    stats: dict[str, PeerStats] = {}
+    for n, line in enumerate(lines[1:], start=2):
+        f = line.split("\t")
+        if len(f) != 8:
+            raise ValueError(f"malformed wg dump line {n}")
+        key, endpoint = f[0], _none(f[2])
+        allowed = () if _none(f[3]) is None else canonical_prefixes(f[3].split(","))
+        keepalive = 0 if f[7] == "off" else int(f[7])
+        peers[key] = PeerConfig(key, endpoint, allowed, keepalive)
+        hs = int(f[4])
+        stats[key] = PeerStats(key, endpoint, float(hs) if hs else None, int(f[5]), int(f[6]))
+    return DeviceDump(public_key, listen_port, peers, stats)
+
+
+def desired_peers(peers: Iterable[Peer], keepalive: int = 0,
+                  self_key: str | None = None) -> dict[str, DesiredPeer]:
+    """The netmap's peers keyed by WireGuard public key (our own key is never a peer)."""
+    out: dict[str, DesiredPeer] = {}
+    for p in peers:
+        check_key(p.node_key)
+        if p.node_key == self_key:
+            continue
+        out[p.node_key] = DesiredPeer(
+            public_key=p.node_key,
+            endpoints=tuple(canonical_endpoint(e) for e in p.endpoints),
+            allowed_ips=canonical_prefixes(p.allowed_ips),
+            keepalive=keepalive,
+        )
+    return out
+
+
+def _peer_op(cur: PeerConfig | None, want: DesiredPeer) -> PeerOp | None:
+    """The change turning `cur` into `want`, or None when nothing differs."""
+    endpoint = None
+    if want.endpoints and (cur is None or cur.endpoint not in want.endpoints):
+        # Keep an endpoint that is one of the acceptable ones (it may have roamed there).
+        endpoint = want.endpoints[0]
+    allowed = want.allowed_ips if cur is None or cur.allowed_ips != want.allowed_ips else None
+    keepalive = want.keepalive if cur is None or cur.keepalive != want.keepalive else None
+    if cur is not None and endpoint is None and allowed is None and keepalive is None:
+        return None
+    if cur is None and not want.keepalive:
+        keepalive = None  # off is the default for a new peer
+    return PeerOp(want.public_key, endpoint=endpoint, allowed_ips=allowed, keepalive=keepalive)
+
+
+def compute_peer_ops(current: dict[str, PeerConfig],
+                     desired: dict[str, DesiredPeer]) -> list[PeerOp]:
+    """Removals first (they may free allowed IPs that another peer now claims), then
+    additions and changes; unchanged peers produce nothing."""
+    ops = [PeerOp(k, remove=True) for k in sorted(set(current) - set(desired))]
+    for key in sorted(desired):
+        op = _peer_op(current.get(key), desired[key])
+        if op is not None:
+            ops.append(op)
+    return ops
+
+
+def desired_routes(desired: dict[str, DesiredPeer]) -> set[str]:
+    """Routes to install: every peer's allowed IPs except default routes, which would
+    swallow the underlay (exit nodes need policy routing, not a plain route)."""
+    return {p for d in desired.values() for p in d.allowed_ips
+            if ipaddress.ip_network(p).prefixlen != 0}
+
+
+def compute_route_ops(current: set[str], desired: set[str]) -> tuple[list[str], list[str]]:
+    """(routes to add, routes to remove), both canonical and sorted."""
+    return (list(canonical_prefixes(desired - current)),
+            list(canonical_prefixes(current - desired)))
+
+
+def kernel_wireguard_available() -> bool:
+    """Whether the kernel module is loaded, built in, or installed for this kernel."""
+    if os.path.isdir("/sys/module/wireguard"):
+        return True
+    release = os.uname().release
+    for name in ("modules.builtin", "modules.dep"):
+        try:
+            with open(f"/lib/modules/{release}/{name}") as f:
+                if "/wireguard.ko" in f.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+# -- side effects ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    peer_ops: tuple[PeerOp, ...]
+    routes_added: tuple[str, ...]
+    routes_removed: tuple[str, ...]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.peer_ops or self.routes_added or self.routes_removed)
+
+
+class WireGuardInterface:
+    """One WireGuard interface, in the current network namespace or in `netns`.
+
+    Use: `create()`, `configure(...)`, then `reconcile(peers, keepalive)` on every netmap;
+    `close()` (or the context manager) ends wireguard-go by pid and removes the interface.
+    """
+
+    def __init__(self, name: str, netns: str | None = None, *, kernel: bool | None = None,
+                 wireguard_go: str = "wireguard-go"):
+        if not IFNAME_RE.match(name):
+            raise ValueError(f"invalid interface name {name!r} (at most 15 characters)")
+        self.name = name
+        self.netns = netns
+        self.kernel = kernel_wireguard_available() if kernel is None else kernel
+        self.wireguard_go = wireguard_go
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+
+    # commands -----------------------------------------------------------------------------
+    def _in_ns(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
+
+    def _ip(self, *args: str) -> list[str]:
+        return ["ip", *(["-n", self.netns] if self.netns else []), *args]
+
+    def _run(self, argv: list[str], *, input: str | None = None, secret: bool = False,
+             check: bool = True) -> subprocess.CompletedProcess:
+        """Run a command; with `secret`, stdin holds a key and stderr is kept out of errors."""
+        proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=30)
+        if check and proc.returncode != 0:
+            detail = "(details withheld: key material)" if secret else proc.stderr.strip()[:2000]
+            cmd = " ".join(argv)[:300]  # argv never holds a key
+            raise WireGuardError(f"{cmd} failed (exit {proc.returncode}): {detail}")
+        return proc
+
+    def _wg(self, *args: str, input: str | None = None, secret: bool = False,
+            check: bool = True) -> subprocess.CompletedProcess:
+        return self._run(self._in_ns(["wg", *args]), input=input, secret=secret, check=check)
+
+    # lifecycle ----------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """wireguard-go's pid while it runs (None with the kernel module)."""
+        return self._proc.pid if self._proc and self._proc.poll() is None else None
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(WG_RUN_DIR, f"{self.name}.sock")
+
+    def _socket_alive(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(self.socket_path)
+                return True
+            except OSError:
+                return False
+
+    def link_exists(self) -> bool:
+        return self._run(self._ip("link", "show", "dev", self.name), check=False).returncode == 0
+
+    def create(self) -> None:
+        """Create the interface (down, no key yet)."""
+        if self.kernel:
+            self._run(self._ip("link", "add", "dev", self.name, "type", "wireguard"))
+            return
+        if self._socket_alive():
+            raise WireGuardError(f"a wireguard-go already serves {self.name}; names must be "
+                                 f"unique across network namespaces")
+        self._log = tempfile.TemporaryFile()
+        env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
+        self._proc = subprocess.Popen(self._in_ns([self.wireguard_go, self.name]), env=env,
+                                      stdin=subprocess.DEVNULL, stdout=self._log,
+                                      stderr=subprocess.STDOUT)
+        try:
+            self._wait_started()
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_started(self) -> None:
+        """Wait (bounded) until wireguard-go answers on its socket and the link exists."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (self._socket_alive() and self.link_exists()):
+            if self._proc.poll() is not None:
+                raise WireGuardError(f"wireguard-go {self.name} exited with "
+                                     f"{self._proc.returncode}: {self._log_tail()}")
+            if time.monotonic() > deadline:
+                raise WireGuardError(f"wireguard-go {self.name} not ready after "
+                                     f"{START_TIMEOUT}s: {self._log_tail()}")
+            time.sleep(0.02)
+
+    def _log_tail(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read()[-2000:].decode(errors="replace").strip()
+
+    def configure(self, private_key: str, listen_port: int, addresses: Sequence[str],
+                  mtu: int | None = None) -> None:
+        """Set key and port, assign overlay addresses and bring the link up."""
+        check_key(private_key, "private key")
+        self._wg("set", self.name, "private-key", "/dev/stdin", "listen-port", str(listen_port),
+                 input=private_key + "\n", secret=True)
+        self.set_addresses(addresses)
+        if mtu is not None:
+            self._run(self._ip("link", "set", "dev", self.name, "mtu", str(mtu)))
+        self._run(self._ip("link", "set", "dev", self.name, "up"))
+
+    def close(self) -> None:
+        """Stop wireguard-go by its pid and remove the interface; safe to call twice."""
+        if self._proc is not None:
+            _stop(self._proc)
+            self._proc = None
+        if self.kernel or self.link_exists():
+            self._run(self._ip("link", "del", "dev", self.name), check=False)
+        if not self.kernel and os.path.exists(self.socket_path) and not self._socket_alive():
+            try:
+                os.unlink(self.socket_path)  # stale: its daemon is gone
+            except FileNotFoundError:
+                pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "WireGuardInterface":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # state --------------------------------------------------------------------------------
+    def dump(self) -> DeviceDump:
+        proc = self._wg("show", self.name, "dump", check=False)
+        if proc.returncode != 0:
+            raise WireGuardError(f"wg show {self.name} dump failed: {proc.stderr.strip()[:500]}")
+        return parse_dump(proc.stdout)
+
+    def public_key(self) -> str | None:
+        return self.dump().public_key
+
+    def peer_stats(self) -> dict[str, PeerStats]:
+        """Per-peer latest handshake and transfer counters, keyed by public key."""
+        return self.dump().stats
+
+    def addresses(self) -> set[str]:
+        """Global-scope addresses on the interface, as CIDRs."""
+        out = json.loads(self._run(self._ip("-j", "addr", "show", "dev", self.name)).stdout)
+        return {f"{a['local']}/{a['prefixlen']}" for link in out
+                for a in link.get("addr_info", []) if a.get("scope") == "global"}
+
+    def set_addresses(self, addresses: Sequence[str]) -> None:
+        """Make the interface's addresses exactly `addresses` (CIDR each), touching only diffs."""
+        want = {str(ipaddress.ip_interface(a)) for a in addresses}
+        have = {str(ipaddress.ip_interface(a)) for a in self.addresses()}
+        for a in sorted(have - want):
+            self._run(self._ip("addr", "del", a, "dev", self.name))
+        for a in sorted(want - have):
+            self._run(self._ip("addr", "add", a, "dev", self.name))
+
+    def routes(self) -> set[str]:
+        """Routes this driver installed on the interface (marked with ROUTE_PROTO)."""
+        found: set[str] = set()
+        for fam in ("-4", "-6"):
+            out = self._run(self._ip("-j", fam, "route", "show", "table", "main", "dev",
+                                     self.name, "proto", ROUTE_PROTO)).stdout
+            found.update(canonical_prefixes(r["dst"] for r in json.loads(out or "[]")))
+        return found
+
+    def _apply_routes(self, add: list[str], remove: list[str]) -> None:
+        """All route changes in one `ip -batch` run."""
+        lines = [f"route replace {p} dev {self.name} proto {ROUTE_PROTO}" for p in add]
+        lines += [f"route del {p} dev {self.name} proto {ROUTE_PROTO}" for p in remove]
+        if lines:
+            self._run(self._ip("-batch", "-"), input="\n".join(lines) + "\n")
+
+    def reconcile(self, peers: Sequence[Peer], keepalive: int = 0) -> ReconcileResult:
+        """Make the device's peers and routes match `peers`, changing only the differences."""
+        dump = self.dump()
+        desired = desired_peers(peers, keepalive, self_key=dump.public_key)
+        ops = compute_peer_ops(dump.peers, desired)
+        if ops:
+            self._wg("set", self.name, *[a for op in ops for a in op.wg_args()])
+        add, remove = compute_route_ops(self.routes(), desired_routes(desired))
+        self._apply_routes(add, remove)
+        return ReconcileResult(tuple(ops), tuple(add), tuple(remove))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, bounded wait, then SIGKILL: the process is always gone and reaped."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT)
+
+
+def generate_private_key() -> str:
+    """A fresh base64 X25519 private key (WireGuard clamps it the same way libsodium does)."""
+    from nacl.public import PrivateKey
+    return base64.b64encode(bytes(PrivateKey.generate())).decode()
+
+
+def public_key_of(private_key: str) -> str:
+    from nacl.public import PrivateKey
+    raw = base64.b64decode(check_key(private_key, "private key"))
+    return base64.b64encode(bytes(PrivateKey(raw).public_key)).decode()
