@@ -35,12 +35,12 @@ def ok(body: dict, status: int = 200) -> web.Response:
 
 
 async def _get(ctx: Ctx, table: str, key: str, what: str) -> tuple[dict, int]:
-    version, stale = await ctx.read_version()
+    version, _ = await ctx.read_version()
     with ctx.replica.store.read() as txn:
         record = txn.get(table, key)
     if record is None:
         raise APIError(404, "not_found", f"{what} {key!r} does not exist")
-    return record, version
+    return public(record), version
 
 
 async def _list(ctx: Ctx, table: str, keep=lambda r: True) -> tuple[list, int, bool]:
@@ -72,7 +72,7 @@ async def list_users(ctx: Ctx):
 @route("GET", V + "/users/{name}", "read", "Get a user", query=STALE_QUERY)
 async def get_user(ctx: Ctx):
     user, version = await _get(ctx, "users", ctx.param("name"), "user")
-    return ok({"user": user, "version": version})
+    return ok({"user": user, "version": version, "stale": bool(ctx.query.get("stale"))})
 
 
 @route("DELETE", V + "/users/{name}", "write", "Delete a user (must own no nodes)")
@@ -156,7 +156,7 @@ async def list_nodes(ctx: Ctx):
 @route("GET", V + "/nodes/{id}", "read", "Get a node", query=STALE_QUERY)
 async def get_node(ctx: Ctx):
     node, version = await _get(ctx, "nodes", ctx.param("id"), "node")
-    return ok({"node": node, "version": version})
+    return ok({"node": node, "version": version, "stale": bool(ctx.query.get("stale"))})
 
 
 @route("PATCH", V + "/nodes/{id}", "write", "Rename a node or set its tags",
@@ -220,14 +220,14 @@ async def check_tags(ctx: Ctx, tags: list[str]) -> None:
     """Tags must be declared in tagOwners; a non-admin caller must own them (API keys own none)."""
     if not tags:
         return
+    if "admin" not in ctx.scopes:
+        raise APIError(403, "forbidden", "only admin keys may assign tags")
     record = await current_policy(ctx)
     policy = validate_policy(record["text"]) if record else None
     unknown = [t for t in tags if policy is None or not policy.tag_owners_allow(None, t, True)]
     if unknown:
         raise APIError(400, "validation_failed", f"tags {unknown} are not declared in the policy's tagOwners",
                        [{"field": "tags", "message": f"{t} is not in tagOwners"} for t in unknown])
-    if "admin" not in ctx.scopes:
-        raise APIError(403, "forbidden", "only admin keys may assign tags")
 
 
 @route("GET", V + "/policy", "read", "The current policy", query=STALE_QUERY)
@@ -286,7 +286,9 @@ async def get_audit(ctx: Ctx):
             entries.append(e)
             if len(entries) >= limit:
                 break
-    return ok({"entries": entries, "next_after_seq": last_seq, "version": version, "stale": stale})
+        head = txn.get("meta", "audit_head") or {"seq": 0, "hash": None}
+    return ok({"entries": entries, "next_after_seq": last_seq, "head": head, "version": version,
+               "stale": stale})
 
 
 # -- cluster -----------------------------------------------------------------------------------------
@@ -301,7 +303,7 @@ async def get_cluster(ctx: Ctx):
     status = ctx.replica.status
     with ctx.replica.store.read() as txn:
         known = {m["raft_addr"]: m for _, m in txn.items("members")}
-    auth_header = {"Authorization": ctx.request.headers["Authorization"]}
+    auth_header = {auth.PEER_HEADER: auth.peer_token(ctx.config.cluster_secret)}
 
     async def probe(session, raft_addr):
         member = known.get(raft_addr, {"id": None, "raft_addr": raft_addr, "api_url": None})
@@ -355,20 +357,18 @@ async def _membership(ctx: Ctx, action: str, raft_addr: str) -> None:
 @route("POST", V + "/cluster/members", "admin", "Add a replica (start it with --join)", status=201,
        body=MEMBER_BODY)
 async def add_member(ctx: Ctx):
-    status = ctx.replica.status
-    if ctx.body["raft_addr"] in status.get("members", []):
+    if ctx.body["raft_addr"] in ctx.replica.status.get("members", []):
         raise APIError(409, "conflict", f"{ctx.body['raft_addr']} is already a member")
+    await _membership(ctx, "add", ctx.body["raft_addr"])  # first: a refused change leaves no record
     r = await ctx.write("member.announce", ctx.body)
-    await _membership(ctx, "add", ctx.body["raft_addr"])
     return ok({"member": r["value"], "version": r["version"]}, 201)
 
 
-@route("DELETE", V + "/cluster/members/{id}", "admin", "Remove a replica")
+@route("DELETE", V + "/cluster/members/{id}", "admin", "Remove a replica (or the record of a former one)")
 async def remove_member(ctx: Ctx):
     member, _ = await _get(ctx, "members", ctx.param("id"), "member")
-    if member["raft_addr"] not in ctx.replica.status.get("members", []):
-        raise APIError(409, "conflict", f"{member['id']} is not a current Raft member")
-    await _membership(ctx, "remove", member["raft_addr"])
+    if member["raft_addr"] in ctx.replica.status.get("members", []):
+        await _membership(ctx, "remove", member["raft_addr"])
     r = await ctx.write("member.remove", {"id": member["id"]})
     return ok({"deleted": r["value"], "version": r["version"]})
 

@@ -46,3 +46,12 @@ def allows(scopes: list[str], needed: str) -> bool:
     if "admin" in scopes:
         return True
     return any(needed in SCOPE_GRANTS.get(s, ()) for s in scopes)
+
+
+PEER_HEADER = "X-Raftmesh-Peer"
+
+
+def peer_token(cluster_secret: str) -> str:
+    """What one replica shows another for read-only status calls, so fan-out never
+    forwards a client's API key to a member URL (which an admin could have mistyped)."""
+    return hmac.new(cluster_secret.encode(), b"raftmesh peer read v1", hashlib.sha256).hexdigest()

@@ -113,11 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dev(sub)
     from raftmesh.chaos import cli as chaos_cli
     chaos_cli.register(sub)
-    try:
-        from . import cli_admin
-        cli_admin.register(parser, sub)
-    except ImportError:
-        pass
+    from . import cli_admin
+    cli_admin.register(parser, sub)
     return parser
 
 

@@ -174,6 +174,9 @@ def _error_text(e: jsonschema.ValidationError) -> str:
 
 
 def _authenticate(request: web.Request, replica: RaftReplica) -> tuple[str, list[str]]:
+    peer = request.headers.get(auth.PEER_HEADER)
+    if peer is not None and auth.hmac.compare_digest(peer, auth.peer_token(replica.config.cluster_secret)):
+        return "replica:peer", ["read"]
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
         raise APIError(401, "unauthenticated", "missing 'Authorization: Bearer <api key>'")

@@ -218,6 +218,9 @@ def _apikey_create(ctx: Context) -> dict:
 @handler("apikey.delete")
 def _apikey_delete(ctx: Context) -> dict:
     before = ctx.require("api_keys", ctx.args["id"], "API key")
+    if "admin" in before["scopes"] and not any(
+            "admin" in k["scopes"] for kid, k in ctx.txn.items("api_keys") if kid != before["id"]):
+        raise Rejected("conflict", "refusing to delete the last admin key (create another first)")
     ctx.txn.delete("api_keys", ctx.args["id"])
     ctx.audit(f"api_key:{ctx.args['id']}", before, None)
     return public(before)

@@ -154,3 +154,14 @@ def test_policy_versions_are_all_kept_and_expected_version_is_checked():
     assert len(list(txn.items("policy_versions"))) == 2
     bad = sm.apply(txn, cmd("policy.set", text="{}", expected_version=1), 3)
     assert bad["code"] == "version_conflict"
+
+
+def test_the_last_admin_key_cannot_be_deleted():
+    txn = DictTxn()
+    run(txn, [cmd("apikey.bootstrap", id="a1", name="boot", hash="h", scopes=["admin"]),
+              cmd("apikey.create", id="r1", name="ro", hash="h", scopes=["read"])])
+    r = sm.apply(txn, cmd("apikey.delete", id="a1"), 3)
+    assert r["code"] == "conflict" and "last admin key" in r["message"]
+    run(txn, [cmd("apikey.create", id="a2", name="second", hash="h", scopes=["admin"])], 4)
+    assert sm.apply(txn, cmd("apikey.delete", id="a1"), 5)["ok"]
+    assert sm.apply(txn, cmd("apikey.delete", id="r1"), 6)["ok"]
