@@ -6,7 +6,6 @@ the key) or leaves the node pending until an admin approves it.
 """
 from __future__ import annotations
 
-import base64
 import secrets
 import time
 
@@ -129,7 +128,3 @@ async def logout(ctx: Ctx):
     ctx.actor = f"node:{node['id']}"
     r = await ctx.write("node.expire", {"id": node["id"]})
     return web.json_response({"node": public(r["value"]), "version": r["version"]})
-
-
-def decode_key(text: str) -> bytes:
-    return base64.b64decode(text)

@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 
 

@@ -54,9 +54,6 @@ class LmdbTxn:
             for k, v in cur.iternext(keys=True, values=True):
                 yield k.decode(), json.loads(v)
 
-    def count(self, table: str) -> int:
-        return self._txn.stat(self._dbs[table])["entries"]
-
 
 class StateStore:
     """Owns the LMDB environment; swaps it whole when a snapshot is installed."""

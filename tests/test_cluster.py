@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 from conftest import wait_until
 
@@ -199,7 +198,6 @@ def test_dev_command_writes_cluster_json(tmp_path):
         assert len(desc["replicas"]) == 3 and desc["admin_key"].startswith("rmk_")
         assert set(desc["replicas"][0]) >= {"id", "api_url", "raft_addr"}
         assert oct((data / "cluster.json").stat().st_mode & 0o777) == "0o600"
-        from raftmesh.cluster.launcher import LocalCluster
         import urllib.request
         req = urllib.request.Request(desc["replicas"][1]["api_url"] + USERS, data=b'{"name":"dev"}',
                                      method="POST", headers={"Authorization": "Bearer " + desc["admin_key"]})
