@@ -30,6 +30,9 @@ ERROR_CODES = {
 }
 
 
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+
+
 class APIError(Exception):
     def __init__(self, status: int, code: str, message: str, details: list | None = None):
         super().__init__(message)
@@ -53,8 +56,9 @@ async def error_middleware(request: web.Request, handler):
         return await handler(request)
     except APIError as e:
         return error_response(e.status, e.code, e.message, e.details)
-    except web.HTTPRequestEntityTooLarge as e:
-        return error_response(413, "payload_too_large", f"body exceeds {e.max_size} bytes")
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app.get(MAX_BODY_BYTES)
+        return error_response(413, "payload_too_large", f"body exceeds the limit of {limit} bytes")
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -15,7 +15,7 @@ from raftmesh.storage.audit_export import AuditExporter
 
 from . import admin, agent_api  # noqa: F401  (register their routes)
 from . import auth, health, routing
-from .errors import error_middleware
+from .errors import MAX_BODY_BYTES, error_middleware
 from .machine_auth import new_cluster_key
 
 log = logging.getLogger("raftmesh.server")
@@ -25,6 +25,7 @@ def build_app(replica: RaftReplica) -> web.Application:
     metrics = health.Metrics(replica)
     app = web.Application(middlewares=[metrics.middleware, error_middleware],
                           client_max_size=replica.config.max_body_bytes)
+    app[MAX_BODY_BYTES] = replica.config.max_body_bytes
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
     return app
