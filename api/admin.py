@@ -201,7 +201,12 @@ POLICY_BODY = {"type": "string", "x-raw-text": True,
 
 
 def validate_policy(text: str):
-    from raftmesh.cluster.policy import PolicyError, parse_policy
+    try:
+        from raftmesh.cluster.policy import PolicyError, parse_policy
+    except ImportError:  # the policy engine has not landed yet: refuse clearly, never a 500
+        raise APIError(503, "policy_engine_unavailable",
+                       "this build has no policy engine (cluster/policy.py); policies cannot be "
+                       "validated or stored yet")
     try:
         return parse_policy(text)
     except PolicyError as e:

@@ -26,6 +26,13 @@ ERROR_CODES = {
     "outcome_unknown": (503, "the write may or may not have been applied; retry with the "
                              "same Idempotency-Key to find out"),
     "not_ready": (503, "this replica cannot serve a linearizable read right now"),
+    "policy_engine_unavailable": (503, "this build cannot validate policies yet"),
+    "preauth_key_invalid": (401, "the pre-auth key is expired, used up or revoked"),
+    "invalid_route": (400, "a route to approve is not advertised by the node"),
+    "address_pool_exhausted": (507, "no free overlay address is left"),
+    "bad_command": (400, "a malformed command reached the state machine"),
+    "unknown_command": (400, "a command the state machine does not know"),
+    "already_bootstrapped": (409, "a bootstrap-only command after bootstrap"),
     "internal": (500, "a bug in raftmesh; it is logged"),
 }
 

@@ -9,6 +9,7 @@ import secrets
 import pytest
 
 import raftmesh.api.admin  # noqa: F401  (registers the routes)
+import raftmesh.api.agent_api  # noqa: F401
 from raftmesh.api.errors import ERROR_CODES
 from raftmesh.api.routing import ROUTES
 
@@ -155,3 +156,17 @@ def test_duplicate_and_idempotent_writes(c, state):
     assert first[0] == again[0] == 201 and first[1] == again[1]
     after = state()
     assert after["audit_head"]["seq"] == before["audit_head"]["seq"] + 1, "applied exactly once"
+
+
+def test_openapi_describes_exactly_the_served_routes(c):
+    status, doc = c.request(c.replicas[0], "GET", "/api/v1/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.")
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    assert documented == {(r.method, r.path) for r in ROUTES}
+    for method, path in documented:
+        status, body = c.request(c.replicas[0], method, concrete(path), body=None)
+        assert status not in (405, 500), (method, path, body)
+        if status == 404:
+            assert body["error"]["message"] != f"no route {concrete(path)}", (method, path)
+    for r in ADMIN_ROUTES:
+        assert doc["paths"][r.path][r.method.lower()]["x-required-scope"] == r.needs
