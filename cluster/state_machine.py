@@ -202,11 +202,16 @@ def _create_api_key(ctx: Context) -> dict:
     return public(record)
 
 
+def _refuse_unless_empty(ctx: Context, table: str, what: str) -> None:
+    """Bootstrap commands: every replica may propose one; the first applied wins."""
+    if next(iter(ctx.txn.items(table)), None) is not None:
+        raise Rejected("already_bootstrapped", f"{what} already exists")
+
+
 @handler("apikey.bootstrap")
 def _apikey_bootstrap(ctx: Context) -> dict:
-    """The first admin key; refused once any key exists, so replicas may all propose it."""
-    if next(iter(ctx.txn.items("api_keys")), None) is not None:
-        raise Rejected("already_bootstrapped", "API keys already exist")
+    """The first admin key."""
+    _refuse_unless_empty(ctx, "api_keys", "an API key")
     return _create_api_key(ctx)
 
 
@@ -463,9 +468,8 @@ def _add_cluster_key(ctx: Context) -> dict:
 
 @handler("clusterkey.bootstrap")
 def _clusterkey_bootstrap(ctx: Context) -> dict:
-    """The first netmap signing key; refused once one exists, so every replica may propose it."""
-    if next(iter(ctx.txn.items("cluster_keys")), None) is not None:
-        raise Rejected("already_bootstrapped", "a cluster key already exists")
+    """The first netmap signing key."""
+    _refuse_unless_empty(ctx, "cluster_keys", "a cluster key")
     return _add_cluster_key(ctx)
 
 

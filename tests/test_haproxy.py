@@ -1,101 +1,341 @@
-"""Real HAProxy (deploy/haproxy/haproxy.cfg) in front of 3 replicas while the leader dies."""
+"""Real HAProxy (deploy/haproxy/haproxy.cfg, rendered for the test's ports) in front of real
+replica processes: writes through the load balancer survive a SIGKILLed leader, the dead
+replica is marked DOWN, and a replica without a quorum is taken out of rotation."""
+from __future__ import annotations
+
+import http.client
 import os
+import re
+import shutil
+import socket
 import subprocess
+import tempfile
 import threading
 import time
-import urllib.request
+import uuid
+from dataclasses import dataclass
 
 import pytest
 
 from conftest import wait_until
+from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.cluster.launcher import free_ports
 
-CFG = os.path.join(os.path.dirname(__file__), "..", "deploy", "haproxy", "haproxy.cfg")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+TEMPLATE = os.path.join(ROOT, "deploy", "haproxy", "haproxy.cfg")
+EXAMPLE_TOML = os.path.join(ROOT, "deploy", "examples", "replica.toml")
+HAPROXY = "/usr/sbin/haproxy"
+BACKEND = "raftmesh_api"
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    """Substitute the template's ${RAFTMESH_...} placeholders; every one must be given."""
+    missing = sorted(set(re.findall(r"\$\{(\w+)\}", template)) - set(values))
+    if missing:
+        raise KeyError(f"no value for placeholders {missing}")
+    return re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], template)
+
+
+def _short_tmpdir(tmp_path) -> str:
+    """A directory for the stats socket: unix socket paths must stay under 108 bytes."""
+    return str(tmp_path) if len(str(tmp_path)) < 80 else tempfile.mkdtemp(prefix="rmlb-")
+
+
+def haproxy_show_stat(sock_path: str) -> dict[str, str]:
+    """{server name: status} of the API backend, read from the runtime API socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.connect(sock_path)
+        s.sendall(b"show stat\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    lines = b"".join(chunks).decode().splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
+    return {r["svname"]: r["status"] for r in rows
+            if r["pxname"] == BACKEND and r["svname"] not in ("FRONTEND", "BACKEND")}
+
+
+def _stat_or_empty(sock_path: str) -> dict[str, str]:
+    try:
+        return haproxy_show_stat(sock_path)
+    except OSError:
+        return {}
+
+
+@dataclass
+class LB:
+    cluster: object
+    url: str
+    sock: str
+    log: str
 
 
 @pytest.fixture
-def haproxy(make_cluster, tmp_path):
-    if not os.path.exists("/usr/sbin/haproxy"):
+def lb(make_cluster, tmp_path):
+    """A ready 3-replica cluster behind a real HAProxy started from the rendered template."""
+    if not os.path.exists(HAPROXY):
         pytest.skip("haproxy is not installed (deploy/install.sh installs it)")
     c = make_cluster(3)
+    assert [r.id for r in c.replicas] == ["r1", "r2", "r3"]  # server names in the template
     lb_port, stats_port = free_ports(2)
-    env = dict(os.environ, RAFTMESH_LB_BIND=f"127.0.0.1:{lb_port}",
-               RAFTMESH_LB_STATS=f"127.0.0.1:{stats_port}",
-               **{f"RAFTMESH_R{i + 1}": r.api_url.removeprefix("http://") for i, r in enumerate(c.replicas)})
-    log = open(tmp_path / "haproxy.log", "wb")
-    proc = subprocess.Popen(["/usr/sbin/haproxy", "-db", "-f", CFG], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{lb_port}"
+    sock_dir = _short_tmpdir(tmp_path)
+    sock = os.path.join(sock_dir, "haproxy.sock")
+    cfg = tmp_path / "haproxy.cfg"
+    with open(TEMPLATE) as f:
+        cfg.write_text(render(f.read(), {
+            "RAFTMESH_LB_BIND": f"127.0.0.1:{lb_port}", "RAFTMESH_LB_STATS": f"127.0.0.1:{stats_port}",
+            "RAFTMESH_LB_SOCKET": sock,
+            **{f"RAFTMESH_R{i + 1}": r.api_url.removeprefix("http://") for i, r in enumerate(c.replicas)}}))
+    log_path = str(tmp_path / "haproxy.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _ready_through(c, url), 20, what="HAProxy to route to ready replicas")
-        yield c, url, f"http://127.0.0.1:{stats_port}/stats;csv"
+        url = f"http://127.0.0.1:{lb_port}"
+
+        def up():
+            assert proc.poll() is None, f"haproxy exited with {proc.returncode}; see {log_path}"
+            if set(_stat_or_empty(sock).values()) != {"UP"}:
+                return False
+            try:
+                return c.request(url, "GET", "/readyz", timeout=1)[0] == 200
+            except (OSError, http.client.HTTPException):
+                return False
+        wait_until(up, 20, what="HAProxy to mark all replicas UP and answer through its frontend")
+        yield LB(c, url, sock, log_path)
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+        if proc.poll() is None:
+            os.kill(proc.pid, 15)  # SIGTERM by pid: haproxy -db stops at once
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, 9)
+                proc.wait(timeout=5)
+        if sock_dir != str(tmp_path):
+            shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-def _ready_through(c, url):
+# -- a client that retries writes safely ------------------------------------------------------
+RETRYABLE_CODES = {"no_leader", "outcome_unknown"}
+
+
+def attempt_write(c, url: str, name: str, key: str) -> tuple[str, dict | None]:
+    """One POST /users attempt: ("acked", body), ("retry:<why>", None) or ("unexpected:...", None).
+
+    Retrying with the same Idempotency-Key is safe on every retry reason: no_leader (not
+    applied), outcome_unknown, HAProxy's 502/504 (the replica died or hung with the request)
+    and HAProxy's 503 (no server ready), and a connection error between us and HAProxy."""
     try:
-        return c.request(url, "GET", "/readyz", timeout=1)[0] == 200
-    except OSError:
-        return False
+        status, body = c.request(url, "POST", "/api/v1/users", {"name": name}, timeout=8,
+                                 headers={"Idempotency-Key": key})
+    except (OSError, http.client.HTTPException) as e:
+        return f"retry:{type(e).__name__}", None
+    if status == 201 and isinstance(body, dict) and body.get("user", {}).get("name") == name:
+        return "acked", body
+    if isinstance(body, dict) and status == 503 and body.get("error", {}).get("code") in RETRYABLE_CODES:
+        return f"retry:{body['error']['code']}", None
+    if not isinstance(body, dict) and status in (502, 503, 504):
+        return f"retry:haproxy_{status}", None  # HAProxy's own error page
+    return f"unexpected:{status} {str(body)[:300]}", None
 
 
-def _server_status(stats_url: str) -> dict:
-    with urllib.request.urlopen(stats_url, timeout=2) as r:
-        lines = r.read().decode().splitlines()
-    header = lines[0].lstrip("# ").split(",")
-    rows = [dict(zip(header, l.split(","))) for l in lines[1:] if l]
-    return {row["svname"]: row["status"] for row in rows if row["pxname"] == "raftmesh_replicas"}
+def write_until_definite(c, url, name, key, deadline, attempts: list, abort: threading.Event):
+    """Retry one write (same key) until acknowledged, refused or the deadline; returns
+    (outcome, body, time the successful attempt was sent)."""
+    while True:
+        sent = time.monotonic()
+        outcome, body = attempt_write(c, url, name, key)
+        attempts.append((sent, time.monotonic(), outcome))
+        if not outcome.startswith("retry:"):
+            return outcome, body, sent
+        if time.monotonic() > deadline or abort.is_set():
+            return "abandoned", None, sent
+        abort.wait(0.02)  # pacing between retries, not synchronisation
 
 
-def test_writes_through_haproxy_survive_leader_kill(haproxy):
-    c, url, stats = haproxy
-    acked, attempts, stop = [], [0], threading.Event()
-    ack_times: list[float] = []
+@dataclass
+class Ack:
+    name: str
+    key: str
+    version: int
+    first_sent: float
+    sent: float
+    acked_at: float
 
-    def writer():
-        i = 0
-        while not stop.is_set() and i < 3000:
-            i += 1
-            name, deadline = f"lb{i}", time.monotonic() + 20
-            while time.monotonic() < deadline and not stop.is_set():
-                attempts[0] += 1
-                try:
-                    status, body = c.request(url, "POST", "/api/v1/users", {"name": name}, timeout=8,
-                                             headers={"Idempotency-Key": name})
-                except OSError:
-                    continue  # connection reset by the dying replica: outcome unknown, retry same key
-                if status == 201:
-                    acked.append(name)
-                    ack_times.append(time.monotonic())
+
+class Writer(threading.Thread):
+    """Creates users through HAProxy one after another, each retried until definite."""
+
+    def __init__(self, c, url: str, max_writes: int = 1500, write_deadline: float = 20.0):
+        super().__init__(name="lb-writer", daemon=True)
+        self.c, self.url, self.max_writes, self.write_deadline = c, url, max_writes, write_deadline
+        self.acks: list[Ack] = []
+        self.attempts: list[tuple[float, float, str]] = []
+        self.problems: list[str] = []
+        self.stop, self.abort = threading.Event(), threading.Event()
+
+    def run(self):
+        prefix = uuid.uuid4().hex[:6]
+        try:
+            # On stop no new write starts, but the one in progress runs to a definite answer.
+            for i in range(self.max_writes):
+                if self.stop.is_set():
                     break
-                assert status == 503 or status == 502, (status, body)  # no_leader / outcome_unknown
+                name, key = f"lb-{prefix}-{i}", f"test-haproxy-{prefix}-{i}"
+                first = time.monotonic()
+                outcome, body, sent = write_until_definite(self.c, self.url, name, key,
+                                                           first + self.write_deadline, self.attempts,
+                                                           self.abort)
+                if outcome != "acked":
+                    self.problems.append(f"{name}: {outcome}")
+                    return
+                self.acks.append(Ack(name, key, body["version"], first, sent, time.monotonic()))
+        except BaseException as e:  # surfaced by healthy() in the test thread
+            self.problems.append(f"writer crashed: {e!r}")
 
-    t = threading.Thread(target=writer)
-    t.start()
+    def healthy(self) -> bool:
+        assert not self.problems, self.problems
+        return True
+
+
+def test_writes_through_haproxy_survive_leader_kill(lb):
+    c, url = lb.cluster, lb.url
+    w = Writer(c, url)
+    w.start()
+    samples: list[tuple[float, dict]] = []  # HAProxy's view while the leader dies
     try:
-        wait_until(lambda: len(acked) >= 30, 30, what="writes before the kill")
+        wait_until(lambda: w.healthy() and len(w.acks) >= 20, 20, what="writes through HAProxy before the kill")
         leader = c.leader()
+        roles = {r.id: c.request(r, "GET", "/api/v1/cluster/self", timeout=2)[1]["replica"]["state"]
+                 for r in c.replicas}
+        assert roles[leader.id] == "leader" and list(roles.values()).count("leader") == 1, roles
         killed_at = time.monotonic()
-        c.kill(leader)
-        wait_until(lambda: sum(1 for x in ack_times if x > killed_at) >= 30, 40,
-                   what="writes through HAProxy after the leader was killed")
-        wait_until(lambda: _server_status(stats).get(leader.id) == "DOWN", 10,
-                   what="HAProxy to mark the killed replica DOWN")
+        c.kill(leader)  # SIGKILL, then reaped
+
+        def dead_leader_down():
+            w.healthy()
+            status = _stat_or_empty(lb.sock)
+            samples.append((time.monotonic(), status))
+            return status.get(leader.id, "").startswith("DOWN") and time.monotonic()
+        down_at = wait_until(dead_leader_down, 10, interval=0.02,
+                             what="HAProxy to mark the killed leader DOWN")
+
+        def enough_after_kill():
+            w.healthy()
+            samples.append((time.monotonic(), _stat_or_empty(lb.sock)))
+            return (sum(1 for a in w.acks if a.acked_at > killed_at) >= 20
+                    and time.monotonic() - killed_at >= 3)
+        wait_until(enough_after_kill, 25, interval=0.05, what="writes through HAProxy after the kill")
     finally:
-        stop.set()
-        t.join(30)
-    after = [x for x in ack_times if x > killed_at]
-    print(f"\nfirst acknowledged write {after[0] - killed_at:.2f}s after SIGKILL of the leader; "
-          f"{len(acked)} acked in {attempts[0]} attempts")
-    status, body = c.request(url, "GET", "/api/v1/users")
-    assert status == 200
-    names = {u["name"] for u in body["users"]}
-    missing = [n for n in acked if n not in names]
-    assert not missing, f"acknowledged writes lost: {missing[:10]}"
-    for r in c.replicas:
-        if r.alive():
-            status, body = c.request(r, "GET", "/api/v1/users")
-            assert set(acked) <= {u["name"] for u in body["users"]}
+        w.stop.set()
+        w.join(30)
+        if w.is_alive():
+            w.abort.set()
+            w.join(10)
+    assert not w.is_alive(), "the writer did not finish its last write"
+    w.healthy()
+
+    after = [a for a in w.acks if a.acked_at > killed_at]
+    before = [a for a in w.acks if a.acked_at <= killed_at]
+    assert len(before) >= 20 and len(after) >= 20
+    fresh = [a for a in after if a.sent > killed_at]
+    spanning = [a for a in w.acks if a.first_sent <= killed_at < a.acked_at]
+    outcomes: dict[str, int] = {}
+    for _, _, o in w.attempts:
+        outcomes[o] = outcomes.get(o, 0) + 1
+    survivors_down = sorted({sv for t, st in samples for sv, s in st.items()
+                             if sv != leader.id and not s.startswith("UP")})
+    print(f"\n[haproxy failover] leader {leader.id} SIGKILLed; "
+          f"first 201 after the kill +{after[0].acked_at - killed_at:.3f}s; "
+          f"first 201 for a request sent after the kill +{fresh[0].acked_at - killed_at:.3f}s; "
+          f"longest client-visible write (first attempt to 201) spanning the kill "
+          f"{max((a.acked_at - a.first_sent for a in spanning), default=0):.3f}s; "
+          f"killed replica marked DOWN by HAProxy +{down_at - killed_at:.3f}s; "
+          f"survivors seen not-UP during failover: {survivors_down or 'none'}")
+    print(f"[haproxy failover] {len(w.acks)} writes acknowledged ({len(before)} before, {len(after)} "
+          f"after the kill) in {len(w.attempts)} attempts: {dict(sorted(outcomes.items()))}")
+
+    # Every acknowledged write is visible to a linearizable read through HAProxy ...
+    names = {a.name for a in w.acks}
+    top = max(a.version for a in w.acks)
+
+    def read_users(base):
+        try:
+            status, body = c.request(base, "GET", "/api/v1/users", timeout=8)
+        except (OSError, http.client.HTTPException):
+            return None
+        return body if status == 200 else None
+    body = wait_until(lambda: read_users(url), 15, what="a linearizable read through HAProxy")
+    assert not body["stale"] and body["version"] >= top
+    missing = sorted(names - {u["name"] for u in body["users"]})
+    assert not missing, f"acknowledged writes missing through HAProxy: {missing[:10]}"
+    # ... and on each surviving replica, asked directly.
+    survivors = [r for r in c.replicas if r.alive()]
+    assert len(survivors) == 2
+    for r in survivors:
+        body = wait_until(lambda: read_users(r), 15, what=f"a linearizable read on {r.id}")
+        missing = sorted(names - {u["name"] for u in body["users"]})
+        assert not missing, f"acknowledged writes missing on {r.id}: {missing[:10]}"
+
+    # Retrying with the same Idempotency-Key returns the first result, also for writes the
+    # dead leader acknowledged, and applies nothing twice.
+    for a in before[-5:] + after[:5]:
+        outcome, replay, _ = write_until_definite(c, url, a.name, a.key, time.monotonic() + 15, [],
+                                                  threading.Event())
+        assert outcome == "acked" and replay["version"] == a.version, (a, outcome, replay)
+    body = read_users(url)
+    assert body is not None
+    created = [u["name"] for u in body["users"] if u["name"] in names]
+    assert len(created) == len(set(created)) == len(names)
+
+
+def test_replica_without_quorum_is_taken_out_of_rotation(lb):
+    """Without a network fault: killing two of three replicas leaves the third alive but without a
+    quorum; /readyz fails there, HAProxy marks it DOWN and answers 503 itself rather than routing
+    to it. Restarting one peer restores the quorum and the rotation."""
+    c, url = lb.cluster, lb.url
+    lone, *others = c.replicas
+    for r in others:
+        c.kill(r)
+    status, body = wait_until(lambda: (lambda s: s[0] == 503 and s)(c.request(lone, "GET", "/readyz", timeout=2)),
+                              10, what="/readyz to fail on the replica without a quorum")
+    assert body["ready"] is False and body["reason"] in ("no quorum", "no leader"), body
+    assert c.request(lone, "GET", "/healthz", timeout=2)[0] == 200  # alive, just not ready
+    wait_until(lambda: _stat_or_empty(lb.sock).get(lone.id, "").startswith("DOWN"), 10,
+               what="HAProxy to mark the replica without a quorum DOWN")
+    status, body = c.request(url, "GET", "/readyz", timeout=5)
+    assert status == 503 and not isinstance(body, dict), "HAProxy itself answers: no server is ready"
+
+    c.start(others[0])
+    wait_until(lambda: {k: v for k, v in _stat_or_empty(lb.sock).items() if k != others[1].id}
+               == {lone.id: "UP", others[0].id: "UP"}, 20,
+               what="HAProxy to bring both replicas of the restored quorum back UP")
+    outcome, body, _ = write_until_definite(c, url, "after-quorum", "after-quorum", time.monotonic() + 15,
+                                            [], threading.Event())
+    assert outcome == "acked", outcome
+
+
+def test_template_renders_to_a_valid_config(tmp_path):
+    if not os.path.exists(HAPROXY):
+        pytest.skip("haproxy is not installed (deploy/install.sh installs it)")
+    with open(TEMPLATE) as f:
+        template = f.read()
+    with pytest.raises(KeyError, match="RAFTMESH_R3"):
+        render(template, {"RAFTMESH_LB_BIND": ":1", "RAFTMESH_LB_STATS": ":2", "RAFTMESH_LB_SOCKET": "/s",
+                          "RAFTMESH_R1": "a:1", "RAFTMESH_R2": "b:1"})
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(render(template, {
+        "RAFTMESH_LB_BIND": "127.0.0.1:1", "RAFTMESH_LB_STATS": "127.0.0.1:2",
+        "RAFTMESH_LB_SOCKET": str(tmp_path / "s.sock"),
+        "RAFTMESH_R1": "10.0.0.1:8080", "RAFTMESH_R2": "10.0.0.2:8080", "RAFTMESH_R3": "10.0.0.3:8080"}))
+    p = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and "WARNING" not in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+def test_example_replica_toml_is_accepted(tmp_path):
+    """deploy/examples/replica.toml uses only known settings and validates (secret from the env)."""
+    config = ReplicaConfig.from_toml(EXAMPLE_TOML, cluster_secret="0123456789abcdef0123")
+    config.validate()
+    assert config.durability == "fsync" and config.peers and config.raft_addr not in config.peers
