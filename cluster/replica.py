@@ -304,7 +304,10 @@ class RaftReplica(SyncObj):
 
     def _load_snapshot(self, path: str):
         self.stats["snapshot_installs"] += 1
-        return snapshot.load_snapshot(self.store, path)
+        last, prev, members = snapshot.load_snapshot(self.store, path)
+        # Node objects, not address strings: pysyncobj compares members with its own
+        # TCPNode, and a string self would be counted as a second member.
+        return last, prev, [pso.TCPNode(m) for m in members]
 
     # -- status -----------------------------------------------------------------------------
     def _refresh_status(self) -> None:

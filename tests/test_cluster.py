@@ -213,3 +213,25 @@ def test_dev_command_writes_cluster_json(tmp_path):
         except ProcessLookupError:
             alive = False
         assert not alive, f"dev left replica {r['id']} running"
+
+
+def test_restart_from_snapshot_keeps_the_membership_and_tolerates_a_failure(make_cluster):
+    """Regression: members loaded from a snapshot as strings made each replica count itself
+    twice, so after a restart a 3-replica cluster lost quorum when one replica died."""
+    c = make_cluster(3)
+    assert create_user(c, c.replicas[0], "pre-snapshot")[0] == 201
+    for r in c.replicas:
+        assert c.request(r, "POST", "/api/v1/cluster/snapshot")[0] == 202
+    wait_until(lambda: all(os.path.exists(os.path.join(r.data_dir, "raft.snapshot")) for r in c.replicas),
+               10, what="snapshots on every replica")
+    for r in c.replicas:
+        c.kill(r)
+    c.start_all()
+    c.wait_ready()
+    for r in c.replicas:
+        members = c.request(r, "GET", "/api/v1/cluster/self")[1]["replica"]["members"]
+        assert len(members) == 3, members
+    c.kill(next(r for r in c.replicas if r is not c.leader()))
+    survivor = next(r for r in c.replicas if r.alive())
+    wait_until(lambda: create_user(c, survivor, "after-restart")[0] == 201, 20,
+               what="writes with one of three replicas down after a restart from snapshots")
