@@ -1,0 +1,516 @@
+"""The access policy: the HuJSON document users write, parsed into an immutable `Policy`.
+
+The format is Tailscale's/Headscale's (groups, tagOwners, hosts, acls, tests) so existing
+policies port over; raftmesh users are plain names ("alice", or "alice@" as written for
+Tailscale). Parsing is a pure function of the text, so every replica accepts or rejects a
+policy identically, and every error names the offending field ("acls[2].dst[0]") because
+an operator has to find it in a long document.
+
+Selectors keep the policy's meaning in one place: `Selector.matches_node` and
+`Selector.node_prefixes` are what netmaps are computed from, `Policy.allows` is what the
+policy's `tests` are checked with.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import json5
+
+from raftmesh.api.wire import PROTOCOLS, PortRange
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+USER_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # the admin API's user names
+TAG_RE = re.compile(r"^tag:[a-z0-9][a-z0-9-]{0,62}$")  # the admin API's tags
+GROUP_RE = re.compile(r"^group:[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+TOP_KEYS = ("groups", "tagOwners", "hosts", "acls", "tests")
+ACL_KEYS = ("action", "src", "dst", "proto")
+TEST_KEYS = ("src", "proto", "accept", "deny")
+NODE_KINDS = ("users", "member", "tagged", "tag")  # selectors that list a node's own addresses
+
+
+class PolicyError(ValueError):
+    """A rejected policy; `errors` is [{"path": "acls[2].dst[0]", "message": ...}, ...]."""
+
+    def __init__(self, errors: list[dict[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{e['path']}: {e['message']}" for e in errors[:10]))
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the policy may look at of a node. A tagged node belongs to no user."""
+
+    user: str | None
+    tags: frozenset[str]
+    addresses: tuple[Network, ...]  # its own /32 and /128
+    routes: tuple[Network, ...] = ()  # approved subnet routes
+
+    @property
+    def owner(self) -> str | None:
+        """The user whose device this is, None for tagged or ownerless nodes."""
+        return None if self.tags else self.user
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One src/dst entry: `*`, a user or group (`users`), a tag, an autogroup or a prefix."""
+
+    text: str
+    kind: str  # any | users | member | tagged | tag | self | prefix
+    users: frozenset[str] = frozenset()
+    tag: str | None = None
+    prefix: Network | None = None
+
+    def matches_node(self, node: NodeView) -> bool:
+        """Is `node` covered as a *source*? A prefix covers the node's addresses and its
+        subnet routes (traffic from a routed subnet enters the mesh through the router)."""
+        k = self.kind
+        if k == "any":
+            return True
+        if k == "users":
+            return node.owner in self.users
+        if k == "member":
+            return node.owner is not None
+        if k == "tagged":
+            return bool(node.tags)
+        if k == "tag":
+            return self.tag in node.tags
+        if k == "prefix":
+            return any(_within(a, self.prefix) for a in node.addresses) or any(
+                _overlap(r, self.prefix) for r in node.routes)
+        return False  # autogroup:self depends on the source; see netmap.py
+
+    def node_prefixes(self, node: NodeView) -> list[Network]:
+        """Which of `node`'s prefixes this selector targets as a *destination*. Only `*` and
+        prefixes reach subnet routes: `tag:router:*` means the router, not its subnets."""
+        if self.kind == "any":
+            return [*node.addresses, *node.routes]
+        if self.kind == "prefix":
+            return [a for a in node.addresses if _within(a, self.prefix)] + [
+                _overlap(r, self.prefix) for r in node.routes if _overlap(r, self.prefix)]
+        if self.kind in NODE_KINDS and self.matches_node(node):
+            return list(node.addresses)
+        return []
+
+
+@dataclass(frozen=True)
+class DstEntry:
+    selector: Selector
+    ports: tuple[PortRange, ...]
+
+
+@dataclass(frozen=True)
+class Acl:
+    """An accept rule. `protos` empty means tcp, udp and icmp."""
+
+    src: tuple[Selector, ...]
+    dst: tuple[DstEntry, ...]
+    protos: tuple[str, ...] = ()
+
+    @property
+    def src_any(self) -> bool:
+        return any(s.kind == "any" for s in self.src)
+
+    @property
+    def src_prefixes(self) -> tuple[str, ...]:
+        """The raw CIDRs written in src (hosts and IPs), as packet-filter sources."""
+        return tuple(sorted({str(s.prefix) for s in self.src if s.kind == "prefix"}))
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A test's endpoint: a user's device, a tagged device, or an address/prefix."""
+
+    kind: str  # user | tag | prefix
+    value: str
+    prefix: Network | None = None
+
+
+@dataclass(frozen=True)
+class PolicyTest:
+    src: Identity
+    proto: str
+    accept: tuple[tuple[Identity, int], ...]
+    deny: tuple[tuple[Identity, int], ...]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. `Policy()` is the empty policy, which denies everything."""
+
+    groups: dict[str, frozenset[str]] = field(default_factory=dict)
+    tag_owners: dict[str, frozenset[str]] = field(default_factory=dict)  # tag -> users
+    hosts: dict[str, Network] = field(default_factory=dict)
+    acls: tuple[Acl, ...] = ()
+    tests: tuple[PolicyTest, ...] = ()
+
+    def tag_owners_allow(self, actor_user: str | None, tag: str, is_admin: bool) -> bool:
+        """May this actor put `tag` on a node? Only tags declared in tagOwners exist; an
+        admin may assign any of them, a user only those listing them (or their group)."""
+        if tag not in self.tag_owners:
+            return False
+        if is_admin:
+            return True
+        return actor_user is not None and actor_user.rstrip("@") in self.tag_owners[tag]
+
+    def allows(self, src: Identity, dst: Identity, port: int, proto: str = "tcp") -> bool:
+        """Does some ACL accept `proto` traffic from `src` to `dst:port`? Users and tags
+        stand for their devices, whose addresses are unknown here, so they never match
+        prefix selectors (and addresses never match user or tag selectors)."""
+        for acl in self.acls:
+            if acl.protos and proto not in acl.protos:
+                continue
+            if not any(_identity_matches(s, src, None) for s in acl.src):
+                continue
+            for entry in acl.dst:
+                if (proto == "icmp" or any(r.first <= port <= r.last for r in entry.ports)) \
+                        and _identity_matches(entry.selector, dst, src):
+                    return True
+        return False
+
+    def check(self, src: str, dst: str, proto: str = "tcp") -> bool:
+        """`allows` for text as written in a test: check("alice", "tag:db:5432")."""
+        p = _Parser(self.groups, self.tag_owners, self.hosts)
+        s = p.identity(src, "src")
+        d = p.test_dst(dst, "dst")
+        if p.errors:
+            raise PolicyError(p.errors)
+        return self.allows(s, d[0], d[1], proto)
+
+
+def parse_policy(text: str) -> Policy:
+    """Parse and validate a HuJSON policy; raise PolicyError listing every problem found,
+    including failing `tests` (a policy whose own tests fail is never accepted)."""
+    try:
+        doc = json5.loads(text, allow_duplicate_keys=False)
+    except (ValueError, RecursionError) as e:
+        raise PolicyError([{"path": "$", "message": f"not valid HuJSON: {e}"}]) from None
+    if not isinstance(doc, dict):
+        raise PolicyError([{"path": "$", "message": "the policy must be an object"}])
+    p = _Parser()
+    for key in doc:
+        if key not in TOP_KEYS:
+            p.err(str(key), f"unknown key; expected one of {', '.join(TOP_KEYS)}")
+    p.groups = p.parse_groups(doc.get("groups", {}))
+    p.tag_owners = p.parse_tag_owners(doc.get("tagOwners", {}))
+    p.hosts = p.parse_hosts(doc.get("hosts", {}))
+    acls = p.parse_list(doc.get("acls", []), "acls", p.parse_acl)
+    tests = p.parse_list(doc.get("tests", []), "tests", p.parse_test)
+    if p.errors:
+        raise PolicyError(p.errors)
+    policy = Policy(p.groups, p.tag_owners, p.hosts, tuple(acls), tuple(tests))
+    failures = run_tests(policy)
+    if failures:
+        raise PolicyError(failures)
+    return policy
+
+
+def run_tests(policy: Policy) -> list[dict[str, str]]:
+    """The policy's `tests` that fail, as PolicyError entries naming each test."""
+    errors = []
+    for i, t in enumerate(policy.tests):
+        for want, cases in (("accept", t.accept), ("deny", t.deny)):
+            for j, (dst, port) in enumerate(cases):
+                if policy.allows(t.src, dst, port, t.proto) != (want == "accept"):
+                    verb = "denied" if want == "accept" else "accepted"
+                    errors.append({"path": f"tests[{i}].{want}[{j}]", "message":
+                                   f"{t.src.value} -> {dst.value}:{port} ({t.proto}) is {verb} "
+                                   f"by the policy but the test expects {want}"})
+    return errors
+
+
+# -- matching helpers ----------------------------------------------------------------------
+def _within(a: Network, b: Network) -> bool:
+    return a.version == b.version and a.subnet_of(b)
+
+
+def _overlap(a: Network, b: Network) -> Network | None:
+    """The intersection of two prefixes (the smaller one), or None."""
+    if a.version != b.version or not a.overlaps(b):
+        return None
+    return a if a.prefixlen >= b.prefixlen else b
+
+
+def _identity_matches(sel: Selector, ident: Identity, src: Identity | None) -> bool:
+    k = sel.kind
+    if k == "any":
+        return True
+    if k == "users":
+        return ident.kind == "user" and ident.value in sel.users
+    if k == "member":
+        return ident.kind == "user"
+    if k == "tagged":
+        return ident.kind == "tag"
+    if k == "tag":
+        return ident.kind == "tag" and ident.value == sel.tag
+    if k == "prefix":
+        return ident.kind == "prefix" and _within(ident.prefix, sel.prefix)
+    return k == "self" and src is not None and src.kind == ident.kind == "user" \
+        and src.value == ident.value
+
+
+# -- parsing -------------------------------------------------------------------------------
+class _Parser:
+    """Collects every error instead of stopping at the first: one round trip per fix."""
+
+    def __init__(self, groups=None, tag_owners=None, hosts=None):
+        self.errors: list[dict[str, str]] = []
+        self.groups: dict[str, frozenset[str]] = groups or {}
+        self.tag_owners: dict[str, frozenset[str]] = tag_owners or {}
+        self.hosts: dict[str, Network] = hosts or {}
+
+    def err(self, path: str, message: str) -> None:
+        self.errors.append({"path": path, "message": message})
+
+    def parse_list(self, value: Any, path: str, parse_item) -> list:
+        if not isinstance(value, list):
+            self.err(path, "must be a list")
+            return []
+        items = [parse_item(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        return [x for x in items if x is not None]
+
+    def strings(self, value: Any, path: str, allow_empty: bool = True) -> list[tuple[str, str]]:
+        """(path, string) pairs of a list of strings, reporting non-strings."""
+        if not isinstance(value, list):
+            self.err(path, "must be a list of strings")
+            return []
+        if not value and not allow_empty:
+            self.err(path, "must not be empty")
+        out = []
+        for i, s in enumerate(value):
+            if isinstance(s, str):
+                out.append((f"{path}[{i}]", s))
+            else:
+                self.err(f"{path}[{i}]", "must be a string")
+        return out
+
+    def user(self, text: str, path: str) -> str | None:
+        name = text[:-1] if text.endswith("@") else text
+        if not USER_RE.match(name):
+            self.err(path, f"{text!r} is not a valid user name")
+            return None
+        return name
+
+    def parse_groups(self, value: Any) -> dict[str, frozenset[str]]:
+        if not isinstance(value, dict):
+            self.err("groups", "must be an object")
+            return {}
+        groups = {}
+        for name, members in value.items():
+            path = f"groups.{name}"
+            if not GROUP_RE.match(name):
+                self.err(path, f"group names look like 'group:eng', not {name!r}")
+                continue
+            users = set()
+            for p, m in self.strings(members, path):
+                if m.startswith(("group:", "tag:", "autogroup:")):
+                    self.err(p, f"groups contain only users, not {m!r}")
+                elif (u := self.user(m, p)) is not None:
+                    users.add(u)
+            groups[name] = frozenset(users)
+        return groups
+
+    def parse_tag_owners(self, value: Any) -> dict[str, frozenset[str]]:
+        if not isinstance(value, dict):
+            self.err("tagOwners", "must be an object")
+            return {}
+        owners: dict[str, frozenset[str]] = {}
+        for tag, entries in value.items():
+            path = f"tagOwners.{tag}"
+            if not TAG_RE.match(tag):
+                self.err(path, f"tags look like 'tag:web' (lowercase, digits, '-'), not {tag!r}")
+                continue
+            users: set[str] = set()
+            for p, o in self.strings(entries, path):
+                if o.startswith("group:"):
+                    if o in self.groups:
+                        users |= self.groups[o]
+                    else:
+                        self.err(p, f"unknown group {o!r}")
+                elif o.startswith("tag:"):  # a tag may own tags; it grants no user anything
+                    if o not in value:
+                        self.err(p, f"unknown tag {o!r}; declare it in tagOwners")
+                elif o.startswith("autogroup:"):
+                    if o != "autogroup:admin":
+                        self.err(p, f"only autogroup:admin may own tags, not {o!r}")
+                elif (u := self.user(o, p)) is not None:
+                    users.add(u)
+            owners[tag] = frozenset(users)
+        return owners
+
+    def parse_hosts(self, value: Any) -> dict[str, Network]:
+        if not isinstance(value, dict):
+            self.err("hosts", "must be an object")
+            return {}
+        hosts = {}
+        for name, addr in value.items():
+            path = f"hosts.{name}"
+            if not HOST_RE.match(name) or _network(name) is not None:
+                self.err(path, f"{name!r} is not a valid host name")
+            elif not isinstance(addr, str):
+                self.err(path, "must be an IP address or CIDR string")
+            elif (net := self.network(addr, path)) is not None:
+                hosts[name] = net
+        return hosts
+
+    def network(self, text: str, path: str) -> Network | None:
+        try:
+            return ipaddress.ip_network(text)
+        except ValueError as e:
+            self.err(path, str(e) if "host bits" in str(e) else f"{text!r} is not an IP or CIDR")
+            return None
+
+    def selector(self, text: str, path: str, side: str) -> Selector | None:
+        if text == "*":
+            return Selector(text, "any")
+        if text.startswith("autogroup:"):
+            kind = {"autogroup:member": "member", "autogroup:tagged": "tagged",
+                    "autogroup:self": "self"}.get(text)
+            if kind == "self" and side == "src":
+                self.err(path, "autogroup:self is only valid in dst")
+            elif text == "autogroup:admin":
+                self.err(path, "autogroup:admin is only valid in tagOwners")
+            elif kind is None:
+                self.err(path, f"unknown autogroup {text!r}")
+            else:
+                return Selector(text, kind)
+            return None
+        if text.startswith("group:"):
+            if text not in self.groups:
+                self.err(path, f"unknown group {text!r}")
+                return None
+            return Selector(text, "users", users=self.groups[text])
+        if text.startswith("tag:"):
+            if text not in self.tag_owners:
+                self.err(path, f"unknown tag {text!r}; declare it in tagOwners")
+                return None
+            return Selector(text, "tag", tag=text)
+        if _network(text) is not None or "/" in text:
+            net = self.network(text, path)
+            return Selector(text, "prefix", prefix=net) if net else None
+        if text in self.hosts:  # a host alias wins over a user of the same name
+            return Selector(text, "prefix", prefix=self.hosts[text])
+        if USER_RE.match(text.removesuffix("@")):
+            return Selector(text, "users", users=frozenset({text.removesuffix("@")}))
+        self.err(path, f"unknown {side} {text!r}: expected a user, group, tag, host, IP/CIDR, "
+                       "autogroup or *")
+        return None
+
+    def ports(self, text: str, path: str) -> tuple[PortRange, ...] | None:
+        if text == "*":
+            return (PortRange(),)
+        out = set()
+        for part in text.split(","):
+            lo, dash, hi = part.partition("-")
+            if not (lo.isdigit() and (hi.isdigit() or not dash)):
+                self.err(path, f"bad ports {text!r}: use *, 22, 80,443 or 8000-8100")
+                return None
+            first, last = int(lo), int(hi or lo)
+            if not first <= last <= 65535:
+                self.err(path, f"bad port range {part!r}: ports are 0-65535, low to high")
+                return None
+            out.add(PortRange(first, last))
+        return tuple(sorted(out))
+
+    def parse_acl(self, acl: Any, path: str) -> Acl | None:
+        if not isinstance(acl, dict):
+            self.err(path, "must be an object")
+            return None
+        before = len(self.errors)
+        for key in acl:
+            if key not in ACL_KEYS:
+                self.err(f"{path}.{key}", f"unknown key; expected one of {', '.join(ACL_KEYS)}")
+        for key in ("action", "src", "dst"):
+            if key not in acl:
+                self.err(f"{path}.{key}", "is required")
+        if "action" in acl and acl["action"] != "accept":
+            self.err(f"{path}.action", f"must be 'accept' (deny is the default), not {acl['action']!r}")
+        protos: tuple[str, ...] = ()
+        if "proto" in acl:
+            if acl["proto"] in PROTOCOLS:
+                protos = (acl["proto"],)
+            else:
+                self.err(f"{path}.proto", f"must be one of {', '.join(PROTOCOLS)}")
+        # a missing src/dst is already reported; the placeholders avoid a second error
+        src = [self.selector(s, p, "src") for p, s in
+               self.strings(acl.get("src", ["*"]), f"{path}.src", allow_empty=False)]
+        dst = []
+        for p, d in self.strings(acl.get("dst", ["*:*"]), f"{path}.dst", allow_empty=False):
+            host, colon, ports = d.rpartition(":")
+            if not colon or not host:
+                self.err(p, f"{d!r} must be host:ports, e.g. tag:web:443 or *:*")
+                continue
+            sel = self.selector(host.removeprefix("[").removesuffix("]"), p, "dst")
+            pr = self.ports(ports, p)
+            if pr and protos == ("icmp",) and pr != (PortRange(),):
+                self.err(p, "icmp has no ports: use host:*")
+            dst.append(DstEntry(sel, pr) if sel and pr else None)
+        if any(d and d.selector.kind == "self" for d in dst):
+            for i, s in enumerate(src):
+                if s and s.kind not in ("any", "users", "member"):
+                    self.err(f"{path}.src[{i}]", "with autogroup:self in dst, src may only hold "
+                                                 "users, groups, autogroup:member or *")
+        if len(self.errors) > before:
+            return None
+        return Acl(tuple(src), tuple(dst), protos)
+
+    def identity(self, text: Any, path: str) -> Identity | None:
+        if not isinstance(text, str):
+            self.err(path, "must be a string")
+            return None
+        if text.startswith(("group:", "autogroup:")) or text == "*":
+            self.err(path, f"a test endpoint is a user, tag, host or IP, not {text!r}")
+        elif text.startswith("tag:"):
+            if text in self.tag_owners:
+                return Identity("tag", text)
+            self.err(path, f"unknown tag {text!r}; declare it in tagOwners")
+        elif _network(text) is not None or "/" in text:
+            if (net := self.network(text, path)) is not None:
+                return Identity("prefix", text, net)
+        elif text in self.hosts:
+            return Identity("prefix", text, self.hosts[text])
+        elif (u := self.user(text, path)) is not None:
+            return Identity("user", u)
+        return None
+
+    def test_dst(self, text: str, path: str) -> tuple[Identity, int] | None:
+        host, colon, port = text.rpartition(":")
+        if not colon or not host or not port.isdigit() or int(port) > 65535:
+            self.err(path, f"{text!r} must be host:port with one port, e.g. tag:db:5432")
+            return None
+        ident = self.identity(host.removeprefix("[").removesuffix("]"), path)
+        return (ident, int(port)) if ident else None
+
+    def parse_test(self, test: Any, path: str) -> PolicyTest | None:
+        if not isinstance(test, dict):
+            self.err(path, "must be an object")
+            return None
+        before = len(self.errors)
+        for key in test:
+            if key not in TEST_KEYS:
+                self.err(f"{path}.{key}", f"unknown key; expected one of {', '.join(TEST_KEYS)}")
+        if "src" not in test:
+            self.err(f"{path}.src", "is required")
+        src = self.identity(test.get("src"), f"{path}.src") if "src" in test else None
+        proto = test.get("proto", "tcp")
+        if proto not in PROTOCOLS:
+            self.err(f"{path}.proto", f"must be one of {', '.join(PROTOCOLS)}")
+        cases = {}
+        for key in ("accept", "deny"):
+            cases[key] = tuple(c for p, d in self.strings(test.get(key, []), f"{path}.{key}")
+                               if (c := self.test_dst(d, p)) is not None)
+        if len(self.errors) > before:
+            return None
+        return PolicyTest(src, proto, cases["accept"], cases["deny"])
+
+
+def _network(text: str) -> Network | None:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None

@@ -1,0 +1,302 @@
+"""Policy parsing, validation (every error names its field), tests evaluation, tagOwners."""
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import pytest
+
+from raftmesh.api.wire import PortRange
+from raftmesh.cluster.policy import Identity, Policy, PolicyError, parse_policy
+
+BASE = {
+    "groups": {"group:eng": ["alice", "bob@"], "group:ops": ["carol"]},
+    "tagOwners": {"tag:web": ["group:eng"], "tag:db": ["carol", "autogroup:admin"],
+                  "tag:ci": ["tag:web"]},
+    "hosts": {"db-net": "10.5.0.0/16", "printer": "192.168.1.9"},
+}
+
+
+def doc(**extra) -> str:
+    return json.dumps({**BASE, **extra})
+
+
+def errors(text: str) -> list[dict[str, str]]:
+    with pytest.raises(PolicyError) as e:
+        parse_policy(text)
+    assert e.value.errors, "a PolicyError always carries entries"
+    return e.value.errors
+
+
+def acl(src, dst, **kw):
+    return {"action": "accept", "src": src, "dst": dst, **kw}
+
+
+# -- HuJSON --------------------------------------------------------------------------------
+def test_hujson_comments_and_trailing_commas():
+    p = parse_policy("""
+    // a line comment
+    {
+      /* a block comment */
+      "groups": {"group:eng": ["alice",],},   // trailing commas everywhere
+      "acls": [
+        {"action": "accept", "src": ["group:eng"], "dst": ["*:22",],},
+      ],
+    }
+    """)
+    assert p.groups == {"group:eng": frozenset({"alice"})}
+    assert len(p.acls) == 1 and p.acls[0].dst[0].ports == (PortRange(22, 22),)
+
+
+@pytest.mark.parametrize("text", ["", "{", "{'acls': [}", '{"acls": [], "acls": []}'])
+def test_unparseable_or_duplicate_keys(text):
+    (e,) = errors(text)
+    assert e["path"] == "$" and "HuJSON" in e["message"]
+
+
+@pytest.mark.parametrize("text", ["[]", "3", '"x"', "null"])
+def test_top_level_must_be_object(text):
+    assert errors(text) == [{"path": "$", "message": "the policy must be an object"}]
+
+
+def test_empty_policy_denies_everything():
+    for p in (parse_policy("{}"), Policy()):
+        assert p.acls == ()
+        assert not p.allows(Identity("user", "alice"), Identity("user", "alice"), 22)
+
+
+def test_policy_error_message_lists_paths():
+    e = PolicyError([{"path": "acls[0].src", "message": "is required"}])
+    assert str(e) == "acls[0].src: is required"
+
+
+# -- validation: every error names rule and field ----------------------------------------------
+ERROR_CASES = [
+    # top level and sections
+    ({"ssh": []}, "ssh", "unknown key"),
+    ({"acls": {}}, "acls", "must be a list"),
+    ({"acls": ["x"]}, "acls[0]", "must be an object"),
+    ({"groups": []}, "groups", "must be an object"),
+    ({"tagOwners": "x"}, "tagOwners", "must be an object"),
+    ({"hosts": 1}, "hosts", "must be an object"),
+    ({"tests": {}}, "tests", "must be a list"),
+    # acls
+    ({"acls": [acl(["*"], ["*:*"]), {**acl(["*"], ["*:*"]), "users": ["*"]}]},
+     "acls[1].users", "unknown key"),
+    ({"acls": [{"src": ["*"], "dst": ["*:*"]}]}, "acls[0].action", "is required"),
+    ({"acls": [acl(["*"], ["*:*"], action="deny")]}, "acls[0].action", "must be 'accept'"),
+    ({"acls": [{"action": "accept", "dst": ["*:*"]}]}, "acls[0].src", "is required"),
+    ({"acls": [{"action": "accept", "src": ["*"]}]}, "acls[0].dst", "is required"),
+    ({"acls": [acl([], ["*:*"])]}, "acls[0].src", "must not be empty"),
+    ({"acls": [acl("*", ["*:*"])]}, "acls[0].src", "must be a list"),
+    ({"acls": [acl(["*", 3], ["*:*"])]}, "acls[0].src[1]", "must be a string"),
+    ({"acls": [acl(["group:nope"], ["*:*"])]}, "acls[0].src[0]", "unknown group"),
+    ({"acls": [acl(["*"], ["*:*", "tag:nope:22"])]}, "acls[0].dst[1]", "unknown tag"),
+    ({"acls": [acl(["*"], ["*:*"]), acl(["autogroup:self"], ["*:*"])]},
+     "acls[1].src[0]", "only valid in dst"),
+    ({"acls": [acl(["autogroup:admin"], ["*:*"])]}, "acls[0].src[0]", "only valid in tagOwners"),
+    ({"acls": [acl(["*"], ["autogroup:internet:*"])]}, "acls[0].dst[0]", "unknown autogroup"),
+    ({"acls": [acl(["Not A User"], ["*:*"])]}, "acls[0].src[0]", "unknown src"),
+    ({"acls": [acl(["10.0.0.1/8"], ["*:*"])]}, "acls[0].src[0]", "host bits"),
+    ({"acls": [acl(["10.0.0.0/33"], ["*:*"])]}, "acls[0].src[0]", "not an IP or CIDR"),
+    ({"acls": [acl(["*"], ["tag:web"])]}, "acls[0].dst[0]", "bad ports"),
+    ({"acls": [acl(["*"], ["22"])]}, "acls[0].dst[0]", "must be host:ports"),
+    ({"acls": [acl(["*"], [":22"])]}, "acls[0].dst[0]", "must be host:ports"),
+    ({"acls": [acl(["*"], ["tag:web:http"])]}, "acls[0].dst[0]", "bad ports"),
+    ({"acls": [acl(["*"], ["tag:web:"])]}, "acls[0].dst[0]", "bad ports"),
+    ({"acls": [acl(["*"], ["tag:web:80,"])]}, "acls[0].dst[0]", "bad ports"),
+    ({"acls": [acl(["*"], ["tag:web:-5"])]}, "acls[0].dst[0]", "bad ports"),
+    ({"acls": [acl(["*"], ["tag:web:70000"])]}, "acls[0].dst[0]", "0-65535"),
+    ({"acls": [acl(["*"], ["tag:web:90-80"])]}, "acls[0].dst[0]", "low to high"),
+    ({"acls": [acl(["*"], ["*:*"], proto="sctp")]}, "acls[0].proto", "must be one of"),
+    ({"acls": [acl(["*"], ["*:22"], proto="icmp")]}, "acls[0].dst[0]", "icmp has no ports"),
+    ({"acls": [acl(["tag:web"], ["autogroup:self:*"])]}, "acls[0].src[0]", "autogroup:self"),
+    ({"acls": [acl(["group:eng", "autogroup:tagged"], ["autogroup:self:*"])]},
+     "acls[0].src[1]", "autogroup:self"),
+    ({"acls": [acl(["printer"], ["autogroup:self:*"])]}, "acls[0].src[0]", "autogroup:self"),
+    # groups
+    ({"groups": {"eng": ["alice"]}}, "groups.eng", "group:eng"),
+    ({"groups": {"group:x": "alice"}}, "groups.group:x", "must be a list"),
+    ({"groups": {"group:x": ["alice", 1]}}, "groups.group:x[1]", "must be a string"),
+    ({"groups": {"group:x": ["alice", "group:eng"]}}, "groups.group:x[1]", "only users"),
+    ({"groups": {"group:x": ["Alice Smith"]}}, "groups.group:x[0]", "not a valid user"),
+    # tagOwners
+    ({"tagOwners": {"tag:Web": []}}, "tagOwners.tag:Web", "tags look like"),
+    ({"tagOwners": {"web": []}}, "tagOwners.web", "tags look like"),
+    ({"tagOwners": {"tag:a": ["group:nope"]}}, "tagOwners.tag:a[0]", "unknown group"),
+    ({"tagOwners": {"tag:a": ["alice", "tag:nope"]}}, "tagOwners.tag:a[1]", "unknown tag"),
+    ({"tagOwners": {"tag:a": ["autogroup:member"]}}, "tagOwners.tag:a[0]", "autogroup:admin"),
+    # hosts
+    ({"hosts": {"db": "not-an-ip"}}, "hosts.db", "not an IP or CIDR"),
+    ({"hosts": {"db": "10.0.0.1/8"}}, "hosts.db", "host bits"),
+    ({"hosts": {"db": 5}}, "hosts.db", "must be an IP"),
+    ({"hosts": {"10.0.0.1": "10.0.0.1"}}, "hosts.10.0.0.1", "not a valid host name"),
+    ({"hosts": {"bad name": "10.0.0.1"}}, "hosts.bad name", "not a valid host name"),
+    # tests
+    ({"tests": ["x"]}, "tests[0]", "must be an object"),
+    ({"tests": [{"src": "alice", "allow": []}]}, "tests[0].allow", "unknown key"),
+    ({"tests": [{"accept": []}]}, "tests[0].src", "is required"),
+    ({"tests": [{"src": "group:eng"}]}, "tests[0].src", "user, tag, host or IP"),
+    ({"tests": [{"src": "*"}]}, "tests[0].src", "user, tag, host or IP"),
+    ({"tests": [{"src": 3}]}, "tests[0].src", "must be a string"),
+    ({"tests": [{"src": "tag:nope"}]}, "tests[0].src", "unknown tag"),
+    ({"tests": [{"src": "alice", "proto": "gre"}]}, "tests[0].proto", "must be one of"),
+    ({"tests": [{"src": "alice", "accept": ["tag:web"]}]}, "tests[0].accept[0]", "host:port"),
+    ({"tests": [{"src": "alice", "accept": ["tag:web:80-90"]}]}, "tests[0].accept[0]", "one port"),
+    ({"tests": [{"src": "alice", "deny": ["ok:1", "tag:nope:22"]}]}, "tests[0].deny[1]", "unknown tag"),
+    ({"tests": [{"src": "alice", "deny": "x:1"}]}, "tests[0].deny", "must be a list"),
+]
+
+
+@pytest.mark.parametrize("extra,path,message", ERROR_CASES, ids=[c[1] for c in ERROR_CASES])
+def test_validation_error_names_rule_and_field(extra, path, message):
+    errs = errors(doc(**extra))
+    assert any(e["path"] == path and message in e["message"] for e in errs), errs
+
+
+def test_all_errors_are_reported_at_once():
+    errs = errors(doc(acls=[acl(["group:nope"], ["*:*"]), acl(["*"], ["tag:nope:1", "*:x"])],
+                      tests=[{"src": "tag:nope"}]))
+    assert [e["path"] for e in errs] == ["acls[0].src[0]", "acls[1].dst[0]", "acls[1].dst[1]",
+                                         "tests[0].src"]
+
+
+def test_tests_are_not_run_when_the_policy_is_malformed():
+    errs = errors(doc(acls=[acl(["group:nope"], ["*:*"])],
+                      tests=[{"src": "alice", "accept": ["bob:22"]}]))
+    assert [e["path"] for e in errs] == ["acls[0].src[0]"]
+
+
+# -- selectors, ports and proto -------------------------------------------------------------
+def test_ports_forms():
+    p = parse_policy(doc(acls=[acl(["*"], ["tag:web:*", "tag:web:22", "tag:web:443,80",
+                                           "tag:web:8000-8100,22", "tag:web:0"])]))
+    assert [d.ports for d in p.acls[0].dst] == [
+        (PortRange(0, 65535),), (PortRange(22, 22),), (PortRange(80, 80), PortRange(443, 443)),
+        (PortRange(22, 22), PortRange(8000, 8100)), (PortRange(0, 0),)]
+
+
+def test_selector_kinds():
+    p = parse_policy(doc(acls=[acl(
+        ["*", "alice", "bob@", "group:eng", "tag:web", "autogroup:member", "autogroup:tagged",
+         "printer", "10.0.0.0/8", "fd7a:115c:a1e0::1"],
+        ["autogroup:member:*", "db-net:5432", "[fd7a:115c:a1e0::2]:22", "fd7a:115c:a1e0::/48:80",
+         "100.64.0.1:22"])]))
+    src = [(s.kind, s.users or s.tag or s.prefix and str(s.prefix)) for s in p.acls[0].src]
+    assert src == [("any", None), ("users", frozenset({"alice"})),
+                   ("users", frozenset({"bob"})), ("users", frozenset({"alice", "bob"})),
+                   ("tag", "tag:web"), ("member", None), ("tagged", None),
+                   ("prefix", "192.168.1.9/32"), ("prefix", "10.0.0.0/8"),
+                   ("prefix", "fd7a:115c:a1e0::1/128")]
+    dst = [(d.selector.kind, str(d.selector.prefix)) for d in p.acls[0].dst]
+    assert dst == [("member", "None"), ("prefix", "10.5.0.0/16"), ("prefix", "fd7a:115c:a1e0::2/128"),
+                   ("prefix", "fd7a:115c:a1e0::/48"), ("prefix", "100.64.0.1/32")]
+
+
+def test_host_alias_wins_over_user_of_same_name_but_trailing_at_means_user():
+    p = parse_policy(json.dumps({"hosts": {"alice": "10.0.0.1"},
+                                 "acls": [acl(["alice", "alice@"], ["*:*"])]}))
+    assert [s.kind for s in p.acls[0].src] == ["prefix", "users"]
+
+
+def U(name: str) -> Identity:
+    return Identity("user", name)
+
+
+def T(tag: str) -> Identity:
+    return Identity("tag", tag)
+
+
+def IP(text: str) -> Identity:
+    return Identity("prefix", text, ipaddress.ip_network(text))
+
+
+def test_allows_semantics():
+    p = parse_policy(doc(acls=[
+        acl(["group:eng"], ["tag:web:80,443"]),
+        acl(["autogroup:member"], ["autogroup:self:*"]),
+        acl(["tag:web"], ["tag:db:5432"], proto="tcp"),
+        acl(["autogroup:tagged"], ["printer:9100"], proto="udp"),
+        acl(["10.5.0.0/16"], ["autogroup:member:22"]),
+        acl(["carol"], ["db-net:*"], proto="icmp"),
+    ]))
+    assert p.allows(U("alice"), T("tag:web"), 443) and p.allows(U("bob"), T("tag:web"), 80)
+    assert not p.allows(U("alice"), T("tag:web"), 22)
+    assert not p.allows(U("carol"), T("tag:web"), 80)
+    assert p.allows(U("carol"), U("carol"), 1) and not p.allows(U("carol"), U("alice"), 1)
+    assert not p.allows(T("tag:web"), T("tag:web"), 1)  # self is for users' devices only
+    assert p.allows(T("tag:web"), T("tag:db"), 5432)
+    assert not p.allows(T("tag:web"), T("tag:db"), 5432, "udp")
+    assert p.allows(T("tag:db"), IP("192.168.1.9"), 9100, "udp")
+    assert not p.allows(T("tag:db"), IP("192.168.1.9"), 9100, "tcp")
+    assert p.allows(IP("10.5.3.4"), U("alice"), 22) and not p.allows(IP("10.6.0.1"), U("alice"), 22)
+    assert p.allows(IP("10.5.3.0/24"), U("alice"), 22) and not p.allows(IP("10.0.0.0/8"), U("alice"), 22)
+    assert p.allows(U("carol"), IP("10.5.1.1"), 0, "icmp")
+    assert not p.allows(U("carol"), IP("10.5.1.1"), 0, "tcp")
+    assert p.check("alice", "tag:web:80") and not p.check("alice@", "tag:web:81")
+    with pytest.raises(PolicyError):
+        p.check("alice", "tag:nope:80")
+
+
+def test_star_reaches_any_destination():
+    p = parse_policy(doc(acls=[acl(["*"], ["*:22"])]))
+    for src in (U("a"), T("tag:web"), IP("10.0.0.1")):
+        for dst in (U("b"), T("tag:db"), IP("192.168.1.9")):
+            assert p.allows(src, dst, 22) and not p.allows(src, dst, 23)
+
+
+# -- the tests section -------------------------------------------------------------------------
+def test_passing_tests_accept_the_policy():
+    p = parse_policy(doc(
+        acls=[acl(["group:eng"], ["tag:web:443", "autogroup:self:22"])],
+        tests=[{"src": "alice", "accept": ["tag:web:443", "alice:22"],
+                "deny": ["tag:web:80", "bob:22", "tag:db:443"]},
+               {"src": "bob@", "proto": "udp", "accept": ["tag:web:443"]},
+               {"src": "carol", "deny": ["tag:web:443"]}]))
+    assert len(p.tests) == 3
+
+
+def test_failing_tests_reject_the_policy_naming_the_test():
+    errs = errors(doc(
+        acls=[acl(["group:eng"], ["tag:web:443"], proto="tcp")],
+        tests=[{"src": "alice", "accept": ["tag:web:443"]},
+               {"src": "alice", "accept": ["tag:web:443", "tag:web:80"], "deny": ["tag:web:443"]},
+               {"src": "bob", "proto": "udp", "accept": ["tag:web:443"]}]))
+    assert [e["path"] for e in errs] == ["tests[1].accept[1]", "tests[1].deny[0]",
+                                         "tests[2].accept[0]"]
+    assert "alice -> tag:web:80 (tcp) is denied" in errs[0]["message"]
+    assert "is accepted by the policy but the test expects deny" in errs[1]["message"]
+
+
+def test_tests_with_hosts_and_ips():
+    parse_policy(doc(acls=[acl(["printer"], ["db-net:5432"])],
+                     tests=[{"src": "printer", "accept": ["db-net:5432", "10.5.9.9:5432"],
+                             "deny": ["10.6.0.1:5432", "alice:5432"]},
+                            {"src": "192.168.1.9", "accept": ["[10.5.0.1]:5432"]}]))
+
+
+def test_empty_policy_with_tests_expecting_access_fails():
+    errs = errors(json.dumps({"tests": [{"src": "alice", "accept": ["alice:22"]}]}))
+    assert errs[0]["path"] == "tests[0].accept[0]"
+
+
+# -- tagOwners ---------------------------------------------------------------------------------
+def test_tag_owners_allow():
+    p = parse_policy(doc())
+    assert p.tag_owners_allow("alice", "tag:web", False)  # via group:eng
+    assert p.tag_owners_allow("bob@", "tag:web", False)
+    assert not p.tag_owners_allow("carol", "tag:web", False)
+    assert p.tag_owners_allow("carol", "tag:db", False)  # direct
+    assert not p.tag_owners_allow("alice", "tag:db", False)
+    assert not p.tag_owners_allow(None, "tag:db", False)
+    assert not p.tag_owners_allow("alice", "tag:ci", False)  # owned by a tag, not a user
+    for tag in ("tag:web", "tag:db", "tag:ci"):
+        assert p.tag_owners_allow(None, tag, True)  # admin scope: any declared tag
+    assert not p.tag_owners_allow(None, "tag:undeclared", True)
+    assert not p.tag_owners_allow("carol", "tag:undeclared", False)
+    assert not Policy().tag_owners_allow(None, "tag:web", True)
+
+
+def test_tag_with_empty_owner_list_exists_for_admins_only():
+    p = parse_policy('{"tagOwners": {"tag:x": []}}')
+    assert p.tag_owners_allow(None, "tag:x", True) and not p.tag_owners_allow("alice", "tag:x", False)
