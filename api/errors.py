@@ -63,6 +63,8 @@ async def error_middleware(request: web.Request, handler):
         return await handler(request)
     except APIError as e:
         return error_response(e.status, e.code, e.message, e.details)
+    except web.RequestPayloadError as e:  # e.g. a body that does not decode as its Content-Encoding
+        return error_response(400, "bad_request", f"cannot read the request body: {e}")
     except web.HTTPRequestEntityTooLarge:
         limit = request.app.get(MAX_BODY_BYTES)
         return error_response(413, "payload_too_large", f"body exceeds the limit of {limit} bytes")
@@ -72,7 +74,10 @@ async def error_middleware(request: web.Request, handler):
         code = _HTTP_CODES.get(e.status, "bad_request")
         message = {404: f"no route {request.path}",
                    405: f"{request.method} is not allowed on {request.path}"}.get(e.status, e.reason)
-        return error_response(e.status, code, message)
+        response = error_response(e.status, code, message)
+        if "Allow" in e.headers:  # a 405 must say what is allowed (RFC 9110 15.5.6)
+            response.headers["Allow"] = e.headers["Allow"]
+        return response
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error; see the replica's log")

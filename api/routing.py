@@ -6,7 +6,10 @@ registers and validates with, it describes exactly what the server does.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -23,6 +26,9 @@ from .errors import ERROR_CODES, APIError
 
 Handler = Callable[["Ctx"], Awaitable[web.StreamResponse]]
 IDEMPOTENCY_KEY_MAX = 128
+MAX_VALIDATION_ERRORS = 50  # reported per request; also bounds the work spent on one body
+MAX_JSON_INT = 2**53 - 1  # I-JSON (RFC 7493): beyond this numbers lose precision elsewhere
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
 @dataclass
@@ -65,11 +71,11 @@ class Ctx:
 
     async def write(self, op: str, args: dict) -> dict:
         """Propose through Raft and wait; never reports success that did not happen."""
-        key = self.request.headers.get("Idempotency-Key")
-        if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX):
-            raise APIError(400, "bad_request", f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} characters")
+        key = idempotency_key(self.request)
+        # The key is scoped to the caller and to this exact request, so reusing it for a
+        # different request can never replay an unrelated result as this one's success.
         cmd = Command(op, args, time=time.time(), actor=self.actor,
-                      request_id=f"{self.actor}:{key}" if key else None)
+                      request_id=f"{self.actor}:{key}:{self.fingerprint()}" if key else None)
         fut = self.replica.propose(cmd)
         try:
             outcome = await asyncio.wait_for(asyncio.wrap_future(fut), self.config.write_timeout)
@@ -87,6 +93,11 @@ class Ctx:
             raise APIError(result["status"], result["code"], result["message"])
         return result
 
+    def fingerprint(self) -> str:
+        """Short digest of what was asked: method, path, query and the validated body."""
+        what = [self.request.method, self.request.path, sorted(self.request.query.items()), self.body]
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
     async def read_version(self) -> tuple[int, bool]:
         """Wait for a read barrier unless ?stale=true; returns (version, stale)."""
         if self.query.get("stale"):
@@ -102,6 +113,17 @@ class Ctx:
         return outcome.result["version"], False
 
 
+def idempotency_key(request: web.Request) -> str | None:
+    """The Idempotency-Key header, checked: 1-128 printable ASCII characters (it becomes
+    part of a storage key, whose size is bounded in bytes)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.isascii()
+                                and key.isprintable()):
+        raise APIError(400, "bad_request", f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} "
+                       "printable ASCII characters")
+    return key
+
+
 STALE_QUERY = {"stale": {"type": "boolean", "description": "read local state without a barrier"}}
 
 
@@ -109,6 +131,9 @@ def _coerce_query(request: web.Request, spec: dict[str, dict]) -> dict[str, Any]
     unknown = sorted(set(request.query) - set(spec))
     if unknown:
         raise APIError(400, "bad_request", f"unknown query parameters {unknown}")
+    repeated = sorted(n for n in set(request.query) if len(request.query.getall(n)) > 1)
+    if repeated:
+        raise APIError(400, "bad_request", f"query parameters {repeated} given more than once")
     out: dict[str, Any] = {}
     for name, schema in spec.items():
         if name not in request.query:
@@ -144,23 +169,58 @@ def _describe(schema: dict) -> str:
 
 async def _parse_body(request: web.Request, schema: dict) -> Any:
     raw = await request.read()  # client_max_size enforces the limit (413)
+    if not raw:
+        raise APIError(400, "bad_request", "a body is required" if schema.get("x-raw-text")
+                       else "a JSON body is required")
     if schema.get("x-raw-text"):
         try:
             return raw.decode()
         except UnicodeDecodeError:
             raise APIError(400, "bad_request", "body must be UTF-8 text")
-    if not raw:
-        raise APIError(400, "bad_request", "a JSON body is required")
     try:
-        body = json.loads(raw)
+        body = _strict_json(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, "bad_request", f"body is not valid JSON: {e}")
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(body), key=lambda e: list(e.path))
+    except RecursionError:
+        raise APIError(400, "bad_request", "body is nested too deeply")
+    try:
+        errors = list(itertools.islice(jsonschema.Draft202012Validator(schema).iter_errors(body),
+                                       MAX_VALIDATION_ERRORS))
+    except RecursionError:
+        raise APIError(400, "bad_request", "body is nested too deeply")
+    errors.sort(key=lambda e: list(e.path))
     if errors:
         details = [{"field": ".".join(map(str, e.path)) or "(body)", "message": _error_text(e)}
                    for e in errors]
         raise APIError(400, "validation_failed",
                        "; ".join(f"{d['field']}: {d['message']}" for d in details), details)
+    return body
+
+
+def _strict_json(raw: bytes) -> Any:
+    """json.loads refusing what is not interoperable JSON: NaN/Infinity, numbers that do not
+    fit a double, integers beyond 2**53 and unpaired surrogates (not encodable as UTF-8)."""
+    def constant(name):
+        raise ValueError(f"{name} is not a JSON value")
+
+    def integer(text):
+        value = int(text)
+        if abs(value) > MAX_JSON_INT:
+            raise ValueError(f"integer {text[:20]}{'...' if len(text) > 20 else ''} is out of range "
+                             f"(at most {MAX_JSON_INT} in magnitude)")
+        return value
+
+    def number(text):
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"number {text[:20]} is out of range")
+        return value
+
+    body = json.loads(raw, parse_constant=constant, parse_int=integer, parse_float=number)
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ValueError("a string contains an unpaired UTF-16 surrogate") from None
     return body
 
 
@@ -180,7 +240,8 @@ def _authenticate(request: web.Request, replica: RaftReplica) -> tuple[str, list
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
         raise APIError(401, "unauthenticated", "missing 'Authorization: Bearer <api key>'")
-    parts = auth.split_token(header[7:].strip(), "rmk")
+    token = header[7:].strip()
+    parts = auth.split_token(token, "rmk") if token.isascii() else None
     if parts is None:
         raise APIError(401, "unauthenticated", "malformed API key")
     key_id, secret = parts
@@ -203,6 +264,8 @@ def make_handler(r: Route, replica: RaftReplica):
                                f"{'admin' if r.needs == 'admin' else r.needs!r}; key has {scopes}")
         ctx = Ctx(request, replica, actor, scopes)
         ctx.query = _coerce_query(request, r.query)
+        if request.method in WRITE_METHODS:
+            idempotency_key(request)  # before any work: a bad key must change nothing
         if r.body is not None:
             ctx.body = await _parse_body(request, r.body)
         elif request.method in ("POST", "PUT", "PATCH") and await request.read():
@@ -244,7 +307,8 @@ def openapi() -> dict:
         if r.method in ("POST", "PUT", "PATCH", "DELETE"):
             op["parameters"] = op.get("parameters", []) + [
                 {"name": "Idempotency-Key", "in": "header", "required": False,
-                 "schema": {"type": "string", "maxLength": IDEMPOTENCY_KEY_MAX}}]
+                 "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX,
+                            "pattern": "^[\\x20-\\x7e]+$"}}]
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",
