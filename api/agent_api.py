@@ -62,6 +62,7 @@ def cluster_public_keys(ctx: Ctx) -> list[dict]:
                             ("node_key", "hostname")))
 async def register(ctx: Ctx):
     machine = await machine_of(ctx)
+    await ctx.read_version()  # see keys and nodes created on other replicas just before
     existing = node_for_machine(ctx, machine)
     if existing is not None:
         return web.json_response({"node": public(existing), "approved": existing["approved"],
