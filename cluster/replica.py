@@ -76,6 +76,8 @@ class RaftReplica(SyncObj):
         self._resolutions: list[tuple[Future, object, int]] = []
         self._barrier_waiters: list[Future] = []
         self._apply_listeners: list[Callable[[list], None]] = []
+        self._reset_listeners: list[Callable[[], None]] = []
+        self._state_replaced = False
         self._applied_batch: list[tuple[int, Command, dict]] = []
         self._sent_log_index = 0
         self._sent_commit_index = 0
@@ -233,7 +235,19 @@ class RaftReplica(SyncObj):
         """`fn(batch)` runs on the Raft thread after each committed LMDB batch."""
         self._apply_listeners.append(fn)
 
+    def add_reset_listener(self, fn: Callable[[], None]) -> None:
+        """`fn()` runs on the Raft thread after a snapshot replaced the whole state: commands
+        were skipped, so anything derived from applied batches must be rebuilt."""
+        self._reset_listeners.append(fn)
+
     def _publish(self) -> None:
+        if self._state_replaced:
+            self._state_replaced, self._applied_batch = False, []
+            for fn in self._reset_listeners:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("reset listener failed")
         resolutions, self._resolutions = self._resolutions, []
         for fut, result, err in resolutions:
             if fut.done():
@@ -305,6 +319,7 @@ class RaftReplica(SyncObj):
     def _load_snapshot(self, path: str):
         self.stats["snapshot_installs"] += 1
         last, prev, members = snapshot.load_snapshot(self.store, path)
+        self._state_replaced = True
         # Node objects, not address strings: pysyncobj compares members with its own
         # TCPNode, and a string self would be counted as a second member.
         return last, prev, [pso.TCPNode(m) for m in members]
