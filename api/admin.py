@@ -17,6 +17,7 @@ from raftmesh.cluster.state_machine import public
 from . import auth
 from .errors import APIError
 from .machine_auth import new_cluster_key
+from .map_stream import HUB
 from .routing import STALE_QUERY, Ctx, openapi, route
 
 V = "/api/v1"
@@ -150,13 +151,64 @@ async def list_nodes(ctx: Ctx):
     user, tag = ctx.query.get("user"), ctx.query.get("tag")
     nodes, version, stale = await _list(
         ctx, "nodes", lambda n: user in (None, n["user"]) and (tag is None or tag in n["tags"]))
+    await _add_stream_info(ctx, nodes)
     return ok({"nodes": nodes, "version": version, "stale": stale})
 
 
 @route("GET", V + "/nodes/{id}", "read", "Get a node", query=STALE_QUERY)
 async def get_node(ctx: Ctx):
     node, version = await _get(ctx, "nodes", ctx.param("id"), "node")
+    await _add_stream_info(ctx, [node])
     return ok({"node": node, "version": version, "stale": bool(ctx.query.get("stale"))})
+
+
+async def _add_stream_info(ctx: Ctx, nodes: list[dict]) -> None:
+    """Per node, its stream as the replica serving it sees it (replica, acked version).
+
+    Acks are kept by the replica that serves the stream, not replicated (they are as
+    frequent as netmap changes), so this asks each replica that serves any of the nodes.
+    """
+    hub = ctx.request.app[HUB]
+    wanted = {n["stream_replica"] for n in nodes if n.get("online") and n.get("stream_replica")}
+    by_node: dict[str, dict] = {}
+    unreachable: set[str] = set()
+    with ctx.replica.store.read() as txn:
+        members = {m["id"]: m for _, m in txn.items("members")}
+    auth_header = {auth.PEER_HEADER: auth.peer_token(ctx.config.cluster_secret)}
+
+    async def fetch(session, rid):
+        if rid == ctx.config.id:
+            return hub.stream_info()
+        url = members.get(rid, {}).get("api_url")
+        if not url:
+            unreachable.add(rid)
+            return []
+        try:
+            async with session.get(url + V + "/streams", headers=auth_header) as resp:
+                return (await resp.json())["streams"]
+        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError):
+            unreachable.add(rid)
+            return []
+
+    if wanted:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
+            for streams in await asyncio.gather(*(fetch(session, r) for r in sorted(wanted))):
+                for s in streams:
+                    by_node[s["node_id"]] = s
+    for n in nodes:
+        n.pop("stream_session", None)
+        s = by_node.get(n["id"])
+        n["stream"] = None if s is None else {k: s[k] for k in (
+            "replica", "connected_at", "sent_version", "acked_version", "acked_at")}
+        if s is None and n.get("stream_replica") in unreachable and n.get("online"):
+            n["stream"] = {"replica": n["stream_replica"], "error": "replica unreachable"}
+
+
+@route("GET", V + "/streams", "read", "Agent map streams open on this replica",
+       query={"node": {"type": "string", "maxLength": 64}})
+async def list_streams(ctx: Ctx):
+    return ok({"replica": ctx.config.id,
+               "streams": ctx.request.app[HUB].stream_info(ctx.query.get("node"))})
 
 
 @route("PATCH", V + "/nodes/{id}", "write", "Rename a node or set its tags",

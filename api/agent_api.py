@@ -16,6 +16,7 @@ from raftmesh.cluster.state_machine import preauth_key_problem, public
 from . import auth
 from .errors import APIError
 from .machine_auth import NonceCache, SignatureError, verify_headers
+from .map_stream import HUB
 from .routing import Ctx, route
 
 M = "/machine"
@@ -24,6 +25,7 @@ ENDPOINT = {"type": "string", "pattern": r"^[0-9a-fA-F:.\[\]]+:\d{1,5}$", "maxLe
 HOSTNAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"}
 CIDR = {"type": "string", "minLength": 3, "maxLength": 64}
 _nonces = NonceCache()
+MAP_BARRIER_TIMEOUT = 1.0
 
 
 def obj(properties: dict, required: tuple = ()) -> dict:
@@ -64,20 +66,35 @@ async def register(ctx: Ctx):
     machine = await machine_of(ctx)
     await ctx.read_version()  # see keys and nodes created on other replicas just before
     existing = node_for_machine(ctx, machine)
-    if existing is not None:
-        return web.json_response({"node": public(existing), "approved": existing["approved"],
-                                  "cluster_keys": cluster_public_keys(ctx)})
     b = ctx.body
+    lifetime = ctx.config.node_key_lifetime
+    key_expiry = time.time() + lifetime if lifetime else None
+    if existing is not None:
+        if not (_expired(existing) and "auth_key" in b):
+            return web.json_response({"node": public(existing), "approved": existing["approved"],
+                                      "expired": _expired(existing),
+                                      "cluster_keys": cluster_public_keys(ctx)})
+        ctx.actor = f"node:{existing['id']}"
+        r = await ctx.write("node.reauthenticate", {
+            "id": existing["id"], "preauth_key_id": _check_preauth_key(ctx, b["auth_key"]),
+            "node_key": b["node_key"], "key_expiry": key_expiry})
+        return web.json_response({"node": public(r["value"]), "approved": True, "expired": False,
+                                  "cluster_keys": cluster_public_keys(ctx), "version": r["version"]})
     ctx.actor = f"machine:{machine}"
     args = {"id": "n" + secrets.token_hex(6), "name": b["hostname"].lower(), "machine_key": machine,
             "node_key": b["node_key"], "endpoints": b.get("endpoints", []),
-            "advertised_routes": b.get("advertised_routes", [])}
+            "advertised_routes": b.get("advertised_routes", []), "key_expiry": key_expiry}
     if "auth_key" in b:
         args["preauth_key_id"] = _check_preauth_key(ctx, b["auth_key"])
     r = await ctx.write("node.register", args)
     node = r["value"]
-    return web.json_response({"node": public(node), "approved": node["approved"],
+    return web.json_response({"node": public(node), "approved": node["approved"], "expired": False,
                               "cluster_keys": cluster_public_keys(ctx), "version": r["version"]})
+
+
+def _expired(node: dict) -> bool:
+    return bool(node.get("expired")) or (node.get("key_expiry") is not None
+                                         and node["key_expiry"] <= time.time())
 
 
 def _check_preauth_key(ctx: Ctx, token: str) -> str:
@@ -129,3 +146,37 @@ async def logout(ctx: Ctx):
     ctx.actor = f"node:{node['id']}"
     r = await ctx.write("node.expire", {"id": node["id"]})
     return web.json_response({"node": public(r["value"]), "version": r["version"]})
+
+
+@route("GET", M + "/map", None, "Stream this machine's netmap as signed frames (docs/api.md)",
+       query={"since": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1,
+                        "description": "the netmap version the agent holds"}})
+async def map_stream(ctx: Ctx):
+    machine = await machine_of(ctx)
+    hub = ctx.request.app[HUB]
+    # Catch up with the leader first (bounded), so a node deleted or registered a moment
+    # ago on another replica is seen as such; without a quorum, serve what is applied here.
+    await hub.catch_up(ctx.replica, MAP_BARRIER_TIMEOUT)
+    node = node_for_machine(ctx, machine)
+    if node is None:
+        raise APIError(404, "not_found", "this machine is not registered (or was deleted)")
+    if not node["approved"]:
+        raise APIError(403, "pending_approval", f"node {node['id']} waits for an admin to approve it")
+    since = ctx.query.get("since")
+    if since is not None and not await hub.wait_version(since, ctx.config.write_timeout):
+        raise APIError(503, "not_ready", f"this replica's netmaps are at version {hub.feed.version}, "
+                       f"behind the agent's {since}; use another replica")
+    first = hub.feed.resume(node["id"], since)
+    if first is None:
+        raise APIError(401, "node_expired", f"node {node['id']}'s key has expired or it logged out; "
+                       "register again with an auth key")
+    return await hub.serve(ctx.request, node["id"], first, ctx.config.stream_keepalive)
+
+
+@route("POST", M + "/ack", None, "Acknowledge the netmap version this machine has applied",
+       body=obj({"version": {"type": "integer", "minimum": 0}}, ("version",)))
+async def ack(ctx: Ctx):
+    node = await _own_node(ctx)
+    streaming = ctx.request.app[HUB].ack(node["id"], ctx.body["version"])
+    return web.json_response({"node_id": node["id"], "version": ctx.body["version"],
+                              "streaming_here": streaming})

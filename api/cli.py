@@ -27,6 +27,9 @@ def _add_server(sub) -> None:
     p.add_argument("--audit-export-file")
     p.add_argument("--audit-export-url")
     p.add_argument("--snapshot-min-entries", type=int)
+    p.add_argument("--stream-keepalive", type=float, help="map-stream keepalive seconds (<= 15)")
+    p.add_argument("--node-key-lifetime", type=float,
+                   help="key expiry of newly registered nodes, seconds (0: never)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_server)
 
@@ -41,7 +44,8 @@ def cmd_server(args) -> int:
              "api_host": args.api_host, "api_port": args.api_port, "api_url": args.api_url,
              "data_dir": args.data_dir, "durability": args.durability, "join": args.join,
              "audit_export_file": args.audit_export_file, "audit_export_url": args.audit_export_url,
-             "snapshot_min_entries": args.snapshot_min_entries}
+             "snapshot_min_entries": args.snapshot_min_entries,
+             "stream_keepalive": args.stream_keepalive, "node_key_lifetime": args.node_key_lifetime}
     env = {"cluster_secret": os.environ.get("RAFTMESH_CLUSTER_SECRET"),
            "bootstrap_admin_key": os.environ.get("RAFTMESH_BOOTSTRAP_ADMIN_KEY")}
     try:
@@ -112,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dev(sub)
     from raftmesh.chaos import cli as chaos_cli
     chaos_cli.register(sub)
+    from raftmesh.agent import cli as agent_cli
+    agent_cli.register(sub)
     from . import cli_admin
     cli_admin.register(parser, sub)
     return parser

@@ -28,6 +28,9 @@ ERROR_CODES = {
     "not_ready": (503, "this replica cannot serve a linearizable read right now"),
     "policy_engine_unavailable": (503, "this build cannot validate policies yet"),
     "preauth_key_invalid": (401, "the pre-auth key is expired, used up or revoked"),
+    "pending_approval": (403, "the node waits for an admin to approve it"),
+    "node_expired": (401, "the node's key expired or it logged out; register again with an "
+                          "auth key"),
     "invalid_route": (400, "a route to approve is not advertised by the node"),
     "address_pool_exhausted": (507, "no free overlay address is left"),
     "bad_command": (400, "a malformed command reached the state machine"),

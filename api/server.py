@@ -17,6 +17,7 @@ from . import admin, agent_api  # noqa: F401  (register their routes)
 from . import auth, health, routing
 from .errors import MAX_BODY_BYTES, error_middleware
 from .machine_auth import new_cluster_key
+from .map_stream import HUB, StreamHub, sweep_presence
 
 log = logging.getLogger("raftmesh.server")
 
@@ -26,6 +27,7 @@ def build_app(replica: RaftReplica) -> web.Application:
     app = web.Application(middlewares=[metrics.middleware, error_middleware],
                           client_max_size=replica.config.max_body_bytes)
     app[MAX_BODY_BYTES] = replica.config.max_body_bytes
+    app[HUB] = StreamHub(replica, metrics.registry)
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
     return app
@@ -79,13 +81,15 @@ async def bootstrap_cluster_key(replica: RaftReplica) -> None:
 async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> None:
     replica = RaftReplica(config)
     app = build_app(replica)
-    runner = web.AppRunner(app, access_log=None)
+    app[HUB].start()
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, config.api_host, config.api_port, reuse_address=True)
     await site.start()
     log.info("replica %s: raft %s, api %s", config.id, config.raft_addr, config.api_url)
     tasks = [asyncio.create_task(announce(replica)), asyncio.create_task(bootstrap_admin_key(replica)),
-             asyncio.create_task(bootstrap_cluster_key(replica))]
+             asyncio.create_task(bootstrap_cluster_key(replica)),
+             asyncio.create_task(sweep_presence(replica))]
     if config.audit_export_file or config.audit_export_url:
         exporter = AuditExporter(replica.store, config.data_dir, config.audit_export_file,
                                  config.audit_export_url)
@@ -103,6 +107,7 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
     finally:
         for t in tasks:
             t.cancel()
+        await app[HUB].stop()
         await runner.cleanup()
         replica.stop()
 

@@ -213,6 +213,25 @@ def apply_delta(netmap: Netmap, delta: NetmapDelta) -> Netmap:
     )
 
 
+def compose_deltas(first: NetmapDelta, then: NetmapDelta) -> NetmapDelta:
+    """One delta with the net effect of `first` followed by `then`.
+
+    Deltas carry whole records and final values, so the result applied to any netmap
+    between the two (one that already has part of `first`) still gives the final netmap:
+    that is what lets a replica resume an agent from a version it never streamed itself.
+    """
+    changed = {p.id: p for p in first.peers_changed if p.id not in then.peers_removed}
+    changed.update((p.id, p) for p in then.peers_changed)
+    removed = (set(first.peers_removed) - changed.keys()) | set(then.peers_removed)
+    return NetmapDelta(
+        version=then.version,
+        peers_changed=tuple(changed[k] for k in sorted(changed)),
+        peers_removed=tuple(sorted(removed)),
+        packet_filter=first.packet_filter if then.packet_filter is None else then.packet_filter,
+        self_node=then.self_node or first.self_node,
+    )
+
+
 # -- map stream frames --------------------------------------------------------------------
 # A map stream is one long HTTP response of frames: 4-byte little-endian length, then
 # canonical JSON {"kind", "node_id", "version", "body", "key_id", "sig"}. `sig` is the

@@ -39,6 +39,8 @@ class ReplicaConfig:
     ready_max_lag: int = 100  # /readyz fails when applied index trails commit by more
     audit_export_file: str = ""  # append audit entries as JSON lines here
     audit_export_url: str = ""  # or POST them to this HTTP endpoint
+    stream_keepalive: float = 10.0  # map-stream keepalive period (agents give up after 2x)
+    node_key_lifetime: float = 0.0  # default key expiry of new nodes, seconds (0: never)
     join: bool = False  # start as a new member being added to a running cluster
 
     def __post_init__(self) -> None:
@@ -59,6 +61,10 @@ class ReplicaConfig:
             raise ConfigError(f"durability must be 'fsync' or 'none', not {self.durability!r}")
         if self.raft_addr in self.peers:
             raise ConfigError("peers must not include this replica's own raft_addr")
+        if not 0 < self.stream_keepalive <= 15:
+            raise ConfigError("stream_keepalive must be in (0, 15] seconds")
+        if self.node_key_lifetime < 0:
+            raise ConfigError("node_key_lifetime must be >= 0 (0 means keys never expire)")
         if not self.election_min > 3 * self.heartbeat or not self.election_max > self.election_min:
             raise ConfigError("need election_min > 3 x heartbeat and election_max > election_min")
 

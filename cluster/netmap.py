@@ -205,6 +205,13 @@ class NetmapIndex:
         peers = {p: self._peer[p] for p in sorted(self._peers[node_id])}
         return Netmap(version, self._peer[node_id], peers, self._filter[node_id])
 
+    def is_visible(self, node_id: str) -> bool:
+        return node_id in self._roles
+
+    def knows(self, node_id: str) -> bool:
+        """The node exists (visible or not)."""
+        return node_id in self._nodes
+
     def visible_ids(self) -> list[str]:
         return sorted(self._roles)
 

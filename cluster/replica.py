@@ -232,7 +232,9 @@ class RaftReplica(SyncObj):
         return result
 
     def add_apply_listener(self, fn: Callable[[list], None]) -> None:
-        """`fn(batch)` runs on the Raft thread after each committed LMDB batch."""
+        """`fn(batch)` runs on the Raft thread after each committed LMDB batch, before the
+        batch's futures resolve: a listener that hands work to an event loop has it queued
+        ahead of any caller woken by those futures (or by a later barrier)."""
         self._apply_listeners.append(fn)
 
     def add_reset_listener(self, fn: Callable[[], None]) -> None:
@@ -248,6 +250,13 @@ class RaftReplica(SyncObj):
                     fn()
                 except Exception:
                     log.exception("reset listener failed")
+        if self._applied_batch:
+            batch, self._applied_batch = self._applied_batch, []
+            for fn in self._apply_listeners:
+                try:
+                    fn(batch)
+                except Exception:
+                    log.exception("apply listener failed")
         resolutions, self._resolutions = self._resolutions, []
         for fut, result, err in resolutions:
             if fut.done():
@@ -258,13 +267,6 @@ class RaftReplica(SyncObj):
                 fut.set_result(Outcome(Outcome.NOT_APPLIED, reason=_reason(err)))
             else:
                 fut.set_result(Outcome(Outcome.UNKNOWN, reason=_reason(err)))
-        if self._applied_batch:
-            batch, self._applied_batch = self._applied_batch, []
-            for fn in self._apply_listeners:
-                try:
-                    fn(batch)
-                except Exception:
-                    log.exception("apply listener failed")
 
     # -- proposing -------------------------------------------------------------------------
     def propose(self, cmd: Command) -> Future:

@@ -135,8 +135,25 @@ def apply(txn: Txn, cmd: Command, version: int) -> dict:
         _append_audit(staged, cmd, version, target, before, after)
     if cmd.request_id:
         _remember(staged, cmd, result)
+    if cmd.op != "barrier":
+        _advance_clock(staged, cmd.time)
     staged.flush()
     return result
+
+
+def _advance_clock(txn: Txn, t: float) -> None:
+    """The replicated clock: the latest proposer time among applied changes (by max).
+
+    Netmaps depend on time (key expiry); deriving them from this clock instead of each
+    replica's wall clock makes every replica compute the same netmap at the same version,
+    which is what lets an agent resume a stream on another replica from its version.
+    """
+    if t > (txn.get("meta", "clock") or 0.0):
+        txn.put("meta", "clock", t)
+
+
+def clock(txn: Txn) -> float:
+    return txn.get("meta", "clock") or 0.0
 
 
 # -- audit and idempotency -------------------------------------------------------------
@@ -164,6 +181,13 @@ def _remember(txn: StagedTxn, cmd: Command, result: dict) -> None:
 
 
 # -- cluster ----------------------------------------------------------------------------
+@handler("clock.tick")
+def _clock_tick(ctx: Context) -> dict:
+    """Moves the replicated clock (apply() does that for every command) when a key expiry
+    is due and nothing else is being written. Not audited: it changes no record."""
+    return {"clock": ctx.cmd.time}
+
+
 @handler("barrier")
 def _barrier(ctx: Context) -> dict:
     """No state change: its application proves everything before it is applied here."""
@@ -368,6 +392,7 @@ def _node_register(ctx: Context) -> dict:
               "endpoints": sorted(a.get("endpoints", [])), "created_at": now,
               "last_seen": None, "key_expiry": a.get("key_expiry"), "expired": False,
               "approved": approved, "ephemeral": ephemeral,
+              "online": False, "stream_replica": None, "stream_session": None,
               "advertised_routes": sorted(a.get("advertised_routes", [])),
               "approved_routes": []}
     ctx.txn.put("nodes", a["id"], record)
@@ -439,6 +464,55 @@ def _node_rotate_key(ctx: Context) -> dict:
         raise Rejected("conflict", "old node key does not match the registered one")
     return _update_node(ctx, {"node_key": ctx.args["node_key"],
                               "key_expiry": ctx.args.get("key_expiry", node["key_expiry"])})
+
+
+@handler("node.reauthenticate")
+def _node_reauthenticate(ctx: Context) -> dict:
+    """An expired or logged-out machine proves itself again with a pre-auth key."""
+    node = ctx.require("nodes", ctx.args["id"], "node")
+    key = ctx.require("preauth_keys", ctx.args["preauth_key_id"], "pre-auth key")
+    problem = preauth_key_problem(key, ctx.cmd.time)
+    if problem:
+        raise Rejected("preauth_key_invalid", f"pre-auth key is {problem}", 401)
+    if key["user"] != node.get("registered_by"):
+        raise Rejected("forbidden", "the pre-auth key belongs to another user than the node", 403)
+    updated = dict(key, used=key["used"] + 1)
+    ctx.txn.put("preauth_keys", key["id"], updated)
+    ctx.audit(f"preauth_key:{key['id']}", key, updated)
+    return _update_node(ctx, {"expired": False, "key_expiry": ctx.args.get("key_expiry"),
+                              "node_key": ctx.args.get("node_key", node["node_key"]),
+                              "approved": True})
+
+
+@handler("node.presence")
+def _node_presence(ctx: Context) -> dict:
+    """A map stream opened (online) or closed (offline) on a replica. Offline applies only
+    to the session that went away, so a late close cannot hide a newer stream elsewhere.
+    Not audited: presence is frequent and changes no configuration."""
+    node = ctx.require("nodes", ctx.args["id"], "node")
+    a = ctx.args
+    if a["online"]:
+        changes = {"online": True, "stream_replica": a["replica"], "stream_session": a["session"],
+                   "last_seen": ctx.cmd.time}
+    elif node.get("stream_session") == a["session"]:
+        changes = {"online": False, "stream_session": None, "last_seen": ctx.cmd.time}
+    else:
+        return node
+    after = dict(node, **changes)
+    ctx.txn.put("nodes", node["id"], after)
+    return after
+
+
+@handler("node.presence_sweep")
+def _node_presence_sweep(ctx: Context) -> dict:
+    """A replica (re)started: the streams it served before are gone."""
+    swept = []
+    for nid, node in list(ctx.txn.items("nodes")):
+        if node.get("online") and node.get("stream_replica") == ctx.args["replica"]:
+            after = dict(node, online=False, stream_session=None)
+            ctx.txn.put("nodes", nid, after)
+            swept.append(after)
+    return {"nodes": swept}
 
 
 @handler("node.delete")

@@ -283,7 +283,37 @@ class Lab:
         run(["ip", "-n", name, "addr", "add", underlay, "dev", "eth0"])
         run(["ip", "-n", name, "link", "set", "eth0", "up"])
         run(["ip", "-n", name, "link", "set", "lo", "up"])
+        if getattr(self, "gateway", None):
+            run(["ip", "-n", name, "route", "add", "default", "via", self.gateway])
         return ns
+
+    def connect_host(self, gateway: str = "192.0.2.254/24") -> str:
+        """Let the lab's namespaces reach processes on the host (replicas, for agents).
+
+        A veth pair joins the host and the hub namespace on a /30 of 203.0.113.0/24 picked
+        per lab; the hub routes for the bridge (`gateway`) and masquerades towards the host,
+        so the host needs no route to the lab's underlay (parallel labs can all use
+        192.0.2.0/24). Returns the host-side address to bind servers to. Namespaces added
+        afterwards get a default route via the gateway.
+        """
+        slot = (os.getpid() * 7 + next(_counter)) % 63
+        host_ip, hub_ip = f"203.0.113.{4 * slot + 1}", f"203.0.113.{4 * slot + 2}"
+        host_if = f"{self.tag}h"[-15:]
+        run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", "up0", "netns", self.hub])
+        self.on_close(lambda: run(["ip", "link", "del", host_if], check=False))
+        run(["ip", "addr", "add", f"{host_ip}/30", "dev", host_if])
+        run(["ip", "link", "set", host_if, "up"])
+        run(["ip", "-n", self.hub, "addr", "add", f"{hub_ip}/30", "dev", "up0"])
+        run(["ip", "-n", self.hub, "link", "set", "up0", "up"])
+        run(["ip", "-n", self.hub, "addr", "add", gateway, "dev", "br0"])
+        run(["ip", "netns", "exec", self.hub, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        run(["ip", "netns", "exec", self.hub, "nft", "-f", "-"], input=(
+            "table ip lab_nat {\n chain post {\n  type nat hook postrouting priority 100;\n"
+            '  oifname "up0" masquerade\n }\n}\n'))
+        self.gateway = gateway.split("/")[0]
+        for ns in self.namespaces.values():
+            run(["ip", "-n", ns.name, "route", "add", "default", "via", self.gateway])
+        return host_ip
 
     def ifname(self, label: str) -> str:
         """An interface name unique on the host (wireguard-go sockets are not per-namespace)."""

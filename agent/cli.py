@@ -1,0 +1,150 @@
+"""`raftmesh agent up|status|logout|rotate-key`: the node daemon and its local controls."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+
+def register(sub) -> None:
+    agent = sub.add_parser("agent", help="the node daemon: join the mesh and keep its tunnels")
+    cmds = agent.add_subparsers(dest="agent_command", required=True)
+
+    up = cmds.add_parser("up", help="register (first run), stream the netmap, drive WireGuard")
+    up.add_argument("--server", required=True,
+                    help="comma-separated replica or load-balancer URLs, tried in turn")
+    up.add_argument("--auth-key", help="pre-auth key (or RAFTMESH_AUTH_KEY); without one the "
+                    "node waits for an admin's approval")
+    up.add_argument("--state-dir", required=True, help="keys, registration and cached netmap (0600)")
+    up.add_argument("--interface", required=True, help="WireGuard interface name (<= 15 chars)")
+    up.add_argument("--hostname", default="")
+    up.add_argument("--listen-port", type=int, default=41641)
+    up.add_argument("--endpoint", action="append", default=[],
+                    help="ip:port peers should reach this node at (default: global IPv4 addresses)")
+    up.add_argument("--advertise-route", action="append", default=[])
+    up.add_argument("--max-stale", type=float, default=7 * 86400,
+                    help="seconds without any verified frame after which the cached netmap is no "
+                    "longer enforced (default 7 days; 0 = keep using it)")
+    up.add_argument("--log-level", default="INFO")
+    up.set_defaults(func=cmd_up)
+
+    st = cmds.add_parser("status", help="replica in use, netmap version, peers and handshakes")
+    st.add_argument("--state-dir", required=True)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    out = cmds.add_parser("logout", help="expire this node's key and stop the running daemon")
+    out.add_argument("--state-dir", required=True)
+    out.add_argument("--server", required=True)
+    out.set_defaults(func=cmd_logout)
+
+    rot = cmds.add_parser("rotate-key", help="ask the running daemon to replace its WireGuard key")
+    rot.add_argument("--state-dir", required=True)
+    rot.set_defaults(func=cmd_rotate)
+
+
+def cmd_up(args) -> int:
+    from .daemon import Agent, AgentConfig, detect_endpoints
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    servers = [s for s in args.server.split(",") if s]
+    config = AgentConfig(servers=servers, state_dir=args.state_dir, interface=args.interface,
+                         auth_key=args.auth_key or os.environ.get("RAFTMESH_AUTH_KEY"),
+                         hostname=args.hostname, listen_port=args.listen_port,
+                         endpoints=args.endpoint or detect_endpoints(args.listen_port),
+                         advertise_routes=args.advertise_route, max_stale=args.max_stale)
+    try:
+        agent = Agent(config)
+    except (OSError, ValueError) as e:
+        print(f"raftmesh agent: {e}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, agent.stop)
+    signal.signal(signal.SIGINT, agent.stop)
+    signal.signal(signal.SIGUSR1, lambda *_: agent.rotate_event.set())
+    agent.run()
+    return 0
+
+
+def _status(state_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(state_dir, "status.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _running(status: dict | None) -> bool:
+    if not status or status.get("state") == "stopped":
+        return False
+    try:
+        os.kill(status["pid"], 0)
+        return True
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def cmd_status(args) -> int:
+    from .wireguard import WireGuardInterface, WireGuardError
+    st = _status(args.state_dir)
+    if st is None:
+        print(f"no agent has run with state dir {args.state_dir}", file=sys.stderr)
+        return 1
+    running = _running(st)
+    handshakes = {}
+    if running:
+        try:
+            handshakes = WireGuardInterface(st["interface"], kernel=False).peer_stats()
+        except (WireGuardError, OSError):
+            pass
+    for p in st["peers"]:
+        stats = handshakes.get(p["node_key"])
+        p["last_handshake"] = stats.latest_handshake if stats else None
+    st["running"] = running
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    print(f"state:    {st['state']}{'' if running else ' (daemon not running)'}"
+          + (f" - {st['error']}" if st.get("error") else ""))
+    print(f"replica:  {st.get('replica') or '-'} via {st.get('server') or '-'}")
+    print(f"node:     {st.get('node_id')}  {' '.join(st.get('addresses', []))}")
+    print(f"version:  {st.get('version')} (enforced {st.get('enforced_version')})")
+    now = time.time()
+    for p in st["peers"]:
+        hs = p["last_handshake"]
+        print(f"  {p['name']:<20} {','.join(p['allowed_ips']):<40} "
+              f"handshake {f'{now - hs:.0f}s ago' if hs else 'never'}")
+    return 0
+
+
+def cmd_logout(args) -> int:
+    from .control_client import ControlClient, ControlError
+    from .state_dir import StateDir
+    state = StateDir(args.state_dir)
+    client = ControlClient([s for s in args.server.split(",") if s], state.machine_key())
+    try:
+        client.call("POST", "/machine/logout", deadline=15)
+    except (ControlError, OSError) as e:
+        print(f"raftmesh agent logout: {e}", file=sys.stderr)
+        return 1
+    st = _status(args.state_dir)
+    if _running(st):
+        os.kill(st["pid"], signal.SIGTERM)
+    for name in ("netmap.json", "registration.json"):
+        try:
+            os.unlink(os.path.join(args.state_dir, name))
+        except FileNotFoundError:
+            pass
+    print("logged out: the node key is expired and the local netmap is forgotten")
+    return 0
+
+
+def cmd_rotate(args) -> int:
+    st = _status(args.state_dir)
+    if not _running(st):
+        print("no running agent for this state dir", file=sys.stderr)
+        return 1
+    os.kill(st["pid"], signal.SIGUSR1)
+    return 0

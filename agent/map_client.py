@@ -1,0 +1,96 @@
+"""One map-stream connection: a signed GET, then decoded frames from a reader thread.
+
+The agent's main loop must never block on a dead stream: frames arrive on a queue it polls
+with a timeout (so local expiry and the keepalive watchdog keep running), and `close()`
+shuts the socket down so the reader thread ends at once instead of at its read timeout.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+import secrets
+import socket
+import threading
+import time
+import urllib.parse
+
+from nacl.signing import SigningKey
+
+from raftmesh.api.frames import FrameError, FrameReader
+from raftmesh.api.machine_auth import sign_headers
+
+from .control_client import ControlError
+
+
+class MapStream:
+    def __init__(self, server: str, key: SigningKey, since: int | None, read_timeout: float = 35.0):
+        url = urllib.parse.urlsplit(server)
+        if url.scheme not in ("http", "https"):
+            raise ValueError(f"server URL must be http or https: {server!r}")
+        conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        self.server = server
+        self.conn = conn_cls(url.hostname, url.port, timeout=read_timeout)
+        path = (url.path.rstrip("/") + "/machine/map") + ("" if since is None else f"?since={since}")
+        signed_path = path.split("?")[0]
+        headers = sign_headers(key, "GET", signed_path, b"", time.time(), secrets.token_hex(12))
+        self.frames: queue.Queue = queue.Queue()
+        self.replica: str | None = None
+        self.keepalive = 10.0
+        self._closed = False
+        try:
+            self.conn.request("GET", path, headers=headers)
+            resp = self.conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+            raise
+        if resp.status != 200:
+            raw = resp.read()
+            self.conn.close()
+            try:
+                err = json.loads(raw)["error"]
+                raise ControlError(resp.status, err["code"], err["message"])
+            except (ValueError, KeyError, TypeError):
+                raise ControlError(resp.status, "http_error", raw[:200].decode(errors="replace"))
+        self.replica = resp.getheader("X-Raftmesh-Replica")
+        try:
+            self.keepalive = float(resp.getheader("X-Raftmesh-Keepalive", "10"))
+        except ValueError:
+            pass
+        self._resp = resp
+        self._thread = threading.Thread(target=self._read, name="map-stream", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        reader = FrameReader()
+        try:
+            while True:
+                data = self._resp.read1(65536)
+                if not data:
+                    self.frames.put(("eof", None))
+                    return
+                for frame in reader.feed(data):
+                    self.frames.put(("frame", frame))
+        except FrameError as e:
+            self.frames.put(("error", e))
+        except Exception as e:  # socket errors, timeouts, the socket shut down by close()
+            self.frames.put(("error", e if not self._closed else EOFError("closed")))
+
+    def next(self, timeout: float):
+        """("frame", dict) | ("eof", None) | ("error", exc) | None on timeout."""
+        try:
+            return self.frames.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._closed = True
+        sock = self.conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.conn.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)

@@ -1,0 +1,154 @@
+"""From applied commands to per-node netmap deltas, with the history that lets agents resume.
+
+Every replica feeds the same committed commands, in log order, into its own NetmapFeed, so
+every replica derives the same netmaps at the same state version (time comes from the
+replicated clock, the commands' own times, never from the local wall clock). That is what
+makes a version meaningful across replicas: an agent that held version V on one replica
+resumes on another with only what changed after V.
+
+Pure: no clock, no I/O. The edge (api/map_stream.py) turns updates into signed frames.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from raftmesh.api.wire import Netmap, NetmapDelta, compose_deltas
+from raftmesh.cluster.commands import Command
+from raftmesh.cluster.netmap import Changes, NetmapIndex
+from raftmesh.cluster.policy import Policy, PolicyError, parse_policy
+
+HISTORY_PER_NODE = 32
+# Commands whose result value is the node's whole new record.
+NODE_RECORD_OPS = frozenset({"node.register", "node.update", "node.approve", "node.expire",
+                             "node.routes", "node.report", "node.rotate_key",
+                             "node.reauthenticate", "node.presence"})  # deltas kept per node; an agent further behind gets a full netmap
+
+
+@dataclass
+class FeedUpdate:
+    """What one applied batch changed: a composed delta per affected node (stamped with
+    the batch's last version), the nodes that left the mesh (close their streams) and, per
+    node, the earliest command time behind its delta (for propagation metrics)."""
+
+    version: int
+    deltas: dict[str, NetmapDelta] = field(default_factory=dict)
+    gone: frozenset[str] = frozenset()
+    cause_time: dict[str, float] = field(default_factory=dict)
+    keys_changed: bool = False
+
+
+@dataclass
+class _History:
+    floor: int  # every change to this node after `floor` is in `entries`
+    entries: list[tuple[int, NetmapDelta]] = field(default_factory=list)
+
+
+def policy_or_none(text: str | None) -> Policy | None:
+    """A stored policy was validated before it was proposed; an unreadable one (from an
+    older parser) falls back to deny-all rather than crashing every replica's feed."""
+    if not text:
+        return None
+    try:
+        return parse_policy(text)
+    except PolicyError:
+        return Policy()
+
+
+class NetmapFeed:
+    def __init__(self, policy_text: str | None, nodes: Iterable[dict], clock: float,
+                 version: int, history_per_node: int = HISTORY_PER_NODE):
+        self.version = version
+        self.floor = version  # nothing before this is in any history
+        self.index = NetmapIndex(policy_or_none(policy_text), nodes, clock)
+        self.history_per_node = history_per_node
+        self._history: dict[str, _History] = {}
+
+    @property
+    def clock(self) -> float:
+        return self.index.now
+
+    def full(self, node_id: str) -> Netmap | None:
+        return self.index.netmap(node_id, self.version)
+
+    def next_expiry(self) -> float | None:
+        return self.index.next_expiry()
+
+    # -- applying ------------------------------------------------------------------------
+    def apply_batch(self, items: Iterable[tuple[int, Command, dict]]) -> FeedUpdate:
+        """Apply committed (version, command, result) items in log order; items at or below
+        the feed's version are skipped (they are already in the state it was built from)."""
+        deltas: dict[str, NetmapDelta] = {}
+        cause: dict[str, float] = {}
+        gone: set[str] = set()
+        keys_changed = False
+        version = self.version
+        for v, cmd, result in items:
+            if v <= self.version:
+                continue
+            version = v
+            if not result.get("ok") or result.get("replayed"):
+                continue  # changed nothing (and did not move the replicated clock)
+            keys_changed |= cmd.op.startswith("clusterkey.")
+            for changes in self._changes(v, cmd, result):
+                gone.update(changes.gone)
+                for k, d in changes.deltas.items():
+                    deltas[k] = compose_deltas(deltas[k], d) if k in deltas else d
+                    cause.setdefault(k, cmd.time)
+        if version == self.version:
+            return FeedUpdate(version)
+        self.version = version
+        stamped = {k: _restamp(d, version) for k, d in deltas.items()}
+        self._record(stamped, gone)
+        return FeedUpdate(version, stamped, frozenset(gone), cause, keys_changed)
+
+    def _changes(self, v: int, cmd: Command, result: dict) -> list[Changes]:
+        out = []
+        if cmd.time > self.index.now:
+            out.append(self.index.advance_time(cmd.time, v))
+        value = result.get("value")
+        if cmd.op == "node.delete":
+            out.append(self.index.remove_node(cmd.args["id"], v))
+        elif cmd.op == "node.presence_sweep":
+            out.extend(self.index.upsert_node(n, v) for n in value["nodes"])
+        elif cmd.op in NODE_RECORD_OPS:
+            out.append(self.index.upsert_node(value, v))
+        elif cmd.op == "policy.set":
+            out.append(self.index.replace_policy(policy_or_none(cmd.args["text"]), v))
+        return out
+
+    def _record(self, deltas: dict[str, NetmapDelta], gone: set[str]) -> None:
+        for k in gone:  # an agent that left and comes back starts from a full netmap
+            self._history[k] = _History(self.version)
+        for k, d in deltas.items():
+            if k in gone:
+                continue
+            h = self._history.setdefault(k, _History(self.floor))
+            h.entries.append((self.version, d))
+            if len(h.entries) > self.history_per_node:
+                h.floor = h.entries.pop(0)[0]
+        for k in [k for k in gone if not self.index.knows(k)]:  # deleted for good
+            self._history.pop(k, None)
+
+    # -- resuming ------------------------------------------------------------------------
+    def resume(self, node_id: str, since: int | None) -> Netmap | NetmapDelta | None:
+        """What an agent holding version `since` needs: a delta with everything after it,
+        or a full netmap when `since` is unknown, too old, or ahead of this feed (the
+        caller waits for the feed to catch up first). None when the node is not visible."""
+        if not self.index.is_visible(node_id):
+            return None
+        h = self._history.get(node_id, _History(self.floor))
+        if since is None or since < h.floor or since > self.version:
+            return self.full(node_id)
+        i = bisect.bisect_right(h.entries, since, key=lambda e: e[0])
+        out = NetmapDelta(self.version)
+        for _, d in h.entries[i:]:
+            out = compose_deltas(out, d)
+        return _restamp(out, self.version)
+
+
+def _restamp(d: NetmapDelta, version: int) -> NetmapDelta:
+    if d.version == version:
+        return d
+    return NetmapDelta(version, d.peers_changed, d.peers_removed, d.packet_filter, d.self_node)

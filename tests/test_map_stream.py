@@ -1,0 +1,212 @@
+"""The map stream over real replica processes, spoken by protocol-exact test agents.
+
+Covers: first frame full, deltas on policy and peer changes, keepalives, resume with a
+version on another replica, revocation closing the stream with a bye, signatures checked
+against pinned keys (including across a cluster-key rotation), presence and acks in the
+admin API, and the refusals (pending, expired, unregistered, unsigned, replayed).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+
+from raftmesh.agent.control_client import ControlClient, ControlError
+from raftmesh.agent.map_client import MapStream
+from raftmesh.agent.netmap_state import AgentNetmap
+from raftmesh.api.frames import FrameError
+
+from waiting import wait_until
+
+ALLOW_ALL = json.dumps({"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]})
+ONLY_SSH_TO_ALICE = json.dumps({"acls": [{"action": "accept", "src": ["bob"], "dst": ["alice:22"]}]})
+
+
+class ProtoAgent:
+    """Registers like the daemon and reads frames, checking every signature."""
+
+    def __init__(self, cluster, user_key: str, hostname: str, replica: int = 0):
+        self.cluster = cluster
+        self.key = SigningKey.generate()
+        self.replica = replica
+        self.client = ControlClient([r.api_url for r in cluster.replicas], self.key)
+        self.client.current = replica
+        node_key = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
+        resp = self.client.call("POST", "/machine/register",
+                                {"node_key": node_key, "hostname": hostname, "auth_key": user_key})
+        self.node_id = resp["node"]["id"]
+        self.ipv4 = resp["node"]["ipv4"]
+        self.view = AgentNetmap(self.node_id, {k["id"]: k["public_key"] for k in resp["cluster_keys"]})
+        self.stream: MapStream | None = None
+        self.kinds: list[str] = []
+
+    def connect(self, replica: int | None = None, since="held") -> MapStream:
+        if replica is not None:
+            self.replica = replica
+        since = self.view.version if since == "held" else since
+        self.stream = MapStream(self.cluster.replicas[self.replica].api_url, self.key, since)
+        return self.stream
+
+    def pump(self, until, timeout: float = 15.0):
+        """Apply frames until `until(self)` holds (or fail at the deadline)."""
+        deadline = time.monotonic() + timeout
+        while not until(self):
+            left = deadline - time.monotonic()
+            assert left > 0, f"condition not met; frames seen {self.kinds[-10:]}"
+            item = self.stream.next(timeout=min(left, 1.0))
+            if item is None:
+                continue
+            kind, payload = item
+            if kind != "frame":
+                self.kinds.append(kind)
+                continue
+            verdict = self.view.accept(payload)
+            self.kinds.append(verdict.kind)
+            if verdict.kind == "bye":
+                self.bye = verdict.bye
+
+    def peers(self) -> set[str]:
+        return set(self.view.netmap.peers) if self.view.netmap else set()
+
+    def close(self):
+        if self.stream:
+            self.stream.close()
+
+
+@pytest.fixture
+def mesh(make_cluster):
+    c = make_cluster(3, extra_args=["--stream-keepalive", "1"])
+    admin = lambda m, p, b=None: c.request(c.replicas[0], m, p, b)
+    for user in ("alice", "bob"):
+        assert admin("POST", "/api/v1/users", {"name": user})[0] == 201
+    keys = {u: admin("POST", "/api/v1/preauth-keys", {"user": u, "reusable": True})[1]["key"]
+            for u in ("alice", "bob")}
+    assert admin("PUT", "/api/v1/policy", ALLOW_ALL)[0] == 200
+    agents = []
+
+    def agent(user, host, replica=0):
+        a = ProtoAgent(c, keys[user], host, replica)
+        agents.append(a)
+        return a
+    yield c, admin, agent
+    for a in agents:
+        a.close()
+
+
+def test_full_then_deltas_keepalives_and_acks(mesh):
+    c, admin, agent = mesh
+    a, b = agent("alice", "a", 0), agent("bob", "b", 1)
+    a.connect()
+    a.pump(lambda s: s.view.netmap is not None and b.node_id in s.peers())
+    assert a.kinds[0] == "full" and a.view.netmap.self_node.id == a.node_id
+    assert admin("PUT", "/api/v1/policy", ONLY_SSH_TO_ALICE)[0] == 200
+    a.pump(lambda s: s.view.netmap.packet_filter and
+           s.view.netmap.packet_filter[0].dst[0].ports.first == 22)
+    assert "delta" in a.kinds
+    a.pump(lambda s: "keepalive" in s.kinds, timeout=5)
+    # the agent acknowledges; the admin API shows presence, replica and acked version
+    version = a.view.version
+    a.client.current = 0
+    assert a.client.call("POST", "/machine/ack", {"version": version})["streaming_here"] is True
+    def node_stream():
+        return admin("GET", f"/api/v1/nodes/{a.node_id}")[1]["node"]
+    wait_until(lambda: node_stream()["online"] and node_stream()["stream"]["acked_version"] == version,
+               timeout=10)
+    info = node_stream()
+    assert info["stream_replica"] == c.replicas[0].id and info["stream"]["replica"] == c.replicas[0].id
+    metrics = c.request(c.replicas[0], "GET", "/metrics")[1]
+    assert "raftmesh_netmap_propagation_seconds_count" in metrics
+    assert "raftmesh_map_streams 1.0" in metrics
+
+
+def test_resume_on_another_replica_gets_only_what_changed(mesh):
+    c, admin, agent = mesh
+    a, b = agent("alice", "a", 0), agent("bob", "b", 0)
+    a.connect(0)
+    a.pump(lambda s: b.node_id in s.peers())
+    held = a.view.version
+    a.close()
+    assert admin("PATCH", f"/api/v1/nodes/{b.node_id}", {"name": "renamed"})[0] == 200
+    a.kinds.clear()
+    a.connect(2)  # another replica, with the version held
+    a.pump(lambda s: s.view.netmap.peers[b.node_id].name == "renamed")
+    assert a.kinds[0] == "delta" and a.view.version > held
+    # a version from the future (ahead of every replica) is refused, never answered with older state
+    with pytest.raises(ControlError) as e:
+        MapStream(c.replicas[1].api_url, a.key, a.view.version + 10_000)
+    assert e.value.status == 503 and e.value.code == "not_ready"
+
+
+def test_revocation_closes_the_stream_and_removes_the_node_from_peers(mesh):
+    c, admin, agent = mesh
+    a, b = agent("alice", "a", 0), agent("bob", "b", 1)
+    a.connect()
+    b.connect()
+    a.pump(lambda s: b.node_id in s.peers())
+    b.pump(lambda s: a.node_id in s.peers())
+    assert admin("DELETE", f"/api/v1/nodes/{b.node_id}")[0] == 200
+    a.pump(lambda s: b.node_id not in s.peers())
+    b.pump(lambda s: "bye" in s.kinds)
+    assert b.bye["code"] == "revoked"
+    b.pump(lambda s: s.kinds[-1] == "eof")
+    with pytest.raises(ControlError) as e:
+        b.connect(2)
+    assert e.value.status == 404
+    # expiry: the stream closes with a bye, and a new stream is refused with node_expired
+    b2 = agent("bob", "b2", 2)
+    b2.connect()
+    b2.pump(lambda s: a.node_id in s.peers())
+    assert admin("POST", f"/api/v1/nodes/{b2.node_id}/expire")[0] == 200
+    b2.pump(lambda s: "bye" in s.kinds)
+    with pytest.raises(ControlError) as e:
+        b2.connect(0)
+    assert (e.value.status, e.value.code) == (401, "node_expired")
+    a.pump(lambda s: b2.node_id not in s.peers())
+
+
+def test_cluster_key_rotation_keeps_agents_connected(mesh):
+    c, admin, agent = mesh
+    a, b = agent("alice", "a", 1), agent("bob", "b", 1)
+    a.connect()
+    a.pump(lambda s: b.node_id in s.peers())
+    old_keys = dict(a.view.pinned)
+    status, body = admin("POST", "/api/v1/cluster/keys/rotate", {"overlap_seconds": 3600})
+    assert status in (200, 201), body
+    assert admin("PATCH", f"/api/v1/nodes/{b.node_id}", {"name": "after-rotation"})[0] == 200
+    a.pump(lambda s: s.view.netmap.peers[b.node_id].name == "after-rotation")
+    assert set(a.view.pinned) > set(old_keys), "the endorsed new key was pinned"
+    # a frame signed by an unknown key is refused
+    stranger = AgentNetmap(a.node_id, {"other": base64.b64encode(bytes(SigningKey.generate().verify_key)).decode()})
+    a.close()
+    s = MapStream(c.replicas[0].api_url, a.key, None)
+    try:
+        item = s.next(timeout=10)
+        assert item[0] == "frame"
+        with pytest.raises(FrameError):
+            stranger.accept(item[1])
+    finally:
+        s.close()
+
+
+def test_refusals(mesh):
+    c, admin, agent = mesh
+    pending = ControlClient([c.replicas[0].api_url], SigningKey.generate())
+    node_key = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
+    pending.call("POST", "/machine/register", {"node_key": node_key, "hostname": "p"})
+    with pytest.raises(ControlError) as e:
+        MapStream(c.replicas[0].api_url, pending.key, None)
+    assert (e.value.status, e.value.code) == (403, "pending_approval")
+    with pytest.raises(ControlError) as e:
+        MapStream(c.replicas[1].api_url, SigningKey.generate(), None)
+    assert e.value.status == 404
+    import urllib.request, urllib.error
+    for query in ("", "?since=-1", "?since=abc", "?since=1&since=2", "?other=1"):
+        try:
+            urllib.request.urlopen(c.replicas[0].api_url + "/machine/map" + query, timeout=5)
+            raise AssertionError("unsigned map request accepted")
+        except urllib.error.HTTPError as err:
+            assert err.code in (400, 401), (query, err.code)

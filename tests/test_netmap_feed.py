@@ -1,0 +1,179 @@
+"""NetmapFeed: committed commands -> deltas, the replicated clock, and resuming anywhere.
+
+The property that matters: two replicas fed the same log in different batches derive the
+same netmaps, and an agent holding version V from either one resumes on the other with
+a delta (or full netmap) that brings it exactly to the current netmap.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+from raftmesh.api.wire import Netmap, NetmapDelta, apply_delta
+from raftmesh.cluster.commands import Command
+from raftmesh.cluster.netmap import compute_netmaps
+from raftmesh.cluster.netmap_feed import NetmapFeed, policy_or_none
+
+from test_netmap import NOW, node
+
+POLICIES = [
+    json.dumps({"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}),
+    json.dumps({"groups": {"group:eng": ["alice"]}, "tagOwners": {"tag:db": []},
+                "acls": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:db:5432"]},
+                         {"action": "accept", "src": ["autogroup:member"],
+                          "dst": ["autogroup:self:*"]}]}),
+    json.dumps({"acls": [{"action": "accept", "src": ["bob"], "dst": ["alice:22"]}]}),
+]
+
+
+def ok(value) -> dict:
+    return {"ok": True, "value": value}
+
+
+class World:
+    """A random log of node and policy commands, with the state it produces."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+        self.nodes: dict[str, dict] = {}
+        self.policy = POLICIES[0]
+        self.clock = NOW
+        self.version = 10
+        self.next_id = 0
+
+    def step(self) -> tuple[int, Command, dict]:
+        self.version += self.rng.choice((1, 1, 2))  # gaps: barriers never reach the feed
+        self.clock += self.rng.choice((0.0, 1.0, 5.0))
+        r = self.rng.random()
+        live = sorted(self.nodes)
+        if r < 0.3 or not live:
+            self.next_id += 1
+            i = self.next_id
+            n = node(i, user=self.rng.choice(("alice", "bob")),
+                     tags=self.rng.choice(((), (), ("tag:db",))),
+                     key_expiry=self.rng.choice((None, self.clock + self.rng.choice((3, 20, 400)))))
+            self.nodes[n["id"]] = n
+            return self.version, Command("node.register", {}, time=self.clock), ok(n)
+        if r < 0.4:
+            self.policy = self.rng.choice(POLICIES)
+            return self.version, Command("policy.set", {"text": self.policy}, time=self.clock), ok({})
+        nid = self.rng.choice(live)
+        if r < 0.5:
+            del self.nodes[nid]
+            return self.version, Command("node.delete", {"id": nid}, time=self.clock), ok({})
+        if r < 0.55:  # a rejected command changes nothing, not even the clock
+            return self.version, Command("node.update", {}, time=self.clock + 1e6), {"ok": False}
+        n = dict(self.nodes[nid])
+        kind = self.rng.choice(("endpoints", "expire", "online", "tags", "reauth"))
+        if kind == "endpoints":
+            n["endpoints"] = [f"203.0.113.{self.rng.randrange(1, 250)}:41641"]
+        elif kind == "expire":
+            n.update(expired=True, key_expiry=self.clock)
+        elif kind == "online":
+            n["online"] = not n.get("online")
+        elif kind == "tags":
+            n["tags"] = [] if n["tags"] else ["tag:db"]
+            n["user"] = None if n["tags"] else "alice"
+        else:
+            n.update(expired=False, key_expiry=None)
+        self.nodes[nid] = n
+        return self.version, Command("node.update", {}, time=self.clock), ok(n)
+
+    def expected(self, version: int, clock: float) -> dict[str, Netmap]:
+        return compute_netmaps(policy_or_none(self.policy), self.nodes.values(), clock, version)
+
+
+def feed_batches(feed: NetmapFeed, items, rng: random.Random):
+    """Feed `items` in random batch sizes; yield after each batch."""
+    i = 0
+    while i < len(items):
+        n = rng.randint(1, 4)
+        yield feed.apply_batch(items[i:i + n])
+        i += n
+
+
+def test_feed_agrees_with_the_reference_after_every_batch():
+    for seed in range(20):
+        world = World(seed)
+        feed = NetmapFeed(world.policy, [], NOW, world.version)
+        rng = random.Random(seed + 100)
+        for _ in range(12):
+            items = [world.step() for _ in range(rng.randint(1, 5))]
+            feed.apply_batch(items)
+            want = world.expected(feed.version, feed.clock)
+            got = {k: feed.full(k) for k in feed.index.visible_ids()}
+            assert got == want, f"seed {seed} at version {feed.version}"
+
+
+def test_agents_resume_on_another_replica_from_any_version_they_held():
+    for seed in range(30):
+        world = World(seed)
+        items = [world.step() for _ in range(60)]
+        a = NetmapFeed(POLICIES[0], [], NOW, 10)
+        b = NetmapFeed(POLICIES[0], [], NOW, 10, history_per_node=4)
+        held: dict[str, list[Netmap]] = {}  # what agents streaming from `a` could have held
+        rng = random.Random(seed)
+        for update in feed_batches(a, items, rng):
+            for k, d in update.deltas.items():
+                if k in update.gone:
+                    held.pop(k, None)
+                elif k in held:
+                    held[k].append(apply_delta(held[k][-1], d))
+                elif a.full(k) is not None:
+                    held[k] = [a.full(k)]
+            for k in update.gone:
+                held.pop(k, None)
+        for _ in feed_batches(b, items, random.Random(seed + 1)):
+            pass
+        assert a.version == b.version and a.clock == b.clock
+        for k, versions in held.items():
+            final = b.full(k)
+            assert final == a.full(k)
+            for old in versions:
+                got = b.resume(k, old.version)
+                if got is None:
+                    continue
+                result = got if isinstance(got, Netmap) else apply_delta(old, got)
+                assert result == final, f"seed {seed} node {k} from version {old.version}"
+
+
+def test_resume_without_version_ahead_or_too_old_gives_a_full_netmap():
+    n1, n2 = node(1, "alice"), node(2, "bob")
+    feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 5, history_per_node=2)
+    assert isinstance(feed.resume("n1", None), Netmap)
+    assert isinstance(feed.resume("n1", 4), Netmap)  # from before the feed started
+    assert isinstance(feed.resume("n1", 99), Netmap)  # ahead: the caller waits first
+    nothing = feed.resume("n1", 5)
+    assert isinstance(nothing, NetmapDelta) and nothing.is_empty() and nothing.version == 5
+    for v in (6, 7, 8):
+        feed.apply_batch([(v, Command("node.report", {}, time=NOW), ok(dict(n2, endpoints=[f"192.0.2.{v}:1"])))])
+    assert isinstance(feed.resume("n1", 6), NetmapDelta)
+    assert isinstance(feed.resume("n1", 5), Netmap)  # its history holds only 2 deltas
+    assert feed.resume("n9", None) is None
+
+
+def test_revocation_and_expiry_by_the_replicated_clock():
+    n1, n2 = node(1, "alice"), node(2, "bob", key_expiry=NOW + 60)
+    feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 5)
+    assert feed.next_expiry() == NOW + 60
+    u = feed.apply_batch([(6, Command("clock.tick", {}, time=NOW + 30), ok({}))])
+    assert u.deltas == {} and not u.gone
+    u = feed.apply_batch([(7, Command("clock.tick", {}, time=NOW + 61), ok({}))])
+    assert u.gone == {"n2"} and u.deltas["n1"].peers_removed == ("n2",)
+    assert feed.resume("n2", 6) is None
+    u = feed.apply_batch([(8, Command("node.delete", {"id": "n1"}, time=NOW + 62), ok({}))])
+    assert u.gone == {"n1"} and "n1" not in feed._history
+    # a replayed idempotent write or a rejected one moves nothing
+    u = feed.apply_batch([(9, Command("clock.tick", {}, time=NOW + 1e6), {"ok": True, "replayed": True})])
+    assert feed.clock == NOW + 62 and u.version == 9
+
+
+def test_cluster_key_commands_are_flagged_and_cause_times_kept():
+    feed = NetmapFeed(POLICIES[0], [node(1, "alice"), node(2, "bob")], NOW, 1)
+    u = feed.apply_batch([(2, Command("clusterkey.rotate", {}, time=NOW), ok({})),
+                          (3, Command("node.report", {}, time=NOW + 1),
+                           ok(node(2, "bob", endpoints=["192.0.2.9:1"]))),
+                          (4, Command("node.report", {}, time=NOW + 2),
+                           ok(node(2, "bob", endpoints=["192.0.2.8:1"])))])
+    assert u.keys_changed and u.cause_time["n1"] == NOW + 1
+    assert u.deltas["n1"].version == 4 and u.deltas["n1"].peers_changed[0].endpoints == ("192.0.2.8:1",)
