@@ -132,6 +132,9 @@ def cmd_logout(args) -> int:
     st = _status(args.state_dir)
     if _running(st):
         os.kill(st["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while _running(_status(args.state_dir)) and time.monotonic() < deadline:
+            time.sleep(0.1)  # bounded wait for the daemon's teardown
     for name in ("netmap.json", "registration.json"):
         try:
             os.unlink(os.path.join(args.state_dir, name))

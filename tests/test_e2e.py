@@ -227,3 +227,51 @@ def test_failover_and_full_outage(mesh):
     m.set_policy(P1)
     wait_for(lambda: m.tcp("a", "b", 8080) == "ok", timeout=20, what="changes flow again")
     assert m.status("a")["state"] == "connected"
+
+
+def test_key_rotation_status_sigkill_restart_and_logout(mesh):
+    """The rest of the daemon: WireGuard key rotation keeps tunnels, `agent status`, a
+    SIGKILLed agent's orphaned wireguard-go is ended on restart, and a clean logout."""
+    m = mesh
+    wait_for(lambda: m.ns["a"].ping(m.ips["b"]), timeout=20, what="a pings b")
+    old_key = m.node_key("a")
+    state_a = str(m.tmp / "state-a")
+    m.ns["a"].run(sys.executable, "-m", "raftmesh.api.cli", "agent", "rotate-key",
+                  "--state-dir", state_a)
+    wait_for(lambda: m.node_key("a") != old_key, timeout=15, what="node key rotated")
+    new_key = m.node_key("a")
+    wait_for(lambda: new_key in m.wg_peer_keys("b") and old_key not in m.wg_peer_keys("b"),
+             timeout=15, what="b learns a's new key")
+    wait_for(lambda: m.ns["a"].ping(m.ips["b"]), timeout=15, what="tunnel on the new key")
+
+    out = m.ns["a"].run(sys.executable, "-m", "raftmesh.api.cli", "agent", "status",
+                        "--state-dir", state_a, "--json").stdout
+    st = json.loads(out)
+    assert st["running"] and st["state"] == "connected" and st["replica"] in {
+        r.id for r in m.cluster.replicas}
+    peer_b = next(p for p in st["peers"] if p["name"] == "host-b")
+    assert peer_b["last_handshake"] is not None
+    text = m.ns["a"].run(sys.executable, "-m", "raftmesh.api.cli", "agent", "status",
+                         "--state-dir", state_a).stdout
+    assert "host-b" in text and "handshake" in text
+
+    # SIGKILL leaves wireguard-go running; the next start ends it by pid and takes over
+    proc = m.agents.pop("a")
+    wg_pid = json.load(open(os.path.join(state_a, "wireguard-go.pid")))["pid"]
+    proc.kill()
+    proc.wait(10)
+    assert os.path.exists(f"/proc/{wg_pid}"), "wireguard-go outlives a SIGKILLed agent"
+    m.start_agent("a")
+    wait_for(lambda: not os.path.exists(f"/proc/{wg_pid}"), timeout=15, what="orphan ended")
+    wait_for(lambda: m.status("a").get("state") == "connected" and m.ns["a"].ping(m.ips["b"]),
+             timeout=20, what="a back after SIGKILL")
+
+    # logout: node key expired, daemon stopped and its interface gone, peers drop it
+    servers = ",".join(r.api_url for r in m.cluster.replicas)
+    m.ns["a"].run(sys.executable, "-m", "raftmesh.api.cli", "agent", "logout",
+                  "--state-dir", state_a, "--server", servers)
+    wait_for(lambda: m.agents["a"].poll() is not None, timeout=15, what="daemon exits")
+    node = m.admin("GET", f"/api/v1/nodes/{m.ids['a']}")[1]["node"]
+    assert node["expired"] and not os.path.exists(os.path.join(state_a, "netmap.json"))
+    assert m.ns["a"].run("ip", "link", "show", m.ifnames["a"], check=False).returncode != 0
+    wait_for(lambda: new_key not in m.wg_peer_keys("b"), timeout=10, what="b drops a")

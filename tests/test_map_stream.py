@@ -210,3 +210,58 @@ def test_refusals(mesh):
             raise AssertionError("unsigned map request accepted")
         except urllib.error.HTTPError as err:
             assert err.code in (400, 401), (query, err.code)
+
+
+def test_key_expiry_by_the_replicated_clock_closes_streams_without_other_writes(make_cluster):
+    c = make_cluster(3, extra_args=["--stream-keepalive", "1", "--node-key-lifetime", "4"])
+    admin = lambda m, p, b=None: c.request(c.replicas[0], m, p, b)
+    assert admin("POST", "/api/v1/users", {"name": "alice"})[0] == 201
+    key = admin("POST", "/api/v1/preauth-keys", {"user": "alice", "reusable": True})[1]["key"]
+    assert admin("PUT", "/api/v1/policy", ALLOW_ALL)[0] == 200
+    a, b = ProtoAgent(c, key, "a", 1), ProtoAgent(c, key, "b", 2)
+    try:
+        expiry = admin("GET", f"/api/v1/nodes/{a.node_id}")[1]["node"]["key_expiry"]
+        assert expiry is not None
+        a.connect()
+        a.pump(lambda s: b.node_id in s.peers())
+        assert a.view.netmap.self_node.key_expiry == expiry
+        # nothing else is written: the leader's clock tick moves the replicated clock
+        a.pump(lambda s: "bye" in s.kinds, timeout=15)
+        assert a.bye["code"] == "revoked"
+        with pytest.raises(ControlError) as e:
+            a.connect(0)
+        assert e.value.code == "node_expired"
+        # re-authentication with a pre-auth key brings the node back
+        node_key = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
+        resp = a.client.call("POST", "/machine/register",
+                             {"node_key": node_key, "hostname": "a", "auth_key": key})
+        assert resp["node"]["id"] == a.node_id and not resp["expired"]
+        a.kinds.clear()
+        a.connect(0, since=None)
+        a.pump(lambda s: s.kinds and s.kinds[0] == "full")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_replayed_map_request_is_refused(mesh):
+    c, admin, agent = mesh
+    import urllib.request, urllib.error
+    from raftmesh.api.machine_auth import sign_headers
+    a = agent("alice", "a", 0)
+    headers = sign_headers(a.key, "GET", "/machine/map", b"", time.time(), "nonce-1234567")
+    first = urllib.request.urlopen(urllib.request.Request(
+        c.replicas[0].api_url + "/machine/map", headers=headers), timeout=5)
+    try:
+        assert first.status == 200
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(
+                c.replicas[0].api_url + "/machine/map", headers=headers), timeout=5)
+        assert e.value.code == 401 and b"replayed" in e.value.read()
+        forged = dict(headers, **{"X-Raftmesh-Nonce": "nonce-7654321"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(
+                c.replicas[0].api_url + "/machine/map", headers=forged), timeout=5)
+        assert e.value.code == 401 and b"does not match" in e.value.read()
+    finally:
+        first.close()
