@@ -338,11 +338,20 @@ def _nodes(sub, common) -> None:
 def node_rows(nodes: list[dict]) -> list[list]:
     now = time.time()
     return [[n["id"], n["name"], n.get("user") or fmt(n.get("tags")), n.get("ipv4"),
-             n.get("approved"), ago(n.get("last_seen"), now),
+             n.get("approved"), _presence(n), ago(n.get("last_seen"), now),
              fmt_expiry(n.get("key_expiry"), n.get("expired", False))] for n in nodes]
 
 
-NODE_HEADERS = ["id", "name", "user/tags", "ipv4", "approved", "last seen", "expiry"]
+def _presence(n: dict) -> str:
+    """online@replica v<acked version>, or offline."""
+    if not n.get("online"):
+        return "offline"
+    s = n.get("stream") or {}
+    acked = s.get("acked_version")
+    return f"online@{n.get('stream_replica')}" + (f" v{acked}" if acked is not None else "")
+
+
+NODE_HEADERS = ["id", "name", "user/tags", "ipv4", "approved", "stream", "last seen", "expiry"]
 
 
 def nodes_list(run: Run) -> None:
