@@ -4,6 +4,7 @@ replica is marked DOWN, and a replica without a quorum is taken out of rotation.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -348,3 +349,43 @@ def test_example_replica_toml_is_accepted(tmp_path):
     config = ReplicaConfig.from_toml(EXAMPLE_TOML, cluster_secret="0123456789abcdef0123")
     config.validate()
     assert config.durability == "fsync" and config.peers and config.raft_addr not in config.peers
+
+
+def test_agent_streams_through_haproxy_and_reconnects_when_its_replica_dies(lb):
+    """The map stream through the deploy/ HAProxy: frames pass unbuffered, and when the
+    replica behind a stream is killed the agent reconnects through the same URL and resumes
+    from its version."""
+    from proto_agent import ProtoAgent
+    c = lb.cluster
+    assert c.request(lb.url, "POST", "/api/v1/users", {"name": "lbuser"})[0] == 201
+    key = c.request(lb.url, "POST", "/api/v1/preauth-keys", {"user": "lbuser", "reusable": True})[1]["key"]
+    policy = json.dumps({"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]})
+    assert c.request(lb.url, "PUT", "/api/v1/policy", policy)[0] == 200
+    a = ProtoAgent(c, key, "lb-a", urls=[lb.url])
+    b = ProtoAgent(c, key, "lb-b", urls=[lb.url])
+    try:
+        a.connect()
+        a.pump(lambda s: b.node_id in s.peers())
+        serving = next(r for r in c.replicas if r.id == a.stream.replica)
+        c.kill(serving)
+        a.pump(lambda s: s.kinds[-1] in ("eof", "error"), timeout=15)
+        held = a.view.version
+        wait_until(lambda: c.request(lb.url, "PATCH", f"/api/v1/nodes/{b.node_id}",
+                                     {"name": "lb-renamed"}, timeout=5)[0] == 200, 20,
+                   what="a write through HAProxy after the kill")
+        wait_until(lambda: _reconnect(a), 20, what="a stream through HAProxy to a live replica")
+        assert a.stream.replica != serving.id
+        a.pump(lambda s: s.view.netmap.peers[b.node_id].name == "lb-renamed")
+        assert a.view.version > held
+    finally:
+        a.close()
+        b.close()
+
+
+def _reconnect(agent) -> bool:
+    from raftmesh.agent.control_client import ControlError
+    try:
+        agent.connect()
+        return True
+    except (ControlError, OSError):
+        return False
