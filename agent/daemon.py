@@ -183,6 +183,7 @@ class Agent:
                 self._save_cache()
                 self._enforce()
                 self._ack(stream, verdict.version)
+                self._report_endpoints(verdict.netmap)
             self._set_status("connected", server=stream.server, replica=stream.replica)
         return "stopping"
 
@@ -247,6 +248,20 @@ class Agent:
         self.wg.configure(new_private, self.config.listen_port,
                           self.enforced.self_node.addresses if self.enforced else ())
         log.info("WireGuard key rotated")
+
+    def _report_endpoints(self, netmap: Netmap) -> None:
+        """Tell the control plane where peers reach us when that changed (e.g. a restart
+        with other addresses); the change comes back as a delta like any other."""
+        want = tuple(sorted(self.config.endpoints))
+        if not want or tuple(sorted(netmap.self_node.endpoints)) == want:
+            return
+        if getattr(self, "_reported", None) == want:
+            return
+        try:
+            self.client.call("POST", "/machine/report", {"endpoints": list(want)}, deadline=5)
+            self._reported = want
+        except (ControlError, OSError) as e:
+            log.info("endpoint report failed (will retry with the next netmap): %s", e)
 
     def _ack(self, stream: MapStream, version: int) -> None:
         try:

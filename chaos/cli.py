@@ -1,5 +1,7 @@
-"""`raftmesh bench ...` (and later `raftmesh chaos ...`) subcommands."""
+"""`raftmesh bench ...` and `raftmesh chaos ...` subcommands."""
 from __future__ import annotations
+
+import importlib
 
 
 def register(sub) -> None:
@@ -11,6 +13,36 @@ def register(sub) -> None:
     w.add_argument("--no-etcd", action="store_true", help="skip the etcd comparison")
     w.add_argument("--out", default="bench-out")
     w.set_defaults(func=_writes)
+    for name, module, summary in BENCHMARKS:
+        p = names.add_parser(name, help=summary)
+        mod = importlib.import_module(f"raftmesh.chaos.{module}")
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.main)
+    _register_chaos(sub)
+
+
+BENCHMARKS = [
+    ("failover", "bench_failover", "SIGKILL the leader until the first acknowledged write, repeated"),
+    ("scale", "bench_scale", "CPU per node/policy change of the netmap index at 100-10,000 nodes"),
+]
+
+
+def _register_chaos(sub) -> None:
+    try:
+        run = importlib.import_module("raftmesh.chaos.run")
+    except (ImportError, SyntaxError):  # a build without the chaos suite
+        return
+    chaos = sub.add_parser("chaos", help="fault injection with checkers (docs/chaos.md)")
+    cmds = chaos.add_subparsers(dest="chaos", required=True)
+    p = cmds.add_parser("run", help="run a seeded fault schedule against real replicas and check it",
+                        description=run.__doc__, formatter_class=_raw_help())
+    run.add_arguments(p)
+    p.set_defaults(func=run.main)
+
+
+def _raw_help():
+    import argparse
+    return argparse.RawDescriptionHelpFormatter
 
 
 def _writes(args) -> int:
