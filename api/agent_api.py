@@ -166,7 +166,7 @@ async def map_stream(ctx: Ctx):
     if since is not None and not await hub.wait_version(since, ctx.config.write_timeout):
         raise APIError(503, "not_ready", f"this replica's netmaps are at version {hub.feed.version}, "
                        f"behind the agent's {since}; use another replica")
-    first = hub.feed.resume(node["id"], since)
+    first = await hub.on_feed(lambda feed: feed.resume(node["id"], since))
     if first is None:
         raise APIError(401, "node_expired", f"node {node['id']}'s key has expired or it logged out; "
                        "register again with an auth key")

@@ -7,12 +7,15 @@ the agent already holds; then deltas as commands apply, a keepalive every
 `stream_keepalive` seconds, and a `bye` when the node is revoked (its stream closes on
 every replica in the same applied batch that removes it from its peers).
 
-Threading: apply and reset listeners run on the Raft thread and only hand batches to the
-event loop, which owns the feed, the streams and all sockets.
+Threading: apply and reset listeners run on the Raft thread and hand batches to the event
+loop, which owns the streams and sockets. The feed lives on its own thread (every access
+goes through a one-thread executor, in order), so a large change — a policy change at
+10,000 nodes — never stalls keepalives or other streams on the loop.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import secrets
 import time
@@ -32,6 +35,7 @@ from raftmesh.api.wire import Netmap
 from .frames import ClusterKey, FrameSigner, endorse
 
 log = logging.getLogger("raftmesh.map_stream")
+PRESENCE_WINDOW = 0.5  # stream opens/closes within this window become one Raft write
 MAX_QUEUED_FRAMES = 64  # a slower reader gets one full netmap instead of a backlog
 WRITE_TIMEOUT = 30.0  # a reader that takes no bytes this long is dropped
 FRAME_CONTENT_TYPE = "application/x-raftmesh-frames"
@@ -81,6 +85,10 @@ class StreamHub:
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._tasks: list[asyncio.Task] = []
         self._ticked_for: float | None = None
+        self._feed_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netmap-feed")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._presence: list[dict] = []
+        self._presence_wake: asyncio.Event | None = None
         self.propagation = Histogram(
             "raftmesh_netmap_propagation_seconds",
             "from the command that changed a netmap to the agent acknowledging it",
@@ -93,11 +101,14 @@ class StreamHub:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        self._presence_wake = asyncio.Event()
         self.replica.add_apply_listener(lambda b: loop.call_soon_threadsafe(self._on_batch, b))
-        self.replica.add_reset_listener(lambda: loop.call_soon_threadsafe(self._rebuild))
-        self._rebuild()
+        self.replica.add_reset_listener(lambda: loop.call_soon_threadsafe(self._on_reset))
+        self.feed = self._build_feed()
+        self._load_keys()
         self._tasks.append(loop.create_task(self._expiry_timer()))
+        self._tasks.append(loop.create_task(self._presence_writer()))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -105,23 +116,37 @@ class StreamHub:
         for streams in list(self.streams.values()):
             for s in streams:
                 s.close("shutting_down", "replica is shutting down; reconnect to another")
+        self._feed_thread.shutdown(wait=False, cancel_futures=True)
 
-    def _rebuild(self) -> None:
-        """(Re)derive everything from the local state: at start and after a snapshot install."""
+    def _build_feed(self) -> NetmapFeed:
+        """Derive everything from the local state: at start and after a snapshot install."""
         with self.replica.store.read() as txn:
             version = read_version(txn)
             head = txn.get("meta", "policy_head")
             text = txn.get("policy_versions", f"{head['version']:010d}")["text"] if head else None
             nodes = [n for _, n in txn.items("nodes")]
             clock = sm.clock(txn)
-        self.feed = NetmapFeed(text, nodes, clock, version)
+        return NetmapFeed(text, nodes, clock, version)
+
+    def _on_reset(self) -> None:
+        def rebuild():
+            feed = self._build_feed()
+            self._loop.call_soon_threadsafe(self._install_feed, feed)
+        self._feed_thread.submit(_logged(rebuild))
+
+    def _install_feed(self, feed: NetmapFeed) -> None:
+        self.feed = feed
         self._load_keys()
-        for node_id, streams in self.streams.items():
+        for streams in self.streams.values():
             for s in streams:
                 s.frames.clear()
                 s.needs_full = True
                 s.wake.set()
         self._wake_waiters()
+
+    async def on_feed(self, fn, *args):
+        """Run `fn(feed, *args)` on the feed's thread, after every batch handed to it so far."""
+        return await self._loop.run_in_executor(self._feed_thread, lambda: fn(self.feed, *args))
 
     def _load_keys(self) -> None:
         with self.replica.store.read() as txn:
@@ -139,34 +164,40 @@ class StreamHub:
 
     # -- applied commands --------------------------------------------------------------------
     def _on_batch(self, batch) -> None:
-        if self.feed is None:
-            return
+        self._feed_thread.submit(_logged(self._apply_batch), batch)
+
+    def _apply_batch(self, batch) -> None:
+        """On the feed thread: derive the deltas and encode their bodies, then hand them to
+        the loop (in order: one thread, FIFO call_soon_threadsafe)."""
         started = time.perf_counter()
         update = self.feed.apply_batch(batch)
-        if update.keys_changed:
-            self._load_keys()
-        self._fan_out(update)
-        self._wake_waiters()
+        bodies = {k: d.to_json() for k, d in update.deltas.items()
+                  if k in self.streams and k not in update.gone}
+        reasons = {k: "node was deleted" if not self.feed.index.knows(k) else
+                   "node key expired or node is no longer approved; re-authenticate"
+                   for k in update.gone}
         elapsed = time.perf_counter() - started
         if elapsed > 0.5:
             log.warning("netmap batch at version %d took %.2fs for %d deltas", update.version,
                         elapsed, len(update.deltas))
+        self._loop.call_soon_threadsafe(self._fan_out, update, bodies, reasons)
 
-    def _fan_out(self, update: FeedUpdate) -> None:
+    def _fan_out(self, update: FeedUpdate, bodies: dict, reasons: dict) -> None:
+        if update.keys_changed:
+            self._load_keys()
         for node_id, delta in update.deltas.items():
             streams = self.streams.get(node_id)
             if not streams or node_id in update.gone:
                 continue
-            body = delta.to_json()
+            body = bodies.get(node_id) or delta.to_json()  # a stream opened meanwhile
             revoke = bool(update.gone.intersection(delta.peers_removed))
             for s in streams:
                 s.push("delta", delta.version, body)
                 s.pending.append((delta.version, update.cause_time.get(node_id, 0.0), revoke))
         for node_id in update.gone:
-            reason = ("node was deleted" if not self.feed.index.knows(node_id) else
-                      "node key expired or node is no longer approved; re-authenticate")
             for s in self.streams.get(node_id, ()):
-                s.close("revoked", reason)
+                s.close("revoked", reasons[node_id])
+        self._wake_waiters()
 
     def _wake_waiters(self) -> None:
         keep = []
@@ -190,14 +221,17 @@ class StreamHub:
             return False
 
     async def catch_up(self, replica: RaftReplica, timeout: float) -> bool:
-        """A read barrier; False if it timed out. Batches are handed to the loop before
-        futures resolve (RaftReplica.add_apply_listener), so once the barrier is seen here,
-        the feed has every command before it."""
+        """A read barrier, then every batch before it through the feed; False on timeout.
+        Batches reach the loop before futures resolve (RaftReplica.add_apply_listener), so
+        they are queued on the feed thread ahead of the no-op awaited here."""
         try:
             outcome = await asyncio.wait_for(asyncio.wrap_future(replica.barrier()), timeout)
         except asyncio.TimeoutError:
             return False
-        return outcome.kind == Outcome.APPLIED
+        if outcome.kind != Outcome.APPLIED:
+            return False
+        await self.on_feed(lambda feed: None)  # the batches before the barrier are applied
+        return True
 
     async def _expiry_timer(self) -> None:
         """Key expiry needs the replicated clock to pass it; with no other writes, the
@@ -265,7 +299,7 @@ class StreamHub:
                                            "X-Raftmesh-Keepalive": f"{keepalive:g}"})
         await resp.prepare(request)
         stream = self.subscribe(node_id, request.remote)
-        presence = asyncio.create_task(self._presence(node_id, True, stream.session))
+        self._presence_change(node_id, True, stream.session)
         try:
             kind = "full" if isinstance(first, Netmap) else "delta"
             await self._send(resp, stream, kind, first.version, first.to_json())
@@ -278,7 +312,7 @@ class StreamHub:
                 stream.wake.clear()
                 if stream.needs_full and stream.closing is None:
                     stream.needs_full = False
-                    full = self.feed.full(node_id)
+                    full = await self.on_feed(lambda feed: feed.full(node_id))
                     if full is None:
                         stream.close("revoked", "node is no longer part of the mesh")
                     else:
@@ -292,8 +326,7 @@ class StreamHub:
             log.debug("stream of %s ended: %r", node_id, e)
         finally:
             self.unsubscribe(stream)
-            presence.cancel()
-            asyncio.create_task(self._presence(node_id, False, stream.session))
+            self._presence_change(node_id, False, stream.session)
         return resp
 
     async def _send(self, resp: web.StreamResponse, stream: Stream, kind: str, version: int,
@@ -305,16 +338,41 @@ class StreamHub:
         if kind in ("full", "delta"):
             stream.sent_version = version
 
-    async def _presence(self, node_id: str, online: bool, session: str) -> None:
-        """Record online/offline in the replicated node record (best effort: a replica that
-        dies with open streams sweeps them when it starts again)."""
-        args = {"id": node_id, "online": online, "replica": self.replica.config.id,
-                "session": session}
-        cmd = Command("node.presence", args, time=time.time(), actor=f"replica:{self.replica.config.id}")
+    def _presence_change(self, node_id: str, online: bool, session: str) -> None:
+        self._presence.append({"id": node_id, "online": online, "session": session})
+        self._presence_wake.set()
+
+    async def _presence_writer(self) -> None:
+        """Online/offline into the replicated node records, one command per window: a
+        reconnect storm of thousands of agents is a few Raft writes, and peers get one
+        delta per window instead of one per agent (best effort: a replica that dies with
+        open streams sweeps them when it starts again)."""
+        me = self.replica.config.id
+        while True:
+            await self._presence_wake.wait()
+            await asyncio.sleep(PRESENCE_WINDOW)  # the coalescing window, not synchronisation
+            self._presence_wake.clear()
+            changes, self._presence = self._presence, []
+            cmd = Command("node.presence", {"replica": me, "changes": changes}, time=time.time(),
+                          actor=f"replica:{me}")
+            try:
+                outcome = await asyncio.wait_for(asyncio.wrap_future(self.replica.propose(cmd)), 10)
+                ok = outcome.kind == Outcome.APPLIED
+            except asyncio.TimeoutError:
+                ok = False
+            if not ok:  # re-applying a presence change is harmless; try again next window
+                self._presence[:0] = changes
+                self._presence_wake.set()
+                await asyncio.sleep(1.0)
+
+
+def _logged(fn):
+    def run(*args):
         try:
-            await asyncio.wait_for(asyncio.wrap_future(self.replica.propose(cmd)), 10)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            pass
+            fn(*args)
+        except Exception:
+            log.exception("netmap feed task failed")
+    return run
 
 
 HUB = web.AppKey("map_hub", StreamHub)

@@ -19,11 +19,11 @@ from raftmesh.cluster.commands import Command
 from raftmesh.cluster.netmap import Changes, NetmapIndex
 from raftmesh.cluster.policy import Policy, PolicyError, parse_policy
 
-HISTORY_PER_NODE = 32
+HISTORY_PER_NODE = 32  # deltas kept per node; an agent further behind gets a full netmap
 # Commands whose result value is the node's whole new record.
 NODE_RECORD_OPS = frozenset({"node.register", "node.update", "node.approve", "node.expire",
                              "node.routes", "node.report", "node.rotate_key",
-                             "node.reauthenticate", "node.presence"})  # deltas kept per node; an agent further behind gets a full netmap
+                             "node.reauthenticate"})
 
 
 @dataclass
@@ -110,7 +110,7 @@ class NetmapFeed:
         value = result.get("value")
         if cmd.op == "node.delete":
             out.append(self.index.remove_node(cmd.args["id"], v))
-        elif cmd.op == "node.presence_sweep":
+        elif cmd.op in ("node.presence", "node.presence_sweep"):
             out.extend(self.index.upsert_node(n, v) for n in value["nodes"])
         elif cmd.op in NODE_RECORD_OPS:
             out.append(self.index.upsert_node(value, v))

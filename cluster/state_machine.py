@@ -486,21 +486,26 @@ def _node_reauthenticate(ctx: Context) -> dict:
 
 @handler("node.presence")
 def _node_presence(ctx: Context) -> dict:
-    """A map stream opened (online) or closed (offline) on a replica. Offline applies only
-    to the session that went away, so a late close cannot hide a newer stream elsewhere.
-    Not audited: presence is frequent and changes no configuration."""
-    node = ctx.require("nodes", ctx.args["id"], "node")
-    a = ctx.args
-    if a["online"]:
-        changes = {"online": True, "stream_replica": a["replica"], "stream_session": a["session"],
-                   "last_seen": ctx.cmd.time}
-    elif node.get("stream_session") == a["session"]:
-        changes = {"online": False, "stream_session": None, "last_seen": ctx.cmd.time}
-    else:
-        return node
-    after = dict(node, **changes)
-    ctx.txn.put("nodes", node["id"], after)
-    return after
+    """Map streams opened (online) or closed (offline) on one replica, batched by it.
+
+    Offline applies only to the session that went away, so a late close cannot hide a newer
+    stream elsewhere; nodes deleted meanwhile are skipped. Not audited: presence is frequent
+    and changes no configuration."""
+    changed = []
+    for c in ctx.args["changes"]:
+        node = ctx.txn.get("nodes", c["id"])
+        if node is None:
+            continue
+        if c["online"]:
+            after = dict(node, online=True, stream_replica=ctx.args["replica"],
+                         stream_session=c["session"], last_seen=ctx.cmd.time)
+        elif node.get("stream_session") == c["session"]:
+            after = dict(node, online=False, stream_session=None, last_seen=ctx.cmd.time)
+        else:
+            continue
+        ctx.txn.put("nodes", node["id"], after)
+        changed.append(after)
+    return {"nodes": changed}
 
 
 @handler("node.presence_sweep")
