@@ -165,3 +165,47 @@ def test_the_last_admin_key_cannot_be_deleted():
     run(txn, [cmd("apikey.create", id="a2", name="second", hash="h", scopes=["admin"])], 4)
     assert sm.apply(txn, cmd("apikey.delete", id="a1"), 5)["ok"]
     assert sm.apply(txn, cmd("apikey.delete", id="r1"), 6)["ok"]
+
+
+def test_presence_sessions_sweep_clock_and_reauthentication():
+    txn = DictTxn()
+    run(txn, setup_commands())
+    node = lambda i: txn.get("nodes", i)
+    r = sm.apply(txn, cmd("node.presence", t=101, replica="r1", changes=[
+        {"id": "n1", "online": True, "session": "s1"}, {"id": "gone", "online": True, "session": "x"},
+        {"id": "n2", "online": True, "session": "s2"}]), 10)
+    assert [n["id"] for n in r["value"]["nodes"]] == ["n1", "n2"]
+    assert node("n1")["online"] and node("n1")["stream_replica"] == "r1"
+    # n1 reconnected on r2 before r1 noticed its old stream closing: the late close is ignored
+    sm.apply(txn, cmd("node.presence", t=102, replica="r2", changes=[
+        {"id": "n1", "online": True, "session": "s3"}]), 11)
+    sm.apply(txn, cmd("node.presence", t=103, replica="r1", changes=[
+        {"id": "n1", "online": False, "session": "s1"}, {"id": "n2", "online": False, "session": "s2"}]), 12)
+    assert node("n1")["online"] and node("n1")["stream_replica"] == "r2"
+    assert not node("n2")["online"] and node("n2")["last_seen"] == 103
+    # r2 restarts: its streams are gone
+    r = sm.apply(txn, cmd("node.presence_sweep", t=104, replica="r2"), 13)
+    assert [n["id"] for n in r["value"]["nodes"]] == ["n1"] and not node("n1")["online"]
+    # the replicated clock follows successful commands only
+    assert sm.clock(txn) == 104
+    sm.apply(txn, cmd("node.approve", t=500, id="nope"), 14)
+    assert sm.clock(txn) == 104
+    sm.apply(txn, cmd("clock.tick", t=200), 15)
+    assert sm.clock(txn) == 200
+    # an expired node comes back with a pre-auth key of its own user
+    sm.apply(txn, cmd("node.expire", t=201, id="n1"), 16)
+    assert node("n1")["expired"]
+    r = sm.apply(txn, cmd("node.reauthenticate", t=202, id="n1", preauth_key_id="k1"), 17)
+    assert not r["ok"] and "used up" in r["message"]  # k1's two uses are spent
+    sm.apply(txn, cmd("preauthkey.create", t=202, id="k2", user="alice", hash="h", reusable=False,
+                      tags=[], expires_at=1000.0), 18)
+    r = sm.apply(txn, cmd("node.reauthenticate", t=202, id="n1", preauth_key_id="k2",
+                          node_key="nk9", key_expiry=900.0), 19)
+    assert r["ok"], r
+    assert not node("n1")["expired"] and node("n1")["node_key"] == "nk9"
+    assert txn.get("preauth_keys", "k2")["used"] == 1
+    sm.apply(txn, cmd("user.create", t=203, name="bob"), 20)
+    sm.apply(txn, cmd("preauthkey.create", t=203, id="kb", user="bob", hash="h", reusable=True,
+                      tags=[], expires_at=1000.0), 21)
+    r = sm.apply(txn, cmd("node.reauthenticate", t=204, id="n1", preauth_key_id="kb"), 22)
+    assert not r["ok"] and r["code"] == "forbidden"
