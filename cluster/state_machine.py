@@ -248,8 +248,10 @@ def _apikey_create(ctx: Context) -> dict:
 def _apikey_delete(ctx: Context) -> dict:
     before = ctx.require("api_keys", ctx.args["id"], "API key")
     if "admin" in before["scopes"] and not any(
-            "admin" in k["scopes"] for kid, k in ctx.txn.items("api_keys") if kid != before["id"]):
-        raise Rejected("conflict", "refusing to delete the last admin key (create another first)")
+            "admin" in k["scopes"] and (k.get("expires_at") is None or k["expires_at"] > ctx.cmd.time)
+            for kid, k in ctx.txn.items("api_keys") if kid != before["id"]):
+        raise Rejected("conflict", "refusing to delete the last unexpired admin key "
+                       "(create another first)")
     ctx.txn.delete("api_keys", ctx.args["id"])
     ctx.audit(f"api_key:{ctx.args['id']}", before, None)
     return public(before)

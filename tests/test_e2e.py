@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 from netns import Lab, cleanup_stale, stop_proc, wait_for

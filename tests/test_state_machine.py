@@ -161,7 +161,11 @@ def test_the_last_admin_key_cannot_be_deleted():
     run(txn, [cmd("apikey.bootstrap", id="a1", name="boot", hash="h", scopes=["admin"]),
               cmd("apikey.create", id="r1", name="ro", hash="h", scopes=["read"])])
     r = sm.apply(txn, cmd("apikey.delete", id="a1"), 3)
-    assert r["code"] == "conflict" and "last admin key" in r["message"]
+    assert r["code"] == "conflict" and "last unexpired admin key" in r["message"]
+    # an expired admin key does not count as another way in
+    run(txn, [cmd("apikey.create", id="old", name="old", hash="h", scopes=["admin"],
+                  expires_at=50.0)], 3)
+    assert sm.apply(txn, cmd("apikey.delete", id="a1"), 4)["code"] == "conflict"
     run(txn, [cmd("apikey.create", id="a2", name="second", hash="h", scopes=["admin"])], 4)
     assert sm.apply(txn, cmd("apikey.delete", id="a1"), 5)["ok"]
     assert sm.apply(txn, cmd("apikey.delete", id="r1"), 6)["ok"]
