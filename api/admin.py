@@ -88,12 +88,10 @@ async def delete_user(ctx: Ctx):
                  "expiration_seconds": {"type": "integer", "minimum": 1, "maximum": 10 * 365 * 86400},
                  "usage_limit": {"type": "integer", "minimum": 1},
                  "tags": {"type": "array", "items": TAG, "uniqueItems": True, "maxItems": 32}},
-                ("user",)))
+                ("user",)) | {"dependentSchemas": {"usage_limit": {  # only reusable keys take one
+                    "required": ["reusable"], "properties": {"reusable": {"const": True}}}}})
 async def create_preauth_key(ctx: Ctx):
     b = ctx.body
-    if b.get("usage_limit") is not None and not b.get("reusable"):
-        raise APIError(400, "validation_failed", "usage_limit: only reusable keys take a usage limit",
-                       [{"field": "usage_limit", "message": "only reusable keys take a usage limit"}])
     await check_tags(ctx, b.get("tags", []))
     key_id, token, digest = auth.new_secret_token("rmp")
     args = {"id": key_id, "user": b["user"], "hash": digest,
@@ -123,7 +121,8 @@ async def delete_preauth_key(ctx: Ctx):
        body=obj({"name": {"type": "string", "minLength": 1, "maxLength": 100},
                  "scopes": {"type": "array", "minItems": 1, "uniqueItems": True,
                             "items": {"enum": list(auth.SCOPES)}},
-                 "expiration_seconds": {"type": "integer", "minimum": 1}}, ("name", "scopes")))
+                 "expiration_seconds": {"type": "integer", "minimum": 1,
+                                        "maximum": 10 * 365 * 86400}}, ("name", "scopes")))
 async def create_api_key(ctx: Ctx):
     key_id, token, digest = auth.new_secret_token("rmk")
     exp = ctx.body.get("expiration_seconds")

@@ -190,8 +190,7 @@ async def _parse_body(request: web.Request, schema: dict) -> Any:
         raise APIError(400, "bad_request", "body is nested too deeply")
     errors.sort(key=lambda e: list(e.path))
     if errors:
-        details = [{"field": ".".join(map(str, e.path)) or "(body)", "message": _error_text(e)}
-                   for e in errors]
+        details = [{"field": _error_field(e), "message": _error_text(e)} for e in errors]
         raise APIError(400, "validation_failed",
                        "; ".join(f"{d['field']}: {d['message']}" for d in details), details)
     return body
@@ -224,7 +223,25 @@ def _strict_json(raw: bytes) -> Any:
     return body
 
 
+def _error_field(e: jsonschema.ValidationError) -> str:
+    """The field a client must change; a dependentSchemas rule names its trigger field."""
+    path = [str(p) for p in e.path]
+    where = list(e.schema_path)
+    if "dependentSchemas" in where:
+        return ".".join(path[:-1] + [str(where[where.index("dependentSchemas") + 1])])
+    return ".".join(path) or "(body)"
+
+
 def _error_text(e: jsonschema.ValidationError) -> str:
+    where = list(e.schema_path)
+    if "dependentSchemas" in where:  # e.g. usage_limit requires reusable: true
+        trigger = where[where.index("dependentSchemas") + 1]
+        if e.validator == "required":
+            prop = next(p for p in e.validator_value if p not in e.instance)
+            value = e.schema.get("properties", {}).get(prop, {}).get("const", "set")
+        else:
+            prop, value = (e.path[-1] if e.path else "?"), e.validator_value
+        return f"{trigger} requires {prop}: {json.dumps(value)}"
     if e.validator == "additionalProperties":
         extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
         return f"unknown fields {extra}"
@@ -233,20 +250,31 @@ def _error_text(e: jsonschema.ValidationError) -> str:
     return e.message if len(e.message) < 200 else e.message[:200] + "..."
 
 
-def _authenticate(request: web.Request, replica: RaftReplica) -> tuple[str, list[str]]:
+async def _authenticate(request: web.Request, replica: RaftReplica) -> tuple[str, list[str]]:
     peer = request.headers.get(auth.PEER_HEADER)
     if peer is not None and auth.hmac.compare_digest(peer, auth.peer_token(replica.config.cluster_secret)):
         return "replica:peer", ["read"]
-    header = request.headers.get("Authorization", "")
-    if not header.startswith("Bearer "):
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 9110 11.1)
         raise APIError(401, "unauthenticated", "missing 'Authorization: Bearer <api key>'")
-    token = header[7:].strip()
+    token = token.strip()
     parts = auth.split_token(token, "rmk") if token.isascii() else None
     if parts is None:
         raise APIError(401, "unauthenticated", "malformed API key")
     key_id, secret = parts
-    with replica.store.read() as txn:
-        record = txn.get("api_keys", key_id)
+    record = _api_key(replica, key_id)
+    if record is None:
+        # Maybe created a moment ago through another replica that this one has not applied
+        # yet (a lagging or just re-added replica): look again behind a read barrier.
+        try:
+            outcome = await asyncio.wait_for(asyncio.wrap_future(replica.barrier()),
+                                             replica.config.write_timeout)
+        except asyncio.TimeoutError:
+            outcome = None
+        if outcome is None or outcome.kind != Outcome.APPLIED:
+            raise APIError(503, "not_ready", "API key not known to this replica, which cannot "
+                           "reach the leader to check it now; retry or use another replica")
+        record = _api_key(replica, key_id)
     if record is None or not auth.secret_matches(secret, record["hash"]):
         raise APIError(401, "unauthenticated", "unknown API key")
     if record.get("expires_at") is not None and record["expires_at"] <= time.time():
@@ -254,11 +282,16 @@ def _authenticate(request: web.Request, replica: RaftReplica) -> tuple[str, list
     return f"apikey:{key_id}", record["scopes"]
 
 
+def _api_key(replica: RaftReplica, key_id: str) -> dict | None:
+    with replica.store.read() as txn:
+        return txn.get("api_keys", key_id)
+
+
 def make_handler(r: Route, replica: RaftReplica):
     async def handle(request: web.Request) -> web.StreamResponse:
         actor, scopes = "anonymous", []
         if r.needs is not None:
-            actor, scopes = _authenticate(request, replica)
+            actor, scopes = await _authenticate(request, replica)
             if not auth.allows(scopes, r.needs):
                 raise APIError(403, "forbidden", f"this operation needs scope "
                                f"{'admin' if r.needs == 'admin' else r.needs!r}; key has {scopes}")

@@ -28,10 +28,7 @@ BENCHMARKS = [
 
 
 def _register_chaos(sub) -> None:
-    try:
-        run = importlib.import_module("raftmesh.chaos.run")
-    except (ImportError, SyntaxError):  # a build without the chaos suite
-        return
+    run = importlib.import_module("raftmesh.chaos.run")
     chaos = sub.add_parser("chaos", help="fault injection with checkers (docs/chaos.md)")
     cmds = chaos.add_subparsers(dest="chaos", required=True)
     p = cmds.add_parser("run", help="run a seeded fault schedule against real replicas and check it",

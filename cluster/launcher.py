@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Callable
 
 from raftmesh.api import auth
 
@@ -41,6 +42,7 @@ class ReplicaProcess:
     api_port: int
     proc: subprocess.Popen | None = None
     extra_args: list[str] = field(default_factory=list)
+    host: str = ""  # address the API binds to; "" means the cluster's host
 
     @property
     def pid(self) -> int | None:
@@ -53,7 +55,13 @@ class ReplicaProcess:
 class LocalCluster:
     def __init__(self, data_dir: str, replicas: int = 3, host: str = "127.0.0.1",
                  secret: str | None = None, admin_key: str | None = None,
-                 extra_args: list[str] | None = None, log_dir: str | None = None):
+                 extra_args: list[str] | None = None, log_dir: str | None = None,
+                 hosts: list[str] | None = None, ports: tuple[int, int] | None = None,
+                 command_prefix: Callable[[ReplicaProcess], list[str]] | None = None):
+        """`hosts`, `ports` and `command_prefix` let each replica live in its own network
+        namespace (chaos runs): replica n gets address hosts[n-1] with the fixed
+        (raft, api) `ports` (every namespace has its own port space), and its command is
+        prefixed with command_prefix(replica), e.g. ["ip", "netns", "exec", ns]."""
         self.data_dir = os.path.abspath(data_dir)
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         self.host = host
@@ -61,16 +69,19 @@ class LocalCluster:
         self.admin_key = admin_key or auth.new_secret_token("rmk")[1]
         self.extra_args = extra_args or []
         self.log_dir = log_dir or self.data_dir
+        self.hosts, self.ports, self.command_prefix = hosts, ports, command_prefix
         self.replicas: list[ReplicaProcess] = []
         for _ in range(replicas):
             self._new_replica()
 
     def _new_replica(self) -> ReplicaProcess:
         n = len(self.replicas) + 1
-        raft_port, api_port = free_ports(2, self.host)
-        r = ReplicaProcess(id=f"r{n}", raft_addr=f"{self.host}:{raft_port}",
-                           api_url=f"http://{self.host}:{api_port}",
-                           data_dir=os.path.join(self.data_dir, f"r{n}"), api_port=api_port)
+        host = self.hosts[n - 1] if self.hosts else self.host
+        raft_port, api_port = self.ports or free_ports(2, self.host)
+        r = ReplicaProcess(id=f"r{n}", raft_addr=f"{host}:{raft_port}",
+                           api_url=f"http://{host}:{api_port}",
+                           data_dir=os.path.join(self.data_dir, f"r{n}"), api_port=api_port,
+                           host=host)
         self.replicas.append(r)
         return r
 
@@ -80,10 +91,12 @@ class LocalCluster:
             peers = [x.raft_addr for x in self.replicas if x is not r]
         args = [sys.executable, "-m", "raftmesh.api.cli", "server", "--id", r.id,
                 "--raft-addr", r.raft_addr, "--peers", ",".join(peers),
-                "--api-host", self.host, "--api-port", str(r.api_port), "--api-url", r.api_url,
+                "--api-host", r.host or self.host, "--api-port", str(r.api_port), "--api-url", r.api_url,
                 "--data-dir", r.data_dir, *self.extra_args, *r.extra_args]
         if join:
             args.append("--join")
+        if self.command_prefix is not None:
+            args = [*self.command_prefix(r), *args]
         env = dict(os.environ, RAFTMESH_CLUSTER_SECRET=self.secret,
                    RAFTMESH_BOOTSTRAP_ADMIN_KEY=self.admin_key)
         log = open(os.path.join(self.log_dir, f"{r.id}.log"), "ab")

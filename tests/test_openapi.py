@@ -169,8 +169,6 @@ def test_bodies_the_document_accepts_are_not_invalid(api, method, path, body, st
     assert_error(api(method, concrete(path), body), status)
 
 
-@pytest.mark.xfail(strict=True, reason="admin.py checks 'usage_limit needs reusable' in code; the "
-                   "documented schema does not say so (suggested fix: dependentSchemas in the body schema)")
 def test_usage_limit_rule_is_in_the_document(api):
     body = {"user": GHOST, "usage_limit": 3}
     server_says = api("POST", "/api/v1/preauth-keys", body)

@@ -1,0 +1,289 @@
+"""Carries out a fault schedule (chaos/schedule.py) against real replica processes.
+
+Runs in its own thread beside the asyncio workload. Symbolic targets ("leader",
+"follower:K") are resolved when a fault starts and the resolution is written to the
+timeline, so a report says exactly which replica was hit. Every fault is undone at the end
+of its window (`heal`), and `heal_all` undoes anything left (an aborted run) idempotently.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+import urllib.error
+from dataclasses import dataclass, field
+
+from raftmesh.cluster.launcher import LocalCluster, ReplicaProcess
+
+from . import latency_proxy
+from .netlab import NetRules, ReplicaNet
+from .schedule import FaultEvent, blocked_pairs
+
+
+@dataclass
+class TimelineEntry:
+    index: int
+    kind: str
+    target: str  # as resolved
+    detail: str
+    start: float
+    end: float | None = None
+    params: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+class Injector:
+    def __init__(self, cluster: LocalCluster, net: ReplicaNet, schedule: list[FaultEvent], t0: float,
+                 proxies: dict[int, tuple[str, int]] | None = None, log=print):
+        self.cluster, self.net, self.schedule, self.t0 = cluster, net, schedule, t0
+        self.proxies = proxies or {}  # replica index -> control address of its latency proxy
+        self.log = log
+        self.timeline: list[TimelineEntry] = []
+        self.current: TimelineEntry | None = None
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self._killed: set[str] = set()
+        self._paused: set[str] = set()
+        self._removed: dict[str, bool] = {}  # id -> stopped and set aside, awaiting re-add
+        self._removals = 0
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def ids(self) -> list[str]:
+        return [r.id for r in self.cluster.replicas]
+
+    def replica(self, rid: str) -> ReplicaProcess:
+        return next(r for r in self.cluster.replicas if r.id == rid)
+
+    def index(self, rid: str) -> int:
+        return self.ids().index(rid)
+
+    # -- the thread ----------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            for ev in self.schedule:
+                if self.stop.wait(max(0.0, self.t0 + ev.start - time.monotonic())):
+                    return
+                entry = self._inject(ev)
+                self.stop.wait(max(0.0, self.t0 + ev.end - time.monotonic()))
+                self._heal(ev, entry)
+                if self.stop.is_set():
+                    return
+        except Exception as e:  # the run must still heal and report
+            self.errors.append(f"injector: {e!r}")
+            self.log(f"injector error: {e!r}")
+
+    # -- leader and targets -------------------------------------------------------------------
+    def leader(self) -> str | None:
+        best = None
+        for r in self.cluster.replicas:
+            if not r.alive() or r.id in self._paused:
+                continue
+            try:
+                status, body = self.cluster.request(r, "GET", "/api/v1/cluster/self", timeout=1)
+            except (OSError, urllib.error.URLError):
+                continue
+            if status == 200 and body["replica"]["state"] == "leader":
+                term = body["replica"]["term"]
+                if best is None or term > best[0]:
+                    best = (term, r.id)
+        return best[1] if best else None
+
+    def resolve(self, target: str) -> tuple[str, str]:
+        """(replica id, how it was chosen)."""
+        if target == "leader":
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                lead = self.leader()
+                if lead:
+                    return lead, "the leader"
+                time.sleep(0.1)
+            return self.ids()[0], "no leader found, first replica instead"
+        if target.startswith("follower:"):
+            lead = self.leader()
+            followers = [i for i in self.ids() if i != lead]
+            pick = followers[int(target.split(":")[1]) % len(followers)]
+            return pick, f"follower #{target.split(':')[1]} (leader was {lead})"
+        return target, "scheduled"
+
+    # -- inject / heal --------------------------------------------------------------------------
+    def _inject(self, ev: FaultEvent) -> TimelineEntry:
+        target, how = ("all", "scheduled") if ev.target in ("all", "") else self.resolve(ev.target)
+        entry = TimelineEntry(ev.index, ev.kind, target, "", self.now(), params=dict(ev.params))
+        self.current = entry
+        self.timeline.append(entry)
+        getattr(self, f"_start_{ev.kind}")(ev, entry, target)
+        entry.detail = entry.detail or f"{ev.kind} {target}"
+        if how != "scheduled":
+            entry.notes.append(f"target {target}: {how}")
+        self.log(f"fault #{ev.index} {entry.detail}")
+        return entry
+
+    def _heal(self, ev: FaultEvent, entry: TimelineEntry) -> None:
+        getattr(self, f"_end_{ev.kind}")(ev, entry)
+        entry.end = self.now()
+        self.current = None
+        self.log(f"healed #{ev.index} {ev.kind} after {entry.end - entry.start:.1f}s")
+
+    def _start_kill(self, ev, entry, rid):
+        self.cluster.kill(self.replica(rid), signal.SIGKILL)
+        self._killed.add(rid)
+        entry.detail = f"SIGKILL {rid}"
+
+    def _end_kill(self, ev, entry):
+        self._restart_killed()
+
+    def _restart_killed(self):
+        for rid in sorted(self._killed):
+            r = self.replica(rid)
+            if not r.alive():
+                self.cluster.start(r)
+        self._killed.clear()
+
+    def _start_pause(self, ev, entry, rid):
+        r = self.replica(rid)
+        if r.alive():
+            r.proc.send_signal(signal.SIGSTOP)
+            self._paused.add(rid)
+        entry.detail = f"SIGSTOP {rid}"
+
+    def _end_pause(self, ev, entry):
+        self._resume_paused()
+
+    def _resume_paused(self):
+        for rid in sorted(self._paused):
+            r = self.replica(rid)
+            if r.alive():
+                r.proc.send_signal(signal.SIGCONT)
+        self._paused.clear()
+
+    def _start_partition(self, ev, entry, rid):
+        ids = self.ids()
+        pairs = blocked_pairs(ev.params, rid, ids)
+        ip = {r: self.net.ips[i] for i, r in enumerate(ids)}
+        for i, r in enumerate(ids):
+            blocked = {ip[o] for p in pairs if r in p for o in p if o != r}
+            self.net.set_rules(i, NetRules(blocked=blocked))
+        mode = ev.params["mode"]
+        if mode in ("isolate-one", "isolate-leader"):
+            entry.detail = f"partition ({mode}): {rid} | {', '.join(o for o in ids if o != rid)}"
+        elif mode == "halves":
+            entry.detail = f"partition (halves): {', '.join(ev.params['minority'])} | {', '.join(ev.params['majority'])}"
+        else:
+            entry.detail = (f"partition (bridge): {', '.join(ev.params['left'])} | {', '.join(ev.params['right'])}, "
+                            f"{rid} sees both")
+
+    def _end_partition(self, ev, entry):
+        self.net.heal()
+
+    def _start_loss(self, ev, entry, rid):
+        permille = ev.params["percent"] * 10
+        if rid == "all":
+            for i in range(len(self.ids())):
+                self.net.set_rules(i, NetRules(loss_in=permille))
+        else:
+            self.net.set_rules(self.index(rid), NetRules(loss_in=permille, loss_out=permille))
+        entry.detail = f"packet loss {ev.params['percent']}% on {'all links' if rid == 'all' else rid + ' links'}"
+
+    def _end_loss(self, ev, entry):
+        self.net.heal()
+
+    def _start_latency(self, ev, entry, rid):
+        d, j = ev.params["delay_ms"], ev.params["jitter_ms"]
+        if not self.proxies:
+            entry.notes.append("no latency proxies (latency not in --faults at start-up)")
+            return
+        for i, control in self.proxies.items():
+            if rid == "all" or self.ids()[i] == rid:
+                self._proxy(control, f"set * {d} {j}")
+            else:
+                self._proxy(control, f"set {self.net.ips[self.index(rid)]} {d} {j}")
+        entry.detail = f"latency {d}±{j} ms one way on {'all links' if rid == 'all' else rid + ' links'}"
+
+    def _end_latency(self, ev, entry):
+        for control in self.proxies.values():
+            self._proxy(control, "clear")
+
+    def _proxy(self, control, line):
+        answer = latency_proxy.send(control, line)
+        if answer != "ok":
+            raise RuntimeError(f"latency proxy {control}: {line!r} -> {answer!r}")
+
+    def _start_membership(self, ev, entry, rid):
+        r = self.replica(rid)
+        deadline = time.monotonic() + max(2.0, ev.duration * 0.6)
+        answer = self._until(deadline, lambda via: self.cluster.request(
+            via, "DELETE", f"/api/v1/cluster/members/{rid}", timeout=6), rid, ok=(200, 404))
+        entry.detail = f"remove {rid} from the cluster"
+        if answer is None:
+            entry.notes.append(f"removal of {rid} not confirmed in time; left running")
+            return
+        entry.notes.append(f"DELETE /cluster/members/{rid} -> {answer[0]}")
+        self.cluster.kill(r, signal.SIGTERM)
+        self._removals += 1
+        aside = f"{r.data_dir}.removed{self._removals}"
+        os.rename(r.data_dir, aside)
+        entry.notes.append(f"{rid} stopped, its data set aside in {aside}")
+        self._removed[rid] = True
+
+    def _end_membership(self, ev, entry):
+        self._readd_removed(entry)
+
+    def _readd_removed(self, entry: TimelineEntry | None):
+        for rid in sorted(self._removed):
+            r = self.replica(rid)
+            if not r.alive():
+                self.cluster.start(r, join=True)
+            body = {"id": r.id, "raft_addr": r.raft_addr, "api_url": r.api_url}
+            answer = self._until(time.monotonic() + 20, lambda via: self.cluster.request(
+                via, "POST", "/api/v1/cluster/members", body, timeout=6), rid, ok=(201, 409))
+            note = f"re-add {rid}: {answer[0] if answer else 'not confirmed within 20 s'}"
+            if entry is not None:
+                entry.notes.append(note)
+            if answer is None:
+                self.errors.append(note)
+        self._removed.clear()
+
+    def _until(self, deadline, call, avoid, ok):
+        """Send an admin call to live replicas other than `avoid` until one of `ok` answers."""
+        while time.monotonic() < deadline:
+            lead = self.leader()
+            order = sorted((r for r in self.cluster.replicas if r.alive() and r.id != avoid),
+                           key=lambda r: r.id != lead)
+            for via in order:
+                try:
+                    status, body = call(via)
+                except (OSError, urllib.error.URLError):
+                    continue
+                if status in ok:
+                    return status, body
+            time.sleep(0.3)
+        return None
+
+    def heal_all(self) -> None:
+        """Undo every fault still in force (idempotent); used at the end and on abort."""
+        self._resume_paused()
+        self._restart_killed()
+        self.net.heal()
+        for control in self.proxies.values():
+            try:
+                self._proxy(control, "clear")
+            except OSError:
+                pass
+        if self._removed:
+            self._readd_removed(None)
+
+
+def clear_removed_data(cluster: LocalCluster) -> None:
+    """Data set aside by membership faults is evidence only while a run fails."""
+    for r in cluster.replicas:
+        parent = os.path.dirname(r.data_dir)
+        for name in os.listdir(parent):
+            if name.startswith(os.path.basename(r.data_dir) + ".removed"):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)

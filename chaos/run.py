@@ -1,0 +1,339 @@
+"""`raftmesh chaos run`: real replicas in network namespaces, a recorded workload, a seeded
+fault schedule, then checks that fail loudly with their evidence.
+
+Phases: build the network (chaos/netlab.py) -> start replicas (and latency proxies) ->
+workload + faults for --duration -> heal everything -> settle (every replica ready and at
+the same applied version) -> stop replicas -> read each replica's LMDB -> checks -> write
+--out. Exit status 0 when every check passes, 1 when one fails, 2 when the run could not
+be carried out (bad arguments, not root, the cluster never became ready).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+from collections import Counter
+from typing import Callable
+
+from raftmesh.cluster.launcher import LocalCluster
+
+from . import checkers, history as hist, latency_proxy, plot
+from .checkers import Check
+from .faults import Injector, clear_removed_data
+from .netlab import ReplicaNet, preflight, stop_pid
+from .schedule import FAULT_HELP, FAULTS, make_schedule
+from .workload import OWNERS, USER_POOL, Workload
+
+RAFT_PORT, API_PORT, PROXY_PORT, CONTROL_PORT = 7100, 8100, 7101, 7102
+# Further checks over the finished run: fn(run: dict) -> Check. The hook for agent checks
+# (netmaps seen by node daemons during the run) once agents join chaos runs.
+EXTRA_CHECKS: list[Callable[[dict], Check]] = []
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "faults:\n" + "\n".join(f"  {k:<11} {v}" for k, v in FAULT_HELP.items()) + (
+        "\n\nThe same --seed, --duration, --faults and --replicas give the same schedule "
+        "(--print-schedule shows it without running anything). Needs root, iproute2 and nftables.")
+    parser.add_argument("--replicas", type=int, choices=(3, 5), default=3)
+    parser.add_argument("--faults", default=",".join(FAULTS),
+                        help=f"comma-separated subset of {','.join(FAULTS)} (default: all)")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of workload under faults")
+    parser.add_argument("--seed", type=int, default=None, help="schedule and workload seed (default: random, printed)")
+    parser.add_argument("--out", default="chaos-out", help="directory for history, timeline, checks, plot")
+    parser.add_argument("--concurrency", type=int, default=8, help="workload clients")
+    parser.add_argument("--settle", type=float, default=45.0, help="max seconds to converge after healing")
+    parser.add_argument("--keep-data", action="store_true", help="keep replica data even when every check passes")
+    parser.add_argument("--print-schedule", action="store_true", help="print the schedule and exit")
+    parser.add_argument("--agents", type=int, default=0,
+                        help="node agents in the run: not yet supported (docs/chaos.md, 'Agents')")
+
+
+def main(args) -> int:
+    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(3), "big")
+    try:
+        schedule = make_schedule(seed, args.duration, faults, args.replicas)
+    except ValueError as e:
+        print(f"raftmesh chaos run: {e}", file=sys.stderr)
+        return 2
+    if args.print_schedule:
+        for ev in schedule:
+            print(f"{ev.start:7.2f}s +{ev.duration:5.2f}s  {ev.describe()}")
+        return 0
+    if args.agents:
+        print("raftmesh chaos run: --agents is not yet supported: this suite covers the replicas; "
+              "agent checks plug into raftmesh.chaos.run.EXTRA_CHECKS (docs/chaos.md, 'Agents')",
+              file=sys.stderr)
+        return 2
+    problems = preflight()
+    if problems:
+        print("raftmesh chaos run: cannot run here: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    return Run(args, seed, faults, schedule).execute()
+
+
+class Run:
+    def __init__(self, args, seed, faults, schedule):
+        self.args, self.seed, self.faults, self.schedule = args, seed, faults, schedule
+        self.out = os.path.abspath(args.out)
+        self.net: ReplicaNet | None = None
+        self.cluster: LocalCluster | None = None
+        self.proxies: list[subprocess.Popen] = []
+        self.checks: list[Check] = []
+        self.started = time.monotonic()
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {msg}", flush=True)
+
+    def execute(self) -> int:
+        os.makedirs(self.out, exist_ok=True)
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)  # so the finally below still cleans up
+        try:
+            self.log(f"chaos run: seed {self.seed}, {self.args.replicas} replicas, {self.args.duration:g}s, "
+                     f"faults {','.join(self.faults)} -> {self.out}")
+            _write_json(os.path.join(self.out, "schedule.json"), [ev.to_dict() for ev in self.schedule])
+            self._start()
+            return self._run_and_check()
+        except (TimeoutError, RuntimeError) as e:
+            print(f"raftmesh chaos run: aborted: {e}", file=sys.stderr)
+            return 2
+        finally:
+            self._teardown()
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
+
+    # -- start and stop ---------------------------------------------------------------------------
+    def _start(self) -> None:
+        n = self.args.replicas
+        self.net = ReplicaNet(n)
+        self.net.setup()
+        self.log(f"network: bridge {self.net.bridge} {self.net.subnet}, namespaces {', '.join(self.net.namespaces)}")
+        data = os.path.join(self.out, "cluster")
+        shutil.rmtree(data, ignore_errors=True)  # a previous run's replicas would not know our keys
+        self.cluster = LocalCluster(data, replicas=n, hosts=self.net.ips,
+                                    ports=(RAFT_PORT, API_PORT),
+                                    command_prefix=lambda r: self.net.prefix(int(r.id[1:]) - 1))
+        if "latency" in self.faults:
+            for i, ip in enumerate(self.net.ips):
+                self._start_proxy(i, ip)
+        self.cluster.start_all()
+        self.cluster.wait_ready(timeout=60)
+        self.log(f"{n} replicas ready: " + ", ".join(f"{r.id} {r.api_url} pid {r.pid}" for r in self.cluster.replicas))
+
+    def _start_proxy(self, i: int, ip: str) -> None:
+        log = open(os.path.join(self.cluster.log_dir, f"proxy-r{i + 1}.log"), "ab")
+        proc = subprocess.Popen(self.net.prefix(i) + [
+            sys.executable, "-m", "raftmesh.chaos.latency_proxy", "--listen", f"{ip}:{PROXY_PORT}",
+            "--target", f"{ip}:{RAFT_PORT}", "--control", f"{ip}:{CONTROL_PORT}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        self.proxies.append(proc)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if latency_proxy.send((ip, CONTROL_PORT), "ping", timeout=0.5) == "ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"latency proxy in {self.net.namespaces[i]} did not start")
+            time.sleep(0.05)
+        self.net.redirect(i, RAFT_PORT, PROXY_PORT)
+
+    def _teardown(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop_all()
+        for p in self.proxies:
+            if p.poll() is None:
+                stop_pid(p.pid)
+        if self.net is not None:
+            self.net.close()
+
+    # -- the run --------------------------------------------------------------------------------
+    def _run_and_check(self) -> int:
+        t0 = time.monotonic()
+        proxies = {i: (ip, CONTROL_PORT) for i, ip in enumerate(self.net.ips)} if self.proxies else {}
+        injector = Injector(self.cluster, self.net, self.schedule, t0, proxies, log=self.log)
+        workload = Workload([r.api_url for r in self.cluster.replicas], self.cluster.admin_key, self.seed,
+                            t0, self.args.concurrency)
+        thread = threading.Thread(target=injector.run, name="chaos-faults", daemon=True)
+        thread.start()
+        try:
+            asyncio.run(self._drive(workload, injector))
+        finally:
+            injector.stop.set()
+            thread.join(60)
+            injector.heal_all()
+        run_seconds = time.monotonic() - t0
+        self.log(f"workload done: {len(workload.history)} ops in {run_seconds:.1f}s; healed, settling")
+        settle_check, members = self._settle()
+        self.cluster.stop_all()
+        digests, tables = {}, None
+        for r in self.cluster.replicas:
+            try:
+                digests[r.id], t = checkers.read_tables(os.path.join(r.data_dir, "state"))
+                tables = tables or t
+            except Exception as e:  # lmdb.Error, OSError: evidence, not a crash
+                digests[r.id] = None
+                self.log(f"cannot read {r.id}'s state: {e!r}")
+        result = self._check(workload, injector, settle_check, members, digests, tables)
+        self._write(workload, injector, result, run_seconds)
+        ok = all(c.ok for c in self.checks)
+        if ok and not self.args.keep_data:
+            for r in self.cluster.replicas:
+                shutil.rmtree(r.data_dir, ignore_errors=True)
+            clear_removed_data(self.cluster)
+        return 0 if ok else 1
+
+    async def _drive(self, workload: Workload, injector: Injector) -> None:
+        task = asyncio.create_task(workload.run(self.args.duration))
+        last, last_n = time.monotonic(), 0
+        while not task.done():
+            await asyncio.wait([task], timeout=2.0)
+            now = time.monotonic()
+            s = workload.stats
+            n = sum(s.done.values())
+            fault = injector.current.detail if injector.current else "no fault"
+            self.log(f"ops {n} (ok {s.done['ok']}, fail {s.done['fail']}, unknown {s.done['unknown']}), "
+                     f"{(n - last_n) / max(1e-9, now - last):.0f}/s | {fault}")
+            last, last_n = now, n
+        task.result()
+
+    def _settle(self) -> tuple[Check, dict]:
+        """Every replica ready and at the same applied version (bounded by --settle)."""
+        deadline = time.monotonic() + self.args.settle
+        ev = []
+        try:
+            self.cluster.wait_ready(timeout=self.args.settle)
+        except (TimeoutError, RuntimeError) as e:
+            ev.append(f"not ready: {e}")
+        members, versions, stable = {}, {}, 0
+        while time.monotonic() < deadline:
+            versions, members = {}, {}
+            for r in self.cluster.replicas:
+                try:
+                    status, body = self.cluster.request(r, "GET", "/api/v1/cluster/self", timeout=2)
+                except (OSError, urllib.error.URLError):
+                    continue
+                if status == 200:
+                    versions[r.id] = body["replica"]["applied_version"]
+                    members[r.id] = body["replica"]["members"]
+            same = len(versions) == len(self.cluster.replicas) and len(set(versions.values())) == 1
+            stable = stable + 1 if same else 0
+            if stable >= 3:
+                break
+            time.sleep(0.2)
+        else:
+            ev.append(f"applied versions did not converge within {self.args.settle:g}s: {versions}")
+        self.log("settled: " + ", ".join(f"{k} v{v}" for k, v in sorted(versions.items())))
+        summary = f"all replicas ready at version {next(iter(versions.values()), '?')}" if not ev else "did not settle"
+        return Check("settled", not ev, summary, ev), members
+
+    def _check(self, workload, injector, settle_check, members, digests, tables) -> dict:
+        history = workload.history
+        self.checks = [settle_check]
+        if injector.errors:
+            self.checks.append(Check("faults", False, "the fault injector failed", injector.errors))
+        self.checks.append(checkers.check_converged(digests, members))
+        final = {}
+        if tables is None:
+            self.checks.append(Check("state", False, "no replica's state could be read"))
+        else:
+            pool = [f"u{i}" for i in range(USER_POOL)]
+            final = checkers.final_values(tables, history, pool, OWNERS, workload.setup_key_ids)
+            attributed, extra = checkers.attribute(history, final, tables, pool, OWNERS, workload.setup_key_ids)
+            self.log("checking linearizability ...")
+            self.checks += [checkers.check_linearizable(history + extra + checkers.final_reads(final, history)),
+                            checkers.check_acknowledged(history, final), attributed,
+                            checkers.check_atomic(tables)]
+        self.checks.append(checkers.check_responses(workload.anomalies))
+        run = {"history": history, "tables": tables, "final": final, "timeline": injector.timeline,
+               "digests": digests}
+        for fn in EXTRA_CHECKS:
+            self.checks.append(fn(run))
+        return run
+
+    # -- report ------------------------------------------------------------------------------------
+    def _write(self, workload, injector, run, run_seconds) -> None:
+        out = self.out
+        hist.save(workload.history, os.path.join(out, "history.jsonl"))
+        with open(os.path.join(out, "faults.jsonl"), "w") as f:
+            for e in injector.timeline:
+                f.write(json.dumps(e.to_dict()) + "\n")
+        with open(os.path.join(out, "attempts.jsonl"), "w") as f:
+            for a in workload.attempts:
+                f.write(json.dumps(a, default=str) + "\n")
+        _write_json(os.path.join(out, "final-state.json"), run["final"])
+        _write_json(os.path.join(out, "checks.json"), [c.to_dict() for c in self.checks])
+        counts = Counter(op.status for op in workload.history)
+        kinds = Counter(e.kind for e in injector.timeline)
+        ok = all(c.ok for c in self.checks)
+        summary = {"verdict": "PASS" if ok else "FAIL", "seed": self.seed, "replicas": self.args.replicas,
+                   "duration": self.args.duration, "faults": self.faults, "run_seconds": round(run_seconds, 1),
+                   "ops": len(workload.history), "by_status": dict(counts),
+                   "ops_per_second": round(len(workload.history) / max(run_seconds, 1e-9), 1),
+                   "attempts": workload.stats.attempts, "retries": workload.stats.retries,
+                   "latency_ok": checkers.latency_stats(workload.history),
+                   "faults_injected": len(injector.timeline), "faults_by_kind": dict(kinds),
+                   "digests": {k: list(v) if v else None for k, v in run["digests"].items()},
+                   "checks": {c.name: c.ok for c in self.checks}}
+        title = (f"raftmesh chaos {summary['verdict']}: seed {self.seed}, {self.args.replicas} replicas, "
+                 f"{len(workload.history)} ops, {len(injector.timeline)} faults")
+        png = plot.plot(os.path.join(out, "plot.png"), workload.history,
+                        [e.to_dict() for e in injector.timeline], title)
+        summary["files"] = {"history": "history.jsonl", "attempts": "attempts.jsonl", "faults": "faults.jsonl", "checks": "checks.json",
+                            "final_state": "final-state.json", "schedule": "schedule.json",
+                            "plot": "plot.png" if png else None, "logs": "cluster/*.log"}
+        summary["out"] = out
+        _write_json(os.path.join(out, "summary.json"), summary)
+        text = render_summary(summary, self.checks, injector.timeline)
+        with open(os.path.join(out, "summary.txt"), "w") as f:
+            f.write(text + "\n")
+        print("\n" + text, flush=True)
+
+
+def render_summary(s: dict, checks: list[Check], timeline) -> str:
+    lat = s["latency_ok"]
+    lines = [f"raftmesh chaos: {s['verdict']}  (seed {s['seed']}, {s['replicas']} replicas, "
+             f"{s['duration']:g}s, faults {','.join(s['faults'])})",
+             f"  ops: {s['ops']} ({', '.join(f'{k} {v}' for k, v in sorted(s['by_status'].items()))}), "
+             f"{s['ops_per_second']}/s, {s['retries']} retries"
+             + (f"; ok latency p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms" if lat else ""),
+             f"  faults injected: {s['faults_injected']} ("
+             + ", ".join(f"{k} {v}" for k, v in sorted(s["faults_by_kind"].items())) + ")"]
+    for e in timeline:
+        end = f"{e.end:6.1f}" if e.end is not None else "   -  "
+        lines.append(f"    {e.start:6.1f}-{end}s  #{e.index} {e.detail}" + "".join(f"; {n}" for n in e.notes))
+    lines += [c.render() for c in checks]
+    lines.append(f"  written to {s.get('out', '--out')}: " + ", ".join(v for v in s["files"].values() if v))
+    if s["verdict"] == "FAIL":
+        lines.append("  how to read a failure: docs/chaos.md, 'Reading a failure'")
+    return "\n".join(lines)
+
+
+def _write_json(path: str, data) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="raftmesh chaos run")
+    add_arguments(p)
+    sys.exit(main(p.parse_args()))
