@@ -203,6 +203,24 @@ async def _add_stream_info(ctx: Ctx, nodes: list[dict]) -> None:
             n["stream"] = {"replica": n["stream_replica"], "error": "replica unreachable"}
 
 
+@route("GET", V + "/nodes/{id}/netmap", "read", "The netmap this replica streams to a node now "
+       "(what the agent should hold once it acknowledged this version)", query=STALE_QUERY)
+async def get_node_netmap(ctx: Ctx):
+    hub = ctx.request.app[HUB]
+    if not ctx.query.get("stale") and not await hub.catch_up(ctx.replica, ctx.config.write_timeout):
+        raise APIError(503, "not_ready", "cannot confirm the latest state (no quorum?); retry, or "
+                       "pass ?stale=true for this replica's local view")
+    node_id = ctx.param("id")
+    netmap = await hub.on_feed(lambda feed: feed.full(node_id))
+    if netmap is None:
+        with ctx.replica.store.read() as txn:
+            exists = txn.get("nodes", node_id) is not None
+        raise APIError(404, "not_found", f"node {node_id!r} " + (
+            "is not part of the mesh now (pending, expired or logged out)" if exists
+            else "does not exist"))
+    return ok({"netmap": netmap.to_json(), "version": netmap.version, "replica": ctx.config.id})
+
+
 @route("GET", V + "/streams", "read", "Agent map streams open on this replica",
        query={"node": {"type": "string", "maxLength": 64}})
 async def list_streams(ctx: Ctx):

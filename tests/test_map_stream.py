@@ -215,3 +215,18 @@ def test_replayed_map_request_is_refused(mesh):
         assert e.value.code == 401 and b"does not match" in e.value.read()
     finally:
         first.close()
+
+
+def test_admin_netmap_view_matches_what_the_agent_holds_on_every_replica(mesh):
+    c, admin, agent = mesh
+    a, b = agent("alice", "a", 0), agent("bob", "b", 1)
+    a.connect()
+    a.pump(lambda s: b.node_id in s.peers())
+    views = [c.request(r, "GET", f"/api/v1/nodes/{a.node_id}/netmap")[1] for r in c.replicas]
+    top = max(v["version"] for v in views)
+    a.pump(lambda s: s.view.version >= top)
+    want = a.view.netmap.to_json()
+    for v in views:
+        got = dict(v["netmap"], version=want["version"])
+        assert v["version"] < top or got == want, v["replica"]
+    assert c.request(c.replicas[0], "GET", "/api/v1/nodes/nope/netmap")[0] == 404
