@@ -76,9 +76,8 @@ class Ctx:
         # different request can never replay an unrelated result as this one's success.
         cmd = Command(op, args, time=time.time(), actor=self.actor,
                       request_id=f"{self.actor}:{key}:{self.fingerprint()}" if key else None)
-        fut = self.replica.propose(cmd)
         try:
-            outcome = await asyncio.wait_for(asyncio.wrap_future(fut), self.config.write_timeout)
+            outcome = await asyncio.wait_for(self.replica.propose_async(cmd), self.config.write_timeout)
         except asyncio.TimeoutError:
             raise APIError(503, "outcome_unknown",
                            f"no commit within {self.config.write_timeout:g}s; the write may still "
@@ -127,7 +126,23 @@ def idempotency_key(request: web.Request) -> str | None:
 STALE_QUERY = {"stale": {"type": "boolean", "description": "read local state without a barrier"}}
 
 
+_VALIDATORS: dict[int, tuple[dict, Any]] = {}
+
+
+def _validator(schema: dict):
+    """The compiled validator for a route's (static) schema, built once: constructing one
+    per request cost more than validating a small body. It is what jsonschema.validate()
+    picks for a schema without "$schema" (the latest draft), minus its check_schema() of the
+    same static schema on every call."""
+    cached = _VALIDATORS.get(id(schema))
+    if cached is None or cached[0] is not schema:  # keyed by identity; keep the schema alive
+        cached = _VALIDATORS[id(schema)] = (schema, jsonschema.Draft202012Validator(schema))
+    return cached[1]
+
+
 def _coerce_query(request: web.Request, spec: dict[str, dict]) -> dict[str, Any]:
+    if not request.query_string:
+        return {}  # the common case; the checks below all start from the query's names
     unknown = sorted(set(request.query) - set(spec))
     if unknown:
         raise APIError(400, "bad_request", f"unknown query parameters {unknown}")
@@ -151,7 +166,7 @@ def _coerce_query(request: web.Request, spec: dict[str, dict]) -> dict[str, Any]
                 value = float(raw)
             else:
                 value = raw
-            jsonschema.validate(value, schema)
+            _validator(schema).validate(value)
         except (ValueError, jsonschema.ValidationError):
             raise APIError(400, "bad_request", f"query parameter {name!r} must be {_describe(schema)}")
         out[name] = value
@@ -184,7 +199,7 @@ async def _parse_body(request: web.Request, schema: dict) -> Any:
     except RecursionError:
         raise APIError(400, "bad_request", "body is nested too deeply")
     try:
-        errors = list(itertools.islice(jsonschema.Draft202012Validator(schema).iter_errors(body),
+        errors = list(itertools.islice(_validator(schema).iter_errors(body),
                                        MAX_VALIDATION_ERRORS))
     except RecursionError:
         raise APIError(400, "bad_request", "body is nested too deeply")
@@ -216,6 +231,12 @@ def _strict_json(raw: bytes) -> Any:
         return value
 
     body = json.loads(raw, parse_constant=constant, parse_int=integer, parse_float=number)
+    # json.loads decodes bytes with 'surrogatepass', so a lone surrogate can come from raw
+    # non-ASCII bytes or from a \u escape. ASCII without NUL is UTF-8 to json (UTF-16/32
+    # bodies have NULs or BOMs), so if it has no "\u" it has no surrogate: skip the
+    # re-encoding check, a dumps() per request.
+    if raw.isascii() and b"\0" not in raw and b"\\u" not in raw:
+        return body
     try:
         json.dumps(body, ensure_ascii=False).encode()
     except UnicodeEncodeError:

@@ -3,6 +3,10 @@
 Both systems run 3 members on this machine with durable (fsynced) logs and are driven by
 the same aiohttp client loop over HTTP/JSON (etcd through its v3 JSON gateway), so the
 ratio compares like with like on a shared machine.
+
+Each row also reports CPU per acknowledged write, of the members (all server processes
+together) and of the client: on a small machine the systems are CPU-bound, and CPU per
+write says where the time goes even when other work shares the machine.
 """
 from __future__ import annotations
 
@@ -19,6 +23,32 @@ import aiohttp
 from raftmesh.cluster.launcher import LocalCluster, free_ports
 
 from . import bench_report as report
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (Linux /proc; 0 where unreadable)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(make_request, clients: int, seconds: float, progress: report.Progress,
+             server_pids: list[int]) -> tuple[list[float], int, dict]:
+    """_drive, plus CPU per acknowledged write of the servers and of this client process."""
+    servers0, client0 = _cpu_seconds(server_pids), os.times()
+    lat, errors = asyncio.run(_drive(make_request, clients, seconds, progress))
+    servers1, client1 = _cpu_seconds(server_pids), os.times()
+    n = max(1, len(lat))
+    client = (client1.user - client0.user) + (client1.system - client0.system)
+    return lat, errors, {"server_cpu_ms_per_write": (servers1 - servers0) / n * 1e3,
+                         "client_cpu_ms_per_write": client / n * 1e3,
+                         "server_cpu_cores": (servers1 - servers0) / seconds}
 
 
 async def _drive(make_request, clients: int, seconds: float, progress: report.Progress):
@@ -130,11 +160,13 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
         shapes = [("raftmesh", "1 client via leader", [leader.api_url], 1),
                   ("raftmesh", "1 client via follower", followers, 1),
                   ("raftmesh", f"{concurrency} clients, all replicas", everyone, concurrency)]
+        pids = [r.pid for r in cluster.replicas if r.pid]
         for system, label, targets, clients in shapes:
-            lat, errors = asyncio.run(_drive(raftmesh_writer(cluster, targets, f"b{clients}{len(rows)}"),
-                                             clients, seconds, progress))
+            lat, errors, cpu = _measure(raftmesh_writer(cluster, targets, f"b{clients}{len(rows)}"),
+                                        clients, seconds, progress, pids)
             rows.append({"system": system, "shape": label, "clients": clients,
-                         "writes_per_s": len(lat) / seconds, "errors": errors, **report.summarize(lat)})
+                         "writes_per_s": len(lat) / seconds, "errors": errors, **report.summarize(lat),
+                         **cpu})
             series[f"{system}: {label}"] = lat
     finally:
         cluster.stop_all()
@@ -144,9 +176,11 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
             etcd.start()
             for label, targets, clients in [("1 client via leader-or-follower", etcd.client_urls[:1], 1),
                                             (f"{concurrency} clients, all members", etcd.client_urls, concurrency)]:
-                lat, errors = asyncio.run(_drive(etcd_writer(targets, f"b{clients}"), clients, seconds, progress))
+                lat, errors, cpu = _measure(etcd_writer(targets, f"b{clients}"), clients, seconds,
+                                            progress, [p.pid for p in etcd.procs])
                 rows.append({"system": "etcd", "shape": label, "clients": clients,
-                             "writes_per_s": len(lat) / seconds, "errors": errors, **report.summarize(lat)})
+                             "writes_per_s": len(lat) / seconds, "errors": errors, **report.summarize(lat),
+                             **cpu})
                 series[f"etcd: {label}"] = lat
         finally:
             etcd.stop()
@@ -158,7 +192,8 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
     if ours and theirs and theirs["writes_per_s"]:
         result["throughput_ratio_vs_etcd"] = ours["writes_per_s"] / theirs["writes_per_s"]
     report.print_table("admin API writes, 3 replicas, durable journals", rows,
-                       ["system", "shape", "writes_per_s", "p50_ms", "p99_ms", "max_ms", "errors"])
+                       ["system", "shape", "writes_per_s", "p50_ms", "p99_ms", "max_ms", "errors",
+                        "server_cpu_ms_per_write", "client_cpu_ms_per_write"])
     if "throughput_ratio_vs_etcd" in result:
         print(f"\nthroughput ratio raftmesh/etcd at {concurrency} clients: "
               f"{result['throughput_ratio_vs_etcd']:.2f}")

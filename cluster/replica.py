@@ -7,12 +7,16 @@ What pysyncobj does not do and this class adds (docs/durability.md has the reaso
   pysyncobj only got right by truncating matching entries on every AppendEntries;
 * low latency without a busy loop: our own tick thread, woken by a pipe when a command is
   submitted, sends new entries and commit advances at once instead of on the next period;
+* cheap replica-to-replica messages: AES-GCM instead of Fernet (cluster/transport_crypto.py),
+  and everything one tick sends to a peer (forwarded commands, their replies, AppendEntries,
+  acks) coalesced into one framed message instead of one pickle/compress/seal/send each;
 * linearizable reads through coalesced read barriers (one log entry per batch of reads);
 * apply into LMDB idempotently by Raft index, one transaction per tick, with futures
   resolved only after that transaction commits.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -32,12 +36,16 @@ from raftmesh.storage.state_store import StateStore, read_version
 from . import state_machine
 from .commands import Command, CommandError
 from .config import ReplicaConfig
+from .transport_crypto import AeadEncryptor
 
 log = logging.getLogger("raftmesh.replica")
 
 NOT_APPLIED = {FAIL_REASON.QUEUE_FULL, FAIL_REASON.MISSING_LEADER, FAIL_REASON.DISCARDED,
                FAIL_REASON.NOT_LEADER, FAIL_REASON.REQUEST_DENIED}
 RAFT_STATES = {0: "follower", 1: "candidate", 2: "leader"}
+# Several Raft messages for one peer, sent as one: pysyncobj pickles, compresses and seals
+# each message it sends, and a follower forwards each client command as its own message.
+BATCH = "rm_batch"
 _journal_factory_lock = threading.Lock()
 
 
@@ -82,6 +90,8 @@ class RaftReplica(SyncObj):
         self._sent_log_index = 0
         self._sent_commit_index = 0
         self._stopping = False
+        self._wake_pending = False  # a wake-up byte is in the pipe, not yet seen by a tick
+        self._outbox: dict = {}  # node -> messages queued this tick (see _wrap_transport_send)
         self.stats = {"snapshots": 0, "snapshot_seconds": 0.0, "snapshot_installs": 0}
         self.status: dict = {}
         conf = SyncObjConf(
@@ -104,12 +114,14 @@ class RaftReplica(SyncObj):
             logCompactionMinTime=config.snapshot_min_seconds,
             tcp_keepalive=(1, 1, 2),
         )
-        with _journal_factory_lock:  # pysyncobj builds its journal itself; give it ours
+        # pysyncobj builds its journal and its encryptor itself; give it ours.
+        with _journal_factory_lock:
             original, pso.createJournal = pso.createJournal, DurableJournal
+            original_enc, pso.getEncryptor = pso.getEncryptor, AeadEncryptor
             try:
                 super().__init__(config.raft_addr, config.peers, conf)
             finally:
-                pso.createJournal = original
+                pso.createJournal, pso.getEncryptor = original, original_enc
         self.journal: DurableJournal = self._SyncObj__raftLog
         self._wrap_transport_send()
         self._notifier = PipeNotifier(self._poller)
@@ -121,7 +133,11 @@ class RaftReplica(SyncObj):
     def _run(self) -> None:
         while not self._stopping:
             try:
+                # Cleared before the tick drains the command queue: a command queued after
+                # this point finds the flag down and writes a new wake-up (see _wake).
+                self._wake_pending = False
                 self.doTick(self.config.tick)
+                self._flush_outbox()  # replies produced while handling received messages
             except Exception:
                 log.exception("raft tick failed")
                 time.sleep(self.config.tick)
@@ -135,6 +151,11 @@ class RaftReplica(SyncObj):
         self.store.close()
 
     def _wake(self) -> None:
+        """Wake the tick thread; one pipe write per tick at most (a syscall per command
+        showed up in profiles). Callers queue their work before calling this."""
+        if self._wake_pending:
+            return  # a byte written since the tick thread last looked will wake it
+        self._wake_pending = True
         try:
             self._notifier.notify()
         except BlockingIOError:
@@ -148,6 +169,7 @@ class RaftReplica(SyncObj):
             # Ship this tick's new entries and commit index now, not at the next heartbeat.
             self._SyncObj__sendAppendEntries()
             self._sent_log_index, self._sent_commit_index = self._log_index(), self.raftCommitIndex
+        self._flush_outbox()  # before the leader's own fsync, so followers sync in parallel
         self._sync_journal()
         self._propose_barrier()
         self.store.commit()
@@ -162,23 +184,50 @@ class RaftReplica(SyncObj):
             self.journal.sync()
 
     def _wrap_transport_send(self) -> None:
-        """Followers fsync before acknowledging entries (the ack is `next_node_idx`)."""
+        """Followers fsync before acknowledging entries (the ack is `next_node_idx`), and
+        messages are queued per peer until the tick flushes them (_flush_outbox).
+
+        The fsync happens when the ack is queued, so nothing queued after it can leave
+        before the entries it acknowledges are durable. pysyncobj ignores send()'s result
+        (it checks connectivity itself); a message queued for a peer that disconnects
+        before the flush is lost like any message in flight, which Raft tolerates.
+        """
         transport = self._SyncObj__transport
         send = transport.send
+        self._send_now = send
 
         def durable_send(node, message):
             if message.get("type") == "next_node_idx" and message.get("success"):
                 self._sync_journal()
-            return send(node, message)
+            if "serialized" in message or "transmission" in message:
+                # Snapshot and large-entry chunks: paced by pysyncobj, keep them separate.
+                self._flush_outbox()
+                return send(node, message)
+            self._outbox.setdefault(node, []).append(message)
+            return True
 
         transport.send = durable_send
+
+    def _flush_outbox(self) -> None:
+        """Send what this tick queued: one message per peer, a batch when there are several."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for node, messages in outbox.items():
+            self._send_now(node, messages[0] if len(messages) == 1 else
+                           {"type": BATCH, "messages": messages})
 
     def _SyncObj__onMessageReceived(self, node, message):
         """Bound a follower's commit index by the last entry this message vouched for.
 
         DurableJournal keeps entries past the new ones (they may be acknowledged), so the
         log can be longer than what the leader just checked; Raft forbids committing those.
+        A batch (see _flush_outbox) is handled as its messages, in order.
         """
+        if message.get("type") == BATCH:
+            for m in message["messages"]:
+                self._SyncObj__onMessageReceived(node, m)
+            return
         if message.get("type") != "append_entries" or "prevLogIdx" not in message \
                 or message.get("transmission") in ("start", "process"):
             return SyncObj._SyncObj__onMessageReceived(self, node, message)
@@ -258,15 +307,23 @@ class RaftReplica(SyncObj):
                 except Exception:
                     log.exception("apply listener failed")
         resolutions, self._resolutions = self._resolutions, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for fut, result, err in resolutions:
-            if fut.done():
-                continue
             if err == FAIL_REASON.SUCCESS:
-                fut.set_result(Outcome(Outcome.APPLIED, result))
+                outcome = Outcome(Outcome.APPLIED, result)
             elif err in NOT_APPLIED:
-                fut.set_result(Outcome(Outcome.NOT_APPLIED, reason=_reason(err)))
+                outcome = Outcome(Outcome.NOT_APPLIED, reason=_reason(err))
             else:
-                fut.set_result(Outcome(Outcome.UNKNOWN, reason=_reason(err)))
+                outcome = Outcome(Outcome.UNKNOWN, reason=_reason(err))
+            if isinstance(fut, asyncio.Future):
+                by_loop.setdefault(fut.get_loop(), []).append((fut, outcome))
+            elif not fut.done():
+                fut.set_result(outcome)
+        for loop, settled in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, settled)  # one wake-up per loop per tick
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting any more
 
     # -- proposing -------------------------------------------------------------------------
     def propose(self, cmd: Command) -> Future:
@@ -276,6 +333,15 @@ class RaftReplica(SyncObj):
         still commit later.
         """
         fut: Future = Future()
+        self.apply_command(cmd.encode(), callback=lambda res, err: self._resolutions.append((fut, res, err)))
+        self._wake()
+        return fut
+
+    def propose_async(self, cmd: Command) -> asyncio.Future:
+        """propose() for a caller on an asyncio loop: the future is settled on its loop,
+        together with the others this tick resolved, instead of one thread-safe wake-up
+        (and a concurrent Future bridged with wrap_future) per command. Same Outcome rules."""
+        fut = asyncio.get_running_loop().create_future()
         self.apply_command(cmd.encode(), callback=lambda res, err: self._resolutions.append((fut, res, err)))
         self._wake()
         return fut
@@ -344,6 +410,13 @@ class RaftReplica(SyncObj):
             "leader_commit_index": self._SyncObj__leaderCommitIndex,
             "journal_syncs": self.journal.syncs,
         }
+
+
+def _settle(settled: list) -> None:
+    """On the caller's loop: a future that is done was cancelled (its caller gave up)."""
+    for fut, outcome in settled:
+        if not fut.done():
+            fut.set_result(outcome)
 
 
 def _reason(err: int) -> str:
