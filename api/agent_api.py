@@ -156,8 +156,13 @@ async def map_stream(ctx: Ctx):
     hub = ctx.request.app[HUB]
     # Catch up with the leader first (bounded), so a node deleted or registered a moment
     # ago on another replica is seen as such; without a quorum, serve what is applied here.
-    await hub.catch_up(ctx.replica, MAP_BARRIER_TIMEOUT)
+    current = await hub.catch_up(ctx.replica, MAP_BARRIER_TIMEOUT)
     node = node_for_machine(ctx, machine)
+    if not current and (node is None or not node["approved"]):
+        # A refusal from a replica that may be behind (just added, cut off) could be wrong,
+        # and an agent acts on it; send the agent elsewhere instead.
+        raise APIError(503, "not_ready", "this replica cannot confirm this node's state right "
+                       "now (behind or without quorum); use another replica")
     if node is None:
         raise APIError(404, "not_found", "this machine is not registered (or was deleted)")
     if not node["approved"]:
@@ -167,6 +172,9 @@ async def map_stream(ctx: Ctx):
         raise APIError(503, "not_ready", f"this replica's netmaps are at version {hub.feed.version}, "
                        f"behind the agent's {since}; use another replica")
     first = await hub.on_feed(lambda feed: feed.resume(node["id"], since))
+    if first is None and not current:
+        raise APIError(503, "not_ready", "this replica cannot confirm this node's state right "
+                       "now (behind or without quorum); use another replica")
     if first is None:
         raise APIError(401, "node_expired", f"node {node['id']}'s key has expired or it logged out; "
                        "register again with an auth key")
