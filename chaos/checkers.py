@@ -107,7 +107,7 @@ def final_reads(final: dict[str, Any], history: list[Operation]) -> list[Operati
 # -- attribution of unknown creates --------------------------------------------------------
 def attribute(history: list[Operation], final: dict[str, Any], tables: dict,
               user_pool: Iterable[str], owners: Iterable[str], setup_key_ids: set[str],
-              ) -> tuple[Check, list[Operation]]:
+              known_machines: Iterable[str] = ()) -> tuple[Check, list[Operation]]:
     """Every object in the final state must come from some op of the history.
 
     Pre-auth keys get their id from the server, so an unknown-outcome create does not know
@@ -121,7 +121,7 @@ def attribute(history: list[Operation], final: dict[str, Any], tables: dict,
     for name in tables["users"]:
         if name not in pool and name not in owners:
             evidence.append(f"user {name!r} exists but no operation ever created it")
-    seen_keys = {op.key for op in history}
+    seen_keys = {op.key for op in history} | {f"node:{m}" for m in known_machines}
     for m, node_key in ((n["machine_key"], nid) for nid, n in tables["nodes"].items()):
         if f"node:{m}" not in seen_keys:
             evidence.append(f"node {node_key} (machine {m[:12]}...) exists but no registration used that machine key")

@@ -30,6 +30,7 @@ from .checkers import Check
 from .faults import Injector, clear_removed_data
 from .netlab import ReplicaNet, preflight, stop_pid
 from .schedule import FAULT_HELP, FAULTS, make_schedule
+from .agent_checks import AGENT_USER, ChaosAgents
 from .workload import OWNERS, USER_POOL, Workload
 
 RAFT_PORT, API_PORT, PROXY_PORT, CONTROL_PORT = 7100, 8100, 7101, 7102
@@ -55,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-data", action="store_true", help="keep replica data even when every check passes")
     parser.add_argument("--print-schedule", action="store_true", help="print the schedule and exit")
     parser.add_argument("--agents", type=int, default=0,
-                        help="node agents in the run: not yet supported (docs/chaos.md, 'Agents')")
+                        help="protocol-exact light agents streaming netmaps through the faults; "
+                        "checked for convergence and version order (docs/chaos.md, 'Agents')")
 
 
 def main(args) -> int:
@@ -70,10 +72,8 @@ def main(args) -> int:
         for ev in schedule:
             print(f"{ev.start:7.2f}s +{ev.duration:5.2f}s  {ev.describe()}")
         return 0
-    if args.agents:
-        print("raftmesh chaos run: --agents is not yet supported: this suite covers the replicas; "
-              "agent checks plug into raftmesh.chaos.run.EXTRA_CHECKS (docs/chaos.md, 'Agents')",
-              file=sys.stderr)
+    if args.agents < 0:
+        print("raftmesh chaos run: --agents must be >= 0", file=sys.stderr)
         return 2
     problems = preflight()
     if problems:
@@ -89,6 +89,7 @@ class Run:
         self.net: ReplicaNet | None = None
         self.cluster: LocalCluster | None = None
         self.proxies: list[subprocess.Popen] = []
+        self.agents: ChaosAgents | None = None
         self.checks: list[Check] = []
         self.started = time.monotonic()
 
@@ -131,6 +132,9 @@ class Run:
         self.cluster.start_all()
         self.cluster.wait_ready(timeout=60)
         self.log(f"{n} replicas ready: " + ", ".join(f"{r.id} {r.api_url} pid {r.pid}" for r in self.cluster.replicas))
+        if self.args.agents:
+            self.agents = ChaosAgents(self.cluster, self.args.agents, self.cluster.log_dir, self.log)
+            self.agents.start()
 
     def _start_proxy(self, i: int, ip: str) -> None:
         log = open(os.path.join(self.cluster.log_dir, f"proxy-r{i + 1}.log"), "ab")
@@ -153,6 +157,8 @@ class Run:
         self.net.redirect(i, RAFT_PORT, PROXY_PORT)
 
     def _teardown(self) -> None:
+        if self.agents is not None:
+            self.agents.close()
         if self.cluster is not None:
             self.cluster.stop_all()
         for p in self.proxies:
@@ -179,6 +185,10 @@ class Run:
         run_seconds = time.monotonic() - t0
         self.log(f"workload done: {len(workload.history)} ops in {run_seconds:.1f}s; healed, settling")
         settle_check, members = self._settle()
+        agent_checks = []
+        if self.agents is not None:
+            self.log("checking agents ...")
+            agent_checks = self.agents.check(self.args.settle)
         self.cluster.stop_all()
         digests, tables = {}, None
         for r in self.cluster.replicas:
@@ -189,6 +199,7 @@ class Run:
                 digests[r.id] = None
                 self.log(f"cannot read {r.id}'s state: {e!r}")
         result = self._check(workload, injector, settle_check, members, digests, tables)
+        self.checks += agent_checks
         self._write(workload, injector, result, run_seconds)
         ok = all(c.ok for c in self.checks)
         if ok and not self.args.keep_data:
@@ -206,6 +217,8 @@ class Run:
             s = workload.stats
             n = sum(s.done.values())
             fault = injector.current.detail if injector.current else "no fault"
+            if self.agents is not None:
+                fault += " | " + self.agents.status()
             self.log(f"ops {n} (ok {s.done['ok']}, fail {s.done['fail']}, unknown {s.done['unknown']}), "
                      f"{(n - last_n) / max(1e-9, now - last):.0f}/s | {fault}")
             last, last_n = now, n
@@ -252,8 +265,13 @@ class Run:
             self.checks.append(Check("state", False, "no replica's state could be read"))
         else:
             pool = [f"u{i}" for i in range(USER_POOL)]
-            final = checkers.final_values(tables, history, pool, OWNERS, workload.setup_key_ids)
-            attributed, extra = checkers.attribute(history, final, tables, pool, OWNERS, workload.setup_key_ids)
+            owners, setup_keys, ours = OWNERS, set(workload.setup_key_ids), tables
+            if self.agents is not None:  # the agents' user, key and nodes are setup, not workload
+                owners, setup_keys = OWNERS + (AGENT_USER,), setup_keys | {self.agents.key_id}
+                ours = dict(tables, nodes={k: n for k, n in tables["nodes"].items()
+                                           if n["machine_key"] not in self.agents.machines})
+            final = checkers.final_values(ours, history, pool, owners, setup_keys)
+            attributed, extra = checkers.attribute(history, final, ours, pool, owners, setup_keys)
             self.log("checking linearizability ...")
             self.checks += [checkers.check_linearizable(history + extra + checkers.final_reads(final, history)),
                             checkers.check_acknowledged(history, final), attributed,

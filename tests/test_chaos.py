@@ -61,8 +61,8 @@ def test_print_schedule_and_agents_hook(capsys):
     first = capsys.readouterr().out
     assert chaos_run.main(parser.parse_args(["--seed", "5", "--duration", "40", "--print-schedule"])) == 0
     assert capsys.readouterr().out == first and first.count("\n") == len(FAULTS)
-    assert chaos_run.main(parser.parse_args(["--agents", "2", "--duration", "40"])) == 2
-    assert "not yet supported" in capsys.readouterr().err
+    assert chaos_run.main(parser.parse_args(["--agents", "-1", "--duration", "40"])) == 2
+    assert "--agents must be >= 0" in capsys.readouterr().err
 
 
 # -- the checkers on fabricated evidence ------------------------------------------------------------
@@ -138,6 +138,17 @@ def test_unknown_creates_explain_at_most_one_key_each():
     assert not check.ok and "only 1" in check.evidence[0]
     check, extra = checkers.attribute(one * 2, {}, tables, [], ["own"], set())
     assert check.ok and {o.key for o in extra} == {"pak:k1", "pak:k2"}
+
+
+def test_agents_going_back_or_receiving_older_frames_are_flagged():
+    from raftmesh.chaos.agent_checks import check_monotonic
+    good = {"node_id": "n1", "applied": [3, 5, 5, 9], "stale_frames": 0}
+    assert check_monotonic([good]).ok
+    back = dict(good, node_id="n2", applied=[3, 7, 6])
+    stale = dict(good, node_id="n3", stale_frames=2, first_stale=(4, 9))
+    c = check_monotonic([good, back, stale])
+    assert not c.ok and any("6 after 7" in e for e in c.evidence)
+    assert any("n3" in e and "older" in e for e in c.evidence)
 
 
 def test_known_issues_are_reported_not_failed():
@@ -220,17 +231,15 @@ def test_short_seeded_run_with_every_fault_passes_every_check(tmp_path, capsys):
     out = tmp_path / "chaos"
     parser = argparse.ArgumentParser()
     chaos_run.add_arguments(parser)
-    args = parser.parse_args(["--seed", "7", "--duration", "45", "--out", str(out)])
-    started = time.monotonic()
+    args = parser.parse_args(["--seed", "7", "--duration", "45", "--agents", "12", "--out", str(out)])
     rc = chaos_run.main(args)
-    elapsed = time.monotonic() - started
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert rc == 0, (out / "summary.txt").read_text()
     assert summary["verdict"] == "PASS" and all(summary["checks"].values())
     assert set(summary["faults_by_kind"]) == set(FAULTS)
     assert summary["by_status"]["ok"] > 500, "the workload made progress through the faults"
-    assert elapsed < 120
+    assert {"agents never went back", "agents converged"} <= set(summary["checks"])
     assert "ops " in printed and "raftmesh chaos: PASS" in printed, "progress lines and a verdict"
     for name in ("history.jsonl", "attempts.jsonl", "faults.jsonl", "checks.json", "plot.png", "summary.txt"):
         assert (out / name).stat().st_size > 0, name

@@ -1,0 +1,734 @@
+"""Many protocol-exact agents in a few processes, for the agent-facing benchmarks (issue #5).
+
+A light agent does everything the daemon does on the control-plane side and nothing on the
+data plane: its own Ed25519 machine key signing every request (`api/machine_auth.py`,
+fresh timestamp and a unique nonce per request), registration with a pre-auth key, a map
+stream (`GET /machine/map?since=V`) whose every frame is verified against the pinned cluster
+keys and applied with `agent/netmap_state.AgentNetmap` (the daemon's own code), an ack
+(`POST /machine/ack`) to the replica it streams from for every applied version, and the
+daemon's failover: on EOF, an error, a 5xx or no frame for twice the keepalive it moves to the
+next replica URL after a full-jitter exponential backoff (0.2 s doubling) and resumes with the
+version it holds. It records, per applied version, the wall-clock time it was verified and
+applied and the time its ack was answered, so benchmarks measure from the agents' side.
+
+One process runs many agents on one asyncio loop with one aiohttp `ClientSession` (one
+connection per stream, acks on pooled connections). `LightAgents` spreads them over worker
+processes (`python -m raftmesh.chaos.light_agents`, a socketpair each), so the agents'
+verification and JSON work is not limited to one Python thread, and drives them with commands
+over the sockets. Agent i uses replica URL i mod R as its home. All times are `time.time()`
+of this machine, so they compare across worker processes and with the benchmark driver.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import random
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+
+from nacl.signing import SigningKey
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+KEEP_RECORDS = 4096  # per agent: applied versions kept (a benchmark reads them back)
+
+
+# ======================================================================================
+# inside a worker process
+# ======================================================================================
+class LightAgent:
+    __slots__ = ("index", "hostname", "key", "machine", "node_key", "node_id", "ipv4", "home",
+                 "url", "view", "applied", "acked", "connected_at", "replica", "bye", "task",
+                 "lost_at", "reconnects", "errors", "stop", "first_netmap_at", "kick", "gone",
+                 "stale")
+
+    def __init__(self, index: int, hostname: str, home: int):
+        self.index, self.hostname, self.home, self.url = index, hostname, home, home
+        self.key = SigningKey.generate()
+        self.node_key = base64.b64encode(secrets.token_bytes(32)).decode()
+        self.node_id: str | None = None
+        self.ipv4: str | None = None
+        self.view = None  # AgentNetmap once registered
+        self.applied: list[tuple[int, float]] = []  # (version, time applied)
+        self.acked: dict[int, float] = {}  # version -> time the ack was answered
+        self.connected_at: float | None = None
+        self.first_netmap_at: float | None = None
+        self.replica: str | None = None  # X-Raftmesh-Replica of the current stream
+        self.bye: dict | None = None
+        self.task: asyncio.Task | None = None
+        self.lost_at: float | None = None
+        self.reconnects: list[dict] = []  # {lost, connected, replica, attempts}
+        self.errors = 0
+        self.stop = False
+        self.kick: asyncio.Event | None = None  # set to drop the stream and reconnect home
+        self.gone: dict[str, tuple[int, float]] = {}  # watched peer -> (version, time) it left
+        self.stale: list[tuple[int, int]] = []  # (frame version, held version): must stay empty
+
+    def peers(self) -> dict:
+        return self.view.netmap.peers if self.view is not None and self.view.netmap else {}
+
+    def first_applied(self, version: int) -> float | None:
+        for v, t in self.applied:
+            if v >= version:
+                return t
+        return None
+
+
+class Swarm:
+    """The agents of one worker process and their streams, on one event loop."""
+
+    def __init__(self, urls: list[str], backoff_base: float = 0.2):
+        import aiohttp
+        self.aiohttp = aiohttp
+        self.urls = [u.rstrip("/") for u in urls]
+        self.backoff_base = backoff_base
+        self.agents: list[LightAgent] = []
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        self.ack_failures = 0
+        self.frame_errors: list[str] = []
+        self.watch: set[str] = set()  # peers whose removal agents record (revoke)
+
+    # -- signed requests ---------------------------------------------------------------------
+    def _headers(self, agent: LightAgent, method: str, path: str, body: bytes) -> dict:
+        from raftmesh.api.machine_auth import sign_headers
+        h = sign_headers(agent.key, method, path, body, time.time(), secrets.token_hex(12))
+        if body:
+            h["Content-Type"] = "application/json"
+        return h
+
+    async def _post(self, agent: LightAgent, url: str, path: str, body: dict,
+                    timeout: float = 30.0) -> tuple[int, dict | str]:
+        data = json.dumps(body).encode()
+        headers = self._headers(agent, "POST", path, data)  # signed just before sending
+        async with self.session.post(url + path, data=data, headers=headers,
+                                     timeout=self.aiohttp.ClientTimeout(total=timeout)) as resp:
+            raw = await resp.read()
+            try:
+                return resp.status, json.loads(raw)
+            except ValueError:
+                return resp.status, raw.decode(errors="replace")
+
+    # -- registration --------------------------------------------------------------------------
+    async def register(self, count: int, auth_key: str, prefix: str, concurrency: int,
+                       base: int, deadline_s: float = 3600.0) -> list[dict]:
+        from raftmesh.agent.netmap_state import AgentNetmap
+        new = [LightAgent(base + i, f"{prefix}{base + i}", (base + i) % len(self.urls))
+               for i in range(count)]
+        self.agents.extend(new)
+        sem = asyncio.Semaphore(concurrency)
+        end = time.monotonic() + deadline_s
+
+        async def one(a: LightAgent) -> None:
+            body = {"node_key": a.node_key, "hostname": a.hostname, "auth_key": auth_key}
+            target, delay = a.home, self.backoff_base
+            async with sem:
+                while True:
+                    try:
+                        status, resp = await self._post(a, self.urls[target], "/machine/register", body)
+                        if status == 200:
+                            break
+                        if status < 500:
+                            raise RuntimeError(f"register {a.hostname}: {status} {resp}")
+                    except (self.aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                        pass
+                    if time.monotonic() > end:
+                        raise TimeoutError(f"register {a.hostname}: no replica accepted it")
+                    target = (target + 1) % len(self.urls)
+                    await asyncio.sleep(random.uniform(0, delay))
+                    delay = min(delay * 2, 10.0)
+            a.node_id, a.ipv4 = resp["node"]["id"], resp["node"]["ipv4"]
+            a.view = AgentNetmap(a.node_id, {k["id"]: k["public_key"] for k in resp["cluster_keys"]})
+
+        await asyncio.gather(*(one(a) for a in new))
+        return [{"index": a.index, "node_id": a.node_id, "hostname": a.hostname, "ipv4": a.ipv4,
+                 "node_key": a.node_key, "machine_key": _b64(bytes(a.key.verify_key))} for a in new]
+
+    # -- streams ----------------------------------------------------------------------------
+    async def connect(self, concurrency: int, timeout: float, home: int | None = None,
+                      count: int | None = None) -> dict:
+        """Start the streams of agents not streaming yet (at most `count`; all from replica
+        `home`, if given) and wait until each started one holds a netmap."""
+        sem = asyncio.Semaphore(concurrency)
+        for a in self.agents:
+            if a.task is None and a.node_id is not None:
+                if count is not None:
+                    if count <= 0:
+                        break
+                    count -= 1
+                if home is not None:
+                    a.home = a.url = home
+                a.kick = asyncio.Event()
+                a.task = asyncio.get_running_loop().create_task(self._stream_loop(a, sem))
+        ok = await self._wait(lambda a: a.task is None or a.bye is not None or (
+            a.view.netmap is not None and a.connected_at is not None), timeout)
+        return {"connected": ok, "agents": len(self.agents)}
+
+    async def _stream_loop(self, a: LightAgent, sem: asyncio.Semaphore | None) -> None:
+        from raftmesh.api.frames import FrameError, FrameReader
+        delay = self.backoff_base
+        attempts = 0
+        while not a.stop:
+            url = self.urls[a.url]
+            since = a.view.version
+            path = "/machine/map"
+            query = "" if since is None else f"?since={since}"
+            progressed = kicked = False
+            try:
+                if sem is not None:
+                    await sem.acquire()
+                try:
+                    headers = self._headers(a, "GET", path, b"")
+                    resp = await self.session.get(url + path + query, headers=headers)
+                finally:
+                    if sem is not None:
+                        sem.release()
+                        sem = None  # only the first connection is throttled
+                async with resp:
+                    if resp.status != 200:
+                        raw = await resp.read()
+                        code = ""
+                        try:
+                            code = json.loads(raw)["error"]["code"]
+                        except (ValueError, KeyError, TypeError):
+                            pass
+                        if resp.status in (404, 401, 403) and code in ("not_found", "node_expired",
+                                                                       "pending_approval"):
+                            a.bye = {"code": code, "status": resp.status}
+                            return
+                        raise ConnectionError(f"{resp.status} {code}")
+                    a.replica = resp.headers.get("X-Raftmesh-Replica")
+                    a.connected_at = time.time()
+                    if a.lost_at is not None:
+                        a.reconnects.append({"lost": a.lost_at, "connected": a.connected_at,
+                                             "replica": a.replica, "attempts": attempts})
+                        a.lost_at = None
+                    attempts = 0
+                    try:  # the daemon's watchdog: no frame for twice the keepalive -> next replica
+                        watchdog = 2 * float(resp.headers.get("X-Raftmesh-Keepalive", "10"))
+                    except ValueError:
+                        watchdog = 20.0
+                    reader = FrameReader()
+                    kick = asyncio.ensure_future(a.kick.wait())
+                    try:
+                        while True:
+                            read = asyncio.ensure_future(resp.content.readany())
+                            done, _ = await asyncio.wait({read, kick}, timeout=watchdog,
+                                                         return_when=asyncio.FIRST_COMPLETED)
+                            if not done:
+                                read.cancel()
+                                raise ConnectionError(f"no frame for {watchdog:g}s")
+                            if kick in done:
+                                read.cancel()
+                                a.kick.clear()
+                                kicked = True
+                                break
+                            data = read.result()
+                            if not data:
+                                break  # EOF
+                            for frame in reader.feed(data):
+                                if self._apply(a, url, frame):
+                                    progressed = True
+                                if a.bye is not None:  # revoked: the daemon stops streaming too
+                                    a.connected_at = None
+                                    return
+                    finally:
+                        kick.cancel()
+            except FrameError as e:
+                a.errors += 1
+                self.frame_errors.append(f"{a.hostname}: {e}")
+            except (self.aiohttp.ClientError, asyncio.TimeoutError, OSError, ConnectionError):
+                a.errors += 1
+            if a.stop:
+                return
+            if kicked:  # rehome: straight to a.url, which the caller set
+                a.connected_at = None
+                continue
+            if a.lost_at is None:
+                a.lost_at = time.time()
+            a.connected_at = None
+            attempts += 1
+            if progressed:
+                delay = self.backoff_base
+            a.url = (a.url + 1) % len(self.urls)
+            await asyncio.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, 10.0)
+
+    def _apply(self, a: LightAgent, url: str, frame) -> bool:
+        """Verify and apply one frame (FrameError propagates: the stream is dropped)."""
+        had = [p for p in self.watch if p in a.peers()] if self.watch else ()
+        held = a.view.version
+        verdict = a.view.accept(frame)
+        if verdict.kind == "stale":
+            a.stale.append((verdict.version, held))
+        if verdict.kind == "bye":
+            if (verdict.bye or {}).get("code") != "revoked":  # e.g. shutting_down: fail over
+                raise ConnectionError(f"bye: {verdict.bye}")
+            a.bye = verdict.bye or {}
+            return False
+        if verdict.netmap is None:
+            return False
+        now = time.time()
+        if a.first_netmap_at is None:
+            a.first_netmap_at = now
+        a.applied.append((verdict.version, now))
+        for p in had:
+            if p not in verdict.netmap.peers:
+                a.gone[p] = (verdict.version, now)
+        if len(a.applied) > KEEP_RECORDS:
+            del a.applied[:len(a.applied) - KEEP_RECORDS]
+        asyncio.get_running_loop().create_task(self._ack(a, url, verdict.version))
+        return True
+
+    async def _ack(self, a: LightAgent, url: str, version: int) -> None:
+        try:
+            status, _ = await self._post(a, url, "/machine/ack", {"version": version}, timeout=30)
+            if status == 200:
+                a.acked[version] = time.time()
+                if len(a.acked) > KEEP_RECORDS:
+                    for v in sorted(a.acked)[:len(a.acked) - KEEP_RECORDS]:
+                        del a.acked[v]
+                return
+        except (self.aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass
+        self.ack_failures += 1
+
+    async def _wait(self, pred, timeout: float, interval: float = 0.02) -> bool:
+        """Poll `pred` over the agents until all hold (True) or the deadline (False). The
+        times benchmarks report are recorded by the agents, not by this poll."""
+        end = time.monotonic() + timeout
+        pending = list(self.agents)
+        while True:
+            pending = [a for a in pending if not pred(a)]
+            if not pending:
+                return True
+            if time.monotonic() > end:
+                return False
+            await asyncio.sleep(interval)
+
+    # -- commands --------------------------------------------------------------------------
+    async def wait_version(self, version: int, timeout: float, exclude: tuple = (),
+                           prefix: str = "") -> list[dict]:
+        """Until every agent whose hostname starts with `prefix` (and not in `exclude`)
+        applied `version` and its ack was answered."""
+        live = lambda a: (a.node_id not in exclude and a.bye is None  # noqa: E731
+                          and a.hostname.startswith(prefix))
+        await self._wait(lambda a: not live(a) or self._acked_at(a, version) is not None, timeout)
+        out = []
+        for a in self.agents:
+            if not live(a):
+                continue
+            out.append({"node_id": a.node_id, "replica": a.replica, "home": a.home,
+                        "applied": a.first_applied(version), "acked": self._acked_at(a, version)})
+        return out
+
+    @staticmethod
+    def _acked_at(a: LightAgent, version: int) -> float | None:
+        ts = [t for v, t in a.acked.items() if v >= version]
+        return min(ts) if ts else None
+
+    def note_peer(self, peer_id: str) -> int:
+        """Start recording when `peer_id` leaves each agent's netmap; returns how many have it."""
+        self.watch.add(peer_id)
+        return sum(peer_id in a.peers() for a in self.agents)
+
+    async def wait_gone(self, peer_id: str, timeout: float) -> list[dict]:
+        """Until `peer_id` (noted before its revocation) is in no agent's netmap and the
+        version that removed it is acked, for every agent that had it."""
+        targets = [a for a in self.agents if a.node_id != peer_id and a.bye is None
+                   and (peer_id in a.peers() or peer_id in a.gone)]
+
+        def done(a: LightAgent) -> bool:
+            g = a.gone.get(peer_id)
+            return g is not None and self._acked_at(a, g[0]) is not None
+        await self._wait(lambda a: a not in targets or done(a), timeout)
+        self.watch.discard(peer_id)
+        out = []
+        for a in targets:
+            version, applied = a.gone.get(peer_id, (None, None))
+            out.append({"node_id": a.node_id, "replica": a.replica, "removed_version": version,
+                        "applied": applied,
+                        "acked": self._acked_at(a, version) if version is not None else None})
+        return out
+
+    def status(self) -> dict:
+        by_replica: dict[str, int] = {}
+        for a in self.agents:
+            if a.connected_at is not None:
+                by_replica[a.replica or "?"] = by_replica.get(a.replica or "?", 0) + 1
+        versions = [a.view.version for a in self.agents if a.view is not None and a.view.version]
+        return {"agents": len(self.agents), "connected": sum(by_replica.values()),
+                "started": sum(a.task is not None for a in self.agents),
+                "by_replica": by_replica, "min_version": min(versions, default=None),
+                "max_version": max(versions, default=None), "ack_failures": self.ack_failures,
+                "stream_errors": sum(a.errors for a in self.agents),
+                "frame_errors": self.frame_errors[:5], "byes": sum(a.bye is not None for a in self.agents),
+                "peers_total": sum(len(a.peers()) for a in self.agents)}
+
+    def reconnects(self, since: float) -> list[dict]:
+        out = []
+        for a in self.agents:
+            for r in a.reconnects:
+                if r["lost"] >= since:
+                    out.append({"node_id": a.node_id, **r})
+        return out
+
+    def netmaps(self) -> list[dict]:
+        """Each agent's netmap and the versions it applied, for the chaos checks."""
+        return [{"node_id": a.node_id, "replica": a.replica,
+                 "netmap": a.view.netmap.to_json() if a.view is not None and a.view.netmap else None,
+                 "applied": [v for v, _ in a.applied], "stale_frames": len(a.stale),
+                 "first_stale": a.stale[0] if a.stale else None, "bye": a.bye,
+                 "connected": a.connected_at is not None, "errors": a.errors,
+                 "reconnects": len(a.reconnects)} for a in self.agents]
+
+    def where(self) -> list[dict]:
+        return [{"node_id": a.node_id, "replica": a.replica, "version": a.view.version if a.view else None,
+                 "connected": a.connected_at is not None} for a in self.agents]
+
+    async def rehome(self, timeout: float) -> bool:
+        """Drop every stream not on its home replica and reconnect home (with its version)."""
+        for a in self.agents:
+            if a.task is not None and a.url != a.home and a.bye is None:
+                a.url = a.home
+                if a.connected_at is not None:
+                    a.kick.set()
+        return await self._wait(lambda a: a.bye is not None or (
+            a.connected_at is not None and a.url == a.home), timeout)
+
+    async def close(self) -> None:
+        for a in self.agents:
+            a.stop = True
+            if a.task is not None:
+                a.task.cancel()
+        await asyncio.gather(*(a.task for a in self.agents if a.task is not None),
+                             return_exceptions=True)
+        await self.session.close()
+
+
+def _worker_main(conn, urls: list[str]) -> None:
+    """A worker process: a Swarm driven by (command, kwargs) messages on `conn`."""
+    import gc
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        swarm = Swarm(urls)
+        try:
+            while True:
+                try:
+                    cmd, kw = await loop.run_in_executor(None, conn.recv)
+                except (EOFError, OSError):
+                    break  # the driver is gone
+                if cmd == "close":
+                    break
+                try:
+                    fn = getattr(swarm, cmd)
+                    out = fn(**kw)
+                    if asyncio.iscoroutine(out):
+                        out = await out
+                    if cmd == "register":
+                        gc.collect()
+                        gc.freeze()  # thousands of long-lived agents: keep full GCs short
+                    conn.send(("ok", out))
+                except Exception:
+                    conn.send(("error", traceback.format_exc()))
+        finally:
+            await swarm.close()
+            try:
+                conn.send(("ok", None))
+            except OSError:
+                pass
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":  # a worker: python -m raftmesh.chaos.light_agents FD URLS_JSON
+    _worker_main(Connection(int(sys.argv[1])), json.loads(sys.argv[2]))
+
+
+# ======================================================================================
+# the driver side
+# ======================================================================================
+class LightAgents:
+    """Light agents in `workers` processes; every call fans out to all workers and waits.
+
+    Use as a context manager: `close()` ends every worker process (by its pid)."""
+
+    def __init__(self, urls: list[str], workers: int = 1, log_dir: str | None = None):
+        self.urls = list(urls)
+        self.workers: list[tuple] = []
+        self.pids: list[int] = []
+        self.nodes: list[dict] = []
+        try:
+            for i in range(max(1, workers)):
+                parent, child = socket.socketpair()
+                log = open(os.path.join(log_dir, f"light-agents-{i}.log"), "ab") if log_dir else None
+                p = subprocess.Popen([sys.executable, "-m", "raftmesh.chaos.light_agents",
+                                      str(child.fileno()), json.dumps(self.urls)],
+                                     pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
+                                     stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                if log:
+                    log.close()
+                child.close()
+                self.workers.append((p, Connection(parent.detach())))
+                self.pids.append(p.pid)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def n(self) -> int:
+        return len(self.nodes)
+
+    def _call(self, cmd: str, per_worker: list[dict] | None = None, **kw) -> list:
+        for i, (_, conn) in enumerate(self.workers):
+            conn.send((cmd, per_worker[i] if per_worker else kw))
+        out, failed = [], None
+        for p, conn in self.workers:
+            try:
+                status, value = conn.recv()
+            except (EOFError, OSError) as e:
+                status, value = "error", f"worker exited ({p.poll()}): {e!r}"
+            if status != "ok":
+                failed = failed or f"light-agent worker {p.pid} failed in {cmd}:\n{value}"
+            out.append(value)
+        if failed:
+            raise RuntimeError(failed)
+        return out
+
+    def register(self, n: int, auth_key: str, prefix: str = "la", concurrency: int = 64) -> list[dict]:
+        """Register `n` more agents, spread evenly over the workers, with one reusable
+        pre-auth key; at most `concurrency` registrations in flight in total."""
+        w = len(self.workers)
+        counts = [n // w + (1 if i < n % w else 0) for i in range(w)]
+        bases, b = [], self.n
+        for c in counts:
+            bases.append(b)
+            b += c
+        share = max(1, concurrency // w)
+        got = self._call("register", [{"count": c, "auth_key": auth_key, "prefix": prefix,
+                                       "concurrency": share, "base": base}
+                                      for c, base in zip(counts, bases)])
+        new = [x for part in got for x in part]
+        self.nodes.extend(new)
+        return new
+
+    def connect(self, timeout: float = 300.0, concurrency: int = 256, home: int | None = None,
+                count: int | None = None) -> bool:
+        """Open the streams of agents not streaming yet (at most `count`, spread over the
+        workers; all from replica index `home`, if given); True when all hold a netmap."""
+        w = len(self.workers)
+        share = max(1, concurrency // w)
+        per = [None] * w if count is None else [count // w + (1 if i < count % w else 0) for i in range(w)]
+        return all(r["connected"] for r in self._call("connect", [
+            {"concurrency": share, "timeout": timeout, "home": home, "count": c} for c in per]))
+
+    def wait_version(self, version: int, timeout: float, exclude=(), prefix: str = "") -> list[dict]:
+        return [x for part in self._call("wait_version", version=version, timeout=timeout,
+                                         exclude=tuple(exclude), prefix=prefix) for x in part]
+
+    def settle(self, quiet: float = 1.5, timeout: float = 120.0) -> bool:
+        """Poll until every started agent streams and no agent's version moved for `quiet`
+        seconds (the presence writes after a connect storm are through)."""
+        end = time.monotonic() + timeout
+        last, since = None, time.monotonic()
+        while time.monotonic() < end:
+            st = self.status()
+            key = (st["connected"], st["max_version"], st["min_version"])
+            if key != last:
+                last, since = key, time.monotonic()
+            elif st["connected"] == st["started"] - st["byes"] and time.monotonic() - since >= quiet:
+                return True
+            time.sleep(0.25)
+        return False
+
+    def note_peer(self, peer_id: str) -> int:
+        return sum(self._call("note_peer", peer_id=peer_id))
+
+    def wait_gone(self, peer_id: str, timeout: float) -> list[dict]:
+        return [x for part in self._call("wait_gone", peer_id=peer_id, timeout=timeout) for x in part]
+
+    def status(self) -> dict:
+        parts = self._call("status")
+        out = {"agents": 0, "connected": 0, "started": 0, "by_replica": {}, "ack_failures": 0,
+               "stream_errors": 0, "frame_errors": [], "byes": 0, "peers_total": 0,
+               "min_version": None, "max_version": None}
+        for p in parts:
+            for k in ("agents", "connected", "started", "ack_failures", "stream_errors", "byes",
+                      "peers_total"):
+                out[k] += p[k]
+            for r, c in p["by_replica"].items():
+                out["by_replica"][r] = out["by_replica"].get(r, 0) + c
+            out["frame_errors"] += p["frame_errors"]
+            if p["min_version"] is not None:
+                out["min_version"] = min(p["min_version"], out["min_version"] or p["min_version"])
+                out["max_version"] = max(p["max_version"], out["max_version"] or 0)
+        return out
+
+    def where(self) -> list[dict]:
+        return [x for part in self._call("where") for x in part]
+
+    def netmaps(self) -> list[dict]:
+        return [x for part in self._call("netmaps") for x in part]
+
+    def reconnects(self, since: float) -> list[dict]:
+        return [x for part in self._call("reconnects", since=since) for x in part]
+
+    def rehome(self, timeout: float = 60.0) -> bool:
+        return all(self._call("rehome", timeout=timeout))
+
+    def close(self) -> None:
+        for p, conn in self.workers:
+            try:
+                conn.send(("close", {}))
+            except (OSError, ValueError):
+                pass
+        for p, conn in self.workers:
+            try:
+                if conn.poll(20):
+                    conn.recv()
+            except (OSError, EOFError):
+                pass
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()  # SIGKILL through Popen: this worker's pid only
+                p.wait(5)
+            conn.close()
+        self.workers.clear()
+
+    def __enter__(self) -> "LightAgents":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def default_workers(n: int) -> int:
+    """One worker per ~400 agents, at most CPUs + 1: at 1,000 agents a single worker was
+    ~90% busy (frame verification, and signing and sending acks) and set the tail latency."""
+    return max(1, min((os.cpu_count() or 1) + 1, -(-n // 400)))
+
+
+# ======================================================================================
+# cluster helpers shared by the agent benchmarks
+# ======================================================================================
+BENCH_USER, SVC_USER = "bench", "svc"
+
+
+def policy_text(port: int, topology: str = "star") -> str:
+    """The benchmark policy. Every `bench` agent's inbound filter has a rule from the
+    `office` CIDR to its own addresses on `port`, so flipping `port` changes every agent's
+    netmap (one small delta each) without giving agents peers. `svc` nodes (revoke victims)
+    are reachable from every bench agent, so each of them is a peer of every agent.
+    topology "mesh" also lets every bench agent reach every other (N-1 peers each)."""
+    acls = [{"action": "accept", "src": ["office"], "dst": [f"{BENCH_USER}:{port}"], "proto": "tcp"},
+            {"action": "accept", "src": [BENCH_USER], "dst": [f"{SVC_USER}:*"]}]
+    if topology == "mesh":
+        acls.append({"action": "accept", "src": [BENCH_USER], "dst": [f"{BENCH_USER}:*"]})
+    elif topology != "star":
+        raise ValueError(f"unknown topology {topology!r}")
+    return json.dumps({"hosts": {"office": "192.0.2.0/24"}, "acls": acls})
+
+
+def setup_cluster(cluster, topology: str = "star", port: int = 22) -> dict[str, str]:
+    """Users, one reusable pre-auth key per user, and the policy; returns {user: key}."""
+    keys = {}
+    for user in (BENCH_USER, SVC_USER):
+        status, body = cluster.request(cluster.replicas[0], "POST", "/api/v1/users", {"name": user})
+        if status != 201:
+            raise RuntimeError(f"create user {user}: {status} {body}")
+        status, body = cluster.request(cluster.replicas[0], "POST", "/api/v1/preauth-keys",
+                                       {"user": user, "reusable": True})
+        if status != 201:
+            raise RuntimeError(f"pre-auth key for {user}: {status} {body}")
+        keys[user] = body["key"]
+    put_policy(cluster, port, topology)
+    return keys
+
+
+def put_policy(cluster, port: int, topology: str = "star", deadline: float = 30.0) -> dict:
+    """PUT the policy through the leader (retrying while there is none); returns the
+    version and the client-side times it was sent and acknowledged."""
+    end = time.monotonic() + deadline
+    text = policy_text(port, topology)
+    while True:
+        live = [r for r in cluster.replicas if r.alive()]
+        for r in live:
+            sent = time.time()
+            try:
+                status, body = cluster.request(r, "PUT", "/api/v1/policy", text, timeout=10)
+            except OSError:
+                continue
+            if status == 200:
+                return {"version": body["version"], "sent": sent, "acked": time.time(), "via": r.id}
+        if time.monotonic() > end:
+            raise TimeoutError("no replica accepted the policy change")
+        time.sleep(0.05)
+
+
+def read_histogram(cluster, name: str) -> dict:
+    """One Prometheus histogram from every live replica's /metrics: cumulative bucket
+    counts summed over replicas, plus count and sum."""
+    import urllib.error
+    buckets: dict[float, float] = {}
+    count = total = 0.0
+    for r in cluster.replicas:
+        if not r.alive():
+            continue
+        try:
+            status, text = cluster.request(r, "GET", "/metrics", timeout=10)
+        except (OSError, urllib.error.URLError):
+            continue
+        if status != 200 or not isinstance(text, str):
+            continue
+        for line in text.splitlines():
+            if line.startswith(name + "_bucket{"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets[float(le)] = buckets.get(float(le), 0.0) + float(line.rsplit(" ", 1)[1])
+            elif line.startswith(name + "_count "):
+                count += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(name + "_sum "):
+                total += float(line.rsplit(" ", 1)[1])
+    return {"buckets": buckets, "count": count, "sum": total}
+
+
+def histogram_diff(after: dict, before: dict) -> dict:
+    """What was observed between two reads (replicas restarted in between are not handled:
+    the caller reads before and after on the same processes)."""
+    b = {le: after["buckets"][le] - before["buckets"].get(le, 0.0) for le in after["buckets"]}
+    return {"buckets": b, "count": after["count"] - before["count"],
+            "sum": after["sum"] - before["sum"]}
+
+
+def machine(load_at_start: tuple) -> dict:
+    """bench_report.machine() plus the 1-minute load average at the start and the end: the
+    replicas, the agents and anything else running share this machine's CPUs."""
+    from .bench_report import machine as base
+    return {**base(), "loadavg_1m_start": load_at_start[0], "loadavg_1m_end": os.getloadavg()[0]}
+
+
+def histogram_summary(h: dict) -> dict:
+    """count, mean and bucket-bound p50/p99 (the upper bound of the bucket holding the quantile)."""
+    n = h["count"]
+    out = {"count": int(n), "mean_ms": (h["sum"] / n * 1e3) if n else None}
+    for q, key in ((0.5, "p50_le_ms"), (0.99, "p99_le_ms")):
+        out[key] = None
+        for le in sorted(h["buckets"]):
+            if n and h["buckets"][le] >= q * n:
+                out[key] = le * 1e3
+                break
+    return out
