@@ -19,6 +19,12 @@ A policy change (one ACL added or removed) and the one-off index build are timed
 one size (default 1,000) `compute_netmaps`, the O(n²) recompute-everything reference, so the
 ratio shows what the index saves.
 
+GC: by default (`--gc feed`) the process is treated as NetmapFeed treats a replica: after the
+build, `tune_gc_for_large_index()` (gc.collect + gc.freeze, young threshold 20,000) when the
+index has >= FREEZE_MIN_NODES nodes; `--gc plain` leaves the collector alone, to see what
+that buys. Either way the
+collector stays on and its CPU is counted in the change that triggered it.
+
 Not measured here: memory per agent stream (issue #5 `scale`, second half) -- it needs the
 agent stream, which is being built; add it to this module once streams exist.
 """
@@ -34,6 +40,7 @@ import random
 import time
 
 from raftmesh.cluster.netmap import NetmapIndex, compute_netmaps
+from raftmesh.cluster.netmap_feed import FREEZE_MIN_NODES, tune_gc_for_large_index
 from raftmesh.cluster.policy import parse_policy
 
 from . import bench_report as report
@@ -113,7 +120,10 @@ class Network:
         self.nodes[node["id"]] = node
         return node
 
-    def policy_doc(self, extra_acl: bool = False) -> dict:
+    def policy_doc(self, extra_acl: bool = False, sparse: bool = False) -> dict:
+        """The company policy. `sparse` drops the ACLs that make the mesh dense: every ACL
+        with a `*` destination (admins, monitoring scrapes) and the department-wide reach
+        of the web tier (eng, sales, support, contractors -> tag:web); sre keeps it."""
         def acl(src, dst, proto=None):
             return {"action": "accept", "src": src, "dst": dst, **({"proto": proto} if proto else {})}
         acls = [
@@ -150,14 +160,18 @@ class Network:
         ]
         if extra_acl:
             acls.append(acl(["group:support", "group:sales"], ["tag:ci:443"], "tcp"))
+        if sparse:
+            wide = {"group:eng", "group:sales", "group:support", "group:contractors"}
+            acls = [a for a in acls if not any(d.startswith("*:") for d in a["dst"])
+                    and not (wide & set(a["src"]) and any(d.startswith("tag:web:") for d in a["dst"]))]
         return {"groups": self.groups,
                 "tagOwners": {t: ["group:sre"] for t, _ in TAG_SHARES},
                 "hosts": {"office-net": "10.10.0.0/15", "dev-net": "10.20.0.0/16",
                           "finance-net": "10.30.0.0/24", "corp-vpn": "192.168.0.0/16"},
                 "acls": acls}
 
-    def policy(self, extra_acl: bool = False):
-        return parse_policy(json.dumps(self.policy_doc(extra_acl)))
+    def policy(self, extra_acl: bool = False, sparse: bool = False):
+        return parse_policy(json.dumps(self.policy_doc(extra_acl, sparse)))
 
     # -- one change of each kind, applied to self.nodes; returns the op for the index --------
     def change(self, kind: str):
@@ -222,18 +236,25 @@ def _apply(index: NetmapIndex, op, version: int):
 
 
 def measure_size(n: int, changes: int, policy_changes: int, seed: int, reference: bool,
-                 progress: report.Progress, profile: bool = False) -> dict:
+                 progress: report.Progress, profile: bool = False, gc_mode: str = "feed",
+                 sparse: bool = False) -> dict:
     """Build an index over a network of `n` nodes, then time `changes` node changes of each
     kind (interleaved) and `policy_changes` policy changes."""
     net = Network(n, seed)
-    pol, pol_extra = net.policy(False), net.policy(True)
+    pol, pol_extra = net.policy(False, sparse), net.policy(True, sparse)
     nodes = list(net.nodes.values())
     gc.collect()
     progress.update(f"N={n}: building the index", force=True)
     index, build_cpu = _cpu(lambda: NetmapIndex(pol, nodes, NOW))
     out = {"n": len(nodes), "users": len(net.users), "acls": len(pol.acls),
            "edges": sum(len(index.netmap(k, 0).peers) for k in index.visible_ids()) // 2,
-           "build_cpu_s": build_cpu}
+           "build_cpu_s": build_cpu, "gc_mode": gc_mode, "policy": "sparse" if sparse else "dense"}
+    frozen = gc_mode == "feed" and len(index.visible_ids()) >= FREEZE_MIN_NODES
+    threshold = gc.get_threshold()
+    if frozen:  # as NetmapFeed does after building its index (not part of the build time)
+        _, out["freeze_cpu_s"] = _cpu(tune_gc_for_large_index)
+    out["gc_tracked_objects"] = len(gc.get_objects())
+    out["gc_frozen_objects"] = gc.get_freeze_count()
     if reference:
         progress.update(f"N={n}: compute_netmaps (O(n²) reference)", force=True)
         _, ref_cpu = _cpu(lambda: compute_netmaps(pol, list(net.nodes.values()), NOW, 1))
@@ -274,6 +295,9 @@ def measure_size(n: int, changes: int, policy_changes: int, seed: int, reference
     out["samples_s"] = samples
     if profile:
         out["profile"] = _profile(index, net, version, min(changes, 100))
+    if frozen:  # the next size starts from a clean collector
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
     return out
 
 
@@ -295,12 +319,14 @@ def _profile(index: NetmapIndex, net: Network, version: int, per_kind: int) -> l
 
 
 def run(out_dir: str, sizes=(100, 1000, 10000), changes: int = 200, policy_changes: int = 6,
-        reference_at: int | None = 1000, seed: int = 1, profile: bool = False) -> dict:
+        reference_at: int | None = 1000, seed: int = 1, profile: bool = False,
+        gc_mode: str = "feed", sparse: bool = False) -> dict:
     progress = report.Progress("scale")
     per_size = []
     for n in sizes:
         per_size.append(measure_size(n, changes, policy_changes, seed, reference=(n == reference_at),
-                                     progress=progress, profile=profile and n == max(sizes)))
+                                     progress=progress, profile=profile and n == max(sizes),
+                                     gc_mode=gc_mode, sparse=sparse))
     progress.done()
 
     rows = []
@@ -316,6 +342,7 @@ def run(out_dir: str, sizes=(100, 1000, 10000), changes: int = 200, policy_chang
                          "p50_ms": s["compute_netmaps_cpu_s"] * 1e3, "p99_ms": None, "max_ms": None})
     result = {"benchmark": "scale", "machine": report.machine(), "timer": "time.thread_time (CPU)",
               "changes_per_kind": changes, "policy_changes": policy_changes, "seed": seed,
+              "gc_mode": gc_mode, "policy": "sparse" if sparse else "dense",
               "sizes": [{**{k: v for k, v in s.items() if k != "samples_s"}, "samples_ms": {
                   kind: [round(v * 1e3, 4) for v in vals] for kind, vals in s["samples_s"].items()}}
                   for s in per_size],
@@ -343,6 +370,11 @@ def run(out_dir: str, sizes=(100, 1000, 10000), changes: int = 200, policy_chang
               + ", ".join(f"{k[:-2]} x{v:.0f}" for k, v in r.items() if k.endswith("_x"))
               + " the index's p50")
     t = result["target"]
+    for s in per_size:
+        print(f"N={s['n']}: {s['policy']} policy, {2 * s['edges'] / s['n']:.0f} peers per node, "
+              f"GC mode {s['gc_mode']}, {s['gc_tracked_objects']:,} tracked objects, "
+              f"{s['gc_frozen_objects']:,} frozen"
+              + (f" (freeze took {s['freeze_cpu_s'] * 1e3:.0f} ms)" if "freeze_cpu_s" in s else ""))
     print(f"target ({t['what']}): worst p99 at {t['at_nodes']} nodes {t['worst_kind_p99_ms']:.2f} ms "
           f"-> {'met' if t['met_at_p99'] else 'MISSED'}")
     if largest.get("profile"):
@@ -415,11 +447,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", action="store_true",
                         help="cProfile node changes at the largest size and print the top entries")
+    parser.add_argument("--gc", choices=("feed", "plain"), default="feed",
+                        help="feed: freeze the built index out of the GC's reach as NetmapFeed "
+                             "does (default); plain: leave the collector alone")
+    parser.add_argument("--policy", choices=("dense", "sparse"), default="dense",
+                        help="dense: the company policy (~1,500 peers per node at 10,000); "
+                             "sparse: without its `*` destinations and department-wide web access")
     parser.add_argument("--out", default="bench-out")
 
 
 def main(args) -> int:
     sizes = [int(x) for x in str(args.sizes).split(",") if x.strip()]
     run(args.out, sizes, args.changes, args.policy_changes, args.reference_at or None, args.seed,
-        args.profile)
+        args.profile, getattr(args, "gc", "feed"), getattr(args, "policy", "dense") == "sparse")
     return 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 from dataclasses import dataclass, field
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Callable, Iterable, NamedTuple
 
 from raftmesh.api.wire import FilterDest, FilterRule, Netmap, NetmapDelta, Peer
@@ -79,29 +79,44 @@ class Roles:
     self_dst: dict[int, tuple[FilterDest, ...]] = field(default_factory=dict)
 
 
+def _acl_role(acl: Acl, view: NodeView, text: Callable[[Network], str] = str) -> tuple | None:
+    """One ACL's part in a node's `Roles`: (sends, lists_addresses, dst, self_dst, self_src),
+    or None when the node plays no part in it. Shared by `node_roles` and the index (which
+    passes a cached `text`: formatting IPv6 networks dominated the index build)."""
+    matched = [s for s in acl.src if s.matches_node(view)]
+    dests, selfs = set(), set()
+    for entry in acl.dst:
+        if entry.selector.kind == "self":
+            if view.owner is not None:
+                selfs.update(FilterDest(text(a), p) for a in view.addresses for p in entry.ports)
+        else:
+            dests.update(FilterDest(text(n), p) for n in entry.selector.node_prefixes(view)
+                         for p in entry.ports)
+    if not (matched or dests or selfs):
+        return None
+    addr = bool(matched) and not acl.src_any and any(
+        s.kind in ("users", "member", "tagged", "tag") for s in matched)
+    return (bool(matched), addr, tuple(sorted(dests)), tuple(sorted(selfs)),
+            bool(matched) and bool(selfs))
+
+
 def node_roles(policy: Policy, view: NodeView) -> Roles:
     src, addr_src, self_src, dst, self_dst = set(), set(), set(), {}, {}
     for i, acl in enumerate(policy.acls):
-        matched = [s for s in acl.src if s.matches_node(view)]
-        if matched:
+        role = _acl_role(acl, view)
+        if role is None:
+            continue
+        sends, addr, dests, selfs, self_sends = role
+        if sends:
             src.add(i)
-            if not acl.src_any and any(s.kind in ("users", "member", "tagged", "tag")
-                                       for s in matched):
-                addr_src.add(i)
-        dests, selfs = set(), set()
-        for entry in acl.dst:
-            if entry.selector.kind == "self":
-                if view.owner is not None:
-                    selfs.update(FilterDest(str(a), p) for a in view.addresses for p in entry.ports)
-            else:
-                dests.update(FilterDest(str(n), p) for n in entry.selector.node_prefixes(view)
-                             for p in entry.ports)
+        if addr:
+            addr_src.add(i)
         if dests:
-            dst[i] = tuple(sorted(dests))
+            dst[i] = dests
         if selfs:
-            self_dst[i] = tuple(sorted(selfs))
-            if matched:
-                self_src.add(i)
+            self_dst[i] = selfs
+        if self_sends:
+            self_src.add(i)
     return Roles(frozenset(src), frozenset(addr_src), dst, frozenset(self_src), self_dst)
 
 
@@ -174,6 +189,131 @@ class Changes(NamedTuple):
 NO_CHANGES = Changes({}, ())
 
 
+class _Slot:
+    """One ACL of the current policy and its reverse indexes over the visible nodes.
+
+    A policy change keeps the slot (and so its indexes) of every ACL it keeps, compared by
+    value, wherever the ACL moves: only added and removed ACLs cost work. The filter source
+    list is kept incrementally (`counts` per address, `addrs` sorted and distinct), never
+    rebuilt and re-sorted from its members; `srcs` is the tuple every target's rule shares.
+    """
+
+    __slots__ = ("acl", "pos", "protos", "src", "dst", "counts", "addrs", "srcs",
+                 "self_src", "self_dst", "self_srcs", "outsiders")
+
+    def __init__(self, acl: Acl):
+        self.acl, self.pos, self.protos = acl, 0, acl.protos
+        # Without prefix selectors, whether a node plays any part in the ACL depends only
+        # on its owner, tags, routes and having addresses (policy.Selector): remember the
+        # kinds of node that play none, most (node, ACL) pairs at build or policy change.
+        self.outsiders: set | None = None if any(
+            sel.kind == "prefix" for sel in (*acl.src, *(d.selector for d in acl.dst))) else set()
+        self.src: set[str] = set()  # visible nodes that may send under it
+        self.dst: set[str] = set()  # visible nodes it targets (other than autogroup:self)
+        prefixes = acl.src_prefixes
+        self.counts: dict[str, int] = dict.fromkeys(prefixes, 1)
+        self.addrs: list[str] | None = None  # None while filling a new slot: sorted once
+
+        self.srcs: tuple[str, ...] = ("*",) if acl.src_any else tuple(prefixes)
+        self.self_src: dict[str, set[str]] = {}  # owner -> their devices that send under it
+        self.self_dst: dict[str, set[str]] = {}  # owner -> their devices it targets via self
+        self.self_srcs: dict[str, tuple[str, ...]] = {}  # owner -> the self rule's sources
+
+    def add_addresses(self, addrs: Iterable[str]) -> bool:
+        """Count a member's addresses in; True when the distinct list grew."""
+        grew = False
+        for a in addrs:
+            c = self.counts.get(a, 0)
+            self.counts[a] = c + 1
+            if not c and self.addrs is not None:
+                bisect.insort(self.addrs, a)
+                grew = True
+        return grew
+
+    def publish(self) -> None:
+        """Fix the sources of a newly filled slot (its members are all counted in)."""
+        self.addrs = sorted(self.counts)
+        if not self.acl.src_any:
+            self.srcs = tuple(self.addrs)
+
+    def remove_addresses(self, addrs: Iterable[str]) -> bool:
+        shrank = False
+        for a in addrs:
+            c = self.counts[a] - 1
+            if c:
+                self.counts[a] = c
+            else:
+                del self.counts[a]
+                del self.addrs[bisect.bisect_left(self.addrs, a)]
+                shrank = True
+        return shrank
+
+
+class _Roles:
+    """`Roles` keyed by slot instead of ACL index, mutable so that a policy change only
+    edits the slots it adds or removes."""
+
+    __slots__ = ("src", "addr_src", "dst", "self_src", "self_dst")
+
+    def __init__(self):
+        self.src: set[_Slot] = set()
+        self.addr_src: set[_Slot] = set()
+        self.dst: dict[_Slot, tuple[FilterDest, ...]] = {}
+        self.self_src: set[_Slot] = set()
+        self.self_dst: dict[_Slot, tuple[FilterDest, ...]] = {}
+
+    def add(self, slots: Iterable[_Slot], view: NodeView) -> bool:
+        """Compile `slots` for this node; True when it plays a part in any of them."""
+        part = False
+        kind = (view.owner, view.tags, view.routes, bool(view.addresses))
+        texts: dict[int, str] = {}  # the node's own prefixes, formatted once (if needed)
+
+        def text(n):
+            t = texts.get(id(n))
+            if t is None:
+                texts[id(n)] = t = str(n)
+            return t
+        for s in slots:
+            if s.outsiders is not None and kind in s.outsiders:
+                continue
+            role = _acl_role(s.acl, view, text)
+            if role is None:
+                if s.outsiders is not None:
+                    s.outsiders.add(kind)
+                continue
+            part = True
+            sends, addr, dests, selfs, self_sends = role
+            if sends:
+                self.src.add(s)
+            if addr:
+                self.addr_src.add(s)
+            if dests:
+                self.dst[s] = dests
+            if selfs:
+                self.self_dst[s] = selfs
+            if self_sends:
+                self.self_src.add(s)
+        return part
+
+    def drop(self, s: _Slot) -> None:
+        self.src.discard(s)
+        self.addr_src.discard(s)
+        self.dst.pop(s, None)
+        self.self_src.discard(s)
+        self.self_dst.pop(s, None)
+
+
+_POS = attrgetter("pos")
+_NONE = frozenset()
+
+
+def _compose(cells: list) -> tuple[FilterRule, ...]:
+    """A node's filter from its rule cells: (dst rule, self rule) per ACL in ACL order, None
+    where the rule is left out. Swapping one cell and recomposing is what a changed source
+    list costs each of its targets."""
+    return tuple(filter(None, cells))
+
+
 class NetmapIndex:
     """All visible nodes' netmaps, kept up to date one change at a time.
 
@@ -181,6 +321,13 @@ class NetmapIndex:
     `replace_policy` and `advance_time` each return `Changes` stamped with the caller's
     state version. A node that appears receives its whole netmap as a delta (apply it to
     an empty netmap). Not thread-safe: the caller serialises changes.
+
+    Peer sets are not stored: a node's peers are a union of its ACLs' index sets, computed
+    when needed (O(its peers), as storing them would cost anyway on every change). Storing
+    them meant ~15 M set entries at 10,000 nodes for the garbage collector to walk on every
+    full collection (0.6-0.8 s each). Deltas that are the same for many nodes (one changed
+    peer record, one removed peer) are one shared `NetmapDelta` object: treat them as
+    immutable.
     """
 
     def __init__(self, policy: Policy | None, nodes: Iterable[dict], now: float):
@@ -191,7 +338,7 @@ class NetmapIndex:
         for n in nodes:
             self._nodes[n["id"]] = dict(n)
             self._track_expiry(n["id"], n.get("key_expiry"))
-        self._set_policy(policy)
+        self._build(policy)
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -202,7 +349,7 @@ class NetmapIndex:
         """The node's full netmap, or None when it is unknown or not visible."""
         if node_id not in self._roles:
             return None
-        peers = {p: self._peer[p] for p in sorted(self._peers[node_id])}
+        peers = {p: self._peer[p] for p in self._in_order(self._reach(node_id))}
         return Netmap(version, self._peer[node_id], peers, self._filter[node_id])
 
     def is_visible(self, node_id: str) -> bool:
@@ -213,7 +360,7 @@ class NetmapIndex:
         return node_id in self._nodes
 
     def visible_ids(self) -> list[str]:
-        return sorted(self._roles)
+        return list(self._ids)
 
     def next_expiry(self) -> float | None:
         """The earliest key expiry after `now`: when to call `advance_time` next."""
@@ -246,46 +393,131 @@ class NetmapIndex:
         return self._apply(ids, version) if ids else NO_CHANGES
 
     def replace_policy(self, policy: Policy | None, version: int) -> Changes:
-        """Rebuild everything (every role may change), emit deltas only where needed."""
-        old = {k: (self._peers[k], self._filter[k]) for k in self._roles}
-        self._set_policy(policy)
-        deltas = {}
-        for k in sorted(self._roles):  # visibility does not depend on the policy
-            old_peers, old_filter = old[k]
-            peers = self._peers[k]
-            pf = self._filter[k]
-            d = NetmapDelta(version, tuple(self._peer[p] for p in sorted(peers - old_peers)),
-                            tuple(sorted(old_peers - peers)), None if pf == old_filter else pf)
-            if not d.is_empty():
-                deltas[k] = d
-        return Changes(deltas, ())
+        """Swap the policy, re-deriving only what the ACLs it adds or removes touch.
+
+        ACLs are matched old to new by value, so a kept ACL keeps its slot and indexes
+        wherever it moved. Only members of an added or removed ACL can gain or lose a peer
+        (an edge needs an ACL both ends are in), and only its targets' filters change,
+        unless kept ACLs were reordered, which reorders rules (then every filter is redone).
+        Visibility does not depend on the policy.
+        """
+        policy = policy or Policy()
+        pool: dict[Acl, list[_Slot]] = {}
+        for s in self._slots:
+            pool.setdefault(s.acl, []).append(s)
+        slots, added = [], []
+        for acl in policy.acls:
+            same = pool.get(acl)
+            if same:
+                slots.append(same.pop(0))
+            else:
+                slots.append(_Slot(acl))
+                added.append(slots[-1])
+        removed = [s for left in pool.values() for s in left]
+        kept_order = [s for s in slots if s not in added]
+        reordered = any(a.pos > b.pos for a, b in zip(kept_order, kept_order[1:]))
+        self._policy = policy
+        if not added and not removed and not reordered:
+            for pos, s in enumerate(slots):
+                s.pos = pos
+            self._slots = slots
+            return NO_CHANGES
+        added_set, removed_set = set(added), set(removed)
+
+        # who can gain or lose a peer, and what they reached through the removed ACLs
+        new_roles: dict[str, _Roles] = {}
+        r = _Roles()
+        for k, view in self._views.items():
+            if r.add(added, view):
+                new_roles[k], r = r, _Roles()
+        members = set(new_roles)
+        targets = {k for k, r in new_roles.items() if r.dst or r.self_dst}
+        for s in removed:
+            members |= s.src
+            members |= s.dst
+            targets |= s.dst
+            for devices in s.self_dst.values():
+                members |= devices
+                targets |= devices
+        lost = {k: self._reach(k, removed_set.__contains__) for k in members if k in self._roles}
+        old_filter = self._filter
+
+        # edit the indexes: drop the removed slots, add the new ones
+        for s in removed:
+            for k in s.src | s.dst | {k for d in s.self_dst.values() for k in d}:
+                self._roles[k].drop(s)  # its cells go when the filter is rebuilt below
+        for pos, s in enumerate(slots):
+            s.pos = pos
+        self._slots = slots
+        for k, part in new_roles.items():
+            roles, view, addrs = self._roles[k], self._views[k], self._peer[k].addresses
+            for s in part.src:
+                roles.src.add(s)
+                s.src.add(k)
+            for s in part.addr_src:
+                roles.addr_src.add(s)
+                s.add_addresses(addrs)
+            for s, dests in part.dst.items():
+                roles.dst[s] = dests
+                s.dst.add(k)
+            owner = view.owner
+            for s in part.self_src:
+                roles.self_src.add(s)
+                s.self_src.setdefault(owner, set()).add(k)
+            for s, dests in part.self_dst.items():
+                roles.self_dst[s] = dests
+                s.self_dst.setdefault(owner, set()).add(k)
+        for s in added:
+            s.publish()
+            for owner, devices in s.self_src.items():
+                s.self_srcs[owner] = self._self_sources(devices)
+
+        self._filter = dict(old_filter)
+        deltas: dict[str, NetmapDelta] = {}
+        for k in (self._roles if reordered else targets):
+            self._filter[k] = pf = self._build_filter(k)
+            if pf != old_filter[k]:
+                deltas[k] = NetmapDelta(version, packet_filter=pf)
+        records: dict[frozenset, tuple[Peer, ...]] = {}  # many members gain the same peers
+        for k, was in lost.items():
+            got = self._reach(k, added_set.__contains__)
+            if not (got or was):
+                continue
+            kept = self._reach(k, lambda s: s not in added_set, got ^ was)
+            gained = got - was - kept
+            dropped = was - got - kept
+            if gained or dropped:
+                key = frozenset(gained)
+                if (recs := records.get(key)) is None:
+                    recs = records[key] = tuple(self._peer[p] for p in sorted(gained))
+                d = deltas.get(k)
+                deltas[k] = NetmapDelta(version, recs, tuple(sorted(dropped)),
+                                        d.packet_filter if d else None)
+        return Changes({k: deltas[k] for k in self._in_order(deltas)}, ())
 
     # -- internals -------------------------------------------------------------------------
-    def _set_policy(self, policy: Policy | None) -> None:
+    def _build(self, policy: Policy | None) -> None:
         self._policy = policy = policy or Policy()
-        acls = range(len(policy.acls))
+        self._slots: list[_Slot] = [_Slot(acl) for acl in policy.acls]
+        for pos, s in enumerate(self._slots):
+            s.pos = pos
         self._views: dict[str, NodeView] = {}  # the visible nodes' views, roles, Peer records
-        self._roles: dict[str, Roles] = {}
+        self._roles: dict[str, _Roles] = {}
         self._peer: dict[str, Peer] = {}
-        self._peers: dict[str, set[str]] = {}
+        # per node: (slot -> position of its two cells, cells); see _compose
+        self._rules: dict[str, tuple[dict[_Slot, int], list]] = {}
         self._filter: dict[str, tuple[FilterRule, ...]] = {}
-        # reverse indexes: ACL -> visible nodes in each role; user -> their visible devices
-        self._src: list[set[str]] = [set() for _ in acls]
-        self._dst: list[set[str]] = [set() for _ in acls]
-        self._addr: list[set[str]] = [set() for _ in acls]
-        self._owned: dict[str, set[str]] = {}
-        self._self_src: dict[tuple[int, str], set[str]] = {}
-        self._srcs: list[tuple[str, ...]] = [src_cidrs(a, ()) for a in policy.acls]
-        self._self_srcs: dict[tuple[int, str], tuple[str, ...]] = {}
         live = [k for k in sorted(self._nodes) if visible(self._nodes[k], self.now)]
+        self._ids: list[str] = []  # the visible ids, sorted: see _in_order
         dirty: set = set()
         for k in live:
-            self._attach(k, dirty)
+            self._attach(k, dirty, dirty)
+        for s in self._slots:
+            s.publish()
+            for owner, devices in s.self_src.items():
+                s.self_srcs[owner] = self._self_sources(devices)
         for k in live:
-            self._peers[k] = self._reach(k)
-        self._refresh_srcs(dirty)
-        for k in live:
-            self._filter[k] = self._compute_filter(k)
+            self._filter[k] = self._build_filter(k)
 
     def _track_expiry(self, nid: str, expiry: float | None) -> None:
         old = self._expiry_of.pop(nid, None)
@@ -295,90 +527,144 @@ class NetmapIndex:
             self._expiry_of[nid] = expiry
             bisect.insort(self._expiry, (expiry, nid))
 
-    def _attach(self, k: str, dirty: set) -> None:
-        """Add a visible node to the reverse indexes; note the filter sources it alters."""
-        view = node_view(self._nodes[k])
-        roles = node_roles(self._policy, view)
+    def _self_sources(self, devices: Iterable[str]) -> tuple[str, ...]:
+        return tuple(sorted(a for k in devices for a in self._peer[k].addresses))
+
+    def _attach(self, k: str, dirty: set, dirty_self: set) -> None:
+        """Add a visible node to the reverse indexes; note the filter sources it may alter."""
+        node = self._nodes[k]
+        view = node_view(node)
+        bisect.insort(self._ids, k)  # (appends while building: `live` is sorted)
+        roles = _Roles()
+        roles.add(self._slots, view)
         self._views[k], self._roles[k] = view, roles
-        self._peer[k] = peer_record(self._nodes[k], view)
-        for i in roles.src:
-            self._src[i].add(k)
-        for i in roles.dst:
-            self._dst[i].add(k)
-        for i in roles.addr_src:
-            self._addr[i].add(k)
-            dirty.add(i)
-        if view.owner is not None:
-            self._owned.setdefault(view.owner, set()).add(k)
-            for i in roles.self_src:
-                self._self_src.setdefault((i, view.owner), set()).add(k)
-                dirty.add((i, view.owner))
+        self._peer[k] = rec = peer_record(node, view)
+        for s in roles.src:
+            s.src.add(k)
+        for s in roles.dst:
+            s.dst.add(k)
+        for s in roles.addr_src:
+            if s.add_addresses(rec.addresses):
+                dirty.add(s)
+        owner = view.owner
+        for s in roles.self_src:
+            s.self_src.setdefault(owner, set()).add(k)
+            dirty_self.add((s, owner))
+        for s in roles.self_dst:
+            s.self_dst.setdefault(owner, set()).add(k)
 
-    def _detach(self, k: str, dirty: set) -> None:
+    def _detach(self, k: str, dirty: set, dirty_self: set) -> None:
         view, roles = self._views.pop(k), self._roles.pop(k)
-        del self._peer[k], self._filter[k]
-        for i in roles.src:
-            self._src[i].discard(k)
-        for i in roles.dst:
-            self._dst[i].discard(k)
-        for i in roles.addr_src:
-            self._addr[i].discard(k)
-            dirty.add(i)
-        if view.owner is not None:
-            self._owned[view.owner].discard(k)
-            for i in roles.self_src:
-                self._self_src[(i, view.owner)].discard(k)
-                dirty.add((i, view.owner))
+        del self._ids[bisect.bisect_left(self._ids, k)]
+        addrs = self._peer.pop(k).addresses
+        del self._filter[k], self._rules[k]
+        for s in roles.src:
+            s.src.discard(k)
+        for s in roles.dst:
+            s.dst.discard(k)
+        for s in roles.addr_src:
+            if s.remove_addresses(addrs):
+                dirty.add(s)
+        owner = view.owner
+        for s in roles.self_src:
+            _discard(s.self_src, owner, k)
+            dirty_self.add((s, owner))
+        for s in roles.self_dst:
+            _discard(s.self_dst, owner, k)
 
-    def _reach(self, k: str) -> set[str]:
-        """Who k may reach or be reached by: a union of index sets, never a scan of all."""
+    def _in_order(self, ids: Iterable[str]) -> list[str]:
+        """`sorted(ids)` for visible ids. A change can touch most of the mesh (a retag at
+        10,000 nodes: 5,000-8,000 deltas), and sorting that many ids cost more than
+        filtering the already sorted list of all ids; small sets are still sorted."""
+        if not isinstance(ids, (set, dict)):
+            ids = set(ids)
+        if len(ids) * 8 < len(self._ids):
+            return sorted(ids)
+        return [k for k in self._ids if k in ids]
+
+    def _reach(self, k: str, only: Callable[[_Slot], bool] | None = None,
+               within: set[str] | None = None) -> set[str]:
+        """Who k may reach or be reached by (through the slots `only` accepts; among
+        `within` only, if given): a union of index sets, never a scan of all nodes."""
         roles, owner = self._roles[k], self._views[k].owner
-        out: set[str] = set()
-        for i in roles.src:
-            out |= self._dst[i]
-        for i in roles.dst:
-            out |= self._src[i]
+        sets = [s.dst for s in roles.src if only is None or only(s)]
+        sets += [s.src for s in roles.dst if only is None or only(s)]
         if owner is not None:
-            if roles.self_src:
-                out |= self._owned[owner]
-            for i in roles.self_dst:
-                out |= self._self_src.get((i, owner), set())
+            sets += [s.self_dst.get(owner, _NONE) for s in roles.self_src if only is None or only(s)]
+            sets += [s.self_src.get(owner, _NONE) for s in roles.self_dst if only is None or only(s)]
+        out: set[str] = set()
+        for members in sets:  # `&` walks the smaller side: O(min(|members|, |within|))
+            out |= members if within is None else members & within
         out.discard(k)
         return out
 
-    def _refresh_srcs(self, dirty: set) -> set[str]:
-        """Recompute the filter sources in `dirty`; return the nodes whose filter uses a
-        source list that actually changed."""
-        stale: set[str] = set()
-        for key in dirty:
-            if isinstance(key, int):
-                new = src_cidrs(self._policy.acls[key],
-                                (self._peer[k].addresses for k in self._addr[key]))
-                if new != self._srcs[key]:
-                    self._srcs[key] = new
-                    stale |= self._dst[key]
-            else:
-                members = self._self_src.get(key, ())
-                new = tuple(sorted(a for k in members for a in self._peer[k].addresses))
-                if new != self._self_srcs.get(key, ()):
-                    self._self_srcs[key] = new
-                    stale |= self._owned.get(key[1], set())
-        return stale
+    def _build_filter(self, k: str) -> tuple[FilterRule, ...]:
+        """(Re)build k's rule cells in ACL order, reusing the rules already built."""
+        roles, owner = self._roles[k], self._views[k].owner
+        old_at, old_cells = self._rules.get(k, (None, None))
+        at, cells = {}, []
+        for s in sorted(roles.dst.keys() | roles.self_dst.keys(), key=_POS):
+            at[s] = len(cells)
+            if old_at is not None and s in old_at:
+                i = old_at[s]
+                cells += old_cells[i:i + 2]
+                continue
+            dests, selfs = roles.dst.get(s), roles.self_dst.get(s)
+            ss = s.self_srcs.get(owner, ()) if selfs else ()
+            cells.append(FilterRule(s.srcs, dests, s.protos) if dests and s.srcs else None)
+            cells.append(FilterRule(ss, selfs, s.protos) if ss else None)
+        self._rules[k] = at, cells
+        return _compose(cells)
 
-    def _compute_filter(self, k: str) -> tuple[FilterRule, ...]:
-        owner = self._views[k].owner
-        return _packet_filter(self._policy, self._roles[k], self._srcs.__getitem__,
-                              lambda i: self._self_srcs.get((i, owner), ()))
+    def _refresh_srcs(self, dirty: set, dirty_self: set, skip: set) -> dict[str, tuple]:
+        """Publish the source lists in `dirty` and swap the one rule each target built from
+        a list that changed; return those targets' new filters (the nodes in `skip` are
+        rebuilt whole by the caller)."""
+        touched: set[str] = set()
+        for s in dirty:
+            new = tuple(s.addrs)
+            if new == s.srcs:
+                continue
+            s.srcs = new
+            protos, roles = s.protos, self._roles
+            for k in s.dst:
+                if k in skip:
+                    continue
+                at, cells = self._rules[k]
+                cells[at[s]] = FilterRule(new, roles[k].dst[s], protos) if new else None
+                touched.add(k)
+        for s, owner in dirty_self:
+            new = self._self_sources(s.self_src.get(owner, ()))
+            if new == s.self_srcs.get(owner, ()):
+                continue
+            if new:
+                s.self_srcs[owner] = new
+            else:
+                del s.self_srcs[owner]
+            for k in s.self_dst.get(owner, _NONE):
+                if k in skip:
+                    continue
+                at, cells = self._rules[k]
+                cells[at[s] + 1] = FilterRule(new, self._roles[k].self_dst[s], s.protos) \
+                    if new else None
+                touched.add(k)
+        out = {}
+        for k in touched:  # a rule of theirs changed, so their filter did
+            self._filter[k] = out[k] = _compose(self._rules[k][1])
+        return out
 
     def _record_changed(self, k: str, node: dict, version: int) -> Changes:
-        """Only the Peer record changed (endpoints, presence, key, name...): tell k's peers."""
+        """Only the Peer record changed (endpoints, presence, key, name...): tell k's peers,
+        all with one shared delta."""
         rec = peer_record(node, self._views[k])
         if rec == self._peer[k]:
             return NO_CHANGES
         self._peer[k] = rec
-        deltas = {p: NetmapDelta(version, peers_changed=(rec,)) for p in self._peers[k]}
+        peers = self._reach(k)
+        peers.add(k)
+        deltas = dict.fromkeys(self._in_order(peers), NetmapDelta(version, peers_changed=(rec,)))
         deltas[k] = NetmapDelta(version, self_node=rec)
-        return Changes(dict(sorted(deltas.items())), ())
+        return Changes(deltas, ())
 
     def _apply(self, ids: Iterable[str], version: int) -> Changes:
         """Re-derive the nodes in `ids` from their current records: detach the old ones,
@@ -386,49 +672,70 @@ class NetmapIndex:
         now (the only ones whose peers or filter sources can involve them)."""
         changed = set(ids)
         before = sorted(k for k in changed if k in self._roles)
+        old_peers = {k: self._reach(k) for k in before}
         old_rec = {k: self._peer[k] for k in before}
-        old_peers = {k: set(self._peers[k]) for k in before}
         old_filter = {k: self._filter[k] for k in before}
-        touched: dict[str, dict[str, bool]] = {}  # other node -> {changed node: was its peer}
         dirty: set = set()
+        dirty_self: set = set()
         for k in before:
-            for p in self._peers.pop(k):
-                self._peers[p].discard(k)
-                touched.setdefault(p, {}).setdefault(k, True)
-            self._detach(k, dirty)
+            self._detach(k, dirty, dirty_self)
         after = sorted(k for k in changed if k in self._nodes and visible(self._nodes[k], self.now))
         for k in after:
-            self._attach(k, dirty)
+            self._attach(k, dirty, dirty_self)
+        new_filter = self._refresh_srcs(dirty, dirty_self, changed)
         for k in after:
-            self._peers[k] = peers = self._reach(k)
-            for p in peers:
-                self._peers.setdefault(p, set()).add(k)
-                touched.setdefault(p, {}).setdefault(k, False)
-        new_filter = {}  # nodes that stayed visible and whose filter changed
-        for k in self._refresh_srcs(dirty) | set(after):
-            old = old_filter.get(k) if k in changed else self._filter[k]
-            self._filter[k] = pf = self._compute_filter(k)
-            if pf != old:
-                new_filter[k] = pf
+            self._filter[k] = self._build_filter(k)
+        new_peers = {k: self._reach(k) for k in after}
+        moved = {k for k in after if k not in old_rec or old_rec[k] != self._peer[k]}
 
-        deltas = {}
-        for k in after:  # the changed nodes themselves
+        # the nodes that see them: a shared delta per kind of news, unless their filter changed
+        deltas: dict[str, NetmapDelta] = {}
+        if len(changed) == 1:
+            (k,) = changed
+            was, now = old_peers.get(k, _NONE), new_peers.get(k, _NONE)
+            if now and (k in moved or now - was):
+                news = NetmapDelta(version, (self._peer[k],))
+                deltas.update(dict.fromkeys(now if k in moved else now - was, news))
+            if was and (gone := was - now):
+                deltas.update(dict.fromkeys(gone, NetmapDelta(version, (), (k,))))
+        else:
+            news_of: dict[str, list[str]] = {}
+            gone_of: dict[str, list[str]] = {}
+            for k in changed:
+                was, now = old_peers.get(k, _NONE), new_peers.get(k, _NONE)
+                for p in (now if k in moved else now - was) - changed:
+                    news_of.setdefault(p, []).append(k)
+                for p in was - now - changed:
+                    gone_of.setdefault(p, []).append(k)
+            for p in news_of.keys() | gone_of.keys():
+                deltas[p] = NetmapDelta(
+                    version, tuple(self._peer[k] for k in sorted(news_of.get(p, ()))),
+                    tuple(sorted(gone_of.get(p, ()))))
+        for p, pf in new_filter.items():
+            d = deltas.get(p)
+            deltas[p] = NetmapDelta(version, d.peers_changed, d.peers_removed, pf) if d else \
+                NetmapDelta(version, packet_filter=pf)
+
+        for k in after:  # the changed nodes themselves (all others' deltas are non-empty)
+            now = new_peers[k]
             if k not in old_rec:  # appeared: its whole netmap
-                deltas[k] = NetmapDelta(version, tuple(self._peer[p] for p in sorted(self._peers[k])),
+                deltas[k] = NetmapDelta(version, tuple(self._peer[p] for p in sorted(now)),
                                         (), self._filter[k], self._peer[k])
                 continue
-            now_peers, was = self._peers[k], old_peers[k]
+            was = old_peers[k]
+            pf = self._filter[k]
             deltas[k] = NetmapDelta(
-                version, tuple(self._peer[p] for p in sorted(now_peers) if p not in was
-                               or old_rec.get(p, self._peer[p]) != self._peer[p]),
-                tuple(sorted(was - now_peers)), new_filter.get(k),
-                self._peer[k] if self._peer[k] != old_rec[k] else None)
-        for p in (touched.keys() | new_filter.keys()) - changed:  # the nodes that see them
-            log, now_peers = touched.get(p, {}), self._peers[p]
-            deltas[p] = NetmapDelta(
-                version, tuple(self._peer[k] for k, was in sorted(log.items()) if k in now_peers
-                               and (not was or old_rec.get(k) != self._peer[k])),
-                tuple(sorted(k for k, was in log.items() if was and k not in now_peers)),
-                new_filter.get(p))
+                version, tuple(self._peer[p] for p in sorted((now - was) | (now & moved))),
+                tuple(sorted(was - now)), None if pf == old_filter[k] else pf,
+                self._peer[k] if k in moved else None)
+            if deltas[k].is_empty():
+                del deltas[k]
         gone = tuple(k for k in before if k not in self._roles)
-        return Changes({k: d for k, d in sorted(deltas.items()) if not d.is_empty()}, gone)
+        return Changes({k: deltas[k] for k in self._in_order(deltas)}, gone)
+
+
+def _discard(index: dict[str, set[str]], key: str, k: str) -> None:
+    members = index[key]
+    members.discard(k)
+    if not members:
+        del index[key]

@@ -420,3 +420,133 @@ def test_a_change_in_2000_nodes_touches_only_who_sees_it():
     web = {f"n{i}" for i in range(1520, 1999)}
     eng = {f"n{i}" for i in range(60)} | {"n2000"}
     check(idx.upsert_node(dict(nodes[1600], tags=["tag:db"]), 6), web | eng | dbs)
+
+
+# -- policy changes that keep, move, duplicate or drop some ACLs ---------------------------------
+ACL_POOL = [
+    acl(["group:eng"], ["tag:db:5432", "autogroup:self:*"]),
+    acl(["tag:web"], ["tag:db:5432"], proto="tcp"),
+    acl(["alice"], ["corp:*"]),
+    acl(["carol"], ["autogroup:self:22"]),
+    acl(["autogroup:member"], ["autogroup:tagged:80,443"]),
+    acl(["tag:router"], ["autogroup:member:22"], proto="udp"),
+    acl(["10.2.0.0/16", "printer"], ["tag:web:80"]),
+    acl(["autogroup:tagged"], ["*:9000-9100"]),
+    acl(["100.64.0.0/29"], ["*:22"]),
+    acl(["bob", "tag:db"], ["100.64.0.0/28:*", "10.0.0.0/8:*"]),
+    acl(["*"], ["autogroup:self:*"]),
+    acl(["group:eng", "dave"], ["tag:web:443", "alice:22"]),
+]
+
+
+def pooled_policy(rng: random.Random) -> Policy | None:
+    """A random subset of ACL_POOL in random order, sometimes with a duplicate ACL or a
+    different group:eng, so consecutive policies share, move and drop ACLs."""
+    if rng.random() < 0.05:
+        return None
+    acls = rng.sample(ACL_POOL, rng.randint(0, len(ACL_POOL)))
+    if acls and rng.random() < 0.2:
+        acls.insert(rng.randrange(len(acls) + 1), rng.choice(acls))
+    eng = rng.choice([["alice", "bob"], ["alice", "bob"], ["bob", "dave"]])
+    return policy(acls, groups={"group:eng": eng})
+
+
+def nudge(rng: random.Random, pol: Policy | None) -> Policy | None:
+    """The previous policy with one ACL added, removed or moved (the common edit)."""
+    acls = list(pol.acls) if pol else []
+    r = rng.random()
+    if r < 0.4 or not acls:
+        groups = {g: sorted(u) for g, u in pol.groups.items()} if pol and pol.groups else \
+            {"group:eng": ["alice", "bob"]}
+        extra = policy([rng.choice(ACL_POOL)], groups=groups).acls
+        acls.insert(rng.randrange(len(acls) + 1), extra[0])
+    elif r < 0.7:
+        acls.pop(rng.randrange(len(acls)))
+    else:
+        acls.insert(rng.randrange(len(acls)), acls.pop(rng.randrange(len(acls))))
+    base = pol or policy([])
+    return Policy(base.groups, base.tag_owners, base.hosts, tuple(acls))
+
+
+@pytest.mark.parametrize("seed", range(10, 22))
+def test_incremental_agrees_with_from_scratch_across_overlapping_policies(seed):
+    """Like the test above, with policies that keep most ACLs (the index keeps a kept ACL's
+    indexes and only re-derives what added or removed ones touch), more nodes, more steps."""
+    rng = random.Random(seed)
+    now, version = NOW, 1
+    pol = pooled_policy(rng)
+    nodes = {f"n{i}": random_node(rng, i, now) for i in range(20)}
+    idx = NetmapIndex(pol, list(nodes.values()), now)
+    clients = {k: idx.netmap(k, version) for k in idx.visible_ids()}
+    prev = compute_netmaps(pol, nodes.values(), now, version)
+    for step in range(300):
+        version += 1
+        op = rng.random()
+        if op < 0.2:
+            i = rng.randint(0, 40)
+            nodes[f"n{i}"] = random_node(rng, i, now)
+            changes = idx.upsert_node(nodes[f"n{i}"], version)
+        elif op < 0.5 and nodes:
+            k = rng.choice(sorted(nodes))
+            nodes[k] = mutate(rng, nodes[k], now)
+            changes = idx.upsert_node(nodes[k], version)
+        elif op < 0.6 and nodes:
+            k = rng.choice(sorted(nodes))
+            del nodes[k]
+            changes = idx.remove_node(k, version)
+        elif op < 0.75:
+            now += rng.uniform(-15, 25)
+            changes = idx.advance_time(now, version)
+        elif op < 0.92:
+            pol = nudge(rng, pol)
+            changes = idx.replace_policy(pol, version)
+        else:
+            pol = pooled_policy(rng)
+            changes = idx.replace_policy(pol, version)
+        deltas, gone = changes
+        for k in gone:
+            del clients[k]
+            assert k not in deltas
+        for k, d in deltas.items():
+            assert d.version == version and not d.is_empty()
+            base = clients.get(k) or Netmap(0, d.self_node)
+            clients[k] = apply_delta(base, d)
+        ref = compute_netmaps(pol, nodes.values(), now, version)
+        assert sorted(clients) == sorted(ref) == idx.visible_ids(), step
+        assert list(deltas) == sorted(deltas)
+        for k, nm in ref.items():
+            assert content(clients[k]) == content(nm), (step, k)
+            assert idx.netmap(k, version) == nm
+            changed = k not in prev or content(prev[k]) != content(nm)
+            assert (k in deltas) == changed, (step, k)
+        assert set(gone) == set(prev) - set(ref)
+        prev = ref
+
+
+def test_policy_change_keeps_unrelated_nodes_untouched():
+    """Adding one ACL re-derives only its members: nobody else gets a delta."""
+    pol, nodes = big_network()
+    idx = NetmapIndex(pol, nodes, NOW)
+    state = snapshot(idx)
+    extra = acl(["u20"], ["tag:db:22"])
+    doc = {"groups": {"group:eng": [f"u{i}" for i in range(10)]},
+           "tagOwners": {"tag:db": [], "tag:web": []},
+           "acls": [acl(["group:eng", "tag:web"], ["tag:db:5432"]), extra,
+                    acl(["autogroup:member"], ["autogroup:self:*"])]}
+    changes = idx.replace_policy(parse_policy(json.dumps(doc)), 2)
+    dbs = {f"n{i}" for i in range(1500, 1520)}
+    u20 = {f"n{i}" for i in range(120, 126)}
+    assert set(changes.deltas) == dbs | u20 == changed_ids(state, snapshot(idx))
+    assert snapshot(idx) == snapshot(NetmapIndex(idx.policy, nodes, NOW))  # (built = reference)
+    doc["acls"].reverse()  # reordering kept ACLs reorders the rules of nodes in both
+    changes = idx.replace_policy(parse_policy(json.dumps(doc)), 3)
+    assert set(changes.deltas) <= dbs | u20
+    assert snapshot(idx) == snapshot(NetmapIndex(idx.policy, nodes, NOW))
+
+
+def test_record_only_change_shares_one_delta_among_peers():
+    pol, nodes = big_network()
+    idx = NetmapIndex(pol, nodes, NOW)
+    deltas, _ = idx.upsert_node(dict(nodes[18], online=True), 2)
+    shared = {id(d) for k, d in deltas.items() if k != "n18"}
+    assert len(deltas) == 26 and len(shared) == 1  # 20 databases, 5 siblings, itself
