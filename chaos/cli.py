@@ -24,6 +24,11 @@ def register(sub) -> None:
 BENCHMARKS = [
     ("failover", "bench_failover", "SIGKILL the leader until the first acknowledged write, repeated"),
     ("scale", "bench_scale", "CPU per node/policy change of the netmap index at 100-10,000 nodes"),
+    ("propagation", "bench_propagation", "policy change until every agent applied it (light agents)"),
+    ("revoke", "bench_revoke", "node deleted until its key is gone from every peer (wg show + light agents)"),
+    ("stream-failover", "bench_stream_failover", "SIGKILL the agents' replica until they hold a current netmap"),
+    ("stream-memory", "bench_stream_memory", "replica RSS per open agent stream"),
+    ("connect", "bench_connect", "agent up until its first packet reaches a peer over WireGuard"),
 ]
 
 

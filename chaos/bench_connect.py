@@ -1,0 +1,149 @@
+"""`raftmesh bench connect`: agent start until its first packet reaches a peer over the
+tunnel (issue #5 `connect`).
+
+Real `raftmesh agent up` daemons with wireguard-go and nftables in network namespaces
+(chaos/benchlab.py), 3 replicas on the host end of a veth into the lab. One peer daemon (a
+`svc` node, which every `bench` node may reach, see light_agents.policy_text) runs for the
+whole benchmark. Each round, in a fresh namespace:
+
+1. a prober starts first: an ICMP echo to the peer's overlay address every 10 ms (sends fail
+   while there is no route yet), which reports the time the first reply arrives;
+2. t0, then `raftmesh agent up` starts with a fresh state directory and a pre-auth key, so the
+   round includes Python start-up, registration (a Raft write), the map stream, wireguard-go
+   and nftables set-up, the peer learning the new node from *its* stream and configuring it,
+   and the WireGuard handshake;
+3. connect = first echo reply - t0. The reply proves the request reached the peer through the
+   tunnel (the peer only accepts packets from keys in its netmap), one veth RTT later.
+
+Also recorded (polled every 20 ms, so ±20 ms): when the new agent's status.json first says
+`connected`. Then the daemon is stopped, its node deleted, its namespace removed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+from raftmesh.cluster.launcher import LocalCluster
+
+from . import bench_report as report
+from . import light_agents as la
+
+TARGET_S = None  # issue #5 gives no number for `connect`; reported as measured
+
+
+def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float = 60.0) -> dict:
+    load0 = os.getloadavg()
+    from . import benchlab
+    problems = benchlab.preflight()
+    if problems:
+        raise SystemExit("bench connect: " + "; ".join(problems))
+    benchlab.cleanup_stale()
+    workdir = tempfile.mkdtemp(prefix="raftmesh-bench-connect-")
+    progress = report.Progress("connect")
+    lab = benchlab.Lab()
+    cluster = None
+    peer = None
+    rows, pids, ok = [], [], False
+    current = None
+    try:
+        peer_ns = lab.add("peer", "192.0.2.1/24")
+        host = lab.connect_host()
+        cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=3, host=host,
+                               extra_args=["--stream-keepalive", f"{keepalive:g}"])
+        cluster.start_all()
+        pids += [r.pid for r in cluster.replicas]
+        cluster.wait_ready(timeout=60)
+        keys = la.setup_cluster(cluster)
+        servers = [r.api_url for r in cluster.replicas]
+        peer = benchlab.RealAgent(lab, peer_ns, workdir, servers, keys[la.SVC_USER], "peer")
+        peer.start()
+        st = benchlab.wait_until(lambda: peer.status().get("state") == "connected"
+                                 and peer.status().get("addresses") and peer.status(), 60,
+                                 "peer daemon connected")
+        peer_ip = st["addresses"][0].split("/")[0]
+        for r in range(rounds):
+            label = f"a{r}"
+            ns = lab.add(label, f"192.0.2.{10 + r}/24")
+            agent = current = benchlab.RealAgent(lab, ns, workdir, servers[r % 3:] + servers[:r % 3],
+                                                 keys[la.BENCH_USER], label)
+            prober = ns.first_reply(peer_ip, interval=0.01, wait=0.2, timeout=timeout)
+            agent.start()
+            t0 = agent.started
+            connected_at = None
+            end = time.monotonic() + timeout
+            while prober.poll() is None and time.monotonic() < end:
+                if connected_at is None and agent.status().get("state") == "connected":
+                    connected_at = time.time()
+                time.sleep(0.02)  # polling status.json; the probe times itself
+            out = prober.stdout.read().split() if prober.poll() == 0 else []
+            first = float(out[0]) if out else None
+            if connected_at is None and agent.status().get("state") == "connected":
+                connected_at = time.time()
+            node_id = agent.status().get("node_id")
+            row = {"round": r + 1, "connect_ms": (first - t0) * 1e3 if first else None,
+                   "stream_connected_ms": (connected_at - t0) * 1e3 if connected_at else None,
+                   "probes_sent": int(out[1]) if len(out) > 1 else None,
+                   "replica": agent.status().get("replica"), "node_id": node_id}
+            rows.append(row)
+            progress.update(f"round {r + 1}/{rounds}: first reply after "
+                            f"{row['connect_ms'] or float('nan'):.0f} ms (stream connected after "
+                            f"{row['stream_connected_ms'] or float('nan'):.0f} ms)", force=True)
+            if first is None:
+                print(f"round {r + 1}: no reply within {timeout:g}s; agent log:\n{agent.log_tail()}")
+            agent.stop()
+            benchlab.stop_proc(prober)
+            if node_id:
+                cluster.request(cluster.replicas[0], "DELETE", f"/api/v1/nodes/{node_id}")
+            lab.remove(label)
+            current = None
+        ok = True
+    finally:
+        if current is not None:
+            current.stop()
+        if peer is not None:
+            peer.stop()
+        if cluster is not None:
+            cluster.stop_all()
+        lab.close()
+        progress.done()
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs kept in {workdir}")
+
+    summary = [{"metric": label, **report.summarize([r[k] / 1e3 for r in rows if r[k] is not None])}
+               for k, label in (("connect_ms", "agent start -> first packet through the tunnel"),
+                                ("stream_connected_ms", "agent start -> status 'connected'"))]
+    failed = [r["round"] for r in rows if r["connect_ms"] is None]
+    result = {"benchmark": "connect", "machine": la.machine(load0), "rounds": rows, "summary": summary,
+              "failed_rounds": failed, "pids": pids,
+              "config": {"replicas": 3, "stream_keepalive_s": keepalive, "probe_interval_ms": 10}}
+    report.print_table("connect: `raftmesh agent up` -> first ICMP echo answered by a peer over "
+                       "WireGuard (ms)", rows, ["round", "connect_ms", "stream_connected_ms",
+                                                "probes_sent", "replica"])
+    report.print_table("connect distribution", summary, ["metric", "n", "p50_ms", "p99_ms", "max_ms",
+                                                          "mean_ms"])
+    result["json"] = report.write_json(out_dir, "connect", result)
+    result["plot"] = report.plot_cdfs(out_dir, "connect", "agent start -> first packet over the tunnel",
+                                      {"first packet": [r["connect_ms"] / 1e3 for r in rows
+                                                        if r["connect_ms"] is not None],
+                                       "stream connected": [r["stream_connected_ms"] / 1e3 for r in rows
+                                                            if r["stream_connected_ms"] is not None]})
+    print(f"results: {result['json']}, plot: {result['plot']}")
+    return result
+
+
+# -- CLI (to be wired as `raftmesh bench connect` in chaos/cli.py) ----------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--rounds", type=int, default=10, help="agent starts")
+    parser.add_argument("--stream-keepalive", type=float, default=10.0)
+    parser.add_argument("--timeout", type=float, default=60.0, help="per round")
+    parser.add_argument("--out", default="bench-out")
+
+
+def main(args) -> int:
+    """0 when every round got a packet through (whatever the time), else 1."""
+    result = run(args.out, args.rounds, args.stream_keepalive, args.timeout)
+    return 1 if result["failed_rounds"] else 0

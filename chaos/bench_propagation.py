@@ -1,0 +1,208 @@
+"""`raftmesh bench propagation`: a policy change, from the API's acknowledgement until every
+affected agent has applied it (issue #5 `propagation`).
+
+Target: p99 <= 1 s at 1,000 agents and <= 2 s at 10,000. 3 replicas (durable journals) and
+light agents (chaos/light_agents.py: real protocol, every request signed, every frame's
+cluster signature verified, every applied version acked) run on this machine, spread over
+the three replicas (agent i streams from replica i mod 3). Sizes grow on one cluster: the
+agents of the first size stay connected while more register for the next.
+
+The policy (light_agents.policy_text) gives every `bench` agent an inbound rule from an
+office CIDR to its own addresses on one port; each change flips that port, so every agent
+gets one small delta (a new packet filter) and nothing else changes. Per change and agent:
+
+- apply: the agent verified and applied a netmap at or after the change's version, measured
+  from the moment the PUT /api/v1/policy answer reached the benchmark (the issue's "from the
+  API's acknowledgement"; a follower may deliver before the leader's answer arrives, so a few
+  samples can be slightly negative);
+- acked: the agent's POST /machine/ack for it was answered;
+- all: per change, the slowest agent's apply (what "until every agent" means).
+
+At the end the replicas' own `raftmesh_netmap_propagation_seconds` histograms (fed by acks,
+from the command's time to the ack's arrival) are read back from /metrics, for the measured
+changes only (diff of two reads), and printed next to the client-side numbers; they are
+bucketed, so their p50/p99 are bucket upper bounds.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+from raftmesh.cluster.launcher import LocalCluster
+
+from . import bench_report as report
+from . import light_agents as la
+
+TARGETS_S = {1000: 1.0, 10000: 2.0}  # issue #5: p99 at N agents
+METRIC = "raftmesh_netmap_propagation_seconds"
+
+
+def start_cluster(workdir: str, keepalive: float, replicas: int = 3) -> LocalCluster:
+    cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=replicas,
+                           extra_args=["--stream-keepalive", f"{keepalive:g}"])
+    cluster.start_all()
+    try:
+        cluster.wait_ready(timeout=60)
+    except BaseException:
+        cluster.stop_all()
+        raise
+    return cluster
+
+
+def grow(agents: la.LightAgents, cluster: LocalCluster, key: str, n: int, concurrency: int,
+         progress: report.Progress, label: str) -> dict:
+    """Register and connect agents until there are `n` bench agents; returns timings."""
+    have = sum(1 for x in agents.nodes if x["hostname"].startswith("la"))
+    out = {"registered": 0, "register_s": 0.0, "connect_s": 0.0}
+    if n > have:
+        progress.update(f"{label}: registering {n - have} agents (concurrency {concurrency})", force=True)
+        t = time.monotonic()
+        agents.register(n - have, key, prefix="la", concurrency=concurrency)
+        out["registered"], out["register_s"] = n - have, time.monotonic() - t
+        progress.update(f"{label}: registered {n - have} in {out['register_s']:.1f}s; connecting",
+                        force=True)
+        t = time.monotonic()
+        if not agents.connect(timeout=max(120.0, n / 20)):
+            raise RuntimeError(f"not every agent got a netmap: {agents.status()}")
+        out["connect_s"] = time.monotonic() - t
+    agents.settle()
+    return out
+
+
+def measure(agents: la.LightAgents, cluster: LocalCluster, n: int, changes: int, timeout: float,
+            topology: str, progress: report.Progress, port: list[int]) -> dict:
+    """`changes` policy changes, one after another (each waits for every agent's ack)."""
+    before = la.read_histogram(cluster, METRIC)
+    samples_apply, samples_ack, samples_sent, per_change, missing = [], [], [], [], 0
+    for c in range(changes):
+        port[0] = 2222 if port[0] == 22 else 22
+        change = la.put_policy(cluster, port[0], topology)
+        rows = agents.wait_version(change["version"], timeout, prefix="la")
+        applied = [r["applied"] - change["acked"] for r in rows if r["applied"] is not None]
+        acked = [r["acked"] - change["acked"] for r in rows if r["acked"] is not None]
+        samples_apply += applied
+        samples_ack += acked
+        samples_sent += [r["applied"] - change["sent"] for r in rows if r["applied"] is not None]
+        missing += len(rows) - len(acked)
+        per_change.append({"change": c + 1, "version": change["version"], "agents": len(rows),
+                           "api_ms": (change["acked"] - change["sent"]) * 1e3,
+                           "all_applied_ms": max(applied) * 1e3 if applied else None,
+                           "all_acked_ms": max(acked) * 1e3 if acked else None,
+                           "missing": len(rows) - len(acked)})
+        progress.update(f"N={n}: change {c + 1}/{changes}: all {len(rows)} applied after "
+                        f"{_ms(per_change[-1]['all_applied_ms'])}, acked after "
+                        f"{_ms(per_change[-1]['all_acked_ms'])}", force=True)
+        agents.settle(quiet=0.5)
+    server = la.histogram_summary(la.histogram_diff(la.read_histogram(cluster, METRIC), before))
+    return {"agents": n, "changes": per_change, "apply": report.summarize(samples_apply),
+            "acked": report.summarize(samples_ack), "from_request": report.summarize(samples_sent),
+            "all_applied": report.summarize([p["all_applied_ms"] / 1e3 for p in per_change
+                                             if p["all_applied_ms"] is not None]),
+            "missing": missing, "server_histogram": server, "samples_apply_s": samples_apply}
+
+
+def _ms(v):
+    return "-" if v is None else f"{v:.0f} ms"
+
+
+def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None = None,
+        keepalive: float = 10.0, concurrency: int = 64, timeout: float = 120.0,
+        topology: str = "star") -> dict:
+    load0 = os.getloadavg()
+    workdir = tempfile.mkdtemp(prefix="raftmesh-bench-propagation-")
+    progress = report.Progress("propagation")
+    workers = workers or la.default_workers(max(sizes))
+    cluster = start_cluster(workdir, keepalive)
+    per_size, grown, pids = [], [], list(filter(None, (r.pid for r in cluster.replicas)))
+    status, failed_size = {}, None
+    ok = False
+    try:
+        keys = la.setup_cluster(cluster, topology, port=22)
+        port = [22]
+        with la.LightAgents([r.api_url for r in cluster.replicas], workers, log_dir=workdir) as agents:
+            pids += agents.pids
+            for n in sorted(sizes):
+                try:
+                    g = grow(agents, cluster, keys[la.BENCH_USER], n, concurrency, progress, f"N={n}")
+                except (RuntimeError, TimeoutError) as e:  # report the sizes reached
+                    failed_size = {"agents": n, "error": str(e)[-2000:], "reached": agents.status()}
+                    print(f"N={n} not reached: {str(e)[-500:]}")
+                    break
+                grown.append({"agents": n, **g})
+                per_size.append({**measure(agents, cluster, n, changes, timeout, topology, progress,
+                                           port), "setup": g})
+            status = agents.status()
+        ok = True
+    finally:
+        cluster.stop_all()
+        progress.done()
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"replica and worker logs kept in {workdir}")
+
+    rows = []
+    for s in per_size:
+        h = s["server_histogram"]
+        rows.append({"agents": s["agents"], "samples": s["apply"]["n"], "p50_ms": s["apply"]["p50_ms"],
+                     "p99_ms": s["apply"]["p99_ms"], "max_ms": s["apply"]["max_ms"],
+                     "ack_p99_ms": s["acked"]["p99_ms"], "all_p50_ms": s["all_applied"]["p50_ms"],
+                     "missing": s["missing"], "server_n": h["count"], "server_p50_le_ms": h["p50_le_ms"],
+                     "server_p99_le_ms": h["p99_le_ms"], "server_mean_ms": h["mean_ms"],
+                     "register_per_s": (s["setup"]["registered"] / s["setup"]["register_s"])
+                     if s["setup"]["register_s"] else None})
+    targets = []
+    for s in per_size:
+        if s["agents"] in TARGETS_S:
+            t = TARGETS_S[s["agents"]]
+            p99 = s["apply"]["p99_ms"] / 1e3
+            targets.append({"agents": s["agents"], "target_p99_s": t, "p99_s": p99,
+                            "met": s["missing"] == 0 and p99 <= t})
+    result = {"benchmark": "propagation", "machine": la.machine(load0), "sizes": per_size,
+              "config": {"replicas": 3, "workers": workers, "changes": changes,
+                         "stream_keepalive_s": keepalive, "topology": topology,
+                         "register_concurrency": concurrency},
+              "targets": targets, "pids": pids, "final_status": status, "table": rows,
+              "not_reached": failed_size}
+    report.print_table(f"propagation: policy change -> every agent applied it ({workers} agent "
+                       f"processes, 3 replicas); ms from the API's answer", rows,
+                       ["agents", "samples", "p50_ms", "p99_ms", "max_ms", "ack_p99_ms", "all_p50_ms",
+                        "missing", "server_n", "server_p50_le_ms", "server_p99_le_ms", "server_mean_ms",
+                        "register_per_s"])
+    print("server_*: the replicas' raftmesh_netmap_propagation_seconds for the same changes "
+          "(command time -> ack arrival; p50/p99 are bucket upper bounds)")
+    for t in targets:
+        print(f"target p99 <= {t['target_p99_s']:g} s at {t['agents']} agents: "
+              f"{t['p99_s'] * 1e3:.0f} ms -> {'met' if t['met'] else 'MISSED'}")
+    result["json"] = report.write_json(out_dir, "propagation", result)
+    result["plot"] = report.plot_cdfs(out_dir, "propagation",
+                                      "policy change: API answer -> agent applied (CDF)",
+                                      {f"{s['agents']} agents": s["samples_apply_s"]
+                                       for s in per_size})
+    print(f"results: {result['json']}, plot: {result['plot']}")
+    return result
+
+
+# -- CLI (to be wired as `raftmesh bench propagation` in chaos/cli.py) ------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--sizes", default="100,1000",
+                        help="comma-separated agent counts, grown on one cluster (default 100,1000)")
+    parser.add_argument("--changes", type=int, default=5, help="policy changes per size")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="light-agent processes (default: one per 400 agents, <= CPUs+1)")
+    parser.add_argument("--stream-keepalive", type=float, default=10.0)
+    parser.add_argument("--register-concurrency", type=int, default=64)
+    parser.add_argument("--timeout", type=float, default=120.0, help="per change")
+    parser.add_argument("--topology", choices=["star", "mesh"], default="star",
+                        help="star: agents see only the svc nodes; mesh: also every other agent")
+    parser.add_argument("--out", default="bench-out")
+
+
+def main(args) -> int:
+    """0 when every agent applied every change (whether or not within the target), else 1."""
+    sizes = [int(x) for x in str(args.sizes).split(",") if x.strip()]
+    result = run(args.out, sizes, args.changes, args.workers or None, args.stream_keepalive,
+                 args.register_concurrency, args.timeout, args.topology)
+    return 1 if result["not_reached"] or any(s["missing"] for s in result["sizes"]) else 0

@@ -1,0 +1,281 @@
+"""`raftmesh bench revoke`: a node revoked through the API until its key is gone from every
+peer (issue #5 `revoke`).
+
+Targets: p99 <= 500 ms with real WireGuard, <= 1.5 s at 1,000 light agents.
+
+Two parts, each optional:
+
+- light (`--light N`, default 1,000): N light agents (chaos/light_agents.py, the real
+  protocol) of user `bench` spread over 3 replicas, and one `svc` node per round that every
+  agent has as a peer (light_agents.policy_text). Each round DELETEs one svc node through the
+  leader; per agent: from the API's answer until the agent applied the netmap without that
+  peer, and until its ack of that version was answered.
+- real (`--real K`, default 3; needs root, wireguard-go, nft): K `raftmesh agent up` daemons
+  in network namespaces (chaos/benchlab.py) with wireguard-go, plus one svc daemon per
+  round that all of them have as a WireGuard peer. Each round DELETEs the svc node; per
+  daemon: from the API's answer until `wg show <if> peers` no longer lists the node's key
+  (one poller thread per daemon, each `ip netns exec ... wg show` is a process, so the
+  resolution is one such call, reported as `poll_ms`).
+
+The replicas' `raftmesh_revoke_seconds` histograms (revocation command -> each peer's ack of
+the removal) are read back from /metrics for the measured rounds and printed next to these.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+
+from raftmesh.cluster.launcher import LocalCluster
+
+from . import bench_report as report
+from . import light_agents as la
+
+TARGET_REAL_S = 0.5
+TARGET_LIGHT_S = 1.5
+METRIC = "raftmesh_revoke_seconds"
+
+
+def _delete(cluster: LocalCluster, node_id: str) -> dict:
+    leader = cluster.leader()
+    sent = time.time()
+    status, body = cluster.request(leader, "DELETE", f"/api/v1/nodes/{node_id}")
+    if status != 200:
+        raise RuntimeError(f"DELETE node {node_id}: {status} {body}")
+    return {"sent": sent, "acked": time.time()}
+
+
+# -- light agents ----------------------------------------------------------------------------
+def run_light(workdir: str, n: int, rounds: int, workers: int | None, keepalive: float,
+              concurrency: int, timeout: float, progress: report.Progress, pids: list[int]) -> dict:
+    from .bench_propagation import start_cluster
+    cluster = start_cluster(os.path.join(workdir, "light"), keepalive)
+    pids += [r.pid for r in cluster.replicas]
+    workers = workers or la.default_workers(n)
+    try:
+        keys = la.setup_cluster(cluster)
+        with la.LightAgents([r.api_url for r in cluster.replicas], workers, log_dir=workdir) as agents:
+            pids += agents.pids
+            progress.update(f"light: registering {n} agents and {rounds} svc nodes", force=True)
+            t = time.monotonic()
+            agents.register(n, keys[la.BENCH_USER], prefix="la", concurrency=concurrency)
+            svc = agents.register(rounds, keys[la.SVC_USER], prefix="svc", concurrency=concurrency)
+            register_s = time.monotonic() - t
+            progress.update(f"light: registered in {register_s:.1f}s; connecting", force=True)
+            if not agents.connect(timeout=max(120.0, n / 20)):
+                raise RuntimeError(f"not every agent got a netmap: {agents.status()}")
+            agents.settle()
+            before = la.read_histogram(cluster, METRIC)
+            applied, acked, from_sent, per_round, missing = [], [], [], [], 0
+            for r, victim in enumerate(svc):
+                vid = victim["node_id"]
+                having = agents.note_peer(vid)
+                d = _delete(cluster, vid)
+                rows = agents.wait_gone(vid, timeout)
+                a = [x["applied"] - d["acked"] for x in rows if x["applied"] is not None]
+                k = [x["acked"] - d["acked"] for x in rows if x["acked"] is not None]
+                applied += a
+                acked += k
+                from_sent += [x["applied"] - d["sent"] for x in rows if x["applied"] is not None]
+                missing += len(rows) - len(k)
+                per_round.append({"round": r + 1, "victim": vid, "peers_having_it": having,
+                                  "measured": len(rows), "api_ms": (d["acked"] - d["sent"]) * 1e3,
+                                  "all_removed_ms": max(a) * 1e3 if a else None,
+                                  "all_acked_ms": max(k) * 1e3 if k else None,
+                                  "missing": len(rows) - len(k)})
+                progress.update(f"light: round {r + 1}/{rounds}: {having} peers had it; all removed "
+                                f"after {per_round[-1]['all_removed_ms']:.0f} ms, acked after "
+                                f"{per_round[-1]['all_acked_ms'] or float('nan'):.0f} ms", force=True)
+                agents.settle(quiet=0.5)
+            server = la.histogram_summary(la.histogram_diff(la.read_histogram(cluster, METRIC), before))
+            status = agents.status()
+    finally:
+        cluster.stop_all()
+    return {"agents": n, "workers": workers, "rounds": per_round, "register_s": register_s,
+            "removed": report.summarize(applied), "acked": report.summarize(acked),
+            "from_request": report.summarize(from_sent), "missing": missing,
+            "server_histogram": server, "final_status": status, "samples_removed_s": applied}
+
+
+# -- real wireguard-go daemons ---------------------------------------------------------------
+def run_real(workdir: str, k: int, rounds: int, keepalive: float, timeout: float,
+             progress: report.Progress, pids: list[int]) -> dict:
+    from . import benchlab
+    problems = benchlab.preflight()
+    if problems:
+        return {"skipped": "; ".join(problems)}
+    benchlab.cleanup_stale()
+    lab = benchlab.Lab()
+    cluster = None
+    agents: list[benchlab.RealAgent] = []
+    try:
+        nss = [lab.add(f"p{i}", f"192.0.2.{i + 1}/24") for i in range(k)]
+        host = lab.connect_host()
+        cluster = LocalCluster(os.path.join(workdir, "real", "raftmesh"), replicas=3, host=host,
+                               extra_args=["--stream-keepalive", f"{keepalive:g}"])
+        cluster.start_all()
+        pids += [r.pid for r in cluster.replicas]
+        cluster.wait_ready(timeout=60)
+        keys = la.setup_cluster(cluster)
+        servers = [r.api_url for r in cluster.replicas]
+        for i, ns in enumerate(nss):
+            a = benchlab.RealAgent(lab, ns, workdir, servers[i % 3:] + servers[:i % 3],
+                                   keys[la.BENCH_USER], f"p{i}")
+            a.start()
+            agents.append(a)
+        for a in agents:
+            benchlab.wait_until(lambda a=a: a.status().get("state") == "connected", 60,
+                                f"agent {a.label} connected")
+        before = la.read_histogram(cluster, METRIC)
+        samples, per_round, polls, missing = [], [], [], 0
+        for r in range(rounds):
+            ns = lab.add(f"v{r}", f"192.0.2.{100 + r}/24")
+            victim = benchlab.RealAgent(lab, ns, workdir, servers, keys[la.SVC_USER], f"v{r}")
+            victim.start()
+            node_id = benchlab.wait_until(lambda: victim.status().get("node_id"), 60, "victim registered")
+            status, body = cluster.request(cluster.replicas[0], "GET", f"/api/v1/nodes/{node_id}")
+            key = body["node"]["node_key"]
+            benchlab.wait_until(lambda: all(key in (a.ns.wg_peers(a.ifname) or ()) for a in agents),
+                                60, "every daemon has the svc node as a WireGuard peer")
+            gone: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            start = threading.Event()
+            end = time.monotonic() + timeout
+
+            def poll(a: benchlab.RealAgent) -> None:
+                start.wait()
+                n = 0
+                while time.monotonic() < end:
+                    peers = a.ns.wg_peers(a.ifname)
+                    n += 1
+                    if peers is not None and key not in peers:
+                        gone[a.label] = time.time()
+                        break
+                counts[a.label] = n
+            threads = [threading.Thread(target=poll, args=(a,), daemon=True) for a in agents]
+            for t in threads:
+                t.start()
+            d = _delete(cluster, node_id)
+            t0 = time.time()
+            start.set()
+            for t in threads:
+                t.join(timeout + 5)
+            poll_window = time.time() - t0
+            lat = [gone[a.label] - d["acked"] for a in agents if a.label in gone]
+            samples += lat
+            missing += len(agents) - len(lat)
+            polls.append(poll_window / max(1, max(counts.values(), default=1)))
+            per_round.append({"round": r + 1, "victim": node_id, "peers": len(agents),
+                              "api_ms": (d["acked"] - d["sent"]) * 1e3,
+                              "all_removed_ms": max(lat) * 1e3 if lat else None,
+                              "missing": len(agents) - len(lat)})
+            progress.update(f"real: round {r + 1}/{rounds}: key gone from all {len(lat)}/{len(agents)} "
+                            f"after {per_round[-1]['all_removed_ms'] or float('nan'):.0f} ms", force=True)
+            victim.stop()
+            lab.remove(f"v{r}")
+        server = la.histogram_summary(la.histogram_diff(la.read_histogram(cluster, METRIC), before))
+        logs = None
+    except BaseException:
+        logs = {a.label: a.log_tail() for a in agents}
+        raise
+    finally:
+        for a in agents:
+            a.stop()
+        if cluster is not None:
+            cluster.stop_all()
+        lab.close()
+    return {"daemons": k, "rounds": per_round, "removed": report.summarize(samples),
+            "missing": missing, "poll_ms": sum(polls) / len(polls) * 1e3 if polls else None,
+            "server_histogram": server, "samples_removed_s": samples, "logs": logs}
+
+
+def run(out_dir: str, light: int = 1000, light_rounds: int = 5, real: int = 3, real_rounds: int = 5,
+        workers: int | None = None, keepalive: float = 10.0, concurrency: int = 64,
+        timeout: float = 60.0) -> dict:
+    load0 = os.getloadavg()
+    workdir = tempfile.mkdtemp(prefix="raftmesh-bench-revoke-")
+    progress = report.Progress("revoke")
+    pids: list[int] = []
+    result = {"benchmark": "revoke", "machine": la.machine(load0), "pids": pids,
+              "config": {"replicas": 3, "stream_keepalive_s": keepalive, "light": light,
+                         "light_rounds": light_rounds, "real": real, "real_rounds": real_rounds}}
+    ok = False
+    try:
+        if real:
+            result["real"] = run_real(workdir, real, real_rounds, keepalive, timeout, progress, pids)
+        if light:
+            result["light"] = run_light(workdir, light, light_rounds, workers, keepalive, concurrency,
+                                        timeout, progress, pids)
+        ok = True
+    finally:
+        progress.done()
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs kept in {workdir}")
+
+    result["machine"] = la.machine(load0)
+    rows, targets, series = [], [], {}
+    real_r = result.get("real")
+    if real_r and "skipped" not in real_r:
+        s, h = real_r["removed"], real_r["server_histogram"]
+        rows.append({"part": f"real wireguard-go, {real_r['daemons']} daemons", "samples": s["n"],
+                     "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "max_ms": s["max_ms"],
+                     "missing": real_r["missing"], "poll_ms": real_r["poll_ms"],
+                     "server_n": h["count"], "server_p50_le_ms": h["p50_le_ms"],
+                     "server_p99_le_ms": h["p99_le_ms"], "server_mean_ms": h["mean_ms"]})
+        targets.append({"part": "real", "target_p99_s": TARGET_REAL_S, "p99_s": s["p99_ms"] / 1e3,
+                        "met": real_r["missing"] == 0 and s["p99_ms"] <= TARGET_REAL_S * 1e3})
+        series[f"wg show, {real_r['daemons']} daemons"] = real_r["samples_removed_s"]
+    elif real_r:
+        print(f"real part skipped: {real_r['skipped']}")
+    light_r = result.get("light")
+    if light_r:
+        s, h = light_r["removed"], light_r["server_histogram"]
+        rows.append({"part": f"light agents, {light_r['agents']}", "samples": s["n"],
+                     "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "max_ms": s["max_ms"],
+                     "ack_p99_ms": light_r["acked"]["p99_ms"], "missing": light_r["missing"],
+                     "server_n": h["count"], "server_p50_le_ms": h["p50_le_ms"],
+                     "server_p99_le_ms": h["p99_le_ms"], "server_mean_ms": h["mean_ms"]})
+        targets.append({"part": f"light {light_r['agents']}", "target_p99_s": TARGET_LIGHT_S,
+                        "p99_s": s["p99_ms"] / 1e3,
+                        "met": light_r["missing"] == 0 and s["p99_ms"] <= TARGET_LIGHT_S * 1e3})
+        series[f"light agents, {light_r['agents']}"] = light_r["samples_removed_s"]
+    result["targets"], result["table"] = targets, rows
+    report.print_table("revoke: DELETE node -> its key gone from every peer (ms from the API's answer)",
+                       rows, ["part", "samples", "p50_ms", "p99_ms", "max_ms", "ack_p99_ms", "missing",
+                              "poll_ms", "server_n", "server_p50_le_ms", "server_p99_le_ms",
+                              "server_mean_ms"])
+    print("server_*: the replicas' raftmesh_revoke_seconds for the same rounds (command time -> "
+          "each peer's ack; p50/p99 are bucket upper bounds)")
+    for t in targets:
+        print(f"target p99 <= {t['target_p99_s']:g} s ({t['part']}): {t['p99_s'] * 1e3:.0f} ms -> "
+              f"{'met' if t['met'] else 'MISSED'}")
+    result["json"] = report.write_json(out_dir, "revoke", result)
+    result["plot"] = report.plot_cdfs(out_dir, "revoke", "revoke: API answer -> key gone from peer (CDF)",
+                                      series)
+    print(f"results: {result['json']}, plot: {result['plot']}")
+    return result
+
+
+# -- CLI (to be wired as `raftmesh bench revoke` in chaos/cli.py) -----------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--light", type=int, default=1000, help="light agents (0: skip that part)")
+    parser.add_argument("--light-rounds", type=int, default=5, help="revocations with light agents")
+    parser.add_argument("--real", type=int, default=3,
+                        help="real agent daemons with wireguard-go (0: skip; needs root)")
+    parser.add_argument("--real-rounds", type=int, default=5, help="revocations with real daemons")
+    parser.add_argument("--workers", type=int, default=0, help="light-agent processes (default: auto)")
+    parser.add_argument("--stream-keepalive", type=float, default=10.0)
+    parser.add_argument("--register-concurrency", type=int, default=64)
+    parser.add_argument("--timeout", type=float, default=60.0, help="per round")
+    parser.add_argument("--out", default="bench-out")
+
+
+def main(args) -> int:
+    """0 when every peer dropped every revoked node (whether or not within the target), else 1."""
+    r = run(args.out, args.light, args.light_rounds, args.real, args.real_rounds, args.workers or None,
+            args.stream_keepalive, args.register_concurrency, args.timeout)
+    return 1 if any(r.get(p, {}).get("missing") for p in ("light", "real")) else 0

@@ -1,0 +1,168 @@
+"""`raftmesh bench stream-memory`: resident memory per connected agent stream on one replica
+(issue #5 `scale`, memory half; the CPU half is chaos/bench_scale.py).
+
+Target: <= 20 KiB per stream at 10,000 streams. 3 replicas; N light agents
+(chaos/light_agents.py) are registered first (so node records, netmap index entries and
+registration garbage are already in the baseline), then their streams are opened, all on
+replica r1, in `--steps` equal steps. After each step the agents must hold their netmaps
+and be quiet (presence writes done), then r1's VmRSS is read from /proc/<pid>/status and its
+open streams from its `raftmesh_map_streams` gauge. Reported: (RSS at N - RSS before any
+stream) / N, and the least-squares slope of RSS over streams across the steps (less
+sensitive to one-off growth such as the first allocation of arenas).
+
+Included, because an agent's stream brings it: the socket and aiohttp request/response
+objects, the hub's Stream record, the per-stream coroutine, the signed-request nonce kept
+for 30 s, and the presence bookkeeping. Python rarely returns freed memory to the OS, so
+this is an upper bound of the live memory.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+from . import bench_report as report
+from . import light_agents as la
+
+TARGET_KIB = 20.0
+
+
+def vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def streams_open(cluster, replica) -> float | None:
+    status, text = cluster.request(replica, "GET", "/metrics", timeout=10)
+    if status != 200 or not isinstance(text, str):
+        return None
+    for line in text.splitlines():
+        if line.startswith("raftmesh_map_streams "):
+            return float(line.split()[1])
+    return None
+
+
+def run(out_dir: str, streams: int = 10000, steps: int = 4, workers: int | None = None,
+        keepalive: float = 10.0, concurrency: int = 64) -> dict:
+    load0 = os.getloadavg()
+    from .bench_propagation import start_cluster
+    workdir = tempfile.mkdtemp(prefix="raftmesh-bench-stream-memory-")
+    progress = report.Progress("stream-memory")
+    cluster = start_cluster(workdir, keepalive)
+    workers = workers or la.default_workers(streams)
+    pids = [r.pid for r in cluster.replicas]
+    target = cluster.replicas[0]
+    points, ok = [], False
+    try:
+        keys = la.setup_cluster(cluster)
+        with la.LightAgents([r.api_url for r in cluster.replicas], workers, log_dir=workdir) as agents:
+            pids += agents.pids
+            progress.update(f"registering {streams} agents", force=True)
+            t = time.monotonic()
+            agents.register(streams, keys[la.BENCH_USER], prefix="la", concurrency=concurrency)
+            register_s = time.monotonic() - t
+            agents.settle(quiet=2.0)
+            points.append({"streams": streams_open(cluster, target) or 0, "rss_kib": vm_rss_kib(target.pid),
+                           "connect_s": 0.0})
+            progress.update(f"registered in {register_s:.0f}s; {target.id} RSS "
+                            f"{points[0]['rss_kib'] / 1024:.1f} MiB before any stream", force=True)
+            done = 0
+            for k in range(1, steps + 1):
+                count = streams * k // steps - done
+                t = time.monotonic()
+                # the last step starts every agent left (per-worker shares are rounded)
+                if not agents.connect(timeout=max(120.0, count / 20), home=0,
+                                      count=count if k < steps else None):
+                    raise RuntimeError(f"streams did not all open: {agents.status()}")
+                connect_s = time.monotonic() - t
+                done = streams if k == steps else done + count
+                agents.settle(quiet=2.0)
+                rss = vm_rss_kib(target.pid)
+                open_ = streams_open(cluster, target)
+                points.append({"streams": open_, "rss_kib": rss, "connect_s": connect_s})
+                progress.update(f"step {k}/{steps}: {open_:.0f} streams on {target.id}, RSS "
+                                f"{rss / 1024:.1f} MiB ({(rss - points[0]['rss_kib']) / max(1, done):.1f} "
+                                f"KiB/stream so far)", force=True)
+            status = agents.status()
+            others = {r.id: vm_rss_kib(r.pid) for r in cluster.replicas if r is not target}
+        ok = True
+    finally:
+        cluster.stop_all()
+        progress.done()
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs kept in {workdir}")
+
+    base = points[0]["rss_kib"]
+    n = points[-1]["streams"] or streams
+    per_stream = (points[-1]["rss_kib"] - base) / n if n else None
+    xs, ys = [p["streams"] for p in points], [p["rss_kib"] for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else None
+    rows = [{"streams": int(p["streams"]), "rss_mib": p["rss_kib"] / 1024,
+             "delta_mib": (p["rss_kib"] - base) / 1024,
+             "kib_per_stream": (p["rss_kib"] - base) / p["streams"] if p["streams"] else None,
+             "connect_s": p["connect_s"]} for p in points]
+    result = {"benchmark": "stream-memory", "machine": la.machine(load0), "points": points,
+              "replica": target.id, "register_s": register_s, "per_stream_kib": per_stream,
+              "slope_kib_per_stream": slope, "other_replicas_rss_kib": others, "pids": pids,
+              "final_status": status,
+              "config": {"replicas": 3, "streams": streams, "steps": steps, "workers": workers,
+                         "stream_keepalive_s": keepalive},
+              "target": {"what": f"<= {TARGET_KIB:g} KiB RSS per stream at 10,000 streams",
+                         "at_streams": n, "met": per_stream is not None and per_stream <= TARGET_KIB}}
+    report.print_table(f"stream memory: {target.id} VmRSS while streams open on it", rows,
+                       ["streams", "rss_mib", "delta_mib", "kib_per_stream", "connect_s"])
+    print(f"per stream at {n:.0f} streams: {per_stream:.2f} KiB (slope over steps "
+          f"{slope or float('nan'):.2f} KiB) -> target {TARGET_KIB:g} KiB "
+          f"{'met' if result['target']['met'] else 'MISSED'}"
+          + ("" if n >= 10000 else f" (measured at {n:.0f} streams, not 10,000)"))
+    result["json"] = report.write_json(out_dir, "stream-memory", result)
+    result["plot"] = plot(out_dir, points, target.id)
+    print(f"results: {result['json']}, plot: {result['plot']}")
+    return result
+
+
+def plot(out_dir: str, points: list[dict], replica: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([p["streams"] for p in points], [p["rss_kib"] / 1024 for p in points], "o-",
+            label=f"{replica} VmRSS")
+    base = points[0]["rss_kib"] / 1024
+    xmax = max(p["streams"] or 0 for p in points)
+    ax.plot([0, xmax], [base, base + xmax * TARGET_KIB / 1024], "--", color="red", lw=0.8,
+            label=f"target: {TARGET_KIB:g} KiB per stream")
+    ax.set_xlabel("open map streams on the replica")
+    ax.set_ylabel("resident memory (MiB)")
+    ax.set_title("replica memory vs open agent streams")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    path = os.path.join(out_dir, "stream-memory.png")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# -- CLI (to be wired as `raftmesh bench stream-memory` in chaos/cli.py) ----------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--streams", type=int, default=10000, help="agent streams opened on one replica")
+    parser.add_argument("--steps", type=int, default=4, help="RSS is read after each of these steps")
+    parser.add_argument("--workers", type=int, default=0, help="light-agent processes (default: auto)")
+    parser.add_argument("--stream-keepalive", type=float, default=10.0)
+    parser.add_argument("--register-concurrency", type=int, default=64)
+    parser.add_argument("--out", default="bench-out")
+
+
+def main(args) -> int:
+    run(args.out, args.streams, args.steps, args.workers or None, args.stream_keepalive,
+        args.register_concurrency)
+    return 0

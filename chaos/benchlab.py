@@ -1,0 +1,341 @@
+"""Network namespaces for the benchmarks that run real `raftmesh agent up` daemons with
+wireguard-go (`bench connect`, `bench revoke --real`). Adapted from tests/netns.py (chaos
+must not import tests/).
+
+A `Lab` is a set of namespaces named `rmbl<pid>x<n>-<label>`, each with an `eth0` veth on a
+bridge in the lab's own hub namespace; `connect_host()` adds a veth from the host into the hub
+(masqueraded), so agents reach replicas listening on the host end. Processes started through
+the lab are tracked and ended by pid; `close()` ends them, then anything still inside the
+lab's namespaces (by pid), then deletes the namespaces by name (which removes the veths and
+the bridge) and the host veth. `cleanup_stale()` removes labs whose creating process is gone.
+WireGuard interface names are unique on the host (`ifname`): wireguard-go's control sockets
+live in /var/run/wireguard, which all namespaces share.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+LAB_PREFIX = "rmbl"
+_counter = itertools.count()
+
+# First ICMP echo reply from `dst`: probes every `interval` s, waits `wait` s for each reply,
+# prints the wall-clock time the first reply arrived, exits 0 (1 after `timeout` s).
+FIRST_REPLY_SCRIPT = r"""
+import os, select, signal, socket, struct, sys, time
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(2))
+dst, interval, wait, timeout = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+ident, seq, end = os.getpid() & 0xffff, 0, time.monotonic() + timeout
+print("ready", flush=True)
+sent = 0
+while time.monotonic() < end:
+    seq = (seq + 1) & 0xffff
+    hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"raftmesh"
+    try:
+        sock.sendto(struct.pack("!BBHHH", 8, 0, csum(hdr), ident, seq) + b"raftmesh", (dst, 0))
+        sent += 1
+    except OSError:
+        pass
+    deadline = time.monotonic() + (wait if sent else interval)
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([sock], [], [], left)[0]:
+            break
+        data, (src, _) = sock.recvfrom(2048)
+        ihl = (data[0] & 0x0f) * 4
+        t, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+        if t == 0 and rid == ident and src == dst:
+            print("%.6f %d" % (time.time(), sent), flush=True)
+            sys.exit(0)
+sys.exit(1)
+"""
+
+
+def run(argv: list[str], *, input: str | None = None, timeout: float = 15,
+        check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def preflight() -> list[str]:
+    """Why real-agent benchmarks cannot run here (empty if they can)."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("must run as root (network namespaces, WireGuard, nftables)")
+    for tool in ("ip", "nft", "wg", "wireguard-go"):
+        if run(["which", tool], check=False).returncode != 0:
+            problems.append(f"{tool} is not installed")
+    return problems
+
+
+def proc_start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def stop_pid(pid: int, start_time: int | None = None, timeout: float = 5.0) -> None:
+    """SIGTERM then SIGKILL one process by pid (left alone if the pid was reused)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _alive(pid) or (start_time is not None and proc_start_time(pid) != start_time):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.02)
+
+
+def stop_proc(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    for stream in (proc.stdout, proc.stderr):
+        if stream:
+            stream.close()
+
+
+def netns_pids(ns: str) -> list[int]:
+    return [int(p) for p in run(["ip", "netns", "pids", ns], check=False).stdout.split()]
+
+
+def delete_netns(ns: str) -> None:
+    for pid in netns_pids(ns):
+        stop_pid(pid)
+    run(["ip", "netns", "del", ns], check=False)
+
+
+def list_netns() -> list[str]:
+    out = run(["ip", "netns", "list"], check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def cleanup_stale() -> None:
+    for ns in list_netns():
+        m = re.match(rf"^{LAB_PREFIX}(\d+)x", ns)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            delete_netns(ns)
+    for line in run(["ip", "-o", "link", "show"], check=False).stdout.splitlines():
+        m = re.match(rf"^\d+: ({LAB_PREFIX}(\d+)x\d+h)[@:]", line)
+        if m and not os.path.exists(f"/proc/{m.group(2)}"):
+            run(["ip", "link", "del", m.group(1)], check=False)
+
+
+@dataclass
+class Namespace:
+    lab: "Lab"
+    label: str
+    name: str
+    underlay: str
+
+    @property
+    def ip(self) -> str:
+        return self.underlay.split("/")[0]
+
+    def argv(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def run(self, *args: str, timeout: float = 15, check: bool = True) -> subprocess.CompletedProcess:
+        return run(self.argv(*args), timeout=timeout, check=check)
+
+    def spawn(self, *args: str, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(self.argv(*args), stdin=subprocess.DEVNULL, **kw)
+        self.lab.procs.append(proc)
+        return proc
+
+    def wg_peers(self, ifname: str) -> set[str] | None:
+        """Public keys of the interface's WireGuard peers, read back with `wg show`."""
+        p = self.run("wg", "show", ifname, "peers", check=False, timeout=10)
+        return set(p.stdout.split()) if p.returncode == 0 else None
+
+    def first_reply(self, dst: str, interval: float = 0.01, wait: float = 0.2,
+                    timeout: float = 60.0) -> subprocess.Popen:
+        """Start probing `dst`; returns once the prober runs (its 'ready' line)."""
+        proc = self.spawn(sys.executable, "-c", FIRST_REPLY_SCRIPT, dst, str(interval), str(wait),
+                          str(timeout), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"prober in {self.name} did not start")
+        return proc
+
+
+@dataclass
+class Lab:
+    tag: str = field(default_factory=lambda: f"{LAB_PREFIX}{os.getpid()}x{next(_counter)}")
+    namespaces: dict[str, Namespace] = field(default_factory=dict)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    finalizers: list = field(default_factory=list)
+    gateway: str | None = None
+
+    def __post_init__(self) -> None:
+        self.hub = f"{self.tag}-hub"
+        run(["ip", "netns", "add", self.hub])
+        try:
+            run(["ip", "-n", self.hub, "link", "add", "br0", "type", "bridge"])
+            run(["ip", "-n", self.hub, "link", "set", "br0", "up"])
+        except BaseException:
+            delete_netns(self.hub)
+            raise
+
+    def add(self, label: str, underlay: str) -> Namespace:
+        name = f"{self.tag}-{label}"
+        run(["ip", "netns", "add", name])
+        ns = Namespace(self, label, name, underlay)
+        self.namespaces[label] = ns
+        port = f"v{label}"[:15]
+        run(["ip", "-n", self.hub, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+             "netns", name])
+        run(["ip", "-n", self.hub, "link", "set", port, "master", "br0", "up"])
+        run(["ip", "-n", name, "addr", "add", underlay, "dev", "eth0"])
+        run(["ip", "-n", name, "link", "set", "eth0", "up"])
+        run(["ip", "-n", name, "link", "set", "lo", "up"])
+        if self.gateway:
+            run(["ip", "-n", name, "route", "add", "default", "via", self.gateway])
+        return ns
+
+    def remove(self, label: str) -> None:
+        ns = self.namespaces.pop(label)
+        delete_netns(ns.name)
+
+    def connect_host(self, gateway: str = "192.0.2.254/24") -> str:
+        """A veth from the host into the hub (NAT towards the host); returns the host-side
+        address replicas should listen on."""
+        slot = (os.getpid() * 7 + next(_counter)) % 63
+        host_ip, hub_ip = f"203.0.113.{4 * slot + 1}", f"203.0.113.{4 * slot + 2}"
+        host_if = f"{self.tag}h"[-15:]
+        run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", "up0", "netns", self.hub])
+        self.finalizers.append(lambda: run(["ip", "link", "del", host_if], check=False))
+        run(["ip", "addr", "add", f"{host_ip}/30", "dev", host_if])
+        run(["ip", "link", "set", host_if, "up"])
+        run(["ip", "-n", self.hub, "addr", "add", f"{hub_ip}/30", "dev", "up0"])
+        run(["ip", "-n", self.hub, "link", "set", "up0", "up"])
+        run(["ip", "-n", self.hub, "addr", "add", gateway, "dev", "br0"])
+        run(["ip", "netns", "exec", self.hub, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        run(["ip", "netns", "exec", self.hub, "nft", "-f", "-"], input=(
+            "table ip lab_nat {\n chain post {\n  type nat hook postrouting priority 100;\n"
+            '  oifname "up0" masquerade\n }\n}\n'))
+        self.gateway = gateway.split("/")[0]
+        for ns in self.namespaces.values():
+            run(["ip", "-n", ns.name, "route", "add", "default", "via", self.gateway])
+        return host_ip
+
+    def ifname(self, label: str) -> str:
+        name = f"rb{label}{os.getpid() % 100000}{next(_counter)}"
+        if len(name) > 15:
+            raise ValueError(f"interface name {name!r} too long")
+        return name
+
+    def close(self) -> None:
+        errors: list[BaseException] = []
+        for fn in reversed(self.finalizers):
+            try:
+                fn()
+            except Exception as e:
+                errors.append(e)
+        self.finalizers.clear()
+        for proc in self.procs:
+            try:
+                stop_proc(proc, timeout=10)
+            except Exception as e:
+                errors.append(e)
+        self.procs.clear()
+        for ns in [*(n.name for n in self.namespaces.values()), self.hub]:
+            delete_netns(ns)
+        self.namespaces.clear()
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RealAgent:
+    """One `raftmesh agent up` daemon in a namespace, with its own state dir and interface."""
+
+    def __init__(self, lab: Lab, ns: Namespace, workdir: str, servers: list[str], auth_key: str,
+                 label: str):
+        self.ns, self.label = ns, label
+        self.ifname = lab.ifname(label)
+        self.state_dir = os.path.join(workdir, f"state-{label}-{self.ifname}")
+        self.log_path = os.path.join(workdir, f"agent-{label}-{self.ifname}.log")
+        self.servers, self.auth_key = servers, auth_key
+        self.proc: subprocess.Popen | None = None
+        self.started: float | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.started = time.time()
+        self.proc = self.ns.spawn(sys.executable, "-m", "raftmesh.api.cli", "agent", "up",
+                                  "--server", ",".join(self.servers), "--state-dir", self.state_dir,
+                                  "--interface", self.ifname, "--hostname", f"host-{self.label}",
+                                  "--endpoint", f"{self.ns.ip}:41641",
+                                  stdout=log, stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, RAFTMESH_AUTH_KEY=self.auth_key))
+        log.close()
+
+    def status(self) -> dict:
+        try:
+            with open(os.path.join(self.state_dir, "status.json")) as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_proc(self.proc, timeout=10)
+
+    def log_tail(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-2000:]
+        except FileNotFoundError:
+            return ""
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Poll `predicate` until truthy (returned) or raise TimeoutError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)

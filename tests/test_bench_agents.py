@@ -1,0 +1,143 @@
+"""The agent-facing benchmarks (issue #5) at a tiny size, only to prove they work end to end.
+
+Real numbers come from `raftmesh bench propagation|revoke|stream-failover|stream-memory|connect`
+(docs/benchmarks.md). Nothing here asserts on time, only on outputs a broken benchmark would
+get wrong; every replica, light-agent worker and daemon must be gone afterwards, and the
+real-WireGuard ones must leave no namespace behind.
+"""
+import argparse
+import json
+import os
+import shutil
+
+import pytest
+
+from raftmesh.chaos import (bench_connect, bench_propagation, bench_revoke, bench_stream_failover,
+                            bench_stream_memory, benchlab)
+
+pytestmark = pytest.mark.timeout(300)
+needs_lab = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("wireguard-go") is None,
+    reason="needs root and wireguard-go for namespaces")
+
+
+def parse(module, argv):
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def my_namespaces() -> list[str]:
+    return [n for n in benchlab.list_netns() if n.startswith(f"{benchlab.LAB_PREFIX}{os.getpid()}x")]
+
+
+def test_propagation_tiny(tmp_path):
+    args = parse(bench_propagation, ["--sizes", "4,10", "--changes", "2", "--workers", "2",
+                                     "--stream-keepalive", "2", "--out", str(tmp_path)])
+    assert bench_propagation.main(args) == 0
+    saved = json.loads((tmp_path / "propagation.json").read_text())
+    assert [s["agents"] for s in saved["sizes"]] == [4, 10]
+    for s in saved["sizes"]:
+        assert s["missing"] == 0
+        assert s["apply"]["n"] == s["acked"]["n"] == 2 * s["agents"]
+        assert len(s["changes"]) == 2 and all(c["agents"] == s["agents"] for c in s["changes"])
+        assert s["changes"][1]["version"] > s["changes"][0]["version"]
+        # every ack of the measured changes reached the replicas' histogram too
+        assert s["server_histogram"]["count"] >= 2 * s["agents"]
+        assert s["apply"]["max_ms"] >= s["apply"]["p50_ms"]
+    st = saved["final_status"]
+    assert st["agents"] == 10 and st["connected"] == 10 and st["frame_errors"] == []
+    assert set(st["by_replica"]) == {"r1", "r2", "r3"}
+    assert (tmp_path / "propagation.png").stat().st_size > 1000
+    assert saved["pids"] and not [p for p in saved["pids"] if pid_running(p)]
+
+
+def test_revoke_light_tiny(tmp_path):
+    args = parse(bench_revoke, ["--light", "10", "--light-rounds", "2", "--real", "0",
+                                "--workers", "2", "--stream-keepalive", "2", "--out", str(tmp_path)])
+    assert bench_revoke.main(args) == 0
+    saved = json.loads((tmp_path / "revoke.json").read_text())
+    light = saved["light"]
+    assert light["missing"] == 0 and light["removed"]["n"] == light["acked"]["n"] == 20
+    victims = [r["victim"] for r in light["rounds"]]
+    assert len(set(victims)) == 2
+    for r in light["rounds"]:
+        assert r["peers_having_it"] == 10 and r["measured"] == 10
+    assert light["server_histogram"]["count"] >= 20
+    assert light["final_status"]["byes"] == 2  # the revoked svc agents got a bye (or 404)
+    assert "real" not in saved and (tmp_path / "revoke.png").stat().st_size > 1000
+    assert not [p for p in saved["pids"] if pid_running(p)]
+
+
+def test_stream_failover_tiny(tmp_path):
+    args = parse(bench_stream_failover, ["--agents", "9", "--rounds", "2", "--workers", "1",
+                                         "--stream-keepalive", "2", "--out", str(tmp_path)])
+    assert bench_stream_failover.main(args) == 0
+    saved = json.loads((tmp_path / "stream-failover.json").read_text())
+    rounds = saved["rounds"]
+    assert [r["killed"] for r in rounds] == ["r1", "r2"]
+    for r in rounds:
+        assert r["agents_on_killed"] == 3 and r["missing"] == 0  # agents i mod 3 stream from r(i+1)
+        assert r["current_max_ms"] >= r["current_p50_ms"] > 0
+        assert r["reconnect_max_ms"] is not None and r["write_via"] != r["killed"]
+    killed = {s["metric"]: s for s in saved["summary"]}
+    assert killed["kill -> agent of the killed replica holds the change"]["n"] == 6
+    assert isinstance(saved["target"]["met"], bool) and saved["target"]["failed_rounds"] == []
+    assert saved["final_status"]["connected"] == 9
+    assert len(saved["pids"]) == 3 + 1 + 2  # replicas, one worker, one restart per round
+    assert not [p for p in saved["pids"] if pid_running(p)]
+
+
+def test_stream_memory_tiny(tmp_path):
+    args = parse(bench_stream_memory, ["--streams", "20", "--steps", "2", "--workers", "3",
+                                       "--out", str(tmp_path)])
+    assert bench_stream_memory.main(args) == 0
+    saved = json.loads((tmp_path / "stream-memory.json").read_text())
+    assert [p["streams"] for p in saved["points"]] == [0, 10, 20]  # all on r1, per its gauge
+    assert all(p["rss_kib"] > 10_000 for p in saved["points"])
+    assert isinstance(saved["per_stream_kib"], float) and saved["target"]["at_streams"] == 20
+    assert saved["final_status"]["by_replica"] == {"r1": 20}
+    assert (tmp_path / "stream-memory.png").stat().st_size > 1000
+    assert not [p for p in saved["pids"] if pid_running(p)]
+
+
+@needs_lab
+def test_revoke_real_wireguard_tiny(tmp_path):
+    args = parse(bench_revoke, ["--light", "0", "--real", "2", "--real-rounds", "2",
+                                "--stream-keepalive", "2", "--out", str(tmp_path)])
+    try:
+        assert bench_revoke.main(args) == 0
+    finally:
+        assert my_namespaces() == []
+    saved = json.loads((tmp_path / "revoke.json").read_text())
+    real = saved["real"]
+    assert real["missing"] == 0 and real["removed"]["n"] == 4
+    assert [r["peers"] for r in real["rounds"]] == [2, 2]
+    assert real["server_histogram"]["count"] >= 4  # the daemons ack the removal too
+    assert not [p for p in saved["pids"] if pid_running(p)]
+
+
+@needs_lab
+def test_connect_tiny(tmp_path):
+    args = parse(bench_connect, ["--rounds", "2", "--stream-keepalive", "2", "--out", str(tmp_path)])
+    try:
+        assert bench_connect.main(args) == 0
+    finally:
+        assert my_namespaces() == []
+    saved = json.loads((tmp_path / "connect.json").read_text())
+    rounds = saved["rounds"]
+    assert len(rounds) == 2 and saved["failed_rounds"] == []
+    for r in rounds:
+        assert r["connect_ms"] > 0 and r["probes_sent"] >= 1 and r["node_id"]
+        assert r["stream_connected_ms"] is not None
+    assert len({r["node_id"] for r in rounds}) == 2
+    assert (tmp_path / "connect.png").stat().st_size > 1000
+    assert not [p for p in saved["pids"] if pid_running(p)]
