@@ -20,6 +20,7 @@ import lmdb
 TABLES = (
     "meta", "users", "nodes", "preauth_keys", "api_keys", "policy_versions",
     "audit", "idempotency", "members", "node_ips", "node_by_machine", "cluster_keys",
+    "node_names",
 )
 _VERSION_KEY = b"applied_version"
 MAP_SIZE = 8 << 30

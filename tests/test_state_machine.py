@@ -213,3 +213,20 @@ def test_presence_sessions_sweep_clock_and_reauthentication():
                       tags=[], expires_at=1000.0), 21)
     r = sm.apply(txn, cmd("node.reauthenticate", t=204, id="n1", preauth_key_id="kb"), 22)
     assert not r["ok"] and r["code"] == "forbidden"
+
+
+def test_node_names_stay_unique_through_renames_and_deletes_without_scanning():
+    txn = DictTxn()
+    run(txn, setup_commands())  # n1 "laptop", n2 "laptop-2", n3 "phone"
+    names = lambda: {n["name"] for _, n in txn.items("nodes")}
+    assert names() == {"laptop", "laptop-2", "phone"}
+    r = sm.apply(txn, cmd("node.update", id="n3", name="laptop"), 10)
+    assert not r["ok"] and r["code"] == "conflict"
+    assert sm.apply(txn, cmd("node.update", id="n1", name="desk"), 11)["ok"]
+    assert sm.apply(txn, cmd("node.update", id="n3", name="laptop"), 12)["ok"]  # freed by the rename
+    sm.apply(txn, cmd("node.delete", id="n2"), 13)
+    r = sm.apply(txn, cmd("node.register", t=101, id="n4", name="laptop", machine_key="m4",
+                          node_key="nk4", user="alice"), 14)
+    assert r["value"]["name"] == "laptop-3"  # after the last suffix handed out
+    assert dict(txn.items("node_names")) == {"#laptop": 3, "desk": "n1", "laptop": "n3",
+                                              "laptop-3": "n4"}
