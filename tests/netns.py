@@ -17,10 +17,8 @@ import itertools
 import os
 import re
 import select
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 LAB_PREFIX = "rmlab"
@@ -100,88 +98,11 @@ while True:
 
 # -- helpers ----------------------------------------------------------------------------------
 
-from waiting import wait_until as wait_for  # noqa: E402  (one polling helper for all tests)
+from waiting import wait_until as wait_for  # noqa: E402,F401  (one polling helper for all tests)
 
-
-def run(argv: list[str], *, input: str | None = None, timeout: float = 15,
-        check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
-def stop_pid(pid: int, start_time: int | None = None, timeout: float = 5.0) -> None:
-    """SIGTERM then SIGKILL one process by pid, bounded; a no-op if it is already gone.
-
-    With `start_time` (see `proc_start_time`), a pid reused by another process is left alone.
-    """
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not _alive(pid) or (start_time is not None and proc_start_time(pid) != start_time):
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
-            time.sleep(0.02)
-
-
-def stop_proc(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """End a child we started, through Popen so that an already reaped pid is never signalled."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-    for stream in (proc.stdout, proc.stderr):
-        if stream:
-            stream.close()
-
-
-def proc_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (identifies it beyond its pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)  # reaps it when it is our child
-        if done:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def netns_pids(ns: str) -> list[int]:
-    out = run(["ip", "netns", "pids", ns], check=False).stdout
-    return [int(p) for p in out.split()]
-
-
-def delete_netns(ns: str) -> None:
-    """End every process left in `ns` by pid, then delete the namespace by name."""
-    for pid in netns_pids(ns):
-        stop_pid(pid)
-    run(["ip", "netns", "del", ns], check=False)
-
-
-def list_netns() -> list[str]:
-    out = run(["ip", "netns", "list"], check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
+# Process and namespace primitives are shared with the benchmarks' lab.
+from raftmesh.chaos.benchlab import (  # noqa: E402,F401
+    delete_netns, list_netns, netns_pids, proc_start_time, run, stop_pid, stop_proc)
 
 
 def cleanup_stale() -> None:
