@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 LAB_PREFIX = "rmbl"
 _counter = itertools.count()
@@ -170,12 +171,14 @@ class Namespace:
     def argv(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *args]
 
-    def run(self, *args: str, timeout: float = 15, check: bool = True) -> subprocess.CompletedProcess:
-        return run(self.argv(*args), timeout=timeout, check=check)
+    def run(self, *args: str, input: str | None = None, timeout: float = 15,
+            check: bool = True) -> subprocess.CompletedProcess:
+        return run(self.argv(*args), input=input, timeout=timeout, check=check)
 
     def spawn(self, *args: str, **kw) -> subprocess.Popen:
+        """Start a process in the namespace; the lab ends it by pid at close."""
         proc = subprocess.Popen(self.argv(*args), stdin=subprocess.DEVNULL, **kw)
-        self.lab.procs.append(proc)
+        self.lab.track(proc)
         return proc
 
     def wg_peers(self, ifname: str) -> set[str] | None:
@@ -195,13 +198,21 @@ class Namespace:
 
 @dataclass
 class Lab:
-    tag: str = field(default_factory=lambda: f"{LAB_PREFIX}{os.getpid()}x{next(_counter)}")
+    """Namespaces on one bridge in the lab's own hub namespace, torn down by name; processes
+    ended by pid. Subclasses (tests/netns.py) set their own name prefix and Namespace class."""
+
+    prefix: ClassVar[str] = LAB_PREFIX
+    ifname_prefix: ClassVar[str] = "rb"
+    namespace_cls: ClassVar[type] = Namespace
+    tag: str = ""
     namespaces: dict[str, Namespace] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    pids: list[tuple[int, int | None]] = field(default_factory=list)  # (pid, start time)
     finalizers: list = field(default_factory=list)
     gateway: str | None = None
 
     def __post_init__(self) -> None:
+        self.tag = self.tag or f"{self.prefix}{os.getpid()}x{next(_counter)}"
         self.hub = f"{self.tag}-hub"
         run(["ip", "netns", "add", self.hub])
         try:
@@ -211,10 +222,21 @@ class Lab:
             delete_netns(self.hub)
             raise
 
+    def track(self, proc: subprocess.Popen) -> None:
+        self.procs.append(proc)
+
+    def track_pid(self, pid: int | None) -> None:
+        if pid:
+            self.pids.append((pid, proc_start_time(pid)))
+
+    def on_close(self, fn) -> None:
+        """Run `fn` at close, before processes are ended (e.g. an interface's own close)."""
+        self.finalizers.append(fn)
+
     def add(self, label: str, underlay: str) -> Namespace:
         name = f"{self.tag}-{label}"
         run(["ip", "netns", "add", name])
-        ns = Namespace(self, label, name, underlay)
+        ns = self.namespace_cls(self, label, name, underlay)
         self.namespaces[label] = ns
         port = f"v{label}"[:15]
         run(["ip", "-n", self.hub, "link", "add", port, "type", "veth", "peer", "name", "eth0",
@@ -232,13 +254,19 @@ class Lab:
         delete_netns(ns.name)
 
     def connect_host(self, gateway: str = "192.0.2.254/24") -> str:
-        """A veth from the host into the hub (NAT towards the host); returns the host-side
-        address replicas should listen on."""
+        """Let the lab's namespaces reach processes on the host (replicas, for agents).
+
+        A veth pair joins the host and the hub namespace on a /30 of 203.0.113.0/24 picked
+        per lab; the hub routes for the bridge (`gateway`) and masquerades towards the host,
+        so the host needs no route to the lab's underlay (parallel labs can all use
+        192.0.2.0/24). Returns the host-side address to bind servers to. Namespaces added
+        afterwards get a default route via the gateway.
+        """
         slot = (os.getpid() * 7 + next(_counter)) % 63
         host_ip, hub_ip = f"203.0.113.{4 * slot + 1}", f"203.0.113.{4 * slot + 2}"
         host_if = f"{self.tag}h"[-15:]
         run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", "up0", "netns", self.hub])
-        self.finalizers.append(lambda: run(["ip", "link", "del", host_if], check=False))
+        self.on_close(lambda: run(["ip", "link", "del", host_if], check=False))
         run(["ip", "addr", "add", f"{host_ip}/30", "dev", host_if])
         run(["ip", "link", "set", host_if, "up"])
         run(["ip", "-n", self.hub, "addr", "add", f"{hub_ip}/30", "dev", "up0"])
@@ -254,7 +282,8 @@ class Lab:
         return host_ip
 
     def ifname(self, label: str) -> str:
-        name = f"rb{label}{os.getpid() % 100000}{next(_counter)}"
+        """An interface name unique on the host (wireguard-go sockets are not per-namespace)."""
+        name = f"{self.ifname_prefix}{label}{os.getpid() % 100000}{next(_counter)}"
         if len(name) > 15:
             raise ValueError(f"interface name {name!r} too long")
         return name
@@ -273,6 +302,9 @@ class Lab:
             except Exception as e:
                 errors.append(e)
         self.procs.clear()
+        for pid, start in self.pids:
+            stop_pid(pid, start)
+        self.pids.clear()
         for ns in [*(n.name for n in self.namespaces.values()), self.hub]:
             delete_netns(ns)
         self.namespaces.clear()
