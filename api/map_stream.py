@@ -53,6 +53,8 @@ class Stream:
         self.needs_full = False
         self.closing: dict | None = None
         self.sent_version = 0
+        self.last_sent = time.monotonic()
+        self.keepalive_due = False
         self.acked_version: int | None = None
         self.acked_at: float | None = None
         self.pending: deque[tuple[int, float, bool]] = deque(maxlen=1024)  # version, cause, revoke
@@ -109,6 +111,7 @@ class StreamHub:
         self._load_keys()
         self._tasks.append(loop.create_task(self._expiry_timer()))
         self._tasks.append(loop.create_task(self._presence_writer()))
+        self._tasks.append(loop.create_task(self._keepalive_ticker()))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -233,6 +236,20 @@ class StreamHub:
         await self.on_feed(lambda feed: None)  # the batches before the barrier are applied
         return True
 
+    async def _keepalive_ticker(self) -> None:
+        """One timer for all streams instead of a timed wait (a task and a timer) in each:
+        every half period, wake the streams that sent nothing for half a period, so none is
+        silent for longer than the period. Saves memory per idle stream."""
+        period = self.replica.config.stream_keepalive
+        while True:
+            await asyncio.sleep(period / 2)  # a periodic timer, not synchronisation
+            quiet_since = time.monotonic() - period / 2
+            for streams in list(self.streams.values()):
+                for s in streams:
+                    if s.last_sent <= quiet_since:
+                        s.keepalive_due = True
+                        s.wake.set()
+
     async def _expiry_timer(self) -> None:
         """Key expiry needs the replicated clock to pass it; with no other writes, the
         leader proposes a clock tick when the next expiry is due."""
@@ -304,12 +321,12 @@ class StreamHub:
             kind = "full" if isinstance(first, Netmap) else "delta"
             await self._send(resp, stream, kind, first.version, first.to_json())
             while stream.closing is None:
-                try:
-                    await asyncio.wait_for(stream.wake.wait(), keepalive)
-                except asyncio.TimeoutError:
-                    await self._send(resp, stream, "keepalive", stream.sent_version, {})
-                    continue
+                await stream.wake.wait()  # frames, a close, or the hub's keepalive ticker
                 stream.wake.clear()
+                if stream.keepalive_due:
+                    stream.keepalive_due = False
+                    if not stream.frames and not stream.needs_full and stream.closing is None:
+                        await self._send(resp, stream, "keepalive", stream.sent_version, {})
                 if stream.needs_full and stream.closing is None:
                     stream.needs_full = False
                     full = await self.on_feed(lambda feed: feed.full(node_id))
@@ -335,6 +352,7 @@ class StreamHub:
             raise RuntimeError("no cluster signing key yet")
         data = self.signer.frame(kind, stream.node_id, version, body)
         await asyncio.wait_for(resp.write(data), WRITE_TIMEOUT)
+        stream.last_sent = time.monotonic()
         if kind in ("full", "delta"):
             stream.sent_version = version
 
