@@ -105,14 +105,17 @@ def _alive(pid: int) -> bool:
 
 
 def stop_pid(pid: int, start_time: int | None = None, timeout: float = 5.0) -> None:
-    """SIGTERM then SIGKILL one process by pid (left alone if the pid was reused)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """SIGTERM then SIGKILL one process by pid (left alone if the pid was reused). A SIGCONT
+    first, since a process paused with SIGSTOP (chaos faults) would not act on SIGTERM."""
+    for sig in (signal.SIGCONT, signal.SIGTERM, signal.SIGKILL):
         if not _alive(pid) or (start_time is not None and proc_start_time(pid) != start_time):
             return
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             return
+        if sig == signal.SIGCONT:
+            continue
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.02)

@@ -16,22 +16,15 @@ import ipaddress
 import os
 import re
 import secrets
-import signal
-import subprocess
-import time
 from dataclasses import dataclass, field
+
+# Process and namespace primitives shared with the benchmarks' lab.
+from .benchlab import delete_netns, run
 
 PREFIX = "rmc"
 SUPERNET = ipaddress.ip_network("198.51.100.0/24")
 LOCK_FILE = "/run/raftmesh-chaos.lock"
 TABLE = "rmchaos"
-
-
-def run(argv: list[str], input: str | None = None, check: bool = True, timeout: float = 15):
-    p = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip()}")
-    return p
 
 
 def preflight() -> list[str]:
@@ -99,7 +92,7 @@ class ReplicaNet:
         """End what still runs in our namespaces (by pid), delete them, then the bridge.
         The veths are deleted explicitly: a namespace's own teardown is asynchronous."""
         for ns, veth in zip(self.namespaces, self.veths):
-            _delete_netns(ns)
+            delete_netns(ns)
             if run(["ip", "link", "show", veth], check=False).returncode == 0:
                 run(["ip", "link", "del", veth], check=False)
         run(["ip", "link", "del", self.bridge], check=False)
@@ -172,45 +165,6 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise RuntimeError(f"no free /28 left in {SUPERNET} (too many chaos runs at once?)")
 
 
-def _netns_pids(ns: str) -> list[int]:
-    return [int(p) for p in run(["ip", "netns", "pids", ns], check=False).stdout.split()]
-
-
-def _delete_netns(ns: str) -> None:
-    for pid in _netns_pids(ns):
-        stop_pid(pid)
-    run(["ip", "netns", "del", ns], check=False)
-
-
-def stop_pid(pid: int, timeout: float = 5.0) -> None:
-    """SIGCONT (it may be paused), SIGTERM, then SIGKILL one process by pid, bounded."""
-    for sig in (signal.SIGCONT, signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        if sig == signal.SIGCONT:
-            continue
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
-            time.sleep(0.02)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def cleanup_stale() -> None:
     """Remove namespaces and bridges of chaos runs whose process is gone."""
     pattern = re.compile(rf"^{PREFIX}(\d+)x[0-9a-f]{{2}}")
@@ -218,7 +172,7 @@ def cleanup_stale() -> None:
         name = line.split()[0] if line.strip() else ""
         m = pattern.match(name)
         if m and not os.path.exists(f"/proc/{m.group(1)}"):
-            _delete_netns(name)
+            delete_netns(name)
     for line in run(["ip", "-o", "link", "show", "type", "bridge"], check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
         m = pattern.match(name)

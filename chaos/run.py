@@ -28,7 +28,8 @@ from raftmesh.cluster.launcher import LocalCluster
 from . import checkers, history as hist, latency_proxy, plot
 from .checkers import Check
 from .faults import Injector, clear_removed_data
-from .netlab import ReplicaNet, preflight, stop_pid
+from .benchlab import stop_pid
+from .netlab import ReplicaNet, preflight
 from .schedule import FAULT_HELP, FAULTS, make_schedule
 from .agent_checks import AGENT_USER, ChaosAgents
 from .workload import OWNERS, USER_POOL, Workload
