@@ -9,6 +9,7 @@ longer than twice the interval, with exponential backoff and jitter, and it neve
 """
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import logging
@@ -27,7 +28,7 @@ from .firewall import PacketFilter
 from .map_client import MapStream
 from .netmap_state import AgentNetmap, effective, next_expiry
 from .state_dir import StateDir
-from .wireguard import WireGuardInterface
+from .wireguard import WireGuardInterface, public_key_of
 
 log = logging.getLogger("raftmesh.agent")
 DEFAULT_MAX_STALE = 7 * 86400.0
@@ -71,6 +72,7 @@ class Agent:
         elif self.registration:
             self.view = AgentNetmap(self.registration["node_id"], self.registration["pinned"])
         self._checked_auth_key = False  # an --auth-key is offered once per run (re-auth)
+        self._reported: tuple[str, ...] | None = None  # endpoints last reported this run
         self.wg: WireGuardInterface | None = None
         self.fw: PacketFilter | None = None
         self.enforced: Netmap | None = None
@@ -223,18 +225,14 @@ class Agent:
         return True
 
     def _node_key(self) -> str:
-        from .wireguard import public_key_of
         return public_key_of(self._private_key())
 
     def _private_key(self) -> str:
-        import base64
         return base64.b64encode(bytes(self.state.wireguard_key())).decode()
 
     def _rotate_wireguard_key(self) -> None:
         """New WireGuard key: announced with a request signed by the machine key, then
         installed; peers learn the new key from their next delta."""
-        import base64
-        from .wireguard import public_key_of
         old = self._node_key()
         new_key = self.state.replace_wireguard_key()
         new_private = base64.b64encode(bytes(new_key)).decode()
@@ -255,7 +253,7 @@ class Agent:
         want = tuple(sorted(self.config.endpoints))
         if not want or tuple(sorted(netmap.self_node.endpoints)) == want:
             return
-        if getattr(self, "_reported", None) == want:
+        if self._reported == want:
             return
         try:
             self.client.call("POST", "/machine/report", {"endpoints": list(want)}, deadline=5)
