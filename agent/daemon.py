@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import threading
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from raftmesh.api.frames import FrameError
 from raftmesh.api.wire import Netmap
 
+from .ack_sender import AckSender
+from .acks import ACK_DELAY, PendingAcks
 from .control_client import Backoff, ControlClient, ControlError
 from .firewall import PacketFilter
 from .map_client import MapStream
@@ -73,6 +76,7 @@ class Agent:
             self.view = AgentNetmap(self.registration["node_id"], self.registration["pinned"])
         self._checked_auth_key = False  # an --auth-key is offered once per run (re-auth)
         self._reported: tuple[str, ...] | None = None  # endpoints last reported this run
+        self.ack_sender = AckSender(self.machine_key)
         self.wg: WireGuardInterface | None = None
         self.fw: PacketFilter | None = None
         self.enforced: Netmap | None = None
@@ -90,6 +94,7 @@ class Agent:
                 if delay:
                     self._idle(delay)
         finally:
+            self.ack_sender.close()
             self._stop_dataplane()
 
     def stop(self, *_args) -> None:
@@ -150,12 +155,17 @@ class Agent:
     def _consume(self, stream: MapStream, backoff: Backoff) -> str:
         watchdog = 2 * stream.keepalive
         last_frame = time.monotonic()
+        acks = PendingAcks()
         self._set_status("connected", server=stream.server, replica=stream.replica)
         while not self.stop_event.is_set():
             if self.rotate_event.is_set():
                 self.rotate_event.clear()
                 self._rotate_wireguard_key()
-            item = stream.next(timeout=1.0)
+            now = time.monotonic()
+            if acks.due(now):
+                self.ack_sender.send(stream.server, acks.take(now))
+            wait = 1.0 if acks.due_at is None else min(1.0, max(0.01, acks.due_at - now))
+            item = stream.next(timeout=wait)
             if item is None:
                 if time.monotonic() - last_frame > watchdog:
                     return f"no frame for {watchdog:g}s (keepalive silence)"
@@ -184,7 +194,7 @@ class Agent:
                 backoff.reset()
                 self._save_cache()
                 self._enforce()
-                self._ack(stream, verdict.version)
+                acks.add(verdict.version, time.monotonic(), random.uniform(*ACK_DELAY))
                 self._report_endpoints(verdict.netmap)
             self._set_status("connected", server=stream.server, replica=stream.replica)
         return "stopping"
@@ -260,13 +270,6 @@ class Agent:
             self._reported = want
         except (ControlError, OSError) as e:
             log.info("endpoint report failed (will retry with the next netmap): %s", e)
-
-    def _ack(self, stream: MapStream, version: int) -> None:
-        try:
-            c = ControlClient([stream.server], self.machine_key, timeout=2.0)
-            c.signed_request("POST", "/machine/ack", {"version": version}, timeout=2.0)
-        except (ControlError, OSError) as e:
-            log.debug("ack of %d failed: %s", version, e)
 
     # -- data plane ----------------------------------------------------------------------------
     def _start_dataplane(self) -> None:

@@ -181,10 +181,17 @@ async def map_stream(ctx: Ctx):
     return await hub.serve(ctx.request, node["id"], first, ctx.config.stream_keepalive)
 
 
+ACK_APPLIED = {"type": "array", "maxItems": 64, "description": "[version, seconds since the agent "
+               "applied it] for versions applied since the last ack (coalesced, deferred acks)",
+               "items": {"type": "array", "minItems": 2, "maxItems": 2,
+                         "prefixItems": [{"type": "integer", "minimum": 0},
+                                         {"type": "number", "minimum": 0, "maximum": 86400}]}}
+
+
 @route("POST", M + "/ack", None, "Acknowledge the netmap version this machine has applied",
-       body=obj({"version": {"type": "integer", "minimum": 0}}, ("version",)))
+       body=obj({"version": {"type": "integer", "minimum": 0}, "applied": ACK_APPLIED}, ("version",)))
 async def ack(ctx: Ctx):
     node = await _own_node(ctx)
-    streaming = ctx.request.app[HUB].ack(node["id"], ctx.body["version"])
+    streaming = ctx.request.app[HUB].ack(node["id"], ctx.body["version"], ctx.body.get("applied"))
     return web.json_response({"node_id": node["id"], "version": ctx.body["version"],
                               "streaming_here": streaming})

@@ -283,21 +283,28 @@ class StreamHub:
             if not streams:
                 del self.streams[s.node_id]
 
-    def ack(self, node_id: str, version: int) -> bool:
-        """An agent applied `version`: record it and observe propagation/revoke times."""
+    def ack(self, node_id: str, version: int, applied: list | None = None) -> bool:
+        """An agent applied everything up to `version`: record it and observe propagation
+        and revoke times. Agents coalesce and defer acks off the delivery path, so an ack
+        may cover several versions; `applied` gives, per version, how many seconds ago the
+        agent applied it (its own monotonic clock: no clock sync needed). A pending change
+        counts as applied when the first listed version at or after it was."""
         now = time.time()
         prev = self.acks.get(node_id)
         if prev is None or version > prev[0]:
             self.acks[node_id] = (version, now)
+        ages = sorted((v, a) for v, a in (applied or ()) if v <= version)
         for s in self.streams.get(node_id, ()):
             if s.acked_version is None or version > s.acked_version:
                 s.acked_version, s.acked_at = version, now
             while s.pending and s.pending[0][0] <= version:
-                _, cause, revoke = s.pending.popleft()
+                pending_version, cause, revoke = s.pending.popleft()
                 if cause:
-                    self.propagation.observe(max(0.0, now - cause))
+                    age = next((a for v, a in ages if v >= pending_version), 0.0)
+                    took = max(0.0, now - age - cause)
+                    self.propagation.observe(took)
                     if revoke:
-                        self.revoke.observe(max(0.0, now - cause))
+                        self.revoke.observe(took)
         return node_id in self.streams
 
     def stream_info(self, node_id: str | None = None) -> list[dict]:

@@ -95,7 +95,7 @@ def measure(agents: la.LightAgents, cluster: LocalCluster, n: int, changes: int,
                         f"{_ms(per_change[-1]['all_applied_ms'])}, acked after "
                         f"{_ms(per_change[-1]['all_acked_ms'])}", force=True)
         agents.settle(quiet=0.5)
-    server = la.histogram_summary(la.histogram_diff(la.read_histogram(cluster, METRIC), before))
+    server = la.histogram_since(cluster, METRIC, before)
     return {"agents": n, "changes": per_change, "apply": report.summarize(samples_apply),
             "acked": report.summarize(samples_ack), "from_request": report.summarize(samples_sent),
             "all_applied": report.summarize([p["all_applied_ms"] / 1e3 for p in per_change

@@ -89,7 +89,7 @@ def run_light(workdir: str, n: int, rounds: int, workers: int | None, keepalive:
                                 f"after {per_round[-1]['all_removed_ms']:.0f} ms, acked after "
                                 f"{per_round[-1]['all_acked_ms'] or float('nan'):.0f} ms", force=True)
                 agents.settle(quiet=0.5)
-            server = la.histogram_summary(la.histogram_diff(la.read_histogram(cluster, METRIC), before))
+            server = la.histogram_since(cluster, METRIC, before)
             status = agents.status()
     finally:
         cluster.stop_all()
@@ -175,7 +175,7 @@ def run_real(workdir: str, k: int, rounds: int, keepalive: float, timeout: float
                             f"after {per_round[-1]['all_removed_ms'] or float('nan'):.0f} ms", force=True)
             victim.stop()
             lab.remove(f"v{r}")
-        server = la.histogram_summary(la.histogram_diff(la.read_histogram(cluster, METRIC), before))
+        server = la.histogram_since(cluster, METRIC, before, expect=len(samples))
         logs = None
     except BaseException:
         logs = {a.label: a.log_tail() for a in agents}

@@ -5,7 +5,8 @@ data plane: its own Ed25519 machine key signing every request (`api/machine_auth
 fresh timestamp and a unique nonce per request), registration with a pre-auth key, a map
 stream (`GET /machine/map?since=V`) whose every frame is verified against the pinned cluster
 keys and applied with `agent/netmap_state.AgentNetmap` (the daemon's own code), an ack
-(`POST /machine/ack`) to the replica it streams from for every applied version, and the
+(`POST /machine/ack`) to the replica it streams from, deferred and coalesced exactly as the
+daemon does it (`agent/acks.py`), and the
 daemon's failover: on EOF, an error, a 5xx or no frame for twice the keepalive it moves to the
 next replica URL after a full-jitter exponential backoff (0.2 s doubling) and resumes with the
 version it holds. It records, per applied version, the wall-clock time it was verified and
@@ -35,6 +36,9 @@ from multiprocessing.connection import Connection
 
 from nacl.signing import SigningKey
 
+from raftmesh.agent.acks import ACK_DELAY, PendingAcks
+
+
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
@@ -49,7 +53,7 @@ class LightAgent:
     __slots__ = ("index", "hostname", "key", "machine", "node_key", "node_id", "ipv4", "home",
                  "url", "view", "applied", "acked", "connected_at", "replica", "bye", "task",
                  "lost_at", "reconnects", "errors", "stop", "first_netmap_at", "kick", "gone",
-                 "stale")
+                 "stale", "acks")
 
     def __init__(self, index: int, hostname: str, home: int):
         self.index, self.hostname, self.home, self.url = index, hostname, home, home
@@ -72,6 +76,7 @@ class LightAgent:
         self.kick: asyncio.Event | None = None  # set to drop the stream and reconnect home
         self.gone: dict[str, tuple[int, float]] = {}  # watched peer -> (version, time) it left
         self.stale: list[tuple[int, int]] = []  # (frame version, held version): must stay empty
+        self.acks = PendingAcks()  # the daemon's deferred, coalesced acks; one per stream
 
     def peers(self) -> dict:
         return self.view.netmap.peers if self.view is not None and self.view.netmap else {}
@@ -208,6 +213,7 @@ class Swarm:
                             return
                         raise ConnectionError(f"{resp.status} {code}")
                     a.replica = resp.headers.get("X-Raftmesh-Replica")
+                    a.acks = PendingAcks()  # acks go to the replica that sent the frames
                     a.connected_at = time.time()
                     if a.lost_at is not None:
                         a.reconnects.append({"lost": a.lost_at, "connected": a.connected_at,
@@ -287,14 +293,23 @@ class Swarm:
                 a.gone[p] = (verdict.version, now)
         if len(a.applied) > KEEP_RECORDS:
             del a.applied[:len(a.applied) - KEEP_RECORDS]
-        asyncio.get_running_loop().create_task(self._ack(a, url, verdict.version))
+        acks = a.acks
+        starts_round = acks.due_at is None
+        delay = random.uniform(*ACK_DELAY)
+        acks.add(verdict.version, time.monotonic(), delay)
+        if starts_round:
+            asyncio.get_running_loop().create_task(self._ack_later(a, url, acks, delay))
         return True
 
-    async def _ack(self, a: LightAgent, url: str, version: int) -> None:
+    async def _ack_later(self, a: LightAgent, url: str, acks: PendingAcks, delay: float) -> None:
+        await asyncio.sleep(delay)  # the ack deferral itself, not synchronisation
+        body = acks.take(time.monotonic()) if a.acks is acks else None
+        if body is None:  # the stream ended: its replica cannot use the ack
+            return
         try:
-            status, _ = await self._post(a, url, "/machine/ack", {"version": version}, timeout=30)
+            status, _ = await self._post(a, url, "/machine/ack", body, timeout=30)
             if status == 200:
-                a.acked[version] = time.time()
+                a.acked[body["version"]] = time.time()
                 if len(a.acked) > KEEP_RECORDS:
                     for v in sorted(a.acked)[:len(a.acked) - KEEP_RECORDS]:
                         del a.acked[v]
@@ -678,6 +693,18 @@ def put_policy(cluster, port: int, topology: str = "star", deadline: float = 30.
         if time.monotonic() > end:
             raise TimeoutError("no replica accepted the policy change")
         time.sleep(0.05)
+
+
+def histogram_since(cluster, name: str, before: dict, expect: int = 0,
+                    timeout: float = 10.0) -> dict:
+    """Summary of what a histogram gained since `before`, once it holds `expect` new samples
+    (acks are deferred by up to ACK_DELAY's upper bound) or at the deadline."""
+    end = time.monotonic() + timeout
+    while True:
+        diff = histogram_diff(read_histogram(cluster, name), before)
+        if diff["count"] >= expect or time.monotonic() > end:
+            return histogram_summary(diff)
+        time.sleep(0.1)  # polling /metrics against a deadline
 
 
 def read_histogram(cluster, name: str) -> dict:

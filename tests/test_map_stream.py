@@ -73,6 +73,45 @@ def test_full_then_deltas_keepalives_and_acks(mesh):
     assert "raftmesh_map_streams 1.0" in metrics
 
 
+def _histogram(c, replica, name: str) -> dict[str, float]:
+    """Bucket upper bound -> cumulative count, and 'count', from a replica's /metrics."""
+    out = {}
+    for line in c.request(replica, "GET", "/metrics")[1].splitlines():
+        if line.startswith(name + "_bucket{"):
+            out[line.split('le="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(name + "_count "):
+            out["count"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_one_coalesced_ack_covers_several_versions_with_their_apply_ages(mesh):
+    """A deferred ack lists when each version was applied (as an age): the replica counts
+    one sample per change it streamed, timed to the apply, not to the late ack."""
+    c, admin, agent = mesh
+    a, b = agent("alice", "a", 0), agent("bob", "b", 1)
+    a.connect()
+    a.pump(lambda s: s.view.netmap is not None and b.node_id in s.peers())
+    applied = []
+    for name in ("one", "two", "three"):
+        assert admin("PATCH", f"/api/v1/nodes/{b.node_id}", {"name": name})[0] == 200
+        a.pump(lambda s, name=name: s.view.netmap.peers[b.node_id].name == name)
+        applied.append(a.view.version)
+    before = _histogram(c, c.replicas[0], "raftmesh_netmap_propagation_seconds")
+    a.client.current = 0
+    # the ages say every change was applied at once: the samples must land in the lowest bucket
+    # although this ack arrives long after (an ack without ages would time the ack itself)
+    reply = a.client.call("POST", "/machine/ack", {"version": applied[-1],
+                                                   "applied": [[v, 3600.0] for v in applied]})
+    assert reply["streaming_here"] is True
+    after = _histogram(c, c.replicas[0], "raftmesh_netmap_propagation_seconds")
+    assert after["count"] - before["count"] >= 3
+    assert after["0.01"] - before["0.01"] == after["count"] - before["count"]
+    # bad ages are refused with a clear error and change nothing
+    with pytest.raises(ControlError) as e:
+        a.client.call("POST", "/machine/ack", {"version": 1, "applied": [[1, -5]]})
+    assert e.value.status == 400 and "applied" in e.value.message
+
+
 def test_resume_on_another_replica_gets_only_what_changed(mesh):
     c, admin, agent = mesh
     a, b = agent("alice", "a", 0), agent("bob", "b", 0)
