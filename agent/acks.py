@@ -10,7 +10,8 @@ to apply. Shared by the daemon and the benchmarks' light agents; no I/O here.
 """
 from __future__ import annotations
 
-ACK_DELAY = (0.5, 1.5)  # seconds after the first unacked apply, uniformly jittered
+ACK_DELAY = (1.0, 3.0)  # seconds after the first unacked apply, uniformly jittered: past the
+#                         delivery burst of a change to thousands of agents (docs/agents.md)
 MAX_LISTED = 64  # versions listed per ack (the API's limit); older ones are covered anyway
 
 
