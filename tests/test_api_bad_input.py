@@ -171,6 +171,8 @@ def sample(schema: dict) -> Any:
                 break
             out.setdefault(k, sample(props[k]))
         value = out
+    elif kind == "array" and "prefixItems" in schema:
+        value = [sample(s) for s in schema["prefixItems"]]
     elif kind == "array":
         value = [sample(schema["items"])] * schema.get("minItems", 0)
     elif kind == "string":
@@ -211,7 +213,12 @@ def wrong_values(schema: dict) -> list[tuple[str, Any]]:
             out.append(("above maximum", schema["maximum"] + 1))
     if "enum" in schema:
         out.append(("not in enum", "not-an-option"))
-    if kind == "array":
+    if kind == "array" and "prefixItems" in schema:  # a tuple: break one position at a time
+        good = [sample(s) for s in schema["prefixItems"]]
+        for i, position in enumerate(schema["prefixItems"]):
+            out += [(f"position {i} {label}", good[:i] + [v] + good[i + 1:])
+                    for label, v in wrong_values(position)[:2]]
+    if kind == "array" and "items" in schema:
         item = schema["items"]
         out += [(f"item {label}", [v]) for label, v in wrong_values(item)[:3]]
         if "maxItems" in schema:
