@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from raftmesh.cluster.state_machine import public
+from raftmesh.storage.audit_chain import compact_json
 
 from . import auth
 from .errors import APIError
@@ -31,8 +32,11 @@ def obj(properties: dict, required: tuple = ()) -> dict:
             "additionalProperties": False}
 
 
+_dumps = compact_json(sort_keys=False)  # json.dumps rebuilds its encoder on every call
+
+
 def ok(body: dict, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status)
+    return web.json_response(body, status=status, dumps=_dumps)
 
 
 async def _get(ctx: Ctx, table: str, key: str, what: str) -> tuple[dict, int]:

@@ -10,7 +10,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from raftmesh.storage.audit_chain import compact_json
+
 FORMAT_VERSION = 1
+# Built once: json.dumps with arguments builds an encoder per call, and json.loads on bytes
+# sniffs the encoding first (commands are ASCII).
+_encode = compact_json(sort_keys=True)
+_decode = json.JSONDecoder().decode
 
 
 class CommandError(ValueError):
@@ -30,12 +36,13 @@ class Command:
                   "time": self.time, "actor": self.actor}
         if self.request_id is not None:
             record["request_id"] = self.request_id
-        return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+        return _encode(record).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> "Command":
         try:
-            record = json.loads(data)
+            record = _decode(data.decode("utf-8", "surrogatepass")
+                             if isinstance(data, (bytes, bytearray)) else data)
         except (ValueError, UnicodeDecodeError) as e:
             raise CommandError(f"not JSON: {e}") from None
         if not isinstance(record, dict) or record.get("v") != FORMAT_VERSION:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Callable, Protocol
 
-from raftmesh.storage.audit_chain import GENESIS, chain_hash
+from raftmesh.storage.audit_chain import GENESIS, seal
 
 from .commands import Command
 
@@ -39,13 +39,18 @@ class Rejected(Exception):
 
 
 class StagedTxn:
-    """Buffers writes over a base transaction so a rejected command leaves no trace."""
+    """Buffers writes over a base transaction so a rejected command leaves no trace.
+
+    A value may come with its JSON encoding already made (`encoded`); a base that can store
+    bytes as they are (`put_raw`, storage/state_store.py) gets those instead of re-encoding.
+    """
 
     _DELETED = object()
 
     def __init__(self, base: Txn):
         self.base = base
         self.writes: dict[tuple[str, str], Any] = {}
+        self.encoded: dict[tuple[str, str], bytes] = {}
 
     def get(self, table, key):
         v = self.writes.get((table, key), None)
@@ -53,11 +58,17 @@ class StagedTxn:
             return None
         return v if (table, key) in self.writes else self.base.get(table, key)
 
-    def put(self, table, key, value):
+    def put(self, table, key, value, encoded: bytes | None = None):
         self.writes[(table, key)] = value
+        if encoded is not None:
+            self.encoded[(table, key)] = encoded
+        elif self.encoded:
+            self.encoded.pop((table, key), None)
 
     def delete(self, table, key):
         self.writes[(table, key)] = self._DELETED
+        if self.encoded:
+            self.encoded.pop((table, key), None)
 
     def items(self, table, start=""):
         staged = {k: v for (t, k), v in self.writes.items() if t == table and k >= start}
@@ -70,9 +81,12 @@ class StagedTxn:
                 yield k, staged[k]
 
     def flush(self):
+        put_raw = getattr(self.base, "put_raw", None) if self.encoded else None
         for (table, key), value in self.writes.items():
             if value is self._DELETED:
                 self.base.delete(table, key)
+            elif put_raw is not None and (table, key) in self.encoded:
+                put_raw(table, key, self.encoded[(table, key)])
             else:
                 self.base.put(table, key, value)
 
@@ -163,8 +177,8 @@ def _append_audit(txn: StagedTxn, cmd: Command, version: int, target: str,
     entry = {"seq": head["seq"] + 1, "version": version, "time": cmd.time,
              "actor": cmd.actor, "action": cmd.op, "target": target,
              "before": before, "after": after, "prev_hash": head["hash"]}
-    entry["hash"] = chain_hash(head["hash"], entry)
-    txn.put("audit", f"{entry['seq']:016d}", entry)
+    entry["hash"], encoded = seal(head["hash"], entry)  # one canonical encoding: hash and store
+    txn.put("audit", f"{entry['seq']:016d}", entry, encoded)
     txn.put("meta", "audit_head", {"seq": entry["seq"], "hash": entry["hash"]})
 
 

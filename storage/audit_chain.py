@@ -8,18 +8,49 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable
+from json import encoder as _json_encoder
+from typing import Any, Callable, Iterable
 
 GENESIS = "0" * 64
 
 
+def compact_json(sort_keys: bool) -> Callable[[Any], str]:
+    """What json.dumps(value, sort_keys=sort_keys, separators=(",", ":")) returns, with the C
+    encoder built once: json.dumps builds an encoder, and that encoder a C encoder and a
+    circular-reference table, on every call, which costs more than encoding a small record.
+    Used for values decoded from JSON or built from them, which cannot be circular."""
+    make = _json_encoder.c_make_encoder
+    if make is None:  # an interpreter without the C accelerator
+        return json.JSONEncoder(sort_keys=sort_keys, separators=(",", ":")).encode
+
+    def default(o):
+        raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
+    encode = make(None, default, _json_encoder.encode_basestring_ascii, None, ":", ",",
+                  sort_keys, False, True)
+    return lambda value: "".join(encode(value, 0))
+
+
+_canonical_str = compact_json(sort_keys=True)
+
+
 def canonical(entry: dict[str, Any]) -> bytes:
     body = {k: v for k, v in entry.items() if k != "hash"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return _canonical_str(body).encode()
 
 
 def chain_hash(prev_hash: str, entry: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode() + b"\n" + canonical(entry)).hexdigest()
+
+
+def seal(prev_hash: str, body: dict[str, Any]) -> tuple[str, bytes]:
+    """(hash, stored JSON) of a new entry `body` (non-empty, no "hash" key yet).
+
+    The stored JSON is the canonical encoding with the hash appended as the last member, so
+    the entry is encoded once for both hashing and storage; verify() re-derives the same
+    canonical bytes from it because key order does not matter to canonical()."""
+    data = _canonical_str(body).encode()
+    digest = hashlib.sha256(prev_hash.encode() + b"\n" + data).hexdigest()
+    return digest, data[:-1] + b',"hash":"' + digest.encode() + b'"}'
 
 
 def verify(entries: Iterable[dict[str, Any]], prev_hash: str = GENESIS,

@@ -17,35 +17,75 @@ from typing import Any, Iterator
 
 import lmdb
 
+from .audit_chain import compact_json
+
 TABLES = (
     "meta", "users", "nodes", "preauth_keys", "api_keys", "policy_versions",
     "audit", "idempotency", "members", "node_ips", "node_by_machine", "cluster_keys",
     "node_names",
 )
 _VERSION_KEY = b"applied_version"
+CACHED_META = frozenset({"clock", "audit_head", "policy_head", "ip_cursor"})
 MAP_SIZE = 8 << 30
 
 
+# Values keep their dict insertion order instead of sorted keys: nothing hashes stored
+# values (the audit chain hashes its own canonical encoding, storage/audit_chain.py), and the
+# order is as deterministic as apply itself (handlers build records in a fixed order; args
+# come from the same command bytes on every replica; json.loads keeps order), so replicas'
+# digests still agree. Encoder built once (compact_json); json.loads on bytes would sniff
+# the encoding first (values are ASCII).
+_dumps_str = compact_json(sort_keys=False)
+_loads_str = json.JSONDecoder().decode
+
+
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return _dumps_str(value).encode()
+
+
+def _loads(raw: bytes) -> Any:
+    return _loads_str(raw.decode())
 
 
 class LmdbTxn:
-    """The state machine's view of one LMDB transaction (JSON values, str keys)."""
+    """The state machine's view of one LMDB transaction (JSON values, str keys).
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]):
+    A write transaction shares its store's `meta_cache`: decoded values of the few fixed
+    `meta` records (CACHED_META) that every command reads back, kept up to date by put/delete
+    here. They are replaced whole, never mutated in place, so sharing the objects is safe.
+    """
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any],
+                 meta_cache: dict[str, Any] | None = None):
         self._txn = txn
         self._dbs = dbs
+        self._meta = meta_cache
 
     def get(self, table: str, key: str) -> Any:
+        cache = self._meta if table == "meta" and key in CACHED_META else None
+        if cache is not None and key in cache:
+            return cache[key]
         raw = self._txn.get(key.encode(), db=self._dbs[table])
-        return None if raw is None else json.loads(raw)
+        value = None if raw is None else _loads(raw)
+        if cache is not None:
+            cache[key] = value
+        return value
 
     def put(self, table: str, key: str, value: Any) -> None:
         self._txn.put(key.encode(), _dumps(value), db=self._dbs[table])
+        if self._meta is not None and table == "meta" and key in CACHED_META:
+            self._meta[key] = value
+
+    def put_raw(self, table: str, key: str, data: bytes) -> None:
+        """Store a value its caller already encoded as JSON (audit entries, encoded once)."""
+        self._txn.put(key.encode(), data, db=self._dbs[table])
+        if self._meta is not None and table == "meta":
+            self._meta.pop(key, None)
 
     def delete(self, table: str, key: str) -> None:
         self._txn.delete(key.encode(), db=self._dbs[table])
+        if self._meta is not None and table == "meta" and key in CACHED_META:
+            self._meta[key] = None
 
     def items(self, table: str, start: str = "") -> Iterator[tuple[str, Any]]:
         """Entries in key order from `start` (inclusive)."""
@@ -53,7 +93,7 @@ class LmdbTxn:
             if not cur.set_range(start.encode()):
                 return
             for k, v in cur.iternext(keys=True, values=True):
-                yield k.decode(), json.loads(v)
+                yield k.decode(), _loads(v)
 
 
 class StateStore:
@@ -64,6 +104,10 @@ class StateStore:
         os.makedirs(path, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()  # guards env swaps against concurrent readers
         self._write: lmdb.Transaction | None = None
+        # Decoded `meta` values as written by the one writer (see LmdbTxn); valid across
+        # commits because every write goes through write_txn(); dropped when a snapshot
+        # replaces the environment.
+        self._meta_cache: dict[str, Any] = {}
         self._open()
 
     def _open(self) -> None:
@@ -81,7 +125,7 @@ class StateStore:
     def write_txn(self) -> LmdbTxn:
         if self._write is None:
             self._write = self.env.begin(write=True)
-        return LmdbTxn(self._write, self.dbs)
+        return LmdbTxn(self._write, self.dbs, self._meta_cache)
 
     def commit(self) -> bool:
         """Commit the batch opened by write_txn(); True if there was one."""
@@ -133,6 +177,7 @@ class StateStore:
                 except FileNotFoundError:
                     pass
             shutil.move(data_mdb, os.path.join(self.path, "data.mdb"))
+            self._meta_cache.clear()
             self._open()
             self.env.sync(True)
 

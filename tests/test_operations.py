@@ -136,3 +136,128 @@ def test_data_files_are_private(shared_cluster):
                 continue
             mode = os.stat(os.path.join(root, name)).st_mode & 0o777
             assert mode & 0o077 == 0, f"{name} has mode {oct(mode)}"
+
+
+def test_revoked_api_key_fails_on_every_replica_once_applied_there(shared_cluster):
+    """Replicas cache API-key records (routing.ApiKeyCache); a delete must still take effect
+    on each replica as soon as it has applied it, including where the record was cached."""
+    c = shared_cluster
+    status, body = c.request(c.replicas[0], "POST", "/api/v1/api-keys",
+                             {"name": "revoke-me", "scopes": ["read"]})
+    assert status == 201, body
+    token, kid = body["key"], body["api_key"]["id"]
+    for r in c.replicas:  # twice: the second request is served from the cache
+        for _ in range(2):
+            assert c.request(r, "GET", "/api/v1/users?stale=true", key=token)[0] == 200
+    status, body = c.request(c.replicas[1], "DELETE", f"/api/v1/api-keys/{kid}")
+    assert status == 200, body
+    for r in c.replicas:
+        wait_until(lambda r=r: c.request(r, "GET", "/api/v1/cluster/self")[1]["replica"]
+                   ["applied_version"] >= body["version"], what=f"{r.id} applies the delete")
+        status, err = c.request(r, "GET", "/api/v1/users?stale=true", key=token)
+        assert (status, err["error"]["code"] if isinstance(err, dict) and "error" in err
+                else err) == (401, "unauthenticated"), (r.id, status, err)
+
+
+class _FakeReplica:
+    """Just what ApiKeyCache uses: listeners and a store with read()."""
+
+    def __init__(self, records):
+        from contextlib import contextmanager
+        self.records, self.reads, self.apply, self.reset, self.during_read = records, 0, [], [], None
+        outer = self
+
+        class Txn:
+            def get(self, table, key):
+                outer.reads += 1
+                if outer.during_read:
+                    outer.during_read()
+                return outer.records.get(key)
+
+        class Store:
+            @contextmanager
+            def read(self):
+                yield Txn()
+        self.store = Store()
+
+    def add_apply_listener(self, fn):
+        self.apply.append(fn)
+
+    def add_reset_listener(self, fn):
+        self.reset.append(fn)
+
+
+def test_api_key_cache_is_invalidated_by_key_commands_and_snapshots():
+    from raftmesh.api.routing import ApiKeyCache
+    from raftmesh.cluster.commands import Command
+    rep = _FakeReplica({"k1": {"id": "k1", "scopes": ["admin"]}})
+    cache = ApiKeyCache(rep)
+    assert cache.get("k1")["id"] == "k1" and cache.get("k1") and rep.reads == 1
+    assert cache.get("nope") is None and cache.get("nope") is None and rep.reads == 3  # misses not kept
+    for fn in rep.apply:  # unrelated commands keep the cache
+        fn([(5, Command("user.create", {"name": "a"}), {"ok": True})])
+    cache.get("k1")
+    assert rep.reads == 3
+    del rep.records["k1"]
+    for fn in rep.apply:
+        fn([(6, Command("user.create", {"name": "b"}), {}), (7, Command("apikey.delete", {"id": "k1"}), {})])
+    assert cache.get("k1") is None
+    rep.records["k1"] = {"id": "k1", "scopes": ["read"]}
+    assert cache.get("k1")["scopes"] == ["read"]
+    rep.records["k1"] = {"id": "k1", "scopes": ["audit"]}
+    for fn in rep.reset:  # a snapshot replaced the state
+        fn()
+    assert cache.get("k1")["scopes"] == ["audit"]
+
+
+def test_api_key_cache_does_not_keep_a_record_read_before_a_concurrent_delete():
+    from raftmesh.api.routing import ApiKeyCache
+    from raftmesh.cluster.commands import Command
+    rep = _FakeReplica({"k1": {"id": "k1", "scopes": ["admin"]}})
+    cache = ApiKeyCache(rep)
+    # The delete is applied (and the cache cleared) while a lookup holds the old record.
+    rep.during_read = lambda: [fn([(9, Command("apikey.delete", {"id": "k1"}), {})]) for fn in rep.apply]
+    assert cache.get("k1") is not None  # what LMDB said at the time of the read
+    rep.during_read, rep.records = None, {}
+    assert cache.get("k1") is None  # not served from the cache afterwards
+
+
+def test_only_apikey_commands_write_the_api_keys_table():
+    """ApiKeyCache relies on it: it is emptied after batches with an `apikey.*` command."""
+    import inspect
+    from raftmesh.cluster import state_machine as sm
+    for op, fn in sm.HANDLERS.items():
+        source = inspect.getsource(fn)
+        helpers = [h for name, h in vars(sm).items() if callable(h) and f"{name}(" in source
+                   and name.startswith("_")]
+        writes = any('"api_keys"' in inspect.getsource(f) and ("put(" in inspect.getsource(f)
+                     or "delete(" in inspect.getsource(f)) for f in [fn] + helpers
+                     if inspect.isfunction(f))
+        assert not writes or op.startswith("apikey."), op
+
+
+def test_write_deadlines_settle_only_pending_futures_in_deadline_order():
+    """routing._Deadlines times writes out without a timer per write."""
+    import asyncio
+    from raftmesh.api.routing import _Deadlines
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        d = _Deadlines(loop)
+        slow, fast, answered = loop.create_future(), loop.create_future(), loop.create_future()
+        t0 = loop.time()
+        d.add(slow, 0.4)
+        d.add(fast, 0.1)  # an earlier deadline added later still fires first
+        d.add(answered, 0.2)
+        answered.set_result("applied")
+        assert await fast is None and loop.time() - t0 < 0.3
+        assert await slow is None and 0.4 <= loop.time() - t0 < 0.4 + d.GRAIN + 0.1
+        assert answered.result() == "applied" and not d.heap and d.timer is None
+        cancelled = loop.create_future()
+        d.add(cancelled, 0.05)
+        cancelled.cancel()
+        deadline = loop.time() + 5
+        while d.heap and loop.time() < deadline:  # the timer drops the cancelled entry
+            await asyncio.sleep(0.01)
+        assert cancelled.cancelled() and not d.heap and d.timer is None
+    asyncio.run(main())

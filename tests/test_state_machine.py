@@ -230,3 +230,57 @@ def test_node_names_stay_unique_through_renames_and_deletes_without_scanning():
     assert r["value"]["name"] == "laptop-3"  # after the last suffix handed out
     assert dict(txn.items("node_names")) == {"#laptop": 3, "desk": "n1", "laptop": "n3",
                                               "laptop-3": "n4"}
+
+
+def test_replicas_applying_the_same_log_store_identical_bytes(tmp_path):
+    """Stored values keep insertion order (no sort_keys): replicas still agree byte for byte,
+    because every replica decodes the same command bytes and handlers build records in a
+    fixed order. Proposers may build args in any order; the log carries one encoding."""
+    from raftmesh.storage.state_store import StateStore
+    commands = setup_commands() + [
+        Command("node.update", {"tags": ["tag:b", "tag:a"], "id": "n1"}, time=101.0, actor="x"),
+        Command("node.update", {"id": "n2", "name": "renamed"}, time=102.0, actor="x",
+                request_id="r1"),
+        Command("user.create", {"display_name": "Bob", "name": "bob"}, time=103.0),
+    ]
+    log = [c.encode() for c in commands]
+    # a second proposer that built the same args in another order encodes the same bytes
+    assert [Command(c.op, dict(reversed(list(c.args.items()))), c.time, c.actor,
+                    c.request_id).encode() for c in commands] == log
+    digests = []
+    for name in ("a", "b"):
+        store = StateStore(str(tmp_path / name))
+        for index, payload in enumerate(log, 1):
+            txn = store.write_txn()
+            assert sm.apply(txn, Command.decode(payload), index)["ok"]
+            store.set_applied_version(txn, index)
+            if index % 3 == 0:
+                store.commit()
+        store.commit()
+        digests.append(store.digest())
+        with store.read() as txn:
+            audit = [e for _, e in txn.items("audit")]
+        assert verify(audit) == (True, f"{len(audit)} entries verified")
+        store.close()
+    assert digests[0] == digests[1]
+
+
+def test_meta_cache_follows_writes_deletes_and_snapshot_installs(tmp_path):
+    from raftmesh.storage.state_store import StateStore
+    store = StateStore(str(tmp_path / "s"))
+    txn = store.write_txn()
+    assert txn.get("meta", "clock") is None
+    txn.put("meta", "clock", 5.0)
+    assert store.write_txn().get("meta", "clock") == 5.0
+    store.commit()
+    store.copy_to(str(tmp_path / "snap"))
+    txn = store.write_txn()
+    txn.put("meta", "clock", 9.0)
+    txn.delete("meta", "audit_head")
+    assert txn.get("meta", "clock") == 9.0 and txn.get("meta", "audit_head") is None
+    store.commit()
+    with store.read() as r:
+        assert r.get("meta", "clock") == 9.0
+    store.replace_with(str(tmp_path / "snap" / "data.mdb"))  # as a snapshot install does
+    assert store.write_txn().get("meta", "clock") == 5.0
+    store.close()
