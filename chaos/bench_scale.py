@@ -22,8 +22,9 @@ ratio shows what the index saves.
 GC: by default (`--gc feed`) the process is treated as NetmapFeed treats a replica: after the
 build, `tune_gc_for_large_index()` (gc.collect + gc.freeze, young threshold 20,000) when the
 index has >= FREEZE_MIN_NODES nodes; `--gc plain` leaves the collector alone, to see what
-that buys. Either way the
-collector stays on and its CPU is counted in the change that triggered it.
+that buys. Either way the collector stays on and its CPU is counted in the change that
+triggered it. The feed also re-freezes every REFREEZE_EVERY changes (more than are run
+here): one cheap and one full `refreeze_gc()` are timed after the node changes instead.
 
 Not measured here: memory per agent stream (issue #5 `scale`, second half) -- it needs the
 agent stream, which is being built; add it to this module once streams exist.
@@ -40,7 +41,7 @@ import random
 import time
 
 from raftmesh.cluster.netmap import NetmapIndex, compute_netmaps
-from raftmesh.cluster.netmap_feed import FREEZE_MIN_NODES, tune_gc_for_large_index
+from raftmesh.cluster.netmap_feed import FREEZE_MIN_NODES, refreeze_gc, tune_gc_for_large_index
 from raftmesh.cluster.policy import parse_policy
 
 from . import bench_report as report
@@ -276,6 +277,13 @@ def measure_size(n: int, changes: int, policy_changes: int, seed: int, reference
                 op = ("policy", p)
             else:
                 op = net.change(kind)
+            if kind == "policy" and "gc_unfrozen_after_node_changes" not in out:
+                # what the node changes left for the collector, and re-freezing it (as
+                # NetmapFeed does every REFREEZE_EVERY changes; not counted in any change)
+                out["gc_unfrozen_after_node_changes"] = len(gc.get_objects())
+                if frozen:
+                    _, out["refreeze_cpu_s"] = _cpu(refreeze_gc)
+                    _, out["full_refreeze_cpu_s"] = _cpu(lambda: refreeze_gc(full=True))
             before = (gc_clock.total, gc_clock.full)
             changes_out, cpu = _cpu(lambda: _apply(index, op, version))
             samples[kind].append(cpu)
@@ -373,7 +381,10 @@ def run(out_dir: str, sizes=(100, 1000, 10000), changes: int = 200, policy_chang
     for s in per_size:
         print(f"N={s['n']}: {s['policy']} policy, {2 * s['edges'] / s['n']:.0f} peers per node, "
               f"GC mode {s['gc_mode']}, {s['gc_tracked_objects']:,} tracked objects, "
-              f"{s['gc_frozen_objects']:,} frozen"
+              f"{s['gc_frozen_objects']:,} frozen, "
+              f"{s.get('gc_unfrozen_after_node_changes', 0):,} unfrozen after the node changes"
+              + (f" (re-freeze {s['refreeze_cpu_s'] * 1e3:.0f} ms, full "
+                 f"{s['full_refreeze_cpu_s'] * 1e3:.0f} ms)" if "refreeze_cpu_s" in s else "")
               + (f" (freeze took {s['freeze_cpu_s'] * 1e3:.0f} ms)" if "freeze_cpu_s" in s else ""))
     print(f"target ({t['what']}): worst p99 at {t['at_nodes']} nodes {t['worst_kind_p99_ms']:.2f} ms "
           f"-> {'met' if t['met_at_p99'] else 'MISSED'}")

@@ -23,6 +23,8 @@ from raftmesh.cluster.policy import Policy, PolicyError, parse_policy
 HISTORY_PER_NODE = 32  # deltas kept per node; an agent further behind gets a full netmap
 FREEZE_MIN_NODES = 1000  # indexes at least this large are moved out of the GC's reach
 GC_GEN0_THRESHOLD = 20_000  # young-generation threshold once such an index exists
+REFREEZE_EVERY = 2_000  # index changes between re-freezes of a large index (see refreeze_gc)
+FULL_REFREEZE_EVERY = 10  # every 10th re-freeze unfreezes first, to reclaim frozen cycles
 # Commands whose result value is the node's whole new record.
 NODE_RECORD_OPS = frozenset({"node.register", "node.update", "node.approve", "node.expire",
                              "node.routes", "node.report", "node.rotate_key",
@@ -65,8 +67,11 @@ class NetmapFeed:
         self.version = version
         self.floor = version  # nothing before this is in any history
         self.index = NetmapIndex(policy_or_none(policy_text), nodes, clock)
-        if len(self.index.visible_ids()) >= FREEZE_MIN_NODES:
+        self._large = len(self.index.visible_ids()) >= FREEZE_MIN_NODES
+        if self._large:
             tune_gc_for_large_index()
+        self._since_freeze = 0  # index changes since the last (re-)freeze
+        self._refreezes = 0
         self.history_per_node = history_per_node
         self._history: dict[str, _History] = {}
 
@@ -97,6 +102,7 @@ class NetmapFeed:
                 continue  # changed nothing (and did not move the replicated clock)
             keys_changed |= cmd.op.startswith("clusterkey.")
             for changes in self._changes(v, cmd, result):
+                self._since_freeze += 1
                 gone.update(changes.gone)
                 for k, d in changes.deltas.items():
                     deltas[k] = compose_deltas(deltas[k], d) if k in deltas else d
@@ -106,6 +112,10 @@ class NetmapFeed:
         self.version = version
         stamped = {k: _restamp(d, version) for k, d in deltas.items()}
         self._record(stamped, gone)
+        if self._large and self._since_freeze >= REFREEZE_EVERY:
+            self._refreezes += 1
+            refreeze_gc(full=self._refreezes % FULL_REFREEZE_EVERY == 0)
+            self._since_freeze = 0
         return FeedUpdate(version, stamped, frozenset(gone), cause, keys_changed)
 
     def _changes(self, v: int, cmd: Command, result: dict) -> list[Changes]:
@@ -163,8 +173,9 @@ def tune_gc_for_large_index() -> None:
     the p99 of every kind of change in `raftmesh bench scale`). Frozen objects are still
     freed by reference counting when the index replaces them (its structures hold no
     cycles); only cyclic garbage among them would never be reclaimed. Objects created by
-    later changes are collected as usual, so pauses grow back slowly as the index churns;
-    a new feed (resync, restart) freezes again.
+    later changes are collected as usual, so pauses would grow back as the index churns:
+    the feed re-freezes every REFREEZE_EVERY changes (`refreeze_gc`), and a new feed
+    (resync, restart) freezes again.
 
     One change allocates thousands of short-lived tracked objects (filter rules, deltas,
     sets); with the default threshold of 700 young collections ran dozens of times per
@@ -178,6 +189,28 @@ def tune_gc_for_large_index() -> None:
     t0, t1, t2 = gc.get_threshold()
     if t0 < GC_GEN0_THRESHOLD:
         gc.set_threshold(GC_GEN0_THRESHOLD, t1, t2)
+
+
+def refreeze_gc(full: bool = False) -> None:
+    """Freeze again what was created since the last freeze (NetmapFeed: every
+    REFREEZE_EVERY index changes of a large index).
+
+    Objects a change creates (new rules, filters, records, the history's deltas) are not
+    frozen, so without this the index drifts back into the collector's reach: ~60 new
+    long-lived objects per change at 10,000 nodes (`raftmesh bench scale`), and gen-2
+    collections walking them grow back towards the 0.2-0.3 s of an unfrozen index. A
+    re-freeze collects, then freezes: the collection walks only the *unfrozen* objects
+    (tens of ms after 2,000 changes), the walk an automatic full collection does anyway.
+
+    The freeze is process-wide, so it also freezes whatever else is alive (streams,
+    connections); those objects' cycles, once garbage, are only reclaimed after an
+    unfreeze. `full` unfreezes first (one walk of everything, ~0.3 s at 10,000 nodes), so
+    such garbage lives at most FULL_REFREEZE_EVERY re-freezes.
+    """
+    if full:
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _restamp(d: NetmapDelta, version: int) -> NetmapDelta:

@@ -7,8 +7,11 @@ import random
 
 import pytest
 
-from raftmesh.api.wire import FilterDest, FilterRule, Netmap, PortRange, apply_delta
-from raftmesh.cluster.netmap import NetmapIndex, compute_netmaps
+import dataclasses
+import pickle
+
+from raftmesh.api.wire import FilterDest, FilterRule, Netmap, NetmapDelta, PortRange, apply_delta
+from raftmesh.cluster.netmap import NetmapIndex, _rule, compute_netmaps
 from raftmesh.cluster.policy import Identity, Policy, parse_policy
 
 NOW = 1_000_000.0
@@ -316,6 +319,48 @@ def mutate(rng: random.Random, n: dict, now: float) -> dict:
     return n
 
 
+def check_internals(idx: NetmapIndex) -> None:
+    """White-box: every slot's cell registrations (what a changed source list rewrites)
+    are exactly its current targets, pointing at their current cells and destinations."""
+    for s in idx._slots:
+        want_d, want_s = {}, {}
+        for k, roles in idx._roles.items():
+            at, cells = idx._rules[k]
+            if s in roles.dst:
+                want_d[k] = (cells, at[s], roles.dst[s])
+            if s in roles.self_dst:
+                want_s[k] = (cells, at[s] + 1, roles.self_dst[s])
+        for got, want in ((s.dcells, want_d), (s.scells, want_s)):
+            assert got.keys() == want.keys()
+            for k, (cells, i, dests) in got.items():
+                assert cells is want[k][0] and i == want[k][1] and dests == want[k][2], k
+    for k, (at, cells) in idx._rules.items():
+        assert idx._filter[k] == tuple(c for c in cells if c is not None)
+
+
+def check_wire(deltas: dict) -> None:
+    """Rules the index builds without FilterRule.__init__ are indistinguishable from
+    constructed ones, and deltas encode exactly as their decoded copies do."""
+    for d in deltas.values():
+        for r in d.packet_filter or ():
+            assert type(r) is FilterRule and r == FilterRule(r.src, r.dst, r.protos)
+            assert hash(r) == hash(FilterRule(r.src, r.dst, r.protos))
+        text = json.dumps(d.to_json(), sort_keys=True)
+        assert json.dumps(NetmapDelta.from_json(json.loads(text)).to_json(), sort_keys=True) == text
+
+
+def test_fast_rules_are_ordinary_filter_rules():
+    src, dst = ("100.64.0.1/32", "*"), (FilterDest("100.64.0.2/32", PortRange(22, 22)),)
+    fast, slow = _rule(src, dst, ("tcp",)), FilterRule(src, dst, ("tcp",))
+    assert type(fast) is FilterRule and fast == slow and hash(fast) == hash(slow)
+    assert repr(fast) == repr(slow) and vars(fast) == vars(slow)
+    assert fast.to_json() == slow.to_json() and json.dumps(fast.to_json()) == json.dumps(slow.to_json())
+    assert pickle.loads(pickle.dumps(fast)) == slow and dataclasses.astuple(fast) == dataclasses.astuple(slow)
+    assert not (fast < slow or slow < fast) and fast != _rule(src, dst, ())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.src = ()
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_incremental_agrees_with_from_scratch(seed):
     rng = random.Random(seed)
@@ -357,6 +402,8 @@ def test_incremental_agrees_with_from_scratch(seed):
             clients[k] = apply_delta(base, d)
         ref = compute_netmaps(pol, nodes.values(), now, version)
         assert sorted(clients) == sorted(ref) == idx.visible_ids(), step
+        check_internals(idx)
+        check_wire(deltas)
         for k, nm in ref.items():
             assert content(clients[k]) == content(nm), (step, k)
             assert idx.netmap(k, version) == nm
@@ -513,7 +560,8 @@ def test_incremental_agrees_with_from_scratch_across_overlapping_policies(seed):
             clients[k] = apply_delta(base, d)
         ref = compute_netmaps(pol, nodes.values(), now, version)
         assert sorted(clients) == sorted(ref) == idx.visible_ids(), step
-        assert list(deltas) == sorted(deltas)
+        check_internals(idx)
+        check_wire(deltas)  # (deltas come in no particular order: nothing relies on id order)
         for k, nm in ref.items():
             assert content(clients[k]) == content(nm), (step, k)
             assert idx.netmap(k, version) == nm

@@ -177,3 +177,44 @@ def test_cluster_key_commands_are_flagged_and_cause_times_kept():
                            ok(node(2, "bob", endpoints=["192.0.2.8:1"])))])
     assert u.keys_changed and u.cause_time["n1"] == NOW + 1
     assert u.deltas["n1"].version == 4 and u.deltas["n1"].peers_changed[0].endpoints == ("192.0.2.8:1",)
+
+
+def test_large_feed_refreezes_the_gc_every_k_changes(monkeypatch):
+    """A large index is frozen out of the collector's reach when built, and again every
+    REFREEZE_EVERY index changes (every FULL_REFREEZE_EVERY-th time after an unfreeze, to
+    reclaim cycles that died frozen); a small one never."""
+    import gc
+
+    from raftmesh.cluster import netmap_feed
+    calls = []
+    monkeypatch.setattr(netmap_feed, "FREEZE_MIN_NODES", 3)
+    monkeypatch.setattr(netmap_feed, "REFREEZE_EVERY", 5)
+    monkeypatch.setattr(netmap_feed, "FULL_REFREEZE_EVERY", 2)
+    monkeypatch.setattr(netmap_feed, "tune_gc_for_large_index", lambda: calls.append("tune"))
+    monkeypatch.setattr(netmap_feed, "refreeze_gc", lambda full: calls.append(("refreeze", full)))
+    nodes = [node(i, "alice") for i in range(4)]
+    upd = [(v, Command("node.update", {}, time=NOW), ok(dict(nodes[v % 4], online=v % 2 == 0)))
+           for v in range(11, 21)]
+    feed = NetmapFeed(POLICIES[0], nodes, NOW, 10)
+    assert calls == ["tune"]
+    feed.apply_batch(upd[:4])
+    assert calls == ["tune"]
+    feed.apply_batch(upd[4:5])  # the 5th index change since the last freeze
+    assert calls == ["tune", ("refreeze", False)]
+    feed.apply_batch(upd[5:])
+    assert calls == ["tune", ("refreeze", False), ("refreeze", True)]
+    small = NetmapFeed(POLICIES[0], nodes[:2], NOW, 10)
+    small.apply_batch(upd)
+    assert calls == ["tune", ("refreeze", False), ("refreeze", True)]
+    monkeypatch.undo()  # the real refreeze_gc
+    try:
+        junk = [[]]
+        junk[0].append(junk)  # a cycle, frozen while alive, garbage afterwards
+        netmap_feed.refreeze_gc()
+        assert gc.get_freeze_count() > 0
+        del junk
+        frozen = gc.get_freeze_count()
+        netmap_feed.refreeze_gc(full=True)  # unfreezes first: the cycle is reclaimed
+        assert gc.get_freeze_count() < frozen
+    finally:
+        gc.unfreeze()
