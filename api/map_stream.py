@@ -20,6 +20,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from typing import Awaitable
 
 from aiohttp import web
 from prometheus_client import Histogram
@@ -33,23 +34,35 @@ from raftmesh.storage.state_store import read_version
 from raftmesh.api.wire import Netmap
 
 from .frames import ClusterKey, FrameSigner, endorse
+from . import memtrace
 
 log = logging.getLogger("raftmesh.map_stream")
 PRESENCE_WINDOW = 0.5  # stream opens/closes within this window become one Raft write
 MAX_QUEUED_FRAMES = 64  # a slower reader gets one full netmap instead of a backlog
 WRITE_TIMEOUT = 30.0  # a reader that takes no bytes this long is dropped
 FRAME_CONTENT_TYPE = "application/x-raftmesh-frames"
+MAX_PENDING_ACKS = 1024  # deltas awaiting an ack per stream; the oldest are forgotten
+NO_FRAMES: tuple = ()  # a stream's frames and pending acks before it has any (see Stream)
+NO_PENDING: tuple = ()
 
 
 class Stream:
-    """One connected agent on this replica: frames waiting to be written, and its acks."""
+    """One connected agent on this replica: frames waiting to be written, and its acks.
+
+    Kept small, since a replica holds one per connected agent (docs/benchmarks.md,
+    stream-memory): slots instead of a dict, no Event (a future exists only while the
+    stream's writer waits), and the frame list and the pending-ack deque exist only while
+    they hold something (the hub's keepalive ticker drops a drained deque)."""
+
+    __slots__ = ("node_id", "remote", "session", "connected_at", "frames", "needs_full",
+                 "closing", "sent_version", "last_sent", "keepalive_due", "acked_version",
+                 "acked_at", "pending", "_woken", "_waiter")
 
     def __init__(self, node_id: str, remote: str | None):
         self.node_id, self.remote = node_id, remote
         self.session = secrets.token_hex(8)
         self.connected_at = time.time()
-        self.frames: list[tuple[str, int, dict]] = []
-        self.wake = asyncio.Event()
+        self.frames: list[tuple[str, int, dict]] | tuple = NO_FRAMES
         self.needs_full = False
         self.closing: dict | None = None
         self.sent_version = 0
@@ -57,18 +70,50 @@ class Stream:
         self.keepalive_due = False
         self.acked_version: int | None = None
         self.acked_at: float | None = None
-        self.pending: deque[tuple[int, float, bool]] = deque(maxlen=1024)  # version, cause, revoke
+        # (version, cause time, revoke) per delta sent and not yet acked; NO_PENDING (an
+        # empty tuple: falsy, so readers see an empty queue) until the first delta.
+        self.pending: deque[tuple[int, float, bool]] | tuple = NO_PENDING
+        self._woken = False
+        self._waiter: asyncio.Future | None = None
 
     def push(self, kind: str, version: int, body: dict) -> None:
+        if self.frames is NO_FRAMES:
+            self.frames = []
         self.frames.append((kind, version, body))
         if len(self.frames) > MAX_QUEUED_FRAMES:
-            self.frames.clear()
+            self.frames = NO_FRAMES
             self.needs_full = True
-        self.wake.set()
+        self.wake()
+
+    def expect_ack(self, version: int, cause: float, revoke: bool) -> None:
+        if self.pending is NO_PENDING:
+            self.pending = deque(maxlen=MAX_PENDING_ACKS)
+        self.pending.append((version, cause, revoke))
+
+    def take_frames(self) -> list[tuple[str, int, dict]] | tuple:
+        frames, self.frames = self.frames, NO_FRAMES
+        return frames
 
     def close(self, code: str, message: str) -> None:
         self.closing = {"code": code, "message": message}
-        self.wake.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the stream's writer (now, or at its next wait): frames, a close, a keepalive."""
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until wake() was called since the last wait() returned (like Event.wait + clear)."""
+        if not self._woken:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self._woken = False
 
     def info(self, replica_id: str) -> dict:
         return {"node_id": self.node_id, "replica": replica_id, "session": self.session,
@@ -82,7 +127,8 @@ class StreamHub:
         self.replica = replica
         self.feed: NetmapFeed | None = None
         self.signer: FrameSigner | None = None
-        self.streams: dict[str, set[Stream]] = {}
+        # node -> its streams here: a tuple, as it is nearly always one (a set costs 200 bytes)
+        self.streams: dict[str, tuple[Stream, ...]] = {}
         self.acks: dict[str, tuple[int, float]] = {}  # node -> latest acked version, when
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._tasks: list[asyncio.Task] = []
@@ -105,6 +151,9 @@ class StreamHub:
     def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
         self._presence_wake = asyncio.Event()
+        # RAFTMESH_TRACEMALLOC=1: tracemalloc on, SIGUSR2 dumps a snapshot (docs/deployment.md)
+        self.memtrace = memtrace.install(self.replica.config.data_dir, loop, lambda: {
+            "streams": sum(len(s) for s in self.streams.values())})
         self.replica.add_apply_listener(lambda b: loop.call_soon_threadsafe(self._on_batch, b))
         self.replica.add_reset_listener(lambda: loop.call_soon_threadsafe(self._on_reset))
         self.feed = self._build_feed()
@@ -142,9 +191,9 @@ class StreamHub:
         self._load_keys()
         for streams in self.streams.values():
             for s in streams:
-                s.frames.clear()
+                s.frames = NO_FRAMES
                 s.needs_full = True
-                s.wake.set()
+                s.wake()
         self._wake_waiters()
 
     async def on_feed(self, fn, *args):
@@ -196,7 +245,7 @@ class StreamHub:
             revoke = bool(update.gone.intersection(delta.peers_removed))
             for s in streams:
                 s.push("delta", delta.version, body)
-                s.pending.append((delta.version, update.cause_time.get(node_id, 0.0), revoke))
+                s.expect_ack(delta.version, update.cause_time.get(node_id, 0.0), revoke)
         for node_id in update.gone:
             for s in self.streams.get(node_id, ()):
                 s.close("revoked", reasons[node_id])
@@ -239,16 +288,19 @@ class StreamHub:
     async def _keepalive_ticker(self) -> None:
         """One timer for all streams instead of a timed wait (a task and a timer) in each:
         every half period, wake the streams that sent nothing for half a period, so none is
-        silent for longer than the period. Saves memory per idle stream."""
+        silent for longer than the period. Saves memory per idle stream. Also drops the
+        pending-ack deques that acks drained, so a quiet stream holds none."""
         period = self.replica.config.stream_keepalive
         while True:
             await asyncio.sleep(period / 2)  # a periodic timer, not synchronisation
             quiet_since = time.monotonic() - period / 2
             for streams in list(self.streams.values()):
                 for s in streams:
+                    if not s.pending and s.pending is not NO_PENDING:
+                        s.pending = NO_PENDING
                     if s.last_sent <= quiet_since:
                         s.keepalive_due = True
-                        s.wake.set()
+                        s.wake()
 
     async def _expiry_timer(self) -> None:
         """Key expiry needs the replicated clock to pass it; with no other writes, the
@@ -273,14 +325,16 @@ class StreamHub:
     # -- streams -------------------------------------------------------------------------------
     def subscribe(self, node_id: str, remote: str | None) -> Stream:
         s = Stream(node_id, remote)
-        self.streams.setdefault(node_id, set()).add(s)
+        self.streams[node_id] = self.streams.get(node_id, ()) + (s,)
         return s
 
     def unsubscribe(self, s: Stream) -> None:
         streams = self.streams.get(s.node_id)
-        if streams is not None:
-            streams.discard(s)
-            if not streams:
+        if streams is not None and s in streams:
+            rest = tuple(x for x in streams if x is not s)
+            if rest:
+                self.streams[s.node_id] = rest
+            else:
                 del self.streams[s.node_id]
 
     def ack(self, node_id: str, version: int, applied: list | None = None) -> bool:
@@ -315,36 +369,31 @@ class StreamHub:
         return out
 
     # -- writing one stream ----------------------------------------------------------------------
-    async def serve(self, request: web.Request, node_id: str, first: Netmap | object,
+    async def serve(self, request: web.Request, start: Awaitable[tuple[str, Netmap | object]],
                     keepalive: float) -> web.StreamResponse:
+        """One agent's stream. `start` checks the request (raising the refusal) and gives
+        the node id and the first netmap or delta, of which serve holds the only reference."""
+        node_id, first = await start
+        del start
         resp = web.StreamResponse(headers={"Content-Type": FRAME_CONTENT_TYPE,
                                            "Cache-Control": "no-store",
                                            "X-Raftmesh-Replica": self.replica.config.id,
                                            "X-Raftmesh-Keepalive": f"{keepalive:g}"})
         await resp.prepare(request)
+        # prepare() serialised the head for sending; the header dict would otherwise stay
+        # allocated for the stream's life (about 0.9 KB each, with aiohttp's Date and Server)
+        resp.headers.clear()
         stream = self.subscribe(node_id, request.remote)
         self._presence_change(node_id, True, stream.session)
         try:
             kind = "full" if isinstance(first, Netmap) else "delta"
-            await self._send(resp, stream, kind, first.version, first.to_json())
+            version, body = first.version, first.to_json()
+            del first  # the caller hands over its only reference: not kept while streaming
+            await self._send(resp, stream, kind, version, body)
+            del body
             while stream.closing is None:
-                await stream.wake.wait()  # frames, a close, or the hub's keepalive ticker
-                stream.wake.clear()
-                if stream.keepalive_due:
-                    stream.keepalive_due = False
-                    if not stream.frames and not stream.needs_full and stream.closing is None:
-                        await self._send(resp, stream, "keepalive", stream.sent_version, {})
-                if stream.needs_full and stream.closing is None:
-                    stream.needs_full = False
-                    full = await self.on_feed(lambda feed: feed.full(node_id))
-                    if full is None:
-                        stream.close("revoked", "node is no longer part of the mesh")
-                    else:
-                        await self._send(resp, stream, "full", full.version, full.to_json())
-                frames, stream.frames = stream.frames, []
-                for kind, version, body in frames:
-                    if version > stream.sent_version:
-                        await self._send(resp, stream, kind, version, body)
+                await stream.wait()  # frames, a close, or the hub's keepalive ticker
+                await self._write_due(resp, stream)
             await self._send(resp, stream, "bye", stream.sent_version, stream.closing)
         except (ConnectionError, asyncio.TimeoutError, RuntimeError) as e:
             log.debug("stream of %s ended: %r", node_id, e)
@@ -352,6 +401,25 @@ class StreamHub:
             self.unsubscribe(stream)
             self._presence_change(node_id, False, stream.session)
         return resp
+
+    async def _write_due(self, resp: web.StreamResponse, stream: Stream) -> None:
+        """After a wake-up: a keepalive, a full netmap or the queued deltas. A method of its
+        own so that the frames it writes are not kept alive by serve() until the next one."""
+        if stream.keepalive_due:
+            stream.keepalive_due = False
+            if not stream.frames and not stream.needs_full and stream.closing is None:
+                await self._send(resp, stream, "keepalive", stream.sent_version, {})
+        if stream.needs_full and stream.closing is None:
+            stream.needs_full = False
+            node_id = stream.node_id
+            full = await self.on_feed(lambda feed: feed.full(node_id))
+            if full is None:
+                stream.close("revoked", "node is no longer part of the mesh")
+            else:
+                await self._send(resp, stream, "full", full.version, full.to_json())
+        for kind, version, body in stream.take_frames():
+            if version > stream.sent_version:
+                await self._send(resp, stream, kind, version, body)
 
     async def _send(self, resp: web.StreamResponse, stream: Stream, kind: str, version: int,
                     body: dict) -> None:
