@@ -448,7 +448,8 @@ async def remove_member(ctx: Ctx):
     if member["raft_addr"] in ctx.replica.status.get("members", []):
         await _membership(ctx, "remove", member["raft_addr"])
     r = await ctx.write("member.remove", {"id": member["id"]})
-    return ok({"deleted": r["value"], "version": r["version"]})
+    return ok({"deleted": r["value"]["member"], "version": r["version"],
+               "nodes_marked_offline": len(r["value"]["nodes"])})
 
 
 @route("POST", V + "/cluster/snapshot", "admin", "Take a snapshot and compact this replica's log now",

@@ -125,7 +125,7 @@ class NetmapFeed:
         value = result.get("value")
         if cmd.op == "node.delete":
             out.append(self.index.remove_node(cmd.args["id"], v))
-        elif cmd.op in ("node.presence", "node.presence_sweep"):
+        elif cmd.op in ("node.presence", "node.presence_sweep", "member.remove"):
             out.extend(self.index.upsert_node(n, v) for n in value["nodes"])
         elif cmd.op in NODE_RECORD_OPS:
             out.append(self.index.upsert_node(value, v))

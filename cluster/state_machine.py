@@ -221,10 +221,12 @@ def _member_announce(ctx: Context) -> dict:
 
 @handler("member.remove")
 def _member_remove(ctx: Context) -> dict:
+    """A removed replica never restarts to sweep its own streams (node.presence_sweep):
+    nodes last seen streaming from it are marked offline here, or stay "online" for good."""
     before = ctx.require("members", ctx.args["id"], "member")
     ctx.txn.delete("members", ctx.args["id"])
     ctx.audit(f"member:{ctx.args['id']}", before, None)
-    return before
+    return {"member": before, "nodes": _sweep_streams(ctx, before["id"])}
 
 
 # -- API keys ---------------------------------------------------------------------------
@@ -540,13 +542,17 @@ def _node_presence(ctx: Context) -> dict:
 @handler("node.presence_sweep")
 def _node_presence_sweep(ctx: Context) -> dict:
     """A replica (re)started: the streams it served before are gone."""
+    return {"nodes": _sweep_streams(ctx, ctx.args["replica"])}
+
+
+def _sweep_streams(ctx: Context, replica: str) -> list[dict]:
     swept = []
     for nid, node in list(ctx.txn.items("nodes")):
-        if node.get("online") and node.get("stream_replica") == ctx.args["replica"]:
+        if node.get("online") and node.get("stream_replica") == replica:
             after = dict(node, online=False, stream_session=None)
             ctx.txn.put("nodes", nid, after)
             swept.append(after)
-    return {"nodes": swept}
+    return swept
 
 
 @handler("node.delete")

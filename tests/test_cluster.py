@@ -138,6 +138,7 @@ def test_add_and_remove_a_member(make_cluster):
     victim = next(r for r in c.replicas[:3] if r is not c.leader())
     status, body = c.request(new, "DELETE", f"/api/v1/cluster/members/{victim.id}")
     assert status == 200, body
+    assert body["deleted"]["id"] == victim.id and body["nodes_marked_offline"] == 0, body
     c.kill(victim, signal.SIGTERM)
     wait_until(lambda: len(c.request(new, "GET", "/api/v1/cluster")[1]["members"]) == 3, 10,
                what="member list shrinks")

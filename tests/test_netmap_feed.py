@@ -218,3 +218,12 @@ def test_large_feed_refreezes_the_gc_every_k_changes(monkeypatch):
         assert gc.get_freeze_count() < frozen
     finally:
         gc.unfreeze()
+
+
+def test_member_removal_sends_the_offline_records_it_swept():
+    n1, n2 = node(1, "alice", online=True), node(2, "alice", online=True)
+    feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 10)
+    u = feed.apply_batch([(11, Command("member.remove", {"id": "r3"}, time=NOW),
+                           ok({"member": {"id": "r3"}, "nodes": [dict(n1, online=False)]}))])
+    assert [p.online for p in u.deltas["n2"].peers_changed] == [False]
+    assert feed.full("n2").peers["n1"].online is False

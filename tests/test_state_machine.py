@@ -284,3 +284,21 @@ def test_meta_cache_follows_writes_deletes_and_snapshot_installs(tmp_path):
     store.replace_with(str(tmp_path / "snap" / "data.mdb"))  # as a snapshot install does
     assert store.write_txn().get("meta", "clock") == 5.0
     store.close()
+
+
+def test_removing_a_member_marks_the_nodes_that_streamed_from_it_offline():
+    """A removed replica never restarts to sweep its own streams."""
+    txn = DictTxn()
+    run(txn, setup_commands())
+    sm.apply(txn, cmd("member.announce", id="r3", raft_addr="127.0.0.1:1", api_url="http://x"), 10)
+    sm.apply(txn, cmd("node.presence", t=101, replica="r3", changes=[
+        {"id": "n1", "online": True, "session": "s1"}]), 11)
+    sm.apply(txn, cmd("node.presence", t=101, replica="r1", changes=[
+        {"id": "n2", "online": True, "session": "s2"}]), 12)
+    r = sm.apply(txn, cmd("member.remove", t=102, id="r3"), 13)
+    assert r["ok"] and r["value"]["member"]["id"] == "r3"
+    assert [n["id"] for n in r["value"]["nodes"]] == ["n1"]
+    assert not txn.get("nodes", "n1")["online"] and txn.get("nodes", "n2")["online"]
+    assert txn.get("members", "r3") is None
+    r = sm.apply(txn, cmd("member.remove", t=103, id="r3"), 14)
+    assert not r["ok"] and r["code"] == "not_found" and txn.get("nodes", "n2")["online"]
