@@ -25,25 +25,12 @@ from raftmesh.cluster.launcher import LocalCluster, free_ports
 from . import bench_report as report
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes so far (Linux /proc; 0 where unreadable)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def _measure(make_request, clients: int, seconds: float, progress: report.Progress,
              server_pids: list[int]) -> tuple[list[float], int, dict]:
     """_drive, plus CPU per acknowledged write of the servers and of this client process."""
-    servers0, client0 = _cpu_seconds(server_pids), os.times()
+    servers0, client0 = report.cpu_seconds(server_pids), os.times()
     lat, errors = asyncio.run(_drive(make_request, clients, seconds, progress))
-    servers1, client1 = _cpu_seconds(server_pids), os.times()
+    servers1, client1 = report.cpu_seconds(server_pids), os.times()
     n = max(1, len(lat))
     client = (client1.user - client0.user) + (client1.system - client0.system)
     return lat, errors, {"server_cpu_ms_per_write": (servers1 - servers0) / n * 1e3,

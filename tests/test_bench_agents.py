@@ -53,6 +53,7 @@ def test_propagation_tiny(tmp_path):
         # every ack of the measured changes reached the replicas' histogram too
         assert s["server_histogram"]["count"] >= 2 * s["agents"]
         assert s["apply"]["max_ms"] >= s["apply"]["p50_ms"]
+        assert s["replica_cpu_s_per_change"] > 0 and s["agent_cpu_s_per_change"] > 0
     st = saved["final_status"]
     assert st["agents"] == 10 and st["connected"] == 10 and st["frame_errors"] == []
     assert set(st["by_replica"]) == {"r1", "r2", "r3"}
