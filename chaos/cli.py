@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import signal
+import sys
 
 
 def register(sub) -> None:
@@ -12,12 +14,12 @@ def register(sub) -> None:
     w.add_argument("--concurrency", type=int, default=64)
     w.add_argument("--no-etcd", action="store_true", help="skip the etcd comparison")
     w.add_argument("--out", default="bench-out")
-    w.set_defaults(func=_writes)
+    w.set_defaults(func=_cleaned_up_on_sigterm(_writes))
     for name, module, summary in BENCHMARKS:
         p = names.add_parser(name, help=summary)
         mod = importlib.import_module(f"raftmesh.chaos.{module}")
         mod.add_arguments(p)
-        p.set_defaults(func=mod.main)
+        p.set_defaults(func=_cleaned_up_on_sigterm(mod.main))
     _register_chaos(sub)
 
 
@@ -39,7 +41,21 @@ def _register_chaos(sub) -> None:
     p = cmds.add_parser("run", help="run a seeded fault schedule against real replicas and check it",
                         description=run.__doc__, formatter_class=_raw_help())
     run.add_arguments(p)
-    p.set_defaults(func=run.main)
+    p.set_defaults(func=_cleaned_up_on_sigterm(run.main))
+
+
+def _cleaned_up_on_sigterm(main):
+    """Benchmarks and chaos runs start replicas, agents, etcd and namespaces, and end them in
+    `finally` blocks; Python's default SIGTERM action skips those and leaves them running.
+    SIGTERM here raises SystemExit instead, like Ctrl-C."""
+    def run(args) -> int:
+        def terminate(signum, frame):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the cleanup finish
+            print(f"\n{sys.argv[0]}: SIGTERM, stopping what this run started", file=sys.stderr)
+            raise SystemExit(128 + signum)
+        signal.signal(signal.SIGTERM, terminate)
+        return main(args)
+    return run
 
 
 def _raw_help():

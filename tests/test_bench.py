@@ -1,5 +1,6 @@
 """Every benchmark runs at a tiny size, only to prove it works end to end."""
 import json
+import os
 
 from raftmesh.chaos import bench_writes
 
@@ -12,3 +13,46 @@ def test_writes_benchmark_tiny(tmp_path):
     saved = json.loads((tmp_path / "writes.json").read_text())
     assert saved["machine"]["cpus"] >= 1
     assert (tmp_path / "writes.png").stat().st_size > 1000
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_benchmark_stopped_with_sigterm_ends_the_replicas_it_started(tmp_path):
+    """Operators stop long runs with SIGTERM (systemd, timeout, kill): what a run started must
+    not outlive it."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+    proc = subprocess.Popen([sys.executable, "-m", "raftmesh.api.cli", "bench", "writes",
+                             "--seconds", "120", "--no-etcd", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    children: list[int] = []
+    try:
+        wait_until(lambda: len(_children(proc.pid)) >= 3, 60, what="the bench starts 3 replicas")
+        children = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert "SIGTERM, stopping" in proc.stderr.read()
+        wait_until(lambda: not any(_running(c) for c in children), 30,
+                   what="the replicas end with the bench")
+    finally:
+        for pid in [proc.pid] + children:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
