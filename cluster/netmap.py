@@ -275,13 +275,7 @@ class _Roles:
         """Compile `slots` for this node; True when it plays a part in any of them."""
         part = False
         kind = (view.owner, view.tags, view.routes, bool(view.addresses))
-        texts: dict[int, str] = {}  # the node's own prefixes, formatted once (if needed)
-
-        def text(n):
-            t = texts.get(id(n))
-            if t is None:
-                texts[id(n)] = t = str(n)
-            return t
+        text = _prefix_text
         for s in slots:
             if s.outsiders is not None and kind in s.outsiders:
                 continue
@@ -313,6 +307,20 @@ class _Roles:
 
 
 _POS = attrgetter("pos")
+_TEXTS: dict[Network, str] = {}
+MAX_TEXTS = 1 << 18  # formatted prefixes kept; the cache starts over beyond this
+
+
+def _prefix_text(n: Network) -> str:
+    """`str(n)`, cached across calls: a node's own prefixes are formatted again whenever its
+    roles are recompiled, e.g. for every node a policy change touches, and formatting (IPv6
+    above all) was half the CPU of a policy change affecting 10,000 nodes."""
+    t = _TEXTS.get(n)
+    if t is None:
+        if len(_TEXTS) >= MAX_TEXTS:
+            _TEXTS.clear()
+        _TEXTS[n] = t = str(n)
+    return t
 _NONE = frozenset()
 
 

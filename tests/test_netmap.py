@@ -598,3 +598,12 @@ def test_record_only_change_shares_one_delta_among_peers():
     deltas, _ = idx.upsert_node(dict(nodes[18], online=True), 2)
     shared = {id(d) for k, d in deltas.items() if k != "n18"}
     assert len(deltas) == 26 and len(shared) == 1  # 20 databases, 5 siblings, itself
+
+
+def test_prefix_texts_are_cached_and_bounded(monkeypatch):
+    from raftmesh.cluster import netmap
+    monkeypatch.setattr(netmap, "_TEXTS", {})
+    monkeypatch.setattr(netmap, "MAX_TEXTS", 2)
+    nets = [ipaddress.ip_network(t) for t in ("100.64.0.1/32", "fd7a:115c:a1e0::1/128", "10.0.0.0/8")]
+    assert [netmap._prefix_text(n) for n in nets] == [str(n) for n in nets]
+    assert len(netmap._TEXTS) <= 2 and netmap._prefix_text(nets[2]) == "10.0.0.0/8"
