@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 LAB_PREFIX = "rmbl"
+BRIDGE_MAC = "02:72:6d:00:00:01"  # locally administered; one per lab hub, each its own L2
 _counter = itertools.count()
 
 # First ICMP echo reply from `dst`: probes every `interval` s, waits `wait` s for each reply,
@@ -219,7 +220,10 @@ class Lab:
         self.hub = f"{self.tag}-hub"
         run(["ip", "netns", "add", self.hub])
         try:
-            run(["ip", "-n", self.hub, "link", "add", "br0", "type", "bridge"])
+            # A fixed address: a bridge otherwise takes the lowest MAC of its ports, so adding
+            # or removing a namespace could change the gateway's MAC under the others' ARP
+            # caches, and their new connections went nowhere for seconds (acks timed out).
+            run(["ip", "-n", self.hub, "link", "add", "br0", "address", BRIDGE_MAC, "type", "bridge"])
             run(["ip", "-n", self.hub, "link", "set", "br0", "up"])
         except BaseException:
             delete_netns(self.hub)

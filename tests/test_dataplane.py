@@ -442,3 +442,24 @@ def test_close_ends_wireguard_go_and_removes_interface_and_table():
         wg.close()  # idempotent
         fw.close()
     assert not any(n.startswith(lab.tag) for n in list_netns())
+
+
+@needs_root
+def test_lab_bridge_keeps_its_address_as_namespaces_come_and_go():
+    """A bridge takes the lowest MAC of its ports unless set: the gateway's MAC changed under
+    the other namespaces' ARP caches when one joined or left, and their new connections were
+    lost for seconds (seen as agents' acks timing out in the revoke benchmark)."""
+    from raftmesh.chaos.benchlab import BRIDGE_MAC
+
+    def bridge_mac(lab: Lab) -> str:
+        out = subprocess.run(["ip", "-j", "-n", lab.hub, "link", "show", "br0"],
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out)[0]["address"]
+    with Lab() as lab:
+        seen = set()
+        for i in range(4):
+            lab.add(f"M{i}", f"192.0.2.{30 + i}/24")
+            seen.add(bridge_mac(lab))
+        lab.remove("M0")
+        seen.add(bridge_mac(lab))
+        assert seen == {BRIDGE_MAC}
