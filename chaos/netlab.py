@@ -12,6 +12,7 @@ is a free /28 of 198.51.100.0/24 (documentation range), chosen under a lock.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import ipaddress
 import os
 import re
@@ -72,7 +73,10 @@ class ReplicaNet:
                 hosts = list(self.subnet.hosts())
                 self.host_ip = str(hosts[0])
                 self.ips = [str(h) for h in hosts[1:1 + len(self.namespaces)]]
-                run(["ip", "link", "add", self.bridge, "type", "bridge"])
+                # fixed MAC: else it follows the lowest port's as veths join (chaos/benchlab.py)
+                mac = "02:72:6e:" + ":".join(f"{b:02x}" for b in hashlib.sha256(
+                    self.bridge.encode()).digest()[:3])
+                run(["ip", "link", "add", self.bridge, "address", mac, "type", "bridge"])
                 run(["ip", "addr", "add", f"{self.host_ip}/{self.subnet.prefixlen}", "dev", self.bridge])
                 run(["ip", "link", "set", self.bridge, "up"])
             for i, (ns, veth, ip) in enumerate(zip(self.namespaces, self.veths, self.ips)):
