@@ -2,14 +2,17 @@
 
 An ack only feeds the control plane's metrics, so it must never hold up the loop that
 applies frames: a replica slow to answer (overloaded, or failing) would otherwise delay the
-next netmap by the ack's timeout. Acks that cannot be sent are dropped (logged), not retried:
-a later ack covers every earlier version.
+next netmap by the ack's timeout. An ack that fails in transit (no answer, a 5xx) is tried
+again a few times unless a newer one is waiting (which covers every earlier version): after a
+quiet change, such as a revocation, no later ack may come to report it. Its ages grow by the
+time it waited, so the replica still computes when each version was applied.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 
 from nacl.signing import SigningKey
 
@@ -18,23 +21,28 @@ from .control_client import ControlClient, ControlError
 log = logging.getLogger("raftmesh.agent")
 ACK_TIMEOUT = 5.0
 MAX_QUEUED = 8
+ATTEMPTS = 3
+RETRY_AFTER = 1.0  # seconds before the second attempt, doubling
+MAX_AGE = 86400.0  # the API's limit on an age
 
 
 class AckSender:
     def __init__(self, machine_key: SigningKey):
         self.machine_key = machine_key
         self._queue: queue.Queue = queue.Queue(MAX_QUEUED)
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="acks", daemon=True)
         self._thread.start()
 
     def send(self, server: str, body: dict) -> None:
         """To `server`, the replica that sent the frames (it holds their cause times)."""
         try:
-            self._queue.put_nowait((server, body))
+            self._queue.put_nowait((server, body, time.monotonic()))
         except queue.Full:
             log.info("ack of %d dropped: %d acks still unsent", body["version"], MAX_QUEUED)
 
     def close(self) -> None:
+        self._closing.set()  # ends a retry wait
         self._queue.put(None)
         self._thread.join(timeout=ACK_TIMEOUT + 1)
 
@@ -43,9 +51,23 @@ class AckSender:
             item = self._queue.get()
             if item is None:
                 return
-            server, body = item
-            try:
-                ControlClient([server], self.machine_key, timeout=ACK_TIMEOUT).signed_request(
-                    "POST", "/machine/ack", body, timeout=ACK_TIMEOUT)
-            except (ControlError, OSError) as e:
-                log.info("ack of %d failed: %s", body["version"], e)
+            server, body, queued_at = item
+            client = ControlClient([server], self.machine_key, timeout=ACK_TIMEOUT)
+            for attempt in range(ATTEMPTS):
+                try:
+                    client.signed_request("POST", "/machine/ack",
+                                          aged(body, time.monotonic() - queued_at), timeout=ACK_TIMEOUT)
+                    break
+                except (ControlError, OSError) as e:
+                    if (isinstance(e, ControlError) and e.status < 500) or attempt + 1 == ATTEMPTS \
+                            or not self._queue.empty() \
+                            or self._closing.wait(RETRY_AFTER * 2 ** attempt):
+                        log.info("ack of %d failed: %s", body["version"], e)
+                        break
+
+
+def aged(body: dict, waited: float) -> dict:
+    """`body` with each version's age grown by `waited` seconds (time spent queued)."""
+    if waited <= 0 or not body.get("applied"):
+        return body
+    return dict(body, applied=[[v, min(MAX_AGE, age + waited)] for v, age in body["applied"]])

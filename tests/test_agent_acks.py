@@ -26,3 +26,60 @@ def test_clear_forgets_a_round_of_an_ended_stream():
     p.add(3, 1.0, delay=0.5)
     p.clear()
     assert not p.due(5.0) and p.take(5.0) is None
+
+
+def test_a_waiting_ack_reports_its_versions_as_older():
+    from raftmesh.agent.ack_sender import MAX_AGE, aged
+    body = {"version": 7, "applied": [[5, 1.0], [7, 0.25]]}
+    assert aged(body, 2.0) == {"version": 7, "applied": [[5, 3.0], [7, 2.25]]}
+    assert body["applied"][0] == [5, 1.0]  # the queued body is not changed
+    assert aged(body, 0.0) is body and aged({"version": 3}, 5.0) == {"version": 3}
+    assert aged(body, 1e9)["applied"][0][1] == MAX_AGE
+
+
+def test_an_ack_lost_in_transit_is_sent_again_with_grown_ages():
+    """After a quiet change (a revocation) no later ack may come to cover a lost one."""
+    import http.server
+    import json
+    import threading
+
+    from nacl.signing import SigningKey
+
+    from conftest import wait_until
+    from raftmesh.agent import ack_sender
+
+    received, requests = [], []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            requests.append(self.path)
+            data = self.rfile.read(int(self.headers["Content-Length"]))
+            if len(requests) == 1:  # the first one dies in transit: no answer at all
+                self.close_connection = True
+                return
+            received.append(json.loads(data))
+            out = json.dumps({"node_id": "n1", "version": 7, "streaming_here": True}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    sender = ack_sender.AckSender(SigningKey.generate())
+    try:
+        sender.send(f"http://127.0.0.1:{server.server_port}", {"version": 7, "applied": [[7, 0.5]]})
+        wait_until(lambda: received, 10, what="the ack sent again")
+        assert requests == ["/machine/ack", "/machine/ack"]
+        assert received[0]["version"] == 7
+        assert received[0]["applied"][0][1] >= 0.5 + ack_sender.RETRY_AFTER  # waited for the retry
+    finally:
+        sender.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
