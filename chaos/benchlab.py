@@ -91,6 +91,15 @@ def proc_start_time(pid: int) -> int | None:
         return None
 
 
+def pid_running(pid: int) -> bool:
+    """True unless the process is gone (a zombie counts as gone: it ended, unreaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 def _alive(pid: int) -> bool:
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
@@ -98,11 +107,7 @@ def _alive(pid: int) -> bool:
             return False
     except ChildProcessError:
         pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
+    return pid_running(pid)
 
 
 def stop_pid(pid: int, start_time: int | None = None, timeout: float = 5.0) -> None:

@@ -3,6 +3,7 @@ import json
 import os
 
 from raftmesh.chaos import bench_writes
+from raftmesh.chaos.benchlab import pid_running
 
 
 def test_writes_benchmark_tiny(tmp_path):
@@ -23,14 +24,6 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_benchmark_stopped_with_sigterm_ends_the_replicas_it_started(tmp_path):
     """Operators stop long runs with SIGTERM (systemd, timeout, kill): what a run started must
     not outlive it."""
@@ -49,10 +42,10 @@ def test_a_benchmark_stopped_with_sigterm_ends_the_replicas_it_started(tmp_path)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
         assert "SIGTERM, stopping" in proc.stderr.read()
-        wait_until(lambda: not any(_running(c) for c in children), 30,
+        wait_until(lambda: not any(pid_running(c) for c in children), 30,
                    what="the replicas end with the bench")
     finally:
         for pid in [proc.pid] + children:
-            if _running(pid):
+            if pid_running(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=10)

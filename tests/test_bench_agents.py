@@ -27,14 +27,6 @@ def parse(module, argv):
     return p.parse_args(argv)
 
 
-def pid_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def my_namespaces() -> list[str]:
     return [n for n in benchlab.list_netns() if n.startswith(f"{benchlab.LAB_PREFIX}{os.getpid()}x")]
 
@@ -58,7 +50,7 @@ def test_propagation_tiny(tmp_path):
     assert st["agents"] == 10 and st["connected"] == 10 and st["frame_errors"] == []
     assert set(st["by_replica"]) == {"r1", "r2", "r3"}
     assert (tmp_path / "propagation.png").stat().st_size > 1000
-    assert saved["pids"] and not [p for p in saved["pids"] if pid_running(p)]
+    assert saved["pids"] and not [p for p in saved["pids"] if benchlab.pid_running(p)]
 
 
 def test_revoke_light_tiny(tmp_path):
@@ -75,7 +67,7 @@ def test_revoke_light_tiny(tmp_path):
     assert light["server_histogram"]["count"] >= 20
     assert light["final_status"]["byes"] == 2  # the revoked svc agents got a bye (or 404)
     assert "real" not in saved and (tmp_path / "revoke.png").stat().st_size > 1000
-    assert not [p for p in saved["pids"] if pid_running(p)]
+    assert not [p for p in saved["pids"] if benchlab.pid_running(p)]
 
 
 def test_stream_failover_tiny(tmp_path):
@@ -94,7 +86,7 @@ def test_stream_failover_tiny(tmp_path):
     assert isinstance(saved["target"]["met"], bool) and saved["target"]["failed_rounds"] == []
     assert saved["final_status"]["connected"] == 9
     assert len(saved["pids"]) == 3 + 1 + 2  # replicas, one worker, one restart per round
-    assert not [p for p in saved["pids"] if pid_running(p)]
+    assert not [p for p in saved["pids"] if benchlab.pid_running(p)]
 
 
 def test_stream_memory_tiny(tmp_path):
@@ -107,7 +99,7 @@ def test_stream_memory_tiny(tmp_path):
     assert isinstance(saved["per_stream_kib"], float) and saved["target"]["at_streams"] == 20
     assert saved["final_status"]["by_replica"] == {"r1": 20}
     assert (tmp_path / "stream-memory.png").stat().st_size > 1000
-    assert not [p for p in saved["pids"] if pid_running(p)]
+    assert not [p for p in saved["pids"] if benchlab.pid_running(p)]
 
 
 @needs_lab
@@ -123,7 +115,7 @@ def test_revoke_real_wireguard_tiny(tmp_path):
     assert real["missing"] == 0 and real["removed"]["n"] == 4
     assert [r["peers"] for r in real["rounds"]] == [2, 2]
     assert real["server_histogram"]["count"] >= 4, real["logs"]  # the daemons ack the removal too
-    assert not [p for p in saved["pids"] if pid_running(p)]
+    assert not [p for p in saved["pids"] if benchlab.pid_running(p)]
 
 
 @needs_lab
@@ -141,4 +133,4 @@ def test_connect_tiny(tmp_path):
         assert r["stream_connected_ms"] is not None
     assert len({r["node_id"] for r in rounds}) == 2
     assert (tmp_path / "connect.png").stat().st_size > 1000
-    assert not [p for p in saved["pids"] if pid_running(p)]
+    assert not [p for p in saved["pids"] if benchlab.pid_running(p)]

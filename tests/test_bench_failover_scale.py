@@ -7,21 +7,13 @@ import argparse
 import json
 
 from raftmesh.chaos import bench_failover, bench_scale
+from raftmesh.chaos.benchlab import pid_running
 
 
 def parse(module, argv):
     p = argparse.ArgumentParser()
     module.add_arguments(p)
     return p.parse_args(argv)
-
-
-def pid_running(pid: int) -> bool:
-    """True unless the process is gone (a zombie counts as gone: it was killed, not reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_failover_benchmark_two_rounds(tmp_path):
