@@ -426,7 +426,8 @@ class StreamHub:
         if self.signer is None:
             raise RuntimeError("no cluster signing key yet")
         data = self.signer.frame(kind, stream.node_id, version, body)
-        await asyncio.wait_for(resp.write(data), WRITE_TIMEOUT)
+        async with asyncio.timeout(WRITE_TIMEOUT):  # (no wrapping task per frame, as wait_for)
+            await resp.write(data)
         stream.last_sent = time.monotonic()
         if kind in ("full", "delta"):
             stream.sent_version = version

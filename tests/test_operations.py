@@ -234,30 +234,3 @@ def test_only_apikey_commands_write_the_api_keys_table():
                      or "delete(" in inspect.getsource(f)) for f in [fn] + helpers
                      if inspect.isfunction(f))
         assert not writes or op.startswith("apikey."), op
-
-
-def test_write_deadlines_settle_only_pending_futures_in_deadline_order():
-    """routing._Deadlines times writes out without a timer per write."""
-    import asyncio
-    from raftmesh.api.routing import _Deadlines
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        d = _Deadlines(loop)
-        slow, fast, answered = loop.create_future(), loop.create_future(), loop.create_future()
-        t0 = loop.time()
-        d.add(slow, 0.4)
-        d.add(fast, 0.1)  # an earlier deadline added later still fires first
-        d.add(answered, 0.2)
-        answered.set_result("applied")
-        assert await fast is None and loop.time() - t0 < 0.3
-        assert await slow is None and 0.4 <= loop.time() - t0 < 0.4 + d.GRAIN + 0.1
-        assert answered.result() == "applied" and not d.heap and d.timer is None
-        cancelled = loop.create_future()
-        d.add(cancelled, 0.05)
-        cancelled.cancel()
-        deadline = loop.time() + 5
-        while d.heap and loop.time() < deadline:  # the timer drops the cancelled entry
-            await asyncio.sleep(0.01)
-        assert cancelled.cancelled() and not d.heap and d.timer is None
-    asyncio.run(main())
