@@ -131,21 +131,7 @@ def idempotency_key(request: web.Request) -> str | None:
 STALE_QUERY = {"stale": {"type": "boolean", "description": "read local state without a barrier"}}
 
 
-_VALIDATORS: dict[int, tuple[dict, Any]] = {}
-
-
-def _validator(schema: dict):
-    """The compiled validator for a route's (static) schema, built once: constructing one
-    per request cost more than validating a small body. It is what jsonschema.validate()
-    picks for a schema without "$schema" (the latest draft), minus its check_schema() of the
-    same static schema on every call."""
-    cached = _VALIDATORS.get(id(schema))
-    if cached is None or cached[0] is not schema:  # keyed by identity; keep the schema alive
-        cached = _VALIDATORS[id(schema)] = (schema, jsonschema.Draft202012Validator(schema))
-    return cached[1]
-
-
-_FAST: dict[int, tuple[dict, Callable[[Any], bool] | None]] = {}
+_COMPILED: dict[int, tuple[dict, Any, Callable[[Any], bool] | None]] = {}
 # Keywords that mean the same in draft-07 (fastjsonschema's newest) and 2020-12 (jsonschema's,
 # ours); prefixItems is translated (_as_draft7); a schema using any other keyword ($ref...)
 # gets no fast check.
@@ -154,17 +140,31 @@ _SAME_IN_DRAFT7 = {"type", "pattern", "minLength", "maxLength", "minimum", "maxi
                    "minItems", "maxItems", "uniqueItems", "description", "x-raw-text"}
 
 
-def _fast_check(schema: dict) -> Callable[[Any], bool] | None:
-    """A cheap "definitely valid" test for a route's static body schema (fastjsonschema,
-    compiled to Python once), or None. True means jsonschema accepts the body too; False means
-    "not sure": the body then goes through jsonschema, which also words every error. Even
-    compiled, jsonschema was ~7% of the replicas' CPU per write (10x fastjsonschema's time),
-    and 12% during acks at 10,000 agents."""
-    cached = _FAST.get(id(schema))
+def _compiled(schema: dict) -> tuple[dict, Any, Callable[[Any], bool] | None]:
+    """A route's (static) schema compiled once, keyed by identity (the entry keeps the schema
+    alive): constructing a validator per request cost more than validating a small body.
+
+    - the jsonschema validator: what jsonschema.validate() picks for a schema without
+      "$schema" (the latest draft), minus its check_schema() on every call; it decides and
+      words every error;
+    - a cheap "definitely valid" check (fastjsonschema, compiled to Python), or None: True
+      means jsonschema accepts the body too; False means "not sure". Even compiled,
+      jsonschema was ~7% of the replicas' CPU per write (10x fastjsonschema's time), and
+      12% during acks at 10,000 agents."""
+    cached = _COMPILED.get(id(schema))
     if cached is None or cached[0] is not schema:
         draft7 = _as_draft7(schema)
-        cached = _FAST[id(schema)] = (schema, None if draft7 is None else _compile(draft7))
-    return cached[1]
+        cached = _COMPILED[id(schema)] = (schema, jsonschema.Draft202012Validator(schema),
+                                          None if draft7 is None else _compile(draft7))
+    return cached
+
+
+def _validator(schema: dict):
+    return _compiled(schema)[1]
+
+
+def _fast_check(schema: dict) -> Callable[[Any], bool] | None:
+    return _compiled(schema)[2]
 
 
 def _as_draft7(schema: Any) -> dict | None:
