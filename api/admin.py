@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from raftmesh.cluster.state_machine import public
-from raftmesh.storage.audit_chain import compact_json
+from raftmesh.storage.json_codec import compact_json
 
 from . import auth
 from .errors import APIError

@@ -6,17 +6,13 @@ IDs, generated secrets) is decided by the proposer and carried in the record.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftmesh.storage.audit_chain import compact_json
+from raftmesh.storage.json_codec import compact_json, loads_utf8
 
 FORMAT_VERSION = 1
-# Built once: json.dumps with arguments builds an encoder per call, and json.loads on bytes
-# sniffs the encoding first (commands are ASCII).
 _encode = compact_json(sort_keys=True)
-_decode = json.JSONDecoder().decode
 
 
 class CommandError(ValueError):
@@ -41,8 +37,7 @@ class Command:
     @classmethod
     def decode(cls, data: bytes) -> "Command":
         try:
-            record = _decode(data.decode("utf-8", "surrogatepass")
-                             if isinstance(data, (bytes, bytearray)) else data)
+            record = loads_utf8(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise CommandError(f"not JSON: {e}") from None
         if not isinstance(record, dict) or record.get("v") != FORMAT_VERSION:

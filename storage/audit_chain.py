@@ -7,27 +7,11 @@ and `raftmesh audit verify` (which checks an export or the live log).
 from __future__ import annotations
 
 import hashlib
-import json
-from json import encoder as _json_encoder
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
+
+from .json_codec import compact_json
 
 GENESIS = "0" * 64
-
-
-def compact_json(sort_keys: bool) -> Callable[[Any], str]:
-    """What json.dumps(value, sort_keys=sort_keys, separators=(",", ":")) returns, with the C
-    encoder built once: json.dumps builds an encoder, and that encoder a C encoder and a
-    circular-reference table, on every call, which costs more than encoding a small record.
-    Used for values decoded from JSON or built from them, which cannot be circular."""
-    make = _json_encoder.c_make_encoder
-    if make is None:  # an interpreter without the C accelerator
-        return json.JSONEncoder(sort_keys=sort_keys, separators=(",", ":")).encode
-
-    def default(o):
-        raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
-    encode = make(None, default, _json_encoder.encode_basestring_ascii, None, ":", ",",
-                  sort_keys, False, True)
-    return lambda value: "".join(encode(value, 0))
 
 
 _canonical_str = compact_json(sort_keys=True)

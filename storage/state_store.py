@@ -8,7 +8,6 @@ Writes from one Raft tick share a transaction (one fsync per batch).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import threading
@@ -17,7 +16,7 @@ from typing import Any, Iterator
 
 import lmdb
 
-from .audit_chain import compact_json
+from .json_codec import compact_json, loads_utf8
 
 TABLES = (
     "meta", "users", "nodes", "preauth_keys", "api_keys", "policy_versions",
@@ -33,18 +32,15 @@ MAP_SIZE = 8 << 30
 # values (the audit chain hashes its own canonical encoding, storage/audit_chain.py), and the
 # order is as deterministic as apply itself (handlers build records in a fixed order; args
 # come from the same command bytes on every replica; json.loads keeps order), so replicas'
-# digests still agree. Encoder built once (compact_json); json.loads on bytes would sniff
-# the encoding first (values are ASCII).
+# digests still agree.
 _dumps_str = compact_json(sort_keys=False)
-_loads_str = json.JSONDecoder().decode
 
 
 def _dumps(value: Any) -> bytes:
     return _dumps_str(value).encode()
 
 
-def _loads(raw: bytes) -> Any:
-    return _loads_str(raw.decode())
+_loads = loads_utf8
 
 
 class LmdbTxn:
