@@ -33,6 +33,7 @@ import time
 from raftmesh.cluster.launcher import LocalCluster
 
 from . import bench_report as report
+from . import benchlab
 from . import light_agents as la
 
 TARGETS_S = {1000: 1.0, 10000: 2.0}  # issue #5: p99 at N agents
@@ -83,10 +84,10 @@ def measure(agents: la.LightAgents, cluster: LocalCluster, n: int, changes: int,
     samples_apply, samples_ack, samples_sent, per_change, missing = [], [], [], [], 0
     for c in range(changes):
         port[0] = 2222 if port[0] == 22 else 22
-        cpu0 = report.cpu_seconds(replica_pids), report.cpu_seconds(agents.pids)
+        cpu0 = benchlab.cpu_seconds(replica_pids), benchlab.cpu_seconds(agents.pids)
         change = la.put_policy(cluster, port[0], topology)
         rows = agents.wait_version(change["version"], timeout, prefix="la")
-        cpu1 = report.cpu_seconds(replica_pids), report.cpu_seconds(agents.pids)
+        cpu1 = benchlab.cpu_seconds(replica_pids), benchlab.cpu_seconds(agents.pids)
         applied = [r["applied"] - change["acked"] for r in rows if r["applied"] is not None]
         acked = [r["acked"] - change["acked"] for r in rows if r["acked"] is not None]
         samples_apply += applied

@@ -23,14 +23,15 @@ import aiohttp
 from raftmesh.cluster.launcher import LocalCluster, free_ports
 
 from . import bench_report as report
+from . import benchlab
 
 
 def _measure(make_request, clients: int, seconds: float, progress: report.Progress,
              server_pids: list[int]) -> tuple[list[float], int, dict]:
     """_drive, plus CPU per acknowledged write of the servers and of this client process."""
-    servers0, client0 = report.cpu_seconds(server_pids), os.times()
+    servers0, client0 = benchlab.cpu_seconds(server_pids), os.times()
     lat, errors = asyncio.run(_drive(make_request, clients, seconds, progress))
-    servers1, client1 = report.cpu_seconds(server_pids), os.times()
+    servers1, client1 = benchlab.cpu_seconds(server_pids), os.times()
     n = max(1, len(lat))
     client = (client1.user - client0.user) + (client1.system - client0.system)
     return lat, errors, {"server_cpu_ms_per_write": (servers1 - servers0) / n * 1e3,

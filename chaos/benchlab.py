@@ -83,21 +83,34 @@ def preflight() -> list[str]:
     return problems
 
 
-def proc_start_time(pid: int) -> int | None:
+def proc_stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name (state first); [] if unreadable."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def proc_start_time(pid: int) -> int | None:
+    fields = proc_stat(pid)
+    return int(fields[19]) if len(fields) > 19 else None
 
 
 def pid_running(pid: int) -> bool:
     """True unless the process is gone (a zombie counts as gone: it ended, unreaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (0 for those gone)."""
+    ticks = 0
+    for pid in pids:
+        fields = proc_stat(pid)
+        if len(fields) > 12:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _alive(pid: int) -> bool:
