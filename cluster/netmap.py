@@ -400,6 +400,9 @@ class NetmapIndex:
     def visible_ids(self) -> list[str]:
         return list(self._ids)
 
+    def visible_count(self) -> int:
+        return len(self._ids)
+
     def next_expiry(self) -> float | None:
         """The earliest key expiry after `now`: when to call `advance_time` next."""
         i = bisect.bisect_right(self._expiry, self.now, key=_EXPIRY)

@@ -21,9 +21,11 @@ from raftmesh.cluster.netmap import Changes, NetmapIndex
 from raftmesh.cluster.policy import Policy, PolicyError, parse_policy
 
 HISTORY_PER_NODE = 32  # deltas kept per node; an agent further behind gets a full netmap
-FREEZE_MIN_NODES = 1000  # indexes at least this large are moved out of the GC's reach
+FREEZE_MIN_NODES = 1000  # indexes at least this large (when built or once grown to it)
+#                          are moved out of the GC's reach
 GC_GEN0_THRESHOLD = 20_000  # young-generation threshold once such an index exists
-REFREEZE_EVERY = 2_000  # index changes between re-freezes of a large index (see refreeze_gc)
+REFREEZE_EVERY = 200_000  # index changes plus the deltas they made, between re-freezes of a
+#                           large index (see refreeze_gc)
 FULL_REFREEZE_EVERY = 10  # every 10th re-freeze unfreezes first, to reclaim frozen cycles
 # Commands whose result value is the node's whole new record.
 NODE_RECORD_OPS = frozenset({"node.register", "node.update", "node.approve", "node.expire",
@@ -67,10 +69,9 @@ class NetmapFeed:
         self.version = version
         self.floor = version  # nothing before this is in any history
         self.index = NetmapIndex(policy_or_none(policy_text), nodes, clock)
-        self._large = len(self.index.visible_ids()) >= FREEZE_MIN_NODES
-        if self._large:
-            tune_gc_for_large_index()
-        self._since_freeze = 0  # index changes since the last (re-)freeze
+        self._large = False
+        self._since_freeze = 0  # index changes and their deltas since the last (re-)freeze
+        self._tune_gc_once_large()
         self._refreezes = 0
         self.history_per_node = history_per_node
         self._history: dict[str, _History] = {}
@@ -102,7 +103,7 @@ class NetmapFeed:
                 continue  # changed nothing (and did not move the replicated clock)
             keys_changed |= cmd.op.startswith("clusterkey.")
             for changes in self._changes(v, cmd, result):
-                self._since_freeze += 1
+                self._since_freeze += 1 + len(changes.deltas)
                 gone.update(changes.gone)
                 for k, d in changes.deltas.items():
                     deltas[k] = compose_deltas(deltas[k], d) if k in deltas else d
@@ -116,7 +117,19 @@ class NetmapFeed:
             self._refreezes += 1
             refreeze_gc(full=self._refreezes % FULL_REFREEZE_EVERY == 0)
             self._since_freeze = 0
+        else:
+            self._tune_gc_once_large()
         return FeedUpdate(version, stamped, frozenset(gone), cause, keys_changed)
+
+    def _tune_gc_once_large(self) -> None:
+        """A cluster usually starts empty and grows: the index gets the GC treatment when it
+        reaches FREEZE_MIN_NODES, not only when a replica starts with it that large (at
+        10,000 nodes an untuned replica spent ~20% of its CPU in the collector, gen-2
+        passes of ~0.27 s each, during `raftmesh bench propagation`)."""
+        if not self._large and self.index.visible_count() >= FREEZE_MIN_NODES:
+            self._large = True
+            tune_gc_for_large_index()
+            self._since_freeze = 0
 
     def _changes(self, v: int, cmd: Command, result: dict) -> list[Changes]:
         out = []
@@ -192,15 +205,16 @@ def tune_gc_for_large_index() -> None:
 
 
 def refreeze_gc(full: bool = False) -> None:
-    """Freeze again what was created since the last freeze (NetmapFeed: every
-    REFREEZE_EVERY index changes of a large index).
+    """Freeze again what was created since the last freeze (NetmapFeed: after
+    REFREEZE_EVERY index changes plus deltas of a large index).
 
     Objects a change creates (new rules, filters, records, the history's deltas) are not
     frozen, so without this the index drifts back into the collector's reach: ~60 new
     long-lived objects per change at 10,000 nodes (`raftmesh bench scale`), and gen-2
     collections walking them grow back towards the 0.2-0.3 s of an unfrozen index. A
     re-freeze collects, then freezes: the collection walks only the *unfrozen* objects
-    (tens of ms after 2,000 changes), the walk an automatic full collection does anyway.
+    (tens of ms after ~1,000 node changes at 10,000 nodes, or 20 policy changes that each
+    rewrite every filter), the walk an automatic full collection does anyway.
 
     The freeze is process-wide, so it also freezes whatever else is alive (streams,
     connections); those objects' cycles, once garbage, are only reclaimed after an

@@ -179,10 +179,10 @@ def test_cluster_key_commands_are_flagged_and_cause_times_kept():
     assert u.deltas["n1"].version == 4 and u.deltas["n1"].peers_changed[0].endpoints == ("192.0.2.8:1",)
 
 
-def test_large_feed_refreezes_the_gc_every_k_changes(monkeypatch):
-    """A large index is frozen out of the collector's reach when built, and again every
-    REFREEZE_EVERY index changes (every FULL_REFREEZE_EVERY-th time after an unfreeze, to
-    reclaim cycles that died frozen); a small one never."""
+def test_large_feed_refreezes_the_gc_as_it_churns(monkeypatch):
+    """A large index is frozen out of the collector's reach when built, and again once its
+    changes plus the deltas they made reach REFREEZE_EVERY (every FULL_REFREEZE_EVERY-th
+    time after an unfreeze, to reclaim cycles that died frozen); a small one never."""
     import gc
 
     from raftmesh.cluster import netmap_feed
@@ -193,20 +193,43 @@ def test_large_feed_refreezes_the_gc_every_k_changes(monkeypatch):
     monkeypatch.setattr(netmap_feed, "tune_gc_for_large_index", lambda: calls.append("tune"))
     monkeypatch.setattr(netmap_feed, "refreeze_gc", lambda full: calls.append(("refreeze", full)))
     nodes = [node(i, "alice") for i in range(4)]
+    # each flips one node's online flag: 1 change + 3 deltas (its peers) = 4 units of churn
     upd = [(v, Command("node.update", {}, time=NOW), ok(dict(nodes[v % 4], online=v % 2 == 0)))
            for v in range(11, 21)]
     feed = NetmapFeed(POLICIES[0], nodes, NOW, 10)
     assert calls == ["tune"]
-    feed.apply_batch(upd[:4])
+    feed.apply_batch(upd[:1])
     assert calls == ["tune"]
-    feed.apply_batch(upd[4:5])  # the 5th index change since the last freeze
+    feed.apply_batch(upd[1:2])  # 8 units since the freeze
     assert calls == ["tune", ("refreeze", False)]
-    feed.apply_batch(upd[5:])
+    feed.apply_batch(upd[2:4])
     assert calls == ["tune", ("refreeze", False), ("refreeze", True)]
     small = NetmapFeed(POLICIES[0], nodes[:2], NOW, 10)
-    small.apply_batch(upd)
+    small.apply_batch([u for u in upd if u[0] % 4 < 2])  # its own two nodes only
     assert calls == ["tune", ("refreeze", False), ("refreeze", True)]
-    monkeypatch.undo()  # the real refreeze_gc
+
+
+def test_feed_tunes_the_gc_when_its_index_grows_large(monkeypatch):
+    """Clusters start empty: the treatment comes when the index reaches the size."""
+    from raftmesh.cluster import netmap_feed
+    calls = []
+    monkeypatch.setattr(netmap_feed, "FREEZE_MIN_NODES", 3)
+    monkeypatch.setattr(netmap_feed, "tune_gc_for_large_index", lambda: calls.append("tune"))
+    monkeypatch.setattr(netmap_feed, "refreeze_gc", lambda full: calls.append(("refreeze", full)))
+    feed = NetmapFeed(POLICIES[0], [node(1, "alice")], NOW, 10)
+    reg = lambda v, i: (v, Command("node.register", {}, time=NOW), ok(node(i, "alice")))  # noqa: E731
+    feed.apply_batch([reg(11, 2)])
+    assert calls == []
+    feed.apply_batch([reg(12, 3)])
+    assert calls == ["tune"]
+    feed.apply_batch([reg(13, 4)])
+    assert calls == ["tune"]
+
+
+def test_refreeze_gc_reclaims_frozen_cycles_when_full():
+    import gc
+
+    from raftmesh.cluster import netmap_feed
     try:
         junk = [[]]
         junk[0].append(junk)  # a cycle, frozen while alive, garbage afterwards
