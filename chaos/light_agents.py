@@ -52,8 +52,8 @@ KEEP_RECORDS = 4096  # per agent: applied versions kept (a benchmark reads them 
 class LightAgent:
     __slots__ = ("index", "hostname", "key", "machine", "node_key", "node_id", "ipv4", "home",
                  "url", "view", "applied", "acked", "connected_at", "replica", "bye", "task",
-                 "lost_at", "reconnects", "errors", "stop", "first_netmap_at", "kick", "gone",
-                 "stale", "acks", "max_acked")
+                 "lost_at", "reconnects", "errors", "stop", "first_netmap_at", "gone",
+                 "stale", "acks", "max_acked", "stream", "last_data", "cut")
 
     def __init__(self, index: int, hostname: str, home: int):
         self.index, self.hostname, self.home, self.url = index, hostname, home, home
@@ -74,7 +74,9 @@ class LightAgent:
         self.reconnects: list[dict] = []  # {lost, connected, replica, attempts}
         self.errors = 0
         self.stop = False
-        self.kick: asyncio.Event | None = None  # set to drop the stream and reconnect home
+        self.stream = None  # the open map-stream response (Swarm._watchdog may close it)
+        self.last_data = 0.0  # monotonic time the stream last delivered bytes
+        self.cut: str | None = None  # why the stream was closed from outside: "kick", "silent"
         self.gone: dict[str, tuple[int, float]] = {}  # watched peer -> (version, time) it left
         self.stale: list[tuple[int, int]] = []  # (frame version, held version): must stay empty
         self.acks = PendingAcks()  # the daemon's deferred, coalesced acks; one per stream
@@ -104,6 +106,7 @@ class Swarm:
         self.ack_failures = 0
         self.frame_errors: list[str] = []
         self.watch: set[str] = set()  # peers whose removal agents record (revoke)
+        self._watchdog_task: asyncio.Task | None = None
 
     # -- signed requests ---------------------------------------------------------------------
     def _headers(self, agent: LightAgent, method: str, path: str, body: bytes) -> dict:
@@ -174,8 +177,9 @@ class Swarm:
                     count -= 1
                 if home is not None:
                     a.home = a.url = home
-                a.kick = asyncio.Event()
                 a.task = asyncio.get_running_loop().create_task(self._stream_loop(a, sem))
+        if self._watchdog_task is None:
+            self._watchdog_task = asyncio.get_running_loop().create_task(self._watchdog())
         ok = await self._wait(lambda a: a.task is None or a.bye is not None or (
             a.view.netmap is not None and a.connected_at is not None), timeout)
         return {"connected": ok, "agents": len(self.agents)}
@@ -189,7 +193,7 @@ class Swarm:
             since = a.view.version
             path = "/machine/map"
             query = "" if since is None else f"?since={since}"
-            progressed = kicked = False
+            progressed = False
             try:
                 if sem is not None:
                     await sem.acquire()
@@ -222,27 +226,19 @@ class Swarm:
                         a.lost_at = None
                     attempts = 0
                     try:  # the daemon's watchdog: no frame for twice the keepalive -> next replica
-                        watchdog = 2 * float(resp.headers.get("X-Raftmesh-Keepalive", "10"))
+                        silence = 2 * float(resp.headers.get("X-Raftmesh-Keepalive", "10"))
                     except ValueError:
-                        watchdog = 20.0
+                        silence = 20.0
                     reader = FrameReader()
-                    kick = asyncio.ensure_future(a.kick.wait())
+                    a.stream, a.last_data, a.cut = (resp, silence), time.monotonic(), None
                     try:
                         while True:
-                            read = asyncio.ensure_future(resp.content.readany())
-                            done, _ = await asyncio.wait({read, kick}, timeout=watchdog,
-                                                         return_when=asyncio.FIRST_COMPLETED)
-                            if not done:
-                                read.cancel()
-                                raise ConnectionError(f"no frame for {watchdog:g}s")
-                            if kick in done:
-                                read.cancel()
-                                a.kick.clear()
-                                kicked = True
-                                break
-                            data = read.result()
+                            data = await resp.content.readany()
                             if not data:
+                                if a.cut == "silent":
+                                    raise ConnectionError(f"no frame for {silence:g}s")
                                 break  # EOF
+                            a.last_data = time.monotonic()
                             for frame in reader.feed(data):
                                 if self._apply(a, url, frame):
                                     progressed = True
@@ -250,14 +246,16 @@ class Swarm:
                                     a.connected_at = None
                                     return
                     finally:
-                        kick.cancel()
+                        a.stream = None
             except FrameError as e:
                 a.errors += 1
                 self.frame_errors.append(f"{a.hostname}: {e}")
             except (self.aiohttp.ClientError, asyncio.TimeoutError, OSError, ConnectionError):
-                a.errors += 1
+                if a.cut != "kick":
+                    a.errors += 1
             if a.stop:
                 return
+            kicked, a.cut = a.cut == "kick", None
             if kicked:  # rehome: straight to a.url, which the caller set
                 a.connected_at = None
                 continue
@@ -270,6 +268,22 @@ class Swarm:
             a.url = (a.url + 1) % len(self.urls)
             await asyncio.sleep(random.uniform(0, delay))
             delay = min(delay * 2, 10.0)
+
+    async def _watchdog(self) -> None:
+        """Close streams that were silent for twice their keepalive (the daemon's watchdog).
+        One sweep per second for all agents instead of a timer per read: at thousands of
+        agents per process, per-read timers and futures cost more than the frames."""
+        while True:
+            await asyncio.sleep(1.0)  # a periodic sweep, not synchronisation
+            now = time.monotonic()
+            for a in self.agents:
+                if a.stream is not None and now - a.last_data > a.stream[1]:
+                    self._cut(a, "silent")
+
+    @staticmethod
+    def _cut(a: LightAgent, why: str) -> None:
+        a.cut = why
+        a.stream[0].close()  # its readany() ends with an error: the loop moves on
 
     def _apply(self, a: LightAgent, url: str, frame) -> bool:
         """Verify and apply one frame (FrameError propagates: the stream is dropped)."""
@@ -320,7 +334,7 @@ class Swarm:
             pass
         self.ack_failures += 1
 
-    async def _wait(self, pred, timeout: float, interval: float = 0.05) -> bool:
+    async def _wait(self, pred, timeout: float, interval: float = 0.2) -> bool:
         """Poll `pred` over the agents until all hold (True) or the deadline (False). The
         times benchmarks report are recorded by the agents, not by this poll, which shares
         the agents' CPU: keep `pred` to an attribute test (it was 10-15% of a worker's CPU
@@ -350,6 +364,12 @@ class Swarm:
             out.append({"node_id": a.node_id, "replica": a.replica, "home": a.home,
                         "applied": a.first_applied(version), "acked": self._acked_at(a, version)})
         return out
+
+    async def wait_applied(self, version: int, timeout: float, prefix: str = "") -> bool:
+        """Until every live agent whose hostname starts with `prefix` applied `version`
+        (a benchmark reads the CPU spent on delivery alone at that moment)."""
+        return await self._wait(lambda a: a.bye is not None or not a.hostname.startswith(prefix)
+                                or (a.view.version or 0) >= version, timeout)
 
     @staticmethod
     def _acked_at(a: LightAgent, version: int) -> float | None:
@@ -421,12 +441,15 @@ class Swarm:
         for a in self.agents:
             if a.task is not None and a.url != a.home and a.bye is None:
                 a.url = a.home
-                if a.connected_at is not None:
-                    a.kick.set()
+                if a.stream is not None:
+                    self._cut(a, "kick")
+                    a.connected_at = None  # until the stream from home is open
         return await self._wait(lambda a: a.bye is not None or (
             a.connected_at is not None and a.url == a.home), timeout)
 
     async def close(self) -> None:
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
         for a in self.agents:
             a.stop = True
             if a.task is not None:
@@ -442,6 +465,11 @@ def _worker_main(conn, urls: list[str]) -> None:
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # Each frame leaves a few dozen short-lived tracked objects; with the default threshold
+    # of 700 the young generations were collected every ~20 frames (with the full passes
+    # they trigger, ~20% of a worker's CPU at 10,000 agents). What we measure is the
+    # control plane, not this process's collector.
+    gc.set_threshold(20_000, *gc.get_threshold()[1:])
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -459,7 +487,7 @@ def _worker_main(conn, urls: list[str]) -> None:
                     out = fn(**kw)
                     if asyncio.iscoroutine(out):
                         out = await out
-                    if cmd == "register":
+                    if cmd in ("register", "connect"):
                         gc.collect()
                         gc.freeze()  # thousands of long-lived agents: keep full GCs short
                     conn.send(("ok", out))
@@ -559,6 +587,9 @@ class LightAgents:
     def wait_version(self, version: int, timeout: float, exclude=(), prefix: str = "") -> list[dict]:
         return [x for part in self._call("wait_version", version=version, timeout=timeout,
                                          exclude=tuple(exclude), prefix=prefix) for x in part]
+
+    def wait_applied(self, version: int, timeout: float, prefix: str = "") -> bool:
+        return all(self._call("wait_applied", version=version, timeout=timeout, prefix=prefix))
 
     def settle(self, quiet: float = 1.5, timeout: float = 120.0) -> bool:
         """Poll until every started agent streams and no agent's version moved for `quiet`
