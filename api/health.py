@@ -14,6 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from raftmesh.cluster.replica import RaftReplica
 
+from . import process_metrics
+
 RAFT_STATE_VALUE = {"follower": 0, "candidate": 1, "leader": 2}
 
 
@@ -77,6 +79,7 @@ class Metrics:
     def __init__(self, replica: RaftReplica):
         self.registry = CollectorRegistry()
         self.registry.register(RaftCollector(replica))
+        self.gc_pauses = process_metrics.register(self.registry)
         self.request_seconds = Histogram(
             "raftmesh_api_request_seconds", "API request latency by route and status",
             ["method", "route", "status"], registry=self.registry,
@@ -97,6 +100,10 @@ class Metrics:
         child.observe(seconds)
 
 
+    def close(self) -> None:
+        self.gc_pauses.close()
+
+
 def add_routes(app: web.Application, replica: RaftReplica, metrics: Metrics) -> None:
     async def healthz(request):
         return web.json_response({"status": "alive", "id": replica.config.id})
@@ -112,3 +119,7 @@ def add_routes(app: web.Application, replica: RaftReplica, metrics: Metrics) -> 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_route)
+
+    async def close_metrics(app):
+        metrics.close()
+    app.on_cleanup.append(close_metrics)

@@ -62,6 +62,11 @@ def test_metrics_expose_raft_state_and_request_latency(shared_cluster):
         assert f"\n{name} " in text, name
     assert 'raftmesh_api_request_seconds_count{method="POST",route="/api/v1/users",status="201"}' in text
     assert 'route="/api/v1/users/{name}",status="404"' in text
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds"):
+        assert f"\n{name} " in text, name
+    assert 'python_gc_collections_total{generation="0"}' in text
+    assert 'raftmesh_gc_pause_seconds_count{generation="0"}' in text
     leaders = 0
     for rep in c.replicas:
         metrics = c.request(rep, "GET", "/metrics")[1]
