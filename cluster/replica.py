@@ -8,7 +8,8 @@ What pysyncobj does not do and this class adds (docs/durability.md has the reaso
 * low latency without a busy loop: our own tick thread, woken by a pipe when a command is
   submitted, sends new entries and commit advances at once instead of on the next period;
 * cheap replica-to-replica messages: AES-GCM instead of Fernet (cluster/transport_crypto.py),
-  and everything one tick sends to a peer (forwarded commands, their replies, AppendEntries,
+  pickle protocol 5 and stored zlib streams (cluster/raft_codec.py), and everything one tick
+  sends to a peer (forwarded commands, their replies, AppendEntries,
   acks) coalesced into one framed message instead of one pickle/compress/seal/send each;
 * linearizable reads through coalesced read barriers (one log entry per batch of reads);
 * apply into LMDB idempotently by Raft index, one transaction per tick, with futures
@@ -33,7 +34,7 @@ from raftmesh.storage import snapshot
 from raftmesh.storage.journal import DurableJournal
 from raftmesh.storage.state_store import StateStore, read_version
 
-from . import state_machine
+from . import raft_codec, state_machine
 from .commands import Command, CommandError
 from .config import ReplicaConfig
 from .transport_crypto import AeadEncryptor
@@ -114,6 +115,7 @@ class RaftReplica(SyncObj):
             logCompactionMinTime=config.snapshot_min_seconds,
             tcp_keepalive=(1, 1, 2),
         )
+        raft_codec.install()  # cheaper pickling and compression, same wire format
         # pysyncobj builds its journal and its encryptor itself; give it ours.
         with _journal_factory_lock:
             original, pso.createJournal = pso.createJournal, DurableJournal
