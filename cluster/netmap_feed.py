@@ -31,6 +31,10 @@ FULL_REFREEZE_EVERY = 10  # every 10th re-freeze unfreezes first, to reclaim fro
 NODE_RECORD_OPS = frozenset({"node.register", "node.update", "node.approve", "node.expire",
                              "node.routes", "node.report", "node.rotate_key",
                              "node.reauthenticate"})
+# Every command a netmap is derived from (see NetmapFeed._changes), and the cluster-key
+# commands the hub re-reads its signer for.
+NETMAP_OPS = NODE_RECORD_OPS | {"node.delete", "node.presence", "node.presence_sweep",
+                                "member.remove", "policy.set"}
 
 
 @dataclass
@@ -130,6 +134,18 @@ class NetmapFeed:
             self._large = True
             tune_gc_for_large_index()
             self._since_freeze = 0
+
+    def only_moves_time(self, items: Iterable[tuple[int, Command, dict]]) -> bool:
+        """True when applying `items` can change no netmap and no key: no command netmaps
+        are derived from, and no key expiry reached by their times. Applying them then only
+        moves the feed's version and clock, which is cheap enough for any thread."""
+        nxt = self.index.next_expiry()
+        for _, cmd, _ in items:
+            if cmd.op in NETMAP_OPS or cmd.op.startswith("clusterkey."):
+                return False
+            if nxt is not None and cmd.time >= nxt:
+                return False
+        return True
 
     def _changes(self, v: int, cmd: Command, result: dict) -> list[Changes]:
         out = []

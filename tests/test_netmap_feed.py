@@ -250,3 +250,20 @@ def test_member_removal_sends_the_offline_records_it_swept():
                            ok({"member": {"id": "r3"}, "nodes": [dict(n1, online=False)]}))])
     assert [p.online for p in u.deltas["n2"].peers_changed] == [False]
     assert feed.full("n2").peers["n1"].online is False
+
+
+def test_only_batches_that_cannot_change_a_netmap_skip_the_feed_thread():
+    """The hub applies such batches on its event loop (api/map_stream.py); anything a
+    netmap is derived from, a key command or a key expiry reached must not qualify."""
+    feed = NetmapFeed(POLICIES[0], [node(1, "alice"), node(2, "bob", key_expiry=NOW + 10)], NOW, 1)
+    user = (2, Command("user.create", {"name": "carol"}, time=NOW + 1), ok({"name": "carol"}))
+    assert feed.only_moves_time([user])
+    for op in ("node.update", "node.delete", "node.presence", "policy.set", "member.remove",
+               "clusterkey.rotate"):
+        assert not feed.only_moves_time([user, (3, Command(op, {}, time=NOW + 1), ok({}))]), op
+    late = (3, Command("user.create", {"name": "dave"}, time=NOW + 10), ok({"name": "dave"}))
+    assert not feed.only_moves_time([user, late])  # n2's key expires at that time
+    u = feed.apply_batch([user])
+    assert (u.version, u.deltas, u.gone, feed.version, feed.clock) == (2, {}, frozenset(), 2, NOW + 1)
+    u = feed.apply_batch([late])
+    assert u.gone == {"n2"} and set(u.deltas) == {"n1"}  # what the thread path derives
