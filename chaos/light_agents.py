@@ -500,7 +500,9 @@ def _worker_main(conn, urls: list[str]) -> None:
             except OSError:
                 pass
 
-    asyncio.run(main())
+    import uvloop  # the replicas' loop: cheaper harness CPU, which the replicas share here
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
 
 
 if __name__ == "__main__":  # a worker: python -m raftmesh.chaos.light_agents FD URLS_JSON
