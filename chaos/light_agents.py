@@ -74,7 +74,7 @@ class LightAgent:
         self.reconnects: list[dict] = []  # {lost, connected, replica, attempts}
         self.errors = 0
         self.stop = False
-        self.stream = None  # the open map-stream response (Swarm._watchdog may close it)
+        self.stream = None  # (response, longest silence allowed in s) of the open map stream
         self.last_data = 0.0  # monotonic time the stream last delivered bytes
         self.cut: str | None = None  # why the stream was closed from outside: "kick", "silent"
         self.gone: dict[str, tuple[int, float]] = {}  # watched peer -> (version, time) it left

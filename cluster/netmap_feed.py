@@ -117,12 +117,11 @@ class NetmapFeed:
         self.version = version
         stamped = {k: _restamp(d, version) for k, d in deltas.items()}
         self._record(stamped, gone)
+        self._tune_gc_once_large()
         if self._large and self._since_freeze >= REFREEZE_EVERY:
             self._refreezes += 1
             refreeze_gc(full=self._refreezes % FULL_REFREEZE_EVERY == 0)
             self._since_freeze = 0
-        else:
-            self._tune_gc_once_large()
         return FeedUpdate(version, stamped, frozenset(gone), cause, keys_changed)
 
     def _tune_gc_once_large(self) -> None:

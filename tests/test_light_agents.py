@@ -2,6 +2,7 @@
 its keepalive is dropped by the per-process watchdog sweep, and a rehome moves a stream home
 without counting an error. Loopback aiohttp servers stand in for replicas that hang."""
 import asyncio
+import contextlib
 import time
 
 from aiohttp import web
@@ -10,12 +11,12 @@ from raftmesh.agent.netmap_state import AgentNetmap
 from raftmesh.chaos.light_agents import LightAgent, Swarm
 
 
-async def _silent_replicas(n: int):
-    """n servers answering /machine/map with a stream head and then nothing; returns
-    (runners, urls, requests seen per server)."""
-    seen = [0] * n
-    runners, urls = [], []
-    done = asyncio.Event()
+@contextlib.asynccontextmanager
+async def silent_replicas(n: int, home: int, start_at: int):
+    """n servers answering /machine/map with a stream head and then nothing, and a swarm of
+    one agent (home `home`, first connecting to `start_at`); yields (swarm, agent, requests
+    seen per server) and ends the servers and the swarm."""
+    seen, runners, urls, done = [0] * n, [], [], asyncio.Event()
     for i in range(n):
         async def hang(request, i=i):
             seen[i] += 1
@@ -28,11 +29,21 @@ async def _silent_replicas(n: int):
         app.router.add_get("/machine/map", hang)
         runner = web.AppRunner(app)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
         runners.append(runner)
         urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
-    return runners, urls, seen, done
+    swarm = Swarm(urls, backoff_base=0.01)
+    a = LightAgent(0, "la0", home)
+    a.node_id, a.view, a.url = "n1", AgentNetmap("n1", {}), start_at
+    swarm.agents.append(a)
+    try:
+        await swarm.connect(concurrency=1, timeout=0.1)  # no netmap ever comes: returns False
+        yield swarm, a, seen
+    finally:
+        done.set()
+        await swarm.close()
+        for r in runners:
+            await r.cleanup()
 
 
 async def _until(pred, timeout: float) -> None:
@@ -44,39 +55,16 @@ async def _until(pred, timeout: float) -> None:
 
 def test_silent_stream_is_dropped_and_the_agent_moves_on():
     async def main():
-        runners, urls, seen, done = await _silent_replicas(2)
-        swarm = Swarm(urls, backoff_base=0.01)
-        try:
-            a = LightAgent(0, "la0", 0)
-            a.node_id, a.view = "n1", AgentNetmap("n1", {})
-            swarm.agents.append(a)
-            await swarm.connect(concurrency=1, timeout=0.1)  # no netmap ever comes: False
+        async with silent_replicas(2, home=0, start_at=0) as (swarm, a, seen):
             await _until(lambda: seen[1] >= 1, 10)  # 2 x 0.5 s of silence, then the next URL
             assert seen[0] == 1 and a.errors >= 1 and a.url == 1
-        finally:
-            done.set()
-            await swarm.close()
-            for r in runners:
-                await r.cleanup()
     asyncio.run(main())
 
 
 def test_rehome_moves_a_stream_without_an_error():
     async def main():
-        runners, urls, seen, done = await _silent_replicas(2)
-        swarm = Swarm(urls, backoff_base=0.01)
-        try:
-            a = LightAgent(0, "la0", 1)
-            a.node_id, a.view = "n1", AgentNetmap("n1", {})
-            a.url = 0  # streaming away from home
-            swarm.agents.append(a)
-            await swarm.connect(concurrency=1, timeout=0.1)
+        async with silent_replicas(2, home=1, start_at=0) as (swarm, a, seen):
             await _until(lambda: a.stream is not None, 5)
             assert await swarm.rehome(timeout=5)
             assert seen == [1, 1] and a.errors == 0 and a.replica == "r1"
-        finally:
-            done.set()
-            await swarm.close()
-            for r in runners:
-                await r.cleanup()
     asyncio.run(main())
