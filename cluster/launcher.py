@@ -158,21 +158,32 @@ class LocalCluster:
         """Until every given replica answers /readyz 200 and the admin key works."""
         deadline = time.monotonic() + timeout
         pending = list(replicas or [r for r in self.replicas if r.alive()])
+        last = None
         while pending:
             r = pending[0]
             try:
-                status, _ = self.request(r, "GET", "/readyz", timeout=1)
+                status, body = self.request(r, "GET", "/readyz", timeout=1)
+                last = f"/readyz {status} {body}"
                 if status == 200 and self._started_up(r):
                     pending.pop(0)
                     continue
-            except (OSError, urllib.error.URLError):
-                pass
+            except (OSError, urllib.error.URLError) as e:
+                last = f"/readyz: {e!r}"
             if time.monotonic() > deadline:
-                raise TimeoutError(f"replica {r.id} not ready within {timeout}s "
+                raise TimeoutError(f"replica {r.id} not ready within {timeout}s; last {last}; "
+                                   f"raft: {self._raft_status(r)} "
                                    f"(log: {os.path.join(self.log_dir, r.id + '.log')})")
             if not r.alive():
                 raise RuntimeError(f"replica {r.id} exited with {r.proc.returncode}")
             time.sleep(0.05)
+
+    def _raft_status(self, r: ReplicaProcess) -> str:
+        """What a replica that is not ready says of its Raft state (for the error message)."""
+        try:
+            status, body = self.request(r, "GET", "/api/v1/cluster/self", timeout=2)
+        except (OSError, urllib.error.URLError) as e:
+            return repr(e)
+        return str(body)[:600] if status == 200 else f"{status} {str(body)[:200]}"
 
     def _started_up(self, r: ReplicaProcess) -> bool:
         """The admin key works and the replica's start-up writes (its member record, the

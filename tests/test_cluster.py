@@ -236,3 +236,17 @@ def test_restart_from_snapshot_keeps_the_membership_and_tolerates_a_failure(make
     survivor = next(r for r in c.replicas if r.alive())
     wait_until(lambda: create_user(c, survivor, "after-restart")[0] == 201, 20,
                what="writes with one of three replicas down after a restart from snapshots")
+
+
+def test_wait_ready_says_why_a_replica_is_not_ready(make_cluster):
+    """A replica that never gets ready is reported with its last /readyz answer and its
+    Raft status, so a failed chaos run or test carries the evidence with it."""
+    import pytest
+    c = make_cluster(3)
+    for r in c.replicas[1:]:
+        c.kill(r)
+    with pytest.raises(TimeoutError) as e:
+        c.wait_ready([c.replicas[0]], timeout=3)
+    text = str(e.value)
+    assert "not ready within 3" in text and "/readyz 503" in text and "no quorum" in text
+    assert "'has_quorum': False" in text and "'applied_version'" in text
