@@ -199,8 +199,11 @@ class RaftReplica(SyncObj):
         self._send_now = send
 
         def durable_send(node, message):
-            if message.get("type") == "next_node_idx" and message.get("success"):
-                self._sync_journal()
+            if message.get("type") == "next_node_idx":
+                if message.get("success"):
+                    self._sync_journal()
+                else:
+                    message = rewind_to_commit(message, self.raftCommitIndex)
             if "serialized" in message or "transmission" in message:
                 # Snapshot and large-entry chunks: paced by pysyncobj, keep them separate.
                 self._flush_outbox()
@@ -412,6 +415,26 @@ class RaftReplica(SyncObj):
             "leader_commit_index": self._SyncObj__leaderCommitIndex,
             "journal_syncs": self.journal.syncs,
         }
+
+
+def rewind_to_commit(reply: dict, commit_index: int) -> dict:
+    """A follower's rejection of AppendEntries asks the leader to resend from just after
+    its commit index, never from further on.
+
+    pysyncobj's follower answers a term mismatch at prevLogIdx with "resend from
+    prevLogIdx" (one entry back per round trip) and an AppendEntries beyond its log with
+    "resend from my last + 1", while its leader advances nextIndex optimistically with
+    every AppendEntries it sends. A follower holding several uncommitted entries of an
+    old term (a leader that was cut off while it still took writes) could then livelock
+    under load: each one-step rewind was overwritten by a "last + 1" answer to an
+    AppendEntries already in flight, and it never caught up (seen in the chaos test, a
+    replica 454 entries behind for good). Everything up to the commit index matches every
+    later leader's log, so resending from there always succeeds in one round trip, and
+    every rejection names the same point; entries the follower already has with the same
+    term are skipped by DurableJournal.add, the conflicting ones replaced."""
+    if not reply.get("reset") or reply.get("next_node_idx", 0) <= commit_index + 1:
+        return reply
+    return dict(reply, next_node_idx=commit_index + 1)
 
 
 def _settle(settled: list) -> None:

@@ -250,3 +250,16 @@ def test_wait_ready_says_why_a_replica_is_not_ready(make_cluster):
     text = str(e.value)
     assert "not ready within 3" in text and "/readyz 503" in text and "no quorum" in text
     assert "'has_quorum': False" in text and "'applied_version'" in text
+
+
+def test_append_entries_rejections_rewind_to_the_follower_commit_index():
+    """A rejection names one safe point, so replies to AppendEntries already in flight
+    cannot undo each other (the livelock cluster/replica.rewind_to_commit explains)."""
+    from raftmesh.cluster.replica import rewind_to_commit
+    mismatch = {"type": "next_node_idx", "next_node_idx": 3423, "reset": True, "success": False}
+    beyond = dict(mismatch, next_node_idx=3424)
+    assert rewind_to_commit(mismatch, 3417)["next_node_idx"] == 3418
+    assert rewind_to_commit(beyond, 3417)["next_node_idx"] == 3418
+    assert rewind_to_commit(dict(mismatch, next_node_idx=12), 3417)["next_node_idx"] == 12
+    chunk = {"type": "next_node_idx", "next_node_idx": 3424, "reset": False, "success": False}
+    assert rewind_to_commit(chunk, 3417) is chunk  # a large entry's chunks are acknowledged as-is
