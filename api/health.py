@@ -99,8 +99,8 @@ class Metrics:
                 key[0], key[1], str(status))
         child.observe(seconds)
 
-
     def close(self) -> None:
+        """Stops the GC pause timing (a process-wide gc callback) with the app."""
         self.gc_pauses.close()
 
 
