@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from pysyncobj.journal import Journal
 
@@ -63,6 +64,8 @@ class DurableJournal(Journal):
         self._entries: list[tuple[bytes, int, int]] = []
         self._offsets: list[int] = []  # file offset of each entry's record
         self._dirty = False
+        self._background: Future | None = None  # a sync_in_background() still running
+        self._syncer: ThreadPoolExecutor | None = None
         self.syncs = 0  # fsync count, exported as a metric
         self._meta = self._load_meta()
         self._fd = self._open_and_load()
@@ -108,10 +111,32 @@ class DurableJournal(Journal):
 
     def sync(self) -> None:
         """fsync appended entries; a no-op when nothing changed since the last call."""
+        self.wait_background_sync()
         if self._dirty:
             os.fdatasync(self._fd)
             self._dirty = False
             self.syncs += 1
+
+    def sync_in_background(self) -> None:
+        """Start making the entries appended so far durable on a helper thread and return.
+
+        The leader calls this at the end of its tick and waits (wait_background_sync) before
+        the next one counts its own entries towards a commit, so the fsync overlaps the wait
+        for followers' answers instead of adding to every round. sync() waits for it too."""
+        self.wait_background_sync()
+        if not self._dirty:
+            return
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-sync")
+        self._dirty = False  # entries appended from now on need a sync of their own
+        self.syncs += 1
+        self._background = self._syncer.submit(os.fdatasync, self._fd)
+
+    def wait_background_sync(self) -> None:
+        """Return once the last sync_in_background() finished; raises what its fsync raised."""
+        if self._background is not None:
+            running, self._background = self._background, None
+            running.result()
 
     def _store_meta(self) -> None:
         write_file_durably(self._meta_path, json.dumps(self._meta).encode())
@@ -133,6 +158,7 @@ class DurableJournal(Journal):
         self._dirty = True
 
     def _truncate(self, pos: int) -> None:
+        self.wait_background_sync()
         os.ftruncate(self._fd, self._offsets[pos])
         del self._entries[pos:]
         del self._offsets[pos:]
@@ -143,6 +169,7 @@ class DurableJournal(Journal):
 
     def deleteEntriesTo(self, entryTo):
         """Drop the first `entryTo` entries after a snapshot: rewrite the file atomically."""
+        self.wait_background_sync()  # it syncs the descriptor closed below
         keep = self._entries[entryTo:]
         tmp = self._path + ".compact"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -159,6 +186,7 @@ class DurableJournal(Journal):
         self._dirty = False
 
     def clear(self):
+        self.wait_background_sync()
         os.ftruncate(self._fd, len(_MAGIC))
         self._entries, self._offsets = [], []
         self._dirty = True
@@ -173,6 +201,8 @@ class DurableJournal(Journal):
     def _destroy(self):
         self.sync()
         os.close(self._fd)
+        if self._syncer is not None:
+            self._syncer.shutdown()
 
     def setRaftCommitIndex(self, raftCommitIndex):
         # Not needed for safety (the leader re-sends it); persisted with the next sync.

@@ -4,6 +4,8 @@ pysyncobj's default snapshot forks and pickles the object; an LMDB environment m
 cross fork(), and we pickle nothing of ours. Its serializer hook receives the two last
 applied log entries and the member list; we store them as a JSON header followed by a
 compacted copy of data.mdb. The same file is what pysyncobj streams to a lagging follower.
+The state is pinned by a read transaction on the Raft thread and copied from it on another
+(cluster/background_snapshot.py), so writing a large state does not stall replication.
 """
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import json
 import os
 import shutil
 import struct
-import tempfile
+from dataclasses import dataclass
+
+import lmdb
 
 from .journal import fsync_dir
-from .state_store import StateStore
+from .state_store import LmdbTxn, StateStore, read_version
 
 MAGIC = b"RMSNAP1\n"
 _LEN = struct.Struct("<I")
@@ -30,28 +34,50 @@ def _entry_tuple(obj) -> tuple:
     return (base64.b64decode(obj[0]), obj[1], obj[2])
 
 
-def write_snapshot(store: StateStore, path: str, raft_data: tuple) -> int:
-    """Write `path` (pysyncobj passes a tmp path and renames it); returns the state version."""
+@dataclass
+class PinnedState:
+    """The state as of one applied index, held by an LMDB read transaction, plus the
+    snapshot header describing it: taken on the Raft thread, written from any thread."""
+
+    txn: lmdb.Transaction
+    header: bytes
+    version: int
+
+
+def pin_state(store: StateStore, raft_data: tuple) -> PinnedState:
+    """On the Raft thread, right after apply: commit, then hold that state for the copy."""
     last_entry, prev_entry, cluster = raft_data
-    workdir = tempfile.mkdtemp(prefix=".snap-", dir=os.path.dirname(os.path.abspath(path)))
+    txn = store.pin()
+    version = read_version(LmdbTxn(txn, store.dbs))
+    header = json.dumps({
+        "last_entry": _entry_json(last_entry), "prev_entry": _entry_json(prev_entry),
+        "members": sorted(n if isinstance(n, str) else n.id for n in cluster),
+        "state_version": version,
+    }).encode()
+    return PinnedState(txn, header, version)
+
+
+def write_pinned(store: StateStore, pinned: PinnedState, path: str) -> None:
+    """Write the snapshot file (header, then LMDB's compacted copy of the pinned state) and
+    fsync it; releases the pin. Runs while the Raft thread goes on applying."""
     try:
-        store.copy_to(workdir)
-        version = store.applied_version()
-        header = json.dumps({
-            "last_entry": _entry_json(last_entry), "prev_entry": _entry_json(prev_entry),
-            "members": sorted(n if isinstance(n, str) else n.id for n in cluster),
-            "state_version": version,
-        }).encode()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out, open(os.path.join(workdir, "data.mdb"), "rb") as src:
-            out.write(MAGIC + _LEN.pack(len(header)) + header)
-            shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        fsync_dir(os.path.dirname(os.path.abspath(path)))
-        return version
+        try:
+            os.write(fd, MAGIC + _LEN.pack(len(pinned.header)) + pinned.header)
+            store.copy_pinned(fd, pinned.txn)  # continues at the descriptor's offset
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        pinned.txn.abort()
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_snapshot(store: StateStore, path: str, raft_data: tuple) -> int:
+    """pin_state and write_pinned in one go; returns the state version."""
+    pinned = pin_state(store, raft_data)
+    write_pinned(store, pinned, path)
+    return pinned.version
 
 
 def read_header(path: str) -> tuple[dict, int]:
@@ -62,12 +88,24 @@ def read_header(path: str) -> tuple[dict, int]:
         return json.loads(f.read(n)), len(MAGIC) + _LEN.size + n
 
 
+def _make_durable(path: str) -> None:
+    """pysyncobj writes a snapshot received from the leader without fsync, then clears the
+    journal it replaces; the store installed from it is not fsynced either (state_store)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def load_snapshot(store: StateStore, path: str) -> tuple:
     """Install the snapshot unless local state is already as new; returns pysyncobj's tuple.
 
     Local state can be newer: at start-up LMDB already holds everything applied before the
     restart, and the journal replay after the snapshot is skipped index by index.
     """
+    _make_durable(path)
     header, offset = read_header(path)
     if header["state_version"] > store.applied_version():
         tmp = os.path.join(store.path, "incoming.mdb")

@@ -3,7 +3,15 @@
 The state machine (cluster/state_machine.py) sees only the `Txn` protocol below; this
 module supplies it over LMDB. Every applied command and the state version it produces are
 written in one LMDB transaction, so a restarted replica knows exactly where it is.
-Writes from one Raft tick share a transaction (one fsync per batch).
+Writes from one Raft tick share a transaction.
+
+LMDB here is a cache of the Raft snapshot plus the journal, which are what make applied
+commands durable (both fsynced; docs/durability.md section 1). Commits therefore do not
+fsync: that was the costliest step of every tick (~1.5 ms of each replica's apply path
+under load). Without the fsync LMDB stays consistent across a process crash (its pages
+are in the kernel's page cache) but not across an OS crash, so a marker file names the
+boot (kernel boot id) whose page cache holds unsynced commits; a store opened under a
+different boot discards its files and the replica rebuilds them from snapshot and journal.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ from typing import Any, Iterator
 
 import lmdb
 
+from .journal import fsync_dir, write_file_durably
 from .json_codec import compact_json, loads_utf8
 
 TABLES = (
@@ -26,6 +35,8 @@ TABLES = (
 _VERSION_KEY = b"applied_version"
 CACHED_META = frozenset({"clock", "audit_head", "policy_head", "ip_cursor"})
 MAP_SIZE = 8 << 30
+UNSYNCED_MARKER = "unsynced-since-boot"  # in the store's directory; see the module doc
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 # Values keep their dict insertion order instead of sorted keys: nothing hashes stored
@@ -47,15 +58,19 @@ class LmdbTxn:
     """The state machine's view of one LMDB transaction (JSON values, str keys).
 
     A write transaction shares its store's `meta_cache`: decoded values of the few fixed
-    `meta` records (CACHED_META) that every command reads back, kept up to date by put/delete
-    here. They are replaced whole, never mutated in place, so sharing the objects is safe.
+    `meta` records (CACHED_META) that every command reads back and rewrites (clock, audit
+    head...). Writes to them stay in the cache (`meta_dirty`) and reach LMDB once, when the
+    store commits the tick's batch, instead of being encoded and put by every command.
+    They are replaced whole, never mutated in place, so sharing the objects is safe.
     """
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any],
-                 meta_cache: dict[str, Any] | None = None):
+                 meta_cache: dict[str, Any] | None = None,
+                 meta_dirty: set[str] | None = None):
         self._txn = txn
         self._dbs = dbs
         self._meta = meta_cache
+        self._dirty = meta_dirty
 
     def get(self, table: str, key: str) -> Any:
         cache = self._meta if table == "meta" and key in CACHED_META else None
@@ -68,28 +83,46 @@ class LmdbTxn:
         return value
 
     def put(self, table: str, key: str, value: Any) -> None:
-        self._txn.put(key.encode(), _dumps(value), db=self._dbs[table])
-        if self._meta is not None and table == "meta" and key in CACHED_META:
+        if self._dirty is not None and table == "meta" and key in CACHED_META:
             self._meta[key] = value
+            self._dirty.add(key)
+            return
+        self._txn.put(key.encode(), _dumps(value), db=self._dbs[table])
 
     def put_raw(self, table: str, key: str, data: bytes) -> None:
         """Store a value its caller already encoded as JSON (audit entries, encoded once)."""
         self._txn.put(key.encode(), data, db=self._dbs[table])
         if self._meta is not None and table == "meta":
             self._meta.pop(key, None)
+            self._dirty.discard(key)
 
     def delete(self, table: str, key: str) -> None:
-        self._txn.delete(key.encode(), db=self._dbs[table])
-        if self._meta is not None and table == "meta" and key in CACHED_META:
+        if self._dirty is not None and table == "meta" and key in CACHED_META:
             self._meta[key] = None
+            self._dirty.add(key)
+            return
+        self._txn.delete(key.encode(), db=self._dbs[table])
 
     def items(self, table: str, start: str = "") -> Iterator[tuple[str, Any]]:
         """Entries in key order from `start` (inclusive)."""
+        if table == "meta" and self._dirty:
+            write_back_meta(self)
         with self._txn.cursor(db=self._dbs[table]) as cur:
             if not cur.set_range(start.encode()):
                 return
             for k, v in cur.iternext(keys=True, values=True):
                 yield k.decode(), _loads(v)
+
+
+def write_back_meta(txn: LmdbTxn) -> None:
+    """Put the meta records held back in the cache (a None value was deleted)."""
+    for key in txn._dirty:
+        value = txn._meta[key]
+        if value is None:
+            txn._txn.delete(key.encode(), db=txn._dbs["meta"])
+        else:
+            txn._txn.put(key.encode(), _dumps(value), db=txn._dbs["meta"])
+    txn._dirty.clear()
 
 
 class StateStore:
@@ -104,35 +137,88 @@ class StateStore:
         # commits because every write goes through write_txn(); dropped when a snapshot
         # replaces the environment.
         self._meta_cache: dict[str, Any] = {}
+        self._meta_dirty: set[str] = set()  # cached meta records not yet put (see LmdbTxn)
+        self._writer_version: int | None = None  # applied version as the writer left it
+        self._marked = False  # the unsynced marker is written for this boot
+        self.discarded_after_os_crash = self._discard_if_os_crashed()
         self._open()
 
     def _open(self) -> None:
-        # metasync=False keeps ACI and integrity on power loss; durability of the newest
-        # transactions comes from the Raft journal, which is replayed idempotently.
+        # sync=False: see the module doc; the marker protocol below replaces the fsync.
         self.env = lmdb.open(self.path, max_dbs=len(TABLES) + 1, map_size=MAP_SIZE,
-                             metasync=False, sync=True, mode=0o600)
+                             sync=False, metasync=False, mode=0o600)
         self.dbs = {name: self.env.open_db(name.encode()) for name in TABLES}
+
+    def _discard_if_os_crashed(self) -> bool:
+        """Remove the LMDB files when commits of an earlier boot were never synced.
+
+        After an OS crash or power loss they may be torn in any way (pages reach the disk
+        in no particular order); the replica rebuilds the state from its snapshot and
+        journal, like a new member. An unknown boot id counts as another boot."""
+        marker = os.path.join(self.path, UNSYNCED_MARKER)
+        try:
+            with open(marker) as f:
+                marked_boot = f.read().strip()
+        except FileNotFoundError:
+            return False
+        if marked_boot and marked_boot == boot_id():
+            return False  # only the process ended: the page cache still has every commit
+        for name in ("data.mdb", "lock.mdb"):
+            try:
+                os.unlink(os.path.join(self.path, name))
+            except FileNotFoundError:
+                pass
+        os.unlink(marker)
+        fsync_dir(self.path)
+        return True
+
+    def _mark_unsynced(self) -> None:
+        """Before the first commit that is not fsynced: name this boot as its keeper."""
+        write_file_durably(os.path.join(self.path, UNSYNCED_MARKER), (boot_id() or "").encode())
+        self._marked = True
+
+    def sync(self) -> None:
+        """fsync every commit so far and drop the marker: the files stand on their own."""
+        self.env.sync(True)
+        marker = os.path.join(self.path, UNSYNCED_MARKER)
+        if os.path.exists(marker):
+            os.unlink(marker)
+            fsync_dir(self.path)
+        self._marked = False
 
     def close(self) -> None:
         self.commit()
+        self.sync()
         self.env.close()
 
     # -- writes (Raft tick thread only) -----------------------------------------------
     def write_txn(self) -> LmdbTxn:
         if self._write is None:
             self._write = self.env.begin(write=True)
-        return LmdbTxn(self._write, self.dbs, self._meta_cache)
+        return LmdbTxn(self._write, self.dbs, self._meta_cache, self._meta_dirty)
 
     def commit(self) -> bool:
         """Commit the batch opened by write_txn(); True if there was one."""
         if self._write is None:
             return False
+        if not self._marked:
+            self._mark_unsynced()
+        write_back_meta(self.write_txn())
+        if self._writer_version is not None:
+            self._write.put(_VERSION_KEY, str(self._writer_version).encode(), db=self.dbs["meta"])
         self._write.commit()
         self._write = None
         return True
 
     def set_applied_version(self, txn: LmdbTxn, version: int) -> None:
-        txn._txn.put(_VERSION_KEY, str(version).encode(), db=self.dbs["meta"])
+        """Recorded with the batch's commit (one put per tick, not per command)."""
+        self._writer_version = version
+
+    def writer_version(self) -> int:
+        """The applied version including the open batch (Raft thread only)."""
+        if self._writer_version is None:
+            self._writer_version = read_version(self.write_txn())
+        return self._writer_version
 
     # -- reads (any thread) -----------------------------------------------------------
     @contextmanager
@@ -156,16 +242,23 @@ class StateStore:
         return version, h.hexdigest()
 
     # -- snapshots ----------------------------------------------------------------------
-    def copy_to(self, directory: str) -> None:
-        """Consistent compacted copy of the committed state (LMDB's own copy)."""
+    def pin(self) -> lmdb.Transaction:
+        """Commit pending writes and return a read transaction on the result, for a copy
+        taken on another thread; the caller aborts it. Raft thread only."""
         self.commit()
-        os.makedirs(directory, exist_ok=True)
-        self.env.copy(directory, compact=True)
+        return self.env.begin()
+
+    def copy_pinned(self, fd: int, txn: lmdb.Transaction) -> None:
+        """LMDB's compacted copy of the state `txn` sees, written to `fd` at its offset."""
+        self.env.copyfd(fd, compact=True, txn=txn)
 
     def replace_with(self, data_mdb: str) -> None:
-        """Install a snapshot's data.mdb in place of the current state."""
+        """Install a snapshot's data.mdb in place of the current state (not fsynced: the
+        snapshot file it came from is the durable copy)."""
         with self._lock:
             self.commit()
+            if not self._marked:
+                self._mark_unsynced()
             self.env.close()
             for name in ("data.mdb", "lock.mdb"):
                 try:
@@ -174,10 +267,19 @@ class StateStore:
                     pass
             shutil.move(data_mdb, os.path.join(self.path, "data.mdb"))
             self._meta_cache.clear()
+            self._writer_version = None
             self._open()
-            self.env.sync(True)
 
 
 def read_version(txn: LmdbTxn) -> int:
     raw = txn._txn.get(_VERSION_KEY, db=txn._dbs["meta"])
     return int(raw) if raw else 0
+
+
+def boot_id() -> str | None:
+    """The running kernel's boot id: it changes when the OS restarts, not when a process does."""
+    try:
+        with open(_BOOT_ID) as f:
+            return f.read().strip()
+    except OSError:
+        return None

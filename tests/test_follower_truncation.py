@@ -128,19 +128,17 @@ def test_commit_is_bounded_by_the_last_entry_the_leader_vouched_for(follower):
 
 
 def test_followers_fsync_before_acknowledging(follower):
+    """Acks are queued while messages are handled and fsynced once when flushed: whatever
+    leaves for the leader, the entries it acknowledges are on disk by then."""
     r, leader = follower
-    transport = r._SyncObj__transport
-    seen = []
-    inner = transport.send  # the durable wrapper installed by RaftReplica
-
-    def spy(node, message):
-        if message.get("type") == "next_node_idx" and message.get("success"):
-            dirty_before = r.journal.dirty
-            result = inner(node, message)
-            seen.append((dirty_before, r.journal.dirty))
-            return result
-        return inner(node, message)
-
-    transport.send = spy
+    sent = []
+    r._send_now = lambda node, message: sent.append((message, r.journal.dirty, r.journal.syncs))
+    syncs = r.journal.syncs
     r._SyncObj__onMessageReceived(leader, append_entries(1, 1, 0, [user_entry(r, 2, 1, "a")], 1))
-    assert seen == [(True, False)], "the ack is sent only after the new entry is synced"
+    r._SyncObj__onMessageReceived(leader, append_entries(1, 2, 1, [user_entry(r, 3, 1, "b")], 1))
+    assert not sent and r.journal.dirty, "acks wait for the flush"
+    r._flush_outbox()
+    (batch, dirty, syncs_at_send), = sent
+    acks = [m for m in batch["messages"] if m["type"] == "next_node_idx"]
+    assert [m["next_node_idx"] for m in acks] == [3, 4] and all(m["success"] for m in acks)
+    assert dirty is False and syncs_at_send == syncs + 1, "one fsync, before anything left"

@@ -1,5 +1,6 @@
 """The state machine as a pure function: determinism, rejection atomicity, audit, idempotency."""
 import ipaddress
+import os
 
 import pytest
 
@@ -273,7 +274,11 @@ def test_meta_cache_follows_writes_deletes_and_snapshot_installs(tmp_path):
     txn.put("meta", "clock", 5.0)
     assert store.write_txn().get("meta", "clock") == 5.0
     store.commit()
-    store.copy_to(str(tmp_path / "snap"))
+    pinned = store.pin()
+    fd = os.open(str(tmp_path / "copy.mdb"), os.O_WRONLY | os.O_CREAT, 0o600)
+    store.copy_pinned(fd, pinned)
+    os.close(fd)
+    pinned.abort()
     txn = store.write_txn()
     txn.put("meta", "clock", 9.0)
     txn.delete("meta", "audit_head")
@@ -281,7 +286,7 @@ def test_meta_cache_follows_writes_deletes_and_snapshot_installs(tmp_path):
     store.commit()
     with store.read() as r:
         assert r.get("meta", "clock") == 9.0
-    store.replace_with(str(tmp_path / "snap" / "data.mdb"))  # as a snapshot install does
+    store.replace_with(str(tmp_path / "copy.mdb"))  # as a snapshot install does
     assert store.write_txn().get("meta", "clock") == 5.0
     store.close()
 

@@ -192,6 +192,9 @@ def test_commands_forwarded_by_a_follower_are_batched_and_all_resolve(tmp_path):
              if x.get("type") == "apply_command"]
         assert len(forwarded) == 40
         assert any(m.get("type") == BATCH for m in sent), "forwards share messages"
+        # The leader ships the commit index before applying, so a follower may answer first:
+        # read the leader as the API does, behind a read barrier.
+        assert leader.barrier().result(timeout=10).kind == Outcome.APPLIED
         with leader.store.read() as txn:
             assert {f"u{i}" for i in range(40)} <= {k for k, _ in txn.items("users")}
     finally:
