@@ -155,7 +155,7 @@ class StreamHub:
         # RAFTMESH_TRACEMALLOC=1: tracemalloc on, SIGUSR2 dumps a snapshot (docs/deployment.md)
         self.memtrace = memtrace.install(self.replica.config.data_dir, loop, lambda: {
             "streams": sum(len(s) for s in self.streams.values())})
-        self.replica.add_apply_listener(lambda b: loop.call_soon_threadsafe(self._on_batch, b))
+        self.replica.add_apply_listener(self._on_batch, loop)
         self.replica.add_reset_listener(lambda: loop.call_soon_threadsafe(self._on_reset))
         self.feed = self._build_feed()
         self._load_keys()
@@ -240,8 +240,7 @@ class StreamHub:
         ~7% of a replica's CPU per write (`raftmesh bench writes`). Anything else, or any
         batch while the thread has work, goes through the thread, in order."""
         feed = self.feed
-        if self._feed_jobs == 0 and feed is not None and feed.only_moves_time(batch):
-            feed.apply_batch(batch)
+        if self._feed_jobs == 0 and feed is not None and feed.apply_if_only_time(batch):
             self._wake_waiters()
             return
         self._submit(_logged(self._apply_batch), batch)

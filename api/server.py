@@ -107,7 +107,7 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
         exporter = AuditExporter(replica.store, config.data_dir, config.audit_export_file,
                                  config.audit_export_url)
         loop = asyncio.get_running_loop()
-        replica.add_apply_listener(lambda batch: loop.call_soon_threadsafe(exporter.wakeup.set))
+        replica.add_apply_listener(lambda batch: exporter.wakeup.set(), loop)
         tasks.append(asyncio.create_task(exporter.run()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

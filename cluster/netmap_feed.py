@@ -134,16 +134,26 @@ class NetmapFeed:
             tune_gc_for_large_index()
             self._since_freeze = 0
 
-    def only_moves_time(self, items: Iterable[tuple[int, Command, dict]]) -> bool:
-        """True when applying `items` can change no netmap and no key: no command netmaps
-        are derived from, and no key expiry reached by their times. Applying them then only
-        moves the feed's version and clock, which is cheap enough for any thread."""
+    def apply_if_only_time(self, items: Iterable[tuple[int, Command, dict]]) -> bool:
+        """apply_batch for a batch that can change no netmap and no key, in one cheap pass
+        (the bulk of admin writes: users, keys, audit), cheap enough for any thread.
+
+        Such a batch has no command netmaps are derived from and no time reaching a key
+        expiry, so it only moves the feed's version and clock. Returns False, having
+        changed nothing, for any other batch: that one needs apply_batch."""
         nxt = self.index.next_expiry()
-        for _, cmd, _ in items:
-            if cmd.op in NETMAP_OPS or cmd.op.startswith("clusterkey."):
+        version, now = self.version, self.index.now
+        for v, cmd, result in items:
+            if cmd.op in NETMAP_OPS or cmd.op.startswith("clusterkey.") or \
+                    (nxt is not None and cmd.time >= nxt):
                 return False
-            if nxt is not None and cmd.time >= nxt:
-                return False
+            if v > version:
+                version = v
+                if cmd.time > now and result.get("ok") and not result.get("replayed"):
+                    now = cmd.time
+        if version != self.version:
+            self.index.advance_time(now, version)  # crosses no expiry: no changes
+            self.version = version
         return True
 
     def _changes(self, v: int, cmd: Command, result: dict) -> list[Changes]:

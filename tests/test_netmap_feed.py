@@ -254,16 +254,23 @@ def test_member_removal_sends_the_offline_records_it_swept():
 
 def test_only_batches_that_cannot_change_a_netmap_skip_the_feed_thread():
     """The hub applies such batches on its event loop (api/map_stream.py); anything a
-    netmap is derived from, a key command or a key expiry reached must not qualify."""
-    feed = NetmapFeed(POLICIES[0], [node(1, "alice"), node(2, "bob", key_expiry=NOW + 10)], NOW, 1)
+    netmap is derived from, a key command or a key expiry reached must not qualify, and
+    the fast path must leave the feed where apply_batch would."""
+    nodes = [node(1, "alice"), node(2, "bob", key_expiry=NOW + 10)]
+    feed = NetmapFeed(POLICIES[0], nodes, NOW, 1)
+    reference = NetmapFeed(POLICIES[0], nodes, NOW, 1)
     user = (2, Command("user.create", {"name": "carol"}, time=NOW + 1), ok({"name": "carol"}))
-    assert feed.only_moves_time([user])
     for op in ("node.update", "node.delete", "node.presence", "policy.set", "member.remove",
                "clusterkey.rotate"):
-        assert not feed.only_moves_time([user, (3, Command(op, {}, time=NOW + 1), ok({}))]), op
+        assert not feed.apply_if_only_time([user, (3, Command(op, {}, time=NOW + 1), ok({}))]), op
+        assert (feed.version, feed.clock) == (1, NOW), "a refused batch changes nothing"
     late = (3, Command("user.create", {"name": "dave"}, time=NOW + 10), ok({"name": "dave"}))
-    assert not feed.only_moves_time([user, late])  # n2's key expires at that time
-    u = feed.apply_batch([user])
-    assert (u.version, u.deltas, u.gone, feed.version, feed.clock) == (2, {}, frozenset(), 2, NOW + 1)
-    u = feed.apply_batch([late])
+    assert not feed.apply_if_only_time([user, late])  # n2's key expires at that time
+    refused = (3, Command("user.create", {"name": "x"}, time=NOW + 5), {"ok": False})
+    assert feed.apply_if_only_time([user, refused])
+    reference.apply_batch([user, refused])
+    assert (feed.version, feed.clock) == (reference.version, reference.clock) == (3, NOW + 1)
+    assert feed.apply_if_only_time([user]), "already applied: skipped"
+    assert (feed.version, feed.clock) == (3, NOW + 1)
+    u = feed.apply_batch([(4, late[1], late[2])])
     assert u.gone == {"n2"} and set(u.deltas) == {"n1"}  # what the thread path derives
