@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 
@@ -47,15 +48,36 @@ def _register_chaos(sub) -> None:
 def _cleaned_up_on_sigterm(main):
     """Benchmarks and chaos runs start replicas, agents, etcd and namespaces, and end them in
     `finally` blocks; Python's default SIGTERM action skips those and leaves them running.
-    SIGTERM here raises SystemExit instead, like Ctrl-C."""
+    SIGTERM here raises SystemExit instead, like Ctrl-C.
+
+    The SystemExit can also land inside subprocess.Popen after its fork, before the caller
+    holds the Popen (seen once in CI: a replica outlived its bench): so after the cleanup,
+    any child process still running is ended by pid as well."""
     def run(args) -> int:
         def terminate(signum, frame):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the cleanup finish
             print(f"\n{sys.argv[0]}: SIGTERM, stopping what this run started", file=sys.stderr)
             raise SystemExit(128 + signum)
         signal.signal(signal.SIGTERM, terminate)
-        return main(args)
+        try:
+            return main(args)
+        except SystemExit:
+            _end_children()
+            raise
     return run
+
+
+def _end_children() -> None:
+    from .benchlab import stop_pid
+    children = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                children.update(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    for pid in children:
+        stop_pid(pid)
 
 
 def _raw_help():

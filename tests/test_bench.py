@@ -49,3 +49,37 @@ def test_a_benchmark_stopped_with_sigterm_ends_the_replicas_it_started(tmp_path)
             if pid_running(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_sigterm_also_ends_children_the_run_lost_track_of(tmp_path):
+    """SIGTERM can interrupt subprocess.Popen after its fork, before the run holds the Popen:
+    the wrapper ends any child still running by pid after the run's own cleanup."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+    program = tmp_path / "run.py"
+    program.write_text(
+        "import subprocess, sys, time\n"
+        "from raftmesh.chaos.cli import _cleaned_up_on_sigterm\n"
+        "def main(args):\n"
+        "    subprocess.Popen(['sleep', '600'])  # dropped: nobody will stop it\n"
+        "    print('started', flush=True)\n"
+        "    time.sleep(600)\n"
+        "sys.exit(_cleaned_up_on_sigterm(main)(None))\n")
+    proc = subprocess.Popen([sys.executable, str(program)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    children: list[int] = []
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        children = _children(proc.pid)
+        assert len(children) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        wait_until(lambda: not pid_running(children[0]), 10, what="the lost child ends")
+    finally:
+        for pid in [proc.pid] + children:
+            if pid_running(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
