@@ -10,6 +10,7 @@ hash-chained audit entry in the same transaction.
 from __future__ import annotations
 
 import ipaddress
+from itertools import islice
 from typing import Any, Callable, Protocol
 
 from raftmesh.storage.audit_chain import GENESIS, seal
@@ -187,7 +188,7 @@ def _remember(txn: StagedTxn, cmd: Command, result: dict) -> None:
     txn.put("idempotency", cmd.request_id, {"result": result, "time": cmd.time})
     order_key = f"{cmd.time:020.6f}:{cmd.request_id}"
     txn.put("meta", "idem:" + order_key, cmd.request_id)
-    for key, rid in list(txn.items("meta", "idem:"))[:8]:
+    for key, rid in islice(txn.items("meta", "idem:"), 8):  # the oldest; never the whole range
         if not key.startswith("idem:") or float(key[5:].split(":")[0]) > cmd.time - IDEMPOTENCY_TTL:
             break
         txn.delete("meta", key)
