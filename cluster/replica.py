@@ -211,6 +211,7 @@ class RaftReplica(SyncObj):
 
     def _sync_journal(self, background: bool = False) -> None:
         if self.config.durability != "fsync":
+            self.journal.flush()  # into the page cache: a process crash loses nothing
             return
         if background:
             self.journal.sync_in_background()

@@ -132,3 +132,23 @@ def test_background_sync_covers_what_was_appended_before_it(tmp_path, monkeypatc
     assert not compact.is_alive() and len(synced) == 3
     assert entries(j) == [(b"b", 2, 1), (b"c", 3, 1)]
     j._destroy()
+
+
+def test_records_are_written_once_per_batch_and_truncation_sees_unwritten_ones(tmp_path):
+    path = str(tmp_path / "j")
+    j = DurableJournal(path)
+    for i in (1, 2, 3):
+        j.add(b"c%d" % i, i, 1)
+    size = os.path.getsize(path)
+    j.flush()  # what the replica does without fsync (durability "none"): one write
+    assert os.path.getsize(path) > size
+    assert entries(DurableJournal(path)) == [(b"c%d" % i, i, 1) for i in (1, 2, 3)], \
+        "flushed records survive a process crash"
+    j.add(b"c4", 4, 1)
+    j.add(b"c5", 5, 1)  # not written yet
+    j.add(b"new4", 4, 2)  # conflicts with a record still in memory
+    j.sync()
+    expected = [(b"c1", 1, 1), (b"c2", 2, 1), (b"c3", 3, 1), (b"new4", 4, 2)]
+    assert entries(j) == expected
+    j._destroy()
+    assert entries(DurableJournal(path)) == expected
