@@ -22,3 +22,20 @@ def test_collections_are_timed_by_generation_until_closed():
     before = count(2)
     gc.collect()
     assert count(2) == before and pauses._callback not in gc.callbacks
+
+
+def test_replicas_raise_the_young_generation_threshold_and_never_lower_it():
+    import gc
+
+    from raftmesh.api.server import raise_young_gc_threshold
+    from raftmesh.cluster.netmap_feed import GC_GEN0_THRESHOLD
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, saved[1], saved[2])
+        raise_young_gc_threshold()
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, saved[1], saved[2])
+        gc.set_threshold(GC_GEN0_THRESHOLD * 2, saved[1], saved[2])
+        raise_young_gc_threshold()
+        assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD * 2
+    finally:
+        gc.set_threshold(*saved)
