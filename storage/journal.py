@@ -210,6 +210,10 @@ class DurableJournal(Journal):
         self._dirty = True
         self.sync()
 
+    def size(self) -> int:
+        """Bytes of the records it holds (a measure of what a restart replays)."""
+        return self._end - len(_MAGIC)
+
     def __getitem__(self, item):
         return self._entries[item]
 
