@@ -88,6 +88,9 @@ class RaftReplica(SyncObj):
         self.config = config
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         self.store = StateStore(os.path.join(config.data_dir, "state"))
+        if self.store.discarded_after_os_crash:
+            log.warning("replica %s: the OS restarted before its state was synced; rebuilding "
+                        "it from the Raft snapshot and journal", config.id)
         self._resolutions: list[tuple[Future, object, int]] = []
         self._barrier_waiters: list[Future] = []
         self._apply_listeners: list[tuple[Callable[[list], None], asyncio.AbstractEventLoop | None]] = []
