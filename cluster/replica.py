@@ -153,9 +153,6 @@ class RaftReplica(SyncObj):
                 # Cleared before the tick drains the command queue: a command queued after
                 # this point finds the flag down and writes a new wake-up (see _wake).
                 self._wake_pending = False
-                # The leader's fsync of its last tick's entries (_sync_journal) must end
-                # before this tick counts the leader towards committing them.
-                self.journal.wait_background_sync()
                 self.doTick(self.config.tick)
                 self._flush_outbox()  # replies produced while handling received messages
             except Exception:
@@ -209,9 +206,8 @@ class RaftReplica(SyncObj):
         self.store.commit()
         self._publish()
         # After answering: what this tick applied was committed on a majority already, and
-        # the leader counts its own new entries only from the next tick's commit step
-        # (_run waits for this sync first), so it overlaps the wait for followers' acks.
-        self._sync_journal(background=leader)
+        # the leader counts its own new entries only from the next tick's commit step.
+        self._sync_journal()
         if leader and not self._SyncObj__otherNodes and self._log_index() > self.raftCommitIndex:
             self._wake()  # a single replica: no ack will wake the tick that commits these
         self._refresh_status()
@@ -219,14 +215,11 @@ class RaftReplica(SyncObj):
     def _log_index(self) -> int:
         return self.journal[-1][1]
 
-    def _sync_journal(self, background: bool = False) -> None:
+    def _sync_journal(self) -> None:
         if self.config.durability != "fsync":
             self.journal.flush()  # into the page cache: a process crash loses nothing
             return
-        if background:
-            self.journal.sync_in_background()
-        else:
-            self.journal.sync()
+        self.journal.sync()
 
     def _wrap_transport_send(self) -> None:
         """Followers fsync before acknowledging entries (the ack is `next_node_idx`), and

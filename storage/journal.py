@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import threading
 
 from pysyncobj.journal import Journal
 
@@ -67,7 +66,6 @@ class DurableJournal(Journal):
         self._dirty = False
         self._pending: list[bytes] = []  # records appended since the last write to the file
         self._end = 0  # file offset after the last record, pending ones included
-        self._syncer: _Syncer | None = None  # runs sync_in_background()'s fsync
         self.syncs = 0  # fsync count, exported as a metric
         self._meta = self._load_meta()
         self._fd = self._open_and_load()
@@ -126,33 +124,11 @@ class DurableJournal(Journal):
 
     def sync(self) -> None:
         """fsync appended entries; a no-op when nothing changed since the last call."""
-        self.wait_background_sync()
         if self._dirty:
             self.flush()
             os.fdatasync(self._fd)
             self._dirty = False
             self.syncs += 1
-
-    def sync_in_background(self) -> None:
-        """Start making the entries appended so far durable on a helper thread and return.
-
-        The leader calls this at the end of its tick and waits (wait_background_sync) before
-        the next one counts its own entries towards a commit, so the fsync overlaps the wait
-        for followers' answers instead of adding to every round. sync() waits for it too."""
-        self.wait_background_sync()
-        if not self._dirty:
-            return
-        self.flush()
-        if self._syncer is None:
-            self._syncer = _Syncer()
-        self._dirty = False  # entries appended from now on need a sync of their own
-        self.syncs += 1
-        self._syncer.start(self._fd)
-
-    def wait_background_sync(self) -> None:
-        """Return once the last sync_in_background() finished; raises what its fsync raised."""
-        if self._syncer is not None:
-            self._syncer.wait()
 
     def _store_meta(self) -> None:
         write_file_durably(self._meta_path, json.dumps(self._meta).encode())
@@ -173,7 +149,6 @@ class DurableJournal(Journal):
         self._end += len(record)
         self._dirty = True
     def _truncate(self, pos: int) -> None:
-        self.wait_background_sync()
         self.flush()
         self._end = self._offsets[pos]
         os.ftruncate(self._fd, self._end)
@@ -186,7 +161,6 @@ class DurableJournal(Journal):
 
     def deleteEntriesTo(self, entryTo):
         """Drop the first `entryTo` entries after a snapshot: rewrite the file atomically."""
-        self.wait_background_sync()  # it syncs the descriptor closed below
         keep = self._entries[entryTo:]
         tmp = self._path + ".compact"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -203,7 +177,6 @@ class DurableJournal(Journal):
         self._dirty = False
 
     def clear(self):
-        self.wait_background_sync()
         os.ftruncate(self._fd, len(_MAGIC))
         self._end = len(_MAGIC)
         self._entries, self._offsets, self._pending = [], [], []
@@ -223,8 +196,6 @@ class DurableJournal(Journal):
     def _destroy(self):
         self.sync()
         os.close(self._fd)
-        if self._syncer is not None:
-            self._syncer.close()
 
     def setRaftCommitIndex(self, raftCommitIndex):
         # Not needed for safety (the leader re-sends it); persisted with the next sync.
@@ -250,49 +221,3 @@ class DurableJournal(Journal):
             self._meta["_stored_commit_index"] = self._meta.get("commit_index")
             self._store_meta()
 
-
-class _Syncer:
-    """One helper thread that fsyncs on request. Two locks used as binary semaphores, not
-    a ThreadPoolExecutor: its future and work item per request cost ~2% of a replica's
-    CPU per write (it runs once per leader tick)."""
-
-    def __init__(self):
-        self._request = threading.Lock()
-        self._request.acquire()  # released to hand the thread a request
-        self._idle = threading.Lock()  # held from a request until its fsync returned
-        self._running = False
-        self._fd = -1
-        self._error: OSError | None = None
-        self._closing = False
-        threading.Thread(target=self._loop, name="journal-sync", daemon=True).start()
-
-    def _loop(self) -> None:
-        while True:
-            self._request.acquire()
-            if self._closing:
-                return
-            try:
-                os.fdatasync(self._fd)
-            except OSError as e:
-                self._error = e
-            self._idle.release()
-
-    def start(self, fd: int) -> None:
-        self._idle.acquire()  # free: wait() ran since the last start
-        self._fd, self._running = fd, True
-        self._request.release()
-
-    def wait(self) -> None:
-        if not self._running:
-            return
-        self._idle.acquire()
-        self._idle.release()
-        self._running = False
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def close(self) -> None:
-        self.wait()
-        self._closing = True
-        self._request.release()

@@ -94,46 +94,6 @@ def test_clear(tmp_path):
     assert entries(DurableJournal(path)) == [(b"b", 5, 2)]
 
 
-def test_background_sync_covers_what_was_appended_before_it(tmp_path, monkeypatch):
-    """The leader's fsync runs on a helper thread; entries appended while it runs need a
-    sync of their own, and every synchronous path waits for it first."""
-    import threading
-    from raftmesh.storage import journal as journal_module
-
-    gate, synced = threading.Event(), []
-    real = os.fdatasync
-
-    def slow_fdatasync(fd):
-        gate.wait(10)
-        synced.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(journal_module.os, "fdatasync", slow_fdatasync)
-    j = DurableJournal(str(tmp_path / "j"))
-    j.add(b"a", 1, 1)
-    j.sync_in_background()
-    assert not j.dirty and j.syncs == 1 and not synced, "the fsync is still running"
-    j.add(b"b", 2, 1)
-    assert j.dirty, "an entry appended after the sync started is not covered by it"
-    threading.Timer(0.05, gate.set).start()
-    j.sync()  # waits for the background fsync, then syncs entry 2
-    assert len(synced) == 2 and not j.dirty and j.syncs == 2
-    j.sync_in_background()
-    assert len(synced) == 2, "nothing new: no fsync"
-    gate.clear()
-    j.add(b"c", 3, 1)
-    j.sync_in_background()
-    compact = threading.Thread(target=j.deleteEntriesTo, args=(1,))  # closes the descriptor
-    compact.start()
-    compact.join(0.2)
-    assert compact.is_alive(), "compaction waits for the fsync on the descriptor it closes"
-    gate.set()
-    compact.join(10)
-    assert not compact.is_alive() and len(synced) == 3
-    assert entries(j) == [(b"b", 2, 1), (b"c", 3, 1)]
-    j._destroy()
-
-
 def test_records_are_written_once_per_batch_and_truncation_sees_unwritten_ones(tmp_path):
     path = str(tmp_path / "j")
     j = DurableJournal(path)
