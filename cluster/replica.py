@@ -54,6 +54,7 @@ _journal_factory_lock = threading.Lock()
 # the last snapshot's bytes, unless it has this many entries.
 SNAPSHOT_JOURNAL_SHARE = 0.5
 SNAPSHOT_MAX_ENTRIES = 200_000
+ApplyListener = tuple[Callable[[list], None], "asyncio.AbstractEventLoop | None"]  # fn, its loop
 
 
 class Outcome:
@@ -93,7 +94,7 @@ class RaftReplica(SyncObj):
                         "it from the Raft snapshot and journal", config.id)
         self._resolutions: list[tuple[Future, object, int]] = []
         self._barrier_waiters: list[Future] = []
-        self._apply_listeners: list[tuple[Callable[[list], None], asyncio.AbstractEventLoop | None]] = []
+        self._apply_listeners: list[ApplyListener] = []
         self._reset_listeners: list[Callable[[], None]] = []
         self._state_replaced = False
         self._applied_batch: list[tuple[int, Command, dict]] = []
@@ -183,8 +184,9 @@ class RaftReplica(SyncObj):
         """Ship first, then apply: pysyncobj's tick applies the newly committed entries, then
         takes queued commands, and only its end (our _after_tick) sends. Taking commands and
         sending the new entries and commit index before applying lets followers store and
-        apply in parallel with this replica's apply instead of after it (under load, apply
-        of a tick's batch took ~1 ms, paid on each of the three hops of a write)."""
+        apply in parallel with this replica's apply instead of after it (per-stage trace at
+        64 clients: leader apply to follower apply 3.0 -> 2.2 ms, a follower-proposed
+        write's time in Raft 11.6 -> 10.0 ms)."""
         self._checkCommandsToApply()  # a follower forwards them, a leader appends them
         self._ship()
         return SyncObj._SyncObj__applyLogEntries(self)
@@ -226,9 +228,10 @@ class RaftReplica(SyncObj):
         messages are queued per peer until the tick flushes them (_flush_outbox).
 
         The fsync happens when a flush sends queued acks, once for all the AppendEntries
-        handled since the last flush, and before any of them leaves. pysyncobj ignores send()'s result
-        (it checks connectivity itself); a message queued for a peer that disconnects
-        before the flush is lost like any message in flight, which Raft tolerates.
+        handled since the last flush, and before any of them leaves. pysyncobj ignores
+        send()'s result (it checks connectivity itself); a message queued for a peer that
+        disconnects before the flush is lost like any message in flight, which Raft
+        tolerates.
         """
         transport = self._SyncObj__transport
         send = transport.send

@@ -59,7 +59,8 @@ def pin_state(store: StateStore, raft_data: tuple) -> PinnedState:
 
 def write_pinned(store: StateStore, pinned: PinnedState, path: str) -> None:
     """Write the snapshot file (header, then LMDB's compacted copy of the pinned state) and
-    fsync it; releases the pin. Runs while the Raft thread goes on applying."""
+    fsync it; releases the pin. Runs while the Raft thread goes on applying. The caller
+    renames the file into place and fsyncs the directory."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -70,14 +71,6 @@ def write_pinned(store: StateStore, pinned: PinnedState, path: str) -> None:
             os.close(fd)
     finally:
         pinned.txn.abort()
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def write_snapshot(store: StateStore, path: str, raft_data: tuple) -> int:
-    """pin_state and write_pinned in one go; returns the state version."""
-    pinned = pin_state(store, raft_data)
-    write_pinned(store, pinned, path)
-    return pinned.version
 
 
 def read_header(path: str) -> tuple[dict, int]:
