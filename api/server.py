@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import time
@@ -12,7 +11,7 @@ from aiohttp import web
 
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.config import ReplicaConfig
-from raftmesh.cluster.netmap_feed import GC_GEN0_THRESHOLD
+from raftmesh.cluster.netmap_feed import raise_young_gc_threshold
 from raftmesh.cluster.replica import Outcome, RaftReplica
 from raftmesh.storage.audit_export import AuditExporter
 
@@ -125,17 +124,6 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
         await app[HUB].stop()
         await runner.cleanup()
         replica.stop()
-
-
-def raise_young_gc_threshold() -> None:
-    """Each API write allocates a few hundred short-lived tracked objects (request,
-    handler frames, command, results); at CPython's default threshold of 700 a replica
-    collected its young generation ~20 times a second under load. At GC_GEN0_THRESHOLD
-    most of them are freed by reference counting before a collection sees them:
-    +2.5% writes/s in `raftmesh bench writes` (three pairs, side by side). The netmap
-    feed raises it as well once its index is large (cluster/netmap_feed.py)."""
-    t0, t1, t2 = gc.get_threshold()
-    gc.set_threshold(max(t0, GC_GEN0_THRESHOLD), t1, t2)
 
 
 def run(config: ReplicaConfig) -> None:

@@ -103,6 +103,22 @@ def pid_running(pid: int) -> bool:
     return bool(fields) and fields[0] != "Z"
 
 
+def child_pids(pid: int | str = "self") -> list[int]:
+    """Direct children of a process, over all its threads."""
+    children: set[int] = set()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children.update(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return sorted(children)
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU of these processes so far (0 for those gone)."""
     ticks = 0

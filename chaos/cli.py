@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import signal
 import sys
 
@@ -68,15 +67,8 @@ def _cleaned_up_on_sigterm(main):
 
 
 def _end_children() -> None:
-    from .benchlab import stop_pid
-    children = set()
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/children") as f:
-                children.update(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    for pid in children:
+    from .benchlab import child_pids, stop_pid
+    for pid in child_pids():
         stop_pid(pid)
 
 

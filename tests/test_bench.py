@@ -3,7 +3,7 @@ import json
 import os
 
 from raftmesh.chaos import bench_writes
-from raftmesh.chaos.benchlab import pid_running
+from raftmesh.chaos.benchlab import child_pids, pid_running
 
 
 def test_writes_benchmark_tiny(tmp_path):
@@ -14,14 +14,6 @@ def test_writes_benchmark_tiny(tmp_path):
     saved = json.loads((tmp_path / "writes.json").read_text())
     assert saved["machine"]["cpus"] >= 1
     assert (tmp_path / "writes.png").stat().st_size > 1000
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
 
 
 def test_a_benchmark_stopped_with_sigterm_ends_the_replicas_it_started(tmp_path):
@@ -37,8 +29,8 @@ def test_a_benchmark_stopped_with_sigterm_ends_the_replicas_it_started(tmp_path)
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     children: list[int] = []
     try:
-        wait_until(lambda: len(_children(proc.pid)) >= 3, 60, what="the bench starts 3 replicas")
-        children = _children(proc.pid)
+        wait_until(lambda: len(child_pids(proc.pid)) >= 3, 60, what="the bench starts 3 replicas")
+        children = child_pids(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
         assert "SIGTERM, stopping" in proc.stderr.read()
@@ -73,7 +65,7 @@ def test_sigterm_also_ends_children_the_run_lost_track_of(tmp_path):
     children: list[int] = []
     try:
         assert proc.stdout.readline().strip() == "started"
-        children = _children(proc.pid)
+        children = child_pids(proc.pid)
         assert len(children) == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
