@@ -513,6 +513,8 @@ def _file_size(path: str) -> int:
 
 
 def _written_by_background_serializer(path, raft_data):
+    """pysyncobj's conf needs a serializer, or it pickles the whole object for a snapshot;
+    the one it calls is BackgroundSerializer, installed after its __init__."""
     raise AssertionError("snapshots are written by BackgroundSerializer")
 
 

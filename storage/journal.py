@@ -148,6 +148,7 @@ class DurableJournal(Journal):
         self._offsets.append(self._end)
         self._end += len(record)
         self._dirty = True
+
     def _truncate(self, pos: int) -> None:
         self.flush()
         self._end = self._offsets[pos]
@@ -220,4 +221,3 @@ class DurableJournal(Journal):
         if self._meta.get("commit_index") != self._meta.get("_stored_commit_index"):
             self._meta["_stored_commit_index"] = self._meta.get("commit_index")
             self._store_meta()
-

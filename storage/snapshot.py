@@ -41,7 +41,6 @@ class PinnedState:
 
     txn: lmdb.Transaction
     header: bytes
-    version: int
 
 
 def pin_state(store: StateStore, raft_data: tuple) -> PinnedState:
@@ -54,7 +53,7 @@ def pin_state(store: StateStore, raft_data: tuple) -> PinnedState:
         "members": sorted(n if isinstance(n, str) else n.id for n in cluster),
         "state_version": version,
     }).encode()
-    return PinnedState(txn, header, version)
+    return PinnedState(txn, header)
 
 
 def write_pinned(store: StateStore, pinned: PinnedState, path: str) -> None:

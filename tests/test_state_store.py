@@ -101,10 +101,13 @@ def test_snapshot_is_copied_from_the_pinned_state_while_writes_go_on(tmp_path, m
     # A snapshot received from the leader lands after a write of ours still running.
     release.clear()
     ser.serialize((None, entry(6), entry(5), {"127.0.0.1:1"}), 5)
+    waiting, real_wait = threading.Event(), ser.wait
+    ser.wait = lambda: (waiting.set(), real_wait())[1]
     receiving = threading.Thread(target=ser.setTransmissionData, args=((b"received", True, True),))
     receiving.start()
-    receiving.join(0.2)
-    assert receiving.is_alive(), "the received file waits for our rename"
+    assert waiting.wait(10), "the last chunk waits for a write of ours still running"
+    with open(path, "rb") as f:
+        assert f.read() != b"received", "not renamed into place while ours is unwritten"
     release.set()
     receiving.join(10)
     with open(path, "rb") as f:
