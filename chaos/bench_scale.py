@@ -19,11 +19,12 @@ A policy change (one ACL added or removed) and the one-off index build are timed
 one size (default 1,000) `compute_netmaps`, the O(n²) recompute-everything reference, so the
 ratio shows what the index saves.
 
-GC: by default (`--gc feed`) the process is treated as NetmapFeed treats a replica: after the
-build, `tune_gc_for_large_index()` (gc.collect + gc.freeze, young threshold 20,000) when the
-index has >= FREEZE_MIN_NODES nodes; `--gc plain` leaves the collector alone, to see what
-that buys. Either way the collector stays on and its CPU is counted in the change that
-triggered it. The feed also re-freezes every REFREEZE_EVERY changes (more than are run
+GC: by default (`--gc feed`) the process is treated as NetmapFeed treats a replica: the build
+and each change run with automatic collection paused (`collector_paused`), and the young
+collection a change deferred is run and counted at its end; after the build,
+`tune_gc_for_large_index()` (gc.collect + gc.freeze, young threshold 20,000) when the index
+has >= FREEZE_MIN_NODES nodes. `--gc plain` leaves the collector alone, to see what that
+buys; there its CPU is counted in the change that triggered it. The feed also re-freezes every REFREEZE_EVERY changes (more than are run
 here): one cheap and one full `refreeze_gc()` are timed after the node changes instead.
 
 Not measured here: memory per agent stream (issue #5 `scale`, second half) -- it needs the
@@ -31,6 +32,7 @@ agent stream, which is being built; add it to this module once streams exist.
 """
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import gc
 import io
@@ -41,7 +43,8 @@ import random
 import time
 
 from raftmesh.cluster.netmap import NetmapIndex, compute_netmaps
-from raftmesh.cluster.netmap_feed import FREEZE_MIN_NODES, refreeze_gc, tune_gc_for_large_index
+from raftmesh.cluster.netmap_feed import (FREEZE_MIN_NODES, collector_paused, refreeze_gc,
+                                          tune_gc_for_large_index)
 from raftmesh.cluster.policy import parse_policy
 
 from . import bench_report as report
@@ -236,6 +239,16 @@ def _apply(index: NetmapIndex, op, version: int):
     return index.upsert_node(arg, version) if what == "upsert" else index.remove_node(arg, version)
 
 
+def _apply_as_feed(index: NetmapIndex, op, version: int):
+    """_apply as NetmapFeed runs it, plus the young collection it deferred (which the feed
+    pays at its next allocation), so that the change is charged with it."""
+    with collector_paused():
+        out = _apply(index, op, version)
+    if gc.get_count()[0] > gc.get_threshold()[0]:
+        gc.collect(0)
+    return out
+
+
 def measure_size(n: int, changes: int, policy_changes: int, seed: int, reference: bool,
                  progress: report.Progress, profile: bool = False, gc_mode: str = "feed",
                  sparse: bool = False) -> dict:
@@ -246,7 +259,8 @@ def measure_size(n: int, changes: int, policy_changes: int, seed: int, reference
     nodes = list(net.nodes.values())
     gc.collect()
     progress.update(f"N={n}: building the index", force=True)
-    index, build_cpu = _cpu(lambda: NetmapIndex(pol, nodes, NOW))
+    with collector_paused() if gc_mode == "feed" else contextlib.nullcontext():
+        index, build_cpu = _cpu(lambda: NetmapIndex(pol, nodes, NOW))
     out = {"n": len(nodes), "users": len(net.users), "acls": len(pol.acls),
            "edges": sum(len(index.netmap(k, 0).peers) for k in index.visible_ids()) // 2,
            "build_cpu_s": build_cpu, "gc_mode": gc_mode, "policy": "sparse" if sparse else "dense"}
@@ -269,6 +283,7 @@ def measure_size(n: int, changes: int, policy_changes: int, seed: int, reference
     schedule = [k for k in NODE_KINDS for _ in range(changes)]
     net.rng.shuffle(schedule)
     schedule += ["policy"] * policy_changes
+    apply = _apply_as_feed if gc_mode == "feed" else _apply
     with _GcClock() as gc_clock:
         for j, kind in enumerate(schedule):
             version += 1
@@ -285,7 +300,7 @@ def measure_size(n: int, changes: int, policy_changes: int, seed: int, reference
                     _, out["refreeze_cpu_s"] = _cpu(refreeze_gc)
                     _, out["full_refreeze_cpu_s"] = _cpu(lambda: refreeze_gc(full=True))
             before = (gc_clock.total, gc_clock.full)
-            changes_out, cpu = _cpu(lambda: _apply(index, op, version))
+            changes_out, cpu = _cpu(lambda: apply(index, op, version))
             samples[kind].append(cpu)
             fanout[kind].append(len(changes_out.deltas))
             in_gc[kind][0] += gc_clock.total - before[0]

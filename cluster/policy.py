@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Union
 
 import json5
@@ -50,7 +51,18 @@ class NodeView:
     addresses: tuple[Network, ...]  # its own /32 and /128
     routes: tuple[Network, ...] = ()  # approved subnet routes
 
-    @property
+    # Derived once per view, not fields (equality ignores them): a policy change matches and
+    # formats every node's addresses again, and ipaddress comparisons and IPv6 formatting
+    # were most of that work at 10,000 nodes.
+    @cached_property
+    def address_texts(self) -> tuple[str, ...]:
+        return tuple(str(a) for a in self.addresses)
+
+    @cached_property
+    def address_spans(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple(span(a) for a in self.addresses)
+
+    @cached_property
     def owner(self) -> str | None:
         """The user whose device this is, None for tagged or ownerless nodes."""
         return None if self.tags else self.user
@@ -81,8 +93,9 @@ class Selector:
         if k == "tag":
             return self.tag in node.tags
         if k == "prefix":
-            return any(_within(a, self.prefix) for a in node.addresses) or any(
-                _overlap(r, self.prefix) for r in node.routes)
+            v, lo, hi = self.prefix_span
+            return any(v == av and lo <= alo and ahi <= hi for av, alo, ahi in node.address_spans) \
+                or any(_overlap(r, self.prefix) for r in node.routes)
         return False  # autogroup:self depends on the source; see netmap.py
 
     def node_prefixes(self, node: NodeView) -> list[Network]:
@@ -91,11 +104,17 @@ class Selector:
         if self.kind == "any":
             return [*node.addresses, *node.routes]
         if self.kind == "prefix":
-            return [a for a in node.addresses if _within(a, self.prefix)] + [
+            v, lo, hi = self.prefix_span
+            return [a for a, (av, alo, ahi) in zip(node.addresses, node.address_spans)
+                    if v == av and lo <= alo and ahi <= hi] + [
                 _overlap(r, self.prefix) for r in node.routes if _overlap(r, self.prefix)]
         if self.kind in NODE_KINDS and self.matches_node(node):
             return list(node.addresses)
         return []
+
+    @cached_property
+    def prefix_span(self) -> tuple[int, int, int]:
+        return span(self.prefix)
 
 
 @dataclass(frozen=True)
@@ -225,6 +244,12 @@ def run_tests(policy: Policy) -> list[dict[str, str]]:
 
 
 # -- matching helpers ----------------------------------------------------------------------
+def span(n: Network) -> tuple[int, int, int]:
+    """(IP version, first address, last address) as integers: `a` lies within `b` when the
+    versions match and a's range is inside b's, without ipaddress's object comparisons."""
+    return n.version, int(n.network_address), int(n.broadcast_address)
+
+
 def _within(a: Network, b: Network) -> bool:
     return a.version == b.version and a.subnet_of(b)
 

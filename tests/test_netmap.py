@@ -279,6 +279,27 @@ def test_policy_replacement_emits_only_real_changes():
     assert set(deltas) == {"n1", "n4"} and deltas["n4"].packet_filter == ()
 
 
+def test_policy_change_of_cidr_sources_computes_no_peer_sets(monkeypatch):
+    """An ACL from a CIDR that holds no node (an office range) makes no peers: flipping its
+    port rewrites its targets' filters, and asks nobody's peer set (two unions per target
+    were ~40% of such a change at 10,000 nodes)."""
+    nodes = [node(i, "alice") for i in range(1, 5)] + [node(5, tags=["tag:web"])]
+    office = lambda port: acl(["192.0.2.0/24"], [f"alice:{port}"])  # noqa: E731
+    idx = NetmapIndex(policy([office(22), acl(["alice"], ["tag:web:80"])]), nodes, NOW)
+    asked = []
+    reach = idx._reach
+    monkeypatch.setattr(idx, "_reach", lambda k, *a: asked.append(k) or reach(k, *a))
+    deltas, gone = idx.replace_policy(policy([office(2222), acl(["alice"], ["tag:web:80"])]), 2)
+    assert asked == [] and gone == () and set(deltas) == {"n1", "n2", "n3", "n4"}
+    assert all(d.peers_changed == () and d.peers_removed == () for d in deltas.values())
+    assert deltas["n1"].packet_filter[0].dst == tuple(
+        FilterDest(a, PortRange(2222, 2222)) for a in addrs(nodes[0]))
+    # an ACL with nodes on both sides still gets them: alice's devices lose tag:web
+    deltas, _ = idx.replace_policy(policy([office(2222)]), 3)
+    assert set(asked) == {"n1", "n2", "n3", "n4", "n5"}
+    assert deltas["n5"].peers_removed == ("n1", "n2", "n3", "n4")
+
+
 # -- incremental == from scratch, over random change sequences ------------------------------------
 POLICIES = [
     None,
@@ -483,6 +504,7 @@ ACL_POOL = [
     acl(["bob", "tag:db"], ["100.64.0.0/28:*", "10.0.0.0/8:*"]),
     acl(["*"], ["autogroup:self:*"]),
     acl(["group:eng", "dave"], ["tag:web:443", "alice:22"]),
+    acl(["192.0.2.0/24"], ["tag:web:22", "autogroup:member:22"]),  # sources that are no node
 ]
 
 

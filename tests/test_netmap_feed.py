@@ -243,6 +243,35 @@ def test_refreeze_gc_reclaims_frozen_cycles_when_full():
         gc.unfreeze()
 
 
+def test_changes_run_with_the_collector_paused(monkeypatch):
+    """No automatic collection inside a change (its objects would be walked for nothing),
+    the collector back on after it, even when the change fails, and left off when the
+    process had turned it off."""
+    import gc
+
+    from raftmesh.cluster import netmap_feed
+    feed = NetmapFeed(POLICIES[0], [node(1, "alice")], NOW, 10)
+    seen = []
+    changes = feed._changes
+    monkeypatch.setattr(feed, "_changes", lambda *a: seen.append(gc.isenabled()) or changes(*a))
+    assert gc.isenabled()
+    feed.apply_batch([(11, Command("node.register", {}, time=NOW), ok(node(2, "bob")))])
+    assert seen == [False] and gc.isenabled() and feed.version == 11
+    monkeypatch.setattr(feed, "_changes", lambda *a: 1 / 0)
+    try:
+        feed.apply_batch([(12, Command("node.register", {}, time=NOW), ok(node(3, "bob")))])
+    except ZeroDivisionError:
+        pass
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with netmap_feed.collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_member_removal_sends_the_offline_records_it_swept():
     n1, n2 = node(1, "alice", online=True), node(2, "alice", online=True)
     feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 10)
