@@ -13,19 +13,30 @@ pysyncobj's `Journal` interface with:
   deleted only when a new entry at the same index has a different term. pysyncobj's
   `deleteEntriesFrom` is therefore advisory: matching entries, which may already be
   applied and acknowledged to the leader, are kept;
-* a JSON meta file (term, vote, commit index) written with fsync, and no pickle on disk.
+* a JSON meta file (term, vote, commit index) written with fsync, and no pickle on disk;
+* a CRC-32 per record: a crash can tear the unsynced tail anywhere, not only at its end
+  (a device may persist a batch's sectors in any order), and a torn entry with an intact
+  length, index and term would otherwise load, and be kept when the leader resends it
+  (same index and term), so the replica would apply garbage. Loading stops at the first
+  record that is incomplete or fails its checksum and drops the rest.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
+import zlib
 
 from pysyncobj.journal import Journal
 
-_MAGIC = b"RMJOURNAL1\n"
+log = logging.getLogger("raftmesh.journal")
+_MAGIC = b"RMJOURNAL2\n"
+_MAGIC_V1 = b"RMJOURNAL1\n"  # records without a checksum: read once, then rewritten
+assert len(_MAGIC_V1) == len(_MAGIC)  # records start at the same offset in both
 _HEAD = struct.Struct("<IQQ")  # record length, index, term
-_TAIL = struct.Struct("<I")
+_TAIL = struct.Struct("<II")  # record length again, CRC-32 of head and command
+_TAIL_V1 = struct.Struct("<I")
 
 
 def fsync_dir(path: str) -> None:
@@ -51,8 +62,35 @@ def write_file_durably(path: str, data: bytes, mode: int = 0o600) -> None:
 
 
 def _encode(command: bytes, idx: int, term: int) -> bytes:
-    body_len = len(command)
-    return _HEAD.pack(body_len, idx, term) + command + _TAIL.pack(body_len)
+    head = _HEAD.pack(len(command), idx, term)
+    return head + command + _TAIL.pack(len(command), zlib.crc32(command, zlib.crc32(head)))
+
+
+def _decode(data: bytes, offset: int, tail: struct.Struct) -> tuple[bytes, int, int, int] | None:
+    """(command, index, term, end) of the record at `offset`, or None when it is incomplete
+    or does not check out (length twice and, in the current format, its CRC)."""
+    if offset + _HEAD.size > len(data):
+        return None
+    body_len, idx, term = _HEAD.unpack_from(data, offset)
+    start = offset + _HEAD.size
+    end = start + body_len + tail.size
+    if end > len(data):
+        return None
+    command = data[start:start + body_len]
+    if tail is _TAIL_V1:
+        ok = _TAIL_V1.unpack_from(data, end - tail.size)[0] == body_len
+    else:
+        crc = zlib.crc32(command, zlib.crc32(data[offset:start]))
+        ok = _TAIL.unpack_from(data, end - tail.size) == (body_len, crc)
+    return (command, idx, term, end) if ok else None
+
+
+def _records(data: bytes, tail: struct.Struct):
+    """The whole records after the magic, up to the first that does not check out."""
+    offset = len(_MAGIC)
+    while (record := _decode(data, offset, tail)) is not None:
+        yield record
+        offset = record[3]
 
 
 class DurableJournal(Journal):
@@ -83,6 +121,10 @@ class DurableJournal(Journal):
         data = b""
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read()
+        if data.startswith(_MAGIC_V1):
+            os.close(fd)
+            self._rewrite([e[:3] for e in _records(data, _TAIL_V1)])
+            return self._open_and_load()
         if not data.startswith(_MAGIC):
             if data:
                 raise RuntimeError(f"{self._path} is not a raftmesh journal")
@@ -91,19 +133,30 @@ class DurableJournal(Journal):
             self._end = len(_MAGIC)
             return fd
         offset = len(_MAGIC)
-        while offset + _HEAD.size <= len(data):
-            body_len, idx, term = _HEAD.unpack_from(data, offset)
-            end = offset + _HEAD.size + body_len + _TAIL.size
-            if end > len(data) or _TAIL.unpack_from(data, end - _TAIL.size)[0] != body_len:
-                break  # a torn write at the tail: it was never synced, so never acknowledged
-            self._entries.append((data[offset + _HEAD.size : end - _TAIL.size], idx, term))
+        for command, idx, term, end in _records(data, _TAIL):
+            self._entries.append((command, idx, term))
             self._offsets.append(offset)
             offset = end
         if offset != len(data):
+            # A write torn by a crash: never synced, so never acknowledged.
+            log.warning("journal %s: dropping %d bytes after the last whole record (index %s)",
+                        self._path, len(data) - offset, self._entries[-1][1] if self._entries else "none")
             os.ftruncate(fd, offset)
             os.fsync(fd)
         self._end = offset
         return fd
+
+    def _rewrite(self, entries: list[tuple[bytes, int, int]]) -> None:
+        """Atomically replace the file with `entries`, in the current format."""
+        tmp = self._path + ".compact"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, _MAGIC + b"".join(_encode(*e) for e in entries))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._path)
+        fsync_dir(os.path.dirname(os.path.abspath(self._path)))
 
     # -- durability ----------------------------------------------------------------
     @property
@@ -162,16 +215,7 @@ class DurableJournal(Journal):
 
     def deleteEntriesTo(self, entryTo):
         """Drop the first `entryTo` entries after a snapshot: rewrite the file atomically."""
-        keep = self._entries[entryTo:]
-        tmp = self._path + ".compact"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, _MAGIC + b"".join(_encode(*e) for e in keep))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._path)
-        fsync_dir(os.path.dirname(os.path.abspath(self._path)))
+        self._rewrite(self._entries[entryTo:])
         os.close(self._fd)
         self._entries, self._offsets, self._pending = [], [], []
         self._fd = self._open_and_load()

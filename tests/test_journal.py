@@ -112,3 +112,57 @@ def test_records_are_written_once_per_batch_and_truncation_sees_unwritten_ones(t
     assert entries(j) == expected
     j._destroy()
     assert entries(DurableJournal(path)) == expected
+
+
+def test_a_record_torn_inside_is_dropped_with_what_follows(tmp_path):
+    """A crash may persist a batch's sectors in any order: a record whose length, index and
+    term survived but whose command did not must not load (the leader's resend of the same
+    index and term would then be skipped as already present)."""
+    path = str(tmp_path / "j")
+    j = DurableJournal(path)
+    for i in range(1, 6):
+        j.add(b"%d" % i * 200, i, 1)
+    j.sync()
+    offset = j._offsets[3]  # index 4
+    j._destroy()
+    with open(path, "r+b") as f:
+        f.seek(offset + 40)
+        f.write(b"\0" * 16)  # inside index 4's command
+    j2 = DurableJournal(path)
+    assert [e[1] for e in entries(j2)] == [1, 2, 3]
+    j2.add(b"4" * 200, 4, 1)  # the leader sends it again: taken, not skipped
+    j2.sync()
+    j2._destroy()
+    assert entries(DurableJournal(path))[-1] == (b"4" * 200, 4, 1)
+
+
+def test_the_checksum_covers_index_and_term(tmp_path):
+    path = str(tmp_path / "j")
+    j = DurableJournal(path)
+    j.add(b"a", 1, 1)
+    j.add(b"b", 2, 1)
+    j.sync()
+    offset = j._offsets[1]
+    j._destroy()
+    with open(path, "r+b") as f:
+        f.seek(offset + 4)
+        f.write((7).to_bytes(8, "little"))  # index 2 -> 7
+    assert entries(DurableJournal(path)) == [(b"a", 1, 1)]
+
+
+def test_a_journal_without_checksums_is_read_and_rewritten(tmp_path):
+    import struct
+    path = str(tmp_path / "j")
+    head, tail = struct.Struct("<IQQ"), struct.Struct("<I")
+    records = [(b"old%d" % i, i, 2) for i in (1, 2, 3)]
+    with open(path, "wb") as f:
+        f.write(b"RMJOURNAL1\n" + b"".join(head.pack(len(c), i, t) + c + tail.pack(len(c))
+                                           for c, i, t in records) + b"\x09\x00")  # torn tail
+    j = DurableJournal(path)
+    assert entries(j) == records
+    j.add(b"new4", 4, 2)
+    j.sync()
+    j._destroy()
+    with open(path, "rb") as f:
+        assert f.read(11) == b"RMJOURNAL2\n"
+    assert entries(DurableJournal(path)) == records + [(b"new4", 4, 2)]
