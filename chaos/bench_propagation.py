@@ -84,10 +84,12 @@ def measure(agents: la.LightAgents, cluster: LocalCluster, n: int, changes: int,
     samples_apply, samples_ack, samples_sent, per_change, missing = [], [], [], [], 0
     for c in range(changes):
         port[0] = 2222 if port[0] == 22 else 22
+        threads0 = la.read_thread_cpu(cluster)  # scraped outside the process-CPU window
         cpu0 = benchlab.cpu_seconds(replica_pids), benchlab.cpu_seconds(agents.pids)
         change = la.put_policy(cluster, port[0], topology)
         agents.wait_applied(change["version"], timeout, prefix="la")
         cpu_applied = benchlab.cpu_seconds(replica_pids), benchlab.cpu_seconds(agents.pids)
+        threads1 = la.read_thread_cpu(cluster)
         rows = agents.wait_version(change["version"], timeout, prefix="la")
         cpu1 = benchlab.cpu_seconds(replica_pids), benchlab.cpu_seconds(agents.pids)
         applied = [r["applied"] - change["acked"] for r in rows if r["applied"] is not None]
@@ -102,7 +104,9 @@ def measure(agents: la.LightAgents, cluster: LocalCluster, n: int, changes: int,
                            "all_acked_ms": max(acked) * 1e3 if acked else None,
                            "missing": len(rows) - len(acked),
                            "replica_cpu_s": cpu1[0] - cpu0[0], "agent_cpu_s": cpu1[1] - cpu0[1],
-                           "delivery_cpu_s": [cpu_applied[0] - cpu0[0], cpu_applied[1] - cpu0[1]]})
+                           "delivery_cpu_s": [cpu_applied[0] - cpu0[0], cpu_applied[1] - cpu0[1]],
+                           "delivery_cpu_s_by_thread": {k: v - threads0.get(k, 0.0)
+                                                        for k, v in threads1.items()}})
         progress.update(f"N={n}: change {c + 1}/{changes}: all {len(rows)} applied after "
                         f"{_ms(per_change[-1]['all_applied_ms'])}, acked after "
                         f"{_ms(per_change[-1]['all_acked_ms'])}", force=True)
@@ -116,7 +120,14 @@ def measure(agents: la.LightAgents, cluster: LocalCluster, n: int, changes: int,
             "replica_cpu_s_per_change": sum(p["replica_cpu_s"] for p in per_change) / changes,
             "agent_cpu_s_per_change": sum(p["agent_cpu_s"] for p in per_change) / changes,
             "delivery_cpu_s_per_change": [sum(p["delivery_cpu_s"][i] for p in per_change) / changes
-                                          for i in (0, 1)]}
+                                          for i in (0, 1)],
+            "delivery_cpu_s_by_thread": _mean_by_key([p["delivery_cpu_s_by_thread"]
+                                                      for p in per_change])}
+
+
+def _mean_by_key(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for r in rows for k in r})
+    return {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys} if rows else {}
 
 
 def _ms(v):
@@ -194,6 +205,11 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
           "(command time -> ack arrival; p50/p99 are bucket upper bounds); delivery_cpu_s: CPU "
           "seconds per change of all replicas / all light-agent workers, PUT until every agent "
           "applied it; replica_cpu_s, agent_cpu_s: the same, PUT to the last ack")
+    for s in per_size:
+        by_thread = {k: v for k, v in s["delivery_cpu_s_by_thread"].items() if v >= 0.005}
+        print(f"{s['agents']} agents: replicas' delivery CPU by thread, s per change (all "
+              f"replicas): " + (", ".join(f"{k} {v:.2f}" for k, v in sorted(
+                  by_thread.items(), key=lambda kv: -kv[1])) or "-"))
     for t in targets:
         print(f"target p99 <= {t['target_p99_s']:g} s at {t['agents']} agents: "
               f"{t['p99_s'] * 1e3:.0f} ms -> {'met' if t['met'] else 'MISSED'}")

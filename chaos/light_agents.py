@@ -745,12 +745,10 @@ def histogram_since(cluster, name: str, before: dict, expect: int = 0,
         time.sleep(0.1)  # polling /metrics against a deadline
 
 
-def read_histogram(cluster, name: str) -> dict:
-    """One Prometheus histogram from every live replica's /metrics: cumulative bucket
-    counts summed over replicas, plus count and sum."""
+def _metrics_texts(cluster) -> list[str]:
+    """Every live replica's /metrics text (replicas that do not answer are left out)."""
     import urllib.error
-    buckets: dict[float, float] = {}
-    count = total = 0.0
+    texts = []
     for r in cluster.replicas:
         if not r.alive():
             continue
@@ -758,8 +756,29 @@ def read_histogram(cluster, name: str) -> dict:
             status, text = cluster.request(r, "GET", "/metrics", timeout=10)
         except (OSError, urllib.error.URLError):
             continue
-        if status != 200 or not isinstance(text, str):
-            continue
+        if status == 200 and isinstance(text, str):
+            texts.append(text)
+    return texts
+
+
+def read_thread_cpu(cluster) -> dict[str, float]:
+    """raftmesh_thread_cpu_seconds_total by thread role, summed over the live replicas."""
+    out: dict[str, float] = {}
+    prefix = 'raftmesh_thread_cpu_seconds_total{thread="'
+    for text in _metrics_texts(cluster):
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                role = line[len(prefix):].split('"', 1)[0]
+                out[role] = out.get(role, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def read_histogram(cluster, name: str) -> dict:
+    """One Prometheus histogram from every live replica's /metrics: cumulative bucket
+    counts summed over replicas, plus count and sum."""
+    buckets: dict[float, float] = {}
+    count = total = 0.0
+    for text in _metrics_texts(cluster):
         for line in text.splitlines():
             if line.startswith(name + "_bucket{"):
                 le = line.split('le="', 1)[1].split('"', 1)[0]

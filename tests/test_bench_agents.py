@@ -46,6 +46,9 @@ def test_propagation_tiny(tmp_path):
         assert s["server_histogram"]["count"] >= 2 * s["agents"]
         assert s["apply"]["max_ms"] >= s["apply"]["p50_ms"]
         assert s["replica_cpu_s_per_change"] > 0 and s["agent_cpu_s_per_change"] > 0
+        # the replicas' CPU split by thread, from their raftmesh_thread_cpu_seconds_total
+        assert {"event-loop", "raft", "netmap-feed"} <= set(s["delivery_cpu_s_by_thread"])
+        assert all(v >= 0 for v in s["delivery_cpu_s_by_thread"].values())
     st = saved["final_status"]
     assert st["agents"] == 10 and st["connected"] == 10 and st["frame_errors"] == []
     assert set(st["by_replica"]) == {"r1", "r2", "r3"}

@@ -38,3 +38,36 @@ def test_replicas_raise_the_young_generation_threshold_and_never_lower_it():
         assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD * 2
     finally:
         gc.set_threshold(*saved)
+
+
+def test_cpu_is_counted_by_thread_role():
+    """A busy thread named as the replica names its Raft thread shows up as `raft`; the
+    main thread (where the server runs its event loop) as `event-loop`."""
+    import threading
+    import time
+
+    registry = CollectorRegistry()
+    pauses = process_metrics.register(registry)
+    value = lambda role: registry.get_sample_value(  # noqa: E731
+        "raftmesh_thread_cpu_seconds_total", {"thread": role})
+    try:
+        before = value("raft")
+        stop = threading.Event()
+
+        def spin():
+            end = time.thread_time() + 0.3
+            while time.thread_time() < end:
+                pass
+            stop.wait(10)  # alive while the registry is read
+
+        t = threading.Thread(target=spin, name="raft-r9")
+        t.start()
+        deadline = time.monotonic() + 10
+        while value("raft") - before < 0.2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling a condition with a deadline
+        assert value("raft") - before >= 0.2
+        assert value("event-loop") > 0
+        stop.set()
+        t.join(10)
+    finally:
+        pauses.close()
