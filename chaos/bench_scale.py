@@ -24,8 +24,9 @@ and each change run with automatic collection paused (`collector_paused`), and t
 collection a change deferred is run and counted at its end; after the build,
 `tune_gc_for_large_index()` (gc.collect + gc.freeze, young threshold 20,000) when the index
 has >= FREEZE_MIN_NODES nodes. `--gc plain` leaves the collector alone, to see what that
-buys; there its CPU is counted in the change that triggered it. The feed also re-freezes every REFREEZE_EVERY changes (more than are run
-here): one cheap and one full `refreeze_gc()` are timed after the node changes instead.
+buys; there its CPU is counted in the change that triggered it. The feed also re-freezes
+every REFREEZE_EVERY changes (more than are run here): one cheap and one full
+`refreeze_gc()` are timed after the node changes instead.
 
 Not measured here: memory per agent stream (issue #5 `scale`, second half) -- it needs the
 agent stream, which is being built; add it to this module once streams exist.

@@ -254,7 +254,7 @@ def collector_paused():
     finds nothing; the count goes on, and the first allocation after it triggers the
     collection it deferred. Process-wide, like the thresholds: for that time no other
     thread's garbage cycles are collected either, the same wait as a higher threshold."""
-    if not gc.isenabled():  # paused already (a nested change), or by the process
+    if not gc.isenabled():  # off already: leave it as the caller set it
         yield
         return
     gc.disable()

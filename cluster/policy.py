@@ -93,8 +93,8 @@ class Selector:
         if k == "tag":
             return self.tag in node.tags
         if k == "prefix":
-            v, lo, hi = self.prefix_span
-            return any(v == av and lo <= alo and ahi <= hi for av, alo, ahi in node.address_spans) \
+            within = self.prefix_span
+            return any(_span_within(a, within) for a in node.address_spans) \
                 or any(_overlap(r, self.prefix) for r in node.routes)
         return False  # autogroup:self depends on the source; see netmap.py
 
@@ -104,9 +104,9 @@ class Selector:
         if self.kind == "any":
             return [*node.addresses, *node.routes]
         if self.kind == "prefix":
-            v, lo, hi = self.prefix_span
-            return [a for a, (av, alo, ahi) in zip(node.addresses, node.address_spans)
-                    if v == av and lo <= alo and ahi <= hi] + [
+            within = self.prefix_span
+            return [a for a, span_a in zip(node.addresses, node.address_spans)
+                    if _span_within(span_a, within)] + [
                 _overlap(r, self.prefix) for r in node.routes if _overlap(r, self.prefix)]
         if self.kind in NODE_KINDS and self.matches_node(node):
             return list(node.addresses)
@@ -248,6 +248,10 @@ def span(n: Network) -> tuple[int, int, int]:
     """(IP version, first address, last address) as integers: `a` lies within `b` when the
     versions match and a's range is inside b's, without ipaddress's object comparisons."""
     return n.version, int(n.network_address), int(n.broadcast_address)
+
+
+def _span_within(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    return a[0] == b[0] and b[1] <= a[1] and a[2] <= b[2]
 
 
 def _within(a: Network, b: Network) -> bool:
