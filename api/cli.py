@@ -69,25 +69,51 @@ def cmd_server(args) -> int:
 
 def _add_dev(sub) -> None:
     p = sub.add_parser("dev", help="run a local multi-replica cluster on loopback until Ctrl-C")
-    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--replicas", type=int, default=None,
+                   help="replicas of a new cluster (default 3); one left in --data-dir keeps its own")
     p.add_argument("--data-dir", default="./raftmesh-data")
     p.set_defaults(func=cmd_dev)
 
 
+def _dev_cluster(args):
+    """The cluster an earlier run left in the data directory, or a new one; (None, error)
+    when the directory holds replica data that cannot be resumed."""
+    from raftmesh.cluster.launcher import DESCRIPTION, LocalCluster
+    if args.replicas is not None and args.replicas < 1:
+        return None, "--replicas must be at least 1"
+    if os.path.exists(os.path.join(args.data_dir, DESCRIPTION)):
+        cluster = LocalCluster.resume(args.data_dir)
+        if args.replicas not in (None, len(cluster.replicas)):
+            return None, (f"{args.data_dir} holds a {len(cluster.replicas)}-replica cluster; drop "
+                          f"--replicas to resume it, or choose another --data-dir")
+        print(f"raftmesh dev: resuming the cluster in {args.data_dir} (same ports and admin key)")
+        return cluster, None
+    if os.path.isdir(args.data_dir) and any(e.startswith("r") and e[1:].isdigit()
+                                            for e in os.listdir(args.data_dir)):
+        return None, (f"{args.data_dir} holds replica data but no {DESCRIPTION} (a run stopped "
+                      f"before its cluster was ready?); remove it or choose another --data-dir")
+    return LocalCluster(args.data_dir, replicas=args.replicas or 3), None
+
+
 def cmd_dev(args) -> int:
-    from raftmesh.cluster.launcher import LocalCluster
-    if args.replicas < 1:
-        print("raftmesh dev: --replicas must be at least 1", file=sys.stderr)
+    from raftmesh.cluster.launcher import DESCRIPTION
+    cluster, error = _dev_cluster(args)
+    if error:
+        print(f"raftmesh dev: {error}", file=sys.stderr)
         return 2
-    cluster = LocalCluster(args.data_dir, replicas=args.replicas)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
         cluster.start_all()
-        cluster.wait_ready(timeout=60)
-        path = os.path.join(cluster.data_dir, "cluster.json")
+        try:
+            cluster.wait_ready(timeout=60)
+        except (RuntimeError, TimeoutError) as e:  # e.g. a resumed port taken meanwhile
+            print(f"raftmesh dev: the cluster did not become ready: {e}; see "
+                  f"{cluster.data_dir}/r*.log", file=sys.stderr)
+            return 1
+        path = os.path.join(cluster.data_dir, DESCRIPTION)
         cluster.write_description(path)
-        print(f"raftmesh dev: {args.replicas} replicas ready")
+        print(f"raftmesh dev: {len(cluster.replicas)} replicas ready")
         for r in cluster.replicas:
             print(f"  {r.id}  api {r.api_url}  raft {r.raft_addr}  pid {r.pid}")
         print(f"admin API key: {cluster.admin_key}")

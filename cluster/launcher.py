@@ -21,6 +21,9 @@ from typing import Callable
 from raftmesh.api import auth
 
 
+DESCRIPTION = "cluster.json"  # what `raftmesh dev` writes into its data directory
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     socks, ports = [], []
     for _ in range(n):
@@ -73,6 +76,23 @@ class LocalCluster:
         self.replicas: list[ReplicaProcess] = []
         for _ in range(replicas):
             self._new_replica()
+
+    @classmethod
+    def resume(cls, data_dir: str, **kw) -> "LocalCluster":
+        """The cluster described by `<data_dir>/cluster.json` (write_description), with the
+        same replica ids, addresses and admin key. Its replicas' Raft state names members by
+        address and holds the admin key it bootstrapped, so a cluster started again on new
+        ports never finds a quorum, and a new key would not be accepted."""
+        with open(os.path.join(data_dir, DESCRIPTION)) as f:
+            desc = json.load(f)
+        cluster = cls(data_dir, replicas=0, admin_key=desc["admin_key"], **kw)
+        for d in desc["replicas"]:
+            host = d["raft_addr"].rsplit(":", 1)[0]
+            cluster.replicas.append(ReplicaProcess(
+                id=d["id"], raft_addr=d["raft_addr"], api_url=d["api_url"],
+                data_dir=os.path.join(cluster.data_dir, d["id"]),
+                api_port=int(d["api_url"].rsplit(":", 1)[1]), host=host))
+        return cluster
 
     def _new_replica(self) -> ReplicaProcess:
         n = len(self.replicas) + 1

@@ -236,7 +236,38 @@ def test_dev_command_writes_cluster_json(tmp_path):
     finally:
         p.send_signal(signal.SIGINT)
         p.wait(timeout=30)
-    for r in desc["replicas"]:
+    assert_gone(desc["replicas"])
+    # Run again on the same directory: the same cluster comes back (its Raft state names
+    # members by address, and its admin key is the bootstrapped one), with the data.
+    stale = (data / "cluster.json").stat().st_mtime_ns
+    p = subprocess.Popen([sys.executable, "-m", "raftmesh.api.cli", "dev", "--data-dir", str(data)],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (data / "cluster.json").stat().st_mtime_ns != stale, 60,
+                   what="the resumed cluster ready")
+        again = json.loads((data / "cluster.json").read_text())
+        assert [(r["id"], r["api_url"], r["raft_addr"]) for r in again["replicas"]] == \
+            [(r["id"], r["api_url"], r["raft_addr"]) for r in desc["replicas"]]
+        assert again["admin_key"] == desc["admin_key"]
+        req = urllib.request.Request(again["replicas"][2]["api_url"] + USERS,
+                                     headers={"Authorization": "Bearer " + desc["admin_key"]})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert "dev" in [u["name"] for u in json.loads(resp.read())["users"]]
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=30)
+    assert_gone(again["replicas"])
+    bad = subprocess.run([sys.executable, "-m", "raftmesh.api.cli", "dev", "--data-dir", str(data),
+                          "--replicas", "5"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "3-replica cluster" in bad.stderr
+    (data / "cluster.json").unlink()  # replica data without its description: refused, named
+    bad = subprocess.run([sys.executable, "-m", "raftmesh.api.cli", "dev", "--data-dir", str(data)],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "no cluster.json" in bad.stderr
+
+
+def assert_gone(replicas: list[dict]) -> None:
+    for r in replicas:
         try:
             os.kill(r["pid"], 0)
             alive = True
