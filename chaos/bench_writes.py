@@ -134,60 +134,94 @@ class EtcdCluster:
             p.wait(timeout=10)
 
 
-def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: bool = True) -> dict:
+def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: bool = True,
+        rounds: int = 1) -> dict:
+    """One client through the leader, one through a follower, and `concurrency` clients over
+    all replicas, against raftmesh; the same against etcd when installed. With `rounds` > 1
+    the concurrent shape runs that many times per system, alternating systems (and which goes
+    first), both clusters up throughout: drift of a shared machine then falls on both, and
+    each round gives a ratio of its own."""
     workdir = tempfile.mkdtemp(prefix="raftmesh-bench-")
     progress = report.Progress("writes")
-    rows, series = [], {}
+    rows, series, per_round = [], {}, []
     cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=3)
+    etcd = EtcdCluster(workdir) if with_etcd and EtcdCluster.available() else None
     try:
         cluster.start_all()
         cluster.wait_ready(timeout=60)
+        if etcd is not None:
+            etcd.start()
         leader = cluster.leader()
         followers = [r.api_url for r in cluster.replicas if r is not leader]
         everyone = [r.api_url for r in cluster.replicas]
-        shapes = [("raftmesh", "1 client via leader", [leader.api_url], 1),
-                  ("raftmesh", "1 client via follower", followers, 1),
-                  ("raftmesh", f"{concurrency} clients, all replicas", everyone, concurrency)]
         pids = [r.pid for r in cluster.replicas if r.pid]
-        for system, label, targets, clients in shapes:
-            lat, errors, cpu = _measure(raftmesh_writer(cluster, targets, f"b{clients}{len(rows)}"),
-                                        clients, seconds, progress, pids)
-            rows.append({"system": system, "shape": label, "clients": clients,
-                         "writes_per_s": len(lat) / seconds, "errors": errors, **report.summarize(lat),
-                         **cpu})
-            series[f"{system}: {label}"] = lat
+
+        def shape(system, label, writer, clients, server_pids, tag):
+            lat, errors, cpu = _measure(writer(tag), clients, seconds, progress, server_pids)
+            return {"system": system, "shape": label, "clients": clients, "lat": lat,
+                    "errors": errors, **cpu}
+
+        ours = lambda tag, targets: raftmesh_writer(cluster, targets, tag)  # noqa: E731
+        runs = [shape("raftmesh", "1 client via leader", lambda t: ours(t, [leader.api_url]), 1, pids, "l"),
+                shape("raftmesh", "1 client via follower", lambda t: ours(t, followers), 1, pids, "f")]
+        if etcd is not None:
+            etcd_pids = [p.pid for p in etcd.procs]
+            runs.append(shape("etcd", "1 client via leader-or-follower",
+                              lambda t: etcd_writer(etcd.client_urls[:1], t), 1, etcd_pids, "e1"))
+        for i in range(rounds):
+            systems = [("raftmesh", f"{concurrency} clients, all replicas",
+                        lambda t: ours(t, everyone), pids)]
+            if etcd is not None:
+                systems.append(("etcd", f"{concurrency} clients, all members",
+                                lambda t: etcd_writer(etcd.client_urls, t), etcd_pids))
+            if i % 2:
+                systems.reverse()
+            got = {name: shape(name, label, writer, concurrency, sp, f"c{i}")
+                   for name, label, writer, sp in systems}
+            runs.extend(got.values())
+            one = {name: len(r["lat"]) / seconds for name, r in got.items()}
+            per_round.append({"round": i + 1, **{f"{k}_writes_per_s": v for k, v in one.items()},
+                              **({"ratio": one["raftmesh"] / one["etcd"]}
+                                 if one.get("etcd") else {})})
     finally:
         cluster.stop_all()
-    if with_etcd and EtcdCluster.available():
-        etcd = EtcdCluster(workdir)
-        try:
-            etcd.start()
-            for label, targets, clients in [("1 client via leader-or-follower", etcd.client_urls[:1], 1),
-                                            (f"{concurrency} clients, all members", etcd.client_urls, concurrency)]:
-                lat, errors, cpu = _measure(etcd_writer(targets, f"b{clients}"), clients, seconds,
-                                            progress, [p.pid for p in etcd.procs])
-                rows.append({"system": "etcd", "shape": label, "clients": clients,
-                             "writes_per_s": len(lat) / seconds, "errors": errors, **report.summarize(lat),
-                             **cpu})
-                series[f"etcd: {label}"] = lat
-        finally:
+        if etcd is not None:
             etcd.stop()
     progress.done()
     shutil.rmtree(workdir, ignore_errors=True)
-    result = {"benchmark": "writes", "seconds_per_shape": seconds, "machine": report.machine(), "rows": rows}
-    ours = next((r for r in rows if r["system"] == "raftmesh" and r["clients"] == concurrency), None)
+    for (system, label, clients), group in _grouped(runs).items():
+        lat = [x for r in group for x in r["lat"]]
+        rows.append({"system": system, "shape": label, "clients": clients, "rounds": len(group),
+                     "writes_per_s": len(lat) / (seconds * len(group)),
+                     "errors": sum(r["errors"] for r in group), **report.summarize(lat),
+                     **{k: sum(r[k] for r in group) / len(group) for k in
+                        ("server_cpu_ms_per_write", "client_cpu_ms_per_write", "server_cpu_cores")}})
+        series[f"{system}: {label}"] = lat
+    result = {"benchmark": "writes", "seconds_per_shape": seconds, "rounds": rounds,
+              "machine": report.machine(), "rows": rows, "per_round": per_round}
+    ours_row = next((r for r in rows if r["system"] == "raftmesh" and r["clients"] == concurrency), None)
     theirs = next((r for r in rows if r["system"] == "etcd" and r["clients"] == concurrency), None)
-    if ours and theirs and theirs["writes_per_s"]:
-        result["throughput_ratio_vs_etcd"] = ours["writes_per_s"] / theirs["writes_per_s"]
+    if ours_row and theirs and theirs["writes_per_s"]:
+        result["throughput_ratio_vs_etcd"] = ours_row["writes_per_s"] / theirs["writes_per_s"]
     report.print_table("admin API writes, 3 replicas, durable journals", rows,
-                       ["system", "shape", "writes_per_s", "p50_ms", "p99_ms", "max_ms", "errors",
-                        "server_cpu_ms_per_write", "client_cpu_ms_per_write"])
+                       ["system", "shape", "rounds", "writes_per_s", "p50_ms", "p99_ms", "max_ms",
+                        "errors", "server_cpu_ms_per_write", "client_cpu_ms_per_write"])
     if "throughput_ratio_vs_etcd" in result:
+        ratios = [r["ratio"] for r in per_round if "ratio" in r]
+        spread = (f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else "")
         print(f"\nthroughput ratio raftmesh/etcd at {concurrency} clients: "
-              f"{result['throughput_ratio_vs_etcd']:.2f}")
+              f"{result['throughput_ratio_vs_etcd']:.2f}{spread}")
     elif with_etcd:
         print("\netcd not installed (Debian etcd-server): no side-by-side ratio")
     result["json"] = report.write_json(out_dir, "writes", result)
     result["plot"] = report.plot_cdfs(out_dir, "writes", "admin API write latency (3 replicas)", series)
     print(f"results: {result['json']}, plot: {result['plot']}")
     return result
+
+
+def _grouped(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """Runs of the same system and shape together, in first-seen order."""
+    out: dict[tuple, list[dict]] = {}
+    for r in runs:
+        out.setdefault((r["system"], r["shape"], r["clients"]), []).append(r)
+    return out

@@ -13,6 +13,8 @@ def register(sub) -> None:
     w.add_argument("--seconds", type=float, default=10.0, help="duration of each workload shape")
     w.add_argument("--concurrency", type=int, default=64)
     w.add_argument("--no-etcd", action="store_true", help="skip the etcd comparison")
+    w.add_argument("--rounds", type=int, default=1,
+                   help="concurrent rounds per system, alternating raftmesh and etcd")
     w.add_argument("--out", default="bench-out")
     w.set_defaults(func=_cleaned_up_on_sigterm(_writes))
     for name, module, summary in BENCHMARKS:
@@ -79,5 +81,9 @@ def _raw_help():
 
 def _writes(args) -> int:
     from . import bench_writes
-    bench_writes.run(args.out, args.seconds, args.concurrency, with_etcd=not args.no_etcd)
+    if args.rounds < 1:
+        print("raftmesh bench writes: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    bench_writes.run(args.out, args.seconds, args.concurrency, with_etcd=not args.no_etcd,
+                     rounds=args.rounds)
     return 0

@@ -7,10 +7,17 @@ from raftmesh.chaos.benchlab import child_pids, pid_running
 
 
 def test_writes_benchmark_tiny(tmp_path):
-    result = bench_writes.run(str(tmp_path), seconds=0.5, concurrency=4, with_etcd=True)
+    result = bench_writes.run(str(tmp_path), seconds=0.5, concurrency=4, with_etcd=True, rounds=2)
     rows = result["rows"]
     assert {r["system"] for r in rows} >= {"raftmesh"}
     assert all(r["n"] > 0 for r in rows if r["system"] == "raftmesh")
+    # the concurrent shape ran once per round, its samples pooled in one row
+    concurrent = [r for r in rows if r["clients"] == 4]
+    assert concurrent and all(r["rounds"] == 2 for r in concurrent)
+    assert [r["round"] for r in result["per_round"]] == [1, 2]
+    if bench_writes.EtcdCluster.available():
+        assert all(r["ratio"] > 0 for r in result["per_round"])
+        assert result["throughput_ratio_vs_etcd"] > 0
     saved = json.loads((tmp_path / "writes.json").read_text())
     assert saved["machine"]["cpus"] >= 1
     assert (tmp_path / "writes.png").stat().st_size > 1000
