@@ -48,7 +48,8 @@ class GcPauses:
 
 
 # Thread name prefixes (as the replica names its threads) -> the `thread` label.
-THREAD_ROLES = (("raft-", "raft"), ("netmap-feed", "netmap-feed"), ("snapshot", "snapshot"))
+THREAD_ROLES = (("raft-", "raft"), ("netmap-feed", "netmap-feed"), ("snapshot", "snapshot"),
+                ("lmdb-writeback", "lmdb-writeback"))
 
 
 def thread_role(thread: threading.Thread) -> str:
@@ -59,14 +60,15 @@ def thread_role(thread: threading.Thread) -> str:
 
 
 class ThreadCpuCollector:
-    """raftmesh_thread_cpu_seconds_total{thread=event-loop|raft|netmap-feed|snapshot|other},
-    read from /proc/self/task at scrape time (nothing on systems without it). A role's
-    count drops when one of its threads ends, which Prometheus reads as a counter reset;
-    the four named roles live as long as the replica."""
+    """raftmesh_thread_cpu_seconds_total{thread=event-loop|raft|netmap-feed|snapshot|
+    lmdb-writeback|other}, read from /proc/self/task at scrape time (nothing on systems
+    without it). A role's count drops when one of its threads ends, which Prometheus reads
+    as a counter reset; the named roles live as long as the replica."""
 
     def collect(self):
         roles = {t.native_id: thread_role(t) for t in threading.enumerate()}
-        seconds = dict.fromkeys(("event-loop", "raft", "netmap-feed", "snapshot", "other"), 0.0)
+        seconds = dict.fromkeys(("event-loop", "raft", "netmap-feed", "snapshot", "lmdb-writeback",
+                                 "other"), 0.0)
         try:
             tids = os.listdir("/proc/self/task")
         except OSError:

@@ -12,6 +12,10 @@ under load). Without the fsync LMDB stays consistent across a process crash (its
 are in the kernel's page cache) but not across an OS crash, so a marker file names the
 boot (kernel boot id) whose page cache holds unsynced commits; a store opened under a
 different boot discards its files and the replica rebuilds them from snapshot and journal.
+
+A helper thread still writes LMDB's dirty pages out every WRITEBACK_INTERVAL, for latency,
+not durability: left to the kernel they piled up (~270 MB in 30 s at 4,500 writes/s) and
+were written in one burst that held every replica's journal fsync for 80-85 ms at once.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ _VERSION_KEY = b"applied_version"
 CACHED_META = frozenset({"clock", "audit_head", "policy_head", "ip_cursor"})
 MAP_SIZE = 8 << 30
 UNSYNCED_MARKER = "unsynced-since-boot"  # in the store's directory; see the module doc
+WRITEBACK_INTERVAL = 1.0  # seconds between flushes of committed pages (see the module doc)
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
@@ -142,6 +147,14 @@ class StateStore:
         self._marked = False  # the unsynced marker is written for this boot
         self.discarded_after_os_crash = self._discard_if_os_crashed()
         self._open()
+        # The writeback thread syncs self.env outside _lock (readers must not wait for a
+        # flush); swapping or closing the environment waits for a flush in progress.
+        self._env_flush = threading.Lock()
+        self._committed_since_flush = False
+        self._closing = threading.Event()
+        self._writeback = threading.Thread(target=self._writeback_loop, daemon=True,
+                                           name="lmdb-writeback")
+        self._writeback.start()
 
     def _open(self) -> None:
         # sync=False: see the module doc; the marker protocol below replaces the fsync.
@@ -187,9 +200,23 @@ class StateStore:
         self._marked = False
 
     def close(self) -> None:
+        self._closing.set()
+        self._writeback.join(timeout=10)
         self.commit()
         self.sync()
         self.env.close()
+
+    def _writeback_loop(self) -> None:
+        while not self._closing.wait(WRITEBACK_INTERVAL):
+            if self._committed_since_flush:
+                self._committed_since_flush = False
+                self._flush_committed()
+
+    def _flush_committed(self) -> None:
+        """Write committed pages out (the marker stays: later commits are unsynced again)."""
+        with self._env_flush:
+            if not self._closing.is_set():
+                self.env.sync(True)
 
     # -- writes (Raft tick thread only) -----------------------------------------------
     def write_txn(self) -> LmdbTxn:
@@ -208,6 +235,7 @@ class StateStore:
             self._write.put(_VERSION_KEY, str(self._writer_version).encode(), db=self.dbs["meta"])
         self._write.commit()
         self._write = None
+        self._committed_since_flush = True
         return True
 
     def set_applied_version(self, txn: LmdbTxn, version: int) -> None:
@@ -255,7 +283,7 @@ class StateStore:
     def replace_with(self, data_mdb: str) -> None:
         """Install a snapshot's data.mdb in place of the current state (not fsynced: the
         snapshot file it came from is the durable copy)."""
-        with self._lock:
+        with self._lock, self._env_flush:
             self.commit()
             if not self._marked:
                 self._mark_unsynced()

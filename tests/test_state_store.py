@@ -137,3 +137,40 @@ def test_hot_meta_records_and_the_version_reach_lmdb_with_the_batch(tmp_path):
     with store.read() as r:
         assert r.get("meta", "clock") is None and r.get("meta", "idem:1") == "r1"
     store.close()
+
+
+def test_committed_pages_are_written_out_each_interval_and_the_marker_stays(tmp_path, monkeypatch):
+    """The writeback thread flushes what was committed (so the kernel never writes a burst
+    of hundreds of MB that stalls the journal's fsync), keeps the unsynced marker (later
+    commits are unsynced again), survives a snapshot install, and ends with the store."""
+    from raftmesh.storage import state_store
+    from conftest import wait_until
+    monkeypatch.setattr(state_store, "WRITEBACK_INTERVAL", 0.05)
+    flushes = []
+    original = StateStore._flush_committed
+    monkeypatch.setattr(StateStore, "_flush_committed",
+                        lambda self: flushes.append(1) or original(self))
+    path = str(tmp_path / "s")
+    store = StateStore(path)
+    put_users(store, ["a"], 1)
+    wait_until(lambda: flushes, 10, what="a flush after a commit")
+    n = len(flushes)
+    assert os.path.exists(os.path.join(path, UNSYNCED_MARKER))
+    other = StateStore(str(tmp_path / "other"))
+    put_users(other, ["b"], 7)
+    copy = str(tmp_path / "copy.mdb")
+    with open(copy, "wb") as f:
+        txn = other.pin()
+        other.copy_pinned(f.fileno(), txn)
+        txn.abort()
+    other.close()
+    put_users(store, ["c"], 2)
+    store.replace_with(copy)  # swaps the environment the thread flushes
+    n = len(flushes)
+    put_users(store, ["d"], 8)
+    wait_until(lambda: len(flushes) > n, 10, what="a flush of the new environment")
+    store.close()
+    assert not store._writeback.is_alive()
+    again = StateStore(path)
+    assert users(again) == {"b", "d"}
+    again.close()
