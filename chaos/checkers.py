@@ -69,7 +69,7 @@ def read_tables(state_dir: str) -> tuple[tuple[int, str], dict[str, dict[str, An
         with store.read() as txn:
             tables = {t: dict(txn.items(t)) for t in TABLES}
     finally:
-        store.env.close()
+        store.close_unsynced()
     return digest, tables
 
 

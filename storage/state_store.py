@@ -20,6 +20,7 @@ were written in one burst that held every replica's journal fsync for 80-85 ms a
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import threading
@@ -30,6 +31,8 @@ import lmdb
 
 from .journal import fsync_dir, write_file_durably
 from .json_codec import compact_json, loads_utf8
+
+log = logging.getLogger("raftmesh.state")
 
 TABLES = (
     "meta", "users", "nodes", "preauth_keys", "api_keys", "policy_versions",
@@ -200,11 +203,20 @@ class StateStore:
         self._marked = False
 
     def close(self) -> None:
-        self._closing.set()
-        self._writeback.join(timeout=10)
+        self._stop_writeback()
         self.commit()
         self.sync()
         self.env.close()
+
+    def close_unsynced(self) -> None:
+        """Close leaving the files as they are (marker included): for readers of a stopped
+        replica's state that must not change it, and for tests of what a crash leaves."""
+        self._stop_writeback()
+        self.env.close()
+
+    def _stop_writeback(self) -> None:
+        self._closing.set()
+        self._writeback.join(timeout=10)
 
     def _writeback_loop(self) -> None:
         while not self._closing.wait(WRITEBACK_INTERVAL):
@@ -215,8 +227,12 @@ class StateStore:
     def _flush_committed(self) -> None:
         """Write committed pages out (the marker stays: later commits are unsynced again)."""
         with self._env_flush:
-            if not self._closing.is_set():
+            if self._closing.is_set():
+                return
+            try:
                 self.env.sync(True)
+            except lmdb.Error as e:  # not fatal: the journal and snapshot hold the state
+                log.warning("writing out committed pages of %s failed: %s", self.path, e)
 
     # -- writes (Raft tick thread only) -----------------------------------------------
     def write_txn(self) -> LmdbTxn:

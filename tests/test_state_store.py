@@ -58,7 +58,7 @@ def test_unsynced_state_of_an_earlier_boot_is_discarded(tmp_path):
     path = str(tmp_path / "s")
     store = StateStore(path)
     put_users(store, ["a", "b"], 2)
-    store.env.close()  # as if the OS went down: no sync, marker left behind
+    store.close_unsynced()  # as if the OS went down: no sync, marker left behind
     with open(os.path.join(path, UNSYNCED_MARKER), "w") as f:
         f.write("another-boot")
     with open(os.path.join(path, "data.mdb"), "r+b") as f:
