@@ -67,8 +67,7 @@ class ThreadCpuCollector:
 
     def collect(self):
         roles = {t.native_id: thread_role(t) for t in threading.enumerate()}
-        seconds = dict.fromkeys(("event-loop", "raft", "netmap-feed", "snapshot", "lmdb-writeback",
-                                 "other"), 0.0)
+        seconds = dict.fromkeys(("event-loop", *(role for _, role in THREAD_ROLES), "other"), 0.0)
         try:
             tids = os.listdir("/proc/self/task")
         except OSError:
