@@ -159,8 +159,9 @@ def map_stream(ctx: Ctx):
     return ctx.request.app[HUB].serve(ctx.request, _map_start(ctx), ctx.config.stream_keepalive)
 
 
-async def _map_start(ctx: Ctx) -> tuple[str, object]:
-    """Authenticate and check a map request; (node id, first netmap or delta to send)."""
+async def _map_start(ctx: Ctx) -> tuple[object, object]:
+    """Authenticate and check a map request; (its subscribed stream, first netmap or delta
+    to send)."""
     machine = await machine_of(ctx)
     hub = ctx.request.app[HUB]
     # Catch up with the leader first (bounded), so a node deleted or registered a moment
@@ -180,14 +181,14 @@ async def _map_start(ctx: Ctx) -> tuple[str, object]:
     if since is not None and not await hub.wait_version(since, ctx.config.write_timeout):
         raise APIError(503, "not_ready", f"this replica's netmaps are at version {hub.feed.version}, "
                        f"behind the agent's {since}; use another replica")
-    first = await hub.on_feed(lambda feed: feed.resume(node["id"], since))
+    stream, first = await hub.open_stream(node["id"], ctx.request.remote, since)
     if first is None and not current:
         raise APIError(503, "not_ready", "this replica cannot confirm this node's state right "
                        "now (behind or without quorum); use another replica")
     if first is None:
         raise APIError(401, "node_expired", f"node {node['id']}'s key has expired or it logged out; "
                        "register again with an auth key")
-    return node["id"], first
+    return stream, first
 
 
 ACK_APPLIED = {"type": "array", "maxItems": 64, "description": "[version, seconds since the agent "

@@ -396,21 +396,45 @@ class StreamHub:
         return out
 
     # -- writing one stream ----------------------------------------------------------------------
-    async def serve(self, request: web.Request, start: Awaitable[tuple[str, Netmap | object]],
+    async def open_stream(self, node_id: str, remote: str | None,
+                          since: int | None) -> tuple[Stream | None, Netmap | object | None]:
+        """Subscribe, then compute the first netmap or delta: (stream, first), or (None,
+        None) when the node is not visible here. In this order a batch applied after `first`
+        was computed reaches the stream as a queued frame (skipped by version if `first`
+        covers it). Computed first and subscribed later, such a batch could be fanned out in
+        between and never reach the agent: a chaos run caught an agent that resumed while a
+        node was deleted keeping that node as a peer for good."""
+        stream = self.subscribe(node_id, remote)
+        try:
+            first = await self.on_feed(lambda feed: feed.resume(node_id, since))
+        except BaseException:
+            self.unsubscribe(stream)
+            raise
+        if first is None:
+            self.unsubscribe(stream)
+            return None, None
+        return stream, first
+
+    async def serve(self, request: web.Request, start: Awaitable[tuple[Stream, Netmap | object]],
                     keepalive: float) -> web.StreamResponse:
         """One agent's stream. `start` checks the request (raising the refusal) and gives
-        the node id and the first netmap or delta, of which serve holds the only reference."""
-        node_id, first = await start
+        the stream open_stream subscribed and the first netmap or delta, of which serve
+        holds the only reference."""
+        stream, first = await start
         del start
-        resp = web.StreamResponse(headers={"Content-Type": FRAME_CONTENT_TYPE,
-                                           "Cache-Control": "no-store",
-                                           "X-Raftmesh-Replica": self.replica.config.id,
-                                           "X-Raftmesh-Keepalive": f"{keepalive:g}"})
-        await resp.prepare(request)
+        try:
+            resp = web.StreamResponse(headers={"Content-Type": FRAME_CONTENT_TYPE,
+                                               "Cache-Control": "no-store",
+                                               "X-Raftmesh-Replica": self.replica.config.id,
+                                               "X-Raftmesh-Keepalive": f"{keepalive:g}"})
+            await resp.prepare(request)
+        except BaseException:
+            self.unsubscribe(stream)
+            raise
         # prepare() serialised the head for sending; the header dict would otherwise stay
         # allocated for the stream's life (about 0.9 KB each, with aiohttp's Date and Server)
         resp.headers.clear()
-        stream = self.subscribe(node_id, request.remote)
+        node_id = stream.node_id
         self._presence_change(node_id, True, stream.session)
         try:
             kind = "full" if isinstance(first, Netmap) else "delta"

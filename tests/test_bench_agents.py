@@ -45,7 +45,8 @@ def test_propagation_tiny(tmp_path):
         # every ack of the measured changes reached the replicas' histogram too
         assert s["server_histogram"]["count"] >= 2 * s["agents"]
         assert s["apply"]["max_ms"] >= s["apply"]["p50_ms"]
-        assert s["replica_cpu_s_per_change"] > 0 and s["agent_cpu_s_per_change"] > 0
+        # CPU comes in clock ticks (10 ms): a tiny change can cost the agents less than one
+        assert s["replica_cpu_s_per_change"] > 0 and s["agent_cpu_s_per_change"] >= 0
         # the replicas' CPU split by thread, from their raftmesh_thread_cpu_seconds_total
         assert {"event-loop", "raft", "netmap-feed"} <= set(s["delivery_cpu_s_by_thread"])
         assert all(v >= 0 for v in s["delivery_cpu_s_by_thread"].values())

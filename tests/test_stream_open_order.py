@@ -1,0 +1,64 @@
+"""A stream that opens while the netmap feed moves on gets every change after its first
+frame: the regression a chaos run found (an agent that resumed while a node was deleted kept
+that node as a peer). In process: one replica, the hub, and a change forced into the window
+between computing the first frame and starting to stream."""
+import asyncio
+import json
+
+from prometheus_client import CollectorRegistry
+
+from raftmesh.api.map_stream import StreamHub
+from raftmesh.cluster.commands import Command
+from raftmesh.cluster.config import ReplicaConfig
+from raftmesh.cluster.launcher import free_ports
+from raftmesh.cluster.replica import Outcome, RaftReplica
+
+from conftest import wait_until
+
+ALLOW_ALL = json.dumps({"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]})
+
+
+def apply(r, op, args):
+    outcome = r.propose(Command(op, args, time=100.0)).result(10)
+    assert outcome.kind == Outcome.APPLIED and outcome.result["ok"], outcome.result
+    return outcome.result
+
+
+def test_a_change_applied_while_a_stream_opens_reaches_it(tmp_path):
+    (port,) = free_ports(1)
+    r = RaftReplica(ReplicaConfig(id="r0", raft_addr=f"127.0.0.1:{port}", peers=[],
+                                  data_dir=str(tmp_path / "r0"), cluster_secret="s" * 16))
+    try:
+        wait_until(lambda: r.status.get("state") == "leader", 10, what="a leader")
+        apply(r, "user.create", {"name": "alice"})
+        apply(r, "policy.set", {"text": ALLOW_ALL})
+        for n in ("a", "b"):
+            apply(r, "node.register", {"id": n, "name": n, "user": "alice", "machine_key": "m" + n,
+                                       "node_key": "k" + n})
+            apply(r, "node.approve", {"id": n})
+
+        async def scenario():
+            hub = StreamHub(r, CollectorRegistry())
+            hub.start()
+            try:
+                on_feed = hub.on_feed
+
+                async def first_then_delete(fn, *args):
+                    first = await on_feed(fn, *args)  # computed: now b goes, before serving
+                    deleted = apply(r, "node.delete", {"id": "b"})["version"]
+                    assert await hub.wait_version(deleted, 10)
+                    await on_feed(lambda feed: None)  # its fan-out is queued on the loop
+                    await asyncio.sleep(0)  # and runs (one loop pass, not a time wait)
+                    return first
+
+                hub.on_feed = first_then_delete
+                stream, first = await hub.open_stream("a", "127.0.0.1", None)
+                assert "b" in first.peers, "the first frame was computed before the delete"
+                frames = stream.take_frames()
+                assert any("b" in (body.get("peers_removed") or ()) and version > first.version
+                           for _, version, body in frames), frames
+            finally:
+                await hub.stop()
+        asyncio.run(scenario())
+    finally:
+        r.stop()
