@@ -24,6 +24,7 @@ from raftmesh.cluster.launcher import LocalCluster, free_ports
 
 from . import bench_report as report
 from . import benchlab
+from .light_agents import read_thread_cpu
 
 
 def _measure(make_request, clients: int, seconds: float, progress: report.Progress,
@@ -157,9 +158,13 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
         pids = [r.pid for r in cluster.replicas if r.pid]
 
         def shape(system, label, writer, clients, server_pids, tag):
+            threads0 = read_thread_cpu(cluster) if system == "raftmesh" else {}
             lat, errors, cpu = _measure(writer(tag), clients, seconds, progress, server_pids)
+            n = max(1, len(lat))
+            by_thread = {k: (v - threads0.get(k, 0.0)) / n * 1e6
+                         for k, v in read_thread_cpu(cluster).items()} if threads0 else {}
             return {"system": system, "shape": label, "clients": clients, "lat": lat,
-                    "errors": errors, **cpu}
+                    "errors": errors, "server_cpu_us_per_write_by_thread": by_thread, **cpu}
 
         ours = lambda tag, targets: raftmesh_writer(cluster, targets, tag)  # noqa: E731
         runs = [shape("raftmesh", "1 client via leader", lambda t: ours(t, [leader.api_url]), 1, pids, "l"),
@@ -195,7 +200,10 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
                      "writes_per_s": len(lat) / (seconds * len(group)),
                      "errors": sum(r["errors"] for r in group), **report.summarize(lat),
                      **{k: sum(r[k] for r in group) / len(group) for k in
-                        ("server_cpu_ms_per_write", "client_cpu_ms_per_write", "server_cpu_cores")}})
+                        ("server_cpu_ms_per_write", "client_cpu_ms_per_write", "server_cpu_cores")},
+                     "server_cpu_us_per_write_by_thread": {
+                         k: sum(r["server_cpu_us_per_write_by_thread"].get(k, 0.0) for r in group)
+                         / len(group) for k in group[0]["server_cpu_us_per_write_by_thread"]}})
         series[f"{system}: {label}"] = lat
     result = {"benchmark": "writes", "seconds_per_shape": seconds, "rounds": rounds,
               "machine": report.machine(), "rows": rows, "per_round": per_round}
@@ -206,6 +214,11 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
     report.print_table("admin API writes, 3 replicas, durable journals", rows,
                        ["system", "shape", "rounds", "writes_per_s", "p50_ms", "p99_ms", "max_ms",
                         "errors", "server_cpu_ms_per_write", "client_cpu_ms_per_write"])
+    for r in rows:
+        split = {k: v for k, v in r["server_cpu_us_per_write_by_thread"].items() if v >= 0.5}
+        if r["system"] == "raftmesh" and split:
+            print(f"raftmesh, {r['shape']}: replica CPU per write by thread (µs, all replicas): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in sorted(split.items(), key=lambda kv: -kv[1])))
     if "throughput_ratio_vs_etcd" in result:
         ratios = [r["ratio"] for r in per_round if "ratio" in r]
         spread = (f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else "")

@@ -15,6 +15,10 @@ def test_writes_benchmark_tiny(tmp_path):
     concurrent = [r for r in rows if r["clients"] == 4]
     assert concurrent and all(r["rounds"] == 2 for r in concurrent)
     assert [r["round"] for r in result["per_round"]] == [1, 2]
+    # the replicas' CPU per write split by thread (raftmesh_thread_cpu_seconds_total)
+    ours = next(r for r in concurrent if r["system"] == "raftmesh")
+    assert ours["server_cpu_us_per_write_by_thread"]["raft"] > 0
+    assert ours["server_cpu_us_per_write_by_thread"]["event-loop"] > 0
     if bench_writes.EtcdCluster.available():
         assert all(r["ratio"] > 0 for r in result["per_round"])
         assert result["throughput_ratio_vs_etcd"] > 0
