@@ -422,35 +422,33 @@ class StreamHub:
         holds the only reference."""
         stream, first = await start
         del start
+        node_id = stream.node_id
         try:
             resp = web.StreamResponse(headers={"Content-Type": FRAME_CONTENT_TYPE,
                                                "Cache-Control": "no-store",
                                                "X-Raftmesh-Replica": self.replica.config.id,
                                                "X-Raftmesh-Keepalive": f"{keepalive:g}"})
             await resp.prepare(request)
-        except BaseException:
-            self.unsubscribe(stream)
-            raise
-        # prepare() serialised the head for sending; the header dict would otherwise stay
-        # allocated for the stream's life (about 0.9 KB each, with aiohttp's Date and Server)
-        resp.headers.clear()
-        node_id = stream.node_id
-        self._presence_change(node_id, True, stream.session)
-        try:
-            kind = "full" if isinstance(first, Netmap) else "delta"
-            version, body = first.version, first.to_json()
-            del first  # the caller hands over its only reference: not kept while streaming
-            await self._send(resp, stream, kind, version, body)
-            del body
-            while stream.closing is None:
-                await stream.wait()  # frames, a close, or the hub's keepalive ticker
-                await self._write_due(resp, stream)
-            await self._send(resp, stream, "bye", stream.sent_version, stream.closing)
-        except (ConnectionError, asyncio.TimeoutError, RuntimeError) as e:
-            log.debug("stream of %s ended: %r", node_id, e)
+            # prepare() serialised the head for sending; the header dict would otherwise stay
+            # allocated for the stream's life (~0.9 KB each, with aiohttp's Date and Server)
+            resp.headers.clear()
+            self._presence_change(node_id, True, stream.session)
+            try:
+                kind = "full" if isinstance(first, Netmap) else "delta"
+                version, body = first.version, first.to_json()
+                del first  # the caller hands over its only reference: not kept while streaming
+                await self._send(resp, stream, kind, version, body)
+                del body
+                while stream.closing is None:
+                    await stream.wait()  # frames, a close, or the hub's keepalive ticker
+                    await self._write_due(resp, stream)
+                await self._send(resp, stream, "bye", stream.sent_version, stream.closing)
+            except (ConnectionError, asyncio.TimeoutError, RuntimeError) as e:
+                log.debug("stream of %s ended: %r", node_id, e)
+            finally:
+                self._presence_change(node_id, False, stream.session)
         finally:
             self.unsubscribe(stream)
-            self._presence_change(node_id, False, stream.session)
         return resp
 
     async def _write_due(self, resp: web.StreamResponse, stream: Stream) -> None:

@@ -148,15 +148,7 @@ class DurableJournal(Journal):
 
     def _rewrite(self, entries: list[tuple[bytes, int, int]]) -> None:
         """Atomically replace the file with `entries`, in the current format."""
-        tmp = self._path + ".compact"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, _MAGIC + b"".join(_encode(*e) for e in entries))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._path)
-        fsync_dir(os.path.dirname(os.path.abspath(self._path)))
+        write_file_durably(self._path, _MAGIC + b"".join(_encode(*e) for e in entries))
 
     # -- durability ----------------------------------------------------------------
     @property

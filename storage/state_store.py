@@ -179,14 +179,17 @@ class StateStore:
             return False
         if marked_boot and marked_boot == boot_id():
             return False  # only the process ended: the page cache still has every commit
+        self._remove_lmdb_files()
+        os.unlink(marker)
+        fsync_dir(self.path)
+        return True
+
+    def _remove_lmdb_files(self) -> None:
         for name in ("data.mdb", "lock.mdb"):
             try:
                 os.unlink(os.path.join(self.path, name))
             except FileNotFoundError:
                 pass
-        os.unlink(marker)
-        fsync_dir(self.path)
-        return True
 
     def _mark_unsynced(self) -> None:
         """Before the first commit that is not fsynced: name this boot as its keeper."""
@@ -304,11 +307,7 @@ class StateStore:
             if not self._marked:
                 self._mark_unsynced()
             self.env.close()
-            for name in ("data.mdb", "lock.mdb"):
-                try:
-                    os.unlink(os.path.join(self.path, name))
-                except FileNotFoundError:
-                    pass
+            self._remove_lmdb_files()
             shutil.move(data_mdb, os.path.join(self.path, "data.mdb"))
             self._meta_cache.clear()
             self._writer_version = None

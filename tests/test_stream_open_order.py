@@ -47,8 +47,9 @@ def test_a_change_applied_while_a_stream_opens_reaches_it(tmp_path):
                     first = await on_feed(fn, *args)  # computed: now b goes, before serving
                     deleted = apply(r, "node.delete", {"id": "b"})["version"]
                     assert await hub.wait_version(deleted, 10)
-                    await on_feed(lambda feed: None)  # its fan-out is queued on the loop
-                    await asyncio.sleep(0)  # and runs (one loop pass, not a time wait)
+                    # the batch's fan-out was queued on the loop before this no-op's answer
+                    # (call_soon_threadsafe is FIFO): it has run when this returns
+                    await on_feed(lambda feed: None)
                     return first
 
                 hub.on_feed = first_then_delete
