@@ -46,6 +46,7 @@ def test_cpu_is_counted_by_thread_role():
     import threading
     import time
 
+    from waiting import wait_until
     registry = CollectorRegistry()
     pauses = process_metrics.register(registry)
     value = lambda role: registry.get_sample_value(  # noqa: E731
@@ -62,10 +63,7 @@ def test_cpu_is_counted_by_thread_role():
 
         t = threading.Thread(target=spin, name="raft-r9")
         t.start()
-        deadline = time.monotonic() + 10
-        while value("raft") - before < 0.2 and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling a condition with a deadline
-        assert value("raft") - before >= 0.2
+        wait_until(lambda: value("raft") - before >= 0.2, 10, what="the spinning raft-r9 thread's CPU")
         assert value("event-loop") > 0
         stop.set()
         t.join(10)
