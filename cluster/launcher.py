@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,16 +25,56 @@ from raftmesh.api import auth
 DESCRIPTION = "cluster.json"  # what `raftmesh dev` writes into its data directory
 
 
+_issued_ports: set[int] = set()
+_port_choice = random.SystemRandom().choice  # unaffected by anyone seeding `random`
+
+
+def _ports_outside_ephemeral_range() -> range:
+    """Where test and dev ports are drawn from. A port the kernel handed out by bind(0) lies
+    in the ephemeral range, so between our probe and the replica's bind any outgoing
+    connection (a peer dialling, a test's HTTP client, even a socket connecting to itself
+    on a port nobody listens on yet) may take it as its source port, and the replica then
+    exits with "address in use". Ports outside that range are never picked automatically."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    if low - 10000 >= 4096:
+        return range(10000, low)
+    if 65535 - high >= 4096:
+        return range(high + 1, 65536)
+    return range(0)
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind((host, 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
+    """n distinct TCP ports on `host` that are free now and were not returned before by this
+    process (outside the ephemeral range where there is room for that)."""
+    pool = _ports_outside_ephemeral_range()
+    ports: list[int] = []
+    for _ in range(200 * n):
+        if len(ports) == n or not pool:
+            break
+        port = _port_choice(pool)
+        if port not in _issued_ports and port not in ports and _bindable(host, port):
+            ports.append(port)
+    while len(ports) < n:  # no room outside the ephemeral range: let the kernel choose
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _issued_ports and port not in ports:
+            ports.append(port)
+    _issued_ports.update(ports)
     return ports
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass
@@ -194,8 +235,19 @@ class LocalCluster:
                                    f"raft: {self._raft_status(r)} "
                                    f"(log: {os.path.join(self.log_dir, r.id + '.log')})")
             if not r.alive():
-                raise RuntimeError(f"replica {r.id} exited with {r.proc.returncode}")
+                raise RuntimeError(f"replica {r.id} exited with {r.proc.returncode}; "
+                                   f"its log ends:\n{self.log_tail(r)}")
             time.sleep(0.05)
+
+    def log_tail(self, r: ReplicaProcess, lines: int = 20) -> str:
+        """The end of a replica's log, so a failure seen only in CI output can be diagnosed."""
+        try:
+            with open(os.path.join(self.log_dir, f"{r.id}.log"), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8192))
+                return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
+        except OSError as e:
+            return repr(e)
 
     def _raft_status(self, r: ReplicaProcess) -> str:
         """What a replica that is not ready says of its Raft state (for the error message)."""
