@@ -35,7 +35,7 @@ from raftmesh.storage import snapshot
 from raftmesh.storage.journal import DurableJournal
 from raftmesh.storage.state_store import StateStore
 
-from . import raft_codec, state_machine
+from . import raft_codec, raft_connection, state_machine
 from .background_snapshot import BackgroundSerializer
 from .commands import Command, CommandError
 from .config import ReplicaConfig
@@ -127,6 +127,7 @@ class RaftReplica(SyncObj):
             tcp_keepalive=(1, 1, 2),
         )
         raft_codec.install()  # cheaper pickling and compression, same wire format
+        raft_connection.install()  # one system call per message read
         # pysyncobj builds its journal and its encryptor itself; give it ours.
         with _journal_factory_lock:
             original, pso.createJournal = pso.createJournal, DurableJournal
