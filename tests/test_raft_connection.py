@@ -5,9 +5,11 @@ The override works through pysyncobj's private method names; if an upgrade renam
 these tests fail instead of the override quietly never running."""
 import socket
 import time
+from types import SimpleNamespace
 
 import pysyncobj.tcp_server as pso_tcp_server
 import pysyncobj.transport as pso_transport
+import pytest
 from pysyncobj.poller import PollPoller
 
 from raftmesh.cluster import raft_connection
@@ -32,17 +34,22 @@ class CountingSocket:
         return attr
 
 
-def _connection():
+@pytest.fixture
+def link():
+    """Our connection on one end of a socket pair, the peer's raw socket on the other."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
-    counting, received, closed = CountingSocket(ours), [], []
-    poller = PollPoller()
-    conn = OneCallReadConnection(poller, onMessageReceived=received.append,
-                                 onDisconnected=lambda: closed.append(True),
-                                 socket=counting, recvBufferSize=RECV_BUFFER)
-    poller.poll(0)  # the first event of a new connection: writable (pysyncobj's own path)
+    counting = CountingSocket(ours)
+    link = SimpleNamespace(theirs=theirs, counting=counting, received=[], closed=[],
+                           poller=PollPoller())
+    link.conn = OneCallReadConnection(link.poller, onMessageReceived=link.received.append,
+                                      onDisconnected=lambda: link.closed.append(True),
+                                      socket=counting, recvBufferSize=RECV_BUFFER)
+    link.poller.poll(0)  # the first event of a new connection: writable (pysyncobj's own path)
     counting.calls.clear()
-    return conn, poller, theirs, counting, received, closed
+    yield link
+    link.conn.disconnect()
+    theirs.close()
 
 
 def _poll_until(poller, condition, timeout=5.0):
@@ -52,7 +59,7 @@ def _poll_until(poller, condition, timeout=5.0):
         poller.poll(0.05)
 
 
-def _framed(conn, message) -> bytes:
+def _framed(message) -> bytes:
     """What a peer's pysyncobj sends for `message` (its own encoder, ours for reading)."""
     sender = OneCallReadConnection(PollPoller())
     sender._TcpConnection__trySendBuffer = lambda: None  # keep the bytes instead of sending
@@ -66,43 +73,29 @@ def test_install_makes_pysyncobj_build_these_connections():
     assert pso_tcp_server.TcpConnection is OneCallReadConnection
 
 
-def test_a_message_costs_one_recv_and_no_getsockopt():
-    conn, poller, theirs, counting, received, _ = _connection()
-    try:
-        theirs.sendall(_framed(conn, ("append_entries", 1)))
-        _poll_until(poller, lambda: received)
-        assert received == [("append_entries", 1)]
-        assert counting.calls == ["recv"]
-    finally:
-        conn.disconnect()
-        theirs.close()
+def test_a_message_costs_one_recv_and_no_getsockopt(link):
+    link.theirs.sendall(_framed(("append_entries", 1)))
+    _poll_until(link.poller, lambda: link.received)
+    assert link.received == [("append_entries", 1)]
+    assert link.counting.calls == ["recv"]
 
 
-def test_split_batched_and_large_messages_arrive_whole_and_in_order():
-    conn, poller, theirs, counting, received, _ = _connection()
-    try:
-        first, second = _framed(conn, "first"), _framed(conn, "second")
-        theirs.sendall(first[:3])  # not even a length prefix yet
-        poller.poll(0.05)
-        assert received == []
-        theirs.sendall(first[3:] + second)  # the rest of one and a whole other
-        _poll_until(poller, lambda: len(received) == 2)
-        large = bytes(range(256)) * 64  # 16 KiB: many reads of a 1 KiB buffer
-        theirs.sendall(_framed(conn, large))
-        _poll_until(poller, lambda: len(received) == 3)
-        assert received == ["first", "second", large]
-    finally:
-        conn.disconnect()
-        theirs.close()
+def test_split_batched_and_large_messages_arrive_whole_and_in_order(link):
+    first, second = _framed("first"), _framed("second")
+    link.theirs.sendall(first[:3])  # not even a length prefix yet
+    link.poller.poll(0.05)
+    assert link.received == []
+    link.theirs.sendall(first[3:] + second)  # the rest of one and a whole other
+    _poll_until(link.poller, lambda: len(link.received) == 2)
+    large = bytes(range(256)) * 64  # 16 KiB: many reads of a 1 KiB buffer
+    link.theirs.sendall(_framed(large))
+    _poll_until(link.poller, lambda: len(link.received) == 3)
+    assert link.received == ["first", "second", large]
 
 
-def test_the_end_of_the_peers_stream_disconnects_after_what_it_sent():
-    conn, poller, theirs, _, received, closed = _connection()
-    try:
-        theirs.sendall(_framed(conn, "last words"))
-        theirs.shutdown(socket.SHUT_WR)  # end of stream without a hang-up event: recv says so
-        _poll_until(poller, lambda: closed)
-        assert received == ["last words"]
-        assert conn.fileno() is None  # unsubscribed and closed
-    finally:
-        theirs.close()
+def test_the_end_of_the_peers_stream_disconnects_after_what_it_sent(link):
+    link.theirs.sendall(_framed("last words"))
+    link.theirs.shutdown(socket.SHUT_WR)  # end of stream without a hang-up event: recv says so
+    _poll_until(link.poller, lambda: link.closed)
+    assert link.received == ["last words"]
+    assert link.conn.fileno() is None  # unsubscribed and closed
