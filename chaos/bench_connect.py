@@ -2,7 +2,7 @@
 tunnel (issue #5 `connect`).
 
 Real `raftmesh agent up` daemons with wireguard-go and nftables in network namespaces
-(chaos/benchlab.py), 3 replicas on the host end of a veth into the lab. One peer daemon (a
+(chaos/benchlab.py), 3 replicas (`--replicas`) on the host end of a veth into the lab. One peer daemon (a
 `svc` node, which every `bench` node may reach, see light_agents.policy_text) runs for the
 whole benchmark. Each round, in a fresh namespace:
 
@@ -33,7 +33,8 @@ from . import light_agents as la
 TARGET_S = None  # issue #5 gives no number for `connect`; reported as measured
 
 
-def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float = 60.0) -> dict:
+def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float = 60.0,
+        replicas: int = 3) -> dict:
     load0 = os.getloadavg()
     from . import benchlab
     problems = benchlab.preflight()
@@ -50,7 +51,7 @@ def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float 
     try:
         peer_ns = lab.add("peer", "192.0.2.1/24")
         host = lab.connect_host()
-        cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=3, host=host,
+        cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=replicas, host=host,
                                extra_args=["--stream-keepalive", f"{keepalive:g}"])
         cluster.start_all()
         pids += [r.pid for r in cluster.replicas]
@@ -66,7 +67,7 @@ def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float 
         for r in range(rounds):
             label = f"a{r}"
             ns = lab.add(label, f"192.0.2.{10 + r}/24")
-            agent = current = benchlab.RealAgent(lab, ns, workdir, servers[r % 3:] + servers[:r % 3],
+            agent = current = benchlab.RealAgent(lab, ns, workdir, benchlab.rotated(servers, r),
                                                  keys[la.BENCH_USER], label)
             prober = ns.first_reply(peer_ip, interval=0.01, wait=0.2, timeout=timeout)
             agent.start()
@@ -119,7 +120,7 @@ def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float 
     failed = [r["round"] for r in rows if r["connect_ms"] is None]
     result = {"benchmark": "connect", "machine": la.machine(load0), "rounds": rows, "summary": summary,
               "failed_rounds": failed, "pids": pids,
-              "config": {"replicas": 3, "stream_keepalive_s": keepalive, "probe_interval_ms": 10}}
+              "config": {"replicas": replicas, "stream_keepalive_s": keepalive, "probe_interval_ms": 10}}
     report.print_table("connect: `raftmesh agent up` -> first ICMP echo answered by a peer over "
                        "WireGuard (ms)", rows, ["round", "connect_ms", "stream_connected_ms",
                                                 "probes_sent", "replica"])
@@ -145,5 +146,5 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     """0 when every round got a packet through (whatever the time), else 1."""
-    result = run(args.out, args.rounds, args.stream_keepalive, args.timeout)
+    result = run(args.out, args.rounds, args.stream_keepalive, args.timeout, args.replicas)
     return 1 if result["failed_rounds"] else 0

@@ -1,7 +1,7 @@
 """`raftmesh bench failover`: how long writes stop when the leader is SIGKILLed.
 
-Issue #5 target: writes resume <= 2 s after the leader is killed. 3 replicas with durable
-(fsynced) journals run on this machine. Client workers write continuously (`POST
+Issue #5 target: writes resume <= 2 s after the leader is killed. 3 replicas (`--replicas`)
+with durable (fsynced) journals run on this machine. Client workers write continuously (`POST
 /api/v1/users`, unique names, paced to `--rate` writes/s in total) through every replica's
 URL and move to the next URL on a connection error, a timeout or a 503, as a real client
 would. Each round: wait until writes flow and all replicas are ready, SIGKILL the leader,
@@ -222,10 +222,10 @@ def _ms(seconds: float | None) -> str:
 
 
 def run(out_dir: str, rounds: int = 10, clients: int = 4, rate: float = 100.0,
-        resume_timeout: float = 30.0) -> dict:
+        resume_timeout: float = 30.0, replicas: int = 3) -> dict:
     workdir = tempfile.mkdtemp(prefix="raftmesh-bench-failover-")
     progress = report.Progress("failover")
-    cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=3)
+    cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=replicas)
     pids: list[int] = []  # every replica process started, so callers can check none is left
     try:
         cluster.start_all()
@@ -255,7 +255,7 @@ def run(out_dir: str, rounds: int = 10, clients: int = 4, rate: float = 100.0,
     result = {"benchmark": "failover", "machine": report.machine(), "rounds": rows,
               "replica_pids": pids,
               "summary": summary, "config": {
-                  "replicas": 3, "durability": defaults.durability, "clients": clients,
+                  "replicas": replicas, "durability": defaults.durability, "clients": clients,
                   "rate_writes_per_s": rate, "heartbeat_s": defaults.heartbeat,
                   "election_timeout_s": [defaults.election_min, defaults.election_max],
                   "client_backoff_s": BACKOFF_S, "poll_s": POLL_S},
@@ -264,7 +264,7 @@ def run(out_dir: str, rounds: int = 10, clients: int = 4, rate: float = 100.0,
                          "met": bool(resume["n"]) and not failed
                          and resume["max_ms"] <= TARGET_RESUME_S * 1e3,
                          "failed_rounds": failed}}
-    report.print_table(f"failover: SIGKILL the leader, {len(rows)} rounds, 3 replicas, durable journals",
+    report.print_table(f"failover: SIGKILL the leader, {len(rows)} rounds, {replicas} replicas, durable journals",
                        [{k: (v * 1e3 if k.endswith("_s") and v is not None else v) for k, v in r.items()}
                         for r in rows],
                        ["round", "killed", "new_leader", "term_before", "term_after", "election_s",
@@ -332,5 +332,6 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     """0 when every round's writes resumed (whether or not within the target), else 1."""
-    result = run(args.out, args.rounds, args.clients, args.rate, args.resume_timeout)
+    result = run(args.out, args.rounds, args.clients, args.rate, args.resume_timeout,
+                 args.replicas)
     return 1 if result["target"]["failed_rounds"] else 0

@@ -1,10 +1,10 @@
 """`raftmesh bench propagation`: a policy change, from the API's acknowledgement until every
 affected agent has applied it (issue #5 `propagation`).
 
-Target: p99 <= 1 s at 1,000 agents and <= 2 s at 10,000. 3 replicas (durable journals) and
+Target: p99 <= 1 s at 1,000 agents and <= 2 s at 10,000. 3 replicas (`--replicas`; durable journals) and
 light agents (chaos/light_agents.py: real protocol, every request signed, every frame's
 cluster signature verified, every applied version acked) run on this machine, spread over
-the three replicas (agent i streams from replica i mod 3). Sizes grow on one cluster: the
+the replicas (agent i streams from replica i mod their number). Sizes grow on one cluster: the
 agents of the first size stay connected while more register for the next.
 
 The policy (light_agents.policy_text) gives every `bench` agent an inbound rule from an
@@ -136,12 +136,12 @@ def _ms(v):
 
 def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None = None,
         keepalive: float = 10.0, concurrency: int = 64, timeout: float = 120.0,
-        topology: str = "star") -> dict:
+        topology: str = "star", replicas: int = 3) -> dict:
     load0 = os.getloadavg()
     workdir = tempfile.mkdtemp(prefix="raftmesh-bench-propagation-")
     progress = report.Progress("propagation")
     workers = workers or la.default_workers(max(sizes))
-    cluster = start_cluster(workdir, keepalive)
+    cluster = start_cluster(workdir, keepalive, replicas)
     per_size, grown, pids = [], [], list(filter(None, (r.pid for r in cluster.replicas)))
     status, failed_size = {}, None
     ok = False
@@ -191,13 +191,13 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
             targets.append({"agents": s["agents"], "target_p99_s": t, "p99_s": p99,
                             "met": s["missing"] == 0 and p99 <= t})
     result = {"benchmark": "propagation", "machine": la.machine(load0), "sizes": per_size,
-              "config": {"replicas": 3, "workers": workers, "changes": changes,
+              "config": {"replicas": replicas, "workers": workers, "changes": changes,
                          "stream_keepalive_s": keepalive, "topology": topology,
                          "register_concurrency": concurrency},
               "targets": targets, "pids": pids, "final_status": status, "table": rows,
               "not_reached": failed_size}
     report.print_table(f"propagation: policy change -> every agent applied it ({workers} agent "
-                       f"processes, 3 replicas); ms from the API's answer", rows,
+                       f"processes, {replicas} replicas); ms from the API's answer", rows,
                        ["agents", "samples", "p50_ms", "p99_ms", "max_ms", "ack_p99_ms", "all_p50_ms",
                         "missing", "server_n", "server_p50_le_ms", "server_p99_le_ms", "server_mean_ms",
                         "register_per_s", "delivery_cpu_s", "replica_cpu_s", "agent_cpu_s"])
@@ -241,5 +241,5 @@ def main(args) -> int:
     """0 when every agent applied every change (whether or not within the target), else 1."""
     sizes = [int(x) for x in str(args.sizes).split(",") if x.strip()]
     result = run(args.out, sizes, args.changes, args.workers or None, args.stream_keepalive,
-                 args.register_concurrency, args.timeout, args.topology)
+                 args.register_concurrency, args.timeout, args.topology, args.replicas)
     return 1 if result["not_reached"] or any(s["missing"] for s in result["sizes"]) else 0

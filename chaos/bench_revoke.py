@@ -6,9 +6,9 @@ Targets: p99 <= 500 ms with real WireGuard, <= 1.5 s at 1,000 light agents.
 Two parts, each optional:
 
 - light (`--light N`, default 1,000): N light agents (chaos/light_agents.py, the real
-  protocol) of user `bench` spread over 3 replicas, and one `svc` node per round that every
-  agent has as a peer (light_agents.policy_text). Each round DELETEs one svc node through the
-  leader; per agent: from the API's answer until the agent applied the netmap without that
+  protocol) of user `bench` spread over the replicas (3, or `--replicas`), and one `svc` node
+  per round that every agent has as a peer (light_agents.policy_text). Each round DELETEs
+  one svc node through the leader; per agent: from the API's answer until the agent applied the netmap without that
   peer, and until its ack of that version was answered.
 - real (`--real K`, default 3; needs root, wireguard-go, nft): K `raftmesh agent up` daemons
   in network namespaces (chaos/benchlab.py) with wireguard-go, plus one svc daemon per
@@ -49,9 +49,10 @@ def _delete(cluster: LocalCluster, node_id: str) -> dict:
 
 # -- light agents ----------------------------------------------------------------------------
 def run_light(workdir: str, n: int, rounds: int, workers: int | None, keepalive: float,
-              concurrency: int, timeout: float, progress: report.Progress, pids: list[int]) -> dict:
+              concurrency: int, timeout: float, progress: report.Progress, pids: list[int],
+              replicas: int = 3) -> dict:
     from .bench_propagation import start_cluster
-    cluster = start_cluster(os.path.join(workdir, "light"), keepalive)
+    cluster = start_cluster(os.path.join(workdir, "light"), keepalive, replicas)
     pids += [r.pid for r in cluster.replicas]
     workers = workers or la.default_workers(n)
     try:
@@ -101,7 +102,7 @@ def run_light(workdir: str, n: int, rounds: int, workers: int | None, keepalive:
 
 # -- real wireguard-go daemons ---------------------------------------------------------------
 def run_real(workdir: str, k: int, rounds: int, keepalive: float, timeout: float,
-             progress: report.Progress, pids: list[int]) -> dict:
+             progress: report.Progress, pids: list[int], replicas: int = 3) -> dict:
     from . import benchlab
     problems = benchlab.preflight()
     if problems:
@@ -113,7 +114,7 @@ def run_real(workdir: str, k: int, rounds: int, keepalive: float, timeout: float
     try:
         nss = [lab.add(f"p{i}", f"192.0.2.{i + 1}/24") for i in range(k)]
         host = lab.connect_host()
-        cluster = LocalCluster(os.path.join(workdir, "real", "raftmesh"), replicas=3, host=host,
+        cluster = LocalCluster(os.path.join(workdir, "real", "raftmesh"), replicas=replicas, host=host,
                                extra_args=["--stream-keepalive", f"{keepalive:g}"])
         cluster.start_all()
         pids += [r.pid for r in cluster.replicas]
@@ -121,7 +122,7 @@ def run_real(workdir: str, k: int, rounds: int, keepalive: float, timeout: float
         keys = la.setup_cluster(cluster)
         servers = [r.api_url for r in cluster.replicas]
         for i, ns in enumerate(nss):
-            a = benchlab.RealAgent(lab, ns, workdir, servers[i % 3:] + servers[:i % 3],
+            a = benchlab.RealAgent(lab, ns, workdir, benchlab.rotated(servers, i),
                                    keys[la.BENCH_USER], f"p{i}")
             a.start()
             agents.append(a)
@@ -194,21 +195,22 @@ def run_real(workdir: str, k: int, rounds: int, keepalive: float, timeout: float
 
 def run(out_dir: str, light: int = 1000, light_rounds: int = 5, real: int = 3, real_rounds: int = 5,
         workers: int | None = None, keepalive: float = 10.0, concurrency: int = 64,
-        timeout: float = 60.0) -> dict:
+        timeout: float = 60.0, replicas: int = 3) -> dict:
     load0 = os.getloadavg()
     workdir = tempfile.mkdtemp(prefix="raftmesh-bench-revoke-")
     progress = report.Progress("revoke")
     pids: list[int] = []
     result = {"benchmark": "revoke", "machine": la.machine(load0), "pids": pids,
-              "config": {"replicas": 3, "stream_keepalive_s": keepalive, "light": light,
+              "config": {"replicas": replicas, "stream_keepalive_s": keepalive, "light": light,
                          "light_rounds": light_rounds, "real": real, "real_rounds": real_rounds}}
     ok = False
     try:
         if real:
-            result["real"] = run_real(workdir, real, real_rounds, keepalive, timeout, progress, pids)
+            result["real"] = run_real(workdir, real, real_rounds, keepalive, timeout, progress, pids,
+                                      replicas)
         if light:
             result["light"] = run_light(workdir, light, light_rounds, workers, keepalive, concurrency,
-                                        timeout, progress, pids)
+                                        timeout, progress, pids, replicas)
         ok = True
     finally:
         progress.done()
@@ -278,5 +280,5 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     """0 when every peer dropped every revoked node (whether or not within the target), else 1."""
     r = run(args.out, args.light, args.light_rounds, args.real, args.real_rounds, args.workers or None,
-            args.stream_keepalive, args.register_concurrency, args.timeout)
+            args.stream_keepalive, args.register_concurrency, args.timeout, args.replicas)
     return 1 if any(r.get(p, {}).get("missing") for p in ("light", "real")) else 0

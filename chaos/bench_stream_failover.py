@@ -2,13 +2,13 @@
 a current netmap again (issue #5 `failover`, second half; the first half, writes resuming
 after a leader kill, is chaos/bench_failover.py).
 
-Target: <= 3 s. 3 replicas (durable journals), N light agents (chaos/light_agents.py: the real
+Target: <= 3 s. 3 replicas (`--replicas`; durable journals), N light agents (chaos/light_agents.py: the real
 protocol with the daemon's failover: on EOF/error move to the next replica URL after a
 full-jitter backoff of up to 0.2 s doubling, resume with the held version) spread over the
 replicas. Each round:
 
 1. every replica ready, every agent streaming from its home replica and quiet;
-2. SIGKILL replica (round mod 3): the leader or a follower, as it comes;
+2. SIGKILL replica (round mod their number): the leader or a follower, as it comes;
 3. right after the process is reaped, a policy change that touches every agent is written
    through a survivor (retried until a leader takes it; a killed leader means an election
    first). Its version V is what "current" means: a change committed after the kill;
@@ -32,12 +32,12 @@ TARGET_S = 3.0
 
 
 def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None = None,
-        keepalive: float = 10.0, timeout: float = 60.0) -> dict:
+        keepalive: float = 10.0, timeout: float = 60.0, replicas: int = 3) -> dict:
     load0 = os.getloadavg()
     from .bench_propagation import start_cluster
     workdir = tempfile.mkdtemp(prefix="raftmesh-bench-stream-failover-")
     progress = report.Progress("stream-failover")
-    cluster = start_cluster(workdir, keepalive)
+    cluster = start_cluster(workdir, keepalive, replicas)
     workers = workers or la.default_workers(agents_n)
     pids = [r.pid for r in cluster.replicas]
     rows, killed_samples, other_samples, reconnect_samples = [], [], [], []
@@ -109,7 +109,7 @@ def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None
     failed = [r["round"] for r in rows if r["missing"] or r["current_max_ms"] is None]
     result = {"benchmark": "stream-failover", "machine": la.machine(load0), "rounds": rows,
               "summary": summary, "pids": pids, "final_status": status,
-              "config": {"replicas": 3, "agents": agents_n, "workers": workers,
+              "config": {"replicas": replicas, "agents": agents_n, "workers": workers,
                          "stream_keepalive_s": keepalive},
               "target": {"what": f"agents of a SIGKILLed replica current again <= {TARGET_S:g} s",
                          "worst_round_ms": worst, "failed_rounds": failed,
@@ -134,7 +134,7 @@ def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None
 
 # -- CLI (to be wired as `raftmesh bench stream-failover` in chaos/cli.py) --------------------
 def add_arguments(parser) -> None:
-    parser.add_argument("--agents", type=int, default=300, help="light agents over the 3 replicas")
+    parser.add_argument("--agents", type=int, default=300, help="light agents spread over the replicas")
     parser.add_argument("--rounds", type=int, default=10, help="replica kills")
     parser.add_argument("--workers", type=int, default=0, help="light-agent processes (default: auto)")
     parser.add_argument("--stream-keepalive", type=float, default=10.0)
@@ -145,5 +145,5 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     """0 when every round's agents got current again (whatever the time), else 1."""
     result = run(args.out, args.agents, args.rounds, args.workers or None, args.stream_keepalive,
-                 args.timeout)
+                 args.timeout, args.replicas)
     return 1 if result["target"]["failed_rounds"] else 0

@@ -1,7 +1,7 @@
 """`raftmesh bench stream-memory`: resident memory per connected agent stream on one replica
 (issue #5 `scale`, memory half; the CPU half is chaos/bench_scale.py).
 
-Target: <= 20 KiB per stream at 10,000 streams. 3 replicas; N light agents
+Target: <= 20 KiB per stream at 10,000 streams. 3 replicas (`--replicas`); N light agents
 (chaos/light_agents.py) are registered first (so node records, netmap index entries and
 registration garbage are already in the baseline), then their streams are opened, all on
 replica r1, in `--steps` equal steps. After each step the agents must hold their netmaps
@@ -47,12 +47,12 @@ def streams_open(cluster, replica) -> float | None:
 
 
 def run(out_dir: str, streams: int = 10000, steps: int = 4, workers: int | None = None,
-        keepalive: float = 10.0, concurrency: int = 64) -> dict:
+        keepalive: float = 10.0, concurrency: int = 64, replicas: int = 3) -> dict:
     load0 = os.getloadavg()
     from .bench_propagation import start_cluster
     workdir = tempfile.mkdtemp(prefix="raftmesh-bench-stream-memory-")
     progress = report.Progress("stream-memory")
-    cluster = start_cluster(workdir, keepalive)
+    cluster = start_cluster(workdir, keepalive, replicas)
     workers = workers or la.default_workers(streams)
     pids = [r.pid for r in cluster.replicas]
     target = cluster.replicas[0]
@@ -113,7 +113,7 @@ def run(out_dir: str, streams: int = 10000, steps: int = 4, workers: int | None 
               "replica": target.id, "register_s": register_s, "per_stream_kib": per_stream,
               "slope_kib_per_stream": slope, "other_replicas_rss_kib": others, "pids": pids,
               "final_status": status,
-              "config": {"replicas": 3, "streams": streams, "steps": steps, "workers": workers,
+              "config": {"replicas": replicas, "streams": streams, "steps": steps, "workers": workers,
                          "stream_keepalive_s": keepalive},
               "target": {"what": f"<= {TARGET_KIB:g} KiB RSS per stream at 10,000 streams",
                          "at_streams": n, "met": per_stream is not None and per_stream <= TARGET_KIB}}
@@ -164,5 +164,5 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     run(args.out, args.streams, args.steps, args.workers or None, args.stream_keepalive,
-        args.register_concurrency)
+        args.register_concurrency, args.replicas)
     return 0

@@ -1,8 +1,8 @@
 """`raftmesh bench writes`: admin-API write latency and throughput, side by side with etcd.
 
-Both systems run 3 members on this machine with durable (fsynced) logs and are driven by
-the same aiohttp client loop over HTTP/JSON (etcd through its v3 JSON gateway), so the
-ratio compares like with like on a shared machine.
+Both systems run as many members (3 unless --replicas says otherwise) on this machine with
+durable (fsynced) logs and are driven by the same aiohttp client loop over HTTP/JSON (etcd
+through its v3 JSON gateway), so the ratio compares like with like on a shared machine.
 
 Each row also reports CPU per acknowledged write, of the members (all server processes
 together) and of the client: on a small machine the systems are CPU-bound, and CPU per
@@ -89,19 +89,19 @@ def etcd_writer(urls: list[str], tag: str):
 
 
 class EtcdCluster:
-    """3 etcd members on loopback, started from Debian's etcd-server when installed."""
+    """etcd members on loopback, started from Debian's etcd-server when installed."""
 
-    def __init__(self, workdir: str):
-        self.workdir, self.procs, self.client_urls = workdir, [], []
+    def __init__(self, workdir: str, members: int = 3):
+        self.workdir, self.members, self.procs, self.client_urls = workdir, members, [], []
 
     @staticmethod
     def available() -> bool:
         return shutil.which("etcd") is not None
 
     def start(self) -> None:
-        ports = free_ports(6)
-        names = [f"e{i}" for i in range(3)]
-        peers = [f"http://127.0.0.1:{ports[2 * i + 1]}" for i in range(3)]
+        ports = free_ports(2 * self.members)
+        names = [f"e{i}" for i in range(self.members)]
+        peers = [f"http://127.0.0.1:{ports[2 * i + 1]}" for i in range(self.members)]
         initial = ",".join(f"{n}={p}" for n, p in zip(names, peers))
         for i, name in enumerate(names):
             client = f"http://127.0.0.1:{ports[2 * i]}"
@@ -136,7 +136,7 @@ class EtcdCluster:
 
 
 def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: bool = True,
-        rounds: int = 1) -> dict:
+        rounds: int = 1, replicas: int = 3) -> dict:
     """One client through the leader, one through a follower, and `concurrency` clients over
     all replicas, against raftmesh; the same against etcd when installed. With `rounds` > 1
     the concurrent shape runs that many times per system, alternating systems (and which goes
@@ -145,8 +145,8 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
     workdir = tempfile.mkdtemp(prefix="raftmesh-bench-")
     progress = report.Progress("writes")
     rows, series, per_round = [], {}, []
-    cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=3)
-    etcd = EtcdCluster(workdir) if with_etcd and EtcdCluster.available() else None
+    cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=replicas)
+    etcd = EtcdCluster(workdir, replicas) if with_etcd and EtcdCluster.available() else None
     try:
         cluster.start_all()
         cluster.wait_ready(timeout=60)
@@ -167,8 +167,9 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
                     "errors": errors, "server_cpu_us_per_write_by_thread": by_thread, **cpu}
 
         ours = lambda tag, targets: raftmesh_writer(cluster, targets, tag)  # noqa: E731
-        runs = [shape("raftmesh", "1 client via leader", lambda t: ours(t, [leader.api_url]), 1, pids, "l"),
-                shape("raftmesh", "1 client via follower", lambda t: ours(t, followers), 1, pids, "f")]
+        runs = [shape("raftmesh", "1 client via leader", lambda t: ours(t, [leader.api_url]), 1, pids, "l")]
+        if followers:
+            runs.append(shape("raftmesh", "1 client via follower", lambda t: ours(t, followers), 1, pids, "f"))
         if etcd is not None:
             etcd_pids = [p.pid for p in etcd.procs]
             runs.append(shape("etcd", "1 client via leader-or-follower",
@@ -205,13 +206,13 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
                          k: sum(r["server_cpu_us_per_write_by_thread"].get(k, 0.0) for r in group)
                          / len(group) for k in group[0]["server_cpu_us_per_write_by_thread"]}})
         series[f"{system}: {label}"] = lat
-    result = {"benchmark": "writes", "seconds_per_shape": seconds, "rounds": rounds,
+    result = {"benchmark": "writes", "seconds_per_shape": seconds, "rounds": rounds, "replicas": replicas,
               "machine": report.machine(), "rows": rows, "per_round": per_round}
     ours_row = next((r for r in rows if r["system"] == "raftmesh" and r["clients"] == concurrency), None)
     theirs = next((r for r in rows if r["system"] == "etcd" and r["clients"] == concurrency), None)
     if ours_row and theirs and theirs["writes_per_s"]:
         result["throughput_ratio_vs_etcd"] = ours_row["writes_per_s"] / theirs["writes_per_s"]
-    report.print_table("admin API writes, 3 replicas, durable journals", rows,
+    report.print_table(f"admin API writes, {replicas} replicas, durable journals", rows,
                        ["system", "shape", "rounds", "writes_per_s", "p50_ms", "p99_ms", "max_ms",
                         "errors", "server_cpu_ms_per_write", "client_cpu_ms_per_write"])
     for r in rows:
@@ -227,7 +228,7 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
     elif with_etcd:
         print("\netcd not installed (Debian etcd-server): no side-by-side ratio")
     result["json"] = report.write_json(out_dir, "writes", result)
-    result["plot"] = report.plot_cdfs(out_dir, "writes", "admin API write latency (3 replicas)", series)
+    result["plot"] = report.plot_cdfs(out_dir, "writes", f"admin API write latency ({replicas} replicas)", series)
     print(f"results: {result['json']}, plot: {result['plot']}")
     return result
 

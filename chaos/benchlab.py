@@ -402,6 +402,12 @@ class RealAgent:
             return ""
 
 
+def rotated(servers: list[str], i: int) -> list[str]:
+    """Agent i's server list: replica i mod n first (its home), then the others in order."""
+    k = i % len(servers)
+    return servers[k:] + servers[:k]
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
     """Poll `predicate` until truthy (returned) or raise TimeoutError at the deadline."""
     deadline = time.monotonic() + timeout

@@ -1,6 +1,7 @@
 """`raftmesh bench ...` and `raftmesh chaos ...` subcommands."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import signal
 import sys
@@ -16,24 +17,42 @@ def register(sub) -> None:
     w.add_argument("--rounds", type=int, default=1,
                    help="concurrent rounds per system, alternating raftmesh and etcd")
     w.add_argument("--out", default="bench-out")
+    _replicas_argument(w, 1, "raftmesh replicas, and etcd members alike")
     w.set_defaults(func=_cleaned_up_on_sigterm(_writes))
-    for name, module, summary in BENCHMARKS:
+    for name, module, summary, min_replicas in BENCHMARKS:
         p = names.add_parser(name, help=summary)
         mod = importlib.import_module(f"raftmesh.chaos.{module}")
         mod.add_arguments(p)
+        if min_replicas:
+            _replicas_argument(p, min_replicas, "replicas in the cluster under test")
         p.set_defaults(func=_cleaned_up_on_sigterm(mod.main))
     _register_chaos(sub)
 
 
+# (name, module, summary, fewest replicas it can run with; None: no cluster). Killing a
+# replica leaves a quorum only from 3 up.
 BENCHMARKS = [
-    ("failover", "bench_failover", "SIGKILL the leader until the first acknowledged write, repeated"),
-    ("scale", "bench_scale", "CPU per node/policy change of the netmap index at 100-10,000 nodes"),
-    ("propagation", "bench_propagation", "policy change until every agent applied it (light agents)"),
-    ("revoke", "bench_revoke", "node deleted until its key is gone from every peer (wg show + light agents)"),
-    ("stream-failover", "bench_stream_failover", "SIGKILL the agents' replica until they hold a current netmap"),
-    ("stream-memory", "bench_stream_memory", "replica RSS per open agent stream"),
-    ("connect", "bench_connect", "agent up until its first packet reaches a peer over WireGuard"),
+    ("failover", "bench_failover", "SIGKILL the leader until the first acknowledged write, repeated", 3),
+    ("scale", "bench_scale", "CPU per node/policy change of the netmap index at 100-10,000 nodes", None),
+    ("propagation", "bench_propagation", "policy change until every agent applied it (light agents)", 1),
+    ("revoke", "bench_revoke", "node deleted until its key is gone from every peer (wg show + light agents)", 1),
+    ("stream-failover", "bench_stream_failover", "SIGKILL the agents' replica until they hold a current netmap", 3),
+    ("stream-memory", "bench_stream_memory", "replica RSS per open agent stream", 1),
+    ("connect", "bench_connect", "agent up until its first packet reaches a peer over WireGuard", 1),
 ]
+
+
+def _replicas_argument(parser, minimum: int, what: str) -> None:
+    def count(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < minimum:
+            why = " (a killed replica must leave a quorum)" if minimum > 1 else ""
+            raise argparse.ArgumentTypeError(f"at least {minimum} needed{why}, got {n}")
+        return n
+    parser.add_argument("--replicas", type=count, default=3, help=f"{what} (default 3)")
 
 
 def _register_chaos(sub) -> None:
@@ -85,5 +104,5 @@ def _writes(args) -> int:
         print("raftmesh bench writes: --rounds must be at least 1", file=sys.stderr)
         return 2
     bench_writes.run(args.out, args.seconds, args.concurrency, with_etcd=not args.no_etcd,
-                     rounds=args.rounds)
+                     rounds=args.rounds, replicas=args.replicas)
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from raftmesh.api.cli import build_parser
 from raftmesh.cluster.launcher import LocalCluster
 from waiting import wait_until  # noqa: F401  (re-exported for test modules)
 
@@ -36,3 +37,9 @@ def shared_cluster(tmp_path_factory):
         yield c
     finally:
         c.stop_all()
+
+
+def bench_args(name: str, argv: list[str]):
+    """`raftmesh bench <name> <argv>` as the CLI parses it (with the options it adds to every
+    benchmark, such as --replicas)."""
+    return build_parser().parse_args(["bench", name, *argv])

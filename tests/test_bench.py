@@ -27,6 +27,19 @@ def test_writes_benchmark_tiny(tmp_path):
     assert (tmp_path / "writes.png").stat().st_size > 1000
 
 
+def test_writes_benchmark_on_one_replica_against_one_etcd_member(tmp_path):
+    """--replicas sizes both systems alike; with one replica there is no follower shape."""
+    result = bench_writes.run(str(tmp_path), seconds=0.5, concurrency=4, with_etcd=True,
+                              replicas=1)
+    assert result["replicas"] == 1
+    shapes = {(r["system"], r["shape"]) for r in result["rows"]}
+    assert ("raftmesh", "1 client via leader") in shapes
+    assert not [s for s in shapes if "follower" in s[1] and s[0] == "raftmesh"]
+    assert all(r["n"] > 0 for r in result["rows"])
+    if bench_writes.EtcdCluster.available():
+        assert ("etcd", "4 clients, all members") in shapes
+
+
 def test_a_benchmark_stopped_with_sigterm_ends_the_replicas_it_started(tmp_path):
     """Operators stop long runs with SIGTERM (systemd, timeout, kill): what a run started must
     not outlive it."""

@@ -5,13 +5,13 @@ Real numbers come from `raftmesh bench propagation|revoke|stream-failover|stream
 get wrong; every replica, light-agent worker and daemon must be gone afterwards, and the
 real-WireGuard ones must leave no namespace behind.
 """
-import argparse
 import json
 import os
 import shutil
 
 import pytest
 
+from conftest import bench_args
 from raftmesh.chaos import (bench_connect, bench_propagation, bench_revoke, bench_stream_failover,
                             bench_stream_memory, benchlab)
 
@@ -21,18 +21,12 @@ needs_lab = pytest.mark.skipif(
     reason="needs root and wireguard-go for namespaces")
 
 
-def parse(module, argv):
-    p = argparse.ArgumentParser()
-    module.add_arguments(p)
-    return p.parse_args(argv)
-
-
 def my_namespaces() -> list[str]:
     return [n for n in benchlab.list_netns() if n.startswith(f"{benchlab.LAB_PREFIX}{os.getpid()}x")]
 
 
 def test_propagation_tiny(tmp_path):
-    args = parse(bench_propagation, ["--sizes", "4,10", "--changes", "2", "--workers", "2",
+    args = bench_args("propagation", ["--sizes", "4,10", "--changes", "2", "--workers", "2",
                                      "--stream-keepalive", "2", "--out", str(tmp_path)])
     assert bench_propagation.main(args) == 0
     saved = json.loads((tmp_path / "propagation.json").read_text())
@@ -58,7 +52,7 @@ def test_propagation_tiny(tmp_path):
 
 
 def test_revoke_light_tiny(tmp_path):
-    args = parse(bench_revoke, ["--light", "10", "--light-rounds", "2", "--real", "0",
+    args = bench_args("revoke", ["--light", "10", "--light-rounds", "2", "--real", "0",
                                 "--workers", "2", "--stream-keepalive", "2", "--out", str(tmp_path)])
     assert bench_revoke.main(args) == 0
     saved = json.loads((tmp_path / "revoke.json").read_text())
@@ -75,7 +69,7 @@ def test_revoke_light_tiny(tmp_path):
 
 
 def test_stream_failover_tiny(tmp_path):
-    args = parse(bench_stream_failover, ["--agents", "9", "--rounds", "2", "--workers", "1",
+    args = bench_args("stream-failover", ["--agents", "9", "--rounds", "2", "--workers", "1",
                                          "--stream-keepalive", "2", "--out", str(tmp_path)])
     assert bench_stream_failover.main(args) == 0
     saved = json.loads((tmp_path / "stream-failover.json").read_text())
@@ -94,7 +88,7 @@ def test_stream_failover_tiny(tmp_path):
 
 
 def test_stream_memory_tiny(tmp_path):
-    args = parse(bench_stream_memory, ["--streams", "20", "--steps", "2", "--workers", "3",
+    args = bench_args("stream-memory", ["--streams", "20", "--steps", "2", "--workers", "3",
                                        "--out", str(tmp_path)])
     assert bench_stream_memory.main(args) == 0
     saved = json.loads((tmp_path / "stream-memory.json").read_text())
@@ -108,7 +102,7 @@ def test_stream_memory_tiny(tmp_path):
 
 @needs_lab
 def test_revoke_real_wireguard_tiny(tmp_path):
-    args = parse(bench_revoke, ["--light", "0", "--real", "2", "--real-rounds", "2",
+    args = bench_args("revoke", ["--light", "0", "--real", "2", "--real-rounds", "2",
                                 "--stream-keepalive", "2", "--out", str(tmp_path)])
     try:
         assert bench_revoke.main(args) == 0
@@ -124,7 +118,7 @@ def test_revoke_real_wireguard_tiny(tmp_path):
 
 @needs_lab
 def test_connect_tiny(tmp_path):
-    args = parse(bench_connect, ["--rounds", "2", "--stream-keepalive", "2", "--out", str(tmp_path)])
+    args = bench_args("connect", ["--rounds", "2", "--stream-keepalive", "2", "--out", str(tmp_path)])
     try:
         assert bench_connect.main(args) == 0
     finally:

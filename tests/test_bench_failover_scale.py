@@ -3,25 +3,22 @@
 Real numbers come from `raftmesh bench failover|scale` (docs/benchmarks.md); nothing here
 asserts on time, only on outputs that a broken benchmark would get wrong.
 """
-import argparse
 import json
 
+import pytest
+
+from conftest import bench_args
 from raftmesh.chaos import bench_failover, bench_scale
 from raftmesh.chaos.benchlab import pid_running
 
 
-def parse(module, argv):
-    p = argparse.ArgumentParser()
-    module.add_arguments(p)
-    return p.parse_args(argv)
-
-
-def test_failover_benchmark_two_rounds(tmp_path):
-    assert bench_failover.main(parse(bench_failover, ["--rounds", "2", "--out", str(tmp_path)])) == 0
+def test_failover_benchmark_two_rounds_on_five_replicas(tmp_path):
+    args = bench_args("failover", ["--rounds", "2", "--replicas", "5", "--out", str(tmp_path)])
+    assert bench_failover.main(args) == 0
     saved = json.loads((tmp_path / "failover.json").read_text())
     rounds = saved["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
-    ids = {"r1", "r2", "r3"}
+    ids = {f"r{n}" for n in range(1, 6)}
     for r in rounds:
         assert r["killed"] in ids and r["new_leader"] in ids - {r["killed"]}
         assert r["term_after"] > r["term_before"]
@@ -33,13 +30,28 @@ def test_failover_benchmark_two_rounds(tmp_path):
     assert summary["resume_s"]["n"] == 2 and summary["resume_s"]["max_ms"] >= summary["resume_s"]["p50_ms"] > 0
     assert saved["target"]["failed_rounds"] == [] and isinstance(saved["target"]["met"], bool)
     assert saved["machine"]["cpus"] >= 1 and saved["config"]["durability"] == "fsync"
+    assert saved["config"]["replicas"] == 5
     assert (tmp_path / "failover.png").stat().st_size > 1000
-    assert len(saved["replica_pids"]) == 5  # 3 started + 1 restart per round
+    assert len(saved["replica_pids"]) == 7  # 5 started + 1 restart per round
     assert not [p for p in saved["replica_pids"] if pid_running(p)]
 
 
+@pytest.mark.parametrize("name, value, complaint", [
+    ("failover", "2", "at least 3 needed (a killed replica must leave a quorum), got 2"),
+    ("stream-failover", "1", "at least 3 needed"),
+    ("writes", "0", "at least 1 needed, got 0"),
+    ("propagation", "three", "'three' is not a whole number"),
+])
+def test_a_replica_count_a_benchmark_cannot_use_is_refused_by_name(capsys, name, value, complaint):
+    with pytest.raises(SystemExit) as exited:
+        bench_args(name, ["--replicas", value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--replicas" in err and complaint in err
+
+
 def test_scale_benchmark_tiny(tmp_path):
-    args = parse(bench_scale, ["--sizes", "50,200", "--changes", "20", "--policy-changes", "2",
+    args = bench_args("scale", ["--sizes", "50,200", "--changes", "20", "--policy-changes", "2",
                                "--reference-at", "200", "--profile", "--out", str(tmp_path)])
     assert bench_scale.main(args) == 0
     saved = json.loads((tmp_path / "scale.json").read_text())
