@@ -15,6 +15,24 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
+    """(mean, low, high): the 95% confidence interval of the mean of repeated measurements,
+    so "at parity" or "above" can be told from noise. None for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * sd / n ** 0.5
+    return mean, mean - half, mean + half
+
+
 def summarize(latencies: list[float]) -> dict:
     s = sorted(latencies)
     return {"n": len(s), "p50_ms": percentile(s, 0.5) * 1e3, "p99_ms": percentile(s, 0.99) * 1e3,

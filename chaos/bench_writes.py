@@ -223,6 +223,10 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
     if "throughput_ratio_vs_etcd" in result:
         ratios = [r["ratio"] for r in per_round if "ratio" in r]
         spread = (f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else "")
+        interval = report.mean_interval(ratios)
+        if interval:
+            result["ratio_of_rounds_mean_ci95"] = list(interval)
+            spread += "; mean of rounds {:.2f}, 95% CI {:.2f}-{:.2f}".format(*interval)
         print(f"\nthroughput ratio raftmesh/etcd at {concurrency} clients: "
               f"{result['throughput_ratio_vs_etcd']:.2f}{spread}")
     elif with_etcd:

@@ -2,7 +2,10 @@
 import json
 import os
 
+import pytest
+
 from raftmesh.chaos import bench_writes
+from raftmesh.chaos.bench_report import mean_interval
 from raftmesh.chaos.benchlab import child_pids, pid_running
 
 
@@ -22,9 +25,19 @@ def test_writes_benchmark_tiny(tmp_path):
     if bench_writes.EtcdCluster.available():
         assert all(r["ratio"] > 0 for r in result["per_round"])
         assert result["throughput_ratio_vs_etcd"] > 0
+        mean, low, high = result["ratio_of_rounds_mean_ci95"]
+        assert low <= mean <= high
+        assert mean == pytest.approx(sum(r["ratio"] for r in result["per_round"]) / 2)
     saved = json.loads((tmp_path / "writes.json").read_text())
     assert saved["machine"]["cpus"] >= 1
     assert (tmp_path / "writes.png").stat().st_size > 1000
+
+
+def test_mean_interval_is_students_t_interval():
+    mean, low, high = mean_interval([1, 2, 3, 4, 5])  # sd 1.581, t(0.975, 4) = 2.776
+    assert mean == 3 and low == pytest.approx(1.037, abs=1e-3) and high == pytest.approx(4.963, abs=1e-3)
+    assert mean_interval([0.97] * 40) == pytest.approx((0.97, 0.97, 0.97))
+    assert mean_interval([1.0]) is None  # one round says nothing about its noise
 
 
 def test_writes_benchmark_on_one_replica_against_one_etcd_member(tmp_path):
