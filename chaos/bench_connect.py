@@ -2,9 +2,9 @@
 tunnel (issue #5 `connect`).
 
 Real `raftmesh agent up` daemons with wireguard-go and nftables in network namespaces
-(chaos/benchlab.py), 3 replicas (`--replicas`) on the host end of a veth into the lab. One peer daemon (a
-`svc` node, which every `bench` node may reach, see light_agents.policy_text) runs for the
-whole benchmark. Each round, in a fresh namespace:
+(chaos/benchlab.py), 3 replicas (`--replicas`) on the host end of a veth into the lab. One
+peer daemon (a `svc` node, which every `bench` node may reach, see light_agents.policy_text)
+runs for the whole benchmark. Each round, in a fresh namespace:
 
 1. a prober starts first: an ICMP echo to the peer's overlay address every 10 ms (sends fail
    while there is no route yet), which reports the time the first reply arrives;

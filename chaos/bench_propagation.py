@@ -1,11 +1,11 @@
 """`raftmesh bench propagation`: a policy change, from the API's acknowledgement until every
 affected agent has applied it (issue #5 `propagation`).
 
-Target: p99 <= 1 s at 1,000 agents and <= 2 s at 10,000. 3 replicas (`--replicas`; durable journals) and
-light agents (chaos/light_agents.py: real protocol, every request signed, every frame's
-cluster signature verified, every applied version acked) run on this machine, spread over
-the replicas (agent i streams from replica i mod their number). Sizes grow on one cluster: the
-agents of the first size stay connected while more register for the next.
+Target: p99 <= 1 s at 1,000 agents and <= 2 s at 10,000. 3 replicas (`--replicas`; durable
+journals) and light agents (chaos/light_agents.py: real protocol, every request signed, every
+frame's cluster signature verified, every applied version acked) run on this machine, spread
+over the replicas (agent i streams from replica i mod their number). Sizes grow on one
+cluster: the agents of the first size stay connected while more register for the next.
 
 The policy (light_agents.policy_text) gives every `bench` agent an inbound rule from an
 office CIDR to its own addresses on one port; each change flips that port, so every agent

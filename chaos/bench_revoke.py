@@ -8,8 +8,8 @@ Two parts, each optional:
 - light (`--light N`, default 1,000): N light agents (chaos/light_agents.py, the real
   protocol) of user `bench` spread over the replicas (3, or `--replicas`), and one `svc` node
   per round that every agent has as a peer (light_agents.policy_text). Each round DELETEs
-  one svc node through the leader; per agent: from the API's answer until the agent applied the netmap without that
-  peer, and until its ack of that version was answered.
+  one svc node through the leader; per agent: from the API's answer until the agent applied
+  the netmap without that peer, and until its ack of that version was answered.
 - real (`--real K`, default 3; needs root, wireguard-go, nft): K `raftmesh agent up` daemons
   in network namespaces (chaos/benchlab.py) with wireguard-go, plus one svc daemon per
   round that all of them have as a WireGuard peer. Each round DELETEs the svc node; per

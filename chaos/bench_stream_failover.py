@@ -2,10 +2,10 @@
 a current netmap again (issue #5 `failover`, second half; the first half, writes resuming
 after a leader kill, is chaos/bench_failover.py).
 
-Target: <= 3 s. 3 replicas (`--replicas`; durable journals), N light agents (chaos/light_agents.py: the real
-protocol with the daemon's failover: on EOF/error move to the next replica URL after a
-full-jitter backoff of up to 0.2 s doubling, resume with the held version) spread over the
-replicas. Each round:
+Target: <= 3 s. 3 replicas (`--replicas`; durable journals), N light agents
+(chaos/light_agents.py: the real protocol with the daemon's failover: on EOF/error move to the
+next replica URL after a full-jitter backoff of up to 0.2 s doubling, resume with the held
+version) spread over the replicas. Each round:
 
 1. every replica ready, every agent streaming from its home replica and quiet;
 2. SIGKILL replica (round mod their number): the leader or a follower, as it comes;
