@@ -224,7 +224,7 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
 
 # -- CLI (to be wired as `raftmesh bench propagation` in chaos/cli.py) ------------------------
 def add_arguments(parser) -> None:
-    parser.add_argument("--sizes", default="100,1000",
+    parser.add_argument("--sizes", "--agents", default="100,1000",
                         help="comma-separated agent counts, grown on one cluster (default 100,1000)")
     parser.add_argument("--changes", type=int, default=5, help="policy changes per size")
     parser.add_argument("--workers", type=int, default=0,

@@ -265,7 +265,8 @@ def run(out_dir: str, light: int = 1000, light_rounds: int = 5, real: int = 3, r
 
 # -- CLI (to be wired as `raftmesh bench revoke` in chaos/cli.py) -----------------------------
 def add_arguments(parser) -> None:
-    parser.add_argument("--light", type=int, default=1000, help="light agents (0: skip that part)")
+    parser.add_argument("--light", "--agents", type=int, default=1000,
+                        help="light agents (0: skip that part)")
     parser.add_argument("--light-rounds", type=int, default=5, help="revocations with light agents")
     parser.add_argument("--real", type=int, default=3,
                         help="real agent daemons with wireguard-go (0: skip; needs root)")

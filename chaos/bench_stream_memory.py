@@ -154,7 +154,8 @@ def plot(out_dir: str, points: list[dict], replica: str) -> str:
 
 # -- CLI (to be wired as `raftmesh bench stream-memory` in chaos/cli.py) ----------------------
 def add_arguments(parser) -> None:
-    parser.add_argument("--streams", type=int, default=10000, help="agent streams opened on one replica")
+    parser.add_argument("--streams", "--agents", type=int, default=10000,
+                        help="agent streams opened on one replica (one per light agent)")
     parser.add_argument("--steps", type=int, default=4, help="RSS is read after each of these steps")
     parser.add_argument("--workers", type=int, default=0, help="light-agent processes (default: auto)")
     parser.add_argument("--stream-keepalive", type=float, default=10.0)

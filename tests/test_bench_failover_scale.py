@@ -84,3 +84,11 @@ def test_scale_network_has_every_role_even_when_tiny():
     assert all(net.groups[g] for g in ("group:eng", "group:sre", "group:admins"))
     pol = net.policy()
     assert 25 <= len(pol.acls) <= 50 and len(net.policy(extra_acl=True).acls) == len(pol.acls) + 1
+
+
+@pytest.mark.parametrize("name, dest, value", [
+    ("propagation", "sizes", "4,10"), ("revoke", "light", 10), ("stream-memory", "streams", 20),
+    ("stream-failover", "agents", 9)])
+def test_agents_names_the_agent_count_of_every_agent_benchmark(name, dest, value):
+    """Issue #5's command line is `raftmesh bench <name> [--agents N] [--replicas 3]`."""
+    assert getattr(bench_args(name, ["--agents", str(value)]), dest) == value
