@@ -14,7 +14,7 @@ def register(sub) -> None:
     w.add_argument("--seconds", type=float, default=10.0, help="duration of each workload shape")
     w.add_argument("--concurrency", type=int, default=64)
     w.add_argument("--no-etcd", action="store_true", help="skip the etcd comparison")
-    w.add_argument("--rounds", type=int, default=1,
+    w.add_argument("--rounds", type=_count_at_least(1), default=1,
                    help="concurrent rounds per system, alternating raftmesh and etcd")
     w.add_argument("--out", default="bench-out")
     _replicas_argument(w, 1, "raftmesh replicas, and etcd members alike")
@@ -43,16 +43,22 @@ BENCHMARKS = [
 
 
 def _replicas_argument(parser, minimum: int, what: str) -> None:
+    why = " (a killed replica must leave a quorum)" if minimum > 1 else ""
+    parser.add_argument("--replicas", type=_count_at_least(minimum, why), default=3,
+                        help=f"{what} (default 3)")
+
+
+def _count_at_least(minimum: int, why: str = ""):
+    """An argparse type: a whole number >= minimum, or an error naming the problem."""
     def count(text: str) -> int:
         try:
             n = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if n < minimum:
-            why = " (a killed replica must leave a quorum)" if minimum > 1 else ""
             raise argparse.ArgumentTypeError(f"at least {minimum} needed{why}, got {n}")
         return n
-    parser.add_argument("--replicas", type=count, default=3, help=f"{what} (default 3)")
+    return count
 
 
 def _register_chaos(sub) -> None:
@@ -94,15 +100,11 @@ def _end_children() -> None:
 
 
 def _raw_help():
-    import argparse
     return argparse.RawDescriptionHelpFormatter
 
 
 def _writes(args) -> int:
     from . import bench_writes
-    if args.rounds < 1:
-        print("raftmesh bench writes: --rounds must be at least 1", file=sys.stderr)
-        return 2
     bench_writes.run(args.out, args.seconds, args.concurrency, with_etcd=not args.no_etcd,
                      rounds=args.rounds, replicas=args.replicas)
     return 0

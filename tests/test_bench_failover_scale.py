@@ -36,18 +36,19 @@ def test_failover_benchmark_two_rounds_on_five_replicas(tmp_path):
     assert not [p for p in saved["replica_pids"] if pid_running(p)]
 
 
-@pytest.mark.parametrize("name, value, complaint", [
-    ("failover", "2", "at least 3 needed (a killed replica must leave a quorum), got 2"),
-    ("stream-failover", "1", "at least 3 needed"),
-    ("writes", "0", "at least 1 needed, got 0"),
-    ("propagation", "three", "'three' is not a whole number"),
+@pytest.mark.parametrize("name, option, value, complaint", [
+    ("failover", "--replicas", "2", "at least 3 needed (a killed replica must leave a quorum), got 2"),
+    ("stream-failover", "--replicas", "1", "at least 3 needed"),
+    ("writes", "--replicas", "0", "at least 1 needed, got 0"),
+    ("propagation", "--replicas", "three", "'three' is not a whole number"),
+    ("writes", "--rounds", "0", "at least 1 needed, got 0"),
 ])
-def test_a_replica_count_a_benchmark_cannot_use_is_refused_by_name(capsys, name, value, complaint):
+def test_a_count_a_benchmark_cannot_use_is_refused_by_name(capsys, name, option, value, complaint):
     with pytest.raises(SystemExit) as exited:
-        bench_args(name, ["--replicas", value])
+        bench_args(name, [option, value])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert "--replicas" in err and complaint in err
+    assert option in err and complaint in err
 
 
 def test_scale_benchmark_tiny(tmp_path):
