@@ -1,7 +1,8 @@
 """DurableJournal: durable appends, Raft's conflict-only truncation, torn-tail recovery."""
+import logging
 import os
 
-from raftmesh.storage.journal import DurableJournal
+from raftmesh.storage.journal import PREALLOCATE, DurableJournal
 
 
 def entries(j):
@@ -49,7 +50,8 @@ def test_conflicting_term_truncates_from_the_conflict(tmp_path):
     assert [(e[1], e[2]) for e in entries(j)] == [(i, 1) for i in range(1, 7)] + [(7, 2)]
     j.sync()
     j._destroy()
-    assert [(e[1], e[2]) for e in entries(DurableJournal(path))][-2:] == [(6, 1), (7, 2)]
+    assert [(e[1], e[2]) for e in entries(DurableJournal(path))] == \
+        [(i, 1) for i in range(1, 7)] + [(7, 2)], "old8, past the new end, is gone from the file"
 
 
 def test_torn_tail_is_dropped_on_load(tmp_path):
@@ -59,15 +61,65 @@ def test_torn_tail_is_dropped_on_load(tmp_path):
         j.add(b"x" * 100, i, 1)
     j.sync()
     j._destroy()
-    size = os.path.getsize(path)
     with open(path, "r+b") as f:
-        f.truncate(size - 7)  # a crash in the middle of the last record
+        f.truncate(j._end - 7)  # a crash in the middle of the last record
     j2 = DurableJournal(path)
     assert [e[1] for e in entries(j2)] == [1, 2]
     j2.add(b"y", 3, 2)
     j2.sync()
     j2._destroy()
     assert [(e[1], e[2]) for e in entries(DurableJournal(path))] == [(1, 1), (2, 1), (3, 2)]
+
+
+def test_appends_fill_a_reserve_of_zeros_without_changing_the_file_size(tmp_path, caplog):
+    """What makes a follower's fdatasync cheap: no size or block-map change to commit."""
+    path = str(tmp_path / "j")
+    j = DurableJournal(path)
+    j.add(b"a" * 100, 1, 1)
+    j.sync()
+    size = os.path.getsize(path)
+    assert size >= j._end + PREALLOCATE - 200
+    for i in range(2, 200):
+        j.add(b"a" * 100, i, 1)
+        j.sync()
+    assert os.path.getsize(path) == size
+    j._destroy()
+    with caplog.at_level(logging.WARNING, logger="raftmesh.journal"):
+        assert [e[1] for e in entries(DurableJournal(path))] == list(range(1, 200))
+    assert not caplog.records, "the reserve is not a torn write"
+
+
+def test_the_reserve_grows_when_records_reach_its_end(tmp_path):
+    path = str(tmp_path / "j")
+    j = DurableJournal(path)
+    big = b"b" * (PREALLOCATE // 3)
+    for i in range(1, 8):
+        j.add(big, i, 1)
+        j.sync()
+        assert os.path.getsize(path) > j._end
+    j._destroy()
+    assert entries(DurableJournal(path)) == [(big, i, 1) for i in range(1, 8)]
+
+
+def test_a_torn_write_inside_the_reserve_is_dropped_on_load(tmp_path, caplog):
+    path = str(tmp_path / "j")
+    j = DurableJournal(path)
+    for i in (1, 2):
+        j.add(b"c%d" % i, i, 1)
+    j.sync()
+    end = j._end
+    j._destroy()
+    with open(path, "r+b") as f:
+        f.seek(end + 1000)
+        f.write(b"\x07" * 30)  # sectors of an unsynced batch, landed out of order
+    with caplog.at_level(logging.WARNING, logger="raftmesh.journal"):
+        j2 = DurableJournal(path)
+    assert [e[1] for e in entries(j2)] == [1, 2]
+    assert "torn write" in caplog.text and os.path.getsize(path) == end
+    j2.add(b"c3", 3, 1)
+    j2.sync()
+    j2._destroy()
+    assert [e[1] for e in entries(DurableJournal(path))] == [1, 2, 3]
 
 
 def test_compaction_keeps_the_tail(tmp_path):
