@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from typing import Callable
 
 import aiohttp
 
@@ -25,6 +26,8 @@ from raftmesh.cluster.launcher import LocalCluster, free_ports
 from . import bench_report as report
 from . import benchlab
 from .light_agents import read_thread_cpu
+
+ONE_CLIENT = "1 client via leader"
 
 
 def _measure(make_request, clients: int, seconds: float, progress: report.Progress,
@@ -128,6 +131,26 @@ class EtcdCluster:
             time.sleep(0.1)
         raise TimeoutError("etcd did not become healthy")
 
+    def leader_url(self) -> str:
+        """The client URL of the member that leads (the one-client shape writes there, as
+        raftmesh's writes to its leader): the member whose id its own status names leader."""
+        import json
+        import urllib.request
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for url in self.client_urls:
+                request = urllib.request.Request(url + "/v3/maintenance/status", data=b"{}",
+                                                 headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=2) as r:
+                        status = json.loads(r.read())
+                except OSError:
+                    continue
+                if status.get("leader") and status["leader"] == status["header"].get("member_id"):
+                    return url
+            time.sleep(0.1)
+        raise TimeoutError("no etcd member reports itself leader")
+
     def stop(self) -> None:
         for p in self.procs:
             p.terminate()
@@ -137,11 +160,11 @@ class EtcdCluster:
 
 def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: bool = True,
         rounds: int = 1, replicas: int = 3) -> dict:
-    """One client through the leader, one through a follower, and `concurrency` clients over
-    all replicas, against raftmesh; the same against etcd when installed. With `rounds` > 1
-    the concurrent shape runs that many times per system, alternating systems (and which goes
-    first), both clusters up throughout: drift of a shared machine then falls on both, and
-    each round gives a ratio of its own."""
+    """One client through the leader and `concurrency` clients over all replicas, against
+    raftmesh and against etcd when installed, `rounds` times per system, alternating systems
+    (and which goes first), both clusters up throughout: drift of a shared machine then falls
+    on both, and each round gives a ratio of its own for each shape. One client through a
+    follower runs once, before the rounds (etcd's followers forward like ours)."""
     workdir = tempfile.mkdtemp(prefix="raftmesh-bench-")
     progress = report.Progress("writes")
     rows, series, per_round = [], {}, []
@@ -167,28 +190,25 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
                     "errors": errors, "server_cpu_us_per_write_by_thread": by_thread, **cpu}
 
         ours = lambda tag, targets: raftmesh_writer(cluster, targets, tag)  # noqa: E731
-        runs = [shape("raftmesh", "1 client via leader", lambda t: ours(t, [leader.api_url]), 1, pids, "l")]
+        runs = []
         if followers:
             runs.append(shape("raftmesh", "1 client via follower", lambda t: ours(t, followers), 1, pids, "f"))
+        systems = [("raftmesh", pids, "all replicas", lambda t: ours(t, [leader.api_url]),
+                    lambda t: ours(t, everyone))]
         if etcd is not None:
-            etcd_pids = [p.pid for p in etcd.procs]
-            runs.append(shape("etcd", "1 client via leader-or-follower",
-                              lambda t: etcd_writer(etcd.client_urls[:1], t), 1, etcd_pids, "e1"))
+            etcd_leader = etcd.leader_url()
+            systems.append(("etcd", [p.pid for p in etcd.procs], "all members",
+                            lambda t: etcd_writer([etcd_leader], t),
+                            lambda t: etcd_writer(etcd.client_urls, t)))
         for i in range(rounds):
-            systems = [("raftmesh", f"{concurrency} clients, all replicas",
-                        lambda t: ours(t, everyone), pids)]
-            if etcd is not None:
-                systems.append(("etcd", f"{concurrency} clients, all members",
-                                lambda t: etcd_writer(etcd.client_urls, t), etcd_pids))
-            if i % 2:
-                systems.reverse()
-            got = {name: shape(name, label, writer, concurrency, sp, f"c{i}")
-                   for name, label, writer, sp in systems}
-            runs.extend(got.values())
-            one = {name: len(r["lat"]) / seconds for name, r in got.items()}
-            per_round.append({"round": i + 1, **{f"{k}_writes_per_s": v for k, v in one.items()},
-                              **({"ratio": one["raftmesh"] / one["etcd"]}
-                                 if one.get("etcd") else {})})
+            got = {}
+            for name, server_pids, everyone_label, one_writer, all_writer in \
+                    (systems[::-1] if i % 2 else systems):
+                got[name] = (shape(name, ONE_CLIENT, one_writer, 1, server_pids, f"l{i}"),
+                             shape(name, f"{concurrency} clients, {everyone_label}", all_writer,
+                                   concurrency, server_pids, f"c{i}"))
+                runs.extend(got[name])
+            per_round.append(_round_summary(i + 1, got, seconds))
     finally:
         cluster.stop_all()
         if etcd is not None:
@@ -208,10 +228,12 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
         series[f"{system}: {label}"] = lat
     result = {"benchmark": "writes", "seconds_per_shape": seconds, "rounds": rounds, "replicas": replicas,
               "machine": report.machine(), "rows": rows, "per_round": per_round}
-    ours_row = next((r for r in rows if r["system"] == "raftmesh" and r["clients"] == concurrency), None)
-    theirs = next((r for r in rows if r["system"] == "etcd" and r["clients"] == concurrency), None)
-    if ours_row and theirs and theirs["writes_per_s"]:
-        result["throughput_ratio_vs_etcd"] = ours_row["writes_per_s"] / theirs["writes_per_s"]
+    pooled = {"ratio": (concurrency, _pooled_ratio(rows, lambda r: r["clients"] == concurrency
+                                                    and r["shape"] != ONE_CLIENT)),
+              "one_client_ratio": (1, _pooled_ratio(rows, lambda r: r["shape"] == ONE_CLIENT))}
+    for key, name in (("ratio", "throughput_ratio_vs_etcd"), ("one_client_ratio", "one_client_ratio_vs_etcd")):
+        if pooled[key][1]:
+            result[name] = pooled[key][1]
     report.print_table(f"admin API writes, {replicas} replicas, durable journals", rows,
                        ["system", "shape", "rounds", "writes_per_s", "p50_ms", "p99_ms", "max_ms",
                         "errors", "server_cpu_ms_per_write", "client_cpu_ms_per_write"])
@@ -221,20 +243,44 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
             print(f"raftmesh, {r['shape']}: replica CPU per write by thread (µs, all replicas): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in sorted(split.items(), key=lambda kv: -kv[1])))
     if "throughput_ratio_vs_etcd" in result:
-        ratios = [r["ratio"] for r in per_round if "ratio" in r]
-        spread = (f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else "")
-        interval = report.mean_interval(ratios)
-        if interval:
-            result["ratio_of_rounds_mean_ci95"] = list(interval)
-            spread += "; mean of rounds {:.2f}, 95% CI {:.2f}-{:.2f}".format(*interval)
-        print(f"\nthroughput ratio raftmesh/etcd at {concurrency} clients: "
-              f"{result['throughput_ratio_vs_etcd']:.2f}{spread}")
+        print()
+        for key, (clients, ratio) in pooled.items():
+            if not ratio:
+                continue
+            ratios = [r[key] for r in per_round if key in r]
+            spread = (f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else "")
+            interval = report.mean_interval(ratios)
+            if interval:
+                result[f"{key}_of_rounds_mean_ci95"] = list(interval)
+                spread += "; mean of rounds {:.2f}, 95% CI {:.2f}-{:.2f}".format(*interval)
+            print(f"throughput ratio raftmesh/etcd, {clients} client{'s' if clients > 1 else ''}: "
+                  f"{ratio:.2f}{spread}")
     elif with_etcd:
         print("\netcd not installed (Debian etcd-server): no side-by-side ratio")
     result["json"] = report.write_json(out_dir, "writes", result)
     result["plot"] = report.plot_cdfs(out_dir, "writes", f"admin API write latency ({replicas} replicas)", series)
     print(f"results: {result['json']}, plot: {result['plot']}")
     return result
+
+
+def _round_summary(number: int, got: dict[str, tuple[dict, dict]], seconds: float) -> dict:
+    """Writes per second of each system and shape in one round, and raftmesh/etcd ratios."""
+    out: dict = {"round": number}
+    for name, (one, concurrent) in got.items():
+        out[f"{name}_one_client_writes_per_s"] = len(one["lat"]) / seconds
+        out[f"{name}_writes_per_s"] = len(concurrent["lat"]) / seconds
+    if out.get("etcd_writes_per_s"):
+        out["ratio"] = out["raftmesh_writes_per_s"] / out["etcd_writes_per_s"]
+    if out.get("etcd_one_client_writes_per_s"):
+        out["one_client_ratio"] = out["raftmesh_one_client_writes_per_s"] / out["etcd_one_client_writes_per_s"]
+    return out
+
+
+def _pooled_ratio(rows: list[dict], of_shape: Callable[[dict], bool]) -> float | None:
+    """raftmesh/etcd writes per second over all rounds of one shape."""
+    rate = {r["system"]: r["writes_per_s"] for r in rows
+            if of_shape(r) and "follower" not in r["shape"]}
+    return rate["raftmesh"] / rate["etcd"] if rate.get("raftmesh") and rate.get("etcd") else None
 
 
 def _grouped(runs: list[dict]) -> dict[tuple, list[dict]]:

@@ -14,23 +14,47 @@ def test_writes_benchmark_tiny(tmp_path):
     rows = result["rows"]
     assert {r["system"] for r in rows} >= {"raftmesh"}
     assert all(r["n"] > 0 for r in rows if r["system"] == "raftmesh")
-    # the concurrent shape ran once per round, its samples pooled in one row
+    # one client through the leader and the concurrent shape ran once per round each, their
+    # samples pooled in one row per system; one client through a follower ran once
+    assert {(r["shape"], r["rounds"]) for r in rows if r["system"] == "raftmesh"} == \
+        {("1 client via follower", 1), (bench_writes.ONE_CLIENT, 2), ("4 clients, all replicas", 2)}
     concurrent = [r for r in rows if r["clients"] == 4]
-    assert concurrent and all(r["rounds"] == 2 for r in concurrent)
     assert [r["round"] for r in result["per_round"]] == [1, 2]
     # the replicas' CPU per write split by thread (raftmesh_thread_cpu_seconds_total)
     ours = next(r for r in concurrent if r["system"] == "raftmesh")
     assert ours["server_cpu_us_per_write_by_thread"]["raft"] > 0
     assert ours["server_cpu_us_per_write_by_thread"]["event-loop"] > 0
     if bench_writes.EtcdCluster.available():
-        assert all(r["ratio"] > 0 for r in result["per_round"])
-        assert result["throughput_ratio_vs_etcd"] > 0
-        mean, low, high = result["ratio_of_rounds_mean_ci95"]
-        assert low <= mean <= high
-        assert mean == pytest.approx(sum(r["ratio"] for r in result["per_round"]) / 2)
+        assert {(r["shape"], r["rounds"]) for r in rows if r["system"] == "etcd"} == \
+            {(bench_writes.ONE_CLIENT, 2), ("4 clients, all members", 2)}
+        for key in ("ratio", "one_client_ratio"):
+            assert all(r[key] > 0 for r in result["per_round"])
+            mean, low, high = result[f"{key}_of_rounds_mean_ci95"]
+            assert low <= mean <= high
+            assert mean == pytest.approx(sum(r[key] for r in result["per_round"]) / 2)
+        assert result["throughput_ratio_vs_etcd"] > 0 and result["one_client_ratio_vs_etcd"] > 0
     saved = json.loads((tmp_path / "writes.json").read_text())
     assert saved["machine"]["cpus"] >= 1
     assert (tmp_path / "writes.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not bench_writes.EtcdCluster.available(), reason="Debian etcd-server not installed")
+def test_etcd_one_client_shape_writes_to_the_member_that_leads(tmp_path):
+    import json
+    import urllib.request
+    etcd = bench_writes.EtcdCluster(str(tmp_path), 3)
+    try:
+        etcd.start()
+        chosen = etcd.leader_url()
+        leads = {}
+        for url in etcd.client_urls:
+            request = urllib.request.Request(url + "/v3/maintenance/status", data=b"{}")
+            with urllib.request.urlopen(request, timeout=5) as r:
+                status = json.loads(r.read())
+            leads[url] = status["leader"] == status["header"]["member_id"]
+        assert leads[chosen] and sum(leads.values()) == 1
+    finally:
+        etcd.stop()
 
 
 def test_mean_interval_is_students_t_interval():
