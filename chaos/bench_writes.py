@@ -164,7 +164,7 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
     raftmesh and against etcd when installed, `rounds` times per system, alternating systems
     (and which goes first), both clusters up throughout: drift of a shared machine then falls
     on both, and each round gives a ratio of its own for each shape. One client through a
-    follower runs once, before the rounds (etcd's followers forward like ours)."""
+    follower runs once, before the rounds, and for raftmesh only: what forwarding adds."""
     workdir = tempfile.mkdtemp(prefix="raftmesh-bench-")
     progress = report.Progress("writes")
     rows, series, per_round = [], {}, []
