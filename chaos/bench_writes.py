@@ -64,7 +64,7 @@ async def _drive(make_request, clients: int, seconds: float, progress: report.Pr
                     latencies.append(time.perf_counter() - started)
                 else:
                     errors += 1
-                progress.update(f"{clients} clients: {len(latencies)} ok, {errors} errors")
+                progress.update(f"{clients} client{'s' if clients > 1 else ''}: {len(latencies)} ok, {errors} errors")
         await asyncio.gather(*(worker(w) for w in range(clients)))
     return latencies, errors
 
