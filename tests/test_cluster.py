@@ -1,4 +1,5 @@
 """The replicated cluster with real replica processes on loopback."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -217,11 +218,35 @@ def test_replica_refuses_to_start_without_a_cluster_secret(tmp_path):
     assert p.returncode == 2 and "at least 16 bytes" in p.stderr
 
 
+@contextlib.contextmanager
+def dev_stopped_with_ctrl_c(*args: str):
+    """`raftmesh dev` running, stopped at the end as a user does, with Ctrl-C (SIGINT).
+
+    SIGINT starts at its default disposition: under a test runner launched in the background
+    of a script it is inherited ignored, and Python then never raises KeyboardInterrupt.
+    Should the process not stop, it and its replicas are killed by pid and the test fails."""
+    from raftmesh.chaos.benchlab import child_pids, pid_running
+    p = subprocess.Popen([sys.executable, "-m", "raftmesh.api.cli", "dev", *args],
+                         stdout=subprocess.DEVNULL,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        yield p
+    finally:
+        replicas = child_pids(p.pid)
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            for pid in [p.pid] + replicas:
+                if pid_running(pid):
+                    os.kill(pid, signal.SIGKILL)
+            p.wait(timeout=10)
+            raise AssertionError("raftmesh dev did not stop within 30 s of SIGINT")
+
+
 def test_dev_command_writes_cluster_json(tmp_path):
     data = tmp_path / "dev"
-    p = subprocess.Popen([sys.executable, "-m", "raftmesh.api.cli", "dev", "--replicas", "3",
-                          "--data-dir", str(data)], stdout=subprocess.PIPE, text=True)
-    try:
+    with dev_stopped_with_ctrl_c("--replicas", "3", "--data-dir", str(data)):
         wait_until(lambda: (data / "cluster.json").exists(), 60, what="cluster.json")
         import json
         desc = json.loads((data / "cluster.json").read_text())
@@ -233,16 +258,11 @@ def test_dev_command_writes_cluster_json(tmp_path):
                                      method="POST", headers={"Authorization": "Bearer " + desc["admin_key"]})
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 201
-    finally:
-        p.send_signal(signal.SIGINT)
-        p.wait(timeout=30)
     assert_gone(desc["replicas"])
     # Run again on the same directory: the same cluster comes back (its Raft state names
     # members by address, and its admin key is the bootstrapped one), with the data.
     stale = (data / "cluster.json").stat().st_mtime_ns
-    p = subprocess.Popen([sys.executable, "-m", "raftmesh.api.cli", "dev", "--data-dir", str(data)],
-                         stdout=subprocess.PIPE, text=True)
-    try:
+    with dev_stopped_with_ctrl_c("--data-dir", str(data)):
         wait_until(lambda: (data / "cluster.json").stat().st_mtime_ns != stale, 60,
                    what="the resumed cluster ready")
         again = json.loads((data / "cluster.json").read_text())
@@ -253,9 +273,6 @@ def test_dev_command_writes_cluster_json(tmp_path):
                                      headers={"Authorization": "Bearer " + desc["admin_key"]})
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert "dev" in [u["name"] for u in json.loads(resp.read())["users"]]
-    finally:
-        p.send_signal(signal.SIGINT)
-        p.wait(timeout=30)
     assert_gone(again["replicas"])
     bad = subprocess.run([sys.executable, "-m", "raftmesh.api.cli", "dev", "--data-dir", str(data),
                           "--replicas", "5"], capture_output=True, text=True, timeout=30)
