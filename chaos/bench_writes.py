@@ -228,12 +228,12 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
         series[f"{system}: {label}"] = lat
     result = {"benchmark": "writes", "seconds_per_shape": seconds, "rounds": rounds, "replicas": replicas,
               "machine": report.machine(), "rows": rows, "per_round": per_round}
-    pooled = {"ratio": (concurrency, _pooled_ratio(rows, lambda r: r["clients"] == concurrency
-                                                    and r["shape"] != ONE_CLIENT)),
-              "one_client_ratio": (1, _pooled_ratio(rows, lambda r: r["shape"] == ONE_CLIENT))}
-    for key, name in (("ratio", "throughput_ratio_vs_etcd"), ("one_client_ratio", "one_client_ratio_vs_etcd")):
-        if pooled[key][1]:
-            result[name] = pooled[key][1]
+    # (per-round key, result key, clients, raftmesh/etcd over all rounds) for each shape
+    comparisons = [("ratio", "throughput_ratio_vs_etcd", concurrency,
+                    _pooled_ratio(rows, lambda r: r["clients"] == concurrency and r["shape"] != ONE_CLIENT)),
+                   ("one_client_ratio", "one_client_ratio_vs_etcd", 1,
+                    _pooled_ratio(rows, lambda r: r["shape"] == ONE_CLIENT))]
+    result.update({name: ratio for _, name, _, ratio in comparisons if ratio})
     report.print_table(f"admin API writes, {replicas} replicas, durable journals", rows,
                        ["system", "shape", "rounds", "writes_per_s", "p50_ms", "p99_ms", "max_ms",
                         "errors", "server_cpu_ms_per_write", "client_cpu_ms_per_write"])
@@ -244,7 +244,7 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
                   + ", ".join(f"{k} {v:.0f}" for k, v in sorted(split.items(), key=lambda kv: -kv[1])))
     if "throughput_ratio_vs_etcd" in result:
         print()
-        for key, (clients, ratio) in pooled.items():
+        for key, _, clients, ratio in comparisons:
             if not ratio:
                 continue
             ratios = [r[key] for r in per_round if key in r]
