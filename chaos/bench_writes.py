@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+import urllib.request
 from typing import Callable
 
 import aiohttp
@@ -119,37 +121,34 @@ class EtcdCluster:
         self._wait_healthy()
 
     def _wait_healthy(self, timeout: float = 30) -> None:
-        import urllib.request
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             try:
                 with urllib.request.urlopen(self.client_urls[0] + "/health", timeout=1) as r:
-                    if b'"true"' in r.read():
-                        return
+                    return b'"true"' in r.read()
             except OSError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("etcd did not become healthy")
+                return False
+        benchlab.wait_until(healthy, timeout, what="etcd healthy", interval=0.1)
 
     def leader_url(self) -> str:
         """The client URL of the member that leads (the one-client shape writes there, as
         raftmesh's writes to its leader): the member whose id its own status names leader."""
-        import json
-        import urllib.request
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            for url in self.client_urls:
-                request = urllib.request.Request(url + "/v3/maintenance/status", data=b"{}",
-                                                 headers={"Content-Type": "application/json"})
-                try:
-                    with urllib.request.urlopen(request, timeout=2) as r:
-                        status = json.loads(r.read())
-                except OSError:
-                    continue
-                if status.get("leader") and status["leader"] == status["header"].get("member_id"):
-                    return url
-            time.sleep(0.1)
-        raise TimeoutError("no etcd member reports itself leader")
+        def leading() -> str | None:
+            return next((url for url in self.client_urls
+                         if (status := self.status(url)) and status.get("leader")
+                         and status["leader"] == status["header"].get("member_id")), None)
+        return benchlab.wait_until(leading, 30, what="an etcd member that reports itself leader",
+                                   interval=0.1)
+
+    @staticmethod
+    def status(url: str) -> dict | None:
+        """A member's `/v3/maintenance/status` (its id and its leader's), None if unreachable."""
+        request = urllib.request.Request(url + "/v3/maintenance/status", data=b"{}",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as r:
+                return json.loads(r.read())
+        except OSError:
+            return None
 
     def stop(self) -> None:
         for p in self.procs:

@@ -40,18 +40,12 @@ def test_writes_benchmark_tiny(tmp_path):
 
 @pytest.mark.skipif(not bench_writes.EtcdCluster.available(), reason="Debian etcd-server not installed")
 def test_etcd_one_client_shape_writes_to_the_member_that_leads(tmp_path):
-    import json
-    import urllib.request
     etcd = bench_writes.EtcdCluster(str(tmp_path), 3)
     try:
         etcd.start()
         chosen = etcd.leader_url()
-        leads = {}
-        for url in etcd.client_urls:
-            request = urllib.request.Request(url + "/v3/maintenance/status", data=b"{}")
-            with urllib.request.urlopen(request, timeout=5) as r:
-                status = json.loads(r.read())
-            leads[url] = status["leader"] == status["header"]["member_id"]
+        statuses = {url: etcd.status(url) for url in etcd.client_urls}
+        leads = {url: s["leader"] == s["header"]["member_id"] for url, s in statuses.items()}
         assert leads[chosen] and sum(leads.values()) == 1
     finally:
         etcd.stop()
