@@ -6,7 +6,9 @@ What pysyncobj does not do and this class adds (docs/durability.md has the reaso
 * Raft's commit rule on followers (commit index <= index of the last *new* entry), which
   pysyncobj only got right by truncating matching entries on every AppendEntries;
 * low latency without a busy loop: our own tick thread, woken by a pipe when a command is
-  submitted, sends new entries and commit advances at once instead of on the next period;
+  submitted, sends new entries at once instead of on the next period;
+* commits that travel with the next entries (cluster/lazy_commit.py): a commit index nobody
+  waits on is held for a few milliseconds, and a follower applies in batches;
 * cheap replica-to-replica messages: AES-GCM instead of Fernet (cluster/transport_crypto.py),
   pickle protocol 5 and stored zlib streams (cluster/raft_codec.py), and everything one tick
   sends to a peer (forwarded commands, their replies, AppendEntries,
@@ -39,6 +41,7 @@ from . import raft_codec, raft_connection, state_machine
 from .background_snapshot import BackgroundSerializer
 from .commands import Command, CommandError
 from .config import ReplicaConfig
+from .lazy_commit import ForwardedCommands, Hold
 from .transport_crypto import AeadEncryptor
 
 log = logging.getLogger("raftmesh.replica")
@@ -100,6 +103,9 @@ class RaftReplica(SyncObj):
         self._applied_batch: list[tuple[int, Command, dict]] = []
         self._sent_log_index = 0
         self._sent_commit_index = 0
+        self._commit_hold = Hold()  # a leader's commit index not yet sent (lazy_commit)
+        self._forwarded = ForwardedCommands()
+        self._apply_hold = Hold()  # a follower's committed entries not yet applied
         self._stopping = False
         self._wake_pending = False  # a wake-up byte is in the pipe, not yet seen by a tick
         self._outbox: dict = {}  # node -> messages queued this tick (see _wrap_transport_send)
@@ -155,7 +161,7 @@ class RaftReplica(SyncObj):
                 # Cleared before the tick drains the command queue: a command queued after
                 # this point finds the flag down and writes a new wake-up (see _wake).
                 self._wake_pending = False
-                self.doTick(self.config.tick)
+                self.doTick(self._idle_wait())
                 self._flush_outbox()  # replies produced while handling received messages
             except Exception:
                 log.exception("raft tick failed")
@@ -184,22 +190,70 @@ class RaftReplica(SyncObj):
     def _SyncObj__applyLogEntries(self):
         """Ship first, then apply: pysyncobj's tick applies the newly committed entries, then
         takes queued commands, and only its end (our _after_tick) sends. Taking commands and
-        sending the new entries and commit index before applying lets followers store and
-        apply in parallel with this replica's apply instead of after it (per-stage trace at
-        64 clients: leader apply to follower apply 3.0 -> 2.2 ms, a follower-proposed
-        write's time in Raft 11.6 -> 10.0 ms)."""
+        sending the new entries (and a commit index a follower waits on) before applying
+        lets followers store and apply in parallel with this replica's apply instead of
+        after it (per-stage trace at 64 clients: leader apply to follower apply 3.0 -> 2.2
+        ms, a follower-proposed write's time in Raft 11.6 -> 10.0 ms). A follower may hold
+        its apply (lazy_commit)."""
         self._checkCommandsToApply()  # a follower forwards them, a leader appends them
         self._ship()
+        if not self._apply_now():
+            return False
+        self._apply_hold.release()
         return SyncObj._SyncObj__applyLogEntries(self)
 
+    def _apply_now(self) -> bool:
+        """A follower applies at once only for its own waiting callers (lazy_commit)."""
+        if self._isLeader() or self.raftCommitIndex <= self.raftLastApplied:
+            return True
+        return bool(self._SyncObj__commandsWaitingCommit) or \
+            self._apply_hold.due(time.monotonic())
+
     def _ship(self) -> None:
-        """Send what is new: a leader's entries and commit index now, not at the next
-        heartbeat; then everything queued for peers (see _flush_outbox)."""
-        if self._isLeader() and (self._log_index() > self._sent_log_index
-                                 or self.raftCommitIndex > self._sent_commit_index):
-            self._SyncObj__sendAppendEntries()
-            self._sent_log_index, self._sent_commit_index = self._log_index(), self.raftCommitIndex
+        """Send what is new: a leader's entries now, not at the next heartbeat, and its
+        commit index to the followers waiting on it, or to all once it is due (see
+        lazy_commit); then everything queued for peers (see _flush_outbox)."""
+        if self._isLeader():
+            commit = self.raftCommitIndex
+            if self._log_index() > self._sent_log_index or commit > self._sent_commit_index and (
+                    not self._SyncObj__otherNodes or self._commit_hold.due(time.monotonic())):
+                self._SyncObj__sendAppendEntries()
+            elif commit > self._sent_commit_index:
+                for node in self._forwarded.committed(commit):
+                    self._send_commit_index(node)
         self._flush_outbox()
+
+    def _SyncObj__sendAppendEntries(self):
+        """Every AppendEntries (ours, or pysyncobj's heartbeat) carries the commit index."""
+        SyncObj._SyncObj__sendAppendEntries(self)
+        self._sent_log_index, self._sent_commit_index = self._log_index(), self.raftCommitIndex
+        self._commit_hold.release()
+        self._forwarded.committed(self._sent_commit_index)
+
+    def _send_commit_index(self, node) -> None:
+        """An empty AppendEntries to one follower that holds every entry, for its commit
+        index; a follower still missing entries gets them, by the usual path, from all."""
+        if node not in self._SyncObj__connectedNodes:
+            return  # it learns the commit index from the next AppendEntries it gets
+        next_index = self._SyncObj__raftNextIndex.get(node)
+        prev_index, prev_term = self._SyncObj__getPrevLogIndexTerm(next_index or 0)
+        if next_index is None or next_index <= self._log_index() or prev_index is None:
+            self._SyncObj__sendAppendEntries()
+            return
+        self._SyncObj__transport.send(node, {
+            "type": "append_entries", "term": self.raftCurrentTerm,
+            "commit_index": self.raftCommitIndex, "entries": [],
+            "prevLogIdx": prev_index, "prevLogTerm": prev_term})
+
+    def _idle_wait(self) -> float:
+        """How long a tick may wait for messages: held commits bound it (lazy_commit)."""
+        if not self._isLeader():
+            self._commit_hold.release()
+            self._forwarded.clear()  # their commands are answered by a later leader, or fail
+        now = time.monotonic()
+        waits = [w for w in (self._commit_hold.remaining(now), self._apply_hold.remaining(now))
+                 if w is not None]
+        return min([self.config.tick] + waits)
 
     def _after_tick(self) -> None:
         """Runs inside each tick before it waits: replicate, make durable, resolve."""
@@ -239,7 +293,9 @@ class RaftReplica(SyncObj):
         self._send_now = send
 
         def durable_send(node, message):
-            if message.get("type") == "next_node_idx":
+            if message.get("type") == "apply_command_response" and "log_idx" in message:
+                self._forwarded.add(message["log_idx"], node)  # its client waits on the commit
+            elif message.get("type") == "next_node_idx":
                 if message.get("success"):
                     self._acks_queued = True
                 else:

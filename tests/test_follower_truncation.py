@@ -8,29 +8,13 @@ its log, so the leader's matchIndex overstates what the follower holds. The test
 follower with exactly those messages, against stock pysyncobj and against RaftReplica.
 """
 import logging
-import struct
 
 import pytest
 from pysyncobj import SyncObj, SyncObjConf, replicated
-from pysyncobj import pickle as pso_pickle
 from pysyncobj.node import TCPNode
+from raft_by_hand import append_entries, close, hand_driven, regular, user_entry, users
 
-from raftmesh.cluster.commands import Command
-from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.cluster.launcher import free_ports
-from raftmesh.cluster.replica import RaftReplica
-
-REGULAR = struct.pack("B", 0)
-
-
-def regular(obj, method_name, *args):
-    return REGULAR + pso_pickle.dumps((obj._methodToID[obj._getFuncName(method_name)], args))
-
-
-def append_entries(term, prev_idx, prev_term, entries, commit):
-    return {"type": "append_entries", "term": term, "commit_index": commit,
-            "prevLogIdx": prev_idx, "prevLogTerm": prev_term, "entries": entries}
-
 
 class Counter(SyncObj):
     def __init__(self, addr, peer):
@@ -71,24 +55,10 @@ def test_stock_pysyncobj_truncates_applied_matching_entries(addrs, caplog):
 @pytest.fixture
 def follower(tmp_path, addrs):
     me, leader_addr = addrs
-    r = RaftReplica(ReplicaConfig(id="f", raft_addr=me, peers=[leader_addr],
-                                  data_dir=str(tmp_path / "f"), cluster_secret="s" * 16))
-    r._stopping = True  # drive ticks by hand: no background thread racing the test
-    r._wake()
-    r._thread.join(5)
+    r = hand_driven(str(tmp_path / "f"), me, [leader_addr])
+    r._apply_hold.delay = 0  # apply what is committed at the next tick (see test_lazy_commit)
     yield r, TCPNode(leader_addr)
-    r.destroy()
-    r.store.close()
-
-
-def user_entry(r, idx, term, name):
-    payload = Command("user.create", {"name": name}, time=1.0).encode()
-    return (regular(r, "apply_command", payload), idx, term)
-
-
-def users(r):
-    with r.store.read() as txn:
-        return sorted(k for k, _ in txn.items("users"))
+    close(r)
 
 
 def test_replica_keeps_matching_entries_and_state(follower):
