@@ -150,6 +150,10 @@ class RaftReplica(SyncObj):
         self._snapshot_bytes = _file_size(conf.fullDumpFile)
         self._wrap_transport_send()
         self._notifier = PipeNotifier(self._poller)
+        # The tick's wait ends its tick, after the holds of this tick began (lazy_commit):
+        # bound it there, not when the tick starts.
+        poll = self._poller.poll
+        self._poller.poll = lambda timeout: poll(self._idle_wait(timeout))
         self.addOnTickCallback(self._after_tick)
         self._thread = threading.Thread(target=self._run, name=f"raft-{config.id}", daemon=True)
         self._thread.start()
@@ -161,7 +165,7 @@ class RaftReplica(SyncObj):
                 # Cleared before the tick drains the command queue: a command queued after
                 # this point finds the flag down and writes a new wake-up (see _wake).
                 self._wake_pending = False
-                self.doTick(self._idle_wait())
+                self.doTick(self.config.tick)
                 self._flush_outbox()  # replies produced while handling received messages
             except Exception:
                 log.exception("raft tick failed")
@@ -245,7 +249,7 @@ class RaftReplica(SyncObj):
             "commit_index": self.raftCommitIndex, "entries": [],
             "prevLogIdx": prev_index, "prevLogTerm": prev_term})
 
-    def _idle_wait(self) -> float:
+    def _idle_wait(self, timeout: float) -> float:
         """How long a tick may wait for messages: held commits bound it (lazy_commit)."""
         if not self._isLeader():
             self._commit_hold.release()
@@ -253,7 +257,7 @@ class RaftReplica(SyncObj):
         now = time.monotonic()
         waits = [w for w in (self._commit_hold.remaining(now), self._apply_hold.remaining(now))
                  if w is not None]
-        return min([self.config.tick] + waits)
+        return min([timeout] + waits)
 
     def _after_tick(self) -> None:
         """Runs inside each tick before it waits: replicate, make durable, resolve."""
