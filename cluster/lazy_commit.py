@@ -8,7 +8,9 @@ between the commit and the answer and kept all three replicas busy on two cores 
 docs/benchmarks.md). So a leader holds a commit index that no follower waits on until the
 next entries carry it, for at most a short delay, and a follower with nobody waiting
 applies what it learned at most that delay later, in one batch. A follower whose own client
-waits (it forwarded the command or a read barrier) is told and applies at once.
+waits (it forwarded the command or a read barrier) is told and applies at once, and so does
+one that learns a commit index from a message without entries: the leader held it already,
+writes have paused, and there is nothing to batch.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ from collections import deque
 from typing import Hashable
 
 # How long a commit index, or a follower's apply, may be held. Short against what anyone
-# watching a follower notices (an agent's netmap, a stale read), long against the gap
-# between one client's writes (~1 ms), so the next entries nearly always carry it.
-HOLD_SECONDS = 0.005
+# watching a follower notices (an agent's netmap, a revoke, a stale read), long against the
+# gap between a commit and the next entries at one client (~0.7 ms), so they nearly always
+# carry it.
+HOLD_SECONDS = 0.002
 
 
 class Hold:
@@ -36,6 +39,10 @@ class Hold:
 
     def release(self) -> None:
         self.since = None
+
+    def expire(self) -> None:
+        """Make what is held due now (until released)."""
+        self.since = float("-inf")
 
     def remaining(self, now: float) -> float | None:
         """Seconds until the held work is due, or None when nothing is held."""

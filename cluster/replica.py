@@ -359,6 +359,8 @@ class RaftReplica(SyncObj):
         if self.raftCommitIndex > bound:
             self._SyncObj__raftCommitIndex = bound
             self.journal.setRaftCommitIndex(bound)
+        if not entries and self.raftCommitIndex > before:
+            self._apply_hold.expire()  # it came alone: the leader held it already (lazy_commit)
         self._redo_membership_after(last_new)
 
     def _redo_membership_after(self, last_new: int) -> None:

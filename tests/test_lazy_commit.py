@@ -25,6 +25,9 @@ def test_a_hold_starts_with_the_first_held_work_and_is_due_after_its_delay():
     assert h.due(10.005) is True and h.remaining(10.2) == 0.0
     h.release()
     assert h.remaining(10.2) is None and h.due(10.2) is False
+    h.release()
+    h.expire()
+    assert h.due(10.2) is True and h.remaining(10.2) == 0.0
 
 
 def test_forwarded_commands_name_the_followers_whose_entries_committed():
@@ -74,6 +77,20 @@ def test_a_follower_applies_what_it_learned_committed_once_the_hold_is_due(pair)
     r.doTick(0)
     assert r.raftLastApplied == 4 and users(r) == ["u2", "u3", "u4"]
     assert r._apply_hold.remaining(0) is None, "applying releases the hold"
+
+
+def test_a_follower_applies_at_once_a_commit_index_that_came_without_entries(pair):
+    """The leader held it already: writes paused, there is nothing to batch."""
+    r, leader = pair
+    r._apply_hold.delay = FOREVER
+    entries = [user_entry(r, i, 1, f"u{i}") for i in range(2, 4)]
+    r._SyncObj__onMessageReceived(leader, append_entries(1, 1, 0, entries, 2))
+    r.doTick(0)
+    assert r.raftLastApplied == 1, "held: it came with entries"
+    r._SyncObj__onMessageReceived(leader, append_entries(1, 3, 1, [], 3))
+    r.doTick(0)
+    assert r.raftLastApplied == 3 and users(r) == ["u2", "u3"]
+    assert r._apply_hold.remaining(0) is None
 
 
 def test_a_follower_applies_at_once_what_its_own_caller_waits_on(pair):
