@@ -207,7 +207,8 @@ class RaftReplica(SyncObj):
         return SyncObj._SyncObj__applyLogEntries(self)
 
     def _apply_now(self) -> bool:
-        """A follower applies at once only for its own waiting callers (lazy_commit)."""
+        """A follower holds what it learned committed unless its own callers wait on it or
+        the hold is due (lazy_commit)."""
         if self._isLeader() or self.raftCommitIndex <= self.raftLastApplied:
             return True
         return bool(self._SyncObj__commandsWaitingCommit) or \

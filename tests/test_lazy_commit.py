@@ -65,15 +65,23 @@ def pair(tmp_path):
     close(r)
 
 
+def receive_held(r, leader, names: list[str], commit: int) -> None:
+    """Entries creating `names` from index 2, and `commit`: a follower holds them."""
+    r._apply_hold.delay = FOREVER
+    entries = [user_entry(r, i, 1, name) for i, name in enumerate(names, start=2)]
+    r._SyncObj__onMessageReceived(leader, append_entries(1, 1, 0, entries, commit))
+    r.doTick(0)
+    assert r.raftCommitIndex == commit and r.raftLastApplied == 1 and users(r) == []
+
+
 def test_a_follower_applies_what_it_learned_committed_once_the_hold_is_due(pair):
     r, leader = pair
-    r._apply_hold.delay = FOREVER
-    entries = [user_entry(r, i, 1, f"u{i}") for i in range(2, 5)]
-    r._SyncObj__onMessageReceived(leader, append_entries(1, 1, 0, entries, 4))
-    r.doTick(0)
-    assert r.raftCommitIndex == 4 and r.raftLastApplied == 1 and users(r) == []
+    receive_held(r, leader, ["u2", "u3", "u4"], 4)
+    r._apply_hold.release()
     r._apply_hold.delay = 0.004
     assert ends_within(r, 5), "the tick that began the hold waits no longer than the hold"
+    assert r.raftLastApplied == 1
+    r._apply_hold.delay = 0
     r.doTick(0)
     assert r.raftLastApplied == 4 and users(r) == ["u2", "u3", "u4"]
     assert r._apply_hold.remaining(0) is None, "applying releases the hold"
@@ -82,11 +90,7 @@ def test_a_follower_applies_what_it_learned_committed_once_the_hold_is_due(pair)
 def test_a_follower_applies_at_once_a_commit_index_that_came_without_entries(pair):
     """The leader held it already: writes paused, there is nothing to batch."""
     r, leader = pair
-    r._apply_hold.delay = FOREVER
-    entries = [user_entry(r, i, 1, f"u{i}") for i in range(2, 4)]
-    r._SyncObj__onMessageReceived(leader, append_entries(1, 1, 0, entries, 2))
-    r.doTick(0)
-    assert r.raftLastApplied == 1, "held: it came with entries"
+    receive_held(r, leader, ["u2", "u3"], 2)
     r._SyncObj__onMessageReceived(leader, append_entries(1, 3, 1, [], 3))
     r.doTick(0)
     assert r.raftLastApplied == 3 and users(r) == ["u2", "u3"]
@@ -153,6 +157,7 @@ def test_a_leader_sends_a_commit_index_nobody_waits_on_with_the_next_entries(pai
     r._commit_hold.release()
     r._commit_hold.delay = 0.004
     assert ends_within(r, 5) and appends(sent) == [], "the hold began, and bounds the wait"
+    r._commit_hold.delay = 0
     r.doTick(0)
     (m,) = appends(sent)
     assert m["entries"] == [] and m["commit_index"] == noop + 1, "sent alone once due"
