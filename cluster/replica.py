@@ -220,10 +220,12 @@ class RaftReplica(SyncObj):
         lazy_commit); then everything queued for peers (see _flush_outbox)."""
         if self._isLeader():
             commit = self.raftCommitIndex
-            if self._log_index() > self._sent_log_index or commit > self._sent_commit_index and (
+            new_entries = self._log_index() > self._sent_log_index
+            commit_unsent = commit > self._sent_commit_index
+            if new_entries or commit_unsent and (
                     not self._SyncObj__otherNodes or self._commit_hold.due(time.monotonic())):
                 self._SyncObj__sendAppendEntries()
-            elif commit > self._sent_commit_index:
+            elif commit_unsent:
                 for node in self._forwarded.committed(commit):
                     self._send_commit_index(node)
         self._flush_outbox()
