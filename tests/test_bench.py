@@ -79,9 +79,11 @@ def test_a_benchmark_stopped_with_sigterm_ends_the_replicas_it_started(tmp_path)
     import sys
 
     from conftest import wait_until
+    # Its work directory (replica logs, kept when a run is cut short) goes under tmp_path.
     proc = subprocess.Popen([sys.executable, "-m", "raftmesh.api.cli", "bench", "writes",
                              "--seconds", "120", "--no-etcd", "--out", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TMPDIR=str(tmp_path)))
     children: list[int] = []
     try:
         wait_until(lambda: len(child_pids(proc.pid)) >= 3, 60, what="the bench starts 3 replicas")
