@@ -66,7 +66,7 @@ async def _drive(make_request, clients: int, seconds: float, progress: report.Pr
                     latencies.append(time.perf_counter() - started)
                 else:
                     errors += 1
-                progress.update(f"{clients} client{'s' if clients > 1 else ''}: {len(latencies)} ok, {errors} errors")
+                progress.update(f"{_clients(clients)}: {len(latencies)} ok, {errors} errors")
         await asyncio.gather(*(worker(w) for w in range(clients)))
     return latencies, errors
 
@@ -252,7 +252,7 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
             if interval:
                 result[f"{key}_of_rounds_mean_ci95"] = list(interval)
                 spread += "; mean of rounds {:.2f}, 95% CI {:.2f}-{:.2f}".format(*interval)
-            print(f"throughput ratio raftmesh/etcd, {clients} client{'s' if clients > 1 else ''}: "
+            print(f"throughput ratio raftmesh/etcd, {_clients(clients)}: "
                   f"{ratio:.2f}{spread}")
     elif with_etcd:
         print("\netcd not installed (Debian etcd-server): no side-by-side ratio")
@@ -260,6 +260,10 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
     result["plot"] = report.plot_cdfs(out_dir, "writes", f"admin API write latency ({replicas} replicas)", series)
     print(f"results: {result['json']}, plot: {result['plot']}")
     return result
+
+
+def _clients(n: int) -> str:
+    return f"{n} client" + ("s" if n > 1 else "")
 
 
 def _round_summary(number: int, got: dict[str, tuple[dict, dict]], seconds: float) -> dict:
