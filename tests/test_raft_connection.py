@@ -16,6 +16,7 @@ from raftmesh.cluster import raft_connection
 from raftmesh.cluster.raft_connection import OneCallReadConnection
 
 RECV_BUFFER = 1024
+QUIET_TIMEOUT = 0.2  # seconds; pysyncobj's connectionTimeout on the test links that need one
 
 
 class CountingSocket:
@@ -34,8 +35,7 @@ class CountingSocket:
         return attr
 
 
-@pytest.fixture
-def link():
+def _open_link(timeout: float = 10.0) -> SimpleNamespace:
     """Our connection on one end of a socket pair, the peer's raw socket on the other."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
@@ -44,12 +44,27 @@ def link():
                            poller=PollPoller())
     link.conn = OneCallReadConnection(link.poller, onMessageReceived=link.received.append,
                                       onDisconnected=lambda: link.closed.append(True),
-                                      socket=counting, recvBufferSize=RECV_BUFFER)
+                                      socket=counting, recvBufferSize=RECV_BUFFER,
+                                      timeout=timeout)
     link.poller.poll(0)  # the first event of a new connection: writable (pysyncobj's own path)
     counting.calls.clear()
+    return link
+
+
+@pytest.fixture
+def link():
+    link = _open_link()
     yield link
     link.conn.disconnect()
-    theirs.close()
+    link.theirs.close()
+
+
+@pytest.fixture
+def short_timeout_link():
+    link = _open_link(timeout=QUIET_TIMEOUT)
+    yield link
+    link.conn.disconnect()
+    link.theirs.close()
 
 
 def _poll_until(poller, condition, timeout=5.0):
@@ -99,3 +114,43 @@ def test_the_end_of_the_peers_stream_disconnects_after_what_it_sent(link):
     _poll_until(link.poller, lambda: link.closed)
     assert link.received == ["last words"]
     assert link.conn.fileno() is None  # unsubscribed and closed
+
+
+def _let_pass(poller, seconds: float) -> None:
+    """Handle the link's events while `seconds` go by (the tests below are about silence)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        poller.poll(min(0.05, max(0.0, deadline - time.monotonic())))
+
+
+def test_a_link_quiet_on_both_sides_for_longer_than_the_timeout_still_sends(short_timeout_link):
+    """Two followers say nothing to each other until one asks for a vote: that request must
+    leave, not find the link timed out (pysyncobj dropped it, and the election its vote)."""
+    link = short_timeout_link
+    _let_pass(link.poller, 2.5 * QUIET_TIMEOUT)
+    link.conn.send("request_vote")
+    assert not link.closed, "a quiet link was dropped by its first send"
+    link.theirs.settimeout(5)
+    assert link.theirs.recv(1 << 16), "the vote request did not leave"
+
+
+def test_a_message_on_a_link_quiet_for_longer_than_the_timeout_is_read(short_timeout_link):
+    """The other end of that: the follower asked for its vote must read the request, not
+    find the link timed out first (pysyncobj checked before reading, and closed it)."""
+    link = short_timeout_link
+    _let_pass(link.poller, 2.5 * QUIET_TIMEOUT)
+    link.theirs.sendall(_framed("request_vote"))
+    _poll_until(link.poller, lambda: link.received or link.closed)
+    assert link.received == ["request_vote"] and not link.closed
+
+
+def test_a_peer_that_reads_nothing_of_what_it_is_kept_sent_is_cut_off(short_timeout_link):
+    """A stopped follower (SIGSTOP, a hung process) keeps its socket open: the leader still
+    gives up on the link after `timeout` without an answer instead of buffering for it."""
+    link = short_timeout_link
+    deadline = time.monotonic() + 10 * QUIET_TIMEOUT
+    while not link.closed:
+        assert time.monotonic() < deadline, "a peer that never answered kept its link"
+        link.conn.send("append_entries")
+        _let_pass(link.poller, QUIET_TIMEOUT / 4)
+    assert link.conn.fileno() is None
