@@ -17,11 +17,14 @@ and measure
 then restart the killed replica, wait until it is ready (caught up), and repeat.
 Resolution is about the clients' retry backoff (20 ms) plus one write's latency.
 
-TODO(agent-stream) -- issue #5 `failover`, second half, not measured yet: agents holding a
-current netmap after *their* replica is killed. Once the agent stream exists, each round
-should also connect agents to every replica, make a node change after the kill, and time
-kill -> every agent whose replica died has that change (reconnected elsewhere), reported
-next to `resume`. Nothing here measures it until then.
+Each round keeps the steady state for at least STEADY_S, longer than pysyncobj's connection
+timeout, before the kill: between two followers, which say nothing to each other until an
+election, the link has then been quiet that long, as on any cluster that ran for a while
+(a restarted replica's links are young; a vote request on an old quiet link used to be lost,
+see cluster/raft_connection.py).
+
+Agents holding a current netmap after *their* replica is killed is the other half of the
+issue's `failover`: chaos/bench_stream_failover.py.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from . import bench_report as report
 TARGET_RESUME_S = 2.0  # issue #5
 BACKOFF_S = 0.02  # a client's pause after a failed write before trying the next replica
 POLL_S = 0.02  # how often survivors' Raft state is polled during a round
+STEADY_S = 1.5  # seconds of steady state before each kill (module doc)
 
 
 @dataclass
@@ -170,6 +174,7 @@ async def _rounds(cluster: LocalCluster, rounds: int, clients: int, rate: float,
             await _wait_for(lambda: rnd.acks >= 20 or writers.done(), 30, "writes to flow")
             if writers.done():
                 writers.result()  # raise what stopped them
+            await asyncio.sleep(max(0.0, rnd.started + STEADY_S - time.monotonic()))
             leader = await loop.run_in_executor(None, cluster.leader)
             status, body = await loop.run_in_executor(
                 None, lambda: cluster.request(leader, "GET", "/api/v1/cluster/self", timeout=2))
