@@ -21,13 +21,12 @@ Also recorded (polled every 20 ms, so ±20 ms): when the new agent's status.json
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 
 from raftmesh.cluster.launcher import LocalCluster
 
 from . import bench_report as report
+from .bench_workdir import WorkDir
 from . import light_agents as la
 
 TARGET_S = None  # issue #5 gives no number for `connect`; reported as measured
@@ -41,7 +40,8 @@ def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float 
     if problems:
         raise SystemExit("bench connect: " + "; ".join(problems))
     benchlab.cleanup_stale()
-    workdir = tempfile.mkdtemp(prefix="raftmesh-bench-connect-")
+    work = WorkDir("connect")
+    workdir = work.path
     progress = report.Progress("connect")
     lab = benchlab.Lab()
     cluster = None
@@ -109,10 +109,7 @@ def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float 
             cluster.stop_all()
         lab.close()
         progress.done()
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}")
+        work.close(ok)
 
     summary = [{"metric": label, **report.summarize([r[k] / 1e3 for r in rows if r[k] is not None])}
                for k, label in (("connect_ms", "agent start -> first packet through the tunnel"),

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +40,7 @@ from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.cluster.launcher import LocalCluster
 
 from . import bench_report as report
+from .bench_workdir import WorkDir
 
 TARGET_RESUME_S = 2.0  # issue #5
 BACKOFF_S = 0.02  # a client's pause after a failed write before trying the next replica
@@ -228,24 +227,23 @@ def _ms(seconds: float | None) -> str:
 
 def run(out_dir: str, rounds: int = 10, clients: int = 4, rate: float = 100.0,
         resume_timeout: float = 30.0, replicas: int = 3) -> dict:
-    workdir = tempfile.mkdtemp(prefix="raftmesh-bench-failover-")
+    work = WorkDir("failover")
     progress = report.Progress("failover")
-    cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=replicas)
+    cluster = LocalCluster(os.path.join(work.path, "raftmesh"), replicas=replicas)
     pids: list[int] = []  # every replica process started, so callers can check none is left
+    rows: list[dict] = []
+    failed: list[int] = []
     try:
         cluster.start_all()
         pids += [r.pid for r in cluster.replicas]
         cluster.wait_ready(timeout=60)
         rows = asyncio.run(_rounds(cluster, rounds, clients, rate, resume_timeout, progress, pids))
+        failed = [r["round"] for r in rows if r["resume_s"] is None]
     finally:
         cluster.stop_all()
-    progress.done()
-    failed = [r["round"] for r in rows if r["resume_s"] is None]
-    if failed:
-        print(f"rounds {failed}: writes did not resume within {resume_timeout:g}s; "
-              f"replica logs kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+        progress.done()
+        work.close(bool(rows) and not failed,
+                   f"rounds {failed}: writes did not resume within {resume_timeout:g}s" if failed else "")
 
     defaults = ReplicaConfig(id="x", raft_addr="x:1", peers=[])
     summary = []

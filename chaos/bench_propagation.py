@@ -26,13 +26,12 @@ bucketed, so their p50/p99 are bucket upper bounds.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 
 from raftmesh.cluster.launcher import LocalCluster
 
 from . import bench_report as report
+from .bench_workdir import WorkDir
 from . import benchlab
 from . import light_agents as la
 
@@ -138,7 +137,8 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
         keepalive: float = 10.0, concurrency: int = 64, timeout: float = 120.0,
         topology: str = "star", replicas: int = 3) -> dict:
     load0 = os.getloadavg()
-    workdir = tempfile.mkdtemp(prefix="raftmesh-bench-propagation-")
+    work = WorkDir("propagation")
+    workdir = work.path
     progress = report.Progress("propagation")
     workers = workers or la.default_workers(max(sizes))
     cluster = start_cluster(workdir, keepalive, replicas)
@@ -165,10 +165,7 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
     finally:
         cluster.stop_all()
         progress.done()
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"replica and worker logs kept in {workdir}")
+        work.close(ok)
 
     rows = []
     for s in per_size:

@@ -23,14 +23,13 @@ the removal) are read back from /metrics for the measured rounds and printed nex
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
 import time
 
 from raftmesh.cluster.launcher import LocalCluster
 
 from . import bench_report as report
+from .bench_workdir import WorkDir
 from . import light_agents as la
 
 TARGET_REAL_S = 0.5
@@ -197,7 +196,8 @@ def run(out_dir: str, light: int = 1000, light_rounds: int = 5, real: int = 3, r
         workers: int | None = None, keepalive: float = 10.0, concurrency: int = 64,
         timeout: float = 60.0, replicas: int = 3) -> dict:
     load0 = os.getloadavg()
-    workdir = tempfile.mkdtemp(prefix="raftmesh-bench-revoke-")
+    work = WorkDir("revoke")
+    workdir = work.path
     progress = report.Progress("revoke")
     pids: list[int] = []
     result = {"benchmark": "revoke", "machine": la.machine(load0), "pids": pids,
@@ -214,10 +214,7 @@ def run(out_dir: str, light: int = 1000, light_rounds: int = 5, real: int = 3, r
         ok = True
     finally:
         progress.done()
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}")
+        work.close(ok)
 
     result["machine"] = la.machine(load0)
     rows, targets, series = [], [], {}

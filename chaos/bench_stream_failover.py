@@ -20,12 +20,11 @@ version) spread over the replicas. Each round:
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import time
 
 from . import bench_report as report
+from .bench_workdir import WorkDir
 from . import light_agents as la
 
 TARGET_S = 3.0
@@ -35,7 +34,8 @@ def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None
         keepalive: float = 10.0, timeout: float = 60.0, replicas: int = 3) -> dict:
     load0 = os.getloadavg()
     from .bench_propagation import start_cluster
-    workdir = tempfile.mkdtemp(prefix="raftmesh-bench-stream-failover-")
+    work = WorkDir("stream-failover")
+    workdir = work.path
     progress = report.Progress("stream-failover")
     cluster = start_cluster(workdir, keepalive, replicas)
     workers = workers or la.default_workers(agents_n)
@@ -95,10 +95,7 @@ def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None
     finally:
         cluster.stop_all()
         progress.done()
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}")
+        work.close(ok)
 
     summary = [{"metric": label, **report.summarize(v)} for label, v in (
         ("kill -> agent of the killed replica holds the change", killed_samples),

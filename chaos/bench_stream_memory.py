@@ -18,11 +18,10 @@ this is an upper bound of the live memory.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 
 from . import bench_report as report
+from .bench_workdir import WorkDir
 from . import light_agents as la
 
 TARGET_KIB = 20.0
@@ -50,7 +49,8 @@ def run(out_dir: str, streams: int = 10000, steps: int = 4, workers: int | None 
         keepalive: float = 10.0, concurrency: int = 64, replicas: int = 3) -> dict:
     load0 = os.getloadavg()
     from .bench_propagation import start_cluster
-    workdir = tempfile.mkdtemp(prefix="raftmesh-bench-stream-memory-")
+    work = WorkDir("stream-memory")
+    workdir = work.path
     progress = report.Progress("stream-memory")
     cluster = start_cluster(workdir, keepalive, replicas)
     workers = workers or la.default_workers(streams)
@@ -93,10 +93,7 @@ def run(out_dir: str, streams: int = 10000, steps: int = 4, workers: int | None 
     finally:
         cluster.stop_all()
         progress.done()
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}")
+        work.close(ok)
 
     base = points[0]["rss_kib"]
     n = points[-1]["streams"] or streams

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.request
 from typing import Callable
@@ -27,6 +26,7 @@ from raftmesh.cluster.launcher import LocalCluster, free_ports
 
 from . import bench_report as report
 from . import benchlab
+from .bench_workdir import WorkDir
 from .light_agents import read_thread_cpu
 
 ONE_CLIENT = "1 client via leader"
@@ -164,9 +164,11 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
     (and which goes first), both clusters up throughout: drift of a shared machine then falls
     on both, and each round gives a ratio of its own for each shape. One client through a
     follower runs once, before the rounds, and for raftmesh only: what forwarding adds."""
-    workdir = tempfile.mkdtemp(prefix="raftmesh-bench-")
+    work = WorkDir("writes")
+    workdir = work.path
     progress = report.Progress("writes")
     rows, series, per_round = [], {}, []
+    ok = False
     cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=replicas)
     etcd = EtcdCluster(workdir, replicas) if with_etcd and EtcdCluster.available() else None
     try:
@@ -208,12 +210,13 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
                                    concurrency, server_pids, f"c{i}"))
                 runs.extend(got[name])
             per_round.append(_round_summary(i + 1, got, seconds))
+        ok = True
     finally:
         cluster.stop_all()
         if etcd is not None:
             etcd.stop()
-    progress.done()
-    shutil.rmtree(workdir, ignore_errors=True)
+        progress.done()
+        work.close(ok)
     for (system, label, clients), group in _grouped(runs).items():
         lat = [x for r in group for x in r["lat"]]
         rows.append({"system": system, "shape": label, "clients": clients, "rounds": len(group),

@@ -6,6 +6,7 @@ import pytest
 
 from raftmesh.chaos import bench_writes
 from raftmesh.chaos.bench_report import mean_interval
+from raftmesh.chaos.bench_workdir import WorkDir
 from raftmesh.chaos.benchlab import child_pids, pid_running
 
 
@@ -80,9 +81,10 @@ def test_a_benchmark_stopped_with_sigterm_ends_the_replicas_it_started(tmp_path)
 
     from conftest import wait_until
     # Its work directory (replica logs, kept when a run is cut short) goes under tmp_path.
+    out = open(tmp_path / "stdout", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "raftmesh.api.cli", "bench", "writes",
                              "--seconds", "120", "--no-etcd", "--out", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            stdout=out, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, TMPDIR=str(tmp_path)))
     children: list[int] = []
     try:
@@ -93,6 +95,10 @@ def test_a_benchmark_stopped_with_sigterm_ends_the_replicas_it_started(tmp_path)
         assert "SIGTERM, stopping" in proc.stderr.read()
         wait_until(lambda: not any(pid_running(c) for c in children), 30,
                    what="the replicas end with the bench")
+        kept = [d for d in tmp_path.iterdir() if d.name.startswith("raftmesh-bench-writes-")]
+        assert len(kept) == 1 and (kept[0] / "raftmesh" / "r1.log").is_file()
+        out.seek(0)
+        assert f"logs kept in {kept[0]}" in out.read(), "a run cut short names what it kept"
     finally:
         for pid in [proc.pid] + children:
             if pid_running(pid):
@@ -132,3 +138,16 @@ def test_sigterm_also_ends_children_the_run_lost_track_of(tmp_path):
             if pid_running(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_a_bench_work_directory_goes_when_the_run_ends_well_and_is_named_when_not(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    good, bad = WorkDir("x"), WorkDir("x")
+    assert os.path.dirname(good.path) == str(tmp_path)
+    good.close(ok=True)
+    bad.close(ok=False, why="round 3 failed")
+    assert not os.path.exists(good.path) and os.path.isdir(bad.path)
+    assert capsys.readouterr().out == f"round 3 failed; logs kept in {bad.path}\n"
