@@ -37,6 +37,7 @@ def _add_server(sub) -> None:
 def cmd_server(args) -> int:
     from raftmesh.cluster.config import ConfigError, ReplicaConfig
     from raftmesh.api.server import run
+    from raftmesh.storage.journal import JournalError
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {"id": args.id, "raft_addr": args.raft_addr,
@@ -63,7 +64,11 @@ def cmd_server(args) -> int:
     except (ConfigError, OSError, ValueError, TypeError) as e:
         print(f"raftmesh server: {e}", file=sys.stderr)
         return 2
-    run(config)
+    try:
+        run(config)
+    except JournalError as e:  # a restart would meet the same file (exit 2: not retried)
+        print(f"raftmesh server: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -23,7 +23,12 @@ pysyncobj's `Journal` interface with:
   (a device may persist a batch's sectors in any order), and a torn entry with an intact
   length, index and term would otherwise load, and be kept when the leader resends it
   (same index and term), so the replica would apply garbage. Loading stops at the first
-  record that is incomplete or fails its checksum and drops the rest.
+  record that is incomplete or fails its checksum and drops the rest;
+* one index after another: entries are found by `index - first index`, so a gap or a term
+  that goes back would make every later lookup wrong. `add` refuses an entry that does not
+  follow the log, and a file whose whole records do not follow each other (a bug, or a file
+  edited or mixed up by hand: a crash cannot produce one, its records pass their checksums)
+  is refused at load, naming the record, rather than read and served wrongly.
 """
 from __future__ import annotations
 
@@ -99,6 +104,14 @@ def _records(data: bytes, tail: struct.Struct):
         offset = record[3]
 
 
+class JournalError(RuntimeError):
+    """The log on disk, or an entry offered to it, breaks the journal's invariants."""
+
+
+def _follows(last: tuple[bytes, int, int], idx: int, term: int) -> bool:
+    return idx == last[1] + 1 and term >= last[2]
+
+
 class DurableJournal(Journal):
     """pysyncobj Journal with explicit, batched fsync and conflict-only truncation."""
 
@@ -141,6 +154,13 @@ class DurableJournal(Journal):
             return fd
         offset = len(_MAGIC)
         for command, idx, term, end in _records(data, _TAIL):
+            if self._entries and not _follows(self._entries[-1], idx, term):
+                os.close(fd)
+                raise JournalError(
+                    f"{self._path}: the record at byte {offset} has index {idx}, term {term} "
+                    f"after index {self._entries[-1][1]}, term {self._entries[-1][2]}: the "
+                    "log does not follow on; not loading it (move it aside and let the replica "
+                    "rejoin from its peers)")
             self._entries.append((command, idx, term))
             self._offsets.append(offset)
             offset = end
@@ -202,6 +222,10 @@ class DurableJournal(Journal):
                 if self._entries[pos][2] == term:
                     return  # already present: same index and term means same entry
                 self._truncate(pos)  # a real conflict: drop it and everything after
+            if self._entries and not _follows(self._entries[-1], idx, term):
+                raise JournalError(f"{self._path}: entry {idx} (term {term}) does not follow "
+                                   f"the last one, {self._entries[-1][1]} (term "
+                                   f"{self._entries[-1][2]}); not written")
         record = _encode(command, idx, term)
         self._pending.append(record)  # written by flush(), at the latest by the next sync
         self._entries.append((command, idx, term))

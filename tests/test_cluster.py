@@ -218,6 +218,22 @@ def test_replica_refuses_to_start_without_a_cluster_secret(tmp_path):
     assert p.returncode == 2 and "at least 16 bytes" in p.stderr
 
 
+def test_replica_refuses_to_start_on_a_journal_that_does_not_follow_on(tmp_path):
+    """A clear message and exit status 2 (systemd does not retry it), the file left as it was."""
+    from raftmesh.storage.journal import _MAGIC, _encode
+    journal = tmp_path / "raft.journal"
+    data = _MAGIC + _encode(b"a", 1, 1) + _encode(b"c", 3, 1)
+    journal.write_bytes(data)
+    p = subprocess.run([sys.executable, "-m", "raftmesh.api.cli", "server", "--id", "x",
+                        "--raft-addr", "127.0.0.1:1", "--data-dir", str(tmp_path)],
+                       env=dict(os.environ, RAFTMESH_CLUSTER_SECRET="s" * 16),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"raftmesh server: {journal}: the record at byte" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert journal.read_bytes() == data
+
+
 @contextlib.contextmanager
 def dev_stopped_with_ctrl_c(*args: str):
     """`raftmesh dev` running, stopped at the end as a user does, with Ctrl-C (SIGINT).
