@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from raftmesh.api import auth
+from raftmesh.storage.journal import write_file_durably
 
 
 DESCRIPTION = "cluster.json"  # what `raftmesh dev` writes into its data directory
@@ -288,6 +289,7 @@ class LocalCluster:
                 "admin_key": self.admin_key}
 
     def write_description(self, path: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the admin key
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.describe(), f, indent=2)
+        """Replaced whole (tmp file and rename): a script reading it while `dev` writes it
+        found it empty or cut short (seen in test_dev_command_writes_cluster_json). Mode
+        0600: it holds the admin key."""
+        write_file_durably(path, json.dumps(self.describe(), indent=2).encode(), mode=0o600)

@@ -1,5 +1,6 @@
 """Ports for local clusters: a replica that loses its port to another socket before binding
 it exits at start-up, which failed a whole test module's shared cluster in CI."""
+import json
 import socket
 
 from raftmesh.cluster.launcher import _ports_outside_ephemeral_range, free_ports
@@ -30,3 +31,18 @@ def test_a_returned_port_can_be_bound():
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
             s.listen()
+
+
+def test_the_cluster_description_is_replaced_whole(tmp_path):
+    """`raftmesh dev` rewrites cluster.json while scripts read it: a reader must find the old
+    file or the new one, never one cut short (it is renamed into place, not truncated)."""
+    from raftmesh.cluster.launcher import DESCRIPTION, LocalCluster
+    cluster = LocalCluster(str(tmp_path), replicas=3)
+    path = tmp_path / DESCRIPTION
+    cluster.write_description(str(path))
+    before = path.stat().st_ino
+    cluster.write_description(str(path))
+    assert path.stat().st_ino != before, "rewritten in place"
+    assert json.loads(path.read_text())["admin_key"] == cluster.admin_key
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(DESCRIPTION)] == [DESCRIPTION]
