@@ -104,6 +104,7 @@ def test_a_benchmark_stopped_with_sigterm_ends_the_replicas_it_started(tmp_path)
             if pid_running(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=10)
+        out.close()
 
 
 def test_sigterm_also_ends_children_the_run_lost_track_of(tmp_path):
