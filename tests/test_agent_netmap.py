@@ -57,6 +57,34 @@ def test_frames_are_applied_only_when_signed_by_a_pinned_or_endorsed_key():
             AgentNetmap("n1", {k1.id: k1.public_key}).accept(dict(frame, **change))
 
 
+def test_a_repeated_keepalive_is_checked_once_and_a_changed_one_again(monkeypatch):
+    """A replica repeats the same signed keepalive until its version moves: verified once.
+    Anything else, a tampered copy included, and the same frame once its key is no longer
+    the pinned one, is checked again."""
+    import raftmesh.agent.netmap_state as ns
+    k1 = cluster_key()
+    signer = FrameSigner(k1)
+    view = AgentNetmap("n1", {k1.id: k1.public_key})
+    view.accept(full(signer, 5))
+    checks = []
+    real = ns.verify_frame
+    monkeypatch.setattr(ns, "verify_frame", lambda *a: checks.append(a[0]) or real(*a))
+    keepalive = decode(signer.frame("keepalive", "n1", 5, {}))
+    for _ in range(3):
+        v = view.accept(dict(keepalive))
+        assert (v.kind, v.version) == ("keepalive", 5)
+    assert len(checks) == 1
+    for forged in (dict(keepalive, version=6), dict(keepalive, sig=keepalive["sig"][:-4] + "AAA=")):
+        with pytest.raises(FrameError):
+            view.accept(forged)
+    assert len(checks) == 3
+    assert view.accept(decode(signer.frame("keepalive", "n1", 6, {}))).version == 6
+    assert len(checks) == 4
+    view.pinned[k1.id] = cluster_key().public_key  # the key was replaced under its id
+    with pytest.raises(FrameError):
+        view.accept(decode(signer.frame("keepalive", "n1", 6, {})))
+
+
 def test_never_applies_an_older_version_and_checks_body_versions():
     k = cluster_key()
     s = FrameSigner(k)
