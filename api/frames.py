@@ -16,7 +16,7 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from .machine_auth import sign_payload, unb64, verify_payload
-from .wire import FRAME_KINDS, MAX_FRAME_BYTES, frame_bytes, signed_part
+from .wire import FRAME_KINDS, MAX_FRAME_BYTES, canonical_json, frame_bytes, signed_part
 
 
 class FrameError(ValueError):
@@ -50,13 +50,23 @@ class FrameSigner:
         self._signer = SigningKey(unb64(key.private_key, "private key", 32))
 
     def frame(self, kind: str, node_id: str, version: int, body: dict[str, Any]) -> bytes:
-        """The length-prefixed bytes of one signed frame."""
+        """The length-prefixed bytes of one signed frame, its body encoded once.
+
+        `version` is the last member of both the signed part's canonical JSON and the
+        frame's ("sig" sorts just before it), so the frame is the signed text with the
+        signature put in before "version": the same bytes as encoding the frame again, for
+        one JSON encoding fewer per frame (~28% of a 1.7 KB frame's cost with signing)."""
         frame: dict[str, Any] = {"kind": kind, "node_id": node_id, "version": version,
                                  "body": body, "key_id": self.key_id}
         if self.endorsements:
             frame["endorsements"] = self.endorsements
-        frame["sig"] = sign_payload(self._signer, signed_part(frame))
-        return frame_bytes(frame)
+        signed = canonical_json(frame)
+        sig = sign_payload(self._signer, signed)
+        tail = b',"version":%d}' % version if type(version) is int else None
+        if tail is None or not signed.endswith(tail):
+            return frame_bytes(dict(frame, sig=sig))
+        data = b"".join((signed[:-len(tail)], b',"sig":"', sig.encode(), b'"', tail))
+        return len(data).to_bytes(4, "little") + data
 
 
 def verify_frame(frame: Any, node_id: str, pinned: dict[str, str]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """The agent's safety rules, pure: signatures, never an older version, local expiry, staleness."""
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 
@@ -125,3 +126,26 @@ def test_frame_reader_splits_and_bounds_frames():
     with pytest.raises(FrameError, match="not JSON"):
         FrameReader().feed((3).to_bytes(4, "little") + b"{x}")
     assert json.loads(json.dumps(got[0]))["kind"] == "keepalive"
+
+
+@pytest.mark.parametrize("endorsed", [False, True])
+def test_a_frame_is_the_canonical_json_of_its_members_signed_over_all_but_sig(endorsed):
+    """The signer splices the signature into the signed text: the bytes must be exactly
+    the canonical encoding of the whole frame, whatever the body holds."""
+    from raftmesh.api.machine_auth import sign_payload
+    from raftmesh.api.wire import frame_bytes, signed_part
+    k1, k2 = cluster_key(), cluster_key()
+    signer = FrameSigner(k2, [endorse(k1, k2)] if endorsed else [])
+    bodies = [{}, {"version": 3, "peers": [peer(2).to_json()]},
+              {"text": 'quote " backslash \\ tab \t ünïcode ✓ \ud83d\ude00', "n": [1.5, -2, None, True]},
+              {"zz": {"version": 1, "sig": "not the frame's"}, "aa": []}]
+    for version in (0, 7, 10**12):
+        for kind in ("full", "delta", "keepalive", "bye"):
+            for body in bodies:
+                frame = {"kind": kind, "node_id": "n1", "version": version, "body": body,
+                         "key_id": k2.id}
+                if endorsed:
+                    frame["endorsements"] = signer.endorsements
+                frame["sig"] = sign_payload(SigningKey(base64.b64decode(k2.private_key)),
+                                            signed_part(frame))
+                assert signer.frame(kind, "n1", version, body) == frame_bytes(frame)
