@@ -48,10 +48,12 @@ class OneCallReadConnection(_Base):
     # pysyncobj's private members, by their mangled names (its methods call these).
     def _TcpConnection__processConnection(self, descr, event_type):
         connected = self.state == CONNECTION_STATE.CONNECTED
-        if connected and event_type & POLL_EVENT_TYPE.READ:
-            self._TcpConnection__lastReadTime = monotonic()  # the peer spoke (module doc)
         if event_type != POLL_EVENT_TYPE.READ or descr != self.fileno() or not connected:
+            if connected and event_type & POLL_EVENT_TYPE.READ:
+                # the peer spoke: not timed out (module doc); pysyncobj checks before reading
+                self._TcpConnection__lastReadTime = monotonic()
             return _Base._TcpConnection__processConnection(self, descr, event_type)
+        # No timeout check here: bytes arrived, and reading them refreshes lastReadTime.
         self._TcpConnection__tryReadBuffer()
         while self.state != CONNECTION_STATE.DISCONNECTED:
             message = self._TcpConnection__processParseMessage()

@@ -35,7 +35,7 @@ class CountingSocket:
         return attr
 
 
-def _open_link(timeout: float = 10.0) -> SimpleNamespace:
+def _open_link(timeout: float) -> SimpleNamespace:
     """Our connection on one end of a socket pair, the peer's raw socket on the other."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
@@ -51,20 +51,16 @@ def _open_link(timeout: float = 10.0) -> SimpleNamespace:
     return link
 
 
-@pytest.fixture
-def link():
-    link = _open_link()
+@pytest.fixture(params=[10.0])
+def link(request):
+    """A link with pysyncobj's timeout `request.param` (10 s unless a test asks otherwise)."""
+    link = _open_link(request.param)
     yield link
     link.conn.disconnect()
     link.theirs.close()
 
 
-@pytest.fixture
-def short_timeout_link():
-    link = _open_link(timeout=QUIET_TIMEOUT)
-    yield link
-    link.conn.disconnect()
-    link.theirs.close()
+short_timeout = pytest.mark.parametrize("link", [QUIET_TIMEOUT], indirect=True)
 
 
 def _poll_until(poller, condition, timeout=5.0):
@@ -123,10 +119,10 @@ def _let_pass(poller, seconds: float) -> None:
         poller.poll(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
-def test_a_link_quiet_on_both_sides_for_longer_than_the_timeout_still_sends(short_timeout_link):
+@short_timeout
+def test_a_link_quiet_on_both_sides_for_longer_than_the_timeout_still_sends(link):
     """Two followers say nothing to each other until one asks for a vote: that request must
     leave, not find the link timed out (pysyncobj dropped it, and the election its vote)."""
-    link = short_timeout_link
     _let_pass(link.poller, 2.5 * QUIET_TIMEOUT)
     link.conn.send("request_vote")
     assert not link.closed, "a quiet link was dropped by its first send"
@@ -134,20 +130,20 @@ def test_a_link_quiet_on_both_sides_for_longer_than_the_timeout_still_sends(shor
     assert link.theirs.recv(1 << 16), "the vote request did not leave"
 
 
-def test_a_message_on_a_link_quiet_for_longer_than_the_timeout_is_read(short_timeout_link):
+@short_timeout
+def test_a_message_on_a_link_quiet_for_longer_than_the_timeout_is_read(link):
     """The other end of that: the follower asked for its vote must read the request, not
     find the link timed out first (pysyncobj checked before reading, and closed it)."""
-    link = short_timeout_link
     _let_pass(link.poller, 2.5 * QUIET_TIMEOUT)
     link.theirs.sendall(_framed("request_vote"))
     _poll_until(link.poller, lambda: link.received or link.closed)
     assert link.received == ["request_vote"] and not link.closed
 
 
-def test_a_peer_that_reads_nothing_of_what_it_is_kept_sent_is_cut_off(short_timeout_link):
+@short_timeout
+def test_a_peer_that_reads_nothing_of_what_it_is_kept_sent_is_cut_off(link):
     """A stopped follower (SIGSTOP, a hung process) keeps its socket open: the leader still
     gives up on the link after `timeout` without an answer instead of buffering for it."""
-    link = short_timeout_link
     deadline = time.monotonic() + 10 * QUIET_TIMEOUT
     while not link.closed:
         assert time.monotonic() < deadline, "a peer that never answered kept its link"
