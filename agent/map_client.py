@@ -33,7 +33,8 @@ class MapStream:
         self.conn = conn_cls(url.hostname, url.port, timeout=read_timeout)
         path = (url.path.rstrip("/") + "/machine/map") + ("" if since is None else f"?since={since}")
         signed_path = path.split("?")[0]
-        headers = sign_headers(key, "GET", signed_path, b"", time.time(), secrets.token_hex(12))
+        self.nonce = secrets.token_hex(12)  # every frame of this stream is signed with it
+        headers = sign_headers(key, "GET", signed_path, b"", time.time(), self.nonce)
         self.frames: queue.Queue = queue.Queue()
         self.replica: str | None = None
         self.keepalive = 10.0

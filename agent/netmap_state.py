@@ -1,7 +1,8 @@
 """The agent's view of its netmap: verified frames in, the netmap to enforce out.
 
 Pure (the caller passes time), so the rules that keep an agent safe are unit-tested:
-- a frame is applied only if the cluster signed it (pinned key, or endorsed by one);
+- a frame is applied only if the cluster signed it (pinned key, or endorsed by one), for
+  this stream, in order (begin_stream);
 - a version older than the one held is never applied, whichever replica sent it;
 - key expiry is enforced by local time even when no replica is reachable: an expired peer
   is dropped, and an expired self has no peers at all;
@@ -31,27 +32,34 @@ class AgentNetmap:
         self.node_id = node_id
         self.pinned = dict(pinned)
         self.netmap = netmap
-        # The last keepalive verified, and the key that verified it. A replica sends the same
-        # keepalive, byte for byte, until its version moves (Ed25519 signatures are
-        # deterministic), so an equal frame under the same pinned key needs no second check:
-        # at 10,000 agents the keepalives came in bursts of 10,000 verifications (~0.1 ms
-        # each) every stream_keepalive seconds (docs/benchmarks.md, propagation).
-        self._verified_keepalive: tuple[dict, str] | None = None
+        self._stream: str | None = None  # the nonce of the map request being answered
+        self._next_seq = 0
 
     @property
     def version(self) -> int | None:
         return self.netmap.version if self.netmap else None
 
+    def begin_stream(self, nonce: str) -> None:
+        """Accept only this stream's frames from now on, in order: signed with the nonce the
+        agent signed its map request with, numbered from 0. Otherwise whoever relays the
+        stream (a proxy, the network) could replay an earlier stream's frames: a keepalive
+        replayed to an agent cut off from the cluster would keep it "connected" to a frozen
+        netmap, never failing over nor going stale, with revoked peers kept. Within a
+        stream, a dropped, repeated or reordered frame shows as a gap in `seq`."""
+        self._stream, self._next_seq = nonce, 0
+
     def accept(self, frame: dict) -> Verdict:
         """Verify and apply one decoded frame; raises FrameError for anything not applicable."""
-        seen = self._verified_keepalive
-        if seen is not None and frame == seen[0] and self.pinned.get(frame["key_id"]) == seen[1]:
-            return Verdict("keepalive", version=frame["version"])
         new_keys = verify_frame(frame, self.node_id, self.pinned)
+        if self._stream is None or frame["nonce"] != self._stream:
+            raise FrameError("frame signed for another map request than this stream's "
+                             "(replayed, or no stream begun)")
+        if frame["seq"] != self._next_seq:
+            raise FrameError(f"frame {frame['seq']} of this stream where {self._next_seq} was "
+                             "due: frames were dropped, repeated or reordered")
+        self._next_seq += 1
         self.pinned.update(new_keys)
         kind, version, body = frame["kind"], frame["version"], frame["body"]
-        if kind == "keepalive":
-            self._verified_keepalive = (frame, self.pinned[frame["key_id"]])
         if kind in ("keepalive", "bye"):
             return Verdict(kind, version=version, bye=body if kind == "bye" else None,
                            new_keys=new_keys)

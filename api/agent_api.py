@@ -15,7 +15,7 @@ from raftmesh.cluster.state_machine import preauth_key_problem, public
 
 from . import auth
 from .errors import APIError
-from .machine_auth import NonceCache, SignatureError, verify_headers
+from .machine_auth import HEADER_NONCE, NonceCache, SignatureError, verify_headers
 from .map_stream import HUB
 from .routing import Ctx, route
 
@@ -181,7 +181,8 @@ async def _map_start(ctx: Ctx) -> tuple[object, object]:
     if since is not None and not await hub.wait_version(since, ctx.config.write_timeout):
         raise APIError(503, "not_ready", f"this replica's netmaps are at version {hub.feed.version}, "
                        f"behind the agent's {since}; use another replica")
-    stream, first = await hub.open_stream(node["id"], ctx.request.remote, since)
+    stream, first = await hub.open_stream(node["id"], ctx.request.remote, since,
+                                          ctx.request.headers[HEADER_NONCE])
     if first is None and not current:
         raise APIError(503, "not_ready", "this replica cannot confirm this node's state right "
                        "now (behind or without quorum); use another replica")

@@ -49,15 +49,18 @@ class FrameSigner:
         self.endorsements = list(endorsements)
         self._signer = SigningKey(unb64(key.private_key, "private key", 32))
 
-    def frame(self, kind: str, node_id: str, version: int, body: dict[str, Any]) -> bytes:
-        """The length-prefixed bytes of one signed frame, its body encoded once.
+    def frame(self, kind: str, node_id: str, version: int, body: dict[str, Any], nonce: str,
+              seq: int) -> bytes:
+        """The length-prefixed bytes of one signed frame, its body encoded once. `nonce` is
+        the one the agent signed its map request with, `seq` the frame's place in that
+        stream (from 0): see AgentNetmap.begin_stream.
 
         `version` is the last member of both the signed part's canonical JSON and the
         frame's ("sig" sorts just before it), so the frame is the signed text with the
         signature put in before "version": the same bytes as encoding the frame again, for
         one JSON encoding fewer per frame (a third of a 1.7 KB frame's cost, signing included)."""
         frame: dict[str, Any] = {"kind": kind, "node_id": node_id, "version": version,
-                                 "body": body, "key_id": self.key_id}
+                                 "body": body, "key_id": self.key_id, "nonce": nonce, "seq": seq}
         if self.endorsements:
             frame["endorsements"] = self.endorsements
         signed = canonical_json(frame)
@@ -80,6 +83,8 @@ def verify_frame(frame: Any, node_id: str, pinned: dict[str, str]) -> dict[str, 
         raise FrameError(f"frame is for node {frame.get('node_id')!r}, not this node")
     if not isinstance(frame.get("version"), int) or not isinstance(frame.get("body"), dict):
         raise FrameError("frame without integer version or object body")
+    if not isinstance(frame.get("nonce"), str) or type(frame.get("seq")) is not int:
+        raise FrameError("frame without its stream's nonce and sequence number")
     key_id, sig = frame.get("key_id"), frame.get("sig")
     if not isinstance(key_id, str) or not isinstance(sig, str):
         raise FrameError("unsigned frame")

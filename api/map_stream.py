@@ -42,6 +42,18 @@ MAX_QUEUED_FRAMES = 64  # a slower reader gets one full netmap instead of a back
 WRITE_TIMEOUT = 30.0  # a reader that takes no bytes this long is dropped
 FRAME_CONTENT_TYPE = "application/x-raftmesh-frames"
 MAX_PENDING_ACKS = 1024  # deltas awaiting an ack per stream; the oldest are forgotten
+KEEPALIVE_TICKS = 8  # the keepalive timer's ticks per keepalive period
+
+
+def keepalive_quiet_limits(period: float) -> tuple[float, ...]:
+    """How long a stream may stay quiet before its keepalive, by its session's hash: half
+    the period plus 0-3 ticks, so at most the period with the tick it waits for. Streams go
+    quiet together (a policy change sends every stream a delta), and every frame is signed
+    for its stream (nonce, seq), so each keepalive is an Ed25519 signature on the replica
+    and a verification on the agent: spread over four ticks, not in one burst of 10,000
+    that drifted into the next change's window (docs/benchmarks.md, propagation)."""
+    tick = period / KEEPALIVE_TICKS
+    return tuple(period / 2 + k * tick for k in range(4))
 NO_FRAMES: tuple = ()  # a stream's frames and pending acks before it has any (see Stream)
 NO_PENDING: tuple = ()
 
@@ -54,12 +66,13 @@ class Stream:
     stream's writer waits), and the frame list and the pending-ack deque exist only while
     they hold something (the hub's keepalive ticker drops a drained deque)."""
 
-    __slots__ = ("node_id", "remote", "session", "connected_at", "frames", "needs_full",
+    __slots__ = ("node_id", "remote", "nonce", "seq", "session", "connected_at", "frames", "needs_full",
                  "closing", "sent_version", "last_sent", "keepalive_due", "acked_version",
                  "acked_at", "pending", "_woken", "_waiter")
 
-    def __init__(self, node_id: str, remote: str | None):
+    def __init__(self, node_id: str, remote: str | None, nonce: str):
         self.node_id, self.remote = node_id, remote
+        self.nonce, self.seq = nonce, 0  # every frame carries both (AgentNetmap.begin_stream)
         self.session = secrets.token_hex(8)
         self.connected_at = time.time()
         self.frames: list[tuple[str, int, dict]] | tuple = NO_FRAMES
@@ -314,18 +327,19 @@ class StreamHub:
 
     async def _keepalive_ticker(self) -> None:
         """One timer for all streams instead of a timed wait (a task and a timer) in each:
-        every half period, wake the streams that sent nothing for half a period, so none is
-        silent for longer than the period. Saves memory per idle stream. Also drops the
-        pending-ack deques that acks drained, so a quiet stream holds none."""
+        every tick, wake the streams quiet for longer than their limit
+        (keepalive_quiet_limits). Saves memory per idle stream. Also drops the pending-ack
+        deques that acks drained, so a quiet stream holds none."""
         period = self.replica.config.stream_keepalive
+        limits = keepalive_quiet_limits(period)
         while True:
-            await asyncio.sleep(period / 2)  # a periodic timer, not synchronisation
-            quiet_since = time.monotonic() - period / 2
+            await asyncio.sleep(period / KEEPALIVE_TICKS)  # a periodic timer, not synchronisation
+            now = time.monotonic()
             for streams in list(self.streams.values()):
                 for s in streams:
                     if not s.pending and s.pending is not NO_PENDING:
                         s.pending = NO_PENDING
-                    if s.last_sent <= quiet_since:
+                    if now - s.last_sent >= limits[hash(s.session) & 3]:
                         s.keepalive_due = True
                         s.wake()
 
@@ -350,8 +364,8 @@ class StreamHub:
             await asyncio.sleep(wait)  # a periodic timer, not synchronisation
 
     # -- streams -------------------------------------------------------------------------------
-    def subscribe(self, node_id: str, remote: str | None) -> Stream:
-        s = Stream(node_id, remote)
+    def subscribe(self, node_id: str, remote: str | None, nonce: str) -> Stream:
+        s = Stream(node_id, remote, nonce)
         self.streams[node_id] = self.streams.get(node_id, ()) + (s,)
         return s
 
@@ -396,15 +410,15 @@ class StreamHub:
         return out
 
     # -- writing one stream ----------------------------------------------------------------------
-    async def open_stream(self, node_id: str, remote: str | None,
-                          since: int | None) -> tuple[Stream | None, Netmap | object | None]:
+    async def open_stream(self, node_id: str, remote: str | None, since: int | None,
+                          nonce: str) -> tuple[Stream | None, Netmap | object | None]:
         """Subscribe, then compute the first netmap or delta: (stream, first), or (None,
         None) when the node is not visible here. In this order a batch applied after `first`
         was computed reaches the stream as a queued frame (skipped by version if `first`
         covers it). Computed first and subscribed later, such a batch could be fanned out in
         between and never reach the agent: a chaos run caught an agent that resumed while a
         node was deleted keeping that node as a peer for good."""
-        stream = self.subscribe(node_id, remote)
+        stream = self.subscribe(node_id, remote, nonce)
         try:
             first = await self.on_feed(lambda feed: feed.resume(node_id, since))
         except BaseException:
@@ -474,7 +488,8 @@ class StreamHub:
                     body: dict) -> None:
         if self.signer is None:
             raise RuntimeError("no cluster signing key yet")
-        data = self.signer.frame(kind, stream.node_id, version, body)
+        data = self.signer.frame(kind, stream.node_id, version, body, stream.nonce, stream.seq)
+        stream.seq += 1  # a frame cut short by a failed write ends the stream anyway
         async with asyncio.timeout(WRITE_TIMEOUT):  # (no wrapping task per frame, as wait_for)
             await resp.write(data)
         stream.last_sent = time.monotonic()

@@ -186,6 +186,7 @@ class Swarm:
 
     async def _stream_loop(self, a: LightAgent, sem: asyncio.Semaphore | None) -> None:
         from raftmesh.api.frames import FrameError, FrameReader
+        from raftmesh.api.machine_auth import HEADER_NONCE
         delay = self.backoff_base
         attempts = 0
         while not a.stop:
@@ -230,6 +231,7 @@ class Swarm:
                     except ValueError:
                         silence = 20.0
                     reader = FrameReader()
+                    a.view.begin_stream(headers[HEADER_NONCE])
                     a.stream, a.last_data, a.cut = (resp, silence), time.monotonic(), None
                     try:
                         while True:

@@ -37,6 +37,7 @@ class ProtoAgent:
             self.replica = replica
         since = self.view.version if since == "held" else since
         self.stream = MapStream(self.urls[self.replica], self.key, since)
+        self.view.begin_stream(self.stream.nonce)
         return self.stream
 
     def pump(self, until, timeout: float = 15.0):

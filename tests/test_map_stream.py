@@ -73,6 +73,20 @@ def test_full_then_deltas_keepalives_and_acks(mesh):
     assert "raftmesh_map_streams 1.0" in metrics
 
 
+def test_keepalives_of_streams_that_went_quiet_together_are_spread_within_the_period():
+    """Each keepalive costs a signature and a verification: streams quiet since the same
+    delta must not all get theirs at the same tick, and none may wait past the period
+    (agents fail over after twice the period without a frame)."""
+    import secrets
+    from collections import Counter
+    from raftmesh.api.map_stream import KEEPALIVE_TICKS, keepalive_quiet_limits
+    for period in (1.0, 10.0, 15.0):
+        limits = keepalive_quiet_limits(period)
+        assert limits[0] >= period / 2 and limits[-1] + period / KEEPALIVE_TICKS <= period + 1e-9
+        by_limit = Counter(limits[hash(secrets.token_hex(8)) & 3] for _ in range(4000))
+        assert len(by_limit) == 4 and min(by_limit.values()) > 800, by_limit
+
+
 def _histogram(c, replica, name: str) -> dict[str, float]:
     """Bucket upper bound -> cumulative count, and 'count', from a replica's /metrics."""
     out = {}
@@ -175,6 +189,8 @@ def test_cluster_key_rotation_keeps_agents_connected(mesh):
     try:
         item = s.next(timeout=10)
         assert item[0] == "frame"
+        # signed for this map request, first of its stream (AgentNetmap.begin_stream)
+        assert (item[1]["nonce"], item[1]["seq"]) == (s.nonce, 0)
         with pytest.raises(FrameError):
             stranger.accept(item[1])
     finally:
