@@ -16,8 +16,8 @@ _decode = json.JSONDecoder().decode
 def compact_json(sort_keys: bool) -> Callable[[Any], str]:
     """What json.dumps(value, sort_keys=sort_keys, separators=(",", ":")) returns. For
     values decoded from JSON or built from them, which cannot be circular."""
-    make = _json_encoder.c_make_encoder
-    if make is None:  # an interpreter without the C accelerator
+    make = getattr(_json_encoder, "c_make_encoder", None)
+    if make is None:  # an interpreter without the C accelerator (PyPy has no such name)
         return json.JSONEncoder(sort_keys=sort_keys, separators=(",", ":")).encode
 
     def default(o):
