@@ -54,6 +54,8 @@ def keepalive_quiet_limits(period: float) -> tuple[float, ...]:
     that drifted into the next change's window (docs/benchmarks.md, propagation)."""
     tick = period / KEEPALIVE_TICKS
     return tuple(period / 2 + k * tick for k in range(4))
+
+
 NO_FRAMES: tuple = ()  # a stream's frames and pending acks before it has any (see Stream)
 NO_PENDING: tuple = ()
 
@@ -66,9 +68,9 @@ class Stream:
     stream's writer waits), and the frame list and the pending-ack deque exist only while
     they hold something (the hub's keepalive ticker drops a drained deque)."""
 
-    __slots__ = ("node_id", "remote", "nonce", "seq", "session", "connected_at", "frames", "needs_full",
-                 "closing", "sent_version", "last_sent", "keepalive_due", "acked_version",
-                 "acked_at", "pending", "_woken", "_waiter")
+    __slots__ = ("node_id", "remote", "nonce", "seq", "session", "connected_at", "frames",
+                 "needs_full", "closing", "sent_version", "last_sent", "keepalive_due",
+                 "acked_version", "acked_at", "pending", "_woken", "_waiter")
 
     def __init__(self, node_id: str, remote: str | None, nonce: str):
         self.node_id, self.remote = node_id, remote
