@@ -56,6 +56,11 @@ def keepalive_quiet_limits(period: float) -> tuple[float, ...]:
     return tuple(period / 2 + k * tick for k in range(4))
 
 
+def quiet_limit(limits: tuple[float, ...], session: str) -> float:
+    """The stream's own limit among `limits`, fixed for its life by its session."""
+    return limits[hash(session) % len(limits)]
+
+
 NO_FRAMES: tuple = ()  # a stream's frames and pending acks before it has any (see Stream)
 NO_PENDING: tuple = ()
 
@@ -341,7 +346,7 @@ class StreamHub:
                 for s in streams:
                     if not s.pending and s.pending is not NO_PENDING:
                         s.pending = NO_PENDING
-                    if now - s.last_sent >= limits[hash(s.session) & 3]:
+                    if now - s.last_sent >= quiet_limit(limits, s.session):
                         s.keepalive_due = True
                         s.wake()
 

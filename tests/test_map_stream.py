@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections import Counter
 
 import pytest
 from nacl.public import PrivateKey
@@ -19,6 +20,7 @@ from raftmesh.agent.control_client import ControlClient, ControlError
 from raftmesh.agent.map_client import MapStream
 from raftmesh.agent.netmap_state import AgentNetmap
 from raftmesh.api.frames import FrameError
+from raftmesh.api.map_stream import KEEPALIVE_TICKS, Stream, keepalive_quiet_limits, quiet_limit
 
 from proto_agent import ProtoAgent
 from waiting import wait_until
@@ -77,13 +79,10 @@ def test_keepalives_of_streams_that_went_quiet_together_are_spread_within_the_pe
     """Each keepalive costs a signature and a verification: streams quiet since the same
     delta must not all get theirs at the same tick, and none may wait past the period
     (agents fail over after twice the period without a frame)."""
-    import secrets
-    from collections import Counter
-    from raftmesh.api.map_stream import KEEPALIVE_TICKS, keepalive_quiet_limits
     for period in (1.0, 10.0, 15.0):
         limits = keepalive_quiet_limits(period)
         assert limits[0] >= period / 2 and limits[-1] + period / KEEPALIVE_TICKS <= period + 1e-9
-        by_limit = Counter(limits[hash(secrets.token_hex(8)) & 3] for _ in range(4000))
+        by_limit = Counter(quiet_limit(limits, Stream("n", None, "x").session) for _ in range(4000))
         assert len(by_limit) == 4 and min(by_limit.values()) > 800, by_limit
 
 
