@@ -154,7 +154,7 @@ class Agent:
 
     def _consume(self, stream: MapStream, backoff: Backoff) -> str:
         watchdog = 2 * stream.keepalive
-        self.view.begin_stream(stream.nonce)
+        self.view.begin_stream(stream.nonce, stream.stream_keys)
         last_frame = time.monotonic()
         acks = PendingAcks()
         self._set_status("connected", server=stream.server, replica=stream.replica)

@@ -17,8 +17,9 @@ import urllib.parse
 
 from nacl.signing import SigningKey
 
-from raftmesh.api.frames import FrameError, FrameReader
+from raftmesh.api.frames import FrameError, FrameReader, stream_keypair
 from raftmesh.api.machine_auth import sign_headers
+from raftmesh.api.wire import HEADER_STREAM_KEY
 
 from .control_client import ControlError
 
@@ -34,7 +35,9 @@ class MapStream:
         path = (url.path.rstrip("/") + "/machine/map") + ("" if since is None else f"?since={since}")
         signed_path = path.split("?")[0]
         self.nonce = secrets.token_hex(12)  # every frame of this stream is signed with it
+        self.stream_keys = stream_keypair()  # frames after the first are tagged under it
         headers = sign_headers(key, "GET", signed_path, b"", time.time(), self.nonce)
+        headers[HEADER_STREAM_KEY] = self.stream_keys[0].hex()
         self.frames: queue.Queue = queue.Queue()
         self.replica: str | None = None
         self.keepalive = 10.0

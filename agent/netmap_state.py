@@ -1,8 +1,9 @@
 """The agent's view of its netmap: verified frames in, the netmap to enforce out.
 
 Pure (the caller passes time), so the rules that keep an agent safe are unit-tested:
-- a frame is applied only if the cluster signed it (pinned key, or endorsed by one), for
-  this stream, in order (begin_stream);
+- a frame is applied only if the cluster signed it (pinned key, or endorsed by one), or
+  tagged it with the key its stream's signed first frame set up, for this stream, in order
+  (begin_stream);
 - a version older than the one held is never applied, whichever replica sent it;
 - key expiry is enforced by local time even when no replica is reachable: an expired peer
   is dropped, and an expired self has no peers at all;
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from raftmesh.api.frames import FrameError, verify_frame
+from raftmesh.api.frames import FrameError, accept_key_exchange, verify_frame
 from raftmesh.api.wire import Netmap, NetmapDelta, apply_delta
 
 
@@ -34,29 +35,40 @@ class AgentNetmap:
         self.netmap = netmap
         self._stream: str | None = None  # the nonce of the map request being answered
         self._next_seq = 0
+        self._stream_keys: tuple[bytes, bytes] | None = None  # this stream's X25519 pair
+        self._tag_key: bytes | None = None  # set up by the stream's signed first frame
 
     @property
     def version(self) -> int | None:
         return self.netmap.version if self.netmap else None
 
-    def begin_stream(self, nonce: str) -> None:
+    def begin_stream(self, nonce: str, stream_keys: tuple[bytes, bytes] | None = None) -> None:
         """Accept only this stream's frames from now on, in order: signed with the nonce the
         agent signed its map request with, numbered from 0. Otherwise whoever relays the
         stream (a proxy, the network) could replay an earlier stream's frames: a keepalive
         replayed to an agent cut off from the cluster would keep it "connected" to a frozen
         netmap, never failing over nor going stale, with revoked peers kept. Within a
-        stream, a dropped, repeated or reordered frame shows as a gap in `seq`."""
+        stream, a dropped, repeated or reordered frame shows as a gap in `seq`.
+
+        `stream_keys`: the X25519 pair whose public half the map request sent
+        (HEADER_STREAM_KEY); the first frame then sets up the key later frames are tagged
+        with (api/frames.py)."""
         self._stream, self._next_seq = nonce, 0
+        self._stream_keys, self._tag_key = stream_keys, None
 
     def accept(self, frame: dict) -> Verdict:
         """Verify and apply one decoded frame; raises FrameError for anything not applicable."""
-        new_keys = verify_frame(frame, self.node_id, self.pinned)
+        new_keys = verify_frame(frame, self.node_id, self.pinned, self._tag_key)
         if self._stream is None or frame["nonce"] != self._stream:
             raise FrameError("frame signed for another map request than this stream's "
                              "(replayed, or no stream begun)")
         if frame["seq"] != self._next_seq:
             raise FrameError(f"frame {frame['seq']} of this stream where {self._next_seq} was "
                              "due: frames were dropped, repeated or reordered")
+        if "key_exchange" in frame:
+            if frame["seq"] != 0:
+                raise FrameError("key_exchange after a stream's first frame")
+            self._tag_key = accept_key_exchange(frame["key_exchange"], self._stream_keys)
         self._next_seq += 1
         self.pinned.update(new_keys)
         kind, version, body = frame["kind"], frame["version"], frame["body"]

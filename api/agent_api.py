@@ -15,9 +15,11 @@ from raftmesh.cluster.state_machine import preauth_key_problem, public
 
 from . import auth
 from .errors import APIError
+from .frames import FrameError, stream_key_bytes
 from .machine_auth import HEADER_NONCE, NonceCache, SignatureError, verify_headers
 from .map_stream import HUB
 from .routing import Ctx, route
+from .wire import HEADER_STREAM_KEY
 
 M = "/machine"
 KEY32 = {"type": "string", "pattern": r"^[A-Za-z0-9+/]{43}=$"}  # base64 of 32 bytes
@@ -148,9 +150,10 @@ async def logout(ctx: Ctx):
     return web.json_response({"node": public(r["value"]), "version": r["version"]})
 
 
-@route("GET", M + "/map", None, "Stream this machine's netmap as signed frames (docs/api.md)",
+@route("GET", M + "/map", None, "Stream this machine's netmap as signed frames (docs/agents.md)",
        query={"since": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1,
-                        "description": "the netmap version the agent holds"}})
+                        "description": "the netmap version the agent holds"},
+})
 def map_stream(ctx: Ctx):
     # Not a coroutine itself: it returns serve()'s, so the stream's chain of suspended
     # frames is one shorter. The checks run in a coroutine of their own (awaited by serve),
@@ -159,10 +162,22 @@ def map_stream(ctx: Ctx):
     return ctx.request.app[HUB].serve(ctx.request, _map_start(ctx), ctx.config.stream_keepalive)
 
 
+def _stream_key(ctx: Ctx) -> bytes | None:
+    """The agent's X25519 public key for its stream, if it sent one (api/frames.py). A
+    header, not a query parameter: a replica holds each stream's request for the stream's
+    life, and a parsed query cost ~1.5 KiB per stream where the header costs ~0.65."""
+    text = ctx.request.headers.get(HEADER_STREAM_KEY)
+    try:
+        return None if text is None else stream_key_bytes(text)
+    except FrameError as e:
+        raise APIError(400, "bad_request", f"{HEADER_STREAM_KEY}: {e}") from None
+
+
 async def _map_start(ctx: Ctx) -> tuple[object, object]:
     """Authenticate and check a map request; (its subscribed stream, first netmap or delta
     to send)."""
     machine = await machine_of(ctx)
+    stream_key = _stream_key(ctx)
     hub = ctx.request.app[HUB]
     # Catch up with the leader first (bounded), so a node deleted or registered a moment
     # ago on another replica is seen as such; without a quorum, serve what is applied here.
@@ -181,8 +196,11 @@ async def _map_start(ctx: Ctx) -> tuple[object, object]:
     if since is not None and not await hub.wait_version(since, ctx.config.write_timeout):
         raise APIError(503, "not_ready", f"this replica's netmaps are at version {hub.feed.version}, "
                        f"behind the agent's {since}; use another replica")
-    stream, first = await hub.open_stream(node["id"], ctx.request.remote, since,
-                                          ctx.request.headers[HEADER_NONCE])
+    try:
+        stream, first = await hub.open_stream(node["id"], ctx.request.remote, since,
+                                              ctx.request.headers[HEADER_NONCE], stream_key)
+    except FrameError as e:  # an unusable key (e.g. a low-order point): nothing subscribed
+        raise APIError(400, "bad_request", f"{HEADER_STREAM_KEY}: {e}") from None
     if first is None and not current:
         raise APIError(503, "not_ready", "this replica cannot confirm this node's state right "
                        "now (behind or without quorum); use another replica")

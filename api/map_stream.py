@@ -1,4 +1,4 @@
-"""The map stream: one long HTTP response per agent, of signed netmap frames.
+"""The map stream: one long HTTP response per agent, of authenticated netmap frames.
 
 Every replica runs a StreamHub fed by its own applied commands (cluster/netmap_feed.py),
 so a follower serves streams from its applied state and all replicas agree on what each
@@ -33,7 +33,8 @@ from raftmesh.cluster.replica import Outcome, RaftReplica
 from raftmesh.storage.state_store import read_version
 from raftmesh.api.wire import Netmap
 
-from .frames import ClusterKey, FrameSigner, endorse
+from .frames import (ClusterKey, FrameSigner, endorse, key_exchange_offer, next_frame,
+                     replica_tag_key, stream_keypair)
 from . import memtrace
 
 log = logging.getLogger("raftmesh.map_stream")
@@ -48,10 +49,11 @@ KEEPALIVE_TICKS = 8  # the keepalive timer's ticks per keepalive period
 def keepalive_quiet_limits(period: float) -> tuple[float, ...]:
     """How long a stream may stay quiet before its keepalive, by its session's hash: half
     the period plus 0-3 ticks, so at most the period with the tick it waits for. Streams go
-    quiet together (a policy change sends every stream a delta), and every frame is signed
-    for its stream (nonce, seq), so each keepalive is an Ed25519 signature on the replica
-    and a verification on the agent: spread over four ticks, not in one burst of 10,000
-    that drifted into the next change's window (docs/benchmarks.md, propagation)."""
+    quiet together (a policy change sends every stream a delta), and every frame is made
+    for its stream (nonce, seq): on a stream without a stream key each keepalive is an
+    Ed25519 signature on the replica and a verification on the agent, so they are spread
+    over four ticks, not sent in one burst of 10,000 that drifted into the next change's
+    window (docs/benchmarks.md, propagation)."""
     tick = period / KEEPALIVE_TICKS
     return tuple(period / 2 + k * tick for k in range(4))
 
@@ -73,13 +75,20 @@ class Stream:
     stream's writer waits), and the frame list and the pending-ack deque exist only while
     they hold something (the hub's keepalive ticker drops a drained deque)."""
 
-    __slots__ = ("node_id", "remote", "nonce", "seq", "session", "connected_at", "frames",
-                 "needs_full", "closing", "sent_version", "last_sent", "keepalive_due",
-                 "acked_version", "acked_at", "pending", "_woken", "_waiter")
+    __slots__ = ("node_id", "remote", "nonce", "seq", "tag_key", "key_exchange", "signed_by",
+                 "session", "connected_at", "frames", "needs_full", "closing", "sent_version",
+                 "last_sent", "keepalive_due", "acked_version", "acked_at", "pending",
+                 "_woken", "_waiter")
 
     def __init__(self, node_id: str, remote: str | None, nonce: str):
         self.node_id, self.remote = node_id, remote
         self.nonce, self.seq = nonce, 0  # every frame carries both (AgentNetmap.begin_stream)
+        # With a stream key from the agent: the key frames are tagged with, and the offer its
+        # first frame carries (then dropped). `signed_by`: the signer of the last signed
+        # frame; a new cluster key gets one signed frame of its own (frames.next_frame).
+        self.tag_key: bytes | None = None
+        self.key_exchange: dict | None = None
+        self.signed_by: FrameSigner | None = None
         self.session = secrets.token_hex(8)
         self.connected_at = time.time()
         self.frames: list[tuple[str, int, dict]] | tuple = NO_FRAMES
@@ -147,6 +156,7 @@ class StreamHub:
         self.replica = replica
         self.feed: NetmapFeed | None = None
         self.signer: FrameSigner | None = None
+        self.stream_keys = stream_keypair()  # this process's X25519 pair for stream tag keys
         # node -> its streams here: a tuple, as it is nearly always one (a set costs 200 bytes)
         self.streams: dict[str, tuple[Stream, ...]] = {}
         self.acks: dict[str, tuple[int, float]] = {}  # node -> latest acked version, when
@@ -371,8 +381,14 @@ class StreamHub:
             await asyncio.sleep(wait)  # a periodic timer, not synchronisation
 
     # -- streams -------------------------------------------------------------------------------
-    def subscribe(self, node_id: str, remote: str | None, nonce: str) -> Stream:
+    def subscribe(self, node_id: str, remote: str | None, nonce: str,
+                  agent_stream_key: bytes | None = None) -> Stream:
+        """`agent_stream_key`: the agent's X25519 public key for this stream (FrameError if
+        unusable); its frames after the first are then tagged, not signed."""
         s = Stream(node_id, remote, nonce)
+        if agent_stream_key is not None:
+            s.tag_key = replica_tag_key(self.stream_keys, agent_stream_key)
+            s.key_exchange = key_exchange_offer(agent_stream_key, self.stream_keys[0])
         self.streams[node_id] = self.streams.get(node_id, ()) + (s,)
         return s
 
@@ -418,14 +434,15 @@ class StreamHub:
 
     # -- writing one stream ----------------------------------------------------------------------
     async def open_stream(self, node_id: str, remote: str | None, since: int | None,
-                          nonce: str) -> tuple[Stream | None, Netmap | object | None]:
+                          nonce: str, agent_stream_key: bytes | None = None
+                          ) -> tuple[Stream | None, Netmap | object | None]:
         """Subscribe, then compute the first netmap or delta: (stream, first), or (None,
         None) when the node is not visible here. In this order a batch applied after `first`
         was computed reaches the stream as a queued frame (skipped by version if `first`
         covers it). Computed first and subscribed later, such a batch could be fanned out in
         between and never reach the agent: a chaos run caught an agent that resumed while a
         node was deleted keeping that node as a peer for good."""
-        stream = self.subscribe(node_id, remote, nonce)
+        stream = self.subscribe(node_id, remote, nonce, agent_stream_key)
         try:
             first = await self.on_feed(lambda feed: feed.resume(node_id, since))
         except BaseException:
@@ -495,8 +512,8 @@ class StreamHub:
                     body: dict) -> None:
         if self.signer is None:
             raise RuntimeError("no cluster signing key yet")
-        data = self.signer.frame(kind, stream.node_id, version, body, stream.nonce, stream.seq)
-        stream.seq += 1  # a frame cut short by a failed write ends the stream anyway
+        # seq moves on before the write: a frame cut short by a failed write ends the stream
+        data = next_frame(self.signer, stream, kind, version, body)
         async with asyncio.timeout(WRITE_TIMEOUT):  # (no wrapping task per frame, as wait_for)
             await resp.write(data)
         stream.last_sent = time.monotonic()

@@ -234,11 +234,15 @@ def compose_deltas(first: NetmapDelta, then: NetmapDelta) -> NetmapDelta:
 
 # -- map stream frames --------------------------------------------------------------------
 # A map stream is one long HTTP response of frames: 4-byte little-endian length, then
-# canonical JSON {"kind", "node_id", "version", "body", "key_id", "sig"}. `sig` is the
-# cluster key's Ed25519 signature over the canonical JSON of everything else, so an agent
-# accepts a frame only from its cluster, whichever replica or proxy relays it.
+# canonical JSON {"kind", "node_id", "version", "body", "nonce", "seq", "key_id", "sig"}.
+# `sig` is the cluster key's Ed25519 signature over the canonical JSON of everything else, so
+# an agent accepts a frame only from its cluster, whichever replica or proxy relays it. On a
+# stream whose agent sent HEADER_STREAM_KEY, frames after the first carry `tag` (a keyed
+# hash under a key only that agent and replica know) instead of `key_id` and `sig`
+# (api/frames.py).
 FRAME_KINDS = ("full", "delta", "keepalive", "bye")
 MAX_FRAME_BYTES = 16 << 20
+HEADER_STREAM_KEY = "X-Raftmesh-Stream-Key"  # an agent's X25519 public key for one stream (hex)
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -252,4 +256,5 @@ def frame_bytes(frame: dict[str, Any]) -> bytes:
 
 
 def signed_part(frame: dict[str, Any]) -> bytes:
-    return canonical_json({k: v for k, v in frame.items() if k != "sig"})
+    """What a frame's signature or tag covers: everything else."""
+    return canonical_json({k: v for k, v in frame.items() if k != "sig" and k != "tag"})

@@ -3,8 +3,9 @@
 A light agent does everything the daemon does on the control-plane side and nothing on the
 data plane: its own Ed25519 machine key signing every request (`api/machine_auth.py`,
 fresh timestamp and a unique nonce per request), registration with a pre-auth key, a map
-stream (`GET /machine/map?since=V`) whose every frame is verified against the pinned cluster
-keys and applied with `agent/netmap_state.AgentNetmap` (the daemon's own code), an ack
+stream (`GET /machine/map?since=V`, with a stream key, so frames after the first are tagged)
+whose every frame is verified (against the pinned cluster keys, or the stream's tag key) and
+applied with `agent/netmap_state.AgentNetmap` (the daemon's own code), an ack
 (`POST /machine/ack`) to the replica it streams from, deferred and coalesced exactly as the
 daemon does it (`agent/acks.py`), and the
 daemon's failover: on EOF, an error, a 5xx or no frame for twice the keepalive it moves to the
@@ -185,8 +186,9 @@ class Swarm:
         return {"connected": ok, "agents": len(self.agents)}
 
     async def _stream_loop(self, a: LightAgent, sem: asyncio.Semaphore | None) -> None:
-        from raftmesh.api.frames import FrameError, FrameReader
+        from raftmesh.api.frames import FrameError, FrameReader, stream_keypair
         from raftmesh.api.machine_auth import HEADER_NONCE
+        from raftmesh.api.wire import HEADER_STREAM_KEY
         delay = self.backoff_base
         attempts = 0
         while not a.stop:
@@ -200,6 +202,8 @@ class Swarm:
                     await sem.acquire()
                 try:
                     headers = self._headers(a, "GET", path, b"")
+                    stream_keys = stream_keypair()
+                    headers[HEADER_STREAM_KEY] = stream_keys[0].hex()
                     resp = await self.session.get(url + path + query, headers=headers)
                 finally:
                     if sem is not None:
@@ -231,7 +235,7 @@ class Swarm:
                     except ValueError:
                         silence = 20.0
                     reader = FrameReader()
-                    a.view.begin_stream(headers[HEADER_NONCE])
+                    a.view.begin_stream(headers[HEADER_NONCE], stream_keys)
                     a.stream, a.last_data, a.cut = (resp, silence), time.monotonic(), None
                     try:
                         while True:

@@ -37,7 +37,7 @@ class ProtoAgent:
             self.replica = replica
         since = self.view.version if since == "held" else since
         self.stream = MapStream(self.urls[self.replica], self.key, since)
-        self.view.begin_stream(self.stream.nonce)
+        self.view.begin_stream(self.stream.nonce, self.stream.stream_keys)
         return self.stream
 
     def pump(self, until, timeout: float = 15.0):

@@ -1,4 +1,5 @@
-"""The agent's safety rules, pure: signatures, never an older version, local expiry, staleness."""
+"""The agent's safety rules, pure: signatures and stream tags, never an older version, local
+expiry, staleness."""
 from __future__ import annotations
 
 import base64
@@ -9,7 +10,9 @@ import pytest
 from nacl.signing import SigningKey
 
 from raftmesh.agent.netmap_state import AgentNetmap, effective, next_expiry
-from raftmesh.api.frames import ClusterKey, FrameError, FrameReader, FrameSigner, endorse
+from raftmesh.api.frames import (ClusterKey, FrameError, FrameReader, FrameSigner, endorse,
+                                 frame_tag, key_exchange_offer, next_frame, replica_tag_key,
+                                 stream_keypair, tagged_frame)
 from raftmesh.api.machine_auth import b64, sign_payload
 from raftmesh.api.wire import Netmap, NetmapDelta, Peer, signed_part
 
@@ -32,21 +35,25 @@ def decode(data: bytes) -> dict:
 
 
 class Sender:
-    """One replica's frames on one stream: the map request's nonce, numbered from 0."""
+    """One replica's frames on one stream, by the replicas' own rule (next_frame): the map
+    request's nonce, numbered from 0; with `keyed`, the agent sent a stream key, so frames
+    after the first signed one are tagged."""
 
-    def __init__(self, signer: FrameSigner, node: str = "n1"):
-        self.signer, self.node = signer, node
+    def __init__(self, signer: FrameSigner, node: str = "n1", keyed: bool = False):
+        self.signer, self.node_id = signer, node
         self.nonce, self.seq = secrets.token_hex(12), 0
+        self.agent_keys = stream_keypair() if keyed else None
+        replica_keys = stream_keypair()
+        self.tag_key = replica_tag_key(replica_keys, self.agent_keys[0]) if keyed else None
+        self.key_exchange = key_exchange_offer(self.agent_keys[0], replica_keys[0]) if keyed else None
+        self.signed_by = None
 
     def begin(self, view: AgentNetmap) -> "Sender":
-        view.begin_stream(self.nonce)
+        view.begin_stream(self.nonce, self.agent_keys)
         return self
 
     def frame(self, kind: str, version: int, body: dict | None = None) -> dict:
-        data = self.signer.frame(kind, self.node, version, {} if body is None else body,
-                                 self.nonce, self.seq)
-        self.seq += 1
-        return decode(data)
+        return decode(next_frame(self.signer, self, kind, version, {} if body is None else body))
 
     def full(self, version: int, peers=(), me=None) -> dict:
         return self.frame("full", version, Netmap(version, me or peer(1), {p.id: p for p in peers}).to_json())
@@ -143,9 +150,10 @@ def test_local_expiry_and_staleness():
 def test_frame_reader_splits_and_bounds_frames():
     k = cluster_key()
     data = b"".join(FrameSigner(k).frame("keepalive", "n1", v, {}, "nonce", v) for v in range(3))
+    data += tagged_frame(bytes(32), "keepalive", "n1", 3, {}, "nonce", 3)
     reader = FrameReader()
     got = [f for i in range(0, len(data), 7) for f in reader.feed(data[i:i + 7])]
-    assert [f["version"] for f in got] == [0, 1, 2]
+    assert [f["version"] for f in got] == [0, 1, 2, 3]
     with pytest.raises(FrameError, match="exceeds"):
         FrameReader(max_frame=100).feed((1000).to_bytes(4, "little"))
     with pytest.raises(FrameError, match="not JSON"):
@@ -155,11 +163,12 @@ def test_frame_reader_splits_and_bounds_frames():
 
 @pytest.mark.parametrize("endorsed", [False, True])
 def test_a_frame_is_the_canonical_json_of_its_members_signed_over_all_but_sig(endorsed):
-    """The signer splices the signature into the signed text: the bytes must be exactly
-    the canonical encoding of the whole frame, whatever the body holds."""
+    """The signer splices the signature (or tag) into the signed text: the bytes must be
+    exactly the canonical encoding of the whole frame, whatever the body holds."""
     from raftmesh.api.wire import frame_bytes
     k1, k2 = cluster_key(), cluster_key()
     signer = FrameSigner(k2, [endorse(k1, k2)] if endorsed else [])
+    tag_key = bytes(range(32, 64))
     bodies = [{}, {"version": 3, "peers": [peer(2).to_json()]},
               {"text": 'quote " backslash \\ tab \t ünïcode ✓ \ud83d\ude00', "n": [1.5, -2, None, True]},
               {"zz": {"version": 1, "sig": "not the frame's"}, "aa": []}]
@@ -171,6 +180,94 @@ def test_a_frame_is_the_canonical_json_of_its_members_signed_over_all_but_sig(en
                          "key_id": k2.id, "nonce": nonce, "seq": seq}
                 if endorsed:
                     frame["endorsements"] = signer.endorsements
+                offer = key_exchange_offer(bytes(range(32)), bytes(32)) if seq == 0 else None
+                if offer:
+                    frame["key_exchange"] = offer
                 frame["sig"] = sign_payload(SigningKey(base64.b64decode(k2.private_key)),
                                             signed_part(frame))
-                assert signer.frame(kind, "n1", version, body, nonce, seq) == frame_bytes(frame)
+                assert signer.frame(kind, "n1", version, body, nonce, seq, offer) == frame_bytes(frame)
+                tagged = {"kind": kind, "node_id": "n1", "version": version, "body": body,
+                          "nonce": nonce, "seq": seq}
+                tagged["tag"] = frame_tag(tag_key, signed_part(tagged))
+                assert tagged_frame(tag_key, kind, "n1", version, body, nonce, seq) == frame_bytes(tagged)
+
+
+def test_frames_after_a_signed_key_exchange_are_tagged_and_checked_against_its_key():
+    """An agent that sent a stream key gets it back in the signed first frame; later frames
+    carry a tag under a key only that replica and agent hold, which covers every member."""
+    k = cluster_key()
+    view = AgentNetmap("n1", {k.id: k.public_key})
+    s = Sender(FrameSigner(k), keyed=True).begin(view)
+    offer = s.key_exchange
+    first = s.full(5, [peer(2)])
+    assert "sig" in first and "tag" not in first and first["key_exchange"] == offer
+    assert view.accept(first).kind == "full"
+    delta = s.frame("delta", 6, NetmapDelta(6, peers_changed=(peer(3),)).to_json())
+    assert "tag" in delta and not {"sig", "key_id", "key_exchange"} & delta.keys()
+    assert view.accept(delta).version == 6 and set(view.netmap.peers) == {"n2", "n3"}
+    keepalive = s.frame("keepalive", 6)
+    for change in ({"version": 7}, {"node_id": "n2"}, {"kind": "bye"}, {"body": {"x": 1}},
+                   {"nonce": s.nonce + "0"}, {"seq": 3}, {"tag": delta["tag"]}, {"tag": "ü"},
+                   {"tag": 1}):
+        with pytest.raises(FrameError, match="bad stream tag|for node"):
+            view.accept(dict(keepalive, **change))
+    assert view.accept(keepalive).kind == "keepalive"
+    with pytest.raises(FrameError, match="both tagged and signed"):
+        view.accept(dict(s.frame("keepalive", 6), sig=first["sig"], key_id=k.id))
+    # the same frames on the agent's next stream: another tag key, so nothing replays
+    again = Sender(FrameSigner(k), keyed=True).begin(view)
+    view.accept(again.full(6, [peer(2), peer(3)]))
+    with pytest.raises(FrameError, match="bad stream tag"):
+        view.accept(dict(keepalive, nonce=again.nonce, seq=1))
+    assert view.accept(again.frame("keepalive", 6)).kind == "keepalive"
+
+
+def test_a_key_exchange_is_accepted_only_in_a_first_frame_for_this_agents_key():
+    k = cluster_key()
+    pinned = {k.id: k.public_key}
+    # a tagged frame on a stream without a key exchange (an agent that sent no stream key)
+    plain_view, keyed = AgentNetmap("n1", pinned), Sender(FrameSigner(k), keyed=True)
+    keyed.nonce = Sender(FrameSigner(k)).begin(plain_view).nonce
+    with pytest.raises(FrameError, match="did not ask"):
+        plain_view.accept(keyed.full(1))
+    with pytest.raises(FrameError, match="without a stream key"):
+        plain_view.accept(dict(keyed.frame("keepalive", 1), seq=0))
+    # the offer answers another agent's key (a relay swapped the header)
+    view = AgentNetmap("n1", pinned)
+    s = Sender(FrameSigner(k), keyed=True).begin(view)
+    s.key_exchange = dict(s.key_exchange, agent=stream_keypair()[0].hex())
+    with pytest.raises(FrameError, match="another agent key"):
+        view.accept(s.full(1))
+    # a key exchange later in the stream
+    view = AgentNetmap("n1", pinned)
+    s = Sender(FrameSigner(k)).begin(view)
+    view.accept(s.full(1))
+    late = Sender(FrameSigner(k), keyed=True)
+    s.key_exchange = late.key_exchange
+    with pytest.raises(FrameError, match="after a stream's first frame"):
+        view.accept(s.frame("keepalive", 1))
+    # malformed offers, signed as they are
+    for offer in ("x", {"agent": 1, "replica": "r"}, {"replica": "r"}, {"replica": bytes(32).hex()}):
+        view = AgentNetmap("n1", pinned)
+        s = Sender(FrameSigner(k), keyed=True).begin(view)
+        s.key_exchange = offer if isinstance(offer, str) or "agent" in offer else dict(
+            offer, agent=s.agent_keys[0].hex())
+        with pytest.raises(FrameError, match="malformed key_exchange|64 hex digits|unusable stream key"):
+            view.accept(s.full(1))
+
+
+def test_after_a_key_rotation_one_signed_frame_carries_the_endorsement_then_tags_resume():
+    """Tagged frames alone would never show an agent the new cluster key, and it would be
+    refused at its next stream once the old key retired."""
+    k1, k2 = cluster_key(), cluster_key()
+    view = AgentNetmap("n1", {k1.id: k1.public_key})
+    s = Sender(FrameSigner(k1), keyed=True).begin(view)
+    view.accept(s.full(1))
+    assert view.accept(s.frame("keepalive", 1)).kind == "keepalive"
+    s.signer = FrameSigner(k2, [endorse(k1, k2)])  # the replica's signer after the rotation
+    rotated = s.frame("keepalive", 1)
+    assert rotated["key_id"] == k2.id and "key_exchange" not in rotated
+    assert view.accept(rotated).new_keys == {k2.id: k2.public_key}
+    assert k2.id in view.pinned
+    after = s.frame("delta", 2, NetmapDelta(2, peers_changed=(peer(2),)).to_json())
+    assert "tag" in after and view.accept(after).version == 2

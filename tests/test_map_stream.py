@@ -2,13 +2,14 @@
 
 Covers: first frame full, deltas on policy and peer changes, keepalives, resume with a
 version on another replica, revocation closing the stream with a bye, signatures checked
-against pinned keys (including across a cluster-key rotation), presence and acks in the
+against pinned keys (including across a cluster-key rotation) and stream tags, presence and acks in the
 admin API, and the refusals (pending, expired, unregistered, unsigned, replayed).
 """
 from __future__ import annotations
 
 import base64
 import json
+import secrets
 import time
 from collections import Counter
 
@@ -19,8 +20,9 @@ from nacl.signing import SigningKey
 from raftmesh.agent.control_client import ControlClient, ControlError
 from raftmesh.agent.map_client import MapStream
 from raftmesh.agent.netmap_state import AgentNetmap
-from raftmesh.api.frames import FrameError
+from raftmesh.api.frames import FrameError, FrameReader, stream_keypair
 from raftmesh.api.map_stream import KEEPALIVE_TICKS, Stream, keepalive_quiet_limits, quiet_limit
+from raftmesh.api.wire import HEADER_STREAM_KEY
 
 from proto_agent import ProtoAgent
 from waiting import wait_until
@@ -194,6 +196,53 @@ def test_cluster_key_rotation_keeps_agents_connected(mesh):
             stranger.accept(item[1])
     finally:
         s.close()
+
+
+def _frames(resp, count: int) -> list[dict]:
+    reader, got = FrameReader(), []
+    while len(got) < count:
+        data = resp.read1(65536)
+        assert data, "stream ended"
+        got += reader.feed(data)
+    return got
+
+
+def test_frames_after_the_first_are_tagged_only_for_an_agent_that_sent_a_stream_key(mesh):
+    import urllib.request, urllib.error
+    from raftmesh.api.machine_auth import sign_headers
+    c, admin, agent = mesh
+    a = agent("alice", "a", 0)
+    url = c.replicas[2].api_url + "/machine/map"
+
+    def open_map(stream_key: str | None):
+        headers = sign_headers(a.key, "GET", "/machine/map", b"", time.time(), secrets.token_hex(8))
+        if stream_key is not None:
+            headers[HEADER_STREAM_KEY] = stream_key
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+    agent_keys = stream_keypair()
+    with open_map(agent_keys[0].hex()) as resp:
+        first, second = _frames(resp, 2)  # a delta (the agent went online) or a keepalive
+    assert first["kind"] == "full" and "sig" in first
+    assert first["key_exchange"]["agent"] == agent_keys[0].hex()
+    assert "tag" in second and not {"sig", "key_id", "key_exchange"} & second.keys()
+    view = AgentNetmap(a.node_id, a.view.pinned)
+    view.begin_stream(first["nonce"], agent_keys)
+    assert view.accept(first).kind == "full" and view.accept(second).kind == second["kind"]
+    with open_map(None) as resp:  # an agent from before stream keys: every frame signed
+        frames = _frames(resp, 2)
+    assert all("sig" in f and "tag" not in f and "key_exchange" not in f for f in frames)
+    # a bad stream key is refused before anything happens, naming the header
+    streams = lambda: c.request(c.replicas[2], "GET", "/api/v1/streams")[1]["streams"]
+    wait_until(lambda: streams() == [], timeout=10)
+    for bad, why in (("xyz", "64 hex digits"), (bytes(31).hex(), "64 hex digits"),
+                     (" ".join(["00"] * 32), "64 hex digits"),
+                     (bytes(32).hex(), "unusable stream key")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            open_map(bad)
+        body = json.loads(e.value.read())["error"]
+        assert e.value.code == 400 and body["code"] == "bad_request", body
+        assert HEADER_STREAM_KEY in body["message"] and why in body["message"], body
+    assert streams() == []
 
 
 def test_refusals(mesh):
