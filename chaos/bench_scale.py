@@ -21,7 +21,8 @@ ratio shows what the index saves.
 
 GC: by default (`--gc feed`) the process is treated as NetmapFeed treats a replica: the build
 and each change run with automatic collection paused (`collector_paused`), and the young
-collection a change deferred is run and counted at its end; after the build,
+collection a change deferred is run and counted at its end (or, for a change of a large
+index making FREEZE_AFTER_DELTAS deltas, frozen as the feed does); after the build,
 `tune_gc_for_large_index()` (gc.collect + gc.freeze, young threshold 20,000) when the index
 has >= FREEZE_MIN_NODES nodes. `--gc plain` leaves the collector alone, to see what that
 buys; there its CPU is counted in the change that triggered it. The feed also re-freezes
@@ -44,8 +45,8 @@ import random
 import time
 
 from raftmesh.cluster.netmap import NetmapIndex, compute_netmaps
-from raftmesh.cluster.netmap_feed import (FREEZE_MIN_NODES, collector_paused, refreeze_gc,
-                                          tune_gc_for_large_index)
+from raftmesh.cluster.netmap_feed import (FREEZE_AFTER_DELTAS, FREEZE_MIN_NODES, collector_paused,
+                                          refreeze_gc, tune_gc_for_large_index)
 from raftmesh.cluster.policy import parse_policy
 
 from . import bench_report as report
@@ -240,11 +241,13 @@ def _apply(index: NetmapIndex, op, version: int):
     return index.upsert_node(arg, version) if what == "upsert" else index.remove_node(arg, version)
 
 
-def _apply_as_feed(index: NetmapIndex, op, version: int):
+def _apply_as_feed(index: NetmapIndex, op, version: int, large: bool):
     """_apply as NetmapFeed runs it, plus the young collection it deferred (which the feed
-    pays at its next allocation), so that the change is charged with it."""
-    with collector_paused():
+    pays at its next allocation), so that the change is charged with it; or, for a change
+    of a large index making FREEZE_AFTER_DELTAS deltas, the freeze the feed does instead."""
+    with collector_paused() as pause:
         out = _apply(index, op, version)
+        pause.freeze = large and len(out.deltas) >= FREEZE_AFTER_DELTAS
     if gc.get_count()[0] > gc.get_threshold()[0]:
         gc.collect(0)
     return out
@@ -284,7 +287,7 @@ def measure_size(n: int, changes: int, policy_changes: int, seed: int, reference
     schedule = [k for k in NODE_KINDS for _ in range(changes)]
     net.rng.shuffle(schedule)
     schedule += ["policy"] * policy_changes
-    apply = _apply_as_feed if gc_mode == "feed" else _apply
+    apply = (lambda *a: _apply_as_feed(*a, frozen)) if gc_mode == "feed" else _apply
     with _GcClock() as gc_clock:
         for j, kind in enumerate(schedule):
             version += 1

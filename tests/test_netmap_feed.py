@@ -272,6 +272,31 @@ def test_changes_run_with_the_collector_paused(monkeypatch):
         gc.enable()
 
 
+def test_a_large_change_of_a_large_index_is_frozen_when_it_ends(monkeypatch):
+    """Instead of the young collection it deferred walking everything it left behind; a
+    smaller change, or any change of a small index, leaves that collection as it was."""
+    import gc
+
+    from raftmesh.cluster import netmap_feed
+    frozen = []
+    monkeypatch.setattr(netmap_feed, "FREEZE_MIN_NODES", 3)
+    monkeypatch.setattr(netmap_feed, "FREEZE_AFTER_DELTAS", 4)
+    monkeypatch.setattr(netmap_feed, "tune_gc_for_large_index", lambda: None)
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(gc.isenabled()))
+    nodes = [node(i, "alice") for i in range(4)]
+    policy = lambda v, text: (v, Command("policy.set", {"text": text}, time=NOW), ok({}))  # noqa: E731
+    flip = lambda v, i: (v, Command("node.update", {}, time=NOW), ok(dict(nodes[i], online=True)))  # noqa: E731
+    feed = NetmapFeed(POLICIES[2], nodes, NOW, 10)  # only bob may reach alice: no peers
+    assert len(feed.apply_batch([flip(11, 0)]).deltas) == 1  # its own record: below 4
+    assert frozen == []
+    assert len(feed.apply_batch([policy(12, POLICIES[0])]).deltas) == 4  # every node
+    assert frozen == [False] and gc.isenabled()  # frozen before the collector is back on
+    small = NetmapFeed(POLICIES[2], nodes[:2], NOW, 10)  # an index below FREEZE_MIN_NODES
+    monkeypatch.setattr(netmap_feed, "FREEZE_AFTER_DELTAS", 2)
+    assert len(small.apply_batch([policy(11, POLICIES[0])]).deltas) == 2
+    assert frozen == [False]
+
+
 def test_member_removal_sends_the_offline_records_it_swept():
     n1, n2 = node(1, "alice", online=True), node(2, "alice", online=True)
     feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 10)
