@@ -34,10 +34,11 @@ class AckSender:
         self._thread = threading.Thread(target=self._run, name="acks", daemon=True)
         self._thread.start()
 
-    def send(self, server: str, body: dict) -> None:
-        """To `server`, the replica that sent the frames (it holds their cause times)."""
+    def send(self, server: str, body: dict, stream_auth: tuple[str, bytes] | None = None) -> None:
+        """To `server`, the replica that sent the frames (it holds their cause times);
+        tagged under the stream's key when `stream_auth` is given (AgentNetmap.stream_auth)."""
         try:
-            self._queue.put_nowait((server, body, time.monotonic()))
+            self._queue.put_nowait((server, body, stream_auth, time.monotonic()))
         except queue.Full:
             log.info("ack of %d dropped: %d acks still unsent", body["version"], MAX_QUEUED)
 
@@ -51,12 +52,13 @@ class AckSender:
             item = self._queue.get()
             if item is None:
                 return
-            server, body, queued_at = item
+            server, body, stream_auth, queued_at = item
             client = ControlClient([server], self.machine_key, timeout=ACK_TIMEOUT)
             for attempt in range(ATTEMPTS):
                 try:
                     client.signed_request("POST", "/machine/ack",
-                                          aged(body, time.monotonic() - queued_at), timeout=ACK_TIMEOUT)
+                                          aged(body, time.monotonic() - queued_at),
+                                          timeout=ACK_TIMEOUT, stream_auth=stream_auth)
                     break
                 except (ControlError, OSError) as e:
                     if (isinstance(e, ControlError) and e.status < 500) or attempt + 1 == ATTEMPTS \

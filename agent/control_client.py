@@ -15,7 +15,7 @@ import urllib.request
 
 from nacl.signing import SigningKey
 
-from raftmesh.api.machine_auth import sign_headers
+from raftmesh.api.machine_auth import b64, sign_headers, tag_headers
 
 
 class ControlError(Exception):
@@ -56,9 +56,17 @@ class ControlClient:
         self.current = (self.current + 1) % len(self.servers)
 
     def signed_request(self, method: str, path: str, body: dict | None = None,
-                       stream: bool = False, timeout: float | None = None):
+                       stream: bool = False, timeout: float | None = None,
+                       stream_auth: tuple[str, bytes] | None = None):
+        """`stream_auth` (AgentNetmap.stream_auth): tag the request under the stream's key
+        instead of signing it (only acks accept that, on the stream's replica)."""
         data = b"" if body is None else json.dumps(body).encode()
-        headers = sign_headers(self.key, method, path, data, time.time(), secrets.token_hex(12))
+        nonce = secrets.token_hex(12)
+        if stream_auth is None:
+            headers = sign_headers(self.key, method, path, data, time.time(), nonce)
+        else:
+            headers = tag_headers(stream_auth[1], stream_auth[0], b64(bytes(self.key.verify_key)),
+                                  method, path, data, time.time(), nonce)
         if body is not None:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.server + path, data=data if body is not None else None,

@@ -164,7 +164,7 @@ class Agent:
                 self._rotate_wireguard_key()
             now = time.monotonic()
             if acks.due(now):
-                self.ack_sender.send(stream.server, acks.take(now))
+                self.ack_sender.send(stream.server, acks.take(now), self.view.stream_auth)
             wait = 1.0 if acks.due_at is None else min(1.0, max(0.01, acks.due_at - now))
             item = stream.next(timeout=wait)
             if item is None:

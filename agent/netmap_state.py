@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raftmesh.api.frames import FrameError, accept_key_exchange, verify_frame
+from raftmesh.api.machine_auth import request_key
 from raftmesh.api.wire import Netmap, NetmapDelta, apply_delta
 
 
@@ -41,6 +42,14 @@ class AgentNetmap:
     @property
     def version(self) -> int | None:
         return self.netmap.version if self.netmap else None
+
+    @property
+    def stream_auth(self) -> tuple[str, bytes] | None:
+        """(stream nonce, request key) to tag requests to this stream's replica with
+        (machine_auth.tag_headers), once its first frame set up a key; else None: sign."""
+        if self._tag_key is None:
+            return None
+        return self._stream, request_key(self._tag_key)
 
     def begin_stream(self, nonce: str, stream_keys: tuple[bytes, bytes] | None = None) -> None:
         """Accept only this stream's frames from now on, in order: signed with the nonce the

@@ -16,7 +16,7 @@ from raftmesh.cluster.state_machine import preauth_key_problem, public
 from . import auth
 from .errors import APIError
 from .frames import FrameError, stream_key_bytes
-from .machine_auth import HEADER_NONCE, NonceCache, SignatureError, verify_headers
+from .machine_auth import HEADER_NONCE, NonceCache, SignatureError, request_key, verify_headers
 from .map_stream import HUB
 from .routing import Ctx, route
 from .wire import HEADER_STREAM_KEY
@@ -35,14 +35,27 @@ def obj(properties: dict, required: tuple = ()) -> dict:
             "additionalProperties": False}
 
 
-async def machine_of(ctx: Ctx) -> str:
-    """The machine key this request proves possession of (401 otherwise)."""
+async def machine_of(ctx: Ctx, stream_tagged: bool = False) -> str:
+    """The machine key this request proves possession of (401 otherwise). `stream_tagged`:
+    a tag under the key of the machine's stream on this replica will do (machine_auth)."""
     body = await ctx.request.read()
     try:
         return verify_headers(ctx.request.headers, ctx.request.method, ctx.request.path, body,
-                              time.time(), _nonces)
+                              time.time(), _nonces, _stream_request_key(ctx) if stream_tagged else None)
     except SignatureError as e:
         raise APIError(401, "unauthenticated", f"machine signature rejected: {e}")
+
+
+def _stream_request_key(ctx: Ctx):
+    streams = ctx.request.app[HUB].streams
+
+    def key(machine: str, stream_nonce: str) -> bytes | None:
+        node = node_for_machine(ctx, machine)
+        for s in streams.get(node["id"], ()) if node else ():
+            if s.nonce == stream_nonce and s.tag_key is not None:
+                return request_key(s.tag_key)
+        return None
+    return key
 
 
 def node_for_machine(ctx: Ctx, machine: str) -> dict | None:
@@ -115,8 +128,8 @@ def _check_preauth_key(ctx: Ctx, token: str) -> str:
     return key_id
 
 
-async def _own_node(ctx: Ctx) -> dict:
-    machine = await machine_of(ctx)
+async def _own_node(ctx: Ctx, stream_tagged: bool = False) -> dict:
+    machine = await machine_of(ctx, stream_tagged)
     node = node_for_machine(ctx, machine)
     if node is None:
         raise APIError(404, "not_found", "this machine is not registered (or was deleted)")
@@ -220,7 +233,7 @@ ACK_APPLIED = {"type": "array", "maxItems": 64, "description": "[version, second
 @route("POST", M + "/ack", None, "Acknowledge the netmap version this machine has applied",
        body=obj({"version": {"type": "integer", "minimum": 0}, "applied": ACK_APPLIED}, ("version",)))
 async def ack(ctx: Ctx):
-    node = await _own_node(ctx)
+    node = await _own_node(ctx, stream_tagged=True)  # an ack may be tagged (machine_auth)
     streaming = ctx.request.app[HUB].ack(node["id"], ctx.body["version"], ctx.body.get("applied"))
     return web.json_response({"node_id": node["id"], "version": ctx.body["version"],
                               "streaming_here": streaming})

@@ -18,7 +18,6 @@ tag. Pure functions and a byte-level reader; no sockets.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from nacl.bindings import (crypto_kx_client_session_keys, crypto_kx_keypair,
 from nacl.exceptions import CryptoError
 from nacl.signing import SigningKey
 
-from .machine_auth import b64, sign_payload, unb64, verify_payload
+from .machine_auth import keyed_tag, sign_payload, unb64, verify_payload
 from .wire import FRAME_KINDS, MAX_FRAME_BYTES, canonical_json, frame_bytes, signed_part
 
 
@@ -147,7 +146,7 @@ def agent_tag_key(agent_keys: tuple[bytes, bytes], replica_public: bytes) -> byt
 
 
 def frame_tag(tag_key: bytes, text: bytes) -> str:
-    return b64(hashlib.blake2b(text, key=tag_key, digest_size=16).digest())
+    return keyed_tag(tag_key, text)
 
 
 def key_exchange_offer(agent_public: bytes, replica_public: bytes) -> dict[str, str]:

@@ -6,8 +6,8 @@ fresh timestamp and a unique nonce per request), registration with a pre-auth ke
 stream (`GET /machine/map?since=V`, with a stream key, so frames after the first are tagged)
 whose every frame is verified (against the pinned cluster keys, or the stream's tag key) and
 applied with `agent/netmap_state.AgentNetmap` (the daemon's own code), an ack
-(`POST /machine/ack`) to the replica it streams from, deferred and coalesced exactly as the
-daemon does it (`agent/acks.py`), and the
+(`POST /machine/ack`) to the replica it streams from, tagged under the stream's key,
+deferred and coalesced exactly as the daemon does it (`agent/acks.py`), and the
 daemon's failover: on EOF, an error, a 5xx or no frame for twice the keepalive it moves to the
 next replica URL after a full-jitter exponential backoff (0.2 s doubling) and resumes with the
 version it holds. It records, per applied version, the wall-clock time it was verified and
@@ -110,17 +110,23 @@ class Swarm:
         self._watchdog_task: asyncio.Task | None = None
 
     # -- signed requests ---------------------------------------------------------------------
-    def _headers(self, agent: LightAgent, method: str, path: str, body: bytes) -> dict:
-        from raftmesh.api.machine_auth import sign_headers
-        h = sign_headers(agent.key, method, path, body, time.time(), secrets.token_hex(12))
+    def _headers(self, agent: LightAgent, method: str, path: str, body: bytes,
+                 stream_auth: tuple[str, bytes] | None = None) -> dict:
+        from raftmesh.api.machine_auth import sign_headers, tag_headers
+        if stream_auth is None:
+            h = sign_headers(agent.key, method, path, body, time.time(), secrets.token_hex(12))
+        else:  # an ack to the stream's replica, tagged under its key (as the daemon does)
+            h = tag_headers(stream_auth[1], stream_auth[0], _b64(bytes(agent.key.verify_key)),
+                            method, path, body, time.time(), secrets.token_hex(12))
         if body:
             h["Content-Type"] = "application/json"
         return h
 
     async def _post(self, agent: LightAgent, url: str, path: str, body: dict,
-                    timeout: float = 30.0) -> tuple[int, dict | str]:
+                    timeout: float = 30.0,
+                    stream_auth: tuple[str, bytes] | None = None) -> tuple[int, dict | str]:
         data = json.dumps(body).encode()
-        headers = self._headers(agent, "POST", path, data)  # signed just before sending
+        headers = self._headers(agent, "POST", path, data, stream_auth)  # just before sending
         async with self.session.post(url + path, data=data, headers=headers,
                                      timeout=self.aiohttp.ClientTimeout(total=timeout)) as resp:
             raw = await resp.read()
@@ -328,7 +334,8 @@ class Swarm:
         if body is None:  # the stream ended: its replica cannot use the ack
             return
         try:
-            status, _ = await self._post(a, url, "/machine/ack", body, timeout=30)
+            status, _ = await self._post(a, url, "/machine/ack", body, timeout=30,
+                                         stream_auth=a.view.stream_auth)
             if status == 200:
                 a.acked[body["version"]] = time.time()
                 a.max_acked = max(a.max_acked, body["version"])

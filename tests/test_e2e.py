@@ -168,6 +168,11 @@ def test_policy_on_the_wire_change_and_revocation(mesh):
     assert m.tcp("a", "b", 8080) == "timeout"
     wait_for(lambda: m.ns["c"].ping(m.ips["b"]), timeout=15, what="carol may ping bob")
     assert m.node_key("c") in m.wg_peer_keys("b")
+    # the daemons ack it (tagged under their streams' keys, from their ack threads)
+    def acked(label: str) -> bool:
+        stream = m.admin("GET", f"/api/v1/nodes/{m.ids[label]}")[1]["node"]["stream"] or {}
+        return stream.get("acked_version") is not None and stream["acked_version"] == stream["sent_version"]
+    wait_for(lambda: acked("a") and acked("b"), timeout=15, what="the policy change acked")
 
     # 3. revoking C removes it from every peer's WireGuard config and its traffic stops
     c_key = m.node_key("c")

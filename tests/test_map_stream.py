@@ -245,6 +245,52 @@ def test_frames_after_the_first_are_tagged_only_for_an_agent_that_sent_a_stream_
     assert streams() == []
 
 
+def test_acks_tagged_under_the_stream_key_are_accepted_only_by_its_replica(mesh):
+    """An ack may carry a tag under a key derived from the stream's, instead of an Ed25519
+    signature; only for /machine/ack, the stream that key belongs to, on its replica."""
+    import urllib.request, urllib.error
+    from raftmesh.api.machine_auth import HEADER_STREAM, HEADER_STREAM_TAG, b64, tag_headers
+    c, admin, agent = mesh
+    a = agent("alice", "a", 1)
+    a.connect()
+    a.pump(lambda s: s.view.netmap is not None)
+    auth = a.view.stream_auth
+    assert auth is not None and auth[0] == a.stream.nonce
+    a.client.current = 1
+    ack = lambda **kw: a.client.signed_request("POST", "/machine/ack", {"version": a.view.version}, **kw)  # noqa: E731
+    assert ack(stream_auth=auth)["streaming_here"] is True
+    wait_until(lambda: (admin("GET", f"/api/v1/nodes/{a.node_id}")[1]["node"]["stream"] or {}).get(
+        "acked_version") == a.view.version, timeout=10)
+
+    def refused(headers: dict, replica: int = 1, path: str = "/machine/ack", data=None) -> str:
+        req = urllib.request.Request(c.replicas[replica].api_url + path, data=data or body, method="POST",
+                                     headers={**headers, "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 401
+        return json.loads(e.value.read())["error"]["message"]
+    body = json.dumps({"version": a.view.version}).encode()
+    machine = b64(bytes(a.key.verify_key))
+    tagged = lambda key=auth[1], stream=auth[0], path="/machine/ack", data=body: tag_headers(  # noqa: E731
+        key, stream, machine, "POST", path, data, time.time(), secrets.token_hex(8))
+    assert "does not match" in refused(tagged(key=bytes(32)))
+    assert "does not match" in refused(dict(tagged(), **{HEADER_STREAM_TAG: "ü" * 24}))
+    assert "no stream" in refused(tagged(stream="another-stream"))
+    assert "no stream" in refused(tagged(), replica=0)  # the stream is on r2
+    report = b'{"endpoints": []}'
+    assert "must be signed" in refused(tagged(path="/machine/report", data=report),
+                                       path="/machine/report", data=report)
+    assert "missing" in refused({k: v for k, v in tagged().items() if k != HEADER_STREAM})
+    once = tagged()
+    urllib.request.urlopen(urllib.request.Request(
+        c.replicas[1].api_url + "/machine/ack", data=body, method="POST",
+        headers={**once, "Content-Type": "application/json"}), timeout=10).close()
+    assert "replayed" in refused(once)
+    a.close()  # the stream ends: its key no longer tags anything
+    wait_until(lambda: not c.request(c.replicas[1], "GET", "/api/v1/streams")[1]["streams"], timeout=10)
+    assert "no stream" in refused(tagged())
+
+
 def test_refusals(mesh):
     c, admin, agent = mesh
     pending = ControlClient([c.replicas[0].api_url], SigningKey.generate())
