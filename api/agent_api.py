@@ -165,8 +165,7 @@ async def logout(ctx: Ctx):
 
 @route("GET", M + "/map", None, "Stream this machine's netmap as signed frames (docs/agents.md)",
        query={"since": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1,
-                        "description": "the netmap version the agent holds"},
-})
+                        "description": "the netmap version the agent holds"}})
 def map_stream(ctx: Ctx):
     # Not a coroutine itself: it returns serve()'s, so the stream's chain of suspended
     # frames is one shorter. The checks run in a coroutine of their own (awaited by serve),

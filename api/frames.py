@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +104,7 @@ def tagged_frame(tag_key: bytes, kind: str, node_id: str, version: int, body: di
     frame: dict[str, Any] = {"kind": kind, "node_id": node_id, "version": version,
                              "body": body, "nonce": nonce, "seq": seq}
     text = canonical_json(frame)
-    return _with_field(frame, text, "tag", frame_tag(tag_key, text))
+    return _with_field(frame, text, "tag", keyed_tag(tag_key, text))
 
 
 def _with_field(frame: dict[str, Any], text: bytes, name: str, value: str) -> bytes:
@@ -145,10 +146,6 @@ def agent_tag_key(agent_keys: tuple[bytes, bytes], replica_public: bytes) -> byt
     return rx
 
 
-def frame_tag(tag_key: bytes, text: bytes) -> str:
-    return keyed_tag(tag_key, text)
-
-
 def key_exchange_offer(agent_public: bytes, replica_public: bytes) -> dict[str, str]:
     """What a stream's first, signed frame carries as `key_exchange`: both public keys, so
     the agent sees the replica answered its own key (a relay that swapped it is caught)."""
@@ -170,12 +167,9 @@ def accept_key_exchange(offer: Any, agent_keys: tuple[bytes, bytes] | None) -> b
 
 def stream_key_bytes(text: str) -> bytes:
     """A stream public key from its hex text (FrameError if it is not 32 bytes of hex)."""
-    if not isinstance(text, str) or len(text) != 64 or not all(c in _HEX for c in text):
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", text):
         raise FrameError("a stream key must be 64 hex digits (32 bytes)")
     return bytes.fromhex(text)
-
-
-_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 def verify_frame(frame: Any, node_id: str, pinned: dict[str, str],
@@ -200,7 +194,7 @@ def verify_frame(frame: Any, node_id: str, pinned: dict[str, str],
         if tag_key is None:
             raise FrameError("tagged frame on a stream without a stream key")
         if not isinstance(tag, str) or not tag.isascii() or not hmac.compare_digest(
-                frame_tag(tag_key, signed_part(frame)), tag):
+                keyed_tag(tag_key, signed_part(frame)), tag):
             raise FrameError("bad stream tag")
         return {}
     key_id, sig = frame.get("key_id"), frame.get("sig")

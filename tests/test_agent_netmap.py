@@ -11,9 +11,9 @@ from nacl.signing import SigningKey
 
 from raftmesh.agent.netmap_state import AgentNetmap, effective, next_expiry
 from raftmesh.api.frames import (ClusterKey, FrameError, FrameReader, FrameSigner, endorse,
-                                 frame_tag, key_exchange_offer, next_frame, replica_tag_key,
-                                 stream_keypair, tagged_frame)
-from raftmesh.api.machine_auth import b64, sign_payload
+                                 key_exchange_offer, next_frame, replica_tag_key, stream_keypair,
+                                 tagged_frame)
+from raftmesh.api.machine_auth import b64, keyed_tag, sign_payload
 from raftmesh.api.wire import Netmap, NetmapDelta, Peer, signed_part
 
 NOW = 1_000_000.0
@@ -188,7 +188,7 @@ def test_a_frame_is_the_canonical_json_of_its_members_signed_over_all_but_sig(en
                 assert signer.frame(kind, "n1", version, body, nonce, seq, offer) == frame_bytes(frame)
                 tagged = {"kind": kind, "node_id": "n1", "version": version, "body": body,
                           "nonce": nonce, "seq": seq}
-                tagged["tag"] = frame_tag(tag_key, signed_part(tagged))
+                tagged["tag"] = keyed_tag(tag_key, signed_part(tagged))
                 assert tagged_frame(tag_key, kind, "n1", version, body, nonce, seq) == frame_bytes(tagged)
 
 
