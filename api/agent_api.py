@@ -35,22 +35,25 @@ def obj(properties: dict, required: tuple = ()) -> dict:
             "additionalProperties": False}
 
 
-async def machine_of(ctx: Ctx, stream_tagged: bool = False) -> str:
-    """The machine key this request proves possession of (401 otherwise). `stream_tagged`:
-    a tag under the key of the machine's stream on this replica will do (machine_auth)."""
+async def machine_of(ctx: Ctx, stream_nodes: dict[str, dict | None] | None = None) -> str:
+    """The machine key this request proves possession of (401 otherwise). With
+    `stream_nodes`, a tag under the key of the machine's stream on this replica will do
+    (machine_auth); the node record read to find that stream is left in it (machine ->
+    node), so the caller does not read it again."""
     body = await ctx.request.read()
+    key = None if stream_nodes is None else _stream_request_key(ctx, stream_nodes)
     try:
         return verify_headers(ctx.request.headers, ctx.request.method, ctx.request.path, body,
-                              time.time(), _nonces, _stream_request_key(ctx) if stream_tagged else None)
+                              time.time(), _nonces, key)
     except SignatureError as e:
         raise APIError(401, "unauthenticated", f"machine signature rejected: {e}")
 
 
-def _stream_request_key(ctx: Ctx):
+def _stream_request_key(ctx: Ctx, nodes: dict[str, dict | None]):
     streams = ctx.request.app[HUB].streams
 
     def key(machine: str, stream_nonce: str) -> bytes | None:
-        node = node_for_machine(ctx, machine)
+        node = nodes[machine] = node_for_machine(ctx, machine)
         for s in streams.get(node["id"], ()) if node else ():
             if s.nonce == stream_nonce and s.tag_key is not None:
                 return request_key(s.tag_key)
@@ -129,8 +132,9 @@ def _check_preauth_key(ctx: Ctx, token: str) -> str:
 
 
 async def _own_node(ctx: Ctx, stream_tagged: bool = False) -> dict:
-    machine = await machine_of(ctx, stream_tagged)
-    node = node_for_machine(ctx, machine)
+    looked_up: dict[str, dict | None] = {}
+    machine = await machine_of(ctx, looked_up if stream_tagged else None)
+    node = looked_up[machine] if machine in looked_up else node_for_machine(ctx, machine)
     if node is None:
         raise APIError(404, "not_found", "this machine is not registered (or was deleted)")
     return node

@@ -2,8 +2,8 @@
 
 Covers: first frame full, deltas on policy and peer changes, keepalives, resume with a
 version on another replica, revocation closing the stream with a bye, signatures checked
-against pinned keys (including across a cluster-key rotation) and stream tags, presence and acks in the
-admin API, and the refusals (pending, expired, unregistered, unsigned, replayed).
+against pinned keys (including across a cluster-key rotation) and stream tags, presence and
+acks in the admin API, and the refusals (pending, expired, unregistered, unsigned, replayed).
 """
 from __future__ import annotations
 
