@@ -15,7 +15,7 @@ import urllib.request
 
 from nacl.signing import SigningKey
 
-from raftmesh.api.machine_auth import b64, sign_headers, tag_headers
+from raftmesh.proto.machine_auth import b64, sign_headers, tag_headers
 
 
 class ControlError(Exception):

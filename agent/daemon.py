@@ -21,8 +21,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from raftmesh.api.frames import FrameError
-from raftmesh.api.wire import Netmap
+from raftmesh.proto.frames import FrameError
+from raftmesh.proto.wire import Netmap
 
 from .ack_sender import AckSender
 from .acks import ACK_DELAY, PendingAcks

@@ -22,7 +22,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from raftmesh.api.wire import PROTOCOLS, FilterRule, PortRange
+from raftmesh.proto.wire import PROTOCOLS, FilterRule, PortRange
 
 TABLE_PREFIX = "raftmesh_"
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,15}$")

@@ -17,9 +17,9 @@ import urllib.parse
 
 from nacl.signing import SigningKey
 
-from raftmesh.api.frames import FrameError, FrameReader, stream_keypair
-from raftmesh.api.machine_auth import sign_headers
-from raftmesh.api.wire import HEADER_STREAM_KEY
+from raftmesh.proto.frames import FrameError, FrameReader, stream_keypair
+from raftmesh.proto.machine_auth import sign_headers
+from raftmesh.proto.wire import HEADER_STREAM_KEY
 
 from .control_client import ControlError
 

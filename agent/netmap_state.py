@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from raftmesh.api.frames import FrameError, accept_key_exchange, verify_frame
-from raftmesh.api.machine_auth import request_key
-from raftmesh.api.wire import Netmap, NetmapDelta, apply_delta
+from raftmesh.proto.frames import FrameError, accept_key_exchange, verify_frame
+from raftmesh.proto.machine_auth import request_key
+from raftmesh.proto.wire import Netmap, NetmapDelta, apply_delta
 
 
 @dataclass
@@ -61,7 +61,7 @@ class AgentNetmap:
 
         `stream_keys`: the X25519 pair whose public half the map request sent
         (HEADER_STREAM_KEY); the first frame then sets up the key later frames are tagged
-        with (api/frames.py)."""
+        with (proto/frames.py)."""
         self._stream, self._next_seq = nonce, 0
         self._stream_keys, self._tag_key = stream_keys, None
 

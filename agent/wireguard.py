@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from raftmesh.api.wire import Peer
+from raftmesh.proto.wire import Peer
 
 ROUTE_PROTO = "82"  # marks routes this driver owns, so it never deletes anyone else's
 WG_RUN_DIR = "/var/run/wireguard"  # wireguard-go's control sockets; shared by all netns

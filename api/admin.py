@@ -17,7 +17,7 @@ from raftmesh.storage.json_codec import compact_json
 
 from . import auth
 from .errors import APIError
-from .machine_auth import new_cluster_key
+from raftmesh.proto.machine_auth import new_cluster_key
 from .map_stream import HUB
 from .routing import STALE_QUERY, Ctx, openapi, route
 

@@ -1,6 +1,6 @@
 """Agent protocol endpoints (/machine/*), served by every replica.
 
-Every request is signed with the agent's machine key (api/machine_auth.py); there is no
+Every request is signed with the agent's machine key (proto/machine_auth.py); there is no
 bearer secret to leak. Registration consumes a pre-auth key (approved at once, tags from
 the key) or leaves the node pending until an admin approves it.
 """
@@ -15,11 +15,11 @@ from raftmesh.cluster.state_machine import preauth_key_problem, public
 
 from . import auth
 from .errors import APIError
-from .frames import FrameError, stream_key_bytes
-from .machine_auth import HEADER_NONCE, NonceCache, SignatureError, request_key, verify_headers
+from raftmesh.proto.frames import FrameError, stream_key_bytes
+from raftmesh.proto.machine_auth import HEADER_NONCE, NonceCache, SignatureError, request_key, verify_headers
 from .map_stream import HUB
 from .routing import Ctx, route
-from .wire import HEADER_STREAM_KEY
+from raftmesh.proto.wire import HEADER_STREAM_KEY
 
 M = "/machine"
 KEY32 = {"type": "string", "pattern": r"^[A-Za-z0-9+/]{43}=$"}  # base64 of 32 bytes
@@ -179,7 +179,7 @@ def map_stream(ctx: Ctx):
 
 
 def _stream_key(ctx: Ctx) -> bytes | None:
-    """The agent's X25519 public key for its stream, if it sent one (api/frames.py). A
+    """The agent's X25519 public key for its stream, if it sent one (proto/frames.py). A
     header, not a query parameter: a replica holds each stream's request for the stream's
     life, and a parsed query cost ~1.5 KiB per stream where the header costs ~0.65."""
     text = ctx.request.headers.get(HEADER_STREAM_KEY)

@@ -31,9 +31,9 @@ from raftmesh.cluster.commands import Command
 from raftmesh.cluster.netmap_feed import FeedUpdate, NetmapFeed
 from raftmesh.cluster.replica import Outcome, RaftReplica
 from raftmesh.storage.state_store import read_version
-from raftmesh.api.wire import Netmap
+from raftmesh.proto.wire import Netmap
 
-from .frames import (ClusterKey, FrameSigner, endorse, key_exchange_offer, next_frame,
+from raftmesh.proto.frames import (ClusterKey, FrameSigner, endorse, key_exchange_offer, next_frame,
                      replica_tag_key, stream_keypair)
 from . import memtrace
 

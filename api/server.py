@@ -18,7 +18,7 @@ from raftmesh.storage.audit_export import AuditExporter
 from . import admin, agent_api  # noqa: F401  (register their routes)
 from . import auth, health, routing
 from .errors import MAX_BODY_BYTES, error_middleware
-from .machine_auth import new_cluster_key
+from raftmesh.proto.machine_auth import new_cluster_key
 from .map_stream import HUB, StreamHub, sweep_presence
 
 log = logging.getLogger("raftmesh.server")

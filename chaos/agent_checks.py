@@ -18,7 +18,7 @@ import json
 import time
 
 from .checkers import MAX_EVIDENCE, Check
-from .light_agents import LightAgents, default_workers
+from raftmesh.lab.light_agents import LightAgents, default_workers
 
 AGENT_USER = "chaos-agents"
 

@@ -15,10 +15,10 @@ import time
 import urllib.error
 from dataclasses import dataclass, field
 
-from raftmesh.cluster.launcher import LocalCluster, ReplicaProcess
+from raftmesh.lab.local_cluster import LocalCluster, ReplicaProcess
 
 from . import latency_proxy
-from .netlab import NetRules, ReplicaNet
+from raftmesh.lab.replica_net import NetRules, ReplicaNet
 from .schedule import FaultEvent, blocked_pairs
 
 

@@ -1,7 +1,7 @@
 """User-space latency for Raft links: this kernel has no `tc netem`.
 
 One proxy runs inside each replica's namespace. nftables redirects peers' connections to
-the replica's Raft port into it (chaos/netlab.py), and it relays them to the real port,
+the replica's Raft port into it (lab/replica_net.py), and it relays them to the real port,
 holding every chunk until `now + delay (+/- jitter)` per direction. Release times never go
 backwards, so TCP's byte order is kept. pysyncobj opens one connection per pair of
 replicas, so every pair's traffic crosses exactly one proxy.

@@ -1,7 +1,7 @@
 """`raftmesh chaos run`: real replicas in network namespaces, a recorded workload, a seeded
 fault schedule, then checks that fail loudly with their evidence.
 
-Phases: build the network (chaos/netlab.py) -> start replicas (and latency proxies) ->
+Phases: build the network (lab/replica_net.py) -> start replicas (and latency proxies) ->
 workload + faults for --duration -> heal everything -> settle (every replica ready and at
 the same applied version) -> stop replicas -> read each replica's LMDB -> checks -> write
 --out. Exit status 0 when every check passes, 1 when one fails, 2 when the run could not
@@ -23,13 +23,13 @@ import urllib.error
 from collections import Counter
 from typing import Callable
 
-from raftmesh.cluster.launcher import LocalCluster
+from raftmesh.lab.local_cluster import LocalCluster
 
 from . import checkers, history as hist, latency_proxy, plot
 from .checkers import Check
 from .faults import Injector, clear_removed_data
-from .benchlab import stop_pid
-from .netlab import ReplicaNet, preflight
+from raftmesh.lab.processes import stop_pid
+from raftmesh.lab.replica_net import ReplicaNet, preflight
 from .schedule import FAULT_HELP, FAULTS, make_schedule
 from .agent_checks import AGENT_USER, ChaosAgents
 from .workload import OWNERS, USER_POOL, Workload

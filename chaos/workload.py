@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from nacl.signing import SigningKey
 
-from raftmesh.api.machine_auth import sign_headers
+from raftmesh.proto.machine_auth import sign_headers
 
 from .history import FAIL, OK, UNKNOWN, Operation
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
 from typing import Callable, Iterable, NamedTuple
 
-from raftmesh.api.wire import FilterDest, FilterRule, Netmap, NetmapDelta, Peer
+from raftmesh.proto.wire import FilterDest, FilterRule, Netmap, NetmapDelta, Peer
 from raftmesh.cluster.policy import NODE_KINDS, Acl, Network, NodeView, Policy
 
 _EXPIRY = itemgetter(0)

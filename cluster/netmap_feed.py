@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from raftmesh.api.wire import Netmap, NetmapDelta, compose_deltas
+from raftmesh.proto.wire import Netmap, NetmapDelta, compose_deltas
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.netmap import Changes, NetmapIndex
 from raftmesh.cluster.policy import Policy, PolicyError, parse_policy

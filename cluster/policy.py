@@ -20,7 +20,7 @@ from typing import Any, Union
 
 import json5
 
-from raftmesh.api.wire import PROTOCOLS, PortRange
+from raftmesh.proto.wire import PROTOCOLS, PortRange
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from raftmesh.api.cli import build_parser
-from raftmesh.cluster.launcher import LocalCluster
+from raftmesh.cli.main import build_parser
+from raftmesh.lab.local_cluster import LocalCluster
 from waiting import wait_until  # noqa: F401  (re-exported for test modules)
 
 

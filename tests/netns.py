@@ -1,6 +1,6 @@
 """A small network-namespace lab for data-plane and end-to-end tests.
 
-The lab itself is the benchmarks' (`raftmesh.chaos.benchlab`), used here under the tests'
+The lab itself is the benchmarks' (`raftmesh.lab.namespaces`), used here under the tests'
 own names and with the traffic helpers below. A `Lab` is a set of namespaces named `rmlab<pid>x<n>-<label>`, each with an `eth0` veth
 plugged into a bridge that lives in the lab's own hub namespace, so nothing is created in
 the host's namespace (the host may use the same documentation prefixes). Processes started
@@ -99,9 +99,9 @@ while True:
 from waiting import wait_until as wait_for  # noqa: E402,F401  (one polling helper for all tests)
 
 # Process and namespace primitives are shared with the benchmarks' lab.
-from raftmesh.chaos import benchlab  # noqa: E402
-from raftmesh.chaos.benchlab import (  # noqa: E402,F401
-    delete_netns, list_netns, netns_pids, proc_start_time, run, stop_pid, stop_proc)
+from raftmesh.lab import namespaces  # noqa: E402
+from raftmesh.lab.namespaces import delete_netns, list_netns, netns_pids  # noqa: E402,F401
+from raftmesh.lab.processes import proc_start_time, run, stop_pid, stop_proc  # noqa: E402,F401
 
 
 def cleanup_stale() -> None:
@@ -114,7 +114,7 @@ def cleanup_stale() -> None:
 
 # -- the lab ----------------------------------------------------------------------------------
 
-class Namespace(benchlab.Namespace):
+class Namespace(namespaces.Namespace):
     """One node's namespace, with the traffic helpers the tests use."""
 
     def ping(self, dst: str, timeout: float = 1.0) -> bool:
@@ -147,7 +147,7 @@ class Namespace(benchlab.Namespace):
         return proc
 
 
-class Lab(benchlab.Lab):
+class Lab(namespaces.Lab):
     """The benchmarks' lab under the tests' own names (`rmlab...`, interfaces `rm...`)."""
 
     prefix = LAB_PREFIX

@@ -10,11 +10,11 @@ import pytest
 from nacl.signing import SigningKey
 
 from raftmesh.agent.netmap_state import AgentNetmap, effective, next_expiry
-from raftmesh.api.frames import (ClusterKey, FrameError, FrameReader, FrameSigner, endorse,
+from raftmesh.proto.frames import (ClusterKey, FrameError, FrameReader, FrameSigner, endorse,
                                  key_exchange_offer, next_frame, replica_tag_key, stream_keypair,
                                  tagged_frame)
-from raftmesh.api.machine_auth import b64, keyed_tag, sign_payload
-from raftmesh.api.wire import Netmap, NetmapDelta, Peer, signed_part
+from raftmesh.proto.machine_auth import b64, keyed_tag, sign_payload
+from raftmesh.proto.wire import Netmap, NetmapDelta, Peer, signed_part
 
 NOW = 1_000_000.0
 
@@ -165,7 +165,7 @@ def test_frame_reader_splits_and_bounds_frames():
 def test_a_frame_is_the_canonical_json_of_its_members_signed_over_all_but_sig(endorsed):
     """The signer splices the signature (or tag) into the signed text: the bytes must be
     exactly the canonical encoding of the whole frame, whatever the body holds."""
-    from raftmesh.api.wire import frame_bytes
+    from raftmesh.proto.wire import frame_bytes
     k1, k2 = cluster_key(), cluster_key()
     signer = FrameSigner(k2, [endorse(k1, k2)] if endorsed else [])
     tag_key = bytes(range(32, 64))

@@ -10,7 +10,7 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from raftmesh.agent.control_client import ControlClient, ControlError
-from raftmesh.api.machine_auth import sign_headers
+from raftmesh.proto.machine_auth import sign_headers
 
 
 def node_key() -> str:

@@ -32,7 +32,7 @@ from nacl.signing import SigningKey
 
 import raftmesh.api.server  # noqa: F401  (imports every module whose routes the server serves)
 from raftmesh.api.errors import ERROR_CODES
-from raftmesh.api.machine_auth import sign_headers
+from raftmesh.proto.machine_auth import sign_headers
 from raftmesh.api.routing import IDEMPOTENCY_KEY_MAX, ROUTES
 from raftmesh.cluster.config import ReplicaConfig
 from waiting import wait_until

@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-from raftmesh.chaos import bench_writes
-from raftmesh.chaos.bench_report import mean_interval
-from raftmesh.chaos.bench_workdir import WorkDir
-from raftmesh.chaos.benchlab import child_pids, pid_running
+from raftmesh.bench import writes as bench_writes
+from raftmesh.bench.report import mean_interval
+from raftmesh.bench.workdir import WorkDir
+from raftmesh.lab.processes import child_pids, pid_running
 
 
 def test_writes_benchmark_tiny(tmp_path):
@@ -82,7 +82,7 @@ def test_a_benchmark_stopped_with_sigterm_ends_the_replicas_it_started(tmp_path)
     from conftest import wait_until
     # Its work directory (replica logs, kept when a run is cut short) goes under tmp_path.
     out = open(tmp_path / "stdout", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "raftmesh.api.cli", "bench", "writes",
+    proc = subprocess.Popen([sys.executable, "-m", "raftmesh.cli.main", "bench", "writes",
                              "--seconds", "120", "--no-etcd", "--out", str(tmp_path)],
                             stdout=out, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, TMPDIR=str(tmp_path)))
@@ -118,12 +118,12 @@ def test_sigterm_also_ends_children_the_run_lost_track_of(tmp_path):
     program = tmp_path / "run.py"
     program.write_text(
         "import subprocess, sys, time\n"
-        "from raftmesh.chaos.cli import _cleaned_up_on_sigterm\n"
+        "from raftmesh.lab.processes import cleaned_up_on_sigterm\n"
         "def main(args):\n"
         "    subprocess.Popen(['sleep', '600'])  # dropped: nobody will stop it\n"
         "    print('started', flush=True)\n"
         "    time.sleep(600)\n"
-        "sys.exit(_cleaned_up_on_sigterm(main)(None))\n")
+        "sys.exit(cleaned_up_on_sigterm(main)(None))\n")
     proc = subprocess.Popen([sys.executable, str(program)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     children: list[int] = []

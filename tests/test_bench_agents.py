@@ -12,8 +12,9 @@ import shutil
 import pytest
 
 from conftest import bench_args
-from raftmesh.chaos import (bench_connect, bench_propagation, bench_revoke, bench_stream_failover,
-                            bench_stream_memory, benchlab)
+from raftmesh.bench import connect, propagation, revoke, stream_failover, stream_memory
+from raftmesh.lab import namespaces
+from raftmesh.lab.processes import pid_running
 
 pytestmark = pytest.mark.timeout(300)
 needs_lab = pytest.mark.skipif(
@@ -22,13 +23,13 @@ needs_lab = pytest.mark.skipif(
 
 
 def my_namespaces() -> list[str]:
-    return [n for n in benchlab.list_netns() if n.startswith(f"{benchlab.LAB_PREFIX}{os.getpid()}x")]
+    return [n for n in namespaces.list_netns() if n.startswith(f"{namespaces.LAB_PREFIX}{os.getpid()}x")]
 
 
 def test_propagation_tiny(tmp_path):
     args = bench_args("propagation", ["--sizes", "4,10", "--changes", "2", "--workers", "2",
                                      "--stream-keepalive", "2", "--out", str(tmp_path)])
-    assert bench_propagation.main(args) == 0
+    assert propagation.main(args) == 0
     saved = json.loads((tmp_path / "propagation.json").read_text())
     assert [s["agents"] for s in saved["sizes"]] == [4, 10]
     for s in saved["sizes"]:
@@ -48,13 +49,13 @@ def test_propagation_tiny(tmp_path):
     assert st["agents"] == 10 and st["connected"] == 10 and st["frame_errors"] == []
     assert set(st["by_replica"]) == {"r1", "r2", "r3"}
     assert (tmp_path / "propagation.png").stat().st_size > 1000
-    assert saved["pids"] and not [p for p in saved["pids"] if benchlab.pid_running(p)]
+    assert saved["pids"] and not [p for p in saved["pids"] if pid_running(p)]
 
 
 def test_revoke_light_tiny(tmp_path):
     args = bench_args("revoke", ["--light", "10", "--light-rounds", "2", "--real", "0",
                                 "--workers", "2", "--stream-keepalive", "2", "--out", str(tmp_path)])
-    assert bench_revoke.main(args) == 0
+    assert revoke.main(args) == 0
     saved = json.loads((tmp_path / "revoke.json").read_text())
     light = saved["light"]
     assert light["missing"] == 0 and light["removed"]["n"] == light["acked"]["n"] == 20
@@ -65,13 +66,13 @@ def test_revoke_light_tiny(tmp_path):
     assert light["server_histogram"]["count"] >= 20
     assert light["final_status"]["byes"] == 2  # the revoked svc agents got a bye (or 404)
     assert "real" not in saved and (tmp_path / "revoke.png").stat().st_size > 1000
-    assert not [p for p in saved["pids"] if benchlab.pid_running(p)]
+    assert not [p for p in saved["pids"] if pid_running(p)]
 
 
 def test_stream_failover_tiny(tmp_path):
     args = bench_args("stream-failover", ["--agents", "9", "--rounds", "2", "--workers", "1",
                                          "--stream-keepalive", "2", "--out", str(tmp_path)])
-    assert bench_stream_failover.main(args) == 0
+    assert stream_failover.main(args) == 0
     saved = json.loads((tmp_path / "stream-failover.json").read_text())
     rounds = saved["rounds"]
     assert [r["killed"] for r in rounds] == ["r1", "r2"]
@@ -84,20 +85,20 @@ def test_stream_failover_tiny(tmp_path):
     assert isinstance(saved["target"]["met"], bool) and saved["target"]["failed_rounds"] == []
     assert saved["final_status"]["connected"] == 9
     assert len(saved["pids"]) == 3 + 1 + 2  # replicas, one worker, one restart per round
-    assert not [p for p in saved["pids"] if benchlab.pid_running(p)]
+    assert not [p for p in saved["pids"] if pid_running(p)]
 
 
 def test_stream_memory_tiny(tmp_path):
     args = bench_args("stream-memory", ["--streams", "20", "--steps", "2", "--workers", "3",
                                        "--out", str(tmp_path)])
-    assert bench_stream_memory.main(args) == 0
+    assert stream_memory.main(args) == 0
     saved = json.loads((tmp_path / "stream-memory.json").read_text())
     assert [p["streams"] for p in saved["points"]] == [0, 10, 20]  # all on r1, per its gauge
     assert all(p["rss_kib"] > 10_000 for p in saved["points"])
     assert isinstance(saved["per_stream_kib"], float) and saved["target"]["at_streams"] == 20
     assert saved["final_status"]["by_replica"] == {"r1": 20}
     assert (tmp_path / "stream-memory.png").stat().st_size > 1000
-    assert not [p for p in saved["pids"] if benchlab.pid_running(p)]
+    assert not [p for p in saved["pids"] if pid_running(p)]
 
 
 @needs_lab
@@ -105,7 +106,7 @@ def test_revoke_real_wireguard_tiny(tmp_path):
     args = bench_args("revoke", ["--light", "0", "--real", "2", "--real-rounds", "2",
                                 "--stream-keepalive", "2", "--out", str(tmp_path)])
     try:
-        assert bench_revoke.main(args) == 0
+        assert revoke.main(args) == 0
     finally:
         assert my_namespaces() == []
     saved = json.loads((tmp_path / "revoke.json").read_text())
@@ -113,14 +114,14 @@ def test_revoke_real_wireguard_tiny(tmp_path):
     assert real["missing"] == 0 and real["removed"]["n"] == 4
     assert [r["peers"] for r in real["rounds"]] == [2, 2]
     assert real["server_histogram"]["count"] >= 4, real["logs"]  # the daemons ack the removal too
-    assert not [p for p in saved["pids"] if benchlab.pid_running(p)]
+    assert not [p for p in saved["pids"] if pid_running(p)]
 
 
 @needs_lab
 def test_connect_tiny(tmp_path):
     args = bench_args("connect", ["--rounds", "2", "--stream-keepalive", "2", "--out", str(tmp_path)])
     try:
-        assert bench_connect.main(args) == 0
+        assert connect.main(args) == 0
     finally:
         assert my_namespaces() == []
     saved = json.loads((tmp_path / "connect.json").read_text())
@@ -131,4 +132,4 @@ def test_connect_tiny(tmp_path):
         assert r["stream_connected_ms"] is not None
     assert len({r["node_id"] for r in rounds}) == 2
     assert (tmp_path / "connect.png").stat().st_size > 1000
-    assert not [p for p in saved["pids"] if benchlab.pid_running(p)]
+    assert not [p for p in saved["pids"] if pid_running(p)]

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from conftest import bench_args
-from raftmesh.chaos import bench_failover, bench_scale
-from raftmesh.chaos.benchlab import pid_running
+from raftmesh.bench import failover as bench_failover
+from raftmesh.bench import scale as bench_scale
+from raftmesh.lab.processes import pid_running
 
 
 def test_failover_benchmark_two_rounds_on_five_replicas(tmp_path):

@@ -14,7 +14,9 @@ import time
 
 import pytest
 
-from raftmesh.chaos import checkers, latency_proxy, netlab, run as chaos_run
+from raftmesh.chaos import checkers, latency_proxy, run as chaos_run
+
+from raftmesh.lab import replica_net as netlab
 from raftmesh.chaos.history import Operation
 from raftmesh.chaos.schedule import FAULTS, make_schedule
 from raftmesh.chaos.workload import Anomaly

@@ -1,6 +1,6 @@
 """The admin CLI against a real 3-replica cluster: output, exit codes, failover, audit verify.
 
-Runs in-process through raftmesh.api.cli.main (capsys) and once as a subprocess. The
+Runs in-process through raftmesh.cli.main.main (capsys) and once as a subprocess. The
 cluster is shared by the module, so every test uses its own unique names.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from raftmesh.agent.control_client import ControlClient
-from raftmesh.api import cli_admin
-from raftmesh.api.cli import main
-from raftmesh.api.client import Client, ClientError
-from raftmesh.cluster.launcher import free_ports
+from raftmesh.cli import admin as cli_admin
+from raftmesh.cli.main import main
+from raftmesh.cli.api_client import Client, ClientError
+from raftmesh.lab.local_cluster import free_ports
 
 BAD_KEY = "rmk_000000000000_" + "x" * 43
 
@@ -427,7 +427,7 @@ def test_runs_as_a_subprocess(shared_cluster, tmp_path):
     env = dict(os.environ, RAFTMESH_SERVER=f"{dead_url()},{shared_cluster.replicas[2].api_url}",
                RAFTMESH_API_KEY=shared_cluster.admin_key, HOME=str(tmp_path))
     name = uniq("proc")
-    run = lambda *argv: subprocess.run([sys.executable, "-m", "raftmesh.api.cli", *argv], env=env,
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "raftmesh.cli.main", *argv], env=env,
                                        capture_output=True, text=True, timeout=30)
     done = run("--json", "users", "create", name)
     assert done.returncode == 0, done.stderr

@@ -208,7 +208,7 @@ def test_no_quorum_write_is_refused_or_unknown_never_false_success(make_cluster)
 
 
 def test_replica_refuses_to_start_without_a_cluster_secret(tmp_path):
-    base = [sys.executable, "-m", "raftmesh.api.cli", "server", "--id", "x", "--raft-addr",
+    base = [sys.executable, "-m", "raftmesh.cli.main", "server", "--id", "x", "--raft-addr",
             "127.0.0.1:1", "--data-dir", str(tmp_path)]
     env = {k: v for k, v in os.environ.items() if k != "RAFTMESH_CLUSTER_SECRET"}
     p = subprocess.run(base, env=env, capture_output=True, text=True, timeout=30)
@@ -224,7 +224,7 @@ def test_replica_refuses_to_start_on_a_journal_that_does_not_follow_on(tmp_path)
     journal = tmp_path / "raft.journal"
     data = _MAGIC + _encode(b"a", 1, 1) + _encode(b"c", 3, 1)
     journal.write_bytes(data)
-    p = subprocess.run([sys.executable, "-m", "raftmesh.api.cli", "server", "--id", "x",
+    p = subprocess.run([sys.executable, "-m", "raftmesh.cli.main", "server", "--id", "x",
                         "--raft-addr", "127.0.0.1:1", "--data-dir", str(tmp_path)],
                        env=dict(os.environ, RAFTMESH_CLUSTER_SECRET="s" * 16),
                        capture_output=True, text=True, timeout=60)
@@ -241,8 +241,8 @@ def dev_stopped_with_ctrl_c(*args: str):
     SIGINT starts at its default disposition: under a test runner launched in the background
     of a script it is inherited ignored, and Python then never raises KeyboardInterrupt.
     Should the process not stop, it and its replicas are killed by pid and the test fails."""
-    from raftmesh.chaos.benchlab import child_pids, pid_running
-    p = subprocess.Popen([sys.executable, "-m", "raftmesh.api.cli", "dev", *args],
+    from raftmesh.lab.processes import child_pids, pid_running
+    p = subprocess.Popen([sys.executable, "-m", "raftmesh.cli.main", "dev", *args],
                          stdout=subprocess.DEVNULL,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
@@ -290,11 +290,11 @@ def test_dev_command_writes_cluster_json(tmp_path):
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert "dev" in [u["name"] for u in json.loads(resp.read())["users"]]
     assert_gone(again["replicas"])
-    bad = subprocess.run([sys.executable, "-m", "raftmesh.api.cli", "dev", "--data-dir", str(data),
+    bad = subprocess.run([sys.executable, "-m", "raftmesh.cli.main", "dev", "--data-dir", str(data),
                           "--replicas", "5"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "3-replica cluster" in bad.stderr
     (data / "cluster.json").unlink()  # replica data without its description: refused, named
-    bad = subprocess.run([sys.executable, "-m", "raftmesh.api.cli", "dev", "--data-dir", str(data)],
+    bad = subprocess.run([sys.executable, "-m", "raftmesh.cli.main", "dev", "--data-dir", str(data)],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "no cluster.json" in bad.stderr
 

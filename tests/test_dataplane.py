@@ -33,7 +33,7 @@ from raftmesh.agent.wireguard import (
     parse_dump,
     public_key_of,
 )
-from raftmesh.api.wire import FilterDest, FilterRule, Peer, PortRange
+from raftmesh.proto.wire import FilterDest, FilterRule, Peer, PortRange
 
 KEY_A = public_key_of(generate_private_key())
 KEY_B = public_key_of(generate_private_key())
@@ -449,7 +449,7 @@ def test_lab_bridge_keeps_its_address_as_namespaces_come_and_go():
     """A bridge takes the lowest MAC of its ports unless set: the gateway's MAC changed under
     the other namespaces' ARP caches when one joined or left, and their new connections were
     lost for seconds (seen as agents' acks timing out in the revoke benchmark)."""
-    from raftmesh.chaos.benchlab import BRIDGE_MAC
+    from raftmesh.lab.namespaces import BRIDGE_MAC
 
     def bridge_mac(lab: Lab) -> str:
         out = subprocess.run(["ip", "-j", "-n", lab.hub, "link", "show", "br0"],

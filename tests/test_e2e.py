@@ -16,7 +16,7 @@ import sys
 import pytest
 from netns import Lab, cleanup_stale, stop_proc, wait_for
 
-from raftmesh.cluster.launcher import LocalCluster
+from raftmesh.lab.local_cluster import LocalCluster
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
@@ -84,7 +84,7 @@ class Mesh:
         ns = self.ns[label]
         log = open(self.tmp / f"agent-{label}.log", "ab")
         servers = ",".join(r.api_url for r in self.cluster.replicas)
-        proc = ns.spawn(sys.executable, "-m", "raftmesh.api.cli", "agent", "up",
+        proc = ns.spawn(sys.executable, "-m", "raftmesh.cli.main", "agent", "up",
                         "--server", servers, "--state-dir", str(self.tmp / f"state-{label}"),
                         "--interface", self.ifnames[label], "--hostname", f"host-{label}",
                         "--endpoint", f"{ns.ip}:41641", "--log-level", "DEBUG",
@@ -243,7 +243,7 @@ def test_key_rotation_status_sigkill_restart_and_logout(mesh):
     wait_for(lambda: m.ns["a"].ping(m.ips["b"]), timeout=20, what="a pings b")
     old_key = m.node_key("a")
     state_a = str(m.tmp / "state-a")
-    m.ns["a"].run(sys.executable, "-m", "raftmesh.api.cli", "agent", "rotate-key",
+    m.ns["a"].run(sys.executable, "-m", "raftmesh.cli.main", "agent", "rotate-key",
                   "--state-dir", state_a)
     wait_for(lambda: m.node_key("a") != old_key, timeout=15, what="node key rotated")
     new_key = m.node_key("a")
@@ -251,14 +251,14 @@ def test_key_rotation_status_sigkill_restart_and_logout(mesh):
              timeout=15, what="b learns a's new key")
     wait_for(lambda: m.ns["a"].ping(m.ips["b"]), timeout=15, what="tunnel on the new key")
 
-    out = m.ns["a"].run(sys.executable, "-m", "raftmesh.api.cli", "agent", "status",
+    out = m.ns["a"].run(sys.executable, "-m", "raftmesh.cli.main", "agent", "status",
                         "--state-dir", state_a, "--json").stdout
     st = json.loads(out)
     assert st["running"] and st["state"] == "connected" and st["replica"] in {
         r.id for r in m.cluster.replicas}
     peer_b = next(p for p in st["peers"] if p["name"] == "host-b")
     assert peer_b["last_handshake"] is not None
-    text = m.ns["a"].run(sys.executable, "-m", "raftmesh.api.cli", "agent", "status",
+    text = m.ns["a"].run(sys.executable, "-m", "raftmesh.cli.main", "agent", "status",
                          "--state-dir", state_a).stdout
     assert "host-b" in text and "handshake" in text
 
@@ -275,7 +275,7 @@ def test_key_rotation_status_sigkill_restart_and_logout(mesh):
 
     # logout: node key expired, daemon stopped and its interface gone, peers drop it
     servers = ",".join(r.api_url for r in m.cluster.replicas)
-    m.ns["a"].run(sys.executable, "-m", "raftmesh.api.cli", "agent", "logout",
+    m.ns["a"].run(sys.executable, "-m", "raftmesh.cli.main", "agent", "logout",
                   "--state-dir", state_a, "--server", servers)
     wait_for(lambda: m.agents["a"].poll() is not None, timeout=15, what="daemon exits")
     node = m.admin("GET", f"/api/v1/nodes/{m.ids['a']}")[1]["node"]

@@ -14,7 +14,7 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 from raft_by_hand import append_entries, close, hand_driven, regular, user_entry, users
 
-from raftmesh.cluster.launcher import free_ports
+from raftmesh.lab.local_cluster import free_ports
 
 class Counter(SyncObj):
     def __init__(self, addr, peer):

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import wait_until
 from raftmesh.cluster.config import ReplicaConfig
-from raftmesh.cluster.launcher import free_ports
+from raftmesh.lab.local_cluster import free_ports
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TEMPLATE = os.path.join(ROOT, "deploy", "haproxy", "haproxy.cfg")

@@ -3,7 +3,7 @@ it exits at start-up, which failed a whole test module's shared cluster in CI.""
 import json
 import socket
 
-from raftmesh.cluster.launcher import _ports_outside_ephemeral_range, free_ports
+from raftmesh.lab.local_cluster import _ports_outside_ephemeral_range, free_ports
 
 
 def _ephemeral_range() -> range:
@@ -36,7 +36,7 @@ def test_a_returned_port_can_be_bound():
 def test_the_cluster_description_is_replaced_whole(tmp_path):
     """`raftmesh dev` rewrites cluster.json while scripts read it: a reader must find the old
     file or the new one, never one cut short (it is renamed into place, not truncated)."""
-    from raftmesh.cluster.launcher import DESCRIPTION, LocalCluster
+    from raftmesh.lab.local_cluster import DESCRIPTION, LocalCluster
     cluster = LocalCluster(str(tmp_path), replicas=3)
     path = tmp_path / DESCRIPTION
     cluster.write_description(str(path))

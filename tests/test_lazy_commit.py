@@ -10,7 +10,7 @@ from pysyncobj.node import TCPNode
 from raft_by_hand import append_entries, capture_sends, close, hand_driven, user_entry, users
 
 from raftmesh.cluster.commands import Command
-from raftmesh.cluster.launcher import free_ports
+from raftmesh.lab.local_cluster import free_ports
 from raftmesh.cluster.lazy_commit import ForwardedCommands, Hold
 from raftmesh.cluster.replica import Outcome
 

@@ -8,7 +8,7 @@ import time
 from aiohttp import web
 
 from raftmesh.agent.netmap_state import AgentNetmap
-from raftmesh.chaos.light_agents import LightAgent, Swarm
+from raftmesh.lab.light_agents import LightAgent, Swarm
 
 
 @contextlib.asynccontextmanager

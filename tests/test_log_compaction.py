@@ -2,7 +2,7 @@
 for the journal to hold half a snapshot's bytes (cluster/replica.py)."""
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.config import ReplicaConfig
-from raftmesh.cluster.launcher import free_ports
+from raftmesh.lab.local_cluster import free_ports
 from raftmesh.cluster.replica import SNAPSHOT_JOURNAL_SHARE, Outcome, RaftReplica
 
 from conftest import wait_until

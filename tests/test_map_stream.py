@@ -20,9 +20,9 @@ from nacl.signing import SigningKey
 from raftmesh.agent.control_client import ControlClient, ControlError
 from raftmesh.agent.map_client import MapStream
 from raftmesh.agent.netmap_state import AgentNetmap
-from raftmesh.api.frames import FrameError, FrameReader, stream_keypair
+from raftmesh.proto.frames import FrameError, FrameReader, stream_keypair
 from raftmesh.api.map_stream import KEEPALIVE_TICKS, Stream, keepalive_quiet_limits, quiet_limit
-from raftmesh.api.wire import HEADER_STREAM_KEY
+from raftmesh.proto.wire import HEADER_STREAM_KEY
 
 from proto_agent import ProtoAgent
 from waiting import wait_until
@@ -209,7 +209,7 @@ def _frames(resp, count: int) -> list[dict]:
 
 def test_frames_after_the_first_are_tagged_only_for_an_agent_that_sent_a_stream_key(mesh):
     import urllib.request, urllib.error
-    from raftmesh.api.machine_auth import sign_headers
+    from raftmesh.proto.machine_auth import sign_headers
     c, admin, agent = mesh
     a = agent("alice", "a", 0)
     url = c.replicas[2].api_url + "/machine/map"
@@ -249,7 +249,7 @@ def test_acks_tagged_under_the_stream_key_are_accepted_only_by_its_replica(mesh)
     """An ack may carry a tag under a key derived from the stream's, instead of an Ed25519
     signature; only for /machine/ack, the stream that key belongs to, on its replica."""
     import urllib.request, urllib.error
-    from raftmesh.api.machine_auth import HEADER_STREAM, HEADER_STREAM_TAG, b64, tag_headers
+    from raftmesh.proto.machine_auth import HEADER_STREAM, HEADER_STREAM_TAG, b64, tag_headers
     c, admin, agent = mesh
     a = agent("alice", "a", 1)
     a.connect()
@@ -346,7 +346,7 @@ def test_key_expiry_by_the_replicated_clock_closes_streams_without_other_writes(
 def test_replayed_map_request_is_refused(mesh):
     c, admin, agent = mesh
     import urllib.request, urllib.error
-    from raftmesh.api.machine_auth import sign_headers
+    from raftmesh.proto.machine_auth import sign_headers
     a = agent("alice", "a", 0)
     headers = sign_headers(a.key, "GET", "/machine/map", b"", time.time(), "nonce-1234567")
     first = urllib.request.urlopen(urllib.request.Request(

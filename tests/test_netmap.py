@@ -10,7 +10,7 @@ import pytest
 import dataclasses
 import pickle
 
-from raftmesh.api.wire import FilterDest, FilterRule, Netmap, NetmapDelta, PortRange, apply_delta
+from raftmesh.proto.wire import FilterDest, FilterRule, Netmap, NetmapDelta, PortRange, apply_delta
 from raftmesh.cluster.netmap import NetmapIndex, _rule, compute_netmaps
 from raftmesh.cluster.policy import Identity, Policy, parse_policy
 

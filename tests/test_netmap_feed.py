@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 
-from raftmesh.api.wire import Netmap, NetmapDelta, apply_delta
+from raftmesh.proto.wire import Netmap, NetmapDelta, apply_delta
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.netmap import compute_netmaps
 from raftmesh.cluster.netmap_feed import NetmapFeed, policy_or_none

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import wait_until
 from raftmesh.cluster.config import ConfigError, ReplicaConfig
-from raftmesh.cluster.launcher import LocalCluster, free_ports
+from raftmesh.lab.local_cluster import LocalCluster, free_ports
 from raftmesh.storage.audit_chain import verify
 
 
@@ -32,7 +32,7 @@ def test_server_runs_from_a_toml_file(tmp_path):
     cfg.write_text(f'id = "solo"\nraft_addr = "127.0.0.1:{raft}"\npeers = []\napi_port = {api}\n'
                    f'data_dir = "{tmp_path / "data"}"\ncluster_secret = "0123456789abcdef"\n')
     os.chmod(cfg, 0o600)
-    p = subprocess.Popen([sys.executable, "-m", "raftmesh.api.cli", "server", "--config", str(cfg)],
+    p = subprocess.Popen([sys.executable, "-m", "raftmesh.cli.main", "server", "--config", str(cfg)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import urllib.request

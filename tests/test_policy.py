@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from raftmesh.api.wire import PortRange
+from raftmesh.proto.wire import PortRange
 from raftmesh.cluster.policy import Identity, Policy, PolicyError, parse_policy
 
 BASE = {

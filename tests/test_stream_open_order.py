@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from raftmesh.api.map_stream import StreamHub
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.config import ReplicaConfig
-from raftmesh.cluster.launcher import free_ports
+from raftmesh.lab.local_cluster import free_ports
 from raftmesh.cluster.replica import Outcome, RaftReplica
 
 from conftest import wait_until

@@ -19,7 +19,7 @@ from pysyncobj.encryptor import getEncryptor
 
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.config import ReplicaConfig
-from raftmesh.cluster.launcher import free_ports
+from raftmesh.lab.local_cluster import free_ports
 from raftmesh.cluster.replica import BATCH, Outcome, RaftReplica
 from raftmesh.cluster.transport_crypto import AeadEncryptor, InvalidFrame
 from waiting import wait_until

@@ -29,8 +29,8 @@ from nacl.bindings import (crypto_kx_client_session_keys, crypto_kx_keypair,
 from nacl.exceptions import CryptoError
 from nacl.signing import SigningKey
 
-from .machine_auth import keyed_tag, sign_payload, unb64, verify_payload
-from .wire import FRAME_KINDS, MAX_FRAME_BYTES, canonical_json, frame_bytes, signed_part
+from raftmesh.proto.machine_auth import keyed_tag, sign_payload, unb64, verify_payload
+from raftmesh.proto.wire import FRAME_KINDS, MAX_FRAME_BYTES, canonical_json, frame_bytes, signed_part
 
 
 class FrameError(ValueError):

@@ -1,8 +1,8 @@
 """`raftmesh bench stream-memory`: resident memory per connected agent stream on one replica
-(issue #5 `scale`, memory half; the CPU half is chaos/bench_scale.py).
+(issue #5 `scale`, memory half; the CPU half is bench/scale.py).
 
 Target: <= 20 KiB per stream at 10,000 streams. 3 replicas (`--replicas`); N light agents
-(chaos/light_agents.py) are registered first (so node records, netmap index entries and
+(lab/light_agents.py) are registered first (so node records, netmap index entries and
 registration garbage are already in the baseline), then their streams are opened, all on
 replica r1, in `--steps` equal steps. After each step the agents must hold their netmaps
 and be quiet (presence writes done), then r1's VmRSS is read from /proc/<pid>/status and its
@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 import time
 
-from . import bench_report as report
-from .bench_workdir import WorkDir
-from . import light_agents as la
+from raftmesh.bench import report
+from raftmesh.bench.workdir import WorkDir
+from raftmesh.lab import light_agents as la
 
 TARGET_KIB = 20.0
 
@@ -48,7 +48,7 @@ def streams_open(cluster, replica) -> float | None:
 def run(out_dir: str, streams: int = 10000, steps: int = 4, workers: int | None = None,
         keepalive: float = 10.0, concurrency: int = 64, replicas: int = 3) -> dict:
     load0 = os.getloadavg()
-    from .bench_propagation import start_cluster
+    from raftmesh.bench.propagation import start_cluster
     work = WorkDir("stream-memory")
     workdir = work.path
     progress = report.Progress("stream-memory")

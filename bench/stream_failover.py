@@ -1,9 +1,9 @@
 """`raftmesh bench stream-failover`: SIGKILL the replica agents stream from, until they hold
 a current netmap again (issue #5 `failover`, second half; the first half, writes resuming
-after a leader kill, is chaos/bench_failover.py).
+after a leader kill, is bench/failover.py).
 
 Target: <= 3 s. 3 replicas (`--replicas`; durable journals), N light agents
-(chaos/light_agents.py: the real protocol with the daemon's failover: on EOF/error move to the
+(lab/light_agents.py: the real protocol with the daemon's failover: on EOF/error move to the
 next replica URL after a full-jitter backoff of up to 0.2 s doubling, resume with the held
 version) spread over the replicas. Each round:
 
@@ -23,9 +23,9 @@ import os
 import signal
 import time
 
-from . import bench_report as report
-from .bench_workdir import WorkDir
-from . import light_agents as la
+from raftmesh.bench import report
+from raftmesh.bench.workdir import WorkDir
+from raftmesh.lab import light_agents as la
 
 TARGET_S = 3.0
 
@@ -33,7 +33,7 @@ TARGET_S = 3.0
 def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None = None,
         keepalive: float = 10.0, timeout: float = 60.0, replicas: int = 3) -> dict:
     load0 = os.getloadavg()
-    from .bench_propagation import start_cluster
+    from raftmesh.bench.propagation import start_cluster
     work = WorkDir("stream-failover")
     workdir = work.path
     progress = report.Progress("stream-failover")

@@ -2,7 +2,7 @@
 tunnel (issue #5 `connect`).
 
 Real `raftmesh agent up` daemons with wireguard-go and nftables in network namespaces
-(chaos/benchlab.py), 3 replicas (`--replicas`) on the host end of a veth into the lab. One
+(chaos/namespaces.py), 3 replicas (`--replicas`) on the host end of a veth into the lab. One
 peer daemon (a `svc` node, which every `bench` node may reach, see light_agents.policy_text)
 runs for the whole benchmark. Each round, in a fresh namespace:
 
@@ -23,11 +23,11 @@ from __future__ import annotations
 import os
 import time
 
-from raftmesh.cluster.launcher import LocalCluster
+from raftmesh.lab.local_cluster import LocalCluster
 
-from . import bench_report as report
-from .bench_workdir import WorkDir
-from . import light_agents as la
+from raftmesh.bench import report
+from raftmesh.bench.workdir import WorkDir
+from raftmesh.lab import light_agents as la
 
 TARGET_S = None  # issue #5 gives no number for `connect`; reported as measured
 
@@ -35,15 +35,15 @@ TARGET_S = None  # issue #5 gives no number for `connect`; reported as measured
 def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float = 60.0,
         replicas: int = 3) -> dict:
     load0 = os.getloadavg()
-    from . import benchlab
-    problems = benchlab.preflight()
+    from raftmesh.lab import namespaces, processes
+    problems = namespaces.preflight()
     if problems:
         raise SystemExit("bench connect: " + "; ".join(problems))
-    benchlab.cleanup_stale()
+    namespaces.cleanup_stale()
     work = WorkDir("connect")
     workdir = work.path
     progress = report.Progress("connect")
-    lab = benchlab.Lab()
+    lab = namespaces.Lab()
     cluster = None
     peer = None
     rows, pids, ok = [], [], False
@@ -58,16 +58,16 @@ def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float 
         cluster.wait_ready(timeout=60)
         keys = la.setup_cluster(cluster)
         servers = [r.api_url for r in cluster.replicas]
-        peer = benchlab.RealAgent(lab, peer_ns, workdir, servers, keys[la.SVC_USER], "peer")
+        peer = namespaces.RealAgent(lab, peer_ns, workdir, servers, keys[la.SVC_USER], "peer")
         peer.start()
-        st = benchlab.wait_until(lambda: peer.status().get("state") == "connected"
+        st = processes.wait_until(lambda: peer.status().get("state") == "connected"
                                  and peer.status().get("addresses") and peer.status(), 60,
                                  "peer daemon connected")
         peer_ip = st["addresses"][0].split("/")[0]
         for r in range(rounds):
             label = f"a{r}"
             ns = lab.add(label, f"192.0.2.{10 + r}/24")
-            agent = current = benchlab.RealAgent(lab, ns, workdir, benchlab.rotated(servers, r),
+            agent = current = namespaces.RealAgent(lab, ns, workdir, namespaces.rotated(servers, r),
                                                  keys[la.BENCH_USER], label)
             prober = ns.first_reply(peer_ip, interval=0.01, wait=0.2, timeout=timeout)
             agent.start()
@@ -94,7 +94,7 @@ def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float 
             if first is None:
                 print(f"round {r + 1}: no reply within {timeout:g}s; agent log:\n{agent.log_tail()}")
             agent.stop()
-            benchlab.stop_proc(prober)
+            processes.stop_proc(prober)
             if node_id:
                 cluster.request(cluster.replicas[0], "DELETE", f"/api/v1/nodes/{node_id}")
             lab.remove(label)

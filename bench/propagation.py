@@ -2,7 +2,7 @@
 affected agent has applied it (issue #5 `propagation`).
 
 Target: p99 <= 1 s at 1,000 agents and <= 2 s at 10,000. 3 replicas (`--replicas`; durable
-journals) and light agents (chaos/light_agents.py: real protocol, every request signed, every
+journals) and light agents (lab/light_agents.py: real protocol, every request signed, every
 frame's cluster signature verified, every applied version acked) run on this machine, spread
 over the replicas (agent i streams from replica i mod their number). Sizes grow on one
 cluster: the agents of the first size stay connected while more register for the next.
@@ -28,12 +28,12 @@ from __future__ import annotations
 import os
 import time
 
-from raftmesh.cluster.launcher import LocalCluster
+from raftmesh.lab.local_cluster import LocalCluster
 
-from . import bench_report as report
-from .bench_workdir import WorkDir
-from . import benchlab
-from . import light_agents as la
+from raftmesh.bench import report
+from raftmesh.bench.workdir import WorkDir
+from raftmesh.lab import processes
+from raftmesh.lab import light_agents as la
 
 TARGETS_S = {1000: 1.0, 10000: 2.0}  # issue #5: p99 at N agents
 METRIC = "raftmesh_netmap_propagation_seconds"
@@ -84,13 +84,13 @@ def measure(agents: la.LightAgents, cluster: LocalCluster, n: int, changes: int,
     for c in range(changes):
         port[0] = 2222 if port[0] == 22 else 22
         threads0 = la.read_thread_cpu(cluster)  # scraped outside the process-CPU window
-        cpu0 = benchlab.cpu_seconds(replica_pids), benchlab.cpu_seconds(agents.pids)
+        cpu0 = processes.cpu_seconds(replica_pids), processes.cpu_seconds(agents.pids)
         change = la.put_policy(cluster, port[0], topology)
         agents.wait_applied(change["version"], timeout, prefix="la")
-        cpu_applied = benchlab.cpu_seconds(replica_pids), benchlab.cpu_seconds(agents.pids)
+        cpu_applied = processes.cpu_seconds(replica_pids), processes.cpu_seconds(agents.pids)
         threads1 = la.read_thread_cpu(cluster)
         rows = agents.wait_version(change["version"], timeout, prefix="la")
-        cpu1 = benchlab.cpu_seconds(replica_pids), benchlab.cpu_seconds(agents.pids)
+        cpu1 = processes.cpu_seconds(replica_pids), processes.cpu_seconds(agents.pids)
         applied = [r["applied"] - change["acked"] for r in rows if r["applied"] is not None]
         acked = [r["acked"] - change["acked"] for r in rows if r["acked"] is not None]
         samples_apply += applied

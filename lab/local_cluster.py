@@ -1,7 +1,7 @@
 """Local multi-process clusters: used by `raftmesh dev`, the tests, chaos runs and benchmarks.
 
 Each replica is its own OS process (so it can be SIGKILLed, paused or restarted) started as
-`python -m raftmesh.api.cli server ...`. Secrets go through the environment, never argv,
+`python -m raftmesh.cli.main server ...`. Secrets go through the environment, never argv,
 so they do not show in `ps`.
 """
 from __future__ import annotations
@@ -151,7 +151,7 @@ class LocalCluster:
     def start(self, r: ReplicaProcess, join: bool = False, peers: list[str] | None = None) -> None:
         if peers is None:
             peers = [x.raft_addr for x in self.replicas if x is not r]
-        args = [sys.executable, "-m", "raftmesh.api.cli", "server", "--id", r.id,
+        args = [sys.executable, "-m", "raftmesh.cli.main", "server", "--id", r.id,
                 "--raft-addr", r.raft_addr, "--peers", ",".join(peers),
                 "--api-host", r.host or self.host, "--api-port", str(r.api_port), "--api-url", r.api_url,
                 "--data-dir", r.data_dir, *self.extra_args, *r.extra_args]

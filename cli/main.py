@@ -1,4 +1,4 @@
-"""The `raftmesh` command: `server`, `dev`, and the admin subcommands (api/cli_admin.py)."""
+"""The `raftmesh` command: `server`, `dev`, and the admin subcommands (cli/admin.py)."""
 from __future__ import annotations
 
 import argparse
@@ -83,7 +83,7 @@ def _add_dev(sub) -> None:
 def _dev_cluster(args):
     """The cluster an earlier run left in the data directory, or a new one; (None, error)
     when the directory holds replica data that cannot be resumed."""
-    from raftmesh.cluster.launcher import DESCRIPTION, LocalCluster
+    from raftmesh.lab.local_cluster import DESCRIPTION, LocalCluster
     if args.replicas is not None and args.replicas < 1:
         return None, "--replicas must be at least 1"
     if os.path.exists(os.path.join(args.data_dir, DESCRIPTION)):
@@ -101,7 +101,7 @@ def _dev_cluster(args):
 
 
 def cmd_dev(args) -> int:
-    from raftmesh.cluster.launcher import DESCRIPTION
+    from raftmesh.lab.local_cluster import DESCRIPTION
     cluster, error = _dev_cluster(args)
     if error:
         print(f"raftmesh dev: {error}", file=sys.stderr)
@@ -145,11 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_server(sub)
     _add_dev(sub)
+    from raftmesh.bench import cli as bench_cli
+    bench_cli.register(sub)
     from raftmesh.chaos import cli as chaos_cli
     chaos_cli.register(sub)
     from raftmesh.agent import cli as agent_cli
     agent_cli.register(sub)
-    from . import cli_admin
+    from raftmesh.cli import admin as cli_admin
     cli_admin.register(parser, sub)
     return parser
 

@@ -24,7 +24,7 @@ election, the link has then been quiet that long, as on any cluster that ran for
 see cluster/raft_connection.py).
 
 Agents holding a current netmap after *their* replica is killed is the other half of the
-issue's `failover`: chaos/bench_stream_failover.py.
+issue's `failover`: bench/stream_failover.py.
 """
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from raftmesh.cluster.config import ReplicaConfig
-from raftmesh.cluster.launcher import LocalCluster
+from raftmesh.lab.local_cluster import LocalCluster
 
-from . import bench_report as report
-from .bench_workdir import WorkDir
+from raftmesh.bench import report
+from raftmesh.bench.workdir import WorkDir
 
 TARGET_RESUME_S = 2.0  # issue #5
 BACKOFF_S = 0.02  # a client's pause after a failed write before trying the next replica

@@ -1,6 +1,6 @@
 """Admin subcommands of `raftmesh` (users, nodes, keys, apikeys, policy, audit, cluster).
 
-Thin over api/client.py: each command is one or a few API calls plus a human rendering;
+Thin over cli/api_client.py: each command is one or a few API calls plus a human rendering;
 `--json` prints the server's answer untouched so scripts see exactly the documented shape.
 Exit codes: 0 ok, 1 the server (or the audit chain) said no, 2 usage or client configuration.
 """
@@ -18,8 +18,8 @@ import time
 import tomllib
 from typing import Any, Callable, Iterable, Iterator
 
-from .auth import SCOPES
-from .client import Client, ClientError, split_servers
+from raftmesh.api.auth import SCOPES
+from raftmesh.cli.api_client import Client, ClientError, split_servers
 
 DEFAULT_CONFIG = "~/.config/raftmesh/client.toml"
 AUDIT_PAGE = 1000  # the server's maximum page size

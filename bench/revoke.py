@@ -5,13 +5,13 @@ Targets: p99 <= 500 ms with real WireGuard, <= 1.5 s at 1,000 light agents.
 
 Two parts, each optional:
 
-- light (`--light N`, default 1,000): N light agents (chaos/light_agents.py, the real
+- light (`--light N`, default 1,000): N light agents (lab/light_agents.py, the real
   protocol) of user `bench` spread over the replicas (3, or `--replicas`), and one `svc` node
   per round that every agent has as a peer (light_agents.policy_text). Each round DELETEs
   one svc node through the leader; per agent: from the API's answer until the agent applied
   the netmap without that peer, and until its ack of that version was answered.
 - real (`--real K`, default 3; needs root, wireguard-go, nft): K `raftmesh agent up` daemons
-  in network namespaces (chaos/benchlab.py) with wireguard-go, plus one svc daemon per
+  in network namespaces (chaos/namespaces.py) with wireguard-go, plus one svc daemon per
   round that all of them have as a WireGuard peer. Each round DELETEs the svc node; per
   daemon: from the API's answer until `wg show <if> peers` no longer lists the node's key
   (one poller thread per daemon, each `ip netns exec ... wg show` is a process, so the
@@ -26,11 +26,11 @@ import os
 import threading
 import time
 
-from raftmesh.cluster.launcher import LocalCluster
+from raftmesh.lab.local_cluster import LocalCluster
 
-from . import bench_report as report
-from .bench_workdir import WorkDir
-from . import light_agents as la
+from raftmesh.bench import report
+from raftmesh.bench.workdir import WorkDir
+from raftmesh.lab import light_agents as la
 
 TARGET_REAL_S = 0.5
 TARGET_LIGHT_S = 1.5
@@ -50,7 +50,7 @@ def _delete(cluster: LocalCluster, node_id: str) -> dict:
 def run_light(workdir: str, n: int, rounds: int, workers: int | None, keepalive: float,
               concurrency: int, timeout: float, progress: report.Progress, pids: list[int],
               replicas: int = 3) -> dict:
-    from .bench_propagation import start_cluster
+    from raftmesh.bench.propagation import start_cluster
     cluster = start_cluster(os.path.join(workdir, "light"), keepalive, replicas)
     pids += [r.pid for r in cluster.replicas]
     workers = workers or la.default_workers(n)
@@ -102,14 +102,14 @@ def run_light(workdir: str, n: int, rounds: int, workers: int | None, keepalive:
 # -- real wireguard-go daemons ---------------------------------------------------------------
 def run_real(workdir: str, k: int, rounds: int, keepalive: float, timeout: float,
              progress: report.Progress, pids: list[int], replicas: int = 3) -> dict:
-    from . import benchlab
-    problems = benchlab.preflight()
+    from raftmesh.lab import namespaces, processes
+    problems = namespaces.preflight()
     if problems:
         return {"skipped": "; ".join(problems)}
-    benchlab.cleanup_stale()
-    lab = benchlab.Lab()
+    namespaces.cleanup_stale()
+    lab = namespaces.Lab()
     cluster = None
-    agents: list[benchlab.RealAgent] = []
+    agents: list[namespaces.RealAgent] = []
     try:
         nss = [lab.add(f"p{i}", f"192.0.2.{i + 1}/24") for i in range(k)]
         host = lab.connect_host()
@@ -121,30 +121,30 @@ def run_real(workdir: str, k: int, rounds: int, keepalive: float, timeout: float
         keys = la.setup_cluster(cluster)
         servers = [r.api_url for r in cluster.replicas]
         for i, ns in enumerate(nss):
-            a = benchlab.RealAgent(lab, ns, workdir, benchlab.rotated(servers, i),
+            a = namespaces.RealAgent(lab, ns, workdir, namespaces.rotated(servers, i),
                                    keys[la.BENCH_USER], f"p{i}")
             a.start()
             agents.append(a)
         for a in agents:
-            benchlab.wait_until(lambda a=a: a.status().get("state") == "connected", 60,
+            processes.wait_until(lambda a=a: a.status().get("state") == "connected", 60,
                                 f"agent {a.label} connected")
         before = la.read_histogram(cluster, METRIC)
         samples, per_round, polls, missing = [], [], [], 0
         for r in range(rounds):
             ns = lab.add(f"v{r}", f"192.0.2.{100 + r}/24")
-            victim = benchlab.RealAgent(lab, ns, workdir, servers, keys[la.SVC_USER], f"v{r}")
+            victim = namespaces.RealAgent(lab, ns, workdir, servers, keys[la.SVC_USER], f"v{r}")
             victim.start()
-            node_id = benchlab.wait_until(lambda: victim.status().get("node_id"), 60, "victim registered")
+            node_id = processes.wait_until(lambda: victim.status().get("node_id"), 60, "victim registered")
             status, body = cluster.request(cluster.replicas[0], "GET", f"/api/v1/nodes/{node_id}")
             key = body["node"]["node_key"]
-            benchlab.wait_until(lambda: all(key in (a.ns.wg_peers(a.ifname) or ()) for a in agents),
+            processes.wait_until(lambda: all(key in (a.ns.wg_peers(a.ifname) or ()) for a in agents),
                                 60, "every daemon has the svc node as a WireGuard peer")
             gone: dict[str, float] = {}
             counts: dict[str, int] = {}
             start = threading.Event()
             end = time.monotonic() + timeout
 
-            def poll(a: benchlab.RealAgent) -> None:
+            def poll(a: namespaces.RealAgent) -> None:
                 start.wait()
                 n = 0
                 while time.monotonic() < end:

@@ -6,7 +6,7 @@ window, so a captured request cannot be replayed to the same replica, and a prox
 a replica that sees the request learns nothing it could use later.
 
 An agent's acks may instead carry a keyed BLAKE2b tag under a key derived from its open map
-stream's (api/frames.py): only that agent and the replica serving the stream know it, and
+stream's (proto/frames.py): only that agent and the replica serving the stream know it, and
 checking such a request takes ~7 µs where a signed one takes ~116. At 10,000 agents, acks
 were a quarter of a replica's CPU during a policy change (docs/agents.md). Pure functions
 plus a small nonce cache; the caller supplies the clock.

@@ -20,7 +20,8 @@ import secrets
 from dataclasses import dataclass, field
 
 # Process and namespace primitives shared with the benchmarks' lab.
-from .benchlab import delete_netns, run
+from raftmesh.lab.namespaces import delete_netns
+from raftmesh.lab.processes import run
 
 PREFIX = "rmc"
 SUPERNET = ipaddress.ip_network("198.51.100.0/24")
@@ -73,7 +74,7 @@ class ReplicaNet:
                 hosts = list(self.subnet.hosts())
                 self.host_ip = str(hosts[0])
                 self.ips = [str(h) for h in hosts[1:1 + len(self.namespaces)]]
-                # fixed MAC: else it follows the lowest port's as veths join (chaos/benchlab.py)
+                # fixed MAC: else it follows the lowest port's as veths join (lab/namespaces.py)
                 mac = "02:72:6e:" + ":".join(f"{b:02x}" for b in hashlib.sha256(
                     self.bridge.encode()).digest()[:3])
                 run(["ip", "link", "add", self.bridge, "address", mac, "type", "bridge"])

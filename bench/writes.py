@@ -22,12 +22,12 @@ from typing import Callable
 
 import aiohttp
 
-from raftmesh.cluster.launcher import LocalCluster, free_ports
+from raftmesh.lab.local_cluster import LocalCluster, free_ports
 
-from . import bench_report as report
-from . import benchlab
-from .bench_workdir import WorkDir
-from .light_agents import read_thread_cpu
+from raftmesh.bench import report
+from raftmesh.lab import processes
+from raftmesh.bench.workdir import WorkDir
+from raftmesh.lab.light_agents import read_thread_cpu
 
 ONE_CLIENT = "1 client via leader"
 
@@ -35,9 +35,9 @@ ONE_CLIENT = "1 client via leader"
 def _measure(make_request, clients: int, seconds: float, progress: report.Progress,
              server_pids: list[int]) -> tuple[list[float], int, dict]:
     """_drive, plus CPU per acknowledged write of the servers and of this client process."""
-    servers0, client0 = benchlab.cpu_seconds(server_pids), os.times()
+    servers0, client0 = processes.cpu_seconds(server_pids), os.times()
     lat, errors = asyncio.run(_drive(make_request, clients, seconds, progress))
-    servers1, client1 = benchlab.cpu_seconds(server_pids), os.times()
+    servers1, client1 = processes.cpu_seconds(server_pids), os.times()
     n = max(1, len(lat))
     client = (client1.user - client0.user) + (client1.system - client0.system)
     return lat, errors, {"server_cpu_ms_per_write": (servers1 - servers0) / n * 1e3,
@@ -127,7 +127,7 @@ class EtcdCluster:
                     return b'"true"' in r.read()
             except OSError:
                 return False
-        benchlab.wait_until(healthy, timeout, what="etcd healthy", interval=0.1)
+        processes.wait_until(healthy, timeout, what="etcd healthy", interval=0.1)
 
     def leader_url(self) -> str:
         """The client URL of the member that leads (the one-client shape writes there, as
@@ -136,7 +136,7 @@ class EtcdCluster:
             return next((url for url in self.client_urls
                          if (status := self.status(url)) and status.get("leader")
                          and status["leader"] == status["header"].get("member_id")), None)
-        return benchlab.wait_until(leading, 30, what="an etcd member that reports itself leader",
+        return processes.wait_until(leading, 30, what="an etcd member that reports itself leader",
                                    interval=0.1)
 
     @staticmethod

@@ -239,7 +239,7 @@ def compose_deltas(first: NetmapDelta, then: NetmapDelta) -> NetmapDelta:
 # an agent accepts a frame only from its cluster, whichever replica or proxy relays it. On a
 # stream whose agent sent HEADER_STREAM_KEY, frames after the first carry `tag` (a keyed
 # hash under a key only that agent and replica know) instead of `key_id` and `sig`
-# (api/frames.py).
+# (proto/frames.py).
 FRAME_KINDS = ("full", "delta", "keepalive", "bye")
 MAX_FRAME_BYTES = 16 << 20
 HEADER_STREAM_KEY = "X-Raftmesh-Stream-Key"  # an agent's X25519 public key for one stream (hex)

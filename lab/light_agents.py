@@ -1,7 +1,7 @@
 """Many protocol-exact agents in a few processes, for the agent-facing benchmarks (issue #5).
 
 A light agent does everything the daemon does on the control-plane side and nothing on the
-data plane: its own Ed25519 machine key signing every request (`api/machine_auth.py`,
+data plane: its own Ed25519 machine key signing every request (`proto/machine_auth.py`,
 fresh timestamp and a unique nonce per request), registration with a pre-auth key, a map
 stream (`GET /machine/map?since=V`, with a stream key, so frames after the first are tagged)
 whose every frame is verified (against the pinned cluster keys, or the stream's tag key) and
@@ -15,7 +15,7 @@ applied and the time its ack was answered, so benchmarks measure from the agents
 
 One process runs many agents on one asyncio loop with one aiohttp `ClientSession` (one
 connection per stream, acks on pooled connections). `LightAgents` spreads them over worker
-processes (`python -m raftmesh.chaos.light_agents`, a socketpair each), so the agents'
+processes (`python -m raftmesh.lab.light_agents`, a socketpair each), so the agents'
 verification and JSON work is not limited to one Python thread, and drives them with commands
 over the sockets. Agent i uses replica URL i mod R as its home. All times are `time.time()`
 of this machine, so they compare across worker processes and with the benchmark driver.
@@ -112,7 +112,7 @@ class Swarm:
     # -- signed requests ---------------------------------------------------------------------
     def _headers(self, agent: LightAgent, method: str, path: str, body: bytes,
                  stream_auth: tuple[str, bytes] | None = None) -> dict:
-        from raftmesh.api.machine_auth import sign_headers, tag_headers
+        from raftmesh.proto.machine_auth import sign_headers, tag_headers
         if stream_auth is None:
             h = sign_headers(agent.key, method, path, body, time.time(), secrets.token_hex(12))
         else:  # an ack to the stream's replica, tagged under its key (as the daemon does)
@@ -192,9 +192,9 @@ class Swarm:
         return {"connected": ok, "agents": len(self.agents)}
 
     async def _stream_loop(self, a: LightAgent, sem: asyncio.Semaphore | None) -> None:
-        from raftmesh.api.frames import FrameError, FrameReader, stream_keypair
-        from raftmesh.api.machine_auth import HEADER_NONCE
-        from raftmesh.api.wire import HEADER_STREAM_KEY
+        from raftmesh.proto.frames import FrameError, FrameReader, stream_keypair
+        from raftmesh.proto.machine_auth import HEADER_NONCE
+        from raftmesh.proto.wire import HEADER_STREAM_KEY
         delay = self.backoff_base
         attempts = 0
         while not a.stop:
@@ -518,7 +518,7 @@ def _worker_main(conn, urls: list[str]) -> None:
         runner.run(main())
 
 
-if __name__ == "__main__":  # a worker: python -m raftmesh.chaos.light_agents FD URLS_JSON
+if __name__ == "__main__":  # a worker: python -m raftmesh.lab.light_agents FD URLS_JSON
     _worker_main(Connection(int(sys.argv[1])), json.loads(sys.argv[2]))
 
 
@@ -539,7 +539,7 @@ class LightAgents:
             for i in range(max(1, workers)):
                 parent, child = socket.socketpair()
                 log = open(os.path.join(log_dir, f"light-agents-{i}.log"), "ab") if log_dir else None
-                p = subprocess.Popen([sys.executable, "-m", "raftmesh.chaos.light_agents",
+                p = subprocess.Popen([sys.executable, "-m", "raftmesh.lab.light_agents",
                                       str(child.fileno()), json.dumps(self.urls)],
                                      pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
                                      stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -814,7 +814,7 @@ def histogram_diff(after: dict, before: dict) -> dict:
 def machine(load_at_start: tuple) -> dict:
     """bench_report.machine() plus the 1-minute load average at the start and the end: the
     replicas, the agents and anything else running share this machine's CPUs."""
-    from .bench_report import machine as base
+    from raftmesh.bench.report import machine as base
     return {**base(), "loadavg_1m_start": load_at_start[0], "loadavg_1m_end": os.getloadavg()[0]}
 
 

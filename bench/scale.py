@@ -49,7 +49,7 @@ from raftmesh.cluster.netmap_feed import (FREEZE_AFTER_DELTAS, FREEZE_MIN_NODES,
                                           refreeze_gc, tune_gc_for_large_index)
 from raftmesh.cluster.policy import parse_policy
 
-from . import bench_report as report
+from raftmesh.bench import report
 
 NOW = 1_800_000_000.0
 DAY = 86400.0

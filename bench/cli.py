@@ -1,0 +1,67 @@
+"""`raftmesh bench ...`: the benchmarks, each printing a table and writing JSON and PNG plots."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from raftmesh.lab.processes import cleaned_up_on_sigterm
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that print tables and write JSON and PNG plots")
+    names = bench.add_subparsers(dest="bench", required=True)
+    w = names.add_parser("writes", help="admin API write latency/throughput, side by side with etcd")
+    w.add_argument("--seconds", type=float, default=10.0, help="duration of each workload shape")
+    w.add_argument("--concurrency", type=int, default=64)
+    w.add_argument("--no-etcd", action="store_true", help="skip the etcd comparison")
+    w.add_argument("--rounds", type=_count_at_least(1), default=1,
+                   help="concurrent rounds per system, alternating raftmesh and etcd")
+    w.add_argument("--out", default="bench-out")
+    _replicas_argument(w, 1, "raftmesh replicas, and etcd members alike")
+    w.set_defaults(func=cleaned_up_on_sigterm(_writes))
+    for name, module, summary, min_replicas in BENCHMARKS:
+        p = names.add_parser(name, help=summary)
+        mod = importlib.import_module(f"raftmesh.bench.{module}")
+        mod.add_arguments(p)
+        if min_replicas:
+            _replicas_argument(p, min_replicas, "replicas in the cluster under test")
+        p.set_defaults(func=cleaned_up_on_sigterm(mod.main))
+
+
+# (name, module, summary, fewest replicas it can run with; None: no cluster). Killing a
+# replica leaves a quorum only from 3 up.
+BENCHMARKS = [
+    ("failover", "failover", "SIGKILL the leader until the first acknowledged write, repeated", 3),
+    ("scale", "scale", "CPU per node/policy change of the netmap index at 100-10,000 nodes", None),
+    ("propagation", "propagation", "policy change until every agent applied it (light agents)", 1),
+    ("revoke", "revoke", "node deleted until its key is gone from every peer (wg show + light agents)", 1),
+    ("stream-failover", "stream_failover", "SIGKILL the agents' replica until they hold a current netmap", 3),
+    ("stream-memory", "stream_memory", "replica RSS per open agent stream", 1),
+    ("connect", "connect", "agent up until its first packet reaches a peer over WireGuard", 1),
+]
+
+
+def _replicas_argument(parser, minimum: int, what: str) -> None:
+    why = " (a killed replica must leave a quorum)" if minimum > 1 else ""
+    parser.add_argument("--replicas", type=_count_at_least(minimum, why), default=3,
+                        help=f"{what} (default 3)")
+
+
+def _count_at_least(minimum: int, why: str = ""):
+    """An argparse type: a whole number >= minimum, or an error naming the problem."""
+    def count(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"at least {minimum} needed{why}, got {n}")
+        return n
+    return count
+
+
+def _writes(args) -> int:
+    from . import writes
+    writes.run(args.out, args.seconds, args.concurrency, with_etcd=not args.no_etcd,
+                     rounds=args.rounds, replicas=args.replicas)
+    return 0
