@@ -455,8 +455,7 @@ async def remove_member(ctx: Ctx):
 @route("POST", V + "/cluster/snapshot", "admin", "Take a snapshot and compact this replica's log now",
        status=202)
 async def force_snapshot(ctx: Ctx):
-    ctx.replica.forceLogCompaction()
-    ctx.replica._wake()
+    ctx.replica.request_snapshot()
     return ok({"requested": True}, 202)
 
 

@@ -12,14 +12,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from raftmesh.cluster.replica import RaftReplica
+from raftmesh.cluster.raft import Raft
 
 from . import process_metrics
 
 RAFT_STATE_VALUE = {"follower": 0, "candidate": 1, "leader": 2}
 
 
-def readiness(replica: RaftReplica) -> tuple[bool, str]:
+def readiness(replica: Raft) -> tuple[bool, str]:
     s = replica.status
     if not s:
         return False, "raft not started"
@@ -37,7 +37,7 @@ def readiness(replica: RaftReplica) -> tuple[bool, str]:
 class RaftCollector:
     """Reads the replica's status copy at scrape time."""
 
-    def __init__(self, replica: RaftReplica):
+    def __init__(self, replica: Raft):
         self.replica = replica
 
     def collect(self):
@@ -76,7 +76,7 @@ class RaftCollector:
 
 
 class Metrics:
-    def __init__(self, replica: RaftReplica):
+    def __init__(self, replica: Raft):
         self.registry = CollectorRegistry()
         self.registry.register(RaftCollector(replica))
         self.gc_pauses = process_metrics.register(self.registry)
@@ -104,7 +104,7 @@ class Metrics:
         self.gc_pauses.close()
 
 
-def add_routes(app: web.Application, replica: RaftReplica, metrics: Metrics) -> None:
+def add_routes(app: web.Application, replica: Raft, metrics: Metrics) -> None:
     async def healthz(request):
         return web.json_response({"status": "alive", "id": replica.config.id})
 

@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from raftmesh.cluster import state_machine as sm
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.netmap_feed import FeedUpdate, NetmapFeed
-from raftmesh.cluster.replica import Outcome, RaftReplica
+from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.state_store import read_version
 from raftmesh.proto.wire import Netmap
 
@@ -152,7 +152,7 @@ class Stream:
 
 
 class StreamHub:
-    def __init__(self, replica: RaftReplica, registry):
+    def __init__(self, replica: Raft, registry):
         self.replica = replica
         self.feed: NetmapFeed | None = None
         self.signer: FrameSigner | None = None
@@ -329,9 +329,9 @@ class StreamHub:
         except asyncio.TimeoutError:
             return False
 
-    async def catch_up(self, replica: RaftReplica, timeout: float) -> bool:
+    async def catch_up(self, replica: Raft, timeout: float) -> bool:
         """A read barrier, then every batch before it through the feed; False on timeout.
-        Batches reach the loop before futures resolve (RaftReplica.add_apply_listener), so
+        Batches reach the loop before futures resolve (Raft.add_apply_listener), so
         they are queued on the feed thread ahead of the no-op awaited here."""
         try:
             outcome = await asyncio.wait_for(asyncio.wrap_future(replica.barrier()), timeout)
@@ -574,7 +574,7 @@ class _StreamCollector:
         yield g
 
 
-async def sweep_presence(replica: RaftReplica) -> None:
+async def sweep_presence(replica: Raft) -> None:
     """After a restart, mark the streams this replica served before as gone."""
     me = replica.config.id
     with replica.store.read() as txn:

@@ -21,7 +21,7 @@ import jsonschema
 from aiohttp import web
 
 from raftmesh.cluster.commands import Command
-from raftmesh.cluster.replica import Outcome, RaftReplica
+from raftmesh.cluster.raft import Outcome, Raft
 
 from . import auth
 from .errors import ERROR_CODES, APIError
@@ -61,7 +61,7 @@ def route(method: str, path: str, needs: str | None, summary: str, body: dict | 
 class Ctx:
     """Per-request helpers: the replica, the caller, the validated body and query."""
 
-    def __init__(self, request: web.Request, replica: RaftReplica, actor: str, scopes: list[str]):
+    def __init__(self, request: web.Request, replica: Raft, actor: str, scopes: list[str]):
         self.request, self.replica, self.actor, self.scopes = request, replica, actor, scopes
         self.body: Any = None
         self.query: dict[str, Any] = {}
@@ -345,7 +345,7 @@ def _error_text(e: jsonschema.ValidationError) -> str:
     return e.message if len(e.message) < 200 else e.message[:200] + "..."
 
 
-async def _authenticate(request: web.Request, replica: RaftReplica,
+async def _authenticate(request: web.Request, replica: Raft,
                         keys: "ApiKeyCache | None" = None) -> tuple[str, list[str]]:
     peer = request.headers.get(auth.PEER_HEADER)
     if peer is not None and auth.hmac.compare_digest(peer, auth.peer_token(replica.config.cluster_secret)):
@@ -379,7 +379,7 @@ async def _authenticate(request: web.Request, replica: RaftReplica,
     return f"apikey:{key_id}", record["scopes"]
 
 
-def _api_key(replica: RaftReplica, key_id: str) -> dict | None:
+def _api_key(replica: Raft, key_id: str) -> dict | None:
     with replica.store.read() as txn:
         return txn.get("api_keys", key_id)
 
@@ -396,7 +396,7 @@ class ApiKeyCache:
 
     MAX_ENTRIES = 10_000
 
-    def __init__(self, replica: RaftReplica):
+    def __init__(self, replica: Raft):
         self.replica = replica
         self._records: dict[str, dict] = {}
         self._generation = 0
@@ -428,7 +428,7 @@ class ApiKeyCache:
         return record
 
 
-def make_handler(r: Route, replica: RaftReplica, keys: ApiKeyCache | None = None):
+def make_handler(r: Route, replica: Raft, keys: ApiKeyCache | None = None):
     async def handle(request: web.Request) -> web.StreamResponse:
         actor, scopes = "anonymous", []
         if r.needs is not None:
@@ -448,7 +448,7 @@ def make_handler(r: Route, replica: RaftReplica, keys: ApiKeyCache | None = None
     return handle
 
 
-def register(app: web.Application, replica: RaftReplica) -> None:
+def register(app: web.Application, replica: Raft) -> None:
     keys = ApiKeyCache(replica)
     app[WRITE_DEADLINES] = WriteDeadlines(replica.config.write_timeout)
     for r in ROUTES:

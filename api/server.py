@@ -12,7 +12,8 @@ from aiohttp import web
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.cluster.netmap_feed import raise_young_gc_threshold
-from raftmesh.cluster.replica import Outcome, RaftReplica
+from raftmesh.cluster import raft
+from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.audit_export import AuditExporter
 
 from . import admin, agent_api  # noqa: F401  (register their routes)
@@ -36,7 +37,7 @@ def timing_middleware(metrics: health.Metrics):
     return middleware
 
 
-def build_app(replica: RaftReplica) -> web.Application:
+def build_app(replica: Raft) -> web.Application:
     metrics = health.Metrics(replica)
     app = web.Application(middlewares=[timing_middleware(metrics)],
                           client_max_size=replica.config.max_body_bytes)
@@ -47,7 +48,7 @@ def build_app(replica: RaftReplica) -> web.Application:
     return app
 
 
-async def _propose_until_done(replica: RaftReplica, make_cmd, what: str) -> None:
+async def _propose_until_done(replica: Raft, make_cmd, what: str) -> None:
     """Keep proposing a start-up command until the cluster answers it either way."""
     while True:
         try:
@@ -59,7 +60,7 @@ async def _propose_until_done(replica: RaftReplica, make_cmd, what: str) -> None
         await asyncio.sleep(0.5)
 
 
-async def announce(replica: RaftReplica) -> None:
+async def announce(replica: Raft) -> None:
     """Record this replica's API URL in the replicated member table (idempotent)."""
     c = replica.config
     record = {"id": c.id, "raft_addr": c.raft_addr, "api_url": c.api_url}
@@ -70,7 +71,7 @@ async def announce(replica: RaftReplica) -> None:
                                                        actor=f"replica:{c.id}"), "announce")
 
 
-async def bootstrap_admin_key(replica: RaftReplica) -> None:
+async def bootstrap_admin_key(replica: Raft) -> None:
     """Propose the configured first admin key; refused by the state machine once keys exist."""
     token = replica.config.bootstrap_admin_key
     parts = auth.split_token(token, "rmk") if token else None
@@ -82,7 +83,7 @@ async def bootstrap_admin_key(replica: RaftReplica) -> None:
                                                        actor=f"replica:{replica.config.id}"), "bootstrap")
 
 
-async def bootstrap_cluster_key(replica: RaftReplica) -> None:
+async def bootstrap_cluster_key(replica: Raft) -> None:
     """Make sure a netmap signing key exists; the state machine keeps only the first."""
     with replica.store.read() as txn:
         if next(iter(txn.items("cluster_keys")), None) is not None:
@@ -93,7 +94,7 @@ async def bootstrap_cluster_key(replica: RaftReplica) -> None:
 
 
 async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> None:
-    replica = RaftReplica(config)
+    replica = raft.start(config)
     app = build_app(replica)
     app[HUB].start()
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)

@@ -8,7 +8,7 @@ pysyncobj's `Journal` interface with:
 * an append-only file, written once per batch (records wait in memory for `flush()`)
   and made durable by `sync()`; the replica calls it once per batch, before a follower
   acknowledges entries and before a leader counts itself towards a commit (see
-  cluster/replica.py);
+  cluster/raft/pysyncobj_replica.py);
 * Raft's truncation rule (Raft paper, Figure 2, AppendEntries step 3): an existing entry is
   deleted only when a new entry at the same index has a different term. pysyncobj's
   `deleteEntriesFrom` is therefore advisory: matching entries, which may already be

@@ -5,7 +5,7 @@ cross fork(), and we pickle nothing of ours. Its serializer hook receives the tw
 applied log entries and the member list; we store them as a JSON header followed by a
 compacted copy of data.mdb. The same file is what pysyncobj streams to a lagging follower.
 The state is pinned by a read transaction on the Raft thread and copied from it on another
-(cluster/background_snapshot.py), so writing a large state does not stall replication.
+(cluster/raft/background_snapshot.py), so writing a large state does not stall replication.
 """
 from __future__ import annotations
 

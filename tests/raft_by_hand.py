@@ -11,7 +11,7 @@ from pysyncobj import pickle as pso_pickle
 
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.config import ReplicaConfig
-from raftmesh.cluster.replica import RaftReplica
+from raftmesh.cluster.raft.pysyncobj_replica import RaftReplica
 
 REGULAR = struct.pack("B", 0)
 

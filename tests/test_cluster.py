@@ -347,8 +347,8 @@ def test_wait_ready_says_why_a_replica_is_not_ready(make_cluster):
 
 def test_append_entries_rejections_rewind_to_the_follower_commit_index():
     """A rejection names one safe point, so replies to AppendEntries already in flight
-    cannot undo each other (the livelock cluster/replica.rewind_to_commit explains)."""
-    from raftmesh.cluster.replica import rewind_to_commit
+    cannot undo each other (the livelock cluster/raft/pysyncobj_replica.rewind_to_commit explains)."""
+    from raftmesh.cluster.raft.pysyncobj_replica import rewind_to_commit
     mismatch = {"type": "next_node_idx", "next_node_idx": 3423, "reset": True, "success": False}
     beyond = dict(mismatch, next_node_idx=3424)
     assert rewind_to_commit(mismatch, 3417)["next_node_idx"] == 3418

@@ -1,4 +1,4 @@
-"""Commits that travel with the next entries (cluster/lazy_commit.py): a leader holds a
+"""Commits that travel with the next entries (cluster/raft/lazy_commit.py): a leader holds a
 commit index nobody waits on, a follower holds what it learned committed, and neither holds
 what a follower's own caller waits on. Pure parts first, then replicas driven by hand."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ from raft_by_hand import append_entries, capture_sends, close, hand_driven, user
 
 from raftmesh.cluster.commands import Command
 from raftmesh.lab.local_cluster import free_ports
-from raftmesh.cluster.lazy_commit import ForwardedCommands, Hold
-from raftmesh.cluster.replica import Outcome
+from raftmesh.cluster.raft.lazy_commit import ForwardedCommands, Hold
+from raftmesh.cluster.raft import Outcome
 
 FOREVER = 3600.0
 

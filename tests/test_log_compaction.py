@@ -1,9 +1,10 @@
 """When a replica snapshots: entries alone suffice for a small state; a large one also waits
-for the journal to hold half a snapshot's bytes (cluster/replica.py)."""
+for the journal to hold half a snapshot's bytes (cluster/raft/pysyncobj_replica.py)."""
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.lab.local_cluster import free_ports
-from raftmesh.cluster.replica import SNAPSHOT_JOURNAL_SHARE, Outcome, RaftReplica
+from raftmesh.cluster.raft import Outcome
+from raftmesh.cluster.raft.pysyncobj_replica import SNAPSHOT_JOURNAL_SHARE, RaftReplica
 
 from conftest import wait_until
 

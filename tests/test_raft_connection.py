@@ -1,4 +1,4 @@
-"""Replica-to-replica reads after raft_connection.install(): one recv per message, and
+"""Replica-to-replica reads after connection.install(): one recv per message, and
 everything pysyncobj's own reads did (split and batched messages, end of stream).
 
 The override works through pysyncobj's private method names; if an upgrade renamed them,
@@ -12,8 +12,8 @@ import pysyncobj.transport as pso_transport
 import pytest
 from pysyncobj.poller import PollPoller
 
-from raftmesh.cluster import raft_connection
-from raftmesh.cluster.raft_connection import OneCallReadConnection
+from raftmesh.cluster.raft import connection
+from raftmesh.cluster.raft.connection import OneCallReadConnection
 
 RECV_BUFFER = 1024
 QUIET_TIMEOUT = 0.2  # seconds; pysyncobj's connectionTimeout on the test links that need one
@@ -79,7 +79,7 @@ def _framed(message) -> bytes:
 
 
 def test_install_makes_pysyncobj_build_these_connections():
-    raft_connection.install()
+    connection.install()
     assert pso_transport.TcpConnection is OneCallReadConnection
     assert pso_tcp_server.TcpConnection is OneCallReadConnection
 

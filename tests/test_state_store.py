@@ -7,7 +7,7 @@ import threading
 
 from pysyncobj.config import SERIALIZER_STATE
 
-from raftmesh.cluster.background_snapshot import BackgroundSerializer
+from raftmesh.cluster.raft.background_snapshot import BackgroundSerializer
 from raftmesh.storage import snapshot
 from raftmesh.storage.state_store import UNSYNCED_MARKER, StateStore, boot_id
 

@@ -11,7 +11,8 @@ from raftmesh.api.map_stream import StreamHub
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.lab.local_cluster import free_ports
-from raftmesh.cluster.replica import Outcome, RaftReplica
+from raftmesh.cluster.raft import Outcome
+from raftmesh.cluster.raft.pysyncobj_replica import RaftReplica
 
 from conftest import wait_until
 

@@ -1,5 +1,5 @@
-"""Replica-to-replica traffic: sealed with AES-GCM (cluster/transport_crypto.py), refused
-unless sealed with the cluster secret, and coalesced per tick (cluster/replica.py).
+"""Replica-to-replica traffic: sealed with AES-GCM (cluster/raft/transport_crypto.py), refused
+unless sealed with the cluster secret, and coalesced per tick (cluster/raft/pysyncobj_replica.py).
 
 pysyncobj unpickles what reaches the Raft port once it decrypts, so the tests that matter
 send a pickle that would create a file if it were ever unpickled.
@@ -20,8 +20,9 @@ from pysyncobj.encryptor import getEncryptor
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.lab.local_cluster import free_ports
-from raftmesh.cluster.replica import BATCH, Outcome, RaftReplica
-from raftmesh.cluster.transport_crypto import AeadEncryptor, InvalidFrame
+from raftmesh.cluster.raft import Outcome
+from raftmesh.cluster.raft.pysyncobj_replica import BATCH, RaftReplica
+from raftmesh.cluster.raft.transport_crypto import AeadEncryptor, InvalidFrame
 from waiting import wait_until
 
 SECRET = "correct-cluster-secret-0123456789"

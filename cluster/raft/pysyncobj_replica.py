@@ -1,4 +1,4 @@
-"""One Raft replica: pysyncobj 0.3.17 plus what raftmesh needs from it.
+"""One Raft replica (the `Raft` interface): pysyncobj 0.3.17 plus what raftmesh needs from it.
 
 What pysyncobj does not do and this class adds (docs/durability.md has the reasoning):
 * durability: entries are fsynced (storage/journal.py) before a follower acknowledges them
@@ -7,16 +7,16 @@ What pysyncobj does not do and this class adds (docs/durability.md has the reaso
   pysyncobj only got right by truncating matching entries on every AppendEntries;
 * low latency without a busy loop: our own tick thread, woken by a pipe when a command is
   submitted, sends new entries at once instead of on the next period;
-* commits that travel with the next entries (cluster/lazy_commit.py): a commit index nobody
+* commits that travel with the next entries (lazy_commit.py): a commit index nobody
   waits on is held for a few milliseconds, and a follower applies in batches;
-* cheap replica-to-replica messages: AES-GCM instead of Fernet (cluster/transport_crypto.py),
-  pickle protocol 5 and stored zlib streams (cluster/raft_codec.py), and everything one tick
+* cheap replica-to-replica messages: AES-GCM instead of Fernet (transport_crypto.py),
+  pickle protocol 5 and stored zlib streams (codec.py), and everything one tick
   sends to a peer (forwarded commands, their replies, AppendEntries,
   acks) coalesced into one framed message instead of one pickle/compress/seal/send each;
 * linearizable reads through coalesced read barriers (one log entry per batch of reads);
 * apply into LMDB idempotently by Raft index, one transaction per tick, with futures
   resolved only after that transaction commits;
-* snapshots copied on a helper thread (cluster/background_snapshot.py), not in the tick.
+* snapshots copied on a helper thread (background_snapshot.py), not in the tick.
 """
 from __future__ import annotations
 
@@ -33,14 +33,15 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.pipe_notifier import PipeNotifier
 
+from raftmesh.cluster.commands import Command
+from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.storage import snapshot
 from raftmesh.storage.journal import DurableJournal
 from raftmesh.storage.state_store import StateStore
 
-from . import raft_codec, raft_connection, state_machine
+from . import Outcome, codec, connection
+from .applied import ApplyListener, apply_entry, deliver
 from .background_snapshot import BackgroundSerializer
-from .commands import Command, CommandError
-from .config import ReplicaConfig
 from .lazy_commit import ForwardedCommands, Hold
 from .transport_crypto import AeadEncryptor
 
@@ -57,16 +58,6 @@ _journal_factory_lock = threading.Lock()
 # the last snapshot's bytes, unless it has this many entries.
 SNAPSHOT_JOURNAL_SHARE = 0.5
 SNAPSHOT_MAX_ENTRIES = 200_000
-ApplyListener = tuple[Callable[[list], None], "asyncio.AbstractEventLoop | None"]  # fn, its loop
-
-
-class Outcome:
-    """How a proposal ended: applied (with result), definitely not applied, or unknown."""
-
-    APPLIED, NOT_APPLIED, UNKNOWN = "applied", "not_applied", "unknown"
-
-    def __init__(self, kind: str, result: dict | None = None, reason: str = ""):
-        self.kind, self.result, self.reason = kind, result, reason
 
 
 _handling = threading.local()  # set while a RaftReplica handles a Raft message
@@ -132,8 +123,8 @@ class RaftReplica(SyncObj):
             logCompactionMinTime=config.snapshot_min_seconds,
             tcp_keepalive=(1, 1, 2),
         )
-        raft_codec.install()  # cheaper pickling and compression, same wire format
-        raft_connection.install()  # one system call per message read
+        codec.install()  # cheaper pickling and compression, same wire format
+        connection.install()  # one system call per message read
         # pysyncobj builds its journal and its encryptor itself; give it ours.
         with _journal_factory_lock:
             original, pso.createJournal = pso.createJournal, DurableJournal
@@ -381,14 +372,7 @@ class RaftReplica(SyncObj):
         index = self.raftLastApplied + 1  # pysyncobj applies entries in order
         if index <= self.store.writer_version():
             return None  # replay after restart: already in LMDB
-        txn = self.store.write_txn()
-        try:
-            cmd = Command.decode(payload)
-            result = state_machine.apply(txn, cmd, index)
-        except CommandError as e:
-            cmd, result = None, {"ok": False, "version": index, "code": "bad_command",
-                                 "message": str(e), "status": 400}
-        self.store.set_applied_version(txn, index)
+        cmd, result = apply_entry(self.store, payload, index)
         if cmd is not None and cmd.op != "barrier":
             self._applied_batch.append((index, cmd, result))
         return result
@@ -396,11 +380,7 @@ class RaftReplica(SyncObj):
     def add_apply_listener(self, fn: Callable[[list], None],
                            loop: asyncio.AbstractEventLoop | None = None) -> None:
         """`fn(batch)` runs after each committed LMDB batch, before the batch's futures
-        resolve: on the Raft thread, or with `loop` on that loop, in the same callback that
-        then settles the tick's futures there (one wake-up of the loop per tick instead of
-        two: waking another thread while holding the GIL showed up at ~2% of write CPU).
-        Either way work it hands to a loop is queued ahead of any caller woken by those
-        futures (or by a later barrier)."""
+        resolve: on the Raft thread, or with `loop` on that loop (applied.deliver)."""
         self._apply_listeners.append((fn, loop))
 
     def add_reset_listener(self, fn: Callable[[], None]) -> None:
@@ -416,38 +396,10 @@ class RaftReplica(SyncObj):
                     fn()
                 except Exception:
                     log.exception("reset listener failed")
-        by_loop: dict[asyncio.AbstractEventLoop, tuple[list, list]] = {}  # listeners, futures
         batch, self._applied_batch = self._applied_batch, []
-        if batch:
-            for fn, loop in self._apply_listeners:
-                if loop is not None:
-                    by_loop.setdefault(loop, ([], []))[0].append(fn)
-                    continue
-                try:
-                    fn(batch)
-                except Exception:
-                    log.exception("apply listener failed")
         resolutions, self._resolutions = self._resolutions, []
-        direct = []
-        for fut, result, err in resolutions:
-            if err == FAIL_REASON.SUCCESS:
-                outcome = Outcome(Outcome.APPLIED, result)
-            elif err in NOT_APPLIED:
-                outcome = Outcome(Outcome.NOT_APPLIED, reason=_reason(err))
-            else:
-                outcome = Outcome(Outcome.UNKNOWN, reason=_reason(err))
-            if isinstance(fut, asyncio.Future):
-                by_loop.setdefault(fut.get_loop(), ([], []))[1].append((fut, outcome))
-            else:
-                direct.append((fut, outcome))
-        for loop, (listeners, settled) in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_on_loop, listeners, batch, settled)
-            except RuntimeError:
-                pass  # the loop is closed: nobody is waiting any more
-        for fut, outcome in direct:  # after the loops' listeners are queued (see above)
-            if not fut.done():
-                fut.set_result(outcome)
+        deliver(batch, self._apply_listeners,
+                [(fut, _outcome(result, err)) for fut, result, err in resolutions])
 
     # -- proposing -------------------------------------------------------------------------
     def propose(self, cmd: Command) -> Future:
@@ -502,6 +454,11 @@ class RaftReplica(SyncObj):
         return fut
 
     # -- snapshots ------------------------------------------------------------------------
+    def request_snapshot(self) -> None:
+        """The next tick snapshots and compacts the log, whatever its size."""
+        self.forceLogCompaction()
+        self._wake()
+
     def _snapshot_written(self, seconds: float) -> None:
         self.stats["snapshots"] += 1
         self.stats["snapshot_seconds"] += seconds
@@ -584,21 +541,12 @@ def _written_by_background_serializer(path, raft_data):
     raise AssertionError("snapshots are written by BackgroundSerializer")
 
 
-def _on_loop(listeners: list, batch: list, settled: list) -> None:
-    """On a loop, once per tick: its apply listeners, then the futures the tick settled."""
-    for fn in listeners:
-        try:
-            fn(batch)
-        except Exception:
-            log.exception("apply listener failed")
-    _settle(settled)
-
-
-def _settle(settled: list) -> None:
-    """On the caller's loop: a future that is done was cancelled (its caller gave up)."""
-    for fut, outcome in settled:
-        if not fut.done():
-            fut.set_result(outcome)
+def _outcome(result, err: int) -> Outcome:
+    if err == FAIL_REASON.SUCCESS:
+        return Outcome(Outcome.APPLIED, result)
+    if err in NOT_APPLIED:
+        return Outcome(Outcome.NOT_APPLIED, reason=_reason(err))
+    return Outcome(Outcome.UNKNOWN, reason=_reason(err))
 
 
 def _reason(err: int) -> str:
