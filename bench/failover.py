@@ -21,7 +21,7 @@ Each round keeps the steady state for at least STEADY_S, longer than pysyncobj's
 timeout, before the kill: between two followers, which say nothing to each other until an
 election, the link has then been quiet that long, as on any cluster that ran for a while
 (a restarted replica's links are young; a vote request on an old quiet link used to be lost,
-see cluster/raft_connection.py).
+see cluster/raft/connection.py).
 
 Agents holding a current netmap after *their* replica is killed is the other half of the
 issue's `failover`: bench/stream_failover.py.

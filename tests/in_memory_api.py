@@ -23,6 +23,7 @@ STARTUP_TIMEOUT = 30.0
 class ServedReplica:
     """What API tests read of a LocalCluster's replica."""
     id: str
+    raft_addr: str
     api_url: str
     api_port: int
 
@@ -53,7 +54,8 @@ class ServedInMemory:
         port = self._server.port
         self.raft.config.api_url = f"http://127.0.0.1:{port}"
         return InMemoryApi(self.raft, self.admin_key,
-                           [ServedReplica(self.raft.config.id, self.raft.config.api_url, port)])
+                           [ServedReplica(self.raft.config.id, self.raft.config.raft_addr,
+                                         self.raft.config.api_url, port)])
 
     def __exit__(self, *exc) -> None:
         try:

@@ -10,6 +10,10 @@ fingerprints all state visible through linearizable reads; each test is wrapped 
 check (audit head + Raft membership on every replica) and the module ends by comparing the
 full fingerprint. Every state change appends an audit entry in the same transaction, so an
 unchanged audit head means no command changed the state.
+
+The matrix runs on the real app over the in-memory Raft (cluster/raft/in_memory.py): one
+replica, no processes. What only replicas can show (followers agree on expiry and replays)
+runs on a real cluster at the end.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from raftmesh.api.errors import ERROR_CODES
 from raftmesh.proto.machine_auth import sign_headers
 from raftmesh.api.routing import IDEMPOTENCY_KEY_MAX, ROUTES
 from raftmesh.cluster.config import ReplicaConfig
+from in_memory_api import ServedInMemory
 from waiting import wait_until
 
 MAX_BODY = ReplicaConfig.__dataclass_fields__["max_body_bytes"].default
@@ -246,8 +251,11 @@ def semantic(r) -> tuple[str, Any]:
 
 # -- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def api(shared_cluster) -> Api:
-    return Api(shared_cluster)
+def api(tmp_path_factory) -> Api:
+    """The real app on the in-memory Raft; what needs replicas to agree is checked on a real
+    cluster at the end of this module."""
+    with ServedInMemory(str(tmp_path_factory.mktemp("bad_input"))) as served:
+        yield Api(served)
 
 
 def quick_state(api: Api) -> dict:
@@ -694,3 +702,28 @@ def test_signed_requests_from_unknown_machines(api):
         err = assert_error(api(r.method, path, raw or None, key=None, headers=headers, replica=0),
                            401, "unauthenticated")
         assert "replay" in err["message"]
+
+
+# -- across replicas (real Raft) -----------------------------------------------------------------
+def test_every_replica_agrees_on_expired_keys_and_replays(shared_cluster):
+    """Followers too: an expired key is refused and an Idempotency-Key retry replays the
+    leader's answer and creates nothing, whichever replica is asked."""
+    api = Api(shared_cluster)
+    rep = api("POST", "/api/v1/api-keys", {"name": "expiring", "scopes": ["read"], "expiration_seconds": 1})
+    assert rep.status == 201, rep
+    expiring = rep.body["key"]
+    key, body = "idem-" + secrets.token_hex(8), {"name": "idem-everywhere"}
+    first = api("POST", "/api/v1/users", body, headers={"Idempotency-Key": key})
+    assert first.status == 201, first
+    for i in range(len(api.cluster.replicas)):
+        def rejected():
+            rep = api("GET", "/api/v1/users", key=expiring, replica=i)
+            return rep if rep.status == 401 else None
+        err = assert_error(wait_until(rejected, timeout=10, what="the 1 s API key to expire"), 401,
+                           "unauthenticated")
+        assert "expired" in err["message"]
+        for again_body in (body, b'{ "name" :\n "idem-everywhere" }'):
+            again = api("POST", "/api/v1/users", again_body, headers={"Idempotency-Key": key}, replica=i)
+            assert (again.status, again.body) == (first.status, first.body)
+    users = api("GET", "/api/v1/users").body["users"]
+    assert [u["name"] for u in users].count("idem-everywhere") == 1

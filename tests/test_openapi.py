@@ -19,6 +19,7 @@ import pytest
 import raftmesh.api.server as server
 from raftmesh.api import routing
 from raftmesh.api.errors import ERROR_CODES
+from in_memory_api import ServedInMemory
 from test_api_bad_input import (ADMIN, GHOST, GRANTS, LIMITED_KEYS, Api, assert_error, concrete,
                                 names, quick_state, sample, wrong_values)
 
@@ -36,8 +37,10 @@ def json_body_schema(op: dict) -> dict | None:
 
 
 @pytest.fixture(scope="module")
-def api(shared_cluster) -> Api:
-    return Api(shared_cluster)
+def api(tmp_path_factory) -> Api:
+    """The real app on the in-memory Raft: what is checked here does not need replication."""
+    with ServedInMemory(str(tmp_path_factory.mktemp("openapi"))) as served:
+        yield Api(served)
 
 
 @pytest.fixture(scope="module")
