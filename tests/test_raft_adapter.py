@@ -12,6 +12,7 @@ from raftmesh.cluster.commands import Command
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.cluster.raft.in_memory import InMemoryRaft
+from raftmesh.cluster.raft.pysyncobj_replica import RaftReplica
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ADAPTER = ROOT / "cluster" / "raft"
@@ -61,9 +62,11 @@ def raft(tmp_path):
     r.stop()
 
 
-def test_in_memory_raft_implements_the_interface(raft):
-    members = [m for m in dir(Raft) if not m.startswith("_")] + list(Raft.__annotations__)
-    assert all(hasattr(raft, m) for m in members), [m for m in members if not hasattr(raft, m)]
+def test_both_implementations_have_the_interface(raft):
+    methods = [m for m in dir(Raft) if not m.startswith("_")]
+    members = methods + list(Raft.__annotations__)
+    assert [m for m in members if not hasattr(raft, m)] == []
+    assert [m for m in methods if not callable(getattr(RaftReplica, m, None))] == []
 
 
 def test_proposals_apply_in_order_through_the_state_machine(raft):

@@ -1,0 +1,47 @@
+"""What the API answers when Raft does not apply a write or cannot confirm a read, each case
+forced deterministically on the in-memory Raft (test_cluster shows them on a real minority,
+where which one happens depends on timing)."""
+from __future__ import annotations
+
+import pytest
+
+from raftmesh.cluster.raft import Outcome
+
+from in_memory_api import ServedInMemory
+from test_api_bad_input import Api, assert_error
+
+
+@pytest.fixture
+def api(tmp_path):
+    with ServedInMemory(str(tmp_path)) as served:
+        yield Api(served)
+
+
+def user_names(api) -> list[str]:
+    return [u["name"] for u in api("GET", "/api/v1/users").body["users"]]
+
+
+def test_a_write_not_applied_is_503_no_leader_and_may_be_retried(api):
+    api.cluster.raft.script_outcomes(Outcome(Outcome.NOT_APPLIED, reason="not_leader"))
+    err = assert_error(api("POST", "/api/v1/users", {"name": "lost"}), 503, "no_leader")
+    assert "not applied" in err["message"] and "not_leader" in err["message"]
+    assert "lost" not in user_names(api)
+    assert api("POST", "/api/v1/users", {"name": "lost"}).status == 201
+
+
+def test_a_write_of_unknown_outcome_is_503_outcome_unknown(api):
+    api.cluster.raft.script_outcomes(Outcome(Outcome.UNKNOWN, reason="leader_changed"))
+    err = assert_error(api("POST", "/api/v1/users", {"name": "unsure"}), 503, "outcome_unknown")
+    assert "may or may not" in err["message"]
+
+
+@pytest.mark.parametrize("kind", [Outcome.NOT_APPLIED, Outcome.UNKNOWN])
+def test_a_read_without_a_barrier_is_503_not_ready_unless_stale(api, kind):
+    assert api("POST", "/api/v1/users", {"name": "known"}).status == 201
+    api.cluster.raft.script_outcomes(Outcome(kind, reason="no_quorum"))
+    err = assert_error(api("GET", "/api/v1/users"), 503, "not_ready")
+    assert "stale=true" in err["message"]
+    api.cluster.raft.script_outcomes(Outcome(kind, reason="no_quorum"))
+    stale = api("GET", "/api/v1/users?stale=true")
+    assert stale.status == 200 and stale.body["stale"] is True
+    assert [u["name"] for u in stale.body["users"]] == ["known"]
