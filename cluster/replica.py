@@ -39,7 +39,7 @@ from raftmesh.storage.state_store import StateStore
 
 from . import raft_codec, raft_connection, state_machine
 from .background_snapshot import BackgroundSerializer
-from .commands import Command, CommandError
+from .commands import Barrier, Command, CommandError
 from .config import ReplicaConfig
 from .lazy_commit import ForwardedCommands, Hold
 from .transport_crypto import AeadEncryptor
@@ -389,7 +389,7 @@ class RaftReplica(SyncObj):
             cmd, result = None, {"ok": False, "version": index, "code": "bad_command",
                                  "message": str(e), "status": 400}
         self.store.set_applied_version(txn, index)
-        if cmd is not None and cmd.op != "barrier":
+        if cmd is not None and not cmd.read_barrier:
             self._applied_batch.append((index, cmd, result))
         return result
 
@@ -486,7 +486,7 @@ class RaftReplica(SyncObj):
             for fut in waiters:
                 self._resolutions.append((fut, res, err))
 
-        self.apply_command(Command("barrier").encode(), callback=done)
+        self.apply_command(Barrier().encode(), callback=done)
         self._wake()
 
     # -- membership -----------------------------------------------------------------------
