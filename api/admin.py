@@ -12,6 +12,10 @@ import time
 import aiohttp
 from aiohttp import web
 
+from raftmesh.cluster.commands import (ApiKeyCreate, ApiKeyDelete, ClusterKeyRotate, MemberAnnounce,
+                                       MemberRemove, NodeApprove, NodeDelete, NodeExpire, NodeRoutes,
+                                       NodeUpdate, PolicySet, PreauthKeyCreate, PreauthKeyDelete,
+                                       UserCreate, UserDelete)
 from raftmesh.cluster.state_machine import public
 from raftmesh.storage.json_codec import compact_json
 
@@ -64,7 +68,7 @@ async def get_openapi(ctx: Ctx):
 @route("POST", V + "/users", "write", "Create a user", status=201,
        body=obj({"name": NAME, "display_name": {"type": "string", "maxLength": 200}}, ("name",)))
 async def create_user(ctx: Ctx):
-    r = await ctx.write("user.create", ctx.body)
+    r = await ctx.write(UserCreate(**ctx.body))
     return ok({"user": r["value"], "version": r["version"]}, 201)
 
 
@@ -82,7 +86,7 @@ async def get_user(ctx: Ctx):
 
 @route("DELETE", V + "/users/{name}", "write", "Delete a user (must own no nodes)")
 async def delete_user(ctx: Ctx):
-    r = await ctx.write("user.delete", {"name": ctx.param("name")})
+    r = await ctx.write(UserDelete(name=ctx.param("name")))
     return ok({"deleted": r["value"], "version": r["version"]})
 
 
@@ -102,7 +106,7 @@ async def create_preauth_key(ctx: Ctx):
             "reusable": b.get("reusable", False), "ephemeral": b.get("ephemeral", False),
             "expires_at": time.time() + b.get("expiration_seconds", 3600),
             "usage_limit": b.get("usage_limit"), "tags": b.get("tags", [])}
-    r = await ctx.write("preauthkey.create", args)
+    r = await ctx.write(PreauthKeyCreate(**args))
     return ok({"preauth_key": r["value"], "key": token, "version": r["version"]}, 201)
 
 
@@ -116,7 +120,7 @@ async def list_preauth_keys(ctx: Ctx):
 
 @route("DELETE", V + "/preauth-keys/{id}", "write", "Revoke a pre-auth key")
 async def delete_preauth_key(ctx: Ctx):
-    r = await ctx.write("preauthkey.delete", {"id": ctx.param("id")})
+    r = await ctx.write(PreauthKeyDelete(id=ctx.param("id")))
     return ok({"deleted": r["value"], "version": r["version"]})
 
 
@@ -132,7 +136,7 @@ async def create_api_key(ctx: Ctx):
     exp = ctx.body.get("expiration_seconds")
     args = {"id": key_id, "name": ctx.body["name"], "scopes": ctx.body["scopes"], "hash": digest,
             "expires_at": time.time() + exp if exp else None}
-    r = await ctx.write("apikey.create", args)
+    r = await ctx.write(ApiKeyCreate(**args))
     return ok({"api_key": r["value"], "key": token, "version": r["version"]}, 201)
 
 
@@ -144,7 +148,7 @@ async def list_api_keys(ctx: Ctx):
 
 @route("DELETE", V + "/api-keys/{id}", "admin", "Delete an API key")
 async def delete_api_key(ctx: Ctx):
-    r = await ctx.write("apikey.delete", {"id": ctx.param("id")})
+    r = await ctx.write(ApiKeyDelete(id=ctx.param("id")))
     return ok({"deleted": r["value"], "version": r["version"]})
 
 
@@ -238,25 +242,25 @@ async def list_streams(ctx: Ctx):
 async def patch_node(ctx: Ctx):
     if "tags" in ctx.body:
         await check_tags(ctx, ctx.body["tags"])
-    r = await ctx.write("node.update", {"id": ctx.param("id"), **ctx.body})
+    r = await ctx.write(NodeUpdate(id=ctx.param("id"), **ctx.body))
     return ok({"node": r["value"], "version": r["version"]})
 
 
 @route("DELETE", V + "/nodes/{id}", "write", "Delete a node (its streams close at once)")
 async def delete_node(ctx: Ctx):
-    r = await ctx.write("node.delete", {"id": ctx.param("id")})
+    r = await ctx.write(NodeDelete(id=ctx.param("id")))
     return ok({"deleted": r["value"], "version": r["version"]})
 
 
 @route("POST", V + "/nodes/{id}/approve", "write", "Approve a pending node")
 async def approve_node(ctx: Ctx):
-    r = await ctx.write("node.approve", {"id": ctx.param("id")})
+    r = await ctx.write(NodeApprove(id=ctx.param("id")))
     return ok({"node": r["value"], "version": r["version"]})
 
 
 @route("POST", V + "/nodes/{id}/expire", "write", "Expire a node's key now")
 async def expire_node(ctx: Ctx):
-    r = await ctx.write("node.expire", {"id": ctx.param("id")})
+    r = await ctx.write(NodeExpire(id=ctx.param("id")))
     return ok({"node": r["value"], "version": r["version"]})
 
 
@@ -264,7 +268,7 @@ async def expire_node(ctx: Ctx):
        body=obj({"approved_routes": {"type": "array", "items": CIDR, "uniqueItems": True,
                                      "maxItems": 256}}, ("approved_routes",)))
 async def set_routes(ctx: Ctx):
-    r = await ctx.write("node.routes", {"id": ctx.param("id"), **ctx.body})
+    r = await ctx.write(NodeRoutes(id=ctx.param("id"), **ctx.body))
     return ok({"node": r["value"], "version": r["version"]})
 
 
@@ -324,7 +328,7 @@ async def put_policy(ctx: Ctx):
     args = {"text": ctx.body}
     if "expected_version" in ctx.query:
         args["expected_version"] = ctx.query["expected_version"]
-    r = await ctx.write("policy.set", args)
+    r = await ctx.write(PolicySet(**args))
     return ok({"policy": r["value"], "version": r["version"]})
 
 
@@ -438,7 +442,7 @@ async def add_member(ctx: Ctx):
     if ctx.body["raft_addr"] in ctx.replica.status.get("members", []):
         raise APIError(409, "conflict", f"{ctx.body['raft_addr']} is already a member")
     await _membership(ctx, "add", ctx.body["raft_addr"])  # first: a refused change leaves no record
-    r = await ctx.write("member.announce", ctx.body)
+    r = await ctx.write(MemberAnnounce(**ctx.body))
     return ok({"member": r["value"], "version": r["version"]}, 201)
 
 
@@ -447,7 +451,7 @@ async def remove_member(ctx: Ctx):
     member, _ = await _get(ctx, "members", ctx.param("id"), "member")
     if member["raft_addr"] in ctx.replica.status.get("members", []):
         await _membership(ctx, "remove", member["raft_addr"])
-    r = await ctx.write("member.remove", {"id": member["id"]})
+    r = await ctx.write(MemberRemove(id=member["id"]))
     return ok({"deleted": r["value"]["member"], "version": r["version"],
                "nodes_marked_offline": len(r["value"]["nodes"])})
 
@@ -471,5 +475,5 @@ async def list_cluster_keys(ctx: Ctx):
        body=obj({"overlap_seconds": {"type": "integer", "minimum": 0, "maximum": 30 * 86400}}))
 async def rotate_cluster_key(ctx: Ctx):
     args = dict(new_cluster_key(), overlap_seconds=ctx.body.get("overlap_seconds", 86400))
-    r = await ctx.write("clusterkey.rotate", args)
+    r = await ctx.write(ClusterKeyRotate(**args))
     return ok({"key": r["value"], "version": r["version"]}, 201)

@@ -11,6 +11,7 @@ import time
 
 from aiohttp import web
 
+from raftmesh.cluster.commands import NodeExpire, NodeReauthenticate, NodeRegister, NodeReport, NodeRotateKey
 from raftmesh.cluster.state_machine import preauth_key_problem, public
 
 from . import auth
@@ -93,9 +94,9 @@ async def register(ctx: Ctx):
                                       "expired": _expired(existing),
                                       "cluster_keys": cluster_public_keys(ctx)})
         ctx.actor = f"node:{existing['id']}"
-        r = await ctx.write("node.reauthenticate", {
-            "id": existing["id"], "preauth_key_id": _check_preauth_key(ctx, b["auth_key"]),
-            "node_key": b["node_key"], "key_expiry": key_expiry})
+        r = await ctx.write(NodeReauthenticate(
+            id=existing["id"], preauth_key_id=_check_preauth_key(ctx, b["auth_key"]),
+            node_key=b["node_key"], key_expiry=key_expiry))
         return web.json_response({"node": public(r["value"]), "approved": True, "expired": False,
                                   "cluster_keys": cluster_public_keys(ctx), "version": r["version"]})
     ctx.actor = f"machine:{machine}"
@@ -104,7 +105,7 @@ async def register(ctx: Ctx):
             "advertised_routes": b.get("advertised_routes", []), "key_expiry": key_expiry}
     if "auth_key" in b:
         args["preauth_key_id"] = _check_preauth_key(ctx, b["auth_key"])
-    r = await ctx.write("node.register", args)
+    r = await ctx.write(NodeRegister(**args))
     node = r["value"]
     return web.json_response({"node": public(node), "approved": node["approved"], "expired": False,
                               "cluster_keys": cluster_public_keys(ctx), "version": r["version"]})
@@ -146,7 +147,7 @@ async def _own_node(ctx: Ctx, stream_tagged: bool = False) -> dict:
 async def report(ctx: Ctx):
     node = await _own_node(ctx)
     ctx.actor = f"node:{node['id']}"
-    r = await ctx.write("node.report", {"id": node["id"], **ctx.body, "last_seen": time.time()})
+    r = await ctx.write(NodeReport(id=node["id"], **ctx.body, last_seen=time.time()))
     return web.json_response({"node": public(r["value"]), "version": r["version"]})
 
 
@@ -155,7 +156,7 @@ async def report(ctx: Ctx):
 async def rotate_key(ctx: Ctx):
     node = await _own_node(ctx)
     ctx.actor = f"node:{node['id']}"
-    r = await ctx.write("node.rotate_key", {"id": node["id"], **ctx.body})
+    r = await ctx.write(NodeRotateKey(id=node["id"], **ctx.body))
     return web.json_response({"node": public(r["value"]), "version": r["version"]})
 
 
@@ -163,7 +164,7 @@ async def rotate_key(ctx: Ctx):
 async def logout(ctx: Ctx):
     node = await _own_node(ctx)
     ctx.actor = f"node:{node['id']}"
-    r = await ctx.write("node.expire", {"id": node["id"]})
+    r = await ctx.write(NodeExpire(id=node["id"]))
     return web.json_response({"node": public(r["value"]), "version": r["version"]})
 
 

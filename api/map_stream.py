@@ -27,7 +27,7 @@ from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from raftmesh.cluster import state_machine as sm
-from raftmesh.cluster.commands import Command
+from raftmesh.cluster.commands import ClockTick, NodePresence, NodePresenceSweep
 from raftmesh.cluster.netmap_feed import FeedUpdate, NetmapFeed
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.state_store import read_version
@@ -36,6 +36,7 @@ from raftmesh.proto.wire import Netmap
 from raftmesh.proto.frames import (ClusterKey, FrameSigner, endorse, key_exchange_offer, next_frame,
                      replica_tag_key, stream_keypair)
 from . import memtrace
+from .gc_tuning import GcTuning
 
 log = logging.getLogger("raftmesh.map_stream")
 PRESENCE_WINDOW = 0.5  # stream opens/closes within this window become one Raft write
@@ -209,7 +210,7 @@ class StreamHub:
             text = txn.get("policy_versions", f"{head['version']:010d}")["text"] if head else None
             nodes = [n for _, n in txn.items("nodes")]
             clock = sm.clock(txn)
-        return NetmapFeed(text, nodes, clock, version)
+        return NetmapFeed(text, nodes, clock, version, hooks=GcTuning())
 
     def _on_reset(self) -> None:
         def rebuild():
@@ -369,8 +370,8 @@ class StreamHub:
             if (nxt is not None and nxt <= now and self._ticked_for != nxt
                     and self.replica.status.get("state") == "leader"):
                 self._ticked_for = nxt
-                fut = self.replica.propose(Command("clock.tick", {}, time=now,
-                                                   actor=f"replica:{self.replica.config.id}"))
+                fut = self.replica.propose(ClockTick(time=now,
+                                                     actor=f"replica:{self.replica.config.id}"))
                 try:
                     outcome = await asyncio.wait_for(asyncio.wrap_future(fut), 5)
                     if outcome.kind != Outcome.APPLIED:
@@ -535,8 +536,7 @@ class StreamHub:
             await asyncio.sleep(PRESENCE_WINDOW)  # the coalescing window, not synchronisation
             self._presence_wake.clear()
             changes, self._presence = self._presence, []
-            cmd = Command("node.presence", {"replica": me, "changes": changes}, time=time.time(),
-                          actor=f"replica:{me}")
+            cmd = NodePresence(replica=me, changes=changes, time=time.time(), actor=f"replica:{me}")
             try:
                 outcome = await asyncio.wait_for(asyncio.wrap_future(self.replica.propose(cmd)), 10)
                 ok = outcome.kind == Outcome.APPLIED
@@ -581,7 +581,7 @@ async def sweep_presence(replica: Raft) -> None:
         stale = any(n.get("online") and n.get("stream_replica") == me for _, n in txn.items("nodes"))
     if not stale:
         return
-    cmd = Command("node.presence_sweep", {"replica": me}, time=time.time(), actor=f"replica:{me}")
+    cmd = NodePresenceSweep(replica=me, time=time.time(), actor=f"replica:{me}")
     for _ in range(20):
         try:
             outcome = await asyncio.wait_for(asyncio.wrap_future(replica.propose(cmd)), 5)

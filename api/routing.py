@@ -13,7 +13,7 @@ import math
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable
 
 import fastjsonschema
@@ -73,12 +73,13 @@ class Ctx:
     def param(self, name: str) -> str:
         return self.request.match_info[name]
 
-    async def write(self, op: str, args: dict) -> dict:
-        """Propose through Raft and wait; never reports success that did not happen."""
+    async def write(self, cmd: Command) -> dict:
+        """Propose `cmd`, stamped with the time, the caller and the request's idempotency
+        key, through Raft and wait; never reports success that did not happen."""
         key = idempotency_key(self.request)
         # The key is scoped to the caller and to this exact request, so reusing it for a
         # different request can never replay an unrelated result as this one's success.
-        cmd = Command(op, args, time=time.time(), actor=self.actor,
+        cmd = replace(cmd, time=time.time(), actor=self.actor,
                       request_id=f"{self.actor}:{key}:{self.fingerprint()}" if key else None)
         try:
             outcome = await self.request.app[WRITE_DEADLINES].watch(self.replica.propose_async(cmd))
@@ -387,8 +388,8 @@ def _api_key(replica: Raft, key_id: str) -> dict | None:
 class ApiKeyCache:
     """API-key records by id, so a request does not open an LMDB read and decode JSON.
 
-    Emptied on the Raft thread after any applied batch with an `apikey.*` command (the only
-    ones that change the api_keys table) and after a snapshot replaced the state, before that
+    Emptied on the Raft thread after any applied batch with an API-key command
+    (`changes_api_keys`: the only ones that change the api_keys table) and after a snapshot replaced the state, before that
     batch's futures resolve: once a revocation is acknowledged, or applied on a replica, no
     request there is authenticated with the old record. A lookup that raced with a clear
     does not store what it read (generation check). Unknown ids are not cached.
@@ -406,7 +407,7 @@ class ApiKeyCache:
 
     def _on_batch(self, batch: list) -> None:
         for _, cmd, _ in batch:
-            if cmd.op.startswith("apikey."):
+            if cmd.changes_api_keys:
                 self.clear()
                 return
 

@@ -9,15 +9,15 @@ import time
 import uvloop
 from aiohttp import web
 
-from raftmesh.cluster.commands import Command
+from raftmesh.cluster.commands import ApiKeyBootstrap, ClusterKeyBootstrap, MemberAnnounce
 from raftmesh.cluster.config import ReplicaConfig
-from raftmesh.cluster.netmap_feed import raise_young_gc_threshold
 from raftmesh.cluster import raft
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.audit_export import AuditExporter
 
 from . import admin, agent_api  # noqa: F401  (register their routes)
 from . import auth, health, routing
+from .gc_tuning import raise_young_gc_threshold
 from .errors import MAX_BODY_BYTES, error_middleware
 from raftmesh.proto.machine_auth import new_cluster_key
 from .map_stream import HUB, StreamHub, sweep_presence
@@ -67,8 +67,8 @@ async def announce(replica: Raft) -> None:
     with replica.store.read() as txn:
         if txn.get("members", c.id) == record:
             return
-    await _propose_until_done(replica, lambda: Command("member.announce", record, time=time.time(),
-                                                       actor=f"replica:{c.id}"), "announce")
+    await _propose_until_done(replica, lambda: MemberAnnounce(**record, time=time.time(),
+                                                              actor=f"replica:{c.id}"), "announce")
 
 
 async def bootstrap_admin_key(replica: Raft) -> None:
@@ -79,8 +79,8 @@ async def bootstrap_admin_key(replica: Raft) -> None:
         return
     key_id, secret = parts
     args = {"id": key_id, "name": "bootstrap", "scopes": ["admin"], "hash": auth.hash_secret(secret)}
-    await _propose_until_done(replica, lambda: Command("apikey.bootstrap", args, time=time.time(),
-                                                       actor=f"replica:{replica.config.id}"), "bootstrap")
+    await _propose_until_done(replica, lambda: ApiKeyBootstrap(**args, time=time.time(),
+                                                               actor=f"replica:{replica.config.id}"), "bootstrap")
 
 
 async def bootstrap_cluster_key(replica: Raft) -> None:
@@ -89,8 +89,9 @@ async def bootstrap_cluster_key(replica: Raft) -> None:
         if next(iter(txn.items("cluster_keys")), None) is not None:
             return
     args = new_cluster_key()
-    await _propose_until_done(replica, lambda: Command("clusterkey.bootstrap", args, time=time.time(),
-                                                       actor=f"replica:{replica.config.id}"), "cluster key")
+    await _propose_until_done(replica, lambda: ClusterKeyBootstrap(**args, time=time.time(),
+                                                                   actor=f"replica:{replica.config.id}"),
+                              "cluster key")
 
 
 async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> None:

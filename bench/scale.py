@@ -19,15 +19,15 @@ A policy change (one ACL added or removed) and the one-off index build are timed
 one size (default 1,000) `compute_netmaps`, the O(n²) recompute-everything reference, so the
 ratio shows what the index saves.
 
-GC: by default (`--gc feed`) the process is treated as NetmapFeed treats a replica: the build
-and each change run with automatic collection paused (`collector_paused`), and the young
-collection a change deferred is run and counted at its end (or, for a change of a large
-index making FREEZE_AFTER_DELTAS deltas, frozen as the feed does); after the build,
-`tune_gc_for_large_index()` (gc.collect + gc.freeze, young threshold 20,000) when the index
-has >= FREEZE_MIN_NODES nodes. `--gc plain` leaves the collector alone, to see what that
-buys; there its CPU is counted in the change that triggered it. The feed also re-freezes
-every REFREEZE_EVERY changes (more than are run here): one cheap and one full
-`refreeze_gc()` are timed after the node changes instead.
+GC: by default (`--gc feed`) the process is tuned as a replica's feed is, by the same
+GcTuning (api/gc_tuning.py): the build and each change run with automatic collection
+paused, and the young collection a change deferred is run and counted at its end (or, for
+a change of a large index making FREEZE_AFTER_DELTAS deltas, frozen as the feed's is);
+after the build, `tune_gc_for_large_index()` (gc.collect + gc.freeze, young threshold
+20,000) when the index has >= FREEZE_MIN_NODES nodes. `--gc plain` leaves the collector
+alone, to see what that buys; there its CPU is counted in the change that triggered it. A
+replica also re-freezes every REFREEZE_EVERY changes (more than are run here): one cheap
+and one full `refreeze_gc()` are timed after the node changes instead.
 
 Not measured here: memory per agent stream (issue #5 `scale`, second half) -- it needs the
 agent stream, which is being built; add it to this module once streams exist.
@@ -44,9 +44,8 @@ import pstats
 import random
 import time
 
+from raftmesh.api.gc_tuning import GcTuning, refreeze_gc
 from raftmesh.cluster.netmap import NetmapIndex, compute_netmaps
-from raftmesh.cluster.netmap_feed import (FREEZE_AFTER_DELTAS, FREEZE_MIN_NODES, collector_paused,
-                                          refreeze_gc, tune_gc_for_large_index)
 from raftmesh.cluster.policy import parse_policy
 
 from raftmesh.bench import report
@@ -241,13 +240,14 @@ def _apply(index: NetmapIndex, op, version: int):
     return index.upsert_node(arg, version) if what == "upsert" else index.remove_node(arg, version)
 
 
-def _apply_as_feed(index: NetmapIndex, op, version: int, large: bool):
-    """_apply as NetmapFeed runs it, plus the young collection it deferred (which the feed
-    pays at its next allocation), so that the change is charged with it; or, for a change
-    of a large index making FREEZE_AFTER_DELTAS deltas, the freeze the feed does instead."""
-    with collector_paused() as pause:
+def _apply_as_feed(index: NetmapIndex, op, version: int, tuning: GcTuning):
+    """_apply as a replica's NetmapFeed runs it, plus the young collection it deferred
+    (which the feed pays at its next allocation), so that the change is charged with it;
+    or, for a change of a large index making FREEZE_AFTER_DELTAS deltas, the freeze the
+    tuning does instead."""
+    with tuning.changing():
         out = _apply(index, op, version)
-        pause.freeze = large and len(out.deltas) >= FREEZE_AFTER_DELTAS
+        tuning.batch_made(len(out.deltas))
     if gc.get_count()[0] > gc.get_threshold()[0]:
         gc.collect(0)
     return out
@@ -263,15 +263,18 @@ def measure_size(n: int, changes: int, policy_changes: int, seed: int, reference
     nodes = list(net.nodes.values())
     gc.collect()
     progress.update(f"N={n}: building the index", force=True)
-    with collector_paused() if gc_mode == "feed" else contextlib.nullcontext():
+    tuning = GcTuning()
+    with tuning.changing() if gc_mode == "feed" else contextlib.nullcontext():
         index, build_cpu = _cpu(lambda: NetmapIndex(pol, nodes, NOW))
     out = {"n": len(nodes), "users": len(net.users), "acls": len(pol.acls),
            "edges": sum(len(index.netmap(k, 0).peers) for k in index.visible_ids()) // 2,
            "build_cpu_s": build_cpu, "gc_mode": gc_mode, "policy": "sparse" if sparse else "dense"}
-    frozen = gc_mode == "feed" and len(index.visible_ids()) >= FREEZE_MIN_NODES
     threshold = gc.get_threshold()
-    if frozen:  # as NetmapFeed does after building its index (not part of the build time)
-        _, out["freeze_cpu_s"] = _cpu(tune_gc_for_large_index)
+    if gc_mode == "feed":  # as a replica's feed does after building its index (not build time)
+        _, freeze_cpu = _cpu(lambda: tuning.index_size(index.visible_count()))
+        if tuning.large:
+            out["freeze_cpu_s"] = freeze_cpu
+    frozen = tuning.large
     out["gc_tracked_objects"] = len(gc.get_objects())
     out["gc_frozen_objects"] = gc.get_freeze_count()
     if reference:
@@ -287,7 +290,7 @@ def measure_size(n: int, changes: int, policy_changes: int, seed: int, reference
     schedule = [k for k in NODE_KINDS for _ in range(changes)]
     net.rng.shuffle(schedule)
     schedule += ["policy"] * policy_changes
-    apply = (lambda *a: _apply_as_feed(*a, frozen)) if gc_mode == "feed" else _apply
+    apply = (lambda *a: _apply_as_feed(*a, tuning)) if gc_mode == "feed" else _apply
     with _GcClock() as gc_clock:
         for j, kind in enumerate(schedule):
             version += 1
@@ -298,7 +301,7 @@ def measure_size(n: int, changes: int, policy_changes: int, seed: int, reference
                 op = net.change(kind)
             if kind == "policy" and "gc_unfrozen_after_node_changes" not in out:
                 # what the node changes left for the collector, and re-freezing it (as
-                # NetmapFeed does every REFREEZE_EVERY changes; not counted in any change)
+                # a replica does every REFREEZE_EVERY changes; not counted in any change)
                 out["gc_unfrozen_after_node_changes"] = len(gc.get_objects())
                 if frozen:
                     _, out["refreeze_cpu_s"] = _cpu(refreeze_gc)

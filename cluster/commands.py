@@ -3,11 +3,21 @@
 A command is canonical JSON bytes, never a pickled object of ours, so any replica version
 can read it and nothing executable crosses the wire. Everything non-deterministic (time,
 IDs, generated secrets) is decided by the proposer and carried in the record.
+
+Every command is declared once, below, as a frozen dataclass: its op name (the only place
+it is spelled), its argument fields with their types, and what it can affect (netmaps,
+cluster keys, API keys). The field annotations are the validation: `int`, `float` (any
+number), `str`, `bool`, `dict` (any object), `list[T]`, a TypedDict, unions, `None`, and
+`Absent` for an argument a proposer may leave out. Left out and null are different
+records (a node update without `name` keeps the name), and the log keeps the proposer's
+bytes, so an absent argument stays absent: the field holds ABSENT and is not encoded.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar, TypedDict
 
 from raftmesh.storage.json_codec import compact_json, loads_utf8
 
@@ -19,23 +29,123 @@ class CommandError(ValueError):
     """A record that is not a valid command (never produced by a correct proposer)."""
 
 
-@dataclass(frozen=True)
+class Absent:
+    """The type of ABSENT: an argument the proposer left out. Falsy, like a missing key; one
+    instance, even through copy or pickle, so that `is ABSENT` always holds."""
+
+    _instance: ClassVar["Absent | None"] = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Any = Absent()
+
+
+def unless_absent(value: Any, default: Any = None) -> Any:
+    """`value`, or `default` when the proposer left the argument out."""
+    return default if value is ABSENT else value
+
+
+# -- field validation, compiled once per command class ---------------------------------------
+# Exact types, looked up in a set: decoded JSON has no subclasses, and True is not an int here.
+_SCALARS: dict[Any, tuple[frozenset[type], str]] = {
+    str: (frozenset({str}), "a string"),
+    bool: (frozenset({bool}), "a boolean"),
+    int: (frozenset({int}), "an integer"),
+    float: (frozenset({int, float}), "a number"),
+    dict: (frozenset({dict}), "an object"),
+    type(None): (frozenset({type(None)}), "null"),
+    Absent: (frozenset({Absent}), "left out"),
+}
+_LISTS = frozenset({list, tuple})
+_Check = Callable[[Any], bool]
+_Spec = tuple[frozenset[type], "_Check | None", str]  # exact types, else a check, and in words
+
+
+def _spec(tp: Any) -> _Spec:
+    """What values of annotation `tp` may be, and how to say it. Apply checks every command
+    against these: a set lookup per scalar field, no per-command schema."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    scalars = frozenset().union(*(_SCALARS[o][0] for o in options if o in _SCALARS))
+    compounds = [_compound(o) for o in options if o not in _SCALARS]
+    if len(compounds) > 1:
+        raise TypeError(f"one list or object type per field, not {tp!r}")
+    wanted = " or ".join([_SCALARS[o][1] for o in options if o in _SCALARS and o is not Absent]
+                         + [w for _, w in compounds])
+    return scalars, compounds[0][0] if compounds else None, wanted
+
+
+def _fits(spec: _Spec, value: Any) -> bool:
+    return type(value) in spec[0] or (spec[1] is not None and spec[1](value))
+
+
+def _compound(tp: Any) -> tuple[_Check, str]:
+    if typing.get_origin(tp) is list:
+        item = _spec(typing.get_args(tp)[0])
+        return (lambda v: type(v) in _LISTS and all(_fits(item, x) for x in v)), f"a list of ({item[2]})"
+    if typing.is_typeddict(tp):
+        keys = tuple((k, _spec(t)) for k, t in typing.get_type_hints(tp).items())
+        return ((lambda v: type(v) is dict and all(k in v and _fits(s, v[k]) for k, s in keys)),
+                "an object with " + ", ".join(f"{k} ({s[2]})" for k, s in keys))
+    raise TypeError(f"no validation for the annotation {tp!r}")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+# -- the records ------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
 class Command:
-    op: str
-    args: dict[str, Any] = field(default_factory=dict)
+    """One replicated command: the envelope every record has, plus its op's arguments."""
+
+    op: ClassVar[str]
+    changes_netmaps: ClassVar[bool] = False  # a netmap is derived from what it changes
+    result_is_node: ClassVar[bool] = False  # its result value is the node's whole new record
+    result_lists_nodes: ClassVar[bool] = False  # its result value has the changed records
+    changes_cluster_keys: ClassVar[bool] = False  # the netmap signer must be re-read
+    changes_api_keys: ClassVar[bool] = False  # the only writers of the api_keys table
+    read_barrier: ClassVar[bool] = False  # proves prior entries applied; changes nothing
+    _arguments: ClassVar[tuple[tuple[str, bool], ...]] = ()  # (name, required)
+    _checks: ClassVar[tuple[tuple[str, frozenset[type], _Check | None, str], ...]] = ()
+
     time: float = 0.0  # proposer's wall clock, unix seconds
     actor: str = "system"  # "apikey:<id>", "node:<id>", "replica:<id>" or "system"
     request_id: str | None = None  # idempotency key: replays return the first result
 
+    def __post_init__(self):
+        for name, scalars, compound, wanted in self._checks:
+            value = getattr(self, name)
+            if type(value) not in scalars and (compound is None or not compound(value)):
+                raise CommandError(f"{self.op}: {name} must be {wanted}, not {_kind(value)}"
+                                   if value is not ABSENT else f"{self.op}: {name} is required")
+
+    def args(self) -> dict[str, Any]:
+        """The arguments as they are encoded: every field given, none left out."""
+        return {name: v for name, _ in self._arguments
+                if (v := getattr(self, name)) is not ABSENT}
+
     def encode(self) -> bytes:
-        record = {"v": FORMAT_VERSION, "op": self.op, "args": self.args,
+        record = {"v": FORMAT_VERSION, "op": self.op, "args": self.args(),
                   "time": self.time, "actor": self.actor}
         if self.request_id is not None:
             record["request_id"] = self.request_id
         return _encode(record).encode()
 
-    @classmethod
-    def decode(cls, data: bytes) -> "Command":
+    @staticmethod
+    def decode(data: bytes) -> "Command":
+        """The record in `data`; a broken envelope raises CommandError, while an unknown op
+        or arguments that do not fit the op give an Invalid record (applied as a rejection,
+        like any other the state machine refuses)."""
         try:
             record = loads_utf8(data)
         except (ValueError, UnicodeDecodeError) as e:
@@ -48,5 +158,271 @@ class Command:
         time = record.get("time", 0.0)
         if not isinstance(time, (int, float)):
             raise CommandError("command time must be a number")
-        return cls(op, args, float(time), str(record.get("actor", "system")),
-                   record.get("request_id"))
+        return build(op, args, time=float(time), actor=str(record.get("actor", "system")),
+                     request_id=record.get("request_id"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Invalid(Command):
+    """A decoded record no handler may apply: its op is unknown, or its arguments do not
+    fit the op. The state machine rejects it with `code`, so it still takes its place in
+    the log's order (and in the applied batches) like any other refused command."""
+
+    op: str  # type: ignore[misc]  # as the record spelled it
+    given: dict
+    code: str  # "unknown_command" or "bad_command"
+    message: str
+
+    def args(self) -> dict[str, Any]:
+        return self.given
+
+
+COMMANDS: dict[str, type[Command]] = {}
+
+
+def build(op: str, args: dict, *, time: float = 0.0, actor: str = "system",
+          request_id: str | None = None) -> Command:
+    """The typed record for `op` with `args` (what decode does inside the envelope), or an
+    Invalid one. Arguments the op does not declare are ignored, as replicas always did (a
+    newer proposer's extra argument must not split the cluster during an upgrade)."""
+    envelope = {"time": time, "actor": actor, "request_id": request_id}
+    cls = COMMANDS.get(op)
+    if cls is None:
+        return Invalid(op=op, given=args, code="unknown_command",
+                       message=f"unknown command {op!r}", **envelope)
+    # Filled in place rather than through the frozen __init__ (one object.__setattr__ per
+    # field): every replica decodes every command, and this halves the cost of a large one.
+    record = object.__new__(cls)
+    values = record.__dict__
+    for name, required in cls._arguments:
+        if name in args:
+            values[name] = args[name]
+        elif required:
+            return Invalid(op=op, given=args, code="bad_command",
+                           message=f"{op}: {name} is required", **envelope)
+        else:
+            values[name] = ABSENT
+    values.update(envelope)
+    try:
+        record.__post_init__()
+    except CommandError as e:
+        return Invalid(op=op, given=args, code="bad_command", message=str(e), **envelope)
+    return record
+
+
+def command(op: str, **properties: bool):
+    """Declare a command class: a frozen record for op `op`, registered for decoding, its
+    fields' checks compiled from their annotations."""
+    def declare(cls: type[Command]) -> type[Command]:
+        if op in COMMANDS:
+            raise TypeError(f"command {op!r} is declared twice")
+        cls = dataclass(frozen=True, kw_only=True)(cls)
+        cls.op = op
+        for name, value in properties.items():
+            if not isinstance(getattr(Command, name, None), bool):
+                raise TypeError(f"{cls.__name__}: {name} is not a command property")
+            setattr(cls, name, value)
+        hints = typing.get_type_hints(cls)
+        own = [f for f in fields(cls) if f.name not in ("time", "actor", "request_id")]
+        cls._arguments = tuple((f.name, f.default is not ABSENT) for f in own)
+        cls._checks = tuple((f.name, *_spec(hints[f.name])) for f in own)
+        COMMANDS[op] = cls
+        return cls
+    return declare
+
+
+# -- cluster ------------------------------------------------------------------------------
+@command("clock.tick")
+class ClockTick(Command):
+    """Moves the replicated clock when a key expiry is due and nothing else is written."""
+
+
+@command("barrier", read_barrier=True)
+class Barrier(Command):
+    """Its application proves everything before it is applied here (linearizable reads)."""
+
+
+@command("member.announce")
+class MemberAnnounce(Command):
+    id: str
+    raft_addr: str
+    api_url: str
+
+
+@command("member.remove", changes_netmaps=True, result_lists_nodes=True)
+class MemberRemove(Command):
+    id: str
+
+
+# -- API keys -----------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class _NewApiKey(Command):
+    id: str
+    name: str
+    scopes: list[str]
+    hash: str
+    expires_at: float | None | Absent = ABSENT
+
+
+@command("apikey.bootstrap", changes_api_keys=True)
+class ApiKeyBootstrap(_NewApiKey):
+    """The first admin key, proposed by every replica configured with one."""
+
+
+@command("apikey.create", changes_api_keys=True)
+class ApiKeyCreate(_NewApiKey):
+    pass
+
+
+@command("apikey.delete", changes_api_keys=True)
+class ApiKeyDelete(Command):
+    id: str
+
+
+# -- users and pre-auth keys ------------------------------------------------------------------
+@command("user.create")
+class UserCreate(Command):
+    name: str
+    display_name: str | None | Absent = ABSENT
+
+
+@command("user.delete")
+class UserDelete(Command):
+    name: str
+
+
+@command("preauthkey.create")
+class PreauthKeyCreate(Command):
+    id: str
+    user: str
+    hash: str
+    reusable: bool | Absent = ABSENT
+    ephemeral: bool | Absent = ABSENT
+    expires_at: float | None | Absent = ABSENT
+    usage_limit: int | None | Absent = ABSENT
+    tags: list[str] | Absent = ABSENT
+
+
+@command("preauthkey.delete")
+class PreauthKeyDelete(Command):
+    id: str
+
+
+# -- policy -----------------------------------------------------------------------------------
+@command("policy.set", changes_netmaps=True)
+class PolicySet(Command):
+    """A policy the proposer validated; `expected_version` guards against lost updates."""
+
+    text: str
+    expected_version: int | None | Absent = ABSENT
+
+
+# -- nodes ------------------------------------------------------------------------------------
+@command("node.register", changes_netmaps=True, result_is_node=True)
+class NodeRegister(Command):
+    id: str
+    name: str
+    machine_key: str
+    node_key: str
+    user: str | None | Absent = ABSENT
+    tags: list[str] | Absent = ABSENT
+    preauth_key_id: str | None | Absent = ABSENT
+    endpoints: list[str] | Absent = ABSENT
+    advertised_routes: list[str] | Absent = ABSENT
+    key_expiry: float | None | Absent = ABSENT
+
+
+@command("node.update", changes_netmaps=True, result_is_node=True)
+class NodeUpdate(Command):
+    """Rename or retag; a field left out keeps its value."""
+
+    id: str
+    name: str | Absent = ABSENT
+    tags: list[str] | Absent = ABSENT
+
+
+@command("node.approve", changes_netmaps=True, result_is_node=True)
+class NodeApprove(Command):
+    id: str
+
+
+@command("node.expire", changes_netmaps=True, result_is_node=True)
+class NodeExpire(Command):
+    id: str
+
+
+@command("node.routes", changes_netmaps=True, result_is_node=True)
+class NodeRoutes(Command):
+    id: str
+    approved_routes: list[str]
+
+
+@command("node.report", changes_netmaps=True, result_is_node=True)
+class NodeReport(Command):
+    """What an agent reports about itself; a field left out keeps its value."""
+
+    id: str
+    endpoints: list[str] | Absent = ABSENT
+    advertised_routes: list[str] | Absent = ABSENT
+    last_seen: float | None | Absent = ABSENT
+
+
+@command("node.rotate_key", changes_netmaps=True, result_is_node=True)
+class NodeRotateKey(Command):
+    id: str
+    old_node_key: str
+    node_key: str
+    key_expiry: float | None | Absent = ABSENT  # left out: the expiry stays
+
+
+@command("node.reauthenticate", changes_netmaps=True, result_is_node=True)
+class NodeReauthenticate(Command):
+    id: str
+    preauth_key_id: str
+    node_key: str | Absent = ABSENT  # left out: the key stays
+    key_expiry: float | None | Absent = ABSENT
+
+
+class PresenceChange(TypedDict):
+    id: str
+    online: bool
+    session: str
+
+
+@command("node.presence", changes_netmaps=True, result_lists_nodes=True)
+class NodePresence(Command):
+    """Map streams opened or closed on one replica, batched by it."""
+
+    replica: str
+    changes: list[PresenceChange]
+
+
+@command("node.presence_sweep", changes_netmaps=True, result_lists_nodes=True)
+class NodePresenceSweep(Command):
+    """A replica (re)started: the streams it served before are gone."""
+
+    replica: str
+
+
+@command("node.delete", changes_netmaps=True)
+class NodeDelete(Command):
+    id: str
+
+
+# -- cluster signing keys ---------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class _NewClusterKey(Command):
+    id: str
+    public_key: str
+    private_key: str
+    overlap_seconds: float | Absent = ABSENT  # how long the previous key keeps verifying
+
+
+@command("clusterkey.bootstrap", changes_cluster_keys=True)
+class ClusterKeyBootstrap(_NewClusterKey):
+    """The first netmap signing key, proposed by every replica until one exists."""
+
+
+@command("clusterkey.rotate", changes_cluster_keys=True)
+class ClusterKeyRotate(_NewClusterKey):
+    pass

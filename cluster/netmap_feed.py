@@ -6,38 +6,23 @@ replicated clock, the commands' own times, never from the local wall clock). Tha
 makes a version meaningful across replicas: an agent that held version V on one replica
 resumes on another with only what changed after V.
 
-Pure: no clock, no I/O. The edge (api/map_stream.py) turns updates into signed frames.
+Pure: no clock, no I/O. The edge (api/map_stream.py) turns updates into signed frames, and
+the process hosting the feed tunes itself around its changes through ChangeHooks
+(api/gc_tuning.py: the garbage collector).
 """
 from __future__ import annotations
 
 import bisect
-import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from raftmesh.proto.wire import Netmap, NetmapDelta, compose_deltas
-from raftmesh.cluster.commands import Command
+from raftmesh.cluster.commands import Command, NodeDelete, PolicySet
 from raftmesh.cluster.netmap import Changes, NetmapIndex
 from raftmesh.cluster.policy import Policy, PolicyError, parse_policy
 
 HISTORY_PER_NODE = 32  # deltas kept per node; an agent further behind gets a full netmap
-FREEZE_MIN_NODES = 1000  # indexes at least this large (when built or once grown to it)
-#                          are moved out of the GC's reach
-GC_GEN0_THRESHOLD = 20_000  # young-generation threshold once such an index exists
-REFREEZE_EVERY = 200_000  # index changes plus the deltas they made, between re-freezes of a
-#                           large index (see refreeze_gc)
-FULL_REFREEZE_EVERY = 10  # every 10th re-freeze unfreezes first, to reclaim frozen cycles
-FREEZE_AFTER_DELTAS = 1000  # a change of a large index making this many deltas is frozen
-#                             when it ends, not walked by the deferred young collection
-# Commands whose result value is the node's whole new record.
-NODE_RECORD_OPS = frozenset({"node.register", "node.update", "node.approve", "node.expire",
-                             "node.routes", "node.report", "node.rotate_key",
-                             "node.reauthenticate"})
-# Every command a netmap is derived from (see NetmapFeed._changes), and the cluster-key
-# commands the hub re-reads its signer for.
-NETMAP_OPS = NODE_RECORD_OPS | {"node.delete", "node.presence", "node.presence_sweep",
-                                "member.remove", "policy.set"}
 
 
 @dataclass
@@ -70,17 +55,36 @@ def policy_or_none(text: str | None) -> Policy | None:
         return Policy()
 
 
+class ChangeHooks:
+    """What the process hosting a feed may do around its index's changes; the feed only
+    reports them (the replica's garbage-collector policy is api/gc_tuning.py). These do
+    nothing."""
+
+    @contextmanager
+    def changing(self) -> Iterator[None]:
+        """Around building the index, and around applying each batch."""
+        yield
+
+    def churned(self, units: int) -> None:
+        """One index change: `units` is 1 plus the deltas it made."""
+
+    def batch_made(self, deltas: int) -> None:
+        """Last thing inside `changing`, for a batch that changed something: its deltas."""
+
+    def index_size(self, nodes: int) -> None:
+        """After the index was built or a batch was applied: how many nodes it has now."""
+
+
 class NetmapFeed:
     def __init__(self, policy_text: str | None, nodes: Iterable[dict], clock: float,
-                 version: int, history_per_node: int = HISTORY_PER_NODE):
+                 version: int, history_per_node: int = HISTORY_PER_NODE,
+                 hooks: ChangeHooks | None = None):
         self.version = version
         self.floor = version  # nothing before this is in any history
-        with collector_paused():
+        self.hooks = hooks or ChangeHooks()
+        with self.hooks.changing():
             self.index = NetmapIndex(policy_or_none(policy_text), nodes, clock)
-        self._large = False
-        self._since_freeze = 0  # index changes and their deltas since the last (re-)freeze
-        self._tune_gc_once_large()
-        self._refreezes = 0
+        self.hooks.index_size(self.index.visible_count())
         self.history_per_node = history_per_node
         self._history: dict[str, _History] = {}
 
@@ -103,16 +107,16 @@ class NetmapFeed:
         gone: set[str] = set()
         keys_changed = False
         version = self.version
-        with collector_paused() as pause:
+        with self.hooks.changing():
             for v, cmd, result in items:
                 if v <= self.version:
                     continue
                 version = v
                 if not result.get("ok") or result.get("replayed"):
                     continue  # changed nothing (and did not move the replicated clock)
-                keys_changed |= cmd.op.startswith("clusterkey.")
+                keys_changed |= cmd.changes_cluster_keys
                 for changes in self._changes(v, cmd, result):
-                    self._since_freeze += 1 + len(changes.deltas)
+                    self.hooks.churned(1 + len(changes.deltas))
                     gone.update(changes.gone)
                     for k, d in changes.deltas.items():
                         deltas[k] = compose_deltas(deltas[k], d) if k in deltas else d
@@ -122,23 +126,9 @@ class NetmapFeed:
             self.version = version
             stamped = {k: _restamp(d, version) for k, d in deltas.items()}
             self._record(stamped, gone)
-            pause.freeze = self._large and len(stamped) >= FREEZE_AFTER_DELTAS
-        self._tune_gc_once_large()
-        if self._large and self._since_freeze >= REFREEZE_EVERY:
-            self._refreezes += 1
-            refreeze_gc(full=self._refreezes % FULL_REFREEZE_EVERY == 0)
-            self._since_freeze = 0
+            self.hooks.batch_made(len(stamped))
+        self.hooks.index_size(self.index.visible_count())
         return FeedUpdate(version, stamped, frozenset(gone), cause, keys_changed)
-
-    def _tune_gc_once_large(self) -> None:
-        """A cluster usually starts empty and grows: the index gets the GC treatment when it
-        reaches FREEZE_MIN_NODES, not only when a replica starts with it that large (at
-        10,000 nodes an untuned replica spent ~20% of its CPU in the collector, gen-2
-        passes of ~0.27 s each, during `raftmesh bench propagation`)."""
-        if not self._large and self.index.visible_count() >= FREEZE_MIN_NODES:
-            self._large = True
-            tune_gc_for_large_index()
-            self._since_freeze = 0
 
     def apply_if_only_time(self, items: Iterable[tuple[int, Command, dict]]) -> bool:
         """apply_batch for a batch that can change no netmap and no key, in one cheap pass
@@ -150,7 +140,7 @@ class NetmapFeed:
         nxt = self.index.next_expiry()
         version, now = self.version, self.index.now
         for v, cmd, result in items:
-            if cmd.op in NETMAP_OPS or cmd.op.startswith("clusterkey.") or \
+            if cmd.changes_netmaps or cmd.changes_cluster_keys or \
                     (nxt is not None and cmd.time >= nxt):
                 return False
             if v > version:
@@ -167,14 +157,14 @@ class NetmapFeed:
         if cmd.time > self.index.now:
             out.append(self.index.advance_time(cmd.time, v))
         value = result.get("value")
-        if cmd.op == "node.delete":
-            out.append(self.index.remove_node(cmd.args["id"], v))
-        elif cmd.op in ("node.presence", "node.presence_sweep", "member.remove"):
+        if isinstance(cmd, NodeDelete):
+            out.append(self.index.remove_node(cmd.id, v))
+        elif cmd.result_lists_nodes:
             out.extend(self.index.upsert_node(n, v) for n in value["nodes"])
-        elif cmd.op in NODE_RECORD_OPS:
+        elif cmd.result_is_node:
             out.append(self.index.upsert_node(value, v))
-        elif cmd.op == "policy.set":
-            out.append(self.index.replace_policy(policy_or_none(cmd.args["text"]), v))
+        elif isinstance(cmd, PolicySet):
+            out.append(self.index.replace_policy(policy_or_none(cmd.text), v))
         return out
 
     def _record(self, deltas: dict[str, NetmapDelta], gone: set[str]) -> None:
@@ -205,105 +195,6 @@ class NetmapFeed:
         for _, d in h.entries[i:]:
             out = compose_deltas(out, d)
         return _restamp(out, self.version)
-
-
-def tune_gc_for_large_index() -> None:
-    """Collect, then move every object alive now into the GC's permanent generation, and
-    raise the young generation's threshold.
-
-    A large index is ~50 tracked objects per node (records, views, roles, filter rules,
-    ipaddress objects), half a million at 10,000 nodes: every full collection walked them
-    all, 0.2-0.3 s on one core, stalling the change that happened to trigger it (that set
-    the p99 of every kind of change in `raftmesh bench scale`). Frozen objects are still
-    freed by reference counting when the index replaces them (its structures hold no
-    cycles); only cyclic garbage among them would never be reclaimed. Objects created by
-    later changes are collected as usual, so pauses would grow back as the index churns:
-    the feed re-freezes every REFREEZE_EVERY changes (`refreeze_gc`), and a new feed
-    (resync, restart) freezes again.
-
-    One change allocates thousands of short-lived tracked objects (filter rules, deltas,
-    sets); with the default threshold of 700 young collections ran dozens of times per
-    change and took 20-30% of its CPU. At 20,000 most of them die (reference counting)
-    before a collection sees them: in `raftmesh bench scale` at 10,000 nodes this cut total
-    CPU per change by ~20% and the p99 by more. The threshold is process-wide and never
-    lowered here; the cost is up to 20,000 young objects awaiting collection.
-    """
-    gc.collect()
-    gc.freeze()
-    raise_young_gc_threshold()
-
-
-def raise_young_gc_threshold() -> None:
-    """The young generation's threshold to at least GC_GEN0_THRESHOLD; never lowered.
-
-    Replicas also raise it at start (api/server.py): each API write allocates a few hundred
-    short-lived tracked objects, and at CPython's default of 700 a replica collected its
-    young generation ~20 times a second under load; at 20,000 most of them are freed by
-    reference counting first (+2.5% writes/s in `raftmesh bench writes`, three pairs)."""
-    t0, t1, t2 = gc.get_threshold()
-    if t0 < GC_GEN0_THRESHOLD:
-        gc.set_threshold(GC_GEN0_THRESHOLD, t1, t2)
-
-
-class _Pause:
-    __slots__ = ("freeze",)
-
-    def __init__(self):
-        self.freeze = False
-
-
-@contextmanager
-def collector_paused():
-    """No automatic collection while the index changes or is built.
-
-    A change allocates tens of thousands of tracked objects that live until it returns
-    (the new filters and deltas, and the roles and sets it computes them from), so young
-    collections ran several times within one change and walked them again each time, with
-    a middle-generation pass every other change: ~25% of the CPU of a policy change at
-    10,000 nodes. What a change leaves behind holds no cycles, so a collection during it
-    finds nothing; the count goes on, and the first allocation after it triggers the
-    collection it deferred. Process-wide, like the thresholds: for that time no other
-    thread's garbage cycles are collected either, the same wait as a higher threshold.
-
-    Setting `freeze` on the yielded object freezes instead of that deferred collection:
-    after a change that rewrote thousands of nodes' filters and deltas, the walk of what it
-    left behind was ~22% of the feed thread (py-spy, 10,000 agents), and a freeze is O(1).
-    The objects are still freed by reference counting when replaced; cyclic garbage of
-    other threads frozen with them waits for the next full re-freeze (refreeze_gc)."""
-    pause = _Pause()
-    if not gc.isenabled():  # off already: leave it as the caller set it
-        yield pause
-        return
-    gc.disable()
-    try:
-        yield pause
-    finally:
-        if pause.freeze:
-            gc.freeze()
-        gc.enable()
-
-
-def refreeze_gc(full: bool = False) -> None:
-    """Freeze again what was created since the last freeze (NetmapFeed: after
-    REFREEZE_EVERY index changes plus deltas of a large index).
-
-    Objects a change creates (new rules, filters, records, the history's deltas) are not
-    frozen, so without this the index drifts back into the collector's reach: ~60 new
-    long-lived objects per change at 10,000 nodes (`raftmesh bench scale`), and gen-2
-    collections walking them grow back towards the 0.2-0.3 s of an unfrozen index. A
-    re-freeze collects, then freezes: the collection walks only the *unfrozen* objects
-    (tens of ms after ~1,000 node changes at 10,000 nodes, or 20 policy changes that each
-    rewrite every filter), the walk an automatic full collection does anyway.
-
-    The freeze is process-wide, so it also freezes whatever else is alive (streams,
-    connections); those objects' cycles, once garbage, are only reclaimed after an
-    unfreeze. `full` unfreezes first (one walk of everything, ~0.3 s at 10,000 nodes), so
-    such garbage lives at most FULL_REFREEZE_EVERY re-freezes.
-    """
-    if full:
-        gc.unfreeze()
-    gc.collect()
-    gc.freeze()
 
 
 def _restamp(d: NetmapDelta, version: int) -> NetmapDelta:

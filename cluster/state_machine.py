@@ -15,7 +15,8 @@ from typing import Any, Callable, Protocol
 
 from raftmesh.storage.audit_chain import GENESIS, seal
 
-from .commands import Command
+from . import commands as c
+from .commands import ABSENT, Command, unless_absent
 
 IPV4_BASE = int(ipaddress.IPv4Address("100.64.0.0"))
 IPV4_SLOTS = 1 << 22  # 100.64.0.0/10
@@ -103,7 +104,7 @@ class Context:
     """What a handler needs: the staged state, the command and a way to audit."""
 
     def __init__(self, txn: StagedTxn, cmd: Command, version: int):
-        self.txn, self.cmd, self.version, self.args = txn, cmd, version, cmd.args
+        self.txn, self.cmd, self.version = txn, cmd, version
         self.audits: list[tuple[str, dict | None, dict | None]] = []
 
     def audit(self, target: str, before: dict | None, after: dict | None) -> None:
@@ -116,12 +117,13 @@ class Context:
         return record
 
 
-HANDLERS: dict[str, Callable[[Context], dict]] = {}
+HANDLERS: dict[type[Command], Callable[[Context, Any], dict]] = {}
 
 
-def handler(op: str):
+def handles(kind: type[Command]):
+    """Register `fn(ctx, cmd)` as what applying a `kind` record does."""
     def register(fn):
-        HANDLERS[op] = fn
+        HANDLERS[kind] = fn
         return fn
     return register
 
@@ -133,24 +135,22 @@ def apply(txn: Txn, cmd: Command, version: int) -> dict:
         seen = staged.get("idempotency", cmd.request_id)
         if seen is not None:
             return dict(seen["result"], replayed=True)
-    fn = HANDLERS.get(cmd.op)
+    fn = HANDLERS[type(cmd)]  # every record type has one (tests/test_command_registry.py)
     ctx = Context(staged, cmd, version)
     try:
-        if fn is None:
-            raise Rejected("unknown_command", f"unknown command {cmd.op!r}", 400)
-        value = fn(ctx)
+        value = fn(ctx, cmd)
         result = {"ok": True, "version": version, "value": value}
     except Rejected as r:
         return {"ok": False, "version": version, "code": r.code, "message": r.message,
                 "status": r.status}
-    except (KeyError, TypeError, ValueError) as e:  # malformed args from a buggy proposer
+    except (KeyError, TypeError, ValueError) as e:  # a bug must not escape apply on every replica
         return {"ok": False, "version": version, "code": "bad_command",
                 "message": f"{cmd.op}: malformed arguments ({e})", "status": 400}
     for target, before, after in ctx.audits:
         _append_audit(staged, cmd, version, target, before, after)
     if cmd.request_id:
         _remember(staged, cmd, result)
-    if cmd.op != "barrier":
+    if not cmd.read_barrier:
         _advance_clock(staged, cmd.time)
     staged.flush()
     return result
@@ -196,50 +196,54 @@ def _remember(txn: StagedTxn, cmd: Command, result: dict) -> None:
 
 
 # -- cluster ----------------------------------------------------------------------------
-@handler("clock.tick")
-def _clock_tick(ctx: Context) -> dict:
+@handles(c.Invalid)
+def _invalid(ctx: Context, cmd: c.Invalid) -> dict:
+    """An unknown op or arguments that do not fit it (Command.decode): refused as such."""
+    raise Rejected(cmd.code, cmd.message, 400)
+
+
+@handles(c.ClockTick)
+def _clock_tick(ctx: Context, cmd: c.ClockTick) -> dict:
     """Moves the replicated clock (apply() does that for every command) when a key expiry
     is due and nothing else is being written. Not audited: it changes no record."""
-    return {"clock": ctx.cmd.time}
+    return {"clock": cmd.time}
 
 
-@handler("barrier")
-def _barrier(ctx: Context) -> dict:
+@handles(c.Barrier)
+def _barrier(ctx: Context, cmd: c.Barrier) -> dict:
     """No state change: its application proves everything before it is applied here."""
     return {}
 
 
-@handler("member.announce")
-def _member_announce(ctx: Context) -> dict:
-    a = ctx.args
-    record = {"id": a["id"], "raft_addr": a["raft_addr"], "api_url": a["api_url"]}
-    before = ctx.txn.get("members", a["id"])
+@handles(c.MemberAnnounce)
+def _member_announce(ctx: Context, cmd: c.MemberAnnounce) -> dict:
+    record = {"id": cmd.id, "raft_addr": cmd.raft_addr, "api_url": cmd.api_url}
+    before = ctx.txn.get("members", cmd.id)
     if before != record:
-        ctx.txn.put("members", a["id"], record)
-        ctx.audit(f"member:{a['id']}", before, record)
+        ctx.txn.put("members", cmd.id, record)
+        ctx.audit(f"member:{cmd.id}", before, record)
     return record
 
 
-@handler("member.remove")
-def _member_remove(ctx: Context) -> dict:
+@handles(c.MemberRemove)
+def _member_remove(ctx: Context, cmd: c.MemberRemove) -> dict:
     """A removed replica never restarts to sweep its own streams (node.presence_sweep):
     nodes last seen streaming from it are marked offline here, or stay "online" for good."""
-    before = ctx.require("members", ctx.args["id"], "member")
-    ctx.txn.delete("members", ctx.args["id"])
-    ctx.audit(f"member:{ctx.args['id']}", before, None)
+    before = ctx.require("members", cmd.id, "member")
+    ctx.txn.delete("members", cmd.id)
+    ctx.audit(f"member:{cmd.id}", before, None)
     return {"member": before, "nodes": _sweep_streams(ctx, before["id"])}
 
 
 # -- API keys ---------------------------------------------------------------------------
-def _create_api_key(ctx: Context) -> dict:
-    a = ctx.args
-    if ctx.txn.get("api_keys", a["id"]) is not None:
-        raise Rejected("conflict", f"API key {a['id']!r} already exists")
-    record = {"id": a["id"], "name": a["name"], "scopes": sorted(a["scopes"]),
-              "hash": a["hash"], "created_at": ctx.cmd.time,
-              "expires_at": a.get("expires_at"), "created_by": ctx.cmd.actor}
-    ctx.txn.put("api_keys", a["id"], record)
-    ctx.audit(f"api_key:{a['id']}", None, record)
+def _create_api_key(ctx: Context, cmd: c.ApiKeyBootstrap | c.ApiKeyCreate) -> dict:
+    if ctx.txn.get("api_keys", cmd.id) is not None:
+        raise Rejected("conflict", f"API key {cmd.id!r} already exists")
+    record = {"id": cmd.id, "name": cmd.name, "scopes": sorted(cmd.scopes),
+              "hash": cmd.hash, "created_at": cmd.time,
+              "expires_at": unless_absent(cmd.expires_at), "created_by": cmd.actor}
+    ctx.txn.put("api_keys", cmd.id, record)
+    ctx.audit(f"api_key:{cmd.id}", None, record)
     return public(record)
 
 
@@ -249,47 +253,46 @@ def _refuse_unless_empty(ctx: Context, table: str, what: str) -> None:
         raise Rejected("already_bootstrapped", f"{what} already exists")
 
 
-@handler("apikey.bootstrap")
-def _apikey_bootstrap(ctx: Context) -> dict:
+@handles(c.ApiKeyBootstrap)
+def _apikey_bootstrap(ctx: Context, cmd: c.ApiKeyBootstrap) -> dict:
     """The first admin key."""
     _refuse_unless_empty(ctx, "api_keys", "an API key")
-    return _create_api_key(ctx)
+    return _create_api_key(ctx, cmd)
 
 
-@handler("apikey.create")
-def _apikey_create(ctx: Context) -> dict:
-    return _create_api_key(ctx)
+@handles(c.ApiKeyCreate)
+def _apikey_create(ctx: Context, cmd: c.ApiKeyCreate) -> dict:
+    return _create_api_key(ctx, cmd)
 
 
-@handler("apikey.delete")
-def _apikey_delete(ctx: Context) -> dict:
-    before = ctx.require("api_keys", ctx.args["id"], "API key")
+@handles(c.ApiKeyDelete)
+def _apikey_delete(ctx: Context, cmd: c.ApiKeyDelete) -> dict:
+    before = ctx.require("api_keys", cmd.id, "API key")
     if "admin" in before["scopes"] and not any(
-            "admin" in k["scopes"] and (k.get("expires_at") is None or k["expires_at"] > ctx.cmd.time)
+            "admin" in k["scopes"] and (k.get("expires_at") is None or k["expires_at"] > cmd.time)
             for kid, k in ctx.txn.items("api_keys") if kid != before["id"]):
         raise Rejected("conflict", "refusing to delete the last unexpired admin key "
                        "(create another first)")
-    ctx.txn.delete("api_keys", ctx.args["id"])
-    ctx.audit(f"api_key:{ctx.args['id']}", before, None)
+    ctx.txn.delete("api_keys", cmd.id)
+    ctx.audit(f"api_key:{cmd.id}", before, None)
     return public(before)
 
 
 # -- users ------------------------------------------------------------------------------
-@handler("user.create")
-def _user_create(ctx: Context) -> dict:
-    name = ctx.args["name"]
+@handles(c.UserCreate)
+def _user_create(ctx: Context, cmd: c.UserCreate) -> dict:
+    name = cmd.name
     if ctx.txn.get("users", name) is not None:
         raise Rejected("conflict", f"user {name!r} already exists")
-    record = {"name": name, "display_name": ctx.args.get("display_name") or name,
-              "created_at": ctx.cmd.time}
+    record = {"name": name, "display_name": cmd.display_name or name, "created_at": cmd.time}
     ctx.txn.put("users", name, record)
     ctx.audit(f"user:{name}", None, record)
     return record
 
 
-@handler("user.delete")
-def _user_delete(ctx: Context) -> dict:
-    name = ctx.args["name"]
+@handles(c.UserDelete)
+def _user_delete(ctx: Context, cmd: c.UserDelete) -> dict:
+    name = cmd.name
     before = ctx.require("users", name, "user")
     owned = [n["id"] for _, n in ctx.txn.items("nodes") if n.get("user") == name]
     if owned:
@@ -304,28 +307,27 @@ def _user_delete(ctx: Context) -> dict:
 
 
 # -- pre-auth keys ----------------------------------------------------------------------
-@handler("preauthkey.create")
-def _preauth_create(ctx: Context) -> dict:
-    a = ctx.args
-    ctx.require("users", a["user"], "user")
-    if ctx.txn.get("preauth_keys", a["id"]) is not None:
-        raise Rejected("conflict", f"pre-auth key {a['id']!r} already exists")
-    record = {"id": a["id"], "user": a["user"], "hash": a["hash"],
-              "reusable": bool(a.get("reusable", False)),
-              "ephemeral": bool(a.get("ephemeral", False)),
-              "expires_at": a.get("expires_at"), "usage_limit": a.get("usage_limit"),
-              "used": 0, "tags": sorted(a.get("tags", [])), "revoked": False,
-              "created_at": ctx.cmd.time}
-    ctx.txn.put("preauth_keys", a["id"], record)
-    ctx.audit(f"preauth_key:{a['id']}", None, record)
+@handles(c.PreauthKeyCreate)
+def _preauth_create(ctx: Context, cmd: c.PreauthKeyCreate) -> dict:
+    ctx.require("users", cmd.user, "user")
+    if ctx.txn.get("preauth_keys", cmd.id) is not None:
+        raise Rejected("conflict", f"pre-auth key {cmd.id!r} already exists")
+    record = {"id": cmd.id, "user": cmd.user, "hash": cmd.hash,
+              "reusable": bool(cmd.reusable), "ephemeral": bool(cmd.ephemeral),
+              "expires_at": unless_absent(cmd.expires_at),
+              "usage_limit": unless_absent(cmd.usage_limit),
+              "used": 0, "tags": sorted(unless_absent(cmd.tags, [])), "revoked": False,
+              "created_at": cmd.time}
+    ctx.txn.put("preauth_keys", cmd.id, record)
+    ctx.audit(f"preauth_key:{cmd.id}", None, record)
     return public(record)
 
 
-@handler("preauthkey.delete")
-def _preauth_delete(ctx: Context) -> dict:
-    before = ctx.require("preauth_keys", ctx.args["id"], "pre-auth key")
-    ctx.txn.delete("preauth_keys", ctx.args["id"])
-    ctx.audit(f"preauth_key:{ctx.args['id']}", before, None)
+@handles(c.PreauthKeyDelete)
+def _preauth_delete(ctx: Context, cmd: c.PreauthKeyDelete) -> dict:
+    before = ctx.require("preauth_keys", cmd.id, "pre-auth key")
+    ctx.txn.delete("preauth_keys", cmd.id)
+    ctx.audit(f"preauth_key:{cmd.id}", before, None)
     return public(before)
 
 
@@ -342,15 +344,15 @@ def preauth_key_problem(key: dict, now: float) -> str | None:
 
 
 # -- policy -----------------------------------------------------------------------------
-@handler("policy.set")
-def _policy_set(ctx: Context) -> dict:
+@handles(c.PolicySet)
+def _policy_set(ctx: Context, cmd: c.PolicySet) -> dict:
     """Store a policy already validated by the proposer; every version is kept."""
     head = ctx.txn.get("meta", "policy_head") or {"version": 0}
-    if ctx.args.get("expected_version") not in (None, head["version"]):
+    if unless_absent(cmd.expected_version) not in (None, head["version"]):
         raise Rejected("version_conflict",
-                       f"policy is at version {head['version']}, not {ctx.args['expected_version']}")
-    record = {"version": head["version"] + 1, "text": ctx.args["text"],
-              "created_at": ctx.cmd.time, "actor": ctx.cmd.actor, "state_version": ctx.version}
+                       f"policy is at version {head['version']}, not {cmd.expected_version}")
+    record = {"version": head["version"] + 1, "text": cmd.text,
+              "created_at": cmd.time, "actor": cmd.actor, "state_version": ctx.version}
     ctx.txn.put("policy_versions", f"{record['version']:010d}", record)
     ctx.txn.put("meta", "policy_head", {"version": record["version"]})
     before = ctx.txn.get("policy_versions", f"{head['version']:010d}") if head["version"] else None
@@ -392,17 +394,18 @@ def _unique_name(txn: StagedTxn, wanted: str, exclude_id: str | None = None) -> 
             return f"{wanted}-{i}"
 
 
-@handler("node.register")
-def _node_register(ctx: Context) -> dict:
-    a, now = ctx.args, ctx.cmd.time
-    if ctx.txn.get("nodes", a["id"]) is not None:
-        raise Rejected("conflict", f"node {a['id']!r} already exists")
-    existing = ctx.txn.get("node_by_machine", a["machine_key"])
+@handles(c.NodeRegister)
+def _node_register(ctx: Context, cmd: c.NodeRegister) -> dict:
+    now = cmd.time
+    if ctx.txn.get("nodes", cmd.id) is not None:
+        raise Rejected("conflict", f"node {cmd.id!r} already exists")
+    existing = ctx.txn.get("node_by_machine", cmd.machine_key)
     if existing is not None:
         raise Rejected("conflict", f"this machine key is already registered as node {existing!r}")
-    user, tags, approved, ephemeral = a.get("user"), sorted(a.get("tags", [])), False, False
-    if a.get("preauth_key_id"):
-        key = ctx.require("preauth_keys", a["preauth_key_id"], "pre-auth key")
+    user, tags = unless_absent(cmd.user), sorted(unless_absent(cmd.tags, []))
+    approved, ephemeral = False, False
+    if cmd.preauth_key_id:
+        key = ctx.require("preauth_keys", cmd.preauth_key_id, "pre-auth key")
         problem = preauth_key_problem(key, now)
         if problem:
             raise Rejected("preauth_key_invalid", f"pre-auth key is {problem}", 401)
@@ -413,26 +416,26 @@ def _node_register(ctx: Context) -> dict:
     if user is not None and not tags:
         ctx.require("users", user, "user")
     v4, v6 = _allocate_ips(ctx.txn)
-    record = {"id": a["id"], "name": _unique_name(ctx.txn, a["name"]),
+    record = {"id": cmd.id, "name": _unique_name(ctx.txn, cmd.name),
               "user": None if tags else user, "tags": tags,
-              "registered_by": user, "machine_key": a["machine_key"],
-              "node_key": a["node_key"], "ipv4": v4, "ipv6": v6,
-              "endpoints": sorted(a.get("endpoints", [])), "created_at": now,
-              "last_seen": None, "key_expiry": a.get("key_expiry"), "expired": False,
+              "registered_by": user, "machine_key": cmd.machine_key,
+              "node_key": cmd.node_key, "ipv4": v4, "ipv6": v6,
+              "endpoints": sorted(unless_absent(cmd.endpoints, [])), "created_at": now,
+              "last_seen": None, "key_expiry": unless_absent(cmd.key_expiry), "expired": False,
               "approved": approved, "ephemeral": ephemeral,
               "online": False, "stream_replica": None, "stream_session": None,
-              "advertised_routes": sorted(a.get("advertised_routes", [])),
+              "advertised_routes": sorted(unless_absent(cmd.advertised_routes, [])),
               "approved_routes": []}
-    ctx.txn.put("nodes", a["id"], record)
-    ctx.txn.put("node_ips", v4, a["id"])
-    ctx.txn.put("node_by_machine", a["machine_key"], a["id"])
-    ctx.txn.put("node_names", record["name"], a["id"])
-    ctx.audit(f"node:{a['id']}", None, record)
+    ctx.txn.put("nodes", cmd.id, record)
+    ctx.txn.put("node_ips", v4, cmd.id)
+    ctx.txn.put("node_by_machine", cmd.machine_key, cmd.id)
+    ctx.txn.put("node_names", record["name"], cmd.id)
+    ctx.audit(f"node:{cmd.id}", None, record)
     return record
 
 
 def _update_node(ctx: Context, changes: dict) -> dict:
-    before = ctx.require("nodes", ctx.args["id"], "node")
+    before = ctx.require("nodes", ctx.cmd.id, "node")
     after = dict(before, **changes)
     if after != before:
         ctx.txn.put("nodes", before["id"], after)
@@ -440,70 +443,71 @@ def _update_node(ctx: Context, changes: dict) -> dict:
     return after
 
 
-@handler("node.update")
-def _node_update(ctx: Context) -> dict:
+@handles(c.NodeUpdate)
+def _node_update(ctx: Context, cmd: c.NodeUpdate) -> dict:
     changes = {}
-    if "name" in ctx.args:
-        if ctx.args["name"] != _unique_name(ctx.txn, ctx.args["name"], ctx.args["id"]):
-            raise Rejected("conflict", f"node name {ctx.args['name']!r} is taken")
-        node = ctx.require("nodes", ctx.args["id"], "node")
+    if cmd.name is not ABSENT:
+        if cmd.name != _unique_name(ctx.txn, cmd.name, cmd.id):
+            raise Rejected("conflict", f"node name {cmd.name!r} is taken")
+        node = ctx.require("nodes", cmd.id, "node")
         ctx.txn.delete("node_names", node["name"])
-        ctx.txn.put("node_names", ctx.args["name"], node["id"])
-        changes["name"] = ctx.args["name"]
-    if "tags" in ctx.args:
-        changes["tags"] = sorted(ctx.args["tags"])
+        ctx.txn.put("node_names", cmd.name, node["id"])
+        changes["name"] = cmd.name
+    if cmd.tags is not ABSENT:
+        changes["tags"] = sorted(cmd.tags)
         if changes["tags"]:
             changes["user"] = None
         else:
-            node = ctx.require("nodes", ctx.args["id"], "node")
+            node = ctx.require("nodes", cmd.id, "node")
             changes["user"] = node.get("user") or node.get("registered_by")
     return _update_node(ctx, changes)
 
 
-@handler("node.approve")
-def _node_approve(ctx: Context) -> dict:
+@handles(c.NodeApprove)
+def _node_approve(ctx: Context, cmd: c.NodeApprove) -> dict:
     return _update_node(ctx, {"approved": True})
 
 
-@handler("node.expire")
-def _node_expire(ctx: Context) -> dict:
-    return _update_node(ctx, {"expired": True, "key_expiry": ctx.cmd.time})
+@handles(c.NodeExpire)
+def _node_expire(ctx: Context, cmd: c.NodeExpire) -> dict:
+    return _update_node(ctx, {"expired": True, "key_expiry": cmd.time})
 
 
-@handler("node.routes")
-def _node_routes(ctx: Context) -> dict:
-    node = ctx.require("nodes", ctx.args["id"], "node")
-    routes = sorted(ctx.args["approved_routes"])
+@handles(c.NodeRoutes)
+def _node_routes(ctx: Context, cmd: c.NodeRoutes) -> dict:
+    node = ctx.require("nodes", cmd.id, "node")
+    routes = sorted(cmd.approved_routes)
     missing = [r for r in routes if r not in node["advertised_routes"]]
     if missing:
         raise Rejected("invalid_route", f"routes {missing} are not advertised by the node", 400)
     return _update_node(ctx, {"approved_routes": routes})
 
 
-@handler("node.report")
-def _node_report(ctx: Context) -> dict:
+@handles(c.NodeReport)
+def _node_report(ctx: Context, cmd: c.NodeReport) -> dict:
     """What an agent reports about itself: endpoints, advertised routes, liveness."""
-    changes = {k: sorted(ctx.args[k]) for k in ("endpoints", "advertised_routes") if k in ctx.args}
-    if "last_seen" in ctx.args:
-        changes["last_seen"] = ctx.args["last_seen"]
+    changes = {k: sorted(v) for k in ("endpoints", "advertised_routes")
+               if (v := getattr(cmd, k)) is not ABSENT}
+    if cmd.last_seen is not ABSENT:
+        changes["last_seen"] = cmd.last_seen
     return _update_node(ctx, changes)
 
 
-@handler("node.rotate_key")
-def _node_rotate_key(ctx: Context) -> dict:
-    node = ctx.require("nodes", ctx.args["id"], "node")
-    if node["node_key"] != ctx.args["old_node_key"]:
+@handles(c.NodeRotateKey)
+def _node_rotate_key(ctx: Context, cmd: c.NodeRotateKey) -> dict:
+    node = ctx.require("nodes", cmd.id, "node")
+    if node["node_key"] != cmd.old_node_key:
         raise Rejected("conflict", "old node key does not match the registered one")
-    return _update_node(ctx, {"node_key": ctx.args["node_key"],
-                              "key_expiry": ctx.args.get("key_expiry", node["key_expiry"])})
+    return _update_node(ctx, {"node_key": cmd.node_key,
+                              "key_expiry": unless_absent(cmd.key_expiry, node["key_expiry"])})
 
 
-@handler("node.reauthenticate")
-def _node_reauthenticate(ctx: Context) -> dict:
+@handles(c.NodeReauthenticate)
+def _node_reauthenticate(ctx: Context, cmd: c.NodeReauthenticate) -> dict:
     """An expired or logged-out machine proves itself again with a pre-auth key."""
-    node = ctx.require("nodes", ctx.args["id"], "node")
-    key = ctx.require("preauth_keys", ctx.args["preauth_key_id"], "pre-auth key")
-    problem = preauth_key_problem(key, ctx.cmd.time)
+    node = ctx.require("nodes", cmd.id, "node")
+    key = ctx.require("preauth_keys", cmd.preauth_key_id, "pre-auth key")
+    problem = preauth_key_problem(key, cmd.time)
     if problem:
         raise Rejected("preauth_key_invalid", f"pre-auth key is {problem}", 401)
     if key["user"] != node.get("registered_by"):
@@ -511,28 +515,28 @@ def _node_reauthenticate(ctx: Context) -> dict:
     updated = dict(key, used=key["used"] + 1)
     ctx.txn.put("preauth_keys", key["id"], updated)
     ctx.audit(f"preauth_key:{key['id']}", key, updated)
-    return _update_node(ctx, {"expired": False, "key_expiry": ctx.args.get("key_expiry"),
-                              "node_key": ctx.args.get("node_key", node["node_key"]),
+    return _update_node(ctx, {"expired": False, "key_expiry": unless_absent(cmd.key_expiry),
+                              "node_key": unless_absent(cmd.node_key, node["node_key"]),
                               "approved": True})
 
 
-@handler("node.presence")
-def _node_presence(ctx: Context) -> dict:
+@handles(c.NodePresence)
+def _node_presence(ctx: Context, cmd: c.NodePresence) -> dict:
     """Map streams opened (online) or closed (offline) on one replica, batched by it.
 
     Offline applies only to the session that went away, so a late close cannot hide a newer
     stream elsewhere; nodes deleted meanwhile are skipped. Not audited: presence is frequent
     and changes no configuration."""
     changed = []
-    for c in ctx.args["changes"]:
-        node = ctx.txn.get("nodes", c["id"])
+    for change in cmd.changes:
+        node = ctx.txn.get("nodes", change["id"])
         if node is None:
             continue
-        if c["online"]:
-            after = dict(node, online=True, stream_replica=ctx.args["replica"],
-                         stream_session=c["session"], last_seen=ctx.cmd.time)
-        elif node.get("stream_session") == c["session"]:
-            after = dict(node, online=False, stream_session=None, last_seen=ctx.cmd.time)
+        if change["online"]:
+            after = dict(node, online=True, stream_replica=cmd.replica,
+                         stream_session=change["session"], last_seen=cmd.time)
+        elif node.get("stream_session") == change["session"]:
+            after = dict(node, online=False, stream_session=None, last_seen=cmd.time)
         else:
             continue
         ctx.txn.put("nodes", node["id"], after)
@@ -540,10 +544,10 @@ def _node_presence(ctx: Context) -> dict:
     return {"nodes": changed}
 
 
-@handler("node.presence_sweep")
-def _node_presence_sweep(ctx: Context) -> dict:
+@handles(c.NodePresenceSweep)
+def _node_presence_sweep(ctx: Context, cmd: c.NodePresenceSweep) -> dict:
     """A replica (re)started: the streams it served before are gone."""
-    return {"nodes": _sweep_streams(ctx, ctx.args["replica"])}
+    return {"nodes": _sweep_streams(ctx, cmd.replica)}
 
 
 def _sweep_streams(ctx: Context, replica: str) -> list[dict]:
@@ -556,9 +560,9 @@ def _sweep_streams(ctx: Context, replica: str) -> list[dict]:
     return swept
 
 
-@handler("node.delete")
-def _node_delete(ctx: Context) -> dict:
-    before = ctx.require("nodes", ctx.args["id"], "node")
+@handles(c.NodeDelete)
+def _node_delete(ctx: Context, cmd: c.NodeDelete) -> dict:
+    before = ctx.require("nodes", cmd.id, "node")
     ctx.txn.delete("nodes", before["id"])
     ctx.txn.delete("node_ips", before["ipv4"])
     ctx.txn.delete("node_by_machine", before["machine_key"])
@@ -568,27 +572,26 @@ def _node_delete(ctx: Context) -> dict:
 
 
 # -- cluster signing keys ---------------------------------------------------------------
-def _add_cluster_key(ctx: Context) -> dict:
-    a = ctx.args
-    record = {"id": a["id"], "public_key": a["public_key"], "private_key": a["private_key"],
-              "created_at": ctx.cmd.time, "retire_at": None}
+def _add_cluster_key(ctx: Context, cmd: c.ClusterKeyBootstrap | c.ClusterKeyRotate) -> dict:
+    record = {"id": cmd.id, "public_key": cmd.public_key, "private_key": cmd.private_key,
+              "created_at": cmd.time, "retire_at": None}
     for kid, key in list(ctx.txn.items("cluster_keys")):
         if key["retire_at"] is None:  # the previous signing key keeps verifying for a while
-            retired = dict(key, retire_at=ctx.cmd.time + a.get("overlap_seconds", 86400))
+            retired = dict(key, retire_at=cmd.time + unless_absent(cmd.overlap_seconds, 86400))
             ctx.txn.put("cluster_keys", kid, retired)
             ctx.audit(f"cluster_key:{kid}", key, retired)
-    ctx.txn.put("cluster_keys", a["id"], record)
-    ctx.audit(f"cluster_key:{a['id']}", None, record)
+    ctx.txn.put("cluster_keys", cmd.id, record)
+    ctx.audit(f"cluster_key:{cmd.id}", None, record)
     return public(record)
 
 
-@handler("clusterkey.bootstrap")
-def _clusterkey_bootstrap(ctx: Context) -> dict:
+@handles(c.ClusterKeyBootstrap)
+def _clusterkey_bootstrap(ctx: Context, cmd: c.ClusterKeyBootstrap) -> dict:
     """The first netmap signing key."""
     _refuse_unless_empty(ctx, "cluster_keys", "a cluster key")
-    return _add_cluster_key(ctx)
+    return _add_cluster_key(ctx, cmd)
 
 
-@handler("clusterkey.rotate")
-def _clusterkey_rotate(ctx: Context) -> dict:
-    return _add_cluster_key(ctx)
+@handles(c.ClusterKeyRotate)
+def _clusterkey_rotate(ctx: Context, cmd: c.ClusterKeyRotate) -> dict:
+    return _add_cluster_key(ctx, cmd)

@@ -9,7 +9,7 @@ import struct
 
 from pysyncobj import pickle as pso_pickle
 
-from raftmesh.cluster.commands import Command
+from raftmesh.cluster.commands import UserCreate
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.cluster.raft.pysyncobj_replica import RaftReplica
 
@@ -52,7 +52,7 @@ def append_entries(term, prev_idx, prev_term, entries, commit) -> dict:
 
 
 def user_entry(r, idx, term, name):
-    payload = Command("user.create", {"name": name}, time=1.0).encode()
+    payload = UserCreate(name=name, time=1.0).encode()
     return (regular(r, "apply_command", payload), idx, term)
 
 

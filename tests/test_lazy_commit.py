@@ -9,7 +9,7 @@ import pytest
 from pysyncobj.node import TCPNode
 from raft_by_hand import append_entries, capture_sends, close, hand_driven, user_entry, users
 
-from raftmesh.cluster.commands import Command
+from raftmesh.cluster.commands import UserCreate
 from raftmesh.lab.local_cluster import free_ports
 from raftmesh.cluster.raft.lazy_commit import ForwardedCommands, Hold
 from raftmesh.cluster.raft import Outcome
@@ -103,7 +103,7 @@ def test_a_follower_applies_at_once_what_its_own_caller_waits_on(pair):
     sent = capture_sends(r)
     r._SyncObj__onMessageReceived(leader, append_entries(1, 1, 0, [user_entry(r, 2, 1, "a")], 1))
     r.doTick(0)  # the leader is known now: proposals are forwarded to it
-    fut = r.propose(Command("user.create", {"name": "mine"}, time=1.0))
+    fut = r.propose(UserCreate(name="mine", time=1.0))
     r.doTick(0)
     (forwarded,) = [m for _, m in sent if m["type"] == "apply_command"]
     r._SyncObj__onMessageReceived(leader, {"type": "apply_command_response", "log_idx": 3,
@@ -146,7 +146,7 @@ def test_a_leader_sends_a_commit_index_nobody_waits_on_with_the_next_entries(pai
     sent.clear()
     r.doTick(0)
     assert r.raftCommitIndex == noop and appends(sent) == [], "held, not sent alone"
-    fut = r.propose(Command("user.create", {"name": "a"}, time=1.0))
+    fut = r.propose(UserCreate(name="a", time=1.0))
     r.doTick(0)
     (m,) = appends(sent)
     assert [e[1] for e in m["entries"]] == [noop + 1] and m["commit_index"] == noop

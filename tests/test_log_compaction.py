@@ -1,6 +1,6 @@
 """When a replica snapshots: entries alone suffice for a small state; a large one also waits
 for the journal to hold half a snapshot's bytes (cluster/raft/pysyncobj_replica.py)."""
-from raftmesh.cluster.commands import Command
+from raftmesh.cluster.commands import UserCreate
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.lab.local_cluster import free_ports
 from raftmesh.cluster.raft import Outcome
@@ -11,7 +11,7 @@ from conftest import wait_until
 
 def create(r, name, display=""):
     args = {"name": name, **({"display_name": display} if display else {})}
-    assert r.propose(Command("user.create", args, time=1.0)).result(10).kind == Outcome.APPLIED
+    assert r.propose(UserCreate(**args, time=1.0)).result(10).kind == Outcome.APPLIED
 
 
 def test_compaction_waits_for_the_journal_to_hold_half_a_snapshot(tmp_path):
@@ -49,7 +49,7 @@ def test_a_single_replica_commits_without_waiting_for_an_idle_tick(tmp_path):
     try:
         wait_until(lambda: r.status.get("state") == "leader", 20, what="a leader")
         for i in range(3):
-            fut = r.propose(Command("user.create", {"name": f"u{i}"}, time=1.0))
+            fut = r.propose(UserCreate(name=f"u{i}", time=1.0))
             assert fut.result(1).kind == Outcome.APPLIED, "committed well before an idle tick"
     finally:
         r.stop()

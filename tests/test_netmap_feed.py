@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import random
+import typing
+from dataclasses import MISSING, fields
 
 from raftmesh.proto.wire import Netmap, NetmapDelta, apply_delta
-from raftmesh.cluster.commands import Command
+from raftmesh.cluster.commands import COMMANDS, Command
 from raftmesh.cluster.netmap import compute_netmaps
 from raftmesh.cluster.netmap_feed import NetmapFeed, policy_or_none
 
@@ -28,6 +30,16 @@ POLICIES = [
 
 def ok(value) -> dict:
     return {"ok": True, "value": value}
+
+
+def record(op: str, args: dict, time: float) -> Command:
+    """A valid `op` record: the feed reads its kind, its time and the fields it names;
+    required arguments not given here get placeholders."""
+    cls = COMMANDS[op]
+    hints = typing.get_type_hints(cls)
+    placeholders = {f.name: [] if typing.get_origin(hints[f.name]) is list else "x"
+                    for f in fields(cls) if f.default is MISSING}
+    return cls(**placeholders | args, time=time)
 
 
 class World:
@@ -53,16 +65,16 @@ class World:
                      tags=self.rng.choice(((), (), ("tag:db",))),
                      key_expiry=self.rng.choice((None, self.clock + self.rng.choice((3, 20, 400)))))
             self.nodes[n["id"]] = n
-            return self.version, Command("node.register", {}, time=self.clock), ok(n)
+            return self.version, record("node.register", {}, time=self.clock), ok(n)
         if r < 0.4:
             self.policy = self.rng.choice(POLICIES)
-            return self.version, Command("policy.set", {"text": self.policy}, time=self.clock), ok({})
+            return self.version, record("policy.set", {"text": self.policy}, time=self.clock), ok({})
         nid = self.rng.choice(live)
         if r < 0.5:
             del self.nodes[nid]
-            return self.version, Command("node.delete", {"id": nid}, time=self.clock), ok({})
+            return self.version, record("node.delete", {"id": nid}, time=self.clock), ok({})
         if r < 0.55:  # a rejected command changes nothing, not even the clock
-            return self.version, Command("node.update", {}, time=self.clock + 1e6), {"ok": False}
+            return self.version, record("node.update", {}, time=self.clock + 1e6), {"ok": False}
         n = dict(self.nodes[nid])
         kind = self.rng.choice(("endpoints", "expire", "online", "tags", "reauth"))
         if kind == "endpoints":
@@ -77,7 +89,7 @@ class World:
         else:
             n.update(expired=False, key_expiry=None)
         self.nodes[nid] = n
-        return self.version, Command("node.update", {}, time=self.clock), ok(n)
+        return self.version, record("node.update", {}, time=self.clock), ok(n)
 
     def expected(self, version: int, clock: float) -> dict[str, Netmap]:
         return compute_netmaps(policy_or_none(self.policy), self.nodes.values(), clock, version)
@@ -146,7 +158,7 @@ def test_resume_without_version_ahead_or_too_old_gives_a_full_netmap():
     nothing = feed.resume("n1", 5)
     assert isinstance(nothing, NetmapDelta) and nothing.is_empty() and nothing.version == 5
     for v in (6, 7, 8):
-        feed.apply_batch([(v, Command("node.report", {}, time=NOW), ok(dict(n2, endpoints=[f"192.0.2.{v}:1"])))])
+        feed.apply_batch([(v, record("node.report", {}, time=NOW), ok(dict(n2, endpoints=[f"192.0.2.{v}:1"])))])
     assert isinstance(feed.resume("n1", 6), NetmapDelta)
     assert isinstance(feed.resume("n1", 5), Netmap)  # its history holds only 2 deltas
     assert feed.resume("n9", None) is None
@@ -156,151 +168,33 @@ def test_revocation_and_expiry_by_the_replicated_clock():
     n1, n2 = node(1, "alice"), node(2, "bob", key_expiry=NOW + 60)
     feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 5)
     assert feed.next_expiry() == NOW + 60
-    u = feed.apply_batch([(6, Command("clock.tick", {}, time=NOW + 30), ok({}))])
+    u = feed.apply_batch([(6, record("clock.tick", {}, time=NOW + 30), ok({}))])
     assert u.deltas == {} and not u.gone
-    u = feed.apply_batch([(7, Command("clock.tick", {}, time=NOW + 61), ok({}))])
+    u = feed.apply_batch([(7, record("clock.tick", {}, time=NOW + 61), ok({}))])
     assert u.gone == {"n2"} and u.deltas["n1"].peers_removed == ("n2",)
     assert feed.resume("n2", 6) is None
-    u = feed.apply_batch([(8, Command("node.delete", {"id": "n1"}, time=NOW + 62), ok({}))])
+    u = feed.apply_batch([(8, record("node.delete", {"id": "n1"}, time=NOW + 62), ok({}))])
     assert u.gone == {"n1"} and "n1" not in feed._history
     # a replayed idempotent write or a rejected one moves nothing
-    u = feed.apply_batch([(9, Command("clock.tick", {}, time=NOW + 1e6), {"ok": True, "replayed": True})])
+    u = feed.apply_batch([(9, record("clock.tick", {}, time=NOW + 1e6), {"ok": True, "replayed": True})])
     assert feed.clock == NOW + 62 and u.version == 9
 
 
 def test_cluster_key_commands_are_flagged_and_cause_times_kept():
     feed = NetmapFeed(POLICIES[0], [node(1, "alice"), node(2, "bob")], NOW, 1)
-    u = feed.apply_batch([(2, Command("clusterkey.rotate", {}, time=NOW), ok({})),
-                          (3, Command("node.report", {}, time=NOW + 1),
+    u = feed.apply_batch([(2, record("clusterkey.rotate", {}, time=NOW), ok({})),
+                          (3, record("node.report", {}, time=NOW + 1),
                            ok(node(2, "bob", endpoints=["192.0.2.9:1"]))),
-                          (4, Command("node.report", {}, time=NOW + 2),
+                          (4, record("node.report", {}, time=NOW + 2),
                            ok(node(2, "bob", endpoints=["192.0.2.8:1"])))])
     assert u.keys_changed and u.cause_time["n1"] == NOW + 1
     assert u.deltas["n1"].version == 4 and u.deltas["n1"].peers_changed[0].endpoints == ("192.0.2.8:1",)
 
 
-def test_large_feed_refreezes_the_gc_as_it_churns(monkeypatch):
-    """A large index is frozen out of the collector's reach when built, and again once its
-    changes plus the deltas they made reach REFREEZE_EVERY (every FULL_REFREEZE_EVERY-th
-    time after an unfreeze, to reclaim cycles that died frozen); a small one never."""
-    import gc
-
-    from raftmesh.cluster import netmap_feed
-    calls = []
-    monkeypatch.setattr(netmap_feed, "FREEZE_MIN_NODES", 3)
-    monkeypatch.setattr(netmap_feed, "REFREEZE_EVERY", 5)
-    monkeypatch.setattr(netmap_feed, "FULL_REFREEZE_EVERY", 2)
-    monkeypatch.setattr(netmap_feed, "tune_gc_for_large_index", lambda: calls.append("tune"))
-    monkeypatch.setattr(netmap_feed, "refreeze_gc", lambda full: calls.append(("refreeze", full)))
-    nodes = [node(i, "alice") for i in range(4)]
-    # each flips one node's online flag: 1 change + 3 deltas (its peers) = 4 units of churn
-    upd = [(v, Command("node.update", {}, time=NOW), ok(dict(nodes[v % 4], online=v % 2 == 0)))
-           for v in range(11, 21)]
-    feed = NetmapFeed(POLICIES[0], nodes, NOW, 10)
-    assert calls == ["tune"]
-    feed.apply_batch(upd[:1])
-    assert calls == ["tune"]
-    feed.apply_batch(upd[1:2])  # 8 units since the freeze
-    assert calls == ["tune", ("refreeze", False)]
-    feed.apply_batch(upd[2:4])
-    assert calls == ["tune", ("refreeze", False), ("refreeze", True)]
-    small = NetmapFeed(POLICIES[0], nodes[:2], NOW, 10)
-    small.apply_batch([u for u in upd if u[0] % 4 < 2])  # its own two nodes only
-    assert calls == ["tune", ("refreeze", False), ("refreeze", True)]
-
-
-def test_feed_tunes_the_gc_when_its_index_grows_large(monkeypatch):
-    """Clusters start empty: the treatment comes when the index reaches the size."""
-    from raftmesh.cluster import netmap_feed
-    calls = []
-    monkeypatch.setattr(netmap_feed, "FREEZE_MIN_NODES", 3)
-    monkeypatch.setattr(netmap_feed, "tune_gc_for_large_index", lambda: calls.append("tune"))
-    monkeypatch.setattr(netmap_feed, "refreeze_gc", lambda full: calls.append(("refreeze", full)))
-    feed = NetmapFeed(POLICIES[0], [node(1, "alice")], NOW, 10)
-    reg = lambda v, i: (v, Command("node.register", {}, time=NOW), ok(node(i, "alice")))  # noqa: E731
-    feed.apply_batch([reg(11, 2)])
-    assert calls == []
-    feed.apply_batch([reg(12, 3)])
-    assert calls == ["tune"]
-    feed.apply_batch([reg(13, 4)])
-    assert calls == ["tune"]
-
-
-def test_refreeze_gc_reclaims_frozen_cycles_when_full():
-    import gc
-
-    from raftmesh.cluster import netmap_feed
-    try:
-        junk = [[]]
-        junk[0].append(junk)  # a cycle, frozen while alive, garbage afterwards
-        netmap_feed.refreeze_gc()
-        assert gc.get_freeze_count() > 0
-        del junk
-        frozen = gc.get_freeze_count()
-        netmap_feed.refreeze_gc(full=True)  # unfreezes first: the cycle is reclaimed
-        assert gc.get_freeze_count() < frozen
-    finally:
-        gc.unfreeze()
-
-
-def test_changes_run_with_the_collector_paused(monkeypatch):
-    """No automatic collection inside a change (its objects would be walked for nothing),
-    the collector back on after it, even when the change fails, and left off when the
-    process had turned it off."""
-    import gc
-
-    from raftmesh.cluster import netmap_feed
-    feed = NetmapFeed(POLICIES[0], [node(1, "alice")], NOW, 10)
-    seen = []
-    changes = feed._changes
-    monkeypatch.setattr(feed, "_changes", lambda *a: seen.append(gc.isenabled()) or changes(*a))
-    assert gc.isenabled()
-    feed.apply_batch([(11, Command("node.register", {}, time=NOW), ok(node(2, "bob")))])
-    assert seen == [False] and gc.isenabled() and feed.version == 11
-    monkeypatch.setattr(feed, "_changes", lambda *a: 1 / 0)
-    try:
-        feed.apply_batch([(12, Command("node.register", {}, time=NOW), ok(node(3, "bob")))])
-    except ZeroDivisionError:
-        pass
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        with netmap_feed.collector_paused():
-            assert not gc.isenabled()
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-
-
-def test_a_large_change_of_a_large_index_is_frozen_when_it_ends(monkeypatch):
-    """Instead of the young collection it deferred walking everything it left behind; a
-    smaller change, or any change of a small index, leaves that collection as it was."""
-    import gc
-
-    from raftmesh.cluster import netmap_feed
-    frozen = []
-    monkeypatch.setattr(netmap_feed, "FREEZE_MIN_NODES", 3)
-    monkeypatch.setattr(netmap_feed, "FREEZE_AFTER_DELTAS", 4)
-    monkeypatch.setattr(netmap_feed, "tune_gc_for_large_index", lambda: None)
-    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(gc.isenabled()))
-    nodes = [node(i, "alice") for i in range(4)]
-    policy = lambda v, text: (v, Command("policy.set", {"text": text}, time=NOW), ok({}))  # noqa: E731
-    flip = lambda v, i: (v, Command("node.update", {}, time=NOW), ok(dict(nodes[i], online=True)))  # noqa: E731
-    feed = NetmapFeed(POLICIES[2], nodes, NOW, 10)  # only bob may reach alice: no peers
-    assert len(feed.apply_batch([flip(11, 0)]).deltas) == 1  # its own record: below 4
-    assert frozen == []
-    assert len(feed.apply_batch([policy(12, POLICIES[0])]).deltas) == 4  # every node
-    assert frozen == [False] and gc.isenabled()  # frozen before the collector is back on
-    small = NetmapFeed(POLICIES[2], nodes[:2], NOW, 10)  # an index below FREEZE_MIN_NODES
-    monkeypatch.setattr(netmap_feed, "FREEZE_AFTER_DELTAS", 2)
-    assert len(small.apply_batch([policy(11, POLICIES[0])]).deltas) == 2
-    assert frozen == [False]
-
-
 def test_member_removal_sends_the_offline_records_it_swept():
     n1, n2 = node(1, "alice", online=True), node(2, "alice", online=True)
     feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 10)
-    u = feed.apply_batch([(11, Command("member.remove", {"id": "r3"}, time=NOW),
+    u = feed.apply_batch([(11, record("member.remove", {"id": "r3"}, time=NOW),
                            ok({"member": {"id": "r3"}, "nodes": [dict(n1, online=False)]}))])
     assert [p.online for p in u.deltas["n2"].peers_changed] == [False]
     assert feed.full("n2").peers["n1"].online is False
@@ -313,14 +207,14 @@ def test_only_batches_that_cannot_change_a_netmap_skip_the_feed_thread():
     nodes = [node(1, "alice"), node(2, "bob", key_expiry=NOW + 10)]
     feed = NetmapFeed(POLICIES[0], nodes, NOW, 1)
     reference = NetmapFeed(POLICIES[0], nodes, NOW, 1)
-    user = (2, Command("user.create", {"name": "carol"}, time=NOW + 1), ok({"name": "carol"}))
+    user = (2, record("user.create", {"name": "carol"}, time=NOW + 1), ok({"name": "carol"}))
     for op in ("node.update", "node.delete", "node.presence", "policy.set", "member.remove",
                "clusterkey.rotate"):
-        assert not feed.apply_if_only_time([user, (3, Command(op, {}, time=NOW + 1), ok({}))]), op
+        assert not feed.apply_if_only_time([user, (3, record(op, {}, time=NOW + 1), ok({}))]), op
         assert (feed.version, feed.clock) == (1, NOW), "a refused batch changes nothing"
-    late = (3, Command("user.create", {"name": "dave"}, time=NOW + 10), ok({"name": "dave"}))
+    late = (3, record("user.create", {"name": "dave"}, time=NOW + 10), ok({"name": "dave"}))
     assert not feed.apply_if_only_time([user, late])  # n2's key expires at that time
-    refused = (3, Command("user.create", {"name": "x"}, time=NOW + 5), {"ok": False})
+    refused = (3, record("user.create", {"name": "x"}, time=NOW + 5), {"ok": False})
     assert feed.apply_if_only_time([user, refused])
     reference.apply_batch([user, refused])
     assert (feed.version, feed.clock) == (reference.version, reference.clock) == (3, NOW + 1)

@@ -194,18 +194,18 @@ class _FakeReplica:
 
 def test_api_key_cache_is_invalidated_by_key_commands_and_snapshots():
     from raftmesh.api.routing import ApiKeyCache
-    from raftmesh.cluster.commands import Command
+    from raftmesh.cluster.commands import ApiKeyDelete, UserCreate
     rep = _FakeReplica({"k1": {"id": "k1", "scopes": ["admin"]}})
     cache = ApiKeyCache(rep)
     assert cache.get("k1")["id"] == "k1" and cache.get("k1") and rep.reads == 1
     assert cache.get("nope") is None and cache.get("nope") is None and rep.reads == 3  # misses not kept
     for fn in rep.apply:  # unrelated commands keep the cache
-        fn([(5, Command("user.create", {"name": "a"}), {"ok": True})])
+        fn([(5, UserCreate(name="a"), {"ok": True})])
     cache.get("k1")
     assert rep.reads == 3
     del rep.records["k1"]
     for fn in rep.apply:
-        fn([(6, Command("user.create", {"name": "b"}), {}), (7, Command("apikey.delete", {"id": "k1"}), {})])
+        fn([(6, UserCreate(name="b"), {}), (7, ApiKeyDelete(id="k1"), {})])
     assert cache.get("k1") is None
     rep.records["k1"] = {"id": "k1", "scopes": ["read"]}
     assert cache.get("k1")["scopes"] == ["read"]
@@ -217,25 +217,25 @@ def test_api_key_cache_is_invalidated_by_key_commands_and_snapshots():
 
 def test_api_key_cache_does_not_keep_a_record_read_before_a_concurrent_delete():
     from raftmesh.api.routing import ApiKeyCache
-    from raftmesh.cluster.commands import Command
+    from raftmesh.cluster.commands import ApiKeyDelete
     rep = _FakeReplica({"k1": {"id": "k1", "scopes": ["admin"]}})
     cache = ApiKeyCache(rep)
     # The delete is applied (and the cache cleared) while a lookup holds the old record.
-    rep.during_read = lambda: [fn([(9, Command("apikey.delete", {"id": "k1"}), {})]) for fn in rep.apply]
+    rep.during_read = lambda: [fn([(9, ApiKeyDelete(id="k1"), {})]) for fn in rep.apply]
     assert cache.get("k1") is not None  # what LMDB said at the time of the read
     rep.during_read, rep.records = None, {}
     assert cache.get("k1") is None  # not served from the cache afterwards
 
 
 def test_only_apikey_commands_write_the_api_keys_table():
-    """ApiKeyCache relies on it: it is emptied after batches with an `apikey.*` command."""
+    """ApiKeyCache relies on it: it is emptied after batches with an API-key command."""
     import inspect
     from raftmesh.cluster import state_machine as sm
-    for op, fn in sm.HANDLERS.items():
+    for kind, fn in sm.HANDLERS.items():
         source = inspect.getsource(fn)
         helpers = [h for name, h in vars(sm).items() if callable(h) and f"{name}(" in source
                    and name.startswith("_")]
         writes = any('"api_keys"' in inspect.getsource(f) and ("put(" in inspect.getsource(f)
                      or "delete(" in inspect.getsource(f)) for f in [fn] + helpers
                      if inspect.isfunction(f))
-        assert not writes or op.startswith("apikey."), op
+        assert not writes or kind.changes_api_keys, kind.__name__

@@ -27,7 +27,7 @@ def test_collections_are_timed_by_generation_until_closed():
 def test_replicas_raise_the_young_generation_threshold_and_never_lower_it():
     import gc
 
-    from raftmesh.cluster.netmap_feed import GC_GEN0_THRESHOLD, raise_young_gc_threshold
+    from raftmesh.api.gc_tuning import GC_GEN0_THRESHOLD, raise_young_gc_threshold
     saved = gc.get_threshold()
     try:
         gc.set_threshold(700, saved[1], saved[2])

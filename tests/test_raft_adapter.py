@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from raftmesh.cluster.commands import Command
+from raftmesh.cluster.commands import UserCreate
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.cluster.raft.in_memory import InMemoryRaft
@@ -78,8 +78,8 @@ def test_both_implementations_have_the_interface(raft):
 def test_proposals_apply_in_order_through_the_state_machine(raft):
     seen = []
     raft.add_apply_listener(lambda batch: seen.extend((i, c.op) for i, c, _ in batch))
-    first = raft.propose(Command("user.create", {"name": "a"}, time=1.0)).result(0)
-    again = raft.propose(Command("user.create", {"name": "a"}, time=2.0)).result(0)
+    first = raft.propose(UserCreate(name="a", time=1.0)).result(0)
+    again = raft.propose(UserCreate(name="a", time=2.0)).result(0)
     read = raft.barrier().result(0)
     assert first.kind == again.kind == read.kind == Outcome.APPLIED
     assert first.result["ok"] and first.result["version"] == 1
@@ -95,7 +95,7 @@ def test_loop_listeners_run_before_the_future_they_precede_resolves(raft):
     async def scenario():
         order = []
         raft.add_apply_listener(lambda batch: order.append("listener"), asyncio.get_running_loop())
-        fut = raft.propose_async(Command("user.create", {"name": "b"}, time=1.0))
+        fut = raft.propose_async(UserCreate(name="b", time=1.0))
         fut.add_done_callback(lambda f: order.append("future"))
         assert not fut.done(), "settled on the loop, as the real replica does"
         outcome = await fut
@@ -108,11 +108,11 @@ def test_loop_listeners_run_before_the_future_they_precede_resolves(raft):
 def test_scripted_outcomes_end_proposals_without_applying_them(raft):
     raft.script_outcomes(Outcome(Outcome.NOT_APPLIED, reason="not_leader"),
                          Outcome(Outcome.UNKNOWN, reason="leader_changed"))
-    lost = raft.propose(Command("user.create", {"name": "c"}, time=1.0)).result(0)
+    lost = raft.propose(UserCreate(name="c", time=1.0)).result(0)
     unsure = raft.barrier().result(0)
     assert (lost.kind, lost.reason, unsure.kind) == (Outcome.NOT_APPLIED, "not_leader", Outcome.UNKNOWN)
     assert raft.store.applied_version() == 0
-    assert raft.propose(Command("user.create", {"name": "c"}, time=1.0)).result(0).kind == Outcome.APPLIED
+    assert raft.propose(UserCreate(name="c", time=1.0)).result(0).kind == Outcome.APPLIED
 
 
 def test_membership_changes_that_change_nothing_are_refused(raft):

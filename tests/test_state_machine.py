@@ -5,7 +5,7 @@ import os
 import pytest
 
 from raftmesh.cluster import state_machine as sm
-from raftmesh.cluster.commands import Command, CommandError
+from raftmesh.cluster.commands import Command, CommandError, build
 from raftmesh.storage.audit_chain import verify
 
 
@@ -36,7 +36,7 @@ def run(txn, commands, start=1):
 
 
 def cmd(op, t=100.0, actor="apikey:a", rid=None, **args):
-    return Command(op, args, time=t, actor=actor, request_id=rid)
+    return build(op, args, time=t, actor=actor, request_id=rid)
 
 
 def setup_commands():
@@ -135,7 +135,7 @@ def test_idempotency_records_expire_by_command_time():
 def test_unknown_and_malformed_commands_are_rejected():
     txn = DictTxn()
     assert sm.apply(txn, cmd("nope"), 1)["code"] == "unknown_command"
-    assert sm.apply(txn, Command("user.create", {}), 2)["code"] == "bad_command"
+    assert sm.apply(txn, build("user.create", {}), 2)["code"] == "bad_command"
     assert txn.tables == {}
     with pytest.raises(CommandError):
         Command.decode(b"not json")
@@ -239,15 +239,15 @@ def test_replicas_applying_the_same_log_store_identical_bytes(tmp_path):
     fixed order. Proposers may build args in any order; the log carries one encoding."""
     from raftmesh.storage.state_store import StateStore
     commands = setup_commands() + [
-        Command("node.update", {"tags": ["tag:b", "tag:a"], "id": "n1"}, time=101.0, actor="x"),
-        Command("node.update", {"id": "n2", "name": "renamed"}, time=102.0, actor="x",
-                request_id="r1"),
-        Command("user.create", {"display_name": "Bob", "name": "bob"}, time=103.0),
+        build("node.update", {"tags": ["tag:b", "tag:a"], "id": "n1"}, time=101.0, actor="x"),
+        build("node.update", {"id": "n2", "name": "renamed"}, time=102.0, actor="x",
+              request_id="r1"),
+        build("user.create", {"display_name": "Bob", "name": "bob"}, time=103.0),
     ]
     log = [c.encode() for c in commands]
     # a second proposer that built the same args in another order encodes the same bytes
-    assert [Command(c.op, dict(reversed(list(c.args.items()))), c.time, c.actor,
-                    c.request_id).encode() for c in commands] == log
+    assert [build(c.op, dict(reversed(list(c.args().items()))), time=c.time, actor=c.actor,
+                  request_id=c.request_id).encode() for c in commands] == log
     digests = []
     for name in ("a", "b"):
         store = StateStore(str(tmp_path / name))

@@ -9,7 +9,7 @@ import json
 from prometheus_client import CollectorRegistry
 
 from raftmesh.api.map_stream import StreamHub
-from raftmesh.cluster.commands import Command
+from raftmesh.cluster.commands import build
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.cluster.raft import Outcome
 from raftmesh.cluster.raft.in_memory import InMemoryRaft
@@ -18,7 +18,7 @@ ALLOW_ALL = json.dumps({"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*
 
 
 def apply(r, op, args):
-    outcome = r.propose(Command(op, args, time=100.0)).result(10)
+    outcome = r.propose(build(op, args, time=100.0)).result(10)
     assert outcome.kind == Outcome.APPLIED and outcome.result["ok"], outcome.result
     return outcome.result
 

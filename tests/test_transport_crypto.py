@@ -17,7 +17,7 @@ from concurrent.futures import wait
 import pytest
 from pysyncobj.encryptor import getEncryptor
 
-from raftmesh.cluster.commands import Command
+from raftmesh.cluster.commands import UserCreate
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.lab.local_cluster import free_ports
 from raftmesh.cluster.raft import Outcome
@@ -164,7 +164,7 @@ def test_a_peer_with_the_wrong_secret_never_joins(tmp_path):
             assert not any(r.status.get("has_quorum") for r in replicas)
             assert all(r.status.get("leader") is None for r in replicas)
             time.sleep(0.05)
-        outcome = replicas[0].propose(Command("user.create", {"name": "x"}, time=1.0)).result(5)
+        outcome = replicas[0].propose(UserCreate(name="x", time=1.0)).result(5)
         assert outcome.kind != Outcome.APPLIED
     finally:
         for r in replicas:
@@ -181,7 +181,7 @@ def test_commands_forwarded_by_a_follower_are_batched_and_all_resolve(tmp_path):
         sent = []
         send = follower._send_now
         follower._send_now = lambda node, message: (sent.append(message), send(node, message))[1]
-        futures = [follower.propose(Command("user.create", {"name": f"u{i}"}, time=1.0))
+        futures = [follower.propose(UserCreate(name=f"u{i}", time=1.0))
                    for i in range(40)]
         done, _ = wait(futures, timeout=10)
         assert len(done) == 40

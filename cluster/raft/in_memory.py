@@ -16,7 +16,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Callable
 
-from raftmesh.cluster.commands import Command
+from raftmesh.cluster.commands import Barrier, Command
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.storage.state_store import StateStore
 
@@ -58,7 +58,7 @@ class InMemoryRaft:
         return fut
 
     def barrier(self) -> Future:
-        return self.propose(Command("barrier"))
+        return self.propose(Barrier())
 
     def add_apply_listener(self, fn: Callable[[list], None],
                            loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -103,7 +103,7 @@ class InMemoryRaft:
             self.store.commit()  # in this thread: an LMDB write transaction cannot move
             self._index = index
             self._refresh_status()
-            batch = [(index, applied, result)] if applied is not None and applied.op != "barrier" else []
+            batch = [(index, applied, result)] if applied is not None and not applied.read_barrier else []
             deliver(batch, self._apply_listeners, [(fut, Outcome(Outcome.APPLIED, result))])
 
     def _refresh_status(self) -> None:

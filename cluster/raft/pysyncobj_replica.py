@@ -33,7 +33,7 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.pipe_notifier import PipeNotifier
 
-from raftmesh.cluster.commands import Command
+from raftmesh.cluster.commands import Barrier, Command
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.storage import snapshot
 from raftmesh.storage.journal import DurableJournal
@@ -373,7 +373,7 @@ class RaftReplica(SyncObj):
         if index <= self.store.writer_version():
             return None  # replay after restart: already in LMDB
         cmd, result = apply_entry(self.store, payload, index)
-        if cmd is not None and cmd.op != "barrier":
+        if cmd is not None and not cmd.read_barrier:
             self._applied_batch.append((index, cmd, result))
         return result
 
@@ -438,7 +438,7 @@ class RaftReplica(SyncObj):
             for fut in waiters:
                 self._resolutions.append((fut, res, err))
 
-        self.apply_command(Command("barrier").encode(), callback=done)
+        self.apply_command(Barrier().encode(), callback=done)
         self._wake()
 
     # -- membership -----------------------------------------------------------------------
