@@ -28,13 +28,15 @@ from raftmesh.lab import namespaces, processes
 TARGET_S = None  # issue #5 gives no number for `connect`; reported as measured
 
 
-def _rounds(run: harness.BenchRun, lab, peer_ns, cluster, rounds: int, timeout: float) -> list[dict]:
+def _rounds(bench_run: harness.BenchRun, lab, peer_ns, cluster, rounds: int,
+            timeout: float) -> list[dict]:
     """A peer daemon for the whole run, then one fresh agent per round (module doc)."""
-    rows, peer, current = [], None, None
+    rows, peer, current, progress = [], None, None, bench_run.progress
     try:
         keys = harness.setup_cluster(cluster)
         servers = [r.api_url for r in cluster.replicas]
-        peer = namespaces.RealAgent(lab, peer_ns, run.path, servers, keys[harness.SVC_USER], "peer")
+        peer = namespaces.RealAgent(lab, peer_ns, bench_run.path, servers, keys[harness.SVC_USER],
+                                    "peer")
         peer.start()
         st = processes.wait_until(lambda: peer.status().get("state") == "connected"
                                   and peer.status().get("addresses") and peer.status(), 60,
@@ -43,7 +45,8 @@ def _rounds(run: harness.BenchRun, lab, peer_ns, cluster, rounds: int, timeout: 
         for r in range(rounds):
             label = f"a{r}"
             ns = lab.add(label, f"192.0.2.{10 + r}/24")
-            agent = current = namespaces.RealAgent(lab, ns, run.path, namespaces.rotated(servers, r),
+            agent = current = namespaces.RealAgent(lab, ns, bench_run.path,
+                                                   namespaces.rotated(servers, r),
                                                    keys[harness.BENCH_USER], label)
             prober = ns.first_reply(peer_ip, interval=0.01, wait=0.2, timeout=timeout)
             agent.start()
@@ -64,9 +67,9 @@ def _rounds(run: harness.BenchRun, lab, peer_ns, cluster, rounds: int, timeout: 
                    "probes_sent": int(out[1]) if len(out) > 1 else None,
                    "replica": agent.status().get("replica"), "node_id": node_id}
             rows.append(row)
-            run.progress.update(f"round {r + 1}/{rounds}: first reply after "
-                                f"{row['connect_ms'] or float('nan'):.0f} ms (stream connected after "
-                                f"{row['stream_connected_ms'] or float('nan'):.0f} ms)", force=True)
+            progress.update(f"round {r + 1}/{rounds}: first reply after "
+                            f"{row['connect_ms'] or float('nan'):.0f} ms (stream connected after "
+                            f"{row['stream_connected_ms'] or float('nan'):.0f} ms)", force=True)
             if first is None:
                 print(f"round {r + 1}: no reply within {timeout:g}s; agent log:\n{agent.log_tail()}")
             agent.stop()
@@ -86,10 +89,10 @@ def _rounds(run: harness.BenchRun, lab, peer_ns, cluster, rounds: int, timeout: 
 def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float = 60.0,
         replicas: int = 3) -> dict:
     try:
-        with harness.namespace_lab() as lab, harness.BenchRun("connect") as run:
+        with harness.namespace_lab() as lab, harness.BenchRun("connect") as bench_run:
             peer_ns = lab.add("peer", "192.0.2.1/24")
-            with run.cluster(replicas, keepalive, host=lab.connect_host()) as cluster:
-                rows = _rounds(run, lab, peer_ns, cluster, rounds, timeout)
+            with bench_run.cluster(replicas, keepalive, host=lab.connect_host()) as cluster:
+                rows = _rounds(bench_run, lab, peer_ns, cluster, rounds, timeout)
     except harness.LabUnavailable as e:
         raise SystemExit(f"bench connect: {e}") from None
 
@@ -97,8 +100,8 @@ def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float 
                for k, label in (("connect_ms", "agent start -> first packet through the tunnel"),
                                 ("stream_connected_ms", "agent start -> status 'connected'"))]
     failed = [r["round"] for r in rows if r["connect_ms"] is None]
-    result = {"benchmark": "connect", "machine": run.machine(), "rounds": rows, "summary": summary,
-              "failed_rounds": failed, "pids": run.pids,
+    result = {"benchmark": "connect", "machine": bench_run.machine(), "rounds": rows, "summary": summary,
+              "failed_rounds": failed, "pids": bench_run.pids,
               "config": {"replicas": replicas, "stream_keepalive_s": keepalive, "probe_interval_ms": 10}}
     report.print_table("connect: `raftmesh agent up` -> first ICMP echo answered by a peer over "
                        "WireGuard (ms)", rows, ["round", "connect_ms", "stream_connected_ms",

@@ -226,13 +226,13 @@ def _ms(seconds: float | None) -> str:
 
 def run(out_dir: str, rounds: int = 10, clients: int = 4, rate: float = 100.0,
         resume_timeout: float = 30.0, replicas: int = 3) -> dict:
-    with harness.BenchRun("failover") as run:
-        with run.cluster(replicas) as cluster:
-            rows = asyncio.run(_rounds(cluster, rounds, clients, rate, resume_timeout, run.progress,
-                                       run.pids))
+    with harness.BenchRun("failover") as bench_run:
+        with bench_run.cluster(replicas) as cluster:
+            rows = asyncio.run(_rounds(cluster, rounds, clients, rate, resume_timeout,
+                                       bench_run.progress, bench_run.pids))
         failed = [r["round"] for r in rows if r["resume_s"] is None]
         if failed:
-            run.failure = f"rounds {failed}: writes did not resume within {resume_timeout:g}s"
+            bench_run.failure = f"rounds {failed}: writes did not resume within {resume_timeout:g}s"
 
     defaults = ReplicaConfig(id="x", raft_addr="x:1", peers=[])
     summary = []
@@ -244,8 +244,8 @@ def run(out_dir: str, rounds: int = 10, clients: int = 4, rate: float = 100.0,
         summary.append({"metric": label, "key": key,
                         **report.summarize([r[key] for r in rows if r.get(key) is not None])})
     resume = summary[0]
-    result = {"benchmark": "failover", "machine": run.machine(), "rounds": rows,
-              "replica_pids": run.pids,
+    result = {"benchmark": "failover", "machine": bench_run.machine(), "rounds": rows,
+              "replica_pids": bench_run.pids,
               "summary": summary, "config": {
                   "replicas": replicas, "durability": defaults.durability, "clients": clients,
                   "rate_writes_per_s": rate, "heartbeat_s": defaults.heartbeat,

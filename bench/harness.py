@@ -21,7 +21,7 @@ BENCH_USER, SVC_USER = "bench", "svc"
 
 
 class BenchRun:
-    """One run: `with BenchRun("revoke") as run: ...`. Leaving the block ends the progress
+    """One run: `with BenchRun("revoke") as bench_run: ...`. Leaving the block ends the progress
     line and removes the work directory, or keeps it and names it when the block raised
     (Ctrl-C and SIGTERM included) or the benchmark set `failure` to say why."""
 

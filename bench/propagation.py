@@ -123,20 +123,20 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
     workers = workers or default_workers(max(sizes))
     per_size = []
     status, failed_size = {}, None
-    with harness.BenchRun("propagation") as run, run.cluster(replicas, keepalive) as cluster:
+    with harness.BenchRun("propagation") as bench_run, bench_run.cluster(replicas, keepalive) as cluster:
         keys = harness.setup_cluster(cluster, topology, port=22)
         port = [22]
-        with run.light_agents(cluster, workers) as agents:
+        with bench_run.light_agents(cluster, workers) as agents:
             for n in sorted(sizes):
                 try:
-                    g = grow(agents, cluster, keys[harness.BENCH_USER], n, concurrency, run.progress,
-                             f"N={n}")
+                    g = grow(agents, cluster, keys[harness.BENCH_USER], n, concurrency,
+                             bench_run.progress, f"N={n}")
                 except (RuntimeError, TimeoutError) as e:  # report the sizes reached
                     failed_size = {"agents": n, "error": str(e)[-2000:], "reached": agents.status()}
                     print(f"N={n} not reached: {str(e)[-500:]}")
                     break
                 per_size.append({**measure(agents, cluster, n, changes, timeout, topology,
-                                           run.progress, port), "setup": g})
+                                           bench_run.progress, port), "setup": g})
             status = agents.status()
 
     rows = []
@@ -159,11 +159,11 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
             p99 = s["apply"]["p99_ms"] / 1e3
             targets.append({"agents": s["agents"], "target_p99_s": t, "p99_s": p99,
                             "met": s["missing"] == 0 and p99 <= t})
-    result = {"benchmark": "propagation", "machine": run.machine(), "sizes": per_size,
+    result = {"benchmark": "propagation", "machine": bench_run.machine(), "sizes": per_size,
               "config": {"replicas": replicas, "workers": workers, "changes": changes,
                          "stream_keepalive_s": keepalive, "topology": topology,
                          "register_concurrency": concurrency},
-              "targets": targets, "pids": run.pids, "final_status": status, "table": rows,
+              "targets": targets, "pids": bench_run.pids, "final_status": status, "table": rows,
               "not_reached": failed_size}
     report.print_table(f"propagation: policy change -> every agent applied it ({workers} agent "
                        f"processes, {replicas} replicas); ms from the API's answer", rows,

@@ -46,13 +46,13 @@ def _delete(cluster: LocalCluster, node_id: str) -> dict:
 
 
 # -- light agents ----------------------------------------------------------------------------
-def run_light(run: harness.BenchRun, n: int, rounds: int, workers: int | None, keepalive: float,
+def run_light(bench_run: harness.BenchRun, n: int, rounds: int, workers: int | None, keepalive: float,
               concurrency: int, timeout: float, replicas: int = 3) -> dict:
-    progress = run.progress
+    progress = bench_run.progress
     workers = workers or default_workers(n)
-    with run.cluster(replicas, keepalive, subdir=os.path.join("light", "raftmesh")) as cluster:
+    with bench_run.cluster(replicas, keepalive, subdir=os.path.join("light", "raftmesh")) as cluster:
         keys = harness.setup_cluster(cluster)
-        with run.light_agents(cluster, workers) as agents:
+        with bench_run.light_agents(cluster, workers) as agents:
             progress.update(f"light: registering {n} agents and {rounds} svc nodes", force=True)
             t = time.monotonic()
             agents.register(n, keys[harness.BENCH_USER], prefix="la", concurrency=concurrency)
@@ -92,27 +92,28 @@ def run_light(run: harness.BenchRun, n: int, rounds: int, workers: int | None, k
 
 
 # -- real wireguard-go daemons ---------------------------------------------------------------
-def run_real(run: harness.BenchRun, k: int, rounds: int, keepalive: float, timeout: float,
+def run_real(bench_run: harness.BenchRun, k: int, rounds: int, keepalive: float, timeout: float,
              replicas: int = 3) -> dict:
     try:
         with harness.namespace_lab() as lab:
             nss = [lab.add(f"p{i}", f"192.0.2.{i + 1}/24") for i in range(k)]
-            with run.cluster(replicas, keepalive, subdir=os.path.join("real", "raftmesh"),
-                             host=lab.connect_host()) as cluster:
-                return {"daemons": k, **_real_rounds(run, lab, nss, cluster, rounds, timeout)}
+            with bench_run.cluster(replicas, keepalive, subdir=os.path.join("real", "raftmesh"),
+                                   host=lab.connect_host()) as cluster:
+                return {"daemons": k, **_real_rounds(bench_run, lab, nss, cluster, rounds, timeout)}
     except harness.LabUnavailable as e:
         return {"skipped": str(e)}
 
 
-def _real_rounds(run: harness.BenchRun, lab: namespaces.Lab, nss: list[namespaces.Namespace],
+def _real_rounds(bench_run: harness.BenchRun, lab: namespaces.Lab, nss: list[namespaces.Namespace],
                  cluster: LocalCluster, rounds: int, timeout: float) -> dict:
     """One daemon per namespace of `nss`, then per round a svc daemon revoked (module doc)."""
     agents: list[namespaces.RealAgent] = []
+    progress = bench_run.progress
     try:
         keys = harness.setup_cluster(cluster)
         servers = [r.api_url for r in cluster.replicas]
         for i, ns in enumerate(nss):
-            a = namespaces.RealAgent(lab, ns, run.path, namespaces.rotated(servers, i),
+            a = namespaces.RealAgent(lab, ns, bench_run.path, namespaces.rotated(servers, i),
                                      keys[harness.BENCH_USER], f"p{i}")
             a.start()
             agents.append(a)
@@ -123,7 +124,8 @@ def _real_rounds(run: harness.BenchRun, lab: namespaces.Lab, nss: list[namespace
         samples, per_round, polls, missing = [], [], [], 0
         for r in range(rounds):
             ns = lab.add(f"v{r}", f"192.0.2.{100 + r}/24")
-            victim = namespaces.RealAgent(lab, ns, run.path, servers, keys[harness.SVC_USER], f"v{r}")
+            victim = namespaces.RealAgent(lab, ns, bench_run.path, servers, keys[harness.SVC_USER],
+                                          f"v{r}")
             victim.start()
             node_id = processes.wait_until(lambda: victim.status().get("node_id"), 60, "victim registered")
             status, body = cluster.request(cluster.replicas[0], "GET", f"/api/v1/nodes/{node_id}")
@@ -162,8 +164,8 @@ def _real_rounds(run: harness.BenchRun, lab: namespaces.Lab, nss: list[namespace
                               "api_ms": (d["acked"] - d["sent"]) * 1e3,
                               "all_removed_ms": max(lat) * 1e3 if lat else None,
                               "missing": len(agents) - len(lat)})
-            run.progress.update(f"real: round {r + 1}/{rounds}: key gone from all "
-                                f"{len(lat)}/{len(agents)} after {per_round[-1]['all_removed_ms'] or float('nan'):.0f} ms", force=True)
+            progress.update(f"real: round {r + 1}/{rounds}: key gone from all {len(lat)}/{len(agents)} "
+                            f"after {per_round[-1]['all_removed_ms'] or float('nan'):.0f} ms", force=True)
             victim.stop()
             lab.remove(f"v{r}")
         server = metrics.histogram_since(cluster, METRIC, before, expect=len(samples))
@@ -180,17 +182,17 @@ def _real_rounds(run: harness.BenchRun, lab: namespaces.Lab, nss: list[namespace
 def run(out_dir: str, light: int = 1000, light_rounds: int = 5, real: int = 3, real_rounds: int = 5,
         workers: int | None = None, keepalive: float = 10.0, concurrency: int = 64,
         timeout: float = 60.0, replicas: int = 3) -> dict:
-    with harness.BenchRun("revoke") as run:
-        result = {"benchmark": "revoke", "machine": run.machine(), "pids": run.pids,
+    with harness.BenchRun("revoke") as bench_run:
+        result = {"benchmark": "revoke", "machine": bench_run.machine(), "pids": bench_run.pids,
                   "config": {"replicas": replicas, "stream_keepalive_s": keepalive, "light": light,
                              "light_rounds": light_rounds, "real": real, "real_rounds": real_rounds}}
         if real:
-            result["real"] = run_real(run, real, real_rounds, keepalive, timeout, replicas)
+            result["real"] = run_real(bench_run, real, real_rounds, keepalive, timeout, replicas)
         if light:
-            result["light"] = run_light(run, light, light_rounds, workers, keepalive, concurrency,
+            result["light"] = run_light(bench_run, light, light_rounds, workers, keepalive, concurrency,
                                         timeout, replicas)
 
-    result["machine"] = run.machine()
+    result["machine"] = bench_run.machine()
     rows, targets, series = [], [], {}
     real_r = result.get("real")
     if real_r and "skipped" not in real_r:

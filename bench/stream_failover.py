@@ -33,10 +33,11 @@ def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None
     workers = workers or default_workers(agents_n)
     rows, killed_samples, other_samples, reconnect_samples = [], [], [], []
     port = 22
-    with harness.BenchRun("stream-failover") as run, run.cluster(replicas, keepalive) as cluster:
-        progress = run.progress
+    with harness.BenchRun("stream-failover") as bench_run, \
+            bench_run.cluster(replicas, keepalive) as cluster:
+        progress = bench_run.progress
         keys = harness.setup_cluster(cluster)
-        with run.light_agents(cluster, workers) as agents:
+        with bench_run.light_agents(cluster, workers) as agents:
             progress.update(f"registering {agents_n} agents", force=True)
             agents.register(agents_n, keys[harness.BENCH_USER], prefix="la")
             harness.connect_all(agents, agents_n)
@@ -77,7 +78,7 @@ def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None
                                 f"{row['write_ms']:.0f} ms, all its agents current after "
                                 f"{row['current_max_ms'] or float('nan'):.0f} ms; restarting", force=True)
                 cluster.start(victim)
-                run.pids.append(victim.pid)
+                bench_run.pids.append(victim.pid)
             cluster.wait_ready(timeout=60)
             status = agents.status()
 
@@ -88,8 +89,8 @@ def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None
         ("kill -> policy write acknowledged", [r["write_ms"] / 1e3 for r in rows]))]
     worst = max((r["current_max_ms"] or 0 for r in rows), default=None)
     failed = [r["round"] for r in rows if r["missing"] or r["current_max_ms"] is None]
-    result = {"benchmark": "stream-failover", "machine": run.machine(), "rounds": rows,
-              "summary": summary, "pids": run.pids, "final_status": status,
+    result = {"benchmark": "stream-failover", "machine": bench_run.machine(), "rounds": rows,
+              "summary": summary, "pids": bench_run.pids, "final_status": status,
               "config": {"replicas": replicas, "agents": agents_n, "workers": workers,
                          "stream_keepalive_s": keepalive},
               "target": {"what": f"agents of a SIGKILLed replica current again <= {TARGET_S:g} s",

@@ -48,11 +48,12 @@ def run(out_dir: str, streams: int = 10000, steps: int = 4, workers: int | None 
         keepalive: float = 10.0, concurrency: int = 64, replicas: int = 3) -> dict:
     workers = workers or default_workers(streams)
     points = []
-    with harness.BenchRun("stream-memory") as run, run.cluster(replicas, keepalive) as cluster:
-        progress = run.progress
+    with harness.BenchRun("stream-memory") as bench_run, \
+            bench_run.cluster(replicas, keepalive) as cluster:
+        progress = bench_run.progress
         target = cluster.replicas[0]
         keys = harness.setup_cluster(cluster)
-        with run.light_agents(cluster, workers) as agents:
+        with bench_run.light_agents(cluster, workers) as agents:
             progress.update(f"registering {streams} agents", force=True)
             t = time.monotonic()
             agents.register(streams, keys[harness.BENCH_USER], prefix="la", concurrency=concurrency)
@@ -93,9 +94,9 @@ def run(out_dir: str, streams: int = 10000, steps: int = 4, workers: int | None 
              "delta_mib": (p["rss_kib"] - base) / 1024,
              "kib_per_stream": (p["rss_kib"] - base) / p["streams"] if p["streams"] else None,
              "connect_s": p["connect_s"]} for p in points]
-    result = {"benchmark": "stream-memory", "machine": run.machine(), "points": points,
+    result = {"benchmark": "stream-memory", "machine": bench_run.machine(), "points": points,
               "replica": target.id, "register_s": register_s, "per_stream_kib": per_stream,
-              "slope_kib_per_stream": slope, "other_replicas_rss_kib": others, "pids": run.pids,
+              "slope_kib_per_stream": slope, "other_replicas_rss_kib": others, "pids": bench_run.pids,
               "final_status": status,
               "config": {"replicas": replicas, "streams": streams, "steps": steps, "workers": workers,
                          "stream_keepalive_s": keepalive},

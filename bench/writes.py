@@ -163,8 +163,8 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
     on both, and each round gives a ratio of its own for each shape. One client through a
     follower runs once, before the rounds, and for raftmesh only: what forwarding adds."""
     rows, series, per_round = [], {}, []
-    with harness.BenchRun("writes") as run, run.cluster(replicas) as cluster:
-        etcd = EtcdCluster(run.path, replicas) if with_etcd and EtcdCluster.available() else None
+    with harness.BenchRun("writes") as bench_run, bench_run.cluster(replicas) as cluster:
+        etcd = EtcdCluster(bench_run.path, replicas) if with_etcd and EtcdCluster.available() else None
         try:
             if etcd is not None:
                 etcd.start()
@@ -175,7 +175,8 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
 
             def shape(system, label, writer, clients, server_pids, tag):
                 threads0 = read_thread_cpu(cluster) if system == "raftmesh" else {}
-                lat, errors, cpu = _measure(writer(tag), clients, seconds, run.progress, server_pids)
+                lat, errors, cpu = _measure(writer(tag), clients, seconds, bench_run.progress,
+                                            server_pids)
                 n = max(1, len(lat))
                 by_thread = {k: (v - threads0.get(k, 0.0)) / n * 1e6
                              for k, v in read_thread_cpu(cluster).items()} if threads0 else {}
@@ -218,7 +219,7 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
                          / len(group) for k in group[0]["server_cpu_us_per_write_by_thread"]}})
         series[f"{system}: {label}"] = lat
     result = {"benchmark": "writes", "seconds_per_shape": seconds, "rounds": rounds, "replicas": replicas,
-              "machine": run.machine(), "rows": rows, "per_round": per_round}
+              "machine": bench_run.machine(), "rows": rows, "per_round": per_round}
     # (per-round key, result key, clients, raftmesh/etcd over all rounds) for each shape
     comparisons = [("ratio", "throughput_ratio_vs_etcd", concurrency,
                     _pooled_ratio(rows, lambda r: r["clients"] == concurrency and r["shape"] != ONE_CLIENT)),
