@@ -67,7 +67,7 @@ class BenchRun:
 
 
 def connect_all(agents: LightAgents, n: int) -> None:
-    """Open every registered agent's stream; an error naming the stragglers if one fails."""
+    """Open every registered agent's stream; an error with the swarm's status if one does not."""
     if not agents.connect(timeout=max(120.0, n / 20)):
         raise RuntimeError(f"not every agent got a netmap: {agents.status()}")
 
