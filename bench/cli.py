@@ -16,8 +16,8 @@ def register(sub) -> None:
     w.add_argument("--no-etcd", action="store_true", help="skip the etcd comparison")
     w.add_argument("--rounds", type=_count_at_least(1), default=1,
                    help="concurrent rounds per system, alternating raftmesh and etcd")
-    w.add_argument("--out", default="bench-out")
     _replicas_argument(w, 1, "raftmesh replicas, and etcd members alike")
+    _out_argument(w)
     w.set_defaults(func=cleaned_up_on_sigterm(_writes))
     for name, module, summary, min_replicas in BENCHMARKS:
         p = names.add_parser(name, help=summary)
@@ -25,6 +25,7 @@ def register(sub) -> None:
         mod.add_arguments(p)
         if min_replicas:
             _replicas_argument(p, min_replicas, "replicas in the cluster under test")
+        _out_argument(p)
         p.set_defaults(func=cleaned_up_on_sigterm(mod.main))
 
 
@@ -45,6 +46,10 @@ def _replicas_argument(parser, minimum: int, what: str) -> None:
     why = " (a killed replica must leave a quorum)" if minimum > 1 else ""
     parser.add_argument("--replicas", type=_count_at_least(minimum, why), default=3,
                         help=f"{what} (default 3)")
+
+
+def _out_argument(parser) -> None:
+    parser.add_argument("--out", default="bench-out", help="directory for the JSON and PNG files")
 
 
 def _count_at_least(minimum: int, why: str = ""):

@@ -2,8 +2,8 @@
 tunnel (issue #5 `connect`).
 
 Real `raftmesh agent up` daemons with wireguard-go and nftables in network namespaces
-(chaos/namespaces.py), 3 replicas (`--replicas`) on the host end of a veth into the lab. One
-peer daemon (a `svc` node, which every `bench` node may reach, see light_agents.policy_text)
+(lab/namespaces.py), 3 replicas (`--replicas`) on the host end of a veth into the lab. One
+peer daemon (a `svc` node, which every `bench` node may reach, see harness.policy_text)
 runs for the whole benchmark. Each round, in a fresh namespace:
 
 1. a prober starts first: an ICMP echo to the peer's overlay address every 10 ms (sends fail
@@ -20,55 +20,34 @@ Also recorded (polled every 20 ms, so ±20 ms): when the new agent's status.json
 """
 from __future__ import annotations
 
-import os
 import time
 
-from raftmesh.lab.local_cluster import LocalCluster
-
-from raftmesh.bench import report
-from raftmesh.bench.workdir import WorkDir
-from raftmesh.lab import light_agents as la
+from raftmesh.bench import harness, report
+from raftmesh.lab import namespaces, processes
 
 TARGET_S = None  # issue #5 gives no number for `connect`; reported as measured
 
 
-def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float = 60.0,
-        replicas: int = 3) -> dict:
-    load0 = os.getloadavg()
-    from raftmesh.lab import namespaces, processes
-    problems = namespaces.preflight()
-    if problems:
-        raise SystemExit("bench connect: " + "; ".join(problems))
-    namespaces.cleanup_stale()
-    work = WorkDir("connect")
-    workdir = work.path
-    progress = report.Progress("connect")
-    lab = namespaces.Lab()
-    cluster = None
-    peer = None
-    rows, pids, ok = [], [], False
-    current = None
+def _rounds(bench_run: harness.BenchRun, lab, peer_ns, cluster, rounds: int,
+            timeout: float) -> list[dict]:
+    """A peer daemon for the whole run, then one fresh agent per round (module doc)."""
+    rows, peer, current, progress = [], None, None, bench_run.progress
     try:
-        peer_ns = lab.add("peer", "192.0.2.1/24")
-        host = lab.connect_host()
-        cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=replicas, host=host,
-                               extra_args=["--stream-keepalive", f"{keepalive:g}"])
-        cluster.start_all()
-        pids += [r.pid for r in cluster.replicas]
-        cluster.wait_ready(timeout=60)
-        keys = la.setup_cluster(cluster)
+        keys = harness.setup_cluster(cluster)
         servers = [r.api_url for r in cluster.replicas]
-        peer = namespaces.RealAgent(lab, peer_ns, workdir, servers, keys[la.SVC_USER], "peer")
+        peer = namespaces.RealAgent(lab, peer_ns, bench_run.path, servers, keys[harness.SVC_USER],
+                                    "peer")
         peer.start()
         st = processes.wait_until(lambda: peer.status().get("state") == "connected"
-                                 and peer.status().get("addresses") and peer.status(), 60,
-                                 "peer daemon connected")
+                                  and peer.status().get("addresses") and peer.status(), 60,
+                                  "peer daemon connected")
         peer_ip = st["addresses"][0].split("/")[0]
         for r in range(rounds):
             label = f"a{r}"
             ns = lab.add(label, f"192.0.2.{10 + r}/24")
-            agent = current = namespaces.RealAgent(lab, ns, workdir, namespaces.rotated(servers, r),
-                                                 keys[la.BENCH_USER], label)
+            agent = current = namespaces.RealAgent(lab, ns, bench_run.path,
+                                                   namespaces.rotated(servers, r),
+                                                   keys[harness.BENCH_USER], label)
             prober = ns.first_reply(peer_ip, interval=0.01, wait=0.2, timeout=timeout)
             agent.start()
             t0 = agent.started
@@ -99,46 +78,49 @@ def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float 
                 cluster.request(cluster.replicas[0], "DELETE", f"/api/v1/nodes/{node_id}")
             lab.remove(label)
             current = None
-        ok = True
     finally:
         if current is not None:
             current.stop()
         if peer is not None:
             peer.stop()
-        if cluster is not None:
-            cluster.stop_all()
-        lab.close()
-        progress.done()
-        work.close(ok)
+    return rows
+
+
+def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float = 60.0,
+        replicas: int = 3) -> dict:
+    try:
+        with harness.namespace_lab() as lab, harness.BenchRun("connect") as bench_run:
+            peer_ns = lab.add("peer", "192.0.2.1/24")
+            with bench_run.cluster(replicas, keepalive, host=lab.connect_host()) as cluster:
+                rows = _rounds(bench_run, lab, peer_ns, cluster, rounds, timeout)
+    except harness.LabUnavailable as e:
+        raise SystemExit(f"bench connect: {e}") from None
 
     summary = [{"metric": label, **report.summarize([r[k] / 1e3 for r in rows if r[k] is not None])}
                for k, label in (("connect_ms", "agent start -> first packet through the tunnel"),
                                 ("stream_connected_ms", "agent start -> status 'connected'"))]
     failed = [r["round"] for r in rows if r["connect_ms"] is None]
-    result = {"benchmark": "connect", "machine": la.machine(load0), "rounds": rows, "summary": summary,
-              "failed_rounds": failed, "pids": pids,
+    result = {"benchmark": "connect", "machine": bench_run.machine(), "rounds": rows, "summary": summary,
+              "failed_rounds": failed, "pids": bench_run.pids,
               "config": {"replicas": replicas, "stream_keepalive_s": keepalive, "probe_interval_ms": 10}}
     report.print_table("connect: `raftmesh agent up` -> first ICMP echo answered by a peer over "
                        "WireGuard (ms)", rows, ["round", "connect_ms", "stream_connected_ms",
                                                 "probes_sent", "replica"])
     report.print_table("connect distribution", summary, ["metric", "n", "p50_ms", "p99_ms", "max_ms",
                                                           "mean_ms"])
-    result["json"] = report.write_json(out_dir, "connect", result)
-    result["plot"] = report.plot_cdfs(out_dir, "connect", "agent start -> first packet over the tunnel",
-                                      {"first packet": [r["connect_ms"] / 1e3 for r in rows
-                                                        if r["connect_ms"] is not None],
-                                       "stream connected": [r["stream_connected_ms"] / 1e3 for r in rows
-                                                            if r["stream_connected_ms"] is not None]})
-    print(f"results: {result['json']}, plot: {result['plot']}")
+    report.save(out_dir, "connect", result, lambda: report.plot_cdfs(
+        out_dir, "connect", "agent start -> first packet over the tunnel",
+        {"first packet": [r["connect_ms"] / 1e3 for r in rows if r["connect_ms"] is not None],
+         "stream connected": [r["stream_connected_ms"] / 1e3 for r in rows
+                              if r["stream_connected_ms"] is not None]}))
     return result
 
 
-# -- CLI (to be wired as `raftmesh bench connect` in chaos/cli.py) ----------------------------
+# -- CLI: `raftmesh bench connect` (bench/cli.py) --------------------------------------------
 def add_arguments(parser) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="agent starts")
-    parser.add_argument("--stream-keepalive", type=float, default=10.0)
+    harness.add_agent_options(parser, workers=False, register_concurrency=False)
     parser.add_argument("--timeout", type=float, default=60.0, help="per round")
-    parser.add_argument("--out", default="bench-out")
 
 
 def main(args) -> int:

@@ -39,8 +39,7 @@ import aiohttp
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.lab.local_cluster import LocalCluster
 
-from raftmesh.bench import report
-from raftmesh.bench.workdir import WorkDir
+from raftmesh.bench import harness, report
 
 TARGET_RESUME_S = 2.0  # issue #5
 BACKOFF_S = 0.02  # a client's pause after a failed write before trying the next replica
@@ -227,23 +226,13 @@ def _ms(seconds: float | None) -> str:
 
 def run(out_dir: str, rounds: int = 10, clients: int = 4, rate: float = 100.0,
         resume_timeout: float = 30.0, replicas: int = 3) -> dict:
-    work = WorkDir("failover")
-    progress = report.Progress("failover")
-    cluster = LocalCluster(os.path.join(work.path, "raftmesh"), replicas=replicas)
-    pids: list[int] = []  # every replica process started, so callers can check none is left
-    rows: list[dict] = []
-    failed: list[int] = []
-    try:
-        cluster.start_all()
-        pids += [r.pid for r in cluster.replicas]
-        cluster.wait_ready(timeout=60)
-        rows = asyncio.run(_rounds(cluster, rounds, clients, rate, resume_timeout, progress, pids))
+    with harness.BenchRun("failover") as bench_run:
+        with bench_run.cluster(replicas) as cluster:
+            rows = asyncio.run(_rounds(cluster, rounds, clients, rate, resume_timeout,
+                                       bench_run.progress, bench_run.pids))
         failed = [r["round"] for r in rows if r["resume_s"] is None]
-    finally:
-        cluster.stop_all()
-        progress.done()
-        work.close(bool(rows) and not failed,
-                   f"rounds {failed}: writes did not resume within {resume_timeout:g}s" if failed else "")
+        if failed:
+            bench_run.failure = f"rounds {failed}: writes did not resume within {resume_timeout:g}s"
 
     defaults = ReplicaConfig(id="x", raft_addr="x:1", peers=[])
     summary = []
@@ -255,8 +244,8 @@ def run(out_dir: str, rounds: int = 10, clients: int = 4, rate: float = 100.0,
         summary.append({"metric": label, "key": key,
                         **report.summarize([r[key] for r in rows if r.get(key) is not None])})
     resume = summary[0]
-    result = {"benchmark": "failover", "machine": report.machine(), "rounds": rows,
-              "replica_pids": pids,
+    result = {"benchmark": "failover", "machine": bench_run.machine(), "rounds": rows,
+              "replica_pids": bench_run.pids,
               "summary": summary, "config": {
                   "replicas": replicas, "durability": defaults.durability, "clients": clients,
                   "rate_writes_per_s": rate, "heartbeat_s": defaults.heartbeat,
@@ -278,9 +267,7 @@ def run(out_dir: str, rounds: int = 10, clients: int = 4, rate: float = 100.0,
     t = result["target"]
     print(f"target ({t['what']}): worst round {_ms(t['max_resume_s'])} -> "
           f"{'met' if t['met'] else 'MISSED'}")
-    result["json"] = report.write_json(out_dir, "failover", result)
-    result["plot"] = plot(out_dir, rows)
-    print(f"results: {result['json']}, plot: {result['plot']}")
+    report.save(out_dir, "failover", result, lambda: plot(out_dir, rows))
     return result
 
 
@@ -322,7 +309,7 @@ def plot(out_dir: str, rows: list[dict]) -> str:
     return path
 
 
-# -- CLI (wired as `raftmesh bench failover` in chaos/cli.py) ------------------------------
+# -- CLI: `raftmesh bench failover` (bench/cli.py) ------------------------------------------
 def add_arguments(parser) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="leader kills (default 10)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent client workers")
@@ -330,7 +317,6 @@ def add_arguments(parser) -> None:
                         help="total writes/s the clients aim for when healthy (0: unpaced)")
     parser.add_argument("--resume-timeout", type=float, default=30.0,
                         help="give up on a round after this many seconds without a write")
-    parser.add_argument("--out", default="bench-out")
 
 
 def main(args) -> int:

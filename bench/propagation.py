@@ -7,7 +7,7 @@ frame's cluster signature verified, every applied version acked) run on this mac
 over the replicas (agent i streams from replica i mod their number). Sizes grow on one
 cluster: the agents of the first size stay connected while more register for the next.
 
-The policy (light_agents.policy_text) gives every `bench` agent an inbound rule from an
+The policy (harness.policy_text) gives every `bench` agent an inbound rule from an
 office CIDR to its own addresses on one port; each change flips that port, so every agent
 gets one small delta (a new packet filter) and nothing else changes. Per change and agent:
 
@@ -25,33 +25,18 @@ bucketed, so their p50/p99 are bucket upper bounds.
 """
 from __future__ import annotations
 
-import os
 import time
 
-from raftmesh.lab.local_cluster import LocalCluster
-
-from raftmesh.bench import report
-from raftmesh.bench.workdir import WorkDir
+from raftmesh.bench import harness, metrics, report
 from raftmesh.lab import processes
-from raftmesh.lab import light_agents as la
+from raftmesh.lab.light_agents import LightAgents, default_workers
+from raftmesh.lab.local_cluster import LocalCluster
 
 TARGETS_S = {1000: 1.0, 10000: 2.0}  # issue #5: p99 at N agents
 METRIC = "raftmesh_netmap_propagation_seconds"
 
 
-def start_cluster(workdir: str, keepalive: float, replicas: int = 3) -> LocalCluster:
-    cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=replicas,
-                           extra_args=["--stream-keepalive", f"{keepalive:g}"])
-    cluster.start_all()
-    try:
-        cluster.wait_ready(timeout=60)
-    except BaseException:
-        cluster.stop_all()
-        raise
-    return cluster
-
-
-def grow(agents: la.LightAgents, cluster: LocalCluster, key: str, n: int, concurrency: int,
+def grow(agents: LightAgents, cluster: LocalCluster, key: str, n: int, concurrency: int,
          progress: report.Progress, label: str) -> dict:
     """Register and connect agents until there are `n` bench agents; returns timings."""
     have = sum(1 for x in agents.nodes if x["hostname"].startswith("la"))
@@ -64,14 +49,13 @@ def grow(agents: la.LightAgents, cluster: LocalCluster, key: str, n: int, concur
         progress.update(f"{label}: registered {n - have} in {out['register_s']:.1f}s; connecting",
                         force=True)
         t = time.monotonic()
-        if not agents.connect(timeout=max(120.0, n / 20)):
-            raise RuntimeError(f"not every agent got a netmap: {agents.status()}")
+        harness.connect_all(agents, n)
         out["connect_s"] = time.monotonic() - t
     agents.settle()
     return out
 
 
-def measure(agents: la.LightAgents, cluster: LocalCluster, n: int, changes: int, timeout: float,
+def measure(agents: LightAgents, cluster: LocalCluster, n: int, changes: int, timeout: float,
             topology: str, progress: report.Progress, port: list[int]) -> dict:
     """`changes` policy changes, one after another (each waits for every agent's ack).
 
@@ -79,16 +63,16 @@ def measure(agents: la.LightAgents, cluster: LocalCluster, n: int, changes: int,
     PUT until every agent applied it (delivery) and until every ack was answered: on a machine
     they share, the delivery sum over the CPU count is a floor under the slowest agent's time."""
     replica_pids = [r.pid for r in cluster.replicas if r.pid]
-    before = la.read_histogram(cluster, METRIC)
+    before = metrics.read_histogram(cluster, METRIC)
     samples_apply, samples_ack, samples_sent, per_change, missing = [], [], [], [], 0
     for c in range(changes):
         port[0] = 2222 if port[0] == 22 else 22
-        threads0 = la.read_thread_cpu(cluster)  # scraped outside the process-CPU window
+        threads0 = metrics.read_thread_cpu(cluster)  # scraped outside the process-CPU window
         cpu0 = processes.cpu_seconds(replica_pids), processes.cpu_seconds(agents.pids)
-        change = la.put_policy(cluster, port[0], topology)
+        change = harness.put_policy(cluster, port[0], topology)
         agents.wait_applied(change["version"], timeout, prefix="la")
         cpu_applied = processes.cpu_seconds(replica_pids), processes.cpu_seconds(agents.pids)
-        threads1 = la.read_thread_cpu(cluster)
+        threads1 = metrics.read_thread_cpu(cluster)
         rows = agents.wait_version(change["version"], timeout, prefix="la")
         cpu1 = processes.cpu_seconds(replica_pids), processes.cpu_seconds(agents.pids)
         applied = [r["applied"] - change["acked"] for r in rows if r["applied"] is not None]
@@ -110,7 +94,7 @@ def measure(agents: la.LightAgents, cluster: LocalCluster, n: int, changes: int,
                         f"{_ms(per_change[-1]['all_applied_ms'])}, acked after "
                         f"{_ms(per_change[-1]['all_acked_ms'])}", force=True)
         agents.settle(quiet=0.5)
-    server = la.histogram_since(cluster, METRIC, before)
+    server = metrics.histogram_since(cluster, METRIC, before)
     return {"agents": n, "changes": per_change, "apply": report.summarize(samples_apply),
             "acked": report.summarize(samples_ack), "from_request": report.summarize(samples_sent),
             "all_applied": report.summarize([p["all_applied_ms"] / 1e3 for p in per_change
@@ -136,36 +120,24 @@ def _ms(v):
 def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None = None,
         keepalive: float = 10.0, concurrency: int = 64, timeout: float = 120.0,
         topology: str = "star", replicas: int = 3) -> dict:
-    load0 = os.getloadavg()
-    work = WorkDir("propagation")
-    workdir = work.path
-    progress = report.Progress("propagation")
-    workers = workers or la.default_workers(max(sizes))
-    cluster = start_cluster(workdir, keepalive, replicas)
-    per_size, grown, pids = [], [], list(filter(None, (r.pid for r in cluster.replicas)))
+    workers = workers or default_workers(max(sizes))
+    per_size = []
     status, failed_size = {}, None
-    ok = False
-    try:
-        keys = la.setup_cluster(cluster, topology, port=22)
+    with harness.BenchRun("propagation") as bench_run, bench_run.cluster(replicas, keepalive) as cluster:
+        keys = harness.setup_cluster(cluster, topology, port=22)
         port = [22]
-        with la.LightAgents([r.api_url for r in cluster.replicas], workers, log_dir=workdir) as agents:
-            pids += agents.pids
+        with bench_run.light_agents(cluster, workers) as agents:
             for n in sorted(sizes):
                 try:
-                    g = grow(agents, cluster, keys[la.BENCH_USER], n, concurrency, progress, f"N={n}")
+                    g = grow(agents, cluster, keys[harness.BENCH_USER], n, concurrency,
+                             bench_run.progress, f"N={n}")
                 except (RuntimeError, TimeoutError) as e:  # report the sizes reached
                     failed_size = {"agents": n, "error": str(e)[-2000:], "reached": agents.status()}
                     print(f"N={n} not reached: {str(e)[-500:]}")
                     break
-                grown.append({"agents": n, **g})
-                per_size.append({**measure(agents, cluster, n, changes, timeout, topology, progress,
-                                           port), "setup": g})
+                per_size.append({**measure(agents, cluster, n, changes, timeout, topology,
+                                           bench_run.progress, port), "setup": g})
             status = agents.status()
-        ok = True
-    finally:
-        cluster.stop_all()
-        progress.done()
-        work.close(ok)
 
     rows = []
     for s in per_size:
@@ -187,11 +159,11 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
             p99 = s["apply"]["p99_ms"] / 1e3
             targets.append({"agents": s["agents"], "target_p99_s": t, "p99_s": p99,
                             "met": s["missing"] == 0 and p99 <= t})
-    result = {"benchmark": "propagation", "machine": la.machine(load0), "sizes": per_size,
+    result = {"benchmark": "propagation", "machine": bench_run.machine(), "sizes": per_size,
               "config": {"replicas": replicas, "workers": workers, "changes": changes,
                          "stream_keepalive_s": keepalive, "topology": topology,
                          "register_concurrency": concurrency},
-              "targets": targets, "pids": pids, "final_status": status, "table": rows,
+              "targets": targets, "pids": bench_run.pids, "final_status": status, "table": rows,
               "not_reached": failed_size}
     report.print_table(f"propagation: policy change -> every agent applied it ({workers} agent "
                        f"processes, {replicas} replicas); ms from the API's answer", rows,
@@ -210,28 +182,21 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
     for t in targets:
         print(f"target p99 <= {t['target_p99_s']:g} s at {t['agents']} agents: "
               f"{t['p99_s'] * 1e3:.0f} ms -> {'met' if t['met'] else 'MISSED'}")
-    result["json"] = report.write_json(out_dir, "propagation", result)
-    result["plot"] = report.plot_cdfs(out_dir, "propagation",
-                                      "policy change: API answer -> agent applied (CDF)",
-                                      {f"{s['agents']} agents": s["samples_apply_s"]
-                                       for s in per_size})
-    print(f"results: {result['json']}, plot: {result['plot']}")
+    report.save(out_dir, "propagation", result, lambda: report.plot_cdfs(
+        out_dir, "propagation", "policy change: API answer -> agent applied (CDF)",
+        {f"{s['agents']} agents": s["samples_apply_s"] for s in per_size}))
     return result
 
 
-# -- CLI (to be wired as `raftmesh bench propagation` in chaos/cli.py) ------------------------
+# -- CLI: `raftmesh bench propagation` (bench/cli.py) ----------------------------------------
 def add_arguments(parser) -> None:
     parser.add_argument("--sizes", "--agents", default="100,1000",
                         help="comma-separated agent counts, grown on one cluster (default 100,1000)")
     parser.add_argument("--changes", type=int, default=5, help="policy changes per size")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="light-agent processes (default: one per 400 agents, <= CPUs+1)")
-    parser.add_argument("--stream-keepalive", type=float, default=10.0)
-    parser.add_argument("--register-concurrency", type=int, default=64)
+    harness.add_agent_options(parser)
     parser.add_argument("--timeout", type=float, default=120.0, help="per change")
     parser.add_argument("--topology", choices=["star", "mesh"], default="star",
                         help="star: agents see only the svc nodes; mesh: also every other agent")
-    parser.add_argument("--out", default="bench-out")
 
 
 def main(args) -> int:

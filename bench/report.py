@@ -6,6 +6,7 @@ import os
 import platform
 import sys
 import time
+from typing import Callable
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -40,9 +41,15 @@ def summarize(latencies: list[float]) -> dict:
             "mean_ms": (sum(s) / len(s) * 1e3) if s else float("nan")}
 
 
-def machine() -> dict:
-    return {"cpus": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+def machine(load_at_start: tuple | None = None) -> dict:
+    """Where and when the numbers were taken. Given the load averages at a run's start, also
+    the 1-minute load at its start and end: the replicas, the agents and anything else
+    running share this machine's CPUs."""
+    out = {"cpus": os.cpu_count(), "python": platform.python_version(),
+           "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if load_at_start is not None:
+        out.update(loadavg_1m_start=load_at_start[0], loadavg_1m_end=os.getloadavg()[0])
+    return out
 
 
 class Progress:
@@ -81,6 +88,14 @@ def write_json(out_dir: str, name: str, data: dict) -> str:
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
     return path
+
+
+def save(out_dir: str, name: str, result: dict, plot: Callable[[], str]) -> None:
+    """<name>.json (the result as it stands, without these paths), then the plot (`plot`
+    draws it and returns its path); both paths go into `result` and are printed."""
+    result["json"] = write_json(out_dir, name, result)
+    result["plot"] = plot()
+    print(f"results: {result['json']}, plot: {result['plot']}")
 
 
 def plot_cdfs(out_dir: str, name: str, title: str, series: dict[str, list[float]]) -> str:

@@ -7,11 +7,11 @@ Two parts, each optional:
 
 - light (`--light N`, default 1,000): N light agents (lab/light_agents.py, the real
   protocol) of user `bench` spread over the replicas (3, or `--replicas`), and one `svc` node
-  per round that every agent has as a peer (light_agents.policy_text). Each round DELETEs
+  per round that every agent has as a peer (harness.policy_text). Each round DELETEs
   one svc node through the leader; per agent: from the API's answer until the agent applied
   the netmap without that peer, and until its ack of that version was answered.
 - real (`--real K`, default 3; needs root, wireguard-go, nft): K `raftmesh agent up` daemons
-  in network namespaces (chaos/namespaces.py) with wireguard-go, plus one svc daemon per
+  in network namespaces (lab/namespaces.py) with wireguard-go, plus one svc daemon per
   round that all of them have as a WireGuard peer. Each round DELETEs the svc node; per
   daemon: from the API's answer until `wg show <if> peers` no longer lists the node's key
   (one poller thread per daemon, each `ip netns exec ... wg show` is a process, so the
@@ -26,11 +26,10 @@ import os
 import threading
 import time
 
+from raftmesh.bench import harness, metrics, report
+from raftmesh.lab import namespaces, processes
+from raftmesh.lab.light_agents import default_workers
 from raftmesh.lab.local_cluster import LocalCluster
-
-from raftmesh.bench import report
-from raftmesh.bench.workdir import WorkDir
-from raftmesh.lab import light_agents as la
 
 TARGET_REAL_S = 0.5
 TARGET_LIGHT_S = 1.5
@@ -47,27 +46,22 @@ def _delete(cluster: LocalCluster, node_id: str) -> dict:
 
 
 # -- light agents ----------------------------------------------------------------------------
-def run_light(workdir: str, n: int, rounds: int, workers: int | None, keepalive: float,
-              concurrency: int, timeout: float, progress: report.Progress, pids: list[int],
-              replicas: int = 3) -> dict:
-    from raftmesh.bench.propagation import start_cluster
-    cluster = start_cluster(os.path.join(workdir, "light"), keepalive, replicas)
-    pids += [r.pid for r in cluster.replicas]
-    workers = workers or la.default_workers(n)
-    try:
-        keys = la.setup_cluster(cluster)
-        with la.LightAgents([r.api_url for r in cluster.replicas], workers, log_dir=workdir) as agents:
-            pids += agents.pids
+def run_light(bench_run: harness.BenchRun, n: int, rounds: int, workers: int | None, keepalive: float,
+              concurrency: int, timeout: float, replicas: int = 3) -> dict:
+    progress = bench_run.progress
+    workers = workers or default_workers(n)
+    with bench_run.cluster(replicas, keepalive, subdir=os.path.join("light", "raftmesh")) as cluster:
+        keys = harness.setup_cluster(cluster)
+        with bench_run.light_agents(cluster, workers) as agents:
             progress.update(f"light: registering {n} agents and {rounds} svc nodes", force=True)
             t = time.monotonic()
-            agents.register(n, keys[la.BENCH_USER], prefix="la", concurrency=concurrency)
-            svc = agents.register(rounds, keys[la.SVC_USER], prefix="svc", concurrency=concurrency)
+            agents.register(n, keys[harness.BENCH_USER], prefix="la", concurrency=concurrency)
+            svc = agents.register(rounds, keys[harness.SVC_USER], prefix="svc", concurrency=concurrency)
             register_s = time.monotonic() - t
             progress.update(f"light: registered in {register_s:.1f}s; connecting", force=True)
-            if not agents.connect(timeout=max(120.0, n / 20)):
-                raise RuntimeError(f"not every agent got a netmap: {agents.status()}")
+            harness.connect_all(agents, n)
             agents.settle()
-            before = la.read_histogram(cluster, METRIC)
+            before = metrics.read_histogram(cluster, METRIC)
             applied, acked, from_sent, per_round, missing = [], [], [], [], 0
             for r, victim in enumerate(svc):
                 vid = victim["node_id"]
@@ -89,10 +83,8 @@ def run_light(workdir: str, n: int, rounds: int, workers: int | None, keepalive:
                                 f"after {per_round[-1]['all_removed_ms']:.0f} ms, acked after "
                                 f"{per_round[-1]['all_acked_ms'] or float('nan'):.0f} ms", force=True)
                 agents.settle(quiet=0.5)
-            server = la.histogram_since(cluster, METRIC, before)
+            server = metrics.histogram_since(cluster, METRIC, before)
             status = agents.status()
-    finally:
-        cluster.stop_all()
     return {"agents": n, "workers": workers, "rounds": per_round, "register_s": register_s,
             "removed": report.summarize(applied), "acked": report.summarize(acked),
             "from_request": report.summarize(from_sent), "missing": missing,
@@ -100,45 +92,46 @@ def run_light(workdir: str, n: int, rounds: int, workers: int | None, keepalive:
 
 
 # -- real wireguard-go daemons ---------------------------------------------------------------
-def run_real(workdir: str, k: int, rounds: int, keepalive: float, timeout: float,
-             progress: report.Progress, pids: list[int], replicas: int = 3) -> dict:
-    from raftmesh.lab import namespaces, processes
-    problems = namespaces.preflight()
-    if problems:
-        return {"skipped": "; ".join(problems)}
-    namespaces.cleanup_stale()
-    lab = namespaces.Lab()
-    cluster = None
-    agents: list[namespaces.RealAgent] = []
+def run_real(bench_run: harness.BenchRun, k: int, rounds: int, keepalive: float, timeout: float,
+             replicas: int = 3) -> dict:
     try:
-        nss = [lab.add(f"p{i}", f"192.0.2.{i + 1}/24") for i in range(k)]
-        host = lab.connect_host()
-        cluster = LocalCluster(os.path.join(workdir, "real", "raftmesh"), replicas=replicas, host=host,
-                               extra_args=["--stream-keepalive", f"{keepalive:g}"])
-        cluster.start_all()
-        pids += [r.pid for r in cluster.replicas]
-        cluster.wait_ready(timeout=60)
-        keys = la.setup_cluster(cluster)
+        with harness.namespace_lab() as lab:
+            nss = [lab.add(f"p{i}", f"192.0.2.{i + 1}/24") for i in range(k)]
+            with bench_run.cluster(replicas, keepalive, subdir=os.path.join("real", "raftmesh"),
+                                   host=lab.connect_host()) as cluster:
+                return {"daemons": k, **_real_rounds(bench_run, lab, nss, cluster, rounds, timeout)}
+    except harness.LabUnavailable as e:
+        return {"skipped": str(e)}
+
+
+def _real_rounds(bench_run: harness.BenchRun, lab: namespaces.Lab, nss: list[namespaces.Namespace],
+                 cluster: LocalCluster, rounds: int, timeout: float) -> dict:
+    """One daemon per namespace of `nss`, then per round a svc daemon revoked (module doc)."""
+    agents: list[namespaces.RealAgent] = []
+    progress = bench_run.progress
+    try:
+        keys = harness.setup_cluster(cluster)
         servers = [r.api_url for r in cluster.replicas]
         for i, ns in enumerate(nss):
-            a = namespaces.RealAgent(lab, ns, workdir, namespaces.rotated(servers, i),
-                                   keys[la.BENCH_USER], f"p{i}")
+            a = namespaces.RealAgent(lab, ns, bench_run.path, namespaces.rotated(servers, i),
+                                     keys[harness.BENCH_USER], f"p{i}")
             a.start()
             agents.append(a)
         for a in agents:
             processes.wait_until(lambda a=a: a.status().get("state") == "connected", 60,
-                                f"agent {a.label} connected")
-        before = la.read_histogram(cluster, METRIC)
+                                 f"agent {a.label} connected")
+        before = metrics.read_histogram(cluster, METRIC)
         samples, per_round, polls, missing = [], [], [], 0
         for r in range(rounds):
             ns = lab.add(f"v{r}", f"192.0.2.{100 + r}/24")
-            victim = namespaces.RealAgent(lab, ns, workdir, servers, keys[la.SVC_USER], f"v{r}")
+            victim = namespaces.RealAgent(lab, ns, bench_run.path, servers, keys[harness.SVC_USER],
+                                          f"v{r}")
             victim.start()
             node_id = processes.wait_until(lambda: victim.status().get("node_id"), 60, "victim registered")
             status, body = cluster.request(cluster.replicas[0], "GET", f"/api/v1/nodes/{node_id}")
             key = body["node"]["node_key"]
             processes.wait_until(lambda: all(key in (a.ns.wg_peers(a.ifname) or ()) for a in agents),
-                                60, "every daemon has the svc node as a WireGuard peer")
+                                 60, "every daemon has the svc node as a WireGuard peer")
             gone: dict[str, float] = {}
             counts: dict[str, int] = {}
             start = threading.Event()
@@ -175,19 +168,13 @@ def run_real(workdir: str, k: int, rounds: int, keepalive: float, timeout: float
                             f"after {per_round[-1]['all_removed_ms'] or float('nan'):.0f} ms", force=True)
             victim.stop()
             lab.remove(f"v{r}")
-        server = la.histogram_since(cluster, METRIC, before, expect=len(samples))
+        server = metrics.histogram_since(cluster, METRIC, before, expect=len(samples))
         # acks missing from the replicas' histogram: keep the daemons' side of the story
         logs = {a.label: a.log_tail() for a in agents} if server["count"] < len(samples) else None
-    except BaseException:
-        logs = {a.label: a.log_tail() for a in agents}
-        raise
     finally:
         for a in agents:
             a.stop()
-        if cluster is not None:
-            cluster.stop_all()
-        lab.close()
-    return {"daemons": k, "rounds": per_round, "removed": report.summarize(samples),
+    return {"rounds": per_round, "removed": report.summarize(samples),
             "missing": missing, "poll_ms": sum(polls) / len(polls) * 1e3 if polls else None,
             "server_histogram": server, "samples_removed_s": samples, "logs": logs}
 
@@ -195,28 +182,17 @@ def run_real(workdir: str, k: int, rounds: int, keepalive: float, timeout: float
 def run(out_dir: str, light: int = 1000, light_rounds: int = 5, real: int = 3, real_rounds: int = 5,
         workers: int | None = None, keepalive: float = 10.0, concurrency: int = 64,
         timeout: float = 60.0, replicas: int = 3) -> dict:
-    load0 = os.getloadavg()
-    work = WorkDir("revoke")
-    workdir = work.path
-    progress = report.Progress("revoke")
-    pids: list[int] = []
-    result = {"benchmark": "revoke", "machine": la.machine(load0), "pids": pids,
-              "config": {"replicas": replicas, "stream_keepalive_s": keepalive, "light": light,
-                         "light_rounds": light_rounds, "real": real, "real_rounds": real_rounds}}
-    ok = False
-    try:
+    with harness.BenchRun("revoke") as bench_run:
+        result = {"benchmark": "revoke", "machine": bench_run.machine(), "pids": bench_run.pids,
+                  "config": {"replicas": replicas, "stream_keepalive_s": keepalive, "light": light,
+                             "light_rounds": light_rounds, "real": real, "real_rounds": real_rounds}}
         if real:
-            result["real"] = run_real(workdir, real, real_rounds, keepalive, timeout, progress, pids,
-                                      replicas)
+            result["real"] = run_real(bench_run, real, real_rounds, keepalive, timeout, replicas)
         if light:
-            result["light"] = run_light(workdir, light, light_rounds, workers, keepalive, concurrency,
-                                        timeout, progress, pids, replicas)
-        ok = True
-    finally:
-        progress.done()
-        work.close(ok)
+            result["light"] = run_light(bench_run, light, light_rounds, workers, keepalive, concurrency,
+                                        timeout, replicas)
 
-    result["machine"] = la.machine(load0)
+    result["machine"] = bench_run.machine()
     rows, targets, series = [], [], {}
     real_r = result.get("real")
     if real_r and "skipped" not in real_r:
@@ -253,14 +229,12 @@ def run(out_dir: str, light: int = 1000, light_rounds: int = 5, real: int = 3, r
     for t in targets:
         print(f"target p99 <= {t['target_p99_s']:g} s ({t['part']}): {t['p99_s'] * 1e3:.0f} ms -> "
               f"{'met' if t['met'] else 'MISSED'}")
-    result["json"] = report.write_json(out_dir, "revoke", result)
-    result["plot"] = report.plot_cdfs(out_dir, "revoke", "revoke: API answer -> key gone from peer (CDF)",
-                                      series)
-    print(f"results: {result['json']}, plot: {result['plot']}")
+    report.save(out_dir, "revoke", result, lambda: report.plot_cdfs(
+        out_dir, "revoke", "revoke: API answer -> key gone from peer (CDF)", series))
     return result
 
 
-# -- CLI (to be wired as `raftmesh bench revoke` in chaos/cli.py) -----------------------------
+# -- CLI: `raftmesh bench revoke` (bench/cli.py) ---------------------------------------------
 def add_arguments(parser) -> None:
     parser.add_argument("--light", "--agents", type=int, default=1000,
                         help="light agents (0: skip that part)")
@@ -268,11 +242,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--real", type=int, default=3,
                         help="real agent daemons with wireguard-go (0: skip; needs root)")
     parser.add_argument("--real-rounds", type=int, default=5, help="revocations with real daemons")
-    parser.add_argument("--workers", type=int, default=0, help="light-agent processes (default: auto)")
-    parser.add_argument("--stream-keepalive", type=float, default=10.0)
-    parser.add_argument("--register-concurrency", type=int, default=64)
+    harness.add_agent_options(parser)
     parser.add_argument("--timeout", type=float, default=60.0, help="per round")
-    parser.add_argument("--out", default="bench-out")
 
 
 def main(args) -> int:

@@ -418,9 +418,7 @@ def run(out_dir: str, sizes=(100, 1000, 10000), changes: int = 200, policy_chang
             for p in prof[order][:10]:
                 print(f"  {p['tottime_s'] * 1e3:9.1f} {p['cumtime_s'] * 1e3:9.1f} {p['calls']:>9}  "
                       f"{p['function']}")
-    result["json"] = report.write_json(out_dir, "scale", result)
-    result["plot"] = plot(out_dir, per_size)
-    print(f"results: {result['json']}, plot: {result['plot']}")
+    report.save(out_dir, "scale", result, lambda: plot(out_dir, per_size))
     return result
 
 
@@ -469,7 +467,7 @@ def plot(out_dir: str, per_size: list[dict]) -> str:
     return path
 
 
-# -- CLI (wired as `raftmesh bench scale` in chaos/cli.py) ---------------------------------
+# -- CLI: `raftmesh bench scale` (bench/cli.py) ---------------------------------------------
 def add_arguments(parser) -> None:
     parser.add_argument("--sizes", default="100,1000,10000",
                         help="comma-separated node counts (default 100,1000,10000)")
@@ -486,7 +484,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--policy", choices=("dense", "sparse"), default="dense",
                         help="dense: the company policy (~1,500 peers per node at 10,000); "
                              "sparse: without its `*` destinations and department-wide web access")
-    parser.add_argument("--out", default="bench-out")
 
 
 def main(args) -> int:

@@ -19,38 +19,28 @@ version) spread over the replicas. Each round:
 """
 from __future__ import annotations
 
-import os
 import signal
 import time
 
-from raftmesh.bench import report
-from raftmesh.bench.workdir import WorkDir
-from raftmesh.lab import light_agents as la
+from raftmesh.bench import harness, report
+from raftmesh.lab.light_agents import default_workers
 
 TARGET_S = 3.0
 
 
 def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None = None,
         keepalive: float = 10.0, timeout: float = 60.0, replicas: int = 3) -> dict:
-    load0 = os.getloadavg()
-    from raftmesh.bench.propagation import start_cluster
-    work = WorkDir("stream-failover")
-    workdir = work.path
-    progress = report.Progress("stream-failover")
-    cluster = start_cluster(workdir, keepalive, replicas)
-    workers = workers or la.default_workers(agents_n)
-    pids = [r.pid for r in cluster.replicas]
+    workers = workers or default_workers(agents_n)
     rows, killed_samples, other_samples, reconnect_samples = [], [], [], []
-    ok = False
     port = 22
-    try:
-        keys = la.setup_cluster(cluster)
-        with la.LightAgents([r.api_url for r in cluster.replicas], workers, log_dir=workdir) as agents:
-            pids += agents.pids
+    with harness.BenchRun("stream-failover") as bench_run, \
+            bench_run.cluster(replicas, keepalive) as cluster:
+        progress = bench_run.progress
+        keys = harness.setup_cluster(cluster)
+        with bench_run.light_agents(cluster, workers) as agents:
             progress.update(f"registering {agents_n} agents", force=True)
-            agents.register(agents_n, keys[la.BENCH_USER], prefix="la")
-            if not agents.connect(timeout=max(120.0, agents_n / 20)):
-                raise RuntimeError(f"not every agent got a netmap: {agents.status()}")
+            agents.register(agents_n, keys[harness.BENCH_USER], prefix="la")
+            harness.connect_all(agents, agents_n)
             for n in range(1, rounds + 1):
                 cluster.wait_ready(timeout=60)
                 agents.rehome(timeout=60)
@@ -66,7 +56,7 @@ def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None
                 victim.proc.wait(10)
                 reaped = time.time()
                 port = 2222 if port == 22 else 22
-                change = la.put_policy(cluster, port, deadline=timeout)
+                change = harness.put_policy(cluster, port, deadline=timeout)
                 res = agents.wait_version(change["version"], timeout, prefix="la")
                 recon = {r["node_id"]: r for r in agents.reconnects(kill_at)}
                 k = [r["applied"] - kill_at for r in res if r["node_id"] in on_victim and r["applied"]]
@@ -88,14 +78,9 @@ def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None
                                 f"{row['write_ms']:.0f} ms, all its agents current after "
                                 f"{row['current_max_ms'] or float('nan'):.0f} ms; restarting", force=True)
                 cluster.start(victim)
-                pids.append(victim.pid)
+                bench_run.pids.append(victim.pid)
             cluster.wait_ready(timeout=60)
             status = agents.status()
-        ok = True
-    finally:
-        cluster.stop_all()
-        progress.done()
-        work.close(ok)
 
     summary = [{"metric": label, **report.summarize(v)} for label, v in (
         ("kill -> agent of the killed replica holds the change", killed_samples),
@@ -104,8 +89,8 @@ def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None
         ("kill -> policy write acknowledged", [r["write_ms"] / 1e3 for r in rows]))]
     worst = max((r["current_max_ms"] or 0 for r in rows), default=None)
     failed = [r["round"] for r in rows if r["missing"] or r["current_max_ms"] is None]
-    result = {"benchmark": "stream-failover", "machine": la.machine(load0), "rounds": rows,
-              "summary": summary, "pids": pids, "final_status": status,
+    result = {"benchmark": "stream-failover", "machine": bench_run.machine(), "rounds": rows,
+              "summary": summary, "pids": bench_run.pids, "final_status": status,
               "config": {"replicas": replicas, "agents": agents_n, "workers": workers,
                          "stream_keepalive_s": keepalive},
               "target": {"what": f"agents of a SIGKILLed replica current again <= {TARGET_S:g} s",
@@ -120,23 +105,19 @@ def run(out_dir: str, agents_n: int = 300, rounds: int = 10, workers: int | None
     t = result["target"]
     print(f"target ({t['what']}): worst round {worst or float('nan'):.0f} ms -> "
           f"{'met' if t['met'] else 'MISSED'}")
-    result["json"] = report.write_json(out_dir, "stream-failover", result)
-    result["plot"] = report.plot_cdfs(out_dir, "stream-failover", "replica SIGKILL -> agents current again",
-                                      {"agents of the killed replica": killed_samples,
-                                       "their reconnect": reconnect_samples,
-                                       "agents of survivors": other_samples})
-    print(f"results: {result['json']}, plot: {result['plot']}")
+    report.save(out_dir, "stream-failover", result, lambda: report.plot_cdfs(
+        out_dir, "stream-failover", "replica SIGKILL -> agents current again",
+        {"agents of the killed replica": killed_samples, "their reconnect": reconnect_samples,
+         "agents of survivors": other_samples}))
     return result
 
 
-# -- CLI (to be wired as `raftmesh bench stream-failover` in chaos/cli.py) --------------------
+# -- CLI: `raftmesh bench stream-failover` (bench/cli.py) ------------------------------------
 def add_arguments(parser) -> None:
     parser.add_argument("--agents", type=int, default=300, help="light agents spread over the replicas")
     parser.add_argument("--rounds", type=int, default=10, help="replica kills")
-    parser.add_argument("--workers", type=int, default=0, help="light-agent processes (default: auto)")
-    parser.add_argument("--stream-keepalive", type=float, default=10.0)
+    harness.add_agent_options(parser, register_concurrency=False)
     parser.add_argument("--timeout", type=float, default=60.0, help="per round")
-    parser.add_argument("--out", default="bench-out")
 
 
 def main(args) -> int:

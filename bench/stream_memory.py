@@ -20,9 +20,8 @@ from __future__ import annotations
 import os
 import time
 
-from raftmesh.bench import report
-from raftmesh.bench.workdir import WorkDir
-from raftmesh.lab import light_agents as la
+from raftmesh.bench import harness, report
+from raftmesh.lab.light_agents import default_workers
 
 TARGET_KIB = 20.0
 
@@ -47,23 +46,17 @@ def streams_open(cluster, replica) -> float | None:
 
 def run(out_dir: str, streams: int = 10000, steps: int = 4, workers: int | None = None,
         keepalive: float = 10.0, concurrency: int = 64, replicas: int = 3) -> dict:
-    load0 = os.getloadavg()
-    from raftmesh.bench.propagation import start_cluster
-    work = WorkDir("stream-memory")
-    workdir = work.path
-    progress = report.Progress("stream-memory")
-    cluster = start_cluster(workdir, keepalive, replicas)
-    workers = workers or la.default_workers(streams)
-    pids = [r.pid for r in cluster.replicas]
-    target = cluster.replicas[0]
-    points, ok = [], False
-    try:
-        keys = la.setup_cluster(cluster)
-        with la.LightAgents([r.api_url for r in cluster.replicas], workers, log_dir=workdir) as agents:
-            pids += agents.pids
+    workers = workers or default_workers(streams)
+    points = []
+    with harness.BenchRun("stream-memory") as bench_run, \
+            bench_run.cluster(replicas, keepalive) as cluster:
+        progress = bench_run.progress
+        target = cluster.replicas[0]
+        keys = harness.setup_cluster(cluster)
+        with bench_run.light_agents(cluster, workers) as agents:
             progress.update(f"registering {streams} agents", force=True)
             t = time.monotonic()
-            agents.register(streams, keys[la.BENCH_USER], prefix="la", concurrency=concurrency)
+            agents.register(streams, keys[harness.BENCH_USER], prefix="la", concurrency=concurrency)
             register_s = time.monotonic() - t
             agents.settle(quiet=2.0)
             points.append({"streams": streams_open(cluster, target) or 0, "rss_kib": vm_rss_kib(target.pid),
@@ -89,11 +82,6 @@ def run(out_dir: str, streams: int = 10000, steps: int = 4, workers: int | None 
                                 f"KiB/stream so far)", force=True)
             status = agents.status()
             others = {r.id: vm_rss_kib(r.pid) for r in cluster.replicas if r is not target}
-        ok = True
-    finally:
-        cluster.stop_all()
-        progress.done()
-        work.close(ok)
 
     base = points[0]["rss_kib"]
     n = points[-1]["streams"] or streams
@@ -106,9 +94,9 @@ def run(out_dir: str, streams: int = 10000, steps: int = 4, workers: int | None 
              "delta_mib": (p["rss_kib"] - base) / 1024,
              "kib_per_stream": (p["rss_kib"] - base) / p["streams"] if p["streams"] else None,
              "connect_s": p["connect_s"]} for p in points]
-    result = {"benchmark": "stream-memory", "machine": la.machine(load0), "points": points,
+    result = {"benchmark": "stream-memory", "machine": bench_run.machine(), "points": points,
               "replica": target.id, "register_s": register_s, "per_stream_kib": per_stream,
-              "slope_kib_per_stream": slope, "other_replicas_rss_kib": others, "pids": pids,
+              "slope_kib_per_stream": slope, "other_replicas_rss_kib": others, "pids": bench_run.pids,
               "final_status": status,
               "config": {"replicas": replicas, "streams": streams, "steps": steps, "workers": workers,
                          "stream_keepalive_s": keepalive},
@@ -120,9 +108,7 @@ def run(out_dir: str, streams: int = 10000, steps: int = 4, workers: int | None 
           f"{slope or float('nan'):.2f} KiB) -> target {TARGET_KIB:g} KiB "
           f"{'met' if result['target']['met'] else 'MISSED'}"
           + ("" if n >= 10000 else f" (measured at {n:.0f} streams, not 10,000)"))
-    result["json"] = report.write_json(out_dir, "stream-memory", result)
-    result["plot"] = plot(out_dir, points, target.id)
-    print(f"results: {result['json']}, plot: {result['plot']}")
+    report.save(out_dir, "stream-memory", result, lambda: plot(out_dir, points, target.id))
     return result
 
 
@@ -149,15 +135,12 @@ def plot(out_dir: str, points: list[dict], replica: str) -> str:
     return path
 
 
-# -- CLI (to be wired as `raftmesh bench stream-memory` in chaos/cli.py) ----------------------
+# -- CLI: `raftmesh bench stream-memory` (bench/cli.py) --------------------------------------
 def add_arguments(parser) -> None:
     parser.add_argument("--streams", "--agents", type=int, default=10000,
                         help="agent streams opened on one replica (one per light agent)")
     parser.add_argument("--steps", type=int, default=4, help="RSS is read after each of these steps")
-    parser.add_argument("--workers", type=int, default=0, help="light-agent processes (default: auto)")
-    parser.add_argument("--stream-keepalive", type=float, default=10.0)
-    parser.add_argument("--register-concurrency", type=int, default=64)
-    parser.add_argument("--out", default="bench-out")
+    harness.add_agent_options(parser)
 
 
 def main(args) -> int:

@@ -22,12 +22,10 @@ from typing import Callable
 
 import aiohttp
 
-from raftmesh.lab.local_cluster import LocalCluster, free_ports
-
-from raftmesh.bench import report
+from raftmesh.bench import harness, report
+from raftmesh.bench.metrics import read_thread_cpu
 from raftmesh.lab import processes
-from raftmesh.bench.workdir import WorkDir
-from raftmesh.lab.light_agents import read_thread_cpu
+from raftmesh.lab.local_cluster import LocalCluster, free_ports
 
 ONE_CLIENT = "1 client via leader"
 
@@ -164,59 +162,51 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
     (and which goes first), both clusters up throughout: drift of a shared machine then falls
     on both, and each round gives a ratio of its own for each shape. One client through a
     follower runs once, before the rounds, and for raftmesh only: what forwarding adds."""
-    work = WorkDir("writes")
-    workdir = work.path
-    progress = report.Progress("writes")
     rows, series, per_round = [], {}, []
-    ok = False
-    cluster = LocalCluster(os.path.join(workdir, "raftmesh"), replicas=replicas)
-    etcd = EtcdCluster(workdir, replicas) if with_etcd and EtcdCluster.available() else None
-    try:
-        cluster.start_all()
-        cluster.wait_ready(timeout=60)
-        if etcd is not None:
-            etcd.start()
-        leader = cluster.leader()
-        followers = [r.api_url for r in cluster.replicas if r is not leader]
-        everyone = [r.api_url for r in cluster.replicas]
-        pids = [r.pid for r in cluster.replicas if r.pid]
+    with harness.BenchRun("writes") as bench_run, bench_run.cluster(replicas) as cluster:
+        etcd = EtcdCluster(bench_run.path, replicas) if with_etcd and EtcdCluster.available() else None
+        try:
+            if etcd is not None:
+                etcd.start()
+            leader = cluster.leader()
+            followers = [r.api_url for r in cluster.replicas if r is not leader]
+            everyone = [r.api_url for r in cluster.replicas]
+            pids = [r.pid for r in cluster.replicas if r.pid]
 
-        def shape(system, label, writer, clients, server_pids, tag):
-            threads0 = read_thread_cpu(cluster) if system == "raftmesh" else {}
-            lat, errors, cpu = _measure(writer(tag), clients, seconds, progress, server_pids)
-            n = max(1, len(lat))
-            by_thread = {k: (v - threads0.get(k, 0.0)) / n * 1e6
-                         for k, v in read_thread_cpu(cluster).items()} if threads0 else {}
-            return {"system": system, "shape": label, "clients": clients, "lat": lat,
-                    "errors": errors, "server_cpu_us_per_write_by_thread": by_thread, **cpu}
+            def shape(system, label, writer, clients, server_pids, tag):
+                threads0 = read_thread_cpu(cluster) if system == "raftmesh" else {}
+                lat, errors, cpu = _measure(writer(tag), clients, seconds, bench_run.progress,
+                                            server_pids)
+                n = max(1, len(lat))
+                by_thread = {k: (v - threads0.get(k, 0.0)) / n * 1e6
+                             for k, v in read_thread_cpu(cluster).items()} if threads0 else {}
+                return {"system": system, "shape": label, "clients": clients, "lat": lat,
+                        "errors": errors, "server_cpu_us_per_write_by_thread": by_thread, **cpu}
 
-        ours = lambda tag, targets: raftmesh_writer(cluster, targets, tag)  # noqa: E731
-        runs = []
-        if followers:
-            runs.append(shape("raftmesh", "1 client via follower", lambda t: ours(t, followers), 1, pids, "f"))
-        systems = [("raftmesh", pids, "all replicas", lambda t: ours(t, [leader.api_url]),
-                    lambda t: ours(t, everyone))]
-        if etcd is not None:
-            etcd_leader = etcd.leader_url()
-            systems.append(("etcd", [p.pid for p in etcd.procs], "all members",
-                            lambda t: etcd_writer([etcd_leader], t),
-                            lambda t: etcd_writer(etcd.client_urls, t)))
-        for i in range(rounds):
-            got = {}
-            for name, server_pids, everyone_label, one_writer, all_writer in \
-                    (systems[::-1] if i % 2 else systems):
-                got[name] = (shape(name, ONE_CLIENT, one_writer, 1, server_pids, f"l{i}"),
-                             shape(name, f"{concurrency} clients, {everyone_label}", all_writer,
-                                   concurrency, server_pids, f"c{i}"))
-                runs.extend(got[name])
-            per_round.append(_round_summary(i + 1, got, seconds))
-        ok = True
-    finally:
-        cluster.stop_all()
-        if etcd is not None:
-            etcd.stop()
-        progress.done()
-        work.close(ok)
+            ours = lambda tag, targets: raftmesh_writer(cluster, targets, tag)  # noqa: E731
+            runs = []
+            if followers:
+                runs.append(shape("raftmesh", "1 client via follower", lambda t: ours(t, followers), 1,
+                                  pids, "f"))
+            systems = [("raftmesh", pids, "all replicas", lambda t: ours(t, [leader.api_url]),
+                        lambda t: ours(t, everyone))]
+            if etcd is not None:
+                etcd_leader = etcd.leader_url()
+                systems.append(("etcd", [p.pid for p in etcd.procs], "all members",
+                                lambda t: etcd_writer([etcd_leader], t),
+                                lambda t: etcd_writer(etcd.client_urls, t)))
+            for i in range(rounds):
+                got = {}
+                for name, server_pids, everyone_label, one_writer, all_writer in \
+                        (systems[::-1] if i % 2 else systems):
+                    got[name] = (shape(name, ONE_CLIENT, one_writer, 1, server_pids, f"l{i}"),
+                                 shape(name, f"{concurrency} clients, {everyone_label}", all_writer,
+                                       concurrency, server_pids, f"c{i}"))
+                    runs.extend(got[name])
+                per_round.append(_round_summary(i + 1, got, seconds))
+        finally:
+            if etcd is not None:
+                etcd.stop()
     for (system, label, clients), group in _grouped(runs).items():
         lat = [x for r in group for x in r["lat"]]
         rows.append({"system": system, "shape": label, "clients": clients, "rounds": len(group),
@@ -229,7 +219,7 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
                          / len(group) for k in group[0]["server_cpu_us_per_write_by_thread"]}})
         series[f"{system}: {label}"] = lat
     result = {"benchmark": "writes", "seconds_per_shape": seconds, "rounds": rounds, "replicas": replicas,
-              "machine": report.machine(), "rows": rows, "per_round": per_round}
+              "machine": bench_run.machine(), "rows": rows, "per_round": per_round}
     # (per-round key, result key, clients, raftmesh/etcd over all rounds) for each shape
     comparisons = [("ratio", "throughput_ratio_vs_etcd", concurrency,
                     _pooled_ratio(rows, lambda r: r["clients"] == concurrency and r["shape"] != ONE_CLIENT)),
@@ -259,9 +249,8 @@ def run(out_dir: str, seconds: float = 10.0, concurrency: int = 64, with_etcd: b
                   f"{ratio:.2f}{spread}")
     elif with_etcd:
         print("\netcd not installed (Debian etcd-server): no side-by-side ratio")
-    result["json"] = report.write_json(out_dir, "writes", result)
-    result["plot"] = report.plot_cdfs(out_dir, "writes", f"admin API write latency ({replicas} replicas)", series)
-    print(f"results: {result['json']}, plot: {result['plot']}")
+    report.save(out_dir, "writes", result, lambda: report.plot_cdfs(
+        out_dir, "writes", f"admin API write latency ({replicas} replicas)", series))
     return result
 
 
