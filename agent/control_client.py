@@ -16,6 +16,7 @@ import urllib.request
 from nacl.signing import SigningKey
 
 from raftmesh.proto.machine_auth import b64, sign_headers, tag_headers
+from raftmesh.proto.version import version_header
 
 
 class ControlError(Exception):
@@ -67,6 +68,7 @@ class ControlClient:
         else:
             headers = tag_headers(stream_auth[1], stream_auth[0], b64(bytes(self.key.verify_key)),
                                   method, path, data, time.time(), nonce)
+        headers.update(version_header())
         if body is not None:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.server + path, data=data if body is not None else None,

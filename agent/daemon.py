@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 
 from raftmesh.proto.frames import FrameError
+from raftmesh.proto.routes import BYE_REVOKED, REGISTER, REPORT, ROTATE_KEY
+from raftmesh.proto.version import PROTOCOL_VERSION, UNSUPPORTED
 from raftmesh.proto.wire import Netmap
 
 from .ack_sender import AckSender
@@ -36,6 +38,7 @@ from .wireguard import WireGuardInterface, public_key_of
 log = logging.getLogger("raftmesh.agent")
 DEFAULT_MAX_STALE = 7 * 86400.0
 WG_PID_FILE = "wireguard-go.pid"
+VERSION_RETRY = 60.0  # after a replica refused our protocol version (another one may serve it)
 
 
 @dataclass
@@ -133,7 +136,7 @@ class Agent:
             stream.close()
             self.stream = None
         log.info("stream from %s ended: %s", stream.replica or stream.server, reason)
-        if reason == "revoked":
+        if reason == BYE_REVOKED:
             return 5.0
         self.client.rotate()
         return backoff.next_delay()
@@ -144,6 +147,13 @@ class Agent:
             self._set_status("disconnected", error=str(e))
             self.client.rotate()
             return backoff.next_delay()
+        if e.code == UNSUPPORTED:
+            log.error("%s does not serve this agent's protocol version %d: %s. Upgrade the agent "
+                      "(or the replicas, if the agent is newer); retrying in %gs",
+                      self.client.server, PROTOCOL_VERSION, e.message, VERSION_RETRY)
+            self._set_status("unsupported_protocol", error=e.message)
+            self.client.rotate()
+            return VERSION_RETRY
         state = {"pending_approval": "pending_approval", "node_expired": "expired",
                  "not_found": "deleted"}.get(e.code, "refused")
         log.warning("control plane refused this node: %s", e)
@@ -186,10 +196,10 @@ class Agent:
                 self.state.write_json("registration.json", self.registration)
             if verdict.kind == "bye":
                 code = (verdict.bye or {}).get("code")
-                if code == "revoked":
+                if code == BYE_REVOKED:
                     self._set_status("revoked", error=(verdict.bye or {}).get("message"))
                     self._revoke_locally()
-                    return "revoked"
+                    return BYE_REVOKED
                 return f"bye: {verdict.bye}"
             if verdict.netmap is not None:
                 backoff.reset()
@@ -213,9 +223,9 @@ class Agent:
         if self.config.auth_key:
             body["auth_key"] = self.config.auth_key
         try:
-            resp = self.client.call("POST", "/machine/register", body, deadline=5.0)
+            resp = self.client.call("POST", REGISTER, body, deadline=5.0)
         except ControlError as e:
-            if reg is None or e.status >= 500:
+            if reg is None or e.status >= 500 or e.code == UNSUPPORTED:
                 raise
             log.warning("the auth key was refused (%s); keeping the existing registration", e)
             self._checked_auth_key = True
@@ -248,7 +258,7 @@ class Agent:
         new_key = self.state.replace_wireguard_key()
         new_private = base64.b64encode(bytes(new_key)).decode()
         try:
-            self.client.call("POST", "/machine/rotate-key",
+            self.client.call("POST", ROTATE_KEY,
                              {"old_node_key": old, "node_key": public_key_of(new_private)}, deadline=10)
         except (ControlError, OSError) as e:
             log.warning("key rotation failed, keeping the old key: %s", e)
@@ -267,7 +277,7 @@ class Agent:
         if self._reported == want:
             return
         try:
-            self.client.call("POST", "/machine/report", {"endpoints": list(want)}, deadline=5)
+            self.client.call("POST", REPORT, {"endpoints": list(want)}, deadline=5)
             self._reported = want
         except (ControlError, OSError) as e:
             log.info("endpoint report failed (will retry with the next netmap): %s", e)

@@ -38,6 +38,9 @@ from multiprocessing.connection import Connection
 from nacl.signing import SigningKey
 
 from raftmesh.agent.acks import ACK_DELAY, PendingAcks
+from raftmesh.proto.routes import (ACK, BYE_REVOKED, DEFAULT_KEEPALIVE, HEADER_KEEPALIVE, HEADER_REPLICA,
+                                   MAP, REGISTER)
+from raftmesh.proto.version import UNSUPPORTED, version_header
 
 
 def _b64(raw: bytes) -> str:
@@ -118,6 +121,7 @@ class Swarm:
         else:  # an ack to the stream's replica, tagged under its key (as the daemon does)
             h = tag_headers(stream_auth[1], stream_auth[0], _b64(bytes(agent.key.verify_key)),
                             method, path, body, time.time(), secrets.token_hex(12))
+        h.update(version_header())
         if body:
             h["Content-Type"] = "application/json"
         return h
@@ -151,7 +155,7 @@ class Swarm:
             async with sem:
                 while True:
                     try:
-                        status, resp = await self._post(a, self.urls[target], "/machine/register", body)
+                        status, resp = await self._post(a, self.urls[target], REGISTER, body)
                         if status == 200:
                             break
                         if status < 500:
@@ -200,7 +204,7 @@ class Swarm:
         while not a.stop:
             url = self.urls[a.url]
             since = a.view.version
-            path = "/machine/map"
+            path = MAP
             query = "" if since is None else f"?since={since}"
             progressed = False
             try:
@@ -223,12 +227,12 @@ class Swarm:
                             code = json.loads(raw)["error"]["code"]
                         except (ValueError, KeyError, TypeError):
                             pass
-                        if resp.status in (404, 401, 403) and code in ("not_found", "node_expired",
-                                                                       "pending_approval"):
+                        if resp.status in (404, 401, 403, 426) and code in (
+                                "not_found", "node_expired", "pending_approval", UNSUPPORTED):
                             a.bye = {"code": code, "status": resp.status}
                             return
                         raise ConnectionError(f"{resp.status} {code}")
-                    a.replica = resp.headers.get("X-Raftmesh-Replica")
+                    a.replica = resp.headers.get(HEADER_REPLICA)
                     a.acks = PendingAcks()  # acks go to the replica that sent the frames
                     a.connected_at = time.time()
                     if a.lost_at is not None:
@@ -237,9 +241,9 @@ class Swarm:
                         a.lost_at = None
                     attempts = 0
                     try:  # the daemon's watchdog: no frame for twice the keepalive -> next replica
-                        silence = 2 * float(resp.headers.get("X-Raftmesh-Keepalive", "10"))
+                        silence = 2 * float(resp.headers.get(HEADER_KEEPALIVE, DEFAULT_KEEPALIVE))
                     except ValueError:
-                        silence = 20.0
+                        silence = 2 * DEFAULT_KEEPALIVE
                     reader = FrameReader()
                     a.view.begin_stream(headers[HEADER_NONCE], stream_keys)
                     a.stream, a.last_data, a.cut = (resp, silence), time.monotonic(), None
@@ -305,7 +309,7 @@ class Swarm:
         if verdict.kind == "stale":
             a.stale.append((verdict.version, held))
         if verdict.kind == "bye":
-            if (verdict.bye or {}).get("code") != "revoked":  # e.g. shutting_down: fail over
+            if (verdict.bye or {}).get("code") != BYE_REVOKED:  # e.g. shutting_down: fail over
                 raise ConnectionError(f"bye: {verdict.bye}")
             a.bye = verdict.bye or {}
             return False
@@ -334,7 +338,7 @@ class Swarm:
         if body is None:  # the stream ended: its replica cannot use the ack
             return
         try:
-            status, _ = await self._post(a, url, "/machine/ack", body, timeout=30,
+            status, _ = await self._post(a, url, ACK, body, timeout=30,
                                          stream_auth=a.view.stream_auth)
             if status == 200:
                 a.acked[body["version"]] = time.time()

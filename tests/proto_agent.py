@@ -10,6 +10,7 @@ from nacl.signing import SigningKey
 from raftmesh.agent.control_client import ControlClient
 from raftmesh.agent.map_client import MapStream
 from raftmesh.agent.netmap_state import AgentNetmap
+from raftmesh.proto.routes import REGISTER
 
 
 class ProtoAgent:
@@ -24,7 +25,7 @@ class ProtoAgent:
         self.client = ControlClient(self.urls, self.key)
         self.client.current = replica
         node_key = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
-        resp = self.client.call("POST", "/machine/register",
+        resp = self.client.call("POST", REGISTER,
                                 {"node_key": node_key, "hostname": hostname, "auth_key": user_key})
         self.node_id = resp["node"]["id"]
         self.ipv4 = resp["node"]["ipv4"]

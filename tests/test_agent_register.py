@@ -3,6 +3,7 @@ import base64
 import json
 import secrets
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -11,6 +12,9 @@ from nacl.signing import SigningKey
 
 from raftmesh.agent.control_client import ControlClient, ControlError
 from raftmesh.proto.machine_auth import sign_headers
+from raftmesh.proto.routes import MAP, REGISTER
+from raftmesh.proto.version import (HEADER_PROTOCOL_VERSION, HISTORY, OLDEST_SERVED, PROTOCOL_VERSION,
+                                    UNSUPPORTED, VersionError, requested_version)
 
 
 def node_key() -> str:
@@ -130,3 +134,48 @@ def test_malformed_register_bodies_are_refused(shared_cluster):
         with pytest.raises(ControlError) as e:
             a.call("POST", "/machine/register", bad)
         assert e.value.status == 400 and e.value.code == "validation_failed"
+
+
+def test_protocol_versions_a_replica_cannot_serve_are_refused_clearly(shared_cluster):
+    """A version outside what the replica serves gets 426 naming what it serves and what to
+    upgrade; a malformed one 400; neither registers anything. Without the header (agents
+    from before it existed) a request is version 1, as raw_register's above show."""
+    c = shared_cluster
+    key = SigningKey.generate()
+    body = json.dumps({"node_key": node_key(), "hostname": "version-test"}).encode()
+    before = node_count(c)
+
+    def attempt(version: str):
+        h = sign_headers(key, "POST", REGISTER, body, time.time(), secrets.token_hex(8))
+        return raw_register(c, {**h, HEADER_PROTOCOL_VERSION: version}, body)
+
+    status, err = attempt(str(PROTOCOL_VERSION + 1))
+    assert (status, err["error"]["code"]) == (426, UNSUPPORTED), err
+    assert f"version {PROTOCOL_VERSION}" in err["error"]["message"]
+    assert "upgrade the replicas" in err["error"]["message"]
+    status, err = attempt("0")
+    assert (status, err["error"]["code"]) == (426, UNSUPPORTED) and "upgrade the agent" in err["error"]["message"]
+    for malformed in ("one", "-1", "1.0", "9" * 40):
+        status, err = attempt(malformed)
+        assert (status, err["error"]["code"]) == (400, "bad_request"), malformed
+        assert HEADER_PROTOCOL_VERSION in err["error"]["message"]
+    assert node_count(c) == before
+    assert attempt(str(PROTOCOL_VERSION))[0] == 200
+    # The map stream checks it before anything else (this machine is pending, not refused).
+    h = {**sign_headers(key, "GET", MAP, b"", time.time(), secrets.token_hex(8)),
+         HEADER_PROTOCOL_VERSION: str(PROTOCOL_VERSION + 1)}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(c.replicas[0].api_url + MAP, headers=h), timeout=10)
+    assert e.value.code == 426 and json.loads(e.value.read())["error"]["code"] == UNSUPPORTED
+
+
+def test_requested_version_parses_the_header():
+    assert requested_version(None) == 1
+    assert requested_version(str(PROTOCOL_VERSION)) == PROTOCOL_VERSION
+    with pytest.raises(VersionError) as e:
+        requested_version(str(PROTOCOL_VERSION + 1))
+    assert not e.value.malformed
+    with pytest.raises(VersionError) as e:
+        requested_version("v1")
+    assert e.value.malformed
+    assert set(HISTORY) == set(range(1, PROTOCOL_VERSION + 1)) and OLDEST_SERVED <= PROTOCOL_VERSION
