@@ -7,7 +7,6 @@ replica costs one attempt, and a cluster-wide outage does not turn into a retry 
 from __future__ import annotations
 
 import json
-import random
 import secrets
 import time
 import urllib.error
@@ -18,27 +17,13 @@ from nacl.signing import SigningKey
 from raftmesh.proto.machine_auth import b64, sign_headers, tag_headers
 from raftmesh.proto.version import version_header
 
+from .session import Backoff
+
 
 class ControlError(Exception):
     def __init__(self, status: int, code: str, message: str):
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
-
-
-class Backoff:
-    """Exponential backoff with full jitter, capped; reset after a success."""
-
-    def __init__(self, base: float = 0.2, cap: float = 10.0, rng: random.Random | None = None):
-        self.base, self.cap, self.attempt = base, cap, 0
-        self.rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        delay = self.rng.uniform(0, min(self.cap, self.base * (2 ** self.attempt)))
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class ControlClient:
