@@ -7,6 +7,7 @@ replica costs one attempt, and a cluster-wide outage does not turn into a retry 
 from __future__ import annotations
 
 import json
+import random
 import secrets
 import time
 import urllib.error
@@ -74,7 +75,7 @@ class ControlClient:
 
     def call(self, method: str, path: str, body: dict | None = None, deadline: float = 30.0):
         """One logical request, failing over across servers until `deadline` seconds pass."""
-        backoff = Backoff()
+        backoff = Backoff(random.Random())
         end = time.monotonic() + deadline
         while True:
             try:

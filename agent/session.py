@@ -7,8 +7,8 @@ resume, ack and revoke alike. A driver does the I/O and reports what happened, w
 sockets, threads or clock reads here; randomness only from the RNG the driver injects
 (backoff and ack jitter), so every decision is unit-tested (tests/test_agent_session.py).
 
-A frame costs one AgentNetmap.accept (the verification) and no allocation of its own: the
-benchmarks run 10,000 light agents on two cores.
+A frame costs one AgentNetmap.accept (the verification) and no allocation but the
+(action, verdict) pair it returns: the benchmarks run 10,000 light agents on two cores.
 """
 from __future__ import annotations
 
@@ -50,10 +50,8 @@ class Backoff:
 
     __slots__ = ("base", "cap", "attempt", "rng")
 
-    def __init__(self, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
-                 rng: random.Random | None = None):
-        self.base, self.cap, self.attempt = base, cap, 0
-        self.rng = rng or random.Random()
+    def __init__(self, rng: random.Random, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP):
+        self.base, self.cap, self.attempt, self.rng = base, cap, 0, rng
 
     def next_delay(self) -> float:
         delay = self.rng.uniform(0, min(self.cap, self.base * (2 ** self.attempt)))
@@ -85,7 +83,7 @@ class AgentSession:
                  offer_auth_key: bool = False, backoff_base: float = BACKOFF_BASE,
                  last_contact: float | None = None):
         self.rng, self.view, self.offer_auth_key = rng, view, offer_auth_key
-        self.backoff = Backoff(backoff_base, BACKOFF_CAP, rng)  # reset by an applied netmap
+        self.backoff = Backoff(rng, backoff_base)  # reset by an applied netmap
         self.state, self.error = "starting", None
         self.acks = PendingAcks()  # of the open stream: its replica alone can use them
         self.silence = 0.0  # the open stream's longest allowed gap between frames
@@ -163,7 +161,7 @@ class AgentSession:
             return END, None
         self.last_frame, self.last_contact = now, wall
         if verdict.netmap is not None:
-            self.backoff.attempt = 0
+            self.backoff.reset()
             acks = self.acks
             arm = acks.due_at is None
             acks.add(verdict.version, now, self.rng.uniform(*ACK_DELAY))

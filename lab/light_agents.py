@@ -9,8 +9,9 @@ applied, an ack (`POST /machine/ack`) to the replica it streams from, tagged und
 stream's key, deferred and coalesced, and failover: on EOF, an error, a 5xx or no frame for
 twice the keepalive it moves to the next replica URL after a full-jitter exponential backoff
 (0.2 s doubling) and resumes with the version it holds. Every one of those decisions is the
-daemon's own: each light agent drives an `agent/session.AgentSession`, as the daemon does. It records, per applied version, the wall-clock time it was verified and
-applied and the time its ack was answered, so benchmarks measure from the agents' side.
+daemon's own: each light agent drives an `agent/session.AgentSession`, as the daemon does.
+It records, per applied version, the wall-clock time it was verified and applied and the
+time its ack was answered, so benchmarks measure from the agents' side.
 
 One process runs many agents on one asyncio loop with one aiohttp `ClientSession` (one
 connection per stream, acks on pooled connections). `LightAgents` spreads them over worker
@@ -80,7 +81,7 @@ class LightAgent:
         self.max_acked = -1  # the highest version in `acked` (what waits poll)
         self.connected_at: float | None = None
         self.first_netmap_at: float | None = None
-        self.replica: str | None = None  # X-Raftmesh-Replica of the current stream
+        self.replica: str | None = None  # the replica its current stream named (HEADER_REPLICA)
         self.bye: dict | None = None
         self.task: asyncio.Task | None = None
         self.lost_at: float | None = None
@@ -145,7 +146,7 @@ class Swarm:
         data = json.dumps(body).encode()
         headers = self._headers(agent, "POST", path, data, stream_auth)  # just before sending
         async with self.http.post(url + path, data=data, headers=headers,
-                                     timeout=self.aiohttp.ClientTimeout(total=timeout)) as resp:
+                                  timeout=self.aiohttp.ClientTimeout(total=timeout)) as resp:
             raw = await resp.read()
             try:
                 return resp.status, json.loads(raw)

@@ -125,7 +125,8 @@ def test_refusals_wait_in_place_and_drop_peers_when_the_node_is_gone(status, cod
 def test_a_refused_protocol_version_waits_long_and_tries_another_replica():
     s, _ = registered_session()
     for _ in range(3):  # never a tight loop, however often it is refused
-        assert s.refused(426, UNSUPPORTED, "serves 2 to 3: upgrade the agent") == Next(VERSION_RETRY, rotate=True)
+        nxt = s.refused(426, UNSUPPORTED, "serves 2 to 3: upgrade the agent")
+        assert nxt == Next(VERSION_RETRY, rotate=True)
     assert s.state == "unsupported_protocol" and "upgrade" in s.error
     assert "unsupported_protocol" in STOPPED_STATES
 
