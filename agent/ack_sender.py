@@ -16,6 +16,8 @@ import time
 
 from nacl.signing import SigningKey
 
+from raftmesh.proto.routes import ACK
+
 from .control_client import ControlClient, ControlError
 
 log = logging.getLogger("raftmesh.agent")
@@ -56,7 +58,7 @@ class AckSender:
             client = ControlClient([server], self.machine_key, timeout=ACK_TIMEOUT)
             for attempt in range(ATTEMPTS):
                 try:
-                    client.signed_request("POST", "/machine/ack",
+                    client.signed_request("POST", ACK,
                                           aged(body, time.monotonic() - queued_at),
                                           timeout=ACK_TIMEOUT, stream_auth=stream_auth)
                     break

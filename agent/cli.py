@@ -120,12 +120,14 @@ def cmd_status(args) -> int:
 
 
 def cmd_logout(args) -> int:
+    from raftmesh.proto.routes import LOGOUT
+
     from .control_client import ControlClient, ControlError
     from .state_dir import StateDir
     state = StateDir(args.state_dir)
     client = ControlClient([s for s in args.server.split(",") if s], state.machine_key())
     try:
-        client.call("POST", "/machine/logout", deadline=15)
+        client.call("POST", LOGOUT, deadline=15)
     except (ControlError, OSError) as e:
         print(f"raftmesh agent logout: {e}", file=sys.stderr)
         return 1

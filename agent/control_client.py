@@ -16,28 +16,15 @@ import urllib.request
 from nacl.signing import SigningKey
 
 from raftmesh.proto.machine_auth import b64, sign_headers, tag_headers
+from raftmesh.proto.version import version_header
+
+from .session import Backoff
 
 
 class ControlError(Exception):
     def __init__(self, status: int, code: str, message: str):
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
-
-
-class Backoff:
-    """Exponential backoff with full jitter, capped; reset after a success."""
-
-    def __init__(self, base: float = 0.2, cap: float = 10.0, rng: random.Random | None = None):
-        self.base, self.cap, self.attempt = base, cap, 0
-        self.rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        delay = self.rng.uniform(0, min(self.cap, self.base * (2 ** self.attempt)))
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class ControlClient:
@@ -67,6 +54,7 @@ class ControlClient:
         else:
             headers = tag_headers(stream_auth[1], stream_auth[0], b64(bytes(self.key.verify_key)),
                                   method, path, data, time.time(), nonce)
+        headers.update(version_header())
         if body is not None:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.server + path, data=data if body is not None else None,
@@ -87,7 +75,7 @@ class ControlClient:
 
     def call(self, method: str, path: str, body: dict | None = None, deadline: float = 30.0):
         """One logical request, failing over across servers until `deadline` seconds pass."""
-        backoff = Backoff()
+        backoff = Backoff(random.Random())
         end = time.monotonic() + deadline
         while True:
             try:

@@ -3,9 +3,9 @@
 The data plane must outlive the control plane. The daemon applies the last verified netmap
 from its state directory before it talks to any replica, so tunnels come back after a
 restart during a full outage; while disconnected it keeps enforcing key expiry by local
-time. It fails over between replicas on connection errors, 5xx answers or keepalive silence
-longer than twice the interval, with exponential backoff and jitter, and it never stays
-"connected" to a stream that has gone quiet.
+time. What to do when (register, fail over, back off, ack, revoke) is decided by its
+AgentSession (agent/session.py); this module does the I/O: HTTP, the state directory,
+WireGuard and nftables.
 """
 from __future__ import annotations
 
@@ -21,15 +21,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from raftmesh.proto.frames import FrameError
+from raftmesh.proto.routes import REGISTER, REPORT, ROTATE_KEY
+from raftmesh.proto.version import PROTOCOL_VERSION, UNSUPPORTED
 from raftmesh.proto.wire import Netmap
 
 from .ack_sender import AckSender
-from .acks import ACK_DELAY, PendingAcks
-from .control_client import Backoff, ControlClient, ControlError
+from .control_client import ControlClient, ControlError
 from .firewall import PacketFilter
 from .map_client import MapStream
-from .netmap_state import AgentNetmap, effective, next_expiry
+from .netmap_state import AgentNetmap, next_expiry
+from .session import APPLY, APPLY_ARM_ACK, END, REVOKED, AgentSession, Next
 from .state_dir import StateDir
 from .wireguard import WireGuardInterface, public_key_of
 
@@ -57,6 +58,8 @@ class AgentConfig:
 
 
 class Agent:
+    """The daemon's I/O around one AgentSession (agent/session.py), which decides."""
+
     def __init__(self, config: AgentConfig):
         self.config = config
         self.state = StateDir(config.state_dir)
@@ -64,35 +67,36 @@ class Agent:
         self.client = ControlClient(config.servers, self.machine_key, timeout=10.0)
         self.stop_event = threading.Event()
         self.rotate_event = threading.Event()
-        self.registration: dict | None = self.state.read_json("registration.json")
+        registration = self.state.read_json("registration.json")
         cached = self.state.read_json("netmap.json")
-        self.view: AgentNetmap | None = None
-        self.last_contact: float | None = None
-        if self.registration and cached and cached.get("node_id") == self.registration["node_id"]:
-            self.view = AgentNetmap(self.registration["node_id"], self.registration["pinned"],
-                                    Netmap.from_json(cached["netmap"]))
-            self.last_contact = cached.get("saved_at")
-        elif self.registration:
-            self.view = AgentNetmap(self.registration["node_id"], self.registration["pinned"])
-        self._checked_auth_key = False  # an --auth-key is offered once per run (re-auth)
+        view, last_contact = None, None
+        if registration and cached and cached.get("node_id") == registration["node_id"]:
+            view = AgentNetmap(registration["node_id"], registration["pinned"],
+                               Netmap.from_json(cached["netmap"]))
+            last_contact = cached.get("saved_at")
+        elif registration:
+            view = AgentNetmap(registration["node_id"], registration["pinned"])
+        # an --auth-key is offered once per run (re-authenticates an expired node)
+        self.session = AgentSession(random.Random(), view, bool(config.auth_key),
+                                    last_contact=last_contact)
         self._reported: tuple[str, ...] | None = None  # endpoints last reported this run
         self.ack_sender = AckSender(self.machine_key)
         self.wg: WireGuardInterface | None = None
         self.fw: PacketFilter | None = None
-        self.enforced: Netmap | None = None
         self.status: dict = {"state": "starting", "server": None, "replica": None}
         self.stream: MapStream | None = None
+
+    @property
+    def view(self) -> AgentNetmap | None:
+        return self.session.view
 
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self) -> None:
         self._start_dataplane()
         try:
             self._enforce()  # the cached netmap, before any replica is reachable
-            backoff = Backoff(base=0.2, cap=10.0)
             while not self.stop_event.is_set():
-                delay = self._session(backoff)
-                if delay:
-                    self._idle(delay)
+                self._follow(self._attempt())
         finally:
             self.ack_sender.close()
             self._stop_dataplane()
@@ -103,6 +107,19 @@ class Agent:
         if stream is not None:
             stream.close()
 
+    def _follow(self, nxt: Next | None) -> None:
+        """Do what the session decided after an attempt: revoke, move on, wait."""
+        if nxt is None:
+            return
+        self._publish_status()
+        if nxt.revoked:
+            self._save_cache()
+            self._enforce()
+        if nxt.rotate:
+            self.client.rotate()
+        if nxt.wait:
+            self._idle(nxt.wait)
+
     def _idle(self, seconds: float) -> None:
         """Wait (interruptibly) while still enforcing local key expiry."""
         end = time.monotonic() + seconds
@@ -111,100 +128,86 @@ class Agent:
             self._enforce()
 
     # -- one connection attempt ---------------------------------------------------------------
-    def _session(self, backoff: Backoff) -> float:
-        """Register if needed, stream until it fails; returns how long to wait before retrying."""
+    def _attempt(self) -> Next | None:
+        """Register if due, then stream until the stream ends."""
+        session = self.session
         try:
-            if not self._ensure_registered():
-                return min(5.0, backoff.next_delay() + 1.0)
-            since = self.view.version if self.view else None
-            self.stream = MapStream(self.client.server, self.machine_key, since,
+            if session.registration_due:
+                nxt = self._register()
+                if nxt is not None:
+                    return nxt
+            self.stream = MapStream(self.client.server, self.machine_key, session.since,
                                     read_timeout=35.0)
         except ControlError as e:
-            return self._refused(e, backoff)
+            return self._refused(e)
         except (OSError, ValueError) as e:
             log.info("cannot reach %s: %s", self.client.server, e)
-            self._set_status("disconnected", error=str(e))
-            self.client.rotate()
-            return backoff.next_delay()
+            return session.unreachable(str(e))
         stream = self.stream
         try:
-            reason = self._consume(stream, backoff)
+            reason = self._consume(stream)
         finally:
             stream.close()
             self.stream = None
-        log.info("stream from %s ended: %s", stream.replica or stream.server, reason)
-        if reason == "revoked":
-            return 5.0
-        self.client.rotate()
-        return backoff.next_delay()
+        nxt = session.stream_ended(reason)
+        log.info("stream from %s ended: %s", stream.replica or stream.server, session.end_reason)
+        return nxt
 
-    def _refused(self, e: ControlError, backoff: Backoff) -> float:
+    def _refused(self, e: ControlError) -> Next:
+        return self._log_refusal(e, self.session.refused(e.status, e.code, e.message))
+
+    def _log_refusal(self, e: ControlError, nxt: Next) -> Next:
         if e.status >= 500:
             log.info("%s answered %s; trying the next replica", self.client.server, e)
-            self._set_status("disconnected", error=str(e))
-            self.client.rotate()
-            return backoff.next_delay()
-        state = {"pending_approval": "pending_approval", "node_expired": "expired",
-                 "not_found": "deleted"}.get(e.code, "refused")
-        log.warning("control plane refused this node: %s", e)
-        self._set_status(state, error=e.message)
-        if state in ("expired", "deleted"):
-            self._revoke_locally()
-        return 5.0
+        elif e.code == UNSUPPORTED:
+            log.error("%s does not serve this agent's protocol version %d: %s. Upgrade the agent "
+                      "(or the replicas, if the agent is newer); asking again in %gs",
+                      self.client.server, PROTOCOL_VERSION, e.message, nxt.wait)
+        else:
+            log.warning("control plane refused this node: %s", e)
+        return nxt
 
-    def _consume(self, stream: MapStream, backoff: Backoff) -> str:
-        watchdog = 2 * stream.keepalive
-        self.view.begin_stream(stream.nonce, stream.stream_keys)
-        last_frame = time.monotonic()
-        acks = PendingAcks()
-        self._set_status("connected", server=stream.server, replica=stream.replica)
+    def _consume(self, stream: MapStream) -> str | None:
+        """Frames into the session until it ends the stream; None, or why it ended here."""
+        session = self.session
+        session.stream_opened(stream.nonce, stream.stream_keys, stream.keepalive, time.monotonic())
+        self._publish_status(stream)
         while not self.stop_event.is_set():
             if self.rotate_event.is_set():
                 self.rotate_event.clear()
                 self._rotate_wireguard_key()
             now = time.monotonic()
-            if acks.due(now):
-                self.ack_sender.send(stream.server, acks.take(now), self.view.stream_auth)
-            wait = 1.0 if acks.due_at is None else min(1.0, max(0.01, acks.due_at - now))
-            item = stream.next(timeout=wait)
+            ack = session.take_ack(now)
+            if ack is not None:
+                self.ack_sender.send(stream.server, ack, session.view.stream_auth)
+            item = stream.next(timeout=session.poll_timeout(now))
             if item is None:
-                if time.monotonic() - last_frame > watchdog:
-                    return f"no frame for {watchdog:g}s (keepalive silence)"
+                if session.silent(time.monotonic()):
+                    return None
                 self._enforce()
                 continue
             kind, payload = item
             if kind != "frame":
                 return f"{kind}: {payload}"
-            try:
-                verdict = self.view.accept(payload)
-            except FrameError as e:
-                return f"rejected frame: {e}"  # a replica or proxy we cannot trust: go elsewhere
-            last_frame = time.monotonic()
-            self.last_contact = time.time()
-            if verdict.new_keys:
-                self.registration["pinned"] = dict(self.view.pinned)
-                self.state.write_json("registration.json", self.registration)
-            if verdict.kind == "bye":
-                code = (verdict.bye or {}).get("code")
-                if code == "revoked":
-                    self._set_status("revoked", error=(verdict.bye or {}).get("message"))
-                    self._revoke_locally()
-                    return "revoked"
-                return f"bye: {verdict.bye}"
-            if verdict.netmap is not None:
-                backoff.reset()
+            action, verdict = session.frame(payload, time.monotonic(), time.time())
+            if verdict is not None and verdict.new_keys:
+                self._save_registration()
+            if action is APPLY or action is APPLY_ARM_ACK:
                 self._save_cache()
                 self._enforce()
-                acks.add(verdict.version, time.monotonic(), random.uniform(*ACK_DELAY))
                 self._report_endpoints(verdict.netmap)
-            self._set_status("connected", server=stream.server, replica=stream.replica)
+            elif action is REVOKED:
+                self._publish_status(stream)
+                self._save_cache()
+                self._enforce()
+                return None
+            elif action is END:
+                return None
+            self._publish_status(stream)
         return "stopping"
 
     # -- registration ------------------------------------------------------------------------
-    def _ensure_registered(self) -> bool:
-        reg = self.registration
-        if reg is not None and (self._checked_auth_key or not self.config.auth_key):
-            return True
+    def _register(self) -> Next | None:
         body = {"node_key": self._node_key(), "hostname": self.config.hostname}
         if self.config.endpoints:
             body["endpoints"] = self.config.endpoints
@@ -213,27 +216,20 @@ class Agent:
         if self.config.auth_key:
             body["auth_key"] = self.config.auth_key
         try:
-            resp = self.client.call("POST", "/machine/register", body, deadline=5.0)
+            resp = self.client.call("POST", REGISTER, body, deadline=5.0)
         except ControlError as e:
-            if reg is None or e.status >= 500:
-                raise
-            log.warning("the auth key was refused (%s); keeping the existing registration", e)
-            self._checked_auth_key = True
-            return True
-        self._checked_auth_key = True
-        pinned = {k["id"]: k["public_key"] for k in resp["cluster_keys"]}
-        if reg is not None:
-            pinned = {**reg["pinned"], **pinned} if reg["node_id"] == resp["node"]["id"] else pinned
-        self.registration = {"node_id": resp["node"]["id"], "pinned": pinned}
-        self.state.write_json("registration.json", self.registration)
-        if self.view is None or self.view.node_id != resp["node"]["id"]:
-            self.view = AgentNetmap(resp["node"]["id"], pinned)
-        else:
-            self.view.pinned.update(pinned)
-        if not resp["approved"]:
-            self._set_status("pending_approval", error="waiting for an admin to approve this node")
-            return False
-        return True
+            nxt = self.session.registration_refused(e.status, e.code, e.message)
+            if nxt is None:
+                log.warning("the auth key was refused (%s); keeping the existing registration", e)
+                return None
+            return self._log_refusal(e, nxt)
+        nxt = self.session.registered(resp)
+        self._save_registration()
+        return nxt
+
+    def _save_registration(self) -> None:
+        view = self.session.view
+        self.state.write_json("registration.json", {"node_id": view.node_id, "pinned": dict(view.pinned)})
 
     def _node_key(self) -> str:
         return public_key_of(self._private_key())
@@ -248,14 +244,14 @@ class Agent:
         new_key = self.state.replace_wireguard_key()
         new_private = base64.b64encode(bytes(new_key)).decode()
         try:
-            self.client.call("POST", "/machine/rotate-key",
+            self.client.call("POST", ROTATE_KEY,
                              {"old_node_key": old, "node_key": public_key_of(new_private)}, deadline=10)
         except (ControlError, OSError) as e:
             log.warning("key rotation failed, keeping the old key: %s", e)
             return
         self.state.commit_wireguard_key()
         self.wg.configure(new_private, self.config.listen_port,
-                          self.enforced.self_node.addresses if self.enforced else ())
+                          self.session.enforced.self_node.addresses if self.session.enforced else ())
         log.info("WireGuard key rotated")
 
     def _report_endpoints(self, netmap: Netmap) -> None:
@@ -267,7 +263,7 @@ class Agent:
         if self._reported == want:
             return
         try:
-            self.client.call("POST", "/machine/report", {"endpoints": list(want)}, deadline=5)
+            self.client.call("POST", REPORT, {"endpoints": list(want)}, deadline=5)
             self._reported = want
         except (ControlError, OSError) as e:
             log.info("endpoint report failed (will retry with the next netmap): %s", e)
@@ -301,33 +297,34 @@ class Agent:
 
     def _enforce(self) -> None:
         """Make WireGuard and nftables match the netmap in force now (diffs only)."""
-        nm = effective(self.view.netmap if self.view else None, time.time(), self.last_contact,
-                       self.config.max_stale)
-        if nm is None or nm == self.enforced:
+        nm = self.session.enforce_due(time.time(), self.config.max_stale)
+        if nm is None:
             return
-        old = self.enforced
+        old = self.session.enforced
         if old is None or old.self_node.addresses != nm.self_node.addresses:
             self.wg.set_addresses(nm.self_node.addresses)
         self.wg.reconcile(list(nm.peers.values()), self.config.peer_keepalive)
         if old is None or old.packet_filter != nm.packet_filter:
             self.fw.apply(nm.packet_filter)
-        self.enforced = nm
+        self.session.enforced = nm
         self._write_status()
 
-    def _revoke_locally(self) -> None:
-        """This node was revoked or expired: no peers, deny everything, forget the cache."""
-        if self.view is not None and self.view.netmap is not None:
-            me = self.view.netmap.self_node
-            self.view.netmap = Netmap(self.view.netmap.version, me, {}, ())
-            self._save_cache()
-        self._enforce()
-
     def _save_cache(self) -> None:
+        if self.view is None or self.view.netmap is None:
+            return
         self.state.write_json("netmap.json", {"node_id": self.view.node_id,
                                               "netmap": self.view.netmap.to_json(),
                                               "saved_at": time.time()})
 
     # -- status ------------------------------------------------------------------------------
+    def _publish_status(self, stream: MapStream | None = None) -> None:
+        """The session's state in status.json, with the stream's replica while connected."""
+        s = self.session
+        if stream is not None and s.state == "connected":
+            self._set_status(s.state, server=stream.server, replica=stream.replica)
+        else:
+            self._set_status(s.state, error=s.error)
+
     def _set_status(self, state: str, **fields) -> None:
         new = {"state": state, "server": fields.get("server"), "replica": fields.get("replica"),
                "error": fields.get("error")}
@@ -336,7 +333,7 @@ class Agent:
             self._write_status()
 
     def _write_status(self) -> None:
-        nm = self.enforced
+        nm = self.session.enforced
         self.state.write_json("status.json", {
             **self.status, "pid": os.getpid(), "interface": self.config.interface,
             "node_id": self.view.node_id if self.view else None,
@@ -346,7 +343,7 @@ class Agent:
             "peers": [{"id": p.id, "name": p.name, "node_key": p.node_key,
                        "allowed_ips": list(p.allowed_ips), "endpoints": list(p.endpoints)}
                       for p in (nm.peers.values() if nm else ())],
-            "last_contact": self.last_contact,
+            "last_contact": self.session.last_contact,
             "next_expiry": next_expiry(self.view.netmap if self.view else None, time.time()),
             "updated_at": time.time()})
 

@@ -19,6 +19,8 @@ from nacl.signing import SigningKey
 
 from raftmesh.proto.frames import FrameError, FrameReader, stream_keypair
 from raftmesh.proto.machine_auth import sign_headers
+from raftmesh.proto.routes import DEFAULT_KEEPALIVE, HEADER_KEEPALIVE, HEADER_REPLICA, MAP
+from raftmesh.proto.version import version_header
 from raftmesh.proto.wire import HEADER_STREAM_KEY
 
 from .control_client import ControlError
@@ -32,15 +34,16 @@ class MapStream:
         conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
         self.server = server
         self.conn = conn_cls(url.hostname, url.port, timeout=read_timeout)
-        path = (url.path.rstrip("/") + "/machine/map") + ("" if since is None else f"?since={since}")
+        path = (url.path.rstrip("/") + MAP) + ("" if since is None else f"?since={since}")
         signed_path = path.split("?")[0]
         self.nonce = secrets.token_hex(12)  # every frame of this stream is signed with it
         self.stream_keys = stream_keypair()  # frames after the first are tagged under it
         headers = sign_headers(key, "GET", signed_path, b"", time.time(), self.nonce)
         headers[HEADER_STREAM_KEY] = self.stream_keys[0].hex()
+        headers.update(version_header())
         self.frames: queue.Queue = queue.Queue()
         self.replica: str | None = None
-        self.keepalive = 10.0
+        self.keepalive = DEFAULT_KEEPALIVE
         self._closed = False
         try:
             self.conn.request("GET", path, headers=headers)
@@ -56,9 +59,9 @@ class MapStream:
                 raise ControlError(resp.status, err["code"], err["message"])
             except (ValueError, KeyError, TypeError):
                 raise ControlError(resp.status, "http_error", raw[:200].decode(errors="replace"))
-        self.replica = resp.getheader("X-Raftmesh-Replica")
+        self.replica = resp.getheader(HEADER_REPLICA)
         try:
-            self.keepalive = float(resp.getheader("X-Raftmesh-Keepalive", "10"))
+            self.keepalive = float(resp.getheader(HEADER_KEEPALIVE, DEFAULT_KEEPALIVE))
         except ValueError:
             pass
         self._resp = resp

@@ -18,11 +18,12 @@ from . import auth
 from .errors import APIError
 from raftmesh.proto.frames import FrameError, stream_key_bytes
 from raftmesh.proto.machine_auth import HEADER_NONCE, NonceCache, SignatureError, request_key, verify_headers
+from raftmesh.proto import routes
+from raftmesh.proto.version import HEADER_PROTOCOL_VERSION, UNSUPPORTED, VersionError, requested_version
 from .map_stream import HUB
 from .routing import Ctx, route
 from raftmesh.proto.wire import HEADER_STREAM_KEY
 
-M = "/machine"
 KEY32 = {"type": "string", "pattern": r"^[A-Za-z0-9+/]{43}=$"}  # base64 of 32 bytes
 ENDPOINT = {"type": "string", "pattern": r"^[0-9a-fA-F:.\[\]]+:\d{1,5}$", "maxLength": 64}
 HOSTNAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"}
@@ -40,7 +41,9 @@ async def machine_of(ctx: Ctx, stream_nodes: dict[str, dict | None] | None = Non
     """The machine key this request proves possession of (401 otherwise). With
     `stream_nodes`, a tag under the key of the machine's stream on this replica will do
     (machine_auth); the node record read to find that stream is left in it (machine ->
-    node), so the caller does not read it again."""
+    node), so the caller does not read it again. The agent's protocol version is checked
+    first: a request in a version this replica cannot serve would be misread."""
+    _check_protocol_version(ctx)
     body = await ctx.request.read()
     key = None if stream_nodes is None else _stream_request_key(ctx, stream_nodes)
     try:
@@ -48,6 +51,13 @@ async def machine_of(ctx: Ctx, stream_nodes: dict[str, dict | None] | None = Non
                               time.time(), _nonces, key)
     except SignatureError as e:
         raise APIError(401, "unauthenticated", f"machine signature rejected: {e}")
+
+
+def _check_protocol_version(ctx: Ctx) -> None:
+    try:
+        requested_version(ctx.request.headers.get(HEADER_PROTOCOL_VERSION))
+    except VersionError as e:
+        raise APIError(400, "bad_request", str(e)) if e.malformed else APIError(426, UNSUPPORTED, str(e))
 
 
 def _stream_request_key(ctx: Ctx, nodes: dict[str, dict | None]):
@@ -75,7 +85,7 @@ def cluster_public_keys(ctx: Ctx) -> list[dict]:
                 if k["retire_at"] is None or k["retire_at"] > now]
 
 
-@route("POST", M + "/register", None, "Register this machine (signed with its machine key)",
+@route("POST", routes.REGISTER, None, "Register this machine (signed with its machine key)",
        status=200, body=obj({"node_key": KEY32, "hostname": HOSTNAME,
                              "auth_key": {"type": "string", "maxLength": 200},
                              "endpoints": {"type": "array", "items": ENDPOINT, "maxItems": 32},
@@ -141,7 +151,7 @@ async def _own_node(ctx: Ctx, stream_tagged: bool = False) -> dict:
     return node
 
 
-@route("POST", M + "/report", None, "Report endpoints and advertised routes",
+@route("POST", routes.REPORT, None, "Report endpoints and advertised routes",
        body=obj({"endpoints": {"type": "array", "items": ENDPOINT, "maxItems": 32},
                  "advertised_routes": {"type": "array", "items": CIDR, "maxItems": 256}}))
 async def report(ctx: Ctx):
@@ -151,7 +161,7 @@ async def report(ctx: Ctx):
     return web.json_response({"node": public(r["value"]), "version": r["version"]})
 
 
-@route("POST", M + "/rotate-key", None, "Replace the WireGuard key (request signed by the machine key)",
+@route("POST", routes.ROTATE_KEY, None, "Replace the WireGuard key (request signed by the machine key)",
        body=obj({"old_node_key": KEY32, "node_key": KEY32}, ("old_node_key", "node_key")))
 async def rotate_key(ctx: Ctx):
     node = await _own_node(ctx)
@@ -160,7 +170,7 @@ async def rotate_key(ctx: Ctx):
     return web.json_response({"node": public(r["value"]), "version": r["version"]})
 
 
-@route("POST", M + "/logout", None, "Expire this machine's node key")
+@route("POST", routes.LOGOUT, None, "Expire this machine's node key")
 async def logout(ctx: Ctx):
     node = await _own_node(ctx)
     ctx.actor = f"node:{node['id']}"
@@ -168,7 +178,7 @@ async def logout(ctx: Ctx):
     return web.json_response({"node": public(r["value"]), "version": r["version"]})
 
 
-@route("GET", M + "/map", None, "Stream this machine's netmap as signed frames (docs/agents.md)",
+@route("GET", routes.MAP, None, "Stream this machine's netmap as signed frames (docs/agents.md)",
        query={"since": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1,
                         "description": "the netmap version the agent holds"}})
 def map_stream(ctx: Ctx):
@@ -234,7 +244,7 @@ ACK_APPLIED = {"type": "array", "maxItems": 64, "description": "[version, second
                                          {"type": "number", "minimum": 0, "maximum": 86400}]}}
 
 
-@route("POST", M + "/ack", None, "Acknowledge the netmap version this machine has applied",
+@route("POST", routes.ACK, None, "Acknowledge the netmap version this machine has applied",
        body=obj({"version": {"type": "integer", "minimum": 0}, "applied": ACK_APPLIED}, ("version",)))
 async def ack(ctx: Ctx):
     node = await _own_node(ctx, stream_tagged=True)  # an ack may be tagged (machine_auth)

@@ -31,6 +31,8 @@ ERROR_CODES = {
     "pending_approval": (403, "the node waits for an admin to approve it"),
     "node_expired": (401, "the node's key expired or it logged out; register again with an "
                           "auth key"),
+    "unsupported_protocol_version": (426, "the agent's protocol version is one this replica "
+                                          "does not serve; the message names those it does"),
     "invalid_route": (400, "a route to approve is not advertised by the node"),
     "address_pool_exhausted": (507, "no free overlay address is left"),
     "bad_command": (400, "a malformed command reached the state machine"),

@@ -31,6 +31,8 @@ from raftmesh.cluster.commands import ClockTick, NodePresence, NodePresenceSweep
 from raftmesh.cluster.netmap_feed import FeedUpdate, NetmapFeed
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.state_store import read_version
+from raftmesh.proto.routes import (BYE_REVOKED, BYE_SHUTTING_DOWN, FRAME_CONTENT_TYPE, HEADER_KEEPALIVE,
+                                   HEADER_REPLICA)
 from raftmesh.proto.wire import Netmap
 
 from raftmesh.proto.frames import (ClusterKey, FrameSigner, endorse, key_exchange_offer, next_frame,
@@ -42,7 +44,6 @@ log = logging.getLogger("raftmesh.map_stream")
 PRESENCE_WINDOW = 0.5  # stream opens/closes within this window become one Raft write
 MAX_QUEUED_FRAMES = 64  # a slower reader gets one full netmap instead of a backlog
 WRITE_TIMEOUT = 30.0  # a reader that takes no bytes this long is dropped
-FRAME_CONTENT_TYPE = "application/x-raftmesh-frames"
 MAX_PENDING_ACKS = 1024  # deltas awaiting an ack per stream; the oldest are forgotten
 KEEPALIVE_TICKS = 8  # the keepalive timer's ticks per keepalive period
 
@@ -199,7 +200,7 @@ class StreamHub:
             t.cancel()
         for streams in list(self.streams.values()):
             for s in streams:
-                s.close("shutting_down", "replica is shutting down; reconnect to another")
+                s.close(BYE_SHUTTING_DOWN, "replica is shutting down; reconnect to another")
         self._feed_thread.shutdown(wait=False, cancel_futures=True)
 
     def _build_feed(self) -> NetmapFeed:
@@ -306,7 +307,7 @@ class StreamHub:
                 s.expect_ack(delta.version, update.cause_time.get(node_id, 0.0), revoke)
         for node_id in update.gone:
             for s in self.streams.get(node_id, ()):
-                s.close("revoked", reasons[node_id])
+                s.close(BYE_REVOKED, reasons[node_id])
         self._wake_waiters()
 
     def _wake_waiters(self) -> None:
@@ -465,8 +466,8 @@ class StreamHub:
         try:
             resp = web.StreamResponse(headers={"Content-Type": FRAME_CONTENT_TYPE,
                                                "Cache-Control": "no-store",
-                                               "X-Raftmesh-Replica": self.replica.config.id,
-                                               "X-Raftmesh-Keepalive": f"{keepalive:g}"})
+                                               HEADER_REPLICA: self.replica.config.id,
+                                               HEADER_KEEPALIVE: f"{keepalive:g}"})
             await resp.prepare(request)
             # prepare() serialised the head for sending; the header dict would otherwise stay
             # allocated for the stream's life (~0.9 KB each, with aiohttp's Date and Server)
@@ -502,7 +503,7 @@ class StreamHub:
             node_id = stream.node_id
             full = await self.on_feed(lambda feed: feed.full(node_id))
             if full is None:
-                stream.close("revoked", "node is no longer part of the mesh")
+                stream.close(BYE_REVOKED, "node is no longer part of the mesh")
             else:
                 await self._send(resp, stream, "full", full.version, full.to_json())
         for kind, version, body in stream.take_frames():

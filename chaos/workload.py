@@ -32,6 +32,8 @@ import aiohttp
 from nacl.signing import SigningKey
 
 from raftmesh.proto.machine_auth import sign_headers
+from raftmesh.proto.routes import REGISTER
+from raftmesh.proto.version import version_header
 
 from .history import FAIL, OK, UNKNOWN, Operation
 
@@ -312,8 +314,8 @@ class Workload:
                            "auth_key": self.setup_keys[owner]}).encode()
 
         def sign():
-            return {**sign_headers(signer, "POST", "/machine/register", body, time.time(), secrets.token_hex(12)),
-                    "Content-Type": "application/json"}
+            return {**sign_headers(signer, "POST", REGISTER, body, time.time(), secrets.token_hex(12)),
+                    **version_header(), "Content-Type": "application/json"}
 
         node = {}
 
@@ -324,7 +326,7 @@ class Workload:
             # Only this op ever uses this machine key: an existing node is its own earlier attempt.
             return "created" if "version" in a or lost else "exists"
 
-        out = await self._write(rng, f"node:{machine}", "POST", "/machine/register", data=body, sign=sign,
+        out = await self._write(rng, f"node:{machine}", "POST", REGISTER, data=body, sign=sign,
                                 interpret=interpret)
         self._record(w, f"node:{machine}", "create", None, out)
         if out[0] == OK:

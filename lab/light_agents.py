@@ -5,13 +5,13 @@ data plane: its own Ed25519 machine key signing every request (`proto/machine_au
 fresh timestamp and a unique nonce per request), registration with a pre-auth key, a map
 stream (`GET /machine/map?since=V`, with a stream key, so frames after the first are tagged)
 whose every frame is verified (against the pinned cluster keys, or the stream's tag key) and
-applied with `agent/netmap_state.AgentNetmap` (the daemon's own code), an ack
-(`POST /machine/ack`) to the replica it streams from, tagged under the stream's key,
-deferred and coalesced exactly as the daemon does it (`agent/acks.py`), and the
-daemon's failover: on EOF, an error, a 5xx or no frame for twice the keepalive it moves to the
-next replica URL after a full-jitter exponential backoff (0.2 s doubling) and resumes with the
-version it holds. It records, per applied version, the wall-clock time it was verified and
-applied and the time its ack was answered, so benchmarks measure from the agents' side.
+applied, an ack (`POST /machine/ack`) to the replica it streams from, tagged under the
+stream's key, deferred and coalesced, and failover: on EOF, an error, a 5xx or no frame for
+twice the keepalive it moves to the next replica URL after a full-jitter exponential backoff
+(0.2 s doubling) and resumes with the version it holds. Every one of those decisions is the
+daemon's own: each light agent drives an `agent/session.AgentSession`, as the daemon does.
+It records, per applied version, the wall-clock time it was verified and applied and the
+time its ack was answered, so benchmarks measure from the agents' side.
 
 One process runs many agents on one asyncio loop with one aiohttp `ClientSession` (one
 connection per stream, acks on pooled connections). `LightAgents` spreads them over worker
@@ -37,11 +37,24 @@ from multiprocessing.connection import Connection
 
 from nacl.signing import SigningKey
 
-from raftmesh.agent.acks import ACK_DELAY, PendingAcks
+from raftmesh.agent.acks import PendingAcks
+from raftmesh.agent.session import APPLY_ARM_ACK, END, IGNORE, REVOKED, STOPPED_STATES, AgentSession
+from raftmesh.proto.routes import (ACK, DEFAULT_KEEPALIVE, HEADER_KEEPALIVE, HEADER_REPLICA,
+                                   MAP, REGISTER)
+from raftmesh.proto.version import version_header
 
 
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
+
+
+def _error_of(raw: bytes) -> tuple[str, str]:
+    """(code, message) of an API error body ("" when it is not one)."""
+    try:
+        err = json.loads(raw)["error"]
+        return str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        return "", raw[:200].decode(errors="replace")
 
 
 KEEP_RECORDS = 4096  # per agent: applied versions kept (a benchmark reads them back)
@@ -52,9 +65,9 @@ KEEP_RECORDS = 4096  # per agent: applied versions kept (a benchmark reads them 
 # ======================================================================================
 class LightAgent:
     __slots__ = ("index", "hostname", "key", "machine", "node_key", "node_id", "ipv4", "home",
-                 "url", "view", "applied", "acked", "connected_at", "replica", "bye", "task",
+                 "url", "session", "applied", "acked", "connected_at", "replica", "bye", "task",
                  "lost_at", "reconnects", "errors", "stop", "first_netmap_at", "gone",
-                 "stale", "acks", "max_acked", "stream", "last_data", "cut")
+                 "stale", "max_acked", "stream", "cut")
 
     def __init__(self, index: int, hostname: str, home: int):
         self.index, self.hostname, self.home, self.url = index, hostname, home, home
@@ -62,25 +75,28 @@ class LightAgent:
         self.node_key = base64.b64encode(secrets.token_bytes(32)).decode()
         self.node_id: str | None = None
         self.ipv4: str | None = None
-        self.view = None  # AgentNetmap once registered
+        self.session: AgentSession | None = None  # its decisions, from registration on
         self.applied: list[tuple[int, float]] = []  # (version, time applied)
         self.acked: dict[int, float] = {}  # version -> time the ack was answered
         self.max_acked = -1  # the highest version in `acked` (what waits poll)
         self.connected_at: float | None = None
         self.first_netmap_at: float | None = None
-        self.replica: str | None = None  # X-Raftmesh-Replica of the current stream
+        self.replica: str | None = None  # the replica its current stream named (HEADER_REPLICA)
         self.bye: dict | None = None
         self.task: asyncio.Task | None = None
         self.lost_at: float | None = None
         self.reconnects: list[dict] = []  # {lost, connected, replica, attempts}
         self.errors = 0
         self.stop = False
-        self.stream = None  # (response, longest silence allowed in s) of the open map stream
-        self.last_data = 0.0  # monotonic time the stream last delivered bytes
+        self.stream = None  # the response of the open map stream
         self.cut: str | None = None  # why the stream was closed from outside: "kick", "silent"
         self.gone: dict[str, tuple[int, float]] = {}  # watched peer -> (version, time) it left
         self.stale: list[tuple[int, int]] = []  # (frame version, held version): must stay empty
-        self.acks = PendingAcks()  # the daemon's deferred, coalesced acks; one per stream
+
+    @property
+    def view(self):
+        """Its AgentNetmap once registered."""
+        return self.session.view if self.session is not None else None
 
     def peers(self) -> dict:
         return self.view.netmap.peers if self.view is not None and self.view.netmap else {}
@@ -100,8 +116,9 @@ class Swarm:
         self.aiohttp = aiohttp
         self.urls = [u.rstrip("/") for u in urls]
         self.backoff_base = backoff_base
+        self.rng = random.Random()  # backoff and ack jitter of every agent here
         self.agents: list[LightAgent] = []
-        self.session = aiohttp.ClientSession(
+        self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         self.ack_failures = 0
@@ -118,6 +135,7 @@ class Swarm:
         else:  # an ack to the stream's replica, tagged under its key (as the daemon does)
             h = tag_headers(stream_auth[1], stream_auth[0], _b64(bytes(agent.key.verify_key)),
                             method, path, body, time.time(), secrets.token_hex(12))
+        h.update(version_header())
         if body:
             h["Content-Type"] = "application/json"
         return h
@@ -127,8 +145,8 @@ class Swarm:
                     stream_auth: tuple[str, bytes] | None = None) -> tuple[int, dict | str]:
         data = json.dumps(body).encode()
         headers = self._headers(agent, "POST", path, data, stream_auth)  # just before sending
-        async with self.session.post(url + path, data=data, headers=headers,
-                                     timeout=self.aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with self.http.post(url + path, data=data, headers=headers,
+                                  timeout=self.aiohttp.ClientTimeout(total=timeout)) as resp:
             raw = await resp.read()
             try:
                 return resp.status, json.loads(raw)
@@ -138,7 +156,6 @@ class Swarm:
     # -- registration --------------------------------------------------------------------------
     async def register(self, count: int, auth_key: str, prefix: str, concurrency: int,
                        base: int, deadline_s: float = 3600.0) -> list[dict]:
-        from raftmesh.agent.netmap_state import AgentNetmap
         new = [LightAgent(base + i, f"{prefix}{base + i}", (base + i) % len(self.urls))
                for i in range(count)]
         self.agents.extend(new)
@@ -147,24 +164,26 @@ class Swarm:
 
         async def one(a: LightAgent) -> None:
             body = {"node_key": a.node_key, "hostname": a.hostname, "auth_key": auth_key}
-            target, delay = a.home, self.backoff_base
+            a.session = session = AgentSession(self.rng, backoff_base=self.backoff_base)
+            target = a.home
             async with sem:
                 while True:
                     try:
-                        status, resp = await self._post(a, self.urls[target], "/machine/register", body)
+                        status, resp = await self._post(a, self.urls[target], REGISTER, body)
                         if status == 200:
                             break
                         if status < 500:
                             raise RuntimeError(f"register {a.hostname}: {status} {resp}")
-                    except (self.aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                        pass
+                        error = f"{status}"
+                    except (self.aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                        error = repr(e)
                     if time.monotonic() > end:
                         raise TimeoutError(f"register {a.hostname}: no replica accepted it")
+                    nxt = session.unreachable(error)
                     target = (target + 1) % len(self.urls)
-                    await asyncio.sleep(random.uniform(0, delay))
-                    delay = min(delay * 2, 10.0)
+                    await asyncio.sleep(nxt.wait)
             a.node_id, a.ipv4 = resp["node"]["id"], resp["node"]["ipv4"]
-            a.view = AgentNetmap(a.node_id, {k["id"]: k["public_key"] for k in resp["cluster_keys"]})
+            session.registered(resp)
 
         await asyncio.gather(*(one(a) for a in new))
         return [{"index": a.index, "node_id": a.node_id, "hostname": a.hostname, "ipv4": a.ipv4,
@@ -195,91 +214,88 @@ class Swarm:
         from raftmesh.proto.frames import FrameError, FrameReader, stream_keypair
         from raftmesh.proto.machine_auth import HEADER_NONCE
         from raftmesh.proto.wire import HEADER_STREAM_KEY
-        delay = self.backoff_base
+        session = a.session
         attempts = 0
         while not a.stop:
             url = self.urls[a.url]
-            since = a.view.version
-            path = "/machine/map"
+            since = session.since
             query = "" if since is None else f"?since={since}"
-            progressed = False
+            opened, nxt, reason = False, None, None
             try:
                 if sem is not None:
                     await sem.acquire()
                 try:
-                    headers = self._headers(a, "GET", path, b"")
+                    headers = self._headers(a, "GET", MAP, b"")
                     stream_keys = stream_keypair()
                     headers[HEADER_STREAM_KEY] = stream_keys[0].hex()
-                    resp = await self.session.get(url + path + query, headers=headers)
+                    resp = await self.http.get(url + MAP + query, headers=headers)
                 finally:
                     if sem is not None:
                         sem.release()
                         sem = None  # only the first connection is throttled
                 async with resp:
                     if resp.status != 200:
-                        raw = await resp.read()
-                        code = ""
-                        try:
-                            code = json.loads(raw)["error"]["code"]
-                        except (ValueError, KeyError, TypeError):
-                            pass
-                        if resp.status in (404, 401, 403) and code in ("not_found", "node_expired",
-                                                                       "pending_approval"):
+                        code, message = _error_of(await resp.read())
+                        nxt = session.refused(resp.status, code, message)
+                        if session.state in STOPPED_STATES:
                             a.bye = {"code": code, "status": resp.status}
                             return
                         raise ConnectionError(f"{resp.status} {code}")
-                    a.replica = resp.headers.get("X-Raftmesh-Replica")
-                    a.acks = PendingAcks()  # acks go to the replica that sent the frames
+                    a.replica = resp.headers.get(HEADER_REPLICA)
                     a.connected_at = time.time()
                     if a.lost_at is not None:
                         a.reconnects.append({"lost": a.lost_at, "connected": a.connected_at,
                                              "replica": a.replica, "attempts": attempts})
                         a.lost_at = None
                     attempts = 0
-                    try:  # the daemon's watchdog: no frame for twice the keepalive -> next replica
-                        silence = 2 * float(resp.headers.get("X-Raftmesh-Keepalive", "10"))
+                    try:
+                        keepalive = float(resp.headers.get(HEADER_KEEPALIVE, DEFAULT_KEEPALIVE))
                     except ValueError:
-                        silence = 20.0
+                        keepalive = DEFAULT_KEEPALIVE
                     reader = FrameReader()
-                    a.view.begin_stream(headers[HEADER_NONCE], stream_keys)
-                    a.stream, a.last_data, a.cut = (resp, silence), time.monotonic(), None
+                    session.stream_opened(headers[HEADER_NONCE], stream_keys, keepalive, time.monotonic())
+                    opened, a.stream, a.cut = True, resp, None
                     try:
                         while True:
                             data = await resp.content.readany()
                             if not data:
                                 if a.cut == "silent":
-                                    raise ConnectionError(f"no frame for {silence:g}s")
+                                    raise ConnectionError(session.end_reason)
                                 break  # EOF
-                            a.last_data = time.monotonic()
+                            now = time.monotonic()
                             for frame in reader.feed(data):
-                                if self._apply(a, url, frame):
-                                    progressed = True
-                                if a.bye is not None:  # revoked: the daemon stops streaming too
+                                action = self._apply(a, url, frame, now)
+                                if action is REVOKED:  # the daemon stops streaming too
                                     a.connected_at = None
                                     return
+                                if action is END:
+                                    raise ConnectionError(session.end_reason)
                     finally:
                         a.stream = None
             except FrameError as e:
                 a.errors += 1
+                reason = f"bad frame: {e}"
                 self.frame_errors.append(f"{a.hostname}: {e}")
-            except (self.aiohttp.ClientError, asyncio.TimeoutError, OSError, ConnectionError):
+            except (self.aiohttp.ClientError, asyncio.TimeoutError, OSError, ConnectionError) as e:
+                reason = repr(e)
                 if a.cut != "kick":
                     a.errors += 1
             if a.stop:
                 return
             kicked, a.cut = a.cut == "kick", None
+            a.connected_at = None
+            if opened:
+                nxt = session.stream_ended(reason, moved=kicked)
+            elif nxt is None:
+                nxt = session.unreachable(reason or "no stream")
             if kicked:  # rehome: straight to a.url, which the caller set
-                a.connected_at = None
                 continue
             if a.lost_at is None:
                 a.lost_at = time.time()
-            a.connected_at = None
             attempts += 1
-            if progressed:
-                delay = self.backoff_base
-            a.url = (a.url + 1) % len(self.urls)
-            await asyncio.sleep(random.uniform(0, delay))
-            delay = min(delay * 2, 10.0)
+            if nxt.rotate:
+                a.url = (a.url + 1) % len(self.urls)
+            await asyncio.sleep(nxt.wait)
 
     async def _watchdog(self) -> None:
         """Close streams that were silent for twice their keepalive (the daemon's watchdog).
@@ -289,52 +305,55 @@ class Swarm:
             await asyncio.sleep(1.0)  # a periodic sweep, not synchronisation
             now = time.monotonic()
             for a in self.agents:
-                if a.stream is not None and now - a.last_data > a.stream[1]:
+                if a.stream is not None and a.session.silent(now):
                     self._cut(a, "silent")
 
     @staticmethod
     def _cut(a: LightAgent, why: str) -> None:
         a.cut = why
-        a.stream[0].close()  # its readany() ends with an error: the loop moves on
+        a.stream.close()  # its readany() ends with an error: the loop moves on
 
-    def _apply(self, a: LightAgent, url: str, frame) -> bool:
-        """Verify and apply one frame (FrameError propagates: the stream is dropped)."""
+    def _apply(self, a: LightAgent, url: str, frame, now: float) -> str:
+        """One frame through the agent's session; its action, after recording what the
+        benchmarks read back."""
         had = [p for p in self.watch if p in a.peers()] if self.watch else ()
-        held = a.view.version
-        verdict = a.view.accept(frame)
-        if verdict.kind == "stale":
-            a.stale.append((verdict.version, held))
-        if verdict.kind == "bye":
-            if (verdict.bye or {}).get("code") != "revoked":  # e.g. shutting_down: fail over
-                raise ConnectionError(f"bye: {verdict.bye}")
+        session = a.session
+        held = session.view.version
+        wall = time.time()
+        action, verdict = session.frame(frame, now, wall)
+        if action is IGNORE:
+            if verdict.kind == "stale":
+                a.stale.append((verdict.version, held))
+            return action
+        if action is END:
+            if verdict is None:  # failed verification
+                self.frame_errors.append(f"{a.hostname}: {session.end_reason}")
+            return action
+        if action is REVOKED:
             a.bye = verdict.bye or {}
-            return False
-        if verdict.netmap is None:
-            return False
-        now = time.time()
+            return action
         if a.first_netmap_at is None:
-            a.first_netmap_at = now
-        a.applied.append((verdict.version, now))
+            a.first_netmap_at = wall
+        a.applied.append((verdict.version, wall))
         for p in had:
             if p not in verdict.netmap.peers:
-                a.gone[p] = (verdict.version, now)
+                a.gone[p] = (verdict.version, wall)
         if len(a.applied) > KEEP_RECORDS:
             del a.applied[:len(a.applied) - KEEP_RECORDS]
-        acks = a.acks
-        starts_round = acks.due_at is None
-        delay = random.uniform(*ACK_DELAY)
-        acks.add(verdict.version, time.monotonic(), delay)
-        if starts_round:
-            asyncio.get_running_loop().create_task(self._ack_later(a, url, acks, delay))
-        return True
+        if action is APPLY_ARM_ACK:
+            acks = session.acks
+            asyncio.get_running_loop().create_task(self._ack_later(a, url, acks, acks.due_at - now))
+        return action
 
     async def _ack_later(self, a: LightAgent, url: str, acks: PendingAcks, delay: float) -> None:
-        await asyncio.sleep(delay)  # the ack deferral itself, not synchronisation
-        body = acks.take(time.monotonic()) if a.acks is acks else None
-        if body is None:  # the stream ended: its replica cannot use the ack
+        await asyncio.sleep(delay)  # until the session's ack round is due, not synchronisation
+        # (taken at once: a timer may fire a hair early; a cleared round means the stream
+        # ended, and its replica cannot use the ack)
+        body = acks.take(time.monotonic()) if a.session.acks is acks else None
+        if body is None:
             return
         try:
-            status, _ = await self._post(a, url, "/machine/ack", body, timeout=30,
+            status, _ = await self._post(a, url, ACK, body, timeout=30,
                                          stream_auth=a.view.stream_auth)
             if status == 200:
                 a.acked[body["version"]] = time.time()
@@ -469,7 +488,7 @@ class Swarm:
                 a.task.cancel()
         await asyncio.gather(*(a.task for a in self.agents if a.task is not None),
                              return_exceptions=True)
-        await self.session.close()
+        await self.http.close()
 
 
 def _worker_main(conn, urls: list[str]) -> None:

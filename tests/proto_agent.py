@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import random
 import time
 
 from nacl.public import PrivateKey
@@ -10,10 +11,14 @@ from nacl.signing import SigningKey
 from raftmesh.agent.control_client import ControlClient
 from raftmesh.agent.map_client import MapStream
 from raftmesh.agent.netmap_state import AgentNetmap
+from raftmesh.agent.session import AgentSession
+from raftmesh.proto.frames import FrameError
+from raftmesh.proto.routes import REGISTER
 
 
 class ProtoAgent:
-    """Registers like the daemon and reads frames, checking every signature."""
+    """Registers like the daemon and reads frames through the daemon's AgentSession,
+    checking every signature; the test decides where and when to connect."""
 
     def __init__(self, cluster, user_key: str, hostname: str, replica: int = 0,
                  urls: list[str] | None = None):
@@ -24,24 +29,31 @@ class ProtoAgent:
         self.client = ControlClient(self.urls, self.key)
         self.client.current = replica
         node_key = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
-        resp = self.client.call("POST", "/machine/register",
+        resp = self.client.call("POST", REGISTER,
                                 {"node_key": node_key, "hostname": hostname, "auth_key": user_key})
         self.node_id = resp["node"]["id"]
         self.ipv4 = resp["node"]["ipv4"]
-        self.view = AgentNetmap(self.node_id, {k["id"]: k["public_key"] for k in resp["cluster_keys"]})
+        self.session = AgentSession(random.Random())
+        self.session.registered(resp)
         self.stream: MapStream | None = None
         self.kinds: list[str] = []
+
+    @property
+    def view(self) -> AgentNetmap:
+        return self.session.view
 
     def connect(self, replica: int | None = None, since="held") -> MapStream:
         if replica is not None:
             self.replica = replica
-        since = self.view.version if since == "held" else since
+        since = self.session.since if since == "held" else since
         self.stream = MapStream(self.urls[self.replica], self.key, since)
-        self.view.begin_stream(self.stream.nonce, self.stream.stream_keys)
+        self.session.stream_opened(self.stream.nonce, self.stream.stream_keys, self.stream.keepalive,
+                                   time.monotonic())
         return self.stream
 
     def pump(self, until, timeout: float = 15.0):
-        """Apply frames until `until(self)` holds (or fail at the deadline)."""
+        """Apply frames until `until(self)` holds (or fail at the deadline); a frame that
+        fails verification raises FrameError."""
         deadline = time.monotonic() + timeout
         while not until(self):
             left = deadline - time.monotonic()
@@ -53,7 +65,9 @@ class ProtoAgent:
             if kind != "frame":
                 self.kinds.append(kind)
                 continue
-            verdict = self.view.accept(payload)
+            _action, verdict = self.session.frame(payload, time.monotonic(), time.time())
+            if verdict is None:
+                raise FrameError(self.session.end_reason)
             self.kinds.append(verdict.kind)
             if verdict.kind == "bye":
                 self.bye = verdict.bye

@@ -1,5 +1,6 @@
 """Deferred, coalesced acks (agent/acks.py): pure, so checked exhaustively here."""
 from raftmesh.agent.acks import MAX_LISTED, PendingAcks
+from raftmesh.proto.routes import ACK
 
 
 def test_first_apply_starts_the_round_and_later_ones_join_it():
@@ -75,7 +76,7 @@ def test_an_ack_lost_in_transit_is_sent_again_with_grown_ages():
     try:
         sender.send(f"http://127.0.0.1:{server.server_port}", {"version": 7, "applied": [[7, 0.5]]})
         wait_until(lambda: received, 10, what="the ack sent again")
-        assert requests == ["/machine/ack", "/machine/ack"]
+        assert requests == [ACK, ACK]
         assert received[0]["version"] == 7
         assert received[0]["applied"][0][1] >= 0.5 + ack_sender.RETRY_AFTER  # waited for the retry
     finally:

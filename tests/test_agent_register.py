@@ -3,6 +3,7 @@ import base64
 import json
 import secrets
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -10,7 +11,10 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from raftmesh.agent.control_client import ControlClient, ControlError
-from raftmesh.proto.machine_auth import sign_headers
+from raftmesh.proto.machine_auth import HEADER_KEY, sign_headers
+from raftmesh.proto.routes import MAP, REGISTER
+from raftmesh.proto.version import (HEADER_PROTOCOL_VERSION, HISTORY, OLDEST_SERVED, PROTOCOL_VERSION,
+                                    UNSUPPORTED, VersionError, requested_version)
 
 
 def node_key() -> str:
@@ -37,19 +41,19 @@ def test_register_with_preauth_key_is_approved_with_addresses(shared_cluster):
     c = shared_cluster
     key = preauth(c, reusable=True)
     a = client(c, 1)
-    resp = a.call("POST", "/machine/register", {"node_key": node_key(), "hostname": "Laptop", "auth_key": key})
+    resp = a.call("POST", REGISTER, {"node_key": node_key(), "hostname": "Laptop", "auth_key": key})
     node = resp["node"]
     assert resp["approved"] and node["user"] == "agents" and node["name"] == "laptop"
     assert node["ipv4"].startswith("100.") and node["ipv6"].startswith("fd7a:115c:a1e0:")
     assert resp["cluster_keys"] and all(len(base64.b64decode(k["public_key"])) == 32 for k in resp["cluster_keys"])
     assert "machine_key" in node and "hash" not in node
-    again = a.call("POST", "/machine/register", {"node_key": node_key(), "hostname": "laptop"})
+    again = a.call("POST", REGISTER, {"node_key": node_key(), "hostname": "laptop"})
     assert again["node"]["id"] == node["id"], "re-registration of a known machine returns its node"
 
 
 def test_register_without_key_is_pending_until_approved(shared_cluster):
     c = shared_cluster
-    resp = client(c, 2).call("POST", "/machine/register", {"node_key": node_key(), "hostname": "pending-box"})
+    resp = client(c, 2).call("POST", REGISTER, {"node_key": node_key(), "hostname": "pending-box"})
     assert resp["approved"] is False
     node_id = resp["node"]["id"]
     status, body = c.request(c.replicas[0], "POST", f"/api/v1/nodes/{node_id}/approve")
@@ -68,7 +72,7 @@ def test_bad_preauth_keys_are_refused_and_nothing_is_stored(shared_cluster, prob
     elif problem == "wrong-secret":
         key = key.rsplit("_", 1)[0] + "_" + secrets.token_urlsafe(32)
     elif problem == "used-up":
-        client(c).call("POST", "/machine/register", {"node_key": node_key(), "hostname": "first", "auth_key": key})
+        client(c).call("POST", REGISTER, {"node_key": node_key(), "hostname": "first", "auth_key": key})
     elif problem == "expired":
         status, body = c.request(c.replicas[0], "POST", "/api/v1/preauth-keys",
                                  {"user": "agents", "expiration_seconds": 1})
@@ -80,14 +84,14 @@ def test_bad_preauth_keys_are_refused_and_nothing_is_stored(shared_cluster, prob
         assert c.request(c.replicas[0], "DELETE", f"/api/v1/preauth-keys/{key_id}")[0] == 200
     before = node_count(c)
     with pytest.raises(ControlError) as e:
-        client(c, 1).call("POST", "/machine/register", {"node_key": node_key(), "hostname": "x", "auth_key": key})
+        client(c, 1).call("POST", REGISTER, {"node_key": node_key(), "hostname": "x", "auth_key": key})
     assert e.value.status == 401 and e.value.code == "unauthenticated"
     assert "pre-auth key" in e.value.message
     assert node_count(c) == before
 
 
 def raw_register(cluster, headers, body: bytes):
-    req = urllib.request.Request(cluster.replicas[0].api_url + "/machine/register", data=body,
+    req = urllib.request.Request(cluster.replicas[0].api_url + REGISTER, data=body,
                                  method="POST", headers={**headers, "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -102,19 +106,19 @@ def test_forged_stale_and_replayed_signatures_are_refused(shared_cluster):
     key = SigningKey.generate()
     before = node_count(c)
     # Forged: signed by another key than the one claimed.
-    forged = sign_headers(SigningKey.generate(), "POST", "/machine/register", body, time.time(), "n" * 16)
-    forged["X-Raftmesh-Machine"] = sign_headers(key, "POST", "/", b"", time.time(), "m" * 16)["X-Raftmesh-Machine"]
+    forged = sign_headers(SigningKey.generate(), "POST", REGISTER, body, time.time(), "n" * 16)
+    forged[HEADER_KEY] = sign_headers(key, "POST", "/", b"", time.time(), "m" * 16)[HEADER_KEY]
     assert raw_register(c, forged, body)[0] == 401
     # Tampered body.
-    h = sign_headers(key, "POST", "/machine/register", body, time.time(), "t" * 16)
+    h = sign_headers(key, "POST", REGISTER, body, time.time(), "t" * 16)
     assert raw_register(c, h, body.replace(b"sig-test", b"sig-evil"))[0] == 401
     # Stale.
-    h = sign_headers(key, "POST", "/machine/register", body, time.time() - 120, "s" * 16)
+    h = sign_headers(key, "POST", REGISTER, body, time.time() - 120, "s" * 16)
     status, err = raw_register(c, h, body)
     assert status == 401 and "clock" in err["error"]["message"]
     assert node_count(c) == before
     # Fresh, then replayed byte for byte.
-    h = sign_headers(key, "POST", "/machine/register", body, time.time(), secrets.token_hex(8))
+    h = sign_headers(key, "POST", REGISTER, body, time.time(), secrets.token_hex(8))
     assert raw_register(c, h, body)[0] == 200
     status, err = raw_register(c, h, body)
     assert status == 401 and "replayed" in err["error"]["message"]
@@ -128,5 +132,77 @@ def test_malformed_register_bodies_are_refused(shared_cluster):
                 {"node_key": node_key(), "hostname": "x", "extra": 1},
                 {"node_key": node_key(), "hostname": "x", "endpoints": ["not-an-endpoint"]}):
         with pytest.raises(ControlError) as e:
-            a.call("POST", "/machine/register", bad)
+            a.call("POST", REGISTER, bad)
         assert e.value.status == 400 and e.value.code == "validation_failed"
+
+
+def test_protocol_versions_a_replica_cannot_serve_are_refused_clearly(shared_cluster):
+    """A version outside what the replica serves gets 426 naming what it serves and what to
+    upgrade; a malformed one 400; neither registers anything. Without the header (agents
+    from before it existed) a request is version 1, as raw_register's above show."""
+    c = shared_cluster
+    key = SigningKey.generate()
+    body = json.dumps({"node_key": node_key(), "hostname": "version-test"}).encode()
+    before = node_count(c)
+
+    def attempt(version: str):
+        h = sign_headers(key, "POST", REGISTER, body, time.time(), secrets.token_hex(8))
+        return raw_register(c, {**h, HEADER_PROTOCOL_VERSION: version}, body)
+
+    status, err = attempt(str(PROTOCOL_VERSION + 1))
+    assert (status, err["error"]["code"]) == (426, UNSUPPORTED), err
+    assert f"version {PROTOCOL_VERSION}" in err["error"]["message"]
+    assert "upgrade the replicas" in err["error"]["message"]
+    status, err = attempt("0")
+    assert (status, err["error"]["code"]) == (426, UNSUPPORTED) and "upgrade the agent" in err["error"]["message"]
+    for malformed in ("one", "-1", "1.0", "9" * 40):
+        status, err = attempt(malformed)
+        assert (status, err["error"]["code"]) == (400, "bad_request"), malformed
+        assert HEADER_PROTOCOL_VERSION in err["error"]["message"]
+    assert node_count(c) == before
+    assert attempt(str(PROTOCOL_VERSION))[0] == 200
+    # The map stream checks it before anything else (this machine is pending, not refused).
+    h = {**sign_headers(key, "GET", MAP, b"", time.time(), secrets.token_hex(8)),
+         HEADER_PROTOCOL_VERSION: str(PROTOCOL_VERSION + 1)}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(c.replicas[0].api_url + MAP, headers=h), timeout=10)
+    assert e.value.code == 426 and json.loads(e.value.read())["error"]["code"] == UNSUPPORTED
+
+
+def test_requested_version_parses_the_header():
+    assert requested_version(None) == 1
+    assert requested_version(str(PROTOCOL_VERSION)) == PROTOCOL_VERSION
+    with pytest.raises(VersionError) as e:
+        requested_version(str(PROTOCOL_VERSION + 1))
+    assert not e.value.malformed
+    with pytest.raises(VersionError) as e:
+        requested_version("v1")
+    assert e.value.malformed
+    assert set(HISTORY) == set(range(1, PROTOCOL_VERSION + 1)) and OLDEST_SERVED <= PROTOCOL_VERSION
+
+
+def test_the_daemon_reports_a_refused_protocol_version_and_waits(shared_cluster, tmp_path, monkeypatch, caplog):
+    """An agent newer than the replicas: `agent status` and the log say what to upgrade, and
+    the next attempt is a minute away, on the next replica (no data plane is started)."""
+    import logging
+
+    from raftmesh.agent.daemon import Agent, AgentConfig
+    from raftmesh.agent.session import VERSION_RETRY, Next
+    from raftmesh.proto import version
+    monkeypatch.setattr(version, "PROTOCOL_VERSION", PROTOCOL_VERSION + 1)  # what it sends
+    before = node_count(shared_cluster)
+    agent = Agent(AgentConfig([r.api_url for r in shared_cluster.replicas], str(tmp_path / "state"),
+                              "rmtest0", hostname="newer"))
+    try:
+        with caplog.at_level(logging.ERROR, logger="raftmesh.agent"):
+            nxt = agent._attempt()
+            agent._follow(Next(0.0, rotate=nxt.rotate))  # everything _follow does but the wait
+        assert nxt == Next(VERSION_RETRY, rotate=True) and agent.client.current == 1
+        with open(tmp_path / "state" / "status.json") as f:
+            status = json.load(f)
+        assert status["state"] == "unsupported_protocol", status
+        assert "upgrade the replicas" in status["error"] and f"version {PROTOCOL_VERSION}" in status["error"]
+        assert "Upgrade the agent" in caplog.text
+        assert node_count(shared_cluster) == before  # refused: nothing registered
+    finally:
+        agent.ack_sender.close()

@@ -36,10 +36,11 @@ from nacl.signing import SigningKey
 
 import raftmesh.api.server  # noqa: F401  (imports every module whose routes the server serves)
 from raftmesh.api.errors import ERROR_CODES
-from raftmesh.proto.machine_auth import sign_headers
+from raftmesh.proto.machine_auth import HEADER_KEY, HEADER_NONCE, sign_headers
 from raftmesh.api.routing import IDEMPOTENCY_KEY_MAX, ROUTES
 from raftmesh.cluster.config import ReplicaConfig
 from in_memory_api import ServedInMemory
+from raftmesh.proto.routes import MACHINE, REGISTER
 from waiting import wait_until
 
 MAX_BODY = ReplicaConfig.__dataclass_fields__["max_body_bytes"].default
@@ -62,7 +63,7 @@ def rid(r) -> str:
 
 
 AUTH_ROUTES = [r for r in ROUTES if r.needs is not None]
-MACHINE_ROUTES = [r for r in ROUTES if r.path.startswith("/machine/")]
+MACHINE_ROUTES = [r for r in ROUTES if r.path.startswith(MACHINE + "/")]
 JSON_ROUTES = [r for r in ROUTES if r.body is not None and not is_text(r)]
 TEXT_ROUTES = [r for r in ROUTES if is_text(r)]
 BODYLESS_ROUTES = [r for r in ROUTES if r.body is None and r.method in ("POST", "PUT", "PATCH")]
@@ -562,7 +563,7 @@ def test_badly_typed_query_values_are_bad_request(api, r):
 
 # -- routes and methods ----------------------------------------------------------------------------
 @pytest.mark.parametrize("path", ["/api/v1/nope", "/api/v1/users/a/b/c", "/api/v2/users", "/api/v1/users/",
-                                  "/API/V1/USERS", "/api/v1", "/api/v1/", "/", "/machine/nope",
+                                  "/API/V1/USERS", "/api/v1", "/api/v1/", "/", MACHINE + "/nope",
                                   "/api/v1/openapi.yaml", "/api/v1/nodes/x/approve/now", "/api/v1/%ff"])
 def test_unknown_routes_are_404(api, path):
     for method in ("GET", "POST", "DELETE"):
@@ -677,9 +678,9 @@ def test_machine_routes_need_a_valid_signature(api, r):
         ("garbage headers", {k: "garbage" for k in h}),
         ("stale", signed(machine, r.method, path, raw, when=time.time() - 3600)),
         ("other body", signed(machine, r.method, path, raw + b" ")),
-        ("other path", signed(machine, r.method, "/machine/elsewhere", raw)),
-        ("short nonce", {**signed(machine, r.method, path, raw), "X-Raftmesh-Nonce": "x"}),
-        ("other key", {**h, "X-Raftmesh-Machine": signed(SigningKey.generate(), r.method, path, raw)["X-Raftmesh-Machine"]}),
+        ("other path", signed(machine, r.method, MACHINE + "/elsewhere", raw)),
+        ("short nonce", {**signed(machine, r.method, path, raw), HEADER_NONCE: "x"}),
+        ("other key", {**h, HEADER_KEY: signed(SigningKey.generate(), r.method, path, raw)[HEADER_KEY]}),
     ]
     for label, headers in variants:
         err = assert_error(api(r.method, path, raw or None, key=None, headers=headers), 401, "unauthenticated")
@@ -691,7 +692,7 @@ def test_signed_requests_from_unknown_machines(api):
     for r in MACHINE_ROUTES:
         path, body = semantic(r)
         raw = b"" if body is None else json.dumps(body).encode()
-        if r.path == "/machine/register":
+        if r.path == REGISTER:
             for auth_key in ("rmp_bad", f"rmp_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}", "rmk_x_y"):
                 raw = json.dumps({**body, "auth_key": auth_key}).encode()
                 assert_error(api(r.method, path, raw, key=None, headers=signed(machine, r.method, path, raw)),

@@ -24,6 +24,7 @@ from raftmesh.cli import admin as cli_admin
 from raftmesh.cli.main import main
 from raftmesh.cli.api_client import Client, ClientError
 from raftmesh.lab.local_cluster import free_ports
+from raftmesh.proto.routes import REGISTER
 
 BAD_KEY = "rmk_000000000000_" + "x" * 43
 
@@ -189,7 +190,7 @@ def test_preauth_key_printed_once_and_never_listed(cli):
 def register_pending_node(cluster, hostname: str) -> str:
     agent = ControlClient([cluster.replicas[1].api_url], SigningKey.generate())
     node_key = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
-    resp = agent.call("POST", "/machine/register", {"node_key": node_key, "hostname": hostname,
+    resp = agent.call("POST", REGISTER, {"node_key": node_key, "hostname": hostname,
                                                     "advertised_routes": ["10.9.0.0/24"]})
     return resp["node"]["id"]
 

@@ -21,6 +21,7 @@ import pytest
 from conftest import wait_until
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.lab.local_cluster import free_ports
+from raftmesh.proto.routes import LOGOUT
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TEMPLATE = os.path.join(ROOT, "deploy", "haproxy", "haproxy.cfg")
@@ -298,7 +299,7 @@ def test_replica_without_quorum_is_taken_out_of_rotation(lb):
     c, url = lb.cluster, lb.url
     # Agent paths go to their own backend, whose servers follow the API backend's checks.
     assert set(_stat_or_empty(lb.sock, "raftmesh_agents").values()) == {"UP"}
-    status, body = c.request(url, "POST", "/machine/logout", {}, timeout=5)
+    status, body = c.request(url, "POST", LOGOUT, {}, timeout=5)
     assert isinstance(body, dict) and "error" in body and status < 500, (status, body)  # from a replica
     served = {r["svname"]: int(r["stot"]) for r in haproxy_stat_rows(lb.sock)
               if r["pxname"] == "raftmesh_agents"}

@@ -3,12 +3,15 @@ its keepalive is dropped by the per-process watchdog sweep, and a rehome moves a
 without counting an error. Loopback aiohttp servers stand in for replicas that hang."""
 import asyncio
 import contextlib
+import random
 import time
 
 from aiohttp import web
 
 from raftmesh.agent.netmap_state import AgentNetmap
+from raftmesh.agent.session import AgentSession
 from raftmesh.lab.light_agents import LightAgent, Swarm
+from raftmesh.proto.routes import HEADER_KEEPALIVE, HEADER_REPLICA, MAP
 
 
 @contextlib.asynccontextmanager
@@ -20,13 +23,12 @@ async def silent_replicas(n: int, home: int, start_at: int):
     for i in range(n):
         async def hang(request, i=i):
             seen[i] += 1
-            resp = web.StreamResponse(headers={"X-Raftmesh-Keepalive": "0.5",
-                                               "X-Raftmesh-Replica": f"r{i}"})
+            resp = web.StreamResponse(headers={HEADER_KEEPALIVE: "0.5", HEADER_REPLICA: f"r{i}"})
             await resp.prepare(request)
             await done.wait()  # a replica that stopped sending (until the test ends)
             return resp
         app = web.Application()
-        app.router.add_get("/machine/map", hang)
+        app.router.add_get(MAP, hang)
         runner = web.AppRunner(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -34,7 +36,8 @@ async def silent_replicas(n: int, home: int, start_at: int):
         urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
     swarm = Swarm(urls, backoff_base=0.01)
     a = LightAgent(0, "la0", home)
-    a.node_id, a.view, a.url = "n1", AgentNetmap("n1", {}), start_at
+    a.node_id, a.url = "n1", start_at
+    a.session = AgentSession(random.Random(), AgentNetmap("n1", {}), backoff_base=0.01)
     swarm.agents.append(a)
     try:
         await swarm.connect(concurrency=1, timeout=0.1)  # no netmap ever comes: returns False

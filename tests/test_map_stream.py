@@ -23,6 +23,8 @@ from raftmesh.agent.netmap_state import AgentNetmap
 from raftmesh.proto.frames import FrameError, FrameReader, stream_keypair
 from raftmesh.api.map_stream import KEEPALIVE_TICKS, Stream, keepalive_quiet_limits, quiet_limit
 from raftmesh.proto.wire import HEADER_STREAM_KEY
+from raftmesh.proto.routes import ACK, MAP, REGISTER, REPORT
+from raftmesh.proto.machine_auth import HEADER_NONCE
 
 from proto_agent import ProtoAgent
 from waiting import wait_until
@@ -65,7 +67,7 @@ def test_full_then_deltas_keepalives_and_acks(mesh):
     # the agent acknowledges; the admin API shows presence, replica and acked version
     version = a.view.version
     a.client.current = 0
-    assert a.client.call("POST", "/machine/ack", {"version": version})["streaming_here"] is True
+    assert a.client.call("POST", ACK, {"version": version})["streaming_here"] is True
     def node_stream():
         return admin("GET", f"/api/v1/nodes/{a.node_id}")[1]["node"]
     wait_until(lambda: node_stream()["online"] and node_stream()["stream"]["acked_version"] == version,
@@ -115,7 +117,7 @@ def test_one_coalesced_ack_covers_several_versions_with_their_apply_ages(mesh):
     a.client.current = 0
     # the ages say every change was applied at once: the samples must land in the lowest bucket
     # although this ack arrives long after (an ack without ages would time the ack itself)
-    reply = a.client.call("POST", "/machine/ack", {"version": applied[-1],
+    reply = a.client.call("POST", ACK, {"version": applied[-1],
                                                    "applied": [[v, 3600.0] for v in applied]})
     assert reply["streaming_here"] is True
     after = _histogram(c, c.replicas[0], "raftmesh_netmap_propagation_seconds")
@@ -123,7 +125,7 @@ def test_one_coalesced_ack_covers_several_versions_with_their_apply_ages(mesh):
     assert after["0.01"] - before["0.01"] == after["count"] - before["count"]
     # bad ages are refused with a clear error and change nothing
     with pytest.raises(ControlError) as e:
-        a.client.call("POST", "/machine/ack", {"version": 1, "applied": [[1, -5]]})
+        a.client.call("POST", ACK, {"version": 1, "applied": [[1, -5]]})
     assert e.value.status == 400 and "applied" in e.value.message
 
 
@@ -212,10 +214,10 @@ def test_frames_after_the_first_are_tagged_only_for_an_agent_that_sent_a_stream_
     from raftmesh.proto.machine_auth import sign_headers
     c, admin, agent = mesh
     a = agent("alice", "a", 0)
-    url = c.replicas[2].api_url + "/machine/map"
+    url = c.replicas[2].api_url + MAP
 
     def open_map(stream_key: str | None):
-        headers = sign_headers(a.key, "GET", "/machine/map", b"", time.time(), secrets.token_hex(8))
+        headers = sign_headers(a.key, "GET", MAP, b"", time.time(), secrets.token_hex(8))
         if stream_key is not None:
             headers[HEADER_STREAM_KEY] = stream_key
         return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
@@ -257,12 +259,12 @@ def test_acks_tagged_under_the_stream_key_are_accepted_only_by_its_replica(mesh)
     auth = a.view.stream_auth
     assert auth is not None and auth[0] == a.stream.nonce
     a.client.current = 1
-    ack = lambda **kw: a.client.signed_request("POST", "/machine/ack", {"version": a.view.version}, **kw)  # noqa: E731
+    ack = lambda **kw: a.client.signed_request("POST", ACK, {"version": a.view.version}, **kw)  # noqa: E731
     assert ack(stream_auth=auth)["streaming_here"] is True
     wait_until(lambda: (admin("GET", f"/api/v1/nodes/{a.node_id}")[1]["node"]["stream"] or {}).get(
         "acked_version") == a.view.version, timeout=10)
 
-    def refused(headers: dict, replica: int = 1, path: str = "/machine/ack", data=None) -> str:
+    def refused(headers: dict, replica: int = 1, path: str = ACK, data=None) -> str:
         req = urllib.request.Request(c.replicas[replica].api_url + path, data=data or body, method="POST",
                                      headers={**headers, "Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -271,19 +273,19 @@ def test_acks_tagged_under_the_stream_key_are_accepted_only_by_its_replica(mesh)
         return json.loads(e.value.read())["error"]["message"]
     body = json.dumps({"version": a.view.version}).encode()
     machine = b64(bytes(a.key.verify_key))
-    tagged = lambda key=auth[1], stream=auth[0], path="/machine/ack", data=body: tag_headers(  # noqa: E731
+    tagged = lambda key=auth[1], stream=auth[0], path=ACK, data=body: tag_headers(  # noqa: E731
         key, stream, machine, "POST", path, data, time.time(), secrets.token_hex(8))
     assert "does not match" in refused(tagged(key=bytes(32)))
     assert "does not match" in refused(dict(tagged(), **{HEADER_STREAM_TAG: "ü" * 24}))
     assert "no stream" in refused(tagged(stream="another-stream"))
     assert "no stream" in refused(tagged(), replica=0)  # the stream is on r2
     report = b'{"endpoints": []}'
-    assert "must be signed" in refused(tagged(path="/machine/report", data=report),
-                                       path="/machine/report", data=report)
+    assert "must be signed" in refused(tagged(path=REPORT, data=report),
+                                       path=REPORT, data=report)
     assert "missing" in refused({k: v for k, v in tagged().items() if k != HEADER_STREAM})
     once = tagged()
     urllib.request.urlopen(urllib.request.Request(
-        c.replicas[1].api_url + "/machine/ack", data=body, method="POST",
+        c.replicas[1].api_url + ACK, data=body, method="POST",
         headers={**once, "Content-Type": "application/json"}), timeout=10).close()
     assert "replayed" in refused(once)
     a.close()  # the stream ends: its key no longer tags anything
@@ -295,7 +297,7 @@ def test_refusals(mesh):
     c, admin, agent = mesh
     pending = ControlClient([c.replicas[0].api_url], SigningKey.generate())
     node_key = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
-    pending.call("POST", "/machine/register", {"node_key": node_key, "hostname": "p"})
+    pending.call("POST", REGISTER, {"node_key": node_key, "hostname": "p"})
     with pytest.raises(ControlError) as e:
         MapStream(c.replicas[0].api_url, pending.key, None)
     assert (e.value.status, e.value.code) == (403, "pending_approval")
@@ -305,7 +307,7 @@ def test_refusals(mesh):
     import urllib.request, urllib.error
     for query in ("", "?since=-1", "?since=abc", "?since=1&since=2", "?other=1"):
         try:
-            urllib.request.urlopen(c.replicas[0].api_url + "/machine/map" + query, timeout=5)
+            urllib.request.urlopen(c.replicas[0].api_url + MAP + query, timeout=5)
             raise AssertionError("unsigned map request accepted")
         except urllib.error.HTTPError as err:
             assert err.code in (400, 401), (query, err.code)
@@ -332,7 +334,7 @@ def test_key_expiry_by_the_replicated_clock_closes_streams_without_other_writes(
         assert e.value.code == "node_expired"
         # re-authentication with a pre-auth key brings the node back
         node_key = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
-        resp = a.client.call("POST", "/machine/register",
+        resp = a.client.call("POST", REGISTER,
                              {"node_key": node_key, "hostname": "a", "auth_key": key})
         assert resp["node"]["id"] == a.node_id and not resp["expired"]
         a.kinds.clear()
@@ -348,19 +350,19 @@ def test_replayed_map_request_is_refused(mesh):
     import urllib.request, urllib.error
     from raftmesh.proto.machine_auth import sign_headers
     a = agent("alice", "a", 0)
-    headers = sign_headers(a.key, "GET", "/machine/map", b"", time.time(), "nonce-1234567")
+    headers = sign_headers(a.key, "GET", MAP, b"", time.time(), "nonce-1234567")
     first = urllib.request.urlopen(urllib.request.Request(
-        c.replicas[0].api_url + "/machine/map", headers=headers), timeout=5)
+        c.replicas[0].api_url + MAP, headers=headers), timeout=5)
     try:
         assert first.status == 200
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(urllib.request.Request(
-                c.replicas[0].api_url + "/machine/map", headers=headers), timeout=5)
+                c.replicas[0].api_url + MAP, headers=headers), timeout=5)
         assert e.value.code == 401 and b"replayed" in e.value.read()
-        forged = dict(headers, **{"X-Raftmesh-Nonce": "nonce-7654321"})
+        forged = dict(headers, **{HEADER_NONCE: "nonce-7654321"})
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(urllib.request.Request(
-                c.replicas[0].api_url + "/machine/map", headers=forged), timeout=5)
+                c.replicas[0].api_url + MAP, headers=forged), timeout=5)
         assert e.value.code == 401 and b"does not match" in e.value.read()
     finally:
         first.close()

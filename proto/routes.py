@@ -1,0 +1,27 @@
+"""Where the agent protocol lives on a replica: paths, stream headers and `bye` codes.
+
+Both sides name them from here, so a replica and an agent cannot disagree on a spelling.
+The signing headers are in machine_auth.py, the stream key header in wire.py and the
+version header in version.py.
+"""
+from __future__ import annotations
+
+MACHINE = "/machine"
+REGISTER = MACHINE + "/register"
+REPORT = MACHINE + "/report"
+ROTATE_KEY = MACHINE + "/rotate-key"
+LOGOUT = MACHINE + "/logout"
+MAP = MACHINE + "/map"
+ACK = MACHINE + "/ack"
+
+# Response headers of a map stream: which replica serves it, and its keepalive period (an
+# agent gives up on a stream silent for twice that).
+HEADER_REPLICA = "X-Raftmesh-Replica"
+HEADER_KEEPALIVE = "X-Raftmesh-Keepalive"
+DEFAULT_KEEPALIVE = 10.0  # assumed when a stream does not say
+FRAME_CONTENT_TYPE = "application/x-raftmesh-frames"
+
+# The `code` of a `bye` frame's body. Revoked: the node left the mesh, the agent drops every
+# peer and stops streaming. Shutting down: the replica is stopping, the agent fails over.
+BYE_REVOKED = "revoked"
+BYE_SHUTTING_DOWN = "shutting_down"

@@ -1,0 +1,54 @@
+"""The agent protocol's version: what an agent speaks and what a replica serves.
+
+An agent names its version in HEADER_PROTOCOL_VERSION on every /machine/* request. A replica
+that cannot serve it refuses the request with 426 `unsupported_protocol_version` (a message
+naming the versions it serves) instead of answering in terms the agent would misread; the
+agent reports the refusal and waits before trying again. A request without the header is
+version 1: agents deployed before the header existed keep working.
+
+Bump PROTOCOL_VERSION when a replica or an agent would misread the other's messages, record
+what changed in HISTORY, and raise OLDEST_SERVED only once no agent older than it is left.
+"""
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+OLDEST_SERVED = 1
+HEADER_PROTOCOL_VERSION = "X-Raftmesh-Protocol"
+UNSUPPORTED = "unsupported_protocol_version"  # the error code of a refusal
+
+HISTORY = {
+    1: ("2026-12-06", "requests signed with the machine key, or acks tagged under their "
+        "stream's key; the map stream of length-prefixed JSON frames (full, delta, keepalive, "
+        "bye), the first signed by the cluster key and carrying the stream key exchange, later "
+        "ones tagged; resume with ?since; bye codes revoked and shutting_down; deferred, "
+        "coalesced acks. Requests without the version header are taken as version 1."),
+}
+
+
+class VersionError(ValueError):
+    """A version header a replica cannot serve; `malformed` if it is not a version at all."""
+
+    def __init__(self, message: str, malformed: bool = False):
+        super().__init__(message)
+        self.malformed = malformed
+
+
+def requested_version(header: str | None) -> int:
+    """The version an agent's request names (1 without the header), or VersionError."""
+    if header is None:
+        return 1
+    if not header.isascii() or not header.isdigit() or len(header) > 6:
+        raise VersionError(f"{HEADER_PROTOCOL_VERSION} must be a positive integer, got "
+                           f"{header[:20]!r}", malformed=True)
+    version = int(header)
+    if not OLDEST_SERVED <= version <= PROTOCOL_VERSION:
+        served = (f"version {PROTOCOL_VERSION}" if OLDEST_SERVED == PROTOCOL_VERSION
+                  else f"versions {OLDEST_SERVED} to {PROTOCOL_VERSION}")
+        fix = "upgrade the agent" if version < OLDEST_SERVED else "upgrade the replicas or use an older agent"
+        raise VersionError(f"this replica serves agent protocol {served}, not {version}: {fix}")
+    return version
+
+
+def version_header() -> dict[str, str]:
+    """The header an agent sends with every request."""
+    return {HEADER_PROTOCOL_VERSION: str(PROTOCOL_VERSION)}
