@@ -443,10 +443,10 @@ def _update_node(ctx: Context, changes: dict) -> dict:
 @handler("node.update")
 def _node_update(ctx: Context) -> dict:
     changes = {}
+    node = ctx.require("nodes", ctx.args["id"], "node")  # first: a missing node is a 404
     if "name" in ctx.args:
         if ctx.args["name"] != _unique_name(ctx.txn, ctx.args["name"], ctx.args["id"]):
             raise Rejected("conflict", f"node name {ctx.args['name']!r} is taken")
-        node = ctx.require("nodes", ctx.args["id"], "node")
         ctx.txn.delete("node_names", node["name"])
         ctx.txn.put("node_names", ctx.args["name"], node["id"])
         changes["name"] = ctx.args["name"]
@@ -455,7 +455,6 @@ def _node_update(ctx: Context) -> dict:
         if changes["tags"]:
             changes["user"] = None
         else:
-            node = ctx.require("nodes", ctx.args["id"], "node")
             changes["user"] = node.get("user") or node.get("registered_by")
     return _update_node(ctx, changes)
 
