@@ -18,8 +18,9 @@ from raftmesh.storage.json_codec import compact_json
 from . import auth
 from .errors import APIError
 from raftmesh.proto.machine_auth import new_cluster_key
+from raftmesh.proto.numbers import MAX_SAFE_INTEGER
 from .map_stream import HUB
-from .routing import MAX_JSON_INT, STALE_QUERY, Ctx, openapi, route
+from .routing import STALE_QUERY, Ctx, openapi, route
 from .responses import (ANY_OBJECT, API_KEY, AUDIT_PAGE, BOOL, CLUSTER, CLUSTER_KEY, DELETED, MEMBER,
                         NODE, NODE_WRITTEN, POLICY_VERSION, PREAUTH_KEY, SECRET_SHOWN_ONCE, STR,
                         STREAM, USER, VERSION, answer, listing, reading, written)
@@ -366,7 +367,8 @@ async def list_policy_versions(ctx: Ctx):
     return ok({"versions": versions, "version": version, "stale": stale})
 
 
-TIME_QUERY = {"type": "number", "minimum": 0, "maximum": MAX_JSON_INT, "description": "Unix time"}
+TIME_QUERY = {"type": "number", "minimum": 0, "maximum": MAX_SAFE_INTEGER,
+              "description": "Unix time"}
 
 
 # -- audit ---------------------------------------------------------------------------------------------

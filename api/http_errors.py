@@ -77,8 +77,8 @@ class JsonErrorHandler(RequestHandler):
         if not isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
             return super().log_exception(*args, **kw)
         peer = self.transport.get_extra_info("peername") if self.transport else None
-        MALFORMED.warning(type(exc).__name__, f"refused a malformed HTTP request from {peer}: "
-                          f"{type(exc).__name__}: {one_line(str(exc))}")
+        MALFORMED.warning(type(exc).__name__, f"refused a malformed HTTP request from "
+                          f"{peer[0] if peer else '?'}: {type(exc).__name__}: {one_line(str(exc))}")
 
 
 class _JsonErrorServer(web.Server):

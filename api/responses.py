@@ -69,7 +69,8 @@ ERROR = {
 AUDIT_PAGE = answer({"entries": {"type": "array", "items": AUDIT_ENTRY}, "next_after_seq": VERSION,
                      "head": answer({"seq": VERSION, "hash": nullable(STR)}), "version": VERSION,
                      "stale": BOOL})
-CLUSTER = answer({"members": {"type": "array", "items": answer({"raft_addr": STR, "reachable": BOOL})},
+CLUSTER = answer({"members": {"type": "array",
+                              "items": answer({"raft_addr": STR, "reachable": BOOL})},
                   "leader": nullable(STR), "leader_raft_addr": nullable(STR)})
 REGISTERED = answer({"node": NODE, "approved": BOOL, "expired": BOOL,
                      "cluster_keys": {"type": "array", "items": CLUSTER_KEY}}, {"version": VERSION})

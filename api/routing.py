@@ -32,7 +32,6 @@ Handler = Callable[["Ctx"], Awaitable[web.StreamResponse]]
 IDEMPOTENCY_KEY_MAX = 128
 REPLAYED_HEADER = "Idempotent-Replayed"  # "true" on a write answered from its Idempotency-Key
 MAX_VALIDATION_ERRORS = 50  # reported per request; also bounds the work spent on one body
-MAX_JSON_INT = MAX_SAFE_INTEGER
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 WRITE_DEADLINES = web.AppKey("write_deadlines", WriteDeadlines)
 
@@ -232,8 +231,8 @@ def _coerce_query(request: web.Request, spec: dict[str, dict]) -> dict[str, Any]
                 value: Any = raw in ("true", "1")
             elif kind in ("integer", "number"):
                 value = parse_number(raw, name, integer=kind == "integer",
-                                     minimum=schema.get("minimum", -MAX_JSON_INT),
-                                     maximum=schema.get("maximum", MAX_JSON_INT))
+                                     minimum=schema.get("minimum", -MAX_SAFE_INTEGER),
+                                     maximum=schema.get("maximum", MAX_SAFE_INTEGER))
             else:
                 value = raw
             _validator(schema).validate(value)
@@ -301,9 +300,9 @@ def _json_constant(name):
 
 def _json_integer(text):
     value = int(text)
-    if abs(value) > MAX_JSON_INT:
+    if abs(value) > MAX_SAFE_INTEGER:
         raise ValueError(f"integer {text[:20]}{'...' if len(text) > 20 else ''} is out of range "
-                         f"(at most {MAX_JSON_INT} in magnitude)")
+                         f"(at most {MAX_SAFE_INTEGER} in magnitude)")
     return value
 
 
@@ -551,7 +550,7 @@ def _documented(schema: Any) -> Any:
     if "properties" in out:
         out["properties"] = {n: _documented(s) for n, s in out["properties"].items()}
     if out.get("type") == "integer":
-        out = {"minimum": -MAX_JSON_INT, "maximum": MAX_JSON_INT, **out}
+        out = {"minimum": -MAX_SAFE_INTEGER, "maximum": MAX_SAFE_INTEGER, **out}
     if out.get("x-raw-text"):
         out.setdefault("minLength", 1)
     return out
