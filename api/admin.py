@@ -22,8 +22,12 @@ from raftmesh.storage.json_codec import compact_json
 from . import auth
 from .errors import APIError
 from raftmesh.proto.machine_auth import new_cluster_key
+from raftmesh.proto.numbers import MAX_SAFE_INTEGER
 from .map_stream import HUB
 from .routing import STALE_QUERY, Ctx, openapi, route
+from .responses import (ANY_OBJECT, API_KEY, AUDIT_PAGE, BOOL, CLUSTER, CLUSTER_KEY, DELETED, MEMBER,
+                        NODE, NODE_WRITTEN, POLICY_VERSION, PREAUTH_KEY, SECRET_SHOWN_ONCE, STR,
+                        STREAM, USER, VERSION, answer, listing, reading, written)
 
 V = "/api/v1"
 NAME = {"type": "string", "pattern": r"^[a-z0-9][a-z0-9._-]{0,62}$"}
@@ -59,32 +63,37 @@ async def _list(ctx: Ctx, table: str, keep=lambda r: True) -> tuple[list, int, b
 
 
 # -- OpenAPI --------------------------------------------------------------------------------
-@route("GET", V + "/openapi.json", None, "This document")
+@route("GET", V + "/openapi.json", None, "This document",
+       response=answer({"openapi": STR, "paths": ANY_OBJECT}))
 async def get_openapi(ctx: Ctx):
     return ok(openapi())
 
 
 # -- users ------------------------------------------------------------------------------------
 @route("POST", V + "/users", "write", "Create a user", status=201,
-       body=obj({"name": NAME, "display_name": {"type": "string", "maxLength": 200}}, ("name",)))
+       body=obj({"name": NAME, "display_name": {"type": "string", "maxLength": 200}}, ("name",)),
+       response=written("user", USER))
 async def create_user(ctx: Ctx):
     r = await ctx.write(UserCreate(**ctx.body))
     return ok({"user": r["value"], "version": r["version"]}, 201)
 
 
-@route("GET", V + "/users", "read", "List users", query=STALE_QUERY)
+@route("GET", V + "/users", "read", "List users", query=STALE_QUERY,
+       response=listing("users", USER))
 async def list_users(ctx: Ctx):
     users, version, stale = await _list(ctx, "users")
     return ok({"users": users, "version": version, "stale": stale})
 
 
-@route("GET", V + "/users/{name}", "read", "Get a user", query=STALE_QUERY)
+@route("GET", V + "/users/{name}", "read", "Get a user", query=STALE_QUERY,
+       response=reading("user", USER))
 async def get_user(ctx: Ctx):
     user, version = await _get(ctx, "users", ctx.param("name"), "user")
     return ok({"user": user, "version": version, "stale": bool(ctx.query.get("stale"))})
 
 
-@route("DELETE", V + "/users/{name}", "write", "Delete a user (must own no nodes)")
+@route("DELETE", V + "/users/{name}", "write", "Delete a user (must own no nodes)",
+       response=DELETED)
 async def delete_user(ctx: Ctx):
     r = await ctx.write(UserDelete(name=ctx.param("name")))
     return ok({"deleted": r["value"], "version": r["version"]})
@@ -97,7 +106,8 @@ async def delete_user(ctx: Ctx):
                  "usage_limit": {"type": "integer", "minimum": 1},
                  "tags": {"type": "array", "items": TAG, "uniqueItems": True, "maxItems": 32}},
                 ("user",)) | {"dependentSchemas": {"usage_limit": {  # only reusable keys take one
-                    "required": ["reusable"], "properties": {"reusable": {"const": True}}}}})
+                    "required": ["reusable"], "properties": {"reusable": {"const": True}}}}},
+       response=written("preauth_key", PREAUTH_KEY, key=SECRET_SHOWN_ONCE))
 async def create_preauth_key(ctx: Ctx):
     b = ctx.body
     await check_tags(ctx, b.get("tags", []))
@@ -111,14 +121,14 @@ async def create_preauth_key(ctx: Ctx):
 
 
 @route("GET", V + "/preauth-keys", "read", "List pre-auth keys",
-       query={**STALE_QUERY, "user": NAME})
+       query={**STALE_QUERY, "user": NAME}, response=listing("preauth_keys", PREAUTH_KEY))
 async def list_preauth_keys(ctx: Ctx):
     user = ctx.query.get("user")
     keys, version, stale = await _list(ctx, "preauth_keys", lambda k: user in (None, k["user"]))
     return ok({"preauth_keys": keys, "version": version, "stale": stale})
 
 
-@route("DELETE", V + "/preauth-keys/{id}", "write", "Revoke a pre-auth key")
+@route("DELETE", V + "/preauth-keys/{id}", "write", "Revoke a pre-auth key", response=DELETED)
 async def delete_preauth_key(ctx: Ctx):
     r = await ctx.write(PreauthKeyDelete(id=ctx.param("id")))
     return ok({"deleted": r["value"], "version": r["version"]})
@@ -130,7 +140,8 @@ async def delete_preauth_key(ctx: Ctx):
                  "scopes": {"type": "array", "minItems": 1, "uniqueItems": True,
                             "items": {"enum": list(auth.SCOPES)}},
                  "expiration_seconds": {"type": "integer", "minimum": 1,
-                                        "maximum": 10 * 365 * 86400}}, ("name", "scopes")))
+                                        "maximum": 10 * 365 * 86400}}, ("name", "scopes")),
+       response=written("api_key", API_KEY, key=SECRET_SHOWN_ONCE))
 async def create_api_key(ctx: Ctx):
     key_id, token, digest = auth.new_secret_token("rmk")
     exp = ctx.body.get("expiration_seconds")
@@ -140,20 +151,22 @@ async def create_api_key(ctx: Ctx):
     return ok({"api_key": r["value"], "key": token, "version": r["version"]}, 201)
 
 
-@route("GET", V + "/api-keys", "admin", "List API keys", query=STALE_QUERY)
+@route("GET", V + "/api-keys", "admin", "List API keys", query=STALE_QUERY,
+       response=listing("api_keys", API_KEY))
 async def list_api_keys(ctx: Ctx):
     keys, version, stale = await _list(ctx, "api_keys")
     return ok({"api_keys": keys, "version": version, "stale": stale})
 
 
-@route("DELETE", V + "/api-keys/{id}", "admin", "Delete an API key")
+@route("DELETE", V + "/api-keys/{id}", "admin", "Delete an API key", response=DELETED)
 async def delete_api_key(ctx: Ctx):
     r = await ctx.write(ApiKeyDelete(id=ctx.param("id")))
     return ok({"deleted": r["value"], "version": r["version"]})
 
 
 # -- nodes ------------------------------------------------------------------------------------------
-@route("GET", V + "/nodes", "read", "List nodes", query={**STALE_QUERY, "user": NAME, "tag": TAG})
+@route("GET", V + "/nodes", "read", "List nodes", query={**STALE_QUERY, "user": NAME, "tag": TAG},
+       response=listing("nodes", NODE))
 async def list_nodes(ctx: Ctx):
     user, tag = ctx.query.get("user"), ctx.query.get("tag")
     nodes, version, stale = await _list(
@@ -162,7 +175,8 @@ async def list_nodes(ctx: Ctx):
     return ok({"nodes": nodes, "version": version, "stale": stale})
 
 
-@route("GET", V + "/nodes/{id}", "read", "Get a node", query=STALE_QUERY)
+@route("GET", V + "/nodes/{id}", "read", "Get a node", query=STALE_QUERY,
+       response=reading("node", NODE))
 async def get_node(ctx: Ctx):
     node, version = await _get(ctx, "nodes", ctx.param("id"), "node")
     await _add_stream_info(ctx, [node])
@@ -212,7 +226,8 @@ async def _add_stream_info(ctx: Ctx, nodes: list[dict]) -> None:
 
 
 @route("GET", V + "/nodes/{id}/netmap", "read", "The netmap this replica streams to a node now "
-       "(what the agent should hold once it acknowledged this version)", query=STALE_QUERY)
+       "(what the agent should hold once it acknowledged this version)", query=STALE_QUERY,
+       response=answer({"netmap": ANY_OBJECT, "version": VERSION, "replica": STR}))
 async def get_node_netmap(ctx: Ctx):
     hub = ctx.request.app[HUB]
     if not ctx.query.get("stale") and not await hub.catch_up(ctx.replica, ctx.config.write_timeout):
@@ -230,7 +245,8 @@ async def get_node_netmap(ctx: Ctx):
 
 
 @route("GET", V + "/streams", "read", "Agent map streams open on this replica",
-       query={"node": {"type": "string", "maxLength": 64}})
+       query={"node": {"type": "string", "maxLength": 64}},
+       response=answer({"replica": STR, "streams": {"type": "array", "items": STREAM}}))
 async def list_streams(ctx: Ctx):
     return ok({"replica": ctx.config.id,
                "streams": ctx.request.app[HUB].stream_info(ctx.query.get("node"))})
@@ -238,27 +254,30 @@ async def list_streams(ctx: Ctx):
 
 @route("PATCH", V + "/nodes/{id}", "write", "Rename a node or set its tags",
        body={**obj({"name": NAME, "tags": {"type": "array", "items": TAG, "uniqueItems": True,
-                                           "maxItems": 32}}), "minProperties": 1})
+                                           "maxItems": 32}}), "minProperties": 1},
+       response=NODE_WRITTEN)
 async def patch_node(ctx: Ctx):
     if "tags" in ctx.body:
+        await _get(ctx, "nodes", ctx.param("id"), "node")  # a missing node is a 404, not a tag error
         await check_tags(ctx, ctx.body["tags"])
     r = await ctx.write(NodeUpdate(id=ctx.param("id"), **ctx.body))
     return ok({"node": r["value"], "version": r["version"]})
 
 
-@route("DELETE", V + "/nodes/{id}", "write", "Delete a node (its streams close at once)")
+@route("DELETE", V + "/nodes/{id}", "write", "Delete a node (its streams close at once)",
+       response=DELETED)
 async def delete_node(ctx: Ctx):
     r = await ctx.write(NodeDelete(id=ctx.param("id")))
     return ok({"deleted": r["value"], "version": r["version"]})
 
 
-@route("POST", V + "/nodes/{id}/approve", "write", "Approve a pending node")
+@route("POST", V + "/nodes/{id}/approve", "write", "Approve a pending node", response=NODE_WRITTEN)
 async def approve_node(ctx: Ctx):
     r = await ctx.write(NodeApprove(id=ctx.param("id")))
     return ok({"node": r["value"], "version": r["version"]})
 
 
-@route("POST", V + "/nodes/{id}/expire", "write", "Expire a node's key now")
+@route("POST", V + "/nodes/{id}/expire", "write", "Expire a node's key now", response=NODE_WRITTEN)
 async def expire_node(ctx: Ctx):
     r = await ctx.write(NodeExpire(id=ctx.param("id")))
     return ok({"node": r["value"], "version": r["version"]})
@@ -266,7 +285,8 @@ async def expire_node(ctx: Ctx):
 
 @route("PUT", V + "/nodes/{id}/routes", "write", "Approve a subset of advertised routes",
        body=obj({"approved_routes": {"type": "array", "items": CIDR, "uniqueItems": True,
-                                     "maxItems": 256}}, ("approved_routes",)))
+                                     "maxItems": 256}}, ("approved_routes",)),
+       response=NODE_WRITTEN)
 async def set_routes(ctx: Ctx):
     r = await ctx.write(NodeRoutes(id=ctx.param("id"), **ctx.body))
     return ok({"node": r["value"], "version": r["version"]})
@@ -312,7 +332,8 @@ async def check_tags(ctx: Ctx, tags: list[str]) -> None:
                        [{"field": "tags", "message": f"{t} is not in tagOwners"} for t in unknown])
 
 
-@route("GET", V + "/policy", "read", "The current policy", query=STALE_QUERY)
+@route("GET", V + "/policy", "read", "The current policy", query=STALE_QUERY,
+       response=answer({"policy": answer({"version": VERSION, "text": STR}), "version": VERSION}))
 async def get_policy(ctx: Ctx):
     version, _ = await ctx.read_version()
     record = await current_policy(ctx)
@@ -322,7 +343,8 @@ async def get_policy(ctx: Ctx):
 
 
 @route("PUT", V + "/policy", "write", "Replace the policy (validated, tests must pass)", body=POLICY_BODY,
-       query={"expected_version": {"type": "integer", "minimum": 0}})
+       query={"expected_version": {"type": "integer", "minimum": 0}},
+       response=written("policy", POLICY_VERSION))
 async def put_policy(ctx: Ctx):
     validate_policy(ctx.body)
     args = {"text": ctx.body}
@@ -332,14 +354,16 @@ async def put_policy(ctx: Ctx):
     return ok({"policy": r["value"], "version": r["version"]})
 
 
-@route("POST", V + "/policy/validate", "read", "Validate a policy without storing it", body=POLICY_BODY)
+@route("POST", V + "/policy/validate", "read", "Validate a policy without storing it", body=POLICY_BODY,
+       response=answer({"valid": {"const": True}}))
 async def validate_policy_route(ctx: Ctx):
     validate_policy(ctx.body)
     return ok({"valid": True})
 
 
 @route("GET", V + "/policy/versions", "read", "Every stored policy version",
-       query={**STALE_QUERY, "include_text": {"type": "boolean"}})
+       query={**STALE_QUERY, "include_text": {"type": "boolean"}},
+       response=listing("versions", POLICY_VERSION))
 async def list_policy_versions(ctx: Ctx):
     versions, version, stale = await _list(ctx, "policy_versions")
     if not ctx.query.get("include_text"):
@@ -347,13 +371,17 @@ async def list_policy_versions(ctx: Ctx):
     return ok({"versions": versions, "version": version, "stale": stale})
 
 
+TIME_QUERY = {"type": "number", "minimum": 0, "maximum": MAX_SAFE_INTEGER,
+              "description": "Unix time"}
+
+
 # -- audit ---------------------------------------------------------------------------------------------
 @route("GET", V + "/audit", "audit", "Audit log, oldest first, paged by sequence number",
        query={**STALE_QUERY, "after_seq": {"type": "integer", "minimum": 0},
               "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
-              "since": {"type": "number"}, "until": {"type": "number"},
+              "since": TIME_QUERY, "until": TIME_QUERY,
               "actor": {"type": "string"}, "target": {"type": "string"},
-              "action": {"type": "string"}})
+              "action": {"type": "string"}}, response=AUDIT_PAGE)
 async def get_audit(ctx: Ctx):
     q = ctx.query
     version, stale = await ctx.read_version()
@@ -374,13 +402,15 @@ async def get_audit(ctx: Ctx):
 
 
 # -- cluster -----------------------------------------------------------------------------------------
-@route("GET", V + "/cluster/self", "read", "This replica's Raft status")
+@route("GET", V + "/cluster/self", "read", "This replica's Raft status",
+       response=answer({"replica": ANY_OBJECT}))
 async def cluster_self(ctx: Ctx):
     return ok({"replica": dict(ctx.replica.status, api_url=ctx.config.api_url,
                                applied_version=ctx.replica.store.applied_version())})
 
 
-@route("GET", V + "/cluster", "read", "Members, leader, term, commit index, applied versions")
+@route("GET", V + "/cluster", "read", "Members, leader, term, commit index, applied versions",
+       response=CLUSTER)
 async def get_cluster(ctx: Ctx):
     status = ctx.replica.status
     with ctx.replica.store.read() as txn:
@@ -411,7 +441,8 @@ async def get_cluster(ctx: Ctx):
                "commit_index": status.get("commit_index"), "has_quorum": status.get("has_quorum")})
 
 
-@route("GET", V + "/cluster/members", "read", "Registered members", query=STALE_QUERY)
+@route("GET", V + "/cluster/members", "read", "Registered members", query=STALE_QUERY,
+       response=listing("members", MEMBER))
 async def list_members(ctx: Ctx):
     members, version, stale = await _list(ctx, "members")
     return ok({"members": members, "version": version, "stale": stale})
@@ -437,7 +468,7 @@ async def _membership(ctx: Ctx, action: str, raft_addr: str) -> None:
 
 
 @route("POST", V + "/cluster/members", "admin", "Add a replica (start it with --join)", status=201,
-       body=MEMBER_BODY)
+       body=MEMBER_BODY, response=written("member", MEMBER))
 async def add_member(ctx: Ctx):
     if ctx.body["raft_addr"] in ctx.replica.status.get("members", []):
         raise APIError(409, "conflict", f"{ctx.body['raft_addr']} is already a member")
@@ -446,7 +477,8 @@ async def add_member(ctx: Ctx):
     return ok({"member": r["value"], "version": r["version"]}, 201)
 
 
-@route("DELETE", V + "/cluster/members/{id}", "admin", "Remove a replica (or the record of a former one)")
+@route("DELETE", V + "/cluster/members/{id}", "admin", "Remove a replica (or the record of a former one)",
+       response=written("deleted", MEMBER, nodes_marked_offline=VERSION))
 async def remove_member(ctx: Ctx):
     member, _ = await _get(ctx, "members", ctx.param("id"), "member")
     if member["raft_addr"] in ctx.replica.status.get("members", []):
@@ -457,14 +489,15 @@ async def remove_member(ctx: Ctx):
 
 
 @route("POST", V + "/cluster/snapshot", "admin", "Take a snapshot and compact this replica's log now",
-       status=202)
+       status=202, response=answer({"requested": {"const": True}}))
 async def force_snapshot(ctx: Ctx):
     ctx.replica.request_snapshot()
     return ok({"requested": True}, 202)
 
 
 # -- netmap signing keys ------------------------------------------------------------------
-@route("GET", V + "/cluster/keys", "read", "Netmap signing keys (public halves)", query=STALE_QUERY)
+@route("GET", V + "/cluster/keys", "read", "Netmap signing keys (public halves)", query=STALE_QUERY,
+       response=listing("keys", CLUSTER_KEY))
 async def list_cluster_keys(ctx: Ctx):
     keys, version, stale = await _list(ctx, "cluster_keys")
     return ok({"keys": keys, "version": version, "stale": stale})
@@ -472,7 +505,8 @@ async def list_cluster_keys(ctx: Ctx):
 
 @route("POST", V + "/cluster/keys/rotate", "admin", "Start signing netmaps with a new key; the old "
        "one keeps verifying for overlap_seconds", status=201,
-       body=obj({"overlap_seconds": {"type": "integer", "minimum": 0, "maximum": 30 * 86400}}))
+       body=obj({"overlap_seconds": {"type": "integer", "minimum": 0, "maximum": 30 * 86400}}),
+       response=written("key", CLUSTER_KEY))
 async def rotate_cluster_key(ctx: Ctx):
     args = dict(new_cluster_key(), overlap_seconds=ctx.body.get("overlap_seconds", 86400))
     r = await ctx.write(ClusterKeyRotate(**args))

@@ -21,6 +21,7 @@ from raftmesh.proto.machine_auth import HEADER_NONCE, NonceCache, SignatureError
 from raftmesh.proto import routes
 from raftmesh.proto.version import HEADER_PROTOCOL_VERSION, UNSUPPORTED, VersionError, requested_version
 from .map_stream import HUB
+from .responses import BOOL, FRAMES, NODE_WRITTEN, REGISTERED, STR, VERSION, answer
 from .routing import Ctx, route
 from raftmesh.proto.wire import HEADER_STREAM_KEY
 
@@ -90,7 +91,7 @@ def cluster_public_keys(ctx: Ctx) -> list[dict]:
                              "auth_key": {"type": "string", "maxLength": 200},
                              "endpoints": {"type": "array", "items": ENDPOINT, "maxItems": 32},
                              "advertised_routes": {"type": "array", "items": CIDR, "maxItems": 256}},
-                            ("node_key", "hostname")))
+                            ("node_key", "hostname")), response=REGISTERED)
 async def register(ctx: Ctx):
     machine = await machine_of(ctx)
     await ctx.read_version()  # see keys and nodes created on other replicas just before
@@ -153,7 +154,8 @@ async def _own_node(ctx: Ctx, stream_tagged: bool = False) -> dict:
 
 @route("POST", routes.REPORT, None, "Report endpoints and advertised routes",
        body=obj({"endpoints": {"type": "array", "items": ENDPOINT, "maxItems": 32},
-                 "advertised_routes": {"type": "array", "items": CIDR, "maxItems": 256}}))
+                 "advertised_routes": {"type": "array", "items": CIDR, "maxItems": 256}}),
+       response=NODE_WRITTEN)
 async def report(ctx: Ctx):
     node = await _own_node(ctx)
     ctx.actor = f"node:{node['id']}"
@@ -162,7 +164,8 @@ async def report(ctx: Ctx):
 
 
 @route("POST", routes.ROTATE_KEY, None, "Replace the WireGuard key (request signed by the machine key)",
-       body=obj({"old_node_key": KEY32, "node_key": KEY32}, ("old_node_key", "node_key")))
+       body=obj({"old_node_key": KEY32, "node_key": KEY32}, ("old_node_key", "node_key")),
+       response=NODE_WRITTEN)
 async def rotate_key(ctx: Ctx):
     node = await _own_node(ctx)
     ctx.actor = f"node:{node['id']}"
@@ -170,7 +173,7 @@ async def rotate_key(ctx: Ctx):
     return web.json_response({"node": public(r["value"]), "version": r["version"]})
 
 
-@route("POST", routes.LOGOUT, None, "Expire this machine's node key")
+@route("POST", routes.LOGOUT, None, "Expire this machine's node key", response=NODE_WRITTEN)
 async def logout(ctx: Ctx):
     node = await _own_node(ctx)
     ctx.actor = f"node:{node['id']}"
@@ -180,7 +183,8 @@ async def logout(ctx: Ctx):
 
 @route("GET", routes.MAP, None, "Stream this machine's netmap as signed frames (docs/agents.md)",
        query={"since": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1,
-                        "description": "the netmap version the agent holds"}})
+                        "description": "the netmap version the agent holds"}},
+       response=FRAMES, response_type=routes.FRAME_CONTENT_TYPE)
 def map_stream(ctx: Ctx):
     # Not a coroutine itself: it returns serve()'s, so the stream's chain of suspended
     # frames is one shorter. The checks run in a coroutine of their own (awaited by serve),
@@ -245,7 +249,8 @@ ACK_APPLIED = {"type": "array", "maxItems": 64, "description": "[version, second
 
 
 @route("POST", routes.ACK, None, "Acknowledge the netmap version this machine has applied",
-       body=obj({"version": {"type": "integer", "minimum": 0}, "applied": ACK_APPLIED}, ("version",)))
+       body=obj({"version": {"type": "integer", "minimum": 0}, "applied": ACK_APPLIED}, ("version",)),
+       response=answer({"node_id": STR, "version": VERSION, "streaming_here": BOOL}))
 async def ack(ctx: Ctx):
     node = await _own_node(ctx, stream_tagged=True)  # an ack may be tagged (machine_auth)
     streaming = ctx.request.app[HUB].ack(node["id"], ctx.body["version"], ctx.body.get("applied"))

@@ -13,7 +13,7 @@ log = logging.getLogger("raftmesh.api")
 
 # code -> (status, meaning); the OpenAPI document lists these.
 ERROR_CODES = {
-    "bad_request": (400, "malformed request: not JSON, wrong content type, bad query"),
+    "bad_request": (400, "malformed request: not JSON, bad query, malformed HTTP"),
     "validation_failed": (400, "the body does not match the schema; see details[]"),
     "unauthenticated": (401, "missing, malformed, unknown or expired API key"),
     "forbidden": (403, "the API key lacks the scope this operation needs"),
@@ -22,6 +22,9 @@ ERROR_CODES = {
     "conflict": (409, "the state does not allow this (duplicate, still in use, ...)"),
     "version_conflict": (409, "expected_version does not match the current one"),
     "payload_too_large": (413, "the body exceeds the size limit"),
+    "unsupported_media_type": (415, "the body's Content-Type is not the one the operation takes "
+                                    "(application/json or text/plain, UTF-8)"),
+    "expectation_failed": (417, "an Expect header other than 100-continue"),
     "no_leader": (503, "no quorum or leader right now; the write was NOT applied, retry"),
     "outcome_unknown": (503, "the write may or may not have been applied; retry with the "
                              "same Idempotency-Key to find out"),
@@ -51,11 +54,15 @@ class APIError(Exception):
         self.status, self.code, self.message, self.details = status, code, message, details
 
 
-def error_response(status: int, code: str, message: str, details: list | None = None) -> web.Response:
+def error_body(code: str, message: str, details: list | None = None) -> dict:
     body = {"error": {"code": code, "message": message}}
     if details:
         body["error"]["details"] = details
-    return web.json_response(body, status=status)
+    return body
+
+
+def error_response(status: int, code: str, message: str, details: list | None = None) -> web.Response:
+    return web.json_response(error_body(code, message, details), status=status)
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",

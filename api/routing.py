@@ -18,19 +18,20 @@ from typing import Any, Awaitable, Callable
 
 import fastjsonschema
 import jsonschema
-from aiohttp import web
+from aiohttp import web, web_urldispatcher
 
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.raft import Outcome, Raft
+from raftmesh.proto.numbers import MAX_SAFE_INTEGER, parse_number
 
-from . import auth
-from .errors import ERROR_CODES, APIError
+from . import auth, responses
+from .errors import ERROR_CODES, APIError, error_body
 from .write_deadlines import WriteDeadlines
 
 Handler = Callable[["Ctx"], Awaitable[web.StreamResponse]]
 IDEMPOTENCY_KEY_MAX = 128
+REPLAYED_HEADER = "Idempotent-Replayed"  # "true" on a write answered from its Idempotency-Key
 MAX_VALIDATION_ERRORS = 50  # reported per request; also bounds the work spent on one body
-MAX_JSON_INT = 2**53 - 1  # I-JSON (RFC 7493): beyond this numbers lose precision elsewhere
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 WRITE_DEADLINES = web.AppKey("write_deadlines", WriteDeadlines)
 
@@ -45,15 +46,19 @@ class Route:
     body: dict | None = None  # JSON schema of the request body
     query: dict[str, dict] = field(default_factory=dict)  # name -> schema
     status: int = 200
+    response: dict | None = None  # JSON schema of the success answer (api/responses.py)
+    response_type: str = "application/json"
 
 
 ROUTES: list[Route] = []
 
 
 def route(method: str, path: str, needs: str | None, summary: str, body: dict | None = None,
-          query: dict | None = None, status: int = 200):
+          query: dict | None = None, status: int = 200, response: dict | None = None,
+          response_type: str = "application/json"):
     def register(fn: Handler) -> Handler:
-        ROUTES.append(Route(method, path, fn, needs, summary, body, query or {}, status))
+        ROUTES.append(Route(method, path, fn, needs, summary, body, query or {}, status, response,
+                            response_type))
         return fn
     return register
 
@@ -65,6 +70,7 @@ class Ctx:
         self.request, self.replica, self.actor, self.scopes = request, replica, actor, scopes
         self.body: Any = None
         self.query: dict[str, Any] = {}
+        self.replayed = False  # a write answered from the Idempotency-Key record
 
     @property
     def config(self):
@@ -95,6 +101,7 @@ class Ctx:
         result = outcome.result
         if not result["ok"]:
             raise APIError(result["status"], result["code"], result["message"])
+        self.replayed = bool(result.get("replayed"))
         return result
 
     def fingerprint(self) -> str:
@@ -223,10 +230,10 @@ def _coerce_query(request: web.Request, spec: dict[str, dict]) -> dict[str, Any]
                 if raw not in ("true", "false", "1", "0"):
                     raise ValueError
                 value: Any = raw in ("true", "1")
-            elif kind == "integer":
-                value = int(raw)
-            elif kind == "number":
-                value = float(raw)
+            elif kind in ("integer", "number"):
+                value = parse_number(raw, name, integer=kind == "integer",
+                                     minimum=schema.get("minimum", -MAX_SAFE_INTEGER),
+                                     maximum=schema.get("maximum", MAX_SAFE_INTEGER))
             else:
                 value = raw
             _validator(schema).validate(value)
@@ -250,6 +257,7 @@ async def _parse_body(request: web.Request, schema: dict) -> Any:
     if not raw:
         raise APIError(400, "bad_request", "a body is required" if schema.get("x-raw-text")
                        else "a JSON body is required")
+    _check_media_type(request, "text/plain" if schema.get("x-raw-text") else "application/json")
     if schema.get("x-raw-text"):
         try:
             return raw.decode()
@@ -277,15 +285,25 @@ async def _parse_body(request: web.Request, schema: dict) -> Any:
     return body
 
 
+def _check_media_type(request: web.Request, expected: str) -> None:
+    """A body must say what it is: `expected`, with no parameter but charset=utf-8. Checked
+    after reading (so an oversized body is still a 413), before decoding anything."""
+    header = request.headers.get("Content-Type")
+    media, *params = [p.strip().lower() for p in (header or "").split(";")]
+    if media != expected or [p.replace('"', "") for p in params if p] not in ([], ["charset=utf-8"]):
+        raise APIError(415, "unsupported_media_type", f"this operation takes a {expected} body "
+                       f"(UTF-8, charset=utf-8 optional); Content-Type is {header or 'missing'}")
+
+
 def _json_constant(name):
     raise ValueError(f"{name} is not a JSON value")
 
 
 def _json_integer(text):
     value = int(text)
-    if abs(value) > MAX_JSON_INT:
+    if abs(value) > MAX_SAFE_INTEGER:
         raise ValueError(f"integer {text[:20]}{'...' if len(text) > 20 else ''} is out of range "
-                         f"(at most {MAX_JSON_INT} in magnitude)")
+                         f"(at most {MAX_SAFE_INTEGER} in magnitude)")
     return value
 
 
@@ -302,15 +320,13 @@ _strict_decode = json.JSONDecoder(parse_constant=_json_constant, parse_int=_json
 
 
 def _strict_json(raw: bytes) -> Any:
-    """json.loads refusing what is not interoperable JSON: NaN/Infinity, numbers that do not
-    fit a double, integers beyond 2**53 and unpaired surrogates (not encodable as UTF-8)."""
-    # exactly what json.loads does with bytes before decoding
-    body = _strict_decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
-    # json.loads decodes bytes with 'surrogatepass', so a lone surrogate can come from raw
-    # non-ASCII bytes or from a \u escape. ASCII without NUL is UTF-8 to json (UTF-16/32
-    # bodies have NULs or BOMs), so if it has no "\u" it has no surrogate: skip the
-    # re-encoding check, a dumps() per request.
-    if raw.isascii() and b"\0" not in raw and b"\\u" not in raw:
+    """json.loads refusing what is not interoperable JSON: other encodings than UTF-8 (RFC
+    8259 8.1; json.loads would guess UTF-16/32), NaN/Infinity, numbers that do not fit a
+    double, integers beyond 2**53 and unpaired surrogates (not encodable as UTF-8)."""
+    body = _strict_decode(raw.decode("utf-8"))
+    # Strict UTF-8 has no surrogates, so only a \u escape can make one: without "\u" in the
+    # body, skip the re-encoding check (a dumps() per request).
+    if b"\\u" not in raw:
         return body
     try:
         json.dumps(body, ensure_ascii=False).encode()
@@ -445,15 +461,30 @@ def make_handler(r: Route, replica: Raft, keys: ApiKeyCache | None = None):
             ctx.body = await _parse_body(request, r.body)
         elif request.method in ("POST", "PUT", "PATCH") and await request.read():
             raise APIError(400, "bad_request", "this operation takes no body")
-        return await r.handler(ctx)
+        response = await r.handler(ctx)
+        if ctx.replayed:
+            response.headers[REPLAYED_HEADER] = "true"
+        return response
     return handle
+
+
+async def _expect_100_continue(request: web.Request) -> None:
+    """aiohttp's default Expect handler, answering anything but 100-continue with a JSON 417
+    (it runs before the middlewares, which would otherwise word the error)."""
+    expect = request.headers.get("Expect", "")
+    if request.version >= (1, 1) and expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(
+            text=json.dumps(error_body("expectation_failed", f"unsupported Expect: {expect[:100]!r}; "
+                                       "only 100-continue is")), content_type="application/json")
+    await web_urldispatcher._default_expect_handler(request)
 
 
 def register(app: web.Application, replica: Raft) -> None:
     keys = ApiKeyCache(replica)
     app[WRITE_DEADLINES] = WriteDeadlines(replica.config.write_timeout)
     for r in ROUTES:
-        app.router.add_route(r.method, r.path, make_handler(r, replica, keys), name=_route_name(r))
+        app.router.add_route(r.method, r.path, make_handler(r, replica, keys), name=_route_name(r),
+                             expect_handler=_expect_100_continue)
 
 
 def _route_name(r: Route) -> str:
@@ -464,32 +495,63 @@ def openapi() -> dict:
     """The OpenAPI 3.1 description generated from ROUTES."""
     paths: dict[str, dict] = {}
     for r in ROUTES:
+        success: dict[str, Any] = {"description": "success",
+                                   "content": {r.response_type: {"schema": r.response}}}
         op: dict[str, Any] = {"summary": r.summary, "operationId": _route_name(r),
-                              "responses": {str(r.status): {"description": "success"}}}
-        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                              "responses": {str(r.status): success}}
+        params = [{"name": n, "in": "path", "required": True,
+                   "schema": {"type": "string", "minLength": 1}}
                   for n in re.findall(r"{(\w+)}", r.path)]
-        params += [{"name": n, "in": "query", "required": False, "schema": s}
+        params += [{"name": n, "in": "query", "required": False, "schema": _documented(s)}
                    for n, s in r.query.items()]
         if params:
             op["parameters"] = params
         if r.body is not None:
             media = "text/plain" if r.body.get("x-raw-text") else "application/json"
-            op["requestBody"] = {"required": True, "content": {media: {"schema": r.body}}}
+            op["requestBody"] = {"required": True, "description": f"Content-Type: {media}, "
+                                 "UTF-8 (charset=utf-8 optional); anything else is a 415",
+                                 "content": {media: {"schema": _documented(r.body)}}}
         if r.needs is not None:
             op["security"] = [{"apiKey": []}]
             op["x-required-scope"] = r.needs
         for code, (status, meaning) in ERROR_CODES.items():
-            op["responses"].setdefault(str(status), {"description": ""})
+            op["responses"].setdefault(str(status), {
+                "description": "", "content": {"application/json": {"schema": ERROR_REF}}})
             op["responses"][str(status)]["description"] += f"{code}: {meaning}. "
-        if r.method in ("POST", "PUT", "PATCH", "DELETE"):
+        if r.method in WRITE_METHODS:
             op["parameters"] = op.get("parameters", []) + [
                 {"name": "Idempotency-Key", "in": "header", "required": False,
                  "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX,
                             "pattern": "^[\\x20-\\x7e]+$"}}]
+            success["headers"] = {REPLAYED_HEADER: {
+                "description": "present on a retry answered with the first request's result "
+                               "(same Idempotency-Key, same request, same API key)",
+                "schema": {"type": "string", "enum": ["true"]}}}
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "raftmesh admin API", "version": "1"},
-        "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
+        "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+                       "schemas": {"Error": responses.ERROR}},
         "paths": paths,
     }
+
+
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
+
+
+def _documented(schema: Any) -> Any:
+    """A request schema with the limits the server enforces beyond it spelled out: integers
+    within I-JSON's range (_strict_json, parse_number), text bodies not empty (_parse_body)."""
+    if isinstance(schema, list):
+        return [_documented(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _documented(v) if k in ("items", "prefixItems") else v for k, v in schema.items()}
+    if "properties" in out:
+        out["properties"] = {n: _documented(s) for n, s in out["properties"].items()}
+    if out.get("type") == "integer":
+        out = {"minimum": -MAX_SAFE_INTEGER, "maximum": MAX_SAFE_INTEGER, **out}
+    if out.get("x-raw-text"):
+        out.setdefault("minLength", 1)
+    return out

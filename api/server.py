@@ -19,6 +19,7 @@ from . import admin, agent_api  # noqa: F401  (register their routes)
 from . import auth, health, routing
 from .gc_tuning import raise_young_gc_threshold
 from .errors import MAX_BODY_BYTES, error_middleware
+from .http_errors import JsonErrorRunner
 from raftmesh.proto.machine_auth import new_cluster_key
 from .map_stream import HUB, StreamHub, sweep_presence
 
@@ -98,7 +99,7 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
     replica = raft.start(config)
     app = build_app(replica)
     app[HUB].start()
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    runner = JsonErrorRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, config.api_host, config.api_port, reuse_address=True)
     await site.start()

@@ -446,10 +446,10 @@ def _update_node(ctx: Context, changes: dict) -> dict:
 @handles(c.NodeUpdate)
 def _node_update(ctx: Context, cmd: c.NodeUpdate) -> dict:
     changes = {}
+    node = ctx.require("nodes", cmd.id, "node")  # first: a missing node is a 404
     if cmd.name is not ABSENT:
         if cmd.name != _unique_name(ctx.txn, cmd.name, cmd.id):
             raise Rejected("conflict", f"node name {cmd.name!r} is taken")
-        node = ctx.require("nodes", cmd.id, "node")
         ctx.txn.delete("node_names", node["name"])
         ctx.txn.put("node_names", cmd.name, node["id"])
         changes["name"] = cmd.name
@@ -458,7 +458,6 @@ def _node_update(ctx: Context, cmd: c.NodeUpdate) -> dict:
         if changes["tags"]:
             changes["user"] = None
         else:
-            node = ctx.require("nodes", cmd.id, "node")
             changes["user"] = node.get("user") or node.get("registered_by")
     return _update_node(ctx, changes)
 

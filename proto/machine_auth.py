@@ -23,6 +23,8 @@ from typing import Callable
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from raftmesh.proto.numbers import NumberError, parse_number
+
 FRESHNESS_SECONDS = 30.0
 HEADER_KEY = "X-Raftmesh-Machine"
 HEADER_TIME = "X-Raftmesh-Time"
@@ -118,9 +120,9 @@ def verify_headers(headers, method: str, path: str, body: bytes, now: float,
     pub = unb64(machine, "machine key", 32)
     timestamp, nonce = headers[HEADER_TIME], headers[HEADER_NONCE]
     try:
-        t = float(timestamp)
-    except ValueError:
-        raise SignatureError("timestamp is not a number")
+        t = parse_number(timestamp, "timestamp", integer=False, minimum=0)
+    except NumberError as e:
+        raise SignatureError(str(e))
     if abs(now - t) > FRESHNESS_SECONDS:
         raise SignatureError(f"timestamp is {now - t:+.0f}s off (window {FRESHNESS_SECONDS:.0f}s): "
                              "check the agent's clock")

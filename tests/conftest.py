@@ -27,16 +27,26 @@ def make_cluster(tmp_path):
         c.stop_all()
 
 
-@pytest.fixture(scope="module")
-def shared_cluster(tmp_path_factory):
-    """One 3-replica cluster for a whole test module (tests must not depend on order)."""
-    c = LocalCluster(str(tmp_path_factory.mktemp("shared")), replicas=3)
+def _running_cluster(tmp_path_factory, name: str, replicas: int):
+    c = LocalCluster(str(tmp_path_factory.mktemp(name)), replicas=replicas)
     c.start_all()
     try:
         c.wait_ready(timeout=30)
         yield c
     finally:
         c.stop_all()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    """One 3-replica cluster for a whole test module (tests must not depend on order)."""
+    yield from _running_cluster(tmp_path_factory, "shared", 3)
+
+
+@pytest.fixture(scope="module")
+def single_replica(tmp_path_factory):
+    """A 1-replica cluster for a whole test module: writes commit at once, one log to read."""
+    yield from _running_cluster(tmp_path_factory, "single", 1)
 
 
 def bench_args(name: str, argv: list[str]):

@@ -37,7 +37,7 @@ from nacl.signing import SigningKey
 import raftmesh.api.server  # noqa: F401  (imports every module whose routes the server serves)
 from raftmesh.api.errors import ERROR_CODES
 from raftmesh.proto.machine_auth import HEADER_KEY, HEADER_NONCE, sign_headers
-from raftmesh.api.routing import IDEMPOTENCY_KEY_MAX, ROUTES
+from raftmesh.api.routing import IDEMPOTENCY_KEY_MAX, REPLAYED_HEADER, ROUTES
 from raftmesh.cluster.config import ReplicaConfig
 from in_memory_api import ServedInMemory
 from raftmesh.proto.routes import MACHINE, REGISTER
@@ -477,6 +477,61 @@ def test_text_bodies(api, r):
         assert err["message"].startswith("policy is invalid"), (text[:40], err)
 
 
+# -- content types and encodings -------------------------------------------------------------------
+def expected_media(r) -> str:
+    return "text/plain" if is_text(r) else "application/json"
+
+
+def wrong_content_types(r) -> list[str | None]:
+    media = expected_media(r)
+    other = "application/json" if is_text(r) else "text/plain"
+    return [None, "", other, "image/png", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+            f"{media}x", f"{media}; charset=utf-16", f"{media}; charset=latin-1", f"{media}; charset=utf-8; v=2",
+            f"{media}; version=1", f"{media},{media}"]
+
+
+def send_raw(api: Api, method: str, path: str, raw: bytes, ctype: str | None) -> Reply:
+    """Exactly these headers (urllib would add a form Content-Type to a body without one)."""
+    conn = http.client.HTTPConnection("127.0.0.1", api.cluster.replicas[0].api_port, timeout=15)
+    try:
+        conn.putrequest(method, path)
+        for name, value in {"Authorization": f"Bearer {api.cluster.admin_key}", "Content-Type": ctype,
+                            "Content-Length": str(len(raw))}.items():
+            if value is not None:
+                conn.putheader(name, value)
+        conn.endheaders(raw)
+        resp = conn.getresponse()
+        return Reply(resp.status, json.loads(resp.read()), resp.headers)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("r", JSON_ROUTES + TEXT_ROUTES, ids=rid)
+def test_bodies_in_another_media_type_are_415(api, r):
+    path, good = semantic(r)
+    raw = b"[]" if is_text(r) else json.dumps({**good, "surprise": 1}).encode()  # invalid either way
+    for ctype in wrong_content_types(r):
+        err = assert_error(send_raw(api, r.method, path, raw, ctype), 415, "unsupported_media_type")
+        assert expected_media(r) in err["message"], (ctype, err)
+    # what the rule allows is read (and refused for what it says, not for its type)
+    for ctype in (expected_media(r), expected_media(r).upper() + '; Charset="UTF-8"'):
+        assert_error(send_raw(api, r.method, path, raw, ctype), 400)
+
+
+@pytest.mark.parametrize("r", JSON_ROUTES, ids=rid)
+def test_json_bodies_are_utf8_only(api, r):
+    path, good = semantic(r)
+    for codec in ("utf-16", "utf-16-le", "utf-32", "utf-8-sig"):
+        err = assert_error(api(r.method, path, json.dumps(good).encode(codec)), 400, "bad_request")
+        assert "JSON" in err["message"], (codec, err)
+
+
+def test_patching_a_missing_node_is_404_whatever_the_body(api):
+    for body in ({"tags": ["tag:undeclared"]}, {"tags": []}, {"name": "n1"}, {"name": "x", "tags": ["tag:a"]}):
+        err = assert_error(api("PATCH", f"/api/v1/nodes/{GHOST}", body), 404, "not_found")
+        assert GHOST in err["message"], (body, err)
+
+
 # -- sizes, encodings, bodies where none belongs --------------------------------------------------
 @pytest.mark.parametrize("r", UPLOAD_ROUTES, ids=rid)
 def test_body_over_the_limit_is_413(api, r):
@@ -525,9 +580,10 @@ def good_query_value(schema: dict) -> str:
 
 def bad_query_values(schema: dict) -> list[str]:
     kind = schema.get("type")
+    strict = ["nan", "NaN", "inf", "-inf", "Infinity", "1e999", " 1", "1 ", "+1", "1_0", "\u0663"]
     out = {"boolean": ["yes", "", "TRUE", "2", "null"],
-           "integer": ["abc", "", "1.5", "1e3", "0x10", "9" * 5000],
-           "number": ["abc", "", "1,5"]}.get(kind, [])
+           "integer": ["abc", "", "1.5", "1e3", "0x10", "9" * 5000, *strict],
+           "number": ["abc", "", "1,5", "1e3", "1.", ".5", *strict]}.get(kind, [])
     if kind in ("integer", "number"):
         if "minimum" in schema:
             out.append(str(schema["minimum"] - 1))
@@ -644,6 +700,8 @@ def test_retry_with_the_same_idempotency_key_replays_and_creates_nothing(api, wo
         for body in (world.idem_body, b'{ "name" :\n "idem-user" }'):
             again = api("POST", "/api/v1/users", body, headers={"Idempotency-Key": world.idem_key}, replica=i)
             assert (again.status, again.body) == (first.status, first.body)
+            assert again.headers.get(REPLAYED_HEADER) == "true"
+    assert REPLAYED_HEADER not in first.headers
     users = api("GET", "/api/v1/users").body["users"]
     assert [u["name"] for u in users].count("idem-user") == 1
     # Without the key it is a new request: the user exists.

@@ -271,7 +271,8 @@ def test_dev_command_writes_cluster_json(tmp_path):
         assert oct((data / "cluster.json").stat().st_mode & 0o777) == "0o600"
         import urllib.request
         req = urllib.request.Request(desc["replicas"][1]["api_url"] + USERS, data=b'{"name":"dev"}',
-                                     method="POST", headers={"Authorization": "Bearer " + desc["admin_key"]})
+                                     method="POST", headers={"Authorization": "Bearer " + desc["admin_key"],
+                                                               "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 201
     assert_gone(desc["replicas"])

@@ -20,6 +20,7 @@ import raftmesh.api.server as server
 from raftmesh.api import routing
 from raftmesh.api.errors import ERROR_CODES
 from in_memory_api import ServedInMemory
+from raftmesh.proto.numbers import MAX_SAFE_INTEGER
 from test_api_bad_input import (ADMIN, GHOST, GRANTS, LIMITED_KEYS, Api, assert_error, concrete,
                                 names, quick_state, sample, wrong_values)
 
@@ -132,7 +133,46 @@ def test_documented_responses(op):
         assert idem and idem[0]["schema"]["maxLength"] == routing.IDEMPOTENCY_KEY_MAX
 
 
+def integer_schemas(schema):
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer":
+            yield schema
+        for sub in [*schema.get("properties", {}).values(), *schema.get("prefixItems", []), schema.get("items")]:
+            yield from integer_schemas(sub)
+
+
+@pytest.mark.parametrize("op", OPS, ids=oid)
+def test_answers_and_enforced_limits_are_documented(op):
+    """What the server answers and refuses beyond the route's own schemas: a success body
+    schema, the error object for every error, the replay header on writes, the I-JSON
+    integer range (refused while decoding) and non-empty text bodies."""
+    path, method, spec = op
+    for status, response in spec["responses"].items():
+        (media, content), = response["content"].items()
+        assert content["schema"], (status, media)
+        if not status.startswith("2"):
+            assert (media, content["schema"]) == ("application/json", {"$ref": "#/components/schemas/Error"})
+    if method.upper() in routing.WRITE_METHODS:
+        success = next(r for s, r in spec["responses"].items() if s.startswith("2"))
+        assert success["headers"][routing.REPLAYED_HEADER]["schema"]["enum"] == ["true"]
+    schemas = [p["schema"] for p in spec.get("parameters", []) if p["in"] == "query"]
+    schemas += [c["schema"] for c in spec.get("requestBody", {}).get("content", {}).values()]
+    for schema in schemas:
+        for integer in integer_schemas(schema):
+            assert -MAX_SAFE_INTEGER <= integer["minimum"] <= integer["maximum"] <= MAX_SAFE_INTEGER
+    for media, content in spec.get("requestBody", {}).get("content", {}).items():
+        if media == "text/plain":
+            assert content["schema"]["minLength"] == 1
+    for p in spec.get("parameters", []):
+        if p["in"] == "path":
+            assert p["schema"]["minLength"] == 1
+
+
 BODY_OPS = [op for op in OPS if json_body_schema(op[2]) is not None]
+
+
+def beyond_json_int(value) -> bool:
+    return type(value) is int and abs(value) > MAX_SAFE_INTEGER
 
 
 @pytest.mark.parametrize("op", BODY_OPS, ids=oid)
@@ -146,6 +186,11 @@ def test_body_schema_rejects_what_the_server_rejects(api, op):
     bad += [(f"{f}: {label}", {**good, f: v}) for f, s in schema["properties"].items() for label, v in wrong_values(s)]
     for label, body in bad:
         assert not validator.is_valid(body), f"document accepts {label}"
+        if isinstance(body, dict) and any(map(beyond_json_int, body.values())):
+            # the documented I-JSON bound: refused while decoding, before the schema
+            err = assert_error(api(method.upper(), concrete(path), body), 400, "bad_request")
+            assert "out of range" in err["message"], (label, err)
+            continue
         err = assert_error(api(method.upper(), concrete(path), body), 400, "validation_failed")
         if ":" in label:
             assert names(err, label.split(":")[0]), (label, err)
