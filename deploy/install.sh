@@ -10,7 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for pkg_bin in wireguard-go:wireguard-go wireguard-tools:wg nftables:nft iproute2:ip haproxy:haproxy etcd-server:etcd; do
+packages="wireguard-go:wireguard-go wireguard-tools:wg nftables:nft iproute2:ip haproxy:haproxy etcd-server:etcd"
+# Tests only: power cuts (lab/lazy_fs.py, chaos `powercut`) serve replicas' disks over FUSE.
+packages+=" fuse3:fusermount3"
+for pkg_bin in $packages; do
   pkg=${pkg_bin%%:*}; bin=${pkg_bin##*:}
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || need+=("$pkg")
 done
