@@ -8,11 +8,17 @@ import json
 import os
 
 import pytest
+from pysyncobj.serializer import SERIALIZER_STATE
 
 from raftmesh.chaos import run as chaos_run
+from raftmesh.cluster.background_snapshot import BackgroundSerializer
 from raftmesh.lab import power, replica_net
 from raftmesh.lab.lazy_disk import SECTOR, LazyDisk
+from raftmesh.storage import snapshot
 from raftmesh.storage.journal import DurableJournal
+from raftmesh.storage.state_store import StateStore
+
+from conftest import wait_until
 
 needs_fuse = pytest.mark.skipif(bool(power.preflight()), reason="; ".join(power.preflight()))
 needs_lab = pytest.mark.skipif(bool(power.preflight() + replica_net.preflight()),
@@ -159,6 +165,54 @@ def test_a_torn_journal_tail_is_dropped_never_misread(lazy_mount):
         loaded = _load(path)
         assert loaded[:20] == synced, f"seed {seed}: a synced entry changed"
         assert loaded[20:] == later[:len(loaded) - 20], f"seed {seed}: an unsynced entry came back wrong"
+
+
+def _commit_users(store, version, count, size):
+    txn = store.write_txn()
+    for k in range(count):
+        txn.put("users", f"v{version}-{k}", {"pad": "x" * size})
+    store.set_applied_version(txn, version)
+    store.commit()
+
+
+def _applied_version_of_snapshot(path, tmp_path):
+    fresh = StateStore(str(tmp_path / f"fresh{len(os.listdir(tmp_path))}"))
+    try:
+        snapshot.load_snapshot(fresh, path)
+        return fresh.applied_version()
+    finally:
+        fresh.close()
+
+
+@needs_fuse
+@pytest.mark.timeout(60)
+def test_a_written_snapshot_survives_a_power_cut_and_one_cut_short_leaves_the_previous(
+        lazy_mount, tmp_path):
+    """The background writer's protocol: O_DSYNC writes, fsync, rename, directory fsync."""
+    path = os.path.join(lazy_mount.mountpoint, "raft.snapshot")
+    for version, state_dir in ((10, "state"), (20, "state2")):
+        store = StateStore(os.path.join(lazy_mount.mountpoint, state_dir))
+        writer = BackgroundSerializer(path, 1 << 20, store, None, lambda seconds: None)
+        try:
+            _commit_users(store, version, 200, 20_000)  # ~4 MB: several writes of the copy
+            if version == 20:
+                lazy_mount.freeze()  # the new file's first synced write waits: being written
+            writer.serialize((None, (b"c", version, 1), (b"p", version - 1, 1), ["a:1"]), version)
+            if version == 10:
+                writer.wait()
+                assert writer.checkSerializing() == (SERIALIZER_STATE.SUCCESS, 10)
+                lazy_mount.freeze()
+            else:
+                wait_until(lambda: os.path.exists(path + ".writing"), 10, what="the new snapshot's file")
+            lazy_mount.cut(torn_seed=version)
+            writer.wait()
+        finally:
+            writer.close()
+            store.close_unsynced()
+        lazy_mount.power_on()
+        assert not os.path.exists(path + ".writing"), "a name that was never durable"
+        assert _applied_version_of_snapshot(path, tmp_path) == 10
+    assert writer.checkSerializing()[0] == SERIALIZER_STATE.FAILED, "the cut write failed"
 
 
 # -- chaos runs with power cuts ----------------------------------------------------------------
