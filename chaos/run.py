@@ -177,13 +177,15 @@ class Run:
     def _teardown(self) -> None:
         if self.agents is not None:
             self.agents.close()
-        if self.cluster is not None:
-            self.cluster.stop_all()
-        for disk in self.disks.values():
-            disk.unmount()
-            if self.passed:
-                shutil.rmtree(disk.root, ignore_errors=True)
-                shutil.rmtree(disk.mountpoint, ignore_errors=True)
+        try:
+            if self.cluster is not None:
+                self.cluster.stop_all()
+        finally:
+            for disk in self.disks.values():
+                disk.unmount()
+                if self.passed:
+                    shutil.rmtree(disk.root, ignore_errors=True)
+                    shutil.rmtree(disk.mountpoint, ignore_errors=True)
         for p in self.proxies:
             if p.poll() is None:
                 stop_pid(p.pid)

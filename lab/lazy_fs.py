@@ -90,9 +90,12 @@ class LazyFS(fuse.Operations):
                                             "f_files", "f_ffree", "f_favail", "f_namemax")}
 
     def open(self, path, flags):
-        return self.create(path, 0o600, flags)
+        return self._open(path, flags, 0)
 
-    def create(self, path, mode, flags=os.O_RDWR | os.O_CREAT):
+    def create(self, path, mode, flags):
+        return self._open(path, flags | os.O_CREAT, mode)
+
+    def _open(self, path, flags, mode):
         with self._live():
             fd = self.disk.open(path, flags, mode)
             if flags & SYNC_FLAGS:

@@ -11,6 +11,7 @@ import pytest
 from pysyncobj.serializer import SERIALIZER_STATE
 
 from raftmesh.chaos import run as chaos_run
+from raftmesh.chaos.schedule import FAULTS, make_schedule
 from raftmesh.cluster.background_snapshot import BackgroundSerializer
 from raftmesh.lab import power, replica_net
 from raftmesh.lab.lazy_disk import SECTOR, LazyDisk
@@ -216,6 +217,13 @@ def test_a_written_snapshot_survives_a_power_cut_and_one_cut_short_leaves_the_pr
 
 
 # -- chaos runs with power cuts ----------------------------------------------------------------
+def test_power_cuts_run_only_when_asked_and_hit_every_replica_first():
+    assert "powercut" not in FAULTS, "the default set needs no FUSE"
+    events = make_schedule(3, 30, ["powercut"], 3)
+    assert events == make_schedule(3, 30, ["powercut"], 3)
+    assert [(e.target, e.params["torn"]) for e in events[:2]] == [("all", False), ("leader", True)]
+
+
 def _chaos(tmp_path, *argv):
     parser = argparse.ArgumentParser()
     chaos_run.add_arguments(parser)
@@ -233,6 +241,8 @@ def test_power_cuts_of_one_and_of_every_replica_lose_nothing_acknowledged(tmp_pa
     assert {e["target"] for e in timeline} >= {"all"} and len({e["target"] for e in timeline}) >= 2, \
         "every replica at once, and one"
     assert summary["by_status"]["ok"] > 300
+    for r in ("r1", "r2", "r3"):  # the cut was an OS restart to them: LMDB rebuilt
+        assert "the OS restarted before its state was synced" in (out / "cluster" / f"{r}.log").read_text()
     assert not os.path.exists(out / "cluster" / "r1.disk"), "disks unmounted and removed"
     with open("/proc/self/mountinfo") as f:
         assert str(out) not in f.read()
