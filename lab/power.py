@@ -80,14 +80,15 @@ class PowerLossDisk:
 
     def unmount(self) -> None:
         """Unmount (lazily if still busy) and end the server by its pid. The server outlives
-        the unmount while another mount namespace holds a copy of the mount (one made
-        while it was mounted): it is ended after a moment, the copy then fails with ENOTCONN."""
+        the unmount while another mount namespace holds a copy of the mount (every replica's
+        `ip netns exec` namespace copies the mounts of the others): it is ended after a
+        moment, and such a copy, which nothing uses, fails with ENOTCONN from then on."""
         if self.mounted():
             if run(["fusermount3", "-u", self.mountpoint], check=False).returncode != 0:
                 run(["fusermount3", "-u", "-z", self.mountpoint], check=False)
         if self.proc is not None:
             try:
-                self.proc.wait(3)
+                self.proc.wait(1)
             except subprocess.TimeoutExpired:
                 stop_proc(self.proc)
             self.proc = None
