@@ -15,8 +15,8 @@ from raftmesh.chaos.schedule import FAULTS, make_schedule
 from raftmesh.cluster.background_snapshot import BackgroundSerializer
 from raftmesh.lab import power, replica_net
 from raftmesh.lab.lazy_disk import SECTOR, LazyDisk
-from raftmesh.storage import snapshot
-from raftmesh.storage.journal import DurableJournal
+from raftmesh.storage import snapshot, state_store
+from raftmesh.storage.journal import DurableJournal, fsync_dir
 from raftmesh.storage.state_store import StateStore
 
 from conftest import wait_until
@@ -214,6 +214,37 @@ def test_a_written_snapshot_survives_a_power_cut_and_one_cut_short_leaves_the_pr
         assert not os.path.exists(path + ".writing"), "a name that was never durable"
         assert _applied_version_of_snapshot(path, tmp_path) == 10
     assert writer.checkSerializing()[0] == SERIALIZER_STATE.FAILED, "the cut write failed"
+
+
+@needs_fuse
+@pytest.mark.timeout(60)
+def test_lmdb_keeps_what_it_synced_through_its_map_and_is_discarded_after_a_reboot(
+        lazy_mount, tmp_path, monkeypatch):
+    """LMDB's writemap pages reach the disk only through msync (its env.sync, called by the
+    writeback thread): a cut keeps the state as of the last one, consistent. After a reboot
+    (a new boot id) the marker makes the store start empty whatever the disk kept."""
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    monkeypatch.setattr(state_store, "_BOOT_ID", str(boot))
+    path = os.path.join(lazy_mount.mountpoint, "state")
+    store = StateStore(path)
+    fsync_dir(lazy_mount.mountpoint)  # as the replica's journal does when it creates its file
+    _commit_users(store, 1, 20, 1000)
+    store._flush_committed()  # what the writeback thread does every second
+    _commit_users(store, 2, 20, 1000)  # dirty pages of the map only
+    store.close_unsynced()
+    _cut(lazy_mount)
+    store = StateStore(path)
+    assert not store.discarded_after_os_crash, "the same boot: only a process ended, for LMDB"
+    assert store.applied_version() == 1, "the synced commit, not the later one"
+    store.close_unsynced()
+    boot.write_text("boot-2\n")
+    _cut(lazy_mount)
+    store = StateStore(path)
+    try:
+        assert store.discarded_after_os_crash and store.applied_version() == 0
+    finally:
+        store.close()
 
 
 # -- chaos runs with power cuts ----------------------------------------------------------------
