@@ -27,7 +27,7 @@ FAULT_HELP = {
     "powercut": "power loss (not in the default set): every replica's data directory is a "
                 "filesystem that forgets what was not fsynced; cut one replica (the leader or "
                 "a random one) or all at once, sometimes tearing unsynced writes, and power "
-                "them back when the window ends (docs/durability.md, 'Power cuts')",
+                "them back when the window ends (docs/durability.md, section 9)",
 }
 PARTITION_MODES = ("isolate-one", "isolate-leader", "halves", "bridge")
 WARMUP = 3.0  # seconds of fault-free workload first: a baseline for the plot
