@@ -16,6 +16,7 @@ import urllib.error
 from dataclasses import dataclass, field
 
 from raftmesh.lab.local_cluster import LocalCluster, ReplicaProcess
+from raftmesh.lab.power import PowerLossDisk, power_cut
 
 from . import latency_proxy
 from raftmesh.lab.replica_net import NetRules, ReplicaNet
@@ -39,9 +40,11 @@ class TimelineEntry:
 
 class Injector:
     def __init__(self, cluster: LocalCluster, net: ReplicaNet, schedule: list[FaultEvent], t0: float,
-                 proxies: dict[int, tuple[str, int]] | None = None, log=print):
+                 proxies: dict[int, tuple[str, int]] | None = None, log=print,
+                 disks: dict[str, PowerLossDisk] | None = None):
         self.cluster, self.net, self.schedule, self.t0 = cluster, net, schedule, t0
         self.proxies = proxies or {}  # replica index -> control address of its latency proxy
+        self.disks = disks or {}  # replica id -> its power-loss disk (powercut runs)
         self.log = log
         self.timeline: list[TimelineEntry] = []
         self.current: TimelineEntry | None = None
@@ -146,6 +149,20 @@ class Injector:
                 self.cluster.start(r)
         self._killed.clear()
 
+    def _start_powercut(self, ev, entry, rid):
+        rids = self.ids() if rid == "all" else [rid]
+        seed = ev.params["seed"] if ev.params["torn"] else None
+        lost = power_cut([(self.disks[i], self.replica(i).proc) for i in rids], torn_seed=seed)
+        self._killed.update(rids)
+        entry.detail = f"power cut {'of every replica' if rid == 'all' else rid}" + (
+            ", unsynced writes torn" if seed is not None else "")
+        for i, report in zip(rids, lost):
+            entry.notes.append(f"{i} lost {report['writes_lost']} unsynced writes, "
+                               f"{report['entries_restored']} directory entries undone")
+
+    def _end_powercut(self, ev, entry):
+        self._restart_killed()  # the power is back
+
     def _start_pause(self, ev, entry, rid):
         r = self.replica(rid)
         if r.alive():
@@ -228,7 +245,10 @@ class Injector:
         self.cluster.kill(r, signal.SIGTERM)
         self._removals += 1
         aside = f"{r.data_dir}.removed{self._removals}"
-        os.rename(r.data_dir, aside)
+        if rid in self.disks:  # the data directory is a mount point: set the disk aside
+            self.disks[rid].set_aside(aside)
+        else:
+            os.rename(r.data_dir, aside)
         entry.notes.append(f"{rid} stopped, its data set aside in {aside}")
         self._removed[rid] = True
 

@@ -28,9 +28,10 @@ from raftmesh.lab.local_cluster import LocalCluster
 from . import checkers, history as hist, latency_proxy, plot
 from .checkers import Check
 from .faults import Injector, clear_removed_data
+from raftmesh.lab.power import PowerLossDisk, preflight as power_preflight
 from raftmesh.lab.processes import stop_pid
 from raftmesh.lab.replica_net import ReplicaNet, preflight
-from .schedule import FAULT_HELP, FAULTS, make_schedule
+from .schedule import FAULT_HELP, FAULTS, OPTIONAL_FAULTS, make_schedule
 from .agent_checks import AGENT_USER, ChaosAgents
 from .workload import OWNERS, USER_POOL, Workload
 
@@ -48,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(--print-schedule shows it without running anything). Needs root, iproute2 and nftables.")
     parser.add_argument("--replicas", type=int, choices=(3, 5), default=3)
     parser.add_argument("--faults", default=",".join(FAULTS),
-                        help=f"comma-separated subset of {','.join(FAULTS)} (default: all)")
+                        help=f"comma-separated subset of {','.join(FAULTS + OPTIONAL_FAULTS)} "
+                        f"(default: {','.join(FAULTS)})")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of workload under faults")
     parser.add_argument("--seed", type=int, default=None, help="schedule and workload seed (default: random, printed)")
     parser.add_argument("--out", default="chaos-out", help="directory for history, timeline, checks, plot")
@@ -56,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settle", type=float, default=45.0, help="max seconds to converge after healing")
     parser.add_argument("--keep-data", action="store_true", help="keep replica data even when every check passes")
     parser.add_argument("--print-schedule", action="store_true", help="print the schedule and exit")
+    parser.add_argument("--durability", choices=("fsync", "none"), default="fsync",
+                        help="the replicas' durability setting: 'none' with powercut must lose "
+                        "acknowledged writes, and the checks must say so")
     parser.add_argument("--agents", type=int, default=0,
                         help="protocol-exact light agents streaming netmaps through the faults; "
                         "checked for convergence and version order (docs/chaos.md, 'Agents')")
@@ -76,7 +81,7 @@ def main(args) -> int:
     if args.agents < 0:
         print("raftmesh chaos run: --agents must be >= 0", file=sys.stderr)
         return 2
-    problems = preflight()
+    problems = preflight() + (power_preflight() if "powercut" in faults else [])
     if problems:
         print("raftmesh chaos run: cannot run here: " + "; ".join(problems), file=sys.stderr)
         return 2
@@ -90,6 +95,8 @@ class Run:
         self.net: ReplicaNet | None = None
         self.cluster: LocalCluster | None = None
         self.proxies: list[subprocess.Popen] = []
+        self.disks: dict[str, PowerLossDisk] = {}  # replica id -> its power-loss disk (powercut)
+        self.passed = False
         self.agents: ChaosAgents | None = None
         self.checks: list[Check] = []
         self.started = time.monotonic()
@@ -125,17 +132,27 @@ class Run:
         data = os.path.join(self.out, "cluster")
         shutil.rmtree(data, ignore_errors=True)  # a previous run's replicas would not know our keys
         self.cluster = LocalCluster(data, replicas=n, hosts=self.net.ips,
-                                    ports=(RAFT_PORT, API_PORT),
-                                    command_prefix=lambda r: self.net.prefix(int(r.id[1:]) - 1))
+                                    ports=(RAFT_PORT, API_PORT), command_prefix=self._prefix,
+                                    extra_args=["--durability", self.args.durability])
         if "latency" in self.faults:
             for i, ip in enumerate(self.net.ips):
                 self._start_proxy(i, ip)
+        if "powercut" in self.faults:  # after the proxies: their namespaces hold no copy of the mounts
+            for r in self.cluster.replicas:
+                self.disks[r.id] = PowerLossDisk(r.data_dir + ".disk", r.data_dir)
+                self.disks[r.id].mount()
+            self.log("power-loss filesystems mounted: " + ", ".join(d.mountpoint for d in self.disks.values()))
         self.cluster.start_all()
         self.cluster.wait_ready(timeout=60)
         self.log(f"{n} replicas ready: " + ", ".join(f"{r.id} {r.api_url} pid {r.pid}" for r in self.cluster.replicas))
         if self.args.agents:
             self.agents = ChaosAgents(self.cluster, self.args.agents, self.cluster.log_dir, self.log)
             self.agents.start()
+
+    def _prefix(self, r) -> list[str]:
+        """Replica r runs in its namespace, and on a power-loss disk with its own boot id."""
+        disk = self.disks.get(r.id)
+        return self.net.prefix(int(r.id[1:]) - 1) + (disk.boot_prefix() if disk else [])
 
     def _start_proxy(self, i: int, ip: str) -> None:
         log = open(os.path.join(self.cluster.log_dir, f"proxy-r{i + 1}.log"), "ab")
@@ -160,8 +177,15 @@ class Run:
     def _teardown(self) -> None:
         if self.agents is not None:
             self.agents.close()
-        if self.cluster is not None:
-            self.cluster.stop_all()
+        try:
+            if self.cluster is not None:
+                self.cluster.stop_all()
+        finally:
+            for disk in self.disks.values():
+                disk.unmount()
+                if self.passed:
+                    shutil.rmtree(disk.root, ignore_errors=True)
+                    shutil.rmtree(disk.mountpoint, ignore_errors=True)
         for p in self.proxies:
             if p.poll() is None:
                 stop_pid(p.pid)
@@ -172,7 +196,8 @@ class Run:
     def _run_and_check(self) -> int:
         t0 = time.monotonic()
         proxies = {i: (ip, CONTROL_PORT) for i, ip in enumerate(self.net.ips)} if self.proxies else {}
-        injector = Injector(self.cluster, self.net, self.schedule, t0, proxies, log=self.log)
+        injector = Injector(self.cluster, self.net, self.schedule, t0, proxies, log=self.log,
+                            disks=self.disks)
         workload = Workload([r.api_url for r in self.cluster.replicas], self.cluster.admin_key, self.seed,
                             t0, self.args.concurrency)
         thread = threading.Thread(target=injector.run, name="chaos-faults", daemon=True)
@@ -203,6 +228,7 @@ class Run:
         self.checks += agent_checks
         self._write(workload, injector, result, run_seconds)
         ok = all(c.ok for c in self.checks)
+        self.passed = ok and not self.args.keep_data
         if ok and not self.args.keep_data:
             for r in self.cluster.replicas:
                 shutil.rmtree(r.data_dir, ignore_errors=True)
@@ -300,6 +326,7 @@ class Run:
         kinds = Counter(e.kind for e in injector.timeline)
         ok = all(c.ok for c in self.checks)
         summary = {"verdict": "PASS" if ok else "FAIL", "seed": self.seed, "replicas": self.args.replicas,
+                   "durability": self.args.durability,
                    "duration": self.args.duration, "faults": self.faults, "run_seconds": round(run_seconds, 1),
                    "ops": len(workload.history), "by_status": dict(counts),
                    "ops_per_second": round(len(workload.history) / max(run_seconds, 1e-9), 1),
@@ -326,7 +353,8 @@ class Run:
 def render_summary(s: dict, checks: list[Check], timeline) -> str:
     lat = s["latency_ok"]
     lines = [f"raftmesh chaos: {s['verdict']}  (seed {s['seed']}, {s['replicas']} replicas, "
-             f"{s['duration']:g}s, faults {','.join(s['faults'])})",
+             f"{s['duration']:g}s, faults {','.join(s['faults'])}"
+             + (f", durability {s['durability']})" if s["durability"] != "fsync" else ")"),
              f"  ops: {s['ops']} ({', '.join(f'{k} {v}' for k, v in sorted(s['by_status'].items()))}), "
              f"{s['ops_per_second']}/s, {s['retries']} retries"
              + (f"; ok latency p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms" if lat else ""),

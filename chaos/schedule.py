@@ -12,7 +12,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
-FAULTS = ("kill", "pause", "partition", "loss", "latency", "membership")
+FAULTS = ("kill", "pause", "partition", "loss", "latency", "membership")  # the default set
+OPTIONAL_FAULTS = ("powercut",)  # only when asked for: needs FUSE, and replicas run slower on it
 FAULT_HELP = {
     "kill": "SIGKILL a replica (the leader or a random one), restart it when the window ends",
     "pause": "SIGSTOP a replica (the leader or a random one), SIGCONT when the window ends",
@@ -23,6 +24,10 @@ FAULT_HELP = {
                "one way, with jitter) on one replica's links or on all links",
     "membership": "remove a follower from the cluster, stop it and set its data aside, "
                   "then re-add it as a fresh replica when the window ends",
+    "powercut": "power loss (not in the default set): every replica's data directory is a "
+                "filesystem that forgets what was not fsynced; cut one replica (the leader or "
+                "a random one) or all at once, sometimes tearing unsynced writes, and power "
+                "them back when the window ends (docs/durability.md, section 9)",
 }
 PARTITION_MODES = ("isolate-one", "isolate-leader", "halves", "bridge")
 WARMUP = 3.0  # seconds of fault-free workload first: a baseline for the plot
@@ -55,9 +60,9 @@ def make_schedule(seed: int, duration: float, faults: list[str] | tuple[str, ...
                   replicas: int) -> list[FaultEvent]:
     """Fault windows covering every requested kind at least once, in a seeded order."""
     faults = sorted(set(faults))
-    unknown = [f for f in faults if f not in FAULTS]
+    unknown = [f for f in faults if f not in FAULTS + OPTIONAL_FAULTS]
     if unknown:
-        raise ValueError(f"unknown fault(s) {unknown}; choose from {', '.join(FAULTS)}")
+        raise ValueError(f"unknown fault(s) {unknown}; choose from {', '.join(FAULTS + OPTIONAL_FAULTS)}")
     if replicas < 3:
         raise ValueError("chaos needs at least 3 replicas (a cluster that survives one fault)")
     if not faults:
@@ -72,7 +77,9 @@ def make_schedule(seed: int, duration: float, faults: list[str] | tuple[str, ...
     rng.shuffle(first)
     kinds = first + [rng.choice(faults) for _ in range(n - len(faults))]
     ids = [f"r{i}" for i in range(1, replicas + 1)]
-    counters = {k: rng.randrange(len(PARTITION_MODES)) for k in faults}  # rotate variants
+    # Rotate variants; power cuts start with all replicas at once (the worst case) so that
+    # even a short run has it.
+    counters = {k: 0 if k == "powercut" else rng.randrange(len(PARTITION_MODES)) for k in faults}
     slot = usable / n
     events = []
     for i, kind in enumerate(kinds):
@@ -108,6 +115,9 @@ def _shape(kind: str, variant: int, rng: random.Random, ids: list[str]) -> tuple
         return ("all" if variant % 2 else rng.choice(ids)), {"delay_ms": delay, "jitter_ms": delay // 4}
     if kind == "membership":
         return f"follower:{rng.randrange(len(ids) - 1)}", {}
+    if kind == "powercut":
+        target = ("all", "leader", rng.choice(ids))[variant % 3]
+        return target, {"torn": variant % 2 == 1, "seed": rng.randrange(1 << 30)}
     raise ValueError(kind)
 
 

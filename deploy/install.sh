@@ -8,8 +8,8 @@
 #   bash deploy/install.sh --bench    also the benchmarks' extra (plots) and etcd-server (the
 #                                     side-by-side write benchmark starts its own members)
 #   bash deploy/install.sh --tests    also the test extra, which includes the benchmarks' (the
-#                                     tests run every benchmark at a tiny size), etcd-server and
-#                                     haproxy (tests/test_haproxy.py)
+#                                     tests run every benchmark at a tiny size), etcd-server,
+#                                     haproxy (tests/test_haproxy.py) and fuse3 (power cuts)
 #   --dry-run                         prints what it would do, changes nothing
 #
 # HAProxy belongs on the load-balancer machines of a deployment (docs/deployment.md installs
@@ -76,7 +76,8 @@ main() {
   local with_services=()
   while [ $# -gt 0 ]; do
     case "$1" in
-      --tests) extra="[test]"; with_services=(etcd-server:etcd haproxy:haproxy) ;;
+      --tests) extra="[test]"; with_services=(etcd-server:etcd haproxy:haproxy)
+               pkgs+=(fuse3:fusermount3) ;;  # power cuts serve replicas' disks over FUSE (lab/lazy_fs.py)
       --bench) [ "$extra" = "[test]" ] || extra="[bench]"
                [ ${#with_services[@]} -gt 0 ] || with_services=(etcd-server:etcd) ;;
       --dry-run) dry_run=true ;;

@@ -150,6 +150,9 @@ class DurableJournal(Journal):
                 raise RuntimeError(f"{self._path} is not a raftmesh journal")
             os.write(fd, _MAGIC)
             os.fsync(fd)
+            # A new file's name is durable only once its directory is synced (fsync(2)):
+            # without it a power cut could take the whole journal, synced entries included.
+            fsync_dir(os.path.dirname(os.path.abspath(self._path)))
             self._end = self._allocated = len(_MAGIC)
             return fd
         offset = len(_MAGIC)
