@@ -8,11 +8,10 @@ import json
 import os
 
 import pytest
-from pysyncobj.serializer import SERIALIZER_STATE
 
 from raftmesh.chaos import run as chaos_run
 from raftmesh.chaos.schedule import FAULTS, make_schedule
-from raftmesh.cluster.background_snapshot import BackgroundSerializer
+from raftmesh.cluster.raft.background_snapshot import SERIALIZER_STATE, BackgroundSerializer
 from raftmesh.lab import power, replica_net
 from raftmesh.lab.lazy_disk import SECTOR, LazyDisk
 from raftmesh.storage import snapshot, state_store
