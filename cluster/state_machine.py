@@ -344,13 +344,17 @@ def preauth_key_problem(key: dict, now: float) -> str | None:
 # -- policy -----------------------------------------------------------------------------
 @handler("policy.set")
 def _policy_set(ctx: Context) -> dict:
-    """Store a policy already validated by the proposer; every version is kept."""
+    """Store a policy already validated by the proposer; every version is kept. `compiled`
+    (cluster/policy_form.py) is what netmaps are derived from; entries proposed before it
+    existed carry only the text."""
     head = ctx.txn.get("meta", "policy_head") or {"version": 0}
     if ctx.args.get("expected_version") not in (None, head["version"]):
         raise Rejected("version_conflict",
                        f"policy is at version {head['version']}, not {ctx.args['expected_version']}")
     record = {"version": head["version"] + 1, "text": ctx.args["text"],
               "created_at": ctx.cmd.time, "actor": ctx.cmd.actor, "state_version": ctx.version}
+    if "compiled" in ctx.args:
+        record["compiled"] = ctx.args["compiled"]
     ctx.txn.put("policy_versions", f"{record['version']:010d}", record)
     ctx.txn.put("meta", "policy_head", {"version": record["version"]})
     before = ctx.txn.get("policy_versions", f"{head['version']:010d}") if head["version"] else None

@@ -12,7 +12,9 @@ import random
 from raftmesh.proto.wire import Netmap, NetmapDelta, apply_delta
 from raftmesh.cluster.commands import Command
 from raftmesh.cluster.netmap import compute_netmaps
-from raftmesh.cluster.netmap_feed import NetmapFeed, policy_or_none
+from raftmesh.cluster.netmap_feed import NetmapFeed
+from raftmesh.cluster.policy import parse_policy
+from raftmesh.cluster.policy_form import compile_policy
 
 from test_netmap import NOW, node
 
@@ -28,6 +30,14 @@ POLICIES = [
 
 def ok(value) -> dict:
     return {"ok": True, "value": value}
+
+
+def stored(text: str, compiled: bool = True) -> dict:
+    """policy.set's args (and so the stored record) for `text`: as the API proposes it, or
+    only the text, as journals written before the compiled form hold it."""
+    if not compiled:
+        return {"text": text}
+    return {"text": text, "compiled": compile_policy(parse_policy(text))}
 
 
 class World:
@@ -56,7 +66,8 @@ class World:
             return self.version, Command("node.register", {}, time=self.clock), ok(n)
         if r < 0.4:
             self.policy = self.rng.choice(POLICIES)
-            return self.version, Command("policy.set", {"text": self.policy}, time=self.clock), ok({})
+            args = stored(self.policy, compiled=self.version % 2 == 0)  # both kinds of entry
+            return self.version, Command("policy.set", args, time=self.clock), ok({})
         nid = self.rng.choice(live)
         if r < 0.5:
             del self.nodes[nid]
@@ -80,7 +91,7 @@ class World:
         return self.version, Command("node.update", {}, time=self.clock), ok(n)
 
     def expected(self, version: int, clock: float) -> dict[str, Netmap]:
-        return compute_netmaps(policy_or_none(self.policy), self.nodes.values(), clock, version)
+        return compute_netmaps(parse_policy(self.policy), self.nodes.values(), clock, version)
 
 
 def feed_batches(feed: NetmapFeed, items, rng: random.Random):
@@ -95,7 +106,7 @@ def feed_batches(feed: NetmapFeed, items, rng: random.Random):
 def test_feed_agrees_with_the_reference_after_every_batch():
     for seed in range(20):
         world = World(seed)
-        feed = NetmapFeed(world.policy, [], NOW, world.version)
+        feed = NetmapFeed(stored(world.policy), [], NOW, world.version)
         rng = random.Random(seed + 100)
         for _ in range(12):
             items = [world.step() for _ in range(rng.randint(1, 5))]
@@ -109,8 +120,8 @@ def test_agents_resume_on_another_replica_from_any_version_they_held():
     for seed in range(30):
         world = World(seed)
         items = [world.step() for _ in range(60)]
-        a = NetmapFeed(POLICIES[0], [], NOW, 10)
-        b = NetmapFeed(POLICIES[0], [], NOW, 10, history_per_node=4)
+        a = NetmapFeed(stored(POLICIES[0]), [], NOW, 10)
+        b = NetmapFeed(stored(POLICIES[0]), [], NOW, 10, history_per_node=4)
         held: dict[str, list[Netmap]] = {}  # what agents streaming from `a` could have held
         rng = random.Random(seed)
         for update in feed_batches(a, items, rng):
@@ -139,7 +150,7 @@ def test_agents_resume_on_another_replica_from_any_version_they_held():
 
 def test_resume_without_version_ahead_or_too_old_gives_a_full_netmap():
     n1, n2 = node(1, "alice"), node(2, "bob")
-    feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 5, history_per_node=2)
+    feed = NetmapFeed(stored(POLICIES[0]), [n1, n2], NOW, 5, history_per_node=2)
     assert isinstance(feed.resume("n1", None), Netmap)
     assert isinstance(feed.resume("n1", 4), Netmap)  # from before the feed started
     assert isinstance(feed.resume("n1", 99), Netmap)  # ahead: the caller waits first
@@ -154,7 +165,7 @@ def test_resume_without_version_ahead_or_too_old_gives_a_full_netmap():
 
 def test_revocation_and_expiry_by_the_replicated_clock():
     n1, n2 = node(1, "alice"), node(2, "bob", key_expiry=NOW + 60)
-    feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 5)
+    feed = NetmapFeed(stored(POLICIES[0]), [n1, n2], NOW, 5)
     assert feed.next_expiry() == NOW + 60
     u = feed.apply_batch([(6, Command("clock.tick", {}, time=NOW + 30), ok({}))])
     assert u.deltas == {} and not u.gone
@@ -169,7 +180,7 @@ def test_revocation_and_expiry_by_the_replicated_clock():
 
 
 def test_cluster_key_commands_are_flagged_and_cause_times_kept():
-    feed = NetmapFeed(POLICIES[0], [node(1, "alice"), node(2, "bob")], NOW, 1)
+    feed = NetmapFeed(stored(POLICIES[0]), [node(1, "alice"), node(2, "bob")], NOW, 1)
     u = feed.apply_batch([(2, Command("clusterkey.rotate", {}, time=NOW), ok({})),
                           (3, Command("node.report", {}, time=NOW + 1),
                            ok(node(2, "bob", endpoints=["192.0.2.9:1"]))),
@@ -196,7 +207,7 @@ def test_large_feed_refreezes_the_gc_as_it_churns(monkeypatch):
     # each flips one node's online flag: 1 change + 3 deltas (its peers) = 4 units of churn
     upd = [(v, Command("node.update", {}, time=NOW), ok(dict(nodes[v % 4], online=v % 2 == 0)))
            for v in range(11, 21)]
-    feed = NetmapFeed(POLICIES[0], nodes, NOW, 10)
+    feed = NetmapFeed(stored(POLICIES[0]), nodes, NOW, 10)
     assert calls == ["tune"]
     feed.apply_batch(upd[:1])
     assert calls == ["tune"]
@@ -204,7 +215,7 @@ def test_large_feed_refreezes_the_gc_as_it_churns(monkeypatch):
     assert calls == ["tune", ("refreeze", False)]
     feed.apply_batch(upd[2:4])
     assert calls == ["tune", ("refreeze", False), ("refreeze", True)]
-    small = NetmapFeed(POLICIES[0], nodes[:2], NOW, 10)
+    small = NetmapFeed(stored(POLICIES[0]), nodes[:2], NOW, 10)
     small.apply_batch([u for u in upd if u[0] % 4 < 2])  # its own two nodes only
     assert calls == ["tune", ("refreeze", False), ("refreeze", True)]
 
@@ -216,7 +227,7 @@ def test_feed_tunes_the_gc_when_its_index_grows_large(monkeypatch):
     monkeypatch.setattr(netmap_feed, "FREEZE_MIN_NODES", 3)
     monkeypatch.setattr(netmap_feed, "tune_gc_for_large_index", lambda: calls.append("tune"))
     monkeypatch.setattr(netmap_feed, "refreeze_gc", lambda full: calls.append(("refreeze", full)))
-    feed = NetmapFeed(POLICIES[0], [node(1, "alice")], NOW, 10)
+    feed = NetmapFeed(stored(POLICIES[0]), [node(1, "alice")], NOW, 10)
     reg = lambda v, i: (v, Command("node.register", {}, time=NOW), ok(node(i, "alice")))  # noqa: E731
     feed.apply_batch([reg(11, 2)])
     assert calls == []
@@ -250,7 +261,7 @@ def test_changes_run_with_the_collector_paused(monkeypatch):
     import gc
 
     from raftmesh.cluster import netmap_feed
-    feed = NetmapFeed(POLICIES[0], [node(1, "alice")], NOW, 10)
+    feed = NetmapFeed(stored(POLICIES[0]), [node(1, "alice")], NOW, 10)
     seen = []
     changes = feed._changes
     monkeypatch.setattr(feed, "_changes", lambda *a: seen.append(gc.isenabled()) or changes(*a))
@@ -284,14 +295,14 @@ def test_a_large_change_of_a_large_index_is_frozen_when_it_ends(monkeypatch):
     monkeypatch.setattr(netmap_feed, "tune_gc_for_large_index", lambda: None)
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(gc.isenabled()))
     nodes = [node(i, "alice") for i in range(4)]
-    policy = lambda v, text: (v, Command("policy.set", {"text": text}, time=NOW), ok({}))  # noqa: E731
+    policy = lambda v, text: (v, Command("policy.set", stored(text), time=NOW), ok({}))  # noqa: E731
     flip = lambda v, i: (v, Command("node.update", {}, time=NOW), ok(dict(nodes[i], online=True)))  # noqa: E731
-    feed = NetmapFeed(POLICIES[2], nodes, NOW, 10)  # only bob may reach alice: no peers
+    feed = NetmapFeed(stored(POLICIES[2]), nodes, NOW, 10)  # only bob may reach alice: no peers
     assert len(feed.apply_batch([flip(11, 0)]).deltas) == 1  # its own record: below 4
     assert frozen == []
     assert len(feed.apply_batch([policy(12, POLICIES[0])]).deltas) == 4  # every node
     assert frozen == [False] and gc.isenabled()  # frozen before the collector is back on
-    small = NetmapFeed(POLICIES[2], nodes[:2], NOW, 10)  # an index below FREEZE_MIN_NODES
+    small = NetmapFeed(stored(POLICIES[2]), nodes[:2], NOW, 10)  # an index below FREEZE_MIN_NODES
     monkeypatch.setattr(netmap_feed, "FREEZE_AFTER_DELTAS", 2)
     assert len(small.apply_batch([policy(11, POLICIES[0])]).deltas) == 2
     assert frozen == [False]
@@ -299,7 +310,7 @@ def test_a_large_change_of_a_large_index_is_frozen_when_it_ends(monkeypatch):
 
 def test_member_removal_sends_the_offline_records_it_swept():
     n1, n2 = node(1, "alice", online=True), node(2, "alice", online=True)
-    feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 10)
+    feed = NetmapFeed(stored(POLICIES[0]), [n1, n2], NOW, 10)
     u = feed.apply_batch([(11, Command("member.remove", {"id": "r3"}, time=NOW),
                            ok({"member": {"id": "r3"}, "nodes": [dict(n1, online=False)]}))])
     assert [p.online for p in u.deltas["n2"].peers_changed] == [False]
@@ -311,8 +322,8 @@ def test_only_batches_that_cannot_change_a_netmap_skip_the_feed_thread():
     netmap is derived from, a key command or a key expiry reached must not qualify, and
     the fast path must leave the feed where apply_batch would."""
     nodes = [node(1, "alice"), node(2, "bob", key_expiry=NOW + 10)]
-    feed = NetmapFeed(POLICIES[0], nodes, NOW, 1)
-    reference = NetmapFeed(POLICIES[0], nodes, NOW, 1)
+    feed = NetmapFeed(stored(POLICIES[0]), nodes, NOW, 1)
+    reference = NetmapFeed(stored(POLICIES[0]), nodes, NOW, 1)
     user = (2, Command("user.create", {"name": "carol"}, time=NOW + 1), ok({"name": "carol"}))
     for op in ("node.update", "node.delete", "node.presence", "policy.set", "member.remove",
                "clusterkey.rotate"):
@@ -328,3 +339,33 @@ def test_only_batches_that_cannot_change_a_netmap_skip_the_feed_thread():
     assert (feed.version, feed.clock) == (3, NOW + 1)
     u = feed.apply_batch([(4, late[1], late[2])])
     assert u.gone == {"n2"} and set(u.deltas) == {"n1"}  # what the thread path derives
+
+
+def test_a_policy_it_cannot_interpret_changes_no_netmap_and_says_why():
+    """Never deny-all: the feed keeps the last netmaps it derived, makes no deltas for that
+    change, and names the policy version and the reason until a readable policy arrives."""
+    nodes = [node(1, "alice"), node(2, "bob")]
+    feed = NetmapFeed(stored(POLICIES[0]), nodes, NOW, 10)
+    before = {k: feed.full(k).peers for k in ("n1", "n2")}
+    newer = {"text": "{}", "compiled": {**stored(POLICIES[2])["compiled"], "format": 2}}
+    broken = {"text": "{}", "compiled": {"format": 1, "acls": [{"src": "nonsense"}]}}
+    for v, args in ((11, newer), (12, broken), (13, {"text": "{not json"})):
+        u = feed.apply_batch([(v, Command("policy.set", args, time=NOW), ok({"version": v - 9}))])
+        assert u.deltas == {} and feed.version == v
+        assert {k: feed.full(k).peers for k in ("n1", "n2")} == before
+        assert feed.policy_problem.startswith(f"cannot interpret policy version {v - 9} "
+                                              f"(state version {v}): ")
+    assert "format 2; this raftmesh reads format 1" in \
+        NetmapFeed(newer, nodes, NOW, 11).policy_problem
+    u = feed.apply_batch([(14, Command("policy.set", stored(POLICIES[2]), time=NOW), ok({}))])
+    assert feed.policy_problem is None and set(u.deltas) == {"n1", "n2"}
+
+
+def test_a_feed_built_from_a_policy_it_cannot_interpret_serves_nothing_until_one_it_can():
+    nodes = [node(1, "alice"), node(2, "bob")]
+    newer = {"text": "{}", "compiled": {"format": 2}, "version": 3}
+    feed = NetmapFeed(newer, nodes, NOW, 10)
+    assert not feed.serving and "policy version 3" in feed.policy_problem
+    assert NetmapFeed(None, nodes, NOW, 10).serving  # no policy at all: deny all, as ever
+    feed.apply_batch([(11, Command("policy.set", stored(POLICIES[0]), time=NOW), ok({}))])
+    assert feed.serving and feed.policy_problem is None and "n2" in feed.full("n1").peers

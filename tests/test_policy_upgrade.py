@@ -1,0 +1,90 @@
+"""A stored policy a replica cannot interpret (a newer compiled format, during a rolling
+upgrade) never becomes deny-all there: the replica keeps the netmaps it derived last, says
+why on /readyz and in a metric, and serves nothing after a restart until a readable policy
+arrives. In process: one replica, its app (hub, /readyz, /metrics) on a test server."""
+import asyncio
+import json
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from raftmesh.api.map_stream import HUB
+from raftmesh.api.server import build_app
+from raftmesh.cluster.config import ReplicaConfig
+from raftmesh.cluster.policy import parse_policy
+from raftmesh.cluster.policy_form import compile_policy
+from raftmesh.cluster.replica import RaftReplica
+from raftmesh.lab.local_cluster import free_ports
+
+from conftest import wait_until
+from test_stream_open_order import ALLOW_ALL, apply
+
+NEWER = {"text": "{}", "compiled": {**compile_policy(parse_policy(ALLOW_ALL)), "format": 99}}
+
+
+async def eventually(check, timeout: float = 10.0):
+    """Await `check()` until it returns a truthy value or the deadline passes."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (value := await check()):
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+    return value
+
+
+def test_unreadable_policy_keeps_netmaps_and_makes_the_replica_not_ready(tmp_path):
+    (port,) = free_ports(1)
+    r = RaftReplica(ReplicaConfig(id="r0", raft_addr=f"127.0.0.1:{port}", peers=[],
+                                  data_dir=str(tmp_path / "r0"), cluster_secret="s" * 16))
+    try:
+        wait_until(lambda: r.status.get("state") == "leader", 10, what="a leader")
+        apply(r, "user.create", {"name": "alice"})
+        apply(r, "policy.set", {"text": ALLOW_ALL})  # an entry from before the compiled form
+        for n in ("a", "b"):
+            apply(r, "node.register", {"id": n, "name": n, "user": "alice", "machine_key": "m" + n,
+                                       "node_key": "k" + n})
+            apply(r, "node.approve", {"id": n})
+
+        async def scenario():
+            app = build_app(r)
+            hub = app[HUB]
+            hub.start()
+            client = TestClient(TestServer(app))
+            await client.start_server()
+
+            async def ready():
+                resp = await client.get("/readyz")
+                return resp.status, (await resp.json())["reason"]
+
+            async def is_ready():
+                return await ready() == (200, "ready")
+
+            async def unserved():
+                return hub.unserved_reason()
+
+            try:
+                await eventually(is_ready)
+                assert "b" in (await hub.on_feed(lambda f: f.full("a"))).peers
+
+                unreadable = apply(r, "policy.set", NEWER)
+                assert await hub.wait_version(unreadable["version"], 10)
+                status, reason = await ready()
+                assert status == 503
+                assert "policy version 2" in reason and "format 99" in reason, reason
+                metrics = await (await client.get("/metrics")).text()
+                assert "raftmesh_policy_unreadable 1.0" in metrics
+                assert "b" in (await hub.on_feed(lambda f: f.full("a"))).peers, "not deny-all"
+
+                hub._on_reset()  # as after a restart or snapshot install: built from the store
+                assert "format 99" in await eventually(unserved)
+
+                readable = apply(r, "policy.set", {"text": ALLOW_ALL,
+                                                   "compiled": compile_policy(parse_policy(ALLOW_ALL))})
+                assert await hub.wait_version(readable["version"], 10)
+                assert await ready() == (200, "ready") and hub.unserved_reason() is None
+                assert "b" in (await hub.on_feed(lambda f: f.full("a"))).peers
+            finally:
+                await client.close()
+                await hub.stop()
+        asyncio.run(scenario())
+    finally:
+        r.stop()
+
