@@ -13,10 +13,12 @@ Format 1:
     {"format": 1,
      "groups": {"group:eng": ["alice", ...]}, "tagOwners": {"tag:web": ["alice", ...]},
      "hosts": {"db": "10.0.0.0/16"},
-     "acls": [{"src": [SEL, ...], "dst": [[SEL, [[first, last], ...]], ...],
-               "protos": ["tcp"]}]}
-    SEL = [text as written, kind, value]: value is the sorted user list for "users", the
-    tag for "tag", the prefix for "prefix", null for "any", "member", "tagged", "self".
+     "selectors": [[text as written, kind, value], ...],
+     "acls": [[[src selector index, ...], [[dst selector index, [[first port, last], ...]], ...],
+               ["tcp", ...]], ...]}
+    A selector's value is the sorted user list for kind "users", the tag for "tag", the
+    prefix for "prefix", null for "any", "member", "tagged" and "self". Each distinct
+    selector is listed once: a large policy names a few hundred in thousands of rules.
 A policy's `tests` are not part of it: they are checked when the text is parsed.
 """
 from __future__ import annotations
@@ -37,15 +39,19 @@ class UnreadablePolicy(ValueError):
 
 def compile_policy(policy: Policy) -> dict:
     """The form of a parsed policy (parse_policy's result)."""
+    index: dict[Selector, int] = {}
+    for acl in policy.acls:
+        for sel in (*acl.src, *(d.selector for d in acl.dst)):
+            index.setdefault(sel, len(index))
     return {
         "format": POLICY_FORMAT,
         "groups": {g: sorted(users) for g, users in policy.groups.items()},
         "tagOwners": {t: sorted(users) for t, users in policy.tag_owners.items()},
         "hosts": {h: str(net) for h, net in policy.hosts.items()},
-        "acls": [{"src": [_selector_form(s) for s in acl.src],
-                  "dst": [[_selector_form(d.selector), [[r.first, r.last] for r in d.ports]]
-                          for d in acl.dst],
-                  "protos": list(acl.protos)} for acl in policy.acls],
+        "selectors": [_selector_form(sel) for sel in index],
+        "acls": [[[index[s] for s in acl.src],
+                  [[index[d.selector], [[r.first, r.last] for r in d.ports]] for d in acl.dst],
+                  list(acl.protos)] for acl in policy.acls],
     }
 
 
@@ -84,27 +90,32 @@ def _selector_form(s: Selector) -> list:
 
 
 class _Reader:
-    """Builds a Policy from a form, sharing one object per distinct user set and prefix
-    (a 20,000-rule policy names a few hundred)."""
+    """Builds a Policy from a form, sharing one object per distinct user set and prefix."""
 
     def __init__(self):
         self._users: dict[tuple, frozenset[str]] = {}
         self._prefixes: dict[str, Any] = {}
+        self.selectors: list[Selector] = []
 
     def policy(self, form: dict) -> Policy:
+        self.selectors = [self.selector(sel) for sel in form["selectors"]]
         return Policy(
             groups={g: self.users(u) for g, u in form["groups"].items()},
             tag_owners={t: self.users(u) for t, u in form["tagOwners"].items()},
             hosts={h: self.prefix(p) for h, p in form["hosts"].items()},
-            acls=tuple(self.acl(a) for a in form["acls"]))
+            acls=tuple(self.acl(*a) for a in form["acls"]))
 
-    def acl(self, a: dict) -> Acl:
-        protos = tuple(a["protos"])
+    def acl(self, src: list, dst: list, protos: list) -> Acl:
         if any(p not in PROTOCOLS for p in protos):
             raise ValueError(f"unknown protocol in {protos}")
-        dst = tuple(DstEntry(self.selector(sel), tuple(self.port_range(r) for r in ranges))
-                    for sel, ranges in a["dst"])
-        return Acl(tuple(self.selector(s) for s in a["src"]), dst, protos)
+        entries = tuple(DstEntry(self.selector_at(i), tuple(self.port_range(r) for r in ranges))
+                        for i, ranges in dst)
+        return Acl(tuple(self.selector_at(i) for i in src), entries, tuple(protos))
+
+    def selector_at(self, i: int) -> Selector:
+        if not isinstance(i, int) or i < 0:
+            raise ValueError(f"bad selector index {i!r}")
+        return self.selectors[i]
 
     def selector(self, sel: list) -> Selector:
         text, kind, value = sel

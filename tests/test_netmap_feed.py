@@ -348,7 +348,7 @@ def test_a_policy_it_cannot_interpret_changes_no_netmap_and_says_why():
     feed = NetmapFeed(stored(POLICIES[0]), nodes, NOW, 10)
     before = {k: feed.full(k).peers for k in ("n1", "n2")}
     newer = {"text": "{}", "compiled": {**stored(POLICIES[2])["compiled"], "format": 2}}
-    broken = {"text": "{}", "compiled": {"format": 1, "acls": [{"src": "nonsense"}]}}
+    broken = {"text": "{}", "compiled": {"format": 1, "selectors": [], "acls": [["nonsense"]]}}
     for v, args in ((11, newer), (12, broken), (13, {"text": "{not json"})):
         u = feed.apply_batch([(v, Command("policy.set", args, time=NOW), ok({"version": v - 9}))])
         assert u.deltas == {} and feed.version == v

@@ -34,10 +34,9 @@ def test_a_compiled_policy_reads_back_as_the_parsed_one_with_the_same_netmaps():
 def test_the_form_is_resolved_so_reading_it_involves_no_policy_decisions():
     form = compile_policy(policy([{"action": "accept", "src": ["group:eng", "printer"],
                                    "dst": ["tag:db:80,443,1000-2000"]}]))
-    assert form["acls"] == [{"src": [["group:eng", "users", ["alice", "bob"]],
-                                     ["printer", "prefix", "10.1.0.9/32"]],
-                             "dst": [[["tag:db", "tag", "tag:db"], [[80, 80], [443, 443], [1000, 2000]]]],
-                             "protos": []}]
+    assert form["selectors"] == [["group:eng", "users", ["alice", "bob"]],
+                                 ["printer", "prefix", "10.1.0.9/32"], ["tag:db", "tag", "tag:db"]]
+    assert form["acls"] == [[[0, 1], [[2, [[80, 80], [443, 443], [1000, 2000]]]], []]]
 
 
 def test_entries_from_before_the_compiled_form_are_parsed_from_their_text():
@@ -53,11 +52,13 @@ def test_entries_from_before_the_compiled_form_are_parsed_from_their_text():
     ([], "no format number"),
     ({"format": 1}, "malformed (KeyError"),
     ({"format": 1, "groups": {}, "tagOwners": {}, "hosts": {},
-      "acls": [{"src": [["x", "wildcard", None]], "dst": [], "protos": []}]}, "bad selector"),
+      "selectors": [["x", "wildcard", None]], "acls": []}, "bad selector"),
     ({"format": 1, "groups": {}, "tagOwners": {}, "hosts": {},
-      "acls": [{"src": [], "dst": [[["*", "any", None], [[5, 1]]]], "protos": []}]}, "bad port range"),
-    ({"format": 1, "groups": {}, "tagOwners": {}, "hosts": {"h": "10.0.0.1/8"}, "acls": []},
-     "host bits set"),
+      "selectors": [["*", "any", None]], "acls": [[[0], [[0, [[5, 1]]]], []]]}, "bad port range"),
+    ({"format": 1, "groups": {}, "tagOwners": {}, "hosts": {},
+      "selectors": [["*", "any", None]], "acls": [[[1], [], []]]}, "IndexError"),
+    ({"format": 1, "groups": {}, "tagOwners": {}, "hosts": {"h": "10.0.0.1/8"},
+      "selectors": [], "acls": []}, "host bits set"),
 ])
 def test_a_form_it_cannot_interpret_is_an_error_never_another_policy(form, reason):
     with pytest.raises(UnreadablePolicy, match=reason.replace("(", r"\(")):
