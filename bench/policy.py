@@ -184,10 +184,10 @@ def plot(out_dir: str, result: dict) -> str:
     for rid, samples in result["samples"].items():
         ax.plot([t - t0 for t, _, _ in samples], [d * 1e3 for _, d, _ in samples], ".-",
                 lw=0.6, ms=2, label=f"{rid} /healthz")
-    for s in result["steps"]:
+    for i, s in enumerate(result["steps"]):
         ax.axvspan(s["start"] - t0, s["end"] - t0, alpha=0.08,
                    color={"baseline": "grey", "validate": "orange", "apply": "blue"}[s["step"]])
-        ax.text(s["start"] - t0, 0.98, s["step"], fontsize=8, va="top",
+        ax.text(s["start"] - t0, 0.98 - 0.04 * i, s["step"], fontsize=8, va="top",
                 transform=ax.get_xaxis_transform())
     cfg = result["config"]
     ax.set_yscale("log")

@@ -9,18 +9,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from raftmesh.api import admin, auth
 from raftmesh.api.map_stream import HUB
 from raftmesh.api.server import build_app
-from raftmesh.cluster.config import ReplicaConfig
-from raftmesh.cluster.replica import RaftReplica
-from raftmesh.lab.local_cluster import free_ports
 
-from conftest import wait_until
-from test_stream_open_order import ALLOW_ALL, apply
+from test_stream_open_order import ALLOW_ALL, apply, leading_replica
 
 
 def test_healthz_is_answered_while_a_policy_is_being_validated(tmp_path, monkeypatch):
-    (port,) = free_ports(1)
-    r = RaftReplica(ReplicaConfig(id="r0", raft_addr=f"127.0.0.1:{port}", peers=[],
-                                  data_dir=str(tmp_path / "r0"), cluster_secret="s" * 16))
+    r = leading_replica(tmp_path)
     key_id, token, hashed = auth.new_secret_token("rmk")
     parsing, release = threading.Event(), threading.Event()
     real = admin.compiled_policy
@@ -32,7 +26,6 @@ def test_healthz_is_answered_while_a_policy_is_being_validated(tmp_path, monkeyp
 
     monkeypatch.setattr(admin, "compiled_policy", held_parser)
     try:
-        wait_until(lambda: r.status.get("state") == "leader", 10, what="a leader")
         apply(r, "apikey.bootstrap", {"id": key_id, "name": "t", "scopes": ["admin"], "hash": hashed})
 
         async def scenario():

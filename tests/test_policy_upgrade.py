@@ -9,14 +9,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from raftmesh.api.map_stream import HUB
 from raftmesh.api.server import build_app
-from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.cluster.policy import parse_policy
 from raftmesh.cluster.policy_form import compile_policy
-from raftmesh.cluster.replica import RaftReplica
-from raftmesh.lab.local_cluster import free_ports
 
-from conftest import wait_until
-from test_stream_open_order import ALLOW_ALL, apply
+from test_stream_open_order import ALLOW_ALL, apply, leading_replica
 
 NEWER = {"text": "{}", "compiled": {**compile_policy(parse_policy(ALLOW_ALL)), "format": 99}}
 
@@ -31,11 +27,8 @@ async def eventually(check, timeout: float = 10.0):
 
 
 def test_unreadable_policy_keeps_netmaps_and_makes_the_replica_not_ready(tmp_path):
-    (port,) = free_ports(1)
-    r = RaftReplica(ReplicaConfig(id="r0", raft_addr=f"127.0.0.1:{port}", peers=[],
-                                  data_dir=str(tmp_path / "r0"), cluster_secret="s" * 16))
+    r = leading_replica(tmp_path)
     try:
-        wait_until(lambda: r.status.get("state") == "leader", 10, what="a leader")
         apply(r, "user.create", {"name": "alice"})
         apply(r, "policy.set", {"text": ALLOW_ALL})  # an entry from before the compiled form
         for n in ("a", "b"):

@@ -24,12 +24,22 @@ def apply(r, op, args):
     return outcome.result
 
 
-def test_a_change_applied_while_a_stream_opens_reaches_it(tmp_path):
+def leading_replica(tmp_path) -> RaftReplica:
+    """A one-member cluster in this process, leading (the caller stops it)."""
     (port,) = free_ports(1)
     r = RaftReplica(ReplicaConfig(id="r0", raft_addr=f"127.0.0.1:{port}", peers=[],
                                   data_dir=str(tmp_path / "r0"), cluster_secret="s" * 16))
     try:
         wait_until(lambda: r.status.get("state") == "leader", 10, what="a leader")
+    except BaseException:
+        r.stop()
+        raise
+    return r
+
+
+def test_a_change_applied_while_a_stream_opens_reaches_it(tmp_path):
+    r = leading_replica(tmp_path)
+    try:
         apply(r, "user.create", {"name": "alice"})
         apply(r, "policy.set", {"text": ALLOW_ALL})
         for n in ("a", "b"):
