@@ -3,15 +3,11 @@ upgrade) never becomes deny-all there: the replica keeps the netmaps it derived 
 why on /readyz and in a metric, and serves nothing after a restart until a readable policy
 arrives. In process: one replica, its app (hub, /readyz, /metrics) on a test server."""
 import asyncio
-import json
 
-from aiohttp.test_utils import TestClient, TestServer
-
-from raftmesh.api.map_stream import HUB
-from raftmesh.api.server import build_app
 from raftmesh.cluster.policy import parse_policy
 from raftmesh.cluster.policy_form import compile_policy
 
+from test_policy_api import served
 from test_stream_open_order import ALLOW_ALL, apply, leading_replica
 
 NEWER = {"text": "{}", "compiled": {**compile_policy(parse_policy(ALLOW_ALL)), "format": 99}}
@@ -37,23 +33,17 @@ def test_unreadable_policy_keeps_netmaps_and_makes_the_replica_not_ready(tmp_pat
             apply(r, "node.approve", {"id": n})
 
         async def scenario():
-            app = build_app(r)
-            hub = app[HUB]
-            hub.start()
-            client = TestClient(TestServer(app))
-            await client.start_server()
+            async with served(r) as (client, hub):
+                async def ready():
+                    resp = await client.get("/readyz")
+                    return resp.status, (await resp.json())["reason"]
 
-            async def ready():
-                resp = await client.get("/readyz")
-                return resp.status, (await resp.json())["reason"]
+                async def is_ready():
+                    return await ready() == (200, "ready")
 
-            async def is_ready():
-                return await ready() == (200, "ready")
+                async def unserved():
+                    return hub.unserved_reason()
 
-            async def unserved():
-                return hub.unserved_reason()
-
-            try:
                 await eventually(is_ready)
                 assert "b" in (await hub.on_feed(lambda f: f.full("a"))).peers
 
@@ -74,9 +64,6 @@ def test_unreadable_policy_keeps_netmaps_and_makes_the_replica_not_ready(tmp_pat
                 assert await hub.wait_version(readable["version"], 10)
                 assert await ready() == (200, "ready") and hub.unserved_reason() is None
                 assert "b" in (await hub.on_feed(lambda f: f.full("a"))).peers
-            finally:
-                await client.close()
-                await hub.stop()
         asyncio.run(scenario())
     finally:
         r.stop()
