@@ -50,18 +50,19 @@ def _standardize(text: str) -> tuple[str, str]:
 
 def _outside_strings(masked: str, pattern: re.Pattern, skip=None):
     """Start offsets of `pattern`'s matches outside strings; `skip(start)` may return where
-    to resume counting quotes from (a comment's end)."""
-    counted, inside = 0, False
-    for m in pattern.finditer(masked):
+    to resume (a comment's end). A match inside a string resumes after that string, so a
+    long string full of candidates costs one step, not one per candidate."""
+    pos = 0  # outside any string; quotes before it are accounted for
+    while (m := pattern.search(masked, pos)) is not None:
         start = m.start()
-        if start < counted:
+        if masked.count('"', pos, start) & 1:  # inside a string: resume after its end
+            end = masked.find('"', start)
+            if end < 0:
+                return
+            pos = end + 1
             continue
-        inside ^= masked.count('"', counted, start) & 1
-        counted = start
-        if not inside:
-            yield start
-            if skip is not None:
-                counted = skip(start)
+        yield start
+        pos = skip(start) if skip is not None else start + 1
 
 
 def _comments(masked: str) -> list[tuple[int, int]]:
@@ -113,8 +114,12 @@ def loads(text: str):
         raise HuJSONError(f"nested {depth} levels deep; the limit is {MAX_DEPTH}")
     try:
         return json.loads(plain, object_pairs_hook=_object_without_duplicates)
+    except HuJSONError:
+        raise
     except json.JSONDecodeError as e:
         raise HuJSONError(f"{e.msg.removesuffix(' at')} at line {e.lineno} column {e.colno}") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise HuJSONError(str(e)) from None
 
 
 def nesting_depth(masked: str) -> int:

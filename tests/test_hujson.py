@@ -43,6 +43,8 @@ def test_strings_are_left_alone(text):
     ('{"a": "no end\n}', "Invalid control character at line 1 column 14"),
     ('{"a": 1, "b": {"a": 2, "a": 3}}', "duplicate key 'a'"),
     ("[" * 17 + "]" * 17, "nested 17 levels deep; the limit is 16"),
+    ("[" + "1" * 5000 + "]", "Exceeds the limit (4300 digits) for integer string conversion: "
+                            "value has 5000 digits; use sys.set_int_max_str_digits() to increase the limit"),
 ])
 def test_errors_name_the_line_and_column(text, message):
     with pytest.raises(hujson.HuJSONError) as e:
@@ -52,6 +54,11 @@ def test_errors_name_the_line_and_column(text, message):
 
 def test_brackets_in_strings_do_not_count_as_nesting():
     assert hujson.loads('{"a": "' + "[" * 50 + '"}') == {"a": "[" * 50}
+
+
+def test_a_string_full_of_comment_and_comma_lookalikes_costs_one_step():
+    text = '{"a": "' + "//,]" * 200_000 + '", "b": [1,],}'
+    assert hujson.loads(text) == {"a": "//,]" * 200_000, "b": [1]}
 
 
 def test_cost_grows_linearly_with_size():
