@@ -237,8 +237,12 @@ class StreamHub:
     def _install_feed(self, feed: NetmapFeed) -> None:
         self.feed = feed
         self._load_keys()
+        unserved = self.unserved_reason()
         for streams in self.streams.values():
             for s in streams:
+                if unserved is not None:  # never its deny-all placeholder: agents go elsewhere
+                    s.close("not_ready", unserved)
+                    continue
                 s.frames = NO_FRAMES
                 s.needs_full = True
                 s.wake()

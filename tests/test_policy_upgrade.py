@@ -1,7 +1,8 @@
 """A stored policy a replica cannot interpret (a newer compiled format, during a rolling
 upgrade) never becomes deny-all there: the replica keeps the netmaps it derived last, says
-why on /readyz and in a metric, and serves nothing after a restart until a readable policy
-arrives. In process: one replica, its app (hub, /readyz, /metrics) on a test server."""
+why on /readyz and in a metric, and after a restart serves nothing (closing the streams it
+had, so agents move on) until a readable policy arrives. In process: one replica, its app
+(hub, /readyz, /metrics) on a test server."""
 import asyncio
 
 from raftmesh.cluster.policy import parse_policy
@@ -56,8 +57,10 @@ def test_unreadable_policy_keeps_netmaps_and_makes_the_replica_not_ready(tmp_pat
                 assert "raftmesh_policy_unreadable 1.0" in metrics
                 assert "b" in (await hub.on_feed(lambda f: f.full("a"))).peers, "not deny-all"
 
+                stream, _ = await hub.open_stream("a", "127.0.0.1", None, "nonce-1")
                 hub._on_reset()  # as after a restart or snapshot install: built from the store
                 assert "format 99" in await eventually(unserved)
+                assert stream.closing["code"] == "not_ready", "no deny-all full netmap sent"
 
                 readable = apply(r, "policy.set", {"text": ALLOW_ALL,
                                                    "compiled": compile_policy(parse_policy(ALLOW_ALL))})
