@@ -1,14 +1,16 @@
-"""HuJSON (JSON with comments and trailing commas) read as JSON, at JSON's cost.
+"""HuJSON (JSON with comments and trailing commas) read by the stdlib's C JSON parser.
 
 Like Tailscale's hujson `Standardize`: comments become spaces and trailing commas a space,
 so the text keeps its length and line breaks and the stdlib's C parser then reads it, with
 its errors pointing at the line and column the user wrote. json5, a general parser running
-per character in Python, took 12 s for a 920 KB policy.
+per character in Python, took 12 s for a 920 KB policy; this takes ~0.15 s, a few times
+what json.loads alone takes (the Python callback per string is most of the difference).
 
-The scan stays in C but for one Python step per `/` and per comma-before-a-bracket: with
-escape sequences masked, every quote opens or closes a string, so counting quotes between
-such candidates tells which lie outside strings. Each character is looked at a fixed
-number of times: linear time.
+One regular expression finds strings and comments (leftmost first, so a quote in a
+comment or `//` in a string is what it looks like); its callback runs once per string and
+per comment, and builds a masked copy in which strings are filled and comments blanked.
+Trailing commas and nesting are then found in that copy with plain expressions. Linear
+time: nothing is scanned twice for the same purpose, nothing backtracks.
 """
 from __future__ import annotations
 
@@ -18,11 +20,10 @@ from itertools import accumulate
 
 MAX_DEPTH = 16  # arrays and objects nested in each other; a policy needs 4
 
-_ESCAPE = re.compile(r"\\[\s\S]")  # a backslash and the character it escapes
-_SLASH = re.compile("/")
-_TRAILING_COMMA = re.compile(r",\s*[\]}]")
-_STRINGS = re.compile(r'"[^"\n]*"')  # in text whose escapes are masked
+_TOKENS = re.compile(r'"[^"\\\n]*(?:\\.[^"\\\n]*)*"|//[^\n]*|/\*[\s\S]*?(?:\*/|\Z)')
+_TRAILING_COMMA = re.compile(r",(?=\s*[\]}])")
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_NOT_NEWLINE = re.compile(r"[^\n]")
 _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
@@ -37,73 +38,42 @@ def standardize(text: str) -> str:
 
 
 def _standardize(text: str) -> tuple[str, str]:
-    """(standardised text, the same with every escape sequence masked as "__")."""
-    masked = _ESCAPE.sub("__", text) if "\\" in text else text
-    if "/" in masked:
-        spans = _comments(masked)
-        text, masked = _blank(text, spans), _blank(masked, spans)
-    if "," in masked:
-        spans = [(i, i + 1) for i in _outside_strings(masked, _TRAILING_COMMA)]
-        text, masked = _blank(text, spans), _blank(masked, spans)
-    return text, masked
+    """(standardised text, the same with string contents filled as well)."""
+    comments: list[tuple[int, int]] = []
 
+    def mask(m: re.Match) -> str:
+        token = m.group()
+        if token[0] == '"':
+            return '"' + "_" * (len(token) - 2) + '"'
+        if token.startswith("/*") and (len(token) < 4 or not token.endswith("*/")):
+            start = m.start()
+            line = text.count("\n", 0, start) + 1
+            column = start - text.rfind("\n", 0, start)
+            raise HuJSONError(f"comment opened at line {line} column {column} never ends")
+        comments.append(m.span())
+        return _blanked(token)
 
-def _outside_strings(masked: str, pattern: re.Pattern, skip=None):
-    """Start offsets of `pattern`'s matches outside strings; `skip(start)` may return where
-    to resume (a comment's end). A match inside a string resumes after that string, so a
-    long string full of candidates costs one step, not one per candidate."""
-    pos = 0  # outside any string; quotes before it are accounted for
-    while (m := pattern.search(masked, pos)) is not None:
-        start = m.start()
-        if masked.count('"', pos, start) & 1:  # inside a string: resume after its end
-            end = masked.find('"', start)
-            if end < 0:
-                return
-            pos = end + 1
-            continue
-        yield start
-        pos = skip(start) if skip is not None else start + 1
-
-
-def _comments(masked: str) -> list[tuple[int, int]]:
-    spans = []
-
-    def comment_end(start: int) -> int:
-        kind = masked[start + 1:start + 2]
-        if kind == "/":
-            end = masked.find("\n", start)
-            end = len(masked) if end < 0 else end
-        elif kind == "*":
-            end = masked.find("*/", start + 2) + 2
-            if end < 2:
-                line = masked.count("\n", 0, start) + 1
-                column = start - masked.rfind("\n", 0, start)
-                raise HuJSONError(f"comment opened at line {line} column {column} never ends")
-        else:  # a lone "/": left for the JSON parser to reject in place
-            return start + 1
-        spans.append((start, end))
-        return end
-
-    for _ in _outside_strings(masked, _SLASH, comment_end):
-        pass
-    return spans
+    masked = _TOKENS.sub(mask, text)
+    commas = [(i, i + 1) for i in (m.start() for m in _TRAILING_COMMA.finditer(masked))]
+    return _blank(text, comments + commas), _blank(masked, commas)
 
 
 def _blank(text: str, spans: list[tuple[int, int]]) -> str:
-    """`text` with each span's characters but line breaks turned into spaces."""
+    """`text` with the characters of each (sorted, disjoint) span blanked."""
     if not spans:
         return text
     pieces, at = [], 0
-    for start, end in spans:
+    for start, end in sorted(spans):
         pieces.append(text[at:start])
-        chunk = text[start:end]
-        pieces.append(_NOT_NEWLINE.sub(" ", chunk) if "\n" in chunk else " " * len(chunk))
+        pieces.append(_blanked(text[start:end]))
         at = end
     pieces.append(text[at:])
     return "".join(pieces)
 
 
-_NOT_NEWLINE = re.compile(r"[^\n]")
+def _blanked(chunk: str) -> str:
+    """Spaces for every character but line breaks (errors keep their line numbers)."""
+    return _NOT_NEWLINE.sub(" ", chunk) if "\n" in chunk else " " * len(chunk)
 
 
 def loads(text: str):
@@ -123,8 +93,8 @@ def loads(text: str):
 
 
 def nesting_depth(masked: str) -> int:
-    """How deeply arrays and objects nest in standardised text with escapes masked."""
-    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub("", masked))
+    """How deeply arrays and objects nest in standardised text with strings filled."""
+    brackets = _NOT_BRACKETS.sub("", masked)
     return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
 
 

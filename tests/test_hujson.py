@@ -16,6 +16,8 @@ from raftmesh.cluster import hujson
     ('{"a": [1, /* a comment before the bracket */ ], "b": {"c": 1, // x\n}}',
      {"a": [1], "b": {"c": 1}}),
     ('/* "a quote in a comment */ {"a": "x"}', {"a": "x"}),
+    # a backslash in a comment escapes nothing: the comment still ends where it seems to
+    ('{ // C:\\dir\\\n "a": 1, /* ends here \\*/ "b": [2,]}', {"a": 1, "b": [2]}),
 ])
 def test_comments_and_trailing_commas(text, value):
     plain = hujson.standardize(text)
