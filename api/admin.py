@@ -13,7 +13,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from raftmesh.cluster.policy import PolicyError, PolicyTooLarge, parse_policy
+from raftmesh.cluster.policy import Policy, PolicyError, PolicyTooLarge, parse_policy
 from raftmesh.cluster.policy_form import UnreadablePolicy, compile_policy, stored_policy
 from raftmesh.cluster.state_machine import public
 from raftmesh.storage.json_codec import compact_json
@@ -288,15 +288,20 @@ async def in_policy_worker(fn, *args):
     return await asyncio.get_running_loop().run_in_executor(_POLICY_WORKER, fn, *args)
 
 
-def compiled_policy(text: str) -> dict:
-    """Validate a policy's text; its compiled form (cluster/policy_form.py) if valid."""
+def parsed_policy(text: str) -> Policy:
+    """A policy's text parsed and validated, or the APIError saying why not."""
     try:
-        return compile_policy(parse_policy(text))
+        return parse_policy(text)
     except PolicyTooLarge as e:
         raise APIError(413, "payload_too_large", str(e), e.errors)
     except PolicyError as e:
         raise APIError(400, "validation_failed", "policy is invalid: " + "; ".join(
             f"{d['path']}: {d['message']}" for d in e.errors[:10]), e.errors)
+
+
+def compiled_policy(text: str) -> dict:
+    """What policy.set carries besides the text (cluster/policy_form.py)."""
+    return compile_policy(parsed_policy(text))
 
 
 async def current_policy(ctx: Ctx):
@@ -354,7 +359,7 @@ async def put_policy(ctx: Ctx):
 
 @route("POST", V + "/policy/validate", "read", "Validate a policy without storing it", body=POLICY_BODY)
 async def validate_policy_route(ctx: Ctx):
-    await in_policy_worker(compiled_policy, ctx.body)
+    await in_policy_worker(parsed_policy, ctx.body)
     return ok({"valid": True})
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, Union
 
 from raftmesh.cluster import hujson
@@ -555,7 +555,10 @@ class _Parser:
         return PolicyTest(src, proto, cases["accept"], cases["deny"])
 
 
+@lru_cache(maxsize=4096)
 def _network(text: str) -> Network | None:
+    """Is `text` an address or prefix? Asked of every selector; a large policy repeats a few
+    hundred, and ipaddress's failed parse of "alice" or "group:eng" was half its parse."""
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:

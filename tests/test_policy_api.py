@@ -6,9 +6,12 @@ import json
 import threading
 from contextlib import asynccontextmanager
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from raftmesh.api import admin, auth
+from raftmesh.api.errors import APIError
+from raftmesh.cluster.policy import MAX_POLICY_BYTES
 from raftmesh.api.map_stream import HUB
 from raftmesh.api.server import build_app
 
@@ -38,14 +41,14 @@ def admin_token(r) -> str:
 def test_healthz_is_answered_while_a_policy_is_being_validated(tmp_path, monkeypatch):
     r = leading_replica(tmp_path)
     parsing, release = threading.Event(), threading.Event()
-    real = admin.compiled_policy
+    real = admin.parsed_policy
 
     def held_parser(text):
         parsing.set()
         assert release.wait(30), "the test never released the parser"
         return real(text)
 
-    monkeypatch.setattr(admin, "compiled_policy", held_parser)
+    monkeypatch.setattr(admin, "parsed_policy", held_parser)
     try:
         token = admin_token(r)
 
@@ -94,3 +97,12 @@ def test_answers_show_the_text_and_tags_follow_the_stored_tag_owners(tmp_path):
         asyncio.run(scenario())
     finally:
         r.stop()
+
+
+def test_a_policy_over_the_size_limit_is_a_413_naming_the_limit():
+    """Reachable when max_body_bytes is raised above the policy limit."""
+    text = '{"acls": []}' + " " * MAX_POLICY_BYTES
+    with pytest.raises(APIError) as e:
+        admin.parsed_policy(text)
+    assert (e.value.status, e.value.code) == (413, "payload_too_large")
+    assert f"the limit is {MAX_POLICY_BYTES}" in e.value.message
