@@ -11,8 +11,9 @@ replica sampling throughout (a request, then a 20 ms pause):
      version (its `raftmesh_netmap_version` gauge), with `--nodes` registered light-agent
      nodes (no streams) whose netmaps the rules touch.
 Reported per step and replica: the step's duration and /healthz p50/p99/max; the apply
-step's CPU by thread (raftmesh_thread_cpu_seconds_total, all replicas); a PNG of every
-/healthz latency over time with the steps marked.
+step's CPU by thread (raftmesh_thread_cpu_seconds_total) and garbage-collector pauses
+(raftmesh_gc_pause_seconds), all replicas; a PNG of every /healthz latency over time with
+the steps marked.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from raftmesh.bench.workdir import WorkDir
 from raftmesh.lab import light_agents as la
 
 PROBE_PAUSE_S = 0.02
+GC_PAUSES = "raftmesh_gc_pause_seconds"
 
 
 def policy_text(rules: int, users: list[str], hosts: int = 10) -> str:
@@ -89,7 +91,7 @@ def run(out_dir: str, rules: int = 20000, nodes: int = 100, replicas: int = 3,
     progress = report.Progress("policy")
     cluster = start_cluster(work.path, 10.0, replicas)
     pids = [r.pid for r in cluster.replicas]
-    ok, steps, cpu = False, [], {}
+    ok, steps, cpu, gc = False, [], {}, {}
     try:
         keys = la.setup_cluster(cluster)
         with la.LightAgents([r.api_url for r in cluster.replicas], 1, log_dir=work.path) as agents:
@@ -111,9 +113,10 @@ def run(out_dir: str, rules: int = 20000, nodes: int = 100, replicas: int = 3,
             step("baseline", lambda: time.sleep(1.0))
             step("validate", lambda: _expect(cluster.request(
                 cluster.replicas[0], "POST", "/api/v1/policy/validate", text, timeout=timeout), 200))
-            cpu0 = la.read_thread_cpu(cluster)
+            cpu0, gc0 = la.read_thread_cpu(cluster), la.read_histogram(cluster, GC_PAUSES)
             step("apply", lambda: _apply(cluster, text, timeout))
             cpu = {k: v - cpu0.get(k, 0.0) for k, v in la.read_thread_cpu(cluster).items()}
+            gc = la.histogram_since(cluster, GC_PAUSES, gc0)
         finally:
             for p in probers:
                 p.__exit__()
@@ -134,6 +137,7 @@ def run(out_dir: str, rules: int = 20000, nodes: int = 100, replicas: int = 3,
     failed = sum(1 for p in probers for _, _, st in p.samples if st != 200)
     result = {"benchmark": "policy", "machine": la.machine(load0), "steps": steps, "rows": rows,
               "healthz_failed": failed, "pids": pids, "apply_cpu_s_by_thread": cpu,
+              "apply_gc_pauses": gc,
               "config": {"rules": rules, "bytes": size, "nodes": nodes, "replicas": replicas},
               "samples": {p.replica.id: p.samples for p in probers}}
     report.print_table(f"policy of {rules} rules ({size} bytes), {nodes} nodes: step durations "
@@ -145,6 +149,8 @@ def run(out_dir: str, rules: int = 20000, nodes: int = 100, replicas: int = 3,
           f"after {applied['end'] - applied['start']:.2f} s; /healthz failures: {failed}")
     print("CPU seconds of the apply step, all replicas, by thread: " + ", ".join(
         f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.01))
+    print(f"garbage collector pauses in the apply step, all replicas: {gc['count']}, "
+          f"{gc['count'] * (gc['mean_ms'] or 0) / 1e3:.2f} s in all, p99 <= {gc['p99_le_ms']} ms")
     result["json"] = report.write_json(out_dir, "policy", result)
     result["plot"] = plot(out_dir, result)
     print(f"results: {result['json']}, plot: {result['plot']}")
