@@ -27,7 +27,6 @@ from raftmesh.bench.workdir import WorkDir
 from raftmesh.lab import light_agents as la
 
 PROBE_PAUSE_S = 0.02
-GC_PAUSES = "raftmesh_gc_pause_seconds"
 
 
 def policy_text(rules: int, users: list[str], hosts: int = 10) -> str:
@@ -74,6 +73,20 @@ class Prober:
         self._thread.join(timeout=70)
 
 
+def gc_pauses(cluster) -> dict[str, float]:
+    """{"<generation> count"|"<generation> seconds": total} of every replica's
+    raftmesh_gc_pause_seconds histogram."""
+    out: dict[str, float] = {}
+    for r in cluster.replicas:
+        status, text = cluster.request(r, "GET", "/metrics", timeout=60)
+        for line in text.splitlines() if status == 200 and isinstance(text, str) else ():
+            for suffix, what in (("_count", "count"), ("_sum", "seconds")):
+                if line.startswith(f'raftmesh_gc_pause_seconds{suffix}{{generation="'):
+                    key = f"{line.split(chr(34))[1]} {what}"
+                    out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def netmap_version(cluster, replica) -> float:
     status, text = cluster.request(replica, "GET", "/metrics", timeout=60)
     if status == 200 and isinstance(text, str):
@@ -113,10 +126,10 @@ def run(out_dir: str, rules: int = 20000, nodes: int = 100, replicas: int = 3,
             step("baseline", lambda: time.sleep(1.0))
             step("validate", lambda: _expect(cluster.request(
                 cluster.replicas[0], "POST", "/api/v1/policy/validate", text, timeout=timeout), 200))
-            cpu0, gc0 = la.read_thread_cpu(cluster), la.read_histogram(cluster, GC_PAUSES)
+            cpu0, gc0 = la.read_thread_cpu(cluster), gc_pauses(cluster)
             step("apply", lambda: _apply(cluster, text, timeout))
             cpu = {k: v - cpu0.get(k, 0.0) for k, v in la.read_thread_cpu(cluster).items()}
-            gc = la.histogram_since(cluster, GC_PAUSES, gc0)
+            gc = {k: v - gc0.get(k, 0.0) for k, v in gc_pauses(cluster).items()}
         finally:
             for p in probers:
                 p.__exit__()
@@ -149,8 +162,9 @@ def run(out_dir: str, rules: int = 20000, nodes: int = 100, replicas: int = 3,
           f"after {applied['end'] - applied['start']:.2f} s; /healthz failures: {failed}")
     print("CPU seconds of the apply step, all replicas, by thread: " + ", ".join(
         f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.01))
-    print(f"garbage collector pauses in the apply step, all replicas: {gc['count']}, "
-          f"{gc['count'] * (gc['mean_ms'] or 0) / 1e3:.2f} s in all, p99 <= {gc['p99_le_ms']} ms")
+    print("garbage collections in the apply step, all replicas, by generation: " + ", ".join(
+        f"gen {g}: {gc.get(f'{g} count', 0):.0f} taking {gc.get(f'{g} seconds', 0):.2f} s"
+        for g in range(3)))
     result["json"] = report.write_json(out_dir, "policy", result)
     result["plot"] = plot(out_dir, result)
     print(f"results: {result['json']}, plot: {result['plot']}")
