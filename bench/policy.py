@@ -87,13 +87,17 @@ def gc_pauses(cluster) -> dict[str, float]:
     return out
 
 
-def netmap_version(cluster, replica) -> float:
+def gauge(cluster, replica, name: str) -> float:
     status, text = cluster.request(replica, "GET", "/metrics", timeout=60)
     if status == 200 and isinstance(text, str):
         for line in text.splitlines():
-            if line.startswith("raftmesh_netmap_version "):
+            if line.startswith(name + " "):
                 return float(line.split()[1])
     return -1.0
+
+
+def raft_term(cluster) -> float:
+    return max(gauge(cluster, r, "raftmesh_raft_term") for r in cluster.replicas)
 
 
 def run(out_dir: str, rules: int = 20000, nodes: int = 100, replicas: int = 3,
@@ -104,7 +108,7 @@ def run(out_dir: str, rules: int = 20000, nodes: int = 100, replicas: int = 3,
     progress = report.Progress("policy")
     cluster = start_cluster(work.path, 10.0, replicas)
     pids = [r.pid for r in cluster.replicas]
-    ok, steps, cpu, gc = False, [], {}, {}
+    ok, steps, cpu, gc, elections = False, [], {}, {}, 0.0
     try:
         keys = la.setup_cluster(cluster)
         with la.LightAgents([r.api_url for r in cluster.replicas], 1, log_dir=work.path) as agents:
@@ -113,6 +117,7 @@ def run(out_dir: str, rules: int = 20000, nodes: int = 100, replicas: int = 3,
             agents.register(nodes, keys[la.BENCH_USER], prefix="la")
         text = policy_text(rules, [la.BENCH_USER, la.SVC_USER] + [f"u{i}" for i in range(98)])
         size = len(text.encode())
+        term0 = raft_term(cluster)
         probers = [Prober(cluster, r) for r in cluster.replicas]
         for p in probers:
             p.__enter__()
@@ -130,6 +135,7 @@ def run(out_dir: str, rules: int = 20000, nodes: int = 100, replicas: int = 3,
             step("apply", lambda: _apply(cluster, text, timeout))
             cpu = {k: v - cpu0.get(k, 0.0) for k, v in la.read_thread_cpu(cluster).items()}
             gc = {k: v - gc0.get(k, 0.0) for k, v in gc_pauses(cluster).items()}
+            elections = raft_term(cluster) - term0
         finally:
             for p in probers:
                 p.__exit__()
@@ -150,7 +156,7 @@ def run(out_dir: str, rules: int = 20000, nodes: int = 100, replicas: int = 3,
     failed = sum(1 for p in probers for _, _, st in p.samples if st != 200)
     result = {"benchmark": "policy", "machine": la.machine(load0), "steps": steps, "rows": rows,
               "healthz_failed": failed, "pids": pids, "apply_cpu_s_by_thread": cpu,
-              "apply_gc_pauses": gc,
+              "apply_gc_pauses": gc, "raft_term_changes": elections,
               "config": {"rules": rules, "bytes": size, "nodes": nodes, "replicas": replicas},
               "samples": {p.replica.id: p.samples for p in probers}}
     report.print_table(f"policy of {rules} rules ({size} bytes), {nodes} nodes: step durations "
@@ -159,7 +165,8 @@ def run(out_dir: str, rules: int = 20000, nodes: int = 100, replicas: int = 3,
                         "healthz_p99_ms", "healthz_max_ms"])
     applied = next(s for s in steps if s["step"] == "apply")
     print(f"PUT answered after {applied['put_s']:.2f} s; every replica's netmaps at its version "
-          f"after {applied['end'] - applied['start']:.2f} s; /healthz failures: {failed}")
+          f"after {applied['end'] - applied['start']:.2f} s; /healthz failures: {failed}; Raft "
+          f"term changes (elections) during the steps: {elections:.0f}")
     print("CPU seconds of the apply step, all replicas, by thread: " + ", ".join(
         f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.01))
     print("garbage collections in the apply step, all replicas, by generation: " + ", ".join(
@@ -186,7 +193,7 @@ def _apply(cluster, text: str, timeout: float) -> dict:
     applied = {}
     while len(applied) < len(cluster.replicas):
         for r in cluster.replicas:
-            if r.id not in applied and netmap_version(cluster, r) >= version:
+            if r.id not in applied and gauge(cluster, r, "raftmesh_netmap_version") >= version:
                 applied[r.id] = time.time() - t
         if time.monotonic() > deadline:
             raise RuntimeError(f"netmaps not at version {version} after {timeout}s: {applied}")

@@ -143,7 +143,7 @@ def test_policy_tiny(tmp_path):
     assert [s["step"] for s in saved["steps"]] == ["baseline", "validate", "apply"]
     applied = saved["steps"][2]
     assert set(applied["netmaps_at_version_s"]) == {"r1", "r2", "r3"} and applied["version"] > 0
-    assert saved["healthz_failed"] == 0
+    assert saved["healthz_failed"] == 0 and "raft_term_changes" in saved
     assert {(r["step"], r["replica"]) for r in saved["rows"] if r["healthz"] > 0} >= \
         {("baseline", rid) for rid in ("r1", "r2", "r3")}
     assert "netmap-feed" in saved["apply_cpu_s_by_thread"] and "0 count" in saved["apply_gc_pauses"]
