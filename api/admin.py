@@ -7,6 +7,7 @@ linearizable unless ?stale=true.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 
 import aiohttp
@@ -16,6 +17,8 @@ from raftmesh.cluster.commands import (ApiKeyCreate, ApiKeyDelete, ClusterKeyRot
                                        MemberRemove, NodeApprove, NodeDelete, NodeExpire, NodeRoutes,
                                        NodeUpdate, PolicySet, PreauthKeyCreate, PreauthKeyDelete,
                                        UserCreate, UserDelete)
+from raftmesh.cluster.policy import Policy, PolicyError, PolicyTooLarge, parse_policy
+from raftmesh.cluster.policy_form import UnreadablePolicy, compile_policy, stored_policy
 from raftmesh.cluster.state_machine import public
 from raftmesh.storage.json_codec import compact_json
 
@@ -233,6 +236,8 @@ async def get_node_netmap(ctx: Ctx):
     if not ctx.query.get("stale") and not await hub.catch_up(ctx.replica, ctx.config.write_timeout):
         raise APIError(503, "not_ready", "cannot confirm the latest state (no quorum?); retry, or "
                        "pass ?stale=true for this replica's local view")
+    if (reason := hub.unserved_reason()) is not None:
+        raise APIError(503, "not_ready", reason)
     node_id = ctx.param("id")
     netmap = await hub.on_feed(lambda feed: feed.full(node_id))
     if netmap is None:
@@ -297,18 +302,30 @@ POLICY_BODY = {"type": "string", "x-raw-text": True,
                "description": "the policy as HuJSON text (comments and trailing commas allowed)"}
 
 
-def validate_policy(text: str):
-    try:
-        from raftmesh.cluster.policy import PolicyError, parse_policy
-    except ImportError:  # the policy engine has not landed yet: refuse clearly, never a 500
-        raise APIError(503, "policy_engine_unavailable",
-                       "this build has no policy engine (cluster/policy.py); policies cannot be "
-                       "validated or stored yet")
+# Parsing a large policy takes CPU-bound work, off the event loop in one worker thread
+# (docs/benchmarks.md, policy): /healthz and every other request stay served meanwhile, and
+# concurrent validations queue here instead of multiplying threads.
+_POLICY_WORKER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="policy")
+
+
+async def in_policy_worker(fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(_POLICY_WORKER, fn, *args)
+
+
+def parsed_policy(text: str) -> Policy:
+    """A policy's text parsed and validated, or the APIError saying why not."""
     try:
         return parse_policy(text)
+    except PolicyTooLarge as e:
+        raise APIError(413, "payload_too_large", str(e), e.errors)
     except PolicyError as e:
         raise APIError(400, "validation_failed", "policy is invalid: " + "; ".join(
             f"{d['path']}: {d['message']}" for d in e.errors[:10]), e.errors)
+
+
+def compiled_policy(text: str) -> dict:
+    """What policy.set carries besides the text (cluster/policy_form.py)."""
+    return compile_policy(parsed_policy(text))
 
 
 async def current_policy(ctx: Ctx):
@@ -318,6 +335,19 @@ async def current_policy(ctx: Ctx):
     return record
 
 
+def shown(record: dict) -> dict:
+    """A policy record as answered: its text, not the compiled form derived from it."""
+    return {k: v for k, v in record.items() if k != "compiled"}
+
+
+def _tag_owners(record: dict) -> dict:
+    try:
+        return stored_policy(record).tag_owners
+    except UnreadablePolicy as e:
+        raise APIError(503, "not_ready", f"this replica cannot interpret policy version "
+                       f"{record['version']}: {e}; use another replica") from None
+
+
 async def check_tags(ctx: Ctx, tags: list[str]) -> None:
     """Tags must be declared in tagOwners; a non-admin caller must own them (API keys own none)."""
     if not tags:
@@ -325,8 +355,8 @@ async def check_tags(ctx: Ctx, tags: list[str]) -> None:
     if "admin" not in ctx.scopes:
         raise APIError(403, "forbidden", "only admin keys may assign tags")
     record = await current_policy(ctx)
-    policy = validate_policy(record["text"]) if record else None
-    unknown = [t for t in tags if policy is None or not policy.tag_owners_allow(None, t, True)]
+    owners = await in_policy_worker(_tag_owners, record) if record else {}
+    unknown = [t for t in tags if t not in owners]
     if unknown:
         raise APIError(400, "validation_failed", f"tags {unknown} are not declared in the policy's tagOwners",
                        [{"field": "tags", "message": f"{t} is not in tagOwners"} for t in unknown])
@@ -339,15 +369,14 @@ async def get_policy(ctx: Ctx):
     record = await current_policy(ctx)
     if record is None:
         raise APIError(404, "not_found", "no policy has been set (everything is denied)")
-    return ok({"policy": record, "version": version})
+    return ok({"policy": shown(record), "version": version})
 
 
 @route("PUT", V + "/policy", "write", "Replace the policy (validated, tests must pass)", body=POLICY_BODY,
        query={"expected_version": {"type": "integer", "minimum": 0}},
        response=written("policy", POLICY_VERSION))
 async def put_policy(ctx: Ctx):
-    validate_policy(ctx.body)
-    args = {"text": ctx.body}
+    args = {"text": ctx.body, "compiled": await in_policy_worker(compiled_policy, ctx.body)}
     if "expected_version" in ctx.query:
         args["expected_version"] = ctx.query["expected_version"]
     r = await ctx.write(PolicySet(**args))
@@ -357,7 +386,7 @@ async def put_policy(ctx: Ctx):
 @route("POST", V + "/policy/validate", "read", "Validate a policy without storing it", body=POLICY_BODY,
        response=answer({"valid": {"const": True}}))
 async def validate_policy_route(ctx: Ctx):
-    validate_policy(ctx.body)
+    await in_policy_worker(parsed_policy, ctx.body)
     return ok({"valid": True})
 
 
@@ -366,6 +395,7 @@ async def validate_policy_route(ctx: Ctx):
        response=listing("versions", POLICY_VERSION))
 async def list_policy_versions(ctx: Ctx):
     versions, version, stale = await _list(ctx, "policy_versions")
+    versions = [shown(p) for p in versions]
     if not ctx.query.get("include_text"):
         versions = [{k: v for k, v in p.items() if k != "text"} for p in versions]
     return ok({"versions": versions, "version": version, "stale": stale})

@@ -223,6 +223,8 @@ async def _map_start(ctx: Ctx) -> tuple[object, object]:
         raise APIError(404, "not_found", "this machine is not registered (or was deleted)")
     if not node["approved"]:
         raise APIError(403, "pending_approval", f"node {node['id']} waits for an admin to approve it")
+    if (reason := hub.unserved_reason()) is not None:
+        raise APIError(503, "not_ready", reason)
     since = ctx.query.get("since")
     if since is not None and not await hub.wait_version(since, ctx.config.write_timeout):
         raise APIError(503, "not_ready", f"this replica's netmaps are at version {hub.feed.version}, "

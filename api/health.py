@@ -15,11 +15,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from raftmesh.cluster.raft import Raft
 
 from . import process_metrics
+from .map_stream import HUB
 
 RAFT_STATE_VALUE = {"follower": 0, "candidate": 1, "leader": 2}
 
 
-def readiness(replica: Raft) -> tuple[bool, str]:
+def readiness(replica: Raft, policy_problem: str | None = None) -> tuple[bool, str]:
+    """`policy_problem`: why this replica's netmaps do not follow the newest stored policy
+    (cluster/netmap_feed.py); such a replica serves stale netmaps, so it takes no traffic."""
     s = replica.status
     if not s:
         return False, "raft not started"
@@ -31,6 +34,8 @@ def readiness(replica: Raft) -> tuple[bool, str]:
     lag = leader_commit - s["applied_index"]
     if lag > replica.config.ready_max_lag:
         return False, f"applied index trails the leader's commit index by {lag}"
+    if policy_problem:
+        return False, policy_problem
     return True, "ready"
 
 
@@ -109,7 +114,8 @@ def add_routes(app: web.Application, replica: Raft, metrics: Metrics) -> None:
         return web.json_response({"status": "alive", "id": replica.config.id})
 
     async def readyz(request):
-        ready, reason = readiness(replica)
+        feed = request.app[HUB].feed
+        ready, reason = readiness(replica, feed.policy_problem if feed else None)
         return web.json_response({"ready": ready, "reason": reason}, status=200 if ready else 503)
 
     async def metrics_route(request):

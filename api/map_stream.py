@@ -208,10 +208,10 @@ class StreamHub:
         with self.replica.store.read() as txn:
             version = read_version(txn)
             head = txn.get("meta", "policy_head")
-            text = txn.get("policy_versions", f"{head['version']:010d}")["text"] if head else None
+            policy = txn.get("policy_versions", f"{head['version']:010d}") if head else None
             nodes = [n for _, n in txn.items("nodes")]
             clock = sm.clock(txn)
-        return NetmapFeed(text, nodes, clock, version, hooks=GcTuning())
+        return NetmapFeed(policy, nodes, clock, version, hooks=GcTuning())
 
     def _on_reset(self) -> None:
         def rebuild():
@@ -239,12 +239,23 @@ class StreamHub:
     def _install_feed(self, feed: NetmapFeed) -> None:
         self.feed = feed
         self._load_keys()
+        unserved = self.unserved_reason()
         for streams in self.streams.values():
             for s in streams:
+                if unserved is not None:  # never its deny-all placeholder: agents go elsewhere
+                    s.close("not_ready", unserved)
+                    continue
                 s.frames = NO_FRAMES
                 s.needs_full = True
                 s.wake()
         self._wake_waiters()
+
+    def unserved_reason(self) -> str | None:
+        """Why this replica has no netmaps to serve (built from a policy it cannot interpret)."""
+        feed = self.feed
+        if feed is None or feed.serving:
+            return None
+        return f"{feed.policy_problem}; use another replica"
 
     async def on_feed(self, fn, *args):
         """Run `fn(feed, *args)` on the feed's thread, after every batch handed to it so far."""
@@ -572,6 +583,10 @@ class _StreamCollector:
         feed = self.hub.feed
         g = GaugeMetricFamily("raftmesh_netmap_version", "state version of this replica's netmaps")
         g.add_metric([], feed.version if feed else 0)
+        yield g
+        g = GaugeMetricFamily("raftmesh_policy_unreadable", "1 while this replica cannot "
+                              "interpret the newest stored policy (see /readyz)")
+        g.add_metric([], bool(feed and feed.policy_problem))
         yield g
 
 

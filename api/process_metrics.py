@@ -49,7 +49,7 @@ class GcPauses:
 
 # Thread name prefixes (as the replica names its threads) -> the `thread` label.
 THREAD_ROLES = (("raft-", "raft"), ("netmap-feed", "netmap-feed"), ("snapshot", "snapshot"),
-                ("lmdb-writeback", "lmdb-writeback"))
+                ("lmdb-writeback", "lmdb-writeback"), ("policy", "policy"))
 
 
 def thread_role(thread: threading.Thread) -> str:

@@ -39,6 +39,7 @@ BENCHMARKS = [
     ("stream-failover", "stream_failover", "SIGKILL the agents' replica until they hold a current netmap", 3),
     ("stream-memory", "stream_memory", "replica RSS per open agent stream", 1),
     ("connect", "connect", "agent up until its first packet reaches a peer over WireGuard", 1),
+    ("policy", "policy", "validate and apply an N-rule policy; /healthz latency meanwhile", 1),
 ]
 
 

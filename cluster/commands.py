@@ -311,9 +311,12 @@ class PreauthKeyDelete(Command):
 # -- policy -----------------------------------------------------------------------------------
 @command("policy.set", changes_netmaps=True)
 class PolicySet(Command):
-    """A policy the proposer validated; `expected_version` guards against lost updates."""
+    """A policy the proposer validated; `expected_version` guards against lost updates.
+    `compiled` (cluster/policy_form.py) is what netmaps are derived from; entries written
+    before it existed carry only the text."""
 
     text: str
+    compiled: dict | Absent = ABSENT
     expected_version: int | None | Absent = ABSENT
 
 

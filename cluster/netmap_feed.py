@@ -20,7 +20,8 @@ from typing import Iterable, Iterator
 from raftmesh.proto.wire import Netmap, NetmapDelta, compose_deltas
 from raftmesh.cluster.commands import Command, NodeDelete, PolicySet
 from raftmesh.cluster.netmap import Changes, NetmapIndex
-from raftmesh.cluster.policy import Policy, PolicyError, parse_policy
+from raftmesh.cluster.policy import Policy
+from raftmesh.cluster.policy_form import UnreadablePolicy, stored_policy
 
 HISTORY_PER_NODE = 32  # deltas kept per node; an agent further behind gets a full netmap
 
@@ -44,17 +45,6 @@ class _History:
     entries: list[tuple[int, NetmapDelta]] = field(default_factory=list)
 
 
-def policy_or_none(text: str | None) -> Policy | None:
-    """A stored policy was validated before it was proposed; an unreadable one (from an
-    older parser) falls back to deny-all rather than crashing every replica's feed."""
-    if not text:
-        return None
-    try:
-        return parse_policy(text)
-    except PolicyError:
-        return Policy()
-
-
 class ChangeHooks:
     """What the process hosting a feed may do around its index's changes; the feed only
     reports them (the replica's garbage-collector policy is api/gc_tuning.py). These do
@@ -76,14 +66,25 @@ class ChangeHooks:
 
 
 class NetmapFeed:
-    def __init__(self, policy_text: str | None, nodes: Iterable[dict], clock: float,
+    """`policy` is the stored policy record in force (None: no policy yet, deny all).
+
+    A policy this replica cannot interpret (cluster/policy_form.py) never turns into another
+    one: the feed keeps the netmaps of the last policy it could read (a policy.set it cannot
+    read makes no deltas) and `policy_problem` says why, which makes the replica not ready.
+    A feed built from such a policy has no netmaps to serve at all (`serving` is False)
+    until a readable policy arrives."""
+
+    def __init__(self, policy: dict | None, nodes: Iterable[dict], clock: float,
                  version: int, history_per_node: int = HISTORY_PER_NODE,
                  hooks: ChangeHooks | None = None):
         self.version = version
         self.floor = version  # nothing before this is in any history
         self.hooks = hooks or ChangeHooks()
+        self.policy_problem: str | None = None
+        readable = self._interpret(policy, policy and policy.get("version"), version)
+        self.serving = policy is None or readable is not None
         with self.hooks.changing():
-            self.index = NetmapIndex(policy_or_none(policy_text), nodes, clock)
+            self.index = NetmapIndex(readable, nodes, clock)
         self.hooks.index_size(self.index.visible_count())
         self.history_per_node = history_per_node
         self._history: dict[str, _History] = {}
@@ -164,8 +165,25 @@ class NetmapFeed:
         elif cmd.result_is_node:
             out.append(self.index.upsert_node(value, v))
         elif isinstance(cmd, PolicySet):
-            out.append(self.index.replace_policy(policy_or_none(cmd.text), v))
+            policy = self._interpret(cmd.args(), (value or {}).get("version"), v)
+            if policy is not None:
+                out.append(self.index.replace_policy(policy, v))
+                self.serving = True
         return out
+
+    def _interpret(self, stored: dict | None, policy_version: int | None,
+                   state_version: int) -> Policy | None:
+        """The policy `stored` holds (None for no policy), or None with policy_problem set."""
+        if stored is None:
+            return None
+        try:
+            policy = stored_policy(stored)
+        except UnreadablePolicy as e:
+            self.policy_problem = (f"cannot interpret policy version {policy_version} (state "
+                                   f"version {state_version}): {e}")
+            return None
+        self.policy_problem = None
+        return policy
 
     def _record(self, deltas: dict[str, NetmapDelta], gone: set[str]) -> None:
         for k in gone:  # an agent that left and comes back starts from a full netmap

@@ -15,11 +15,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, Union
 
-import json5
-
+from raftmesh.cluster import hujson
 from raftmesh.proto.wire import PROTOCOLS, PortRange
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -32,6 +31,11 @@ TOP_KEYS = ("groups", "tagOwners", "hosts", "acls", "tests")
 ACL_KEYS = ("action", "src", "dst", "proto")
 TEST_KEYS = ("src", "proto", "accept", "deny")
 NODE_KINDS = ("users", "member", "tagged", "tag")  # selectors that list a node's own addresses
+# Limits (docs/api.md): what one replica parses, stores and compiles netmaps from must stay
+# bounded, since any caller with a read key can ask for a validation.
+MAX_POLICY_BYTES = 1 << 20  # of UTF-8 text
+MAX_ENTRIES = {"acls": 20_000, "tests": 1_000, "groups": 5_000, "tagOwners": 5_000,
+               "hosts": 5_000}
 
 
 class PolicyError(ValueError):
@@ -40,6 +44,10 @@ class PolicyError(ValueError):
     def __init__(self, errors: list[dict[str, str]]):
         self.errors = errors
         super().__init__("; ".join(f"{e['path']}: {e['message']}" for e in errors[:10]))
+
+
+class PolicyTooLarge(PolicyError):
+    """The text exceeds MAX_POLICY_BYTES (the API answers 413, not 400)."""
 
 
 @dataclass(frozen=True)
@@ -205,12 +213,21 @@ class Policy:
 def parse_policy(text: str) -> Policy:
     """Parse and validate a HuJSON policy; raise PolicyError listing every problem found,
     including failing `tests` (a policy whose own tests fail is never accepted)."""
+    size = len(text.encode())
+    if size > MAX_POLICY_BYTES:
+        raise PolicyTooLarge([{"path": "$", "message": f"the policy is {size} bytes; the limit "
+                                                       f"is {MAX_POLICY_BYTES}"}])
     try:
-        doc = json5.loads(text, allow_duplicate_keys=False)
-    except (ValueError, RecursionError) as e:
+        doc = hujson.loads(text)
+    except hujson.HuJSONError as e:
         raise PolicyError([{"path": "$", "message": f"not valid HuJSON: {e}"}]) from None
     if not isinstance(doc, dict):
         raise PolicyError([{"path": "$", "message": "the policy must be an object"}])
+    too_many = [{"path": key, "message": f"{len(doc[key])} entries; the limit is {limit}"}
+                for key, limit in MAX_ENTRIES.items()
+                if isinstance(doc.get(key), (list, dict)) and len(doc[key]) > limit]
+    if too_many:
+        raise PolicyError(too_many)
     p = _Parser()
     for key in doc:
         if key not in TOP_KEYS:
@@ -538,7 +555,10 @@ class _Parser:
         return PolicyTest(src, proto, cases["accept"], cases["deny"])
 
 
+@lru_cache(maxsize=4096)
 def _network(text: str) -> Network | None:
+    """Is `text` an address or prefix? Asked of every selector; a large policy repeats a few
+    hundred, and ipaddress's failed parse of "alice" or "group:eng" was half its parse."""
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:

@@ -346,13 +346,17 @@ def preauth_key_problem(key: dict, now: float) -> str | None:
 # -- policy -----------------------------------------------------------------------------
 @handles(c.PolicySet)
 def _policy_set(ctx: Context, cmd: c.PolicySet) -> dict:
-    """Store a policy already validated by the proposer; every version is kept."""
+    """Store a policy already validated by the proposer; every version is kept. `compiled`
+    (cluster/policy_form.py) is what netmaps are derived from; entries proposed before it
+    existed carry only the text."""
     head = ctx.txn.get("meta", "policy_head") or {"version": 0}
     if unless_absent(cmd.expected_version) not in (None, head["version"]):
         raise Rejected("version_conflict",
                        f"policy is at version {head['version']}, not {cmd.expected_version}")
     record = {"version": head["version"] + 1, "text": cmd.text,
               "created_at": cmd.time, "actor": cmd.actor, "state_version": ctx.version}
+    if cmd.compiled is not ABSENT:
+        record["compiled"] = cmd.compiled
     ctx.txn.put("policy_versions", f"{record['version']:010d}", record)
     ctx.txn.put("meta", "policy_head", {"version": record["version"]})
     before = ctx.txn.get("policy_versions", f"{head['version']:010d}") if head["version"] else None

@@ -1,6 +1,6 @@
 """The agent-facing benchmarks (issue #5) at a tiny size, only to prove they work end to end.
 
-Real numbers come from `raftmesh bench propagation|revoke|stream-failover|stream-memory|connect`
+Real numbers come from `raftmesh bench propagation|revoke|stream-failover|stream-memory|connect|policy`
 (docs/benchmarks.md). Nothing here asserts on time, only on outputs a broken benchmark would
 get wrong; every replica, light-agent worker and daemon must be gone afterwards, and the
 real-WireGuard ones must leave no namespace behind.
@@ -12,7 +12,8 @@ import shutil
 import pytest
 
 from conftest import bench_args
-from raftmesh.bench import connect, propagation, revoke, stream_failover, stream_memory
+from raftmesh.bench import connect, policy, propagation, revoke, stream_failover, stream_memory
+from raftmesh.cluster.policy import MAX_ENTRIES, MAX_POLICY_BYTES, parse_policy
 from raftmesh.lab import namespaces
 from raftmesh.lab.processes import pid_running
 
@@ -133,3 +134,24 @@ def test_connect_tiny(tmp_path):
     assert len({r["node_id"] for r in rounds}) == 2
     assert (tmp_path / "connect.png").stat().st_size > 1000
     assert not [p for p in saved["pids"] if pid_running(p)]
+
+
+def test_policy_tiny(tmp_path):
+    args = bench_args("policy", ["--rules", "200", "--nodes", "3", "--out", str(tmp_path)])
+    assert policy.main(args) == 0
+    saved = json.loads((tmp_path / "policy.json").read_text())
+    assert [s["step"] for s in saved["steps"]] == ["baseline", "validate", "apply"]
+    applied = saved["steps"][2]
+    assert set(applied["netmaps_at_version_s"]) == {"r1", "r2", "r3"} and applied["version"] > 0
+    assert saved["healthz_failed"] == 0 and "raft_term_changes" in saved
+    assert {(r["step"], r["replica"]) for r in saved["rows"] if r["healthz"] > 0} >= \
+        {("baseline", rid) for rid in ("r1", "r2", "r3")}
+    assert "netmap-feed" in saved["apply_cpu_s_by_thread"] and "0 count" in saved["apply_gc_pauses"]
+    assert (tmp_path / "policy.png").stat().st_size > 1000
+    assert not any(pid_running(p) for p in saved["pids"])
+
+
+def test_the_benchmark_policy_of_20000_rules_fits_the_limits():
+    text = policy.policy_text(MAX_ENTRIES["acls"], ["bench", "svc", "u1"])
+    assert len(text.encode()) <= MAX_POLICY_BYTES
+    assert len(parse_policy(text).acls) == MAX_ENTRIES["acls"]

@@ -9,13 +9,13 @@ from raftmesh.cluster import netmap_feed
 from raftmesh.cluster.netmap_feed import NetmapFeed
 
 from test_netmap import NOW, node
-from test_netmap_feed import POLICIES, ok, record
+from test_netmap_feed import POLICIES, ok, record, stored
 
 
 def test_the_feed_itself_leaves_the_collector_alone():
     """Pure: without a process's hooks the collector runs through a change as usual."""
     assert "gc" not in vars(netmap_feed)
-    feed = NetmapFeed(POLICIES[0], [node(1, "alice")], NOW, 10)
+    feed = NetmapFeed(stored(POLICIES[0]), [node(1, "alice")], NOW, 10)
     seen = []
     changes = feed._changes
     feed._changes = lambda *a: seen.append(gc.isenabled()) or changes(*a)
@@ -37,7 +37,7 @@ def test_large_feed_refreezes_the_gc_as_it_churns(monkeypatch):
     # each flips one node's online flag: 1 change + 3 deltas (its peers) = 4 units of churn
     upd = [(v, record("node.update", {}, time=NOW), ok(dict(nodes[v % 4], online=v % 2 == 0)))
            for v in range(11, 21)]
-    feed = NetmapFeed(POLICIES[0], nodes, NOW, 10, hooks=GcTuning())
+    feed = NetmapFeed(stored(POLICIES[0]), nodes, NOW, 10, hooks=GcTuning())
     assert calls == ["tune"]
     feed.apply_batch(upd[:1])
     assert calls == ["tune"]
@@ -45,7 +45,7 @@ def test_large_feed_refreezes_the_gc_as_it_churns(monkeypatch):
     assert calls == ["tune", ("refreeze", False)]
     feed.apply_batch(upd[2:4])
     assert calls == ["tune", ("refreeze", False), ("refreeze", True)]
-    small = NetmapFeed(POLICIES[0], nodes[:2], NOW, 10, hooks=GcTuning())
+    small = NetmapFeed(stored(POLICIES[0]), nodes[:2], NOW, 10, hooks=GcTuning())
     small.apply_batch([u for u in upd if u[0] % 4 < 2])  # its own two nodes only
     assert calls == ["tune", ("refreeze", False), ("refreeze", True)]
 
@@ -56,7 +56,7 @@ def test_feed_tunes_the_gc_when_its_index_grows_large(monkeypatch):
     monkeypatch.setattr(gc_tuning, "FREEZE_MIN_NODES", 3)
     monkeypatch.setattr(gc_tuning, "tune_gc_for_large_index", lambda: calls.append("tune"))
     monkeypatch.setattr(gc_tuning, "refreeze_gc", lambda full: calls.append(("refreeze", full)))
-    feed = NetmapFeed(POLICIES[0], [node(1, "alice")], NOW, 10, hooks=GcTuning())
+    feed = NetmapFeed(stored(POLICIES[0]), [node(1, "alice")], NOW, 10, hooks=GcTuning())
     reg = lambda v, i: (v, record("node.register", {}, time=NOW), ok(node(i, "alice")))  # noqa: E731
     feed.apply_batch([reg(11, 2)])
     assert calls == []
@@ -84,7 +84,7 @@ def test_changes_run_with_the_collector_paused(monkeypatch):
     """No automatic collection inside a change (its objects would be walked for nothing),
     the collector back on after it, even when the change fails, and left off when the
     process had turned it off."""
-    feed = NetmapFeed(POLICIES[0], [node(1, "alice")], NOW, 10, hooks=GcTuning())
+    feed = NetmapFeed(stored(POLICIES[0]), [node(1, "alice")], NOW, 10, hooks=GcTuning())
     seen = []
     changes = feed._changes
     monkeypatch.setattr(feed, "_changes", lambda *a: seen.append(gc.isenabled()) or changes(*a))
@@ -117,12 +117,12 @@ def test_a_large_change_of_a_large_index_is_frozen_when_it_ends(monkeypatch):
     nodes = [node(i, "alice") for i in range(4)]
     policy = lambda v, text: (v, record("policy.set", {"text": text}, time=NOW), ok({}))  # noqa: E731
     flip = lambda v, i: (v, record("node.update", {}, time=NOW), ok(dict(nodes[i], online=True)))  # noqa: E731
-    feed = NetmapFeed(POLICIES[2], nodes, NOW, 10, hooks=GcTuning())  # only bob may reach alice: no peers
+    feed = NetmapFeed(stored(POLICIES[2]), nodes, NOW, 10, hooks=GcTuning())  # only bob may reach alice: no peers
     assert len(feed.apply_batch([flip(11, 0)]).deltas) == 1  # its own record: below 4
     assert frozen == []
     assert len(feed.apply_batch([policy(12, POLICIES[0])]).deltas) == 4  # every node
     assert frozen == [False] and gc.isenabled()  # frozen before the collector is back on
-    small = NetmapFeed(POLICIES[2], nodes[:2], NOW, 10, hooks=GcTuning())  # below FREEZE_MIN_NODES
+    small = NetmapFeed(stored(POLICIES[2]), nodes[:2], NOW, 10, hooks=GcTuning())  # below FREEZE_MIN_NODES
     monkeypatch.setattr(gc_tuning, "FREEZE_AFTER_DELTAS", 2)
     assert len(small.apply_batch([policy(11, POLICIES[0])]).deltas) == 2
     assert frozen == [False]

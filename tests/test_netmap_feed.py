@@ -14,7 +14,9 @@ from dataclasses import MISSING, fields
 from raftmesh.proto.wire import Netmap, NetmapDelta, apply_delta
 from raftmesh.cluster.commands import COMMANDS, Command
 from raftmesh.cluster.netmap import compute_netmaps
-from raftmesh.cluster.netmap_feed import NetmapFeed, policy_or_none
+from raftmesh.cluster.netmap_feed import NetmapFeed
+from raftmesh.cluster.policy import parse_policy
+from raftmesh.cluster.policy_form import compile_policy
 
 from test_netmap import NOW, node
 
@@ -42,6 +44,13 @@ def record(op: str, args: dict, time: float) -> Command:
     return cls(**placeholders | args, time=time)
 
 
+def stored(text: str, compiled: bool = True) -> dict:
+    """policy.set's args (and so the stored record) for `text`: as the API proposes it, or
+    only the text, as journals written before the compiled form hold it."""
+    if not compiled:
+        return {"text": text}
+    return {"text": text, "compiled": compile_policy(parse_policy(text))}
+
 class World:
     """A random log of node and policy commands, with the state it produces."""
 
@@ -68,7 +77,8 @@ class World:
             return self.version, record("node.register", {}, time=self.clock), ok(n)
         if r < 0.4:
             self.policy = self.rng.choice(POLICIES)
-            return self.version, record("policy.set", {"text": self.policy}, time=self.clock), ok({})
+            args = stored(self.policy, compiled=self.version % 2 == 0)  # both kinds of entry
+            return self.version, record("policy.set", args, time=self.clock), ok({})
         nid = self.rng.choice(live)
         if r < 0.5:
             del self.nodes[nid]
@@ -92,7 +102,7 @@ class World:
         return self.version, record("node.update", {}, time=self.clock), ok(n)
 
     def expected(self, version: int, clock: float) -> dict[str, Netmap]:
-        return compute_netmaps(policy_or_none(self.policy), self.nodes.values(), clock, version)
+        return compute_netmaps(parse_policy(self.policy), self.nodes.values(), clock, version)
 
 
 def feed_batches(feed: NetmapFeed, items, rng: random.Random):
@@ -107,7 +117,7 @@ def feed_batches(feed: NetmapFeed, items, rng: random.Random):
 def test_feed_agrees_with_the_reference_after_every_batch():
     for seed in range(20):
         world = World(seed)
-        feed = NetmapFeed(world.policy, [], NOW, world.version)
+        feed = NetmapFeed(stored(world.policy), [], NOW, world.version)
         rng = random.Random(seed + 100)
         for _ in range(12):
             items = [world.step() for _ in range(rng.randint(1, 5))]
@@ -121,8 +131,8 @@ def test_agents_resume_on_another_replica_from_any_version_they_held():
     for seed in range(30):
         world = World(seed)
         items = [world.step() for _ in range(60)]
-        a = NetmapFeed(POLICIES[0], [], NOW, 10)
-        b = NetmapFeed(POLICIES[0], [], NOW, 10, history_per_node=4)
+        a = NetmapFeed(stored(POLICIES[0]), [], NOW, 10)
+        b = NetmapFeed(stored(POLICIES[0]), [], NOW, 10, history_per_node=4)
         held: dict[str, list[Netmap]] = {}  # what agents streaming from `a` could have held
         rng = random.Random(seed)
         for update in feed_batches(a, items, rng):
@@ -151,7 +161,7 @@ def test_agents_resume_on_another_replica_from_any_version_they_held():
 
 def test_resume_without_version_ahead_or_too_old_gives_a_full_netmap():
     n1, n2 = node(1, "alice"), node(2, "bob")
-    feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 5, history_per_node=2)
+    feed = NetmapFeed(stored(POLICIES[0]), [n1, n2], NOW, 5, history_per_node=2)
     assert isinstance(feed.resume("n1", None), Netmap)
     assert isinstance(feed.resume("n1", 4), Netmap)  # from before the feed started
     assert isinstance(feed.resume("n1", 99), Netmap)  # ahead: the caller waits first
@@ -166,7 +176,7 @@ def test_resume_without_version_ahead_or_too_old_gives_a_full_netmap():
 
 def test_revocation_and_expiry_by_the_replicated_clock():
     n1, n2 = node(1, "alice"), node(2, "bob", key_expiry=NOW + 60)
-    feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 5)
+    feed = NetmapFeed(stored(POLICIES[0]), [n1, n2], NOW, 5)
     assert feed.next_expiry() == NOW + 60
     u = feed.apply_batch([(6, record("clock.tick", {}, time=NOW + 30), ok({}))])
     assert u.deltas == {} and not u.gone
@@ -181,7 +191,7 @@ def test_revocation_and_expiry_by_the_replicated_clock():
 
 
 def test_cluster_key_commands_are_flagged_and_cause_times_kept():
-    feed = NetmapFeed(POLICIES[0], [node(1, "alice"), node(2, "bob")], NOW, 1)
+    feed = NetmapFeed(stored(POLICIES[0]), [node(1, "alice"), node(2, "bob")], NOW, 1)
     u = feed.apply_batch([(2, record("clusterkey.rotate", {}, time=NOW), ok({})),
                           (3, record("node.report", {}, time=NOW + 1),
                            ok(node(2, "bob", endpoints=["192.0.2.9:1"]))),
@@ -193,7 +203,7 @@ def test_cluster_key_commands_are_flagged_and_cause_times_kept():
 
 def test_member_removal_sends_the_offline_records_it_swept():
     n1, n2 = node(1, "alice", online=True), node(2, "alice", online=True)
-    feed = NetmapFeed(POLICIES[0], [n1, n2], NOW, 10)
+    feed = NetmapFeed(stored(POLICIES[0]), [n1, n2], NOW, 10)
     u = feed.apply_batch([(11, record("member.remove", {"id": "r3"}, time=NOW),
                            ok({"member": {"id": "r3"}, "nodes": [dict(n1, online=False)]}))])
     assert [p.online for p in u.deltas["n2"].peers_changed] == [False]
@@ -205,8 +215,8 @@ def test_only_batches_that_cannot_change_a_netmap_skip_the_feed_thread():
     netmap is derived from, a key command or a key expiry reached must not qualify, and
     the fast path must leave the feed where apply_batch would."""
     nodes = [node(1, "alice"), node(2, "bob", key_expiry=NOW + 10)]
-    feed = NetmapFeed(POLICIES[0], nodes, NOW, 1)
-    reference = NetmapFeed(POLICIES[0], nodes, NOW, 1)
+    feed = NetmapFeed(stored(POLICIES[0]), nodes, NOW, 1)
+    reference = NetmapFeed(stored(POLICIES[0]), nodes, NOW, 1)
     user = (2, record("user.create", {"name": "carol"}, time=NOW + 1), ok({"name": "carol"}))
     for op in ("node.update", "node.delete", "node.presence", "policy.set", "member.remove",
                "clusterkey.rotate"):
@@ -222,3 +232,33 @@ def test_only_batches_that_cannot_change_a_netmap_skip_the_feed_thread():
     assert (feed.version, feed.clock) == (3, NOW + 1)
     u = feed.apply_batch([(4, late[1], late[2])])
     assert u.gone == {"n2"} and set(u.deltas) == {"n1"}  # what the thread path derives
+
+
+def test_a_policy_it_cannot_interpret_changes_no_netmap_and_says_why():
+    """Never deny-all: the feed keeps the last netmaps it derived, makes no deltas for that
+    change, and names the policy version and the reason until a readable policy arrives."""
+    nodes = [node(1, "alice"), node(2, "bob")]
+    feed = NetmapFeed(stored(POLICIES[0]), nodes, NOW, 10)
+    before = {k: feed.full(k).peers for k in ("n1", "n2")}
+    newer = {"text": "{}", "compiled": {**stored(POLICIES[2])["compiled"], "format": 2}}
+    broken = {"text": "{}", "compiled": {"format": 1, "selectors": [], "acls": [["nonsense"]]}}
+    for v, args in ((11, newer), (12, broken), (13, {"text": "{not json"})):
+        u = feed.apply_batch([(v, record("policy.set", args, time=NOW), ok({"version": v - 9}))])
+        assert u.deltas == {} and feed.version == v
+        assert {k: feed.full(k).peers for k in ("n1", "n2")} == before
+        assert feed.policy_problem.startswith(f"cannot interpret policy version {v - 9} "
+                                              f"(state version {v}): ")
+    assert "format 2; this raftmesh reads format 1" in \
+        NetmapFeed(newer, nodes, NOW, 11).policy_problem
+    u = feed.apply_batch([(14, record("policy.set", stored(POLICIES[2]), time=NOW), ok({}))])
+    assert feed.policy_problem is None and set(u.deltas) == {"n1", "n2"}
+
+
+def test_a_feed_built_from_a_policy_it_cannot_interpret_serves_nothing_until_one_it_can():
+    nodes = [node(1, "alice"), node(2, "bob")]
+    newer = {"text": "{}", "compiled": {"format": 2}, "version": 3}
+    feed = NetmapFeed(newer, nodes, NOW, 10)
+    assert not feed.serving and "policy version 3" in feed.policy_problem
+    assert NetmapFeed(None, nodes, NOW, 10).serving  # no policy at all: deny all, as ever
+    feed.apply_batch([(11, record("policy.set", stored(POLICIES[0]), time=NOW), ok({}))])
+    assert feed.serving and feed.policy_problem is None and "n2" in feed.full("n1").peers

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from raftmesh.proto.wire import PortRange
-from raftmesh.cluster.policy import Identity, Policy, PolicyError, parse_policy
+from raftmesh.cluster.policy import (MAX_ENTRIES, MAX_POLICY_BYTES, Identity, Policy, PolicyError,
+                                     PolicyTooLarge, parse_policy)
 
 BASE = {
     "groups": {"group:eng": ["alice", "bob@"], "group:ops": ["carol"]},
@@ -52,6 +53,26 @@ def test_hujson_comments_and_trailing_commas():
 def test_unparseable_or_duplicate_keys(text):
     (e,) = errors(text)
     assert e["path"] == "$" and "HuJSON" in e["message"]
+
+
+def test_limits_name_what_is_too_large():
+    big = '{"acls": []}' + " " * MAX_POLICY_BYTES
+    with pytest.raises(PolicyTooLarge) as e:
+        parse_policy(big)
+    assert e.value.errors == [{"path": "$", "message": f"the policy is {len(big)} bytes; the "
+                                                       f"limit is {MAX_POLICY_BYTES}"}]
+    many = {"hosts": {f"h{i}": f"10.0.{i // 250}.{i % 250}" for i in range(MAX_ENTRIES["hosts"] + 1)},
+            "acls": [acl(["*"], ["*:22"])] * 10_000}  # fewer than the limit
+    assert errors(json.dumps(many)) == [
+        {"path": "hosts", "message": f"{MAX_ENTRIES['hosts'] + 1} entries; the limit is 5000"}]
+    assert errors(json.dumps({"acls": [{}] * (MAX_ENTRIES["acls"] + 1)})) == [
+        {"path": "acls", "message": f"{MAX_ENTRIES['acls'] + 1} entries; the limit is 20000"}]
+    proto = "tcp"
+    for _ in range(14):
+        proto = [proto]
+    deep = json.dumps({"acls": [acl(["*"], ["*:22"], proto=proto)]})  # 3 + 14 levels
+    assert errors(deep) == [{"path": "$", "message": "not valid HuJSON: nested 17 levels deep; "
+                                                     "the limit is 16"}]
 
 
 @pytest.mark.parametrize("text", ["[]", "3", '"x"', "null"])

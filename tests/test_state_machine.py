@@ -155,6 +155,10 @@ def test_policy_versions_are_all_kept_and_expected_version_is_checked():
     assert len(list(txn.items("policy_versions"))) == 2
     bad = sm.apply(txn, cmd("policy.set", text="{}", expected_version=1), 3)
     assert bad["code"] == "version_conflict"
+    compiled = {"format": 1, "groups": {}, "tagOwners": {}, "hosts": {}, "acls": []}
+    run(txn, [cmd("policy.set", text="{}", compiled=compiled)])
+    assert txn.get("policy_versions", f"{3:010d}")["compiled"] == compiled
+    assert "compiled" not in txn.get("policy_versions", f"{2:010d}")  # a text-only entry
 
 
 def test_the_last_admin_key_cannot_be_deleted():

@@ -23,9 +23,14 @@ def apply(r, op, args):
     return outcome.result
 
 
+def leading_replica(tmp_path) -> InMemoryRaft:
+    """A one-member cluster in this process, leading (the caller stops it)."""
+    return InMemoryRaft(ReplicaConfig(id="r0", raft_addr="127.0.0.1:1", peers=[],
+                                      data_dir=str(tmp_path / "r0"), cluster_secret="s" * 16))
+
+
 def test_a_change_applied_while_a_stream_opens_reaches_it(tmp_path):
-    r = InMemoryRaft(ReplicaConfig(id="r0", raft_addr="127.0.0.1:1", peers=[],
-                                   data_dir=str(tmp_path / "r0"), cluster_secret="s" * 16))
+    r = leading_replica(tmp_path)
     try:
         apply(r, "user.create", {"name": "alice"})
         apply(r, "policy.set", {"text": ALLOW_ALL})
