@@ -291,7 +291,7 @@ def _check_media_type(request: web.Request, expected: str) -> None:
     header = request.headers.get("Content-Type")
     media, *params = [p.strip().lower() for p in (header or "").split(";")]
     if media != expected or [p.replace('"', "") for p in params if p] not in ([], ["charset=utf-8"]):
-        raise APIError(415, "unsupported_media_type", f"this operation takes a {expected} body "
+        raise APIError(415, "unsupported_media_type", f"this operation takes a body of type {expected} "
                        f"(UTF-8, charset=utf-8 optional); Content-Type is {header or 'missing'}")
 
 

@@ -223,7 +223,6 @@ def add_arguments(parser) -> None:
                         help="registered nodes (light agents, no streams) the rules apply to")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds each step may take before the run fails")
-    parser.add_argument("--out", default="bench-out")
 
 
 def main(args) -> int:

@@ -91,7 +91,7 @@ def test_answers_show_the_text_and_tags_follow_the_stored_tag_owners(tmp_path):
                 assert [set(v) & {"text", "compiled"} for v in versions["versions"]] == [{"text"}]
                 for tag, status in (("tag:web", 201), ("tag:db", 400)):
                     resp = await client.post("/api/v1/preauth-keys", headers=auth_header,
-                                             data=json.dumps({"user": "alice", "tags": [tag]}))
+                                             json={"user": "alice", "tags": [tag]})
                     assert resp.status == status, await resp.text()
                 assert "tag:db is not in tagOwners" in await resp.text()
         asyncio.run(scenario())
