@@ -11,6 +11,8 @@ what changed in HISTORY, and raise OLDEST_SERVED only once no agent older than i
 """
 from __future__ import annotations
 
+from .numbers import NumberError, parse_number
+
 PROTOCOL_VERSION = 1
 OLDEST_SERVED = 1
 HEADER_PROTOCOL_VERSION = "X-Raftmesh-Protocol"
@@ -37,10 +39,10 @@ def requested_version(header: str | None) -> int:
     """The version an agent's request names (1 without the header), or VersionError."""
     if header is None:
         return 1
-    if not header.isascii() or not header.isdigit() or len(header) > 6:
-        raise VersionError(f"{HEADER_PROTOCOL_VERSION} must be a positive integer, got "
-                           f"{header[:20]!r}", malformed=True)
-    version = int(header)
+    try:
+        version = parse_number(header, HEADER_PROTOCOL_VERSION, minimum=1, maximum=999_999)
+    except NumberError as e:
+        raise VersionError(str(e), malformed=True) from None
     if not OLDEST_SERVED <= version <= PROTOCOL_VERSION:
         served = (f"version {PROTOCOL_VERSION}" if OLDEST_SERVED == PROTOCOL_VERSION
                   else f"versions {OLDEST_SERVED} to {PROTOCOL_VERSION}")
