@@ -40,7 +40,7 @@ def requested_version(header: str | None) -> int:
     if header is None:
         return 1
     try:
-        version = parse_number(header, HEADER_PROTOCOL_VERSION, minimum=1, maximum=999_999)
+        version = parse_number(header, HEADER_PROTOCOL_VERSION, minimum=0, maximum=999_999)
     except NumberError as e:
         raise VersionError(str(e), malformed=True) from None
     if not OLDEST_SERVED <= version <= PROTOCOL_VERSION:
