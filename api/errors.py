@@ -29,7 +29,6 @@ ERROR_CODES = {
     "outcome_unknown": (503, "the write may or may not have been applied; retry with the "
                              "same Idempotency-Key to find out"),
     "not_ready": (503, "this replica cannot serve a linearizable read right now"),
-    "policy_engine_unavailable": (503, "this build cannot validate policies yet"),
     "preauth_key_invalid": (401, "the pre-auth key is expired, used up or revoked"),
     "pending_approval": (403, "the node waits for an admin to approve it"),
     "node_expired": (401, "the node's key expired or it logged out; register again with an "

@@ -6,7 +6,6 @@ cluster is shared by the module, so every test uses its own unique names.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import subprocess
@@ -392,13 +391,9 @@ def test_cluster_commands(cli, shared_cluster):
     assert rc == 1 and err.startswith("error: not_found: ")
 
 
-# -- policy (needs raftmesh.cluster.policy) --------------------------------------------------------
-needs_policy = pytest.mark.skipif(importlib.util.find_spec("raftmesh.cluster.policy") is None,
-                                  reason="raftmesh.cluster.policy is not written yet; the server "
-                                         "cannot validate or store policies without it")
+# -- policy -----------------------------------------------------------------------------------------
 
 
-@needs_policy
 def test_policy_validate_and_set_reject_invalid_text(cli, tmp_path):
     bad = tmp_path / "bad.hujson"
     bad.write_text("{ this is not a policy")
@@ -407,7 +402,6 @@ def test_policy_validate_and_set_reject_invalid_text(cli, tmp_path):
         assert rc == 1 and err.startswith("error: validation_failed: "), err
 
 
-@needs_policy
 def test_policy_set_get_versions(cli, tmp_path):
     text = '{\n  // HuJSON: comments and trailing commas\n  "acls": [],\n}\n'
     good = tmp_path / "good.hujson"
