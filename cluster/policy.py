@@ -466,7 +466,7 @@ class _Parser:
         if text.startswith("autogroup:"):
             return self.autogroup(text, path, side)
         if text.startswith("ipset:"):
-            if text.removeprefix("ipset:") not in self.ipsets:
+            if text not in self.ipsets and text.removeprefix("ipset:") not in self.ipsets:
                 self.err(path, f"unknown IP set {text!r}; declare it in ipsets")
             else:
                 self.warn("ipsets_not_enforced", path, f"{text} is not resolved: it matches "
