@@ -25,13 +25,15 @@ from raftmesh.cluster.names import is_user_name
 from raftmesh.cluster.policy_syntax import (ACL_KEYS, AUTO_APPROVER_KEYS, ENFORCED_AUTOGROUPS,
                                             ENFORCED_PROTOCOLS, GRANT_KEYS, INTERNET,
                                             PORTED_PROTOCOLS, ROLE_AUTOGROUPS, TEST_KEYS, TOP_KEYS,
-                                            UNENFORCED_ENTRY_KEYS, UNENFORCED_SECTIONS, protocol)
+                                            UNENFORCED_ENTRY_KEYS, UNENFORCED_SECTIONS, is_number,
+                                            protocol)
 from raftmesh.proto.wire import PortRange
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 TAG_RE = re.compile(r"^tag:[a-z0-9][a-z0-9-]{0,62}$")  # the admin API's tags
 GROUP_RE = re.compile(r"^group:[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+CAPABILITY_RE = re.compile(r"^[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+/\S+$")  # grants' app keys
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 NODE_KINDS = ("users", "member", "tagged", "tag")  # selectors that list a node's own addresses
 # Limits (docs/api.md): what one replica parses, stores and compiles netmaps from must stay
@@ -168,6 +170,7 @@ class PolicyTest:
     proto: str
     accept: tuple[tuple[Identity, int], ...]
     deny: tuple[tuple[Identity, int], ...]
+    path: str = "tests[0]"  # where it is written: tests not checked, or per group member, shift indexes
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,7 @@ def parse_policy(text: str) -> Policy:
     acls = p.parse_list(doc.get("acls", []), "acls", p.parse_acl)
     grants = p.parse_list(doc.get("grants", []), "grants", p.parse_grant)
     tests = p.parse_list(doc.get("tests", []), "tests", p.parse_test)
+    tests = [t for per_src in tests for t in per_src]
     if p.errors:
         raise PolicyError(p.errors)
     policy = Policy(p.groups, p.tag_owners, p.hosts,
@@ -263,12 +267,12 @@ def parse_policy(text: str) -> Policy:
 def run_tests(policy: Policy) -> list[dict[str, str]]:
     """The policy's `tests` that fail, as PolicyError entries naming each test."""
     errors = []
-    for i, t in enumerate(policy.tests):
+    for t in policy.tests:
         for want, cases in (("accept", t.accept), ("deny", t.deny)):
             for j, (dst, port) in enumerate(cases):
                 if policy.allows(t.src, dst, port, t.proto) != (want == "accept"):
                     verb = "denied" if want == "accept" else "accepted"
-                    errors.append({"path": f"tests[{i}].{want}[{j}]", "message":
+                    errors.append({"path": f"{t.path}.{want}[{j}]", "message":
                                    f"{t.src.value} -> {dst.value}:{port} ({t.proto}) is {verb} "
                                    f"by the policy but the test expects {want}"})
     return errors
@@ -472,6 +476,14 @@ class _Parser:
                 self.warn("ipsets_not_enforced", path, f"{text} is not resolved: it matches "
                                                        "nothing here")
             return None
+        if text.startswith("user:"):  # Tailscale's explicit form of a user
+            name = text.removeprefix("user:")
+            if name.startswith("*@"):
+                self.warn("user_wildcard_not_enforced", path, f"{text} (every user of a domain) "
+                          "is not enforced yet: it matches nothing")
+            elif self.user(name, path) is not None:
+                return Selector(text, "users", users=frozenset({name.removesuffix("@")}))
+            return None
         if text.startswith("group:"):
             if text not in self.groups:
                 self.err(path, f"unknown group {text!r}")
@@ -497,6 +509,8 @@ class _Parser:
         kind = ENFORCED_AUTOGROUPS.get(text)
         if kind == "self" and side == "src":
             self.err(path, "autogroup:self is only valid in dst")
+        elif kind == "any" and side == "dst":
+            self.err(path, f"{text} is only valid in src")
         elif kind is not None:
             return Selector(text, kind)
         elif text == INTERNET and side == "dst":
@@ -525,7 +539,7 @@ class _Parser:
         out = set()
         for part in text.split(","):
             lo, dash, hi = part.partition("-")
-            if not (lo.isdigit() and (hi.isdigit() or not dash)):
+            if not (is_number(lo) and (is_number(hi) or not dash)):
                 self.err(path, f"bad ports {text!r}: use *, 22, 80,443 or 8000-8100")
                 return None
             first, last = int(lo), int(hi or lo)
@@ -623,23 +637,32 @@ class _Parser:
         for key in ("src", "dst"):
             if key not in grant:
                 self.err(f"{path}.{key}", "is required")
-        if "ip" not in grant and "app" not in grant:
+        if not grant.get("ip") and not grant.get("app"):
             self.err(path, "a grant needs ip (network access) or app (application capabilities)")
         if "app" in grant:
             if not isinstance(grant["app"], dict):
                 self.err(f"{path}.app", "must be an object")
             elif grant["app"]:
+                for name in grant["app"]:
+                    if not CAPABILITY_RE.match(name):
+                        self.err(f"{path}.app.{name}", "capability names look like "
+                                                       "example.com/cap/name")
                 self.warn("grant_app_not_enforced", f"{path}.app", "application capabilities are "
                           "kept but not enforced")
         if "via" in grant:
-            self.strings(grant["via"], f"{path}.via")
+            for p, via in self.strings(grant["via"], f"{path}.via"):
+                if via not in self.tag_owners:
+                    self.err(p, f"via names a router by tag declared in tagOwners, not {via!r}")
             self.warn("grant_via_not_enforced", f"{path}.via", "routing through via is not "
                       "enforced: this grant grants nothing")
         posture = self.needs_posture(grant, path)
-        src = [self.selector(s, p, "src") for p, s in
-               self.strings(grant.get("src", ["*"]), f"{path}.src", allow_empty=False)]
-        dst = [self.selector(d, p, "dst") for p, d in
-               self.strings(grant.get("dst", ["*"]), f"{path}.dst", allow_empty=False)]
+        # (an empty src or dst is valid in a grant: it grants nothing)
+        src = [self.selector(s, p, "src") for p, s in self.strings(grant.get("src", []), f"{path}.src")]
+        dst = []
+        for p, d in self.strings(grant.get("dst", []), f"{path}.dst"):
+            if _network(d) is not None and _network(d).prefixlen == 0:
+                self.err(p, f"{d!r} is every address: use * (the tailnet) or autogroup:internet")
+            dst.append(self.selector(d, p, "dst"))
         ip: dict[str | None, tuple[str, set[PortRange]]] = {}
         for p, entry in self.strings(grant.get("ip", []), f"{path}.ip"):
             name, colon, ports = entry.rpartition(":")
@@ -664,6 +687,7 @@ class _Parser:
         if not isinstance(text, str):
             self.err(path, "must be a string")
             return None
+        text = text.removeprefix("user:")
         if text.startswith(("group:", "autogroup:")) or text == "*":
             self.err(path, f"a test endpoint is a user, tag, host or IP, not {text!r}")
         elif text.startswith("tag:"):
@@ -681,13 +705,23 @@ class _Parser:
 
     def test_dst(self, text: str, path: str) -> tuple[Identity, int] | None:
         host, colon, port = text.rpartition(":")
-        if not colon or not host or not port.isdigit() or int(port) > 65535:
+        if not colon or not host or not is_number(port) or int(port) > 65535:
             self.err(path, f"{text!r} must be host:port with one port, e.g. tag:db:5432")
             return None
         ident = self.identity(host.removeprefix("[").removesuffix("]"), path)
         return (ident, int(port)) if ident else None
 
-    def parse_test(self, test: Any, path: str) -> PolicyTest | None:
+    def test_sources(self, text: Any, path: str) -> list[Identity] | None:
+        """A test's src: an endpoint, or a group, tested as each of its users."""
+        if isinstance(text, str) and text.startswith("group:"):
+            if text in self.groups:
+                return [Identity("user", u) for u in sorted(self.groups[text])]
+            self.err(path, f"unknown group {text!r}")
+            return None
+        ident = self.identity(text, path)
+        return None if ident is None else [ident]
+
+    def parse_test(self, test: Any, path: str) -> tuple[PolicyTest, ...] | None:
         if not isinstance(test, dict):
             self.err(path, "must be an object")
             return None
@@ -695,7 +729,7 @@ class _Parser:
         self.known_keys(test, path, TEST_KEYS)
         if "src" not in test:
             self.err(f"{path}.src", "is required")
-        src = self.identity(test.get("src"), f"{path}.src") if "src" in test else None
+        srcs = self.test_sources(test.get("src"), f"{path}.src") if "src" in test else None
         proto = self.protocol(test.get("proto", "tcp"), f"{path}.proto")
         cases = {}
         for key in ("accept", "deny"):
@@ -708,7 +742,7 @@ class _Parser:
             self.warn("test_not_checked", path, f"raftmesh does not enforce {why}, so this "
                                                 "test is kept but not checked")
             return None
-        return PolicyTest(src, proto, cases["accept"], cases["deny"])
+        return tuple(PolicyTest(src, proto, cases["accept"], cases["deny"], path) for src in srcs)
 
 
 @lru_cache(maxsize=4096)

@@ -51,13 +51,18 @@ PORTED_PROTOCOLS = ("tcp", "udp", "sctp")  # the others take no ports: host:*
 ENFORCED_PROTOCOLS = PROTOCOLS  # what agents' packet filters match (tcp, udp, icmp echo)
 
 
+def is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() (and int()) also take other scripts' digits."""
+    return text.isascii() and text.isdigit()
+
+
 def protocol(text: str) -> str | None:
     """The canonical name of a protocol given by name or IANA number ("6" -> "tcp"; a number
     without a name stays a number), or None if it is neither."""
     low = text.lower()
     if low in PROTOCOL_NUMBERS:
         return "ipv4" if low == "ip-in-ip" else low
-    if low.isdigit() and low[0] != "0" and len(low) <= 3 and 1 <= int(low) <= 255:
+    if is_number(low) and low[0] != "0" and len(low) <= 3 and 1 <= int(low) <= 255:
         return _NAMES.get(int(low), low)
     return None
 
