@@ -170,7 +170,8 @@ class PolicyTest:
     proto: str
     accept: tuple[tuple[Identity, int], ...]
     deny: tuple[tuple[Identity, int], ...]
-    path: str = "tests[0]"  # where it is written: tests not checked, or per group member, shift indexes
+    # where it is written (tests not checked, and one test per group member, shift indexes)
+    path: str = "tests[0]"
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,9 @@ def _identity_matches(sel: Selector, ident: Identity, src: Identity | None) -> b
 
 
 # -- parsing -------------------------------------------------------------------------------
+_TYPE_NAMES = {list: "a list", dict: "an object", bool: "true or false"}
+
+
 class _Parser:
     """Collects every error instead of stopping at the first: one round trip per fix."""
 
@@ -346,20 +350,16 @@ class _Parser:
         a key is still an error) and, when it says anything, a warning names it."""
         kind, code, why = UNENFORCED_SECTIONS[key]
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            self.err(key, f"must be {'a list' if kind is list else 'an object' if kind is dict else 'true or false'}")
+            self.err(key, f"must be {_TYPE_NAMES[kind]}")
             return
         allowed = UNENFORCED_ENTRY_KEYS.get(key)
         for i, entry in enumerate(value if allowed else ()):
-            if not isinstance(entry, dict):
+            if isinstance(entry, dict):
+                self.known_keys(entry, f"{key}[{i}]", allowed)
+            else:
                 self.err(f"{key}[{i}]", "must be an object")
-                continue
-            for k in entry:
-                if k not in allowed:
-                    self.err(f"{key}[{i}].{k}", f"unknown key; expected one of {', '.join(allowed)}")
         if key == "autoApprovers":
-            for k in value:
-                if k not in AUTO_APPROVER_KEYS:
-                    self.err(f"{key}.{k}", f"unknown key; expected one of {', '.join(AUTO_APPROVER_KEYS)}")
+            self.known_keys(value, key, AUTO_APPROVER_KEYS)
         if value:
             self.warn(code, key, why)
 
@@ -657,7 +657,8 @@ class _Parser:
                       "enforced: this grant grants nothing")
         posture = self.needs_posture(grant, path)
         # (an empty src or dst is valid in a grant: it grants nothing)
-        src = [self.selector(s, p, "src") for p, s in self.strings(grant.get("src", []), f"{path}.src")]
+        src = [self.selector(s, p, "src")
+               for p, s in self.strings(grant.get("src", []), f"{path}.src")]
         dst = []
         for p, d in self.strings(grant.get("dst", []), f"{path}.dst"):
             if _network(d) is not None and _network(d).prefixlen == 0:
