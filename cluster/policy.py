@@ -527,6 +527,8 @@ class _Parser:
 
     def protocol(self, text: Any, path: str) -> str | None:
         """A protocol by name or IANA number, canonical ("6" -> "tcp"); None if invalid."""
+        if isinstance(text, int) and not isinstance(text, bool):
+            text = str(text)  # a JSON number, as Tailscale also reads it
         name = protocol(text) if isinstance(text, str) else None
         if name is None:
             self.err(path, f"{text!r} is not a protocol: use a name (tcp, udp, icmp, sctp, gre, "

@@ -444,6 +444,13 @@ def test_protocols_agents_cannot_filter_grant_nothing_and_say_so():
         ("proto_not_enforced", "grants[0].ip[2]")]
 
 
+def test_a_protocol_may_be_a_json_number():
+    p = parse_policy(json.dumps({"acls": [acl(["*"], ["*:22"], proto=6)]}))
+    assert p.acls[0].protos == ("tcp",)
+    assert errors(json.dumps({"acls": [acl(["*"], ["*:*"], proto=True)]}))[0]["path"] == \
+        "acls[0].proto"
+
+
 def test_a_grant_with_an_empty_src_or_dst_grants_nothing():
     p = parse_policy(json.dumps({"grants": [{"src": [], "dst": ["*"], "ip": ["*"]},
                                             {"src": ["*"], "dst": [], "ip": ["*"]}]}))
