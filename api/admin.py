@@ -17,6 +17,7 @@ from raftmesh.cluster.commands import (ApiKeyCreate, ApiKeyDelete, ClusterKeyRot
                                        MemberRemove, NodeApprove, NodeDelete, NodeExpire, NodeRoutes,
                                        NodeUpdate, PolicySet, PreauthKeyCreate, PreauthKeyDelete,
                                        UserCreate, UserDelete)
+from raftmesh.cluster.names import USER_NAME_SCHEMA, is_user_name
 from raftmesh.cluster.policy import Policy, PolicyError, PolicyTooLarge, parse_policy
 from raftmesh.cluster.policy_form import UnreadablePolicy, compile_policy, stored_policy
 from raftmesh.cluster.state_machine import public
@@ -29,8 +30,9 @@ from raftmesh.proto.numbers import MAX_SAFE_INTEGER
 from .map_stream import HUB
 from .routing import STALE_QUERY, Ctx, openapi, route
 from .responses import (ANY_OBJECT, API_KEY, AUDIT_PAGE, BOOL, CLUSTER, CLUSTER_KEY, DELETED, MEMBER,
-                        NODE, NODE_WRITTEN, POLICY_VERSION, PREAUTH_KEY, SECRET_SHOWN_ONCE, STR,
-                        STREAM, USER, VERSION, answer, listing, reading, written)
+                        NODE, NODE_WRITTEN, POLICY_VERSION, POLICY_WARNINGS, PREAUTH_KEY,
+                        SECRET_SHOWN_ONCE, STR, STREAM, USER, VERSION, answer, listing, reading,
+                        written)
 
 V = "/api/v1"
 NAME = {"type": "string", "pattern": r"^[a-z0-9][a-z0-9._-]{0,62}$"}
@@ -74,9 +76,11 @@ async def get_openapi(ctx: Ctx):
 
 # -- users ------------------------------------------------------------------------------------
 @route("POST", V + "/users", "write", "Create a user", status=201,
-       body=obj({"name": NAME, "display_name": {"type": "string", "maxLength": 200}}, ("name",)),
+       body=obj({"name": USER_NAME_SCHEMA, "display_name": {"type": "string", "maxLength": 200}},
+                ("name",)),
        response=written("user", USER))
 async def create_user(ctx: Ctx):
+    check_user_name("name", ctx.body["name"])
     r = await ctx.write(UserCreate(**ctx.body))
     return ok({"user": r["value"], "version": r["version"]}, 201)
 
@@ -102,9 +106,18 @@ async def delete_user(ctx: Ctx):
     return ok({"deleted": r["value"], "version": r["version"]})
 
 
+def check_user_name(field: str, name: str) -> None:
+    """The schema's pattern, as JSON Schema validators apply it, lets a trailing newline
+    through (`$`); the rule itself (cluster/names.py) does not."""
+    if not is_user_name(name):
+        raise APIError(400, "validation_failed", f"{field}: {name!r} is not a valid user name",
+                       [{"field": field, "message": "a user name is a plain name or an e-mail "
+                                                    "address"}])
+
+
 # -- pre-auth keys ----------------------------------------------------------------------------
 @route("POST", V + "/preauth-keys", "write", "Create a pre-auth key (shown once)", status=201,
-       body=obj({"user": NAME, "reusable": {"type": "boolean"}, "ephemeral": {"type": "boolean"},
+       body=obj({"user": USER_NAME_SCHEMA, "reusable": {"type": "boolean"}, "ephemeral": {"type": "boolean"},
                  "expiration_seconds": {"type": "integer", "minimum": 1, "maximum": 10 * 365 * 86400},
                  "usage_limit": {"type": "integer", "minimum": 1},
                  "tags": {"type": "array", "items": TAG, "uniqueItems": True, "maxItems": 32}},
@@ -113,6 +126,7 @@ async def delete_user(ctx: Ctx):
        response=written("preauth_key", PREAUTH_KEY, key=SECRET_SHOWN_ONCE))
 async def create_preauth_key(ctx: Ctx):
     b = ctx.body
+    check_user_name("user", b["user"])
     await check_tags(ctx, b.get("tags", []))
     key_id, token, digest = auth.new_secret_token("rmp")
     args = {"id": key_id, "user": b["user"], "hash": digest,
@@ -124,7 +138,7 @@ async def create_preauth_key(ctx: Ctx):
 
 
 @route("GET", V + "/preauth-keys", "read", "List pre-auth keys",
-       query={**STALE_QUERY, "user": NAME}, response=listing("preauth_keys", PREAUTH_KEY))
+       query={**STALE_QUERY, "user": USER_NAME_SCHEMA}, response=listing("preauth_keys", PREAUTH_KEY))
 async def list_preauth_keys(ctx: Ctx):
     user = ctx.query.get("user")
     keys, version, stale = await _list(ctx, "preauth_keys", lambda k: user in (None, k["user"]))
@@ -168,7 +182,7 @@ async def delete_api_key(ctx: Ctx):
 
 
 # -- nodes ------------------------------------------------------------------------------------------
-@route("GET", V + "/nodes", "read", "List nodes", query={**STALE_QUERY, "user": NAME, "tag": TAG},
+@route("GET", V + "/nodes", "read", "List nodes", query={**STALE_QUERY, "user": USER_NAME_SCHEMA, "tag": TAG},
        response=listing("nodes", NODE))
 async def list_nodes(ctx: Ctx):
     user, tag = ctx.query.get("user"), ctx.query.get("tag")
@@ -323,9 +337,11 @@ def parsed_policy(text: str) -> Policy:
             f"{d['path']}: {d['message']}" for d in e.errors[:10]), e.errors)
 
 
-def compiled_policy(text: str) -> dict:
-    """What policy.set carries besides the text (cluster/policy_form.py)."""
-    return compile_policy(parsed_policy(text))
+def compiled_policy(text: str) -> tuple[dict, list[dict]]:
+    """What policy.set carries besides the text (cluster/policy_form.py): the compiled form
+    and the warnings (what the text holds that raftmesh does not enforce)."""
+    policy = parsed_policy(text)
+    return compile_policy(policy), list(policy.warnings)
 
 
 async def current_policy(ctx: Ctx):
@@ -363,7 +379,8 @@ async def check_tags(ctx: Ctx, tags: list[str]) -> None:
 
 
 @route("GET", V + "/policy", "read", "The current policy", query=STALE_QUERY,
-       response=answer({"policy": answer({"version": VERSION, "text": STR}), "version": VERSION}))
+       response=answer({"policy": answer({"version": VERSION, "text": STR},
+                                         {"warnings": POLICY_WARNINGS}), "version": VERSION}))
 async def get_policy(ctx: Ctx):
     version, _ = await ctx.read_version()
     record = await current_policy(ctx)
@@ -374,20 +391,23 @@ async def get_policy(ctx: Ctx):
 
 @route("PUT", V + "/policy", "write", "Replace the policy (validated, tests must pass)", body=POLICY_BODY,
        query={"expected_version": {"type": "integer", "minimum": 0}},
-       response=written("policy", POLICY_VERSION))
+       response=written("policy", POLICY_VERSION, warnings=POLICY_WARNINGS))
 async def put_policy(ctx: Ctx):
-    args = {"text": ctx.body, "compiled": await in_policy_worker(compiled_policy, ctx.body)}
+    compiled, warnings = await in_policy_worker(compiled_policy, ctx.body)
+    args = {"text": ctx.body, "compiled": compiled}
+    if warnings:
+        args["warnings"] = warnings
     if "expected_version" in ctx.query:
         args["expected_version"] = ctx.query["expected_version"]
     r = await ctx.write(PolicySet(**args))
-    return ok({"policy": r["value"], "version": r["version"]})
+    return ok({"policy": r["value"], "version": r["version"], "warnings": warnings})
 
 
 @route("POST", V + "/policy/validate", "read", "Validate a policy without storing it", body=POLICY_BODY,
-       response=answer({"valid": {"const": True}}))
+       response=answer({"valid": {"const": True}, "warnings": POLICY_WARNINGS}))
 async def validate_policy_route(ctx: Ctx):
-    await in_policy_worker(parsed_policy, ctx.body)
-    return ok({"valid": True})
+    policy = await in_policy_worker(parsed_policy, ctx.body)
+    return ok({"valid": True, "warnings": list(policy.warnings)})
 
 
 @route("GET", V + "/policy/versions", "read", "Every stored policy version",

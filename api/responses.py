@@ -30,6 +30,8 @@ PREAUTH_KEY = answer({"id": STR, "user": STR})
 API_KEY = answer({"id": STR, "name": STR, "scopes": {"type": "array", "items": STR}})
 MEMBER = answer({"id": STR})
 POLICY_VERSION = answer({"version": VERSION})
+# What a policy holds that raftmesh does not enforce (docs/api.md, policy warnings).
+POLICY_WARNINGS = {"type": "array", "items": answer({"code": STR, "path": STR, "message": STR})}
 CLUSTER_KEY = answer({"id": STR, "public_key": STR})
 AUDIT_ENTRY = answer({"seq": VERSION, "version": VERSION, "time": TIME, "actor": STR,
                       "action": STR, "target": STR})

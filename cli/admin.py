@@ -516,12 +516,20 @@ def policy_get(run: Run) -> None:
 
 def policy_set(run: Run) -> None:
     answer = run.client.put("/policy", read_text(run.args.file), expected_version=run.args.expected_version)
-    run.show(answer, lambda a: done("stored policy", f"version {a['policy']['version']}", a))
+    run.show(answer, lambda a: (done("stored policy", f"version {a['policy']['version']}", a),
+                                policy_warnings(a)))
 
 
 def policy_validate(run: Run) -> None:
     run.show(run.client.post("/policy/validate", read_text(run.args.file)),
-             lambda a: print(f"{run.args.file}: policy is valid"))
+             lambda a: (print(f"{run.args.file}: policy is valid"), policy_warnings(a)))
+
+
+def policy_warnings(answer: dict) -> None:
+    """What the policy holds that raftmesh does not enforce, one line each on stderr (the
+    policy was accepted: these are not errors, but the operator must see them)."""
+    for w in answer.get("warnings") or ():
+        print(f"warning: {w['path']}: {w['message']} [{w['code']}]", file=sys.stderr)
 
 
 def policy_versions(run: Run) -> None:

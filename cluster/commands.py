@@ -313,11 +313,14 @@ class PreauthKeyDelete(Command):
 class PolicySet(Command):
     """A policy the proposer validated; `expected_version` guards against lost updates.
     `compiled` (cluster/policy_form.py) is what netmaps are derived from; entries written
-    before it existed carry only the text."""
+    before it existed carry only the text. `warnings` are what the proposer's parser found
+    the text to hold that raftmesh does not enforce ({code, path, message}, cluster/policy.py):
+    decided there, so applying stays a function of the command."""
 
     text: str
     compiled: dict | Absent = ABSENT
     expected_version: int | None | Absent = ABSENT
+    warnings: list[dict] | Absent = ABSENT
 
 
 # -- nodes ------------------------------------------------------------------------------------

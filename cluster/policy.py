@@ -1,10 +1,12 @@
 """The access policy: the HuJSON document users write, parsed into an immutable `Policy`.
 
-The format is Tailscale's/Headscale's (groups, tagOwners, hosts, acls, tests) so existing
-policies port over; raftmesh users are plain names ("alice", or "alice@" as written for
-Tailscale). Parsing is a pure function of the text, so every replica accepts or rejects a
-policy identically, and every error names the offending field ("acls[2].dst[0]") because
-an operator has to find it in a long document.
+The format is Tailscale's (groups, tagOwners, hosts, acls, grants, tests) so existing
+policies port over; users are plain names or e-mail addresses (cluster/names.py; "alice@"
+as written for Tailscale means "alice"). Sections and fields raftmesh does not enforce
+(cluster/policy_syntax.py) are kept in the text and reported as `warnings`. Parsing is a
+pure function of the text, so every replica accepts or rejects a policy identically, and
+every error names the offending field ("acls[2].dst[0]") because an operator has to find
+it in a long document.
 
 Selectors keep the policy's meaning in one place: `Selector.matches_node` and
 `Selector.node_prefixes` are what netmaps are computed from, `Policy.allows` is what the
@@ -19,23 +21,27 @@ from functools import cached_property, lru_cache
 from typing import Any, Union
 
 from raftmesh.cluster import hujson
-from raftmesh.proto.wire import PROTOCOLS, PortRange
+from raftmesh.cluster.names import is_user_name
+from raftmesh.cluster.policy_syntax import (ACL_KEYS, AUTO_APPROVER_KEYS, ENFORCED_AUTOGROUPS,
+                                            ENFORCED_PROTOCOLS, GRANT_KEYS, INTERNET,
+                                            PORTED_PROTOCOLS, ROLE_AUTOGROUPS, TEST_KEYS, TOP_KEYS,
+                                            UNENFORCED_ENTRY_KEYS, UNENFORCED_SECTIONS, is_number,
+                                            protocol)
+from raftmesh.proto.wire import PortRange
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
-USER_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # the admin API's user names
 TAG_RE = re.compile(r"^tag:[a-z0-9][a-z0-9-]{0,62}$")  # the admin API's tags
 GROUP_RE = re.compile(r"^group:[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+CAPABILITY_RE = re.compile(r"^[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+/\S+$")  # grants' app keys
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-TOP_KEYS = ("groups", "tagOwners", "hosts", "acls", "tests")
-ACL_KEYS = ("action", "src", "dst", "proto")
-TEST_KEYS = ("src", "proto", "accept", "deny")
 NODE_KINDS = ("users", "member", "tagged", "tag")  # selectors that list a node's own addresses
 # Limits (docs/api.md): what one replica parses, stores and compiles netmaps from must stay
 # bounded, since any caller with a read key can ask for a validation.
 MAX_POLICY_BYTES = 1 << 20  # of UTF-8 text
-MAX_ENTRIES = {"acls": 20_000, "tests": 1_000, "groups": 5_000, "tagOwners": 5_000,
-               "hosts": 5_000}
+MAX_ENTRIES = {"acls": 20_000, "grants": 20_000, "tests": 1_000, "groups": 5_000,
+               "tagOwners": 5_000, "hosts": 5_000}
+MAX_WARNINGS = 100  # then one "warnings_truncated": a long file repeats the same few
 
 
 class PolicyError(ValueError):
@@ -164,6 +170,8 @@ class PolicyTest:
     proto: str
     accept: tuple[tuple[Identity, int], ...]
     deny: tuple[tuple[Identity, int], ...]
+    # where it is written (tests not checked, and one test per group member, shift indexes)
+    path: str = "tests[0]"
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,9 @@ class Policy:
     hosts: dict[str, Network] = field(default_factory=dict)
     acls: tuple[Acl, ...] = ()
     tests: tuple[PolicyTest, ...] = ()
+    # What the text holds that raftmesh does not enforce: [{"code", "path", "message"}].
+    # Not part of the meaning (equality, the compiled form): it describes the text.
+    warnings: tuple[dict[str, str], ...] = field(default=(), compare=False)
 
     def tag_owners_allow(self, actor_user: str | None, tag: str, is_admin: bool) -> bool:
         """May this actor put `tag` on a node? Only tags declared in tagOwners exist; an
@@ -232,14 +243,22 @@ def parse_policy(text: str) -> Policy:
     for key in doc:
         if key not in TOP_KEYS:
             p.err(str(key), f"unknown key; expected one of {', '.join(TOP_KEYS)}")
+        elif key in UNENFORCED_SECTIONS:
+            p.parse_unenforced(key, doc[key])
+    p.default_posture = bool(doc.get("defaultSrcPosture"))
+    p.ipsets = doc.get("ipsets") if isinstance(doc.get("ipsets"), dict) else {}
     p.groups = p.parse_groups(doc.get("groups", {}))
     p.tag_owners = p.parse_tag_owners(doc.get("tagOwners", {}))
     p.hosts = p.parse_hosts(doc.get("hosts", {}))
     acls = p.parse_list(doc.get("acls", []), "acls", p.parse_acl)
+    grants = p.parse_list(doc.get("grants", []), "grants", p.parse_grant)
     tests = p.parse_list(doc.get("tests", []), "tests", p.parse_test)
+    tests = [t for per_src in tests for t in per_src]
     if p.errors:
         raise PolicyError(p.errors)
-    policy = Policy(p.groups, p.tag_owners, p.hosts, tuple(acls), tuple(tests))
+    policy = Policy(p.groups, p.tag_owners, p.hosts,
+                    tuple(acls) + tuple(a for rules in grants for a in rules), tuple(tests),
+                    tuple(p.warnings))
     failures = run_tests(policy)
     if failures:
         raise PolicyError(failures)
@@ -249,12 +268,12 @@ def parse_policy(text: str) -> Policy:
 def run_tests(policy: Policy) -> list[dict[str, str]]:
     """The policy's `tests` that fail, as PolicyError entries naming each test."""
     errors = []
-    for i, t in enumerate(policy.tests):
+    for t in policy.tests:
         for want, cases in (("accept", t.accept), ("deny", t.deny)):
             for j, (dst, port) in enumerate(cases):
                 if policy.allows(t.src, dst, port, t.proto) != (want == "accept"):
                     verb = "denied" if want == "accept" else "accepted"
-                    errors.append({"path": f"tests[{i}].{want}[{j}]", "message":
+                    errors.append({"path": f"{t.path}.{want}[{j}]", "message":
                                    f"{t.src.value} -> {dst.value}:{port} ({t.proto}) is {verb} "
                                    f"by the policy but the test expects {want}"})
     return errors
@@ -301,17 +320,48 @@ def _identity_matches(sel: Selector, ident: Identity, src: Identity | None) -> b
 
 
 # -- parsing -------------------------------------------------------------------------------
+_TYPE_NAMES = {list: "a list", dict: "an object", bool: "true or false"}
+
+
 class _Parser:
     """Collects every error instead of stopping at the first: one round trip per fix."""
 
     def __init__(self, groups=None, tag_owners=None, hosts=None):
         self.errors: list[dict[str, str]] = []
+        self.warnings: list[dict[str, str]] = []
         self.groups: dict[str, frozenset[str]] = groups or {}
         self.tag_owners: dict[str, frozenset[str]] = tag_owners or {}
         self.hosts: dict[str, Network] = hosts or {}
+        self.ipsets: dict = {}
+        self.default_posture = False  # defaultSrcPosture applies to rules without their own
 
     def err(self, path: str, message: str) -> None:
         self.errors.append({"path": path, "message": message})
+
+    def warn(self, code: str, path: str, message: str) -> None:
+        if len(self.warnings) < MAX_WARNINGS:
+            self.warnings.append({"code": code, "path": path, "message": message})
+        elif len(self.warnings) == MAX_WARNINGS:
+            self.warnings.append({"code": "warnings_truncated", "path": "$", "message":
+                                  f"only the first {MAX_WARNINGS} warnings are listed"})
+
+    def parse_unenforced(self, key: str, value: Any) -> None:
+        """A section raftmesh keeps but does not enforce: its shape is checked (a typo in
+        a key is still an error) and, when it says anything, a warning names it."""
+        kind, code, why = UNENFORCED_SECTIONS[key]
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            self.err(key, f"must be {_TYPE_NAMES[kind]}")
+            return
+        allowed = UNENFORCED_ENTRY_KEYS.get(key)
+        for i, entry in enumerate(value if allowed else ()):
+            if isinstance(entry, dict):
+                self.known_keys(entry, f"{key}[{i}]", allowed)
+            else:
+                self.err(f"{key}[{i}]", "must be an object")
+        if key == "autoApprovers":
+            self.known_keys(value, key, AUTO_APPROVER_KEYS)
+        if value:
+            self.warn(code, key, why)
 
     def parse_list(self, value: Any, path: str, parse_item) -> list:
         if not isinstance(value, list):
@@ -337,7 +387,7 @@ class _Parser:
 
     def user(self, text: str, path: str) -> str | None:
         name = text[:-1] if text.endswith("@") else text
-        if not USER_RE.match(name):
+        if not is_user_name(name):
             self.err(path, f"{text!r} is not a valid user name")
             return None
         return name
@@ -405,26 +455,34 @@ class _Parser:
         return hosts
 
     def network(self, text: str, path: str) -> Network | None:
-        try:
-            return ipaddress.ip_network(text)
-        except ValueError as e:
-            self.err(path, str(e) if "host bits" in str(e) else f"{text!r} is not an IP or CIDR")
-            return None
+        """An address or prefix; host bits are allowed ("10.20.10.1/29" names 10.20.10.0/29,
+        as in Tailscale and Headscale)."""
+        net = _network(text)
+        if net is None:
+            self.err(path, f"{text!r} is not an IP or CIDR")
+        return net
 
     def selector(self, text: str, path: str, side: str) -> Selector | None:
+        """The selector `text` names; None when it is an error (reported) or names what
+        raftmesh does not enforce (warned about): either way it matches nothing."""
         if text == "*":
             return Selector(text, "any")
         if text.startswith("autogroup:"):
-            kind = {"autogroup:member": "member", "autogroup:tagged": "tagged",
-                    "autogroup:self": "self"}.get(text)
-            if kind == "self" and side == "src":
-                self.err(path, "autogroup:self is only valid in dst")
-            elif text == "autogroup:admin":
-                self.err(path, "autogroup:admin is only valid in tagOwners")
-            elif kind is None:
-                self.err(path, f"unknown autogroup {text!r}")
+            return self.autogroup(text, path, side)
+        if text.startswith("ipset:"):
+            if text not in self.ipsets and text.removeprefix("ipset:") not in self.ipsets:
+                self.err(path, f"unknown IP set {text!r}; declare it in ipsets")
             else:
-                return Selector(text, kind)
+                self.warn("ipsets_not_enforced", path, f"{text} is not resolved: it matches "
+                                                       "nothing here")
+            return None
+        if text.startswith("user:"):  # Tailscale's explicit form of a user
+            name = text.removeprefix("user:")
+            if name.startswith("*@"):
+                self.warn("user_wildcard_not_enforced", path, f"{text} (every user of a domain) "
+                          "is not enforced yet: it matches nothing")
+            elif self.user(name, path) is not None:
+                return Selector(text, "users", users=frozenset({name.removesuffix("@")}))
             return None
         if text.startswith("group:"):
             if text not in self.groups:
@@ -441,11 +499,41 @@ class _Parser:
             return Selector(text, "prefix", prefix=net) if net else None
         if text in self.hosts:  # a host alias wins over a user of the same name
             return Selector(text, "prefix", prefix=self.hosts[text])
-        if USER_RE.match(text.removesuffix("@")):
+        if is_user_name(text.removesuffix("@")):
             return Selector(text, "users", users=frozenset({text.removesuffix("@")}))
         self.err(path, f"unknown {side} {text!r}: expected a user, group, tag, host, IP/CIDR, "
                        "autogroup or *")
         return None
+
+    def autogroup(self, text: str, path: str, side: str) -> Selector | None:
+        kind = ENFORCED_AUTOGROUPS.get(text)
+        if kind == "self" and side == "src":
+            self.err(path, "autogroup:self is only valid in dst")
+        elif kind == "any" and side == "dst":
+            self.err(path, f"{text} is only valid in src")
+        elif kind is not None:
+            return Selector(text, kind)
+        elif text == INTERNET and side == "dst":
+            self.warn("autogroup_internet_not_enforced", path, "autogroup:internet (use of exit "
+                      "nodes) is not enforced yet: it grants nothing")
+        elif text == INTERNET:
+            self.err(path, "autogroup:internet is only valid in dst")
+        elif text in ROLE_AUTOGROUPS:
+            self.warn("autogroup_not_enforced", path, f"{text} is not enforced: raftmesh users "
+                      "have no roles and no shared devices, so it matches nothing")
+        else:
+            self.err(path, f"unknown autogroup {text!r}")
+        return None
+
+    def protocol(self, text: Any, path: str) -> str | None:
+        """A protocol by name or IANA number, canonical ("6" -> "tcp"); None if invalid."""
+        if isinstance(text, int) and not isinstance(text, bool):
+            text = str(text)  # a JSON number, as Tailscale also reads it
+        name = protocol(text) if isinstance(text, str) else None
+        if name is None:
+            self.err(path, f"{text!r} is not a protocol: use a name (tcp, udp, icmp, sctp, gre, "
+                           "esp, ah, igmp, ipv6-icmp, ...) or an IANA number 1-255")
+        return name
 
     def ports(self, text: str, path: str) -> tuple[PortRange, ...] | None:
         if text == "*":
@@ -453,7 +541,7 @@ class _Parser:
         out = set()
         for part in text.split(","):
             lo, dash, hi = part.partition("-")
-            if not (lo.isdigit() and (hi.isdigit() or not dash)):
+            if not (is_number(lo) and (is_number(hi) or not dash)):
                 self.err(path, f"bad ports {text!r}: use *, 22, 80,443 or 8000-8100")
                 return None
             first, last = int(lo), int(hi or lo)
@@ -463,52 +551,146 @@ class _Parser:
             out.add(PortRange(first, last))
         return tuple(sorted(out))
 
+    def known_keys(self, rule: dict, path: str, keys: tuple[str, ...]) -> None:
+        for key in rule:
+            if key not in keys:
+                self.err(f"{path}.{key}", f"unknown key; expected one of {', '.join(keys)}")
+
+    def field_name(self, rule: dict, path: str, name: str, legacy: str) -> str:
+        """Which of a field's names the rule uses (Tailscale still reads `users` for `src`
+        and `ports` for `dst` in acls); both at once is an error."""
+        if legacy in rule and name in rule:
+            self.err(f"{path}.{legacy}", f"is the legacy name of {name}: give only {name}")
+        return legacy if legacy in rule and name not in rule else name
+
+    def needs_posture(self, rule: dict, path: str) -> bool:
+        """Does the rule require a device posture (its own srcPosture, or the policy's
+        defaultSrcPosture)? raftmesh cannot check one, so such a rule grants nothing:
+        ignoring the requirement would grant more than the file does."""
+        posture = rule.get("srcPosture")
+        if posture is not None and not (isinstance(posture, list)
+                                        and all(isinstance(x, str) for x in posture)):
+            self.err(f"{path}.srcPosture", "must be a list of posture names")
+            return False
+        if posture or (posture is None and self.default_posture):
+            self.warn("src_posture_not_enforced", f"{path}.srcPosture" if posture else path,
+                      "raftmesh cannot check device posture: this rule grants nothing")
+            return True
+        return False
+
+    def self_sources(self, src: list, dst_selectors: list, path: str) -> None:
+        if any(d and d.kind == "self" for d in dst_selectors):
+            for i, s in enumerate(src):
+                if s and s.kind not in ("any", "users", "member"):
+                    self.err(f"{path}.src[{i}]", "with autogroup:self in dst, src may only hold "
+                                                 "users, groups, autogroup:member or *")
+
+    def enforced(self, proto: str | None, path: str) -> bool:
+        if proto is None or proto in ENFORCED_PROTOCOLS:
+            return True
+        self.warn("proto_not_enforced", path, f"agents filter only {', '.join(ENFORCED_PROTOCOLS)}:"
+                  f" {proto} traffic stays denied")
+        return False
+
     def parse_acl(self, acl: Any, path: str) -> Acl | None:
+        """An acls entry, or None when it is invalid or grants nothing raftmesh enforces."""
         if not isinstance(acl, dict):
             self.err(path, "must be an object")
             return None
         before = len(self.errors)
-        for key in acl:
-            if key not in ACL_KEYS:
-                self.err(f"{path}.{key}", f"unknown key; expected one of {', '.join(ACL_KEYS)}")
-        for key in ("action", "src", "dst"):
+        self.known_keys(acl, path, ACL_KEYS)
+        src_key = self.field_name(acl, path, "src", "users")
+        dst_key = self.field_name(acl, path, "dst", "ports")
+        for key in ("action", src_key, dst_key):
             if key not in acl:
                 self.err(f"{path}.{key}", "is required")
         if "action" in acl and acl["action"] != "accept":
             self.err(f"{path}.action", f"must be 'accept' (deny is the default), not {acl['action']!r}")
-        protos: tuple[str, ...] = ()
-        if "proto" in acl:
-            if acl["proto"] in PROTOCOLS:
-                protos = (acl["proto"],)
-            else:
-                self.err(f"{path}.proto", f"must be one of {', '.join(PROTOCOLS)}")
+        proto = self.protocol(acl["proto"], f"{path}.proto") if "proto" in acl else None
+        posture = self.needs_posture(acl, path)
         # a missing src/dst is already reported; the placeholders avoid a second error
         src = [self.selector(s, p, "src") for p, s in
-               self.strings(acl.get("src", ["*"]), f"{path}.src", allow_empty=False)]
+               self.strings(acl.get(src_key, ["*"]), f"{path}.{src_key}", allow_empty=False)]
         dst = []
-        for p, d in self.strings(acl.get("dst", ["*:*"]), f"{path}.dst", allow_empty=False):
+        for p, d in self.strings(acl.get(dst_key, ["*:*"]), f"{path}.{dst_key}", allow_empty=False):
             host, colon, ports = d.rpartition(":")
             if not colon or not host:
                 self.err(p, f"{d!r} must be host:ports, e.g. tag:web:443 or *:*")
                 continue
             sel = self.selector(host.removeprefix("[").removesuffix("]"), p, "dst")
             pr = self.ports(ports, p)
-            if pr and protos == ("icmp",) and pr != (PortRange(),):
-                self.err(p, "icmp has no ports: use host:*")
+            if pr and proto and proto not in PORTED_PROTOCOLS and pr != (PortRange(),):
+                self.err(p, f"{proto} has no ports: use host:*")
             dst.append(DstEntry(sel, pr) if sel and pr else None)
-        if any(d and d.selector.kind == "self" for d in dst):
-            for i, s in enumerate(src):
-                if s and s.kind not in ("any", "users", "member"):
-                    self.err(f"{path}.src[{i}]", "with autogroup:self in dst, src may only hold "
-                                                 "users, groups, autogroup:member or *")
-        if len(self.errors) > before:
+        self.self_sources(src, [d and d.selector for d in dst], path)
+        if len(self.errors) > before or posture or not self.enforced(proto, f"{path}.proto"):
             return None
-        return Acl(tuple(src), tuple(dst), protos)
+        src, dst = [s for s in src if s], [d for d in dst if d]
+        return Acl(tuple(src), tuple(dst), (proto,) if proto else ()) if src and dst else None
+
+    def parse_grant(self, grant: Any, path: str) -> tuple[Acl, ...] | None:
+        """A grants entry as the rules it amounts to, one per protocol it names in `ip`
+        (ports-only entries and "*" mean tcp, udp and icmp, as in an acl without proto)."""
+        if not isinstance(grant, dict):
+            self.err(path, "must be an object")
+            return None
+        before = len(self.errors)
+        self.known_keys(grant, path, GRANT_KEYS)
+        for key in ("src", "dst"):
+            if key not in grant:
+                self.err(f"{path}.{key}", "is required")
+        if not grant.get("ip") and not grant.get("app"):
+            self.err(path, "a grant needs ip (network access) or app (application capabilities)")
+        if "app" in grant:
+            if not isinstance(grant["app"], dict):
+                self.err(f"{path}.app", "must be an object")
+            elif grant["app"]:
+                for name in grant["app"]:
+                    if not CAPABILITY_RE.match(name):
+                        self.err(f"{path}.app.{name}", "capability names look like "
+                                                       "example.com/cap/name")
+                self.warn("grant_app_not_enforced", f"{path}.app", "application capabilities are "
+                          "kept but not enforced")
+        if "via" in grant:
+            for p, via in self.strings(grant["via"], f"{path}.via"):
+                if via not in self.tag_owners:
+                    self.err(p, f"via names a router by tag declared in tagOwners, not {via!r}")
+            self.warn("grant_via_not_enforced", f"{path}.via", "routing through via is not "
+                      "enforced: this grant grants nothing")
+        posture = self.needs_posture(grant, path)
+        # (an empty src or dst is valid in a grant: it grants nothing)
+        src = [self.selector(s, p, "src")
+               for p, s in self.strings(grant.get("src", []), f"{path}.src")]
+        dst = []
+        for p, d in self.strings(grant.get("dst", []), f"{path}.dst"):
+            if _network(d) is not None and _network(d).prefixlen == 0:
+                self.err(p, f"{d!r} is every address: use * (the tailnet) or autogroup:internet")
+            dst.append(self.selector(d, p, "dst"))
+        ip: dict[str | None, tuple[str, set[PortRange]]] = {}
+        for p, entry in self.strings(grant.get("ip", []), f"{path}.ip"):
+            name, colon, ports = entry.rpartition(":")
+            proto = self.protocol(name, p) if colon else None
+            if colon and proto is None:
+                continue
+            pr = self.ports(ports, p)
+            if pr and proto and proto not in PORTED_PROTOCOLS and pr != (PortRange(),):
+                self.err(p, f"{proto} has no ports: use {name}:*")
+            elif pr:
+                ip.setdefault(proto, (p, set()))[1].update(pr)
+        self.self_sources(src, dst, path)
+        if len(self.errors) > before or posture or "via" in grant:
+            return None
+        src, dst = [s for s in src if s], [d for d in dst if d]
+        return tuple(Acl(tuple(src), tuple(DstEntry(d, tuple(sorted(ranges))) for d in dst),
+                         (proto,) if proto else ())
+                     for proto, (p, ranges) in ip.items()
+                     if self.enforced(proto, p) and src and dst)
 
     def identity(self, text: Any, path: str) -> Identity | None:
         if not isinstance(text, str):
             self.err(path, "must be a string")
             return None
+        text = text.removeprefix("user:")
         if text.startswith(("group:", "autogroup:")) or text == "*":
             self.err(path, f"a test endpoint is a user, tag, host or IP, not {text!r}")
         elif text.startswith("tag:"):
@@ -526,33 +708,44 @@ class _Parser:
 
     def test_dst(self, text: str, path: str) -> tuple[Identity, int] | None:
         host, colon, port = text.rpartition(":")
-        if not colon or not host or not port.isdigit() or int(port) > 65535:
+        if not colon or not host or not is_number(port) or int(port) > 65535:
             self.err(path, f"{text!r} must be host:port with one port, e.g. tag:db:5432")
             return None
         ident = self.identity(host.removeprefix("[").removesuffix("]"), path)
         return (ident, int(port)) if ident else None
 
-    def parse_test(self, test: Any, path: str) -> PolicyTest | None:
+    def test_sources(self, text: Any, path: str) -> list[Identity] | None:
+        """A test's src: an endpoint, or a group, tested as each of its users."""
+        if isinstance(text, str) and text.startswith("group:"):
+            if text in self.groups:
+                return [Identity("user", u) for u in sorted(self.groups[text])]
+            self.err(path, f"unknown group {text!r}")
+            return None
+        ident = self.identity(text, path)
+        return None if ident is None else [ident]
+
+    def parse_test(self, test: Any, path: str) -> tuple[PolicyTest, ...] | None:
         if not isinstance(test, dict):
             self.err(path, "must be an object")
             return None
         before = len(self.errors)
-        for key in test:
-            if key not in TEST_KEYS:
-                self.err(f"{path}.{key}", f"unknown key; expected one of {', '.join(TEST_KEYS)}")
+        self.known_keys(test, path, TEST_KEYS)
         if "src" not in test:
             self.err(f"{path}.src", "is required")
-        src = self.identity(test.get("src"), f"{path}.src") if "src" in test else None
-        proto = test.get("proto", "tcp")
-        if proto not in PROTOCOLS:
-            self.err(f"{path}.proto", f"must be one of {', '.join(PROTOCOLS)}")
+        srcs = self.test_sources(test.get("src"), f"{path}.src") if "src" in test else None
+        proto = self.protocol(test.get("proto", "tcp"), f"{path}.proto")
         cases = {}
         for key in ("accept", "deny"):
             cases[key] = tuple(c for p, d in self.strings(test.get(key, []), f"{path}.{key}")
                                if (c := self.test_dst(d, p)) is not None)
         if len(self.errors) > before:
             return None
-        return PolicyTest(src, proto, cases["accept"], cases["deny"])
+        if test.get("srcPostureAttrs") or proto not in ENFORCED_PROTOCOLS:
+            why = "device posture" if test.get("srcPostureAttrs") else f"{proto} traffic"
+            self.warn("test_not_checked", path, f"raftmesh does not enforce {why}, so this "
+                                                "test is kept but not checked")
+            return None
+        return tuple(PolicyTest(src, proto, cases["accept"], cases["deny"], path) for src in srcs)
 
 
 @lru_cache(maxsize=4096)

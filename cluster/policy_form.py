@@ -19,7 +19,11 @@ Format 1:
     A selector's value is the sorted user list for kind "users", the tag for "tag", the
     prefix for "prefix", null for "any", "member", "tagged" and "self". Each distinct
     selector is listed once: a large policy names a few hundred in thousands of rules.
-A policy's `tests` are not part of it: they are checked when the text is parsed.
+A policy's `tests` are not part of it: they are checked when the text is parsed. Nor are
+its warnings, or what raftmesh does not enforce: grants, legacy acl fields, protocol numbers
+and host bits resolve at parse time into the rules above, so format 1 carries them and a
+replica that reads format 1 derives the same netmaps from them. A construct that needs a
+new selector kind or protocol in this form needs a new format number.
 """
 from __future__ import annotations
 

@@ -357,10 +357,19 @@ def _policy_set(ctx: Context, cmd: c.PolicySet) -> dict:
               "created_at": cmd.time, "actor": cmd.actor, "state_version": ctx.version}
     if cmd.compiled is not ABSENT:
         record["compiled"] = cmd.compiled
+    if cmd.warnings:
+        record["warnings"] = cmd.warnings
     ctx.txn.put("policy_versions", f"{record['version']:010d}", record)
     ctx.txn.put("meta", "policy_head", {"version": record["version"]})
     before = ctx.txn.get("policy_versions", f"{head['version']:010d}") if head["version"] else None
-    summary = lambda r: None if r is None else {"version": r["version"], "bytes": len(r["text"])}
+    def summary(r: dict | None) -> dict | None:
+        """The audit's view of a policy version: the codes of its warnings, not its text."""
+        if r is None:
+            return None
+        codes = sorted({w["code"] for w in r.get("warnings", ()) if isinstance(w, dict)
+                        and isinstance(w.get("code"), str)})
+        out = {"version": r["version"], "bytes": len(r["text"])}
+        return {**out, "warnings": codes} if codes else out
     ctx.audit("policy", summary(before), summary(record))
     return {k: record[k] for k in ("version", "created_at", "actor", "state_version")}
 

@@ -417,6 +417,23 @@ def test_policy_set_get_versions(cli, tmp_path):
     assert rc == 1 and err.startswith("error: version_conflict: ")
 
 
+@needs_policy
+def test_policy_warnings_are_printed_and_users_may_be_email_addresses(cli, tmp_path):
+    user = f"{uniq('ada')}@example.com"
+    assert cli("users", "create", user)[0] == 0
+    assert cli.json("users", "get", user)["user"]["name"] == user
+    text = json.dumps({"groups": {"group:x": [user]},
+                       "acls": [{"action": "accept", "src": ["group:x"], "dst": ["*:*"]}],
+                       "ssh": [{"action": "accept", "src": ["group:x"], "dst": ["autogroup:self"],
+                                "users": ["root"]}]})
+    policy = tmp_path / "tailscale.hujson"
+    policy.write_text(text)
+    rc, out, err = cli("policy", "validate", str(policy))
+    assert rc == 0 and "policy is valid" in out, err
+    assert err == ("warning: ssh: Tailscale SSH rules are kept but not enforced: raftmesh runs "
+                   "no SSH server [ssh_not_enforced]\n")
+
+
 # -- as a real command -------------------------------------------------------------------------------
 def test_runs_as_a_subprocess(shared_cluster, tmp_path):
     env = dict(os.environ, RAFTMESH_SERVER=f"{dead_url()},{shared_cluster.replicas[2].api_url}",

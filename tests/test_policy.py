@@ -7,8 +7,10 @@ import json
 import pytest
 
 from raftmesh.proto.wire import PortRange
-from raftmesh.cluster.policy import (MAX_ENTRIES, MAX_POLICY_BYTES, Identity, Policy, PolicyError,
-                                     PolicyTooLarge, parse_policy)
+from raftmesh.cluster.names import USER_NAME_MAX_LENGTH, is_user_name
+from raftmesh.cluster.policy import (MAX_ENTRIES, MAX_POLICY_BYTES, MAX_WARNINGS, Identity, Policy,
+                                     PolicyError, PolicyTooLarge, parse_policy)
+from raftmesh.cluster.policy_syntax import protocol
 
 BASE = {
     "groups": {"group:eng": ["alice", "bob@"], "group:ops": ["carol"]},
@@ -94,7 +96,12 @@ def test_policy_error_message_lists_paths():
 # -- validation: every error names rule and field ----------------------------------------------
 ERROR_CASES = [
     # top level and sections
-    ({"ssh": []}, "ssh", "unknown key"),
+    ({"sshRules": []}, "sshRules", "unknown key"),
+    ({"ssh": {}}, "ssh", "must be a list"),
+    ({"ssh": [{"action": "accept", "source": []}]}, "ssh[0].source", "unknown key"),
+    ({"nodeAttrs": [{"target": ["*"], "attrs": []}]}, "nodeAttrs[0].attrs", "unknown key"),
+    ({"autoApprovers": {"route": {}}}, "autoApprovers.route", "unknown key"),
+    ({"disableIPv4": "yes"}, "disableIPv4", "true or false"),
     ({"acls": {}}, "acls", "must be a list"),
     ({"acls": ["x"]}, "acls[0]", "must be an object"),
     ({"groups": []}, "groups", "must be an object"),
@@ -103,7 +110,9 @@ ERROR_CASES = [
     ({"tests": {}}, "tests", "must be a list"),
     # acls
     ({"acls": [acl(["*"], ["*:*"]), {**acl(["*"], ["*:*"]), "users": ["*"]}]},
-     "acls[1].users", "unknown key"),
+     "acls[1].users", "legacy name of src"),
+    ({"acls": [acl(["*"], ["*:*"]), {**acl(["*"], ["*:*"]), "sources": ["*"]}]},
+     "acls[1].sources", "unknown key"),
     ({"acls": [{"src": ["*"], "dst": ["*:*"]}]}, "acls[0].action", "is required"),
     ({"acls": [acl(["*"], ["*:*"], action="deny")]}, "acls[0].action", "must be 'accept'"),
     ({"acls": [{"action": "accept", "dst": ["*:*"]}]}, "acls[0].src", "is required"),
@@ -115,10 +124,12 @@ ERROR_CASES = [
     ({"acls": [acl(["*"], ["*:*", "tag:nope:22"])]}, "acls[0].dst[1]", "unknown tag"),
     ({"acls": [acl(["*"], ["*:*"]), acl(["autogroup:self"], ["*:*"])]},
      "acls[1].src[0]", "only valid in dst"),
-    ({"acls": [acl(["autogroup:admin"], ["*:*"])]}, "acls[0].src[0]", "only valid in tagOwners"),
-    ({"acls": [acl(["*"], ["autogroup:internet:*"])]}, "acls[0].dst[0]", "unknown autogroup"),
+    ({"acls": [acl(["autogroup:admins"], ["*:*"])]}, "acls[0].src[0]", "unknown autogroup"),
+    ({"acls": [acl(["autogroup:internet"], ["*:*"])]}, "acls[0].src[0]", "only valid in dst"),
+    ({"acls": [acl(["*"], ["autogroup:nonroot:*"])]}, "acls[0].dst[0]", "unknown autogroup"),
+    ({"acls": [acl(["ipset:nope"], ["*:*"])]}, "acls[0].src[0]", "unknown IP set"),
+    ({"acls": [acl(["*"], ["*:*"], srcPosture="posture:x")]}, "acls[0].srcPosture", "list of"),
     ({"acls": [acl(["Not A User"], ["*:*"])]}, "acls[0].src[0]", "unknown src"),
-    ({"acls": [acl(["10.0.0.1/8"], ["*:*"])]}, "acls[0].src[0]", "host bits"),
     ({"acls": [acl(["10.0.0.0/33"], ["*:*"])]}, "acls[0].src[0]", "not an IP or CIDR"),
     ({"acls": [acl(["*"], ["tag:web"])]}, "acls[0].dst[0]", "bad ports"),
     ({"acls": [acl(["*"], ["22"])]}, "acls[0].dst[0]", "must be host:ports"),
@@ -129,8 +140,39 @@ ERROR_CASES = [
     ({"acls": [acl(["*"], ["tag:web:-5"])]}, "acls[0].dst[0]", "bad ports"),
     ({"acls": [acl(["*"], ["tag:web:70000"])]}, "acls[0].dst[0]", "0-65535"),
     ({"acls": [acl(["*"], ["tag:web:90-80"])]}, "acls[0].dst[0]", "low to high"),
-    ({"acls": [acl(["*"], ["*:*"], proto="sctp")]}, "acls[0].proto", "must be one of"),
+    ({"acls": [acl(["*"], ["tag:web:\u0661"])]}, "acls[0].dst[0]", "bad ports"),
+    ({"acls": [acl(["*"], ["*:*"], proto="sctpp")]}, "acls[0].proto", "not a protocol"),
+    ({"acls": [acl(["*"], ["*:*"], proto="256")]}, "acls[0].proto", "not a protocol"),
+    ({"acls": [acl(["*"], ["*:*"], proto="06")]}, "acls[0].proto", "not a protocol"),
+    ({"acls": [acl(["*"], ["*:*"], proto="*")]}, "acls[0].proto", "not a protocol"),
     ({"acls": [acl(["*"], ["*:22"], proto="icmp")]}, "acls[0].dst[0]", "icmp has no ports"),
+    ({"acls": [acl(["*"], ["*:22"], proto="47")]}, "acls[0].dst[0]", "gre has no ports"),
+    # grants
+    ({"grants": [{"src": ["*"], "dst": ["*"]}]}, "grants[0]", "needs ip"),
+    ({"grants": [{"dst": ["*"], "ip": ["*"]}]}, "grants[0].src", "is required"),
+    ({"grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"], "action": "accept"}]},
+     "grants[0].action", "unknown key"),
+    ({"grants": [{"src": ["*"], "dst": ["tag:web:443"], "ip": ["*"]}]}, "grants[0].dst[0]",
+     "unknown tag"),
+    ({"grants": [{"src": ["*"], "dst": ["*"], "ip": ["tcp:http"]}]}, "grants[0].ip[0]", "bad ports"),
+    ({"grants": [{"src": ["*"], "dst": ["*"], "ip": ["bogus:80"]}]}, "grants[0].ip[0]",
+     "not a protocol"),
+    ({"grants": [{"src": ["*"], "dst": ["*"], "ip": ["icmp:8"]}]}, "grants[0].ip[0]", "no ports"),
+    ({"grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"], "app": []}]}, "grants[0].app",
+     "must be an object"),
+    ({"grants": [{"src": ["tag:web"], "dst": ["autogroup:self"], "ip": ["*"]}]},
+     "grants[0].src[0]", "autogroup:self"),
+    ({"grants": [{"src": ["*"], "dst": ["*"], "ip": [], "app": {}}]}, "grants[0]", "needs ip"),
+    ({"grants": [{"src": ["*"], "dst": ["0.0.0.0/0"], "ip": ["*"]}]}, "grants[0].dst[0]",
+     "every address"),
+    ({"grants": [{"src": ["*"], "dst": ["autogroup:danger-all"], "ip": ["*"]}]},
+     "grants[0].dst[0]", "only valid in src"),
+    ({"grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"], "via": ["tag:nope"]}]},
+     "grants[0].via[0]", "via names a router by tag"),
+    ({"grants": [{"src": ["*"], "dst": ["*"], "app": {"dashboard": [{}]}}]},
+     "grants[0].app.dashboard", "example.com/cap/name"),
+    ({"grants": [{"src": ["user:nobody here"], "dst": ["*"], "ip": ["*"]}]},
+     "grants[0].src[0]", "not a valid user"),
     ({"acls": [acl(["tag:web"], ["autogroup:self:*"])]}, "acls[0].src[0]", "autogroup:self"),
     ({"acls": [acl(["group:eng", "autogroup:tagged"], ["autogroup:self:*"])]},
      "acls[0].src[1]", "autogroup:self"),
@@ -141,6 +183,9 @@ ERROR_CASES = [
     ({"groups": {"group:x": ["alice", 1]}}, "groups.group:x[1]", "must be a string"),
     ({"groups": {"group:x": ["alice", "group:eng"]}}, "groups.group:x[1]", "only users"),
     ({"groups": {"group:x": ["Alice Smith"]}}, "groups.group:x[0]", "not a valid user"),
+    ({"groups": {"group:x": ["alice@exa mple.com"]}}, "groups.group:x[0]", "not a valid user"),
+    ({"groups": {"group:x": ["alice@example.com\n"]}}, "groups.group:x[0]", "not a valid user"),
+    ({"groups": {"group:x": ["a" * 250 + "@b.co"]}}, "groups.group:x[0]", "not a valid user"),
     # tagOwners
     ({"tagOwners": {"tag:Web": []}}, "tagOwners.tag:Web", "tags look like"),
     ({"tagOwners": {"web": []}}, "tagOwners.web", "tags look like"),
@@ -149,7 +194,6 @@ ERROR_CASES = [
     ({"tagOwners": {"tag:a": ["autogroup:member"]}}, "tagOwners.tag:a[0]", "autogroup:admin"),
     # hosts
     ({"hosts": {"db": "not-an-ip"}}, "hosts.db", "not an IP or CIDR"),
-    ({"hosts": {"db": "10.0.0.1/8"}}, "hosts.db", "host bits"),
     ({"hosts": {"db": 5}}, "hosts.db", "must be an IP"),
     ({"hosts": {"10.0.0.1": "10.0.0.1"}}, "hosts.10.0.0.1", "not a valid host name"),
     ({"hosts": {"bad name": "10.0.0.1"}}, "hosts.bad name", "not a valid host name"),
@@ -157,11 +201,14 @@ ERROR_CASES = [
     ({"tests": ["x"]}, "tests[0]", "must be an object"),
     ({"tests": [{"src": "alice", "allow": []}]}, "tests[0].allow", "unknown key"),
     ({"tests": [{"accept": []}]}, "tests[0].src", "is required"),
-    ({"tests": [{"src": "group:eng"}]}, "tests[0].src", "user, tag, host or IP"),
+    ({"tests": [{"src": "group:nope"}]}, "tests[0].src", "unknown group"),
+    ({"tests": [{"src": "autogroup:member"}]}, "tests[0].src", "user, tag, host or IP"),
+    ({"tests": [{"src": "alice", "accept": ["group:eng:22"]}]}, "tests[0].accept[0]",
+     "user, tag, host or IP"),
     ({"tests": [{"src": "*"}]}, "tests[0].src", "user, tag, host or IP"),
     ({"tests": [{"src": 3}]}, "tests[0].src", "must be a string"),
     ({"tests": [{"src": "tag:nope"}]}, "tests[0].src", "unknown tag"),
-    ({"tests": [{"src": "alice", "proto": "gre"}]}, "tests[0].proto", "must be one of"),
+    ({"tests": [{"src": "alice", "proto": "grease"}]}, "tests[0].proto", "not a protocol"),
     ({"tests": [{"src": "alice", "accept": ["tag:web"]}]}, "tests[0].accept[0]", "host:port"),
     ({"tests": [{"src": "alice", "accept": ["tag:web:80-90"]}]}, "tests[0].accept[0]", "one port"),
     ({"tests": [{"src": "alice", "deny": ["ok:1", "tag:nope:22"]}]}, "tests[0].deny[1]", "unknown tag"),
@@ -321,3 +368,104 @@ def test_tag_owners_allow():
 def test_tag_with_empty_owner_list_exists_for_admins_only():
     p = parse_policy('{"tagOwners": {"tag:x": []}}')
     assert p.tag_owners_allow(None, "tag:x", True) and not p.tag_owners_allow("alice", "tag:x", False)
+
+
+# -- what Tailscale files bring ------------------------------------------------------------------
+TOO_LONG = "x@" + ".".join(["a" * 60] * 5)  # each part valid, the whole over the limit
+
+
+@pytest.mark.parametrize("name,valid", [
+    ("alice", True), ("alice@example.com", True), ("Ada.Lovelace+vpn@Example.co.uk", True),
+    ("alice@github", True), ("a" * 64 + "@example.com", True),
+    (TOO_LONG, False),
+    ("a" * 65 + "@example.com", False), ("Alice", False), ("alice@", False), ("@example.com", False),
+    ("alice@example.com\n", False), ("alice\n", False), ("al ice@example.com", False),
+    ("alice@exa_mple.com", False), ("alice@-example.com", False), ("alice@@example.com", False),
+    ("alice/bob@example.com", False), ("", False)])
+def test_a_user_name_is_a_plain_name_or_an_email_address(name, valid):
+    assert is_user_name(name) is valid
+    assert len(TOO_LONG) > USER_NAME_MAX_LENGTH
+
+
+def test_email_users_everywhere_a_user_appears():
+    p = parse_policy(json.dumps({
+        "groups": {"group:eng": ["ada@example.com", "bob@"]},
+        "tagOwners": {"tag:web": ["ada@example.com"], "tag:db": ["group:eng"]},
+        "acls": [acl(["ada@example.com", "user:carol@example.org"], ["bob@example.com:22"])],
+        "tests": [{"src": "user:ada@example.com", "accept": ["bob@example.com:22"],
+                   "deny": ["ada@example.com:22"]},
+                  {"src": "group:eng", "deny": ["tag:web:22"]}]}))
+    assert p.groups["group:eng"] == {"ada@example.com", "bob"}
+    assert p.tag_owners_allow("ada@example.com", "tag:web", False)
+    assert p.tag_owners_allow("bob", "tag:db", False)
+    assert [s.users for s in p.acls[0].src] == [{"ada@example.com"}, {"carol@example.org"}]
+    assert p.check("carol@example.org", "bob@example.com:22")
+    assert [t.src.value for t in p.tests] == ["ada@example.com", "ada@example.com", "bob"]
+
+
+def test_a_group_as_test_source_is_tested_as_each_member_and_paths_survive_skipped_tests():
+    errs = errors(json.dumps({
+        "groups": {"group:eng": ["ada@example.com", "bob@example.com"]},
+        "acls": [acl(["ada@example.com"], ["*:22"])],
+        "tests": [{"src": "ada@example.com", "proto": "gre", "accept": ["10.0.0.1:22"]},
+                  {"src": "group:eng", "accept": ["10.0.0.1:22"]}]}))
+    assert errs == [{"path": "tests[1].accept[0]", "message": "bob@example.com -> 10.0.0.1:22 "
+                     "(tcp) is denied by the policy but the test expects accept"}]
+
+
+def test_host_bits_name_the_prefix_they_belong_to():
+    p = parse_policy(json.dumps({"hosts": {"farm": "10.20.10.1/29"},
+                                 "acls": [acl(["192.168.1.9/24"], ["farm:443", "fd7a::1/64:22"])],
+                                 "tests": [{"src": "192.168.1.77", "accept": ["10.20.10.6:443"],
+                                            "deny": ["10.20.10.8:443"]}]}))
+    assert str(p.hosts["farm"]) == "10.20.10.0/29"
+    assert str(p.acls[0].src[0].prefix) == "192.168.1.0/24"
+    assert [str(d.selector.prefix) for d in p.acls[0].dst] == ["10.20.10.0/29", "fd7a::/64"]
+
+
+@pytest.mark.parametrize("text,name", [
+    ("tcp", "tcp"), ("TCP", "tcp"), ("6", "tcp"), ("17", "udp"), ("1", "icmp"), ("58", "ipv6-icmp"),
+    ("132", "sctp"), ("ip-in-ip", "ipv4"), ("4", "ipv4"), ("47", "gre"), ("50", "esp"),
+    ("51", "ah"), ("2", "igmp"), ("115", "115"), ("255", "255"),
+    ("0", None), ("256", None), ("06", None), ("*", None), ("", None), ("tcp ", None),
+    ("+6", None), ("١", None)])
+def test_protocols_by_name_or_iana_number(text, name):
+    assert protocol(text) == name
+
+
+def test_protocols_agents_cannot_filter_grant_nothing_and_say_so():
+    p = parse_policy(json.dumps({"acls": [acl(["*"], ["*:*"], proto="esp"),
+                                          acl(["*"], ["*:443"], proto="TCP")],
+                                 "grants": [{"src": ["*"], "dst": ["*"],
+                                             "ip": ["sctp:9899", "udp:53", "115:*"]}]}))
+    assert [a.protos for a in p.acls] == [("tcp",), ("udp",)]
+    assert [(w["code"], w["path"]) for w in p.warnings] == [
+        ("proto_not_enforced", "acls[0].proto"), ("proto_not_enforced", "grants[0].ip[0]"),
+        ("proto_not_enforced", "grants[0].ip[2]")]
+
+
+def test_a_protocol_may_be_a_json_number():
+    p = parse_policy(json.dumps({"acls": [acl(["*"], ["*:22"], proto=6)]}))
+    assert p.acls[0].protos == ("tcp",)
+    assert errors(json.dumps({"acls": [acl(["*"], ["*:*"], proto=True)]}))[0]["path"] == \
+        "acls[0].proto"
+
+
+def test_a_grant_with_an_empty_src_or_dst_grants_nothing():
+    p = parse_policy(json.dumps({"grants": [{"src": [], "dst": ["*"], "ip": ["*"]},
+                                            {"src": ["*"], "dst": [], "ip": ["*"]}]}))
+    assert p.acls == () and p.warnings == ()
+
+
+def test_warnings_are_bounded():
+    many = [acl(["*"], ["*:*"], srcPosture=["posture:x"])] * (MAX_WARNINGS + 50)
+    p = parse_policy(json.dumps({"postures": {"posture:x": []}, "acls": many}))
+    assert len(p.warnings) == MAX_WARNINGS + 1 and p.acls == ()
+    assert p.warnings[-1]["code"] == "warnings_truncated"
+
+
+def test_kept_sections_that_say_nothing_earn_no_warning():
+    p = parse_policy(json.dumps({"ssh": [], "nodeAttrs": [], "postures": {}, "ipsets": {},
+                                 "autoApprovers": {}, "disableIPv4": False, "sshTests": [],
+                                 "randomizeClientPort": False, "acls": []}))
+    assert p.warnings == ()

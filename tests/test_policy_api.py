@@ -63,7 +63,8 @@ def test_healthz_is_answered_while_a_policy_is_being_validated(tmp_path, monkeyp
                     assert health.status == 200 and not validating.done()
                     release.set()
                     answer = await asyncio.wait_for(validating, 30)
-                    assert answer.status == 200 and await answer.json() == {"valid": True}
+                    assert answer.status == 200 and await answer.json() == {"valid": True,
+                                                                            "warnings": []}
                 finally:
                     release.set()
         asyncio.run(scenario())
@@ -106,3 +107,48 @@ def test_a_policy_over_the_size_limit_is_a_413_naming_the_limit():
         admin.parsed_policy(text)
     assert (e.value.status, e.value.code) == (413, "payload_too_large")
     assert f"the limit is {MAX_POLICY_BYTES}" in e.value.message
+
+
+TAILSCALE_STYLE = """{
+  "groups": {"group:eng": ["ada@example.com"]},
+  "grants": [{"src": ["group:eng"], "dst": ["*"], "ip": ["tcp:22", "443"]}],
+  "ssh": [{"action": "check", "src": ["autogroup:member"], "dst": ["autogroup:self"],
+           "users": ["autogroup:nonroot", "root"]}],
+  "nodeAttrs": [{"target": ["autogroup:member"], "attr": ["funnel"]}],
+  "tests": [{"src": "ada@example.com", "accept": ["100.64.0.9:22"], "deny": ["100.64.0.9:80"]}],
+}"""
+
+
+def test_a_tailscale_policy_with_email_users_is_stored_with_its_warnings_answered_and_audited(
+        tmp_path):
+    r = leading_replica(tmp_path)
+    try:
+        token = admin_token(r)
+
+        async def scenario():
+            async with served(r) as (client, _):
+                auth_header = {"Authorization": f"Bearer {token}"}
+                text = {**auth_header, "Content-Type": "text/plain"}
+                made = await client.post("/api/v1/users", headers=auth_header,
+                                         json={"name": "ada@example.com"})
+                assert made.status == 201, await made.text()
+                bad = await client.post("/api/v1/users", headers=auth_header,
+                                        json={"name": "ada@example.com\n"})
+                assert bad.status == 400 and "not a valid user name" in await bad.text()
+                codes = ["ssh_not_enforced", "node_attrs_not_enforced"]
+                valid = await (await client.post("/api/v1/policy/validate", data=TAILSCALE_STYLE,
+                                                 headers=text)).json()
+                assert [w["code"] for w in valid["warnings"]] == codes
+                assert [w["path"] for w in valid["warnings"]] == ["ssh", "nodeAttrs"]
+                put = await client.put("/api/v1/policy", data=TAILSCALE_STYLE, headers=text)
+                assert put.status == 200, await put.text()
+                assert (await put.json())["warnings"] == valid["warnings"]
+                got = await (await client.get("/api/v1/policy", headers=auth_header)).json()
+                assert got["policy"]["warnings"] == valid["warnings"]
+                audit = await (await client.get("/api/v1/audit?action=policy.set",
+                                                headers=auth_header)).json()
+                (entry,) = audit["entries"]
+                assert entry["after"]["warnings"] == sorted(codes), entry
+        asyncio.run(scenario())
+    finally:
+        r.stop()
