@@ -417,7 +417,6 @@ def test_policy_set_get_versions(cli, tmp_path):
     assert rc == 1 and err.startswith("error: version_conflict: ")
 
 
-@needs_policy
 def test_policy_warnings_are_printed_and_users_may_be_email_addresses(cli, tmp_path):
     user = f"{uniq('ada')}@example.com"
     assert cli("users", "create", user)[0] == 0

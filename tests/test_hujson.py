@@ -3,7 +3,6 @@ point where the user wrote), never inside strings, in linear time."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -63,18 +62,3 @@ def test_a_long_string_of_comment_and_comma_lookalikes_is_left_alone():
     assert hujson.loads(text) == {"a": "//,]" * 200_000, "b": [1]}
 
 
-def test_cost_grows_linearly_with_size():
-    """What json5 made quadratic-looking (12 s for 920 KB): 8x the text costs about 8x."""
-    rule = '  {"src": ["u1", "10.0.0.0/8"], "dst": ["h:1,]"]}, // rule\n'
-
-    def seconds(n: int) -> float:
-        text = "{\"acls\": [\n" + rule * n + "],}"
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            hujson.loads(text)
-            best = min(best, time.perf_counter() - t)
-        return best
-
-    small, large = seconds(1000), seconds(8000)
-    assert large < small * 8 * 4, (small, large)  # generous: shared CI machines
