@@ -429,3 +429,41 @@ class ClusterKeyBootstrap(_NewClusterKey):
 @command("clusterkey.rotate", changes_cluster_keys=True)
 class ClusterKeyRotate(_NewClusterKey):
     pass
+
+
+# -- single sign-on (api/oidc.py) -------------------------------------------------------------
+@command("login.start")
+class LoginStart(Command):
+    """A login at the identity provider begins: what any replica needs to finish it when
+    the browser comes back there (the callback may land on another replica than the one
+    that started it). `id` is the sha256 of the OAuth `state`, which itself is never stored.
+    `machine_key` and `node_key` for a device login; an admin login instead carries the hash
+    of the API key secret its CLI generated (`key_hash`)."""
+
+    id: str
+    nonce: str
+    code_verifier: str
+    auth_url: str
+    expires_at: float
+    machine_key: str | Absent = ABSENT
+    node_key: str | Absent = ABSENT
+    hostname: str | Absent = ABSENT
+    endpoints: list[str] | Absent = ABSENT
+    advertised_routes: list[str] | Absent = ABSENT
+    key_id: str | Absent = ABSENT
+    key_hash: str | Absent = ABSENT
+
+
+@command("login.complete", changes_netmaps=True, result_lists_nodes=True, changes_api_keys=True)
+class LoginComplete(Command):
+    """The identity provider vouched for `user` (a validated ID token) for login `id`: the
+    login is used up, the user exists, and its device is registered (or re-authenticated) or
+    its admin key is created. `node_id` and `key_expiry` are decided by the proposer."""
+
+    id: str
+    user: str
+    subject: str
+    groups: list[str]
+    node_id: str | Absent = ABSENT
+    key_expiry: float | None | Absent = ABSENT
+    scopes: list[str] | Absent = ABSENT

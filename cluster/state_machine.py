@@ -400,6 +400,12 @@ def _unique_name(txn: StagedTxn, wanted: str, exclude_id: str | None = None) -> 
 
 @handles(c.NodeRegister)
 def _node_register(ctx: Context, cmd: c.NodeRegister) -> dict:
+    return _new_node(ctx, cmd)
+
+
+def _new_node(ctx: Context, cmd: c.NodeRegister, approved: bool = False) -> dict:
+    """Register a node; `approved` when whoever registers it was authenticated otherwise
+    (a single sign-on) than by a pre-auth key."""
     now = cmd.time
     if ctx.txn.get("nodes", cmd.id) is not None:
         raise Rejected("conflict", f"node {cmd.id!r} already exists")
@@ -407,7 +413,7 @@ def _node_register(ctx: Context, cmd: c.NodeRegister) -> dict:
     if existing is not None:
         raise Rejected("conflict", f"this machine key is already registered as node {existing!r}")
     user, tags = unless_absent(cmd.user), sorted(unless_absent(cmd.tags, []))
-    approved, ephemeral = False, False
+    ephemeral = False
     if cmd.preauth_key_id:
         key = ctx.require("preauth_keys", cmd.preauth_key_id, "pre-auth key")
         problem = preauth_key_problem(key, now)
@@ -438,8 +444,8 @@ def _node_register(ctx: Context, cmd: c.NodeRegister) -> dict:
     return record
 
 
-def _update_node(ctx: Context, changes: dict) -> dict:
-    before = ctx.require("nodes", ctx.cmd.id, "node")
+def _update_node(ctx: Context, changes: dict, node_id: str | None = None) -> dict:
+    before = ctx.require("nodes", node_id or ctx.cmd.id, "node")
     after = dict(before, **changes)
     if after != before:
         ctx.txn.put("nodes", before["id"], after)
@@ -598,3 +604,6 @@ def _clusterkey_bootstrap(ctx: Context, cmd: c.ClusterKeyBootstrap) -> dict:
 @handles(c.ClusterKeyRotate)
 def _clusterkey_rotate(ctx: Context, cmd: c.ClusterKeyRotate) -> dict:
     return _add_cluster_key(ctx, cmd)
+
+
+from . import login_apply  # noqa: E402,F401  (registers the login handlers, which use the above)

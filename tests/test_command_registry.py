@@ -41,19 +41,22 @@ def test_declared_properties_are_what_the_feed_and_the_key_cache_relied_on():
     node_record = {"node.register", "node.update", "node.approve", "node.expire", "node.routes",
                    "node.report", "node.rotate_key", "node.reauthenticate"}
     assert ops("result_is_node") == node_record
-    assert ops("result_lists_nodes") == {"node.presence", "node.presence_sweep", "member.remove"}
+    signed_in = {"login.complete"}  # registers a device or creates an admin's API key
+    assert ops("result_lists_nodes") == {"node.presence", "node.presence_sweep",
+                                         "member.remove"} | signed_in
     assert ops("changes_netmaps") == node_record | {"node.delete", "node.presence",
                                                     "node.presence_sweep", "member.remove",
-                                                    "policy.set"}
+                                                    "policy.set"} | signed_in
     assert ops("changes_cluster_keys") == {op for op in COMMANDS if op.startswith("clusterkey.")}
-    assert ops("changes_api_keys") == {op for op in COMMANDS if op.startswith("apikey.")}
+    assert ops("changes_api_keys") == {op for op in COMMANDS if op.startswith("apikey.")} | signed_in
     assert ops("read_barrier") == {"barrier"}
 
 
 def _valid_args(cls: type[Command]) -> dict:
     hints = typing.get_type_hints(cls)
-    return {f.name: [] if typing.get_origin(hints[f.name]) is list else "x"
-            for f in fields(cls) if f.default is MISSING}
+    def valid(tp):
+        return [] if typing.get_origin(tp) is list else 1.0 if tp is float else "x"
+    return {f.name: valid(hints[f.name]) for f in fields(cls) if f.default is MISSING}
 
 
 def _wrong_value(cls: type[Command], name: str):
