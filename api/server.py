@@ -16,7 +16,7 @@ from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.audit_export import AuditExporter
 
 from . import admin, agent_api, sso_api  # noqa: F401  (register their routes)
-from . import auth, health, routing
+from . import auth, health, routing, scim
 from .gc_tuning import raise_young_gc_threshold
 from .errors import MAX_BODY_BYTES, error_middleware
 from .http_errors import JsonErrorRunner
@@ -50,6 +50,7 @@ def build_app(replica: Raft) -> web.Application:
         app[RELYING_PARTY] = RelyingParty(replica.config)
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
+    scim.add_routes(app, replica)
     return app
 
 

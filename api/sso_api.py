@@ -32,7 +32,7 @@ def relying_party(ctx: Ctx) -> RelyingParty:
     rp = ctx.request.app.get(RELYING_PARTY)
     if rp is None:
         raise APIError(404, "not_found", "single sign-on is not configured on this cluster "
-                       "(oidc_issuer, docs/sso.md)")
+                       "(oidc_issuer, docs/identity.md)")
     return rp
 
 

@@ -467,3 +467,24 @@ class LoginComplete(Command):
     node_id: str | Absent = ABSENT
     key_expiry: float | None | Absent = ABSENT
     scopes: list[str] | Absent = ABSENT
+
+
+# -- provisioning by SCIM 2.0 (api/scim.py) ---------------------------------------------------
+@command("scim.put", changes_netmaps=True, result_lists_nodes=True, changes_api_keys=True)
+class ScimPut(Command):
+    """Create (`create`) or replace a SCIM User or Group: the whole resource as the proposer
+    validated and stamped it (id, meta.created, meta.lastModified, meta.version). A User is
+    also the raftmesh user named by its userName; deactivating it revokes its devices."""
+
+    resource_type: str
+    id: str
+    resource: dict
+    create: bool
+    expected_version: str | None | Absent = ABSENT
+
+
+@command("scim.delete", changes_netmaps=True, result_lists_nodes=True, changes_api_keys=True)
+class ScimDelete(Command):
+    resource_type: str
+    id: str
+    expected_version: str | None | Absent = ABSENT

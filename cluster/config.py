@@ -42,7 +42,7 @@ class ReplicaConfig:
     stream_keepalive: float = 10.0  # map-stream keepalive period (agents give up after 2x)
     node_key_lifetime: float = 0.0  # default key expiry of new nodes, seconds (0: never)
     join: bool = False  # start as a new member being added to a running cluster
-    # Single sign-on (docs/sso.md): the OpenID Connect provider devices and admins log in at.
+    # Single sign-on (docs/identity.md): the OpenID Connect provider devices and admins log in at.
     oidc_issuer: str = ""  # empty: no SSO; agents without an auth key wait for approval
     oidc_client_id: str = ""
     oidc_client_secret: str = field(default="", repr=False)  # or RAFTMESH_OIDC_CLIENT_SECRET

@@ -11,7 +11,7 @@ from itertools import islice
 
 from . import commands as c
 from .commands import ABSENT, unless_absent
-from .state_machine import Context, Rejected, _new_node, _update_node, handles, public
+from .state_machine import Context, Rejected, _new_node, _update_node, barred, handles, public
 
 PRUNE_PER_START = 8
 
@@ -83,8 +83,8 @@ def _signed_in_user(ctx: Context, cmd: c.LoginComplete) -> dict:
     if before is not None and before.get("idp_subject") not in (None, cmd.subject):
         raise Rejected("forbidden", f"user {cmd.user!r} belongs to another identity at the "
                        "identity provider", 403)
-    if before is not None and before.get("locked"):
-        raise Rejected("user_locked", f"user {cmd.user!r} is locked by an admin", 403)
+    if barred(before):
+        raise Rejected("user_locked", barred(before), 403)
     after = dict(before or {"name": cmd.user, "display_name": cmd.user, "created_at": cmd.time},
                  idp_subject=cmd.subject, idp_groups=sorted(cmd.groups))
     if after != before:

@@ -331,6 +331,23 @@ def _preauth_delete(ctx: Context, cmd: c.PreauthKeyDelete) -> dict:
     return public(before)
 
 
+def barred(user_record: dict | None) -> str | None:
+    """Why this user may not register or re-authenticate a device now, or None."""
+    if user_record is None:
+        return None
+    if user_record.get("locked"):
+        return f"user {user_record['name']!r} is locked by an admin"
+    if user_record.get("active") is False:
+        return f"user {user_record['name']!r} is deactivated by the identity provider"
+    return None
+
+
+def _refuse_if_barred(ctx: Context, user: str | None) -> None:
+    reason = barred(ctx.txn.get("users", user)) if user else None
+    if reason:
+        raise Rejected("user_locked", reason, 403)
+
+
 def preauth_key_problem(key: dict, now: float) -> str | None:
     """Why a pre-auth key cannot register a node now, or None if it can."""
     if key.get("revoked"):
@@ -423,6 +440,7 @@ def _new_node(ctx: Context, cmd: c.NodeRegister, approved: bool = False) -> dict
         ctx.txn.put("preauth_keys", key["id"], updated)
         ctx.audit(f"preauth_key:{key['id']}", key, updated)
         user, tags, approved, ephemeral = key["user"], key["tags"], True, key["ephemeral"]
+    _refuse_if_barred(ctx, user)
     if user is not None and not tags:
         ctx.require("users", user, "user")
     v4, v6 = _allocate_ips(ctx.txn)
@@ -521,6 +539,7 @@ def _node_reauthenticate(ctx: Context, cmd: c.NodeReauthenticate) -> dict:
         raise Rejected("preauth_key_invalid", f"pre-auth key is {problem}", 401)
     if key["user"] != node.get("registered_by"):
         raise Rejected("forbidden", "the pre-auth key belongs to another user than the node", 403)
+    _refuse_if_barred(ctx, key["user"])
     updated = dict(key, used=key["used"] + 1)
     ctx.txn.put("preauth_keys", key["id"], updated)
     ctx.audit(f"preauth_key:{key['id']}", key, updated)
@@ -606,4 +625,5 @@ def _clusterkey_rotate(ctx: Context, cmd: c.ClusterKeyRotate) -> dict:
     return _add_cluster_key(ctx, cmd)
 
 
-from . import login_apply  # noqa: E402,F401  (registers the login handlers, which use the above)
+# Handlers of their own modules, which use the above: logins, SCIM provisioning.
+from . import login_apply, scim_apply  # noqa: E402,F401

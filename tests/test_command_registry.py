@@ -41,7 +41,9 @@ def test_declared_properties_are_what_the_feed_and_the_key_cache_relied_on():
     node_record = {"node.register", "node.update", "node.approve", "node.expire", "node.routes",
                    "node.report", "node.rotate_key", "node.reauthenticate"}
     assert ops("result_is_node") == node_record
-    signed_in = {"login.complete"}  # registers a device or creates an admin's API key
+    # Identity: a login registers a device or creates an admin's API key; deactivating a
+    # user revokes its devices and deletes the API keys its logins made.
+    signed_in = {"login.complete", "scim.put", "scim.delete"}
     assert ops("result_lists_nodes") == {"node.presence", "node.presence_sweep",
                                          "member.remove"} | signed_in
     assert ops("changes_netmaps") == node_record | {"node.delete", "node.presence",
@@ -55,7 +57,9 @@ def test_declared_properties_are_what_the_feed_and_the_key_cache_relied_on():
 def _valid_args(cls: type[Command]) -> dict:
     hints = typing.get_type_hints(cls)
     def valid(tp):
-        return [] if typing.get_origin(tp) is list else 1.0 if tp is float else "x"
+        if typing.get_origin(tp) is list:
+            return []
+        return {float: 1.0, bool: True, dict: {}}.get(tp, "x")
     return {f.name: valid(hints[f.name]) for f in fields(cls) if f.default is MISSING}
 
 
