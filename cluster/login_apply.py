@@ -11,7 +11,8 @@ from itertools import islice
 
 from . import commands as c
 from .commands import ABSENT, unless_absent
-from .state_machine import Context, Rejected, _new_node, _update_node, barred, handles, public
+from .state_machine import (Context, Rejected, _new_node, _update_node, barred, handles, public,
+                            refresh_idp_groups)
 
 PRUNE_PER_START = 8
 
@@ -68,12 +69,15 @@ def _login_complete(ctx: Context, cmd: c.LoginComplete) -> dict:
         raise Rejected("login_invalid", "no login in progress for this state (unknown, "
                        "already used or expired); start the login again", 400)
     _forget(ctx, login)
+    known = ctx.txn.get("users", cmd.user)
     user = _signed_in_user(ctx, cmd)
+    regrouped = _groups_changed(ctx, cmd, known)
     ctx.audit(f"login:{cmd.id[:12]}", None, {"user": cmd.user, "subject": cmd.subject,
                                              "groups": sorted(cmd.groups)})
     if login.get("machine_key"):  # `nodes`: what the netmap feed upserts (result_lists_nodes)
-        return {"user": user, "nodes": [_device_signed_in(ctx, cmd, login)]}
-    return {"user": user, "nodes": [], "api_key": _admin_signed_in(ctx, cmd, login)}
+        node = _device_signed_in(ctx, cmd, login)
+        return {"user": user, "nodes": [n for n in regrouped if n["id"] != node["id"]] + [node]}
+    return {"user": user, "nodes": regrouped, "api_key": _admin_signed_in(ctx, cmd, login)}
 
 
 def _signed_in_user(ctx: Context, cmd: c.LoginComplete) -> dict:
@@ -91,6 +95,13 @@ def _signed_in_user(ctx: Context, cmd: c.LoginComplete) -> dict:
         ctx.txn.put("users", cmd.user, after)
         ctx.audit(f"user:{cmd.user}", before, after)
     return after
+
+
+def _groups_changed(ctx: Context, cmd: c.LoginComplete, before: dict | None) -> list[dict]:
+    """The user's other nodes, if the ID token named other groups than the last one."""
+    if before is not None and sorted(before.get("idp_groups") or []) == sorted(cmd.groups):
+        return []
+    return refresh_idp_groups(ctx, {cmd.user})
 
 
 def _device_signed_in(ctx: Context, cmd: c.LoginComplete, login: dict) -> dict:

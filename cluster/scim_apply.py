@@ -10,7 +10,8 @@ from __future__ import annotations
 from . import commands as c
 from .commands import unless_absent
 from .revocation import devices_of, revoke_user
-from .state_machine import Context, Rejected, handles
+from .idp_groups import scim_members
+from .state_machine import Context, Rejected, handles, refresh_idp_groups
 
 UNIQUE_ATTRIBUTE = {"User": "userName", "Group": "displayName"}
 
@@ -50,6 +51,8 @@ def _scim_put(ctx: Context, cmd: c.ScimPut) -> dict:
     ctx.txn.put("scim_names", name_key, cmd.id)
     ctx.txn.put("scim", key, cmd.resource)
     ctx.audit(f"scim:{key}", _summary(before), _summary(cmd.resource))
+    if cmd.resource_type == "Group":
+        nodes = _members_changed(ctx, before, cmd.resource)
     return {"resource": cmd.resource, "nodes": nodes}
 
 
@@ -60,7 +63,15 @@ def _scim_delete(ctx: Context, cmd: c.ScimDelete) -> dict:
     ctx.txn.delete("scim", f"{cmd.resource_type}/{cmd.id}")
     ctx.txn.delete("scim_names", _name_key(cmd.resource_type, before))
     ctx.audit(f"scim:{cmd.resource_type}/{cmd.id}", _summary(before), None)
+    if cmd.resource_type == "Group":
+        nodes = _members_changed(ctx, before, None)
     return {"nodes": nodes}
+
+
+def _members_changed(ctx: Context, before: dict | None, after: dict | None) -> list[dict]:
+    """A Group written or deleted: the nodes of the users it lists (before or after) whose
+    groups changed. Both, since a renamed group changes what its members are in."""
+    return refresh_idp_groups(ctx, scim_members(ctx.txn, before) | scim_members(ctx.txn, after))
 
 
 def _summary(resource: dict | None) -> dict | None:

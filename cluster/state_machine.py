@@ -17,6 +17,7 @@ from raftmesh.storage.audit_chain import GENESIS, seal
 
 from . import commands as c
 from .commands import ABSENT, Command, unless_absent
+from .idp_groups import idp_groups_of, node_owner
 
 IPV4_BASE = int(ipaddress.IPv4Address("100.64.0.0"))
 IPV4_SLOTS = 1 << 22  # 100.64.0.0/10
@@ -453,13 +454,24 @@ def _new_node(ctx: Context, cmd: c.NodeRegister, approved: bool = False) -> dict
               "approved": approved, "ephemeral": ephemeral,
               "online": False, "stream_replica": None, "stream_session": None,
               "advertised_routes": sorted(unless_absent(cmd.advertised_routes, [])),
-              "approved_routes": []}
+              "approved_routes": [], "idp_groups": idp_groups_of(ctx.txn, user)}
     ctx.txn.put("nodes", cmd.id, record)
     ctx.txn.put("node_ips", v4, cmd.id)
     ctx.txn.put("node_by_machine", cmd.machine_key, cmd.id)
     ctx.txn.put("node_names", record["name"], cmd.id)
     ctx.audit(f"node:{cmd.id}", None, record)
     return record
+
+
+def refresh_idp_groups(ctx: Context, users: set[str]) -> list[dict]:
+    """After a change of these users' identity-provider groups: their nodes' new records
+    (idp_groups.py), for the netmap feed."""
+    changed, groups = [], {u: idp_groups_of(ctx.txn, u) for u in users}
+    for _, node in list(ctx.txn.items("nodes")):
+        owner = node_owner(node)
+        if owner in groups and (node.get("idp_groups") or []) != groups[owner]:
+            changed.append(_update_node(ctx, {"idp_groups": groups[owner]}, node["id"]))
+    return changed
 
 
 def _update_node(ctx: Context, changes: dict, node_id: str | None = None) -> dict:

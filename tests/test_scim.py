@@ -147,3 +147,33 @@ def test_deactivating_or_deleting_a_user_revokes_all_its_devices(scim, how):
     finally:
         for a in agents:
             a.close()
+
+
+def test_a_scim_group_in_the_policy_follows_its_membership(scim):
+    """`group:idp/<name>` in the policy; adding a member reaches the running streams."""
+    c = scim.cluster
+    ivy, jack = new_user(scim, "ivy"), new_user(scim, "jack")
+    status, group = scim("POST", "/Groups", {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                                             "displayName": "Engineering",
+                                             "members": [{"value": ivy["id"]}]})
+    assert status == 201, group
+    policy = json.dumps({"acls": [{"action": "accept", "src": ["group:idp/engineering"],
+                                   "dst": ["group:idp/engineering:*"]}]})
+    assert c.request(c.replicas[0], "PUT", "/api/v1/policy", policy)[0] == 200
+    (a,), _ = _agents_of(scim, "ivy", ("ivy-laptop",))
+    (b,), _ = _agents_of(scim, "jack", ("jack-laptop",))
+    try:
+        assert b.node_id not in a.peers() and a.node_id not in b.peers()
+        add = {"schemas": [PATCH_SCHEMA], "Operations": [
+            {"op": "add", "path": "members", "value": [{"value": jack["id"]}]}]}
+        assert scim("PATCH", f"/Groups/{group['id']}", add)[0] in (200, 204)
+        a.pump(lambda s: b.node_id in s.peers())
+        b.pump(lambda s: a.node_id in s.peers())
+        remove = {"schemas": [PATCH_SCHEMA], "Operations": [
+            {"op": "remove", "path": f'members[value eq "{jack["id"]}"]'}]}
+        assert scim("PATCH", f"/Groups/{group['id']}", remove)[0] in (200, 204)
+        a.pump(lambda s: b.node_id not in s.peers())
+    finally:
+        a.close()
+        b.close()
+        assert c.request(c.replicas[0], "PUT", "/api/v1/policy", ALLOW_ALL)[0] == 200

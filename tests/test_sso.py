@@ -91,6 +91,7 @@ def test_device_login_started_on_one_replica_finishes_on_another(cluster, idp):
     registered = device.register(r1)
     node = registered["node"]
     assert registered["approved"] and node["user"] == "alice@example.com"
+    assert node["idp_groups"] == ["eng", "netadmins"]  # the groups claim, for group:idp/<name>
     status, user = cluster.request(r2, "GET", "/api/v1/users/alice@example.com")
     assert status in (200, 400)  # the user-name rule of the admin API may not take e-mails yet
 
