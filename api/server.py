@@ -15,7 +15,7 @@ from raftmesh.cluster import raft
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.audit_export import AuditExporter
 
-from . import admin, agent_api, sso_api  # noqa: F401  (register their routes)
+from . import admin, agent_api, lockdown_api, sso_api  # noqa: F401  (register their routes)
 from . import auth, health, routing, scim
 from .gc_tuning import raise_young_gc_threshold
 from .errors import MAX_BODY_BYTES, error_middleware

@@ -346,7 +346,10 @@ class NodeUpdate(Command):
 
 @command("node.approve", changes_netmaps=True, result_is_node=True)
 class NodeApprove(Command):
+    """`user`: who the node belongs to from now on (left out: it keeps its owner, if any)."""
+
     id: str
+    user: str | Absent = ABSENT
 
 
 @command("node.expire", changes_netmaps=True, result_is_node=True)
@@ -488,3 +491,30 @@ class ScimDelete(Command):
     resource_type: str
     id: str
     expected_version: str | None | Absent = ABSENT
+
+
+# -- lock-down (cluster/revocation.py) --------------------------------------------------------
+@command("user.lock", changes_netmaps=True, result_lists_nodes=True, changes_api_keys=True)
+class UserLock(Command):
+    """Revoke everything the user holds and refuse them until an admin unlocks them."""
+
+    name: str
+    reason: str
+
+
+@command("user.unlock")
+class UserUnlock(Command):
+    name: str
+
+
+@command("node.lock", changes_netmaps=True, result_lists_nodes=True)
+class NodeLock(Command):
+    """Revoke one device and refuse its machine until an admin unlocks it."""
+
+    id: str
+    reason: str
+
+
+@command("node.unlock", changes_netmaps=True, result_is_node=True)
+class NodeUnlock(Command):
+    id: str

@@ -11,8 +11,8 @@ from itertools import islice
 
 from . import commands as c
 from .commands import ABSENT, unless_absent
-from .state_machine import (Context, Rejected, _new_node, _update_node, barred, handles, public,
-                            refresh_idp_groups)
+from .state_machine import (Context, Rejected, _new_node, _refuse_if_node_locked, _update_node,
+                            barred, handles, public, refresh_idp_groups)
 
 PRUNE_PER_START = 8
 
@@ -114,6 +114,7 @@ def _device_signed_in(ctx: Context, cmd: c.LoginComplete, login: dict) -> dict:
             advertised_routes=login.get("advertised_routes", []), key_expiry=key_expiry,
             time=cmd.time, actor=cmd.actor), approved=True)
     node = ctx.require("nodes", existing_id, "node")
+    _refuse_if_node_locked(node)
     if cmd.user not in (node.get("user"), node.get("registered_by")):
         raise Rejected("forbidden", f"this machine is registered as node {node['id']} of "
                        "another user", 403)

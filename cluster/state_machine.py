@@ -349,6 +349,12 @@ def _refuse_if_barred(ctx: Context, user: str | None) -> None:
         raise Rejected("user_locked", reason, 403)
 
 
+def _refuse_if_node_locked(node: dict) -> None:
+    if node.get("locked"):
+        raise Rejected("user_locked", f"node {node['id']} is locked by an admin "
+                       f"({node['locked']['reason']}); an admin must unlock it", 403)
+
+
 def preauth_key_problem(key: dict, now: float) -> str | None:
     """Why a pre-auth key cannot register a node now, or None if it can."""
     if key.get("revoked"):
@@ -504,7 +510,19 @@ def _node_update(ctx: Context, cmd: c.NodeUpdate) -> dict:
 
 @handles(c.NodeApprove)
 def _node_approve(ctx: Context, cmd: c.NodeApprove) -> dict:
-    return _update_node(ctx, {"approved": True})
+    """Approve a pending node; with `user`, it becomes that user's device (a pending node
+    registered without an auth key belongs to nobody)."""
+    node = ctx.require("nodes", cmd.id, "node")  # first: a missing node is a 404
+    if node.get("locked"):
+        raise Rejected("user_locked", f"node {cmd.id} is locked by an admin; unlock it first", 403)
+    if cmd.user is ABSENT:
+        return _update_node(ctx, {"approved": True})
+    ctx.require("users", cmd.user, "user")
+    _refuse_if_barred(ctx, cmd.user)
+    owner = {"registered_by": cmd.user, "idp_groups": idp_groups_of(ctx.txn, cmd.user)}
+    if not node["tags"]:
+        owner["user"] = cmd.user
+    return _update_node(ctx, {"approved": True, **owner})
 
 
 @handles(c.NodeExpire)
@@ -552,6 +570,7 @@ def _node_reauthenticate(ctx: Context, cmd: c.NodeReauthenticate) -> dict:
     if key["user"] != node.get("registered_by"):
         raise Rejected("forbidden", "the pre-auth key belongs to another user than the node", 403)
     _refuse_if_barred(ctx, key["user"])
+    _refuse_if_node_locked(node)
     updated = dict(key, used=key["used"] + 1)
     ctx.txn.put("preauth_keys", key["id"], updated)
     ctx.audit(f"preauth_key:{key['id']}", key, updated)
@@ -637,5 +656,5 @@ def _clusterkey_rotate(ctx: Context, cmd: c.ClusterKeyRotate) -> dict:
     return _add_cluster_key(ctx, cmd)
 
 
-# Handlers of their own modules, which use the above: logins, SCIM provisioning.
-from . import login_apply, scim_apply  # noqa: E402,F401
+# Handlers of their own modules, which use the above: lock-down, logins, SCIM provisioning.
+from . import lockdown_apply, login_apply, scim_apply  # noqa: E402,F401

@@ -39,18 +39,20 @@ def test_declared_properties_are_what_the_feed_and_the_key_cache_relied_on():
     def ops(prop):
         return {op for op, cls in COMMANDS.items() if getattr(cls, prop)}
     node_record = {"node.register", "node.update", "node.approve", "node.expire", "node.routes",
-                   "node.report", "node.rotate_key", "node.reauthenticate"}
+                   "node.report", "node.rotate_key", "node.reauthenticate", "node.unlock"}
     assert ops("result_is_node") == node_record
-    # Identity: a login registers a device or creates an admin's API key; deactivating a
-    # user revokes its devices and deletes the API keys its logins made.
+    # Identity: a login registers a device or creates an admin's API key; deactivating or
+    # locking a user revokes its devices and deletes the API keys its logins made.
     signed_in = {"login.complete", "scim.put", "scim.delete"}
+    locks = {"user.lock", "node.lock"}
     assert ops("result_lists_nodes") == {"node.presence", "node.presence_sweep",
-                                         "member.remove"} | signed_in
+                                         "member.remove"} | signed_in | locks
     assert ops("changes_netmaps") == node_record | {"node.delete", "node.presence",
                                                     "node.presence_sweep", "member.remove",
-                                                    "policy.set"} | signed_in
+                                                    "policy.set"} | signed_in | locks
     assert ops("changes_cluster_keys") == {op for op in COMMANDS if op.startswith("clusterkey.")}
-    assert ops("changes_api_keys") == {op for op in COMMANDS if op.startswith("apikey.")} | signed_in
+    assert ops("changes_api_keys") == {op for op in COMMANDS if op.startswith("apikey.")} | \
+        signed_in | {"user.lock"}
     assert ops("read_barrier") == {"barrier"}
 
 
