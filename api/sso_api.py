@@ -113,3 +113,14 @@ async def admin_login(ctx: Ctx):
                                auth_url=new.auth_url, expires_at=until,
                                key_id=ctx.body["key_id"], key_hash=ctx.body["key_hash"]))
     return web.json_response({"login_url": new.auth_url, "login_expires_at": until}, status=201)
+
+
+@route("GET", ADMIN_LOGIN + "/{key_id}", None, "Whether the admin login for this key id is done",
+       response=answer({"signed_in": {"type": "boolean"}}))
+async def admin_login_done(ctx: Ctx):
+    """What the CLI polls: its key works once the person signed in (the key's secret never
+    left the CLI, so answering this reveals nothing)."""
+    await ctx.read_version()
+    with ctx.replica.store.read() as txn:
+        key = txn.get("api_keys", ctx.param("key_id"))
+    return web.json_response({"signed_in": key is not None and key.get("user") is not None})

@@ -489,7 +489,8 @@ def _apikeys(sub, common) -> None:
     p = _leaf(g, "create", apikeys_create, "create an API key (printed once)", common)
     p.add_argument("name")
     p.add_argument("--scope", dest="scopes", action="extend", nargs="+", choices=SCOPES, required=True,
-                   help="admin: everything; operator: read+write; read; audit (repeatable)")
+                   help="admin: everything; operator: read+write; read; audit; scim: /scim/v2 only "
+                   "(repeatable)")
     p.add_argument("--expiration", type=duration, metavar="SECONDS", help="default: never expires")
     p = _leaf(g, "delete", apikeys_delete, "delete an API key", common)
     p.add_argument("id")

@@ -3,8 +3,12 @@ replicas: the login starts on one replica and the provider's redirect lands on a
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import secrets
+import subprocess
+import sys
 import urllib.parse
 
 import pytest
@@ -19,11 +23,12 @@ from raftmesh.proto.routes import REGISTER
 CLIENT_SECRET = "sso-test-client-secret"
 ALICE = {"sub": "alice-sub", "email": "Alice@Example.com", "groups": ["eng", "netadmins"]}
 BOB = {"sub": "bob-sub", "email": "bob@example.com", "groups": ["eng"]}
+CAROL = {"sub": "carol-sub", "email": "carol@example.com", "groups": ["contractors"]}
 
 
 @pytest.fixture(scope="module")
 def idp(tmp_path_factory):
-    provider = OidcProvider([ALICE, BOB], str(tmp_path_factory.mktemp("idp") / "idp.log"))
+    provider = OidcProvider([ALICE, BOB, CAROL], str(tmp_path_factory.mktemp("idp") / "idp.log"))
     yield provider
     provider.stop()
 
@@ -158,3 +163,56 @@ def test_a_refused_code_is_a_clear_error(cluster, idp):
     assert "refused the authorization code" in err["error"]["message"]
     with pytest.raises(ControlError):  # and the device is not registered
         device.client.signed_request("POST", "/machine/report", {})
+
+
+def admin_login(cluster, idp, person: dict, start_at, finish_at) -> tuple[str, int, dict]:
+    """An admin login as the CLI does it: (the key, the callback's status and answer)."""
+    key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+    status, started = cluster.request(start_at, "POST", "/api/v1/auth/login", {
+        "key_id": key_id, "key_hash": hashlib.sha256(secret.encode()).hexdigest()}, key="-")
+    assert status == 201, started
+    redirect = idp.sign_in(started["login_url"], person["sub"])
+    url = finish_at.api_url
+    status, done = cluster.request(url, "GET", at(url, redirect)[len(url):], key="-")
+    return f"rmk_{key_id}_{secret}", status, done
+
+
+def test_admin_logins_get_scopes_from_their_idp_groups(cluster, idp):
+    r1, r2, r3 = cluster.replicas
+    key, status, _ = admin_login(cluster, idp, ALICE, r1, r2)  # netadmins -> admin
+    assert status == 200
+    assert cluster.request(r3, "GET", "/api/v1/api-keys", key=key)[0] == 200
+    key, status, _ = admin_login(cluster, idp, BOB, r2, r1)  # eng -> read only
+    assert status == 200
+    assert cluster.request(r1, "GET", "/api/v1/users", key=key)[0] == 200
+    assert cluster.request(r1, "POST", "/api/v1/users", {"name": "x"}, key=key)[0] == 403
+    assert cluster.request(r1, "GET", "/api/v1/api-keys", key=key)[0] == 403
+    key, status, err = admin_login(cluster, idp, CAROL, r3, r3)  # no mapped group: no key
+    assert (status, err["error"]["code"]) == (403, "forbidden"), err
+    assert cluster.request(r1, "GET", "/api/v1/users", key=key)[0] == 401
+    keys = cluster.request(r1, "GET", "/api/v1/api-keys")[1]["api_keys"]
+    sso = [k for k in keys if k["name"].startswith("sso:")]
+    assert {k["name"] for k in sso} == {"sso:alice@example.com", "sso:bob@example.com"}
+    assert all(k["expires_at"] is not None for k in sso)
+
+
+def test_raftmesh_login_saves_a_working_key(cluster, idp, tmp_path):
+    config = tmp_path / "client.toml"
+    proc = subprocess.Popen([sys.executable, "-m", "raftmesh.cli.main", "login", "--server",
+                             cluster.replicas[0].api_url, "--client-config", str(config)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        url = next(line.strip() for line in proc.stderr if line.strip().startswith("http"))
+        redirect = idp.sign_in(url, ALICE["sub"])
+        r2 = cluster.replicas[1].api_url
+        assert cluster.request(r2, "GET", at(r2, redirect)[len(r2):], key="-")[0] == 200
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stderr.close()
+    assert config.stat().st_mode & 0o777 == 0o600
+    done = subprocess.run([sys.executable, "-m", "raftmesh.cli.main", "--client-config", str(config),
+                           "apikeys", "list"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "sso:alice@example.com" in done.stdout, done.stderr
