@@ -12,7 +12,7 @@ import time
 from aiohttp import web
 
 from raftmesh.cluster.commands import LoginComplete, LoginStart
-from raftmesh.cluster.login_apply import login_in_progress
+from raftmesh.cluster.login_apply import login_for, login_in_progress
 
 from .errors import APIError
 from .oidc import RelyingParty, expires_at, login_id
@@ -45,8 +45,7 @@ async def device_login(ctx: Ctx, machine: str, body: dict) -> web.Response:
     person must open. Asked again while that login is in progress, the same URL (an agent
     polls until its node exists)."""
     with ctx.replica.store.read() as txn:
-        pending = txn.get("login_by_machine", machine)
-        login = login_in_progress(txn, pending, time.time()) if pending else None
+        login = login_for(txn, f"machine:{machine}", time.time())
     if login is None or login["node_key"] != body["node_key"]:
         new, until = await relying_party(ctx).new_login(), expires_at(ctx.config)
         ctx.actor = f"machine:{machine}"
@@ -120,7 +119,14 @@ async def admin_login(ctx: Ctx):
 async def admin_login_done(ctx: Ctx):
     """What the CLI polls: its key works once the person signed in (the key's secret never
     left the CLI, so answering this reveals nothing)."""
+    relying_party(ctx)
     await ctx.read_version()
+    key_id = ctx.param("key_id")
     with ctx.replica.store.read() as txn:
-        key = txn.get("api_keys", ctx.param("key_id"))
-    return web.json_response({"signed_in": key is not None and key.get("user") is not None})
+        key = txn.get("api_keys", key_id)
+        waiting = login_for(txn, f"apikey:{key_id}", time.time()) is not None
+    signed_in = key is not None and key.get("user") is not None
+    if not (signed_in or waiting):
+        raise APIError(404, "not_found", f"no admin login in progress for key {key_id!r} "
+                       "(unknown, or expired: run `raftmesh login` again)")
+    return web.json_response({"signed_in": signed_in})

@@ -10,7 +10,7 @@ from __future__ import annotations
 from itertools import islice
 
 from . import commands as c
-from .commands import ABSENT, unless_absent
+from .commands import unless_absent
 from .state_machine import (Context, Rejected, _new_node, _refuse_if_node_locked, _update_node,
                             barred, handles, public, refresh_idp_groups)
 
@@ -28,9 +28,19 @@ def _login_start(ctx: Context, cmd: c.LoginStart) -> dict:
               **cmd.args()}
     ctx.txn.put("logins", cmd.id, record)
     ctx.txn.put("meta", _expiry_key(record), cmd.id)
-    if cmd.machine_key is not ABSENT:
-        ctx.txn.put("login_by_machine", cmd.machine_key, cmd.id)
+    ctx.txn.put("login_index", index_key(record), cmd.id)
     return {"id": cmd.id, "expires_at": cmd.expires_at}
+
+
+def index_key(login: dict) -> str:
+    """What finds a login in progress: the machine it registers, or the API key it makes."""
+    return f"machine:{login['machine_key']}" if login.get("machine_key") else f"apikey:{login['key_id']}"
+
+
+def login_for(txn, index: str, now: float) -> dict | None:
+    """The login in progress for `index` (index_key), if it can still be completed."""
+    login_id = txn.get("login_index", index)
+    return login_in_progress(txn, login_id, now) if login_id else None
 
 
 def _expiry_key(login: dict) -> str:
@@ -40,9 +50,8 @@ def _expiry_key(login: dict) -> str:
 def _forget(ctx: Context, login: dict) -> None:
     ctx.txn.delete("logins", login["id"])
     ctx.txn.delete("meta", _expiry_key(login))
-    machine = login.get("machine_key")
-    if machine and ctx.txn.get("login_by_machine", machine) == login["id"]:
-        ctx.txn.delete("login_by_machine", machine)
+    if ctx.txn.get("login_index", index_key(login)) == login["id"]:
+        ctx.txn.delete("login_index", index_key(login))
 
 
 def _prune_expired(ctx: Context, now: float) -> None:
