@@ -83,6 +83,11 @@ class ReplicaConfig:
         if self.oidc_issuer and not (self.oidc_client_id and self.oidc_client_secret):
             raise ConfigError("oidc_issuer needs oidc_client_id and oidc_client_secret "
                               "(or RAFTMESH_OIDC_CLIENT_SECRET)")
+        if not isinstance(self.oidc_group_scopes, dict) or not all(
+                isinstance(s, list) and all(isinstance(x, str) for x in s)
+                for s in self.oidc_group_scopes.values()):
+            raise ConfigError('oidc_group_scopes maps group names to lists of API scopes, e.g. '
+                              '{netadmins = ["admin"]}')
         if not 30 <= self.login_timeout <= 3600:
             raise ConfigError("login_timeout must be in [30, 3600] seconds")
         if not self.election_min > 3 * self.heartbeat or not self.election_max > self.election_min:

@@ -17,7 +17,7 @@ from in_memory_api import ServedInMemory
 from raftmesh.agent.control_client import ControlClient, ControlError
 from raftmesh.api.errors import APIError
 from raftmesh.api.oidc import RelyingParty
-from raftmesh.cluster.config import ReplicaConfig
+from raftmesh.cluster.config import ConfigError, ReplicaConfig
 from raftmesh.lab.local_cluster import free_ports
 from raftmesh.proto.routes import REGISTER
 
@@ -115,3 +115,18 @@ def test_unreachable_provider_refuses_new_logins_but_not_auth_keys(tmp_path):
                 created = json.loads(resp.read())
         resp = client.signed_request("POST", REGISTER, dict(body, auth_key=created["key"]))
         assert resp["approved"] and resp["node"]["user"] == "carol"
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({"oidc_client_id": ""}, "oidc_client_id"),
+    ({"oidc_client_secret": ""}, "oidc_client_secret"),
+    ({"oidc_group_scopes": {"netadmins": "admin"}}, "oidc_group_scopes"),
+    ({"login_timeout": 5.0}, "login_timeout"),
+])
+def test_incomplete_sso_settings_are_refused_at_start(settings, problem, monkeypatch):
+    monkeypatch.delenv("RAFTMESH_OIDC_CLIENT_SECRET", raising=False)
+    config = ReplicaConfig(id="r1", raft_addr="127.0.0.1:1", peers=[], cluster_secret="s" * 16,
+                           oidc_issuer=ISSUER, **{"oidc_client_id": CLIENT,
+                                                  "oidc_client_secret": "s", **settings})
+    with pytest.raises(ConfigError, match=problem):
+        config.validate()

@@ -98,7 +98,8 @@ def test_device_login_started_on_one_replica_finishes_on_another(cluster, idp):
     assert registered["approved"] and node["user"] == "alice@example.com"
     assert node["idp_groups"] == ["eng", "netadmins"]  # the groups claim, for group:idp/<name>
     status, user = cluster.request(r2, "GET", "/api/v1/users/alice@example.com")
-    assert status in (200, 400)  # the user-name rule of the admin API may not take e-mails yet
+    assert status == 200 and user["user"]["idp_subject"] == ALICE["sub"]
+    assert user["user"]["idp_groups"] == ["eng", "netadmins"]
 
     # Single use: the same redirect again, on any replica, is refused and changes nothing.
     before = audit_text(cluster)
