@@ -68,6 +68,9 @@ class IdentityLab:
         except (FileNotFoundError, ValueError):
             return {}
 
+    def log_tail(self, label: str) -> str:
+        return (self.tmp / f"agent-{label}.log").read_text(errors="replace")[-3000:]
+
     def address(self, label: str) -> str:
         return self.status(label)["addresses"][0].split("/")[0]
 
@@ -96,8 +99,11 @@ def test_sso_device_login_and_scim_deactivation_cutting_a_tunnel(identity_lab, i
     key = m.admin("POST", "/api/v1/preauth-keys", {"user": "bob"})[1]["key"]
     m.start_agent("b", key)
     m.start_agent("a", None)  # no auth key: single sign-on
-    wait_for(lambda: m.status("a").get("state") == "login_required", timeout=30,
-             what="agent a asks for a sign-in")
+    try:
+        wait_for(lambda: m.status("a").get("state") == "login_required", timeout=60,
+                 what="agent a asks for a sign-in")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; status {m.status('a')}; log:\n{m.log_tail('a')}") from None
     url = m.status("a")["error"]
     assert url in (m.tmp / "agent-a.log").read_text()  # printed for the person, as tailscale up does
     redirect = idp.sign_in(url, ALICE["sub"])
