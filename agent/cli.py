@@ -16,8 +16,9 @@ def register(sub) -> None:
     up = cmds.add_parser("up", help="register (first run), stream the netmap, drive WireGuard")
     up.add_argument("--server", required=True,
                     help="comma-separated replica or load-balancer URLs, tried in turn")
-    up.add_argument("--auth-key", help="pre-auth key (or RAFTMESH_AUTH_KEY); without one the "
-                    "node waits for an admin's approval")
+    up.add_argument("--auth-key", help="pre-auth key (or RAFTMESH_AUTH_KEY); without one it "
+                    "prints a URL to sign in at (single sign-on), or, on a cluster without SSO, "
+                    "the node waits for an admin's approval")
     up.add_argument("--state-dir", required=True, help="keys, registration and cached netmap (0600)")
     up.add_argument("--interface", required=True, help="WireGuard interface name (<= 15 chars)")
     up.add_argument("--hostname", default="")

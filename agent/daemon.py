@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class Agent:
         self.fw: PacketFilter | None = None
         self.status: dict = {"state": "starting", "server": None, "replica": None}
         self.stream: MapStream | None = None
+        self.login_url_shown: str | None = None
 
     @property
     def view(self) -> AgentNetmap | None:
@@ -224,8 +226,19 @@ class Agent:
                 return None
             return self._log_refusal(e, nxt)
         nxt = self.session.registered(resp)
+        if "login_url" in resp:
+            self._ask_to_sign_in(resp["login_url"])
+            return nxt
         self._save_registration()
         return nxt
+
+    def _ask_to_sign_in(self, url: str) -> None:
+        """Say once per login where to sign in (as `tailscale up` does); the URL is also in
+        `agent status` while the login is in progress."""
+        if url != self.login_url_shown:
+            self.login_url_shown = url
+            print(f"To register this node, sign in at:\n\n\t{url}\n", file=sys.stderr, flush=True)
+            self._publish_status(None)
 
     def _save_registration(self) -> None:
         view = self.session.view

@@ -28,6 +28,7 @@ BACKOFF_CAP = 10.0
 SILENCE_KEEPALIVES = 2  # a stream without a frame for this many keepalive periods is dead
 REFUSED_RETRY = 5.0  # pending approval, expired, deleted, revoked: ask again this often
 VERSION_RETRY = 60.0  # after a replica refused our protocol version (another may serve it)
+LOGIN_POLL = 2.0  # while the person signs in at the identity provider: ask whether it is done
 POLL = 1.0  # the longest a driver waits for a frame before asking the core again
 
 # What a frame asks of the driver (AgentSession.frame).
@@ -42,7 +43,11 @@ _REFUSAL_STATES = {"pending_approval": "pending_approval", "node_expired": "expi
                    "not_found": "deleted", UNSUPPORTED: "unsupported_protocol"}
 # States only an operator ends (approve, re-authenticate, upgrade): the daemon keeps asking
 # every REFUSED_RETRY (or VERSION_RETRY) seconds, a benchmark's light agent stops.
-STOPPED_STATES = ("pending_approval", "expired", "deleted", "unsupported_protocol", "revoked")
+STOPPED_STATES = ("pending_approval", "expired", "deleted", "unsupported_protocol", "revoked",
+                  "login_required")
+# States in which registering again may end them: single sign-on re-authenticates an expired
+# node, and tells a login in progress from a finished one.
+_REGISTER_AGAIN = ("expired", "login_required")
 
 
 class Backoff:
@@ -100,12 +105,16 @@ class AgentSession:
     # -- registration ------------------------------------------------------------------------
     @property
     def registration_due(self) -> bool:
-        return self.view is None or self.offer_auth_key
+        return self.view is None or self.offer_auth_key or self.state in _REGISTER_AGAIN
 
     def registered(self, resp: dict) -> Next | None:
         """A register answer: pin the cluster keys it lists (on top of the held ones for the
-        same node). None: stream now; a Next while the node waits for approval."""
+        same node). None: stream now; a Next while the node waits for approval, or for the
+        person to sign in at the URL in `error` (single sign-on)."""
         self.offer_auth_key = False
+        if "login_url" in resp:
+            self._set("login_required", resp["login_url"])
+            return Next(LOGIN_POLL)
         node_id = resp["node"]["id"]
         pinned = {k["id"]: k["public_key"] for k in resp["cluster_keys"]}
         if self.view is None or self.view.node_id != node_id:

@@ -290,9 +290,12 @@ async def delete_node(ctx: Ctx):
     return ok({"deleted": r["value"], "version": r["version"]})
 
 
-@route("POST", V + "/nodes/{id}/approve", "write", "Approve a pending node", response=NODE_WRITTEN)
+@route("POST", V + "/nodes/{id}/approve", "write", "Approve a pending node (?user=: whose device it is)",
+       query={"user": {"type": "string", "minLength": 1, "maxLength": 128,
+                       "description": "the node's owner from now on"}},
+       response=NODE_WRITTEN)
 async def approve_node(ctx: Ctx):
-    r = await ctx.write(NodeApprove(id=ctx.param("id")))
+    r = await ctx.write(NodeApprove(id=ctx.param("id"), **ctx.query))
     return ok({"node": r["value"], "version": r["version"]})
 
 

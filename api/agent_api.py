@@ -2,7 +2,8 @@
 
 Every request is signed with the agent's machine key (proto/machine_auth.py); there is no
 bearer secret to leak. Registration consumes a pre-auth key (approved at once, tags from
-the key) or leaves the node pending until an admin approves it.
+the key), or sends the person to sign in at the identity provider when single sign-on is
+configured (api/sso_api.py), or else leaves the node pending until an admin approves it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from raftmesh.proto.version import HEADER_PROTOCOL_VERSION, UNSUPPORTED, Version
 from .map_stream import HUB
 from .responses import BOOL, FRAMES, NODE_WRITTEN, REGISTERED, STR, VERSION, answer
 from .routing import Ctx, route
+from .sso_api import device_login, sso_enabled
 from raftmesh.proto.wire import HEADER_STREAM_KEY
 
 KEY32 = {"type": "string", "pattern": r"^[A-Za-z0-9+/]{43}=$"}  # base64 of 32 bytes
@@ -99,6 +101,8 @@ async def register(ctx: Ctx):
     b = ctx.body
     lifetime = ctx.config.node_key_lifetime
     key_expiry = time.time() + lifetime if lifetime else None
+    if "auth_key" not in b and sso_enabled(ctx) and (existing is None or _expired(existing)):
+        return await device_login(ctx, machine, b)
     if existing is not None:
         if not (_expired(existing) and "auth_key" in b):
             return web.json_response({"node": public(existing), "approved": existing["approved"],

@@ -10,12 +10,13 @@ import hashlib
 import hmac
 import secrets
 
-SCOPES = ("admin", "operator", "read", "audit")
+SCOPES = ("admin", "operator", "read", "audit", "scim")
 # What each scope grants, besides `admin` which grants everything.
 SCOPE_GRANTS = {
     "read": {"read"},
     "operator": {"read", "write"},
     "audit": {"audit"},
+    "scim": {"scim"},  # provisioning users and groups (api/scim.py), nothing else
 }
 
 

@@ -40,6 +40,12 @@ ERROR_CODES = {
     "bad_command": (400, "a malformed command reached the state machine"),
     "unknown_command": (400, "a command the state machine does not know"),
     "already_bootstrapped": (409, "a bootstrap-only command after bootstrap"),
+    "login_invalid": (400, "no single sign-on in progress for this state (unknown, used or "
+                           "expired), or the identity provider's answer failed validation"),
+    "login_required": (401, "sign in at the identity provider first"),
+    "idp_unavailable": (503, "the identity provider cannot be reached; existing nodes are "
+                             "unaffected, new logins must wait"),
+    "user_locked": (403, "the user or device is locked by an admin"),
     "internal": (500, "a bug in raftmesh; it is logged"),
 }
 

@@ -74,5 +74,8 @@ AUDIT_PAGE = answer({"entries": {"type": "array", "items": AUDIT_ENTRY}, "next_a
 CLUSTER = answer({"members": {"type": "array",
                               "items": answer({"raft_addr": STR, "reachable": BOOL})},
                   "leader": nullable(STR), "leader_raft_addr": nullable(STR)})
-REGISTERED = answer({"node": NODE, "approved": BOOL, "expired": BOOL,
-                     "cluster_keys": {"type": "array", "items": CLUSTER_KEY}}, {"version": VERSION})
+LOGIN_NEEDED = answer({"login_url": STR, "login_expires_at": TIME})
+# A registration: the node, or (single sign-on, no auth key) the URL to sign in at first.
+REGISTERED = {"anyOf": [answer({"node": NODE, "approved": BOOL, "expired": BOOL,
+                                "cluster_keys": {"type": "array", "items": CLUSTER_KEY}},
+                               {"version": VERSION}), LOGIN_NEEDED]}

@@ -15,13 +15,15 @@ from raftmesh.cluster import raft
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.audit_export import AuditExporter
 
-from . import admin, agent_api  # noqa: F401  (register their routes)
-from . import auth, health, routing
+from . import admin, agent_api, lockdown_api, sso_api  # noqa: F401  (register their routes)
+from . import auth, health, routing, scim
 from .gc_tuning import raise_young_gc_threshold
 from .errors import MAX_BODY_BYTES, error_middleware
 from .http_errors import JsonErrorRunner
 from raftmesh.proto.machine_auth import new_cluster_key
 from .map_stream import HUB, StreamHub, sweep_presence
+from .oidc import RelyingParty
+from .sso_api import RELYING_PARTY
 
 log = logging.getLogger("raftmesh.server")
 
@@ -44,8 +46,11 @@ def build_app(replica: Raft) -> web.Application:
                           client_max_size=replica.config.max_body_bytes)
     app[MAX_BODY_BYTES] = replica.config.max_body_bytes
     app[HUB] = StreamHub(replica, metrics.registry)
+    if replica.config.oidc_issuer:
+        app[RELYING_PARTY] = RelyingParty(replica.config)
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
+    scim.add_routes(app, replica)
     return app
 
 

@@ -36,13 +36,33 @@ TARGET_LIGHT_S = 1.5
 METRIC = "raftmesh_revoke_seconds"
 
 
-def _delete(cluster: LocalCluster, node_id: str) -> dict:
+def timed_request(cluster: LocalCluster, method: str, path: str, body=None,
+                  ok: int = 200) -> dict:
+    """One revoking request through the leader: when it was sent and answered."""
     leader = cluster.leader()
     sent = time.time()
-    status, body = cluster.request(leader, "DELETE", f"/api/v1/nodes/{node_id}")
-    if status != 200:
-        raise RuntimeError(f"DELETE node {node_id}: {status} {body}")
+    status, answer = cluster.request(leader, method, path, body, headers={
+        "Content-Type": "application/scim+json"} if path.startswith("/scim/") else None)
+    if status != ok:
+        raise RuntimeError(f"{method} {path}: {status} {answer}")
     return {"sent": sent, "acked": time.time()}
+
+
+class DeleteNode:
+    """How a round revokes its victim: this benchmark DELETEs it (bench/lockdown.py locks
+    its user or deactivates it by SCIM instead)."""
+
+    name = "DELETE node"
+
+    def setup(self, cluster: LocalCluster, keys: dict[str, str]) -> None:
+        self.keys = keys
+
+    def victim_key(self, cluster: LocalCluster, r: int) -> str:
+        """The auth key round `r`'s victim registers with."""
+        return self.keys[harness.SVC_USER]
+
+    def revoke(self, cluster: LocalCluster, node_id: str) -> dict:
+        return timed_request(cluster, "DELETE", f"/api/v1/nodes/{node_id}")
 
 
 # -- light agents ----------------------------------------------------------------------------
@@ -66,7 +86,7 @@ def run_light(bench_run: harness.BenchRun, n: int, rounds: int, workers: int | N
             for r, victim in enumerate(svc):
                 vid = victim["node_id"]
                 having = agents.note_peer(vid)
-                d = _delete(cluster, vid)
+                d = DeleteNode().revoke(cluster, vid)
                 rows = agents.wait_gone(vid, timeout)
                 a = [x["applied"] - d["acked"] for x in rows if x["applied"] is not None]
                 k = [x["acked"] - d["acked"] for x in rows if x["acked"] is not None]
@@ -93,24 +113,27 @@ def run_light(bench_run: harness.BenchRun, n: int, rounds: int, workers: int | N
 
 # -- real wireguard-go daemons ---------------------------------------------------------------
 def run_real(bench_run: harness.BenchRun, k: int, rounds: int, keepalive: float, timeout: float,
-             replicas: int = 3) -> dict:
+             replicas: int = 3, revocation: DeleteNode | None = None, part: str = "real") -> dict:
+    """`part`: the folder of this run's cluster (one per run in a BenchRun)."""
     try:
         with harness.namespace_lab() as lab:
             nss = [lab.add(f"p{i}", f"192.0.2.{i + 1}/24") for i in range(k)]
-            with bench_run.cluster(replicas, keepalive, subdir=os.path.join("real", "raftmesh"),
+            with bench_run.cluster(replicas, keepalive, subdir=os.path.join(part, "raftmesh"),
                                    host=lab.connect_host()) as cluster:
-                return {"daemons": k, **_real_rounds(bench_run, lab, nss, cluster, rounds, timeout)}
+                return {"daemons": k, **_real_rounds(bench_run, lab, nss, cluster, rounds, timeout,
+                                                     revocation or DeleteNode())}
     except harness.LabUnavailable as e:
         return {"skipped": str(e)}
 
 
 def _real_rounds(bench_run: harness.BenchRun, lab: namespaces.Lab, nss: list[namespaces.Namespace],
-                 cluster: LocalCluster, rounds: int, timeout: float) -> dict:
+                 cluster: LocalCluster, rounds: int, timeout: float, revocation: DeleteNode) -> dict:
     """One daemon per namespace of `nss`, then per round a svc daemon revoked (module doc)."""
     agents: list[namespaces.RealAgent] = []
     progress = bench_run.progress
     try:
         keys = harness.setup_cluster(cluster)
+        revocation.setup(cluster, keys)
         servers = [r.api_url for r in cluster.replicas]
         for i, ns in enumerate(nss):
             a = namespaces.RealAgent(lab, ns, bench_run.path, namespaces.rotated(servers, i),
@@ -124,8 +147,8 @@ def _real_rounds(bench_run: harness.BenchRun, lab: namespaces.Lab, nss: list[nam
         samples, per_round, polls, missing = [], [], [], 0
         for r in range(rounds):
             ns = lab.add(f"v{r}", f"192.0.2.{100 + r}/24")
-            victim = namespaces.RealAgent(lab, ns, bench_run.path, servers, keys[harness.SVC_USER],
-                                          f"v{r}")
+            victim = namespaces.RealAgent(lab, ns, bench_run.path, servers,
+                                          revocation.victim_key(cluster, r), f"v{r}")
             victim.start()
             node_id = processes.wait_until(lambda: victim.status().get("node_id"), 60, "victim registered")
             status, body = cluster.request(cluster.replicas[0], "GET", f"/api/v1/nodes/{node_id}")
@@ -150,7 +173,7 @@ def _real_rounds(bench_run: harness.BenchRun, lab: namespaces.Lab, nss: list[nam
             threads = [threading.Thread(target=poll, args=(a,), daemon=True) for a in agents]
             for t in threads:
                 t.start()
-            d = _delete(cluster, node_id)
+            d = revocation.revoke(cluster, node_id)
             t0 = time.time()
             start.set()
             for t in threads:

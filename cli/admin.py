@@ -281,6 +281,12 @@ def _users(sub, common) -> None:
     p = _leaf(g, "delete", users_delete, "delete a user (must own no nodes; its pre-auth keys "
               "go too)", common)
     p.add_argument("name")
+    p = _leaf(g, "lock", users_lock, "lock a user: revoke every device and key of theirs at once, "
+              "refuse them until unlocked", common)
+    p.add_argument("name")
+    p.add_argument("--reason", required=True, help="why (kept in the audit log)")
+    p = _leaf(g, "unlock", users_unlock, "unlock a user (their devices sign in again)", common)
+    p.add_argument("name")
 
 
 def users_list(run: Run) -> None:
@@ -305,6 +311,17 @@ def users_delete(run: Run) -> None:
              lambda a: done("deleted user", run.args.name, a))
 
 
+def users_lock(run: Run) -> None:
+    answer = run.client.post(f"/users/{_seg(run.args.name)}/lock", {"reason": run.args.reason})
+    run.show(answer, lambda a: done(f"locked user {run.args.name}; revoked",
+                                    f"{len(a['revoked'])} device(s)", a))
+
+
+def users_unlock(run: Run) -> None:
+    run.show(run.client.post(f"/users/{_seg(run.args.name)}/unlock"),
+             lambda a: done("unlocked user", run.args.name, a))
+
+
 def _seg(value: str) -> str:
     """A path segment, escaped so an odd name cannot reach another route."""
     from urllib.parse import quote
@@ -326,9 +343,16 @@ def _nodes(sub, common) -> None:
     p.add_argument("id")
     p.add_argument("tags", nargs="*", type=tag, metavar="TAG", help="tag:NAME (the prefix is optional)")
     p.add_argument("--clear", action="store_true", help="remove all tags (the node returns to its user)")
-    for name, help in (("approve", "approve a pending node"), ("expire", "expire a node's key now"),
-                       ("delete", "delete a node")):
+    for name, help in (("expire", "expire a node's key now"), ("delete", "delete a node"),
+                       ("unlock", "unlock a locked node (it re-authenticates)")):
         _leaf(g, name, nodes_action, help, common).add_argument("id")
+    p = _leaf(g, "approve", nodes_action, "approve a pending node", common)
+    p.add_argument("id")
+    p.add_argument("--user", help="the user the node belongs to from now on")
+    p = _leaf(g, "lock", nodes_lock, "lock a node: revoke it, refuse its machine until unlocked",
+              common)
+    p.add_argument("id")
+    p.add_argument("--reason", required=True, help="why (kept in the audit log)")
     p = _leaf(g, "routes", nodes_routes, "set which advertised routes are approved", common)
     p.add_argument("id")
     p.add_argument("cidrs", nargs="*", metavar="CIDR")
@@ -395,8 +419,15 @@ def nodes_action(run: Run) -> None:
     action, path = run.args.nodes_command, f"/nodes/{_seg(run.args.id)}"
     if action == "delete":
         run.show(run.client.delete(path), lambda a: done("deleted", f"node {run.args.id}", a))
+    elif action == "approve" and run.args.user:
+        _show_node(run, run.client.post(f"{path}/approve", user=run.args.user), "approved")
     else:
-        _show_node(run, run.client.post(f"{path}/{action}"), action + "d")
+        _show_node(run, run.client.post(f"{path}/{action}"), action.removesuffix("e") + "ed")
+
+
+def nodes_lock(run: Run) -> None:
+    _show_node(run, run.client.post(f"/nodes/{_seg(run.args.id)}/lock", {"reason": run.args.reason}),
+               "locked")
 
 
 # -- pre-auth keys -------------------------------------------------------------------------------
@@ -458,7 +489,8 @@ def _apikeys(sub, common) -> None:
     p = _leaf(g, "create", apikeys_create, "create an API key (printed once)", common)
     p.add_argument("name")
     p.add_argument("--scope", dest="scopes", action="extend", nargs="+", choices=SCOPES, required=True,
-                   help="admin: everything; operator: read+write; read; audit (repeatable)")
+                   help="admin: everything; operator: read+write; read; audit; scim: /scim/v2 only "
+                   "(repeatable)")
     p.add_argument("--expiration", type=duration, metavar="SECONDS", help="default: never expires")
     p = _leaf(g, "delete", apikeys_delete, "delete an API key", common)
     p.add_argument("id")

@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent_cli.register(sub)
     from raftmesh.cli import admin as cli_admin
     cli_admin.register(parser, sub)
+    from raftmesh.cli import login as cli_login
+    cli_login.register(sub)
     return parser
 
 

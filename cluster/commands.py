@@ -349,7 +349,10 @@ class NodeUpdate(Command):
 
 @command("node.approve", changes_netmaps=True, result_is_node=True)
 class NodeApprove(Command):
+    """`user`: who the node belongs to from now on (left out: it keeps its owner, if any)."""
+
     id: str
+    user: str | Absent = ABSENT
 
 
 @command("node.expire", changes_netmaps=True, result_is_node=True)
@@ -432,3 +435,89 @@ class ClusterKeyBootstrap(_NewClusterKey):
 @command("clusterkey.rotate", changes_cluster_keys=True)
 class ClusterKeyRotate(_NewClusterKey):
     pass
+
+
+# -- single sign-on (api/oidc.py) -------------------------------------------------------------
+@command("login.start")
+class LoginStart(Command):
+    """A login at the identity provider begins: what any replica needs to finish it when
+    the browser comes back there (the callback may land on another replica than the one
+    that started it). `id` is the sha256 of the OAuth `state`, which itself is never stored.
+    `machine_key` and `node_key` for a device login; an admin login instead carries the hash
+    of the API key secret its CLI generated (`key_hash`)."""
+
+    id: str
+    nonce: str
+    code_verifier: str
+    auth_url: str
+    expires_at: float
+    machine_key: str | Absent = ABSENT
+    node_key: str | Absent = ABSENT
+    hostname: str | Absent = ABSENT
+    endpoints: list[str] | Absent = ABSENT
+    advertised_routes: list[str] | Absent = ABSENT
+    key_id: str | Absent = ABSENT
+    key_hash: str | Absent = ABSENT
+
+
+@command("login.complete", changes_netmaps=True, result_lists_nodes=True, changes_api_keys=True)
+class LoginComplete(Command):
+    """The identity provider vouched for `user` (a validated ID token) for login `id`: the
+    login is used up, the user exists, and its device is registered (or re-authenticated) or
+    its admin key is created. `node_id` and `key_expiry` are decided by the proposer."""
+
+    id: str
+    user: str
+    subject: str
+    groups: list[str]
+    node_id: str | Absent = ABSENT
+    key_expiry: float | None | Absent = ABSENT
+    scopes: list[str] | Absent = ABSENT
+
+
+# -- provisioning by SCIM 2.0 (api/scim.py) ---------------------------------------------------
+@command("scim.put", changes_netmaps=True, result_lists_nodes=True, changes_api_keys=True)
+class ScimPut(Command):
+    """Create (`create`) or replace a SCIM User or Group: the whole resource as the proposer
+    validated and stamped it (id, meta.created, meta.lastModified, meta.version). A User is
+    also the raftmesh user named by its userName; deactivating it revokes its devices."""
+
+    resource_type: str
+    id: str
+    resource: dict
+    create: bool
+    expected_version: str | None | Absent = ABSENT
+
+
+@command("scim.delete", changes_netmaps=True, result_lists_nodes=True, changes_api_keys=True)
+class ScimDelete(Command):
+    resource_type: str
+    id: str
+    expected_version: str | None | Absent = ABSENT
+
+
+# -- lock-down (cluster/revocation.py) --------------------------------------------------------
+@command("user.lock", changes_netmaps=True, result_lists_nodes=True, changes_api_keys=True)
+class UserLock(Command):
+    """Revoke everything the user holds and refuse them until an admin unlocks them."""
+
+    name: str
+    reason: str
+
+
+@command("user.unlock")
+class UserUnlock(Command):
+    name: str
+
+
+@command("node.lock", changes_netmaps=True, result_lists_nodes=True)
+class NodeLock(Command):
+    """Revoke one device and refuse its machine until an admin unlocks it."""
+
+    id: str
+    reason: str
+
+
+@command("node.unlock", changes_netmaps=True, result_is_node=True)
+class NodeUnlock(Command):
+    id: str

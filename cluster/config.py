@@ -42,10 +42,25 @@ class ReplicaConfig:
     stream_keepalive: float = 10.0  # map-stream keepalive period (agents give up after 2x)
     node_key_lifetime: float = 0.0  # default key expiry of new nodes, seconds (0: never)
     join: bool = False  # start as a new member being added to a running cluster
+    # Single sign-on (docs/identity.md): the OpenID Connect provider devices and admins log in at.
+    oidc_issuer: str = ""  # empty: no SSO; agents without an auth key wait for approval
+    oidc_client_id: str = ""
+    oidc_client_secret: str = field(default="", repr=False)  # or RAFTMESH_OIDC_CLIENT_SECRET
+    oidc_redirect_url: str = ""  # the callback as browsers reach it (default api_url + /oidc/callback)
+    oidc_scopes: str = "openid email profile"  # add "groups" for Okta's groups claim
+    oidc_user_claim: str = "email"  # the ID token claim that names the raftmesh user
+    oidc_groups_claim: str = "groups"
+    oidc_group_scopes: dict = field(default_factory=dict)  # IdP group -> API scopes of admin logins
+    login_timeout: float = 600.0  # a login not finished by then must start again
+    admin_login_lifetime: float = 3600.0  # the API key an admin login gives expires after this
 
     def __post_init__(self) -> None:
         if not self.api_url:
             self.api_url = f"http://{self.api_host}:{self.api_port}"
+        if not self.oidc_redirect_url:
+            self.oidc_redirect_url = self.api_url + "/oidc/callback"
+        if not self.oidc_client_secret:
+            self.oidc_client_secret = os.environ.get("RAFTMESH_OIDC_CLIENT_SECRET", "")
 
     def validate(self) -> None:
         secret = self.cluster_secret.encode()
@@ -65,6 +80,16 @@ class ReplicaConfig:
             raise ConfigError("stream_keepalive must be in (0, 15] seconds")
         if self.node_key_lifetime < 0:
             raise ConfigError("node_key_lifetime must be >= 0 (0 means keys never expire)")
+        if self.oidc_issuer and not (self.oidc_client_id and self.oidc_client_secret):
+            raise ConfigError("oidc_issuer needs oidc_client_id and oidc_client_secret "
+                              "(or RAFTMESH_OIDC_CLIENT_SECRET)")
+        if not isinstance(self.oidc_group_scopes, dict) or not all(
+                isinstance(s, list) and all(isinstance(x, str) for x in s)
+                for s in self.oidc_group_scopes.values()):
+            raise ConfigError('oidc_group_scopes maps group names to lists of API scopes, e.g. '
+                              '{netadmins = ["admin"]}')
+        if not 30 <= self.login_timeout <= 3600:
+            raise ConfigError("login_timeout must be in [30, 3600] seconds")
         if not self.election_min > 3 * self.heartbeat or not self.election_max > self.election_min:
             raise ConfigError("need election_min > 3 x heartbeat and election_max > election_min")
 

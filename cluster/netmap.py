@@ -48,7 +48,7 @@ def node_view(node: dict) -> NodeView:
         except ValueError:
             pass
     return NodeView(node.get("user"), frozenset(node.get("tags") or ()), addrs,
-                    tuple(sorted(routes, key=_net_key)))
+                    tuple(sorted(routes, key=_net_key)), frozenset(node.get("idp_groups") or ()))
 
 
 def peer_record(node: dict, view: NodeView | None = None) -> Peer:
@@ -99,7 +99,7 @@ def _acl_role(acl: Acl, view: NodeView, text: Callable[[Network], str] = str) ->
     if not (matched or dests or selfs):
         return None
     addr = bool(matched) and not acl.src_any and any(
-        s.kind in ("users", "member", "tagged", "tag") for s in matched)
+        s.kind in NODE_KINDS for s in matched)
     return (bool(matched), addr, tuple(sorted(dests)), tuple(sorted(selfs)),
             bool(matched) and bool(selfs))
 
@@ -275,6 +275,7 @@ class _SlotFinder:
         self.tagged: list[int] = []  # autogroup:tagged
         self.by_user: dict[str, list[int]] = {}
         self.by_tag: dict[str, list[int]] = {}
+        self.by_group: dict[str, list[int]] = {}  # group:idp/<name>
         by_prefix: dict[Network, tuple[Selector, list[int]]] = {}
         for i, slot in enumerate(slots):
             for sel in (*slot.acl.src, *(d.selector for d in slot.acl.dst)):
@@ -290,6 +291,8 @@ class _SlotFinder:
                         self.by_user.setdefault(u, []).append(i)
                 elif k == "tag":
                     self.by_tag.setdefault(sel.tag, []).append(i)
+                elif k == "idp_group":
+                    self.by_group.setdefault(sel.group, []).append(i)
                 elif k == "prefix":
                     by_prefix.setdefault(sel.prefix, (sel, []))[1].append(i)
         # one selector per distinct prefix: as a source or a destination, a prefix concerns
@@ -301,6 +304,8 @@ class _SlotFinder:
         if view.owner is not None:
             found.update(self.owned)
             found.update(self.by_user.get(view.owner, ()))
+            for g in view.groups:
+                found.update(self.by_group.get(g, ()))
         if view.tags:
             found.update(self.tagged)
             for t in view.tags:
@@ -327,7 +332,7 @@ class _Roles:
     def add(self, slots: Iterable[_Slot], view: NodeView) -> bool:
         """Compile `slots` for this node; True when it plays a part in any of them."""
         part = False
-        kind = (view.owner, view.tags, view.routes, bool(view.addresses))
+        kind = (view.owner, view.tags, view.routes, bool(view.addresses), view.groups)
         text = _prefix_text
         for s in slots:
             if s.outsiders is not None and kind in s.outsiders:

@@ -35,7 +35,9 @@ TAG_RE = re.compile(r"^tag:[a-z0-9][a-z0-9-]{0,62}$")  # the admin API's tags
 GROUP_RE = re.compile(r"^group:[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 CAPABILITY_RE = re.compile(r"^[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+/\S+$")  # grants' app keys
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-NODE_KINDS = ("users", "member", "tagged", "tag")  # selectors that list a node's own addresses
+NODE_KINDS = ("users", "member", "tagged", "tag", "idp_group")  # selectors listing a node's own addresses
+IDP_GROUP_PREFIX = "group:idp/"  # a group of the identity provider (SCIM or the groups claim)
+IDP_GROUP_RE = re.compile(r"^group:idp/[^\s\x00-\x1f]{1,256}$")
 # Limits (docs/api.md): what one replica parses, stores and compiles netmaps from must stay
 # bounded, since any caller with a read key can ask for a validation.
 MAX_POLICY_BYTES = 1 << 20  # of UTF-8 text
@@ -64,6 +66,7 @@ class NodeView:
     tags: frozenset[str]
     addresses: tuple[Network, ...]  # its own /32 and /128
     routes: tuple[Network, ...] = ()  # approved subnet routes
+    groups: frozenset[str] = frozenset()  # its user's identity-provider groups, lower-cased
 
     # Derived once per view, not fields (equality ignores them): a policy change matches and
     # formats every node's addresses again, and ipaddress comparisons and IPv6 formatting
@@ -87,10 +90,11 @@ class Selector:
     """One src/dst entry: `*`, a user or group (`users`), a tag, an autogroup or a prefix."""
 
     text: str
-    kind: str  # any | users | member | tagged | tag | self | prefix
+    kind: str  # any | users | member | tagged | tag | self | prefix | idp_group
     users: frozenset[str] = frozenset()
     tag: str | None = None
     prefix: Network | None = None
+    group: str | None = None  # idp_group: resolved per node from replicated membership
 
     def matches_node(self, node: NodeView) -> bool:
         """Is `node` covered as a *source*? A prefix covers the node's addresses and its
@@ -106,6 +110,8 @@ class Selector:
             return bool(node.tags)
         if k == "tag":
             return self.tag in node.tags
+        if k == "idp_group":
+            return node.owner is not None and self.group in node.groups
         if k == "prefix":
             within = self.prefix_span
             return any(_span_within(a, within) for a in node.address_spans) \
@@ -484,6 +490,11 @@ class _Parser:
             elif self.user(name, path) is not None:
                 return Selector(text, "users", users=frozenset({name.removesuffix("@")}))
             return None
+        if text.startswith(IDP_GROUP_PREFIX):
+            if not IDP_GROUP_RE.match(text):
+                self.err(path, f"{text!r}: an identity provider's group is group:idp/<name>")
+                return None
+            return Selector(text, "idp_group", group=text[len(IDP_GROUP_PREFIX):].lower())
         if text.startswith("group:"):
             if text not in self.groups:
                 self.err(path, f"unknown group {text!r}")

@@ -34,7 +34,7 @@ from raftmesh.cluster.policy import Acl, DstEntry, Policy, Selector, parse_polic
 from raftmesh.proto.wire import PROTOCOLS, PortRange
 
 POLICY_FORMAT = 1
-SELECTOR_KINDS = ("any", "users", "member", "tagged", "tag", "self", "prefix")
+SELECTOR_KINDS = ("any", "users", "member", "tagged", "tag", "self", "prefix", "idp_group")
 
 
 class UnreadablePolicy(ValueError):
@@ -88,7 +88,7 @@ def read_form(form: Any) -> Policy:
 
 
 def _selector_form(s: Selector) -> list:
-    value = {"users": sorted(s.users), "tag": s.tag,
+    value = {"users": sorted(s.users), "tag": s.tag, "idp_group": s.group,
              "prefix": str(s.prefix) if s.prefix is not None else None}.get(s.kind)
     return [s.text, s.kind, value]
 
@@ -133,6 +133,10 @@ class _Reader:
             return Selector(text, kind, tag=value)
         if kind == "prefix":
             return Selector(text, kind, prefix=self.prefix(value))
+        if kind == "idp_group":
+            if not isinstance(value, str):
+                raise UnreadablePolicy(f"idp_group selector {text!r} without a group name")
+            return Selector(text, kind, group=value)
         return Selector(text, kind)
 
     def users(self, users: list) -> frozenset[str]:

@@ -17,6 +17,7 @@ from raftmesh.storage.audit_chain import GENESIS, seal
 
 from . import commands as c
 from .commands import ABSENT, Command, unless_absent
+from .idp_groups import idp_groups_of, node_owner
 
 IPV4_BASE = int(ipaddress.IPv4Address("100.64.0.0"))
 IPV4_SLOTS = 1 << 22  # 100.64.0.0/10
@@ -331,6 +332,29 @@ def _preauth_delete(ctx: Context, cmd: c.PreauthKeyDelete) -> dict:
     return public(before)
 
 
+def barred(user_record: dict | None) -> str | None:
+    """Why this user may not register or re-authenticate a device now, or None."""
+    if user_record is None:
+        return None
+    if user_record.get("locked"):
+        return f"user {user_record['name']!r} is locked by an admin"
+    if user_record.get("active") is False:
+        return f"user {user_record['name']!r} is deactivated by the identity provider"
+    return None
+
+
+def _refuse_if_barred(ctx: Context, user: str | None) -> None:
+    reason = barred(ctx.txn.get("users", user)) if user else None
+    if reason:
+        raise Rejected("user_locked", reason, 403)
+
+
+def _refuse_if_node_locked(node: dict) -> None:
+    if node.get("locked"):
+        raise Rejected("user_locked", f"node {node['id']} is locked by an admin "
+                       f"({node['locked']['reason']}); an admin must unlock it", 403)
+
+
 def preauth_key_problem(key: dict, now: float) -> str | None:
     """Why a pre-auth key cannot register a node now, or None if it can."""
     if key.get("revoked"):
@@ -409,6 +433,12 @@ def _unique_name(txn: StagedTxn, wanted: str, exclude_id: str | None = None) -> 
 
 @handles(c.NodeRegister)
 def _node_register(ctx: Context, cmd: c.NodeRegister) -> dict:
+    return _new_node(ctx, cmd)
+
+
+def _new_node(ctx: Context, cmd: c.NodeRegister, approved: bool = False) -> dict:
+    """Register a node; `approved` when whoever registers it was authenticated otherwise
+    (a single sign-on) than by a pre-auth key."""
     now = cmd.time
     if ctx.txn.get("nodes", cmd.id) is not None:
         raise Rejected("conflict", f"node {cmd.id!r} already exists")
@@ -416,7 +446,7 @@ def _node_register(ctx: Context, cmd: c.NodeRegister) -> dict:
     if existing is not None:
         raise Rejected("conflict", f"this machine key is already registered as node {existing!r}")
     user, tags = unless_absent(cmd.user), sorted(unless_absent(cmd.tags, []))
-    approved, ephemeral = False, False
+    ephemeral = False
     if cmd.preauth_key_id:
         key = ctx.require("preauth_keys", cmd.preauth_key_id, "pre-auth key")
         problem = preauth_key_problem(key, now)
@@ -426,6 +456,7 @@ def _node_register(ctx: Context, cmd: c.NodeRegister) -> dict:
         ctx.txn.put("preauth_keys", key["id"], updated)
         ctx.audit(f"preauth_key:{key['id']}", key, updated)
         user, tags, approved, ephemeral = key["user"], key["tags"], True, key["ephemeral"]
+    _refuse_if_barred(ctx, user)
     if user is not None and not tags:
         ctx.require("users", user, "user")
     v4, v6 = _allocate_ips(ctx.txn)
@@ -438,7 +469,7 @@ def _node_register(ctx: Context, cmd: c.NodeRegister) -> dict:
               "approved": approved, "ephemeral": ephemeral,
               "online": False, "stream_replica": None, "stream_session": None,
               "advertised_routes": sorted(unless_absent(cmd.advertised_routes, [])),
-              "approved_routes": []}
+              "approved_routes": [], "idp_groups": idp_groups_of(ctx.txn, user)}
     ctx.txn.put("nodes", cmd.id, record)
     ctx.txn.put("node_ips", v4, cmd.id)
     ctx.txn.put("node_by_machine", cmd.machine_key, cmd.id)
@@ -447,8 +478,19 @@ def _node_register(ctx: Context, cmd: c.NodeRegister) -> dict:
     return record
 
 
-def _update_node(ctx: Context, changes: dict) -> dict:
-    before = ctx.require("nodes", ctx.cmd.id, "node")
+def refresh_idp_groups(ctx: Context, users: set[str]) -> list[dict]:
+    """After a change of these users' identity-provider groups: their nodes' new records
+    (idp_groups.py), for the netmap feed."""
+    changed, groups = [], {u: idp_groups_of(ctx.txn, u) for u in users}
+    for _, node in list(ctx.txn.items("nodes")):
+        owner = node_owner(node)
+        if owner in groups and (node.get("idp_groups") or []) != groups[owner]:
+            changed.append(_update_node(ctx, {"idp_groups": groups[owner]}, node["id"]))
+    return changed
+
+
+def _update_node(ctx: Context, changes: dict, node_id: str | None = None) -> dict:
+    before = ctx.require("nodes", node_id or ctx.cmd.id, "node")
     after = dict(before, **changes)
     if after != before:
         ctx.txn.put("nodes", before["id"], after)
@@ -477,7 +519,19 @@ def _node_update(ctx: Context, cmd: c.NodeUpdate) -> dict:
 
 @handles(c.NodeApprove)
 def _node_approve(ctx: Context, cmd: c.NodeApprove) -> dict:
-    return _update_node(ctx, {"approved": True})
+    """Approve a pending node; with `user`, it becomes that user's device (a pending node
+    registered without an auth key belongs to nobody)."""
+    node = ctx.require("nodes", cmd.id, "node")  # first: a missing node is a 404
+    if node.get("locked"):
+        raise Rejected("user_locked", f"node {cmd.id} is locked by an admin; unlock it first", 403)
+    if cmd.user is ABSENT:
+        return _update_node(ctx, {"approved": True})
+    ctx.require("users", cmd.user, "user")
+    _refuse_if_barred(ctx, cmd.user)
+    owner = {"registered_by": cmd.user, "idp_groups": idp_groups_of(ctx.txn, cmd.user)}
+    if not node["tags"]:
+        owner["user"] = cmd.user
+    return _update_node(ctx, {"approved": True, **owner})
 
 
 @handles(c.NodeExpire)
@@ -524,6 +578,8 @@ def _node_reauthenticate(ctx: Context, cmd: c.NodeReauthenticate) -> dict:
         raise Rejected("preauth_key_invalid", f"pre-auth key is {problem}", 401)
     if key["user"] != node.get("registered_by"):
         raise Rejected("forbidden", "the pre-auth key belongs to another user than the node", 403)
+    _refuse_if_barred(ctx, key["user"])
+    _refuse_if_node_locked(node)
     updated = dict(key, used=key["used"] + 1)
     ctx.txn.put("preauth_keys", key["id"], updated)
     ctx.audit(f"preauth_key:{key['id']}", key, updated)
@@ -607,3 +663,7 @@ def _clusterkey_bootstrap(ctx: Context, cmd: c.ClusterKeyBootstrap) -> dict:
 @handles(c.ClusterKeyRotate)
 def _clusterkey_rotate(ctx: Context, cmd: c.ClusterKeyRotate) -> dict:
     return _add_cluster_key(ctx, cmd)
+
+
+# Handlers of their own modules, which use the above: lock-down, logins, SCIM provisioning.
+from . import lockdown_apply, login_apply, scim_apply  # noqa: E402,F401

@@ -39,10 +39,12 @@ class InMemoryApi:
 class ServedInMemory:
     """Context manager: start() the app on its own loop thread, close() everything."""
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, **settings):
+        """`settings`: ReplicaConfig fields beyond the defaults (e.g. single sign-on)."""
         self.admin_key = auth.new_secret_token("rmk")[1]
         config = ReplicaConfig(id="mem0", raft_addr="127.0.0.1:1", peers=[], data_dir=data_dir,
-                               cluster_secret="in-memory-test-secret", bootstrap_admin_key=self.admin_key)
+                               cluster_secret="in-memory-test-secret", bootstrap_admin_key=self.admin_key,
+                               **settings)
         self.raft = InMemoryRaft(config)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="in-memory-api", daemon=True)

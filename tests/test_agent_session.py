@@ -8,8 +8,8 @@ import pytest
 
 from raftmesh.agent.acks import ACK_DELAY
 from raftmesh.agent.netmap_state import AgentNetmap
-from raftmesh.agent.session import (APPLY, APPLY_ARM_ACK, BACKOFF_BASE, BACKOFF_CAP, END, IGNORE, POLL,
-                                    REFUSED_RETRY, REVOKED, STOPPED_STATES, VERSION_RETRY, AgentSession,
+from raftmesh.agent.session import (APPLY, APPLY_ARM_ACK, BACKOFF_BASE, BACKOFF_CAP, END, IGNORE,
+                                    LOGIN_POLL, POLL, REFUSED_RETRY, REVOKED, STOPPED_STATES, VERSION_RETRY, AgentSession,
                                     Next)
 from raftmesh.proto.frames import FrameSigner
 from raftmesh.proto.routes import BYE_REVOKED, BYE_SHUTTING_DOWN
@@ -74,6 +74,26 @@ def test_a_pending_node_waits_for_approval():
     nxt = s.registered({"node": {"id": "n1"}, "approved": False, "cluster_keys": []})
     assert nxt == Next(min(REFUSED_RETRY, BACKOFF_BASE + 1.0))
     assert s.state == "pending_approval" and "approve" in s.error
+
+
+def test_a_login_url_is_shown_and_asked_about_until_the_node_exists():
+    s = AgentSession(HighRng())
+    url = "https://idp.example.com/authorize?state=x"
+    assert s.registered({"login_url": url, "login_expires_at": 1.0}) == Next(LOGIN_POLL)
+    assert (s.state, s.error, s.view) == ("login_required", url, None)
+    assert s.registration_due and "login_required" in STOPPED_STATES
+    assert s.registered({"node": {"id": "n1"}, "approved": True, "cluster_keys": []}) is None
+    assert s.view.node_id == "n1"
+
+
+def test_an_expired_node_registers_again_to_sign_in_again():
+    s, sender = streaming()
+    s.frame(sender.full(3, [peer(2)]), 1.0, WALL)
+    assert not s.registration_due
+    s.refused(401, "node_expired", "expired")
+    assert s.registration_due
+    s.registered({"login_url": "https://idp.example.com/a", "login_expires_at": 1.0})
+    assert s.view.node_id and s.registration_due  # the registration is kept meanwhile
 
 
 def test_a_refused_auth_key_keeps_an_existing_registration_but_not_a_refused_version():

@@ -157,7 +157,7 @@ def names(err: dict, name: str) -> bool:
 
 # -- bodies generated from a route's JSON schema -------------------------------------------------
 STRING_CANDIDATES = ["a", "tag:a", "127.0.0.1:1", "http://127.0.0.1:1", "A" * 43 + "=", "10.0.0.0/8",
-                     "rmk_aaaaaaaaaaaa_x", "a" * 10]
+                     "rmk_aaaaaaaaaaaa_x", "a" * 10, "a" * 12, "a" * 64]
 
 
 def valid(value, schema) -> bool:

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from conftest import bench_args
-from raftmesh.bench import connect, policy, propagation, revoke, stream_failover, stream_memory
+from raftmesh.bench import connect, lockdown, policy, propagation, revoke, stream_failover, stream_memory
 from raftmesh.cluster.policy import MAX_ENTRIES, MAX_POLICY_BYTES, parse_policy
 from raftmesh.lab import namespaces
 from raftmesh.lab.processes import pid_running
@@ -155,3 +155,18 @@ def test_the_benchmark_policy_of_20000_rules_fits_the_limits():
     text = policy.policy_text(MAX_ENTRIES["acls"], ["bench", "svc", "u1"])
     assert len(text.encode()) <= MAX_POLICY_BYTES
     assert len(parse_policy(text).acls) == MAX_ENTRIES["acls"]
+
+
+@needs_lab
+def test_lockdown_real_wireguard_tiny(tmp_path):
+    args = bench_args("lockdown", ["--real", "2", "--rounds", "2", "--stream-keepalive", "2",
+                                  "--out", str(tmp_path)])
+    try:
+        assert lockdown.main(args) == 0
+    finally:
+        assert my_namespaces() == []
+    saved = json.loads((tmp_path / "lockdown.json").read_text())
+    for via in ("lock", "scim"):
+        assert saved[via]["missing"] == 0 and saved[via]["removed"]["n"] == 4, saved[via]
+    assert [t["via"] for t in saved["targets"]] == ["lock", "scim"]
+    assert not [p for p in saved["pids"] if pid_running(p)]

@@ -39,21 +39,30 @@ def test_declared_properties_are_what_the_feed_and_the_key_cache_relied_on():
     def ops(prop):
         return {op for op, cls in COMMANDS.items() if getattr(cls, prop)}
     node_record = {"node.register", "node.update", "node.approve", "node.expire", "node.routes",
-                   "node.report", "node.rotate_key", "node.reauthenticate"}
+                   "node.report", "node.rotate_key", "node.reauthenticate", "node.unlock"}
     assert ops("result_is_node") == node_record
-    assert ops("result_lists_nodes") == {"node.presence", "node.presence_sweep", "member.remove"}
+    # Identity: a login registers a device or creates an admin's API key; deactivating or
+    # locking a user revokes its devices and deletes the API keys its logins made.
+    signed_in = {"login.complete", "scim.put", "scim.delete"}
+    locks = {"user.lock", "node.lock"}
+    assert ops("result_lists_nodes") == {"node.presence", "node.presence_sweep",
+                                         "member.remove"} | signed_in | locks
     assert ops("changes_netmaps") == node_record | {"node.delete", "node.presence",
                                                     "node.presence_sweep", "member.remove",
-                                                    "policy.set"}
+                                                    "policy.set"} | signed_in | locks
     assert ops("changes_cluster_keys") == {op for op in COMMANDS if op.startswith("clusterkey.")}
-    assert ops("changes_api_keys") == {op for op in COMMANDS if op.startswith("apikey.")}
+    assert ops("changes_api_keys") == {op for op in COMMANDS if op.startswith("apikey.")} | \
+        signed_in | {"user.lock"}
     assert ops("read_barrier") == {"barrier"}
 
 
 def _valid_args(cls: type[Command]) -> dict:
     hints = typing.get_type_hints(cls)
-    return {f.name: [] if typing.get_origin(hints[f.name]) is list else "x"
-            for f in fields(cls) if f.default is MISSING}
+    def valid(tp):
+        if typing.get_origin(tp) is list:
+            return []
+        return {float: 1.0, bool: True, dict: {}}.get(tp, "x")
+    return {f.name: valid(hints[f.name]) for f in fields(cls) if f.default is MISSING}
 
 
 def _wrong_value(cls: type[Command], name: str):
