@@ -31,6 +31,7 @@ class TimelineEntry:
     start: float
     end: float | None = None
     params: dict = field(default_factory=dict)
+    leader: str | None = None  # who led when the fault started (availability depends on it)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -115,7 +116,8 @@ class Injector:
     # -- inject / heal --------------------------------------------------------------------------
     def _inject(self, ev: FaultEvent) -> TimelineEntry:
         target, how = ("all", "scheduled") if ev.target in ("all", "") else self.resolve(ev.target)
-        entry = TimelineEntry(ev.index, ev.kind, target, "", self.now(), params=dict(ev.params))
+        entry = TimelineEntry(ev.index, ev.kind, target, "", self.now(), params=dict(ev.params),
+                              leader=target if how == "the leader" else self.leader())
         self.current = entry
         self.timeline.append(entry)
         getattr(self, f"_start_{ev.kind}")(ev, entry, target)

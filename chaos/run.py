@@ -25,7 +25,7 @@ from typing import Callable
 
 from raftmesh.lab.local_cluster import LocalCluster
 
-from . import checkers, history as hist, latency_proxy, plot
+from . import availability, checkers, history as hist, latency_proxy, plot
 from .checkers import Check
 from .faults import Injector, clear_removed_data
 from raftmesh.lab.processes import stop_pid
@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of workload under faults")
     parser.add_argument("--seed", type=int, default=None, help="schedule and workload seed (default: random, printed)")
     parser.add_argument("--out", default="chaos-out", help="directory for history, timeline, checks, plot")
-    parser.add_argument("--concurrency", type=int, default=8, help="workload clients")
+    parser.add_argument("--concurrency", type=int, default=3,
+                        help="workload clients per replica (each sends its first attempts to its own replica)")
     parser.add_argument("--settle", type=float, default=45.0, help="max seconds to converge after healing")
     parser.add_argument("--keep-data", action="store_true", help="keep replica data even when every check passes")
     parser.add_argument("--print-schedule", action="store_true", help="print the schedule and exit")
@@ -93,6 +94,7 @@ class Run:
         self.agents: ChaosAgents | None = None
         self.checks: list[Check] = []
         self.started = time.monotonic()
+        self.load: dict = {}  # 1-minute load average around the workload: contention inflates gaps
 
     def log(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f}s] {msg}", flush=True)
@@ -176,6 +178,7 @@ class Run:
         workload = Workload([r.api_url for r in self.cluster.replicas], self.cluster.admin_key, self.seed,
                             t0, self.args.concurrency)
         thread = threading.Thread(target=injector.run, name="chaos-faults", daemon=True)
+        self.load["start"] = round(os.getloadavg()[0], 2)
         thread.start()
         try:
             asyncio.run(self._drive(workload, injector))
@@ -184,6 +187,7 @@ class Run:
             thread.join(60)
             injector.heal_all()
         run_seconds = time.monotonic() - t0
+        self.load["end"] = round(os.getloadavg()[0], 2)
         self.log(f"workload done: {len(workload.history)} ops in {run_seconds:.1f}s; healed, settling")
         settle_check, members = self._settle()
         agent_checks = []
@@ -278,7 +282,11 @@ class Run:
                             checkers.check_acknowledged(history, final), attributed,
                             checkers.check_atomic(tables)]
         self.checks.append(checkers.check_responses(workload.anomalies))
-        run = {"history": history, "tables": tables, "final": final, "timeline": injector.timeline,
+        ids = [r.id for r in self.cluster.replicas]
+        gaps = availability.fault_gaps([(t, ids[i]) for t, i in workload.acks],
+                                       [e.to_dict() for e in injector.timeline], workload.now())
+        self.checks.append(availability.check_available(gaps))
+        run = {"gaps": gaps, "history": history, "tables": tables, "final": final, "timeline": injector.timeline,
                "digests": digests}
         for fn in EXTRA_CHECKS:
             self.checks.append(fn(run))
@@ -302,16 +310,18 @@ class Run:
         summary = {"verdict": "PASS" if ok else "FAIL", "seed": self.seed, "replicas": self.args.replicas,
                    "duration": self.args.duration, "faults": self.faults, "run_seconds": round(run_seconds, 1),
                    "ops": len(workload.history), "by_status": dict(counts),
+                   "client_ops": workload.stats.started,
                    "ops_per_second": round(len(workload.history) / max(run_seconds, 1e-9), 1),
                    "attempts": workload.stats.attempts, "retries": workload.stats.retries,
                    "latency_ok": checkers.latency_stats(workload.history),
                    "faults_injected": len(injector.timeline), "faults_by_kind": dict(kinds),
+                   "write_gaps": run["gaps"], "load": self.load,
                    "digests": {k: list(v) if v else None for k, v in run["digests"].items()},
                    "checks": {c.name: c.ok for c in self.checks}}
         title = (f"raftmesh chaos {summary['verdict']}: seed {self.seed}, {self.args.replicas} replicas, "
                  f"{len(workload.history)} ops, {len(injector.timeline)} faults")
         png = plot.plot(os.path.join(out, "plot.png"), workload.history,
-                        [e.to_dict() for e in injector.timeline], title)
+                        [e.to_dict() for e in injector.timeline], title, run["gaps"])
         summary["files"] = {"history": "history.jsonl", "attempts": "attempts.jsonl", "faults": "faults.jsonl", "checks": "checks.json",
                             "final_state": "final-state.json", "schedule": "schedule.json",
                             "plot": "plot.png" if png else None, "logs": "cluster/*.log"}
@@ -326,15 +336,20 @@ class Run:
 def render_summary(s: dict, checks: list[Check], timeline) -> str:
     lat = s["latency_ok"]
     lines = [f"raftmesh chaos: {s['verdict']}  (seed {s['seed']}, {s['replicas']} replicas, "
-             f"{s['duration']:g}s, faults {','.join(s['faults'])})",
-             f"  ops: {s['ops']} ({', '.join(f'{k} {v}' for k, v in sorted(s['by_status'].items()))}), "
+             f"{s['duration']:g}s, faults {','.join(s['faults'])}; load {s['load']})",
+             f"  ops: {s['ops']} ({', '.join(f'{k} {v}' for k, v in sorted(s['by_status'].items()))}) "
+             f"from {s['client_ops']} client operations (a list read records one op per key), "
              f"{s['ops_per_second']}/s, {s['retries']} retries"
              + (f"; ok latency p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms" if lat else ""),
              f"  faults injected: {s['faults_injected']} ("
              + ", ".join(f"{k} {v}" for k, v in sorted(s["faults_by_kind"].items())) + ")"]
+    gaps = {g["index"]: g for g in s.get("write_gaps", [])}
     for e in timeline:
         end = f"{e.end:6.1f}" if e.end is not None else "   -  "
-        lines.append(f"    {e.start:6.1f}-{end}s  #{e.index} {e.detail}" + "".join(f"; {n}" for n in e.notes))
+        g = gaps.get(e.index)
+        avail = (f" [leader {e.leader}; write gap {g['during']['seconds']:.1f}s on the others, "
+                 f"{g['after']['seconds']:.1f}s after]") if g else ""
+        lines.append(f"    {e.start:6.1f}-{end}s  #{e.index} {e.detail}{avail}" + "".join(f"; {n}" for n in e.notes))
     lines += [c.render() for c in checks]
     lines.append(f"  written to {s.get('out', '--out')}: " + ", ".join(v for v in s["files"].values() if v))
     if s["verdict"] == "FAIL":

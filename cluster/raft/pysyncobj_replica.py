@@ -112,7 +112,7 @@ class RaftReplica(SyncObj):
             raftMaxTimeout=config.election_max,
             connectionTimeout=max(1.0, config.election_max),
             connectionRetryTime=0.3,
-            leaderFallbackTimeout=max(1.0, 2 * config.election_max),
+            leaderFallbackTimeout=max(1.0, config.election_max),
             commandsWaitLeader=False,
             dynamicMembershipChange=True,
             journalFile=os.path.join(config.data_dir, "raft.journal"),
@@ -256,6 +256,8 @@ class RaftReplica(SyncObj):
     def _after_tick(self) -> None:
         """Runs inside each tick before it waits: replicate, make durable, resolve."""
         leader = self._isLeader()
+        if not leader:
+            self._give_up_without_leader()
         self._ship()  # what arrived during apply; before the leader's own fsync
         self._propose_barrier()
         self.store.commit()
@@ -266,6 +268,27 @@ class RaftReplica(SyncObj):
         if leader and not self._SyncObj__otherNodes and self._log_index() > self.raftCommitIndex:
             self._wake()  # a single replica: no ack will wake the tick that commits these
         self._refresh_status()
+
+    def _give_up_without_leader(self) -> None:
+        """Answer waiting proposals once this replica knows it has no leader to reach.
+
+        pysyncobj keeps a command it appended as leader, or forwarded and had acknowledged
+        by a leader, until that log index is applied here, and a follower cut off from
+        everyone starts no election, so it keeps a silent leader for good. Clients of a
+        replica without a quorum then waited the whole write timeout (or the whole
+        partition) for an answer. Now a leader silent for an election timeout is dropped,
+        and when there is no leader every waiting proposal ends as unknown (it may still
+        commit elsewhere); new ones fail at once with MISSING_LEADER (`no_leader`)."""
+        if self._SyncObj__raftLeader is not None and self._SyncObj__raftElectionDeadline < time.monotonic():
+            self._SyncObj__raftLeader = None
+            self._SyncObj__onLeaderChanged()  # forwarded, not yet acknowledged: LEADER_CHANGED
+        waiting = self._SyncObj__commandsWaitingCommit
+        if self._SyncObj__raftLeader is not None or not waiting:
+            return
+        for index in sorted(waiting):
+            for _, callback in waiting[index]:
+                callback(None, FAIL_REASON.LEADER_CHANGED)
+        waiting.clear()
 
     def _log_index(self) -> int:
         return self.journal[-1][1]
