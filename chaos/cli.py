@@ -15,6 +15,11 @@ def register(sub) -> None:
                         description=run.__doc__, formatter_class=_raw_help())
     run.add_arguments(p)
     p.set_defaults(func=cleaned_up_on_sigterm(run.main))
+    campaign = importlib.import_module("raftmesh.chaos.campaign")
+    p = cmds.add_parser("campaign", help="many seeded schedules back to back, one verdict table",
+                        description=campaign.__doc__, formatter_class=_raw_help())
+    campaign.add_arguments(p)
+    p.set_defaults(func=cleaned_up_on_sigterm(campaign.main))
 
 
 def _raw_help():

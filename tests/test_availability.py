@@ -119,3 +119,44 @@ def test_a_cut_off_replica_answers_within_about_an_election_and_serves_soon_afte
     wait_until(lambda: _timed_write(cluster, victim, f"back{time.monotonic()}")[0] == 201, 20,
                interval=0.1, what="a write through the healed replica")
     assert time.monotonic() - healed < 3.0, f"the healed replica served again only after {time.monotonic() - healed:.1f}s"
+
+
+def _self(cluster, r):
+    try:
+        status, body = cluster.request(r, "GET", "/api/v1/cluster/self", timeout=2)
+    except OSError:
+        return None
+    return body["replica"] if status == 200 else None
+
+
+@pytest.mark.timeout(90)
+def test_a_resumed_old_leader_does_not_depose_the_leader_elected_while_it_was_paused(make_cluster):
+    import signal
+    cluster = make_cluster(3)
+    old = cluster.leader()
+    others = [r for r in cluster.replicas if r is not old]
+    old.proc.send_signal(signal.SIGSTOP)
+    try:
+        new = wait_until(lambda: next((r for r in others if (_self(cluster, r) or {}).get("state") == "leader"), None),
+                         20, what="a new leader while the old one is paused")
+        # Paused well past the others' 1 s connection timeout, as in a chaos pause window.
+        wait_until(lambda: (_self(cluster, new) or {}).get("state") == "leader"
+                   and all((_self(cluster, r) or {}).get("leader") for r in others), 10, what="a settled majority")
+        term = _self(cluster, new)["term"]
+        paused = time.monotonic()
+        pool = concurrent.futures.ThreadPoolExecutor(3)
+        held = [pool.submit(_timed_write, cluster, old, f"held{k}") for k in range(3)]  # queued in the paused process
+        wait_until(lambda: time.monotonic() - paused > 2.0, 5, what="the pause's end")
+    finally:
+        old.proc.send_signal(signal.SIGCONT)
+    resumed = time.monotonic()
+    for f in held:
+        status, body, _ = f.result()
+        assert status in (201, 503) and time.monotonic() - resumed < 2.0, \
+            f"a request held by the paused leader was answered {status} {body} {time.monotonic() - resumed:.1f}s after the resume"
+    pool.shutdown()
+    wait_until(lambda: (_self(cluster, old) or {}).get("leader") == _self(cluster, new)["raft_addr"], 20,
+               what="the resumed replica following the new leader")
+    after = _self(cluster, new)
+    assert (after["state"], after["term"]) == ("leader", term), \
+        f"the resumed old leader forced an election: {after['state']} at term {after['term']} (was {term})"

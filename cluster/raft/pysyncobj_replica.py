@@ -151,17 +151,35 @@ class RaftReplica(SyncObj):
 
     # -- the tick loop -----------------------------------------------------------------
     def _run(self) -> None:
+        last_tick = time.monotonic()
         while not self._stopping:
             try:
                 # Cleared before the tick drains the command queue: a command queued after
                 # this point finds the flag down and writes a new wake-up (see _wake).
                 self._wake_pending = False
+                last_tick = self._after_a_stall(last_tick)
                 self.doTick(self.config.tick)
                 self._flush_outbox()  # replies produced while handling received messages
             except Exception:
                 log.exception("raft tick failed")
                 time.sleep(self.config.tick)
         self.store.commit()
+
+    def _after_a_stall(self, last_tick: float) -> float:
+        """A replica whose ticks stopped for an election timeout (SIGSTOP, a stalled host)
+        waits one more election timeout before it stands for election itself.
+
+        Its election deadline passed while it was not running, so pysyncobj started an
+        election on the first tick after the resume, before the leader elected meanwhile
+        could reach it, and its higher term deposed that leader (Raft without pre-vote): a
+        resumed old leader cost the healthy majority another election (chaos: a 2.0 s write
+        gap after the heal). Waiting lets the current leader's AppendEntries arrive first;
+        a delayed election is always safe. Returns this tick's start."""
+        now = time.monotonic()
+        if now - last_tick > self.config.election_min:
+            self._SyncObj__raftElectionDeadline = max(self._SyncObj__raftElectionDeadline,
+                                                      now + self._SyncObj__generateRaftTimeout())
+        return now
 
     def stop(self) -> None:
         self._stopping = True
