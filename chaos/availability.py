@@ -19,7 +19,7 @@ AFTER = 5.0  # seconds after a heal that still belong to its fault (recovery)
 def single_replica(entry: dict) -> bool:
     """A fault that touches one replica only: the other replicas are a working majority."""
     kind, target, params = entry["kind"], entry["target"], entry.get("params", {})
-    if kind in ("kill", "pause"):
+    if kind in ("kill", "pause", "oneway", "clock"):
         return True
     if kind == "partition":
         return params.get("mode") in ("isolate-one", "isolate-leader")

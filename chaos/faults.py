@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from raftmesh.lab.local_cluster import LocalCluster, ReplicaProcess
 
-from . import latency_proxy
+from . import clock, latency_proxy
 from raftmesh.lab.replica_net import NetRules, ReplicaNet
 from .schedule import FaultEvent, blocked_pairs
 
@@ -211,6 +211,30 @@ class Injector:
     def _end_latency(self, ev, entry):
         for control in self.proxies.values():
             self._proxy(control, "clear")
+
+    def _start_oneway(self, ev, entry, rid):
+        i, ips = self.index(rid), self.net.ips
+        others = {ip for j, ip in enumerate(ips) if j != i}
+        if ev.params["drop"] == "in":
+            self.net.set_rules(i, NetRules(deaf_to=others))
+            entry.detail = f"one-way partition: {rid} hears nobody (its own packets flow)"
+        else:
+            for j in range(len(ips)):
+                if j != i:
+                    self.net.set_rules(j, NetRules(deaf_to={ips[i]}))
+            entry.detail = f"one-way partition: nobody hears {rid} (it hears the others)"
+
+    def _end_oneway(self, ev, entry):
+        self.net.heal()
+
+    def _start_clock(self, ev, entry, rid):
+        seconds = ev.params["seconds"]
+        clock.set_offset(clock.control_file(self.cluster.log_dir, rid), seconds)
+        entry.detail = f"clock {ev.params['mode']} {seconds:+d}s on {rid}"
+
+    def _end_clock(self, ev, entry):
+        for rid in self.ids():
+            clock.set_offset(clock.control_file(self.cluster.log_dir, rid), 0)
 
     def _proxy(self, control, line):
         answer = latency_proxy.send(control, line)

@@ -25,7 +25,7 @@ from typing import Callable
 
 from raftmesh.lab.local_cluster import LocalCluster
 
-from . import availability, checkers, history as hist, latency_proxy, plot
+from . import availability, checkers, clock, history as hist, latency_proxy, plot
 from .checkers import Check
 from .faults import Injector, clear_removed_data
 from raftmesh.lab.processes import stop_pid
@@ -47,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "\n\nThe same --seed, --duration, --faults and --replicas give the same schedule "
         "(--print-schedule shows it without running anything). Needs root, iproute2 and nftables.")
     parser.add_argument("--replicas", type=int, choices=(3, 5), default=3)
-    parser.add_argument("--faults", default=",".join(FAULTS),
-                        help=f"comma-separated subset of {','.join(FAULTS)} (default: all)")
+    parser.add_argument("--faults", default=None,
+                        help=f"comma-separated subset of {','.join(FAULTS)} (default: all; all but "
+                        "clock when libfaketime is not installed)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of workload under faults")
     parser.add_argument("--seed", type=int, default=None, help="schedule and workload seed (default: random, printed)")
     parser.add_argument("--out", default="chaos-out", help="directory for history, timeline, checks, plot")
@@ -62,8 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "checked for convergence and version order (docs/chaos.md, 'Agents')")
 
 
+def default_faults() -> list[str]:
+    """Every fault kind this machine can inject."""
+    return [f for f in FAULTS if f != "clock" or clock.library() is not None]
+
+
 def main(args) -> int:
-    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    if args.faults is None:
+        faults = default_faults()
+    else:
+        faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(3), "big")
     try:
         schedule = make_schedule(seed, args.duration, faults, args.replicas)
@@ -78,6 +87,8 @@ def main(args) -> int:
         print("raftmesh chaos run: --agents must be >= 0", file=sys.stderr)
         return 2
     problems = preflight()
+    if "clock" in faults and clock.library() is None:
+        problems.append("the clock fault needs libfaketime (apt install faketime)")
     if problems:
         print("raftmesh chaos run: cannot run here: " + "; ".join(problems), file=sys.stderr)
         return 2
@@ -128,7 +139,8 @@ class Run:
         shutil.rmtree(data, ignore_errors=True)  # a previous run's replicas would not know our keys
         self.cluster = LocalCluster(data, replicas=n, hosts=self.net.ips,
                                     ports=(RAFT_PORT, API_PORT),
-                                    command_prefix=lambda r: self.net.prefix(int(r.id[1:]) - 1))
+                                    command_prefix=lambda r: self.net.prefix(int(r.id[1:]) - 1)
+                                    + self._clock_prefix(r))
         if "latency" in self.faults:
             for i, ip in enumerate(self.net.ips):
                 self._start_proxy(i, ip)
@@ -138,6 +150,9 @@ class Run:
         if self.args.agents:
             self.agents = ChaosAgents(self.cluster, self.args.agents, self.cluster.log_dir, self.log)
             self.agents.start()
+
+    def _clock_prefix(self, r) -> list[str]:
+        return clock.prefix(clock.control_file(self.cluster.log_dir, r.id)) if "clock" in self.faults else []
 
     def _start_proxy(self, i: int, ip: str) -> None:
         log = open(os.path.join(self.cluster.log_dir, f"proxy-r{i + 1}.log"), "ab")

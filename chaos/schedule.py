@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
-FAULTS = ("kill", "pause", "partition", "loss", "latency", "membership")
+FAULTS = ("kill", "pause", "partition", "loss", "latency", "membership", "oneway", "clock")
 FAULT_HELP = {
     "kill": "SIGKILL a replica (the leader or a random one), restart it when the window ends",
     "pause": "SIGSTOP a replica (the leader or a random one), SIGCONT when the window ends",
@@ -23,7 +23,13 @@ FAULT_HELP = {
                "one way, with jitter) on one replica's links or on all links",
     "membership": "remove a follower from the cluster, stop it and set its data aside, "
                   "then re-add it as a fresh replica when the window ends",
+    "oneway": "nftables drops what one replica (the leader or a random one) receives from "
+              "the others, or what the others receive from it; the other direction flows",
+    "clock": "libfaketime moves one replica's wall clock: skew by 2-30 s or a jump of 5 min "
+             "to a day, forward or back (its monotonic clock is left alone)",
 }
+CLOCK_SKEW = (2, 30)  # seconds
+CLOCK_JUMP = (300, 86400)
 PARTITION_MODES = ("isolate-one", "isolate-leader", "halves", "bridge")
 WARMUP = 3.0  # seconds of fault-free workload first: a baseline for the plot
 MIN_SLOT = 4.0  # a fault window plus its recovery cannot be shorter than this
@@ -108,6 +114,12 @@ def _shape(kind: str, variant: int, rng: random.Random, ids: list[str]) -> tuple
         return ("all" if variant % 2 else rng.choice(ids)), {"delay_ms": delay, "jitter_ms": delay // 4}
     if kind == "membership":
         return f"follower:{rng.randrange(len(ids) - 1)}", {}
+    if kind == "oneway":
+        return ("leader" if variant % 2 == 0 else rng.choice(ids)), {"drop": ("in", "out")[variant // 2 % 2]}
+    if kind == "clock":
+        mode = ("skew", "jump")[variant % 2]
+        low, high = CLOCK_SKEW if mode == "skew" else CLOCK_JUMP
+        return rng.choice(ids), {"mode": mode, "seconds": rng.choice((-1, 1)) * rng.randint(low, high)}
     raise ValueError(kind)
 
 

@@ -47,6 +47,7 @@ USER_POOL = 12
 MAX_LIVE = 24  # cap on live keys / nodes per kind, so reads stay cheap
 CLIENT_TIMEOUT = 3.0  # per attempt, like a client behind a load balancer; a healthy majority answers far sooner
 OP_BUDGET = 12.0  # no new attempt after this long
+SETUP_SECONDS = 60.0
 BACKOFF = 0.2  # seconds at most before the next request after a refusal
 SUSPECT_SECONDS = 5.0  # a replica that just timed out gets no retries for this long
 MIX = (("user", 40), ("policy", 15), ("key", 20), ("node", 25))
@@ -217,21 +218,30 @@ class Workload:
 
     # -- set-up ------------------------------------------------------------------------------------
     async def setup(self) -> None:
-        """Owner users and one reusable pre-auth key each, before any fault (must succeed)."""
+        """Owner users and one reusable pre-auth key each, before any fault (must succeed;
+        a loaded machine or a cluster still settling its first election may need a while)."""
         rng = random.Random(self.seed)
         for owner in OWNERS:
-            st, *_ = await self._write(rng, "setup", "POST", "/api/v1/users", {"name": owner},
-                                       interpret=lambda s, c, a, lost: s if s in (201, 409) else _UNEXPECTED)
-            if st != OK:
-                raise RuntimeError(f"set-up: could not create user {owner}")
-            st, _, _, _, answer, _ = await self._write(
+            await self._until_ok(f"create user {owner}", lambda: self._write(
+                rng, "setup", "POST", "/api/v1/users", {"name": owner},
+                interpret=lambda s, c, a, lost: s if s in (201, 409) else _UNEXPECTED))
+            answer = await self._until_ok(f"create a pre-auth key for {owner}", lambda: self._write(
                 rng, "setup", "POST", "/api/v1/preauth-keys",
                 {"user": owner, "reusable": True, "expiration_seconds": 86400},
-                interpret=lambda s, c, a, lost: a if s == 201 else _UNEXPECTED)
-            if st != OK:
-                raise RuntimeError(f"set-up: could not create a pre-auth key for {owner}")
+                interpret=lambda s, c, a, lost: a if s == 201 else _UNEXPECTED))
             self.setup_keys[owner] = answer["key"]
             self.setup_key_ids.add(answer["preauth_key"]["id"])
+
+    async def _until_ok(self, what: str, write) -> object:
+        deadline = time.monotonic() + SETUP_SECONDS
+        while time.monotonic() < deadline:
+            status, result, *_ = await write()
+            if status == OK:
+                return result
+            if status == UNKNOWN:  # a new attempt could add a second, unexplained object
+                break
+            await asyncio.sleep(0.5)
+        raise RuntimeError(f"set-up: could not {what} within {SETUP_SECONDS:g}s")
 
     # -- the run -----------------------------------------------------------------------------------
     async def run(self, seconds: float) -> None:
