@@ -20,6 +20,7 @@ from . import auth, health, routing
 from .gc_tuning import raise_young_gc_threshold
 from .errors import MAX_BODY_BYTES, error_middleware
 from raftmesh.proto.machine_auth import new_cluster_key
+from .cluster_clock import CLUSTER_CLOCK, ClusterClock
 from .map_stream import HUB, StreamHub, sweep_presence
 
 log = logging.getLogger("raftmesh.server")
@@ -43,6 +44,7 @@ def build_app(replica: Raft) -> web.Application:
                           client_max_size=replica.config.max_body_bytes)
     app[MAX_BODY_BYTES] = replica.config.max_body_bytes
     app[HUB] = StreamHub(replica, metrics.registry)
+    app[CLUSTER_CLOCK] = ClusterClock(replica)
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
     return app

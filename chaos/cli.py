@@ -20,6 +20,11 @@ def register(sub) -> None:
                         description=campaign.__doc__, formatter_class=_raw_help())
     campaign.add_arguments(p)
     p.set_defaults(func=cleaned_up_on_sigterm(campaign.main))
+    soak = importlib.import_module("raftmesh.chaos.soak")
+    p = cmds.add_parser("soak", help="long moderate write load with agents streaming: memory, fds, latency",
+                        description=soak.__doc__, formatter_class=_raw_help())
+    soak.add_arguments(p)
+    p.set_defaults(func=cleaned_up_on_sigterm(soak.main))
 
 
 def _raw_help():

@@ -3,6 +3,7 @@ drops one direction only, and libfaketime moving a process's wall clock but not 
 monotonic clock."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ import pytest
 from raftmesh.chaos import availability, clock
 from raftmesh.chaos.schedule import CLOCK_JUMP, CLOCK_SKEW, make_schedule
 from raftmesh.lab import replica_net as netlab
+
+from conftest import wait_until
 
 needs_netns = pytest.mark.skipif(bool(netlab.preflight()), reason="needs root, iproute2 and nftables")
 
@@ -87,3 +90,86 @@ def test_a_deaf_replica_drops_what_it_receives_and_still_sends():
         assert arrives(1, 0)
     finally:
         net.close()
+
+
+# -- what the clock fault found -------------------------------------------------------------------
+
+def _signed_register(cluster, r, auth_key: str, skew: float = 0.0):
+    import base64
+    import os
+    import secrets
+
+    from nacl.signing import SigningKey
+
+    from raftmesh.proto.machine_auth import sign_headers
+    from raftmesh.proto.routes import REGISTER
+    from raftmesh.proto.version import version_header
+    signer = SigningKey.generate()
+    body = json.dumps({"node_key": base64.b64encode(os.urandom(32)).decode(), "hostname": "clocked",
+                       "auth_key": auth_key})
+    headers = {**sign_headers(signer, "POST", REGISTER, body.encode(), time.time() + skew, secrets.token_hex(12)),
+               **version_header()}
+    return cluster.request(r, "POST", REGISTER, body, headers={**headers, "Content-Type": "application/json"})
+
+
+def _register_answer(cluster, r, auth_key: str, skew: float = 0.0):
+    """The replica's answer, once it is not about a leader election (loaded CI machines)."""
+    def settled():
+        status, body = _signed_register(cluster, r, auth_key, skew)
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        election = status == 503 and (error.get("code") in ("no_leader", "outcome_unknown")
+                                      or "no quorum" in error.get("message", ""))
+        return None if election else (status, body)
+    return wait_until(settled, 20, what="an answer that is not about leadership")
+
+
+@pytest.mark.skipif(clock.library() is None, reason="needs libfaketime (apt install faketime)")
+@pytest.mark.timeout(90)
+def test_a_replica_whose_clock_is_off_refuses_a_correct_agent_with_503_not_401(tmp_path):
+    from raftmesh.lab.local_cluster import LocalCluster
+    control = str(tmp_path / "r3.faketime")
+    cluster = LocalCluster(str(tmp_path / "c"), replicas=3,
+                           command_prefix=lambda r: clock.prefix(control) if r.id == "r3" else [])
+    try:
+        cluster.start_all()
+        cluster.wait_ready(timeout=60)
+        r1, r3 = cluster.replicas[0], cluster.replicas[2]
+        wait_until(lambda: cluster.request(r1, "POST", "/api/v1/users", {"name": "owner"})[0] in (201, 409), 20,
+                   what="the owner user")
+        key = wait_until(lambda: (lambda a: a[1]["key"] if a[0] == 201 else None)(cluster.request(
+            r1, "POST", "/api/v1/preauth-keys", {"user": "owner", "reusable": True})), 20, what="a pre-auth key")
+        clock.set_offset(control, 86400)  # r3's wall clock jumps a day ahead
+        wait_until(lambda: cluster.request(r3, "GET", "/api/v1/cluster/self")[1]["replica"] is not None
+                   and _signed_register(cluster, r3, key)[0] != 200, 10, what="r3's clock to jump")
+        written = iter(range(1000))
+
+        def refused_for_its_clock():  # writes through the others tell r3 the cluster's time
+            cluster.request(cluster.replicas[next(written) % 2], "POST", "/api/v1/users", {"name": f"u{next(written)}"})
+            answer = _register_answer(cluster, r3, key)
+            return answer if answer[0] != 401 else None
+        status, body = wait_until(refused_for_its_clock, 30, what="r3 to see that its own clock is off")
+        assert status == 503 and body["error"]["code"] == "not_ready", (status, body)
+        assert "clock is +86" in body["error"]["message"], body
+        answer = _register_answer(cluster, r1, key)
+        assert answer[0] == 200, ("the healthy replicas accept the agent", answer)
+        status, body = _register_answer(cluster, r1, key, skew=86400)
+        assert (status, body["error"]["code"]) == (401, "unauthenticated"), "an agent whose clock is off is told so"
+    finally:
+        cluster.stop_all()
+
+
+def test_the_cluster_clock_is_the_median_of_recent_proposers_and_says_nothing_when_quiet():
+    from types import SimpleNamespace
+
+    from raftmesh.api.cluster_clock import MIN_SAMPLES, SAMPLES, ClusterClock
+    listeners = []
+    replica = SimpleNamespace(add_apply_listener=listeners.append)
+    cc = ClusterClock(replica)
+    cmd = lambda t: SimpleNamespace(time=t)  # noqa: E731
+    listeners[0]([(1, cmd(0.0), {})] * 20)  # barriers carry no time
+    assert cc.offset() is None
+    now = time.time()
+    listeners[0]([(i, cmd(now - 3600), {}) for i in range(MIN_SAMPLES)])
+    assert cc.offset() == pytest.approx(3600, abs=5), "proposers are an hour behind: this clock is ahead"
+    listeners[0]([(i, cmd(time.time()), {}) for i in range(SAMPLES)])
+    assert cc.offset() == pytest.approx(0, abs=5), "only recent commands count"

@@ -112,7 +112,7 @@ class RaftReplica(SyncObj):
             raftMaxTimeout=config.election_max,
             connectionTimeout=max(1.0, config.election_max),
             connectionRetryTime=0.3,
-            leaderFallbackTimeout=max(1.0, config.election_max),
+            leaderFallbackTimeout=max(1.0, 2 * config.election_max),
             commandsWaitLeader=False,
             dynamicMembershipChange=True,
             journalFile=os.path.join(config.data_dir, "raft.journal"),
