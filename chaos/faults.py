@@ -267,14 +267,25 @@ class Injector:
             if not r.alive():
                 self.cluster.start(r, join=True)
             body = {"id": r.id, "raft_addr": r.raft_addr, "api_url": r.api_url}
-            answer = self._until(time.monotonic() + 20, lambda via: self.cluster.request(
-                via, "POST", "/api/v1/cluster/members", body, timeout=6), rid, ok=(201, 409))
+            # 409 means "already a member" or "another change is still in progress": only the
+            # leader's membership tells which (a run once left a replica out for good).
+            answer = self._until(time.monotonic() + 20, lambda via: self._added(via, body), rid, ok=(201, 409))
             note = f"re-add {rid}: {answer[0] if answer else 'not confirmed within 20 s'}"
             if entry is not None:
                 entry.notes.append(note)
             if answer is None:
                 self.errors.append(note)
         self._removed.clear()
+
+    def _added(self, via: ReplicaProcess, body: dict):
+        status, answer = self.cluster.request(via, "POST", "/api/v1/cluster/members", body, timeout=6)
+        if status == 409:
+            lead = self.leader()
+            code, own = self.cluster.request(self.replica(lead), "GET", "/api/v1/cluster/self",
+                                             timeout=2) if lead else (None, None)
+            if code != 200 or body["raft_addr"] not in own["replica"]["members"]:
+                return None, answer  # not confirmed: try again
+        return status, answer
 
     def _until(self, deadline, call, avoid, ok):
         """Send an admin call to live replicas other than `avoid` until one of `ok` answers."""
