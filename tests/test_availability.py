@@ -160,3 +160,25 @@ def test_a_resumed_old_leader_does_not_depose_the_leader_elected_while_it_was_pa
     after = _self(cluster, new)
     assert (after["state"], after["term"]) == ("leader", term), \
         f"the resumed old leader forced an election: {after['state']} at term {after['term']} (was {term})"
+
+
+@needs_netns
+@pytest.mark.timeout(120)
+def test_a_replica_back_from_isolation_does_not_depose_the_working_leader(netcluster):
+    """Pre-vote: cut off, a follower used to stand for election (its term rising while it
+    could still see a connection), and its higher term deposed the leader at the heal."""
+    net, cluster = netcluster
+    leader = cluster.leader()
+    victim = next(r for r in cluster.replicas if r is not leader)
+    wait_until(lambda: (_self(cluster, victim) or {}).get("leader") == _self(cluster, leader)["raft_addr"], 20,
+               what="the victim following the leader")
+    term = _self(cluster, leader)["term"]
+    _isolate(net, cluster, victim)
+    cut = time.monotonic()
+    wait_until(lambda: time.monotonic() - cut > 4.0, 10, what="the fault's end")  # past an election or two
+    net.heal()
+    wait_until(lambda: (_self(cluster, victim) or {}).get("leader") == _self(cluster, leader)["raft_addr"], 20,
+               what="the victim following the leader again")
+    after = _self(cluster, leader)
+    assert (after["state"], after["term"]) == ("leader", term), \
+        f"the returning replica forced an election: leader now {after['state']} at term {after['term']} (was {term})"
