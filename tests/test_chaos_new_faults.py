@@ -173,3 +173,20 @@ def test_the_cluster_clock_is_the_median_of_recent_proposers_and_says_nothing_wh
     assert cc.offset() == pytest.approx(3600, abs=5), "proposers are an hour behind: this clock is ahead"
     listeners[0]([(i, cmd(time.time()), {}) for i in range(SAMPLES)])
     assert cc.offset() == pytest.approx(0, abs=5), "only recent commands count"
+
+
+def test_a_step_of_the_local_clock_shifts_the_estimate_at_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from raftmesh.api import cluster_clock
+    clocks = {"wall": 1000.0, "mono": 50.0}
+    monkeypatch.setattr(cluster_clock, "time", SimpleNamespace(time=lambda: clocks["wall"],
+                                                               monotonic=lambda: clocks["mono"]))
+    listeners = []
+    cc = cluster_clock.ClusterClock(SimpleNamespace(add_apply_listener=listeners.append))
+    listeners[0]([(i, SimpleNamespace(time=1000.0), {}) for i in range(cluster_clock.MIN_SAMPLES)])
+    assert cc.offset() == 0
+    clocks["wall"] += 86400  # stepped a day ahead, no command applied since
+    assert cc.offset() == 86400
+    clocks["wall"], clocks["mono"] = clocks["wall"] + 0.5, clocks["mono"] + 0.5  # time passing is no step
+    assert cc.offset() == 86400
