@@ -7,8 +7,11 @@ streaming netmaps, spread over the replicas, and a paced write load through the 
 netmap frame to every agent). Every `--sample` seconds each replica's resident memory and
 open file descriptors are read from /proc and the write latencies of the interval are
 summarised. After the warm-up (the first `--warmup` share of the run) the judgement is:
-- memory flat: each replica's RSS at the end is within MAX_RSS_GROWTH of its RSS at the end
-  of the warm-up (medians of MEDIAN_OF samples, so a GC cycle is not a trend);
+- memory flat: each replica's anonymous resident memory (RssAnon: the heap, where a leak
+  shows) at the end is within MAX_RSS_GROWTH of its value at the end of the warm-up
+  (medians of MEDIAN_OF samples, so a GC cycle is not a trend). VmRSS is recorded too,
+  but it also counts the LMDB map's resident file pages, which grow with the data (every
+  write appends an audit record), not with a leak;
 - descriptors flat: no replica ends with more open fds than it had after the warm-up
   (plus FD_SLACK for connections in flight);
 - no stream lost: every agent connected at every sample and none reconnected.
@@ -34,6 +37,11 @@ POLICY_EVERY = 30.0
 SAVE_EVERY = 6  # samples
 
 
+def rss_anon_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -45,13 +53,14 @@ def judge(samples: list[dict], agents: int, warmup_s: float) -> list[dict]:
         return [{"name": "enough samples", "ok": False,
                  "summary": f"{len(after)} samples after the warm-up; need {2 * MEDIAN_OF} (run longer)"}]
     checks = []
-    for rid in sorted(after[0]["rss_kib"]):
-        start = statistics.median(s["rss_kib"][rid] for s in after[:MEDIAN_OF])
-        end = statistics.median(s["rss_kib"][rid] for s in after[-MEDIAN_OF:])
+    for rid in sorted(after[0]["anon_kib"]):
+        start = statistics.median(s["anon_kib"][rid] for s in after[:MEDIAN_OF])
+        end = statistics.median(s["anon_kib"][rid] for s in after[-MEDIAN_OF:])
         growth = (end - start) / start
+        rss = f"; VmRSS {after[0]['rss_kib'][rid] / 1024:.1f} -> {after[-1]['rss_kib'][rid] / 1024:.1f} MiB"
         checks.append({"name": f"{rid} memory flat", "ok": growth <= MAX_RSS_GROWTH,
-                       "summary": f"RSS {start / 1024:.1f} -> {end / 1024:.1f} MiB after the warm-up "
-                                  f"({growth:+.1%}, limit {MAX_RSS_GROWTH:+.0%})"})
+                       "summary": f"RssAnon {start / 1024:.1f} -> {end / 1024:.1f} MiB after the warm-up "
+                                  f"({growth:+.1%}, limit {MAX_RSS_GROWTH:+.0%}){rss}"})
         fd_start, fd_end = after[0]["fds"][rid], after[-1]["fds"][rid]
         checks.append({"name": f"{rid} descriptors flat", "ok": fd_end <= fd_start + FD_SLACK,
                        "summary": f"open fds {fd_start} -> {fd_end} (slack {FD_SLACK})"})
@@ -135,6 +144,7 @@ def _sample(cluster, swarm, t: float, latencies: list, wall: float) -> dict:
     status = swarm.status()
     ok = sorted(x for x in latencies if x is not None)
     return {"t": round(t, 1), "rss_kib": {r.id: vm_rss_kib(r.pid) for r in cluster.replicas},
+            "anon_kib": {r.id: rss_anon_kib(r.pid) for r in cluster.replicas},
             "fds": {r.id: open_fds(r.pid) for r in cluster.replicas},
             "connected": status["connected"], "reconnects": len(swarm.reconnects(wall)),
             "writes": len(latencies), "failed_writes": len(latencies) - len(ok),
@@ -153,9 +163,10 @@ def plot(path: str, result: dict) -> None:
     ts = [s["t"] / 60 for s in samples]
     fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
     for rid in sorted(samples[0]["rss_kib"]):
-        ax1.plot(ts, [s["rss_kib"][rid] / 1024 for s in samples], label=rid)
+        ax1.plot(ts, [s["rss_kib"][rid] / 1024 for s in samples], label=f"{rid} VmRSS")
+        ax1.plot(ts, [s["anon_kib"][rid] / 1024 for s in samples], linestyle=":", label=f"{rid} RssAnon")
         ax2.plot(ts, [s["fds"][rid] for s in samples], label=rid)
-    ax1.set_ylabel("RSS (MiB)")
+    ax1.set_ylabel("resident (MiB)")
     ax2.set_ylabel("open fds")
     ax3.plot(ts, [s["p50_ms"] for s in samples], label="p50")
     ax3.plot(ts, [s["p99_ms"] for s in samples], label="p99")

@@ -10,7 +10,7 @@ from raftmesh.chaos import soak
 
 
 def sample(t, rss, fds, connected=10, reconnects=0):
-    return {"t": t, "rss_kib": {"r1": rss}, "fds": {"r1": fds}, "connected": connected,
+    return {"t": t, "rss_kib": {"r1": rss + 30_000}, "anon_kib": {"r1": rss}, "fds": {"r1": fds}, "connected": connected,
             "reconnects": reconnects}
 
 
