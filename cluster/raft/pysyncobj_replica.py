@@ -54,6 +54,7 @@ RAFT_STATES = {0: "follower", 1: "candidate", 2: "leader"}
 # each message it sends, and a follower forwards each client command as its own message.
 BATCH = "rm_batch"
 PREVOTE, PREVOTE_GRANTED = "rm_prevote", "rm_prevote_granted"  # see RaftReplica._hold_election
+PREVOTE_AGAIN = 2  # heartbeats between pre-vote rounds
 _journal_factory_lock = threading.Lock()
 # Log compaction (see _SyncObj__tryLogCompaction): the journal must also hold this share of
 # the last snapshot's bytes, unless it has this many entries.
@@ -197,9 +198,10 @@ class RaftReplica(SyncObj):
         again: the healthy majority lost writes for 2-3 s after the heal (chaos campaign,
         seed 5, twice). Now, when an election is due, this replica first asks its peers
         whether they would vote in it (a `PREVOTE`, which changes no term and no vote) and
-        holds the election another timeout; the election runs once a majority said yes.
+        holds the election; the election runs once a majority said yes.
         A peer says yes only if it has not heard a leader for election_min itself and the
-        asker's log is at least as up to date as its own."""
+        asker's log is at least as up to date as its own. Unanswered, it asks again after
+        PREVOTE_AGAIN heartbeats."""
         others = self._SyncObj__otherNodes
         if self._isLeader() or not others or self._SyncObj__selfNode is None:
             return
@@ -210,12 +212,15 @@ class RaftReplica(SyncObj):
         if self._prevote_term == term and len(self._prevotes) + 1 > (len(others) + 1) / 2:
             self._prevote_term = None  # granted: pysyncobj's election goes ahead in this tick
             return
-        self._prevote_term, self._prevotes = term, set()
+        if self._prevote_term != term:
+            self._prevote_term, self._prevotes = term, set()
         ask = {"type": PREVOTE, "term": term, "last_log_index": self._SyncObj__getCurrentLogIndex(),
                "last_log_term": self._SyncObj__getCurrentLogTerm()}
         for node in others:
             self._SyncObj__transport.send(node, ask)
-        self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
+        # Ask again soon: peers refuse only while they still hear a leader (election_min),
+        # and a full timeout between rounds made every failover that much longer.
+        self._SyncObj__raftElectionDeadline = now + PREVOTE_AGAIN * self.config.heartbeat
 
     def _on_prevote(self, node, message) -> None:
         if message["type"] == PREVOTE_GRANTED:
