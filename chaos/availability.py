@@ -41,12 +41,12 @@ def fault_gaps(acks: list[tuple[float, str]], timeline: list[dict], run_end: flo
     rows = []
     starts = sorted(e["start"] for e in timeline)
     for e in timeline:
-        end = e["end"] if e["end"] is not None else run_end
+        end = min(e["end"] if e["end"] is not None else run_end, run_end)  # writes stop at run_end
         spared = [t for t, rid in acks if rid != e["target"]]
         during = longest_gap(spared, e["start"], end)
         later = [s for s in starts if s > e["start"]]
         after_end = min([end + AFTER, run_end] + later)
-        after = longest_gap([t for t, _ in acks], end, after_end) if after_end > end else (end, end)
+        after = longest_gap([t for t, _ in acks], end, after_end) if after_end > end else (run_end, run_end)
         rows.append({"index": e["index"], "kind": e["kind"], "target": e["target"],
                      "detail": e.get("detail", ""), "leader": e.get("leader"),
                      "single_replica": single_replica(e),

@@ -21,6 +21,8 @@ from . import clock, latency_proxy
 from raftmesh.lab.replica_net import NetRules, ReplicaNet
 from .schedule import FaultEvent, blocked_pairs
 
+READY_AFTER_HEAL = 20.0  # seconds
+
 
 @dataclass
 class TimelineEntry:
@@ -130,8 +132,21 @@ class Injector:
     def _heal(self, ev: FaultEvent, entry: TimelineEntry) -> None:
         getattr(self, f"_end_{ev.kind}")(ev, entry)
         entry.end = self.now()
+        self._until_ready(entry)
         self.current = None
         self.log(f"healed #{ev.index} {ev.kind} after {entry.end - entry.start:.1f}s")
+
+    def _until_ready(self, entry: TimelineEntry) -> None:
+        """The next fault starts only once every replica is back (a restarted Python
+        process took over 3 s on a loaded machine, and the next window was then judged
+        with a replica it never targeted still down)."""
+        try:
+            self.cluster.wait_ready(timeout=READY_AFTER_HEAL)
+        except (TimeoutError, RuntimeError) as e:
+            entry.notes.append(f"not every replica ready {READY_AFTER_HEAL:g}s after the heal: {e}")
+            return
+        if self.now() - entry.end > 1.0:
+            entry.notes.append(f"every replica ready {self.now() - entry.end:.1f}s after the heal")
 
     def _start_kill(self, ev, entry, rid):
         self.cluster.kill(self.replica(rid), signal.SIGKILL)
@@ -235,6 +250,53 @@ class Injector:
     def _end_clock(self, ev, entry):
         for rid in self.ids():
             clock.set_offset(clock.control_file(self.cluster.log_dir, rid), 0)
+
+    def _start_crash(self, ev, entry, rid):
+        lead = self.leader()
+        if lead is None or lead == rid:
+            entry.detail = f"crash: no leader apart from {rid} to kill mid-change; nothing done"
+            return
+        answers = []
+        call = threading.Thread(target=lambda: answers.append(self._request_quietly(
+            self.replica(lead), "DELETE", f"/api/v1/cluster/members/{rid}")))
+        call.start()
+        self.stop.wait(ev.params["delay_ms"] / 1000)  # into the change, not before it
+        self.cluster.kill(self.replica(lead), signal.SIGKILL)
+        self._killed.add(lead)
+        call.join(10)
+        entry.detail = f"SIGKILL leader {lead} {ev.params['delay_ms']} ms into removing {rid}"
+        entry.notes.append(f"DELETE /cluster/members/{rid} via {lead} -> {answers[0] if answers else 'no answer'}")
+        entry.params["crashed"], entry.params["member"] = lead, rid
+
+    def _end_crash(self, ev, entry):
+        self._restart_killed()
+        rid = entry.params.get("member")
+        if rid is None:
+            return
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # did the removal go through? ask the new leader
+            lead = self.leader()
+            status, own = self._request_quietly(self.replica(lead), "GET", "/api/v1/cluster/self") \
+                if lead else (None, None)
+            if status == 200:
+                if self.replica(rid).raft_addr in own["replica"]["members"]:
+                    entry.notes.append(f"{rid} is still a member")
+                    return
+                break
+            time.sleep(0.3)
+        entry.notes.append(f"{rid} was removed: re-adding it fresh")
+        r = self.replica(rid)
+        self.cluster.kill(r, signal.SIGTERM)
+        self._removals += 1
+        os.rename(r.data_dir, f"{r.data_dir}.removed{self._removals}")
+        self._removed[rid] = True
+        self._readd_removed(entry)
+
+    def _request_quietly(self, r, method, path):
+        try:
+            return self.cluster.request(r, method, path, timeout=6)
+        except (OSError, urllib.error.URLError) as e:
+            return None, repr(e)
 
     def _proxy(self, control, line):
         answer = latency_proxy.send(control, line)

@@ -218,7 +218,7 @@ class Run:
             except Exception as e:  # lmdb.Error, OSError: evidence, not a crash
                 digests[r.id] = None
                 self.log(f"cannot read {r.id}'s state: {e!r}")
-        result = self._check(workload, injector, settle_check, members, digests, tables)
+        result = self._check(workload, injector, settle_check, members, digests, tables, run_seconds)
         self.checks += agent_checks
         self._write(workload, injector, result, run_seconds)
         ok = all(c.ok for c in self.checks)
@@ -274,7 +274,7 @@ class Run:
         summary = f"all replicas ready at version {next(iter(versions.values()), '?')}" if not ev else "did not settle"
         return Check("settled", not ev, summary, ev), members
 
-    def _check(self, workload, injector, settle_check, members, digests, tables) -> dict:
+    def _check(self, workload, injector, settle_check, members, digests, tables, run_seconds) -> dict:
         history = workload.history
         self.checks = [settle_check]
         if injector.errors:
@@ -299,7 +299,7 @@ class Run:
         self.checks.append(checkers.check_responses(workload.anomalies))
         ids = [r.id for r in self.cluster.replicas]
         gaps = availability.fault_gaps([(t, ids[i]) for t, i in workload.acks],
-                                       [e.to_dict() for e in injector.timeline], workload.now())
+                                       [e.to_dict() for e in injector.timeline], run_seconds)
         self.checks.append(availability.check_available(gaps))
         run = {"gaps": gaps, "history": history, "tables": tables, "final": final, "timeline": injector.timeline,
                "digests": digests}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
-FAULTS = ("kill", "pause", "partition", "loss", "latency", "membership", "oneway", "clock")
+FAULTS = ("kill", "pause", "partition", "loss", "latency", "membership", "oneway", "clock", "crash")
 FAULT_HELP = {
     "kill": "SIGKILL a replica (the leader or a random one), restart it when the window ends",
     "pause": "SIGSTOP a replica (the leader or a random one), SIGCONT when the window ends",
@@ -27,6 +27,8 @@ FAULT_HELP = {
               "the others, or what the others receive from it; the other direction flows",
     "clock": "libfaketime moves one replica's wall clock: skew by 2-30 s or a jump of 5 min "
              "to a day, forward or back (its monotonic clock is left alone)",
+    "crash": "SIGKILL the leader while it removes a follower from the cluster; restart it, "
+             "and re-add the follower fresh if the removal went through",
 }
 CLOCK_SKEW = (2, 30)  # seconds
 CLOCK_JUMP = (300, 86400)
@@ -116,6 +118,9 @@ def _shape(kind: str, variant: int, rng: random.Random, ids: list[str]) -> tuple
         return f"follower:{rng.randrange(len(ids) - 1)}", {}
     if kind == "oneway":
         return ("leader" if variant % 2 == 0 else rng.choice(ids)), {"drop": ("in", "out")[variant // 2 % 2]}
+    if kind == "crash":
+        return f"follower:{rng.randrange(len(ids) - 1)}", {"mode": "leader-mid-membership",
+                                                            "delay_ms": rng.randint(0, 50)}
     if kind == "clock":
         mode = ("skew", "jump")[variant % 2]
         low, high = CLOCK_SKEW if mode == "skew" else CLOCK_JUMP

@@ -53,6 +53,8 @@ def test_a_gap_after_the_heal_fails_the_check_and_ends_at_the_next_fault():
     gaps = availability.fault_gaps(acks, timeline, run_end=10.0)
     assert gaps[0]["after"] == {"seconds": 2.1, "from": 3.9, "to": 6.0}
     assert not availability.check_available(gaps).ok
+    late = availability.fault_gaps(acks, [window(0, "kill", "r1", 9.0, 12.0)], run_end=10.0)
+    assert late[0]["during"]["to"] == 10.0 and late[0]["after"]["seconds"] == 0, "no writes after the run"
 
 
 # -- the cluster: a replica cut off from the others -------------------------------------------

@@ -118,7 +118,11 @@ class RaftReplica(SyncObj):
             raftMaxTimeout=config.election_max,
             connectionTimeout=max(1.0, config.election_max),
             connectionRetryTime=0.3,
-            leaderFallbackTimeout=max(1.0, 2 * config.election_max),
+            # A leader that hears no majority for an election timeout steps down (etcd's
+            # CheckQuorum): at 2 x election_max a leader that could send but not hear (a
+            # one-way partition) kept its followers from electing for 1.2 s plus their own
+            # timeout, and the majority went > 2 s without a write.
+            leaderFallbackTimeout=config.election_max,
             commandsWaitLeader=False,
             dynamicMembershipChange=True,
             journalFile=os.path.join(config.data_dir, "raft.journal"),
