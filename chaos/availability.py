@@ -19,6 +19,8 @@ AFTER = 5.0  # seconds after a heal that still belong to its fault (recovery)
 def single_replica(entry: dict) -> bool:
     """A fault that touches one replica only: the other replicas are a working majority."""
     kind, target, params = entry["kind"], entry["target"], entry.get("params", {})
+    if params.get("all_ready_at_start") is False:  # another replica was still recovering
+        return False
     if kind in ("kill", "pause", "oneway", "clock"):
         return True
     if kind == "partition":

@@ -42,6 +42,8 @@ def test_only_single_replica_faults_are_judged():
     assert availability.single_replica(window(0, "loss", "r2", 0, 1, percent=5))
     assert not availability.single_replica(window(0, "loss", "all", 0, 1, percent=5))
     assert not availability.single_replica(window(0, "membership", "r2", 0, 1))
+    assert not availability.single_replica(window(0, "pause", "r2", 0, 1, all_ready_at_start=False)), \
+        "with another replica still restarting, a pause leaves no working majority"
     gaps = availability.fault_gaps([], [window(0, "partition", "", 1.0, 9.0, mode="halves")], 10.0)
     assert gaps[0]["during"]["seconds"] == 8.0
     assert availability.check_available(gaps).ok, "a majority-less fault may stop writes"

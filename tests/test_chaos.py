@@ -233,7 +233,7 @@ def test_short_seeded_run_with_every_fault_passes_every_check(tmp_path, capsys):
     out = tmp_path / "chaos"
     parser = argparse.ArgumentParser()
     chaos_run.add_arguments(parser)
-    args = parser.parse_args(["--seed", "7", "--duration", "45", "--agents", "12", "--out", str(out)])
+    args = parser.parse_args(["--seed", "7", "--duration", "55", "--agents", "12", "--out", str(out)])
     rc = chaos_run.main(args)
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
