@@ -128,7 +128,7 @@ async def create_preauth_key(ctx: Ctx):
     b = ctx.body
     check_user_name("user", b["user"])
     await check_tags(ctx, b.get("tags", []))
-    key_id, token, digest = auth.new_secret_token("rmp")
+    key_id, token, digest = auth.new_secret_token("rmp", ctx.token_seed("preauth-key"))
     args = {"id": key_id, "user": b["user"], "hash": digest,
             "reusable": b.get("reusable", False), "ephemeral": b.get("ephemeral", False),
             "expires_at": time.time() + b.get("expiration_seconds", 3600),
@@ -160,7 +160,7 @@ async def delete_preauth_key(ctx: Ctx):
                                         "maximum": 10 * 365 * 86400}}, ("name", "scopes")),
        response=written("api_key", API_KEY, key=SECRET_SHOWN_ONCE))
 async def create_api_key(ctx: Ctx):
-    key_id, token, digest = auth.new_secret_token("rmk")
+    key_id, token, digest = auth.new_secret_token("rmk", ctx.token_seed("api-key"))
     exp = ctx.body.get("expiration_seconds")
     args = {"id": key_id, "name": ctx.body["name"], "scopes": ctx.body["scopes"], "hash": digest,
             "expires_at": time.time() + exp if exp else None}

@@ -18,9 +18,11 @@ from raftmesh.cluster.state_machine import preauth_key_problem, public
 from . import auth
 from .errors import APIError
 from raftmesh.proto.frames import FrameError, stream_key_bytes
-from raftmesh.proto.machine_auth import HEADER_NONCE, NonceCache, SignatureError, request_key, verify_headers
+from raftmesh.proto.machine_auth import (FRESHNESS_SECONDS, HEADER_NONCE, NonceCache, SignatureError,
+                                         StaleTimestamp, request_key, verify_headers)
 from raftmesh.proto import routes
 from raftmesh.proto.version import HEADER_PROTOCOL_VERSION, UNSUPPORTED, VersionError, requested_version
+from .cluster_clock import CLUSTER_CLOCK
 from .map_stream import HUB
 from .responses import BOOL, FRAMES, NODE_WRITTEN, REGISTERED, STR, VERSION, answer
 from .routing import Ctx, route
@@ -52,6 +54,12 @@ async def machine_of(ctx: Ctx, stream_nodes: dict[str, dict | None] | None = Non
     try:
         return verify_headers(ctx.request.headers, ctx.request.method, ctx.request.path, body,
                               time.time(), _nonces, key)
+    except StaleTimestamp as e:
+        offset = ctx.request.app[CLUSTER_CLOCK].offset()
+        if offset is not None and abs(offset) > FRESHNESS_SECONDS / 2:
+            raise APIError(503, "not_ready", f"this replica's clock is {offset:+.0f}s off the cluster's, so "
+                           "it cannot check the signature's timestamp; retry on another replica")
+        raise APIError(401, "unauthenticated", f"machine signature rejected: {e}")
     except SignatureError as e:
         raise APIError(401, "unauthenticated", f"machine signature rejected: {e}")
 

@@ -6,6 +6,7 @@ and compared in constant time.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -20,10 +21,17 @@ SCOPE_GRANTS = {
 }
 
 
-def new_secret_token(prefix: str) -> tuple[str, str, str]:
-    """(id, full token shown once, hash stored)."""
-    key_id = secrets.token_hex(6)
-    secret = secrets.token_urlsafe(32)
+def new_secret_token(prefix: str, seed: bytes | None = None) -> tuple[str, str, str]:
+    """(id, full token shown once, hash stored). With `seed` (secret and unique to one
+    request, see Ctx.token_seed) the same token every time: a create retried with its
+    Idempotency-Key is answered with the record it made the first time, and must hand out
+    that record's credential, not a fresh one that matches nothing (found by chaos: a
+    retried pre-auth key create returned a key every replica called unknown)."""
+    if seed is None:
+        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+    else:
+        raw = hmac.new(seed, b"raftmesh secret token", hashlib.sha512).digest()
+        key_id, secret = raw[:6].hex(), base64.urlsafe_b64encode(raw[6:38]).rstrip(b"=").decode()
     return key_id, f"{prefix}_{key_id}_{secret}", hash_secret(secret)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import itertools
 import json
 import math
@@ -103,6 +104,16 @@ class Ctx:
             raise APIError(result["status"], result["code"], result["message"])
         self.replayed = bool(result.get("replayed"))
         return result
+
+    def token_seed(self, purpose: str) -> bytes | None:
+        """A secret seed unique to this request (caller, Idempotency-Key, what was asked),
+        the same on every replica and every retry; None without an Idempotency-Key or a
+        cluster secret (without one, a seed would be computable from the request alone)."""
+        key = idempotency_key(self.request)
+        if key is None or not self.config.cluster_secret:
+            return None
+        what = f"{purpose}:{self.actor}:{key}:{self.fingerprint()}".encode()
+        return hmac.new(self.config.cluster_secret.encode(), what, hashlib.sha256).digest()
 
     def fingerprint(self) -> str:
         """Short digest of what was asked: method, path, query and the validated body."""

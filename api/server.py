@@ -21,6 +21,7 @@ from .gc_tuning import raise_young_gc_threshold
 from .errors import MAX_BODY_BYTES, error_middleware
 from .http_errors import JsonErrorRunner
 from raftmesh.proto.machine_auth import new_cluster_key
+from .cluster_clock import CLUSTER_CLOCK, ClusterClock
 from .map_stream import HUB, StreamHub, sweep_presence
 from .oidc import RelyingParty
 from .sso_api import RELYING_PARTY
@@ -48,6 +49,7 @@ def build_app(replica: Raft) -> web.Application:
     app[HUB] = StreamHub(replica, metrics.registry)
     if replica.config.oidc_issuer:
         app[RELYING_PARTY] = RelyingParty(replica.config)
+    app[CLUSTER_CLOCK] = ClusterClock(replica)
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
     scim.add_routes(app, replica)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from raftmesh.lab.local_cluster import LocalCluster, ReplicaProcess
 from raftmesh.lab.power import PowerLossDisk, power_cut
 
-from . import latency_proxy
+from . import clock, latency_proxy
 from raftmesh.lab.replica_net import NetRules, ReplicaNet
 from .schedule import FaultEvent, blocked_pairs
 
@@ -32,6 +32,7 @@ class TimelineEntry:
     start: float
     end: float | None = None
     params: dict = field(default_factory=dict)
+    leader: str | None = None  # who led when the fault started (availability depends on it)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -71,9 +72,13 @@ class Injector:
     def run(self) -> None:
         try:
             for ev in self.schedule:
+                ready = self._ready_by(self.t0 + ev.start)
                 if self.stop.wait(max(0.0, self.t0 + ev.start - time.monotonic())):
                     return
                 entry = self._inject(ev)
+                entry.params["all_ready_at_start"] = ready
+                if not ready:
+                    entry.notes.append("not every replica was ready when this fault started")
                 self.stop.wait(max(0.0, self.t0 + ev.end - time.monotonic()))
                 self._heal(ev, entry)
                 if self.stop.is_set():
@@ -118,7 +123,8 @@ class Injector:
     # -- inject / heal --------------------------------------------------------------------------
     def _inject(self, ev: FaultEvent) -> TimelineEntry:
         target, how = ("all", "scheduled") if ev.target in ("all", "") else self.resolve(ev.target)
-        entry = TimelineEntry(ev.index, ev.kind, target, "", self.now(), params=dict(ev.params))
+        entry = TimelineEntry(ev.index, ev.kind, target, "", self.now(), params=dict(ev.params),
+                              leader=target if how == "the leader" else self.leader())
         self.current = entry
         self.timeline.append(entry)
         getattr(self, f"_start_{ev.kind}")(ev, entry, target)
@@ -133,6 +139,17 @@ class Injector:
         entry.end = self.now()
         self.current = None
         self.log(f"healed #{ev.index} {ev.kind} after {entry.end - entry.start:.1f}s")
+
+    def _ready_by(self, when: float) -> bool:
+        """Whether every replica is ready by `when` (monotonic), waiting for it no longer:
+        the schedule keeps its times. A restarted Python process took over 3 s on a loaded
+        machine, so a window could begin with a replica it does not target still down; such
+        a window is not a single-replica fault and is not judged for availability."""
+        try:
+            self.cluster.wait_ready(timeout=max(0.0, when - time.monotonic()))
+            return True
+        except (TimeoutError, RuntimeError):
+            return False
 
     def _start_kill(self, ev, entry, rid):
         self.cluster.kill(self.replica(rid), signal.SIGKILL)
@@ -227,6 +244,77 @@ class Injector:
         for control in self.proxies.values():
             self._proxy(control, "clear")
 
+    def _start_oneway(self, ev, entry, rid):
+        i, ips = self.index(rid), self.net.ips
+        others = {ip for j, ip in enumerate(ips) if j != i}
+        if ev.params["drop"] == "in":
+            self.net.set_rules(i, NetRules(deaf_to=others))
+            entry.detail = f"one-way partition: {rid} hears nobody (its own packets flow)"
+        else:
+            for j in range(len(ips)):
+                if j != i:
+                    self.net.set_rules(j, NetRules(deaf_to={ips[i]}))
+            entry.detail = f"one-way partition: nobody hears {rid} (it hears the others)"
+
+    def _end_oneway(self, ev, entry):
+        self.net.heal()
+
+    def _start_clock(self, ev, entry, rid):
+        seconds = ev.params["seconds"]
+        clock.set_offset(clock.control_file(self.cluster.log_dir, rid), seconds)
+        entry.detail = f"clock {ev.params['mode']} {seconds:+d}s on {rid}"
+
+    def _end_clock(self, ev, entry):
+        for rid in self.ids():
+            clock.set_offset(clock.control_file(self.cluster.log_dir, rid), 0)
+
+    def _start_crash(self, ev, entry, rid):
+        lead = self.leader()
+        if lead is None or lead == rid:
+            entry.detail = f"crash: no leader apart from {rid} to kill mid-change; nothing done"
+            return
+        answers = []
+        call = threading.Thread(target=lambda: answers.append(self._request_quietly(
+            self.replica(lead), "DELETE", f"/api/v1/cluster/members/{rid}")))
+        call.start()
+        self.stop.wait(ev.params["delay_ms"] / 1000)  # into the change, not before it
+        self.cluster.kill(self.replica(lead), signal.SIGKILL)
+        self._killed.add(lead)
+        call.join(10)
+        entry.detail = f"SIGKILL leader {lead} {ev.params['delay_ms']} ms into removing {rid}"
+        entry.notes.append(f"DELETE /cluster/members/{rid} via {lead} -> {answers[0] if answers else 'no answer'}")
+        entry.params["crashed"], entry.params["member"] = lead, rid
+
+    def _end_crash(self, ev, entry):
+        self._restart_killed()
+        rid = entry.params.get("member")
+        if rid is None:
+            return
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # did the removal go through? ask the new leader
+            lead = self.leader()
+            status, own = self._request_quietly(self.replica(lead), "GET", "/api/v1/cluster/self") \
+                if lead else (None, None)
+            if status == 200:
+                if self.replica(rid).raft_addr in own["replica"]["members"]:
+                    entry.notes.append(f"{rid} is still a member")
+                    return
+                break
+            time.sleep(0.3)
+        entry.notes.append(f"{rid} was removed: re-adding it fresh")
+        r = self.replica(rid)
+        self.cluster.kill(r, signal.SIGTERM)
+        self._removals += 1
+        os.rename(r.data_dir, f"{r.data_dir}.removed{self._removals}")
+        self._removed[rid] = True
+        self._readd_removed(entry)
+
+    def _request_quietly(self, r, method, path):
+        try:
+            return self.cluster.request(r, method, path, timeout=6)
+        except (OSError, urllib.error.URLError) as e:
+            return None, repr(e)
+
     def _proxy(self, control, line):
         answer = latency_proxy.send(control, line)
         if answer != "ok":
@@ -261,14 +349,25 @@ class Injector:
             if not r.alive():
                 self.cluster.start(r, join=True)
             body = {"id": r.id, "raft_addr": r.raft_addr, "api_url": r.api_url}
-            answer = self._until(time.monotonic() + 20, lambda via: self.cluster.request(
-                via, "POST", "/api/v1/cluster/members", body, timeout=6), rid, ok=(201, 409))
+            # 409 means "already a member" or "another change is still in progress": only the
+            # leader's membership tells which (a run once left a replica out for good).
+            answer = self._until(time.monotonic() + 20, lambda via: self._added(via, body), rid, ok=(201, 409))
             note = f"re-add {rid}: {answer[0] if answer else 'not confirmed within 20 s'}"
             if entry is not None:
                 entry.notes.append(note)
             if answer is None:
                 self.errors.append(note)
         self._removed.clear()
+
+    def _added(self, via: ReplicaProcess, body: dict):
+        status, answer = self.cluster.request(via, "POST", "/api/v1/cluster/members", body, timeout=6)
+        if status == 409:
+            lead = self.leader()
+            code, own = self.cluster.request(self.replica(lead), "GET", "/api/v1/cluster/self",
+                                             timeout=2) if lead else (None, None)
+            if code != 200 or body["raft_addr"] not in own["replica"]["members"]:
+                return None, answer  # not confirmed: try again
+        return status, answer
 
     def _until(self, deadline, call, avoid, ok):
         """Send an admin call to live replicas other than `avoid` until one of `ok` answers."""

@@ -1,4 +1,5 @@
-"""The run at a glance: latency of every op and throughput per second, fault windows shaded."""
+"""The run at a glance: latency of every op and throughput per second, fault windows shaded,
+and each window's longest write gap (chaos/availability.py) drawn as a bar."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,8 @@ COLORS = {"kill": "#d62728", "pause": "#9467bd", "partition": "#ff7f0e", "loss":
           "latency": "#17becf", "membership": "#2ca02c"}
 
 
-def plot(path: str, history: list[Operation], timeline: list[dict], title: str) -> str | None:
+def plot(path: str, history: list[Operation], timeline: list[dict], title: str,
+         gaps: list[dict] = ()) -> str | None:
     """Write a PNG; returns its path, or None when matplotlib is not installed."""
     try:
         import matplotlib
@@ -45,6 +47,18 @@ def plot(path: str, history: list[Operation], timeline: list[dict], title: str) 
             ax.axvspan(entry["start"], stop, color=COLORS.get(entry["kind"], "grey"), alpha=0.15)
         ax1.text(entry["start"], 1.01, f"#{entry['index']} {entry['kind']}", transform=ax1.get_xaxis_transform(),
                  fontsize=7, rotation=30, color=COLORS.get(entry["kind"], "grey"))
+    top = ax2.get_ylim()[1]
+    for g in gaps:
+        for which, y, style in (("during", 0.93, "-"), ("after", 0.85, ":")):
+            span = g[which]
+            if span["seconds"] <= 0:
+                continue
+            ax2.hlines(top * y, span["from"], span["to"], colors="black", linestyles=style, linewidth=2.5)
+            ax2.text(span["from"], top * (y + 0.02), f"{span['seconds']:.1f}s", fontsize=6)
+    if gaps:
+        ax2.plot([], [], "k-", label="longest write gap on the other replicas")
+        ax2.plot([], [], "k:", label="longest write gap after the heal")
+        ax2.legend(loc="upper right", fontsize=8)
     fig.suptitle(title, y=0.995)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -25,7 +25,7 @@ from typing import Callable
 
 from raftmesh.lab.local_cluster import LocalCluster
 
-from . import checkers, history as hist, latency_proxy, plot
+from . import availability, checkers, clock, history as hist, latency_proxy, plot
 from .checkers import Check
 from .faults import Injector, clear_removed_data
 from raftmesh.lab.power import PowerLossDisk, preflight as power_preflight
@@ -48,13 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "\n\nThe same --seed, --duration, --faults and --replicas give the same schedule "
         "(--print-schedule shows it without running anything). Needs root, iproute2 and nftables.")
     parser.add_argument("--replicas", type=int, choices=(3, 5), default=3)
-    parser.add_argument("--faults", default=",".join(FAULTS),
+    parser.add_argument("--faults", default=None,
                         help=f"comma-separated subset of {','.join(FAULTS + OPTIONAL_FAULTS)} "
-                        f"(default: {','.join(FAULTS)})")
+                        f"(default: {','.join(FAULTS)}, without clock when libfaketime is not installed)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of workload under faults")
     parser.add_argument("--seed", type=int, default=None, help="schedule and workload seed (default: random, printed)")
     parser.add_argument("--out", default="chaos-out", help="directory for history, timeline, checks, plot")
-    parser.add_argument("--concurrency", type=int, default=8, help="workload clients")
+    parser.add_argument("--concurrency", type=int, default=3,
+                        help="workload clients per replica (each sends its first attempts to its own replica)")
     parser.add_argument("--settle", type=float, default=45.0, help="max seconds to converge after healing")
     parser.add_argument("--keep-data", action="store_true", help="keep replica data even when every check passes")
     parser.add_argument("--print-schedule", action="store_true", help="print the schedule and exit")
@@ -66,8 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "checked for convergence and version order (docs/chaos.md, 'Agents')")
 
 
+def default_faults() -> list[str]:
+    """Every fault kind this machine can inject."""
+    return [f for f in FAULTS if f != "clock" or clock.library() is not None]
+
+
 def main(args) -> int:
-    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    if args.faults is None:
+        faults = default_faults()
+    else:
+        faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(3), "big")
     try:
         schedule = make_schedule(seed, args.duration, faults, args.replicas)
@@ -82,6 +91,8 @@ def main(args) -> int:
         print("raftmesh chaos run: --agents must be >= 0", file=sys.stderr)
         return 2
     problems = preflight() + (power_preflight() if "powercut" in faults else [])
+    if "clock" in faults and clock.library() is None:
+        problems.append("the clock fault needs libfaketime (apt install faketime)")
     if problems:
         print("raftmesh chaos run: cannot run here: " + "; ".join(problems), file=sys.stderr)
         return 2
@@ -100,6 +111,7 @@ class Run:
         self.agents: ChaosAgents | None = None
         self.checks: list[Check] = []
         self.started = time.monotonic()
+        self.load: dict = {}  # 1-minute load average around the workload: contention inflates gaps
 
     def log(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f}s] {msg}", flush=True)
@@ -150,9 +162,12 @@ class Run:
             self.agents.start()
 
     def _prefix(self, r) -> list[str]:
-        """Replica r runs in its namespace, and on a power-loss disk with its own boot id."""
+        """Replica r runs in its namespace, on a power-loss disk with its own boot id when
+        there are power cuts, under libfaketime when there are clock faults."""
         disk = self.disks.get(r.id)
-        return self.net.prefix(int(r.id[1:]) - 1) + (disk.boot_prefix() if disk else [])
+        clock_prefix = (clock.prefix(clock.control_file(self.cluster.log_dir, r.id))
+                        if "clock" in self.faults else [])
+        return self.net.prefix(int(r.id[1:]) - 1) + (disk.boot_prefix() if disk else []) + clock_prefix
 
     def _start_proxy(self, i: int, ip: str) -> None:
         log = open(os.path.join(self.cluster.log_dir, f"proxy-r{i + 1}.log"), "ab")
@@ -201,6 +216,7 @@ class Run:
         workload = Workload([r.api_url for r in self.cluster.replicas], self.cluster.admin_key, self.seed,
                             t0, self.args.concurrency)
         thread = threading.Thread(target=injector.run, name="chaos-faults", daemon=True)
+        self.load["start"] = round(os.getloadavg()[0], 2)
         thread.start()
         try:
             asyncio.run(self._drive(workload, injector))
@@ -209,6 +225,7 @@ class Run:
             thread.join(60)
             injector.heal_all()
         run_seconds = time.monotonic() - t0
+        self.load["end"] = round(os.getloadavg()[0], 2)
         self.log(f"workload done: {len(workload.history)} ops in {run_seconds:.1f}s; healed, settling")
         settle_check, members = self._settle()
         agent_checks = []
@@ -224,7 +241,7 @@ class Run:
             except Exception as e:  # lmdb.Error, OSError: evidence, not a crash
                 digests[r.id] = None
                 self.log(f"cannot read {r.id}'s state: {e!r}")
-        result = self._check(workload, injector, settle_check, members, digests, tables)
+        result = self._check(workload, injector, settle_check, members, digests, tables, run_seconds)
         self.checks += agent_checks
         self._write(workload, injector, result, run_seconds)
         ok = all(c.ok for c in self.checks)
@@ -281,7 +298,7 @@ class Run:
         summary = f"all replicas ready at version {next(iter(versions.values()), '?')}" if not ev else "did not settle"
         return Check("settled", not ev, summary, ev), members
 
-    def _check(self, workload, injector, settle_check, members, digests, tables) -> dict:
+    def _check(self, workload, injector, settle_check, members, digests, tables, run_seconds) -> dict:
         history = workload.history
         self.checks = [settle_check]
         if injector.errors:
@@ -304,7 +321,11 @@ class Run:
                             checkers.check_acknowledged(history, final), attributed,
                             checkers.check_atomic(tables)]
         self.checks.append(checkers.check_responses(workload.anomalies))
-        run = {"history": history, "tables": tables, "final": final, "timeline": injector.timeline,
+        ids = [r.id for r in self.cluster.replicas]
+        gaps = availability.fault_gaps([(t, ids[i]) for t, i in workload.acks],
+                                       [e.to_dict() for e in injector.timeline], run_seconds)
+        self.checks.append(availability.check_available(gaps))
+        run = {"gaps": gaps, "history": history, "tables": tables, "final": final, "timeline": injector.timeline,
                "digests": digests}
         for fn in EXTRA_CHECKS:
             self.checks.append(fn(run))
@@ -329,16 +350,18 @@ class Run:
                    "durability": self.args.durability,
                    "duration": self.args.duration, "faults": self.faults, "run_seconds": round(run_seconds, 1),
                    "ops": len(workload.history), "by_status": dict(counts),
+                   "client_ops": workload.stats.started,
                    "ops_per_second": round(len(workload.history) / max(run_seconds, 1e-9), 1),
                    "attempts": workload.stats.attempts, "retries": workload.stats.retries,
                    "latency_ok": checkers.latency_stats(workload.history),
                    "faults_injected": len(injector.timeline), "faults_by_kind": dict(kinds),
+                   "write_gaps": run["gaps"], "load": self.load,
                    "digests": {k: list(v) if v else None for k, v in run["digests"].items()},
                    "checks": {c.name: c.ok for c in self.checks}}
         title = (f"raftmesh chaos {summary['verdict']}: seed {self.seed}, {self.args.replicas} replicas, "
                  f"{len(workload.history)} ops, {len(injector.timeline)} faults")
         png = plot.plot(os.path.join(out, "plot.png"), workload.history,
-                        [e.to_dict() for e in injector.timeline], title)
+                        [e.to_dict() for e in injector.timeline], title, run["gaps"])
         summary["files"] = {"history": "history.jsonl", "attempts": "attempts.jsonl", "faults": "faults.jsonl", "checks": "checks.json",
                             "final_state": "final-state.json", "schedule": "schedule.json",
                             "plot": "plot.png" if png else None, "logs": "cluster/*.log"}
@@ -353,16 +376,21 @@ class Run:
 def render_summary(s: dict, checks: list[Check], timeline) -> str:
     lat = s["latency_ok"]
     lines = [f"raftmesh chaos: {s['verdict']}  (seed {s['seed']}, {s['replicas']} replicas, "
-             f"{s['duration']:g}s, faults {','.join(s['faults'])}"
+             f"{s['duration']:g}s, faults {','.join(s['faults'])}; load {s['load']}"
              + (f", durability {s['durability']})" if s["durability"] != "fsync" else ")"),
-             f"  ops: {s['ops']} ({', '.join(f'{k} {v}' for k, v in sorted(s['by_status'].items()))}), "
+             f"  ops: {s['ops']} ({', '.join(f'{k} {v}' for k, v in sorted(s['by_status'].items()))}) "
+             f"from {s['client_ops']} client operations (a list read records one op per key), "
              f"{s['ops_per_second']}/s, {s['retries']} retries"
              + (f"; ok latency p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms" if lat else ""),
              f"  faults injected: {s['faults_injected']} ("
              + ", ".join(f"{k} {v}" for k, v in sorted(s["faults_by_kind"].items())) + ")"]
+    gaps = {g["index"]: g for g in s.get("write_gaps", [])}
     for e in timeline:
         end = f"{e.end:6.1f}" if e.end is not None else "   -  "
-        lines.append(f"    {e.start:6.1f}-{end}s  #{e.index} {e.detail}" + "".join(f"; {n}" for n in e.notes))
+        g = gaps.get(e.index)
+        avail = (f" [leader {e.leader}; write gap {g['during']['seconds']:.1f}s on the others, "
+                 f"{g['after']['seconds']:.1f}s after]") if g else ""
+        lines.append(f"    {e.start:6.1f}-{end}s  #{e.index} {e.detail}{avail}" + "".join(f"; {n}" for n in e.notes))
     lines += [c.render() for c in checks]
     lines.append(f"  written to {s.get('out', '--out')}: " + ", ".join(v for v in s["files"].values() if v))
     if s["verdict"] == "FAIL":

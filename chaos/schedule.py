@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
-FAULTS = ("kill", "pause", "partition", "loss", "latency", "membership")  # the default set
+FAULTS = ("kill", "pause", "partition", "loss", "latency", "membership", "oneway", "clock", "crash")
 OPTIONAL_FAULTS = ("powercut",)  # only when asked for: needs FUSE, and replicas run slower on it
 FAULT_HELP = {
     "kill": "SIGKILL a replica (the leader or a random one), restart it when the window ends",
@@ -28,7 +28,15 @@ FAULT_HELP = {
                 "filesystem that forgets what was not fsynced; cut one replica (the leader or "
                 "a random one) or all at once, sometimes tearing unsynced writes, and power "
                 "them back when the window ends (docs/durability.md, section 9)",
+    "oneway": "nftables drops what one replica (the leader or a random one) receives from "
+              "the others, or what the others receive from it; the other direction flows",
+    "clock": "libfaketime moves one replica's wall clock: skew by 2-30 s or a jump of 5 min "
+             "to a day, forward or back (its monotonic clock is left alone)",
+    "crash": "SIGKILL the leader while it removes a follower from the cluster; restart it, "
+             "and re-add the follower fresh if the removal went through",
 }
+CLOCK_SKEW = (2, 30)  # seconds
+CLOCK_JUMP = (300, 86400)
 PARTITION_MODES = ("isolate-one", "isolate-leader", "halves", "bridge")
 WARMUP = 3.0  # seconds of fault-free workload first: a baseline for the plot
 MIN_SLOT = 4.0  # a fault window plus its recovery cannot be shorter than this
@@ -118,6 +126,15 @@ def _shape(kind: str, variant: int, rng: random.Random, ids: list[str]) -> tuple
     if kind == "powercut":
         target = ("all", "leader", rng.choice(ids))[variant % 3]
         return target, {"torn": variant % 2 == 1, "seed": rng.randrange(1 << 30)}
+    if kind == "oneway":
+        return ("leader" if variant % 2 == 0 else rng.choice(ids)), {"drop": ("in", "out")[variant // 2 % 2]}
+    if kind == "crash":
+        return f"follower:{rng.randrange(len(ids) - 1)}", {"mode": "leader-mid-membership",
+                                                            "delay_ms": rng.randint(0, 50)}
+    if kind == "clock":
+        mode = ("skew", "jump")[variant % 2]
+        low, high = CLOCK_SKEW if mode == "skew" else CLOCK_JUMP
+        return rng.choice(ids), {"mode": mode, "seconds": rng.choice((-1, 1)) * rng.randint(low, high)}
     raise ValueError(kind)
 
 

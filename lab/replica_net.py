@@ -45,6 +45,7 @@ class NetRules:
     """What one replica's namespace drops or redirects; applied as one nft transaction."""
 
     blocked: set[str] = field(default_factory=set)  # peer IPs: all traffic dropped both ways
+    deaf_to: set[str] = field(default_factory=set)  # peer IPs: only what they send here is dropped
     loss_in: int = 0  # per mille of packets from peers dropped
     loss_out: int = 0  # per mille of packets to peers dropped
 
@@ -134,6 +135,8 @@ class ReplicaNet:
             blocked = "{ " + ", ".join(sorted(rules.blocked)) + " }"
             inp.append(f"ip saddr {blocked} drop")
             out.append(f"ip daddr {blocked} drop")
+        if rules.deaf_to:
+            inp.append("ip saddr { " + ", ".join(sorted(rules.deaf_to)) + " } drop")
         if rules.loss_in:
             inp.append(f"ip saddr {peer_set} numgen random mod 1000 < {rules.loss_in} drop")
         if rules.loss_out:

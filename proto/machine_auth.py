@@ -38,6 +38,10 @@ class SignatureError(ValueError):
     """The request does not prove possession of the machine key; message says why."""
 
 
+class StaleTimestamp(SignatureError):
+    """The signed time is outside the freshness window: the agent's clock or this one's is off."""
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -124,7 +128,7 @@ def verify_headers(headers, method: str, path: str, body: bytes, now: float,
     except NumberError as e:
         raise SignatureError(str(e))
     if abs(now - t) > FRESHNESS_SECONDS:
-        raise SignatureError(f"timestamp is {now - t:+.0f}s off (window {FRESHNESS_SECONDS:.0f}s): "
+        raise StaleTimestamp(f"timestamp is {now - t:+.0f}s off (window {FRESHNESS_SECONDS:.0f}s): "
                              "check the agent's clock")
     if not 8 <= len(nonce) <= 64:
         raise SignatureError("nonce must be 8-64 characters")

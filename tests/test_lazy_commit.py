@@ -61,6 +61,7 @@ def ends_within(r, seconds: float) -> bool:
 def pair(tmp_path):
     me, peer = (f"127.0.0.1:{p}" for p in free_ports(2))
     r = hand_driven(str(tmp_path / "r"), me, [peer])
+    r._SyncObj__connectedNodes.add(TCPNode(peer))  # its messages come over a connection
     yield r, TCPNode(peer)
     close(r)
 

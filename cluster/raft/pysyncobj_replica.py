@@ -53,6 +53,8 @@ RAFT_STATES = {0: "follower", 1: "candidate", 2: "leader"}
 # Several Raft messages for one peer, sent as one: pysyncobj pickles, compresses and seals
 # each message it sends, and a follower forwards each client command as its own message.
 BATCH = "rm_batch"
+PREVOTE, PREVOTE_GRANTED = "rm_prevote", "rm_prevote_granted"  # see RaftReplica._hold_election
+PREVOTE_AGAIN = 2  # heartbeats between pre-vote rounds
 _journal_factory_lock = threading.Lock()
 # Log compaction (see _SyncObj__tryLogCompaction): the journal must also hold this share of
 # the last snapshot's bytes, unless it has this many entries.
@@ -98,6 +100,10 @@ class RaftReplica(SyncObj):
         self._forwarded = ForwardedCommands()
         self._apply_hold = Hold()  # a follower's committed entries not yet applied
         self._stopping = False
+        self._leader_heard = time.monotonic()  # last AppendEntries of the current term or newer
+        self._prevote_term: int | None = None  # the election asked about (see _hold_election)
+        self._prevotes: set = set()  # peers that would vote in it
+        self._was_leader = False
         self._wake_pending = False  # a wake-up byte is in the pipe, not yet seen by a tick
         self._outbox: dict = {}  # node -> messages queued this tick (see _wrap_transport_send)
         self._acks_queued = False  # the outbox holds an ack: fsync before flushing it
@@ -112,7 +118,11 @@ class RaftReplica(SyncObj):
             raftMaxTimeout=config.election_max,
             connectionTimeout=max(1.0, config.election_max),
             connectionRetryTime=0.3,
-            leaderFallbackTimeout=max(1.0, 2 * config.election_max),
+            # A leader that hears no majority for an election timeout steps down (etcd's
+            # CheckQuorum): at 2 x election_max a leader that could send but not hear (a
+            # one-way partition) kept its followers from electing for 1.2 s plus their own
+            # timeout, and the majority went > 2 s without a write.
+            leaderFallbackTimeout=config.election_max,
             commandsWaitLeader=False,
             dynamicMembershipChange=True,
             journalFile=os.path.join(config.data_dir, "raft.journal"),
@@ -151,17 +161,84 @@ class RaftReplica(SyncObj):
 
     # -- the tick loop -----------------------------------------------------------------
     def _run(self) -> None:
+        last_tick = time.monotonic()
         while not self._stopping:
             try:
                 # Cleared before the tick drains the command queue: a command queued after
                 # this point finds the flag down and writes a new wake-up (see _wake).
                 self._wake_pending = False
+                last_tick = self._after_a_stall(last_tick)
+                self._hold_election()
                 self.doTick(self.config.tick)
                 self._flush_outbox()  # replies produced while handling received messages
             except Exception:
                 log.exception("raft tick failed")
                 time.sleep(self.config.tick)
         self.store.commit()
+
+    def _after_a_stall(self, last_tick: float) -> float:
+        """A replica whose ticks stopped for an election timeout (SIGSTOP, a stalled host)
+        waits one more election timeout before it stands for election itself.
+
+        Its election deadline passed while it was not running, so pysyncobj started an
+        election on the first tick after the resume, before the leader elected meanwhile
+        could reach it, and its higher term deposed that leader (Raft without pre-vote): a
+        resumed old leader cost the healthy majority another election (chaos: a 2.0 s write
+        gap after the heal). Waiting lets the current leader's AppendEntries arrive first;
+        a delayed election is always safe. Returns this tick's start."""
+        now = time.monotonic()
+        if now - last_tick > self.config.election_min:
+            self._SyncObj__raftElectionDeadline = max(self._SyncObj__raftElectionDeadline,
+                                                      now + self._SyncObj__generateRaftTimeout())
+        return now
+
+    def _hold_election(self) -> None:
+        """Pre-vote (Raft thesis 9.6): stand for election only once a majority would vote.
+
+        pysyncobj's follower starts an election, with a higher term, as soon as it has not
+        heard a leader for an election timeout. A replica cut off on one side (a one-way
+        partition, a paused or isolated one that comes back) did so while the others still
+        had a working leader, and its higher term deposed that leader when it could talk
+        again: the healthy majority lost writes for 2-3 s after the heal (chaos campaign,
+        seed 5, twice). Now, when an election is due, this replica first asks its peers
+        whether they would vote in it (a `PREVOTE`, which changes no term and no vote) and
+        holds the election; the election runs once a majority said yes.
+        A peer says yes only if it has not heard a leader for election_min itself and the
+        asker's log is at least as up to date as its own. Unanswered, it asks again after
+        PREVOTE_AGAIN heartbeats."""
+        others = self._SyncObj__otherNodes
+        if self._isLeader() or not others or self._SyncObj__selfNode is None:
+            return
+        now = time.monotonic()
+        if self._SyncObj__raftElectionDeadline > now or not self._SyncObj__connectedToAnyone():
+            return
+        term = self.raftCurrentTerm + 1
+        if self._prevote_term == term and len(self._prevotes) + 1 > (len(others) + 1) / 2:
+            self._prevote_term = None  # granted: pysyncobj's election goes ahead in this tick
+            return
+        if self._prevote_term != term:
+            self._prevote_term, self._prevotes = term, set()
+        ask = {"type": PREVOTE, "term": term, "last_log_index": self._SyncObj__getCurrentLogIndex(),
+               "last_log_term": self._SyncObj__getCurrentLogTerm()}
+        for node in others:
+            self._SyncObj__transport.send(node, ask)
+        # Ask again soon: peers refuse only while they still hear a leader (election_min),
+        # and a full timeout between rounds made every failover that much longer.
+        self._SyncObj__raftElectionDeadline = now + PREVOTE_AGAIN * self.config.heartbeat
+
+    def _on_prevote(self, node, message) -> None:
+        if message["type"] == PREVOTE_GRANTED:
+            if message["term"] == self._prevote_term and node in self._SyncObj__otherNodes:
+                self._prevotes.add(node)
+                if len(self._prevotes) + 1 > (len(self._SyncObj__otherNodes) + 1) / 2:
+                    self._SyncObj__raftElectionDeadline = 0  # the next tick starts the election
+            return
+        heard = self._isLeader() or (self._SyncObj__raftLeader is not None and
+                                     time.monotonic() - self._leader_heard < self.config.election_min)
+        mine = (self._SyncObj__getCurrentLogTerm(), self._SyncObj__getCurrentLogIndex())
+        if not heard and message["term"] > self.raftCurrentTerm \
+                and (message["last_log_term"], message["last_log_index"]) >= mine:
+            self._SyncObj__transport.send(node, {"type": PREVOTE_GRANTED, "term": message["term"]})
 
     def stop(self) -> None:
         self._stopping = True
@@ -256,6 +333,9 @@ class RaftReplica(SyncObj):
     def _after_tick(self) -> None:
         """Runs inside each tick before it waits: replicate, make durable, resolve."""
         leader = self._isLeader()
+        if not leader:
+            self._give_up_without_leader(stepped_down=self._was_leader)
+        self._was_leader = leader
         self._ship()  # what arrived during apply; before the leader's own fsync
         self._propose_barrier()
         self.store.commit()
@@ -266,6 +346,34 @@ class RaftReplica(SyncObj):
         if leader and not self._SyncObj__otherNodes and self._log_index() > self.raftCommitIndex:
             self._wake()  # a single replica: no ack will wake the tick that commits these
         self._refresh_status()
+
+    def _give_up_without_leader(self, stepped_down: bool) -> None:
+        """Answer waiting proposals once this replica knows it has no leader to reach.
+
+        pysyncobj keeps a command it appended as leader, or forwarded and had acknowledged
+        by a leader, until that log index is applied here, and a follower cut off from
+        everyone starts no election, so it keeps a silent leader for good. Clients of a
+        replica without a quorum then waited the whole write timeout (or the whole
+        partition) for an answer; and pysyncobj forwards a command to a leader it has no
+        connection to (a resumed paused replica, before it reconnects) by dropping it. Now a
+        leader that is silent for an election timeout, or not connected, is dropped,
+        and when there is no leader every waiting proposal ends as unknown (it may still
+        commit elsewhere); new ones fail at once with MISSING_LEADER (`no_leader`). So do
+        the proposals of a leader that just stepped down (a paused leader resumed into a
+        newer term): their entries are overwritten or committed by the new leader only
+        when it writes at those indexes, which a quiet cluster may not do for a while."""
+        leader = self._SyncObj__raftLeader
+        silent = time.monotonic() - self._leader_heard > self.config.election_max
+        if leader is not None and (silent or leader not in self._SyncObj__connectedNodes):
+            self._SyncObj__raftLeader = None
+            self._SyncObj__onLeaderChanged()  # forwarded, not yet acknowledged: LEADER_CHANGED
+        waiting = self._SyncObj__commandsWaitingCommit
+        if (self._SyncObj__raftLeader is not None and not stepped_down) or not waiting:
+            return
+        for index in sorted(waiting):
+            for _, callback in waiting[index]:
+                callback(None, FAIL_REASON.LEADER_CHANGED)
+        waiting.clear()
 
     def _log_index(self) -> int:
         return self.journal[-1][1]
@@ -330,6 +438,10 @@ class RaftReplica(SyncObj):
             for m in message["messages"]:
                 self._SyncObj__onMessageReceived(node, m)
             return
+        if message.get("type") in (PREVOTE, PREVOTE_GRANTED):
+            return self._on_prevote(node, message)
+        if message.get("type") == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
+            self._leader_heard = time.monotonic()
         if message.get("type") != "append_entries" or "prevLogIdx" not in message \
                 or message.get("transmission") in ("start", "process"):
             return SyncObj._SyncObj__onMessageReceived(self, node, message)

@@ -1,0 +1,61 @@
+"""This replica's wall clock compared with the cluster's, from the commands it applies.
+
+Every command carries its proposer's wall clock (`Command.time`), and writes come in
+through every replica, so the median of (command time - local time at apply) over recent
+commands is this replica's offset from the others when its own clock is the wrong one.
+Used to tell "the agent's clock is off" (401: fix the agent) from "this replica's clock is
+off" (503: try another replica), which a replica cannot tell from its own clock alone:
+a replica whose clock jumped a day rejected every correctly signed registration with 401
+(chaos `clock` fault), which an agent takes as a permanent refusal. A step of the local
+wall clock (seen against the monotonic clock) shifts the recorded offsets with it, so a
+jump is known at once, not only after a handful of new commands.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+
+from aiohttp import web
+
+from raftmesh.cluster.raft import Raft
+
+SAMPLES = 16  # recent commands
+MIN_SAMPLES = 8  # fewer say nothing: a quiet cluster gives no estimate
+STEP = 1.0  # seconds: a larger change of wall - monotonic is a step of the wall clock
+
+
+class ClusterClock:
+    def __init__(self, replica: Raft):
+        self._deltas: deque[float] = deque(maxlen=SAMPLES)
+        self._base = time.time() - time.monotonic()
+        self._lock = threading.Lock()  # applies come on the Raft thread, lookups on the loop
+        replica.add_apply_listener(self._on_batch)
+
+    def _now(self) -> float:
+        """The wall clock, after shifting the recorded offsets by any step it took since."""
+        now = time.time()
+        step = now - time.monotonic() - self._base
+        if abs(step) > STEP:
+            self._deltas = deque((d - step for d in self._deltas), maxlen=SAMPLES)
+            self._base += step
+        return now
+
+    def _on_batch(self, batch: list) -> None:
+        with self._lock:
+            now = self._now()
+            for _, cmd, _ in batch:
+                if cmd.time:  # barriers and internal commands carry no time
+                    self._deltas.append(cmd.time - now)
+
+    def offset(self) -> float | None:
+        """Seconds this replica's clock is behind (-) or ahead (+) of the proposers' clocks,
+        or None without enough recent commands."""
+        with self._lock:
+            self._now()
+            deltas = list(self._deltas)
+        return -statistics.median_low(deltas) if len(deltas) >= MIN_SAMPLES else None
+
+
+CLUSTER_CLOCK = web.AppKey("cluster_clock", ClusterClock)
