@@ -25,6 +25,8 @@ def register(sub) -> None:
     up.add_argument("--endpoint", action="append", default=[],
                     help="ip:port peers should reach this node at (default: global IPv4 addresses)")
     up.add_argument("--advertise-route", action="append", default=[])
+    up.add_argument("--stun", action="append", default=[], metavar="HOST_IP:PORT",
+                    help="a STUN server to ask besides the replicas (repeatable)")
     up.add_argument("--max-stale", type=float, default=7 * 86400,
                     help="seconds without any verified frame after which the cached netmap is no "
                     "longer enforced (default 7 days; 0 = keep using it)")
@@ -55,7 +57,8 @@ def cmd_up(args) -> int:
                          auth_key=args.auth_key or os.environ.get("RAFTMESH_AUTH_KEY"),
                          hostname=args.hostname, listen_port=args.listen_port,
                          endpoints=args.endpoint or detect_endpoints(args.listen_port),
-                         advertise_routes=args.advertise_route, max_stale=args.max_stale)
+                         advertise_routes=args.advertise_route, max_stale=args.max_stale,
+                         stun_servers=args.stun)
     try:
         agent = Agent(config)
     except (OSError, ValueError) as e:

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -30,6 +31,7 @@ from .control_client import ControlClient, ControlError
 from .firewall import PacketFilter
 from .map_client import MapStream
 from .netmap_state import AgentNetmap, next_expiry
+from .paths import PathProber, split_endpoint
 from .session import APPLY, APPLY_ARM_ACK, END, REVOKED, AgentSession, Next
 from .state_dir import StateDir
 from .wireguard import WireGuardInterface, public_key_of
@@ -49,7 +51,8 @@ class AgentConfig:
     listen_port: int = 41641
     endpoints: list[str] = field(default_factory=list)  # ip:port peers should use
     advertise_routes: list[str] = field(default_factory=list)
-    peer_keepalive: int = 25  # WireGuard persistent keepalive, seconds
+    peer_keepalive: int = 25  # WireGuard persistent keepalive, seconds (holds NAT mappings)
+    stun_servers: list[str] = field(default_factory=list)  # host:port, besides the replicas'
     max_stale: float = DEFAULT_MAX_STALE  # stop enforcing a netmap this long without contact
 
     def __post_init__(self) -> None:
@@ -80,6 +83,9 @@ class Agent:
         self.session = AgentSession(random.Random(), view, bool(config.auth_key),
                                     last_contact=last_contact)
         self._reported: tuple[str, ...] | None = None  # endpoints last reported this run
+        self._report_lock = threading.Lock()  # the prober's thread reports a new mapping too
+        self.mapped: str | None = None  # our WireGuard port as STUN sees it
+        self.prober: PathProber | None = None
         self.ack_sender = AckSender(self.machine_key)
         self.wg: WireGuardInterface | None = None
         self.fw: PacketFilter | None = None
@@ -172,6 +178,7 @@ class Agent:
         session = self.session
         session.stream_opened(stream.nonce, stream.stream_keys, stream.keepalive, time.monotonic())
         self._publish_status(stream)
+        self._set_stun_servers(stream)
         while not self.stop_event.is_set():
             if self.rotate_event.is_set():
                 self.rotate_event.clear()
@@ -254,19 +261,47 @@ class Agent:
                           self.session.enforced.self_node.addresses if self.session.enforced else ())
         log.info("WireGuard key rotated")
 
-    def _report_endpoints(self, netmap: Netmap) -> None:
-        """Tell the control plane where peers reach us when that changed (e.g. a restart
-        with other addresses); the change comes back as a delta like any other."""
-        want = tuple(sorted(self.config.endpoints))
-        if not want or tuple(sorted(netmap.self_node.endpoints)) == want:
-            return
-        if self._reported == want:
-            return
+    def _report_endpoints(self, netmap: Netmap | None) -> None:
+        """Tell the control plane where peers reach us (local addresses and the STUN-mapped
+        one) when that changed (a restart, a NAT rebinding); the change comes back as a delta
+        like any other, and peers probe the new candidates."""
+        want = tuple(sorted({*self.config.endpoints, *([self.mapped] if self.mapped else [])}))
+        with self._report_lock:
+            if netmap is None or not want or tuple(sorted(netmap.self_node.endpoints)) == want:
+                return
+            if self._reported == want:
+                return
+            try:
+                self.client.call("POST", REPORT, {"endpoints": list(want)}, deadline=5)
+                self._reported = want
+            except (ControlError, OSError) as e:
+                log.info("endpoint report failed (will retry with the next netmap): %s", e)
+
+    def _mapped_changed(self, mapped: str) -> None:
+        """From the prober's thread: STUN saw our port at a new outside address."""
+        self.mapped = mapped
+        view = self.view
+        self._report_endpoints(view.netmap if view is not None else None)
+
+    def _set_stun_servers(self, stream: MapStream) -> None:
+        servers = [a for a in map(split_endpoint, self.config.stun_servers) if a is not None]
+        if stream.stun is not None:
+            try:  # the stream's host may be a name; STUN goes to its address
+                servers.insert(0, (socket.gethostbyname(stream.stun[0]), stream.stun[1]))
+            except OSError as e:
+                log.info("no STUN via %s: %s", stream.stun[0], e)
+        self.prober.set_stun_servers(servers)
+
+    def _set_peer_endpoint(self, node_key: str, endpoint: str) -> None:
+        """From the prober's thread: a probe proved `endpoint`; WireGuard sends there now."""
         try:
-            self.client.call("POST", REPORT, {"endpoints": list(want)}, deadline=5)
-            self._reported = want
-        except (ControlError, OSError) as e:
-            log.info("endpoint report failed (will retry with the next netmap): %s", e)
+            self.wg.set_endpoint(node_key, endpoint)
+        except Exception as e:  # the peer may have gone in between
+            log.info("cannot set the endpoint of %s: %s", node_key[:8], e)
+
+    def _wireguard_keys(self) -> tuple[bytes, bytes]:
+        key = self.state.wireguard_key()  # read each time: a key rotation takes effect at once
+        return bytes(key), bytes(key.public_key)
 
     # -- data plane ----------------------------------------------------------------------------
     def _start_dataplane(self) -> None:
@@ -281,10 +316,13 @@ class Agent:
         self.fw.apply(())  # deny inbound until a verified netmap says otherwise
         addresses = self.view.netmap.self_node.addresses if self.view and self.view.netmap else ()
         self.wg.configure(self._private_key(), self.config.listen_port, addresses)
+        self.prober = PathProber(self.config.listen_port, self._wireguard_keys,
+                                 self._set_peer_endpoint, self._mapped_changed)
+        self.prober.start()
 
     def _stop_dataplane(self) -> None:
         self._set_status("stopped")
-        for part in (self.fw, self.wg):
+        for part in (self.prober, self.fw, self.wg):
             if part is not None:
                 try:
                     part.close()
@@ -304,6 +342,7 @@ class Agent:
         if old is None or old.self_node.addresses != nm.self_node.addresses:
             self.wg.set_addresses(nm.self_node.addresses)
         self.wg.reconcile(list(nm.peers.values()), self.config.peer_keepalive)
+        self.prober.set_peers({p.node_key: p.endpoints for p in nm.peers.values()})
         if old is None or old.packet_filter != nm.packet_filter:
             self.fw.apply(nm.packet_filter)
         self.session.enforced = nm

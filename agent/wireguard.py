@@ -427,6 +427,11 @@ class WireGuardInterface:
         if lines:
             self._run(self._ip("-batch", "-"), input="\n".join(lines) + "\n")
 
+    def set_endpoint(self, public_key: str, endpoint: str) -> None:
+        """Point one existing peer at `endpoint` (a path a probe proved)."""
+        self._wg("set", self.name, "peer", check_key(public_key), "endpoint",
+                 canonical_endpoint(endpoint))
+
     def reconcile(self, peers: Sequence[Peer], keepalive: int = 0) -> ReconcileResult:
         """Make the device's peers and routes match `peers`, changing only the differences."""
         dump = self.dump()

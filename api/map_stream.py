@@ -32,7 +32,7 @@ from raftmesh.cluster.netmap_feed import FeedUpdate, NetmapFeed
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.state_store import read_version
 from raftmesh.proto.routes import (BYE_REVOKED, BYE_SHUTTING_DOWN, FRAME_CONTENT_TYPE, HEADER_KEEPALIVE,
-                                   HEADER_REPLICA)
+                                   HEADER_REPLICA, HEADER_STUN_PORT)
 from raftmesh.proto.wire import Netmap
 
 from raftmesh.proto.frames import (ClusterKey, FrameSigner, endorse, key_exchange_offer, next_frame,
@@ -467,7 +467,8 @@ class StreamHub:
             resp = web.StreamResponse(headers={"Content-Type": FRAME_CONTENT_TYPE,
                                                "Cache-Control": "no-store",
                                                HEADER_REPLICA: self.replica.config.id,
-                                               HEADER_KEEPALIVE: f"{keepalive:g}"})
+                                               HEADER_KEEPALIVE: f"{keepalive:g}",
+                                               HEADER_STUN_PORT: str(self.replica.config.stun_udp_port)})
             await resp.prepare(request)
             # prepare() serialised the head for sending; the header dict would otherwise stay
             # allocated for the stream's life (~0.9 KB each, with aiohttp's Date and Server)

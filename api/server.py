@@ -16,13 +16,14 @@ from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.audit_export import AuditExporter
 
 from . import admin, agent_api  # noqa: F401  (register their routes)
-from . import auth, health, routing
+from . import auth, health, routing, stun_server
 from .gc_tuning import raise_young_gc_threshold
 from .errors import MAX_BODY_BYTES, error_middleware
 from raftmesh.proto.machine_auth import new_cluster_key
 from .map_stream import HUB, StreamHub, sweep_presence
 
 log = logging.getLogger("raftmesh.server")
+REGISTRY = web.AppKey("registry", object)  # the replica's Prometheus registry
 
 
 def timing_middleware(metrics: health.Metrics):
@@ -43,6 +44,7 @@ def build_app(replica: Raft) -> web.Application:
                           client_max_size=replica.config.max_body_bytes)
     app[MAX_BODY_BYTES] = replica.config.max_body_bytes
     app[HUB] = StreamHub(replica, metrics.registry)
+    app[REGISTRY] = metrics.registry
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
     return app
@@ -102,6 +104,7 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
     await runner.setup()
     site = web.TCPSite(runner, config.api_host, config.api_port, reuse_address=True)
     await site.start()
+    stun = await stun_server.start(config.api_host, config.stun_udp_port, app[REGISTRY])
     log.info("replica %s: raft %s, api %s", config.id, config.raft_addr, config.api_url)
     tasks = [asyncio.create_task(announce(replica)), asyncio.create_task(bootstrap_admin_key(replica)),
              asyncio.create_task(bootstrap_cluster_key(replica)),
@@ -125,6 +128,7 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
             t.cancel()
         await app[HUB].stop()
         await runner.cleanup()
+        stun.close()
         replica.stop()
 
 

@@ -28,6 +28,8 @@ def _add_server(sub) -> None:
     p.add_argument("--audit-export-url")
     p.add_argument("--snapshot-min-entries", type=int)
     p.add_argument("--stream-keepalive", type=float, help="map-stream keepalive seconds (<= 15)")
+    p.add_argument("--stun-port", type=int,
+                   help="UDP port of this replica's STUN responder (default: the API port number)")
     p.add_argument("--node-key-lifetime", type=float,
                    help="key expiry of newly registered nodes, seconds (0: never)")
     p.add_argument("--log-level", default="INFO")
@@ -46,7 +48,8 @@ def cmd_server(args) -> int:
              "data_dir": args.data_dir, "durability": args.durability, "join": args.join,
              "audit_export_file": args.audit_export_file, "audit_export_url": args.audit_export_url,
              "snapshot_min_entries": args.snapshot_min_entries,
-             "stream_keepalive": args.stream_keepalive, "node_key_lifetime": args.node_key_lifetime}
+             "stream_keepalive": args.stream_keepalive, "node_key_lifetime": args.node_key_lifetime,
+             "stun_port": args.stun_port}
     env = {"cluster_secret": os.environ.get("RAFTMESH_CLUSTER_SECRET"),
            "bootstrap_admin_key": os.environ.get("RAFTMESH_BOOTSTRAP_ADMIN_KEY")}
     try:

@@ -11,7 +11,7 @@ what changed in HISTORY, and raise OLDEST_SERVED only once no agent older than i
 """
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 OLDEST_SERVED = 1
 HEADER_PROTOCOL_VERSION = "X-Raftmesh-Protocol"
 UNSUPPORTED = "unsupported_protocol_version"  # the error code of a refusal
@@ -22,6 +22,10 @@ HISTORY = {
         "bye), the first signed by the cluster key and carrying the stream key exchange, later "
         "ones tagged; resume with ?since; bye codes revoked and shutting_down; deferred, "
         "coalesced acks. Requests without the version header are taken as version 1."),
+    2: ("2026-12-06", "map stream responses name the replica's STUN port (X-Raftmesh-Stun-Port); "
+        "reported endpoints include STUN-mapped addresses, and agents probe peers' endpoints "
+        "from their WireGuard port (agent/disco.py). Version-1 agents ignore both and are "
+        "served as before."),
 }
 
 

@@ -1,0 +1,162 @@
+"""Real agents behind nftables NAT routers (lab/nat.py): endpoint discovery by STUN from the
+WireGuard port, coordinated probing, direct paths where NATs allow, repair after a NAT
+rebinding and an agent restart, and probes from outside the mesh left unanswered.
+
+One lab for the module (a replica, three routers, a public host) keeps the time bounded."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+
+import pytest
+from nacl.public import PrivateKey
+from netns import Lab, cleanup_stale, wait_for
+
+from raftmesh.agent import disco, paths
+from raftmesh.bench import harness
+from raftmesh.lab import nat
+from raftmesh.lab.local_cluster import LocalCluster
+from raftmesh.lab.namespaces import RealAgent
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("wireguard-go", "wg", "nft")),
+                       reason="needs root, wireguard-go, wg and nft"),
+    pytest.mark.timeout(240),
+]
+
+
+class NatLab:
+    """a behind EIM router r1, b behind EIM router r2, c and d behind EIM router r3,
+    p public; every agent may reach every other (the benchmark's mesh policy)."""
+
+    def __init__(self, tmp: str):
+        cleanup_stale()
+        self.lab, self.cluster, self.agents = Lab(), None, {}
+        try:
+            gateway = nat.public_gateway()
+            self.public = gateway.rsplit(".", 1)[0]
+            host = self.lab.connect_host(gateway, routed=True)
+            self.routers = {name: nat.add_router(self.lab, name, f"{self.public}.{i}/24", "eim")
+                            for i, name in enumerate(("r1", "r2", "r3"), 1)}
+            self.ns = {"a": self.routers["r1"].add_host("a"), "b": self.routers["r2"].add_host("b"),
+                       "c": self.routers["r3"].add_host("c"), "d": self.routers["r3"].add_host("d"),
+                       "p": self.lab.add("p", f"{self.public}.10/24")}
+            self.cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=1, host=host,
+                                        extra_args=["--stream-keepalive", "2"])
+            self.cluster.start_all()
+            self.cluster.wait_ready(timeout=30)
+            self.key = harness.setup_cluster(self.cluster, topology="mesh")[harness.BENCH_USER]
+            self.servers = [r.api_url for r in self.cluster.replicas]
+            self.tmp = tmp
+            for label in self.ns:
+                self.start(label)
+            for label in self.ns:
+                wait_for(lambda lb=label: len(self.agents[lb].status().get("peers", ())) == 4,
+                         30, what=f"agent {label} sees its 4 peers")
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, label: str) -> None:
+        agent = self.agents.get(label) or RealAgent(self.lab, self.ns[label], self.tmp,
+                                                    self.servers, self.key, label)
+        self.agents[label] = agent
+        agent.start()
+
+    def overlay(self, label: str) -> str:
+        return self.agents[label].status()["addresses"][0].split("/")[0]
+
+    def node_key(self, label: str) -> str:
+        st = self.agents[label].status()
+        return next(p["node_key"] for other in self.agents.values() if other is not self.agents[label]
+                    for p in other.status()["peers"] if p["id"] == st["node_id"])
+
+    def wg_endpoint(self, label: str, peer: str) -> str | None:
+        """Where `label`'s WireGuard sends to `peer` now."""
+        agent = self.agents[label]
+        out = agent.ns.run("wg", "show", agent.ifname, "endpoints", check=False).stdout
+        key = self.node_key(peer)
+        return next((line.split("\t")[1] for line in out.splitlines() if line.startswith(key)), None)
+
+    def wan(self, router: str) -> str:
+        """The router's public address now (the rebinding test changes r1's)."""
+        return self.routers[router].ns.run("ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout.split()[3].split("/")[0]
+
+    def direct_via(self, label: str, peer: str, host_ip: str) -> bool:
+        """`label` reaches `peer` through the tunnel, and WireGuard sends to `host_ip`."""
+        endpoint = self.wg_endpoint(label, peer) or ""
+        return endpoint.startswith(host_ip + ":") and self.ns[label].ping(self.overlay(peer))
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        if self.cluster is not None:
+            self.cluster.stop_all()
+        self.lab.close()
+
+
+@pytest.fixture(scope="module")
+def natlab(tmp_path_factory):
+    lab = NatLab(str(tmp_path_factory.mktemp("nat")))
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def test_agents_behind_different_nats_discover_and_go_direct(natlab):
+    r2_wan = f"{natlab.public}.2"
+    wait_for(lambda: natlab.direct_via("a", "b", r2_wan), 15, what="a -> b direct via r2")
+    wait_for(lambda: natlab.direct_via("b", "a", f"{natlab.public}.1"), 5, what="b -> a direct")
+    b_peers = {p["name"]: p for p in natlab.agents["a"].status()["peers"]}
+    assert f"{r2_wan}:41641" in b_peers["host-b"]["endpoints"]  # b's STUN-mapped address
+    assert f"{natlab.ns['b'].ip}:41641" in b_peers["host-b"]["endpoints"]  # and its LAN one
+
+
+def test_agents_behind_one_nat_use_their_lan_addresses(natlab):
+    wait_for(lambda: natlab.direct_via("c", "d", natlab.ns["d"].ip), 15, what="c -> d over the LAN")
+    wait_for(lambda: natlab.direct_via("d", "c", natlab.ns["c"].ip), 5, what="d -> c over the LAN")
+
+
+def test_agent_behind_nat_and_public_agent_go_direct(natlab):
+    wait_for(lambda: natlab.direct_via("a", "p", natlab.ns["p"].ip), 15, what="a -> p direct")
+    wait_for(lambda: natlab.direct_via("p", "a", f"{natlab.public}.1"), 5, what="p -> a direct")
+
+
+def test_probe_from_outside_the_mesh_is_not_answered(natlab):
+    """An outsider on the public side pings p's WireGuard port with a well-formed probe under
+    a key that is not in p's netmap: no pong ever comes back."""
+    outsider = natlab.lab.add("x", f"{natlab.public}.20/24")
+    key = PrivateKey.generate()
+    p_key = __import__("base64").b64decode(natlab.node_key("p"))
+    probe = disco.seal(disco.Probe(disco.PING, b"o" * 12), bytes(key), bytes(key.public_key), p_key)
+    script = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+              "s.settimeout(1.5)\nfor _ in range(3):\n s.sendto(bytes.fromhex(sys.argv[1]),(sys.argv[2],41641))\n"
+              "try:\n print(s.recv(2048).hex())\nexcept socket.timeout:\n print('none')\n")
+    out = outsider.run("python3", "-c", script, probe.hex(), natlab.ns["p"].ip).stdout.strip()
+    assert out == "none"
+    natlab.lab.remove("x")
+
+
+def test_nat_rebinding_is_repaired_within_seconds(natlab):
+    """r1 comes back with another public address (its mappings flushed): a's STUN sees the
+    new mapping, b learns it from its map stream, and the pair is direct again."""
+    old, new = f"{natlab.public}.1", f"{natlab.public}.31"
+    wait_for(lambda: natlab.direct_via("b", "a", old), 15, what="b -> a direct before")
+    r1 = natlab.routers["r1"].ns
+    r1.run("ip", "addr", "del", f"{old}/24", "dev", "eth0")
+    r1.run("ip", "addr", "add", f"{new}/24", "dev", "eth0")
+    r1.run("ip", "route", "add", "default", "via", natlab.lab.gateway)
+    started = time.monotonic()
+    wait_for(lambda: natlab.direct_via("b", "a", new), 20, what="b -> a direct via r1's new address")
+    assert time.monotonic() - started < 10
+
+
+def test_agent_restart_finds_its_paths_again(natlab):
+    natlab.agents["b"].stop()
+    natlab.start("b")
+    wait_for(lambda: natlab.agents["b"].status().get("state") == "connected", 20, what="b back")
+    wait_for(lambda: natlab.direct_via("b", "a", natlab.wan("r1"))
+             and natlab.direct_via("a", "b", natlab.wan("r2")), 20, what="a <-> b direct again")
