@@ -10,6 +10,7 @@ WireGuard and nftables.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -32,6 +33,7 @@ from .firewall import PacketFilter
 from .map_client import MapStream
 from .netmap_state import AgentNetmap, next_expiry
 from .paths import PathProber, split_endpoint
+from .relay import RelayClient
 from .session import APPLY, APPLY_ARM_ACK, END, REVOKED, AgentSession, Next
 from .state_dir import StateDir
 from .wireguard import WireGuardInterface, public_key_of
@@ -86,6 +88,7 @@ class Agent:
         self._report_lock = threading.Lock()  # the prober's thread reports a new mapping too
         self.mapped: str | None = None  # our WireGuard port as STUN sees it
         self.prober: PathProber | None = None
+        self.relay: RelayClient | None = None
         self.ack_sender = AckSender(self.machine_key)
         self.wg: WireGuardInterface | None = None
         self.fw: PacketFilter | None = None
@@ -299,6 +302,31 @@ class Agent:
         except Exception as e:  # the peer may have gone in between
             log.info("cannot set the endpoint of %s: %s", node_key[:8], e)
 
+    def _path_for(self, node_key: str) -> str | None:
+        """Where WireGuard should send to a peer: its proven direct path, else the relay."""
+        return self.prober.direct().get(node_key) or self.relay.endpoint_for(node_key)
+
+    def _with_path(self, peer):
+        path = self._path_for(peer.node_key)
+        return dataclasses.replace(peer, endpoints=(path,)) if path else peer
+
+    def _path_lost(self, node_key: str) -> None:
+        """From the prober's thread: a direct path stopped answering; relay meanwhile."""
+        path = self.relay.endpoint_for(node_key)
+        if path is not None:
+            self._set_peer_endpoint(node_key, path)
+
+    def _relay_changed(self) -> None:
+        """From the relay's thread: the session came up (or moved): peers without a direct
+        path go through it."""
+        nm = self.session.enforced
+        direct = self.prober.direct()
+        for peer in list(nm.peers.values()) if nm is not None else ():
+            if peer.node_key not in direct:
+                path = self.relay.endpoint_for(peer.node_key)
+                if path is not None:
+                    self._set_peer_endpoint(peer.node_key, path)
+
     def _wireguard_keys(self) -> tuple[bytes, bytes]:
         key = self.state.wireguard_key()  # read each time: a key rotation takes effect at once
         return bytes(key), bytes(key.public_key)
@@ -317,12 +345,15 @@ class Agent:
         addresses = self.view.netmap.self_node.addresses if self.view and self.view.netmap else ()
         self.wg.configure(self._private_key(), self.config.listen_port, addresses)
         self.prober = PathProber(self.config.listen_port, self._wireguard_keys,
-                                 self._set_peer_endpoint, self._mapped_changed)
+                                 self._set_peer_endpoint, self._mapped_changed, self._path_lost)
         self.prober.start()
+        self.relay = RelayClient(self.config.servers, self.machine_key, self.config.listen_port,
+                                 self._relay_changed)
+        self.relay.start()
 
     def _stop_dataplane(self) -> None:
         self._set_status("stopped")
-        for part in (self.prober, self.fw, self.wg):
+        for part in (self.relay, self.prober, self.fw, self.wg):
             if part is not None:
                 try:
                     part.close()
@@ -341,8 +372,9 @@ class Agent:
         old = self.session.enforced
         if old is None or old.self_node.addresses != nm.self_node.addresses:
             self.wg.set_addresses(nm.self_node.addresses)
-        self.wg.reconcile(list(nm.peers.values()), self.config.peer_keepalive)
         self.prober.set_peers({p.node_key: p.endpoints for p in nm.peers.values()})
+        self.relay.retain({p.node_key for p in nm.peers.values()})
+        self.wg.reconcile([self._with_path(p) for p in nm.peers.values()], self.config.peer_keepalive)
         if old is None or old.packet_filter != nm.packet_filter:
             self.fw.apply(nm.packet_filter)
         self.session.enforced = nm

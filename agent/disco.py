@@ -89,7 +89,7 @@ class PathFinder:
 
     def __init__(self):
         self.peers: dict[str, PeerPaths] = {}  # by WireGuard public key (base64)
-        self.lost = False  # a path stopped answering since the driver last cleared this
+        self.lost: set[str] = set()  # peers whose path stopped answering (the driver clears it)
 
     def set_peers(self, candidates: dict[str, tuple[str, ...]], now: float) -> None:
         """The netmap's peers and their candidates: new or changed ones are searched now."""
@@ -116,7 +116,7 @@ class PathFinder:
                 continue
             if p.path is not None and now - p.last_pong > PATH_TIMEOUT:
                 p.path, p.path_since, p.search_started = None, None, now  # rebinding: search
-                self.lost = True
+                self.lost.add(key)
             targets = (p.path,) if p.path is not None else p.candidates
             for cand in targets:
                 txid = new_txid()

@@ -85,10 +85,12 @@ class PathProber:
     """The thread that keeps each peer's path (and our STUN mapping) current."""
 
     def __init__(self, port: int, keys: Callable[[], tuple[bytes, bytes]],
-                 set_endpoint: Callable[[str, str], None], mapped_changed: Callable[[str], None]):
+                 set_endpoint: Callable[[str, str], None], mapped_changed: Callable[[str], None],
+                 path_lost: Callable[[str], None]):
         self.port = port
         self.keys = keys  # () -> (our WireGuard private key, public key), raw bytes
         self.set_endpoint, self.mapped_changed = set_endpoint, mapped_changed
+        self.path_lost = path_lost
         self.finder = disco.PathFinder()
         self.lock = threading.Lock()
         self.stun_servers: list[tuple[str, int]] = []
@@ -144,8 +146,11 @@ class PathProber:
             with self.lock:
                 pings = self.finder.due(now, lambda: secrets.token_bytes(12))
                 wake = self.finder.next_wakeup(now)
-                if self.finder.lost:  # perhaps our own mapping changed: ask STUN now
-                    self.finder.lost, self._next_stun = False, now
+                lost, self.finder.lost = self.finder.lost, set()
+                if lost:  # perhaps our own mapping changed: ask STUN now
+                    self._next_stun = now
+            for key in lost:
+                self.path_lost(key)
             for key, cand, txid in pings:
                 addr = split_endpoint(cand)
                 if addr is not None:

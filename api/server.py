@@ -15,7 +15,7 @@ from raftmesh.cluster import raft
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.audit_export import AuditExporter
 
-from . import admin, agent_api  # noqa: F401  (register their routes)
+from . import admin, agent_api, relay  # noqa: F401  (register their routes)
 from . import auth, health, routing, stun_server
 from .gc_tuning import raise_young_gc_threshold
 from .errors import MAX_BODY_BYTES, error_middleware
@@ -45,6 +45,7 @@ def build_app(replica: Raft) -> web.Application:
     app[MAX_BODY_BYTES] = replica.config.max_body_bytes
     app[HUB] = StreamHub(replica, metrics.registry)
     app[REGISTRY] = metrics.registry
+    app[relay.HUB] = relay.RelayHub(metrics.registry)
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
     return app

@@ -13,6 +13,7 @@ ROTATE_KEY = MACHINE + "/rotate-key"
 LOGOUT = MACHINE + "/logout"
 MAP = MACHINE + "/map"
 ACK = MACHINE + "/ack"
+RELAY = MACHINE + "/relay"  # WebSocket: WireGuard packets to and from other agents (proto/relay.py)
 
 # Response headers of a map stream: which replica serves it, its keepalive period (an
 # agent gives up on a stream silent for twice that) and the UDP port of the replica's STUN

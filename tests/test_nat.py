@@ -27,9 +27,14 @@ pytestmark = [
 ]
 
 
+ROUTERS = {"r1": "eim", "r2": "eim", "r3": "eim", "r4": "edm", "r5": "edm", "r6": "udp_blocked"}
+HOSTS = {"a": "r1", "b": "r2", "c": "r3", "d": "r3", "e": "r4", "f": "r5", "g": "r6"}
+
+
 class NatLab:
-    """a behind EIM router r1, b behind EIM router r2, c and d behind EIM router r3,
-    p public; every agent may reach every other (the benchmark's mesh policy)."""
+    """a behind EIM router r1, b behind EIM router r2, c and d behind EIM router r3, e and f
+    behind EDM routers r4 and r5, g behind r6 that lets no UDP out, p public; three
+    replicas; every agent may reach every other (the benchmark's mesh policy)."""
 
     def __init__(self, tmp: str):
         cleanup_stale()
@@ -38,12 +43,11 @@ class NatLab:
             gateway = nat.public_gateway()
             self.public = gateway.rsplit(".", 1)[0]
             host = self.lab.connect_host(gateway, routed=True)
-            self.routers = {name: nat.add_router(self.lab, name, f"{self.public}.{i}/24", "eim")
-                            for i, name in enumerate(("r1", "r2", "r3"), 1)}
-            self.ns = {"a": self.routers["r1"].add_host("a"), "b": self.routers["r2"].add_host("b"),
-                       "c": self.routers["r3"].add_host("c"), "d": self.routers["r3"].add_host("d"),
-                       "p": self.lab.add("p", f"{self.public}.10/24")}
-            self.cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=1, host=host,
+            self.routers = {name: nat.add_router(self.lab, name, f"{self.public}.{i}/24", mode)
+                            for i, (name, mode) in enumerate(ROUTERS.items(), 1)}
+            self.ns = {label: self.routers[r].add_host(label) for label, r in HOSTS.items()}
+            self.ns["p"] = self.lab.add("p", f"{self.public}.10/24")
+            self.cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=3, host=host,
                                         extra_args=["--stream-keepalive", "2"])
             self.cluster.start_all()
             self.cluster.wait_ready(timeout=30)
@@ -53,8 +57,8 @@ class NatLab:
             for label in self.ns:
                 self.start(label)
             for label in self.ns:
-                wait_for(lambda lb=label: len(self.agents[lb].status().get("peers", ())) == 4,
-                         30, what=f"agent {label} sees its 4 peers")
+                wait_for(lambda lb=label: len(self.agents[lb].status().get("peers", ())) == len(self.ns) - 1,
+                         30, what=f"agent {label} sees all its peers")
         except BaseException:
             self.close()
             raise
@@ -160,3 +164,29 @@ def test_agent_restart_finds_its_paths_again(natlab):
     wait_for(lambda: natlab.agents["b"].status().get("state") == "connected", 20, what="b back")
     wait_for(lambda: natlab.direct_via("b", "a", natlab.wan("r1"))
              and natlab.direct_via("a", "b", natlab.wan("r2")), 20, what="a <-> b direct again")
+
+
+def test_pairs_no_direct_path_can_join_are_relayed(natlab):
+    """Both behind endpoint-dependent NATs, or one whose UDP is blocked: through the relay."""
+    for src, dst in (("e", "f"), ("f", "e"), ("g", "a"), ("a", "g")):
+        try:
+            wait_for(lambda: natlab.direct_via(src, dst, "127.0.0.1"), 15, what=f"{src} -> {dst} relayed")
+        except AssertionError:
+            print("DBG", natlab.ns[src].ping(natlab.overlay(dst)), natlab.wg_endpoint(src, dst), natlab.wg_endpoint(dst, src))
+            for l in (src, dst):
+                ag = natlab.agents[l]
+                print(ag.log_tail()[-1500:], ag.ns.run("wg", "show", ag.ifname, "dump").stdout)
+            raise
+
+
+def test_relay_moves_to_another_replica_when_its_replica_dies(natlab):
+    """The relay's replica (every agent's first choice) is killed: e reaches f through the
+    next replica within 2 s."""
+    wait_for(lambda: natlab.direct_via("e", "f", "127.0.0.1"), 15, what="e -> f relayed")
+    relay = sorted(natlab.cluster.replicas, key=lambda r: r.api_url)[0]
+    natlab.cluster.kill(relay)
+    killed = time.time()
+    prober = natlab.ns["e"].first_reply(natlab.overlay("f"), interval=0.01, wait=0.2, timeout=20)
+    reply = prober.stdout.readline().split()
+    assert reply, "no reply through the relay after its replica died"
+    assert float(reply[0]) - killed < 2.0
