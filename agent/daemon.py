@@ -307,8 +307,11 @@ class Agent:
         return self.prober.direct().get(node_key) or self.relay.endpoint_for(node_key)
 
     def _with_path(self, peer):
+        """The peer as WireGuard should have it: at its path, or without an endpoint until a
+        path is known. A first handshake sent to a candidate that does not answer (a peer's
+        LAN address across NATs) would hold every later one back for WireGuard's 5 s retry."""
         path = self._path_for(peer.node_key)
-        return dataclasses.replace(peer, endpoints=(path,)) if path else peer
+        return dataclasses.replace(peer, endpoints=(path,) if path else ())
 
     def _path_lost(self, node_key: str) -> None:
         """From the prober's thread: a direct path stopped answering; relay meanwhile."""

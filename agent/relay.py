@@ -113,17 +113,29 @@ class RelayClient:
         async with aiohttp.ClientSession() as http:
             while not self._stop.is_set():
                 for server in self.servers:
+                    # Only an unreachable replica sends us to the next one; after a session, or
+                    # a refusal (not registered yet), start over from the preferred: agents
+                    # meet there.
                     if self._stop.is_set():
                         break
-                    await self._session(http, server)
-                if not self._stop.is_set():
-                    try:
-                        await asyncio.wait_for(self._stop.wait(), RETRY)
-                    except asyncio.TimeoutError:
-                        pass
+                    outcome = await self._session(http, server)
+                    if outcome == "ended":
+                        break
+                    if outcome == "refused":
+                        await self._pause()
+                        break
+                else:
+                    await self._pause()
 
-    async def _session(self, http: aiohttp.ClientSession, server: str) -> None:
-        """One session until it ends; returns at once when the replica cannot be reached."""
+    async def _pause(self) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), RETRY)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _session(self, http: aiohttp.ClientSession, server: str) -> str:
+        """One session until it "ended"; at once "refused" (the replica answered no) or
+        "unreachable"."""
         url = server + RELAY
         headers = sign_headers(self.key, "GET", aiohttp.client.URL(url).path, b"", time.time(),
                                secrets.token_hex(12))
@@ -131,9 +143,12 @@ class RelayClient:
         try:
             ws = await http.ws_connect(url, headers=headers, heartbeat=HEARTBEAT,
                                        max_msg_size=MAX_FRAME_BYTES, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0))
+        except aiohttp.WSServerHandshakeError as e:
+            log.debug("relay %s: %s", server, e)
+            return "refused" if e.status < 500 else "unreachable"
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             log.debug("relay %s: %s", server, e)
-            return
+            return "unreachable"
         self.ws, self.server = ws, server
         log.info("relay session on %s", server)
         self.changed()
@@ -154,6 +169,7 @@ class RelayClient:
             await ws.close()
             log.info("relay session on %s ended", server)
             self.changed()
+        return "ended"
 
     async def _preferred_back(self, http: aiohttp.ClientSession) -> bool:
         """Whether the preferred replica answers again (then the session moves there)."""
