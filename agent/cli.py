@@ -105,6 +105,7 @@ def cmd_status(args) -> int:
     for p in st["peers"]:
         stats = handshakes.get(p["node_key"])
         p["last_handshake"] = stats.latest_handshake if stats else None
+        p["rx_bytes"], p["tx_bytes"] = (stats.rx_bytes, stats.tx_bytes) if stats else (None, None)
     st["running"] = running
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
@@ -116,9 +117,12 @@ def cmd_status(args) -> int:
     print(f"version:  {st.get('version')} (enforced {st.get('enforced_version')})")
     now = time.time()
     for p in st["peers"]:
-        hs = p["last_handshake"]
+        hs, path = p["last_handshake"], p.get("path") or {}
+        via = {"direct": f"direct {path.get('endpoint')}", "relay": f"relay {path.get('replica')}"}
         print(f"  {p['name']:<20} {','.join(p['allowed_ips']):<40} "
-              f"handshake {f'{now - hs:.0f}s ago' if hs else 'never'}")
+              f"{via.get(path.get('kind'), 'no path'):<36} "
+              f"handshake {f'{now - hs:.0f}s ago' if hs else 'never'}  "
+              f"rx {p['rx_bytes'] or 0} B  tx {p['tx_bytes'] or 0} B")
     return 0
 
 

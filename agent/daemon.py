@@ -86,6 +86,7 @@ class Agent:
                                     last_contact=last_contact)
         self._reported: tuple[str, ...] | None = None  # endpoints last reported this run
         self._report_lock = threading.Lock()  # the prober's thread reports a new mapping too
+        self._status_lock = threading.Lock()
         self.mapped: str | None = None  # our WireGuard port as STUN sees it
         self.prober: PathProber | None = None
         self.relay: RelayClient | None = None
@@ -301,6 +302,7 @@ class Agent:
             self.wg.set_endpoint(node_key, endpoint)
         except Exception as e:  # the peer may have gone in between
             log.info("cannot set the endpoint of %s: %s", node_key[:8], e)
+        self._write_status()
 
     def _path_for(self, node_key: str) -> str | None:
         """Where WireGuard should send to a peer: its proven direct path, else the relay."""
@@ -406,7 +408,19 @@ class Agent:
             self.status.update(new)
             self._write_status()
 
+    def _path_status(self, node_key: str) -> dict | None:
+        """How WireGuard reaches the peer: a proven direct endpoint, or the relay's replica."""
+        direct = self.prober.direct().get(node_key) if self.prober else None
+        if direct:
+            return {"kind": "direct", "endpoint": direct}
+        relay = self.relay.server if self.relay else None
+        return {"kind": "relay", "replica": relay} if relay else None
+
     def _write_status(self) -> None:
+        with self._status_lock:  # the prober's and relay's threads report path changes too
+            self._write_status_locked()
+
+    def _write_status_locked(self) -> None:
         nm = self.session.enforced
         self.state.write_json("status.json", {
             **self.status, "pid": os.getpid(), "interface": self.config.interface,
@@ -415,7 +429,8 @@ class Agent:
             "enforced_version": nm.version if nm else None,
             "addresses": list(nm.self_node.addresses) if nm else [],
             "peers": [{"id": p.id, "name": p.name, "node_key": p.node_key,
-                       "allowed_ips": list(p.allowed_ips), "endpoints": list(p.endpoints)}
+                       "allowed_ips": list(p.allowed_ips), "endpoints": list(p.endpoints),
+                       "path": self._path_status(p.node_key)}
                       for p in (nm.peers.values() if nm else ())],
             "last_contact": self.session.last_contact,
             "next_expiry": next_expiry(self.view.netmap if self.view else None, time.time()),

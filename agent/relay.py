@@ -57,8 +57,8 @@ class RelayClient:
         self.thread.start()
 
     def close(self) -> None:
-        if self._stop is not None:
-            self.loop.call_soon_threadsafe(self._stop.set)
+        if self._stop is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self._shutdown)
         self.thread.join(timeout=5)
         with self.lock:
             for sock in self.proxies.values():
@@ -79,6 +79,12 @@ class RelayClient:
             socks = [self.proxies.pop(k) for k in gone]
         for sock in socks:
             self.loop.call_soon_threadsafe(self._forget, sock)
+
+    def _shutdown(self) -> None:
+        """Stop, and end an open session's read at once (in the relay's loop)."""
+        self._stop.set()
+        if self.ws is not None:
+            self.loop.create_task(self.ws.close())
 
     def _forget(self, sock: socket.socket) -> None:
         self.loop.remove_reader(sock.fileno())
