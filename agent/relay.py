@@ -49,8 +49,7 @@ class RelayClient:
         self.lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self._run(),),
-                                       name="relay", daemon=True)
+        self.thread = threading.Thread(target=self._thread_main, name="relay", daemon=True)
         self._stop: asyncio.Event | None = None
 
     def start(self) -> None:
@@ -59,7 +58,8 @@ class RelayClient:
     def close(self) -> None:
         if self._stop is not None and self.thread.is_alive():
             self.loop.call_soon_threadsafe(self._shutdown)
-        self.thread.join(timeout=5)
+        if self.thread.ident is not None:  # started
+            self.thread.join(timeout=5)
         with self.lock:
             for sock in self.proxies.values():
                 sock.close()
@@ -113,6 +113,12 @@ class RelayClient:
                 return
             if ws is not None and not ws.closed and len(packet) <= MAX_PACKET_BYTES:
                 self.loop.create_task(ws.send_bytes(key + packet))
+
+    def _thread_main(self) -> None:
+        try:
+            self.loop.run_until_complete(self._run())
+        finally:
+            self.loop.close()
 
     async def _run(self) -> None:
         self._stop = asyncio.Event()

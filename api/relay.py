@@ -22,7 +22,7 @@ import logging
 import time
 
 from aiohttp import WSMsgType, web
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from raftmesh.proto import routes
 from raftmesh.proto.relay import KEY_BYTES, MAX_FRAME_BYTES, RelayFrameError, split_frame
@@ -43,6 +43,8 @@ class RelayHub:
         self.frames = Counter("raftmesh_relay_frames", "Relay frames, by outcome", ["outcome"],
                               registry=registry)
         self.bytes = Counter("raftmesh_relay_bytes", "Relayed WireGuard bytes", registry=registry)
+        Gauge("raftmesh_relay_sessions", "Agents' relay sessions on this replica",
+              registry=registry).set_function(lambda: len(self.sessions))
 
     def route_frame(self, sender: bytes, data: bytes) -> tuple["Session | None", bytes | str]:
         """(the destination's session, what to send it), or (None, why it is dropped)."""

@@ -108,12 +108,15 @@ def test_sessions_without_a_machine_key_proof_are_refused(mesh):
 
 
 def test_frames_to_unknown_peers_and_oversized_frames_are_dropped(mesh):
-    api, (m1, _) = mesh
+    api, _ = mesh
+    key = admin(api, "POST", "/api/v1/preauth-keys", {"user": "u"})["key"]
+    m3 = Machine(api, key, "m3")  # its own session: one under m1's key would replace m1's
+    m3.close()
     before = _relay_metrics(api).get("dropped", 0.0)
 
     async def scenario():
         async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(api.replicas[0].api_url + RELAY, headers=_signed(m1.key)) as ws:
+            async with http.ws_connect(api.replicas[0].api_url + RELAY, headers=_signed(m3.key)) as ws:
                 await ws.send_bytes(bytes(32) + b"to nobody")
                 await ws.send_bytes(b"short")
                 await ws.send_str("text is not a frame")
@@ -123,6 +126,8 @@ def test_frames_to_unknown_peers_and_oversized_frames_are_dropped(mesh):
     assert asyncio.run(scenario()) in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
     wait_until(lambda: _relay_metrics(api).get("dropped", 0.0) >= before + 2, 5, what="drops counted")
     assert _relay_metrics(api).get("refused", 0.0) >= 1
+    with urllib.request.urlopen(api.replicas[0].api_url + "/metrics", timeout=10) as resp:
+        assert "raftmesh_relay_sessions 2.0" in resp.read().decode()  # m1 and m2's sessions
 
 
 def test_route_frame_names_why_a_frame_is_dropped():
