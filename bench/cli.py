@@ -38,7 +38,7 @@ BENCHMARKS = [
     ("revoke", "revoke", "node deleted until its key is gone from every peer (wg show + light agents)", 1),
     ("stream-failover", "stream_failover", "SIGKILL the agents' replica until they hold a current netmap", 3),
     ("stream-memory", "stream_memory", "replica RSS per open agent stream", 1),
-    ("connect", "connect", "agent up until its first packet reaches a peer over WireGuard", 1),
+    ("connect", "connect", "agent up until its first packet reaches a peer, by NAT type, with Nebula", 1),
 ]
 
 
