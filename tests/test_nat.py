@@ -199,3 +199,19 @@ def test_relay_moves_to_another_replica_when_its_replica_dies(natlab):
     reply = prober.stdout.readline().split()
     assert reply, "no reply through the relay after its replica died"
     assert float(reply[0]) - killed < 2.0
+
+
+def test_bench_connect_tiny(tmp_path):
+    """`raftmesh bench connect` at its smallest: one pair through EIM NATs (direct) and one
+    through EDM NATs (relayed), Nebula beside them when installed; table, JSON and plot."""
+    from raftmesh.bench import connect, nebula
+    result = connect.run(str(tmp_path), rounds=1, replicas=1, timeout=20, nat_types=("eim", "edm"),
+                         with_nebula=nebula.available())
+    ours = {r["nat"]: r for r in result["rounds"] if r["system"] == "raftmesh"}
+    assert ours["eim"]["connect_ms"] and ours["eim"]["path"] == "direct"
+    assert ours["edm"]["connect_ms"] and ours["edm"]["path"] == "relay"
+    assert result["failed_rounds"] == []
+    if nebula.available():
+        assert {r["nat"] for r in result["rounds"] if r["system"] == "nebula"} == {"eim", "edm"}
+    assert json.loads((tmp_path / "connect.json").read_text())["summary"]
+    assert (tmp_path / "connect.png").exists()
