@@ -288,6 +288,8 @@ class Agent:
         self._report_endpoints(view.netmap if view is not None else None)
 
     def _set_stun_servers(self, stream: MapStream) -> None:
+        if self.prober is None:  # no data plane (yet): nothing would send them
+            return
         servers = [a for a in map(split_endpoint, self.config.stun_servers) if a is not None]
         if stream.stun is not None:
             try:  # the stream's host may be a name; STUN goes to its address

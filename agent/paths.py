@@ -103,6 +103,7 @@ class PathProber:
         fprog = struct.pack("HL", len(prog.raw) // 8, ctypes.addressof(prog))
         self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)  # a wake-up already pending is enough
         self.thread = threading.Thread(target=self._run, name="paths", daemon=True)
 
     # -- from the daemon's thread --------------------------------------------------------------
@@ -111,7 +112,7 @@ class PathProber:
 
     def close(self) -> None:
         self._stop.set()
-        self._wake_w.send(b"x")
+        self._wake()
         if self.thread.is_alive():
             self.thread.join(timeout=5)
         for s in (self.sock, self._wake_r, self._wake_w):
@@ -120,13 +121,19 @@ class PathProber:
     def set_peers(self, candidates: dict[str, tuple[str, ...]]) -> None:
         with self.lock:
             self.finder.set_peers(candidates, time.monotonic())
-        self._wake_w.send(b"x")
+        self._wake()
 
     def set_stun_servers(self, servers: list[tuple[str, int]]) -> None:
         with self.lock:
             if servers != self.stun_servers:
                 self.stun_servers, self._next_stun = servers, 0.0
-        self._wake_w.send(b"x")
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except BlockingIOError:
+            pass
 
     def direct(self) -> dict[str, str]:
         with self.lock:
