@@ -89,6 +89,8 @@ class Agent:
         self._status_lock = threading.Lock()
         self.mapped: str | None = None  # our WireGuard port as STUN sees it
         self.prober: PathProber | None = None
+        self._appeared: dict[str, float] = {}  # peer key -> when it entered the netmap, until
+        self._setup_times: list[float] = []     # its first handshake; then reported in acks
         self.relay: RelayClient | None = None
         self.ack_sender = AckSender(self.machine_key)
         self.wg: WireGuardInterface | None = None
@@ -190,12 +192,14 @@ class Agent:
             now = time.monotonic()
             ack = session.take_ack(now)
             if ack is not None:
-                self.ack_sender.send(stream.server, ack, session.view.stream_auth)
+                self.ack_sender.send(stream.server, self._with_paths_report(ack),
+                                     session.view.stream_auth)
             item = stream.next(timeout=session.poll_timeout(now))
             if item is None:
                 if session.silent(time.monotonic()):
                     return None
                 self._enforce()
+                self._track_setup()
                 continue
             kind, payload = item
             if kind != "frame":
@@ -317,6 +321,23 @@ class Agent:
         path = self._path_for(peer.node_key)
         return dataclasses.replace(peer, endpoints=(path,) if path else ())
 
+    def _track_setup(self) -> None:
+        """Peers that completed their first handshake since they appeared: how long it took."""
+        if not self._appeared:
+            return
+        stats, now = self.wg.peer_stats(), time.monotonic()
+        for key in [k for k, s in stats.items() if k in self._appeared and s.latest_handshake]:
+            self._setup_times.append(round(now - self._appeared.pop(key), 3))
+
+    def _with_paths_report(self, ack: dict) -> dict:
+        """An ack with our peers' paths and new setup times (protocol version 2)."""
+        nm = self.session.enforced
+        peers = len(nm.peers) if nm else 0
+        direct = len(self.prober.direct()) if self.prober else 0
+        setup, self._setup_times = self._setup_times[:64], self._setup_times[64:]
+        return {**ack, "paths": {"direct": min(direct, peers), "relay": max(0, peers - direct)},
+                **({"setup": setup} if setup else {})}
+
     def _path_lost(self, node_key: str) -> None:
         """From the prober's thread: a direct path stopped answering; relay meanwhile."""
         path = self.relay.endpoint_for(node_key)
@@ -380,6 +401,11 @@ class Agent:
         if old is None or old.self_node.addresses != nm.self_node.addresses:
             self.wg.set_addresses(nm.self_node.addresses)
         self.prober.set_peers({p.node_key: p.endpoints for p in nm.peers.values()})
+        now = time.monotonic()
+        self._appeared = {k: self._appeared.get(k, now) for k in
+                          (p.node_key for p in nm.peers.values())
+                          if k in self._appeared or old is None or k not in
+                          {q.node_key for q in old.peers.values()}}
         self.relay.retain({p.node_key for p in nm.peers.values()})
         self.wg.reconcile([self._with_path(p) for p in nm.peers.values()], self.config.peer_keepalive)
         if old is None or old.packet_filter != nm.packet_filter:

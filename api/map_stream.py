@@ -23,7 +23,7 @@ from collections import deque
 from typing import Awaitable
 
 from aiohttp import web
-from prometheus_client import Histogram
+from prometheus_client import Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from raftmesh.cluster import state_machine as sm
@@ -178,6 +178,17 @@ class StreamHub:
             "raftmesh_revoke_seconds",
             "from a node's revocation (delete/expiry) to each peer acknowledging its removal",
             registry=registry, buckets=(.01, .025, .05, .1, .25, .5, 1, 1.5, 2, 5, 10, 30))
+        self.setup = Histogram(
+            "raftmesh_connect_setup_seconds",
+            "agents' reported time from a peer's first appearance in their netmap to the first "
+            "WireGuard handshake with it (direct or relayed)",
+            registry=registry, buckets=(.05, .1, .25, .5, 1, 2, 5, 10, 30))
+        self.paths: dict[str, tuple[int, int]] = {}  # node -> (direct, relayed) peers, as acked
+        paths = Gauge("raftmesh_agent_peer_paths", "peers of the agents streaming here, by the "
+                      "path their last ack reported", ["kind"], registry=registry)
+        for i, kind in enumerate(("direct", "relay")):
+            paths.labels(kind).set_function(lambda i=i: sum(
+                p[i] for n, p in self.paths.items() if n in self.streams))
         registry.register(_StreamCollector(self))
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -426,6 +437,13 @@ class StreamHub:
                     if revoke:
                         self.revoke.observe(took)
         return node_id in self.streams
+
+    def report_paths(self, node_id: str, paths: dict | None, setup: list | None) -> None:
+        """What an agent's ack says about its peers' paths (protocol version 2)."""
+        if paths is not None:
+            self.paths[node_id] = (paths["direct"], paths["relay"])
+        for seconds in setup or ():
+            self.setup.observe(seconds)
 
     def stream_info(self, node_id: str | None = None) -> list[dict]:
         rid = self.replica.config.id

@@ -10,7 +10,7 @@ NAT type (lab/nat.py; `none` is a plain bridge, both sides public):
 - each round, a fresh namespace behind another router of the same type: a prober first (an
   ICMP echo to the peer's overlay address every 10 ms; sends fail while there is no route),
   then t0 and `raftmesh agent up` with a fresh state directory and a pre-auth key. connect =
-  first echo reply - t0: registration (a Raft write), the map stream, the peer learning the
+  first echo reply - t0 (also recorded: when its status first says `connected`): registration (a Raft write), the map stream, the peer learning the
   new node from its stream, STUN, the relay session or the probes, the WireGuard handshake.
   This includes the agent's start, so it bounds "first appearance in a netmap to first
   packet" from above. The path is then read from the new agent's WireGuard endpoint (a
@@ -55,9 +55,12 @@ class Sides:
             self.lab.remove(f"{ns.label}r")
 
 
-def _first_reply(prober, timeout: float) -> tuple[float | None, int | None]:
+def _first_reply(prober, timeout: float, tick=lambda: None) -> tuple[float | None, int | None]:
+    """(wall time of the first reply, probes sent), or (None, None); `tick` runs every 20 ms
+    meanwhile."""
     end = time.monotonic() + timeout
     while prober.poll() is None and time.monotonic() < end:
+        tick()
         time.sleep(0.02)  # the prober times itself; this only waits for it to finish
     out = prober.stdout.read().split() if prober.poll() == 0 else []
     processes.stop_proc(prober)
@@ -95,13 +98,20 @@ def _raftmesh_rounds(bench_run, sides: Sides, cluster, key: str, nat_type: str, 
             agent = current = namespaces.RealAgent(sides.lab, ns, bench_run.path,
                                                    namespaces.rotated(servers, r), key, ns.label)
             prober = ns.first_reply(peer_ip, interval=0.01, wait=0.2, timeout=timeout)
+            connected: list[float] = []  # when status.json first said `connected` (±20 ms)
+
+            def poll_status(agent=agent, connected=connected):
+                if not connected and agent.status().get("state") == "connected":
+                    connected.append(time.time())
             agent.start()
-            first, sent = _first_reply(prober, timeout + 5)
+            first, sent = _first_reply(prober, timeout + 5, poll_status)
+            poll_status()
             path = _path(agent) if first else None
             node_id = agent.status().get("node_id")
             rows.append({"system": "raftmesh", "nat": nat_type, "round": r + 1,
                          "connect_ms": (first - agent.started) * 1e3 if first else None,
-                         "path": path, "probes_sent": sent})
+                         "stream_connected_ms": (connected[0] - agent.started) * 1e3 if connected else None,
+                         "path": path, "probes_sent": sent, "node_id": node_id})
             bench_run.progress.update(f"raftmesh {nat_type} {r + 1}/{rounds}: "
                                       f"{rows[-1]['connect_ms'] or float('nan'):.0f} ms ({path})", force=True)
             if first is None:

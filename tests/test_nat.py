@@ -201,6 +201,31 @@ def test_relay_moves_to_another_replica_when_its_replica_dies(natlab):
     assert float(reply[0]) - killed < 2.0
 
 
+def test_replicas_expose_reported_paths_and_setup_times(natlab):
+    """Agents' acks carry their peers' paths and setup times; the replicas they stream from
+    export them (raftmesh_agent_peer_paths, raftmesh_connect_setup_seconds)."""
+    import urllib.request
+
+    def metrics() -> dict[str, float]:
+        total: dict[str, float] = {}
+        for r in natlab.cluster.replicas:
+            if not r.alive():
+                continue
+            with urllib.request.urlopen(r.api_url + "/metrics", timeout=10) as resp:
+                for line in resp.read().decode().splitlines():
+                    name = line.split(" ")[0]
+                    if name.startswith(("raftmesh_agent_peer_paths{", "raftmesh_connect_setup_seconds_count")):
+                        total[name] = total.get(name, 0.0) + float(line.split()[-1])
+        return total
+    natlab.agents["c"].stop()  # a netmap change (c goes offline) makes every agent ack
+    natlab.start("c")
+    m = wait_for(lambda: (lambda m: m.get('raftmesh_agent_peer_paths{kind="direct"}', 0) > 0
+                          and m.get('raftmesh_agent_peer_paths{kind="relay"}', 0) > 0
+                          and m.get("raftmesh_connect_setup_seconds_count", 0) > 0 and m)(metrics()),
+                 20, what="paths and setup times in the replicas' metrics")
+    assert m['raftmesh_agent_peer_paths{kind="direct"}'] >= 10  # a, b, c, d, p reach each other
+
+
 def test_bench_connect_tiny(tmp_path):
     """`raftmesh bench connect` at its smallest: one pair through EIM NATs (direct) and one
     through EDM NATs (relayed), Nebula beside them when installed; table, JSON and plot."""
