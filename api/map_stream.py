@@ -449,7 +449,9 @@ class StreamHub:
         rid = self.replica.config.id
         out = []
         for nid in sorted(self.streams) if node_id is None else [node_id]:
-            out.extend(s.info(rid) for s in self.streams.get(nid, ()))
+            paths = self.paths.get(nid)
+            reported = None if paths is None else {"direct": paths[0], "relay": paths[1]}
+            out.extend({**s.info(rid), "paths": reported} for s in self.streams.get(nid, ()))
         return out
 
     # -- writing one stream ----------------------------------------------------------------------

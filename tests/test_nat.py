@@ -224,6 +224,11 @@ def test_replicas_expose_reported_paths_and_setup_times(natlab):
                           and m.get("raftmesh_connect_setup_seconds_count", 0) > 0 and m)(metrics()),
                  20, what="paths and setup times in the replicas' metrics")
     assert m['raftmesh_agent_peer_paths{kind="direct"}'] >= 10  # a, b, c, d, p reach each other
+    live = next(r for r in natlab.cluster.replicas if r.alive())  # the relay test killed one
+    status, body = natlab.cluster.request(live, "GET", "/api/v1/nodes")
+    assert status == 200, body
+    paths = {n["name"]: (n["stream"] or {}).get("paths") for n in body["nodes"]}
+    assert paths["host-e"] and paths["host-e"]["relay"] >= 1  # e has no direct path to f
 
 
 def test_bench_connect_tiny(tmp_path):
