@@ -26,6 +26,8 @@ def register(sub) -> None:
     up.add_argument("--endpoint", action="append", default=[],
                     help="ip:port peers should reach this node at (default: global IPv4 addresses)")
     up.add_argument("--advertise-route", action="append", default=[])
+    up.add_argument("--stun", action="append", default=[], metavar="HOST_IP:PORT",
+                    help="a STUN server to ask besides the replicas (repeatable)")
     up.add_argument("--max-stale", type=float, default=7 * 86400,
                     help="seconds without any verified frame after which the cached netmap is no "
                     "longer enforced (default 7 days; 0 = keep using it)")
@@ -56,7 +58,8 @@ def cmd_up(args) -> int:
                          auth_key=args.auth_key or os.environ.get("RAFTMESH_AUTH_KEY"),
                          hostname=args.hostname, listen_port=args.listen_port,
                          endpoints=args.endpoint or detect_endpoints(args.listen_port),
-                         advertise_routes=args.advertise_route, max_stale=args.max_stale)
+                         advertise_routes=args.advertise_route, max_stale=args.max_stale,
+                         stun_servers=args.stun)
     try:
         agent = Agent(config)
     except (OSError, ValueError) as e:
@@ -103,6 +106,7 @@ def cmd_status(args) -> int:
     for p in st["peers"]:
         stats = handshakes.get(p["node_key"])
         p["last_handshake"] = stats.latest_handshake if stats else None
+        p["rx_bytes"], p["tx_bytes"] = (stats.rx_bytes, stats.tx_bytes) if stats else (None, None)
     st["running"] = running
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
@@ -114,9 +118,12 @@ def cmd_status(args) -> int:
     print(f"version:  {st.get('version')} (enforced {st.get('enforced_version')})")
     now = time.time()
     for p in st["peers"]:
-        hs = p["last_handshake"]
+        hs, path = p["last_handshake"], p.get("path") or {}
+        via = {"direct": f"direct {path.get('endpoint')}", "relay": f"relay {path.get('replica')}"}
         print(f"  {p['name']:<20} {','.join(p['allowed_ips']):<40} "
-              f"handshake {f'{now - hs:.0f}s ago' if hs else 'never'}")
+              f"{via.get(path.get('kind'), 'no path'):<36} "
+              f"handshake {f'{now - hs:.0f}s ago' if hs else 'never'}  "
+              f"rx {p['rx_bytes'] or 0} B  tx {p['tx_bytes'] or 0} B")
     return 0
 
 

@@ -10,12 +10,14 @@ WireGuard and nftables.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import ipaddress
 import json
 import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +33,8 @@ from .control_client import ControlClient, ControlError
 from .firewall import PacketFilter
 from .map_client import MapStream
 from .netmap_state import AgentNetmap, next_expiry
+from .paths import PathProber, split_endpoint
+from .relay import RelayClient
 from .session import APPLY, APPLY_ARM_ACK, END, REVOKED, AgentSession, Next
 from .state_dir import StateDir
 from .wireguard import WireGuardInterface, public_key_of
@@ -50,7 +54,8 @@ class AgentConfig:
     listen_port: int = 41641
     endpoints: list[str] = field(default_factory=list)  # ip:port peers should use
     advertise_routes: list[str] = field(default_factory=list)
-    peer_keepalive: int = 25  # WireGuard persistent keepalive, seconds
+    peer_keepalive: int = 25  # WireGuard persistent keepalive, seconds (holds NAT mappings)
+    stun_servers: list[str] = field(default_factory=list)  # host:port, besides the replicas'
     max_stale: float = DEFAULT_MAX_STALE  # stop enforcing a netmap this long without contact
 
     def __post_init__(self) -> None:
@@ -81,6 +86,13 @@ class Agent:
         self.session = AgentSession(random.Random(), view, bool(config.auth_key),
                                     last_contact=last_contact)
         self._reported: tuple[str, ...] | None = None  # endpoints last reported this run
+        self._report_lock = threading.Lock()  # the prober's thread reports a new mapping too
+        self._status_lock = threading.Lock()
+        self.mapped: str | None = None  # our WireGuard port as STUN sees it
+        self.prober: PathProber | None = None
+        self._appeared: dict[str, float] = {}  # peer key -> when it entered the netmap, until
+        self._setup_times: list[float] = []     # its first handshake; then reported in acks
+        self.relay: RelayClient | None = None
         self.ack_sender = AckSender(self.machine_key)
         self.wg: WireGuardInterface | None = None
         self.fw: PacketFilter | None = None
@@ -174,6 +186,7 @@ class Agent:
         session = self.session
         session.stream_opened(stream.nonce, stream.stream_keys, stream.keepalive, time.monotonic())
         self._publish_status(stream)
+        self._set_stun_servers(stream)
         while not self.stop_event.is_set():
             if self.rotate_event.is_set():
                 self.rotate_event.clear()
@@ -181,12 +194,14 @@ class Agent:
             now = time.monotonic()
             ack = session.take_ack(now)
             if ack is not None:
-                self.ack_sender.send(stream.server, ack, session.view.stream_auth)
+                self.ack_sender.send(stream.server, self._with_paths_report(ack),
+                                     session.view.stream_auth)
             item = stream.next(timeout=session.poll_timeout(now))
             if item is None:
                 if session.silent(time.monotonic()):
                     return None
                 self._enforce()
+                self._track_setup()
                 continue
             kind, payload = item
             if kind != "frame":
@@ -267,19 +282,95 @@ class Agent:
                           self.session.enforced.self_node.addresses if self.session.enforced else ())
         log.info("WireGuard key rotated")
 
-    def _report_endpoints(self, netmap: Netmap) -> None:
-        """Tell the control plane where peers reach us when that changed (e.g. a restart
-        with other addresses); the change comes back as a delta like any other."""
-        want = tuple(sorted(self.config.endpoints))
-        if not want or tuple(sorted(netmap.self_node.endpoints)) == want:
+    def _report_endpoints(self, netmap: Netmap | None) -> None:
+        """Tell the control plane where peers reach us (local addresses and the STUN-mapped
+        one) when that changed (a restart, a NAT rebinding); the change comes back as a delta
+        like any other, and peers probe the new candidates."""
+        want = tuple(sorted({*self.config.endpoints, *([self.mapped] if self.mapped else [])}))
+        with self._report_lock:
+            if netmap is None or not want or tuple(sorted(netmap.self_node.endpoints)) == want:
+                return
+            if self._reported == want:
+                return
+            try:
+                self.client.call("POST", REPORT, {"endpoints": list(want)}, deadline=5)
+                self._reported = want
+            except (ControlError, OSError) as e:
+                log.info("endpoint report failed (will retry with the next netmap): %s", e)
+
+    def _mapped_changed(self, mapped: str) -> None:
+        """From the prober's thread: STUN saw our port at a new outside address."""
+        self.mapped = mapped
+        view = self.view
+        self._report_endpoints(view.netmap if view is not None else None)
+
+    def _set_stun_servers(self, stream: MapStream) -> None:
+        if self.prober is None:  # no data plane (yet): nothing would send them
             return
-        if self._reported == want:
-            return
+        servers = [a for a in map(split_endpoint, self.config.stun_servers) if a is not None]
+        if stream.stun is not None:
+            try:  # the stream's host may be a name; STUN goes to its address
+                servers.insert(0, (socket.gethostbyname(stream.stun[0]), stream.stun[1]))
+            except OSError as e:
+                log.info("no STUN via %s: %s", stream.stun[0], e)
+        self.prober.set_stun_servers(servers)
+
+    def _set_peer_endpoint(self, node_key: str, endpoint: str) -> None:
+        """From the prober's thread: a probe proved `endpoint`; WireGuard sends there now."""
         try:
-            self.client.call("POST", REPORT, {"endpoints": list(want)}, deadline=5)
-            self._reported = want
-        except (ControlError, OSError) as e:
-            log.info("endpoint report failed (will retry with the next netmap): %s", e)
+            self.wg.set_endpoint(node_key, endpoint)
+        except Exception as e:  # the peer may have gone in between
+            log.info("cannot set the endpoint of %s: %s", node_key[:8], e)
+        self._write_status()
+
+    def _path_for(self, node_key: str) -> str | None:
+        """Where WireGuard should send to a peer: its proven direct path, else the relay."""
+        return self.prober.direct().get(node_key) or self.relay.endpoint_for(node_key)
+
+    def _with_path(self, peer):
+        """The peer as WireGuard should have it: at its path, or without an endpoint until a
+        path is known. A first handshake sent to a candidate that does not answer (a peer's
+        LAN address across NATs) would hold every later one back for WireGuard's 5 s retry."""
+        path = self._path_for(peer.node_key)
+        return dataclasses.replace(peer, endpoints=(path,) if path else ())
+
+    def _track_setup(self) -> None:
+        """Peers that completed their first handshake since they appeared: how long it took."""
+        if not self._appeared:
+            return
+        stats, now = self.wg.peer_stats(), time.monotonic()
+        for key in [k for k, s in stats.items() if k in self._appeared and s.latest_handshake]:
+            self._setup_times.append(round(now - self._appeared.pop(key), 3))
+
+    def _with_paths_report(self, ack: dict) -> dict:
+        """An ack with our peers' paths and new setup times (protocol version 2)."""
+        nm = self.session.enforced
+        peers = len(nm.peers) if nm else 0
+        direct = len(self.prober.direct()) if self.prober else 0
+        setup, self._setup_times = self._setup_times[:64], self._setup_times[64:]
+        return {**ack, "paths": {"direct": min(direct, peers), "relay": max(0, peers - direct)},
+                **({"setup": setup} if setup else {})}
+
+    def _path_lost(self, node_key: str) -> None:
+        """From the prober's thread: a direct path stopped answering; relay meanwhile."""
+        path = self.relay.endpoint_for(node_key)
+        if path is not None:
+            self._set_peer_endpoint(node_key, path)
+
+    def _relay_changed(self) -> None:
+        """From the relay's thread: the session came up (or moved): peers without a direct
+        path go through it."""
+        nm = self.session.enforced
+        direct = self.prober.direct()
+        for peer in list(nm.peers.values()) if nm is not None else ():
+            if peer.node_key not in direct:
+                path = self.relay.endpoint_for(peer.node_key)
+                if path is not None:
+                    self._set_peer_endpoint(peer.node_key, path)
+
+    def _wireguard_keys(self) -> tuple[bytes, bytes]:
+        key = self.state.wireguard_key()  # read each time: a key rotation takes effect at once
+        return bytes(key), bytes(key.public_key)
 
     # -- data plane ----------------------------------------------------------------------------
     def _start_dataplane(self) -> None:
@@ -294,10 +385,16 @@ class Agent:
         self.fw.apply(())  # deny inbound until a verified netmap says otherwise
         addresses = self.view.netmap.self_node.addresses if self.view and self.view.netmap else ()
         self.wg.configure(self._private_key(), self.config.listen_port, addresses)
+        self.prober = PathProber(self.config.listen_port, self._wireguard_keys,
+                                 self._set_peer_endpoint, self._mapped_changed, self._path_lost)
+        self.prober.start()
+        self.relay = RelayClient(self.config.servers, self.machine_key, self.config.listen_port,
+                                 self._relay_changed)
+        self.relay.start()
 
     def _stop_dataplane(self) -> None:
         self._set_status("stopped")
-        for part in (self.fw, self.wg):
+        for part in (self.relay, self.prober, self.fw, self.wg):
             if part is not None:
                 try:
                     part.close()
@@ -316,7 +413,14 @@ class Agent:
         old = self.session.enforced
         if old is None or old.self_node.addresses != nm.self_node.addresses:
             self.wg.set_addresses(nm.self_node.addresses)
-        self.wg.reconcile(list(nm.peers.values()), self.config.peer_keepalive)
+        self.prober.set_peers({p.node_key: p.endpoints for p in nm.peers.values()})
+        now = time.monotonic()
+        self._appeared = {k: self._appeared.get(k, now) for k in
+                          (p.node_key for p in nm.peers.values())
+                          if k in self._appeared or old is None or k not in
+                          {q.node_key for q in old.peers.values()}}
+        self.relay.retain({p.node_key for p in nm.peers.values()})
+        self.wg.reconcile([self._with_path(p) for p in nm.peers.values()], self.config.peer_keepalive)
         if old is None or old.packet_filter != nm.packet_filter:
             self.fw.apply(nm.packet_filter)
         self.session.enforced = nm
@@ -345,7 +449,19 @@ class Agent:
             self.status.update(new)
             self._write_status()
 
+    def _path_status(self, node_key: str) -> dict | None:
+        """How WireGuard reaches the peer: a proven direct endpoint, or the relay's replica."""
+        direct = self.prober.direct().get(node_key) if self.prober else None
+        if direct:
+            return {"kind": "direct", "endpoint": direct}
+        relay = self.relay.server if self.relay else None
+        return {"kind": "relay", "replica": relay} if relay else None
+
     def _write_status(self) -> None:
+        with self._status_lock:  # the prober's and relay's threads report path changes too
+            self._write_status_locked()
+
+    def _write_status_locked(self) -> None:
         nm = self.session.enforced
         self.state.write_json("status.json", {
             **self.status, "pid": os.getpid(), "interface": self.config.interface,
@@ -354,7 +470,8 @@ class Agent:
             "enforced_version": nm.version if nm else None,
             "addresses": list(nm.self_node.addresses) if nm else [],
             "peers": [{"id": p.id, "name": p.name, "node_key": p.node_key,
-                       "allowed_ips": list(p.allowed_ips), "endpoints": list(p.endpoints)}
+                       "allowed_ips": list(p.allowed_ips), "endpoints": list(p.endpoints),
+                       "path": self._path_status(p.node_key)}
                       for p in (nm.peers.values() if nm else ())],
             "last_contact": self.session.last_contact,
             "next_expiry": next_expiry(self.view.netmap if self.view else None, time.time()),

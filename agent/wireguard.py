@@ -427,6 +427,25 @@ class WireGuardInterface:
         if lines:
             self._run(self._ip("-batch", "-"), input="\n".join(lines) + "\n")
 
+    def set_endpoint(self, public_key: str, endpoint: str) -> None:
+        """Point one existing peer at `endpoint` (a path a probe proved, or the relay).
+
+        A peer that has not completed a handshake yet is removed and added again in the same
+        `wg set`: wireguard-go counts a handshake it could not send (no endpoint yet) and
+        would wait its 5 s retry before trying the new endpoint."""
+        check_key(public_key)
+        endpoint = canonical_endpoint(endpoint)
+        dump = self.dump()
+        cur = dump.peers.get(public_key)
+        if cur is None or cur.endpoint == endpoint:
+            return
+        if dump.stats[public_key].latest_handshake is not None:
+            self._wg("set", self.name, "peer", public_key, "endpoint", endpoint)
+            return
+        fresh = PeerOp(public_key, endpoint=endpoint, allowed_ips=cur.allowed_ips,
+                       keepalive=cur.keepalive or None)
+        self._wg("set", self.name, "peer", public_key, "remove", *fresh.wg_args())
+
     def reconcile(self, peers: Sequence[Peer], keepalive: int = 0) -> ReconcileResult:
         """Make the device's peers and routes match `peers`, changing only the differences."""
         dump = self.dump()

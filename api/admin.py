@@ -236,8 +236,9 @@ async def _add_stream_info(ctx: Ctx, nodes: list[dict]) -> None:
     for n in nodes:
         n.pop("stream_session", None)
         s = by_node.get(n["id"])
-        n["stream"] = None if s is None else {k: s[k] for k in (
-            "replica", "connected_at", "sent_version", "acked_version", "acked_at")}
+        n["stream"] = None if s is None else {**{k: s[k] for k in (
+            "replica", "connected_at", "sent_version", "acked_version", "acked_at")},
+            "paths": s.get("paths")}  # peers direct or relayed, as the agent's last ack said
         if s is None and n.get("stream_replica") in unreachable and n.get("online"):
             n["stream"] = {"replica": n["stream_replica"], "error": "replica unreachable"}
 

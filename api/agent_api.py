@@ -262,11 +262,21 @@ ACK_APPLIED = {"type": "array", "maxItems": 64, "description": "[version, second
                                          {"type": "number", "minimum": 0, "maximum": 86400}]}}
 
 
+COUNT = {"type": "integer", "minimum": 0, "maximum": 1 << 20}
+ACK_PATHS = obj({"direct": COUNT, "relay": COUNT}, ("direct", "relay"))
+ACK_SETUP = {"type": "array", "maxItems": 64, "description": "seconds from a peer's first "
+             "appearance in the netmap to the first handshake with it, for peers connected since "
+             "the last ack", "items": {"type": "number", "minimum": 0, "maximum": 3600}}
+
+
 @route("POST", routes.ACK, None, "Acknowledge the netmap version this machine has applied",
-       body=obj({"version": {"type": "integer", "minimum": 0}, "applied": ACK_APPLIED}, ("version",)),
+       body=obj({"version": {"type": "integer", "minimum": 0}, "applied": ACK_APPLIED,
+                 "paths": ACK_PATHS, "setup": ACK_SETUP}, ("version",)),
        response=answer({"node_id": STR, "version": VERSION, "streaming_here": BOOL}))
 async def ack(ctx: Ctx):
     node = await _own_node(ctx, stream_tagged=True)  # an ack may be tagged (machine_auth)
-    streaming = ctx.request.app[HUB].ack(node["id"], ctx.body["version"], ctx.body.get("applied"))
+    hub = ctx.request.app[HUB]
+    hub.report_paths(node["id"], ctx.body.get("paths"), ctx.body.get("setup"))
+    streaming = hub.ack(node["id"], ctx.body["version"], ctx.body.get("applied"))
     return web.json_response({"node_id": node["id"], "version": ctx.body["version"],
                               "streaming_here": streaming})

@@ -23,7 +23,7 @@ from collections import deque
 from typing import Awaitable
 
 from aiohttp import web
-from prometheus_client import Histogram
+from prometheus_client import Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from raftmesh.cluster import state_machine as sm
@@ -32,7 +32,7 @@ from raftmesh.cluster.netmap_feed import FeedUpdate, NetmapFeed
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.state_store import read_version
 from raftmesh.proto.routes import (BYE_REVOKED, BYE_SHUTTING_DOWN, FRAME_CONTENT_TYPE, HEADER_KEEPALIVE,
-                                   HEADER_REPLICA)
+                                   HEADER_REPLICA, HEADER_STUN_PORT)
 from raftmesh.proto.wire import Netmap
 
 from raftmesh.proto.frames import (ClusterKey, FrameSigner, endorse, key_exchange_offer, next_frame,
@@ -178,6 +178,17 @@ class StreamHub:
             "raftmesh_revoke_seconds",
             "from a node's revocation (delete/expiry) to each peer acknowledging its removal",
             registry=registry, buckets=(.01, .025, .05, .1, .25, .5, 1, 1.5, 2, 5, 10, 30))
+        self.setup = Histogram(
+            "raftmesh_connect_setup_seconds",
+            "agents' reported time from a peer's first appearance in their netmap to the first "
+            "WireGuard handshake with it (direct or relayed)",
+            registry=registry, buckets=(.05, .1, .25, .5, 1, 2, 5, 10, 30))
+        self.paths: dict[str, tuple[int, int]] = {}  # node -> (direct, relayed) peers, as acked
+        paths = Gauge("raftmesh_agent_peer_paths", "peers of the agents streaming here, by the "
+                      "path their last ack reported", ["kind"], registry=registry)
+        for i, kind in enumerate(("direct", "relay")):
+            paths.labels(kind).set_function(lambda i=i: sum(
+                p[i] for n, p in self.paths.items() if n in self.streams))
         registry.register(_StreamCollector(self))
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -438,11 +449,20 @@ class StreamHub:
                         self.revoke.observe(took)
         return node_id in self.streams
 
+    def report_paths(self, node_id: str, paths: dict | None, setup: list | None) -> None:
+        """What an agent's ack says about its peers' paths (protocol version 2)."""
+        if paths is not None:
+            self.paths[node_id] = (paths["direct"], paths["relay"])
+        for seconds in setup or ():
+            self.setup.observe(seconds)
+
     def stream_info(self, node_id: str | None = None) -> list[dict]:
         rid = self.replica.config.id
         out = []
         for nid in sorted(self.streams) if node_id is None else [node_id]:
-            out.extend(s.info(rid) for s in self.streams.get(nid, ()))
+            paths = self.paths.get(nid)
+            reported = None if paths is None else {"direct": paths[0], "relay": paths[1]}
+            out.extend({**s.info(rid), "paths": reported} for s in self.streams.get(nid, ()))
         return out
 
     # -- writing one stream ----------------------------------------------------------------------
@@ -478,7 +498,8 @@ class StreamHub:
             resp = web.StreamResponse(headers={"Content-Type": FRAME_CONTENT_TYPE,
                                                "Cache-Control": "no-store",
                                                HEADER_REPLICA: self.replica.config.id,
-                                               HEADER_KEEPALIVE: f"{keepalive:g}"})
+                                               HEADER_KEEPALIVE: f"{keepalive:g}",
+                                               HEADER_STUN_PORT: str(self.replica.config.stun_udp_port)})
             await resp.prepare(request)
             # prepare() serialised the head for sending; the header dict would otherwise stay
             # allocated for the stream's life (~0.9 KB each, with aiohttp's Date and Server)

@@ -15,8 +15,8 @@ from raftmesh.cluster import raft
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.audit_export import AuditExporter
 
-from . import admin, agent_api, lockdown_api, sso_api  # noqa: F401  (register their routes)
-from . import auth, health, routing, scim
+from . import admin, agent_api, lockdown_api, relay, sso_api  # noqa: F401  (register their routes)
+from . import auth, health, routing, scim, stun_server
 from .gc_tuning import raise_young_gc_threshold
 from .errors import MAX_BODY_BYTES, error_middleware
 from .http_errors import JsonErrorRunner
@@ -27,6 +27,7 @@ from .oidc import RelyingParty
 from .sso_api import RELYING_PARTY
 
 log = logging.getLogger("raftmesh.server")
+REGISTRY = web.AppKey("registry", object)  # the replica's Prometheus registry
 
 
 def timing_middleware(metrics: health.Metrics):
@@ -50,6 +51,8 @@ def build_app(replica: Raft) -> web.Application:
     if replica.config.oidc_issuer:
         app[RELYING_PARTY] = RelyingParty(replica.config)
     app[CLUSTER_CLOCK] = ClusterClock(replica)
+    app[REGISTRY] = metrics.registry
+    app[relay.HUB] = relay.RelayHub(metrics.registry)
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
     scim.add_routes(app, replica)
@@ -110,6 +113,7 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
     await runner.setup()
     site = web.TCPSite(runner, config.api_host, config.api_port, reuse_address=True)
     await site.start()
+    stun = await stun_server.start(config.api_host, config.stun_udp_port, app[REGISTRY])
     log.info("replica %s: raft %s, api %s", config.id, config.raft_addr, config.api_url)
     tasks = [asyncio.create_task(announce(replica)), asyncio.create_task(bootstrap_admin_key(replica)),
              asyncio.create_task(bootstrap_cluster_key(replica)),
@@ -133,6 +137,7 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
             t.cancel()
         await app[HUB].stop()
         await runner.cleanup()
+        stun.close()
         replica.stop()
 
 

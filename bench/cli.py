@@ -39,7 +39,7 @@ BENCHMARKS = [
     ("lockdown", "lockdown", "user locked (or SCIM-deactivated) until its device is gone from every wg show", 1),
     ("stream-failover", "stream_failover", "SIGKILL the agents' replica until they hold a current netmap", 3),
     ("stream-memory", "stream_memory", "replica RSS per open agent stream", 1),
-    ("connect", "connect", "agent up until its first packet reaches a peer over WireGuard", 1),
+    ("connect", "connect", "agent up until its first packet reaches a peer, by NAT type, with Nebula", 1),
     ("policy", "policy", "validate and apply an N-rule policy; /healthz latency meanwhile", 1),
 ]
 

@@ -1,129 +1,234 @@
-"""`raftmesh bench connect`: agent start until its first packet reaches a peer over the
-tunnel (issue #5 `connect`).
+"""`raftmesh bench connect`: connection setup latency through NATs, raftmesh and Nebula side by
+side on the same namespace lab (issue: peers behind NAT).
 
 Real `raftmesh agent up` daemons with wireguard-go and nftables in network namespaces
-(lab/namespaces.py), 3 replicas (`--replicas`) on the host end of a veth into the lab. One
-peer daemon (a `svc` node, which every `bench` node may reach, see harness.policy_text)
-runs for the whole benchmark. Each round, in a fresh namespace:
+(lab/namespaces.py), 3 replicas (`--replicas`) on the host end of a veth into the lab, whose
+public side is routed (not masqueraded) so replicas see NAT routers' own addresses. For each
+NAT type (lab/nat.py; `none` is a plain bridge, both sides public):
 
-1. a prober starts first: an ICMP echo to the peer's overlay address every 10 ms (sends fail
-   while there is no route yet), which reports the time the first reply arrives;
-2. t0, then `raftmesh agent up` starts with a fresh state directory and a pre-auth key, so the
-   round includes Python start-up, registration (a Raft write), the map stream, wireguard-go
-   and nftables set-up, the peer learning the new node from *its* stream and configuring it,
-   and the WireGuard handshake;
-3. connect = first echo reply - t0. The reply proves the request reached the peer through the
-   tunnel (the peer only accepts packets from keys in its netmap), one veth RTT later.
+- a peer daemon runs for the whole type, behind its own router of that type;
+- each round, a fresh namespace behind another router of the same type: a prober first (an
+  ICMP echo to the peer's overlay address every 10 ms; sends fail while there is no route),
+  then t0 and `raftmesh agent up` with a fresh state directory and a pre-auth key. connect =
+  first echo reply - t0 (also recorded: when its status first says `connected`): registration (a Raft write), the map stream, the peer learning the
+  new node from its stream, STUN, the relay session or the probes, the WireGuard handshake.
+  This includes the agent's start, so it bounds "first appearance in a netmap to first
+  packet" from above. The path is then read from the new agent's WireGuard endpoint (a
+  local relay socket or a direct address), after waiting up to UPGRADE_WAIT for a direct path.
 
-Also recorded (polled every 20 ms, so ±20 ms): when the new agent's status.json first says
-`connected`. Then the daemon is stopped, its node deleted, its namespace removed.
+Nebula (bench/nebula.py) runs the same rounds on the same topology: a lighthouse (also the
+relay) on the public side, the peer host behind a router of the type, each round a new host
+started at t0 and probed the same way. Nebula has no TCP fallback, so with UDP blocked its
+rounds are capped at NEBULA_BLOCKED_ROUNDS (they can only time out).
 """
 from __future__ import annotations
 
+import itertools
+import os
 import time
 
-from raftmesh.bench import harness, report
-from raftmesh.lab import namespaces, processes
+from raftmesh.bench import harness, nebula, report
+from raftmesh.lab import namespaces, nat, processes
 
-TARGET_S = None  # issue #5 gives no number for `connect`; reported as measured
+NAT_TYPES = ("none", "eim", "edm", "udp_blocked")
+UPGRADE_WAIT = 2.0
+NEBULA_BLOCKED_ROUNDS = 3
+TARGETS = {"p50_s": 1.0, "p99_s": 2.0}  # EIM: direct, p50 <= 1 s, p99 <= 2 s; relayed p99 <= 2 s
 
 
-def _rounds(bench_run: harness.BenchRun, lab, peer_ns, cluster, rounds: int,
-            timeout: float) -> list[dict]:
-    """A peer daemon for the whole run, then one fresh agent per round (module doc)."""
-    rows, peer, current, progress = [], None, None, bench_run.progress
+class Sides:
+    """Namespaces for one side of a pair: public, or behind a router of its own."""
+
+    def __init__(self, lab, public_base: str):
+        self.lab, self.base = lab, public_base
+        self._addr = itertools.cycle(range(20, 250))
+
+    def add(self, nat_type: str, label: str):
+        if nat_type == "none":
+            return self.lab.add(label, f"{self.base}.{next(self._addr)}/24")
+        router = nat.add_router(self.lab, f"{label}r", f"{self.base}.{next(self._addr)}/24", nat_type)
+        return router.add_host(label)
+
+    def remove(self, ns) -> None:
+        self.lab.remove(ns.label)
+        if f"{ns.label}r" in self.lab.namespaces:
+            self.lab.remove(f"{ns.label}r")
+
+
+def _first_reply(prober, timeout: float, tick=lambda: None) -> tuple[float | None, int | None]:
+    """(wall time of the first reply, probes sent), or (None, None); `tick` runs every 20 ms
+    meanwhile."""
+    end = time.monotonic() + timeout
+    while prober.poll() is None and time.monotonic() < end:
+        tick()
+        time.sleep(0.02)  # the prober times itself; this only waits for it to finish
+    out = prober.stdout.read().split() if prober.poll() == 0 else []
+    processes.stop_proc(prober)
+    return (float(out[0]), int(out[1])) if out else (None, None)
+
+
+def _path(agent: namespaces.RealAgent) -> str | None:
+    """'direct' or 'relay', from the agent's WireGuard endpoint for its (only) peer."""
+    end = time.monotonic() + UPGRADE_WAIT
+    path = None
+    while time.monotonic() < end:
+        out = agent.ns.run("wg", "show", agent.ifname, "endpoints", check=False).stdout.split()
+        path = None if len(out) < 2 or out[1] == "(none)" else (
+            "relay" if out[1].startswith("127.0.0.1:") else "direct")
+        if path == "direct":
+            break
+        time.sleep(0.1)
+    return path
+
+
+def _raftmesh_rounds(bench_run, sides: Sides, cluster, key: str, nat_type: str, rounds: int,
+                     timeout: float) -> list[dict]:
+    servers = [r.api_url for r in cluster.replicas]
+    rows, peer, current = [], None, None
+    peer_ns = sides.add(nat_type, f"p{nat_type[:2]}")
     try:
-        keys = harness.setup_cluster(cluster)
-        servers = [r.api_url for r in cluster.replicas]
-        peer = namespaces.RealAgent(lab, peer_ns, bench_run.path, servers, keys[harness.SVC_USER],
-                                    "peer")
+        peer = namespaces.RealAgent(sides.lab, peer_ns, bench_run.path, servers, key, peer_ns.label)
         peer.start()
         st = processes.wait_until(lambda: peer.status().get("state") == "connected"
                                   and peer.status().get("addresses") and peer.status(), 60,
                                   "peer daemon connected")
         peer_ip = st["addresses"][0].split("/")[0]
         for r in range(rounds):
-            label = f"a{r}"
-            ns = lab.add(label, f"192.0.2.{10 + r}/24")
-            agent = current = namespaces.RealAgent(lab, ns, bench_run.path,
-                                                   namespaces.rotated(servers, r),
-                                                   keys[harness.BENCH_USER], label)
+            ns = sides.add(nat_type, f"{nat_type[:2]}{r}")
+            agent = current = namespaces.RealAgent(sides.lab, ns, bench_run.path,
+                                                   namespaces.rotated(servers, r), key, ns.label)
             prober = ns.first_reply(peer_ip, interval=0.01, wait=0.2, timeout=timeout)
+            connected: list[float] = []  # when status.json first said `connected` (±20 ms)
+
+            def poll_status(agent=agent, connected=connected):
+                if not connected and agent.status().get("state") == "connected":
+                    connected.append(time.time())
             agent.start()
-            t0 = agent.started
-            connected_at = None
-            end = time.monotonic() + timeout
-            while prober.poll() is None and time.monotonic() < end:
-                if connected_at is None and agent.status().get("state") == "connected":
-                    connected_at = time.time()
-                time.sleep(0.02)  # polling status.json; the probe times itself
-            out = prober.stdout.read().split() if prober.poll() == 0 else []
-            first = float(out[0]) if out else None
-            if connected_at is None and agent.status().get("state") == "connected":
-                connected_at = time.time()
+            first, sent = _first_reply(prober, timeout + 5, poll_status)
+            poll_status()
+            path = _path(agent) if first else None
             node_id = agent.status().get("node_id")
-            row = {"round": r + 1, "connect_ms": (first - t0) * 1e3 if first else None,
-                   "stream_connected_ms": (connected_at - t0) * 1e3 if connected_at else None,
-                   "probes_sent": int(out[1]) if len(out) > 1 else None,
-                   "replica": agent.status().get("replica"), "node_id": node_id}
-            rows.append(row)
-            progress.update(f"round {r + 1}/{rounds}: first reply after "
-                            f"{row['connect_ms'] or float('nan'):.0f} ms (stream connected after "
-                            f"{row['stream_connected_ms'] or float('nan'):.0f} ms)", force=True)
+            rows.append({"system": "raftmesh", "nat": nat_type, "round": r + 1,
+                         "connect_ms": (first - agent.started) * 1e3 if first else None,
+                         "stream_connected_ms": (connected[0] - agent.started) * 1e3 if connected else None,
+                         "path": path, "probes_sent": sent, "node_id": node_id})
+            bench_run.progress.update(f"raftmesh {nat_type} {r + 1}/{rounds}: "
+                                      f"{rows[-1]['connect_ms'] or float('nan'):.0f} ms ({path})", force=True)
             if first is None:
-                print(f"round {r + 1}: no reply within {timeout:g}s; agent log:\n{agent.log_tail()}")
+                print(f"raftmesh {nat_type} round {r + 1}: no reply; agent log:\n{agent.log_tail()}")
             agent.stop()
-            processes.stop_proc(prober)
+            current = None
             if node_id:
                 cluster.request(cluster.replicas[0], "DELETE", f"/api/v1/nodes/{node_id}")
-            lab.remove(label)
-            current = None
+            sides.remove(ns)
     finally:
-        if current is not None:
-            current.stop()
-        if peer is not None:
-            peer.stop()
+        for a in (current, peer):
+            if a is not None:
+                a.stop()
+        sides.remove(peer_ns)
     return rows
 
 
-def run(out_dir: str, rounds: int = 10, keepalive: float = 10.0, timeout: float = 60.0,
-        replicas: int = 3) -> dict:
+def _nebula_rounds(bench_run, sides: Sides, net: nebula.NebulaNet, nat_type: str, rounds: int,
+                   timeout: float) -> list[dict]:
+    if nat_type == "udp_blocked":
+        rounds = min(rounds, NEBULA_BLOCKED_ROUNDS)
+    rows = []
+    peer_ns = sides.add(nat_type, f"n{nat_type[:2]}")
+    try:
+        config, peer_ip = net.host(peer_ns.name)
+        net.start(peer_ns, config, os.path.join(bench_run.path, f"nebula-{peer_ns.label}.log"))
+        for r in range(rounds):
+            ns = sides.add(nat_type, f"n{nat_type[:2]}{r}")
+            config, _ = net.host(ns.name)
+            prober = ns.first_reply(peer_ip, interval=0.01, wait=0.2, timeout=timeout)
+            started = time.time()
+            proc = net.start(ns, config, os.path.join(bench_run.path, f"nebula-{ns.label}.log"))
+            first, sent = _first_reply(prober, timeout + 5)
+            rows.append({"system": "nebula", "nat": nat_type, "round": r + 1,
+                         "connect_ms": (first - started) * 1e3 if first else None,
+                         "path": None, "probes_sent": sent})
+            bench_run.progress.update(f"nebula {nat_type} {r + 1}/{rounds}: "
+                                      f"{rows[-1]['connect_ms'] or float('nan'):.0f} ms", force=True)
+            processes.stop_proc(proc)
+            sides.remove(ns)
+    finally:
+        sides.remove(peer_ns)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for (system, nat_type), group in itertools.groupby(
+            sorted(rows, key=lambda r: (r["nat"], r["system"])), key=lambda r: (r["system"], r["nat"])):
+        group = list(group)
+        ok = [r["connect_ms"] / 1e3 for r in group if r["connect_ms"] is not None]
+        paths = [r["path"] for r in group if r["path"]]
+        out.append({"system": system, "nat": nat_type, "pairs": len(group),
+                    "connected_pct": round(100 * len(ok) / len(group), 1),
+                    "direct_pct": round(100 * paths.count("direct") / len(group), 1) if system == "raftmesh" else None,
+                    **report.summarize(ok)})
+    return out
+
+
+def run(out_dir: str, rounds: int = 20, keepalive: float = 10.0, timeout: float = 20.0,
+        replicas: int = 3, nat_types: tuple[str, ...] = NAT_TYPES, with_nebula: bool = True) -> dict:
+    with_nebula = with_nebula and nebula.available()
     try:
         with harness.namespace_lab() as lab, harness.BenchRun("connect") as bench_run:
-            peer_ns = lab.add("peer", "192.0.2.1/24")
-            with bench_run.cluster(replicas, keepalive, host=lab.connect_host()) as cluster:
-                rows = _rounds(bench_run, lab, peer_ns, cluster, rounds, timeout)
+            gateway = nat.public_gateway()
+            base = gateway.rsplit(".", 1)[0]
+            host = lab.connect_host(gateway, routed=True)
+            sides = Sides(lab, base)
+            rows: list[dict] = []
+            with bench_run.cluster(replicas, keepalive, host=host) as cluster:
+                key = harness.setup_cluster(cluster, topology="mesh")[harness.BENCH_USER]
+                for t in nat_types:
+                    rows += _raftmesh_rounds(bench_run, sides, cluster, key, t, rounds, timeout)
+            if with_nebula:
+                lighthouse = lab.add("lh", f"{base}.10/24")
+                net = nebula.NebulaNet(bench_run.path, lighthouse.ip)
+                config, _ = net.host("lighthouse", lighthouse=True)
+                net.start(lighthouse, config, os.path.join(bench_run.path, "nebula-lighthouse.log"))
+                for t in nat_types:
+                    rows += _nebula_rounds(bench_run, sides, net, t, rounds, timeout)
     except harness.LabUnavailable as e:
         raise SystemExit(f"bench connect: {e}") from None
 
-    summary = [{"metric": label, **report.summarize([r[k] / 1e3 for r in rows if r[k] is not None])}
-               for k, label in (("connect_ms", "agent start -> first packet through the tunnel"),
-                                ("stream_connected_ms", "agent start -> status 'connected'"))]
-    failed = [r["round"] for r in rows if r["connect_ms"] is None]
-    result = {"benchmark": "connect", "machine": bench_run.machine(), "rounds": rows, "summary": summary,
-              "failed_rounds": failed, "pids": bench_run.pids,
-              "config": {"replicas": replicas, "stream_keepalive_s": keepalive, "probe_interval_ms": 10}}
-    report.print_table("connect: `raftmesh agent up` -> first ICMP echo answered by a peer over "
-                       "WireGuard (ms)", rows, ["round", "connect_ms", "stream_connected_ms",
-                                                "probes_sent", "replica"])
-    report.print_table("connect distribution", summary, ["metric", "n", "p50_ms", "p99_ms", "max_ms",
-                                                          "mean_ms"])
+    summary = summarize(rows)
+    failed = [f"{r['system']} {r['nat']} {r['round']}" for r in rows
+              if r["connect_ms"] is None and r["system"] == "raftmesh"]
+    result = {"benchmark": "connect", "machine": bench_run.machine(), "rounds": rows,
+              "summary": summary, "failed_rounds": failed, "pids": bench_run.pids,
+              "config": {"replicas": replicas, "stream_keepalive_s": keepalive, "probe_interval_ms": 10,
+                         "nat_types": list(nat_types), "nebula": with_nebula, "timeout_s": timeout}}
+    report.print_table("connect: start -> first ICMP echo answered by a peer through the tunnel, by "
+                       "NAT type", summary, ["system", "nat", "pairs", "connected_pct", "direct_pct",
+                                             "p50_ms", "p99_ms", "max_ms"])
     report.save(out_dir, "connect", result, lambda: report.plot_cdfs(
-        out_dir, "connect", "agent start -> first packet over the tunnel",
-        {"first packet": [r["connect_ms"] / 1e3 for r in rows if r["connect_ms"] is not None],
-         "stream connected": [r["stream_connected_ms"] / 1e3 for r in rows
-                              if r["stream_connected_ms"] is not None]}))
+        out_dir, "connect", "start -> first packet through the tunnel, by NAT type",
+        {f"{s['system']} {s['nat']}": [r["connect_ms"] / 1e3 for r in rows
+                                        if r["system"] == s["system"] and r["nat"] == s["nat"]
+                                        and r["connect_ms"] is not None] for s in summary}))
     return result
 
 
 # -- CLI: `raftmesh bench connect` (bench/cli.py) --------------------------------------------
 def add_arguments(parser) -> None:
-    parser.add_argument("--rounds", type=int, default=10, help="agent starts")
+    parser.add_argument("--rounds", type=int, default=20, help="pairs per NAT type")
+    parser.add_argument("--nat", default=",".join(NAT_TYPES),
+                        help=f"comma-separated NAT types (default all: {','.join(NAT_TYPES)})")
+    parser.add_argument("--no-nebula", action="store_true", help="skip the Nebula side-by-side")
     harness.add_agent_options(parser, workers=False, register_concurrency=False)
-    parser.add_argument("--timeout", type=float, default=60.0, help="per round")
+    parser.add_argument("--timeout", type=float, default=20.0, help="per round")
 
 
 def main(args) -> int:
-    """0 when every round got a packet through (whatever the time), else 1."""
-    result = run(args.out, args.rounds, args.stream_keepalive, args.timeout, args.replicas)
+    """0 when every raftmesh round got a packet through (whatever the time), else 1."""
+    types = tuple(t for t in args.nat.split(",") if t)
+    unknown = sorted(set(types) - set(NAT_TYPES))
+    if unknown:
+        raise SystemExit(f"bench connect: unknown NAT types {unknown}; use {', '.join(NAT_TYPES)}")
+    result = run(args.out, args.rounds, args.stream_keepalive, args.timeout, args.replicas, types,
+                 not args.no_nebula)
     return 1 if result["failed_rounds"] else 0

@@ -28,6 +28,8 @@ def _add_server(sub) -> None:
     p.add_argument("--audit-export-url")
     p.add_argument("--snapshot-min-entries", type=int)
     p.add_argument("--stream-keepalive", type=float, help="map-stream keepalive seconds (<= 15)")
+    p.add_argument("--stun-port", type=int,
+                   help="UDP port of this replica's STUN responder (default: the API port number)")
     p.add_argument("--node-key-lifetime", type=float,
                    help="key expiry of newly registered nodes, seconds (0: never)")
     p.add_argument("--log-level", default="INFO")
@@ -46,7 +48,8 @@ def cmd_server(args) -> int:
              "data_dir": args.data_dir, "durability": args.durability, "join": args.join,
              "audit_export_file": args.audit_export_file, "audit_export_url": args.audit_export_url,
              "snapshot_min_entries": args.snapshot_min_entries,
-             "stream_keepalive": args.stream_keepalive, "node_key_lifetime": args.node_key_lifetime}
+             "stream_keepalive": args.stream_keepalive, "node_key_lifetime": args.node_key_lifetime,
+             "stun_port": args.stun_port}
     env = {"cluster_secret": os.environ.get("RAFTMESH_CLUSTER_SECRET"),
            "bootstrap_admin_key": os.environ.get("RAFTMESH_BOOTSTRAP_ADMIN_KEY")}
     try:
@@ -73,11 +76,30 @@ def cmd_server(args) -> int:
 
 
 def _add_dev(sub) -> None:
-    p = sub.add_parser("dev", help="run a local multi-replica cluster on loopback until Ctrl-C")
+    p = sub.add_parser("dev", help="run a local multi-replica cluster (on loopback unless --bind) until Ctrl-C")
     p.add_argument("--replicas", type=int, default=None,
                    help="replicas of a new cluster (default 3); one left in --data-dir keeps its own")
     p.add_argument("--data-dir", default="./raftmesh-data")
+    p.add_argument("--bind", metavar="ADDR", help="the address every service of the replicas "
+                   "(API and relay, STUN, Raft) listens on and cluster.json names (default "
+                   "127.0.0.1): e.g. a bridge's address, so agents in network namespaces can join")
     p.set_defaults(func=cmd_dev)
+
+
+def _bind_problem(addr: str) -> str | None:
+    """Why the replicas could not listen on `addr` (None if they can)."""
+    import ipaddress
+    import socket
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return f"--bind needs an IP address of this host, not {addr!r}"
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET) as s:
+        try:
+            s.bind((addr, 0))
+        except OSError as e:
+            return f"cannot listen on {addr}: {e.strerror} (is it an address of this host?)"
+    return None
 
 
 def _dev_cluster(args):
@@ -86,18 +108,25 @@ def _dev_cluster(args):
     from raftmesh.lab.local_cluster import DESCRIPTION, LocalCluster
     if args.replicas is not None and args.replicas < 1:
         return None, "--replicas must be at least 1"
+    problem = _bind_problem(args.bind) if args.bind else None
+    if problem:
+        return None, problem
     if os.path.exists(os.path.join(args.data_dir, DESCRIPTION)):
         cluster = LocalCluster.resume(args.data_dir)
         if args.replicas not in (None, len(cluster.replicas)):
             return None, (f"{args.data_dir} holds a {len(cluster.replicas)}-replica cluster; drop "
                           f"--replicas to resume it, or choose another --data-dir")
+        bound = cluster.replicas[0].host if cluster.replicas else None
+        if args.bind and bound != args.bind:
+            return None, (f"{args.data_dir} holds a cluster bound to {bound} (its members know "
+                          f"each other by address); drop --bind or choose another --data-dir")
         print(f"raftmesh dev: resuming the cluster in {args.data_dir} (same ports and admin key)")
         return cluster, None
     if os.path.isdir(args.data_dir) and any(e.startswith("r") and e[1:].isdigit()
                                             for e in os.listdir(args.data_dir)):
         return None, (f"{args.data_dir} holds replica data but no {DESCRIPTION} (a run stopped "
                       f"before its cluster was ready?); remove it or choose another --data-dir")
-    return LocalCluster(args.data_dir, replicas=args.replicas or 3), None
+    return LocalCluster(args.data_dir, replicas=args.replicas or 3, host=args.bind or "127.0.0.1"), None
 
 
 def cmd_dev(args) -> int:

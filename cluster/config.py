@@ -53,6 +53,13 @@ class ReplicaConfig:
     oidc_group_scopes: dict = field(default_factory=dict)  # IdP group -> API scopes of admin logins
     login_timeout: float = 600.0  # a login not finished by then must start again
     admin_login_lifetime: float = 3600.0  # the API key an admin login gives expires after this
+    # UDP port of the STUN responder agents ask for their outside address; 0: the API's
+    # port number (UDP and TCP ports are separate, so one number serves API and STUN).
+    stun_port: int = 0
+
+    @property
+    def stun_udp_port(self) -> int:
+        return self.stun_port or self.api_port
 
     def __post_init__(self) -> None:
         if not self.api_url:
@@ -76,6 +83,8 @@ class ReplicaConfig:
             raise ConfigError(f"durability must be 'fsync' or 'none', not {self.durability!r}")
         if self.raft_addr in self.peers:
             raise ConfigError("peers must not include this replica's own raft_addr")
+        if not 0 <= self.stun_port <= 65535:
+            raise ConfigError(f"stun_port must be a UDP port (0: the API port), not {self.stun_port}")
         if not 0 < self.stream_keepalive <= 15:
             raise ConfigError("stream_keepalive must be in (0, 15] seconds")
         if self.node_key_lifetime < 0:

@@ -13,6 +13,7 @@ live in /var/run/wireguard, which all namespaces share.
 """
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import os
@@ -201,14 +202,17 @@ class Lab:
         ns = self.namespaces.pop(label)
         delete_netns(ns.name)
 
-    def connect_host(self, gateway: str = "192.0.2.254/24") -> str:
+    def connect_host(self, gateway: str = "192.0.2.254/24", routed: bool = False) -> str:
         """Let the lab's namespaces reach processes on the host (replicas, for agents).
 
         A veth pair joins the host and the hub namespace on a /30 of 203.0.113.0/24 picked
         per lab; the hub routes for the bridge (`gateway`) and masquerades towards the host,
         so the host needs no route to the lab's underlay (parallel labs can all use
-        192.0.2.0/24). Returns the host-side address to bind servers to. Namespaces added
-        afterwards get a default route via the gateway.
+        192.0.2.0/24). `routed`: the host routes the gateway's subnet into the lab instead
+        and nothing from it is masqueraded, so servers on the host see the lab's own
+        addresses (the NAT lab's public side, whose subnet is unique per lab: lab/nat.py).
+        Returns the host-side address to bind servers to. Namespaces added afterwards get a
+        default route via the gateway.
         """
         slot = (os.getpid() * 7 + next(_counter)) % 63
         host_ip, hub_ip = f"203.0.113.{4 * slot + 1}", f"203.0.113.{4 * slot + 2}"
@@ -221,9 +225,13 @@ class Lab:
         run(["ip", "-n", self.hub, "link", "set", "up0", "up"])
         run(["ip", "-n", self.hub, "addr", "add", gateway, "dev", "br0"])
         run(["ip", "netns", "exec", self.hub, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        subnet = str(ipaddress.ip_interface(gateway).network)
+        exempt = f"ip saddr != {subnet} " if routed else ""
+        if routed:
+            run(["ip", "route", "add", subnet, "via", hub_ip, "dev", host_if])
         run(["ip", "netns", "exec", self.hub, "nft", "-f", "-"], input=(
             "table ip lab_nat {\n chain post {\n  type nat hook postrouting priority 100;\n"
-            '  oifname "up0" masquerade\n }\n}\n'))
+            f'  oifname "up0" {exempt}masquerade\n }}\n}}\n'))
         self.gateway = gateway.split("/")[0]
         for ns in self.namespaces.values():
             run(["ip", "-n", ns.name, "route", "add", "default", "via", self.gateway])

@@ -13,11 +13,14 @@ ROTATE_KEY = MACHINE + "/rotate-key"
 LOGOUT = MACHINE + "/logout"
 MAP = MACHINE + "/map"
 ACK = MACHINE + "/ack"
+RELAY = MACHINE + "/relay"  # WebSocket: WireGuard packets to and from other agents (proto/relay.py)
 
-# Response headers of a map stream: which replica serves it, and its keepalive period (an
-# agent gives up on a stream silent for twice that).
+# Response headers of a map stream: which replica serves it, its keepalive period (an
+# agent gives up on a stream silent for twice that) and the UDP port of the replica's STUN
+# responder (protocol version 2; on the stream's host, proto/stun.py).
 HEADER_REPLICA = "X-Raftmesh-Replica"
 HEADER_KEEPALIVE = "X-Raftmesh-Keepalive"
+HEADER_STUN_PORT = "X-Raftmesh-Stun-Port"
 DEFAULT_KEEPALIVE = 10.0  # assumed when a stream does not say
 FRAME_CONTENT_TYPE = "application/x-raftmesh-frames"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .numbers import NumberError, parse_number
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 OLDEST_SERVED = 1
 HEADER_PROTOCOL_VERSION = "X-Raftmesh-Protocol"
 UNSUPPORTED = "unsupported_protocol_version"  # the error code of a refusal
@@ -24,6 +24,11 @@ HISTORY = {
         "bye), the first signed by the cluster key and carrying the stream key exchange, later "
         "ones tagged; resume with ?since; bye codes revoked and shutting_down; deferred, "
         "coalesced acks. Requests without the version header are taken as version 1."),
+    2: ("2026-12-06", "map stream responses name the replica's STUN port (X-Raftmesh-Stun-Port); "
+        "reported endpoints include STUN-mapped addresses, and agents probe peers' endpoints "
+        "from their WireGuard port (agent/disco.py); a relay WebSocket at /machine/relay "
+        "(proto/relay.py); acks may carry the agent's peer paths and connection setup times. "
+        "Version-1 agents ignore all of it and are served as before."),
 }
 
 

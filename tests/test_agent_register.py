@@ -151,7 +151,9 @@ def test_protocol_versions_a_replica_cannot_serve_are_refused_clearly(shared_clu
 
     status, err = attempt(str(PROTOCOL_VERSION + 1))
     assert (status, err["error"]["code"]) == (426, UNSUPPORTED), err
-    assert f"version {PROTOCOL_VERSION}" in err["error"]["message"]
+    served = (f"version {PROTOCOL_VERSION}" if OLDEST_SERVED == PROTOCOL_VERSION
+              else f"versions {OLDEST_SERVED} to {PROTOCOL_VERSION}")
+    assert served in err["error"]["message"]
     assert "upgrade the replicas" in err["error"]["message"]
     status, err = attempt("0")
     assert (status, err["error"]["code"]) == (426, UNSUPPORTED) and "upgrade the agent" in err["error"]["message"]
@@ -201,7 +203,9 @@ def test_the_daemon_reports_a_refused_protocol_version_and_waits(shared_cluster,
         with open(tmp_path / "state" / "status.json") as f:
             status = json.load(f)
         assert status["state"] == "unsupported_protocol", status
-        assert "upgrade the replicas" in status["error"] and f"version {PROTOCOL_VERSION}" in status["error"]
+        served = (f"version {PROTOCOL_VERSION}" if OLDEST_SERVED == PROTOCOL_VERSION
+                  else f"versions {OLDEST_SERVED} to {PROTOCOL_VERSION}")
+        assert "upgrade the replicas" in status["error"] and served in status["error"]
         assert "Upgrade the agent" in caplog.text
         assert node_count(shared_cluster) == before  # refused: nothing registered
     finally:

@@ -357,3 +357,30 @@ def test_append_entries_rejections_rewind_to_the_follower_commit_index():
     assert rewind_to_commit(dict(mismatch, next_node_idx=12), 3417)["next_node_idx"] == 12
     chunk = {"type": "next_node_idx", "next_node_idx": 3424, "reset": False, "success": False}
     assert rewind_to_commit(chunk, 3417) is chunk  # a large entry's chunks are acknowledged as-is
+
+
+def test_dev_bind_puts_every_service_on_the_given_address(tmp_path):
+    """API, STUN (and the relay, on the API port) listen on --bind, and cluster.json names it."""
+    import json
+    import socket
+
+    from raftmesh.proto import stun
+    data = tmp_path / "dev"
+    with dev_stopped_with_ctrl_c("--replicas", "1", "--data-dir", str(data), "--bind", "127.0.0.2"):
+        wait_until(lambda: (data / "cluster.json").exists(), 60, what="cluster.json")
+        desc = json.loads((data / "cluster.json").read_text())
+        api_url, raft_addr = desc["replicas"][0]["api_url"], desc["replicas"][0]["raft_addr"]
+        assert api_url.startswith("http://127.0.0.2:") and raft_addr.startswith("127.0.0.2:")
+        port = int(api_url.rsplit(":", 1)[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            txid = stun.new_transaction_id()
+            s.sendto(stun.binding_request(txid), ("127.0.0.2", port))
+            assert stun.mapped_address(s.recv(2048), txid).startswith("127.0.0.1:")
+    assert_gone(desc["replicas"])
+    for argv, problem in ((["--bind", "127.0.0.3"], "bound to 127.0.0.2"),
+                          (["--bind", "192.0.2.77"], "cannot listen on 192.0.2.77"),
+                          (["--bind", "localhost"], "needs an IP address")):
+        bad = subprocess.run([sys.executable, "-m", "raftmesh.cli.main", "dev", "--data-dir",
+                              str(data), *argv], capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 2 and problem in bad.stderr, bad.stderr

@@ -1,0 +1,203 @@
+"""The agent's side of the relay (api/relay.py): WireGuard packets over a WebSocket to a replica.
+
+wireguard-go only speaks UDP, so each relayed peer gets a local UDP socket on 127.0.0.1 that
+stands for it (NetBird's proxy does the same): WireGuard's endpoint for the peer is that
+socket's address; what wireguard-go sends there goes to the relay addressed to the peer, and
+what the relay delivers from the peer is sent from that socket to wireguard-go's port, so
+WireGuard sees the peer at the same endpoint either way. A direct path, once a probe proves
+one, simply replaces the endpoint (agent/paths.py); the relay stays up for the next peer.
+
+Every agent prefers the same replica for its relay session (the first of the sorted server
+URLs that answers), so two agents meet on one replica; when that replica dies the session
+moves to the next at once (the connection is reset or its heartbeat goes unanswered), and
+back to the preferred one when it returns (checked every PREFERRED_RETRY seconds).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import aiohttp
+from nacl.signing import SigningKey
+
+from raftmesh.proto.machine_auth import sign_headers
+from raftmesh.proto.relay import MAX_FRAME_BYTES, MAX_PACKET_BYTES, RelayFrameError, split_frame
+from raftmesh.proto.routes import RELAY
+from raftmesh.proto.version import version_header
+
+log = logging.getLogger("raftmesh.agent.relay")
+HEARTBEAT = 2.0  # a partitioned replica is noticed after 3 s; a dead one at once (reset)
+PREFERRED_RETRY = 5.0
+RETRY = 0.2
+
+
+class RelayClient:
+    """One relay session in a thread of its own, and the local sockets that stand for peers."""
+
+    def __init__(self, servers: list[str], machine_key: SigningKey, wg_port: int,
+                 changed: Callable[[], None]):
+        self.servers = sorted(s.rstrip("/") for s in servers)
+        self.key, self.wg_port, self.changed = machine_key, wg_port, changed
+        self.server: str | None = None  # the replica URL while the session is up
+        self.proxies: dict[bytes, socket.socket] = {}  # peer key -> its local socket
+        self.lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.thread = threading.Thread(target=self._thread_main, name="relay", daemon=True)
+        self._stop: asyncio.Event | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        if self._stop is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self._shutdown)
+        if self.thread.ident is not None:  # started
+            self.thread.join(timeout=5)
+        with self.lock:
+            for sock in self.proxies.values():
+                sock.close()
+            self.proxies.clear()
+
+    def endpoint_for(self, node_key: str) -> str | None:
+        """The local endpoint standing for this peer while the relay is up, else None."""
+        if self.server is None:
+            return None
+        return f"127.0.0.1:{self._proxy(base64.b64decode(node_key)).getsockname()[1]}"
+
+    def retain(self, node_keys: set[str]) -> None:
+        """Close the sockets of peers no longer in the netmap."""
+        keep = {base64.b64decode(k) for k in node_keys}
+        with self.lock:
+            gone = [k for k in self.proxies if k not in keep]
+            socks = [self.proxies.pop(k) for k in gone]
+        for sock in socks:
+            self.loop.call_soon_threadsafe(self._forget, sock)
+
+    def _shutdown(self) -> None:
+        """Stop, and end an open session's read at once (in the relay's loop)."""
+        self._stop.set()
+        if self.ws is not None:
+            self.loop.create_task(self.ws.close())
+
+    def _forget(self, sock: socket.socket) -> None:
+        self.loop.remove_reader(sock.fileno())
+        sock.close()
+
+    # -- the relay thread ------------------------------------------------------------------------
+    def _proxy(self, key: bytes) -> socket.socket:
+        with self.lock:
+            sock = self.proxies.get(key)
+            if sock is None:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind(("127.0.0.1", 0))
+                sock.setblocking(False)
+                self.proxies[key] = sock
+                self.loop.call_soon_threadsafe(self.loop.add_reader, sock.fileno(),
+                                               self._from_wireguard, key, sock)
+        return sock
+
+    def _from_wireguard(self, key: bytes, sock: socket.socket) -> None:
+        """Packets wireguard-go sent to the peer's local socket: onto the session."""
+        ws = self.ws
+        while True:
+            try:
+                packet = sock.recv(MAX_PACKET_BYTES + 1)
+            except (BlockingIOError, OSError):
+                return
+            if ws is not None and not ws.closed and len(packet) <= MAX_PACKET_BYTES:
+                self.loop.create_task(ws.send_bytes(key + packet))
+
+    def _thread_main(self) -> None:
+        try:
+            self.loop.run_until_complete(self._run())
+        finally:
+            self.loop.close()
+
+    async def _run(self) -> None:
+        self._stop = asyncio.Event()
+        async with aiohttp.ClientSession() as http:
+            while not self._stop.is_set():
+                for server in self.servers:
+                    # Only an unreachable replica sends us to the next one; after a session, or
+                    # a refusal (not registered yet), start over from the preferred: agents
+                    # meet there.
+                    if self._stop.is_set():
+                        break
+                    outcome = await self._session(http, server)
+                    if outcome == "ended":
+                        break
+                    if outcome == "refused":
+                        await self._pause()
+                        break
+                else:
+                    await self._pause()
+
+    async def _pause(self) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), RETRY)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _session(self, http: aiohttp.ClientSession, server: str) -> str:
+        """One session until it "ended"; at once "refused" (the replica answered no) or
+        "unreachable"."""
+        url = server + RELAY
+        headers = sign_headers(self.key, "GET", aiohttp.client.URL(url).path, b"", time.time(),
+                               secrets.token_hex(12))
+        headers.update(version_header())
+        try:
+            ws = await http.ws_connect(url, headers=headers, heartbeat=HEARTBEAT,
+                                       max_msg_size=MAX_FRAME_BYTES, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0))
+        except aiohttp.WSServerHandshakeError as e:
+            log.debug("relay %s: %s", server, e)
+            return "refused" if e.status < 500 else "unreachable"
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            log.debug("relay %s: %s", server, e)
+            return "unreachable"
+        self.ws, self.server = ws, server
+        log.info("relay session on %s", server)
+        self.changed()
+        preferred = server == self.servers[0]
+        try:
+            while not self._stop.is_set():
+                try:
+                    msg = await ws.receive(timeout=None if preferred else PREFERRED_RETRY)
+                except asyncio.TimeoutError:
+                    if await self._preferred_back(http):
+                        break
+                    continue
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    break  # closed, or an error
+                self._to_wireguard(msg.data)
+        finally:
+            self.ws, self.server = None, None
+            await ws.close()
+            log.info("relay session on %s ended", server)
+            self.changed()
+        return "ended"
+
+    async def _preferred_back(self, http: aiohttp.ClientSession) -> bool:
+        """Whether the preferred replica answers again (then the session moves there)."""
+        try:
+            async with http.get(self.servers[0] + "/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            return False
+
+    def _to_wireguard(self, data: bytes) -> None:
+        try:
+            sender, packet = split_frame(data)
+        except RelayFrameError:
+            return
+        try:
+            self._proxy(sender).sendto(packet, ("127.0.0.1", self.wg_port))
+        except OSError:
+            pass
+

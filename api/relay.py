@@ -1,0 +1,113 @@
+"""The relay every replica runs for agents that cannot reach each other directly.
+
+An agent opens a WebSocket on the API port (routes.RELAY: through the same load balancer as
+the API), signed with its machine key like every /machine/* request; the replica accepts it
+only for an approved node whose key has not expired, and files the session under the node's
+WireGuard key. A binary message is a peer's 32-byte WireGuard key and one WireGuard packet;
+the replica passes it, with the sender's key in place of the destination's, to that peer's
+session if the peer is connected here, and drops it otherwise. It never sends anywhere but
+to an authenticated session, so it cannot be used to reach anything outside the mesh.
+
+What the relay sees (docs/agents.md): which nodes talk to which, when, and how much;
+the packets are WireGuard ciphertext, whose contents it cannot read or alter undetected.
+
+Decisions (frame checks, routing) are pure (`route_frame`); the handler does the I/O. Work
+per frame is bounded: size checked before anything else, one dict lookup, and a peer whose
+session is not reading loses frames instead of growing the replica's buffers.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import time
+
+from aiohttp import WSMsgType, web
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from raftmesh.proto import routes
+from raftmesh.proto.relay import KEY_BYTES, MAX_FRAME_BYTES, RelayFrameError, split_frame
+
+from .agent_api import machine_of, node_for_machine
+from .errors import APIError
+from .routing import Ctx, route
+
+log = logging.getLogger("raftmesh.relay")
+MAX_BUFFERED = 1 << 20  # bytes queued to one session before its frames are dropped
+
+
+class RelayHub:
+    """The relay sessions on this replica, by WireGuard key (raw 32 bytes)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.sessions: dict[bytes, Session] = {}
+        self.frames = Counter("raftmesh_relay_frames", "Relay frames, by outcome", ["outcome"],
+                              registry=registry)
+        self.bytes = Counter("raftmesh_relay_bytes", "Relayed WireGuard bytes", registry=registry)
+        Gauge("raftmesh_relay_sessions", "Agents' relay sessions on this replica",
+              registry=registry).set_function(lambda: len(self.sessions))
+
+    def route_frame(self, sender: bytes, data: bytes) -> tuple["Session | None", bytes | str]:
+        """(the destination's session, what to send it), or (None, why it is dropped)."""
+        try:
+            dst, packet = split_frame(data)
+        except RelayFrameError as e:
+            return None, str(e)
+        session = self.sessions.get(dst)
+        if session is None or dst == sender:
+            return None, "destination not connected to this relay"
+        return session, sender + packet
+
+
+class Session:
+    __slots__ = ("ws", "transport")
+
+    def __init__(self, ws: web.WebSocketResponse, transport):
+        self.ws, self.transport = ws, transport
+
+    def backlogged(self) -> bool:
+        """Its reader is behind (or gone): frames to it are dropped, not queued."""
+        return self.transport is None or self.transport.get_write_buffer_size() > MAX_BUFFERED
+
+
+HUB = web.AppKey("relay_hub", RelayHub)
+
+
+@route("GET", routes.RELAY, None, "Relay WireGuard packets to other agents (WebSocket, "
+       "signed with the machine key; docs/agents.md)")
+async def relay(ctx: Ctx):
+    machine = await machine_of(ctx)
+    node = node_for_machine(ctx, machine)
+    if node is None:
+        raise APIError(404, "not_found", "this machine is not registered (or was deleted)")
+    if not node["approved"]:
+        raise APIError(403, "pending_approval", f"node {node['id']} waits for an admin to approve it")
+    if node.get("expired") or (node.get("key_expiry") is not None and node["key_expiry"] <= time.time()):
+        raise APIError(401, "node_expired", f"node {node['id']}'s key has expired")
+    key = base64.b64decode(node["node_key"])
+    hub = ctx.request.app[HUB]
+    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=5.0)
+    await ws.prepare(ctx.request)
+    session = Session(ws, ctx.request.transport)
+    old = hub.sessions.get(key)
+    hub.sessions[key] = session  # a reconnect replaces the old session
+    if old is not None:
+        await old.ws.close()
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.BINARY:
+                hub.frames.labels("refused").inc()
+                continue
+            dst, out = hub.route_frame(key, msg.data)
+            if dst is None:
+                hub.frames.labels("dropped").inc()
+                continue
+            if dst.backlogged():
+                hub.frames.labels("dropped").inc()
+                continue
+            hub.frames.labels("relayed").inc()
+            hub.bytes.inc(len(out) - KEY_BYTES)
+            await dst.ws.send_bytes(out)
+    finally:
+        if hub.sessions.get(key) is session:
+            del hub.sessions[key]
+    return ws

@@ -1,0 +1,141 @@
+"""The relay without namespaces: agents' RelayClients on one in-memory replica, UDP sockets on
+127.0.0.1 standing in for wireguard-go; refusals of unauthenticated sessions and bad frames."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import time
+import urllib.request
+
+import aiohttp
+import pytest
+from in_memory_api import ServedInMemory
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+from waiting import wait_until
+
+from raftmesh.agent.control_client import ControlClient
+from raftmesh.agent.relay import RelayClient
+from raftmesh.api.relay import RelayHub
+from raftmesh.proto.machine_auth import sign_headers
+from raftmesh.proto.relay import MAX_FRAME_BYTES
+from raftmesh.proto.routes import REGISTER, RELAY
+from prometheus_client import CollectorRegistry
+
+
+def admin(api, method: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(api.replicas[0].api_url + path, json.dumps(body).encode(), method=method,
+                                 headers={"Authorization": f"Bearer {api.admin_key}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+class Machine:
+    """A registered agent's keys and a UDP socket playing its wireguard-go."""
+
+    def __init__(self, api, auth_key: str, name: str):
+        self.key = SigningKey.generate()
+        self.wg_public = bytes(PrivateKey.generate().public_key)
+        self.node_key = base64.b64encode(self.wg_public).decode()
+        ControlClient([api.replicas[0].api_url], self.key).call(
+            "POST", REGISTER, {"node_key": self.node_key, "hostname": name, "auth_key": auth_key})
+        self.wg = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.wg.bind(("127.0.0.1", 0))
+        self.wg.settimeout(5)
+        self.relay = RelayClient([api.replicas[0].api_url], self.key, self.wg.getsockname()[1],
+                                 lambda: None)
+
+    def close(self):
+        self.relay.close()
+        self.wg.close()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    with ServedInMemory(str(tmp_path_factory.mktemp("relay"))) as api:
+        admin(api, "POST", "/api/v1/users", {"name": "u"})
+        key = admin(api, "POST", "/api/v1/preauth-keys", {"user": "u", "reusable": True})["key"]
+        machines = [Machine(api, key, n) for n in ("m1", "m2")]
+        try:
+            for m in machines:
+                m.relay.start()
+            wait_until(lambda: all(m.relay.server for m in machines), 10, what="relay sessions up")
+            yield api, machines
+        finally:
+            for m in machines:
+                m.close()
+
+
+def test_wireguard_packets_pass_between_two_agents_through_the_relay(mesh):
+    _, (m1, m2) = mesh
+    to_m2 = m1.relay.endpoint_for(m2.node_key)  # WireGuard's endpoint for m2 on m1
+    m1.wg.sendto(b"\x01handshake", ("127.0.0.1", int(to_m2.rsplit(":", 1)[1])))
+    data, source = m2.wg.recvfrom(4096)
+    assert data == b"\x01handshake"
+    assert f"{source[0]}:{source[1]}" == m2.relay.endpoint_for(m1.node_key)  # m1 seen at one place
+    m2.wg.sendto(b"\x02response", source)
+    data, source = m1.wg.recvfrom(4096)
+    assert data == b"\x02response" and f"127.0.0.1:{source[1]}" == to_m2
+
+
+def _relay_metrics(api) -> dict[str, float]:
+    with urllib.request.urlopen(api.replicas[0].api_url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+            if line.startswith("raftmesh_relay_frames_total{")}
+
+
+def _signed(key: SigningKey) -> dict:
+    return sign_headers(key, "GET", RELAY, b"", time.time(), "n" + str(time.monotonic_ns()))
+
+
+def test_sessions_without_a_machine_key_proof_are_refused(mesh):
+    api, _ = mesh
+    url = api.replicas[0].api_url + RELAY
+
+    async def attempt(headers):
+        async with aiohttp.ClientSession() as http:
+            try:
+                async with http.ws_connect(url, headers=headers):
+                    return 101, ""
+            except aiohttp.WSServerHandshakeError as e:
+                return e.status, e.message
+    assert asyncio.run(attempt({}))[0] == 401
+    assert asyncio.run(attempt(_signed(SigningKey.generate())))[0] == 404  # not in the mesh
+
+
+def test_frames_to_unknown_peers_and_oversized_frames_are_dropped(mesh):
+    api, _ = mesh
+    key = admin(api, "POST", "/api/v1/preauth-keys", {"user": "u"})["key"]
+    m3 = Machine(api, key, "m3")  # its own session: one under m1's key would replace m1's
+    m3.close()
+    before = _relay_metrics(api).get("dropped", 0.0)
+
+    async def scenario():
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(api.replicas[0].api_url + RELAY, headers=_signed(m3.key)) as ws:
+                await ws.send_bytes(bytes(32) + b"to nobody")
+                await ws.send_bytes(b"short")
+                await ws.send_str("text is not a frame")
+                await ws.send_bytes(bytes(MAX_FRAME_BYTES + 1))  # the server closes the session
+                msg = await ws.receive(timeout=5)
+                return msg.type
+    assert asyncio.run(scenario()) in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    wait_until(lambda: _relay_metrics(api).get("dropped", 0.0) >= before + 2, 5, what="drops counted")
+    assert _relay_metrics(api).get("refused", 0.0) >= 1
+    with urllib.request.urlopen(api.replicas[0].api_url + "/metrics", timeout=10) as resp:
+        assert "raftmesh_relay_sessions 2.0" in resp.read().decode()  # m1 and m2's sessions
+
+
+def test_route_frame_names_why_a_frame_is_dropped():
+    hub = RelayHub(CollectorRegistry())
+    me, peer = b"a" * 32, b"b" * 32
+    hub.sessions[peer] = "session"
+    assert hub.route_frame(me, peer + b"pkt") == ("session", me + b"pkt")
+    assert hub.route_frame(me, b"c" * 32 + b"pkt") == (None, "destination not connected to this relay")
+    assert hub.route_frame(peer, peer + b"pkt")[0] is None  # never back to the sender
+    assert hub.route_frame(me, peer) == (None, "frame without a packet")
+    assert "more than" in hub.route_frame(me, peer + bytes(MAX_FRAME_BYTES))[1]
