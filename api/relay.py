@@ -29,6 +29,7 @@ from raftmesh.proto.relay import KEY_BYTES, MAX_FRAME_BYTES, RelayFrameError, sp
 
 from .agent_api import machine_of, node_for_machine
 from .errors import APIError
+from .responses import RELAY_SESSION
 from .routing import Ctx, route
 
 log = logging.getLogger("raftmesh.relay")
@@ -73,7 +74,8 @@ HUB = web.AppKey("relay_hub", RelayHub)
 
 
 @route("GET", routes.RELAY, None, "Relay WireGuard packets to other agents (WebSocket, "
-       "signed with the machine key; docs/agents.md)")
+       "signed with the machine key; docs/agents.md)", status=101, response=RELAY_SESSION,
+       response_type="application/octet-stream")
 async def relay(ctx: Ctx):
     machine = await machine_of(ctx)
     node = node_for_machine(ctx, machine)

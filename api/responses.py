@@ -57,6 +57,8 @@ NODE_WRITTEN = written("node", NODE)
 SECRET_SHOWN_ONCE = {"type": "string", "minLength": 1}
 FRAMES = {"type": "string", "format": "binary",
           "description": "length-prefixed signed frames (docs/agents.md)"}
+RELAY_SESSION = {"type": "string", "format": "binary",
+                 "description": "a WebSocket of relayed WireGuard packets (docs/agents.md)"}
 
 ERROR = {
     "type": "object", "required": ["error"], "additionalProperties": False,
