@@ -185,9 +185,12 @@ class RaftReplica(SyncObj):
         could reach it, and its higher term deposed that leader (Raft without pre-vote): a
         resumed old leader cost the healthy majority another election (chaos: a 2.0 s write
         gap after the heal). Waiting lets the current leader's AppendEntries arrive first;
-        a delayed election is always safe. Returns this tick's start."""
+        a delayed election is always safe. A tick may itself wait up to `tick` for messages,
+        so only a gap longer than that plus election_min is a stall (with a long `tick`, every
+        idle tick looked like one and a lone replica never stood for election). Returns this
+        tick's start."""
         now = time.monotonic()
-        if now - last_tick > self.config.election_min:
+        if now - last_tick > self.config.tick + self.config.election_min:
             self._SyncObj__raftElectionDeadline = max(self._SyncObj__raftElectionDeadline,
                                                       now + self._SyncObj__generateRaftTimeout())
         return now
