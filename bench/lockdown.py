@@ -102,9 +102,7 @@ def run(out_dir: str, real: int = 3, rounds: int = 5, vias: tuple[str, ...] = ("
                        "(ms from the API's answer)", rows,
                        ["via", "daemons", "samples", "p50_ms", "p99_ms", "max_ms", "missing",
                         "poll_ms", "server_p99_le_ms"])
-    for t in targets:
-        print(f"target p99 <= {t['target_p99_s']:g} s ({t['via']}): {t['p99_s'] * 1e3:.0f} ms -> "
-              f"{'met' if t['met'] else 'MISSED'}")
+    report.print_p99_targets(targets, lambda t: f" ({t['via']})")
     report.save(out_dir, "lockdown", result, lambda: report.plot_cdfs(
         out_dir, "lockdown", "lockdown: API answer -> device gone from peer (CDF)", series))
     return result

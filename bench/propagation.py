@@ -179,9 +179,7 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
         print(f"{s['agents']} agents: replicas' delivery CPU by thread, s per change (all "
               f"replicas): " + (", ".join(f"{k} {v:.2f}" for k, v in sorted(
                   by_thread.items(), key=lambda kv: -kv[1])) or "-"))
-    for t in targets:
-        print(f"target p99 <= {t['target_p99_s']:g} s at {t['agents']} agents: "
-              f"{t['p99_s'] * 1e3:.0f} ms -> {'met' if t['met'] else 'MISSED'}")
+    report.print_p99_targets(targets, lambda t: f" at {t['agents']} agents")
     report.save(out_dir, "propagation", result, lambda: report.plot_cdfs(
         out_dir, "propagation", "policy change: API answer -> agent applied (CDF)",
         {f"{s['agents']} agents": s["samples_apply_s"] for s in per_size}))

@@ -78,6 +78,14 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     print(tabulate([[_fmt(r.get(c)) for c in columns] for r in rows], headers=columns))
 
 
+def print_p99_targets(targets: list[dict], where) -> None:
+    """One verdict line per target {"target_p99_s", "p99_s", "met"}; `where(t)` names it
+    (e.g. " (real)" or " at 1000 agents")."""
+    for t in targets:
+        print(f"target p99 <= {t['target_p99_s']:g} s{where(t)}: {t['p99_s'] * 1e3:.0f} ms -> "
+              f"{'met' if t['met'] else 'MISSED'}")
+
+
 def _fmt(v):
     return f"{v:.2f}" if isinstance(v, float) else v
 

@@ -249,9 +249,7 @@ def run(out_dir: str, light: int = 1000, light_rounds: int = 5, real: int = 3, r
                               "server_mean_ms"])
     print("server_*: the replicas' raftmesh_revoke_seconds for the same rounds (command time -> "
           "each peer's ack; p50/p99 are bucket upper bounds)")
-    for t in targets:
-        print(f"target p99 <= {t['target_p99_s']:g} s ({t['part']}): {t['p99_s'] * 1e3:.0f} ms -> "
-              f"{'met' if t['met'] else 'MISSED'}")
+    report.print_p99_targets(targets, lambda t: f" ({t['part']})")
     report.save(out_dir, "revoke", result, lambda: report.plot_cdfs(
         out_dir, "revoke", "revoke: API answer -> key gone from peer (CDF)", series))
     return result
