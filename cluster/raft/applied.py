@@ -18,9 +18,12 @@ log = logging.getLogger("raftmesh.replica")
 ApplyListener = tuple[Callable[[list], None], "asyncio.AbstractEventLoop | None"]  # fn, its loop
 
 
-def apply_entry(store: StateStore, payload: bytes, index: int) -> tuple[Command | None, dict]:
+def apply_entry(store: StateStore, payload: bytes,
+                index: int) -> tuple[dict, tuple[int, Command, dict] | None]:
     """Apply one entry at Raft `index` into the store's open batch (the caller commits it
-    once per batch); an entry that does not decode is answered, not applied."""
+    once per batch); an entry that does not decode is answered, not applied. Returns the
+    result and the item apply listeners get, or None (undecodable entries and read
+    barriers change nothing anything is derived from)."""
     txn = store.write_txn()
     try:
         cmd = Command.decode(payload)
@@ -29,7 +32,7 @@ def apply_entry(store: StateStore, payload: bytes, index: int) -> tuple[Command 
         cmd, result = None, {"ok": False, "version": index, "code": "bad_command",
                              "message": str(e), "status": 400}
     store.set_applied_version(txn, index)
-    return cmd, result
+    return result, (index, cmd, result) if cmd is not None and not cmd.read_barrier else None
 
 
 def deliver(batch: list, listeners: list[ApplyListener], settled: list[tuple[Future, Outcome]]) -> None:

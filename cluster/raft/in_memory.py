@@ -99,11 +99,11 @@ class InMemoryRaft:
                 deliver([], [], [(fut, self._scripted.popleft())])
                 return
             index = self._index + 1
-            applied, result = apply_entry(self.store, cmd.encode(), index)
+            result, published = apply_entry(self.store, cmd.encode(), index)
             self.store.commit()  # in this thread: an LMDB write transaction cannot move
             self._index = index
             self._refresh_status()
-            batch = [(index, applied, result)] if applied is not None and not applied.read_barrier else []
+            batch = [published] if published is not None else []
             deliver(batch, self._apply_listeners, [(fut, Outcome(Outcome.APPLIED, result))])
 
     def _refresh_status(self) -> None:

@@ -487,9 +487,9 @@ class RaftReplica(SyncObj):
         index = self.raftLastApplied + 1  # pysyncobj applies entries in order
         if index <= self.store.writer_version():
             return None  # replay after restart: already in LMDB
-        cmd, result = apply_entry(self.store, payload, index)
-        if cmd is not None and not cmd.read_barrier:
-            self._applied_batch.append((index, cmd, result))
+        result, published = apply_entry(self.store, payload, index)
+        if published is not None:
+            self._applied_batch.append(published)
         return result
 
     def add_apply_listener(self, fn: Callable[[list], None],
