@@ -1,14 +1,10 @@
 """The one way tests wait: poll a condition until a deadline (never sleep to synchronise)."""
-import time
+from raftmesh.lab import processes
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
-    """Poll `predicate` until it returns a truthy value (returned) or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    """lab's poller, with a missed deadline reported as a test failure rather than an error."""
+    try:
+        return processes.wait_until(predicate, timeout, what, interval=interval)
+    except TimeoutError as missed:
+        raise AssertionError(str(missed)) from None
