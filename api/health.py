@@ -39,6 +39,12 @@ def readiness(replica: Raft, policy_problem: str | None = None) -> tuple[bool, s
     return True, "ready"
 
 
+def serving_readiness(app: web.Application, replica: Raft) -> tuple[bool, str]:
+    """What /readyz answers: readiness() with the netmap feed's policy problem."""
+    feed = app[HUB].feed
+    return readiness(replica, feed.policy_problem if feed else None)
+
+
 class RaftCollector:
     """Reads the replica's status copy at scrape time."""
 
@@ -114,8 +120,7 @@ def add_routes(app: web.Application, replica: Raft, metrics: Metrics) -> None:
         return web.json_response({"status": "alive", "id": replica.config.id})
 
     async def readyz(request):
-        feed = request.app[HUB].feed
-        ready, reason = readiness(replica, feed.policy_problem if feed else None)
+        ready, reason = serving_readiness(request.app, replica)
         return web.json_response({"ready": ready, "reason": reason}, status=200 if ready else 503)
 
     async def metrics_route(request):
