@@ -115,7 +115,26 @@ class Metrics:
         self.gc_pauses.close()
 
 
+class ReadinessCollector:
+    """/readyz as a gauge, so an alert can say which replica takes no traffic and why not
+    only that it is down (deploy/monitoring)."""
+
+    def __init__(self, app: web.Application, replica: Raft):
+        self.app, self.replica = app, replica
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        g = GaugeMetricFamily("raftmesh_replica_ready", "1 when /readyz answers 200 (quorum, "
+                              "leader known, applied close to the leader's commit, policy readable)")
+        g.add_metric([], serving_readiness(self.app, self.replica)[0])
+        yield g
+
+
 def add_routes(app: web.Application, replica: Raft, metrics: Metrics) -> None:
+    metrics.registry.register(ReadinessCollector(app, replica))
+
     async def healthz(request):
         return web.json_response({"status": "alive", "id": replica.config.id})
 
