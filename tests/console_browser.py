@@ -60,8 +60,9 @@ class Browser:
         return self.driver.find_elements(By.CSS_SELECTOR, css)
 
     def text(self, css: str = "main") -> str:
-        found = self.find(css)
-        return found[0].text if found else ""
+        """The rendered text, read in one step (pages re-render while a test polls them)."""
+        return self.driver.execute_script(
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css)
 
     def wait_text(self, needle: str, css: str = "main", timeout: float = 15.0) -> str:
         return wait_until(lambda: needle in self.text(css) and self.text(css), timeout,
@@ -74,7 +75,8 @@ class Browser:
                           timeout, interval=0.1, what=f"button {label!r}")
 
     def buttons(self) -> list[str]:
-        return [b.text for b in self.find("main button")]
+        return self.driver.execute_script(
+            "return [...document.querySelectorAll('main button')].map((b) => b.innerText);")
 
     def fetch(self, method: str, path: str, body=None, csrf: bool = True) -> dict:
         """A request from the page's own origin with its session (and CSRF token)."""

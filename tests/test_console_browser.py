@@ -10,14 +10,15 @@ Set RAFTMESH_CONSOLE_SCREENSHOTS=docs/console to refresh the screenshots of docs
 from __future__ import annotations
 
 import base64
-import json
+import re
 
 import pytest
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from console_browser import Browser, needs_browser
+from console_browser import SCREENSHOTS, Browser, needs_browser
 from raftmesh.agent.control_client import ControlClient
+from raftmesh.lab.light_agents import LightAgents
 from raftmesh.proto.routes import REGISTER
 from waiting import wait_until
 
@@ -54,6 +55,20 @@ def cluster(shared_cluster):
 
 
 @pytest.fixture(scope="module")
+def streaming(cluster, tmp_path_factory):
+    """Three light agents of ops@example.com streaming netmaps, one homed on each replica."""
+    assert api(cluster, "POST", "/api/v1/users", {"name": "ops@example.com"})[0] == 201
+    status, made = api(cluster, "POST", "/api/v1/preauth-keys",
+                       {"user": "ops@example.com", "reusable": True})
+    assert status == 201, made
+    with LightAgents([r.api_url for r in cluster.replicas], 1,
+                     log_dir=str(tmp_path_factory.mktemp("agents"))) as agents:
+        agents.register(3, made["key"], prefix="la")
+        assert agents.connect(timeout=60)
+        yield agents
+
+
+@pytest.fixture(scope="module")
 def console(cluster) -> str:
     return cluster.replicas[0].api_url + "/ui/"
 
@@ -64,7 +79,12 @@ def api(cluster, method, path, body=None, **kw):
 
 
 def visit(browser, console, page: str, ready_text: str) -> None:
-    browser.open(console + "#" + page)
+    """The page, rendered afresh (opening the URL already shown would not)."""
+    target = console + "#" + page
+    if browser.driver.current_url == target:
+        browser.driver.refresh()
+    else:
+        browser.open(target)
     browser.wait_text(ready_text)
 
 
@@ -82,8 +102,22 @@ def test_sign_in_with_an_api_key_using_the_keyboard(browser, cluster, console):
     assert order[0].startswith("A:Skip to content") and "INPUT:api-key" in order
     assert any(o.startswith("BUTTON:Sign in with API key") for o in order), order
     browser.find("#api-key")[0].send_keys(cluster.admin_key + Keys.ENTER)  # Enter submits
-    browser.wait_text("machines")
+    browser.wait_text("Serving replica")
     assert "Sign out" in browser.text("header") and "admin" in browser.text("header")
+
+
+def test_machines_show_the_serving_replica_and_acknowledged_netmap(browser, cluster, console, streaming):
+    browser.open(console + "#machines")
+
+    def shown() -> bool:
+        nodes = api(cluster, "GET", "/api/v1/nodes")[1]["nodes"]
+        rows = {line.split()[0]: " ".join(line.split()) for line in browser.text("main table").splitlines()[1:] if line.strip()}
+        streams = [(n["name"], n["stream"]) for n in nodes if n["name"].startswith("la")]
+        return len(streams) == 3 and all(
+            s and f"online" in rows.get(name, "") and f" {s['replica']} {s['acked_version']} " in rows[name]
+            for name, s in streams)
+    wait_until(lambda: shown() or browser.driver.refresh(), 20, interval=0.5,
+               what=f"the agents' streams on the page: {browser.text('main table')!r}")
 
 
 def test_approve_a_pending_node_a_real_agent_registered(browser, cluster, console):
@@ -118,8 +152,8 @@ def test_users_page_creates_a_user_with_enter(browser, cluster, console):
     visit(browser, console, "users", "Create user")
     browser.screenshot("users")
     assert browser.accessibility_problems() == []
-    browser.find("#new-user")[0].send_keys("ops@example.com" + Keys.ENTER)
-    wait_until(lambda: api(cluster, "GET", "/api/v1/users/ops@example.com")[0] == 200, 10,
+    browser.find("#new-user")[0].send_keys("dev@example.com" + Keys.ENTER)
+    wait_until(lambda: api(cluster, "GET", "/api/v1/users/dev@example.com")[0] == 200, 10,
                what="the user created")
 
 
@@ -137,10 +171,10 @@ def test_a_policy_with_an_error_is_refused_at_its_line_then_fixed(browser, clust
     assert line == 6
     set_editor(browser, POLICY_FIXED)
     browser.button("Validate").click()
-    browser.wait_text("1 policy test pass", "#policy-result")
+    browser.wait_text("1 policy test passes", "#policy-result")
     browser.button("Show changes").click()
     diff = browser.text("pre.diff")
-    assert "+   // who may reach what" in diff and '"deny"' not in diff  # against no policy: all new
+    assert "+   // who may reach what" in diff and '"action": "deny"' not in diff  # all new
     browser.screenshot("policy")
     assert browser.accessibility_problems() == []
     browser.button("Save").click()
@@ -179,6 +213,7 @@ def test_keys_page_shows_a_new_pre_auth_key_once(browser, cluster, console):
     secret = browser.wait_text("rmp_", "#shown-once")
     key_id = secret.split("_")[1]
     assert any(k["id"] == key_id for k in api(cluster, "GET", "/api/v1/preauth-keys")[1]["preauth_keys"])
+    browser.wait_text(f"Revoke pre-auth key {key_id}")  # listed at once
     browser.screenshot("keys")
     assert browser.accessibility_problems() == []
     browser.open(console + "#users")  # leave and come back: the secret is not shown again
@@ -186,8 +221,27 @@ def test_keys_page_shows_a_new_pre_auth_key_once(browser, cluster, console):
     assert "rmp_" not in browser.text()
 
 
-def test_live_health_charts_update_without_reloading(browser, console):
+def test_deleting_a_machine_asks_first_and_revokes_it(browser, cluster, console, streaming):
+    from selenium.webdriver.common.keys import Keys
+    visit(browser, console, "machines", "la1")
+    browser.button("Delete la1").click()
+    browser.wait_text("Delete la1? Its streams close at once.", "#dialog")
+    browser.find("#dialog button[type=button]")[0].send_keys(Keys.ENTER)  # Cancel: nothing happens
+    assert any(n["name"] == "la1" for n in api(cluster, "GET", "/api/v1/nodes")[1]["nodes"])
+    browser.button("Delete la1").click()
+    browser.button("Yes, do it").click()
+    wait_until(lambda: all(n["name"] != "la1" for n in api(cluster, "GET", "/api/v1/nodes")[1]["nodes"]),
+               10, what="la1 deleted")
+    wait_until(lambda: "Delete la1" not in browser.buttons(), 10, what="la1 gone from the page")
+
+
+def test_live_health_charts_update_without_reloading(browser, console, streaming):
     visit(browser, console, "health", "Open agent streams")
+    # this replica's agent (la0) acknowledged the policy's new peers and la1's removal
+    observed = r"(\d+) observed"
+    for label in ("Netmap propagation", "Revoke"):
+        wait_until(lambda: int(re.search(label + r" \(s\): " + observed, browser.text()).group(1)) > 0,
+                   15, interval=0.5, what=f"{label} observations: {browser.text()!r}")
     browser.driver.execute_script("window.sameDocument = true;")
     points = "return document.querySelector('#chart-streams polyline').getAttribute('points').split(' ').length"
     first = browser.driver.execute_script(points)
@@ -195,6 +249,8 @@ def test_live_health_charts_update_without_reloading(browser, console):
                what="the chart to grow")
     assert browser.driver.execute_script("return window.sameDocument === true")
     assert "Netmap propagation" in browser.text() and "Revoke" in browser.text()
+    if SCREENSHOTS:  # a chart with some history to show
+        wait_until(lambda: browser.driver.execute_script(points) >= 12, 40, interval=0.5, what="history")
     browser.screenshot("health")
     assert browser.accessibility_problems() == []
 
@@ -206,7 +262,8 @@ def test_the_cluster_page_shows_a_killed_replica_down_and_back(browser, cluster,
     victim = cluster.replicas[2]
 
     def row() -> str:
-        return next((line for line in browser.text("main table").splitlines() if line.startswith(victim.id + " ")), "")
+        cells = (line.split() for line in browser.text("main table").splitlines())
+        return next((" ".join(c) + " " for c in cells if c and c[0] == victim.id), "")
     wait_until(lambda: " up " in row() and "not ready" not in row(), 15, what=f"{victim.id} up: {row()!r}")
     cluster.kill(victim)
     wait_until(lambda: " down " in row(), 15, what=f"{victim.id} shown down: {row()!r}")
@@ -231,7 +288,7 @@ def test_a_read_only_person_sees_no_write_controls_and_is_refused_anyway(browser
     browser.button("Sign out").click()
     browser.wait_text("API key")
     browser.find("#api-key")[0].send_keys(made["key"] + Keys.ENTER)
-    browser.wait_text("machines")
+    browser.wait_text("Serving replica")
     assert "Audit log" not in browser.text("nav")  # the read scope does not include the audit log
     assert not [b for b in browser.buttons() if b.split(" ")[0] in ("Approve", "Rename", "Delete", "Expire")]
     visit(browser, console, "policy", "Policy (HuJSON)")

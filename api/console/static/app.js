@@ -20,6 +20,7 @@ const GRANTS = { admin: ["read", "write", "audit", "admin"], operator: ["read", 
 const main = document.getElementById("main");
 let session = null;
 let leave = null;  // the current page's clean-up (timers)
+let visits = 0;
 
 function can(scopes) {
   const granted = new Set(scopes.flatMap((s) => GRANTS[s] ?? []));
@@ -53,11 +54,17 @@ async function route() {
   leave = null;
   document.title = `${page[1]} · raftmesh console`;
   say("");
-  main.replaceChildren(el("h1", {}, page[1]));
+  // Each visit renders into its own section: a page still loading when the person moved on
+  // fills a section no longer shown, and its timers are stopped as soon as it is done.
+  const section = el("section", { "aria-labelledby": "page-title" }, el("h1", { id: "page-title" }, page[1]));
+  main.replaceChildren(section);
+  const visit = ++visits;
   try {
-    leave = await page[2].render(main, { can: can(session.key.scopes), reload: route }) ?? null;
+    const stop = await page[2].render(section, { can: can(session.key.scopes), reload: route });
+    if (visit === visits) leave = stop ?? null;
+    else stop?.();
   } catch (e) {
-    showError(e);
+    if (visit === visits) showError(e);
   }
 }
 

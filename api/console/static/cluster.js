@@ -19,7 +19,7 @@ export async function render(main, { can }) {
     summary.replaceChildren(`Leader ${c.leader ?? "unknown"}, term ${c.term ?? "?"}, commit index ${leaderCommit}, `,
       el("span", { class: c.has_quorum ? "up" : "down" }, c.has_quorum ? "quorum" : "NO QUORUM"));
     members.replaceChildren(table(["Member", "Raft address", "Reachable", "State", "Term", "Commit", "Applied", "Lag", "Ready",
-      can.admin ? "Actions" : null].filter(Boolean), c.members.map((m) => [
+      can.admin ? "Actions" : null].filter(Boolean), [...c.members].sort(byId).map((m) => [
       m.id ?? "(unregistered)", m.raft_addr,
       el("span", { class: m.reachable ? "up" : "down" }, m.reachable ? "up" : "down"),
       m.state ?? "—", m.term ?? "—", m.commit_index ?? "—", m.applied_index ?? "—",
@@ -31,6 +31,8 @@ export async function render(main, { can }) {
   await refresh();
   return every(REFRESH_MS, refresh);
 }
+
+const byId = (a, b) => String(a.id ?? a.raft_addr).localeCompare(String(b.id ?? b.raft_addr));
 
 async function addMember() {
   const v = await ask("Add a replica (start it with --join first)", [

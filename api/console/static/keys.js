@@ -22,7 +22,14 @@ const revoke = (label, path, reload) => el("button", { type: "button", class: "d
 } } }, label);
 
 export async function render(main, { can, reload }) {
-  const { preauth_keys: preauth } = await call("GET", v1("/preauth-keys"));
+  const preauthList = el("div", {});
+  const showPreauth = async () => {
+    const { preauth_keys: preauth } = await call("GET", v1("/preauth-keys"));
+    preauthList.replaceChildren(table(["Id", "User", "Reusable", "Ephemeral", "Tags", "Used", "Expires", can.write ? "Actions" : null].filter(Boolean),
+      preauth.map((k) => [k.id, k.user, k.reusable ? "yes" : "no", k.ephemeral ? "yes" : "no", (k.tags ?? []).join(", ") || "—",
+        String(k.used ?? 0), when(k.expires_at), can.write ? revoke(`Revoke pre-auth key ${k.id}`, v1(`/preauth-keys/${enc(k.id)}`), reload) : null,
+      ].filter((c) => c !== null))));
+  };
   main.append(el("h2", {}, "Pre-auth keys"));
   const secret = el("div", { "aria-live": "polite" });
   if (can.write) {
@@ -39,15 +46,19 @@ export async function render(main, { can, reload }) {
       try {
         const r = await call("POST", v1("/preauth-keys"), body);
         shownOnce(secret, `Pre-auth key ${r.preauth_key.id} for ${r.preauth_key.user}`, r.key);
+        await showPreauth();
       } catch (e) { showError(e); }
     } } }, userL, reuseL, ephL, hoursL, tagsL, el("button", { type: "submit", class: "primary" }, "Create pre-auth key")));
   }
-  main.append(secret, table(["Id", "User", "Reusable", "Ephemeral", "Tags", "Used", "Expires", can.write ? "Actions" : null].filter(Boolean),
-    preauth.map((k) => [k.id, k.user, k.reusable ? "yes" : "no", k.ephemeral ? "yes" : "no", (k.tags ?? []).join(", ") || "—",
-      String(k.used ?? 0), when(k.expires_at), can.write ? revoke(`Revoke pre-auth key ${k.id}`, v1(`/preauth-keys/${enc(k.id)}`), reload) : null,
-    ].filter((c) => c !== null))));
+  main.append(secret, preauthList);
+  await showPreauth();
   if (!can.admin) return;
-  const { api_keys: apiKeys } = await call("GET", v1("/api-keys"));
+  const apiKeyList = el("div", {});
+  const showApiKeys = async () => {
+    const { api_keys: apiKeys } = await call("GET", v1("/api-keys"));
+    apiKeyList.replaceChildren(table(["Id", "Name", "Scopes", "User", "Expires", "Actions"], apiKeys.map((k) => [k.id, k.name,
+      k.scopes.join(", "), k.user ?? "—", when(k.expires_at), revoke(`Delete API key ${k.id}`, v1(`/api-keys/${enc(k.id)}`), reload)])));
+  };
   main.append(el("h2", {}, "API keys"));
   const [nameL, name] = field("ak-name", "Name", { required: true });
   const scopeBoxes = ["admin", "operator", "read", "audit", "scim"].map((s) => field(`ak-scope-${s}`, s, { type: "checkbox", value: s }));
@@ -60,9 +71,9 @@ export async function render(main, { can, reload }) {
     try {
       const r = await call("POST", v1("/api-keys"), body);
       shownOnce(apiSecret, `API key ${r.api_key.id} (${r.api_key.scopes.join(", ")})`, r.key);
+      await showApiKeys();
     } catch (e) { showError(e); }
   } } }, nameL, el("fieldset", {}, el("legend", {}, "Scopes"), scopeBoxes.map(([l]) => l)), daysL,
-  el("button", { type: "submit", class: "primary" }, "Create API key")), apiSecret,
-  table(["Id", "Name", "Scopes", "User", "Expires", "Actions"], apiKeys.map((k) => [k.id, k.name, k.scopes.join(", "),
-    k.user ?? "—", when(k.expires_at), revoke(`Delete API key ${k.id}`, v1(`/api-keys/${enc(k.id)}`), reload)])));
+  el("button", { type: "submit", class: "primary" }, "Create API key")), apiSecret, apiKeyList);
+  await showApiKeys();
 }

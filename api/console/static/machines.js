@@ -41,7 +41,7 @@ export async function render(main, { can, reload }) {
   });
   main.append(table(["Name", "State", "Owner", "Tags", "Addresses", "Routes", "Paths to peers", "Serving replica",
     "Acked netmap", "Last seen", "Key expiry", can.write ? "Actions" : null].filter(Boolean),
-  can.write ? rows : rows.map((r) => r.slice(0, -1)), `${nodes.length} machines`));
+  can.write ? rows : rows.map((r) => r.slice(0, -1)), `${nodes.length} machine${nodes.length === 1 ? "" : "s"}`));
 }
 
 function routes(n) {

@@ -33,8 +33,8 @@ export async function render(main, { can }) {
     try {
       const r = await call("POST", v1("/policy/validate"), editor.value, { text: true });
       const tests = parse(editor.value).value?.tests ?? [];
-      result.replaceChildren(el("p", { class: "ok" }, `Valid. ${tests.length} policy test${tests.length === 1 ? "" : "s"} pass.`),
-        r.warnings.length ? el("ul", {}, r.warnings.map((w) => el("li", { class: "warn" }, `${w.path}: ${w.message}`))) : null);
+      result.replaceChildren(el("p", { class: "ok" }, `Valid. ${tests.length} policy test${tests.length === 1 ? " passes" : "s pass"}.`),
+        el("ul", {}, r.warnings.map((w) => el("li", { class: "warn" }, `${w.path}: ${w.message}`))));
       return true;
     } catch (e) {
       if (e.status === 400 || e.status === 413) { showProblems(e); return false; }
