@@ -121,9 +121,11 @@ def test_machines_show_the_serving_replica_and_acknowledged_netmap(browser, clus
 
 
 def test_approve_a_pending_node_a_real_agent_registered(browser, cluster, console):
+    from selenium.webdriver.common.keys import Keys
     agent = ControlClient([r.api_url for r in cluster.replicas], SigningKey.generate())
     node_key = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
-    registered = agent.call("POST", REGISTER, {"node_key": node_key, "hostname": "waiting-box"})
+    registered = agent.call("POST", REGISTER, {"node_key": node_key, "hostname": "waiting-box",
+                                               "advertised_routes": ["10.9.0.0/24"]})
     assert registered["approved"] is False
     node_id = registered["node"]["id"]
     visit(browser, console, "machines", "pending approval")
@@ -136,6 +138,12 @@ def test_approve_a_pending_node_a_real_agent_registered(browser, cluster, consol
                10, what="the node approved")
     wait_until(lambda: "pending approval" not in browser.text(), 10, what="the page to show it")
     assert "Approve waiting-box" not in browser.buttons()
+    browser.button("Routes of waiting-box").click()  # a dialog; Enter in its field submits it
+    field = wait_until(lambda: next(iter(browser.find("#dialog input[name=routes]")), None), 5, what="dialog")
+    field.send_keys("10.9.0.0/24" + Keys.ENTER)
+    wait_until(lambda: api(cluster, "GET", f"/api/v1/nodes/{node_id}")[1]["node"]["approved_routes"] == ["10.9.0.0/24"],
+               10, what="the route approved")
+    browser.wait_text("10.9.0.0/24 (approved)")
 
 
 def test_markup_in_names_is_shown_as_text(browser, cluster, console):

@@ -8,6 +8,8 @@ export async function render(main, { can, reload }) {
   const act = (label, fn, cls) => el("button", { type: "button", class: cls, on: { click: async () => {
     try { if (await fn() !== false) { say(`${label}: done`); reload(); } } catch (e) { showError(e); }
   } } }, label);
+  const servedBy = new Map();
+  for (const n of nodes) for (const r of n.approved_routes) servedBy.set(r, [...(servedBy.get(r) ?? []), n.name]);
   const rows = nodes.map((n) => {
     const paths = n.stream?.paths;
     const actions = !can.write ? [] : [
@@ -34,7 +36,7 @@ export async function render(main, { can, reload }) {
       n.name, n.approved ? (n.expired ? "expired" : (n.online ? el("span", { class: "up" }, "online") : "offline"))
         : el("span", { class: "warn" }, "pending approval"),
       n.user ?? "—", n.tags.join(", ") || "—", [n.ipv4, n.ipv6].filter(Boolean).join(" "),
-      routes(n), paths ? `${paths.direct ?? 0} direct, ${paths.relay ?? 0} relayed` : "—",
+      routes(n, servedBy), paths ? `${paths.direct ?? 0} direct, ${paths.relay ?? 0} relayed` : "—",
       n.stream?.replica ?? n.stream_replica ?? "—", n.stream?.acked_version ?? "—", when(n.last_seen),
       n.expired ? "expired" : when(n.key_expiry), actions,
     ];
@@ -44,9 +46,14 @@ export async function render(main, { can, reload }) {
   can.write ? rows : rows.map((r) => r.slice(0, -1)), `${nodes.length} machine${nodes.length === 1 ? "" : "s"}`));
 }
 
-function routes(n) {
+// A route approved on several nodes is a high-availability set: each row names the others.
+function routes(n, servedBy) {
   if (!n.advertised_routes.length) return "—";
-  return n.advertised_routes.map((r) => `${r}${n.approved_routes.includes(r) ? " (approved)" : " (not approved)"}`).join(", ");
+  return n.advertised_routes.map((r) => {
+    if (!n.approved_routes.includes(r)) return `${r} (not approved)`;
+    const others = (servedBy.get(r) ?? []).filter((name) => name !== n.name);
+    return `${r} (approved${others.length ? `; also via ${others.join(", ")}` : ""})`;
+  }).join(", ");
 }
 
 export const split = (text) => text.split(",").map((s) => s.trim()).filter(Boolean);
