@@ -379,7 +379,7 @@ async def _authenticate(request: web.Request, replica: Raft,
     peer = request.headers.get(auth.PEER_HEADER)
     if peer is not None and auth.hmac.compare_digest(peer, auth.peer_token(replica.config.cluster_secret)):
         return "replica:peer", ["read"]
-    lookup = keys.get if keys is not None else (lambda kid: _api_key(replica, kid))
+    lookup = keys.get if keys is not None else (lambda kid: stored_api_key(replica, kid))
     if "Authorization" not in request.headers and sessions.COOKIE in request.cookies \
             and sessions.SESSIONS in request.app:
         key_id = sessions.session_of(request).key_id
@@ -425,7 +425,8 @@ def _expired(record: dict) -> bool:
     return record.get("expires_at") is not None and record["expires_at"] <= time.time()
 
 
-def _api_key(replica: Raft, key_id: str) -> dict | None:
+def stored_api_key(replica: Raft, key_id: str) -> dict | None:
+    """The record of API key `key_id` as this replica has applied it (no cache, no barrier)."""
     with replica.store.read() as txn:
         return txn.get("api_keys", key_id)
 
@@ -466,7 +467,7 @@ class ApiKeyCache:
         if record is not None:
             return record
         generation = self._generation
-        record = _api_key(self.replica, key_id)
+        record = stored_api_key(self.replica, key_id)
         if record is not None:
             with self._lock:
                 if generation == self._generation and len(self._records) < self.MAX_ENTRIES:

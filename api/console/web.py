@@ -14,7 +14,7 @@ from raftmesh.cluster.raft import Raft
 
 from .. import auth
 from ..errors import APIError
-from ..routing import Ctx, _api_key, api_key_record
+from ..routing import Ctx, api_key_record, stored_api_key
 from ..sso_api import RELYING_PARTY, start_admin_login
 from .sessions import (COOKIE, SECURITY_HEADERS, SESSIONS, SSO_COOKIE, SSO_COOKIE_PATH, SSO_LOGINS,
                        Sessions, SsoLogins, check_origin, session_of, set_cookie)
@@ -62,7 +62,7 @@ def add_routes(app: web.Application, replica: Raft) -> None:
             session = session_of(request)
         except APIError:
             session = None
-        record = session and _api_key(replica, session.key_id)
+        record = session and stored_api_key(replica, session.key_id)
         if not record:
             return _json({"signed_in": False, "replica": replica.config.id,
                           "sso": RELYING_PARTY in request.app})
@@ -78,7 +78,7 @@ def add_routes(app: web.Application, replica: Raft) -> None:
         if not isinstance(token, str):
             raise APIError(400, "bad_request", 'sign in with a JSON body {"api_key": "rmk_..."}')
         key_id, record = await api_key_record(token.strip(), replica,
-                                              lambda kid: _api_key(replica, kid))
+                                              lambda kid: stored_api_key(replica, kid))
         token, session = request.app[SESSIONS].create(key_id, record.get("expires_at"))
         response = _json(principal(key_id, record, session))
         set_cookie(response, request, COOKIE, token, session.expires_at - request.app[SESSIONS].clock())
