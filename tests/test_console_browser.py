@@ -273,6 +273,10 @@ def test_the_cluster_page_shows_a_killed_replica_down_and_back(browser, cluster,
         cells = (line.split() for line in browser.text("main table").splitlines())
         return next((" ".join(c) + " " for c in cells if c and c[0] == victim.id), "")
     wait_until(lambda: " up " in row() and "not ready" not in row(), 15, what=f"{victim.id} up: {row()!r}")
+    browser.button(f"Remove {victim.id}").click()  # asks first; cancelled, nothing changes
+    browser.wait_text(f"Remove {victim.id} from the cluster?", "#dialog")
+    browser.button("Cancel").click()
+    assert len(api(cluster, "GET", "/api/v1/cluster/self")[1]["replica"]["members"]) == 3
     cluster.kill(victim)
     wait_until(lambda: " down " in row(), 15, what=f"{victim.id} shown down: {row()!r}")
     cluster.start(victim)
