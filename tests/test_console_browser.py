@@ -131,7 +131,7 @@ def test_approve_a_pending_node_a_real_agent_registered(browser, cluster, consol
     visit(browser, console, "machines", "pending approval")
     browser.screenshot("machines")
     assert browser.accessibility_problems() == []
-    order = browser.tab_order(20)
+    order = browser.tab_order(40)
     assert "BUTTON:Approve waiting-box" in order, order  # the keyboard reaches the row's actions
     browser.button("Approve waiting-box").click()
     wait_until(lambda: api(cluster, "GET", f"/api/v1/nodes/{node_id}")[1]["node"]["approved"],

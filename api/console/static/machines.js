@@ -4,7 +4,7 @@ import { el, table, when, say, ask, confirmed } from "./dom.js";
 import { showError } from "./app.js";
 
 export async function render(main, { can, reload }) {
-  const { nodes } = await call("GET", v1("/nodes"));
+  const nodes = (await call("GET", v1("/nodes"))).nodes.sort((a, b) => a.name.localeCompare(b.name));
   const act = (label, fn, cls) => el("button", { type: "button", class: cls, on: { click: async () => {
     try { if (await fn() !== false) { say(`${label}: done`); reload(); } } catch (e) { showError(e); }
   } } }, label);
