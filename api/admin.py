@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import time
 
 import aiohttp
@@ -21,12 +22,14 @@ from raftmesh.cluster.names import USER_NAME_SCHEMA, is_user_name
 from raftmesh.cluster.policy import Policy, PolicyError, PolicyTooLarge, parse_policy
 from raftmesh.cluster.policy_form import UnreadablePolicy, compile_policy, stored_policy
 from raftmesh.cluster.state_machine import public
+from raftmesh.storage.audit_chain import GENESIS, verify
 from raftmesh.storage.json_codec import compact_json
 
 from . import auth
 from .errors import APIError
 from raftmesh.proto.machine_auth import new_cluster_key
 from raftmesh.proto.numbers import MAX_SAFE_INTEGER
+from .health import serving_readiness
 from .map_stream import HUB
 from .routing import STALE_QUERY, Ctx, openapi, route
 from .responses import (ANY_OBJECT, API_KEY, AUDIT_PAGE, BOOL, CLUSTER, CLUSTER_KEY, DELETED, MEMBER,
@@ -455,12 +458,42 @@ async def get_audit(ctx: Ctx):
                "stale": stale})
 
 
+AUDIT_VERIFY_CHUNK = 1000  # entries per store read: the store's lock is held while reading
+
+
+@route("GET", V + "/audit/verify", "audit", "Check the audit log's hash chain on this replica, "
+       "from its first entry to its head", query=STALE_QUERY,
+       response=answer({"intact": BOOL, "detail": STR, "head": answer({"seq": VERSION}),
+                        "version": VERSION, "stale": BOOL}))
+async def verify_audit(ctx: Ctx):
+    version, stale = await ctx.read_version()
+    prev_hash, next_seq, count, intact, detail = GENESIS, 1, 0, True, ""
+    with ctx.replica.store.read() as txn:
+        head = txn.get("meta", "audit_head") or {"seq": 0, "hash": None}
+    while intact and next_seq <= head["seq"]:
+        with ctx.replica.store.read() as txn:
+            chunk = list(itertools.islice((e for _, e in txn.items("audit", f"{next_seq:016d}")),
+                                          min(AUDIT_VERIFY_CHUNK, head["seq"] - next_seq + 1)))
+        if not chunk:
+            intact, detail = False, f"entries {next_seq}..{head['seq']} are missing"
+            break
+        intact, detail = verify(chunk, prev_hash, next_seq)
+        prev_hash, next_seq, count = chunk[-1].get("hash"), chunk[-1].get("seq", 0) + 1, count + len(chunk)
+        await asyncio.sleep(0)  # other requests between chunks
+    if intact and head["seq"] and prev_hash != head["hash"]:
+        intact, detail = False, f"the head's hash does not match entry {head['seq']}"
+    return ok({"intact": intact, "detail": f"{count} entries verified" if intact else detail,
+              "head": head, "version": version, "stale": stale})
+
+
 # -- cluster -----------------------------------------------------------------------------------------
 @route("GET", V + "/cluster/self", "read", "This replica's Raft status",
        response=answer({"replica": ANY_OBJECT}))
 async def cluster_self(ctx: Ctx):
+    ready, reason = serving_readiness(ctx.request.app, ctx.replica)
     return ok({"replica": dict(ctx.replica.status, api_url=ctx.config.api_url,
-                               applied_version=ctx.replica.store.applied_version())})
+                               applied_version=ctx.replica.store.applied_version(),
+                               ready=ready, ready_reason=reason)})
 
 
 @route("GET", V + "/cluster", "read", "Members, leader, term, commit index, applied versions",
@@ -474,15 +507,19 @@ async def get_cluster(ctx: Ctx):
     async def probe(session, raft_addr):
         member = known.get(raft_addr, {"id": None, "raft_addr": raft_addr, "api_url": None})
         if raft_addr == ctx.config.raft_addr:
-            return dict(member, **{k: status.get(k) for k in ("state", "term", "commit_index")},
-                        applied_version=ctx.replica.store.applied_version(), reachable=True)
+            ready, reason = serving_readiness(ctx.request.app, ctx.replica)
+            return dict(member, **{k: status.get(k) for k in ("state", "term", "commit_index",
+                                                              "applied_index")},
+                        applied_version=ctx.replica.store.applied_version(), reachable=True,
+                        ready=ready, ready_reason=reason)
         if not member.get("api_url"):
             return dict(member, reachable=False)
         try:
             async with session.get(member["api_url"] + V + "/cluster/self", headers=auth_header) as resp:
                 rep = (await resp.json())["replica"]
             return dict(member, state=rep["state"], term=rep["term"], commit_index=rep["commit_index"],
-                        applied_version=rep["applied_version"], reachable=True)
+                        applied_version=rep["applied_version"], reachable=True,
+                        **{k: rep.get(k) for k in ("applied_index", "ready", "ready_reason")})
         except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError):
             return dict(member, reachable=False)
 

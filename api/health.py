@@ -39,6 +39,12 @@ def readiness(replica: Raft, policy_problem: str | None = None) -> tuple[bool, s
     return True, "ready"
 
 
+def serving_readiness(app: web.Application, replica: Raft) -> tuple[bool, str]:
+    """What /readyz answers: readiness() with the netmap feed's policy problem."""
+    feed = app[HUB].feed
+    return readiness(replica, feed.policy_problem if feed else None)
+
+
 class RaftCollector:
     """Reads the replica's status copy at scrape time."""
 
@@ -109,13 +115,31 @@ class Metrics:
         self.gc_pauses.close()
 
 
+class ReadinessCollector:
+    """/readyz as a gauge, so an alert can say which replica takes no traffic and why not
+    only that it is down (deploy/monitoring)."""
+
+    def __init__(self, app: web.Application, replica: Raft):
+        self.app, self.replica = app, replica
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        g = GaugeMetricFamily("raftmesh_replica_ready", "1 when /readyz answers 200 (quorum, "
+                              "leader known, applied close to the leader's commit, policy readable)")
+        g.add_metric([], serving_readiness(self.app, self.replica)[0])
+        yield g
+
+
 def add_routes(app: web.Application, replica: Raft, metrics: Metrics) -> None:
+    metrics.registry.register(ReadinessCollector(app, replica))
+
     async def healthz(request):
         return web.json_response({"status": "alive", "id": replica.config.id})
 
     async def readyz(request):
-        feed = request.app[HUB].feed
-        ready, reason = readiness(replica, feed.policy_problem if feed else None)
+        ready, reason = serving_readiness(request.app, replica)
         return web.json_response({"ready": ready, "reason": reason}, status=200 if ready else 503)
 
     async def metrics_route(request):

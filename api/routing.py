@@ -26,6 +26,7 @@ from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.proto.numbers import MAX_SAFE_INTEGER, parse_number
 
 from . import auth, responses
+from .console import sessions
 from .errors import ERROR_CODES, APIError, error_body
 from .write_deadlines import WriteDeadlines
 
@@ -378,15 +379,28 @@ async def _authenticate(request: web.Request, replica: Raft,
     peer = request.headers.get(auth.PEER_HEADER)
     if peer is not None and auth.hmac.compare_digest(peer, auth.peer_token(replica.config.cluster_secret)):
         return "replica:peer", ["read"]
+    lookup = keys.get if keys is not None else (lambda kid: stored_api_key(replica, kid))
+    if "Authorization" not in request.headers and sessions.COOKIE in request.cookies \
+            and sessions.SESSIONS in request.app:
+        key_id = sessions.session_of(request).key_id
+        record = lookup(key_id)
+        if record is None or _expired(record):
+            raise APIError(401, "unauthenticated", "the API key of this console session was "
+                           "revoked or has expired; sign in again")
+        return f"apikey:{key_id}", record["scopes"]
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 9110 11.1)
         raise APIError(401, "unauthenticated", "missing 'Authorization: Bearer <api key>'")
-    token = token.strip()
+    key_id, record = await api_key_record(token.strip(), replica, lookup)
+    return f"apikey:{key_id}", record["scopes"]
+
+
+async def api_key_record(token: str, replica: Raft, lookup) -> tuple[str, dict]:
+    """The id and record of a valid, unexpired API key `token`; else the 401 saying why."""
     parts = auth.split_token(token, "rmk") if token.isascii() else None
     if parts is None:
         raise APIError(401, "unauthenticated", "malformed API key")
     key_id, secret = parts
-    lookup = keys.get if keys is not None else (lambda kid: _api_key(replica, kid))
     record = lookup(key_id)
     if record is None:
         # Maybe created a moment ago through another replica that this one has not applied
@@ -402,12 +416,17 @@ async def _authenticate(request: web.Request, replica: Raft,
         record = lookup(key_id)
     if record is None or not auth.secret_matches(secret, record["hash"]):
         raise APIError(401, "unauthenticated", "unknown API key")
-    if record.get("expires_at") is not None and record["expires_at"] <= time.time():
+    if _expired(record):
         raise APIError(401, "unauthenticated", "API key has expired")
-    return f"apikey:{key_id}", record["scopes"]
+    return key_id, record
 
 
-def _api_key(replica: Raft, key_id: str) -> dict | None:
+def _expired(record: dict) -> bool:
+    return record.get("expires_at") is not None and record["expires_at"] <= time.time()
+
+
+def stored_api_key(replica: Raft, key_id: str) -> dict | None:
+    """The record of API key `key_id` as this replica has applied it (no cache, no barrier)."""
     with replica.store.read() as txn:
         return txn.get("api_keys", key_id)
 
@@ -448,7 +467,7 @@ class ApiKeyCache:
         if record is not None:
             return record
         generation = self._generation
-        record = _api_key(self.replica, key_id)
+        record = stored_api_key(self.replica, key_id)
         if record is not None:
             with self._lock:
                 if generation == self._generation and len(self._records) < self.MAX_ENTRIES:

@@ -17,6 +17,7 @@ from raftmesh.storage.audit_export import AuditExporter
 
 from . import admin, agent_api, lockdown_api, relay, sso_api  # noqa: F401  (register their routes)
 from . import auth, health, routing, scim, stun_server
+from .console import web as console
 from .gc_tuning import raise_young_gc_threshold
 from .errors import MAX_BODY_BYTES, error_middleware
 from .http_errors import JsonErrorRunner
@@ -56,6 +57,7 @@ def build_app(replica: Raft) -> web.Application:
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
     scim.add_routes(app, replica)
+    console.add_routes(app, replica)
     return app
 
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from raftmesh.cluster.commands import LoginComplete, LoginStart
 from raftmesh.cluster.login_apply import login_for, login_in_progress
 
+from .console.sessions import sso_signed_in
 from .errors import APIError
 from .oidc import RelyingParty, expires_at, login_id
 from .responses import LOGIN_NEEDED, STR, VERSION, answer
@@ -90,6 +91,10 @@ async def callback(ctx: Ctx):
                     key_expiry=time.time() + ctx.config.admin_login_lifetime)
         what = "the raftmesh CLI is now signed in"
     r = await ctx.write(LoginComplete(**args))
+    if not login.get("machine_key"):
+        to_console = sso_signed_in(ctx.request, login["key_id"], args["key_expiry"])
+        if to_console is not None:
+            return to_console
     return web.json_response({"user": identity.user, "version": r["version"],
                               "message": f"signed in as {identity.user}: {what}; you can close "
                                          "this window"})
@@ -103,15 +108,22 @@ async def callback(ctx: Ctx):
 async def admin_login(ctx: Ctx):
     """The CLI made the API key's secret itself and sends only its hash and id: the key it
     gets when the login completes never travels (api/oidc.py scopes_of decides its scopes)."""
+    url, until = await start_admin_login(ctx, ctx.body["key_id"], ctx.body["key_hash"])
+    return web.json_response({"login_url": url, "login_expires_at": until}, status=201)
+
+
+async def start_admin_login(ctx: Ctx, key_id: str, key_hash: str) -> tuple[str, float]:
+    """(the provider URL the person opens, until when) for a login that makes API key
+    `key_id`; also how the console signs in with SSO (api/console/web.py)."""
     rp = relying_party(ctx)
     with ctx.replica.store.read() as txn:
-        if txn.get("api_keys", ctx.body["key_id"]) is not None:
+        if txn.get("api_keys", key_id) is not None:
             raise APIError(409, "conflict", "that key id is taken; generate another")
     new, until = await rp.new_login(), expires_at(ctx.config)
     await ctx.write(LoginStart(id=new.id, nonce=new.nonce, code_verifier=new.code_verifier,
                                auth_url=new.auth_url, expires_at=until,
-                               key_id=ctx.body["key_id"], key_hash=ctx.body["key_hash"]))
-    return web.json_response({"login_url": new.auth_url, "login_expires_at": until}, status=201)
+                               key_id=key_id, key_hash=key_hash))
+    return new.auth_url, until
 
 
 @route("GET", ADMIN_LOGIN + "/{key_id}", None, "Whether the admin login for this key id is done",

@@ -9,7 +9,10 @@
 #                                     side-by-side write benchmark starts its own members)
 #   bash deploy/install.sh --tests    also the test extra, which includes the benchmarks' (the
 #                                     tests run every benchmark at a tiny size), etcd-server,
-#                                     haproxy (tests/test_haproxy.py) and fuse3 (power cuts)
+#                                     haproxy (tests/test_haproxy.py), fuse3 (power cuts),
+#                                     prometheus (promtool checks deploy/monitoring), chromium
+#                                     and chromium-driver (the console's browser tests) and npm's
+#                                     axe-core into $RAFTMESH_VENV/node (their accessibility check)
 #   --dry-run                         prints what it would do, changes nothing
 #
 # HAProxy belongs on the load-balancer machines of a deployment (docs/deployment.md installs
@@ -76,8 +79,9 @@ main() {
   local with_services=()
   while [ $# -gt 0 ]; do
     case "$1" in
-      --tests) extra="[test]"; with_services=(etcd-server:etcd haproxy:haproxy)
-               pkgs+=(fuse3:fusermount3) ;;  # power cuts serve replicas' disks over FUSE (lab/lazy_fs.py)
+      --tests) extra="[test]"; with_services=(etcd-server:etcd haproxy:haproxy prometheus:promtool)
+               pkgs+=(fuse3:fusermount3  # power cuts serve replicas' disks over FUSE (lab/lazy_fs.py)
+                      chromium:chromium chromium-driver:chromedriver npm:npm) ;;  # tests/test_console_browser.py
       --bench) [ "$extra" = "[test]" ] || extra="[bench]"
                [ ${#with_services[@]} -gt 0 ] || with_services=(etcd-server:etcd) ;;
       --dry-run) dry_run=true ;;
@@ -107,6 +111,8 @@ main() {
     "$python" -m venv "$venv"
   fi
   run "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".$extra"
+  # axe-core (the console tests inject it into the browser) from npm, into the virtualenv
+  [ "$extra" != "[test]" ] || run npm install --silent --no-save --prefix "$venv/node" axe-core@4
   [ -z "$link" ] || run ln -sf "$venv/bin/raftmesh" "$link"
 }
 

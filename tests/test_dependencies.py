@@ -43,3 +43,18 @@ def test_raftmesh_help_does_not_import_matplotlib(argv):
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported'\n")
     assert done.returncode == 0, done.stderr
     assert "usage: raftmesh" in done.stdout
+
+
+def test_the_browser_driver_is_a_test_dependency_only():
+    """selenium drives Debian's chromium in the console's browser tests; the console itself
+    is static files, so nothing a replica, an agent or the CLI runs may import it."""
+    import os
+    import tomllib
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert not any(d.startswith("selenium") for d in project["dependencies"])
+    assert any(d.startswith("selenium") for d in project["optional-dependencies"]["test"])
+    done = subprocess.run([sys.executable, "-c", "import sys, raftmesh.cli.main, raftmesh.api.server, "
+                           "raftmesh.agent.daemon\nassert 'selenium' not in sys.modules"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 
@@ -390,3 +391,36 @@ def _reconnect(agent) -> bool:
         return True
     except (ControlError, OSError):
         return False
+
+
+@pytest.mark.timeout(60)
+def test_the_console_signs_in_through_haproxy_and_stays_on_one_replica(lb):
+    """A console session lives on the replica that made it: HAProxy's cookie keeps the browser
+    there (deploy/haproxy, raftmesh_console), for the pages and the API calls alike."""
+    host = lb.url.removeprefix("http://")
+    page = urllib.request.urlopen(lb.url + "/ui/", timeout=10)
+    assert page.status == 200 and "script-src 'self'" in page.headers["Content-Security-Policy"]
+    pinned = [c.split(";")[0] for c in page.headers.get_all("Set-Cookie") if c.startswith("rm_replica=")]
+    assert pinned, page.headers
+    conn = http.client.HTTPConnection(host, timeout=10)
+    conn.request("POST", "/ui/session", json.dumps({"api_key": lb.cluster.admin_key}),
+                 {"Content-Type": "application/json", "Origin": lb.url, "Cookie": pinned[0]})
+    resp = conn.getresponse()
+    signed_in = json.loads(resp.read())
+    assert resp.status == 200, signed_in
+    session = next(c.split(";")[0] for c in resp.headers.get_all("Set-Cookie") if c.startswith("rm_session="))
+    cookies = f"{pinned[0]}; {session}"
+    for _ in range(6):  # round robin would have spread these over all three replicas
+        conn.request("GET", "/ui/session", headers={"Cookie": cookies})
+        who = json.loads(conn.getresponse().read())
+        assert who["signed_in"] and who["replica"] == signed_in["replica"], who
+        conn.request("GET", "/api/v1/users", headers={"Cookie": cookies})
+        listed = conn.getresponse()
+        assert listed.status == 200, listed.read()
+        listed.read()
+    conn.request("POST", "/api/v1/users", json.dumps({"name": "via-console-lb"}),
+                 {"Content-Type": "application/json", "Origin": lb.url, "Cookie": cookies,
+                  "X-CSRF-Token": signed_in["csrf_token"]})
+    made = conn.getresponse()
+    assert made.status == 201, made.read()
+    conn.close()

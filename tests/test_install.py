@@ -3,6 +3,7 @@ without the service starting, so nothing has to be stopped or disabled afterward
 the options for tests and benchmarks bring them and their extras."""
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -66,9 +67,25 @@ def test_only_the_test_and_bench_options_install_their_extras(tmp_path, options,
     pip = [line for line in done.stdout.splitlines() if " -m pip install " in line]
     assert pip == [f"would run: {venv}/bin/python -m pip install -q --disable-pip-version-check "
                    f"-e .{extra}"]
+    npm = [line for line in done.stdout.splitlines() if "npm install" in line]  # the console tests' axe-core
+    assert npm == ([f"would run: npm install --silent --no-save --prefix {venv}/node axe-core@4"]
+                   if extra == "[test]" else [])
     assert not venv.exists()
 
 
 def test_an_unknown_option_is_refused_by_name():
     done = subprocess.run(["bash", SCRIPT, "--test"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "unknown option --test" in done.stderr
+
+
+def test_a_built_package_carries_the_web_console(tmp_path):
+    """The console is package data (pyproject.toml): a non-editable install must serve it too."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['setup.py', '-q', 'build_py', "
+                           f"'--build-lib', {str(tmp_path)!r}]; from setuptools import setup; setup()"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    source = os.path.join(root, "api", "console", "static")
+    built = tmp_path / "raftmesh" / "api" / "console" / "static"
+    assert sorted(os.listdir(built)) == sorted(os.listdir(source))
+    assert "index.html" in os.listdir(built) and (built / "app.js").stat().st_size > 0
