@@ -1,0 +1,204 @@
+"""MagicDNS answers, sans I/O: what the agent's resolver on 100.100.100.100 does with a query.
+
+`DnsTable` is built from the netmap alone (the cluster's DNS settings and the peers' names),
+so names resolve from the cached netmap through a full control-plane outage, and a rename
+resolves as soon as the netmap that carries it is applied. `decide` turns a query packet and
+its source into a reply, a forward to upstream resolvers, or nothing (dropped). Packets are
+read and written with dnspython; nothing here parses DNS by hand.
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.reversename
+import dns.rrset
+
+from raftmesh.proto.wire import Netmap
+
+SERVICE_ADDRESS = "100.100.100.100"  # where Tailscale clients look for MagicDNS too
+MAX_QUERY_BYTES = 4096  # a query needs far less; anything larger is refused unread
+TTL = 60
+MESH_RANGES = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
+# who may ask: the mesh, and this host itself (through loopback or the service address)
+ALLOWED_SOURCES = (*MESH_RANGES, ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+_A, _AAAA, _PTR = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.PTR
+
+
+@dataclass(frozen=True)
+class DnsTable:
+    """What the resolver knows: names and addresses from one netmap, and where other names go."""
+
+    enabled: bool = False
+    domain: dns.name.Name | None = None
+    hosts: dict[dns.name.Name, tuple[str, ...]] = field(default_factory=dict)
+    reverse: dict[dns.name.Name, dns.name.Name] = field(default_factory=dict)
+    split: tuple[tuple[dns.name.Name, tuple[str, ...]], ...] = ()  # longest domain first
+    upstreams: tuple[str, ...] = ()  # the cluster's nameservers, else the host's own
+
+    @classmethod
+    def from_netmap(cls, netmap: Netmap | None, host_upstreams: Iterable[str]) -> "DnsTable":
+        settings = netmap.dns if netmap is not None else None
+        if not settings or not settings.get("magic_dns", True):
+            return cls(upstreams=tuple(host_upstreams))
+        domain = dns.name.from_text(settings["domain"])
+        hosts: dict[dns.name.Name, tuple[str, ...]] = {}
+        reverse: dict[dns.name.Name, dns.name.Name] = {}
+        for peer in (netmap.self_node, *netmap.peers.values()):
+            try:
+                name = dns.name.from_text(peer.name, origin=domain)
+            except dns.exception.DNSException:
+                continue  # a node name that is no DNS name only resolves by address
+            addrs = tuple(a.split("/")[0] for a in peer.addresses)
+            hosts[name] = addrs
+            for a in addrs:
+                reverse[dns.reversename.from_address(a)] = name
+        split = tuple(sorted(((dns.name.from_text(d), tuple(r))
+                              for d, r in settings.get("split", {}).items()),
+                             key=lambda e: -len(e[0])))
+        return cls(True, domain, hosts, reverse, split,
+                   tuple(settings.get("nameservers") or ()) or tuple(host_upstreams))
+
+
+@dataclass(frozen=True)
+class Reply:
+    wire: bytes
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Ask `resolvers` (in order) and relay the answer to the client, fitted to `max_size`."""
+
+    query: dns.message.Message
+    resolvers: tuple[str, ...]
+    max_size: int
+
+
+Decision = Reply | Forward | None  # None: drop the packet
+
+
+def source_allowed(source: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(source.split("%")[0])
+    except ValueError:
+        return False
+    return any(ip in net for net in ALLOWED_SOURCES)
+
+
+def _max_size(query: dns.message.Message) -> int:
+    return max(512, query.payload) if query.edns >= 0 else 512
+
+
+def fitted(response: dns.message.Message, max_size: int) -> bytes:
+    """The response as wire bytes within the client's size; too large: truncated (TC), so
+    the client knows to retry another way."""
+    try:
+        return response.to_wire(max_size=max_size)
+    except dns.exception.TooBig:
+        response.answer.clear()
+        response.authority.clear()
+        response.additional.clear()
+        response.flags |= dns.flags.TC
+        return response.to_wire(max_size=max_size)
+
+
+def _error_for_unreadable(packet: bytes) -> Decision:
+    """FORMERR with the query's id, or nothing when even the header is missing or the packet
+    is itself a response (answering those would make reflection loops)."""
+    if len(packet) < 12:
+        return None
+    qid, flags = struct.unpack("!HH", packet[:4])  # the header's fixed fields (RFC 1035 4.1.1)
+    if flags & dns.flags.QR:
+        return None
+    reply = dns.message.Message(id=qid)
+    reply.flags = dns.flags.QR
+    reply.set_rcode(dns.rcode.FORMERR)
+    return Reply(reply.to_wire())
+
+
+def _error(query: dns.message.Message, rcode: int) -> Reply:
+    reply = dns.message.make_response(query, recursion_available=True)
+    reply.set_rcode(rcode)
+    return Reply(fitted(reply, _max_size(query)))
+
+
+def decide(packet: bytes, source: str, table: DnsTable) -> Decision:
+    """What to do with one UDP packet from `source`."""
+    if not source_allowed(source):
+        return None  # from outside the mesh: not ours to answer, and no amplification
+    if len(packet) > MAX_QUERY_BYTES:
+        return _error_for_unreadable(packet)
+    try:
+        query = dns.message.from_wire(packet)
+    except dns.exception.DNSException:
+        return _error_for_unreadable(packet)
+    except ValueError:  # dnspython raises plain ValueErrors for some malformed fields
+        return _error_for_unreadable(packet)
+    if query.flags & dns.flags.QR:
+        return None
+    if query.opcode() != dns.opcode.QUERY:
+        return _error(query, dns.rcode.NOTIMP)
+    if len(query.question) != 1 or query.answer or query.authority:
+        return _error(query, dns.rcode.FORMERR)
+    question = query.question[0]
+    if question.rdclass != dns.rdataclass.IN:
+        return _error(query, dns.rcode.REFUSED)
+    name = question.name
+    if table.enabled and (name.is_subdomain(table.domain) or name in table.reverse):
+        return Reply(fitted(_authoritative(query, name, question.rdtype, table), _max_size(query)))
+    if table.enabled and question.rdtype == _PTR and _in_mesh_reverse(name):
+        return _error(query, dns.rcode.NXDOMAIN)
+    resolvers = next((r for d, r in table.split if name.is_subdomain(d)), table.upstreams)
+    if not resolvers:
+        return _error(query, dns.rcode.REFUSED)
+    return Forward(query, resolvers, _max_size(query))
+
+
+def _in_mesh_reverse(name: dns.name.Name) -> bool:
+    try:
+        ip = ipaddress.ip_address(dns.reversename.to_address(name))
+    except (dns.exception.DNSException, ValueError):
+        return False
+    return any(ip in net for net in MESH_RANGES)
+
+
+def _authoritative(query: dns.message.Message, name: dns.name.Name, rdtype: int,
+                   table: DnsTable) -> dns.message.Message:
+    reply = dns.message.make_response(query, recursion_available=True)
+    reply.flags |= dns.flags.AA
+    if name in table.reverse:
+        if rdtype in (_PTR, dns.rdatatype.ANY):
+            reply.answer.append(dns.rrset.from_text(name, TTL, "IN", "PTR",
+                                                    table.reverse[name].to_text()))
+        return reply
+    addrs = table.hosts.get(name)
+    if addrs is None:
+        if name != table.domain:
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+        return reply
+    for rdtype_wanted, family in ((_A, 4), (_AAAA, 6)):
+        if rdtype in (rdtype_wanted, dns.rdatatype.ANY):
+            matching = [a for a in addrs if ipaddress.ip_address(a).version == family]
+            if matching:
+                reply.answer.append(dns.rrset.from_text(
+                    name, TTL, "IN", dns.rdatatype.to_text(rdtype_wanted), *matching))
+    return reply
+
+
+def forwarded_reply(query: dns.message.Message, answer: dns.message.Message | None,
+                    max_size: int) -> bytes:
+    """The upstream's answer for the client (its id), or SERVFAIL when none came."""
+    if answer is None:
+        return _error(query, dns.rcode.SERVFAIL).wire
+    answer.id = query.id
+    return fitted(answer, max_size)
