@@ -40,7 +40,7 @@ from .relay import RelayClient
 from .resolv_conf import RESOLV_CONF, HostResolver, nameservers
 from .session import APPLY, APPLY_ARM_ACK, END, REVOKED, AgentSession, Next
 from .state_dir import StateDir
-from .wireguard import WireGuardInterface, public_key_of
+from .wireguard import WireGuardError, WireGuardInterface, public_key_of
 
 log = logging.getLogger("raftmesh.agent")
 DEFAULT_MAX_STALE = 7 * 86400.0
@@ -393,7 +393,7 @@ class Agent:
         self.fw = PacketFilter(self.config.interface)
         self.fw.apply(())  # deny inbound until a verified netmap says otherwise
         addresses = self.view.netmap.self_node.addresses if self.view and self.view.netmap else ()
-        self.wg.configure(self._private_key(), self.config.listen_port, _tunnel_addresses(addresses))
+        self.wg.configure(self._private_key(), self.config.listen_port, addresses)
         self._start_dns()
         self.prober = PathProber(self.config.listen_port, self._wireguard_keys,
                                  self._set_peer_endpoint, self._mapped_changed, self._path_lost)
@@ -414,8 +414,9 @@ class Agent:
             except OSError:
                 self._host_upstreams = []
         try:
+            self.wg.add_host_address(SERVICE_ADDRESS)
             self.dns = DnsServer()
-        except OSError as e:  # e.g. another agent in this network namespace has it
+        except (OSError, WireGuardError) as e:  # e.g. another agent in this namespace has it
             log.warning("MagicDNS not served on %s: %s", SERVICE_ADDRESS, e)
             return
         self.dns.start()
@@ -459,7 +460,7 @@ class Agent:
             return
         old = self.session.enforced
         if old is None or old.self_node.addresses != nm.self_node.addresses:
-            self.wg.set_addresses(_tunnel_addresses(nm.self_node.addresses))
+            self.wg.set_addresses(nm.self_node.addresses)
         self.prober.set_peers({p.node_key: p.endpoints for p in nm.peers.values()})
         now = time.monotonic()
         self._appeared = {k: self._appeared.get(k, now) for k in
@@ -524,11 +525,6 @@ class Agent:
             "last_contact": self.session.last_contact,
             "next_expiry": next_expiry(self.view.netmap if self.view else None, time.time()),
             "updated_at": time.time()})
-
-
-def _tunnel_addresses(addresses) -> tuple[str, ...]:
-    """The node's overlay addresses and MagicDNS's service address."""
-    return (*addresses, f"{SERVICE_ADDRESS}/32")
 
 
 def kill_leftover_wireguard(state: StateDir, interface: str) -> None:

@@ -159,6 +159,8 @@ def resolves(lab: DnsLab, name: str, address: str, frm: str = "a") -> bool:
 def test_peers_resolve_by_name_through_the_namespace_resolver(dnslab):
     b = dnslab.overlay("b")
     wait_for(lambda: resolves(dnslab, "host-b.mesh.internal.", b), 20, what="a resolves host-b")
+    # the service address is never the source of tunnel traffic
+    wait_for(lambda: dnslab.ns["a"].ping(b), 20, what="a pings b through the tunnel")
     with open(dnslab.resolv_conf("a")) as f:
         conf = f.read()
     assert "nameserver 100.100.100.100" in conf and "search mesh.internal lab" in conf
