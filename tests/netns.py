@@ -153,3 +153,19 @@ class Lab(namespaces.Lab):
     prefix = LAB_PREFIX
     ifname_prefix = "rm"
     namespace_cls = Namespace
+
+
+class AgentsLab:
+    """A lab with a local cluster and real agents (set up by subclasses); close() ends the
+    agents, then the replicas, then the namespaces. Use it with contextlib.closing."""
+
+    def __init__(self):
+        cleanup_stale()
+        self.lab, self.cluster, self.agents = Lab(), None, {}
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        if self.cluster is not None:
+            self.cluster.stop_all()
+        self.lab.close()

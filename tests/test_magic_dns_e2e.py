@@ -14,9 +14,10 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import closing
 
 import pytest
-from netns import Lab, cleanup_stale, wait_for
+from netns import AgentsLab, wait_for
 
 from raftmesh.bench import harness
 from raftmesh.lab.local_cluster import LocalCluster
@@ -75,10 +76,10 @@ except (dns.exception.Timeout, socket.timeout):
 """
 
 
-class DnsLab:
+class DnsLab(AgentsLab):
     def __init__(self, tmp: str):
-        cleanup_stale()
-        self.lab, self.cluster, self.agents, self.tmp = Lab(), None, {}, tmp
+        super().__init__()
+        self.tmp = tmp
         try:
             host = self.lab.connect_host()
             self.ns = {label: self.lab.add(label, f"192.0.2.{i}/24")
@@ -135,21 +136,12 @@ class DnsLab:
     def overlay(self, label: str) -> str:
         return self.agents[label].status()["addresses"][0].split("/")[0]
 
-    def close(self) -> None:
-        for agent in self.agents.values():
-            agent.stop()
-        if self.cluster is not None:
-            self.cluster.stop_all()
-        self.lab.close()
 
 
 @pytest.fixture(scope="module")
 def dnslab(tmp_path_factory):
-    lab = DnsLab(str(tmp_path_factory.mktemp("dns")))
-    try:
+    with closing(DnsLab(str(tmp_path_factory.mktemp("dns")))) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def resolves(lab: DnsLab, name: str, address: str, frm: str = "a") -> bool:

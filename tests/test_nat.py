@@ -11,10 +11,11 @@ import os
 import shutil
 import sys
 import time
+from contextlib import closing
 
 import pytest
 from nacl.public import PrivateKey
-from netns import Lab, cleanup_stale, wait_for
+from netns import AgentsLab, wait_for
 
 from raftmesh.agent import disco
 from raftmesh.bench import harness
@@ -33,14 +34,13 @@ ROUTERS = {"r1": "eim", "r2": "eim", "r3": "eim", "r4": "edm", "r5": "edm", "r6"
 HOSTS = {"a": "r1", "b": "r2", "c": "r3", "d": "r3", "e": "r4", "f": "r5", "g": "r6"}
 
 
-class NatLab:
+class NatLab(AgentsLab):
     """a behind EIM router r1, b behind EIM router r2, c and d behind EIM router r3, e and f
     behind EDM routers r4 and r5, g behind r6 that lets no UDP out, p public; three
     replicas; every agent may reach every other (the benchmark's mesh policy)."""
 
     def __init__(self, tmp: str):
-        cleanup_stale()
-        self.lab, self.cluster, self.agents = Lab(), None, {}
+        super().__init__()
         try:
             gateway = nat.public_gateway()
             self.public = gateway.rsplit(".", 1)[0]
@@ -104,21 +104,12 @@ class NatLab:
         st["peers"] = {p["name"]: p for p in st["peers"]}
         return st
 
-    def close(self) -> None:
-        for agent in self.agents.values():
-            agent.stop()
-        if self.cluster is not None:
-            self.cluster.stop_all()
-        self.lab.close()
 
 
 @pytest.fixture(scope="module")
 def natlab(tmp_path_factory):
-    lab = NatLab(str(tmp_path_factory.mktemp("nat")))
-    try:
+    with closing(NatLab(str(tmp_path_factory.mktemp("nat")))) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def test_agents_behind_different_nats_discover_and_go_direct(natlab):
