@@ -52,7 +52,7 @@ async def put_dns(ctx: Ctx):
     try:
         settings = dns_config.validated(ctx.body)
     except dns_config.DnsSettingsError as e:
-        raise APIError(400, "invalid_dns", str(e)) from None
+        raise APIError(400, "invalid_setting", str(e)) from None
     r = await ctx.write(DnsSet(settings=settings))
     return web.json_response({"settings": r["value"], "version": r["version"]})
 

@@ -91,7 +91,7 @@ def _dns_set(ctx: Context, cmd: DnsSet) -> dict:
     try:
         record = validated(cmd.settings)
     except DnsSettingsError as e:
-        raise Rejected("invalid_dns", str(e), 400) from None
+        raise Rejected("invalid_setting", str(e), 400) from None
     before = stored_settings(ctx.txn)
     if record != before:
         ctx.txn.put("meta", "dns", record)

@@ -61,7 +61,7 @@ def test_dns_set_is_stored_audited_and_refused_when_invalid():
                                     cmd("dns.set", settings={"domain": "-x"}),
                                     cmd("dns.set", settings=good)])
     assert r_ok["ok"] and r_ok["value"]["domain"] == "corp.example"
-    assert not r_bad["ok"] and r_bad["code"] == "invalid_dns" and "not a DNS name" in r_bad["message"]
+    assert not r_bad["ok"] and r_bad["code"] == "invalid_setting" and "not a DNS name" in r_bad["message"]
     assert r_same["ok"]
     assert dns_config.stored_settings(txn)["domain"] == "corp.example"
     assert audit_actions(txn) == [("dns.set", "dns")]  # an unchanged setting audits nothing
