@@ -77,11 +77,13 @@ class Reply:
 
 @dataclass(frozen=True)
 class Forward:
-    """Ask `resolvers` (in order) and relay the answer to the client, fitted to `max_size`."""
+    """Ask `resolvers` (in order, over the client's transport) and relay the answer to the
+    client, fitted to `max_size`."""
 
     query: dns.message.Message
     resolvers: tuple[str, ...]
     max_size: int
+    tcp: bool = False
 
 
 Decision = Reply | Forward | None  # None: drop the packet
@@ -95,7 +97,13 @@ def source_allowed(source: str) -> bool:
     return any(ip in net for net in ALLOWED_SOURCES)
 
 
-def _max_size(query: dns.message.Message) -> int:
+TCP_MAX = 65535  # a TCP answer's length prefix is 16 bits
+
+
+def max_size(query: dns.message.Message, tcp: bool) -> int:
+    """How large an answer the client takes: over UDP 512 bytes, or its EDNS size."""
+    if tcp:
+        return TCP_MAX
     return max(512, query.payload) if query.edns >= 0 else 512
 
 
@@ -126,14 +134,15 @@ def _error_for_unreadable(packet: bytes) -> Decision:
     return Reply(reply.to_wire())
 
 
-def _error(query: dns.message.Message, rcode: int) -> Reply:
+def _error(query: dns.message.Message, rcode: int, limit: int = 512) -> Reply:
     reply = dns.message.make_response(query, recursion_available=True)
     reply.set_rcode(rcode)
-    return Reply(fitted(reply, _max_size(query)))
+    return Reply(fitted(reply, limit))
 
 
-def decide(packet: bytes, source: str, table: DnsTable) -> Decision:
-    """What to do with one UDP packet from `source`."""
+def decide(packet: bytes, source: str, table: DnsTable, tcp: bool = False) -> Decision:
+    """What to do with one query from `source` (a UDP packet, or a TCP message without its
+    length prefix)."""
     if not source_allowed(source):
         return None  # from outside the mesh: not ours to answer, and no amplification
     if len(packet) > MAX_QUERY_BYTES:
@@ -146,22 +155,23 @@ def decide(packet: bytes, source: str, table: DnsTable) -> Decision:
         return _error_for_unreadable(packet)
     if query.flags & dns.flags.QR:
         return None
+    limit = max_size(query, tcp)
     if query.opcode() != dns.opcode.QUERY:
-        return _error(query, dns.rcode.NOTIMP)
+        return _error(query, dns.rcode.NOTIMP, limit)
     if len(query.question) != 1 or query.answer or query.authority:
-        return _error(query, dns.rcode.FORMERR)
+        return _error(query, dns.rcode.FORMERR, limit)
     question = query.question[0]
     if question.rdclass != dns.rdataclass.IN:
-        return _error(query, dns.rcode.REFUSED)
+        return _error(query, dns.rcode.REFUSED, limit)
     name = question.name
     if table.enabled and (name.is_subdomain(table.domain) or name in table.reverse):
-        return Reply(fitted(_authoritative(query, name, question.rdtype, table), _max_size(query)))
+        return Reply(fitted(_authoritative(query, name, question.rdtype, table), limit))
     if table.enabled and question.rdtype == _PTR and _in_mesh_reverse(name):
-        return _error(query, dns.rcode.NXDOMAIN)
+        return _error(query, dns.rcode.NXDOMAIN, limit)
     resolvers = next((r for d, r in table.split if name.is_subdomain(d)), table.upstreams)
     if not resolvers:
-        return _error(query, dns.rcode.REFUSED)
-    return Forward(query, resolvers, _max_size(query))
+        return _error(query, dns.rcode.REFUSED, limit)
+    return Forward(query, resolvers, limit, tcp)
 
 
 def _in_mesh_reverse(name: dns.name.Name) -> bool:
@@ -199,6 +209,6 @@ def forwarded_reply(query: dns.message.Message, answer: dns.message.Message | No
                     max_size: int) -> bytes:
     """The upstream's answer for the client (its id), or SERVFAIL when none came."""
     if answer is None:
-        return _error(query, dns.rcode.SERVFAIL).wire
+        return _error(query, dns.rcode.SERVFAIL, max_size).wire
     answer.id = query.id
     return fitted(answer, max_size)
