@@ -627,10 +627,12 @@ def _node_presence_sweep(ctx: Context, cmd: c.NodePresenceSweep) -> dict:
 
 
 def _sweep_streams(ctx: Context, replica: str) -> list[dict]:
+    """Streams of a replica that restarted or left: offline, last seen now (the stream may have
+    lived until then; removing ephemeral nodes counts from it, cluster/lifecycle.py)."""
     swept = []
     for nid, node in list(ctx.txn.items("nodes")):
         if node.get("online") and node.get("stream_replica") == replica:
-            after = dict(node, online=False, stream_session=None)
+            after = dict(node, online=False, stream_session=None, last_seen=ctx.cmd.time)
             ctx.txn.put("nodes", nid, after)
             swept.append(after)
     return swept

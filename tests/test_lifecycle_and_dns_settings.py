@@ -129,6 +129,20 @@ def test_removal_rechecks_every_node_when_applied():
     assert ("lifecycle.set", "lifecycle") in audit_actions(txn)
 
 
+def test_a_node_whose_replica_restarted_counts_as_offline_from_the_sweep():
+    """Its stream may have lived until the replica went: it is not removed for the time since
+    it connected."""
+    txn = DictTxn()
+    run(txn, setup() + [cmd("lifecycle.set", ephemeral_offline_seconds=60.0),
+                        cmd("node.presence", t=110.0, replica="r1",
+                            changes=[{"id": "n2", "online": True, "session": "s"}]),
+                        cmd("node.presence_sweep", t=1000.0, replica="r1")])
+    r = run(txn, [cmd("node.remove_ephemeral", t=1030.0, ids=["n2"])], start=20)[0]
+    assert r["value"] == {"removed": []}
+    r = run(txn, [cmd("node.remove_ephemeral", t=1060.0, ids=["n2"])], start=21)[0]
+    assert r["value"] == {"removed": ["n2"]}
+
+
 def test_lifecycle_setting_out_of_range_is_refused():
     txn = DictTxn()
     r = run(txn, [cmd("lifecycle.set", ephemeral_offline_seconds=1.0)])[0]
