@@ -41,8 +41,10 @@ class DnsTable:
 
     enabled: bool = False
     domain: dns.name.Name | None = None
-    hosts: dict[dns.name.Name, tuple[str, ...]] = field(default_factory=dict)
-    reverse: dict[dns.name.Name, dns.name.Name] = field(default_factory=dict)
+    # Plain text, not dnspython names: built on every netmap change, and parsing 10,000 peer
+    # names took the agent a second per change; a query converts its one name instead.
+    hosts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node name -> addresses
+    reverse: dict[str, str] = field(default_factory=dict)  # address -> node name
     split: tuple[tuple[dns.name.Name, tuple[str, ...]], ...] = ()  # longest domain first
     upstreams: tuple[str, ...] = ()  # the cluster's nameservers, else the host's own
 
@@ -52,17 +54,14 @@ class DnsTable:
         if not settings or not settings.get("magic_dns", True):
             return cls(upstreams=tuple(host_upstreams))
         domain = dns.name.from_text(settings["domain"])
-        hosts: dict[dns.name.Name, tuple[str, ...]] = {}
-        reverse: dict[dns.name.Name, dns.name.Name] = {}
+        hosts: dict[str, tuple[str, ...]] = {}
+        reverse: dict[str, str] = {}
         for peer in (netmap.self_node, *netmap.peers.values()):
-            try:
-                name = dns.name.from_text(peer.name, origin=domain)
-            except dns.exception.DNSException:
-                continue  # a node name that is no DNS name only resolves by address
+            name = peer.name.lower()
             addrs = tuple(a.split("/")[0] for a in peer.addresses)
             hosts[name] = addrs
             for a in addrs:
-                reverse[dns.reversename.from_address(a)] = name
+                reverse[a] = name
         split = tuple(sorted(((dns.name.from_text(d), tuple(r))
                               for d, r in settings.get("split", {}).items()),
                              key=lambda e: -len(e[0])))
@@ -164,37 +163,59 @@ def decide(packet: bytes, source: str, table: DnsTable, tcp: bool = False) -> De
     if question.rdclass != dns.rdataclass.IN:
         return _error(query, dns.rcode.REFUSED, limit)
     name = question.name
-    if table.enabled and (name.is_subdomain(table.domain) or name in table.reverse):
-        return Reply(fitted(_authoritative(query, name, question.rdtype, table), limit))
-    if table.enabled and question.rdtype == _PTR and _in_mesh_reverse(name):
-        return _error(query, dns.rcode.NXDOMAIN, limit)
+    if table.enabled and name.is_subdomain(table.domain):
+        return Reply(fitted(_mesh_name(query, name, question.rdtype, table), limit))
+    address = _mesh_address(name) if table.enabled else None
+    if address is not None:
+        return Reply(fitted(_mesh_address_name(query, address, question.rdtype, table), limit))
     resolvers = next((r for d, r in table.split if name.is_subdomain(d)), table.upstreams)
     if not resolvers:
         return _error(query, dns.rcode.REFUSED, limit)
     return Forward(query, resolvers, limit, tcp)
 
 
-def _in_mesh_reverse(name: dns.name.Name) -> bool:
+_REVERSE_ZONES = (dns.reversename.ipv4_reverse_domain, dns.reversename.ipv6_reverse_domain)
+
+
+def _mesh_address(name: dns.name.Name) -> str | None:
+    """The mesh address a reverse name stands for (its canonical text), or None."""
+    if not any(name.is_subdomain(zone) for zone in _REVERSE_ZONES):
+        return None
     try:
         ip = ipaddress.ip_address(dns.reversename.to_address(name))
     except (dns.exception.DNSException, ValueError):
-        return False
-    return any(ip in net for net in MESH_RANGES)
+        return None  # a partial reverse name (a zone cut), not an address
+    return str(ip) if any(ip in net for net in MESH_RANGES) else None
 
 
-def _authoritative(query: dns.message.Message, name: dns.name.Name, rdtype: int,
-                   table: DnsTable) -> dns.message.Message:
+def _answer(query: dns.message.Message) -> dns.message.Message:
     reply = dns.message.make_response(query, recursion_available=True)
     reply.flags |= dns.flags.AA
-    if name in table.reverse:
-        if rdtype in (_PTR, dns.rdatatype.ANY):
-            reply.answer.append(dns.rrset.from_text(name, TTL, "IN", "PTR",
-                                                    table.reverse[name].to_text()))
+    return reply
+
+
+def _mesh_address_name(query: dns.message.Message, address: str, rdtype: int,
+                       table: DnsTable) -> dns.message.Message:
+    """PTR for a node's address; NXDOMAIN for a mesh address no node has."""
+    reply = _answer(query)
+    host = table.reverse.get(address)
+    if host is None:
+        reply.set_rcode(dns.rcode.NXDOMAIN)
+    elif rdtype in (_PTR, dns.rdatatype.ANY):
+        reply.answer.append(dns.rrset.from_text(query.question[0].name, TTL, "IN", "PTR",
+                                                f"{host}.{table.domain.to_text()}"))
+    return reply
+
+
+def _mesh_name(query: dns.message.Message, name: dns.name.Name, rdtype: int,
+               table: DnsTable) -> dns.message.Message:
+    """A and AAAA for a node's name in the domain; NXDOMAIN for a name no node has."""
+    reply = _answer(query)
+    if name == table.domain:
         return reply
-    addrs = table.hosts.get(name)
+    addrs = table.hosts.get(name.relativize(table.domain).to_text().lower())
     if addrs is None:
-        if name != table.domain:
-            reply.set_rcode(dns.rcode.NXDOMAIN)
+        reply.set_rcode(dns.rcode.NXDOMAIN)
         return reply
     for rdtype_wanted, family in ((_A, 4), (_AAAA, 6)):
         if rdtype in (rdtype_wanted, dns.rdatatype.ANY):
