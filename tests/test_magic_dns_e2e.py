@@ -20,8 +20,6 @@ import pytest
 from netns import AgentsLab, wait_for
 
 from raftmesh.bench import harness
-from raftmesh.lab.local_cluster import LocalCluster
-from raftmesh.lab.namespaces import RealAgent
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("wireguard-go", "wg", "nft")),
@@ -79,7 +77,6 @@ except (dns.exception.Timeout, socket.timeout):
 class DnsLab(AgentsLab):
     def __init__(self, tmp: str):
         super().__init__()
-        self.tmp = tmp
         try:
             host = self.lab.connect_host()
             self.ns = {label: self.lab.add(label, f"192.0.2.{i}/24")
@@ -92,16 +89,11 @@ class DnsLab(AgentsLab):
             for ns in self.ns.values():
                 with open(self.resolv_conf(ns.label), "w") as f:
                     f.write(ORIGINAL_RESOLV_CONF)
-            self.cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=3, host=host,
-                                        extra_args=["--stream-keepalive", "2"])
-            self.cluster.start_all()
-            self.cluster.wait_ready(timeout=30)
-            self.key = harness.setup_cluster(self.cluster, topology="mesh")[harness.BENCH_USER]
-            self.servers = [r.api_url for r in self.cluster.replicas]
+            self.start_cluster(tmp, host)
             self.ephemeral_key = self.admin("POST", "/api/v1/preauth-keys", {
                 "user": harness.BENCH_USER, "ephemeral": True})["key"]
             for label in ("a", "b"):
-                self.start(label, self.key)
+                self.start(label)
             for label in ("a", "b"):
                 wait_for(lambda lb=label: len(self.agents[lb].status().get("peers", ())) == 1, 30,
                          what=f"agent {label} sees its peer")
@@ -111,12 +103,6 @@ class DnsLab(AgentsLab):
 
     def resolv_conf(self, label: str) -> str:
         return f"/etc/netns/{self.ns[label].name}/resolv.conf"
-
-    def start(self, label: str, key: str) -> None:
-        agent = self.agents.get(label) or RealAgent(self.lab, self.ns[label], self.tmp,
-                                                    self.servers, key, label)
-        self.agents[label] = agent
-        agent.start()
 
     def admin(self, method: str, path: str, body=None, expect: int | None = None) -> dict:
         for r in self.cluster.replicas:
@@ -226,6 +212,6 @@ def test_names_resolve_through_a_full_outage_and_an_agent_restart(dnslab):
     dnslab.agents["a"].stop()  # a clean stop gives the namespace its resolv.conf back
     with open(dnslab.resolv_conf("a")) as f:
         assert f.read() == ORIGINAL_RESOLV_CONF
-    dnslab.start("a", dnslab.key)  # from its cached netmap, no replica reachable
+    dnslab.start("a")  # from its cached netmap, no replica reachable
     wait_for(lambda: resolves(dnslab, "database.corp.internal.", b), 30,
              what="names from the cached netmap after a restart")

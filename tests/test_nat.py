@@ -18,10 +18,7 @@ from nacl.public import PrivateKey
 from netns import AgentsLab, wait_for
 
 from raftmesh.agent import disco
-from raftmesh.bench import harness
 from raftmesh.lab import nat
-from raftmesh.lab.local_cluster import LocalCluster
-from raftmesh.lab.namespaces import RealAgent
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("wireguard-go", "wg", "nft")),
@@ -49,13 +46,7 @@ class NatLab(AgentsLab):
                             for i, (name, mode) in enumerate(ROUTERS.items(), 1)}
             self.ns = {label: self.routers[r].add_host(label) for label, r in HOSTS.items()}
             self.ns["p"] = self.lab.add("p", f"{self.public}.10/24")
-            self.cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=3, host=host,
-                                        extra_args=["--stream-keepalive", "2"])
-            self.cluster.start_all()
-            self.cluster.wait_ready(timeout=30)
-            self.key = harness.setup_cluster(self.cluster, topology="mesh")[harness.BENCH_USER]
-            self.servers = [r.api_url for r in self.cluster.replicas]
-            self.tmp = tmp
+            self.start_cluster(tmp, host)
             for label in self.ns:
                 self.start(label)
             for label in self.ns:
@@ -64,12 +55,6 @@ class NatLab(AgentsLab):
         except BaseException:
             self.close()
             raise
-
-    def start(self, label: str) -> None:
-        agent = self.agents.get(label) or RealAgent(self.lab, self.ns[label], self.tmp,
-                                                    self.servers, self.key, label)
-        self.agents[label] = agent
-        agent.start()
 
     def overlay(self, label: str) -> str:
         return self.agents[label].status()["addresses"][0].split("/")[0]
