@@ -8,6 +8,8 @@ import signal
 import sys
 import time
 
+from .resolv_conf import RESOLV_CONF
+
 
 def register(sub) -> None:
     agent = sub.add_parser("agent", help="the node daemon: join the mesh and keep its tunnels")
@@ -31,6 +33,11 @@ def register(sub) -> None:
     up.add_argument("--max-stale", type=float, default=7 * 86400,
                     help="seconds without any verified frame after which the cached netmap is no "
                     "longer enforced (default 7 days; 0 = keep using it)")
+    up.add_argument("--no-dns-config", dest="dns_config", action="store_false",
+                    help="leave the host's resolver configuration alone (MagicDNS still answers "
+                    "on 100.100.100.100)")
+    up.add_argument("--resolv-conf", default=RESOLV_CONF,
+                    help="the resolver configuration file to point at MagicDNS and restore")
     up.add_argument("--log-level", default="INFO")
     up.set_defaults(func=cmd_up)
 
@@ -42,6 +49,8 @@ def register(sub) -> None:
     out = cmds.add_parser("logout", help="expire this node's key and stop the running daemon")
     out.add_argument("--state-dir", required=True)
     out.add_argument("--server", required=True)
+    out.add_argument("--interface", default="", help="the agent's interface (systemd-resolved hosts)")
+    out.add_argument("--resolv-conf", default=RESOLV_CONF)
     out.set_defaults(func=cmd_logout)
 
     rot = cmds.add_parser("rotate-key", help="ask the running daemon to replace its WireGuard key")
@@ -59,7 +68,8 @@ def cmd_up(args) -> int:
                          hostname=args.hostname, listen_port=args.listen_port,
                          endpoints=args.endpoint or detect_endpoints(args.listen_port),
                          advertise_routes=args.advertise_route, max_stale=args.max_stale,
-                         stun_servers=args.stun)
+                         stun_servers=args.stun, dns_config=args.dns_config,
+                         resolv_conf=args.resolv_conf)
     try:
         agent = Agent(config)
     except (OSError, ValueError) as e:
@@ -131,6 +141,7 @@ def cmd_logout(args) -> int:
     from raftmesh.proto.routes import LOGOUT
 
     from .control_client import ControlClient, ControlError
+    from .resolv_conf import HostResolver
     from .state_dir import StateDir
     state = StateDir(args.state_dir)
     client = ControlClient([s for s in args.server.split(",") if s], state.machine_key())
@@ -145,6 +156,7 @@ def cmd_logout(args) -> int:
         deadline = time.monotonic() + 20
         while _running(_status(args.state_dir)) and time.monotonic() < deadline:
             time.sleep(0.1)  # bounded wait for the daemon's teardown
+    HostResolver(args.state_dir, args.interface, args.resolv_conf).restore()  # if left changed
     for name in ("netmap.json", "registration.json"):
         try:
             os.unlink(os.path.join(args.state_dir, name))

@@ -30,14 +30,17 @@ from raftmesh.proto.wire import Netmap
 
 from .ack_sender import AckSender
 from .control_client import ControlClient, ControlError
+from .dns_server import DnsServer
 from .firewall import PacketFilter
+from .magic_dns import SERVICE_ADDRESS, DnsTable
 from .map_client import MapStream
 from .netmap_state import AgentNetmap, next_expiry
 from .paths import PathProber, split_endpoint
 from .relay import RelayClient
+from .resolv_conf import RESOLV_CONF, HostResolver, nameservers
 from .session import APPLY, APPLY_ARM_ACK, END, REVOKED, AgentSession, Next
 from .state_dir import StateDir
-from .wireguard import WireGuardInterface, public_key_of
+from .wireguard import WireGuardError, WireGuardInterface, public_key_of
 
 log = logging.getLogger("raftmesh.agent")
 DEFAULT_MAX_STALE = 7 * 86400.0
@@ -57,6 +60,8 @@ class AgentConfig:
     peer_keepalive: int = 25  # WireGuard persistent keepalive, seconds (holds NAT mappings)
     stun_servers: list[str] = field(default_factory=list)  # host:port, besides the replicas'
     max_stale: float = DEFAULT_MAX_STALE  # stop enforcing a netmap this long without contact
+    dns_config: bool = True  # point the host's resolver at MagicDNS (agent/resolv_conf.py)
+    resolv_conf: str = RESOLV_CONF
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -99,6 +104,10 @@ class Agent:
         self.status: dict = {"state": "starting", "server": None, "replica": None}
         self.stream: MapStream | None = None
         self.login_url_shown: str | None = None
+        self.dns: DnsServer | None = None
+        self.host_resolver = HostResolver(self.state.path, config.interface, config.resolv_conf) \
+            if config.dns_config else None
+        self._host_upstreams: list[str] = []
 
     @property
     def view(self) -> AgentNetmap | None:
@@ -385,6 +394,7 @@ class Agent:
         self.fw.apply(())  # deny inbound until a verified netmap says otherwise
         addresses = self.view.netmap.self_node.addresses if self.view and self.view.netmap else ()
         self.wg.configure(self._private_key(), self.config.listen_port, addresses)
+        self._start_dns()
         self.prober = PathProber(self.config.listen_port, self._wireguard_keys,
                                  self._set_peer_endpoint, self._mapped_changed, self._path_lost)
         self.prober.start()
@@ -392,9 +402,47 @@ class Agent:
                                  self._relay_changed)
         self.relay.start()
 
+    def _start_dns(self) -> None:
+        """MagicDNS on the service address; the host's resolvers are read before anything
+        changes them (from the backup, if an earlier run did not restore it)."""
+        if self.host_resolver is not None:
+            self._host_upstreams = self.host_resolver.upstreams()
+        else:
+            try:
+                with open(self.config.resolv_conf) as f:
+                    self._host_upstreams = nameservers(f.read())
+            except OSError:
+                self._host_upstreams = []
+        try:
+            self.wg.add_host_address(SERVICE_ADDRESS)
+            self.dns = DnsServer()
+        except (OSError, WireGuardError) as e:  # e.g. another agent in this namespace has it
+            log.warning("MagicDNS not served on %s: %s", SERVICE_ADDRESS, e)
+            return
+        self.dns.start()
+
+    def _update_dns(self, nm) -> None:
+        table = DnsTable.from_netmap(nm, self._host_upstreams)
+        if self.dns is not None:
+            self.dns.table = table
+        if self.host_resolver is None:
+            return
+        try:
+            if table.enabled and self.dns is not None:
+                self.host_resolver.point_at_mesh(nm.dns["domain"], nm.dns.get("split", {}))
+            elif self.host_resolver.applied is not None:
+                self.host_resolver.restore()
+        except (OSError, subprocess.CalledProcessError) as e:
+            log.warning("host resolver configuration: %s", e)
+
     def _stop_dataplane(self) -> None:
         self._set_status("stopped")
-        for part in (self.relay, self.prober, self.fw, self.wg):
+        if self.host_resolver is not None:
+            try:
+                self.host_resolver.restore()
+            except (OSError, subprocess.CalledProcessError) as e:
+                log.warning("restoring the host resolver configuration: %s", e)
+        for part in (self.dns, self.relay, self.prober, self.fw, self.wg):
             if part is not None:
                 try:
                     part.close()
@@ -423,6 +471,7 @@ class Agent:
         self.wg.reconcile([self._with_path(p) for p in nm.peers.values()], self.config.peer_keepalive)
         if old is None or old.packet_filter != nm.packet_filter:
             self.fw.apply(nm.packet_filter)
+        self._update_dns(nm)
         self.session.enforced = nm
         self._write_status()
 

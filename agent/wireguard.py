@@ -411,6 +411,11 @@ class WireGuardInterface:
         for a in sorted(want - have):
             self._run(self._ip("addr", "add", a, "dev", self.name))
 
+    def add_host_address(self, address: str) -> None:
+        """An address for local services only (MagicDNS's): host scope, so the kernel never
+        picks it as the source of traffic into the tunnel, and `addresses` leaves it out."""
+        self._run(self._ip("addr", "replace", f"{address}/32", "dev", self.name, "scope", "host"))
+
     def routes(self) -> set[str]:
         """Routes this driver installed on the interface (marked with ROUTE_PROTO)."""
         found: set[str] = set()

@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from raftmesh.cluster import state_machine as sm
+from raftmesh.cluster import dns_config, state_machine as sm
 from raftmesh.cluster.commands import ClockTick, NodePresence, NodePresenceSweep
 from raftmesh.cluster.netmap_feed import FeedUpdate, NetmapFeed
 from raftmesh.cluster.raft import Outcome, Raft
@@ -222,7 +222,8 @@ class StreamHub:
             policy = txn.get("policy_versions", f"{head['version']:010d}") if head else None
             nodes = [n for _, n in txn.items("nodes")]
             clock = sm.clock(txn)
-        return NetmapFeed(policy, nodes, clock, version, hooks=GcTuning())
+            dns = dns_config.stored_settings(txn)
+        return NetmapFeed(policy, nodes, clock, version, hooks=GcTuning(), dns=dns)
 
     def _on_reset(self) -> None:
         def rebuild():

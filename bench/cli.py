@@ -35,6 +35,7 @@ BENCHMARKS = [
     ("failover", "failover", "SIGKILL the leader until the first acknowledged write, repeated", 3),
     ("scale", "scale", "CPU per node/policy change of the netmap index at 100-10,000 nodes", None),
     ("propagation", "propagation", "policy change until every agent applied it (light agents)", 1),
+    ("dns-propagation", "dns_propagation", "DNS settings change until every agent applied it (light agents)", 1),
     ("revoke", "revoke", "node deleted until its key is gone from every peer (wg show + light agents)", 1),
     ("lockdown", "lockdown", "user locked (or SCIM-deactivated) until its device is gone from every wg show", 1),
     ("stream-failover", "stream_failover", "SIGKILL the agents' replica until they hold a current netmap", 3),

@@ -1,5 +1,6 @@
 """`raftmesh bench propagation`: a policy change, from the API's acknowledgement until every
-affected agent has applied it (issue #5 `propagation`).
+affected agent has applied it (issue #5 `propagation`); `raftmesh bench dns-propagation` the
+same for a change of the cluster's DNS settings (issue #23; bench/dns_propagation.py).
 
 Target: p99 <= 1 s at 1,000 agents and <= 2 s at 10,000. 3 replicas (`--replicas`; durable
 journals) and light agents (lab/light_agents.py: real protocol, every request signed, every
@@ -9,7 +10,8 @@ cluster: the agents of the first size stay connected while more register for the
 
 The policy (harness.policy_text) gives every `bench` agent an inbound rule from an
 office CIDR to its own addresses on one port; each change flips that port, so every agent
-gets one small delta (a new packet filter) and nothing else changes. Per change and agent:
+gets one small delta (a new packet filter) and nothing else changes. A DNS change flips the
+mesh domain instead: every agent gets one small delta (the DNS settings). Per change and agent:
 
 - apply: the agent verified and applied a netmap at or after the change's version, measured
   from the moment the PUT /api/v1/policy answer reached the benchmark (the issue's "from the
@@ -26,6 +28,7 @@ bucketed, so their p50/p99 are bucket upper bounds.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from raftmesh.bench import harness, metrics, report
 from raftmesh.lab import processes
@@ -55,9 +58,24 @@ def grow(agents: LightAgents, cluster: LocalCluster, key: str, n: int, concurren
     return out
 
 
+def flipper(cluster: LocalCluster, change: str, topology: str) -> Callable[[], dict]:
+    """What one measured change does: flip the policy's port, or the DNS domain. Returns
+    harness.put_until_accepted's times and version."""
+    state = {"port": 22, "domain": "mesh.internal"}
+
+    def policy() -> dict:
+        state["port"] = 2222 if state["port"] == 22 else 22
+        return harness.put_policy(cluster, state["port"], topology)
+
+    def dns() -> dict:
+        state["domain"] = "bench.internal" if state["domain"] == "mesh.internal" else "mesh.internal"
+        return harness.put_until_accepted(cluster, "/api/v1/dns", {"domain": state["domain"]})
+    return {"policy": policy, "dns": dns}[change]
+
+
 def measure(agents: LightAgents, cluster: LocalCluster, n: int, changes: int, timeout: float,
-            topology: str, progress: report.Progress, port: list[int]) -> dict:
-    """`changes` policy changes, one after another (each waits for every agent's ack).
+            progress: report.Progress, flip: Callable[[], dict]) -> dict:
+    """`changes` changes, one after another (each waits for every agent's ack).
 
     Each change also records the CPU the replicas and the light-agent workers spent from the
     PUT until every agent applied it (delivery) and until every ack was answered: on a machine
@@ -66,10 +84,9 @@ def measure(agents: LightAgents, cluster: LocalCluster, n: int, changes: int, ti
     before = metrics.read_histogram(cluster, METRIC)
     samples_apply, samples_ack, samples_sent, per_change, missing = [], [], [], [], 0
     for c in range(changes):
-        port[0] = 2222 if port[0] == 22 else 22
         threads0 = metrics.read_thread_cpu(cluster)  # scraped outside the process-CPU window
         cpu0 = processes.cpu_seconds(replica_pids), processes.cpu_seconds(agents.pids)
-        change = harness.put_policy(cluster, port[0], topology)
+        change = flip()
         agents.wait_applied(change["version"], timeout, prefix="la")
         cpu_applied = processes.cpu_seconds(replica_pids), processes.cpu_seconds(agents.pids)
         threads1 = metrics.read_thread_cpu(cluster)
@@ -119,13 +136,15 @@ def _ms(v):
 
 def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None = None,
         keepalive: float = 10.0, concurrency: int = 64, timeout: float = 120.0,
-        topology: str = "star", replicas: int = 3) -> dict:
+        topology: str = "star", replicas: int = 3, change: str = "policy") -> dict:
+    """`change`: "policy" or "dns" (what each measured change is, see `flipper`)."""
     workers = workers or default_workers(max(sizes))
+    name = "propagation" if change == "policy" else f"{change}-propagation"
     per_size = []
     status, failed_size = {}, None
-    with harness.BenchRun("propagation") as bench_run, bench_run.cluster(replicas, keepalive) as cluster:
+    with harness.BenchRun(name) as bench_run, bench_run.cluster(replicas, keepalive) as cluster:
         keys = harness.setup_cluster(cluster, topology, port=22)
-        port = [22]
+        flip = flipper(cluster, change, topology)
         with bench_run.light_agents(cluster, workers) as agents:
             for n in sorted(sizes):
                 try:
@@ -135,8 +154,8 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
                     failed_size = {"agents": n, "error": str(e)[-2000:], "reached": agents.status()}
                     print(f"N={n} not reached: {str(e)[-500:]}")
                     break
-                per_size.append({**measure(agents, cluster, n, changes, timeout, topology,
-                                           bench_run.progress, port), "setup": g})
+                per_size.append({**measure(agents, cluster, n, changes, timeout,
+                                           bench_run.progress, flip), "setup": g})
             status = agents.status()
 
     rows = []
@@ -159,13 +178,13 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
             p99 = s["apply"]["p99_ms"] / 1e3
             targets.append({"agents": s["agents"], "target_p99_s": t, "p99_s": p99,
                             "met": s["missing"] == 0 and p99 <= t})
-    result = {"benchmark": "propagation", "machine": bench_run.machine(), "sizes": per_size,
+    result = {"benchmark": name, "machine": bench_run.machine(), "sizes": per_size,
               "config": {"replicas": replicas, "workers": workers, "changes": changes,
                          "stream_keepalive_s": keepalive, "topology": topology,
-                         "register_concurrency": concurrency},
+                         "register_concurrency": concurrency, "change": change},
               "targets": targets, "pids": bench_run.pids, "final_status": status, "table": rows,
               "not_reached": failed_size}
-    report.print_table(f"propagation: policy change -> every agent applied it ({workers} agent "
+    report.print_table(f"{name}: {change} change -> every agent applied it ({workers} agent "
                        f"processes, {replicas} replicas); ms from the API's answer", rows,
                        ["agents", "samples", "p50_ms", "p99_ms", "max_ms", "ack_p99_ms", "all_p50_ms",
                         "missing", "server_n", "server_p50_le_ms", "server_p99_le_ms", "server_mean_ms",
@@ -180,8 +199,8 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
               f"replicas): " + (", ".join(f"{k} {v:.2f}" for k, v in sorted(
                   by_thread.items(), key=lambda kv: -kv[1])) or "-"))
     report.print_p99_targets(targets, lambda t: f" at {t['agents']} agents")
-    report.save(out_dir, "propagation", result, lambda: report.plot_cdfs(
-        out_dir, "propagation", "policy change: API answer -> agent applied (CDF)",
+    report.save(out_dir, name, result, lambda: report.plot_cdfs(
+        out_dir, name, f"{change} change: API answer -> agent applied (CDF)",
         {f"{s['agents']} agents": s["samples_apply_s"] for s in per_size}))
     return result
 
@@ -190,16 +209,16 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
 def add_arguments(parser) -> None:
     parser.add_argument("--sizes", "--agents", default="100,1000",
                         help="comma-separated agent counts, grown on one cluster (default 100,1000)")
-    parser.add_argument("--changes", type=int, default=5, help="policy changes per size")
+    parser.add_argument("--changes", type=int, default=5, help="changes per size")
     harness.add_agent_options(parser)
     parser.add_argument("--timeout", type=float, default=120.0, help="per change")
     parser.add_argument("--topology", choices=["star", "mesh"], default="star",
                         help="star: agents see only the svc nodes; mesh: also every other agent")
 
 
-def main(args) -> int:
+def main(args, change: str = "policy") -> int:
     """0 when every agent applied every change (whether or not within the target), else 1."""
     sizes = [int(x) for x in str(args.sizes).split(",") if x.strip()]
     result = run(args.out, sizes, args.changes, args.workers or None, args.stream_keepalive,
-                 args.register_concurrency, args.timeout, args.topology, args.replicas)
+                 args.register_concurrency, args.timeout, args.topology, args.replicas, change)
     return 1 if result["not_reached"] or any(s["missing"] for s in result["sizes"]) else 0

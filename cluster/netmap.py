@@ -147,7 +147,7 @@ def _packet_filter(policy: Policy, roles: Roles, srcs: Callable[[int], tuple],
 
 # -- the definition ------------------------------------------------------------------------
 def compute_netmaps(policy: Policy | None, nodes: Iterable[dict], now: float,
-                    version: int) -> dict[str, Netmap]:
+                    version: int, dns: dict | None = None) -> dict[str, Netmap]:
     """Every visible node's netmap from scratch, pairwise: the reference NetmapIndex is
     tested against. Two nodes are peers when either may reach the other (a WireGuard
     session needs both ends to know each other); each filters only its inbound traffic."""
@@ -177,7 +177,7 @@ def compute_netmaps(policy: Policy | None, nodes: Iterable[dict], now: float,
                  if p != k and (reach(k, p) or reach(p, k))}
         pf = _packet_filter(policy, roles[k], srcs.__getitem__,
                             lambda i, o=views[k].owner: self_srcs(i, o))
-        out[k] = Netmap(version, peer_record(vis[k], views[k]), peers, pf)
+        out[k] = Netmap(version, peer_record(vis[k], views[k]), peers, pf, dns)
     return out
 
 
@@ -426,8 +426,10 @@ class NetmapIndex:
     immutable.
     """
 
-    def __init__(self, policy: Policy | None, nodes: Iterable[dict], now: float):
+    def __init__(self, policy: Policy | None, nodes: Iterable[dict], now: float,
+                 dns: dict | None = None):
         self.now = now
+        self.dns = dns  # the cluster's DNS settings, the same in every netmap
         self._nodes: dict[str, dict] = {}  # every known record (a copy), visible or not
         self._expiry: list[tuple[float, str]] = []  # sorted (key_expiry, id)
         self._expiry_of: dict[str, float] = {}
@@ -446,7 +448,7 @@ class NetmapIndex:
         if node_id not in self._roles:
             return None
         peers = {p: self._peer[p] for p in self._in_order(self._reach(node_id))}
-        return Netmap(version, self._peer[node_id], peers, self._filter[node_id])
+        return Netmap(version, self._peer[node_id], peers, self._filter[node_id], self.dns)
 
     def is_visible(self, node_id: str) -> bool:
         return node_id in self._roles
@@ -490,6 +492,13 @@ class NetmapIndex:
         b = bisect.bisect_right(self._expiry, hi, key=_EXPIRY)
         ids = [nid for _, nid in self._expiry[a:b]]
         return self._apply(ids, version) if ids else NO_CHANGES
+
+    def set_dns(self, dns: dict | None, version: int) -> Changes:
+        """New DNS settings: every visible node gets them, in one shared delta."""
+        if dns == self.dns:
+            return NO_CHANGES
+        self.dns = dns
+        return Changes(dict.fromkeys(self._ids, NetmapDelta(version, dns=dns)), ())
 
     def replace_policy(self, policy: Policy | None, version: int) -> Changes:
         """Swap the policy, re-deriving only what the ACLs it adds or removes touch.
@@ -871,7 +880,7 @@ class NetmapIndex:
             now = new_peers[k]
             if k not in old_rec:  # appeared: its whole netmap
                 deltas[k] = NetmapDelta(version, tuple(map(record, self._in_order(now))),
-                                        (), self._filter[k], self._peer[k])
+                                        (), self._filter[k], self._peer[k], self.dns)
                 continue
             was = old_peers[k]
             pf = self._filter[k]

@@ -559,13 +559,20 @@ def _node_report(ctx: Context, cmd: c.NodeReport) -> dict:
     return _update_node(ctx, changes)
 
 
+def kept_expiry(node: dict, proposed: float | None) -> float | None:
+    """The key expiry a new or re-authenticated key gets: none for a node an admin exempted
+    from expiry (node.key_expiry, cluster/lifecycle.py), else what the proposer decided."""
+    return None if node.get("key_expiry_disabled") else proposed
+
+
 @handles(c.NodeRotateKey)
 def _node_rotate_key(ctx: Context, cmd: c.NodeRotateKey) -> dict:
     node = ctx.require("nodes", cmd.id, "node")
     if node["node_key"] != cmd.old_node_key:
         raise Rejected("conflict", "old node key does not match the registered one")
     return _update_node(ctx, {"node_key": cmd.node_key,
-                              "key_expiry": unless_absent(cmd.key_expiry, node["key_expiry"])})
+                              "key_expiry": kept_expiry(node, unless_absent(cmd.key_expiry,
+                                                                            node["key_expiry"]))})
 
 
 @handles(c.NodeReauthenticate)
@@ -583,7 +590,8 @@ def _node_reauthenticate(ctx: Context, cmd: c.NodeReauthenticate) -> dict:
     updated = dict(key, used=key["used"] + 1)
     ctx.txn.put("preauth_keys", key["id"], updated)
     ctx.audit(f"preauth_key:{key['id']}", key, updated)
-    return _update_node(ctx, {"expired": False, "key_expiry": unless_absent(cmd.key_expiry),
+    return _update_node(ctx, {"expired": False,
+                              "key_expiry": kept_expiry(node, unless_absent(cmd.key_expiry)),
                               "node_key": unless_absent(cmd.node_key, node["node_key"]),
                               "approved": True})
 
@@ -619,10 +627,12 @@ def _node_presence_sweep(ctx: Context, cmd: c.NodePresenceSweep) -> dict:
 
 
 def _sweep_streams(ctx: Context, replica: str) -> list[dict]:
+    """Streams of a replica that restarted or left: offline, last seen now (the stream may have
+    lived until then; removing ephemeral nodes counts from it, cluster/lifecycle.py)."""
     swept = []
     for nid, node in list(ctx.txn.items("nodes")):
         if node.get("online") and node.get("stream_replica") == replica:
-            after = dict(node, online=False, stream_session=None)
+            after = dict(node, online=False, stream_session=None, last_seen=ctx.cmd.time)
             ctx.txn.put("nodes", nid, after)
             swept.append(after)
     return swept
@@ -630,7 +640,10 @@ def _sweep_streams(ctx: Context, replica: str) -> list[dict]:
 
 @handles(c.NodeDelete)
 def _node_delete(ctx: Context, cmd: c.NodeDelete) -> dict:
-    before = ctx.require("nodes", cmd.id, "node")
+    return delete_node(ctx, ctx.require("nodes", cmd.id, "node"))
+
+
+def delete_node(ctx: Context, before: dict) -> dict:
     ctx.txn.delete("nodes", before["id"])
     ctx.txn.delete("node_ips", before["ipv4"])
     ctx.txn.delete("node_by_machine", before["machine_key"])
@@ -665,5 +678,6 @@ def _clusterkey_rotate(ctx: Context, cmd: c.ClusterKeyRotate) -> dict:
     return _add_cluster_key(ctx, cmd)
 
 
-# Handlers of their own modules, which use the above: lock-down, logins, SCIM provisioning.
-from . import lockdown_apply, login_apply, scim_apply  # noqa: E402,F401
+# Handlers of their own modules, which use the above: DNS settings, node lifecycle,
+# lock-down, logins, SCIM provisioning.
+from . import dns_config, lifecycle, lockdown_apply, login_apply, scim_apply  # noqa: E402,F401

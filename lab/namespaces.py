@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -81,10 +82,27 @@ def netns_pids(ns: str) -> list[int]:
     return [int(p) for p in run(["ip", "netns", "pids", ns], check=False).stdout.split()]
 
 
+def add_netns(name: str) -> None:
+    """A namespace with its own resolver configuration: `ip netns exec` bind-mounts
+    /etc/netns/<name>/resolv.conf over /etc/resolv.conf, so an agent inside that points the
+    resolver at MagicDNS (agent/resolv_conf.py) changes the namespace's copy, never the
+    host's file."""
+    run(["ip", "netns", "add", name])
+    os.makedirs(f"/etc/netns/{name}", exist_ok=True)
+    try:
+        with open("/etc/resolv.conf", "rb") as f:
+            original = f.read()
+    except FileNotFoundError:
+        original = b""
+    with open(f"/etc/netns/{name}/resolv.conf", "wb") as f:
+        f.write(original)
+
+
 def delete_netns(ns: str) -> None:
     for pid in netns_pids(ns):
         stop_pid(pid)
     run(["ip", "netns", "del", ns], check=False)
+    shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
 
 
 def list_netns() -> list[str]:
@@ -184,7 +202,7 @@ class Lab:
 
     def add(self, label: str, underlay: str) -> Namespace:
         name = f"{self.tag}-{label}"
-        run(["ip", "netns", "add", name])
+        add_netns(name)
         ns = self.namespace_cls(self, label, name, underlay)
         self.namespaces[label] = ns
         port = f"v{label}"[:15]

@@ -12,7 +12,8 @@ import shutil
 import pytest
 
 from conftest import bench_args
-from raftmesh.bench import connect, lockdown, policy, propagation, revoke, stream_failover, stream_memory
+from raftmesh.bench import (connect, dns_propagation, lockdown, policy, propagation, revoke,
+                            stream_failover, stream_memory)
 from raftmesh.cluster.policy import MAX_ENTRIES, MAX_POLICY_BYTES, parse_policy
 from raftmesh.lab import namespaces
 from raftmesh.lab.processes import pid_running
@@ -51,6 +52,17 @@ def test_propagation_tiny(tmp_path):
     assert set(st["by_replica"]) == {"r1", "r2", "r3"}
     assert (tmp_path / "propagation.png").stat().st_size > 1000
     assert saved["pids"] and not [p for p in saved["pids"] if pid_running(p)]
+
+
+def test_dns_propagation_tiny(tmp_path):
+    """The same measurement with DNS changes: every agent gets the new settings."""
+    args = bench_args("dns-propagation", ["--sizes", "4", "--changes", "2", "--workers", "1",
+                                         "--stream-keepalive", "2", "--out", str(tmp_path)])
+    assert dns_propagation.main(args) == 0
+    saved = json.loads((tmp_path / "dns-propagation.json").read_text())
+    (size,) = saved["sizes"]
+    assert size["missing"] == 0 and size["apply"]["n"] == 2 * 4
+    assert saved["config"]["change"] == "dns" and saved["targets"] == []
 
 
 def test_revoke_light_tiny(tmp_path):

@@ -214,6 +214,31 @@ def test_node_commands(cli, shared_cluster):
     assert rc == 1 and err.startswith("error: not_found: ")
 
 
+def test_dns_lifecycle_and_key_expiry_commands(cli, shared_cluster):
+    node_id = register_pending_node(shared_cluster, uniq("server"))
+    node = cli.json("nodes", "key-expiry", node_id, "disable")["node"]
+    assert node["key_expiry_disabled"] is True and node["key_expiry"] is None
+    assert cli.json("nodes", "key-expiry", node_id, "enable")["node"]["key_expiry_disabled"] is False
+    before = cli.json("dns", "get")["settings"]
+    try:
+        got = cli.json("dns", "set", "--domain", "Corp.Internal", "--nameserver", "9.9.9.9",
+                       "--split", "lab.example=10.0.0.53,10.0.0.54")["settings"]
+        assert got == {"magic_dns": True, "domain": "corp.internal", "nameservers": ["9.9.9.9"],
+                       "split": {"lab.example": ["10.0.0.53", "10.0.0.54"]}}
+        # what is not given stays
+        assert cli.json("dns", "set", "--magic-dns", "off", replica=1)["settings"]["domain"] == \
+            "corp.internal"
+        rc, _, err = cli("dns", "set", "--nameserver", "dns.google")
+        assert rc == 1 and "'dns.google' is not an IP address" in err
+        rc, _, err = cli("dns", "set", "--split", "nothing")
+        assert rc == 2 and "DOMAIN=IP" in err
+    finally:
+        shared_cluster.request(shared_cluster.replicas[0], "PUT", "/api/v1/dns", before)
+    rc, out, _ = cli("lifecycle", "set", "--ephemeral-offline", "15m")
+    assert rc == 0 and "900" in out
+    assert cli.json("lifecycle", "get", replica=2)["settings"] == {"ephemeral_offline_seconds": 900.0}
+
+
 # -- audit ---------------------------------------------------------------------------------------
 def test_audit_list_filters_and_verify_live_log(cli):
     name = uniq("audited")
