@@ -33,10 +33,10 @@ from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.state_store import read_version
 from raftmesh.proto.routes import (BYE_REVOKED, BYE_SHUTTING_DOWN, FRAME_CONTENT_TYPE, HEADER_KEEPALIVE,
                                    HEADER_REPLICA, HEADER_STUN_PORT)
-from raftmesh.proto.wire import Netmap
+from raftmesh.proto.wire import Netmap, NetmapDelta
 
-from raftmesh.proto.frames import (ClusterKey, FrameSigner, endorse, key_exchange_offer, next_frame,
-                     replica_tag_key, stream_keypair)
+from raftmesh.proto.frames import (ClusterKey, FrameSigner, encode_body, endorse, key_exchange_offer,
+                     next_frame, replica_tag_key, stream_keypair)
 from . import memtrace
 from .gc_tuning import GcTuning
 
@@ -65,6 +65,7 @@ def quiet_limit(limits: tuple[float, ...], session: str) -> float:
     return limits[hash(session) % len(limits)]
 
 
+EMPTY_BODY = encode_body({})  # a keepalive's
 NO_FRAMES: tuple = ()  # a stream's frames and pending acks before it has any (see Stream)
 NO_PENDING: tuple = ()
 
@@ -93,7 +94,7 @@ class Stream:
         self.signed_by: FrameSigner | None = None
         self.session = secrets.token_hex(8)
         self.connected_at = time.time()
-        self.frames: list[tuple[str, int, dict]] | tuple = NO_FRAMES
+        self.frames: list[tuple[str, int, bytes]] | tuple = NO_FRAMES  # bodies encoded
         self.needs_full = False
         self.closing: dict | None = None
         self.sent_version = 0
@@ -107,7 +108,7 @@ class Stream:
         self._woken = False
         self._waiter: asyncio.Future | None = None
 
-    def push(self, kind: str, version: int, body: dict) -> None:
+    def push(self, kind: str, version: int, body: bytes) -> None:
         if self.frames is NO_FRAMES:
             self.frames = []
         self.frames.append((kind, version, body))
@@ -121,7 +122,7 @@ class Stream:
             self.pending = deque(maxlen=MAX_PENDING_ACKS)
         self.pending.append((version, cause, revoke))
 
-    def take_frames(self) -> list[tuple[str, int, dict]] | tuple:
+    def take_frames(self) -> list[tuple[str, int, bytes]] | tuple:
         frames, self.frames = self.frames, NO_FRAMES
         return frames
 
@@ -300,12 +301,13 @@ class StreamHub:
         self._submit(_logged(self._apply_batch), batch)
 
     def _apply_batch(self, batch) -> None:
-        """On the feed thread: derive the deltas and encode their bodies, then hand them to
-        the loop (in order: one thread, FIFO call_soon_threadsafe)."""
+        """On the feed thread: derive the deltas and encode their bodies, each distinct
+        body once, then hand them to the loop (in order: one thread, FIFO
+        call_soon_threadsafe)."""
         started = time.perf_counter()
         update = self.feed.apply_batch(batch)
-        bodies = {k: d.to_json() for k, d in update.deltas.items()
-                  if k in self.streams and k not in update.gone}
+        bodies = encode_deltas({k: d for k, d in update.deltas.items()
+                                if k in self.streams and k not in update.gone})
         reasons = {k: "node was deleted" if not self.feed.index.knows(k) else
                    "node key expired or node is no longer approved; re-authenticate"
                    for k in update.gone}
@@ -322,7 +324,7 @@ class StreamHub:
             streams = self.streams.get(node_id)
             if not streams or node_id in update.gone:
                 continue
-            body = bodies.get(node_id) or delta.to_json()  # a stream opened meanwhile
+            body = bodies.get(node_id) or encode_body(delta.to_json())  # a stream opened meanwhile
             revoke = bool(update.gone.intersection(delta.peers_removed))
             for s in streams:
                 s.push("delta", delta.version, body)
@@ -507,14 +509,15 @@ class StreamHub:
             self._presence_change(node_id, True, stream.session)
             try:
                 kind = "full" if isinstance(first, Netmap) else "delta"
-                version, body = first.version, first.to_json()
+                version, body = first.version, encode_body(first.to_json())
                 del first  # the caller hands over its only reference: not kept while streaming
                 await self._send(resp, stream, kind, version, body)
                 del body
                 while stream.closing is None:
                     await stream.wait()  # frames, a close, or the hub's keepalive ticker
                     await self._write_due(resp, stream)
-                await self._send(resp, stream, "bye", stream.sent_version, stream.closing)
+                await self._send(resp, stream, "bye", stream.sent_version,
+                                 encode_body(stream.closing))
             except (ConnectionError, asyncio.TimeoutError, RuntimeError) as e:
                 log.debug("stream of %s ended: %r", node_id, e)
             finally:
@@ -529,21 +532,21 @@ class StreamHub:
         if stream.keepalive_due:
             stream.keepalive_due = False
             if not stream.frames and not stream.needs_full and stream.closing is None:
-                await self._send(resp, stream, "keepalive", stream.sent_version, {})
+                await self._send(resp, stream, "keepalive", stream.sent_version, EMPTY_BODY)
         if stream.needs_full and stream.closing is None:
             stream.needs_full = False
             node_id = stream.node_id
-            full = await self.on_feed(lambda feed: feed.full(node_id))
+            full = await self.on_feed(lambda feed: _encoded_full(feed, node_id))
             if full is None:
                 stream.close(BYE_REVOKED, "node is no longer part of the mesh")
             else:
-                await self._send(resp, stream, "full", full.version, full.to_json())
+                await self._send(resp, stream, "full", *full)
         for kind, version, body in stream.take_frames():
             if version > stream.sent_version:
                 await self._send(resp, stream, kind, version, body)
 
     async def _send(self, resp: web.StreamResponse, stream: Stream, kind: str, version: int,
-                    body: dict) -> None:
+                    body: bytes) -> None:
         if self.signer is None:
             raise RuntimeError("no cluster signing key yet")
         # seq moves on before the write: a frame cut short by a failed write ends the stream
@@ -579,6 +582,27 @@ class StreamHub:
                 self._presence[:0] = changes
                 self._presence_wake.set()
                 await asyncio.sleep(1.0)
+
+
+def encode_deltas(deltas: dict[str, NetmapDelta]) -> dict[str, bytes]:
+    """Each node's delta body as frame bytes, encoded once per distinct delta: a change
+    that reaches many nodes alike (a peer's new endpoint, a shared packet filter) is one
+    encoding shared by all of their frames."""
+    out: dict[str, bytes] = {}
+    seen: dict[tuple, bytes] = {}
+    for node_id, d in deltas.items():
+        key = (d.version, d.peers_changed, d.peers_removed, d.packet_filter, d.self_node)
+        body = seen.get(key)
+        if body is None:
+            body = seen[key] = encode_body(d.to_json())
+        out[node_id] = body
+    return out
+
+
+def _encoded_full(feed: NetmapFeed, node_id: str) -> tuple[int, bytes] | None:
+    """On the feed thread: the node's full netmap as (version, body bytes), None if gone."""
+    full = feed.full(node_id)
+    return None if full is None else (full.version, encode_body(full.to_json()))
 
 
 def _logged(fn):

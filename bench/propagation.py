@@ -150,6 +150,8 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
                      "register_per_s": (s["setup"]["registered"] / s["setup"]["register_s"])
                      if s["setup"]["register_s"] else None,
                      "delivery_cpu_s": "{:.2f} / {:.2f}".format(*s["delivery_cpu_s_per_change"]),
+                     "replica_us_per_delta": s["delivery_cpu_s_per_change"][0] / s["agents"] * 1e6,
+                     "agent_us_per_delta": s["delivery_cpu_s_per_change"][1] / s["agents"] * 1e6,
                      "replica_cpu_s": s["replica_cpu_s_per_change"],
                      "agent_cpu_s": s["agent_cpu_s_per_change"]})
     targets = []
@@ -169,16 +171,19 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
                        f"processes, {replicas} replicas); ms from the API's answer", rows,
                        ["agents", "samples", "p50_ms", "p99_ms", "max_ms", "ack_p99_ms", "all_p50_ms",
                         "missing", "server_n", "server_p50_le_ms", "server_p99_le_ms", "server_mean_ms",
-                        "register_per_s", "delivery_cpu_s", "replica_cpu_s", "agent_cpu_s"])
+                        "register_per_s", "delivery_cpu_s", "replica_us_per_delta",
+                        "agent_us_per_delta", "replica_cpu_s", "agent_cpu_s"])
     print("server_*: the replicas' raftmesh_netmap_propagation_seconds for the same changes "
           "(command time -> ack arrival; p50/p99 are bucket upper bounds); delivery_cpu_s: CPU "
           "seconds per change of all replicas / all light-agent workers, PUT until every agent "
-          "applied it; replica_cpu_s, agent_cpu_s: the same, PUT to the last ack")
+          "applied it; *_us_per_delta: that CPU per delivered delta (one per agent and change); "
+          "replica_cpu_s, agent_cpu_s: the same, PUT to the last ack")
     for s in per_size:
         by_thread = {k: v for k, v in s["delivery_cpu_s_by_thread"].items() if v >= 0.005}
         print(f"{s['agents']} agents: replicas' delivery CPU by thread, s per change (all "
-              f"replicas): " + (", ".join(f"{k} {v:.2f}" for k, v in sorted(
-                  by_thread.items(), key=lambda kv: -kv[1])) or "-"))
+              f"replicas) and µs per delivered delta: " + (", ".join(
+                  f"{k} {v:.2f} ({v / s['agents'] * 1e6:.1f} µs)" for k, v in sorted(
+                      by_thread.items(), key=lambda kv: -kv[1])) or "-"))
     report.print_p99_targets(targets, lambda t: f" at {t['agents']} agents")
     report.save(out_dir, "propagation", result, lambda: report.plot_cdfs(
         out_dir, "propagation", "policy change: API answer -> agent applied (CDF)",
