@@ -81,7 +81,7 @@ class Stream:
     __slots__ = ("node_id", "remote", "nonce", "seq", "tag_key", "key_exchange", "signed_by",
                  "session", "connected_at", "frames", "needs_full", "closing", "sent_version",
                  "last_sent", "keepalive_due", "acked_version", "acked_at", "pending",
-                 "_woken", "_waiter")
+                 "_woken", "_waiter", "resp", "transport")
 
     def __init__(self, node_id: str, remote: str | None, nonce: str):
         self.node_id, self.remote = node_id, remote
@@ -107,6 +107,17 @@ class Stream:
         self.pending: deque[tuple[int, float, bool]] | tuple = NO_PENDING
         self._woken = False
         self._waiter: asyncio.Future | None = None
+        # Its response and connection once the first frame is out: from then on, a frame
+        # for a parked stream is written by whoever has it (StreamHub.write_now).
+        self.resp: web.StreamResponse | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def parked(self) -> bool:
+        """Its writer waits for a wake-up with nothing queued or due: a frame written for it
+        now goes out in order."""
+        waiter = self._waiter
+        return (waiter is not None and not waiter.done() and not self.frames
+                and not self.needs_full and self.closing is None and not self.keepalive_due)
 
     def push(self, kind: str, version: int, body: bytes) -> None:
         if self.frames is NO_FRAMES:
@@ -318,8 +329,11 @@ class StreamHub:
         self._loop.call_soon_threadsafe(self._fan_out, update, bodies, reasons)
 
     def _fan_out(self, update: FeedUpdate, bodies: dict, reasons: dict) -> None:
+        """Write each delta straight to the streams whose writers are parked, all in this
+        one turn of the loop (write_now), and queue it for the others."""
         if update.keys_changed:
             self._load_keys()
+        now = time.monotonic()
         for node_id, delta in update.deltas.items():
             streams = self.streams.get(node_id)
             if not streams or node_id in update.gone:
@@ -327,7 +341,8 @@ class StreamHub:
             body = bodies.get(node_id) or encode_body(delta.to_json())  # a stream opened meanwhile
             revoke = bool(update.gone.intersection(delta.peers_removed))
             for s in streams:
-                s.push("delta", delta.version, body)
+                if not self.write_now(s, "delta", delta.version, body, now):
+                    s.push("delta", delta.version, body)
                 s.expect_ack(delta.version, update.cause_time.get(node_id, 0.0), revoke)
         for node_id in update.gone:
             for s in self.streams.get(node_id, ()):
@@ -382,7 +397,8 @@ class StreamHub:
                 for s in streams:
                     if not s.pending and s.pending is not NO_PENDING:
                         s.pending = NO_PENDING
-                    if now - s.last_sent >= quiet_limit(limits, s.session):
+                    if now - s.last_sent >= quiet_limit(limits, s.session) and \
+                            not self.write_now(s, "keepalive", s.sent_version, EMPTY_BODY, now):
                         s.keepalive_due = True
                         s.wake()
 
@@ -513,6 +529,7 @@ class StreamHub:
                 del first  # the caller hands over its only reference: not kept while streaming
                 await self._send(resp, stream, kind, version, body)
                 del body
+                stream.resp, stream.transport = resp, request.transport
                 while stream.closing is None:
                     await stream.wait()  # frames, a close, or the hub's keepalive ticker
                     await self._write_due(resp, stream)
@@ -521,6 +538,7 @@ class StreamHub:
             except (ConnectionError, asyncio.TimeoutError, RuntimeError) as e:
                 log.debug("stream of %s ended: %r", node_id, e)
             finally:
+                stream.resp = stream.transport = None
                 self._presence_change(node_id, False, stream.session)
         finally:
             self.unsubscribe(stream)
@@ -553,9 +571,39 @@ class StreamHub:
         data = next_frame(self.signer, stream, kind, version, body)
         async with asyncio.timeout(WRITE_TIMEOUT):  # (no wrapping task per frame, as wait_for)
             await resp.write(data)
-        stream.last_sent = time.monotonic()
-        if kind in ("full", "delta"):
-            stream.sent_version = version
+        _sent(stream, kind, version, time.monotonic())
+
+    def write_now(self, stream: Stream, kind: str, version: int, body: bytes, now: float) -> bool:
+        """Write a frame for a parked stream from the caller's turn of the loop; False (and
+        nothing done) when the stream's writer must send it: it is busy or has frames
+        queued, its connection has unsent bytes, or there is no signing key.
+
+        A delta fanned out to 10,000 streams was 10,000 writer wake-ups (a future, a task
+        step, a timer for the write timeout each) around 10,000 socket writes; written here,
+        it is the writes alone (docs/benchmarks.md, propagation). aiohttp's write is a
+        coroutine that only suspends to wait for a congested connection to drain, which one
+        with nothing unsent cannot be before this write: it is stepped once, and if the
+        frame itself filled the buffer, the frame is out and the stream's writer, which
+        awaits its writes, waits for the drain on its next frame."""
+        transport = stream.transport
+        if (transport is None or self.signer is None or not stream.parked()
+                or transport.is_closing() or transport.get_write_buffer_size()):
+            return False
+        if kind == "delta" and version <= stream.sent_version:
+            return True  # the stream already has it (its first frame was computed later)
+        step = stream.resp.write(next_frame(self.signer, stream, kind, version, body))
+        try:
+            step.send(None)
+        except StopIteration:
+            pass
+        except (ConnectionError, RuntimeError):  # its writer ends the stream on its next write
+            stream.keepalive_due = True
+            stream.wake()
+            return True
+        else:
+            step.close()
+        _sent(stream, kind, version, now)
+        return True
 
     def _presence_change(self, node_id: str, online: bool, session: str) -> None:
         self._presence.append({"id": node_id, "online": online, "session": session})
@@ -582,6 +630,12 @@ class StreamHub:
                 self._presence[:0] = changes
                 self._presence_wake.set()
                 await asyncio.sleep(1.0)
+
+
+def _sent(stream: Stream, kind: str, version: int, now: float) -> None:
+    stream.last_sent = now
+    if kind in ("full", "delta"):
+        stream.sent_version = version
 
 
 def encode_deltas(deltas: dict[str, NetmapDelta]) -> dict[str, bytes]:
