@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 
-from raftmesh.bench import harness, metrics, report
+from raftmesh.bench import baseline, harness, metrics, report
 from raftmesh.lab import processes
 from raftmesh.lab.light_agents import LightAgents, default_workers
 from raftmesh.lab.local_cluster import LocalCluster
@@ -200,11 +200,63 @@ def add_arguments(parser) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="per change")
     parser.add_argument("--topology", choices=["star", "mesh"], default="star",
                         help="star: agents see only the svc nodes; mesh: also every other agent")
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="first run the same on the raftmesh checkout TREE (e.g. a git "
+                             "worktree of main), then print both side by side (bench/baseline.py)")
 
 
 def main(args) -> int:
     """0 when every agent applied every change (whether or not within the target), else 1."""
     sizes = [int(x) for x in str(args.sizes).split(",") if x.strip()]
+    before = None
+    if args.baseline:
+        before = baseline.run(args.baseline, [
+            "propagation", "--sizes", ",".join(map(str, sizes)), "--changes", str(args.changes),
+            "--workers", str(args.workers or 0), "--stream-keepalive", str(args.stream_keepalive),
+            "--register-concurrency", str(args.register_concurrency), "--timeout", str(args.timeout),
+            "--topology", args.topology, "--replicas", str(args.replicas)], args.out,
+            timeout=3600 + args.timeout * args.changes * len(sizes))
     result = run(args.out, sizes, args.changes, args.workers or None, args.stream_keepalive,
                  args.register_concurrency, args.timeout, args.topology, args.replicas)
+    if before is not None:
+        compare(args.out, args.baseline, before, result)
     return 1 if result["not_reached"] or any(s["missing"] for s in result["sizes"]) else 0
+
+
+def compare(out_dir: str, tree: str, before: dict, after: dict) -> None:
+    """The baseline's and this run's figures per size, side by side, with their ratios; a
+    PNG of the replicas' and agents' CPU per delivered delta, by thread."""
+    rows, bars = [], {}
+    for label, result in (("baseline", before), ("this", after)):
+        for s in result["sizes"]:
+            n = s["agents"]
+            per_delta = {k: v / n * 1e6 for k, v in s["delivery_cpu_s_by_thread"].items()
+                         if v / n * 1e6 >= 0.5}
+            per_delta["light agents"] = s["delivery_cpu_s_per_change"][1] / n * 1e6
+            bars[f"{label}, {n} agents"] = per_delta
+            rows.append({"code": label, "agents": n, "p50_ms": s["apply"]["p50_ms"],
+                         "p99_ms": s["apply"]["p99_ms"], "missing": s["missing"],
+                         "replica_us_per_delta": s["delivery_cpu_s_per_change"][0] / n * 1e6,
+                         "agent_us_per_delta": per_delta["light agents"],
+                         **{f"{k}_us": v for k, v in per_delta.items() if k != "light agents"}})
+    columns = ["code", "agents", "p50_ms", "p99_ms", "missing", "replica_us_per_delta",
+               "agent_us_per_delta"] + sorted({k for r in rows for k in r if k.endswith("_us")})
+    report.print_table(f"propagation side by side: baseline = {tree}, this = this checkout "
+                       "(CPU per delivered delta in µs, all replicas)", rows, columns)
+    by_size = {}
+    for r in rows:
+        by_size.setdefault(r["agents"], {})[r["code"]] = r
+    for n, pair in sorted(by_size.items()):
+        if len(pair) == 2:
+            b, a = pair["baseline"], pair["this"]
+            print(f"{n} agents, this / baseline: p99 {_ratio(a['p99_ms'], b['p99_ms'])}, replica "
+                  f"CPU per delta {_ratio(a['replica_us_per_delta'], b['replica_us_per_delta'])}, "
+                  f"agent CPU per delta {_ratio(a['agent_us_per_delta'], b['agent_us_per_delta'])}")
+    report.write_json(out_dir, "propagation-compare", {"baseline": tree, "rows": rows})
+    path = baseline.plot_bars(out_dir, "propagation-compare", "CPU per delivered delta (µs), "
+                              "by replica thread (all replicas) and light agents", "µs", bars)
+    print(f"comparison plot: {path}")
+
+
+def _ratio(new, old) -> str:
+    return "-" if not new or not old else f"{new / old:.2f}x"
