@@ -35,27 +35,3 @@ def run(tree: str, argv: list[str], out_dir: str, timeout: float) -> dict:
     with open(path) as f:
         return json.load(f)
 
-
-def plot_bars(out_dir: str, name: str, title: str, unit: str,
-              groups: dict[str, dict[str, float]]) -> str:
-    """Grouped bars: one group per label of `groups` (e.g. "before", "after"), one bar per
-    key of its values (e.g. a thread), the same keys in every group."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = sorted({k for values in groups.values() for k in values})
-    fig, ax = plt.subplots(figsize=(8, 5))
-    width = 0.8 / max(1, len(groups))
-    for i, (label, values) in enumerate(groups.items()):
-        xs = [j + i * width for j in range(len(keys))]
-        bars = ax.bar(xs, [values.get(k, 0.0) for k in keys], width, label=label)
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(keys))], keys)
-    ax.set_ylabel(unit)
-    ax.set_title(title)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend()
-    path = os.path.join(out_dir, f"{name}.png")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path

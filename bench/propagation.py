@@ -253,7 +253,7 @@ def compare(out_dir: str, tree: str, before: dict, after: dict) -> None:
                   f"CPU per delta {_ratio(a['replica_us_per_delta'], b['replica_us_per_delta'])}, "
                   f"agent CPU per delta {_ratio(a['agent_us_per_delta'], b['agent_us_per_delta'])}")
     report.write_json(out_dir, "propagation-compare", {"baseline": tree, "rows": rows})
-    path = baseline.plot_bars(out_dir, "propagation-compare", "CPU per delivered delta (µs), "
+    path = report.plot_bars(out_dir, "propagation-compare", "CPU per delivered delta (µs), "
                               "by replica thread (all replicas) and light agents", "µs", bars)
     print(f"comparison plot: {path}")
 
