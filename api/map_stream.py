@@ -639,16 +639,17 @@ def _sent(stream: Stream, kind: str, version: int, now: float) -> None:
 
 
 def encode_deltas(deltas: dict[str, NetmapDelta]) -> dict[str, bytes]:
-    """Each node's delta body as frame bytes, encoded once per distinct delta: a change
-    that reaches many nodes alike (a peer's new endpoint, a shared packet filter) is one
-    encoding shared by all of their frames."""
+    """Each node's delta body as frame bytes, encoded once per delta object: the index
+    hands every peer of a changed node the same delta (a new endpoint to 10,000 peers is one
+    encoding shared by all of their frames). By identity, not by value: hashing each
+    delta's contents cost more than it saved where every delta differs (a packet filter
+    naming each node's own addresses)."""
     out: dict[str, bytes] = {}
-    seen: dict[tuple, bytes] = {}
+    seen: dict[int, bytes] = {}  # id(delta): they all stay alive in `deltas` meanwhile
     for node_id, d in deltas.items():
-        key = (d.version, d.peers_changed, d.peers_removed, d.packet_filter, d.self_node)
-        body = seen.get(key)
+        body = seen.get(id(d))
         if body is None:
-            body = seen[key] = encode_body(d.to_json())
+            body = seen[id(d)] = encode_body(d.to_json())
         out[node_id] = body
     return out
 
