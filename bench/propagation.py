@@ -227,18 +227,19 @@ def compare(out_dir: str, tree: str, before: dict, after: dict) -> None:
     """The baseline's and this run's figures per size, side by side, with their ratios; a
     PNG of the replicas' and agents' CPU per delivered delta, by thread."""
     rows, bars = [], {}
-    for label, result in (("baseline", before), ("this", after)):
-        for s in result["sizes"]:
-            n = s["agents"]
-            per_delta = {k: v / n * 1e6 for k, v in s["delivery_cpu_s_by_thread"].items()
-                         if v / n * 1e6 >= 0.5}
-            per_delta["light agents"] = s["delivery_cpu_s_per_change"][1] / n * 1e6
-            bars[f"{label}, {n} agents"] = per_delta
-            rows.append({"code": label, "agents": n, "p50_ms": s["apply"]["p50_ms"],
-                         "p99_ms": s["apply"]["p99_ms"], "missing": s["missing"],
-                         "replica_us_per_delta": s["delivery_cpu_s_per_change"][0] / n * 1e6,
-                         "agent_us_per_delta": per_delta["light agents"],
-                         **{f"{k}_us": v for k, v in per_delta.items() if k != "light agents"}})
+    runs = sorted(((s["agents"], label, s) for label, result in (("baseline", before),
+                                                                 ("this", after))
+                   for s in result["sizes"]), key=lambda r: r[0])
+    for n, label, s in runs:
+        per_delta = {k: v / n * 1e6 for k, v in s["delivery_cpu_s_by_thread"].items()
+                     if v / n * 1e6 >= 0.5}
+        per_delta["light agents"] = s["delivery_cpu_s_per_change"][1] / n * 1e6
+        bars[f"{label}, {n} agents"] = per_delta
+        rows.append({"code": label, "agents": n, "p50_ms": s["apply"]["p50_ms"],
+                     "p99_ms": s["apply"]["p99_ms"], "missing": s["missing"],
+                     "replica_us_per_delta": s["delivery_cpu_s_per_change"][0] / n * 1e6,
+                     "agent_us_per_delta": per_delta["light agents"],
+                     **{f"{k}_us": v for k, v in per_delta.items() if k != "light agents"}})
     columns = ["code", "agents", "p50_ms", "p99_ms", "missing", "replica_us_per_delta",
                "agent_us_per_delta"] + sorted({k for r in rows for k in r if k.endswith("_us")})
     report.print_table(f"propagation side by side: baseline = {tree}, this = this checkout "
