@@ -312,9 +312,8 @@ class StreamHub:
         self._submit(_logged(self._apply_batch), batch)
 
     def _apply_batch(self, batch) -> None:
-        """On the feed thread: derive the deltas and encode their bodies, each distinct
-        body once, then hand them to the loop (in order: one thread, FIFO
-        call_soon_threadsafe)."""
+        """On the feed thread: derive the deltas and encode their bodies (encode_deltas),
+        then hand them to the loop (in order: one thread, FIFO call_soon_threadsafe)."""
         started = time.perf_counter()
         update = self.feed.apply_batch(batch)
         bodies = encode_deltas({k: d for k, d in update.deltas.items()
