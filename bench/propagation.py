@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from raftmesh.bench import harness, metrics, report
+from raftmesh.bench import baseline, harness, metrics, report
 from raftmesh.lab import processes
 from raftmesh.lab.light_agents import LightAgents, default_workers
 from raftmesh.lab.local_cluster import LocalCluster
@@ -139,7 +139,7 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
         topology: str = "star", replicas: int = 3, change: str = "policy") -> dict:
     """`change`: "policy" or "dns" (what each measured change is, see `flipper`)."""
     workers = workers or default_workers(max(sizes))
-    name = "propagation" if change == "policy" else f"{change}-propagation"
+    name = bench_name(change)
     per_size = []
     status, failed_size = {}, None
     with harness.BenchRun(name) as bench_run, bench_run.cluster(replicas, keepalive) as cluster:
@@ -169,6 +169,8 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
                      "register_per_s": (s["setup"]["registered"] / s["setup"]["register_s"])
                      if s["setup"]["register_s"] else None,
                      "delivery_cpu_s": "{:.2f} / {:.2f}".format(*s["delivery_cpu_s_per_change"]),
+                     "replica_us_per_delta": s["delivery_cpu_s_per_change"][0] / s["agents"] * 1e6,
+                     "agent_us_per_delta": s["delivery_cpu_s_per_change"][1] / s["agents"] * 1e6,
                      "replica_cpu_s": s["replica_cpu_s_per_change"],
                      "agent_cpu_s": s["agent_cpu_s_per_change"]})
     targets = []
@@ -188,16 +190,19 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
                        f"processes, {replicas} replicas); ms from the API's answer", rows,
                        ["agents", "samples", "p50_ms", "p99_ms", "max_ms", "ack_p99_ms", "all_p50_ms",
                         "missing", "server_n", "server_p50_le_ms", "server_p99_le_ms", "server_mean_ms",
-                        "register_per_s", "delivery_cpu_s", "replica_cpu_s", "agent_cpu_s"])
+                        "register_per_s", "delivery_cpu_s", "replica_us_per_delta",
+                        "agent_us_per_delta", "replica_cpu_s", "agent_cpu_s"])
     print("server_*: the replicas' raftmesh_netmap_propagation_seconds for the same changes "
           "(command time -> ack arrival; p50/p99 are bucket upper bounds); delivery_cpu_s: CPU "
           "seconds per change of all replicas / all light-agent workers, PUT until every agent "
-          "applied it; replica_cpu_s, agent_cpu_s: the same, PUT to the last ack")
+          "applied it; *_us_per_delta: that CPU per delivered delta (one per agent and change); "
+          "replica_cpu_s, agent_cpu_s: the same, PUT to the last ack")
     for s in per_size:
         by_thread = {k: v for k, v in s["delivery_cpu_s_by_thread"].items() if v >= 0.005}
         print(f"{s['agents']} agents: replicas' delivery CPU by thread, s per change (all "
-              f"replicas): " + (", ".join(f"{k} {v:.2f}" for k, v in sorted(
-                  by_thread.items(), key=lambda kv: -kv[1])) or "-"))
+              f"replicas) and µs per delivered delta: " + (", ".join(
+                  f"{k} {v:.2f} ({v / s['agents'] * 1e6:.1f} µs)" for k, v in sorted(
+                      by_thread.items(), key=lambda kv: -kv[1])) or "-"))
     report.print_p99_targets(targets, lambda t: f" at {t['agents']} agents")
     report.save(out_dir, name, result, lambda: report.plot_cdfs(
         out_dir, name, f"{change} change: API answer -> agent applied (CDF)",
@@ -214,11 +219,68 @@ def add_arguments(parser) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="per change")
     parser.add_argument("--topology", choices=["star", "mesh"], default="star",
                         help="star: agents see only the svc nodes; mesh: also every other agent")
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="first run the same on the raftmesh checkout TREE (e.g. a git "
+                             "worktree of main), then print both side by side (bench/baseline.py)")
+
+
+def bench_name(change: str) -> str:
+    return "propagation" if change == "policy" else f"{change}-propagation"
 
 
 def main(args, change: str = "policy") -> int:
     """0 when every agent applied every change (whether or not within the target), else 1."""
     sizes = [int(x) for x in str(args.sizes).split(",") if x.strip()]
+    before = None
+    if args.baseline:
+        before = baseline.run(args.baseline, [
+            bench_name(change), "--sizes", ",".join(map(str, sizes)), "--changes", str(args.changes),
+            "--workers", str(args.workers or 0), "--stream-keepalive", str(args.stream_keepalive),
+            "--register-concurrency", str(args.register_concurrency), "--timeout", str(args.timeout),
+            "--topology", args.topology, "--replicas", str(args.replicas)], args.out,
+            timeout=3600 + args.timeout * args.changes * len(sizes))
     result = run(args.out, sizes, args.changes, args.workers or None, args.stream_keepalive,
                  args.register_concurrency, args.timeout, args.topology, args.replicas, change)
+    if before is not None:
+        compare(args.out, args.baseline, before, result)
     return 1 if result["not_reached"] or any(s["missing"] for s in result["sizes"]) else 0
+
+
+def compare(out_dir: str, tree: str, before: dict, after: dict) -> None:
+    """The baseline's and this run's figures per size, side by side, with their ratios; a
+    PNG of the replicas' and agents' CPU per delivered delta, by thread."""
+    rows, bars = [], {}
+    runs = sorted(((s["agents"], label, s) for label, result in (("baseline", before),
+                                                                 ("this", after))
+                   for s in result["sizes"]), key=lambda r: r[0])
+    for n, label, s in runs:
+        per_delta = {k: v / n * 1e6 for k, v in s["delivery_cpu_s_by_thread"].items()
+                     if v / n * 1e6 >= 0.5}
+        per_delta["light agents"] = s["delivery_cpu_s_per_change"][1] / n * 1e6
+        bars[f"{label}, {n} agents"] = per_delta
+        rows.append({"code": label, "agents": n, "p50_ms": s["apply"]["p50_ms"],
+                     "p99_ms": s["apply"]["p99_ms"], "missing": s["missing"],
+                     "replica_us_per_delta": s["delivery_cpu_s_per_change"][0] / n * 1e6,
+                     "agent_us_per_delta": per_delta["light agents"],
+                     **{f"{k}_us": v for k, v in per_delta.items() if k != "light agents"}})
+    columns = ["code", "agents", "p50_ms", "p99_ms", "missing", "replica_us_per_delta",
+               "agent_us_per_delta"] + sorted({k for r in rows for k in r if k.endswith("_us")})
+    report.print_table(f"propagation side by side: baseline = {tree}, this = this checkout "
+                       "(CPU per delivered delta in µs, all replicas)", rows, columns)
+    by_size = {}
+    for r in rows:
+        by_size.setdefault(r["agents"], {})[r["code"]] = r
+    for n, pair in sorted(by_size.items()):
+        if len(pair) == 2:
+            b, a = pair["baseline"], pair["this"]
+            print(f"{n} agents, this / baseline: p99 {_ratio(a['p99_ms'], b['p99_ms'])}, replica "
+                  f"CPU per delta {_ratio(a['replica_us_per_delta'], b['replica_us_per_delta'])}, "
+                  f"agent CPU per delta {_ratio(a['agent_us_per_delta'], b['agent_us_per_delta'])}")
+    report.write_json(out_dir, "propagation-compare", {"baseline": tree, "rows": rows})
+    path = report.plot_bars(out_dir, "propagation-compare", "CPU per delivered delta (µs), "
+                              "by replica thread (all replicas) and light agents", "µs", bars)
+    print(f"comparison plot: {path}")
+
+
+def _ratio(new, old) -> str:
+    return "-" if not new or not old else f"{new / old:.2f}x"
