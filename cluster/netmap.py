@@ -20,6 +20,7 @@ from typing import Callable, Iterable, NamedTuple
 
 from raftmesh.proto.wire import FilterDest, FilterRule, Netmap, NetmapDelta, Peer
 from raftmesh.cluster.policy import NODE_KINDS, Acl, Network, NodeView, Policy, Selector
+from raftmesh.cluster.routes import exit_routes
 
 _EXPIRY = itemgetter(0)
 
@@ -38,26 +39,33 @@ def _net_key(n: Network):
 
 
 def node_view(node: dict) -> NodeView:
-    """The policy-relevant part of a node record; unparseable routes are ignored."""
+    """The policy-relevant part of a node record; unparseable routes are ignored, and so
+    are exit routes: only autogroup:internet reaches those, not `*` or a prefix."""
     addrs = tuple(ipaddress.ip_network(f"{a}/{bits}") for a, bits in (
         (node.get("ipv4"), 32), (node.get("ipv6"), 128)) if a)
     routes = set()
     for r in node.get("approved_routes") or ():
         try:
-            routes.add(ipaddress.ip_network(r, strict=False))
+            net = ipaddress.ip_network(r, strict=False)
         except ValueError:
-            pass
+            continue
+        if net.prefixlen:
+            routes.add(net)
     return NodeView(node.get("user"), frozenset(node.get("tags") or ()), addrs,
                     tuple(sorted(routes, key=_net_key)), frozenset(node.get("idp_groups") or ()))
 
 
 def peer_record(node: dict, view: NodeView | None = None) -> Peer:
-    """How this node appears to others (and to itself, as `self_node`)."""
+    """How this node appears to others (and to itself, as `self_node`): its AllowedIPs
+    carry the routes it is the primary router for (cluster/routes.py) and the exit routes
+    it offers, which a client uses only for the exit node it selected."""
     view = view or node_view(node)
     addresses = view.address_texts
+    standby = node.get("standby_routes") or ()
     return Peer(
         id=node["id"], name=node["name"], node_key=node["node_key"], addresses=addresses,
-        allowed_ips=addresses + tuple(str(r) for r in view.routes),
+        allowed_ips=addresses + tuple(t for r in view.routes if (t := str(r)) not in standby)
+        + tuple(exit_routes(node)),
         endpoints=tuple(sorted(node.get("endpoints") or ())), key_expiry=node.get("key_expiry"),
         online=bool(node.get("online")), last_seen=node.get("last_seen"),
         user=node.get("user"), tags=tuple(sorted(view.tags)))

@@ -47,7 +47,7 @@ def compile_policy(policy: Policy) -> dict:
     for acl in policy.acls:
         for sel in (*acl.src, *(d.selector for d in acl.dst)):
             index.setdefault(sel, len(index))
-    return {
+    form = {
         "format": POLICY_FORMAT,
         "groups": {g: sorted(users) for g, users in policy.groups.items()},
         "tagOwners": {t: sorted(users) for t, users in policy.tag_owners.items()},
@@ -57,6 +57,9 @@ def compile_policy(policy: Policy) -> dict:
                   [[index[d.selector], [[r.first, r.last] for r in d.ports]] for d in acl.dst],
                   list(acl.protos)] for acl in policy.acls],
     }
+    if policy.auto_approvers:  # read by the state machine (cluster/routes.py), not netmaps
+        form["autoApprovers"] = policy.auto_approvers
+    return form
 
 
 def stored_policy(stored: dict) -> Policy:
