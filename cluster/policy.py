@@ -67,6 +67,7 @@ class NodeView:
     addresses: tuple[Network, ...]  # its own /32 and /128
     routes: tuple[Network, ...] = ()  # approved subnet routes
     groups: frozenset[str] = frozenset()  # its user's identity-provider groups, lower-cased
+    exit_routes: tuple[Network, ...] = ()  # 0.0.0.0/0 and ::/0 as an exit node offers them
 
     # Derived once per view, not fields (equality ignores them): a policy change matches and
     # formats every node's addresses again, and ipaddress comparisons and IPv6 formatting
@@ -90,7 +91,7 @@ class Selector:
     """One src/dst entry: `*`, a user or group (`users`), a tag, an autogroup or a prefix."""
 
     text: str
-    kind: str  # any | users | member | tagged | tag | self | prefix | idp_group
+    kind: str  # any | users | member | tagged | tag | self | prefix | idp_group | internet
     users: frozenset[str] = frozenset()
     tag: str | None = None
     prefix: Network | None = None
@@ -120,7 +121,10 @@ class Selector:
 
     def node_prefixes(self, node: NodeView) -> list[Network]:
         """Which of `node`'s prefixes this selector targets as a *destination*. Only `*` and
-        prefixes reach subnet routes: `tag:router:*` means the router, not its subnets."""
+        prefixes reach subnet routes: `tag:router:*` means the router, not its subnets; only
+        autogroup:internet reaches the internet through an exit node."""
+        if self.kind == "internet":
+            return list(node.exit_routes)
         if self.kind == "any":
             return [*node.addresses, *node.routes]
         if self.kind == "prefix":
@@ -576,8 +580,7 @@ class _Parser:
         elif kind is not None:
             return Selector(text, kind)
         elif text == INTERNET and side == "dst":
-            self.warn("autogroup_internet_not_enforced", path, "autogroup:internet (use of exit "
-                      "nodes) is not enforced yet: it grants nothing")
+            return Selector(text, "internet")
         elif text == INTERNET:
             self.err(path, "autogroup:internet is only valid in dst")
         elif text in ROLE_AUTOGROUPS:

@@ -284,3 +284,28 @@ def test_bad_auto_approvers_are_refused_by_path(section, path):
     with pytest.raises(PolicyError) as e:
         parse_policy(json.dumps({"tagOwners": {"tag:r": []}, "autoApprovers": section}))
     assert path in [err["path"] for err in e.value.errors]
+
+
+def test_autogroup_internet_reaches_exit_nodes_only():
+    text = """{"tagOwners": {"tag:exit": []}, "acls": [
+        {"action": "accept", "src": ["alice"], "dst": ["autogroup:internet:*"]},
+        {"action": "accept", "src": ["bob"], "dst": ["*:*"]}]}"""
+    pol = parse_policy(text)
+    assert compile_policy(pol)["format"] == 2 and stored_policy(
+        {"compiled": compile_policy(pol)}) == pol
+    base = {"approved": True, "expired": False, "key_expiry": None, "endpoints": []}
+    nodes = [dict(base, id="a", name="a", node_key="ka", ipv4="100.64.0.1", user="alice", tags=[]),
+             dict(base, id="b", name="b", node_key="kb", ipv4="100.64.0.2", user="bob", tags=[]),
+             dict(base, id="e", name="e", node_key="ke", ipv4="100.64.0.3", user=None,
+                  tags=["tag:exit"], advertised_routes=["0.0.0.0/0", "::/0"],
+                  approved_routes=["0.0.0.0/0", "::/0"])]
+    m = compute_netmaps(pol, nodes, 0.0, 1)
+    assert m["a"].peers["e"].allowed_ips == ("100.64.0.3/32", "0.0.0.0/0", "::/0")
+    dests = {(r.src, d.prefix) for r in m["e"].packet_filter for d in r.dst}
+    # alice reaches the internet through e; bob's * reaches e itself, not the internet
+    assert dests == {(("100.64.0.1/32",), "0.0.0.0/0"), (("100.64.0.1/32",), "::/0"),
+                     (("100.64.0.2/32",), "100.64.0.3/32")}
+    # not advertised (any more): no exit routes, and alice's rule targets nothing
+    nodes[2]["advertised_routes"] = []
+    m = compute_netmaps(pol, nodes, 0.0, 2)
+    assert "e" not in m["a"].peers and m["e"].peers["b"].allowed_ips == ("100.64.0.2/32",)
