@@ -77,29 +77,30 @@ class Forwarding:
 
 
 def unreachable_routes(routes: Iterable[str], ifname: str) -> list[str]:
-    """The subnet routes this host has no route to (other than back into the mesh): a
-    router whose LAN link is down reports them, and the cluster moves their primary."""
+    """The subnet routes this host has no working route to: a router whose LAN link is
+    down reports them, and the cluster moves their primary to another router."""
     out = []
     for r in routes:
         net = ipaddress.ip_network(r)
         if net.prefixlen == 0:
             continue  # exit routes: the internet is not probed
-        probe = str(next(iter(net.hosts()), net.network_address))
-        proc = subprocess.run(["ip", "-j", "route", "get", probe], capture_output=True,
-                              text=True, timeout=10)
+        proc = subprocess.run(["ip", "-j", "route", "show", "match", str(net.network_address)],
+                              capture_output=True, text=True, timeout=10)
         if not routed_elsewhere(proc.returncode, proc.stdout, ifname):
             out.append(r)
     return out
 
 
 def routed_elsewhere(returncode: int, output: str, ifname: str) -> bool:
-    """Does `ip -j route get` say the address leaves by an interface other than ours?"""
+    """Does `ip -j route show match` list a route other than the default one, not into the
+    mesh, on a link that is up? (The default route would send the subnet's traffic away.)"""
     try:
         found = json.loads(output) if returncode == 0 else []
     except ValueError:
         return False
-    return bool(found) and found[0].get("type", "unicast") == "unicast" and \
-        found[0].get("dev") not in (None, ifname, "lo")
+    return any(r.get("dst") not in (None, "default") and r.get("dev") != ifname
+               and "linkdown" not in (r.get("flags") or ()) and
+               r.get("type", "unicast") == "unicast" for r in found)
 
 
 def remove_masquerade(ifname: str) -> None:

@@ -29,12 +29,15 @@ def test_forwarding_families_follow_the_routes():
 
 
 @pytest.mark.parametrize("rc, out, ok", [
-    (0, json.dumps([{"dst": "10.2.0.5", "dev": "eth1", "type": "unicast"}]), True),
-    (0, json.dumps([{"dst": "10.2.0.5", "dev": "eth1"}]), True),
-    (0, json.dumps([{"dst": "10.2.0.5", "dev": "wg0"}]), False),  # only back into the mesh
-    (0, json.dumps([{"dst": "10.2.0.5", "type": "unreachable"}]), False),
+    (0, json.dumps([{"dst": "default", "gateway": "192.0.2.1", "dev": "eth0"},
+                    {"dst": "10.2.0.0/24", "dev": "lan0", "prefsrc": "10.2.0.1"}]), True),
+    (0, json.dumps([{"dst": "10.0.0.0/8", "gateway": "10.9.0.1", "dev": "eth1"}]), True),
+    (0, json.dumps([{"dst": "default", "dev": "eth0"}]), False),  # would leave the site
+    (0, json.dumps([{"dst": "10.2.0.0/24", "dev": "wg0"}]), False),  # back into the mesh
+    (0, json.dumps([{"dst": "10.2.0.0/24", "dev": "lan0", "flags": ["linkdown"]}]), False),
+    (0, json.dumps([{"dst": "10.2.0.0/24", "type": "unreachable"}]), False),
     (2, "", False), (0, "not json", False), (0, "[]", False)])
-def test_a_subnet_is_reachable_only_by_another_interface(rc, out, ok):
+def test_a_subnet_is_reachable_only_by_a_working_route_of_its_own(rc, out, ok):
     assert forwarding.routed_elsewhere(rc, out, "wg0") is ok
 
 
