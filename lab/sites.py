@@ -1,6 +1,6 @@
 """Sites for the namespace lab: a LAN of hosts without agents behind subnet routers, for
 the site-to-site test (tests/test_site_to_site.py) and the HA failover benchmark
-(bench/route_failover.py).
+(bench/route_failover.py). `TwoSites` is the "two datacenters" setup both use.
 
 A site's LAN is a bridge in the lab's hub namespace (deleted with it): each router has
 `eth0` on the lab's underlay and `lan0` on the site's bridge; each host has only `eth0` on
@@ -8,10 +8,20 @@ the bridge, at 10.<site>.0.<11+i>/24, routers at 10.<site>.0.<1+i>.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
-from .namespaces import Lab, Namespace
+from .local_cluster import LocalCluster
+from .namespaces import Lab, Namespace, RealAgent
 from .processes import run
+
+USER = "dc"
+# Routes are approved by the policy; site A may reach one host of site B, nothing else.
+POLICY = json.dumps({
+    "autoApprovers": {"routes": {"10.64.0.0/10": [f"{USER}@"]}},
+    "acls": [{"action": "accept", "src": ["10.71.0.0/24"], "dst": ["10.72.0.11:*"]}],
+})
 
 
 @dataclass
@@ -65,3 +75,61 @@ def _plug(lab: Lab, bridge: str, ns: str, port: str, ifname: str, address: str) 
     run(["ip", "-n", lab.hub, "link", "set", port[:15], "master", bridge, "up"])
     run(["ip", "-n", ns, "addr", "add", address, "dev", ifname])
     run(["ip", "-n", ns, "link", "set", ifname, "up"])
+
+
+class TwoSites:
+    """Site A (10.71.0.0/24: routers a1, a2, host ha1) and site B (10.72.0.0/24: routers b1,
+    b2, hosts hb1, hb2), a replica on the host, a router agent per router advertising its
+    site's LAN. `lab` is closed with it (its processes ended by pid, namespaces deleted)."""
+
+    def __init__(self, lab: Lab, workdir: str, keepalive: float = 1.0):
+        self.lab, self.cluster, self.agents = lab, None, {}
+        try:
+            host = lab.connect_host()
+            self.a = add_site(lab, 71, [("a1", "192.0.2.11/24"), ("a2", "192.0.2.12/24")], ["ha1"])
+            self.b = add_site(lab, 72, [("b1", "192.0.2.21/24"), ("b2", "192.0.2.22/24")],
+                              ["hb1", "hb2"])
+            self.cluster = LocalCluster(os.path.join(workdir, "cluster"), replicas=1, host=host,
+                                        extra_args=["--stream-keepalive", str(keepalive)])
+            self.cluster.start_all()
+            self.cluster.wait_ready(timeout=30)
+            self.api("POST", "/api/v1/users", {"name": USER})
+            key = self.api("POST", "/api/v1/preauth-keys", {"user": USER, "reusable": True})["key"]
+            self.api("PUT", "/api/v1/policy", POLICY)
+            servers = [r.api_url for r in self.cluster.replicas]
+            for site in (self.a, self.b):
+                for label, ns in site.routers.items():
+                    self.agents[label] = RealAgent(lab, ns, workdir, servers, key, label,
+                                                   ("--advertise-route", site.lan))
+                    self.agents[label].start()
+        except BaseException:
+            self.close()
+            raise
+
+    def api(self, method: str, path: str, body=None):
+        status, answer = self.cluster.request(self.cluster.replicas[0], method, path, body)
+        if status not in (200, 201):
+            raise RuntimeError(f"{method} {path}: {status} {answer}")
+        return answer
+
+    def routes(self) -> dict[str, dict]:
+        return {r["cidr"]: r for r in self.api("GET", "/api/v1/routes")["routes"]}
+
+    def all_serving(self) -> bool:
+        """Both LANs have a primary and two candidates, all of them eligible."""
+        table = self.routes()
+        return all(cidr in table and table[cidr]["primary"] and len(table[cidr]["candidates"]) == 2
+                   and all(c["eligible"] for c in table[cidr]["candidates"])
+                   for cidr in (self.a.lan, self.b.lan))
+
+    def primary(self, site: Site) -> str:
+        """The label of the site's primary router."""
+        node_id = self.routes()[site.lan]["primary"]
+        return next(k for k, a in self.agents.items() if a.status().get("node_id") == node_id)
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        if self.cluster is not None:
+            self.cluster.stop_all()
+        self.lab.close()
