@@ -40,6 +40,7 @@ def run(out_dir: str, rounds: int = 5, keepalive: float = 1.0, timeout: float = 
         sites = TwoSites(namespaces.Lab(), bench_run.path, keepalive)
         try:
             bench_run.pids += [r.pid for r in sites.cluster.replicas]
+            bench_run.pids += [a.proc.pid for a in sites.agents.values()]
             _wait(sites.all_serving, 60, "both sites' routes approved and online")
             sites.a.route_hosts_via(sites.primary(sites.a))
             ha1, target = sites.a.hosts["ha1"], sites.b.lan_ip("hb1")
