@@ -26,6 +26,7 @@ from typing import Any, Iterable
 from raftmesh.proto.wire import EXIT_ROUTES
 
 ROUTE_SETS = "route_sets"  # table: cidr -> {"cidr", "routers": [ids], "primary": id | None}
+ROUTERS = "node_routes"  # table: node id -> the CIDRs it offers (`offered`), routers only
 
 
 class RouteError(ValueError):
@@ -125,26 +126,42 @@ def settle(txn: Any, audit) -> list[dict]:
     changed (besides the handler's own writes), for the netmap feed.
 
     `txn` is the command's StagedTxn (state_machine.py): its staged writes say which nodes
-    changed. `audit(target, before, after)` records an auto-approval."""
+    changed. `audit(target, before, after)` records an auto-approval. Cheap for the bulk of
+    node writes (presence of nodes that route nothing): one index lookup each, and the
+    policy is read only for a node with a route waiting for approval."""
     written = [key for (table, key) in txn.writes if table == "nodes"]
-    approvers = _auto_approvers(txn)
     if ("meta", "policy_head") in txn.writes:  # a new policy may approve waiting routes
-        written = [nid for nid, _ in txn.items("nodes")]
+        written = [nid for nid, n in txn.items("nodes") if _waiting(n)]
+    approvers: list = []  # read once, when first needed
     changed: dict[str, dict] = {}
-    cidrs: set[str] = set()
+    touched: dict[str, set[str]] = {}  # cidr -> the written nodes that offer or offered it
     for nid in written:
-        before, node = txn.base.get("nodes", nid), txn.get("nodes", nid)
-        if node is not None and approvers:
-            wanted = set(node.get("approved_routes") or ()) | set(auto_approved(node, approvers))
+        node = txn.get("nodes", nid)
+        if node is not None and _waiting(node):
+            if not approvers:
+                approvers.append(_auto_approvers(txn))
+            wanted = set(node.get("approved_routes") or ()) | set(auto_approved(node, approvers[0]))
             if wanted != set(node.get("approved_routes") or ()):
                 after = dict(node, approved_routes=sorted(wanted))
                 txn.put("nodes", nid, after)
                 audit(f"node:{nid}", node, after)
                 changed[nid] = node = after
-        cidrs |= offered(before) | offered(node) | set((node or {}).get("standby_routes") or ())
-    for cidr in sorted(cidrs):
-        _reelect(txn, cidr, changed)
+        was, now = set(txn.get(ROUTERS, nid) or ()), offered(node)
+        if was != now:
+            if now:
+                txn.put(ROUTERS, nid, sorted(now))
+            else:
+                txn.delete(ROUTERS, nid)
+        for cidr in was | now:
+            touched.setdefault(cidr, set()).add(nid)
+    for cidr in sorted(touched):
+        _reelect(txn, cidr, touched[cidr], changed)
     return list(changed.values())
+
+
+def _waiting(node: dict) -> bool:
+    """Does the node advertise a route not approved yet?"""
+    return not set(node.get("advertised_routes") or ()) <= set(node.get("approved_routes") or ())
 
 
 def _auto_approvers(txn: Any) -> dict | None:
@@ -155,7 +172,7 @@ def _auto_approvers(txn: Any) -> dict | None:
     return (record.get("compiled") or {}).get("autoApprovers")
 
 
-def _reelect(txn: Any, cidr: str, changed: dict[str, dict]) -> None:
+def _reelect(txn: Any, cidr: str, touched: set[str], changed: dict[str, dict]) -> None:
     current = txn.get(ROUTE_SETS, cidr) or {"cidr": cidr, "routers": [], "primary": None}
     nodes: dict[str, dict | None] = {}
 
@@ -164,7 +181,7 @@ def _reelect(txn: Any, cidr: str, changed: dict[str, dict]) -> None:
             nodes[nid] = txn.get("nodes", nid)
         return nodes[nid]
 
-    candidates = set(current["routers"]) | {nid for (t, nid) in txn.writes if t == "nodes"}
+    candidates = set(current["routers"]) | touched
     routers = sorted(nid for nid in candidates if cidr in offered(node(nid)))
     primary = elect(current["primary"], routers, lambda nid: eligible(node(nid), cidr))
     record = {"cidr": cidr, "routers": routers, "primary": primary}
