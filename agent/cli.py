@@ -65,11 +65,16 @@ def cmd_up(args) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     servers = [s for s in args.server.split(",") if s]
+    try:
+        routes = advertised(args)
+    except ValueError as e:
+        print(f"raftmesh agent: --advertise-route: {e}", file=sys.stderr)
+        return 2
     config = AgentConfig(servers=servers, state_dir=args.state_dir, interface=args.interface,
                          auth_key=args.auth_key or os.environ.get("RAFTMESH_AUTH_KEY"),
                          hostname=args.hostname, listen_port=args.listen_port,
                          endpoints=args.endpoint or detect_endpoints(args.listen_port),
-                         advertise_routes=advertised(args), max_stale=args.max_stale,
+                         advertise_routes=routes, max_stale=args.max_stale,
                          stun_servers=args.stun, masquerade=args.masquerade,
                          exit_node=args.exit_node,
                          exit_node_allow_lan=args.exit_node_allow_lan_access)
@@ -86,7 +91,12 @@ def cmd_up(args) -> int:
 
 
 def advertised(args) -> list[str]:
+    """The routes to advertise; ValueError naming one that is not a CIDR (host bits zero)."""
+    import ipaddress
+
     from raftmesh.proto.wire import EXIT_ROUTES
+    for r in args.advertise_route:
+        ipaddress.ip_network(r, strict=True)
     return [*args.advertise_route, *(EXIT_ROUTES if args.advertise_exit_node else ())]
 
 

@@ -79,3 +79,14 @@ def test_server_addresses_resolve_urls_and_host_ports():
     got = exit_node.server_addresses(["http://127.0.0.1:8080/x", "127.0.0.2:9", "[::1]:80",
                                       "http://", "no such host.invalid:1"])
     assert got == ["127.0.0.1", "127.0.0.2", "::1"]
+
+
+def test_agent_flags_advertise_exit_routes_and_refuse_non_cidrs():
+    from argparse import Namespace
+
+    from raftmesh.agent.cli import advertised
+    assert advertised(Namespace(advertise_route=["10.1.0.0/24"], advertise_exit_node=True)) == \
+        ["10.1.0.0/24", "0.0.0.0/0", "::/0"]
+    for bad in ("10.1.0.1/24", "bogus"):
+        with pytest.raises(ValueError):
+            advertised(Namespace(advertise_route=[bad], advertise_exit_node=False))
