@@ -122,6 +122,12 @@ class TwoSites:
                    and all(c["eligible"] for c in table[cidr]["candidates"])
                    for cidr in (self.a.lan, self.b.lan))
 
+    def warm(self, label: str) -> bool:
+        """The router's agent has a direct path to each of its peers (a standby that just
+        came back has none yet: until it has, a failover to it waits for path discovery)."""
+        peers = self.agents[label].status().get("peers") or ()
+        return bool(peers) and all((p.get("path") or {}).get("kind") == "direct" for p in peers)
+
     def primary(self, site: Site) -> str:
         """The label of the site's primary router."""
         node_id = self.routes()[site.lan]["primary"]
