@@ -31,7 +31,9 @@ from raftmesh.proto.wire import Netmap
 from .ack_sender import AckSender
 from .control_client import ControlClient, ControlError
 from .dns_server import DnsServer
+from .exit_node import ExitRouting, find_exit_node, wireguard_peers
 from .firewall import PacketFilter
+from .forwarding import Forwarding, unreachable_routes
 from .magic_dns import SERVICE_ADDRESS, DnsTable
 from .map_client import MapStream
 from .netmap_state import AgentNetmap, next_expiry
@@ -45,6 +47,7 @@ from .wireguard import WireGuardError, WireGuardInterface, public_key_of
 log = logging.getLogger("raftmesh.agent")
 DEFAULT_MAX_STALE = 7 * 86400.0
 WG_PID_FILE = "wireguard-go.pid"
+ROUTE_CHECK_SECONDS = 5.0
 
 
 @dataclass
@@ -62,6 +65,9 @@ class AgentConfig:
     max_stale: float = DEFAULT_MAX_STALE  # stop enforcing a netmap this long without contact
     dns_config: bool = True  # point the host's resolver at MagicDNS (agent/resolv_conf.py)
     resolv_conf: str = RESOLV_CONF
+    masquerade: bool = True  # routed traffic leaves as this router's address (forwarding.py)
+    exit_node: str | None = None  # the peer (id, name or address) to reach the internet by
+    exit_node_allow_lan: bool = False  # with an exit node, keep reaching the local networks
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -91,6 +97,8 @@ class Agent:
         self.session = AgentSession(random.Random(), view, bool(config.auth_key),
                                     last_contact=last_contact)
         self._reported: tuple[str, ...] | None = None  # endpoints last reported this run
+        self._routes_reported: tuple | None = None  # (advertised, unreachable) reported this run
+        self._routes_checked = 0.0  # monotonic time of the last subnet reachability check
         self._report_lock = threading.Lock()  # the prober's thread reports a new mapping too
         self._status_lock = threading.Lock()
         self.mapped: str | None = None  # our WireGuard port as STUN sees it
@@ -101,6 +109,8 @@ class Agent:
         self.ack_sender = AckSender(self.machine_key)
         self.wg: WireGuardInterface | None = None
         self.fw: PacketFilter | None = None
+        self.forwarding: Forwarding | None = None
+        self.exit_routing: ExitRouting | None = None
         self.status: dict = {"state": "starting", "server": None, "replica": None}
         self.stream: MapStream | None = None
         self.login_url_shown: str | None = None
@@ -211,6 +221,7 @@ class Agent:
                     return None
                 self._enforce()
                 self._track_setup()
+                self._report_routes()
                 continue
             kind, payload = item
             if kind != "frame":
@@ -222,6 +233,7 @@ class Agent:
                 self._save_cache()
                 self._enforce()
                 self._report_endpoints(verdict.netmap)
+                self._report_routes()
             elif action is REVOKED:
                 self._publish_status(stream)
                 self._save_cache()
@@ -306,6 +318,28 @@ class Agent:
                 self._reported = want
             except (ControlError, OSError) as e:
                 log.info("endpoint report failed (will retry with the next netmap): %s", e)
+
+    def _report_routes(self) -> None:
+        """Tell the control plane what this router advertises (this run's flags) and which
+        of those subnets it cannot reach now, checked every ROUTE_CHECK_SECONDS."""
+        now = time.monotonic()
+        if self._routes_reported is not None and now - self._routes_checked < ROUTE_CHECK_SECONDS:
+            return
+        self._routes_checked = now
+        routes = sorted(self.config.advertise_routes)
+        nm = self.session.enforced
+        serving = nm is not None and set(nm.self_node.allowed_ips) - set(nm.self_node.addresses)
+        if not routes and not serving:  # nothing to say (most nodes): no write at all
+            return
+        want = (routes, unreachable_routes(routes, self.config.interface))
+        if want == self._routes_reported:
+            return
+        try:
+            self.client.call("POST", REPORT, {"advertised_routes": want[0],
+                                              "unreachable_routes": want[1]}, deadline=5)
+            self._routes_reported = want
+        except (ControlError, OSError) as e:
+            log.info("route report failed (will retry): %s", e)
 
     def _mapped_changed(self, mapped: str) -> None:
         """From the prober's thread: STUN saw our port at a new outside address."""
@@ -392,6 +426,13 @@ class Agent:
             self.state.write_json(WG_PID_FILE, {"pid": self.wg.pid, "interface": self.config.interface})
         self.fw = PacketFilter(self.config.interface)
         self.fw.apply(())  # deny inbound until a verified netmap says otherwise
+        if self.config.advertise_routes:
+            self.forwarding = Forwarding(self.config.interface, self.config.advertise_routes,
+                                         self.config.masquerade)
+            self.forwarding.start()
+        if self.config.exit_node:
+            self.exit_routing = ExitRouting(self.config.interface, self.config.servers,
+                                            self.config.exit_node_allow_lan)
         addresses = self.view.netmap.self_node.addresses if self.view and self.view.netmap else ()
         self.wg.configure(self._private_key(), self.config.listen_port, addresses)
         self._start_dns()
@@ -442,7 +483,8 @@ class Agent:
                 self.host_resolver.restore()
             except (OSError, subprocess.CalledProcessError) as e:
                 log.warning("restoring the host resolver configuration: %s", e)
-        for part in (self.dns, self.relay, self.prober, self.fw, self.wg):
+        for part in (self.dns, self.relay, self.prober, self.exit_routing, self.forwarding,
+                     self.fw, self.wg):
             if part is not None:
                 try:
                     part.close()
@@ -468,7 +510,11 @@ class Agent:
                           if k in self._appeared or old is None or k not in
                           {q.node_key for q in old.peers.values()}}
         self.relay.retain({p.node_key for p in nm.peers.values()})
-        self.wg.reconcile([self._with_path(p) for p in nm.peers.values()], self.config.peer_keepalive)
+        exit_node = find_exit_node(nm.peers.values(), self.config.exit_node)
+        self.wg.reconcile([self._with_path(p) for p in wireguard_peers(nm.peers.values(), exit_node)],
+                          self.config.peer_keepalive)
+        if self.exit_routing is not None:
+            self.exit_routing.use(exit_node)
         if old is None or old.packet_filter != nm.packet_filter:
             self.fw.apply(nm.packet_filter)
         self._update_dns(nm)

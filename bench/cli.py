@@ -42,6 +42,10 @@ BENCHMARKS = [
     ("stream-memory", "stream_memory", "replica RSS per open agent stream", 1),
     ("connect", "connect", "agent up until its first packet reaches a peer, by NAT type, with Nebula", 1),
     ("policy", "policy", "validate and apply an N-rule policy; /healthz latency meanwhile", 1),
+    ("route-failover", "route_failover", "SIGKILL an HA subnet router until traffic flows "
+     "through the other (real agents)", None),
+    ("route-propagation", "route_propagation", "route approval until every agent applied it "
+     "(light agents)", 1),
 ]
 
 

@@ -43,7 +43,8 @@ def register(parser: argparse.ArgumentParser, sub) -> None:
     _global_options(parser, default=None)
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, default=argparse.SUPPRESS)  # also accepted after the subcommand
-    for add in (_users, _nodes, _keys, _apikeys, _policy, _dns, _lifecycle, _audit, _cluster):
+    for add in (_users, _nodes, _routes, _keys, _apikeys, _policy, _dns, _lifecycle, _audit,
+                _cluster):
         add(sub, common)
 
 
@@ -417,6 +418,20 @@ def nodes_key_expiry(run: Run) -> None:
     answer = run.client.put(f"/nodes/{_seg(run.args.id)}/key-expiry",
                             {"disabled": run.args.setting == "disable"})
     _show_node(run, answer, f"key expiry {run.args.setting}d for")
+
+
+def _routes(sub, common) -> None:
+    g = _group(sub, "routes", "subnet routes and exit nodes")
+    _leaf(g, "list", routes_list, "each route's primary router and candidates", common, read=True)
+
+
+def routes_list(run: Run) -> None:
+    def rows(a: dict) -> list[list]:
+        return [[r["cidr"], "exit node" if r.get("exit_node") else r["primary"] or "-",
+                 " ".join(c["id"] + ("" if c["eligible"] else " (down)") for c in r["candidates"])]
+                for r in a["routes"]]
+    run.show(run.read("/routes"), lambda a: table(rows(a), ["cidr", "primary", "routers"],
+                                                  "no routes"))
 
 
 def _one_of(values: list, clear: bool, message: str) -> None:

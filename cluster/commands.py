@@ -373,6 +373,7 @@ class NodeReport(Command):
     id: str
     endpoints: list[str] | Absent = ABSENT
     advertised_routes: list[str] | Absent = ABSENT
+    unreachable_routes: list[str] | Absent = ABSENT  # advertised, but its subnet is down
     last_seen: float | None | Absent = ABSENT
 
 

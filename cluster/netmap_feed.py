@@ -173,6 +173,8 @@ class NetmapFeed:
             if policy is not None:
                 out.append(self.index.replace_policy(policy, v))
                 self.serving = True
+        # other routers whose primary routes the command moved (cluster/routes.py)
+        out.extend(self.index.upsert_node(n, v) for n in result.get("routes_settled", ()))
         return out
 
     def _interpret(self, stored: dict | None, policy_version: int | None,

@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol
 from raftmesh.storage.audit_chain import GENESIS, seal
 
 from . import commands as c
+from . import routes
 from .commands import ABSENT, Command, unless_absent
 from .idp_groups import idp_groups_of, node_owner
 
@@ -140,7 +141,10 @@ def apply(txn: Txn, cmd: Command, version: int) -> dict:
     ctx = Context(staged, cmd, version)
     try:
         value = fn(ctx, cmd)
-        result = {"ok": True, "version": version, "value": value}
+        settled = routes.settle(staged, ctx.audit)
+        result = {"ok": True, "version": version, "value": _resettled(value, settled)}
+        if settled:
+            result["routes_settled"] = settled
     except Rejected as r:
         return {"ok": False, "version": version, "code": r.code, "message": r.message,
                 "status": r.status}
@@ -155,6 +159,18 @@ def apply(txn: Txn, cmd: Command, version: int) -> dict:
         _advance_clock(staged, cmd.time)
     staged.flush()
     return result
+
+
+def _resettled(value: Any, settled: list[dict]) -> Any:
+    """A handler's answer with the node records routes.settle rewrote after it."""
+    if not settled:
+        return value
+    by_id = {n["id"]: n for n in settled}
+    if isinstance(value, dict) and value.get("id") in by_id and "node_key" in value:
+        return by_id[value["id"]]
+    if isinstance(value, dict) and isinstance(value.get("nodes"), list):
+        return dict(value, nodes=[by_id.get(n.get("id"), n) for n in value["nodes"]])
+    return value
 
 
 def _advance_clock(txn: Txn, t: float) -> None:
@@ -542,17 +558,21 @@ def _node_expire(ctx: Context, cmd: c.NodeExpire) -> dict:
 @handles(c.NodeRoutes)
 def _node_routes(ctx: Context, cmd: c.NodeRoutes) -> dict:
     node = ctx.require("nodes", cmd.id, "node")
-    routes = sorted(cmd.approved_routes)
-    missing = [r for r in routes if r not in node["advertised_routes"]]
+    try:
+        approved = routes.canonical_routes(cmd.approved_routes)
+    except routes.RouteError as e:
+        raise Rejected("invalid_route", str(e), 400) from None
+    missing = [r for r in approved if r not in node["advertised_routes"]]
     if missing:
         raise Rejected("invalid_route", f"routes {missing} are not advertised by the node", 400)
-    return _update_node(ctx, {"approved_routes": routes})
+    return _update_node(ctx, {"approved_routes": approved})
 
 
 @handles(c.NodeReport)
 def _node_report(ctx: Context, cmd: c.NodeReport) -> dict:
-    """What an agent reports about itself: endpoints, advertised routes, liveness."""
-    changes = {k: sorted(v) for k in ("endpoints", "advertised_routes")
+    """What an agent reports about itself: endpoints, advertised routes (and which of them
+    it cannot reach now: routes.py moves their primary elsewhere), liveness."""
+    changes = {k: sorted(v) for k in ("endpoints", "advertised_routes", "unreachable_routes")
                if (v := getattr(cmd, k)) is not ABSENT}
     if cmd.last_seen is not ABSENT:
         changes["last_seen"] = cmd.last_seen

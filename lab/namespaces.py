@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -296,8 +297,8 @@ class RealAgent:
     """One `raftmesh agent up` daemon in a namespace, with its own state dir and interface."""
 
     def __init__(self, lab: Lab, ns: Namespace, workdir: str, servers: list[str], auth_key: str,
-                 label: str):
-        self.ns, self.label = ns, label
+                 label: str, extra_args: tuple[str, ...] = ()):
+        self.ns, self.label, self.extra_args = ns, label, extra_args
         self.ifname = lab.ifname(label)
         self.state_dir = os.path.join(workdir, f"state-{label}-{self.ifname}")
         self.log_path = os.path.join(workdir, f"agent-{label}-{self.ifname}.log")
@@ -311,7 +312,7 @@ class RealAgent:
         self.proc = self.ns.spawn(sys.executable, "-m", "raftmesh.cli.main", "agent", "up",
                                   "--server", ",".join(self.servers), "--state-dir", self.state_dir,
                                   "--interface", self.ifname, "--hostname", f"host-{self.label}",
-                                  "--endpoint", f"{self.ns.ip}:41641",
+                                  "--endpoint", f"{self.ns.ip}:41641", *self.extra_args,
                                   stdout=log, stderr=subprocess.STDOUT,
                                   env=dict(os.environ, RAFTMESH_AUTH_KEY=self.auth_key))
         log.close()
@@ -326,6 +327,22 @@ class RealAgent:
     def stop(self) -> None:
         if self.proc is not None:
             stop_proc(self.proc, timeout=10)
+
+    def kill_hard(self) -> None:
+        """SIGKILL the agent and its wireguard-go, by pid: the node dies without a goodbye
+        and its tunnel with it (a crashed router), as failover tests and benchmarks need."""
+        try:
+            with open(os.path.join(self.state_dir, "wireguard-go.pid")) as f:
+                wg_pid = json.load(f)["pid"]
+        except (OSError, ValueError, KeyError):
+            wg_pid = None
+        self.proc.kill()
+        if wg_pid:
+            try:
+                os.kill(wg_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
 
     def log_tail(self) -> str:
         try:

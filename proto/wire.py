@@ -14,6 +14,7 @@ IPV4_POOL = "100.64.0.0/10"
 IPV6_POOL = "fd7a:115c:a1e0::/48"
 
 PROTOCOLS = ("tcp", "udp", "icmp")
+EXIT_ROUTES = ("0.0.0.0/0", "::/0")  # what an exit node advertises (agent/exit_node.py)
 
 
 @dataclass(frozen=True, order=True)

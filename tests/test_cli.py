@@ -205,7 +205,13 @@ def test_node_commands(cli, shared_cluster):
     assert cli.json("nodes", "approve", node_id)["node"]["approved"] is True
     rc, _, err = cli("nodes", "routes", node_id, "10.1.0.0/16")
     assert rc == 1 and err.startswith("error: invalid_route: ")
+    rc, _, err = cli("nodes", "routes", node_id, "10.9.0.1/24")
+    assert rc == 1 and err.startswith("error: invalid_route: ") and "not a CIDR" in err
     assert cli.json("nodes", "routes", node_id, "10.9.0.0/24")["node"]["approved_routes"] == ["10.9.0.0/24"]
+    rc, out, _ = cli("routes", "list")
+    assert rc == 0 and "10.9.0.0/24" in out and node_id in out
+    assert {"cidr": "10.9.0.0/24", "primary": node_id, "candidates": [
+        {"id": node_id, "eligible": False}]} in cli.json("routes", "list")["routes"]
     assert cli.json("nodes", "routes", node_id, "--clear")["node"]["approved_routes"] == []
     rc, out, _ = cli("nodes", "expire", node_id, replica=1)
     assert rc == 0 and "expired" in out
