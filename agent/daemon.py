@@ -92,6 +92,7 @@ class Agent:
         self.prober: PathProber | None = None
         self._appeared: dict[str, float] = {}  # peer key -> when it entered the netmap, until
         self._setup_times: list[float] = []     # its first handshake; then reported in acks
+        self._peer_since: dict[str, float] = {}  # peer key -> wall time it entered the netmap
         self.relay: RelayClient | None = None
         self.ack_sender = AckSender(self.machine_key)
         self.wg: WireGuardInterface | None = None
@@ -419,6 +420,8 @@ class Agent:
                           (p.node_key for p in nm.peers.values())
                           if k in self._appeared or old is None or k not in
                           {q.node_key for q in old.peers.values()}}
+        wall = time.time()
+        self._peer_since = {p.node_key: self._peer_since.get(p.node_key, wall) for p in nm.peers.values()}
         self.relay.retain({p.node_key for p in nm.peers.values()})
         self.wg.reconcile([self._with_path(p) for p in nm.peers.values()], self.config.peer_keepalive)
         if old is None or old.packet_filter != nm.packet_filter:
@@ -471,7 +474,7 @@ class Agent:
             "addresses": list(nm.self_node.addresses) if nm else [],
             "peers": [{"id": p.id, "name": p.name, "node_key": p.node_key,
                        "allowed_ips": list(p.allowed_ips), "endpoints": list(p.endpoints),
-                       "path": self._path_status(p.node_key)}
+                       "path": self._path_status(p.node_key), "since": self._peer_since.get(p.node_key)}
                       for p in (nm.peers.values() if nm else ())],
             "last_contact": self.session.last_contact,
             "next_expiry": next_expiry(self.view.netmap if self.view else None, time.time()),

@@ -40,6 +40,7 @@ BENCHMARKS = [
     ("stream-failover", "stream_failover", "SIGKILL the agents' replica until they hold a current netmap", 3),
     ("stream-memory", "stream_memory", "replica RSS per open agent stream", 1),
     ("connect", "connect", "agent up until its first packet reaches a peer, by NAT type, with Nebula", 1),
+    ("throughput", "throughput", "iperf3 through direct and relayed tunnels, beside hand-configured wireguard-go", 1),
     ("policy", "policy", "validate and apply an N-rule policy; /healthz latency meanwhile", 1),
 ]
 

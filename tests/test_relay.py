@@ -20,7 +20,7 @@ from raftmesh.agent.control_client import ControlClient
 from raftmesh.agent.relay import RelayClient
 from raftmesh.api.relay import RelayHub
 from raftmesh.proto.machine_auth import sign_headers
-from raftmesh.proto.relay import MAX_FRAME_BYTES
+from raftmesh.proto.relay import MAX_BATCH_BYTES, MAX_FRAME_BYTES, RelayFrameError, frames, packets
 from raftmesh.proto.routes import REGISTER, RELAY
 from prometheus_client import CollectorRegistry
 
@@ -79,6 +79,34 @@ def test_wireguard_packets_pass_between_two_agents_through_the_relay(mesh):
     m2.wg.sendto(b"\x02response", source)
     data, source = m1.wg.recvfrom(4096)
     assert data == b"\x02response" and f"127.0.0.1:{source[1]}" == to_m2
+
+
+def test_a_burst_of_packets_crosses_the_relay_in_few_frames(mesh):
+    """Packets that pile up while the session writes go out together (proto/relay.py): the
+    replica sees fewer frames than packets, and every packet arrives, in order."""
+    api, (m1, m2) = mesh
+    to_m2 = ("127.0.0.1", int(m1.relay.endpoint_for(m2.node_key).rsplit(":", 1)[1]))
+    before = _relay_metrics(api).get("relayed", 0.0)
+    m2.wg.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # holds the whole burst
+    sent = [i.to_bytes(2, "big") * 100 for i in range(200)]
+    for packet in sent:
+        m1.wg.sendto(packet, to_m2)
+    got = [m2.wg.recvfrom(4096)[0] for _ in sent]
+    assert got == sent
+    assert _relay_metrics(api)["relayed"] - before < len(sent) / 2
+
+
+def test_batches_split_into_bounded_frames_and_bad_batches_are_refused():
+    key = b"k" * 32
+    sent = [bytes([i]) * 1400 for i in range(100)]
+    out = frames(key, sent)
+    assert len(out) == 3 and all(len(f) <= MAX_FRAME_BYTES and f[:32] == key for f in out)
+    assert [bytes(p) for f in out for p in packets(f[32:])] == sent
+    for bad, why in ((b"\x00", "inside a packet's length"), (b"\x00\x05abc", "packet of 5 bytes"),
+                     (b"\x00\x00", "packet of 0 bytes"), (b"\x09\x00" + bytes(2304), "packet of 2304 bytes")):
+        with pytest.raises(RelayFrameError, match=why):
+            packets(bad)
+    assert MAX_BATCH_BYTES == MAX_FRAME_BYTES - 32
 
 
 def _relay_metrics(api) -> dict[str, float]:
