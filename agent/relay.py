@@ -28,8 +28,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-import aiohttp
 from nacl.signing import SigningKey
 
 from raftmesh.proto.machine_auth import sign_headers
@@ -37,6 +38,9 @@ from raftmesh.proto.relay import (MAX_FRAME_BYTES, MAX_PACKET_BYTES, RelayFrameE
                                   split_frame)
 from raftmesh.proto.routes import RELAY
 from raftmesh.proto.version import version_header
+
+if TYPE_CHECKING:  # imported by the relay's thread: ~0.5 s that the daemon's start does not wait for
+    import aiohttp
 
 log = logging.getLogger("raftmesh.agent.relay")
 HEARTBEAT = 2.0  # a partitioned replica is noticed after 3 s; a dead one at once (reset)
@@ -135,6 +139,7 @@ class RelayClient:
 
     async def _send_pending(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """The session's writer: whatever piled up while it wrote the last batch, in frames."""
+        import aiohttp
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -153,6 +158,7 @@ class RelayClient:
             self.loop.close()
 
     async def _run(self) -> None:
+        import aiohttp
         self._stop, self._wake = asyncio.Event(), asyncio.Event()
         async with aiohttp.ClientSession() as http:
             while not self._stop.is_set():
@@ -180,8 +186,9 @@ class RelayClient:
     async def _session(self, http: aiohttp.ClientSession, server: str) -> str:
         """One session until it "ended"; at once "refused" (the replica answered no) or
         "unreachable"."""
+        import aiohttp
         url = server + RELAY
-        headers = sign_headers(self.key, "GET", aiohttp.client.URL(url).path, b"", time.time(),
+        headers = sign_headers(self.key, "GET", urlsplit(url).path, b"", time.time(),
                                secrets.token_hex(12))
         headers.update(version_header())
         try:
@@ -220,6 +227,7 @@ class RelayClient:
 
     async def _preferred_back(self, http: aiohttp.ClientSession) -> bool:
         """Whether the preferred replica answers again (then the session moves there)."""
+        import aiohttp
         try:
             async with http.get(self.servers[0] + "/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r:
                 return r.status == 200
