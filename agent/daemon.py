@@ -88,6 +88,12 @@ class Agent:
         self._reported: tuple[str, ...] | None = None  # endpoints last reported this run
         self._report_lock = threading.Lock()  # the prober's thread reports a new mapping too
         self._status_lock = threading.Lock()
+        # WireGuard's peers change from three threads: a netmap (main), a path proved or lost
+        # (prober), the relay's session up or moved (relay). Paths are read and written under
+        # this lock, so a relay session that comes up while the first netmap is applied cannot
+        # leave a peer without the endpoint it would have had either way (its first handshake
+        # then waited for the other side's, 5 s when that one was lost).
+        self._paths_lock = threading.RLock()
         self.mapped: str | None = None  # our WireGuard port as STUN sees it
         self.prober: PathProber | None = None
         self._appeared: dict[str, float] = {}  # peer key -> when it entered the netmap, until
@@ -319,7 +325,8 @@ class Agent:
     def _set_peer_endpoint(self, node_key: str, endpoint: str) -> None:
         """From the prober's thread: a probe proved `endpoint`; WireGuard sends there now."""
         try:
-            self.wg.set_endpoint(node_key, endpoint)
+            with self._paths_lock:
+                self.wg.set_endpoint(node_key, endpoint)
         except Exception as e:  # the peer may have gone in between
             log.info("cannot set the endpoint of %s: %s", node_key[:8], e)
         self._write_status()
@@ -361,13 +368,14 @@ class Agent:
     def _relay_changed(self) -> None:
         """From the relay's thread: the session came up (or moved): peers without a direct
         path go through it."""
-        nm = self.session.enforced
-        direct = self.prober.direct()
-        for peer in list(nm.peers.values()) if nm is not None else ():
-            if peer.node_key not in direct:
-                path = self.relay.endpoint_for(peer.node_key)
-                if path is not None:
-                    self._set_peer_endpoint(peer.node_key, path)
+        with self._paths_lock:
+            nm = self.session.enforced
+            direct = self.prober.direct()
+            for peer in list(nm.peers.values()) if nm is not None else ():
+                if peer.node_key not in direct:
+                    path = self.relay.endpoint_for(peer.node_key)
+                    if path is not None:
+                        self._set_peer_endpoint(peer.node_key, path)
 
     def _wireguard_keys(self) -> tuple[bytes, bytes]:
         key = self.state.wireguard_key()  # read each time: a key rotation takes effect at once
@@ -423,10 +431,11 @@ class Agent:
         wall = time.time()
         self._peer_since = {p.node_key: self._peer_since.get(p.node_key, wall) for p in nm.peers.values()}
         self.relay.retain({p.node_key for p in nm.peers.values()})
-        self.wg.reconcile([self._with_path(p) for p in nm.peers.values()], self.config.peer_keepalive)
-        if old is None or old.packet_filter != nm.packet_filter:
-            self.fw.apply(nm.packet_filter)
-        self.session.enforced = nm
+        with self._paths_lock:
+            self.wg.reconcile([self._with_path(p) for p in nm.peers.values()], self.config.peer_keepalive)
+            if old is None or old.packet_filter != nm.packet_filter:
+                self.fw.apply(nm.packet_filter)
+            self.session.enforced = nm
         self._write_status()
 
     def _save_cache(self) -> None:
