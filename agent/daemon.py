@@ -101,10 +101,17 @@ class Agent:
         self._routes_checked = 0.0  # monotonic time of the last subnet reachability check
         self._report_lock = threading.Lock()  # the prober's thread reports a new mapping too
         self._status_lock = threading.Lock()
+        # WireGuard's peers change from three threads: a netmap (main), a path proved or lost
+        # (prober), the relay's session up or moved (relay). Paths are read and written under
+        # this lock, so a relay session that comes up while the first netmap is applied cannot
+        # leave a peer without the endpoint it would have had either way (its first handshake
+        # then waited for the other side's, 5 s when that one was lost).
+        self._paths_lock = threading.RLock()
         self.mapped: str | None = None  # our WireGuard port as STUN sees it
         self.prober: PathProber | None = None
         self._appeared: dict[str, float] = {}  # peer key -> when it entered the netmap, until
         self._setup_times: list[float] = []     # its first handshake; then reported in acks
+        self._peer_since: dict[str, float] = {}  # peer key -> wall time it entered the netmap
         self.relay: RelayClient | None = None
         self.ack_sender = AckSender(self.machine_key)
         self.wg: WireGuardInterface | None = None
@@ -361,7 +368,8 @@ class Agent:
     def _set_peer_endpoint(self, node_key: str, endpoint: str) -> None:
         """From the prober's thread: a probe proved `endpoint`; WireGuard sends there now."""
         try:
-            self.wg.set_endpoint(node_key, endpoint)
+            with self._paths_lock:
+                self.wg.set_endpoint(node_key, endpoint)
         except Exception as e:  # the peer may have gone in between
             log.info("cannot set the endpoint of %s: %s", node_key[:8], e)
         self._write_status()
@@ -403,13 +411,14 @@ class Agent:
     def _relay_changed(self) -> None:
         """From the relay's thread: the session came up (or moved): peers without a direct
         path go through it."""
-        nm = self.session.enforced
-        direct = self.prober.direct()
-        for peer in list(nm.peers.values()) if nm is not None else ():
-            if peer.node_key not in direct:
-                path = self.relay.endpoint_for(peer.node_key)
-                if path is not None:
-                    self._set_peer_endpoint(peer.node_key, path)
+        with self._paths_lock:
+            nm = self.session.enforced
+            direct = self.prober.direct()
+            for peer in list(nm.peers.values()) if nm is not None else ():
+                if peer.node_key not in direct:
+                    path = self.relay.endpoint_for(peer.node_key)
+                    if path is not None:
+                        self._set_peer_endpoint(peer.node_key, path)
 
     def _wireguard_keys(self) -> tuple[bytes, bytes]:
         key = self.state.wireguard_key()  # read each time: a key rotation takes effect at once
@@ -509,16 +518,19 @@ class Agent:
                           (p.node_key for p in nm.peers.values())
                           if k in self._appeared or old is None or k not in
                           {q.node_key for q in old.peers.values()}}
+        wall = time.time()
+        self._peer_since = {p.node_key: self._peer_since.get(p.node_key, wall) for p in nm.peers.values()}
         self.relay.retain({p.node_key for p in nm.peers.values()})
         exit_node = find_exit_node(nm.peers.values(), self.config.exit_node)
-        self.wg.reconcile([self._with_path(p) for p in wireguard_peers(nm.peers.values(), exit_node)],
-                          self.config.peer_keepalive)
-        if self.exit_routing is not None:
-            self.exit_routing.use(exit_node)
-        if old is None or old.packet_filter != nm.packet_filter:
-            self.fw.apply(nm.packet_filter)
+        with self._paths_lock:
+            self.wg.reconcile([self._with_path(p) for p in wireguard_peers(nm.peers.values(), exit_node)],
+                              self.config.peer_keepalive)
+            if self.exit_routing is not None:
+                self.exit_routing.use(exit_node)
+            if old is None or old.packet_filter != nm.packet_filter:
+                self.fw.apply(nm.packet_filter)
+            self.session.enforced = nm
         self._update_dns(nm)
-        self.session.enforced = nm
         self._write_status()
 
     def _save_cache(self) -> None:
@@ -566,7 +578,7 @@ class Agent:
             "addresses": list(nm.self_node.addresses) if nm else [],
             "peers": [{"id": p.id, "name": p.name, "node_key": p.node_key,
                        "allowed_ips": list(p.allowed_ips), "endpoints": list(p.endpoints),
-                       "path": self._path_status(p.node_key)}
+                       "path": self._path_status(p.node_key), "since": self._peer_since.get(p.node_key)}
                       for p in (nm.peers.values() if nm else ())],
             "last_contact": self.session.last_contact,
             "next_expiry": next_expiry(self.view.netmap if self.view else None, time.time()),

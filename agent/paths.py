@@ -150,6 +150,7 @@ class PathProber:
             log.debug("send to %s:%d: %s", *addr, e)
 
     def _run(self) -> None:
+        stun.codec()  # aioice loads here, while the daemon's main thread registers (proto/stun.py)
         while not self._stop.is_set():
             now = time.monotonic()
             private, public = self.keys()

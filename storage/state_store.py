@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 import lmdb
 
-from .journal import fsync_dir, write_file_durably
+from .durable_files import fsync_dir, write_file_durably
 from .json_codec import compact_json, loads_utf8
 
 log = logging.getLogger("raftmesh.state")

@@ -222,3 +222,17 @@ def test_bench_connect_tiny(tmp_path):
         assert {r["nat"] for r in result["rounds"] if r["system"] == "nebula"} == {"eim", "edm"}
     assert json.loads((tmp_path / "connect.json").read_text())["summary"]
     assert (tmp_path / "connect.png").exists()
+
+
+def test_bench_throughput_tiny(tmp_path):
+    """`raftmesh bench throughput` at its smallest: iperf3 once through each of the direct,
+    hand-configured and relayed tunnels; table, targets, JSON and plot."""
+    if shutil.which("iperf3") is None:
+        pytest.skip("needs iperf3")
+    from raftmesh.bench import throughput
+    result = throughput.run(str(tmp_path), seconds=1, rounds=1, replicas=1)
+    assert {s["path"]: s["rounds"] for s in result["summary"]} == {"direct": 1, "hand": 1, "relay": 1}
+    assert all(r["mbit_s"] > 1 for r in result["rounds"])
+    assert [t["what"].split()[0] for t in result["targets"]] == ["direct", "relay"]
+    assert json.loads((tmp_path / "throughput.json").read_text())["summary"]
+    assert (tmp_path / "throughput.png").exists()
