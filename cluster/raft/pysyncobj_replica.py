@@ -65,6 +65,16 @@ SNAPSHOT_MAX_ENTRIES = 200_000
 _handling = threading.local()  # set while a RaftReplica handles a Raft message
 
 
+def _raft_clock() -> float:
+    """The clock of pysyncobj's election deadline: CLOCK_MONOTONIC_RAW, not time.monotonic.
+    NTP slews CLOCK_MONOTONIC only, so the two drift apart (0.31 s after 3 hours of uptime on
+    the test machine); compared with time.monotonic, the deadline passed that much early, and
+    followers that heard their leader 50 ms before asked for pre-votes all the time. Once a
+    peer lacked a leader (back from isolation) one granted it, and that follower's election
+    deposed the working leader. Looked up on the module so tests can skew it."""
+    return pso.monotonicTime()
+
+
 class _AlreadyAppliedFilter(logging.Filter):
     """pysyncobj logs CRITICAL when a follower gets entries it already has. Inside a
     RaftReplica nothing is truncated unless terms conflict (DurableJournal), so it is routine."""
@@ -192,7 +202,7 @@ class RaftReplica(SyncObj):
         now = time.monotonic()
         if now - last_tick > self.config.tick + self.config.election_min:
             self._SyncObj__raftElectionDeadline = max(self._SyncObj__raftElectionDeadline,
-                                                      now + self._SyncObj__generateRaftTimeout())
+                                                      _raft_clock() + self._SyncObj__generateRaftTimeout())
         return now
 
     def _hold_election(self) -> None:
@@ -212,7 +222,7 @@ class RaftReplica(SyncObj):
         others = self._SyncObj__otherNodes
         if self._isLeader() or not others or self._SyncObj__selfNode is None:
             return
-        now = time.monotonic()
+        now = _raft_clock()
         if self._SyncObj__raftElectionDeadline > now or not self._SyncObj__connectedToAnyone():
             return
         term = self.raftCurrentTerm + 1
