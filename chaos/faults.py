@@ -349,8 +349,6 @@ class Injector:
             if not r.alive():
                 self.cluster.start(r, join=True)
             body = {"id": r.id, "raft_addr": r.raft_addr, "api_url": r.api_url}
-            # 409 means "already a member" or "another change is still in progress": only the
-            # leader's membership tells which (a run once left a replica out for good).
             answer = self._until(time.monotonic() + 20, lambda via: self._added(via, body), rid, ok=(201, 409))
             note = f"re-add {rid}: {answer[0] if answer else 'not confirmed within 20 s'}"
             if entry is not None:
@@ -360,8 +358,13 @@ class Injector:
         self._removed.clear()
 
     def _added(self, via: ReplicaProcess, body: dict):
+        """Done on 201, or on `already_member` once the leader confirms it (the replica asked
+        may count an appended change that a new leader then overwrote); any other answer,
+        `membership_change_in_progress` among them, is retried."""
         status, answer = self.cluster.request(via, "POST", "/api/v1/cluster/members", body, timeout=6)
         if status == 409:
+            if not isinstance(answer, dict) or answer.get("error", {}).get("code") != "already_member":
+                return None, answer
             lead = self.leader()
             code, own = self.cluster.request(self.replica(lead), "GET", "/api/v1/cluster/self",
                                              timeout=2) if lead else (None, None)

@@ -45,3 +45,15 @@ def test_a_read_without_a_barrier_is_503_not_ready_unless_stale(api, kind):
     stale = api("GET", "/api/v1/users?stale=true")
     assert stale.status == 200 and stale.body["stale"] is True
     assert [u["name"] for u in stale.body["users"]] == ["known"]
+
+
+def test_a_membership_change_refused_while_another_is_uncommitted_says_so_and_records_nothing(api):
+    """The leader refuses both a change that changes nothing and one made while another is
+    uncommitted; a client must tell them apart to know whether to retry."""
+    new = {"id": "r9", "raft_addr": "127.0.0.1:9", "api_url": "http://127.0.0.1:9"}
+    api.cluster.raft.script_outcomes(Outcome(Outcome.NOT_APPLIED, reason="request_denied"))
+    err = assert_error(api("POST", "/api/v1/cluster/members", new), 409, "membership_change_in_progress")
+    assert "retry" in err["message"]
+    assert "r9" not in [m["id"] for m in api("GET", "/api/v1/cluster/members").body["members"]]
+    assert api("POST", "/api/v1/cluster/members", new).status == 201
+    assert_error(api("POST", "/api/v1/cluster/members", new), 409, "already_member")

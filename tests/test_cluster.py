@@ -175,7 +175,7 @@ def test_add_and_remove_a_member(make_cluster):
     assert create_user(c, new, "after-remove")[0] == 201
     status, body = c.request(new, "POST", "/api/v1/cluster/members",
                              {"id": new.id, "raft_addr": new.raft_addr, "api_url": new.api_url})
-    assert status == 409 and body["error"]["code"] == "conflict"
+    assert status == 409 and body["error"]["code"] == "already_member"
 
 
 def test_single_replica_and_five_replica_clusters(make_cluster):
