@@ -194,11 +194,14 @@ class DurableJournal(Journal):
         if not self._pending:
             return
         data = b"".join(self._pending)
-        self._pending = []
         if self._end > self._allocated:
             self._write_at(bytes(self._end + PREALLOCATE - self._allocated), self._allocated)
             self._allocated = self._end + PREALLOCATE
         self._write_at(data, self._end - len(data))
+        # Dropped only once written: a write that failed (ENOSPC) is retried whole by the
+        # next flush. Dropped first, its records were never written and the next sync
+        # covered the hole they left, so a follower acknowledged entries its file lacked.
+        self._pending = []
 
     def _write_at(self, data: bytes, offset: int) -> None:
         while data:
