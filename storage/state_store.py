@@ -55,8 +55,9 @@ WRITEBACK_INTERVAL = 1.0  # seconds between flushes of committed pages (see the 
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 # data.mdb bytes kept allocated beyond LMDB's last page (see has_room); allocation is
 # renewed once less than half of it is left, so one tick would have to write more than
-# half of it in new pages to reach an unallocated one.
-SPACE_RESERVE = 16 << 20
+# 2 MiB of new pages (several maximal policies at once) to reach an unallocated one. Every
+# replica holds it on disk, test clusters included: hence not more.
+SPACE_RESERVE = 4 << 20
 
 
 # Values keep their dict insertion order instead of sorted keys: nothing hashes stored
