@@ -22,6 +22,8 @@ from . import clock, latency_proxy
 from raftmesh.lab.replica_net import NetRules, ReplicaNet
 from .schedule import FaultEvent, blocked_pairs
 
+FILLER = "chaos-diskfull-filler"  # in a replica's data directory (diskfull faults)
+
 
 @dataclass
 class TimelineEntry:
@@ -54,6 +56,7 @@ class Injector:
         self._killed: set[str] = set()
         self._paused: set[str] = set()
         self._removed: dict[str, bool] = {}  # id -> stopped and set aside, awaiting re-add
+        self._filled: set[str] = set()  # filler files of diskfull faults
         self._removals = 0
 
     def now(self) -> float:
@@ -179,6 +182,26 @@ class Injector:
 
     def _end_powercut(self, ev, entry):
         self._restart_killed()  # the power is back
+
+    def _start_diskfull(self, ev, entry, rid):
+        path = os.path.join(self.replica(rid).data_dir, FILLER)
+        free = os.statvfs(os.path.dirname(path))
+        size = free.f_bavail * free.f_frsize
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+        self._filled.add(path)
+        entry.detail = f"fill {rid}'s data directory: {size >> 20} MB were free, now none"
+
+    def _end_diskfull(self, ev, entry):
+        self._empty_filled()
+
+    def _empty_filled(self):
+        for path in sorted(self._filled):
+            os.unlink(path)
+        self._filled.clear()
 
     def _start_pause(self, ev, entry, rid):
         r = self.replica(rid)
@@ -391,6 +414,7 @@ class Injector:
     def heal_all(self) -> None:
         """Undo every fault still in force (idempotent); used at the end and on abort."""
         self._resume_paused()
+        self._empty_filled()
         self._restart_killed()
         self.net.heal()
         for control in self.proxies.values():

@@ -7,11 +7,15 @@ SIGBUS two writes into the full disk (LMDB writes its sparse file through a writ
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 
 import pytest
 
+from raftmesh.chaos import run as chaos_run
+from raftmesh.lab import replica_net as netlab
 from raftmesh.lab.local_cluster import LocalCluster
 
 from conftest import wait_until
@@ -21,18 +25,22 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (root)
 
 
 @pytest.fixture
-def full_disk_cluster(tmp_path):
+def tmpfs_cluster(tmp_path):
+    """Every data directory a small tmpfs, so that the victim can be chosen by its role."""
     cluster = LocalCluster(str(tmp_path / "c"), replicas=3)
-    victim = cluster.replicas[0]
-    os.makedirs(victim.data_dir)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m,mode=0700", "tmpfs", victim.data_dir], check=True)
+    mounted = []
     try:
+        for r in cluster.replicas:
+            os.makedirs(r.data_dir)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m,mode=0700", "tmpfs", r.data_dir], check=True)
+            mounted.append(r.data_dir)
         cluster.start_all()
         cluster.wait_ready(timeout=60)
-        yield cluster, victim
+        yield cluster
     finally:
         cluster.stop_all()
-        subprocess.run(["umount", victim.data_dir], check=False)
+        for path in mounted:
+            subprocess.run(["umount", path], check=False)
 
 
 def _write(cluster, r, method, path, body):
@@ -44,9 +52,13 @@ def _write(cluster, r, method, path, body):
 
 @needs_root
 @pytest.mark.timeout(180)
-def test_a_full_disk_is_503_without_a_crash_and_loses_nothing(full_disk_cluster):
-    cluster, victim = full_disk_cluster
-    other = cluster.replicas[1]
+@pytest.mark.parametrize("who", ["follower", "leader"])
+def test_a_full_disk_is_503_without_a_crash_and_loses_nothing(tmpfs_cluster, who):
+    """A full leader stops like a paused one, and the others elect a new leader."""
+    cluster = tmpfs_cluster
+    leader = cluster.leader()
+    victim = leader if who == "leader" else next(r for r in cluster.replicas if r is not leader)
+    other = next(r for r in cluster.replicas if r is not victim)
     filler = os.path.join(victim.data_dir, "filler")
     free = os.statvfs(victim.data_dir)
     subprocess.run(["fallocate", "-l", str(free.f_bavail * free.f_frsize), filler], check=True)
@@ -81,3 +93,28 @@ def test_a_full_disk_is_503_without_a_crash_and_loses_nothing(full_disk_cluster)
     assert not missing, f"acknowledged, then lost: {sorted(missing)}"
     status, body = cluster.request(victim, "GET", "/api/v1/policy/versions")
     assert status == 200 and len(body["versions"]) >= acked_policies
+
+
+@needs_root
+@pytest.mark.skipif(bool(netlab.preflight()), reason="needs root, iproute2 and nftables")
+@pytest.mark.timeout(240)
+def test_a_short_chaos_run_with_full_disks_passes_and_unmounts_them(tmp_path):
+    out = tmp_path / "chaos"
+    parser = argparse.ArgumentParser()
+    chaos_run.add_arguments(parser)
+    rc = chaos_run.main(parser.parse_args(["--seed", "3", "--duration", "20", "--faults", "diskfull",
+                                           "--out", str(out)]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert rc == 0, (out / "summary.txt").read_text()
+    assert summary["faults_by_kind"] == {"diskfull": 2}
+    logs = "".join(p.read_text() for p in (out / "cluster").glob("r*.log"))
+    assert "no space left" in logs and "space is back" in logs, "the fault reached ENOSPC and healed"
+    assert str(out) not in open("/proc/mounts").read()
+
+
+def test_powercut_and_diskfull_are_refused_together(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    chaos_run.add_arguments(parser)
+    args = parser.parse_args(["--faults", "powercut,diskfull", "--duration", "30", "--out", str(tmp_path)])
+    assert chaos_run.main(args) == 2
+    assert "run them separately" in capsys.readouterr().err

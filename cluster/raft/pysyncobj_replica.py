@@ -232,7 +232,7 @@ class RaftReplica(SyncObj):
             self._refuse_queued_commands()
             self._publish()
             try:
-                self.journal.flush()  # what failed to be written, if anything
+                self.journal.flush()  # what failed to be written (records, meta), if anything
                 if self.store.has_room():
                     break
             except OSError as e:
@@ -248,7 +248,7 @@ class RaftReplica(SyncObj):
                 _, callback = commands.get_nowait()
             except queue.Empty:
                 break
-            if callback is not None:
+            if callable(callback):  # else (node, id): a follower's, which gives up on a silent leader
                 callback(None, DISK_FULL)
         waiters, self._barrier_waiters = self._barrier_waiters, []
         self._resolutions.extend((fut, None, DISK_FULL) for fut in waiters)
