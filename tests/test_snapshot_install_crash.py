@@ -38,7 +38,11 @@ def test_a_replica_killed_while_a_snapshot_arrives_catches_up_and_loses_nothing(
     incoming = os.path.join(lagging.data_dir, INCOMING)
     c.start(lagging)
     wait_until(lambda: os.path.exists(incoming), 30, interval=0.002, what="the snapshot arriving")
-    c.kill(lagging, signal.SIGKILL)
+    c.kill(lagging, signal.SIGKILL)  # mid-transfer
+    c.start(lagging)
+    wait_until(lambda: os.path.exists(incoming), 30, interval=0.002, what="the snapshot arriving again")
+    wait_until(lambda: not os.path.exists(incoming), 30, interval=0.002, what="the snapshot received")
+    c.kill(lagging, signal.SIGKILL)  # while the state store is rebuilt from it, or just after
     c.start(lagging)
     c.wait_ready([lagging], timeout=60)
     wait_until(lambda: {f"k{i}" for i in range(60)} <= user_names(c, lagging, stale=True), 60,
