@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from conftest import wait_until
-from test_cluster import create_user, user_names
+from test_cluster import create_user, fall_behind_a_compacted_log, user_names
 
 BIG_POLICY = "// {}" + "x" * 300_000 + "\n{{}}\n"  # every version is stored: a large snapshot
 INCOMING = "raft.snapshot.1.tmp"  # pysyncobj's file for a snapshot being received
@@ -23,17 +23,13 @@ def _policy_versions(c, r) -> int:
 @pytest.mark.timeout(180)
 def test_a_replica_killed_while_a_snapshot_arrives_catches_up_and_loses_nothing(make_cluster):
     c = make_cluster(3, extra_args=["--snapshot-min-entries", "20"])
-    lagging = next(r for r in c.replicas if r is not c.leader())
-    c.kill(lagging)
-    live = [r for r in c.replicas if r.alive()]
-    for i in range(24):
-        assert c.request(live[i % 2], "PUT", "/api/v1/policy", BIG_POLICY.format(i))[0] == 200
-    for i in range(60):
-        assert create_user(c, live[i % 2], f"k{i}")[0] == 201
-    for r in live:
-        assert c.request(r, "POST", "/api/v1/cluster/snapshot")[0] == 202
-    wait_until(lambda: all(c.request(r, "GET", "/api/v1/cluster/self")[1]["replica"]["log_entries"] < 40
-                           for r in live), 30, what="log compaction on the live replicas")
+
+    def write(r, i):  # 24 large policy versions, then 60 users
+        if i < 24:
+            assert c.request(r, "PUT", "/api/v1/policy", BIG_POLICY.format(i))[0] == 200
+        else:
+            assert create_user(c, r, f"k{i - 24}")[0] == 201
+    lagging, live = fall_behind_a_compacted_log(c, write, 84, 40)
 
     incoming = os.path.join(lagging.data_dir, INCOMING)
     c.start(lagging)
