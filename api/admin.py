@@ -562,19 +562,28 @@ async def _membership(ctx: Ctx, action: str, raft_addr: str) -> None:
         outcome = await asyncio.wait_for(asyncio.wrap_future(fut), ctx.config.write_timeout)
     except asyncio.TimeoutError:
         raise APIError(503, "outcome_unknown", "membership change not confirmed in time")
-    if outcome.kind != "applied":
-        code = "conflict" if outcome.reason == "request_denied" else (
-            "no_leader" if outcome.kind == "not_applied" else "outcome_unknown")
-        raise APIError(409 if code == "conflict" else 503, code,
-                       f"membership change refused ({outcome.reason}): a change may already be in "
-                       "progress or the member already exists / is absent")
+    if outcome.kind == "applied":
+        return
+    if outcome.reason != "request_denied":
+        raise APIError(503, "no_leader" if outcome.kind == "not_applied" else "outcome_unknown",
+                       f"membership change not applied ({outcome.reason})")
+    # The leader refuses a change that would change nothing and one made while another is
+    # uncommitted alike; the membership tells which, so a client knows whether to retry.
+    if action == "add" and raft_addr in ctx.replica.status.get("members", []):
+        raise _already_member(raft_addr)
+    raise APIError(409, "membership_change_in_progress",
+                   "another membership change is not committed yet; retry shortly")
+
+
+def _already_member(raft_addr: str) -> APIError:
+    return APIError(409, "already_member", f"{raft_addr} is already a member")
 
 
 @route("POST", V + "/cluster/members", "admin", "Add a replica (start it with --join)", status=201,
        body=MEMBER_BODY, response=written("member", MEMBER))
 async def add_member(ctx: Ctx):
     if ctx.body["raft_addr"] in ctx.replica.status.get("members", []):
-        raise APIError(409, "conflict", f"{ctx.body['raft_addr']} is already a member")
+        raise _already_member(ctx.body["raft_addr"])
     await _membership(ctx, "add", ctx.body["raft_addr"])  # first: a refused change leaves no record
     r = await ctx.write(MemberAnnounce(**ctx.body))
     return ok({"member": r["value"], "version": r["version"]}, 201)

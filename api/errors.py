@@ -21,6 +21,9 @@ ERROR_CODES = {
     "method_not_allowed": (405, "the route exists but not with this method"),
     "conflict": (409, "the state does not allow this (duplicate, still in use, ...)"),
     "version_conflict": (409, "expected_version does not match the current one"),
+    "already_member": (409, "the replica is already a member of the cluster; nothing changed"),
+    "membership_change_in_progress": (409, "another membership change is not committed yet; "
+                                           "nothing changed, retry"),
     "payload_too_large": (413, "the body exceeds the size limit"),
     "unsupported_media_type": (415, "the body's Content-Type is not the one the operation takes "
                                     "(application/json or text/plain, UTF-8)"),

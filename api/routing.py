@@ -320,9 +320,14 @@ def _json_integer(text):
 
 
 def _json_number(text):
+    """A whole number written with a fraction or exponent (5.0, 1e3) is an int: JSON Schema
+    counts it as an integer, so validation let it through, and the commands' int fields
+    refused it later (schemathesis: usage_limit 61724.0 was a 500). Float fields take ints."""
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"number {text[:20]} is out of range")
+    if value.is_integer() and abs(value) <= MAX_SAFE_INTEGER:
+        return int(value)
     return value
 
 

@@ -21,7 +21,7 @@ def single_replica(entry: dict) -> bool:
     kind, target, params = entry["kind"], entry["target"], entry.get("params", {})
     if params.get("all_ready_at_start") is False:  # another replica was still recovering
         return False
-    if kind in ("kill", "pause", "oneway", "clock"):
+    if kind in ("kill", "pause", "oneway", "clock", "diskfull"):
         return True
     if kind == "partition":
         return params.get("mode") in ("isolate-one", "isolate-leader")

@@ -22,6 +22,8 @@ from . import clock, latency_proxy
 from raftmesh.lab.replica_net import NetRules, ReplicaNet
 from .schedule import FaultEvent, blocked_pairs
 
+FILLER = "chaos-diskfull-filler"  # in a replica's data directory (diskfull faults)
+
 
 @dataclass
 class TimelineEntry:
@@ -54,6 +56,7 @@ class Injector:
         self._killed: set[str] = set()
         self._paused: set[str] = set()
         self._removed: dict[str, bool] = {}  # id -> stopped and set aside, awaiting re-add
+        self._filled: set[str] = set()  # filler files of diskfull faults
         self._removals = 0
 
     def now(self) -> float:
@@ -179,6 +182,26 @@ class Injector:
 
     def _end_powercut(self, ev, entry):
         self._restart_killed()  # the power is back
+
+    def _start_diskfull(self, ev, entry, rid):
+        path = os.path.join(self.replica(rid).data_dir, FILLER)
+        free = os.statvfs(os.path.dirname(path))
+        size = free.f_bavail * free.f_frsize
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+        self._filled.add(path)
+        entry.detail = f"fill {rid}'s data directory: {size >> 20} MB were free, now none"
+
+    def _end_diskfull(self, ev, entry):
+        self._empty_filled()
+
+    def _empty_filled(self):
+        for path in sorted(self._filled):
+            os.unlink(path)
+        self._filled.clear()
 
     def _start_pause(self, ev, entry, rid):
         r = self.replica(rid)
@@ -349,8 +372,6 @@ class Injector:
             if not r.alive():
                 self.cluster.start(r, join=True)
             body = {"id": r.id, "raft_addr": r.raft_addr, "api_url": r.api_url}
-            # 409 means "already a member" or "another change is still in progress": only the
-            # leader's membership tells which (a run once left a replica out for good).
             answer = self._until(time.monotonic() + 20, lambda via: self._added(via, body), rid, ok=(201, 409))
             note = f"re-add {rid}: {answer[0] if answer else 'not confirmed within 20 s'}"
             if entry is not None:
@@ -360,8 +381,13 @@ class Injector:
         self._removed.clear()
 
     def _added(self, via: ReplicaProcess, body: dict):
+        """Done on 201, or on `already_member` once the leader confirms it (the replica asked
+        may count an appended change that a new leader then overwrote); any other answer,
+        `membership_change_in_progress` among them, is retried."""
         status, answer = self.cluster.request(via, "POST", "/api/v1/cluster/members", body, timeout=6)
         if status == 409:
+            if not isinstance(answer, dict) or answer.get("error", {}).get("code") != "already_member":
+                return None, answer
             lead = self.leader()
             code, own = self.cluster.request(self.replica(lead), "GET", "/api/v1/cluster/self",
                                              timeout=2) if lead else (None, None)
@@ -388,6 +414,7 @@ class Injector:
     def heal_all(self) -> None:
         """Undo every fault still in force (idempotent); used at the end and on abort."""
         self._resume_paused()
+        self._empty_filled()
         self._restart_killed()
         self.net.heal()
         for control in self.proxies.values():

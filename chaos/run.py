@@ -29,13 +29,14 @@ from . import availability, checkers, clock, history as hist, latency_proxy, plo
 from .checkers import Check
 from .faults import Injector, clear_removed_data
 from raftmesh.lab.power import PowerLossDisk, preflight as power_preflight
-from raftmesh.lab.processes import stop_pid
+from raftmesh.lab.processes import run as run_cmd, stop_pid
 from raftmesh.lab.replica_net import ReplicaNet, preflight
 from .schedule import FAULT_HELP, FAULTS, OPTIONAL_FAULTS, make_schedule
 from .agent_checks import AGENT_USER, ChaosAgents
 from .workload import OWNERS, USER_POOL, Workload
 
 RAFT_PORT, API_PORT, PROXY_PORT, CONTROL_PORT = 7100, 8100, 7101, 7102
+DISKFULL_MB = 128  # each replica's data directory with diskfull faults: a run's state fits
 # Further checks over the finished run: fn(run: dict) -> Check. The hook for agent checks
 # (netmaps seen by node daemons during the run) once agents join chaos runs.
 EXTRA_CHECKS: list[Callable[[dict], Check]] = []
@@ -90,6 +91,10 @@ def main(args) -> int:
     if args.agents < 0:
         print("raftmesh chaos run: --agents must be >= 0", file=sys.stderr)
         return 2
+    if {"powercut", "diskfull"} <= set(faults):
+        print("raftmesh chaos run: powercut and diskfull each need the data directories on their "
+              "own filesystem; run them separately", file=sys.stderr)
+        return 2
     problems = preflight() + (power_preflight() if "powercut" in faults else [])
     if "clock" in faults and clock.library() is None:
         problems.append("the clock fault needs libfaketime (apt install faketime)")
@@ -107,6 +112,7 @@ class Run:
         self.cluster: LocalCluster | None = None
         self.proxies: list[subprocess.Popen] = []
         self.disks: dict[str, PowerLossDisk] = {}  # replica id -> its power-loss disk (powercut)
+        self.tmpfs: list[str] = []  # data directories mounted as small tmpfs (diskfull)
         self.passed = False
         self.agents: ChaosAgents | None = None
         self.checks: list[Check] = []
@@ -154,6 +160,12 @@ class Run:
                 self.disks[r.id] = PowerLossDisk(r.data_dir + ".disk", r.data_dir)
                 self.disks[r.id].mount()
             self.log("power-loss filesystems mounted: " + ", ".join(d.mountpoint for d in self.disks.values()))
+        if "diskfull" in self.faults:  # after the proxies, like the power-loss disks
+            for r in self.cluster.replicas:
+                os.makedirs(r.data_dir, mode=0o700, exist_ok=True)
+                run_cmd(["mount", "-t", "tmpfs", "-o", f"size={DISKFULL_MB}m,mode=0700", "tmpfs", r.data_dir])
+                self.tmpfs.append(r.data_dir)
+            self.log(f"{DISKFULL_MB} MB tmpfs data directories mounted: " + ", ".join(self.tmpfs))
         self.cluster.start_all()
         self.cluster.wait_ready(timeout=60)
         self.log(f"{n} replicas ready: " + ", ".join(f"{r.id} {r.api_url} pid {r.pid}" for r in self.cluster.replicas))
@@ -201,6 +213,8 @@ class Run:
                 if self.passed:
                     shutil.rmtree(disk.root, ignore_errors=True)
                     shutil.rmtree(disk.mountpoint, ignore_errors=True)
+            for mountpoint in self.tmpfs:  # a failed run's data goes with it (it is in RAM)
+                run_cmd(["umount", mountpoint], check=False)
         for p in self.proxies:
             if p.poll() is None:
                 stop_pid(p.pid)

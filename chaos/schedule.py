@@ -13,7 +13,9 @@ import random
 from dataclasses import asdict, dataclass, field
 
 FAULTS = ("kill", "pause", "partition", "loss", "latency", "membership", "oneway", "clock", "crash")
-OPTIONAL_FAULTS = ("powercut",)  # only when asked for: needs FUSE, and replicas run slower on it
+# Only when asked for: powercut needs FUSE (replicas run slower on it), diskfull puts every
+# data directory on a small tmpfs.
+OPTIONAL_FAULTS = ("powercut", "diskfull")
 FAULT_HELP = {
     "kill": "SIGKILL a replica (the leader or a random one), restart it when the window ends",
     "pause": "SIGSTOP a replica (the leader or a random one), SIGCONT when the window ends",
@@ -34,6 +36,9 @@ FAULT_HELP = {
              "to a day, forward or back (its monotonic clock is left alone)",
     "crash": "SIGKILL the leader while it removes a follower from the cluster; restart it, "
              "and re-add the follower fresh if the removal went through",
+    "diskfull": "a full disk (not in the default set): every replica's data directory is a "
+                "small tmpfs; a file takes every free block of one replica's (the leader or a "
+                "random one), so its writes fail with ENOSPC; the file goes when the window ends",
 }
 CLOCK_SKEW = (2, 30)  # seconds
 CLOCK_JUMP = (300, 86400)
@@ -101,7 +106,7 @@ def make_schedule(seed: int, duration: float, faults: list[str] | tuple[str, ...
 
 
 def _shape(kind: str, variant: int, rng: random.Random, ids: list[str]) -> tuple[str, dict]:
-    if kind in ("kill", "pause"):
+    if kind in ("kill", "pause", "diskfull"):
         return ("leader" if variant % 2 == 0 else rng.choice(ids)), {}
     if kind == "partition":
         mode = PARTITION_MODES[variant % len(PARTITION_MODES)]

@@ -106,6 +106,7 @@ class DurableJournal(Journal):
         self._allocated = 0  # the file's size: zeros from _end (once flushed) up to here
         self.syncs = 0  # fsync count, exported as a metric
         self._meta = self._load_meta()
+        self._meta_unsaved = False  # a write of the meta file failed (ENOSPC); flush retries it
         self._fd = self._open_and_load()
 
     # -- loading -------------------------------------------------------------------
@@ -170,15 +171,21 @@ class DurableJournal(Journal):
 
     def flush(self) -> None:
         """Write appended records to the file (one write for all of them, not one per
-        entry), without fsync: enough for a process crash."""
+        entry), without fsync: enough for a process crash. Also the meta file, if its
+        last write failed."""
+        if self._meta_unsaved:
+            self._store_meta()
         if not self._pending:
             return
         data = b"".join(self._pending)
-        self._pending = []
         if self._end > self._allocated:
             self._write_at(bytes(self._end + PREALLOCATE - self._allocated), self._allocated)
             self._allocated = self._end + PREALLOCATE
         self._write_at(data, self._end - len(data))
+        # Dropped only once written: a write that failed (ENOSPC) is retried whole by the
+        # next flush. Dropped first, its records were never written and the next sync
+        # covered the hole they left, so a follower acknowledged entries its file lacked.
+        self._pending = []
 
     def _write_at(self, data: bytes, offset: int) -> None:
         while data:
@@ -194,7 +201,9 @@ class DurableJournal(Journal):
             self.syncs += 1
 
     def _store_meta(self) -> None:
+        self._meta_unsaved = True
         write_file_durably(self._meta_path, json.dumps(self._meta).encode())
+        self._meta_unsaved = False
 
     # -- pysyncobj Journal interface ----------------------------------------------
     def add(self, command, idx, term):

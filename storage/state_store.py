@@ -20,12 +20,13 @@ were written in one burst that held every replica's journal fsync for 80-85 ms a
 The map is writable (`writemap`): a commit then writes its pages in place instead of with a
 pwrite() per page (~8 system calls per write at one client), 7% more writes per second at
 one client (docs/benchmarks.md). The cost: data.mdb is a sparse file as large as MAP_SIZE,
-and on a full disk a replica dies of SIGBUS when apply touches a page that has no block yet,
-instead of failing the commit; the committed state survives (LMDB copies on write), and a
-full disk stops the journal, without which a replica cannot go on anyway.
+and on a full disk apply touching a page that has no block yet is a SIGBUS, not a failed
+commit. So blocks are kept allocated ahead of LMDB's last page (`has_room`), and the
+replica stops replicating while they cannot be (cluster/raft/pysyncobj_replica.py).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -53,6 +54,11 @@ MAP_SIZE = 8 << 30
 UNSYNCED_MARKER = "unsynced-since-boot"  # in the store's directory; see the module doc
 WRITEBACK_INTERVAL = 1.0  # seconds between flushes of committed pages (see the module doc)
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
+# data.mdb bytes kept allocated beyond LMDB's last page (see has_room); allocation is
+# renewed once less than half of it is left, so one tick would have to write more than
+# 2 MiB of new pages (several maximal policies at once) to reach an unallocated one. Every
+# replica holds it on disk, test clusters included: hence not more.
+SPACE_RESERVE = 4 << 20
 
 
 # Values keep their dict insertion order instead of sorted keys: nothing hashes stored
@@ -172,6 +178,31 @@ class StateStore:
         self.env = lmdb.open(self.path, max_dbs=len(TABLES) + 1, map_size=MAP_SIZE,
                              sync=False, metasync=False, writemap=True, mode=0o600)
         self.dbs = {name: self.env.open_db(name.encode()) for name in TABLES}
+        self._page_size = self.env.stat()["psize"]
+        self._allocated = 0  # data.mdb bytes known to have blocks (see has_room)
+
+    def has_room(self) -> bool:
+        """Whether data.mdb has blocks for SPACE_RESERVE bytes past LMDB's last page,
+        allocating them when less than half is left; False when the disk is too full.
+
+        A page without a block is a SIGBUS when apply writes it on a full disk (writemap,
+        module doc): a chaos `disk` fault killed a follower two writes after the disk
+        filled. Pages inside the reserve cannot fail, and the replica stops taking
+        entries as soon as the reserve cannot be renewed."""
+        used = (self.env.info()["last_pgno"] + 1) * self._page_size
+        if used + SPACE_RESERVE // 2 <= self._allocated:
+            return True
+        fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, used + SPACE_RESERVE)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            return False
+        finally:
+            os.close(fd)
+        self._allocated = used + SPACE_RESERVE
+        return True
 
     def _discard_if_os_crashed(self) -> bool:
         """Remove the LMDB files when commits of an earlier boot were never synced.

@@ -652,7 +652,7 @@ def test_conflicts_are_409(api, world):
     assert world.dup_user in err["message"]
     me = api.cluster.replicas[0]
     assert_error(api("POST", "/api/v1/cluster/members", {"id": me.id, "raft_addr": me.raft_addr,
-                                                         "api_url": me.api_url}), 409, "conflict")
+                                                         "api_url": me.api_url}), 409, "already_member")
     err = assert_error(api("DELETE", f"/api/v1/api-keys/{world.admin_id}"), 409, "conflict")
     assert "admin" in err["message"]
     assert_error(api("PUT", "/api/v1/policy?expected_version=41", "{}"), 409, "version_conflict")

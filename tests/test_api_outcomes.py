@@ -45,3 +45,26 @@ def test_a_read_without_a_barrier_is_503_not_ready_unless_stale(api, kind):
     stale = api("GET", "/api/v1/users?stale=true")
     assert stale.status == 200 and stale.body["stale"] is True
     assert [u["name"] for u in stale.body["users"]] == ["known"]
+
+
+def test_a_membership_change_refused_while_another_is_uncommitted_says_so_and_records_nothing(api):
+    """The leader refuses both a change that changes nothing and one made while another is
+    uncommitted; a client must tell them apart to know whether to retry."""
+    new = {"id": "r9", "raft_addr": "127.0.0.1:9", "api_url": "http://127.0.0.1:9"}
+    api.cluster.raft.script_outcomes(Outcome(Outcome.NOT_APPLIED, reason="request_denied"))
+    err = assert_error(api("POST", "/api/v1/cluster/members", new), 409, "membership_change_in_progress")
+    assert "retry" in err["message"]
+    assert "r9" not in [m["id"] for m in api("GET", "/api/v1/cluster/members").body["members"]]
+    assert api("POST", "/api/v1/cluster/members", new).status == 201
+    assert_error(api("POST", "/api/v1/cluster/members", new), 409, "already_member")
+
+
+def test_a_whole_number_written_as_a_float_is_an_integer(api):
+    """JSON Schema counts 5.0 as an integer; the command once refused it: a 500 (schemathesis)."""
+    assert api("POST", "/api/v1/users", {"name": "owner"}).status == 201
+    created = api("POST", "/api/v1/preauth-keys", {"user": "owner", "reusable": True, "usage_limit": 61724.0})
+    assert created.status == 201, created.body
+    assert created.body["preauth_key"]["usage_limit"] == 61724
+    err = assert_error(api("POST", "/api/v1/preauth-keys", {"user": "owner", "reusable": True,
+                                                           "usage_limit": 2.5}), 400, "validation_failed")
+    assert "usage_limit" in err["message"]

@@ -168,13 +168,11 @@ def test_a_resumed_old_leader_does_not_depose_the_leader_elected_while_it_was_pa
 
 @needs_netns
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=False, reason="known intermittent failure (2 of 3 full-suite runs on "
-                   "2026-12-06): after the heal the victim did not follow the old leader within "
-                   "20 s; not yet known whether the pre-vote still lets it depose the leader "
-                   "(issue #22 note)")
 def test_a_replica_back_from_isolation_does_not_depose_the_working_leader(netcluster):
     """Pre-vote: cut off, a follower used to stand for election (its term rising while it
-    could still see a connection), and its higher term deposed the leader at the heal."""
+    could still see a connection), and its higher term deposed the leader at the heal. Then
+    the other follower did, with the returning one's pre-vote: it compared pysyncobj's
+    election deadline with the wrong clock (tests/test_prevote_clock.py)."""
     net, cluster = netcluster
     leader = cluster.leader()
     victim = next(r for r in cluster.replicas if r is not leader)

@@ -21,8 +21,10 @@ What pysyncobj does not do and this class adds (docs/durability.md has the reaso
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -47,8 +49,10 @@ from .transport_crypto import AeadEncryptor
 
 log = logging.getLogger("raftmesh.replica")
 
+DISK_FULL = 100  # our own failure reason, beside pysyncobj's FAIL_REASON (see _wait_for_room)
 NOT_APPLIED = {FAIL_REASON.QUEUE_FULL, FAIL_REASON.MISSING_LEADER, FAIL_REASON.DISCARDED,
-               FAIL_REASON.NOT_LEADER, FAIL_REASON.REQUEST_DENIED}
+               FAIL_REASON.NOT_LEADER, FAIL_REASON.REQUEST_DENIED, DISK_FULL}
+ROOM_RETRY = 0.1  # seconds between looks for free space while the data directory is full
 RAFT_STATES = {0: "follower", 1: "candidate", 2: "leader"}
 # Several Raft messages for one peer, sent as one: pysyncobj pickles, compresses and seals
 # each message it sends, and a follower forwards each client command as its own message.
@@ -63,6 +67,16 @@ SNAPSHOT_MAX_ENTRIES = 200_000
 
 
 _handling = threading.local()  # set while a RaftReplica handles a Raft message
+
+
+def _raft_clock() -> float:
+    """The clock of pysyncobj's election deadline: CLOCK_MONOTONIC_RAW, not time.monotonic.
+    NTP slews CLOCK_MONOTONIC only, so the two drift apart (0.31 s after 3 hours of uptime on
+    the test machine); compared with time.monotonic, the deadline passed that much early, and
+    followers that heard their leader 50 ms before asked for pre-votes all the time. Once a
+    peer lacked a leader (back from isolation) one granted it, and that follower's election
+    deposed the working leader. Looked up on the module so tests can skew it."""
+    return pso.monotonicTime()
 
 
 class _AlreadyAppliedFilter(logging.Filter):
@@ -171,6 +185,14 @@ class RaftReplica(SyncObj):
                 self._hold_election()
                 self.doTick(self.config.tick)
                 self._flush_outbox()  # replies produced while handling received messages
+                if not self.store.has_room():
+                    self._wait_for_room()
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    log.exception("raft tick failed")
+                    time.sleep(self.config.tick)
+                    continue
+                self._wait_for_room()
             except Exception:
                 log.exception("raft tick failed")
                 time.sleep(self.config.tick)
@@ -192,8 +214,44 @@ class RaftReplica(SyncObj):
         now = time.monotonic()
         if now - last_tick > self.config.tick + self.config.election_min:
             self._SyncObj__raftElectionDeadline = max(self._SyncObj__raftElectionDeadline,
-                                                      now + self._SyncObj__generateRaftTimeout())
+                                                      _raft_clock() + self._SyncObj__generateRaftTimeout())
         return now
+
+    def _wait_for_room(self) -> None:
+        """Stop replicating while the data directory is full; resume when space returns.
+
+        Without space an entry can be neither stored (journal) nor applied (LMDB: a crash,
+        see StateStore.has_room), so the replica stands still like a paused one: the
+        others go on without it, and what it acknowledged is in its journal. Meanwhile
+        requests waiting on it end as unknown (they may still commit elsewhere) and new
+        ones at once as not applied, reason disk_full: a 503, never a false success."""
+        log.error("replica %s: no space left in %s; replicating again once there is",
+                  self.config.id, self.config.data_dir)
+        self._end_waiting_proposals()
+        while not self._stopping:
+            self._refuse_queued_commands()
+            self._publish()
+            try:
+                self.journal.flush()  # what failed to be written (records, meta), if anything
+                if self.store.has_room():
+                    break
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+            time.sleep(ROOM_RETRY)
+        log.warning("replica %s: space is back; replicating again", self.config.id)
+
+    def _refuse_queued_commands(self) -> None:
+        commands = self._SyncObj__commandsQueue
+        while True:
+            try:
+                _, callback = commands.get_nowait()
+            except queue.Empty:
+                break
+            if callable(callback):  # else (node, id): a follower's, which gives up on a silent leader
+                callback(None, DISK_FULL)
+        waiters, self._barrier_waiters = self._barrier_waiters, []
+        self._resolutions.extend((fut, None, DISK_FULL) for fut in waiters)
 
     def _hold_election(self) -> None:
         """Pre-vote (Raft thesis 9.6): stand for election only once a majority would vote.
@@ -212,7 +270,7 @@ class RaftReplica(SyncObj):
         others = self._SyncObj__otherNodes
         if self._isLeader() or not others or self._SyncObj__selfNode is None:
             return
-        now = time.monotonic()
+        now = _raft_clock()
         if self._SyncObj__raftElectionDeadline > now or not self._SyncObj__connectedToAnyone():
             return
         term = self.raftCurrentTerm + 1
@@ -370,9 +428,12 @@ class RaftReplica(SyncObj):
         if leader is not None and (silent or leader not in self._SyncObj__connectedNodes):
             self._SyncObj__raftLeader = None
             self._SyncObj__onLeaderChanged()  # forwarded, not yet acknowledged: LEADER_CHANGED
+        if self._SyncObj__raftLeader is None or stepped_down:
+            self._end_waiting_proposals()
+
+    def _end_waiting_proposals(self) -> None:
+        """Proposals waiting for their entry to commit end as unknown (it still may)."""
         waiting = self._SyncObj__commandsWaitingCommit
-        if (self._SyncObj__raftLeader is not None and not stepped_down) or not waiting:
-            return
         for index in sorted(waiting):
             for _, callback in waiting[index]:
                 callback(None, FAIL_REASON.LEADER_CHANGED)
@@ -666,4 +727,5 @@ def _outcome(result, err: int) -> Outcome:
 
 def _reason(err: int) -> str:
     names = {v: k.lower() for k, v in vars(FAIL_REASON).items() if isinstance(v, int)}
+    names[DISK_FULL] = "disk_full"
     return names.get(err, str(err))
