@@ -666,4 +666,4 @@ def _clusterkey_rotate(ctx: Context, cmd: c.ClusterKeyRotate) -> dict:
 
 
 # Handlers of their own modules, which use the above: lock-down, logins, SCIM provisioning.
-from . import lockdown_apply, login_apply, scim_apply  # noqa: E402,F401
+from . import lockdown_apply, login_apply, scim_apply, session_apply  # noqa: E402,F401
