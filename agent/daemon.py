@@ -30,18 +30,24 @@ from raftmesh.proto.wire import Netmap
 
 from .ack_sender import AckSender
 from .control_client import ControlClient, ControlError
+from .dns_server import DnsServer
+from .exit_node import ExitRouting, find_exit_node, wireguard_peers
 from .firewall import PacketFilter
+from .forwarding import Forwarding, unreachable_routes
+from .magic_dns import SERVICE_ADDRESS, DnsTable
 from .map_client import MapStream
 from .netmap_state import AgentNetmap, next_expiry
 from .paths import PathProber, split_endpoint
 from .relay import RelayClient
+from .resolv_conf import RESOLV_CONF, HostResolver, nameservers
 from .session import APPLY, APPLY_ARM_ACK, END, REVOKED, AgentSession, Next
 from .state_dir import StateDir
-from .wireguard import WireGuardInterface, public_key_of
+from .wireguard import WireGuardError, WireGuardInterface, public_key_of
 
 log = logging.getLogger("raftmesh.agent")
 DEFAULT_MAX_STALE = 7 * 86400.0
 WG_PID_FILE = "wireguard-go.pid"
+ROUTE_CHECK_SECONDS = 5.0
 
 
 @dataclass
@@ -57,6 +63,11 @@ class AgentConfig:
     peer_keepalive: int = 25  # WireGuard persistent keepalive, seconds (holds NAT mappings)
     stun_servers: list[str] = field(default_factory=list)  # host:port, besides the replicas'
     max_stale: float = DEFAULT_MAX_STALE  # stop enforcing a netmap this long without contact
+    dns_config: bool = True  # point the host's resolver at MagicDNS (agent/resolv_conf.py)
+    resolv_conf: str = RESOLV_CONF
+    masquerade: bool = True  # routed traffic leaves as this router's address (forwarding.py)
+    exit_node: str | None = None  # the peer (id, name or address) to reach the internet by
+    exit_node_allow_lan: bool = False  # with an exit node, keep reaching the local networks
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -86,19 +97,34 @@ class Agent:
         self.session = AgentSession(random.Random(), view, bool(config.auth_key),
                                     last_contact=last_contact)
         self._reported: tuple[str, ...] | None = None  # endpoints last reported this run
+        self._routes_reported: tuple | None = None  # (advertised, unreachable) reported this run
+        self._routes_checked = 0.0  # monotonic time of the last subnet reachability check
         self._report_lock = threading.Lock()  # the prober's thread reports a new mapping too
         self._status_lock = threading.Lock()
+        # WireGuard's peers change from three threads: a netmap (main), a path proved or lost
+        # (prober), the relay's session up or moved (relay). Paths are read and written under
+        # this lock, so a relay session that comes up while the first netmap is applied cannot
+        # leave a peer without the endpoint it would have had either way (its first handshake
+        # then waited for the other side's, 5 s when that one was lost).
+        self._paths_lock = threading.RLock()
         self.mapped: str | None = None  # our WireGuard port as STUN sees it
         self.prober: PathProber | None = None
         self._appeared: dict[str, float] = {}  # peer key -> when it entered the netmap, until
         self._setup_times: list[float] = []     # its first handshake; then reported in acks
+        self._peer_since: dict[str, float] = {}  # peer key -> wall time it entered the netmap
         self.relay: RelayClient | None = None
         self.ack_sender = AckSender(self.machine_key)
         self.wg: WireGuardInterface | None = None
         self.fw: PacketFilter | None = None
+        self.forwarding: Forwarding | None = None
+        self.exit_routing: ExitRouting | None = None
         self.status: dict = {"state": "starting", "server": None, "replica": None}
         self.stream: MapStream | None = None
         self.login_url_shown: str | None = None
+        self.dns: DnsServer | None = None
+        self.host_resolver = HostResolver(self.state.path, config.interface, config.resolv_conf) \
+            if config.dns_config else None
+        self._host_upstreams: list[str] = []
 
     @property
     def view(self) -> AgentNetmap | None:
@@ -202,6 +228,7 @@ class Agent:
                     return None
                 self._enforce()
                 self._track_setup()
+                self._report_routes()
                 continue
             kind, payload = item
             if kind != "frame":
@@ -213,6 +240,7 @@ class Agent:
                 self._save_cache()
                 self._enforce()
                 self._report_endpoints(verdict.netmap)
+                self._report_routes()
             elif action is REVOKED:
                 self._publish_status(stream)
                 self._save_cache()
@@ -298,6 +326,28 @@ class Agent:
             except (ControlError, OSError) as e:
                 log.info("endpoint report failed (will retry with the next netmap): %s", e)
 
+    def _report_routes(self) -> None:
+        """Tell the control plane what this router advertises (this run's flags) and which
+        of those subnets it cannot reach now, checked every ROUTE_CHECK_SECONDS."""
+        now = time.monotonic()
+        if self._routes_reported is not None and now - self._routes_checked < ROUTE_CHECK_SECONDS:
+            return
+        self._routes_checked = now
+        routes = sorted(self.config.advertise_routes)
+        nm = self.session.enforced
+        serving = nm is not None and set(nm.self_node.allowed_ips) - set(nm.self_node.addresses)
+        if not routes and not serving:  # nothing to say (most nodes): no write at all
+            return
+        want = (routes, unreachable_routes(routes, self.config.interface))
+        if want == self._routes_reported:
+            return
+        try:
+            self.client.call("POST", REPORT, {"advertised_routes": want[0],
+                                              "unreachable_routes": want[1]}, deadline=5)
+            self._routes_reported = want
+        except (ControlError, OSError) as e:
+            log.info("route report failed (will retry): %s", e)
+
     def _mapped_changed(self, mapped: str) -> None:
         """From the prober's thread: STUN saw our port at a new outside address."""
         self.mapped = mapped
@@ -318,7 +368,8 @@ class Agent:
     def _set_peer_endpoint(self, node_key: str, endpoint: str) -> None:
         """From the prober's thread: a probe proved `endpoint`; WireGuard sends there now."""
         try:
-            self.wg.set_endpoint(node_key, endpoint)
+            with self._paths_lock:
+                self.wg.set_endpoint(node_key, endpoint)
         except Exception as e:  # the peer may have gone in between
             log.info("cannot set the endpoint of %s: %s", node_key[:8], e)
         self._write_status()
@@ -360,13 +411,14 @@ class Agent:
     def _relay_changed(self) -> None:
         """From the relay's thread: the session came up (or moved): peers without a direct
         path go through it."""
-        nm = self.session.enforced
-        direct = self.prober.direct()
-        for peer in list(nm.peers.values()) if nm is not None else ():
-            if peer.node_key not in direct:
-                path = self.relay.endpoint_for(peer.node_key)
-                if path is not None:
-                    self._set_peer_endpoint(peer.node_key, path)
+        with self._paths_lock:
+            nm = self.session.enforced
+            direct = self.prober.direct()
+            for peer in list(nm.peers.values()) if nm is not None else ():
+                if peer.node_key not in direct:
+                    path = self.relay.endpoint_for(peer.node_key)
+                    if path is not None:
+                        self._set_peer_endpoint(peer.node_key, path)
 
     def _wireguard_keys(self) -> tuple[bytes, bytes]:
         key = self.state.wireguard_key()  # read each time: a key rotation takes effect at once
@@ -383,8 +435,16 @@ class Agent:
             self.state.write_json(WG_PID_FILE, {"pid": self.wg.pid, "interface": self.config.interface})
         self.fw = PacketFilter(self.config.interface)
         self.fw.apply(())  # deny inbound until a verified netmap says otherwise
+        if self.config.advertise_routes:
+            self.forwarding = Forwarding(self.config.interface, self.config.advertise_routes,
+                                         self.config.masquerade)
+            self.forwarding.start()
+        if self.config.exit_node:
+            self.exit_routing = ExitRouting(self.config.interface, self.config.servers,
+                                            self.config.exit_node_allow_lan)
         addresses = self.view.netmap.self_node.addresses if self.view and self.view.netmap else ()
         self.wg.configure(self._private_key(), self.config.listen_port, addresses)
+        self._start_dns()
         self.prober = PathProber(self.config.listen_port, self._wireguard_keys,
                                  self._set_peer_endpoint, self._mapped_changed, self._path_lost)
         self.prober.start()
@@ -392,9 +452,48 @@ class Agent:
                                  self._relay_changed)
         self.relay.start()
 
+    def _start_dns(self) -> None:
+        """MagicDNS on the service address; the host's resolvers are read before anything
+        changes them (from the backup, if an earlier run did not restore it)."""
+        if self.host_resolver is not None:
+            self._host_upstreams = self.host_resolver.upstreams()
+        else:
+            try:
+                with open(self.config.resolv_conf) as f:
+                    self._host_upstreams = nameservers(f.read())
+            except OSError:
+                self._host_upstreams = []
+        try:
+            self.wg.add_host_address(SERVICE_ADDRESS)
+            self.dns = DnsServer()
+        except (OSError, WireGuardError) as e:  # e.g. another agent in this namespace has it
+            log.warning("MagicDNS not served on %s: %s", SERVICE_ADDRESS, e)
+            return
+        self.dns.start()
+
+    def _update_dns(self, nm) -> None:
+        table = DnsTable.from_netmap(nm, self._host_upstreams)
+        if self.dns is not None:
+            self.dns.table = table
+        if self.host_resolver is None:
+            return
+        try:
+            if table.enabled and self.dns is not None:
+                self.host_resolver.point_at_mesh(nm.dns["domain"], nm.dns.get("split", {}))
+            elif self.host_resolver.applied is not None:
+                self.host_resolver.restore()
+        except (OSError, subprocess.CalledProcessError) as e:
+            log.warning("host resolver configuration: %s", e)
+
     def _stop_dataplane(self) -> None:
         self._set_status("stopped")
-        for part in (self.relay, self.prober, self.fw, self.wg):
+        if self.host_resolver is not None:
+            try:
+                self.host_resolver.restore()
+            except (OSError, subprocess.CalledProcessError) as e:
+                log.warning("restoring the host resolver configuration: %s", e)
+        for part in (self.dns, self.relay, self.prober, self.exit_routing, self.forwarding,
+                     self.fw, self.wg):
             if part is not None:
                 try:
                     part.close()
@@ -419,11 +518,19 @@ class Agent:
                           (p.node_key for p in nm.peers.values())
                           if k in self._appeared or old is None or k not in
                           {q.node_key for q in old.peers.values()}}
+        wall = time.time()
+        self._peer_since = {p.node_key: self._peer_since.get(p.node_key, wall) for p in nm.peers.values()}
         self.relay.retain({p.node_key for p in nm.peers.values()})
-        self.wg.reconcile([self._with_path(p) for p in nm.peers.values()], self.config.peer_keepalive)
-        if old is None or old.packet_filter != nm.packet_filter:
-            self.fw.apply(nm.packet_filter)
-        self.session.enforced = nm
+        exit_node = find_exit_node(nm.peers.values(), self.config.exit_node)
+        with self._paths_lock:
+            self.wg.reconcile([self._with_path(p) for p in wireguard_peers(nm.peers.values(), exit_node)],
+                              self.config.peer_keepalive)
+            if self.exit_routing is not None:
+                self.exit_routing.use(exit_node)
+            if old is None or old.packet_filter != nm.packet_filter:
+                self.fw.apply(nm.packet_filter)
+            self.session.enforced = nm
+        self._update_dns(nm)
         self._write_status()
 
     def _save_cache(self) -> None:
@@ -471,7 +578,7 @@ class Agent:
             "addresses": list(nm.self_node.addresses) if nm else [],
             "peers": [{"id": p.id, "name": p.name, "node_key": p.node_key,
                        "allowed_ips": list(p.allowed_ips), "endpoints": list(p.endpoints),
-                       "path": self._path_status(p.node_key)}
+                       "path": self._path_status(p.node_key), "since": self._peer_since.get(p.node_key)}
                       for p in (nm.peers.values() if nm else ())],
             "last_contact": self.session.last_contact,
             "next_expiry": next_expiry(self.view.netmap if self.view else None, time.time()),

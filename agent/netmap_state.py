@@ -114,7 +114,7 @@ def effective(netmap: Netmap | None, now: float, last_contact: float | None,
                             if p.key_expiry is None or p.key_expiry > now}
     if peers == netmap.peers:
         return netmap
-    return Netmap(netmap.version, me, peers, () if cut else netmap.packet_filter)
+    return Netmap(netmap.version, me, peers, () if cut else netmap.packet_filter, netmap.dns)
 
 
 def next_expiry(netmap: Netmap | None, now: float) -> float | None:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from raftmesh.proto import stun
 
-from . import disco
+from . import disco, exit_node
 
 log = logging.getLogger("raftmesh.agent.paths")
 SO_ATTACH_FILTER = 26
@@ -102,6 +102,9 @@ class PathProber:
         prog = ctypes.create_string_buffer(_bpf_program(port))
         fprog = struct.pack("HL", len(prog.raw) // 8, ctypes.addressof(prog))
         self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        # probes and STUN are underlay traffic, like WireGuard's own: marked as WireGuard
+        # marks it, they stay out of an exit node's tunnel (agent/exit_node.py)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, exit_node.TABLE)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)  # a wake-up already pending is enough
         self.thread = threading.Thread(target=self._run, name="paths", daemon=True)
@@ -147,6 +150,7 @@ class PathProber:
             log.debug("send to %s:%d: %s", *addr, e)
 
     def _run(self) -> None:
+        stun.codec()  # aioice loads here, while the daemon's main thread registers (proto/stun.py)
         while not self._stop.is_set():
             now = time.monotonic()
             private, public = self.keys()

@@ -7,6 +7,12 @@ what the relay delivers from the peer is sent from that socket to wireguard-go's
 WireGuard sees the peer at the same endpoint either way. A direct path, once a probe proves
 one, simply replaces the endpoint (agent/paths.py); the relay stays up for the next peer.
 
+Throughput comes from batching (proto/relay.py): a readable socket is drained at once, and
+its packets wait in a bounded list while the session's sender writes the previous batch, so
+under load one WebSocket message carries many packets and at rest a packet leaves at once.
+What the session cannot take (the list is full) is dropped, as a congested link would:
+WireGuard's traffic is its own retransmission's business.
+
 Every agent prefers the same replica for its relay session (the first of the sorted server
 URLs that answers), so two agents meet on one replica; when that replica dies the session
 moves to the next at once (the connection is reset or its heartbeat goes unanswered), and
@@ -22,19 +28,27 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-import aiohttp
 from nacl.signing import SigningKey
 
 from raftmesh.proto.machine_auth import sign_headers
-from raftmesh.proto.relay import MAX_FRAME_BYTES, MAX_PACKET_BYTES, RelayFrameError, split_frame
+from raftmesh.proto.relay import (MAX_FRAME_BYTES, MAX_PACKET_BYTES, RelayFrameError, frames, packets,
+                                  split_frame)
 from raftmesh.proto.routes import RELAY
 from raftmesh.proto.version import version_header
+
+if TYPE_CHECKING:  # imported by the relay's thread: ~0.5 s that the daemon's start does not wait for
+    import aiohttp
 
 log = logging.getLogger("raftmesh.agent.relay")
 HEARTBEAT = 2.0  # a partitioned replica is noticed after 3 s; a dead one at once (reset)
 PREFERRED_RETRY = 5.0
 RETRY = 0.2
+PENDING_LIMIT = 1 << 20  # bytes read from wireguard-go and not yet written to the session
+READ_BUDGET = 256  # packets taken from one socket per wake-up: a busy peer cannot starve others
+SOCKET_BUFFER = 1 << 20  # a local socket's receive buffer: wireguard-go's bursts wait there
 
 
 class RelayClient:
@@ -49,6 +63,9 @@ class RelayClient:
         self.lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self._pending: dict[bytes, list[bytes]] = {}  # peer key -> packets for the session
+        self._pending_bytes = 0
+        self._wake: asyncio.Event | None = None  # set when _pending has packets
         self.thread = threading.Thread(target=self._thread_main, name="relay", daemon=True)
         self._stop: asyncio.Event | None = None
 
@@ -96,6 +113,7 @@ class RelayClient:
             sock = self.proxies.get(key)
             if sock is None:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
                 sock.bind(("127.0.0.1", 0))
                 sock.setblocking(False)
                 self.proxies[key] = sock
@@ -104,15 +122,34 @@ class RelayClient:
         return sock
 
     def _from_wireguard(self, key: bytes, sock: socket.socket) -> None:
-        """Packets wireguard-go sent to the peer's local socket: onto the session."""
-        ws = self.ws
-        while True:
+        """Packets wireguard-go sent to the peer's local socket: to the session's sender."""
+        taken = []
+        for _ in range(READ_BUDGET):
             try:
                 packet = sock.recv(MAX_PACKET_BYTES + 1)
-            except (BlockingIOError, OSError):
-                return
-            if ws is not None and not ws.closed and len(packet) <= MAX_PACKET_BYTES:
-                self.loop.create_task(ws.send_bytes(key + packet))
+            except OSError:  # BlockingIOError: drained
+                break
+            if self.ws is None or len(packet) > MAX_PACKET_BYTES or self._pending_bytes >= PENDING_LIMIT:
+                continue  # no session, not a WireGuard packet, or the session is behind: dropped
+            taken.append(packet)
+            self._pending_bytes += len(packet)
+        if taken:
+            self._pending.setdefault(key, []).extend(taken)
+            self._wake.set()
+
+    async def _send_pending(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """The session's writer: whatever piled up while it wrote the last batch, in frames."""
+        import aiohttp
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            pending, self._pending, self._pending_bytes = self._pending, {}, 0
+            try:
+                for key, taken in pending.items():
+                    for frame in frames(key, taken):
+                        await ws.send_bytes(frame)
+            except (ConnectionError, aiohttp.ClientError):
+                return  # the session is gone; its reader notices and ends it
 
     def _thread_main(self) -> None:
         try:
@@ -121,7 +158,8 @@ class RelayClient:
             self.loop.close()
 
     async def _run(self) -> None:
-        self._stop = asyncio.Event()
+        import aiohttp
+        self._stop, self._wake = asyncio.Event(), asyncio.Event()
         async with aiohttp.ClientSession() as http:
             while not self._stop.is_set():
                 for server in self.servers:
@@ -148,8 +186,9 @@ class RelayClient:
     async def _session(self, http: aiohttp.ClientSession, server: str) -> str:
         """One session until it "ended"; at once "refused" (the replica answered no) or
         "unreachable"."""
+        import aiohttp
         url = server + RELAY
-        headers = sign_headers(self.key, "GET", aiohttp.client.URL(url).path, b"", time.time(),
+        headers = sign_headers(self.key, "GET", urlsplit(url).path, b"", time.time(),
                                secrets.token_hex(12))
         headers.update(version_header())
         try:
@@ -165,6 +204,7 @@ class RelayClient:
         log.info("relay session on %s", server)
         self.changed()
         preferred = server == self.servers[0]
+        sender = asyncio.create_task(self._send_pending(ws))
         try:
             while not self._stop.is_set():
                 try:
@@ -178,13 +218,16 @@ class RelayClient:
                 self._to_wireguard(msg.data)
         finally:
             self.ws, self.server = None, None
+            sender.cancel()
             await ws.close()
+            self._pending.clear()
             log.info("relay session on %s ended", server)
             self.changed()
         return "ended"
 
     async def _preferred_back(self, http: aiohttp.ClientSession) -> bool:
         """Whether the preferred replica answers again (then the session moves there)."""
+        import aiohttp
         try:
             async with http.get(self.servers[0] + "/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r:
                 return r.status == 200
@@ -193,11 +236,13 @@ class RelayClient:
 
     def _to_wireguard(self, data: bytes) -> None:
         try:
-            sender, packet = split_frame(data)
+            sender, batch = split_frame(data)
+            received = packets(batch)
         except RelayFrameError:
             return
-        try:
-            self._proxy(sender).sendto(packet, ("127.0.0.1", self.wg_port))
-        except OSError:
-            pass
-
+        sock = self._proxy(sender)
+        for packet in received:
+            try:
+                sock.sendto(packet, ("127.0.0.1", self.wg_port))
+            except OSError:  # wireguard-go's buffer is full: dropped
+                pass

@@ -14,7 +14,7 @@ from typing import Any
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from raftmesh.storage.journal import write_file_durably
+from raftmesh.storage.durable_files import write_file_durably
 
 
 class StateDir:

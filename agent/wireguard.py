@@ -35,6 +35,7 @@ from raftmesh.proto.wire import Peer
 
 ROUTE_PROTO = "82"  # marks routes this driver owns, so it never deletes anyone else's
 WG_RUN_DIR = "/var/run/wireguard"  # wireguard-go's control sockets; shared by all netns
+FRESH_SPACING = 0.05  # seconds between two re-adds of one peer (set_endpoint)
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,15}$")
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -269,6 +270,7 @@ class WireGuardInterface:
         self.wireguard_go = wireguard_go
         self._proc: subprocess.Popen | None = None
         self._log = None
+        self._fresh_at: dict[str, float] = {}  # peer key -> when set_endpoint last re-added it
 
     # commands -----------------------------------------------------------------------------
     def _in_ns(self, argv: list[str]) -> list[str]:
@@ -411,6 +413,11 @@ class WireGuardInterface:
         for a in sorted(want - have):
             self._run(self._ip("addr", "add", a, "dev", self.name))
 
+    def add_host_address(self, address: str) -> None:
+        """An address for local services only (MagicDNS's): host scope, so the kernel never
+        picks it as the source of traffic into the tunnel, and `addresses` leaves it out."""
+        self._run(self._ip("addr", "replace", f"{address}/32", "dev", self.name, "scope", "host"))
+
     def routes(self) -> set[str]:
         """Routes this driver installed on the interface (marked with ROUTE_PROTO)."""
         found: set[str] = set()
@@ -432,7 +439,11 @@ class WireGuardInterface:
 
         A peer that has not completed a handshake yet is removed and added again in the same
         `wg set`: wireguard-go counts a handshake it could not send (no endpoint yet) and
-        would wait its 5 s retry before trying the new endpoint."""
+        would wait its 5 s retry before trying the new endpoint. Re-adds of one peer are kept
+        FRESH_SPACING apart: the receiver drops an initiation that follows the previous one
+        within 20 ms (flood) or carries the same timestamp (wireguard-go rounds them to
+        ~17 ms), and the relay and a direct path are often found that close together; the
+        dropped second initiation then waited the 5 s retry."""
         check_key(public_key)
         endpoint = canonical_endpoint(endpoint)
         dump = self.dump()
@@ -444,7 +455,13 @@ class WireGuardInterface:
             return
         fresh = PeerOp(public_key, endpoint=endpoint, allowed_ips=cur.allowed_ips,
                        keepalive=cur.keepalive or None)
+        wait = self._fresh_at.get(public_key, -FRESH_SPACING) + FRESH_SPACING - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
         self._wg("set", self.name, "peer", public_key, "remove", *fresh.wg_args())
+        now = time.monotonic()
+        self._fresh_at = {k: t for k, t in self._fresh_at.items() if now - t < FRESH_SPACING}
+        self._fresh_at[public_key] = now
 
     def reconcile(self, peers: Sequence[Peer], keepalive: int = 0) -> ReconcileResult:
         """Make the device's peers and routes match `peers`, changing only the differences."""

@@ -21,6 +21,7 @@ from raftmesh.cluster.commands import (ApiKeyCreate, ApiKeyDelete, ClusterKeyRot
 from raftmesh.cluster.names import USER_NAME_SCHEMA, is_user_name
 from raftmesh.cluster.policy import Policy, PolicyError, PolicyTooLarge, parse_policy
 from raftmesh.cluster.policy_form import UnreadablePolicy, compile_policy, stored_policy
+from raftmesh.cluster.routes import route_table
 from raftmesh.cluster.state_machine import public
 from raftmesh.storage.audit_chain import GENESIS, verify
 from raftmesh.storage.json_codec import compact_json
@@ -31,9 +32,10 @@ from raftmesh.proto.machine_auth import new_cluster_key
 from raftmesh.proto.numbers import MAX_SAFE_INTEGER
 from .health import serving_readiness
 from .map_stream import HUB
+from .route_input import checked_routes
 from .routing import STALE_QUERY, Ctx, openapi, route
 from .responses import (ANY_OBJECT, API_KEY, AUDIT_PAGE, BOOL, CLUSTER, CLUSTER_KEY, DELETED, MEMBER,
-                        NODE, NODE_WRITTEN, POLICY_VERSION, POLICY_WARNINGS, PREAUTH_KEY,
+                        NODE, NODE_WRITTEN, POLICY_VERSION, POLICY_WARNINGS, PREAUTH_KEY, ROUTE,
                         SECRET_SHOWN_ONCE, STR, STREAM, USER, VERSION, answer, listing, reading,
                         written)
 
@@ -314,8 +316,18 @@ async def expire_node(ctx: Ctx):
                                      "maxItems": 256}}, ("approved_routes",)),
        response=NODE_WRITTEN)
 async def set_routes(ctx: Ctx):
-    r = await ctx.write(NodeRoutes(id=ctx.param("id"), **ctx.body))
+    r = await ctx.write(NodeRoutes(id=ctx.param("id"),
+                                   approved_routes=checked_routes(ctx.body["approved_routes"])))
     return ok({"node": r["value"], "version": r["version"]})
+
+
+@route("GET", V + "/routes", "read", "Subnet routes and exit routes with the routers serving "
+       "them: each subnet's primary (the one its traffic goes through) and candidates",
+       query=STALE_QUERY, response=listing("routes", ROUTE))
+async def list_routes(ctx: Ctx):
+    version, stale = await ctx.read_version()
+    with ctx.replica.store.read() as txn:
+        return ok({"routes": route_table(txn), "version": version, "stale": stale})
 
 
 # -- policy -------------------------------------------------------------------------------------------

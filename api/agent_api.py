@@ -24,6 +24,7 @@ from raftmesh.proto import routes
 from raftmesh.proto.version import HEADER_PROTOCOL_VERSION, UNSUPPORTED, VersionError, requested_version
 from .cluster_clock import CLUSTER_CLOCK
 from .map_stream import HUB
+from .route_input import checked_routes
 from .responses import BOOL, FRAMES, NODE_WRITTEN, REGISTERED, STR, VERSION, answer
 from .routing import Ctx, route
 from .sso_api import device_login, sso_enabled
@@ -106,7 +107,7 @@ async def register(ctx: Ctx):
     machine = await machine_of(ctx)
     await ctx.read_version()  # see keys and nodes created on other replicas just before
     existing = node_for_machine(ctx, machine)
-    b = ctx.body
+    b = dict(ctx.body, advertised_routes=checked_routes(ctx.body.get("advertised_routes", [])))
     lifetime = ctx.config.node_key_lifetime
     key_expiry = time.time() + lifetime if lifetime else None
     if "auth_key" not in b and sso_enabled(ctx) and (existing is None or _expired(existing)):
@@ -125,7 +126,7 @@ async def register(ctx: Ctx):
     ctx.actor = f"machine:{machine}"
     args = {"id": "n" + secrets.token_hex(6), "name": b["hostname"].lower(), "machine_key": machine,
             "node_key": b["node_key"], "endpoints": b.get("endpoints", []),
-            "advertised_routes": b.get("advertised_routes", []), "key_expiry": key_expiry}
+            "advertised_routes": b["advertised_routes"], "key_expiry": key_expiry}
     if "auth_key" in b:
         args["preauth_key_id"] = _check_preauth_key(ctx, b["auth_key"])
     r = await ctx.write(NodeRegister(**args))
@@ -164,14 +165,17 @@ async def _own_node(ctx: Ctx, stream_tagged: bool = False) -> dict:
     return node
 
 
-@route("POST", routes.REPORT, None, "Report endpoints and advertised routes",
+@route("POST", routes.REPORT, None, "Report endpoints, advertised routes and which of them "
+       "are unreachable now (their primary moves to another router)",
        body=obj({"endpoints": {"type": "array", "items": ENDPOINT, "maxItems": 32},
-                 "advertised_routes": {"type": "array", "items": CIDR, "maxItems": 256}}),
+                 "advertised_routes": {"type": "array", "items": CIDR, "maxItems": 256},
+                 "unreachable_routes": {"type": "array", "items": CIDR, "maxItems": 256}}),
        response=NODE_WRITTEN)
 async def report(ctx: Ctx):
     node = await _own_node(ctx)
     ctx.actor = f"node:{node['id']}"
-    r = await ctx.write(NodeReport(id=node["id"], **ctx.body, last_seen=time.time()))
+    body = {k: checked_routes(v) if k.endswith("_routes") else v for k, v in ctx.body.items()}
+    r = await ctx.write(NodeReport(id=node["id"], **body, last_seen=time.time()))
     return web.json_response({"node": public(r["value"]), "version": r["version"]})
 
 

@@ -35,7 +35,9 @@ ERROR_CODES = {
                           "auth key"),
     "unsupported_protocol_version": (426, "the agent's protocol version is one this replica "
                                           "does not serve; the message names those it does"),
-    "invalid_route": (400, "a route to approve is not advertised by the node"),
+    "invalid_route": (400, "a route is not a CIDR, or one to approve is not advertised"),
+    "invalid_setting": (400, "a cluster setting (DNS, lifecycle) out of its allowed values; the "
+                             "message names it"),
     "address_pool_exhausted": (507, "no free overlay address is left"),
     "bad_command": (400, "a malformed command reached the state machine"),
     "unknown_command": (400, "a command the state machine does not know"),

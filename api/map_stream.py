@@ -26,17 +26,17 @@ from aiohttp import web
 from prometheus_client import Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from raftmesh.cluster import state_machine as sm
+from raftmesh.cluster import dns_config, state_machine as sm
 from raftmesh.cluster.commands import ClockTick, NodePresence, NodePresenceSweep
 from raftmesh.cluster.netmap_feed import FeedUpdate, NetmapFeed
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.state_store import read_version
 from raftmesh.proto.routes import (BYE_REVOKED, BYE_SHUTTING_DOWN, FRAME_CONTENT_TYPE, HEADER_KEEPALIVE,
                                    HEADER_REPLICA, HEADER_STUN_PORT)
-from raftmesh.proto.wire import Netmap
+from raftmesh.proto.wire import Netmap, NetmapDelta
 
-from raftmesh.proto.frames import (ClusterKey, FrameSigner, endorse, key_exchange_offer, next_frame,
-                     replica_tag_key, stream_keypair)
+from raftmesh.proto.frames import (ClusterKey, FrameSigner, encode_body, endorse, key_exchange_offer,
+                     next_frame, replica_tag_key, stream_keypair)
 from . import memtrace
 from .gc_tuning import GcTuning
 
@@ -65,6 +65,7 @@ def quiet_limit(limits: tuple[float, ...], session: str) -> float:
     return limits[hash(session) % len(limits)]
 
 
+EMPTY_BODY = encode_body({})  # a keepalive's
 NO_FRAMES: tuple = ()  # a stream's frames and pending acks before it has any (see Stream)
 NO_PENDING: tuple = ()
 
@@ -80,7 +81,7 @@ class Stream:
     __slots__ = ("node_id", "remote", "nonce", "seq", "tag_key", "key_exchange", "signed_by",
                  "session", "connected_at", "frames", "needs_full", "closing", "sent_version",
                  "last_sent", "keepalive_due", "acked_version", "acked_at", "pending",
-                 "_woken", "_waiter")
+                 "_woken", "_waiter", "resp", "transport")
 
     def __init__(self, node_id: str, remote: str | None, nonce: str):
         self.node_id, self.remote = node_id, remote
@@ -93,7 +94,7 @@ class Stream:
         self.signed_by: FrameSigner | None = None
         self.session = secrets.token_hex(8)
         self.connected_at = time.time()
-        self.frames: list[tuple[str, int, dict]] | tuple = NO_FRAMES
+        self.frames: list[tuple[str, int, bytes]] | tuple = NO_FRAMES  # bodies encoded
         self.needs_full = False
         self.closing: dict | None = None
         self.sent_version = 0
@@ -106,8 +107,19 @@ class Stream:
         self.pending: deque[tuple[int, float, bool]] | tuple = NO_PENDING
         self._woken = False
         self._waiter: asyncio.Future | None = None
+        # Its response and connection once the first frame is out: from then on, a frame
+        # for a parked stream is written by whoever has it (StreamHub.write_now).
+        self.resp: web.StreamResponse | None = None
+        self.transport: asyncio.Transport | None = None
 
-    def push(self, kind: str, version: int, body: dict) -> None:
+    def parked(self) -> bool:
+        """Its writer waits for a wake-up with nothing queued or due: a frame written for it
+        now goes out in order."""
+        waiter = self._waiter
+        return (waiter is not None and not waiter.done() and not self.frames
+                and not self.needs_full and self.closing is None and not self.keepalive_due)
+
+    def push(self, kind: str, version: int, body: bytes) -> None:
         if self.frames is NO_FRAMES:
             self.frames = []
         self.frames.append((kind, version, body))
@@ -121,7 +133,7 @@ class Stream:
             self.pending = deque(maxlen=MAX_PENDING_ACKS)
         self.pending.append((version, cause, revoke))
 
-    def take_frames(self) -> list[tuple[str, int, dict]] | tuple:
+    def take_frames(self) -> list[tuple[str, int, bytes]] | tuple:
         frames, self.frames = self.frames, NO_FRAMES
         return frames
 
@@ -222,7 +234,8 @@ class StreamHub:
             policy = txn.get("policy_versions", f"{head['version']:010d}") if head else None
             nodes = [n for _, n in txn.items("nodes")]
             clock = sm.clock(txn)
-        return NetmapFeed(policy, nodes, clock, version, hooks=GcTuning())
+            dns = dns_config.stored_settings(txn)
+        return NetmapFeed(policy, nodes, clock, version, hooks=GcTuning(), dns=dns)
 
     def _on_reset(self) -> None:
         def rebuild():
@@ -300,12 +313,12 @@ class StreamHub:
         self._submit(_logged(self._apply_batch), batch)
 
     def _apply_batch(self, batch) -> None:
-        """On the feed thread: derive the deltas and encode their bodies, then hand them to
-        the loop (in order: one thread, FIFO call_soon_threadsafe)."""
+        """On the feed thread: derive the deltas and encode their bodies (encode_deltas),
+        then hand them to the loop (in order: one thread, FIFO call_soon_threadsafe)."""
         started = time.perf_counter()
         update = self.feed.apply_batch(batch)
-        bodies = {k: d.to_json() for k, d in update.deltas.items()
-                  if k in self.streams and k not in update.gone}
+        bodies = encode_deltas({k: d for k, d in update.deltas.items()
+                                if k in self.streams and k not in update.gone})
         reasons = {k: "node was deleted" if not self.feed.index.knows(k) else
                    "node key expired or node is no longer approved; re-authenticate"
                    for k in update.gone}
@@ -316,16 +329,20 @@ class StreamHub:
         self._loop.call_soon_threadsafe(self._fan_out, update, bodies, reasons)
 
     def _fan_out(self, update: FeedUpdate, bodies: dict, reasons: dict) -> None:
+        """Write each delta straight to the streams whose writers are parked, all in this
+        one turn of the loop (write_now), and queue it for the others."""
         if update.keys_changed:
             self._load_keys()
+        now = time.monotonic()
         for node_id, delta in update.deltas.items():
             streams = self.streams.get(node_id)
             if not streams or node_id in update.gone:
                 continue
-            body = bodies.get(node_id) or delta.to_json()  # a stream opened meanwhile
+            body = bodies.get(node_id) or encode_body(delta.to_json())  # a stream opened meanwhile
             revoke = bool(update.gone.intersection(delta.peers_removed))
             for s in streams:
-                s.push("delta", delta.version, body)
+                if not self.write_now(s, "delta", delta.version, body, now):
+                    s.push("delta", delta.version, body)
                 s.expect_ack(delta.version, update.cause_time.get(node_id, 0.0), revoke)
         for node_id in update.gone:
             for s in self.streams.get(node_id, ()):
@@ -380,7 +397,8 @@ class StreamHub:
                 for s in streams:
                     if not s.pending and s.pending is not NO_PENDING:
                         s.pending = NO_PENDING
-                    if now - s.last_sent >= quiet_limit(limits, s.session):
+                    if now - s.last_sent >= quiet_limit(limits, s.session) and \
+                            not self.write_now(s, "keepalive", s.sent_version, EMPTY_BODY, now):
                         s.keepalive_due = True
                         s.wake()
 
@@ -507,17 +525,20 @@ class StreamHub:
             self._presence_change(node_id, True, stream.session)
             try:
                 kind = "full" if isinstance(first, Netmap) else "delta"
-                version, body = first.version, first.to_json()
+                version, body = first.version, encode_body(first.to_json())
                 del first  # the caller hands over its only reference: not kept while streaming
                 await self._send(resp, stream, kind, version, body)
                 del body
+                stream.resp, stream.transport = resp, request.transport
                 while stream.closing is None:
                     await stream.wait()  # frames, a close, or the hub's keepalive ticker
                     await self._write_due(resp, stream)
-                await self._send(resp, stream, "bye", stream.sent_version, stream.closing)
+                await self._send(resp, stream, "bye", stream.sent_version,
+                                 encode_body(stream.closing))
             except (ConnectionError, asyncio.TimeoutError, RuntimeError) as e:
                 log.debug("stream of %s ended: %r", node_id, e)
             finally:
+                stream.resp = stream.transport = None
                 self._presence_change(node_id, False, stream.session)
         finally:
             self.unsubscribe(stream)
@@ -529,30 +550,60 @@ class StreamHub:
         if stream.keepalive_due:
             stream.keepalive_due = False
             if not stream.frames and not stream.needs_full and stream.closing is None:
-                await self._send(resp, stream, "keepalive", stream.sent_version, {})
+                await self._send(resp, stream, "keepalive", stream.sent_version, EMPTY_BODY)
         if stream.needs_full and stream.closing is None:
             stream.needs_full = False
             node_id = stream.node_id
-            full = await self.on_feed(lambda feed: feed.full(node_id))
+            full = await self.on_feed(lambda feed: _encoded_full(feed, node_id))
             if full is None:
                 stream.close(BYE_REVOKED, "node is no longer part of the mesh")
             else:
-                await self._send(resp, stream, "full", full.version, full.to_json())
+                await self._send(resp, stream, "full", *full)
         for kind, version, body in stream.take_frames():
             if version > stream.sent_version:
                 await self._send(resp, stream, kind, version, body)
 
     async def _send(self, resp: web.StreamResponse, stream: Stream, kind: str, version: int,
-                    body: dict) -> None:
+                    body: bytes) -> None:
         if self.signer is None:
             raise RuntimeError("no cluster signing key yet")
         # seq moves on before the write: a frame cut short by a failed write ends the stream
         data = next_frame(self.signer, stream, kind, version, body)
         async with asyncio.timeout(WRITE_TIMEOUT):  # (no wrapping task per frame, as wait_for)
             await resp.write(data)
-        stream.last_sent = time.monotonic()
-        if kind in ("full", "delta"):
-            stream.sent_version = version
+        _sent(stream, kind, version, time.monotonic())
+
+    def write_now(self, stream: Stream, kind: str, version: int, body: bytes, now: float) -> bool:
+        """Write a frame for a parked stream from the caller's turn of the loop; False (and
+        nothing done) when the stream's writer must send it: it is busy or has frames
+        queued, its connection has unsent bytes, or there is no signing key.
+
+        A delta fanned out to 10,000 streams was 10,000 writer wake-ups (a future, a task
+        step, a timer for the write timeout each) around 10,000 socket writes; written here,
+        it is the writes alone (docs/benchmarks.md, propagation). aiohttp's write is a
+        coroutine that only suspends to wait for a congested connection to drain, which one
+        with nothing unsent cannot be before this write: it is stepped once, and if the
+        frame itself filled the buffer, the frame is out and the stream's writer, which
+        awaits its writes, waits for the drain on its next frame."""
+        transport = stream.transport
+        if (transport is None or self.signer is None or not stream.parked()
+                or transport.is_closing() or transport.get_write_buffer_size()):
+            return False
+        if kind == "delta" and version <= stream.sent_version:
+            return True  # the stream already has it (its first frame was computed later)
+        step = stream.resp.write(next_frame(self.signer, stream, kind, version, body))
+        try:
+            step.send(None)
+        except StopIteration:
+            pass
+        except (ConnectionError, RuntimeError):  # its writer ends the stream on its next write
+            stream.keepalive_due = True
+            stream.wake()
+            return True
+        else:
+            step.close()
+        _sent(stream, kind, version, now)
+        return True
 
     def _presence_change(self, node_id: str, online: bool, session: str) -> None:
         self._presence.append({"id": node_id, "online": online, "session": session})
@@ -579,6 +630,34 @@ class StreamHub:
                 self._presence[:0] = changes
                 self._presence_wake.set()
                 await asyncio.sleep(1.0)
+
+
+def _sent(stream: Stream, kind: str, version: int, now: float) -> None:
+    stream.last_sent = now
+    if kind in ("full", "delta"):
+        stream.sent_version = version
+
+
+def encode_deltas(deltas: dict[str, NetmapDelta]) -> dict[str, bytes]:
+    """Each node's delta body as frame bytes, encoded once per delta object: the index
+    hands every peer of a changed node the same delta (a new endpoint to 10,000 peers is one
+    encoding shared by all of their frames). By identity, not by value: hashing each
+    delta's contents cost more than it saved where every delta differs (a packet filter
+    naming each node's own addresses)."""
+    out: dict[str, bytes] = {}
+    seen: dict[int, bytes] = {}  # id(delta): they all stay alive in `deltas` meanwhile
+    for node_id, d in deltas.items():
+        body = seen.get(id(d))
+        if body is None:
+            body = seen[id(d)] = encode_body(d.to_json())
+        out[node_id] = body
+    return out
+
+
+def _encoded_full(feed: NetmapFeed, node_id: str) -> tuple[int, bytes] | None:
+    """On the feed thread: the node's full netmap as (version, body bytes), None if gone."""
+    full = feed.full(node_id)
+    return None if full is None else (full.version, encode_body(full.to_json()))
 
 
 def _logged(fn):

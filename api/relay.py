@@ -3,10 +3,11 @@
 An agent opens a WebSocket on the API port (routes.RELAY: through the same load balancer as
 the API), signed with its machine key like every /machine/* request; the replica accepts it
 only for an approved node whose key has not expired, and files the session under the node's
-WireGuard key. A binary message is a peer's 32-byte WireGuard key and one WireGuard packet;
-the replica passes it, with the sender's key in place of the destination's, to that peer's
-session if the peer is connected here, and drops it otherwise. It never sends anywhere but
-to an authenticated session, so it cannot be used to reach anything outside the mesh.
+WireGuard key. A binary message is a peer's 32-byte WireGuard key and a batch of WireGuard
+packets (proto/relay.py); the replica passes it, unparsed, with the sender's key in place of
+the destination's, to that peer's session if the peer is connected here, and drops it
+otherwise. It never sends anywhere but to an authenticated session, so it cannot be used to
+reach anything outside the mesh.
 
 What the relay sees (docs/agents.md): which nodes talk to which, when, and how much;
 the packets are WireGuard ciphertext, whose contents it cannot read or alter undetected.
@@ -43,6 +44,7 @@ class RelayHub:
         self.sessions: dict[bytes, Session] = {}
         self.frames = Counter("raftmesh_relay_frames", "Relay frames, by outcome", ["outcome"],
                               registry=registry)
+        self.relayed, self.dropped, self.refused = (self.frames.labels(o) for o in ("relayed", "dropped", "refused"))
         self.bytes = Counter("raftmesh_relay_bytes", "Relayed WireGuard bytes", registry=registry)
         Gauge("raftmesh_relay_sessions", "Agents' relay sessions on this replica",
               registry=registry).set_function(lambda: len(self.sessions))
@@ -87,7 +89,7 @@ async def relay(ctx: Ctx):
         raise APIError(401, "node_expired", f"node {node['id']}'s key has expired")
     key = base64.b64decode(node["node_key"])
     hub = ctx.request.app[HUB]
-    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=5.0)
+    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=5.0, compress=False)  # ciphertext
     await ws.prepare(ctx.request)
     session = Session(ws, ctx.request.transport)
     old = hub.sessions.get(key)
@@ -97,16 +99,16 @@ async def relay(ctx: Ctx):
     try:
         async for msg in ws:
             if msg.type != WSMsgType.BINARY:
-                hub.frames.labels("refused").inc()
+                hub.refused.inc()
                 continue
             dst, out = hub.route_frame(key, msg.data)
             if dst is None:
-                hub.frames.labels("dropped").inc()
+                hub.dropped.inc()
                 continue
             if dst.backlogged():
-                hub.frames.labels("dropped").inc()
+                hub.dropped.inc()
                 continue
-            hub.frames.labels("relayed").inc()
+            hub.relayed.inc()
             hub.bytes.inc(len(out) - KEY_BYTES)
             await dst.ws.send_bytes(out)
     finally:

@@ -36,6 +36,10 @@ CLUSTER_KEY = answer({"id": STR, "public_key": STR})
 AUDIT_ENTRY = answer({"seq": VERSION, "version": VERSION, "time": TIME, "actor": STR,
                       "action": STR, "target": STR})
 STREAM = answer({"node_id": STR, "replica": STR})
+# A subnet route (or exit route) and the routers serving it (cluster/routes.py).
+ROUTE = answer({"cidr": STR, "primary": {"type": ["string", "null"]},
+                "candidates": {"type": "array", "items": answer({"id": STR, "eligible": BOOL})}},
+               {"exit_node": BOOL})
 
 
 def listing(name: str, record: dict) -> dict:

@@ -15,9 +15,10 @@ from raftmesh.cluster import raft
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.audit_export import AuditExporter
 
-from . import admin, agent_api, cluster_health, lockdown_api, relay, sso_api  # noqa: F401  (register their routes)
+from . import admin, agent_api, cluster_health, lockdown_api, relay, settings_api, sso_api  # noqa: F401  (register their routes)
 from . import auth, health, routing, scim, stun_server
 from .console import web as console
+from .ephemeral_gc import remove_ephemeral_nodes
 from .gc_tuning import raise_young_gc_threshold
 from .errors import MAX_BODY_BYTES, error_middleware
 from .http_errors import JsonErrorRunner
@@ -117,7 +118,8 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
     log.info("replica %s: raft %s, api %s", config.id, config.raft_addr, config.api_url)
     tasks = [asyncio.create_task(announce(replica)), asyncio.create_task(bootstrap_admin_key(replica)),
              asyncio.create_task(bootstrap_cluster_key(replica)),
-             asyncio.create_task(sweep_presence(replica))]
+             asyncio.create_task(sweep_presence(replica)),
+             asyncio.create_task(remove_ephemeral_nodes(replica))]
     if config.audit_export_file or config.audit_export_url:
         exporter = AuditExporter(replica.store, config.data_dir, config.audit_export_file,
                                  config.audit_export_url)

@@ -132,20 +132,24 @@ def setup_cluster(cluster, topology: str = "star", port: int = 22) -> dict[str, 
 
 
 def put_policy(cluster, port: int, topology: str = "star", deadline: float = 30.0) -> dict:
-    """PUT the policy through the leader (retrying while there is none); returns the
-    version and the client-side times it was sent and acknowledged."""
+    """PUT the policy (put_until_accepted)."""
+    return put_until_accepted(cluster, "/api/v1/policy", policy_text(port, topology), deadline)
+
+
+def put_until_accepted(cluster, path: str, body, deadline: float = 30.0) -> dict:
+    """PUT `body` at `path` through any live replica (retrying while there is no leader);
+    returns the version and the client-side times it was sent and acknowledged."""
     end = time.monotonic() + deadline
-    text = policy_text(port, topology)
     while True:
         live = [r for r in cluster.replicas if r.alive()]
         for r in live:
             sent = time.time()
             try:
-                status, body = cluster.request(r, "PUT", "/api/v1/policy", text, timeout=10)
+                status, answer = cluster.request(r, "PUT", path, body, timeout=10)
             except OSError:
                 continue
             if status == 200:
-                return {"version": body["version"], "sent": sent, "acked": time.time(), "via": r.id}
+                return {"version": answer["version"], "sent": sent, "acked": time.time(), "via": r.id}
         if time.monotonic() > end:
-            raise TimeoutError("no replica accepted the policy change")
+            raise TimeoutError(f"no replica accepted PUT {path}")
         time.sleep(0.05)

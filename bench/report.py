@@ -108,10 +108,7 @@ def save(out_dir: str, name: str, result: dict, plot: Callable[[], str]) -> None
 
 def plot_cdfs(out_dir: str, name: str, title: str, series: dict[str, list[float]]) -> str:
     """Latency CDFs (milliseconds, log x) of several series in one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = _axes()
     for label, values in series.items():
         s = sorted(v * 1e3 for v in values)
         if s:
@@ -122,6 +119,37 @@ def plot_cdfs(out_dir: str, name: str, title: str, series: dict[str, list[float]
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    return _save(fig, out_dir, name)
+
+
+def plot_bars(out_dir: str, name: str, title: str, unit: str,
+              groups: dict[str, dict[str, float]]) -> str:
+    """Grouped bars: one group per label of `groups` (e.g. "baseline", "this"), one bar per
+    key of its values (e.g. a thread), the same keys in every group."""
+    keys = sorted({k for values in groups.values() for k in values})
+    fig, ax = _axes()
+    width = 0.8 / max(1, len(groups))
+    for i, (label, values) in enumerate(groups.items()):
+        bars = ax.bar([j + i * width for j in range(len(keys))],
+                      [values.get(k, 0.0) for k in keys], width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(keys))], keys)
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    return _save(fig, out_dir, name)
+
+
+def _axes():
+    import matplotlib
+    matplotlib.use("Agg")  # off-screen
+    import matplotlib.pyplot as plt
+    return plt.subplots(figsize=(8, 5))
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
     path = os.path.join(out_dir, f"{name}.png")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

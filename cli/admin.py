@@ -43,7 +43,8 @@ def register(parser: argparse.ArgumentParser, sub) -> None:
     _global_options(parser, default=None)
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, default=argparse.SUPPRESS)  # also accepted after the subcommand
-    for add in (_users, _nodes, _keys, _apikeys, _policy, _audit, _cluster):
+    for add in (_users, _nodes, _routes, _keys, _apikeys, _policy, _dns, _lifecycle, _audit,
+                _cluster):
         add(sub, common)
 
 
@@ -353,6 +354,10 @@ def _nodes(sub, common) -> None:
               common)
     p.add_argument("id")
     p.add_argument("--reason", required=True, help="why (kept in the audit log)")
+    p = _leaf(g, "key-expiry", nodes_key_expiry, "exempt a node (a server) from key expiry, or "
+              "end the exemption", common)
+    p.add_argument("id")
+    p.add_argument("setting", choices=("disable", "enable"))
     p = _leaf(g, "routes", nodes_routes, "set which advertised routes are approved", common)
     p.add_argument("id")
     p.add_argument("cidrs", nargs="*", metavar="CIDR")
@@ -407,6 +412,26 @@ def nodes_routes(run: Run) -> None:
     answer = run.client.put(f"/nodes/{_seg(run.args.id)}/routes", {"approved_routes": run.args.cidrs})
     run.show(answer, lambda a: done("approved routes " + fmt(a["node"]["approved_routes"]) + " on",
                                     f"node {a['node']['id']}", a))
+
+
+def nodes_key_expiry(run: Run) -> None:
+    answer = run.client.put(f"/nodes/{_seg(run.args.id)}/key-expiry",
+                            {"disabled": run.args.setting == "disable"})
+    _show_node(run, answer, f"key expiry {run.args.setting}d for")
+
+
+def _routes(sub, common) -> None:
+    g = _group(sub, "routes", "subnet routes and exit nodes")
+    _leaf(g, "list", routes_list, "each route's primary router and candidates", common, read=True)
+
+
+def routes_list(run: Run) -> None:
+    def rows(a: dict) -> list[list]:
+        return [[r["cidr"], "exit node" if r.get("exit_node") else r["primary"] or "-",
+                 " ".join(c["id"] + ("" if c["eligible"] else " (down)") for c in r["candidates"])]
+                for r in a["routes"]]
+    run.show(run.read("/routes"), lambda a: table(rows(a), ["cidr", "primary", "routers"],
+                                                  "no routes"))
 
 
 def _one_of(values: list, clear: bool, message: str) -> None:
@@ -722,6 +747,66 @@ class _Dedup:
             if isinstance(seq, int) and seq not in self.seen:
                 self.seen[seq] = h
             yield e
+
+
+# -- DNS and node lifecycle settings -------------------------------------------------------------
+def _dns(sub, common) -> None:
+    g = _group(sub, "dns", "MagicDNS: the mesh domain, nameservers and split DNS (docs/dns.md)")
+    _leaf(g, "get", dns_get, "show the DNS settings", common, read=True)
+    p = _leaf(g, "set", dns_set, "change the DNS settings (what is not given stays)", common)
+    p.add_argument("--domain", help="nodes are <hostname>.DOMAIN")
+    p.add_argument("--magic-dns", choices=("on", "off"), help="agents answer mesh names")
+    p.add_argument("--nameserver", action="append", metavar="IP",
+                   help="a resolver for other names (repeatable; replaces the list)")
+    p.add_argument("--split", action="append", metavar="DOMAIN=IP[,IP]", type=split_route,
+                   help="send names in DOMAIN to these resolvers (repeatable; replaces the map)")
+    p.add_argument("--clear-nameservers", action="store_true", help="use each host's own resolvers")
+    p.add_argument("--clear-split", action="store_true", help="no split DNS")
+
+
+def split_route(text: str) -> tuple[str, list[str]]:
+    domain, sep, resolvers = text.partition("=")
+    if not sep or not domain or not resolvers:
+        raise argparse.ArgumentTypeError(f"{text!r} is not DOMAIN=IP[,IP...]")
+    return domain, resolvers.split(",")
+
+
+def dns_get(run: Run) -> None:
+    run.show(run.read("/dns"), lambda a: record(a["settings"], ()))
+
+
+def dns_set(run: Run) -> None:
+    a = run.args
+    if a.nameserver and a.clear_nameservers or a.split and a.clear_split:
+        raise UsageError("give either --nameserver or --clear-nameservers, --split or --clear-split")
+    settings = run.client.get("/dns")["settings"]
+    if a.domain is not None:
+        settings["domain"] = a.domain
+    if a.magic_dns is not None:
+        settings["magic_dns"] = a.magic_dns == "on"
+    if a.nameserver or a.clear_nameservers:
+        settings["nameservers"] = a.nameserver or []
+    if a.split or a.clear_split:
+        settings["split"] = dict(a.split or [])
+    run.show(run.client.put("/dns", settings),
+             lambda r: (done("stored DNS settings", "", r), record(r["settings"], ())))
+
+
+def _lifecycle(sub, common) -> None:
+    g = _group(sub, "lifecycle", "node lifecycle: when ephemeral nodes are removed")
+    _leaf(g, "get", lifecycle_get, "show the lifecycle settings", common, read=True)
+    p = _leaf(g, "set", lifecycle_set, "change the lifecycle settings", common)
+    p.add_argument("--ephemeral-offline", type=duration, required=True, metavar="DURATION",
+                   help="remove an ephemeral node offline this long (e.g. 300, 5m, 1h)")
+
+
+def lifecycle_get(run: Run) -> None:
+    run.show(run.read("/lifecycle"), lambda a: record(a["settings"], ()))
+
+
+def lifecycle_set(run: Run) -> None:
+    answer = run.client.put("/lifecycle", {"ephemeral_offline_seconds": run.args.ephemeral_offline})
+    run.show(answer, lambda r: (done("stored lifecycle settings", "", r), record(r["settings"], ())))
 
 
 # -- cluster -------------------------------------------------------------------------------------

@@ -388,6 +388,7 @@ class NodeReport(Command):
     id: str
     endpoints: list[str] | Absent = ABSENT
     advertised_routes: list[str] | Absent = ABSENT
+    unreachable_routes: list[str] | Absent = ABSENT  # advertised, but its subnet is down
     last_seen: float | None | Absent = ABSENT
 
 
@@ -431,6 +432,39 @@ class NodePresenceSweep(Command):
 @command("node.delete", changes_netmaps=True)
 class NodeDelete(Command):
     id: str
+
+
+@command("node.key_expiry", changes_netmaps=True, result_is_node=True)
+class NodeKeyExpiry(Command):
+    """Disable key expiry for one node (a server), or enable it again with the expiry the
+    proposer decided (`key_expiry`, null: never)."""
+
+    id: str
+    disabled: bool
+    key_expiry: float | None | Absent = ABSENT
+
+
+@command("node.remove_ephemeral", changes_netmaps=True)
+class NodeRemoveEphemeral(Command):
+    """The leader found these ephemeral nodes offline past the cluster's limit
+    (cluster/lifecycle.py); each is removed only if that still holds when applied."""
+
+    ids: list[str]
+
+
+# -- cluster settings (cluster/dns_config.py, cluster/lifecycle.py) ---------------------------
+@command("dns.set", changes_netmaps=True)
+class DnsSet(Command):
+    """The whole DNS settings record, as the proposer validated it."""
+
+    settings: dict
+
+
+@command("lifecycle.set")
+class LifecycleSet(Command):
+    """How long an ephemeral node may stay offline before it is removed (seconds)."""
+
+    ephemeral_offline_seconds: float
 
 
 # -- cluster signing keys ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ from itertools import islice
 from . import commands as c
 from .commands import unless_absent
 from .state_machine import (Context, Rejected, _new_node, _refuse_if_node_locked, _update_node,
-                            barred, handles, public, refresh_idp_groups)
+                            barred, handles, kept_expiry, public, refresh_idp_groups)
 
 PRUNE_PER_START = 8
 
@@ -127,7 +127,7 @@ def _device_signed_in(ctx: Context, cmd: c.LoginComplete, login: dict) -> dict:
     if cmd.user not in (node.get("user"), node.get("registered_by")):
         raise Rejected("forbidden", f"this machine is registered as node {node['id']} of "
                        "another user", 403)
-    return _update_node(ctx, {"expired": False, "key_expiry": key_expiry,
+    return _update_node(ctx, {"expired": False, "key_expiry": kept_expiry(node, key_expiry),
                               "node_key": login["node_key"], "approved": True}, node["id"])
 
 

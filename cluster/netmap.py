@@ -20,6 +20,7 @@ from typing import Callable, Iterable, NamedTuple
 
 from raftmesh.proto.wire import FilterDest, FilterRule, Netmap, NetmapDelta, Peer
 from raftmesh.cluster.policy import NODE_KINDS, Acl, Network, NodeView, Policy, Selector
+from raftmesh.cluster.routes import exit_routes
 
 _EXPIRY = itemgetter(0)
 
@@ -38,26 +39,34 @@ def _net_key(n: Network):
 
 
 def node_view(node: dict) -> NodeView:
-    """The policy-relevant part of a node record; unparseable routes are ignored."""
+    """The policy-relevant part of a node record; unparseable routes are ignored, and so
+    are exit routes: only autogroup:internet reaches those, not `*` or a prefix."""
     addrs = tuple(ipaddress.ip_network(f"{a}/{bits}") for a, bits in (
         (node.get("ipv4"), 32), (node.get("ipv6"), 128)) if a)
     routes = set()
     for r in node.get("approved_routes") or ():
         try:
-            routes.add(ipaddress.ip_network(r, strict=False))
+            net = ipaddress.ip_network(r, strict=False)
         except ValueError:
-            pass
+            continue
+        if net.prefixlen:
+            routes.add(net)
     return NodeView(node.get("user"), frozenset(node.get("tags") or ()), addrs,
-                    tuple(sorted(routes, key=_net_key)), frozenset(node.get("idp_groups") or ()))
+                    tuple(sorted(routes, key=_net_key)), frozenset(node.get("idp_groups") or ()),
+                    tuple(ipaddress.ip_network(r) for r in exit_routes(node)))
 
 
 def peer_record(node: dict, view: NodeView | None = None) -> Peer:
-    """How this node appears to others (and to itself, as `self_node`)."""
+    """How this node appears to others (and to itself, as `self_node`): its AllowedIPs
+    carry the routes it is the primary router for (cluster/routes.py) and the exit routes
+    it offers, which a client uses only for the exit node it selected."""
     view = view or node_view(node)
     addresses = view.address_texts
+    standby = node.get("standby_routes") or ()
     return Peer(
         id=node["id"], name=node["name"], node_key=node["node_key"], addresses=addresses,
-        allowed_ips=addresses + tuple(str(r) for r in view.routes),
+        allowed_ips=addresses + tuple(t for r in view.routes if (t := str(r)) not in standby)
+        + tuple(exit_routes(node)),
         endpoints=tuple(sorted(node.get("endpoints") or ())), key_expiry=node.get("key_expiry"),
         online=bool(node.get("online")), last_seen=node.get("last_seen"),
         user=node.get("user"), tags=tuple(sorted(view.tags)))
@@ -147,7 +156,7 @@ def _packet_filter(policy: Policy, roles: Roles, srcs: Callable[[int], tuple],
 
 # -- the definition ------------------------------------------------------------------------
 def compute_netmaps(policy: Policy | None, nodes: Iterable[dict], now: float,
-                    version: int) -> dict[str, Netmap]:
+                    version: int, dns: dict | None = None) -> dict[str, Netmap]:
     """Every visible node's netmap from scratch, pairwise: the reference NetmapIndex is
     tested against. Two nodes are peers when either may reach the other (a WireGuard
     session needs both ends to know each other); each filters only its inbound traffic."""
@@ -177,7 +186,7 @@ def compute_netmaps(policy: Policy | None, nodes: Iterable[dict], now: float,
                  if p != k and (reach(k, p) or reach(p, k))}
         pf = _packet_filter(policy, roles[k], srcs.__getitem__,
                             lambda i, o=views[k].owner: self_srcs(i, o))
-        out[k] = Netmap(version, peer_record(vis[k], views[k]), peers, pf)
+        out[k] = Netmap(version, peer_record(vis[k], views[k]), peers, pf, dns)
     return out
 
 
@@ -212,7 +221,7 @@ class _Slot:
     def __init__(self, acl: Acl):
         self.acl, self.pos, self.protos = acl, 0, acl.protos
         # Without prefix selectors, whether a node plays any part in the ACL depends only
-        # on its owner, tags, routes and having addresses (policy.Selector): remember the
+        # on its owner, tags, routes (exit routes too) and having addresses: remember the
         # kinds of node that play none, most (node, ACL) pairs at build or policy change.
         self.outsiders: set | None = None if any(
             sel.kind == "prefix" for sel in (*acl.src, *(d.selector for d in acl.dst))) else set()
@@ -276,6 +285,7 @@ class _SlotFinder:
         self.by_user: dict[str, list[int]] = {}
         self.by_tag: dict[str, list[int]] = {}
         self.by_group: dict[str, list[int]] = {}  # group:idp/<name>
+        self.exits: list[int] = []  # autogroup:internet: exit nodes
         by_prefix: dict[Network, tuple[Selector, list[int]]] = {}
         for i, slot in enumerate(slots):
             for sel in (*slot.acl.src, *(d.selector for d in slot.acl.dst)):
@@ -293,6 +303,8 @@ class _SlotFinder:
                     self.by_tag.setdefault(sel.tag, []).append(i)
                 elif k == "idp_group":
                     self.by_group.setdefault(sel.group, []).append(i)
+                elif k == "internet":
+                    self.exits.append(i)
                 elif k == "prefix":
                     by_prefix.setdefault(sel.prefix, (sel, []))[1].append(i)
         # one selector per distinct prefix: as a source or a destination, a prefix concerns
@@ -310,6 +322,8 @@ class _SlotFinder:
             found.update(self.tagged)
             for t in view.tags:
                 found.update(self.by_tag.get(t, ()))
+        if view.exit_routes:
+            found.update(self.exits)
         for sel, ords in self.prefixes:
             if sel.matches_node(view):
                 found.update(ords)
@@ -332,7 +346,8 @@ class _Roles:
     def add(self, slots: Iterable[_Slot], view: NodeView) -> bool:
         """Compile `slots` for this node; True when it plays a part in any of them."""
         part = False
-        kind = (view.owner, view.tags, view.routes, bool(view.addresses), view.groups)
+        kind = (view.owner, view.tags, view.routes, bool(view.addresses), view.groups,
+                view.exit_routes)
         text = _prefix_text
         for s in slots:
             if s.outsiders is not None and kind in s.outsiders:
@@ -426,8 +441,10 @@ class NetmapIndex:
     immutable.
     """
 
-    def __init__(self, policy: Policy | None, nodes: Iterable[dict], now: float):
+    def __init__(self, policy: Policy | None, nodes: Iterable[dict], now: float,
+                 dns: dict | None = None):
         self.now = now
+        self.dns = dns  # the cluster's DNS settings, the same in every netmap
         self._nodes: dict[str, dict] = {}  # every known record (a copy), visible or not
         self._expiry: list[tuple[float, str]] = []  # sorted (key_expiry, id)
         self._expiry_of: dict[str, float] = {}
@@ -446,7 +463,7 @@ class NetmapIndex:
         if node_id not in self._roles:
             return None
         peers = {p: self._peer[p] for p in self._in_order(self._reach(node_id))}
-        return Netmap(version, self._peer[node_id], peers, self._filter[node_id])
+        return Netmap(version, self._peer[node_id], peers, self._filter[node_id], self.dns)
 
     def is_visible(self, node_id: str) -> bool:
         return node_id in self._roles
@@ -490,6 +507,13 @@ class NetmapIndex:
         b = bisect.bisect_right(self._expiry, hi, key=_EXPIRY)
         ids = [nid for _, nid in self._expiry[a:b]]
         return self._apply(ids, version) if ids else NO_CHANGES
+
+    def set_dns(self, dns: dict | None, version: int) -> Changes:
+        """New DNS settings: every visible node gets them, in one shared delta."""
+        if dns == self.dns:
+            return NO_CHANGES
+        self.dns = dns
+        return Changes(dict.fromkeys(self._ids, NetmapDelta(version, dns=dns)), ())
 
     def replace_policy(self, policy: Policy | None, version: int) -> Changes:
         """Swap the policy, re-deriving only what the ACLs it adds or removes touch.
@@ -871,7 +895,7 @@ class NetmapIndex:
             now = new_peers[k]
             if k not in old_rec:  # appeared: its whole netmap
                 deltas[k] = NetmapDelta(version, tuple(map(record, self._in_order(now))),
-                                        (), self._filter[k], self._peer[k])
+                                        (), self._filter[k], self._peer[k], self.dns)
                 continue
             was = old_peers[k]
             pf = self._filter[k]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from raftmesh.proto.wire import Netmap, NetmapDelta, compose_deltas
-from raftmesh.cluster.commands import Command, NodeDelete, PolicySet
+from raftmesh.cluster.commands import Command, DnsSet, NodeDelete, NodeRemoveEphemeral, PolicySet
 from raftmesh.cluster.netmap import Changes, NetmapIndex
 from raftmesh.cluster.policy import Policy
 from raftmesh.cluster.policy_form import UnreadablePolicy, stored_policy
@@ -76,7 +76,7 @@ class NetmapFeed:
 
     def __init__(self, policy: dict | None, nodes: Iterable[dict], clock: float,
                  version: int, history_per_node: int = HISTORY_PER_NODE,
-                 hooks: ChangeHooks | None = None):
+                 hooks: ChangeHooks | None = None, dns: dict | None = None):
         self.version = version
         self.floor = version  # nothing before this is in any history
         self.hooks = hooks or ChangeHooks()
@@ -84,7 +84,7 @@ class NetmapFeed:
         readable = self._interpret(policy, policy and policy.get("version"), version)
         self.serving = policy is None or readable is not None
         with self.hooks.changing():
-            self.index = NetmapIndex(readable, nodes, clock)
+            self.index = NetmapIndex(readable, nodes, clock, dns)
         self.hooks.index_size(self.index.visible_count())
         self.history_per_node = history_per_node
         self._history: dict[str, _History] = {}
@@ -160,6 +160,10 @@ class NetmapFeed:
         value = result.get("value")
         if isinstance(cmd, NodeDelete):
             out.append(self.index.remove_node(cmd.id, v))
+        elif isinstance(cmd, NodeRemoveEphemeral):
+            out.extend(self.index.remove_node(nid, v) for nid in value["removed"])
+        elif isinstance(cmd, DnsSet):
+            out.append(self.index.set_dns(value, v))
         elif cmd.result_lists_nodes:
             out.extend(self.index.upsert_node(n, v) for n in value["nodes"])
         elif cmd.result_is_node:
@@ -169,6 +173,8 @@ class NetmapFeed:
             if policy is not None:
                 out.append(self.index.replace_policy(policy, v))
                 self.serving = True
+        # other routers whose primary routes the command moved (cluster/routes.py)
+        out.extend(self.index.upsert_node(n, v) for n in result.get("routes_settled", ()))
         return out
 
     def _interpret(self, stored: dict | None, policy_version: int | None,
@@ -218,4 +224,5 @@ class NetmapFeed:
 def _restamp(d: NetmapDelta, version: int) -> NetmapDelta:
     if d.version == version:
         return d
-    return NetmapDelta(version, d.peers_changed, d.peers_removed, d.packet_filter, d.self_node)
+    return NetmapDelta(version, d.peers_changed, d.peers_removed, d.packet_filter, d.self_node,
+                       d.dns)

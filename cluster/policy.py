@@ -67,6 +67,7 @@ class NodeView:
     addresses: tuple[Network, ...]  # its own /32 and /128
     routes: tuple[Network, ...] = ()  # approved subnet routes
     groups: frozenset[str] = frozenset()  # its user's identity-provider groups, lower-cased
+    exit_routes: tuple[Network, ...] = ()  # 0.0.0.0/0 and ::/0 as an exit node offers them
 
     # Derived once per view, not fields (equality ignores them): a policy change matches and
     # formats every node's addresses again, and ipaddress comparisons and IPv6 formatting
@@ -90,7 +91,7 @@ class Selector:
     """One src/dst entry: `*`, a user or group (`users`), a tag, an autogroup or a prefix."""
 
     text: str
-    kind: str  # any | users | member | tagged | tag | self | prefix | idp_group
+    kind: str  # any | users | member | tagged | tag | self | prefix | idp_group | internet
     users: frozenset[str] = frozenset()
     tag: str | None = None
     prefix: Network | None = None
@@ -120,7 +121,10 @@ class Selector:
 
     def node_prefixes(self, node: NodeView) -> list[Network]:
         """Which of `node`'s prefixes this selector targets as a *destination*. Only `*` and
-        prefixes reach subnet routes: `tag:router:*` means the router, not its subnets."""
+        prefixes reach subnet routes: `tag:router:*` means the router, not its subnets; only
+        autogroup:internet reaches the internet through an exit node."""
+        if self.kind == "internet":
+            return list(node.exit_routes)
         if self.kind == "any":
             return [*node.addresses, *node.routes]
         if self.kind == "prefix":
@@ -189,6 +193,9 @@ class Policy:
     hosts: dict[str, Network] = field(default_factory=dict)
     acls: tuple[Acl, ...] = ()
     tests: tuple[PolicyTest, ...] = ()
+    # autoApprovers, resolved (cluster/routes.py): {"routes": [[cidr, [approver, ...]]],
+    # "exitNode": [approver, ...]}; the state machine reads it from the compiled form.
+    auto_approvers: dict = field(default_factory=dict)
     # What the text holds that raftmesh does not enforce: [{"code", "path", "message"}].
     # Not part of the meaning (equality, the compiled form): it describes the text.
     warnings: tuple[dict[str, str], ...] = field(default=(), compare=False)
@@ -260,11 +267,12 @@ def parse_policy(text: str) -> Policy:
     grants = p.parse_list(doc.get("grants", []), "grants", p.parse_grant)
     tests = p.parse_list(doc.get("tests", []), "tests", p.parse_test)
     tests = [t for per_src in tests for t in per_src]
+    auto_approvers = p.parse_auto_approvers(doc.get("autoApprovers", {}))
     if p.errors:
         raise PolicyError(p.errors)
     policy = Policy(p.groups, p.tag_owners, p.hosts,
                     tuple(acls) + tuple(a for rules in grants for a in rules), tuple(tests),
-                    tuple(p.warnings))
+                    auto_approvers, tuple(p.warnings))
     failures = run_tests(policy)
     if failures:
         raise PolicyError(failures)
@@ -364,10 +372,57 @@ class _Parser:
                 self.known_keys(entry, f"{key}[{i}]", allowed)
             else:
                 self.err(f"{key}[{i}]", "must be an object")
-        if key == "autoApprovers":
-            self.known_keys(value, key, AUTO_APPROVER_KEYS)
         if value:
             self.warn(code, key, why)
+
+    def parse_auto_approvers(self, value: Any) -> dict:
+        """autoApprovers resolved to what cluster/routes.py matches nodes against: groups
+        expanded into `user:<name>`, tags kept (declared in tagOwners), routes canonical."""
+        if not isinstance(value, dict):
+            self.err("autoApprovers", "must be an object")
+            return {}
+        self.known_keys(value, "autoApprovers", AUTO_APPROVER_KEYS)
+        out: dict = {}
+        routes = value.get("routes", {})
+        if not isinstance(routes, dict):
+            self.err("autoApprovers.routes", "must be an object of CIDR: [approvers]")
+            routes = {}
+        resolved = []
+        for cidr, who in routes.items():
+            path = f"autoApprovers.routes.{cidr}"
+            net = _network(cidr)
+            if net is None or "/" not in cidr:
+                self.err(path, f"{cidr!r} is not a CIDR")
+                continue
+            resolved.append([str(net), self.approvers(who, path)])
+        if resolved:
+            out["routes"] = sorted(resolved)
+        if "exitNode" in value:
+            out["exitNode"] = self.approvers(value["exitNode"], "autoApprovers.exitNode")
+        if value.get("services"):
+            self.warn("auto_approvers_not_enforced", "autoApprovers.services",
+                      "service auto approvers are kept but not applied: raftmesh has no services")
+        return out
+
+    def approvers(self, value: Any, path: str) -> list[str]:
+        out: set[str] = set()
+        for p, a in self.strings(value, path):
+            if a.startswith("group:"):
+                if a not in self.groups:
+                    self.err(p, f"unknown group {a!r}")
+                out.update(f"user:{u}" for u in self.groups.get(a, ()))
+            elif a.startswith("tag:"):
+                if a not in self.tag_owners:
+                    self.err(p, f"unknown tag {a!r}; declare it in tagOwners")
+                out.add(a)
+            elif a in ("autogroup:member", "autogroup:tagged"):
+                out.add(a)
+            elif a.startswith("autogroup:"):
+                self.err(p, f"only users, groups, tags, autogroup:member and autogroup:tagged "
+                            f"approve routes, not {a!r}")
+            elif (u := self.user(a.removeprefix("user:"), p)) is not None:
+                out.add(f"user:{u}")
+        return sorted(out)
 
     def parse_list(self, value: Any, path: str, parse_item) -> list:
         if not isinstance(value, list):
@@ -525,8 +580,7 @@ class _Parser:
         elif kind is not None:
             return Selector(text, kind)
         elif text == INTERNET and side == "dst":
-            self.warn("autogroup_internet_not_enforced", path, "autogroup:internet (use of exit "
-                      "nodes) is not enforced yet: it grants nothing")
+            return Selector(text, "internet")
         elif text == INTERNET:
             self.err(path, "autogroup:internet is only valid in dst")
         elif text in ROLE_AUTOGROUPS:

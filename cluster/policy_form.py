@@ -24,6 +24,12 @@ its warnings, or what raftmesh does not enforce: grants, legacy acl fields, prot
 and host bits resolve at parse time into the rules above, so format 1 carries them and a
 replica that reads format 1 derives the same netmaps from them. A construct that needs a
 new selector kind or protocol in this form needs a new format number.
+
+Format 2: format 1 plus the selector kind "internet" (autogroup:internet: the internet
+through exit nodes, value null); only policies using it are written in format 2, so the
+others stay readable by replicas that read format 1 only.
+Either format may carry "autoApprovers" (cluster/routes.py), which the state machine reads
+and netmaps do not.
 """
 from __future__ import annotations
 
@@ -34,7 +40,9 @@ from raftmesh.cluster.policy import Acl, DstEntry, Policy, Selector, parse_polic
 from raftmesh.proto.wire import PROTOCOLS, PortRange
 
 POLICY_FORMAT = 1
-SELECTOR_KINDS = ("any", "users", "member", "tagged", "tag", "self", "prefix", "idp_group")
+INTERNET_FORMAT = 2  # format 1 plus the selector kind "internet" (autogroup:internet)
+SELECTOR_KINDS = ("any", "users", "member", "tagged", "tag", "self", "prefix", "idp_group",
+                  "internet")
 
 
 class UnreadablePolicy(ValueError):
@@ -47,16 +55,23 @@ def compile_policy(policy: Policy) -> dict:
     for acl in policy.acls:
         for sel in (*acl.src, *(d.selector for d in acl.dst)):
             index.setdefault(sel, len(index))
-    return {
-        "format": POLICY_FORMAT,
+    selectors = [_selector_form(sel) for sel in index]
+    form = {
+        # a replica that predates autogroup:internet must refuse such a policy, not read it
+        # as granting nothing: only policies using it carry the newer format number
+        "format": INTERNET_FORMAT if any(k == "internet" for _, k, _ in selectors)
+        else POLICY_FORMAT,
         "groups": {g: sorted(users) for g, users in policy.groups.items()},
         "tagOwners": {t: sorted(users) for t, users in policy.tag_owners.items()},
         "hosts": {h: str(net) for h, net in policy.hosts.items()},
-        "selectors": [_selector_form(sel) for sel in index],
+        "selectors": selectors,
         "acls": [[[index[s] for s in acl.src],
                   [[index[d.selector], [[r.first, r.last] for r in d.ports]] for d in acl.dst],
                   list(acl.protos)] for acl in policy.acls],
     }
+    if policy.auto_approvers:  # read by the state machine (cluster/routes.py), not netmaps
+        form["autoApprovers"] = policy.auto_approvers
+    return form
 
 
 def stored_policy(stored: dict) -> Policy:
@@ -77,9 +92,10 @@ def stored_policy(stored: dict) -> Policy:
 def read_form(form: Any) -> Policy:
     if not isinstance(form, dict) or "format" not in form:
         raise UnreadablePolicy("the compiled policy has no format number")
-    if form["format"] != POLICY_FORMAT:
+    if form["format"] not in (POLICY_FORMAT, INTERNET_FORMAT):
         raise UnreadablePolicy(f"the compiled policy is in format {form['format']!r}; this "
-                               f"raftmesh reads format {POLICY_FORMAT} (upgrade this replica)")
+                               f"raftmesh reads formats {POLICY_FORMAT} and {INTERNET_FORMAT} "
+                               "(upgrade this replica)")
     try:
         return _Reader().policy(form)
     except (KeyError, TypeError, ValueError, IndexError) as e:

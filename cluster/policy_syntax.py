@@ -21,8 +21,6 @@ UNENFORCED_SECTIONS: dict[str, tuple[type, str, str]] = {
                           "srcPosture grant nothing"),
     "ipsets": (dict, "ipsets_not_enforced", "IP sets are kept but not resolved; rules naming "
                                             "them do not match them"),
-    "autoApprovers": (dict, "auto_approvers_not_enforced", "auto approvers are kept but routes "
-                                                           "and exit nodes still need approval"),
     "derpMap": (dict, "derp_map_not_used", "the DERP map is kept but not used"),
     "disableIPv4": (bool, "setting_not_enforced", "this tailnet setting is kept but not applied"),
     "randomizeClientPort": (bool, "setting_not_enforced",
@@ -36,7 +34,7 @@ UNENFORCED_ENTRY_KEYS: dict[str, tuple[str, ...]] = {
     "nodeAttrs": ("target", "attr", "app", "ipPool"),
 }
 AUTO_APPROVER_KEYS = ("routes", "exitNode", "services")
-ENFORCED_SECTIONS = ("groups", "tagOwners", "hosts", "acls", "grants", "tests")
+ENFORCED_SECTIONS = ("groups", "tagOwners", "hosts", "acls", "grants", "tests", "autoApprovers")
 TOP_KEYS = ENFORCED_SECTIONS + tuple(UNENFORCED_SECTIONS)
 ACL_KEYS = ("action", "src", "dst", "proto", "srcPosture", "users", "ports")
 GRANT_KEYS = ("src", "dst", "ip", "app", "via", "srcPosture")

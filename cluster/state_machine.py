@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol
 from raftmesh.storage.audit_chain import GENESIS, seal
 
 from . import commands as c
+from . import routes
 from .commands import ABSENT, Command, unless_absent
 from .idp_groups import idp_groups_of, node_owner
 
@@ -140,7 +141,10 @@ def apply(txn: Txn, cmd: Command, version: int) -> dict:
     ctx = Context(staged, cmd, version)
     try:
         value = fn(ctx, cmd)
-        result = {"ok": True, "version": version, "value": value}
+        settled = routes.settle(staged, ctx.audit)
+        result = {"ok": True, "version": version, "value": _resettled(value, settled)}
+        if settled:
+            result["routes_settled"] = settled
     except Rejected as r:
         return {"ok": False, "version": version, "code": r.code, "message": r.message,
                 "status": r.status}
@@ -155,6 +159,18 @@ def apply(txn: Txn, cmd: Command, version: int) -> dict:
         _advance_clock(staged, cmd.time)
     staged.flush()
     return result
+
+
+def _resettled(value: Any, settled: list[dict]) -> Any:
+    """A handler's answer with the node records routes.settle rewrote after it."""
+    if not settled:
+        return value
+    by_id = {n["id"]: n for n in settled}
+    if isinstance(value, dict) and value.get("id") in by_id and "node_key" in value:
+        return by_id[value["id"]]
+    if isinstance(value, dict) and isinstance(value.get("nodes"), list):
+        return dict(value, nodes=[by_id.get(n.get("id"), n) for n in value["nodes"]])
+    return value
 
 
 def _advance_clock(txn: Txn, t: float) -> None:
@@ -542,21 +558,31 @@ def _node_expire(ctx: Context, cmd: c.NodeExpire) -> dict:
 @handles(c.NodeRoutes)
 def _node_routes(ctx: Context, cmd: c.NodeRoutes) -> dict:
     node = ctx.require("nodes", cmd.id, "node")
-    routes = sorted(cmd.approved_routes)
-    missing = [r for r in routes if r not in node["advertised_routes"]]
+    try:
+        approved = routes.canonical_routes(cmd.approved_routes)
+    except routes.RouteError as e:
+        raise Rejected("invalid_route", str(e), 400) from None
+    missing = [r for r in approved if r not in node["advertised_routes"]]
     if missing:
         raise Rejected("invalid_route", f"routes {missing} are not advertised by the node", 400)
-    return _update_node(ctx, {"approved_routes": routes})
+    return _update_node(ctx, {"approved_routes": approved})
 
 
 @handles(c.NodeReport)
 def _node_report(ctx: Context, cmd: c.NodeReport) -> dict:
-    """What an agent reports about itself: endpoints, advertised routes, liveness."""
-    changes = {k: sorted(v) for k in ("endpoints", "advertised_routes")
+    """What an agent reports about itself: endpoints, advertised routes (and which of them
+    it cannot reach now: routes.py moves their primary elsewhere), liveness."""
+    changes = {k: sorted(v) for k in ("endpoints", "advertised_routes", "unreachable_routes")
                if (v := getattr(cmd, k)) is not ABSENT}
     if cmd.last_seen is not ABSENT:
         changes["last_seen"] = cmd.last_seen
     return _update_node(ctx, changes)
+
+
+def kept_expiry(node: dict, proposed: float | None) -> float | None:
+    """The key expiry a new or re-authenticated key gets: none for a node an admin exempted
+    from expiry (node.key_expiry, cluster/lifecycle.py), else what the proposer decided."""
+    return None if node.get("key_expiry_disabled") else proposed
 
 
 @handles(c.NodeRotateKey)
@@ -565,7 +591,8 @@ def _node_rotate_key(ctx: Context, cmd: c.NodeRotateKey) -> dict:
     if node["node_key"] != cmd.old_node_key:
         raise Rejected("conflict", "old node key does not match the registered one")
     return _update_node(ctx, {"node_key": cmd.node_key,
-                              "key_expiry": unless_absent(cmd.key_expiry, node["key_expiry"])})
+                              "key_expiry": kept_expiry(node, unless_absent(cmd.key_expiry,
+                                                                            node["key_expiry"]))})
 
 
 @handles(c.NodeReauthenticate)
@@ -583,7 +610,8 @@ def _node_reauthenticate(ctx: Context, cmd: c.NodeReauthenticate) -> dict:
     updated = dict(key, used=key["used"] + 1)
     ctx.txn.put("preauth_keys", key["id"], updated)
     ctx.audit(f"preauth_key:{key['id']}", key, updated)
-    return _update_node(ctx, {"expired": False, "key_expiry": unless_absent(cmd.key_expiry),
+    return _update_node(ctx, {"expired": False,
+                              "key_expiry": kept_expiry(node, unless_absent(cmd.key_expiry)),
                               "node_key": unless_absent(cmd.node_key, node["node_key"]),
                               "approved": True})
 
@@ -619,10 +647,12 @@ def _node_presence_sweep(ctx: Context, cmd: c.NodePresenceSweep) -> dict:
 
 
 def _sweep_streams(ctx: Context, replica: str) -> list[dict]:
+    """Streams of a replica that restarted or left: offline, last seen now (the stream may have
+    lived until then; removing ephemeral nodes counts from it, cluster/lifecycle.py)."""
     swept = []
     for nid, node in list(ctx.txn.items("nodes")):
         if node.get("online") and node.get("stream_replica") == replica:
-            after = dict(node, online=False, stream_session=None)
+            after = dict(node, online=False, stream_session=None, last_seen=ctx.cmd.time)
             ctx.txn.put("nodes", nid, after)
             swept.append(after)
     return swept
@@ -630,7 +660,10 @@ def _sweep_streams(ctx: Context, replica: str) -> list[dict]:
 
 @handles(c.NodeDelete)
 def _node_delete(ctx: Context, cmd: c.NodeDelete) -> dict:
-    before = ctx.require("nodes", cmd.id, "node")
+    return delete_node(ctx, ctx.require("nodes", cmd.id, "node"))
+
+
+def delete_node(ctx: Context, before: dict) -> dict:
     ctx.txn.delete("nodes", before["id"])
     ctx.txn.delete("node_ips", before["ipv4"])
     ctx.txn.delete("node_by_machine", before["machine_key"])
@@ -665,5 +698,6 @@ def _clusterkey_rotate(ctx: Context, cmd: c.ClusterKeyRotate) -> dict:
     return _add_cluster_key(ctx, cmd)
 
 
-# Handlers of their own modules, which use the above: lock-down, logins, SCIM provisioning.
-from . import lockdown_apply, login_apply, scim_apply, session_apply  # noqa: E402,F401
+# Handlers of their own modules, which use the above: DNS settings, node lifecycle,
+# lock-down, logins, SCIM provisioning, console sessions.
+from . import dns_config, lifecycle, lockdown_apply, login_apply, scim_apply, session_apply  # noqa: E402,F401

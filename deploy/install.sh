@@ -5,11 +5,12 @@
 #
 #   bash deploy/install.sh            what a replica, an agent and the CLI need: wireguard-go,
 #                                     wireguard-tools, nftables, iproute2 and raftmesh itself
-#   bash deploy/install.sh --bench    also the benchmarks' extra (plots) and etcd-server (the
-#                                     side-by-side write benchmark starts its own members)
+#   bash deploy/install.sh --bench    also the benchmarks' extra (plots), etcd-server (the
+#                                     side-by-side write benchmark starts its own members) and
+#                                     iperf3 (bench throughput; it comes with a service)
 #   bash deploy/install.sh --tests    also the test extra, which includes the benchmarks' (the
 #                                     tests run every benchmark at a tiny size), etcd-server,
-#                                     haproxy (tests/test_haproxy.py), fuse3 (power cuts),
+#                                     iperf3, haproxy (tests/test_haproxy.py), fuse3 (power cuts),
 #                                     prometheus (promtool checks deploy/monitoring), chromium
 #                                     and chromium-driver (the console's browser tests) and npm's
 #                                     axe-core into $RAFTMESH_VENV/node (their accessibility check)
@@ -79,11 +80,12 @@ main() {
   local with_services=()
   while [ $# -gt 0 ]; do
     case "$1" in
-      --tests) extra="[test]"; with_services=(etcd-server:etcd haproxy:haproxy prometheus:promtool)
+      --tests) extra="[test]"; with_services=(etcd-server:etcd haproxy:haproxy iperf3:iperf3
+                                              prometheus:promtool)
                pkgs+=(fuse3:fusermount3  # power cuts serve replicas' disks over FUSE (lab/lazy_fs.py)
                       chromium:chromium chromium-driver:chromedriver npm:npm) ;;  # tests/test_console_browser.py
       --bench) [ "$extra" = "[test]" ] || extra="[bench]"
-               [ ${#with_services[@]} -gt 0 ] || with_services=(etcd-server:etcd) ;;
+               [ ${#with_services[@]} -gt 0 ] || with_services=(etcd-server:etcd iperf3:iperf3) ;;
       --dry-run) dry_run=true ;;
       -h|--help) usage 0 ;;
       *) echo "install.sh: unknown option $1" >&2; usage 2 ;;

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from raftmesh.api import auth
-from raftmesh.storage.journal import write_file_durably
+from raftmesh.storage.durable_files import write_file_durably
 
 
 DESCRIPTION = "cluster.json"  # what `raftmesh dev` writes into its data directory

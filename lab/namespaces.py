@@ -18,6 +18,8 @@ import itertools
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -81,10 +83,27 @@ def netns_pids(ns: str) -> list[int]:
     return [int(p) for p in run(["ip", "netns", "pids", ns], check=False).stdout.split()]
 
 
+def add_netns(name: str) -> None:
+    """A namespace with its own resolver configuration: `ip netns exec` bind-mounts
+    /etc/netns/<name>/resolv.conf over /etc/resolv.conf, so an agent inside that points the
+    resolver at MagicDNS (agent/resolv_conf.py) changes the namespace's copy, never the
+    host's file."""
+    run(["ip", "netns", "add", name])
+    os.makedirs(f"/etc/netns/{name}", exist_ok=True)
+    try:
+        with open("/etc/resolv.conf", "rb") as f:
+            original = f.read()
+    except FileNotFoundError:
+        original = b""
+    with open(f"/etc/netns/{name}/resolv.conf", "wb") as f:
+        f.write(original)
+
+
 def delete_netns(ns: str) -> None:
     for pid in netns_pids(ns):
         stop_pid(pid)
     run(["ip", "netns", "del", ns], check=False)
+    shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
 
 
 def list_netns() -> list[str]:
@@ -184,7 +203,7 @@ class Lab:
 
     def add(self, label: str, underlay: str) -> Namespace:
         name = f"{self.tag}-{label}"
-        run(["ip", "netns", "add", name])
+        add_netns(name)
         ns = self.namespace_cls(self, label, name, underlay)
         self.namespaces[label] = ns
         port = f"v{label}"[:15]
@@ -278,8 +297,8 @@ class RealAgent:
     """One `raftmesh agent up` daemon in a namespace, with its own state dir and interface."""
 
     def __init__(self, lab: Lab, ns: Namespace, workdir: str, servers: list[str], auth_key: str,
-                 label: str):
-        self.ns, self.label = ns, label
+                 label: str, extra_args: tuple[str, ...] = ()):
+        self.ns, self.label, self.extra_args = ns, label, extra_args
         self.ifname = lab.ifname(label)
         self.state_dir = os.path.join(workdir, f"state-{label}-{self.ifname}")
         self.log_path = os.path.join(workdir, f"agent-{label}-{self.ifname}.log")
@@ -293,7 +312,7 @@ class RealAgent:
         self.proc = self.ns.spawn(sys.executable, "-m", "raftmesh.cli.main", "agent", "up",
                                   "--server", ",".join(self.servers), "--state-dir", self.state_dir,
                                   "--interface", self.ifname, "--hostname", f"host-{self.label}",
-                                  "--endpoint", f"{self.ns.ip}:41641",
+                                  "--endpoint", f"{self.ns.ip}:41641", *self.extra_args,
                                   stdout=log, stderr=subprocess.STDOUT,
                                   env=dict(os.environ, RAFTMESH_AUTH_KEY=self.auth_key))
         log.close()
@@ -308,6 +327,22 @@ class RealAgent:
     def stop(self) -> None:
         if self.proc is not None:
             stop_proc(self.proc, timeout=10)
+
+    def kill_hard(self) -> None:
+        """SIGKILL the agent and its wireguard-go, by pid: the node dies without a goodbye
+        and its tunnel with it (a crashed router), as failover tests and benchmarks need."""
+        try:
+            with open(os.path.join(self.state_dir, "wireguard-go.pid")) as f:
+                wg_pid = json.load(f)["pid"]
+        except (OSError, ValueError, KeyError):
+            wg_pid = None
+        self.proc.kill()
+        if wg_pid:
+            try:
+                os.kill(wg_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
 
     def log_tail(self) -> str:
         try:

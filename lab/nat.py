@@ -21,7 +21,7 @@ import itertools
 import os
 from dataclasses import dataclass
 
-from .namespaces import Lab, Namespace
+from .namespaces import Lab, Namespace, add_netns
 from .processes import run
 
 MODES = ("eim", "edm", "udp_blocked")
@@ -61,7 +61,7 @@ class Router:
         self.hosts += 1
         ip = f"10.{self.lan}.0.{10 + self.hosts}"
         name = f"{self.lab.tag}-{label}"
-        run(["ip", "netns", "add", name])
+        add_netns(name)
         ns = self.lab.namespace_cls(self.lab, label, name, f"{ip}/24")
         self.lab.namespaces[label] = ns
         port = f"l{label}"[:15]

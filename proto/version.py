@@ -27,6 +27,7 @@ HISTORY = {
     2: ("2026-12-06", "map stream responses name the replica's STUN port (X-Raftmesh-Stun-Port); "
         "reported endpoints include STUN-mapped addresses, and agents probe peers' endpoints "
         "from their WireGuard port (agent/disco.py); a relay WebSocket at /machine/relay "
+        "whose messages are a peer's key and a batch of length-prefixed WireGuard packets "
         "(proto/relay.py); acks may carry the agent's peer paths and connection setup times. "
         "Version-1 agents ignore all of it and are served as before."),
 }

@@ -14,6 +14,7 @@ IPV4_POOL = "100.64.0.0/10"
 IPV6_POOL = "fd7a:115c:a1e0::/48"
 
 PROTOCOLS = ("tcp", "udp", "icmp")
+EXIT_ROUTES = ("0.0.0.0/0", "::/0")  # what an exit node advertises (agent/exit_node.py)
 
 
 @dataclass(frozen=True, order=True)
@@ -127,14 +128,18 @@ class Netmap:
     self_node: Peer
     peers: dict[str, Peer] = field(default_factory=dict)  # by peer id
     packet_filter: tuple[FilterRule, ...] = ()
+    dns: dict[str, Any] | None = None  # the cluster's DNS settings (cluster/dns_config.py)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": self.version,
             "self": self.self_node.to_json(),
             "peers": [self.peers[k].to_json() for k in sorted(self.peers)],
             "packet_filter": [r.to_json() for r in self.packet_filter],
         }
+        if self.dns is not None:
+            d["dns"] = self.dns
+        return d
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "Netmap":
@@ -144,6 +149,7 @@ class Netmap:
             self_node=Peer.from_json(obj["self"]),
             peers={p.id: p for p in peers},
             packet_filter=tuple(FilterRule.from_json(r) for r in obj["packet_filter"]),
+            dns=obj.get("dns"),
         )
 
 
@@ -159,10 +165,11 @@ class NetmapDelta:
     peers_removed: tuple[str, ...] = ()  # peer ids
     packet_filter: tuple[FilterRule, ...] | None = None
     self_node: Peer | None = None
+    dns: dict[str, Any] | None = None  # the new DNS settings; None when unchanged
 
     def is_empty(self) -> bool:
         return not (self.peers_changed or self.peers_removed or self.self_node) and (
-            self.packet_filter is None
+            self.packet_filter is None and self.dns is None
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -175,6 +182,8 @@ class NetmapDelta:
             d["packet_filter"] = [r.to_json() for r in self.packet_filter]
         if self.self_node is not None:
             d["self"] = self.self_node.to_json()
+        if self.dns is not None:
+            d["dns"] = self.dns
         return d
 
     @classmethod
@@ -186,6 +195,7 @@ class NetmapDelta:
             peers_removed=tuple(obj.get("peers_removed", ())),
             packet_filter=None if pf is None else tuple(FilterRule.from_json(r) for r in pf),
             self_node=Peer.from_json(obj["self"]) if "self" in obj else None,
+            dns=obj.get("dns"),
         )
 
 
@@ -195,7 +205,8 @@ def diff_netmaps(old: Netmap, new: Netmap) -> NetmapDelta:
     removed = tuple(sorted(set(old.peers) - set(new.peers)))
     pf = new.packet_filter if new.packet_filter != old.packet_filter else None
     me = new.self_node if new.self_node != old.self_node else None
-    return NetmapDelta(new.version, changed, removed, pf, me)
+    return NetmapDelta(new.version, changed, removed, pf, me,
+                       new.dns if new.dns != old.dns else None)
 
 
 def apply_delta(netmap: Netmap, delta: NetmapDelta) -> Netmap:
@@ -210,6 +221,7 @@ def apply_delta(netmap: Netmap, delta: NetmapDelta) -> Netmap:
         self_node=delta.self_node or netmap.self_node,
         peers=peers,
         packet_filter=netmap.packet_filter if delta.packet_filter is None else delta.packet_filter,
+        dns=netmap.dns if delta.dns is None else delta.dns,
     )
 
 
@@ -229,6 +241,7 @@ def compose_deltas(first: NetmapDelta, then: NetmapDelta) -> NetmapDelta:
         peers_removed=tuple(sorted(removed)),
         packet_filter=first.packet_filter if then.packet_filter is None else then.packet_filter,
         self_node=then.self_node or first.self_node,
+        dns=first.dns if then.dns is None else then.dns,
     )
 
 

@@ -14,7 +14,7 @@ import os
 
 import aiohttp
 
-from .journal import write_file_durably
+from .durable_files import write_file_durably
 from .state_store import StateStore
 
 log = logging.getLogger("raftmesh.audit_export")

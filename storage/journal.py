@@ -40,6 +40,8 @@ import zlib
 
 from pysyncobj.journal import Journal
 
+from .durable_files import fsync_dir, write_file_durably
+
 log = logging.getLogger("raftmesh.journal")
 _MAGIC = b"RMJOURNAL2\n"
 _MAGIC_V1 = b"RMJOURNAL1\n"  # records without a checksum: read once, then rewritten
@@ -48,28 +50,6 @@ _HEAD = struct.Struct("<IQQ")  # record length, index, term
 _TAIL = struct.Struct("<II")  # record length again, CRC-32 of head and command
 _TAIL_V1 = struct.Struct("<I")
 PREALLOCATE = 1 << 20  # zeros kept ahead of the records; writing and syncing 1 MiB: ~0.8 ms
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename or file creation in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_durably(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Atomically replace `path` with `data`: tmp file, fsync, rename, fsync dir."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _encode(command: bytes, idx: int, term: int) -> bytes:

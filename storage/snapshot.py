@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import lmdb
 
-from .journal import fsync_dir
+from .durable_files import fsync_dir
 from .state_store import LmdbTxn, StateStore, read_version
 
 MAGIC = b"RMSNAP1\n"

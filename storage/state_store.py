@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 import lmdb
 
-from .journal import fsync_dir, write_file_durably
+from .durable_files import fsync_dir, write_file_durably
 from .json_codec import compact_json, loads_utf8
 
 log = logging.getLogger("raftmesh.state")
@@ -44,7 +44,8 @@ log = logging.getLogger("raftmesh.state")
 TABLES = (
     "meta", "users", "nodes", "preauth_keys", "api_keys", "policy_versions",
     "audit", "idempotency", "members", "node_ips", "node_by_machine", "cluster_keys",
-    "node_names", "logins", "login_index", "scim", "scim_names", "console_sessions",
+    "node_names", "logins", "login_index", "scim", "scim_names", "route_sets",
+    "node_routes", "console_sessions",
 )
 _VERSION_KEY = b"applied_version"
 CACHED_META = frozenset({"clock", "audit_head", "policy_head", "ip_cursor"})

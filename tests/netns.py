@@ -153,3 +153,40 @@ class Lab(namespaces.Lab):
     prefix = LAB_PREFIX
     ifname_prefix = "rm"
     namespace_cls = Namespace
+
+
+class AgentsLab:
+    """A lab with a local cluster and real agents (set up by subclasses); close() ends the
+    agents, then the replicas, then the namespaces. Use it with contextlib.closing."""
+
+    def __init__(self):
+        cleanup_stale()
+        self.lab, self.cluster, self.agents = Lab(), None, {}
+
+    def start_cluster(self, tmp: str, host: str) -> None:
+        """Three replicas on `host` with the benchmarks' users and mesh policy; `key` is the
+        bench user's reusable pre-auth key."""
+        from raftmesh.bench import harness
+        from raftmesh.lab.local_cluster import LocalCluster
+        self.tmp = tmp
+        self.cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=3, host=host,
+                                    extra_args=["--stream-keepalive", "2"])
+        self.cluster.start_all()
+        self.cluster.wait_ready(timeout=30)
+        self.key = harness.setup_cluster(self.cluster, topology="mesh")[harness.BENCH_USER]
+        self.servers = [r.api_url for r in self.cluster.replicas]
+
+    def start(self, label: str, key: str | None = None) -> None:
+        """Start (or restart) the agent in namespace `label`, first with `key` (default: the
+        bench user's key)."""
+        agent = self.agents.get(label) or namespaces.RealAgent(
+            self.lab, self.ns[label], self.tmp, self.servers, key or self.key, label)
+        self.agents[label] = agent
+        agent.start()
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        if self.cluster is not None:
+            self.cluster.stop_all()
+        self.lab.close()

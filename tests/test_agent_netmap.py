@@ -10,8 +10,8 @@ import pytest
 from nacl.signing import SigningKey
 
 from raftmesh.agent.netmap_state import AgentNetmap, effective, next_expiry
-from raftmesh.proto.frames import (ClusterKey, FrameError, FrameReader, FrameSigner, endorse,
-                                 key_exchange_offer, next_frame, replica_tag_key, stream_keypair,
+from raftmesh.proto.frames import (ClusterKey, FrameError, FrameReader, FrameSigner, encode_body,
+                                 endorse, key_exchange_offer, next_frame, replica_tag_key, stream_keypair,
                                  tagged_frame)
 from raftmesh.proto.machine_auth import b64, keyed_tag, sign_payload
 from raftmesh.proto.wire import Netmap, NetmapDelta, Peer, signed_part
@@ -53,7 +53,7 @@ class Sender:
         return self
 
     def frame(self, kind: str, version: int, body: dict | None = None) -> dict:
-        return decode(next_frame(self.signer, self, kind, version, {} if body is None else body))
+        return decode(next_frame(self.signer, self, kind, version, encode_body(body or {})))
 
     def full(self, version: int, peers=(), me=None) -> dict:
         return self.frame("full", version, Netmap(version, me or peer(1), {p.id: p for p in peers}).to_json())
@@ -149,8 +149,8 @@ def test_local_expiry_and_staleness():
 
 def test_frame_reader_splits_and_bounds_frames():
     k = cluster_key()
-    data = b"".join(FrameSigner(k).frame("keepalive", "n1", v, {}, "nonce", v) for v in range(3))
-    data += tagged_frame(bytes(32), "keepalive", "n1", 3, {}, "nonce", 3)
+    data = b"".join(FrameSigner(k).frame("keepalive", "n1", v, b"{}", "nonce", v) for v in range(3))
+    data += tagged_frame(bytes(32), "keepalive", "n1", 3, b"{}", "nonce", 3)
     reader = FrameReader()
     got = [f for i in range(0, len(data), 7) for f in reader.feed(data[i:i + 7])]
     assert [f["version"] for f in got] == [0, 1, 2, 3]
@@ -185,11 +185,13 @@ def test_a_frame_is_the_canonical_json_of_its_members_signed_over_all_but_sig(en
                     frame["key_exchange"] = offer
                 frame["sig"] = sign_payload(SigningKey(base64.b64decode(k2.private_key)),
                                             signed_part(frame))
-                assert signer.frame(kind, "n1", version, body, nonce, seq, offer) == frame_bytes(frame)
+                assert signer.frame(kind, "n1", version, encode_body(body), nonce, seq,
+                                    offer) == frame_bytes(frame)
                 tagged = {"kind": kind, "node_id": "n1", "version": version, "body": body,
                           "nonce": nonce, "seq": seq}
                 tagged["tag"] = keyed_tag(tag_key, signed_part(tagged))
-                assert tagged_frame(tag_key, kind, "n1", version, body, nonce, seq) == frame_bytes(tagged)
+                assert tagged_frame(tag_key, kind, "n1", version, encode_body(body), nonce,
+                                    seq) == frame_bytes(tagged)
 
 
 def test_frames_after_a_signed_key_exchange_are_tagged_and_checked_against_its_key():

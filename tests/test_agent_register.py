@@ -12,7 +12,7 @@ from nacl.signing import SigningKey
 
 from raftmesh.agent.control_client import ControlClient, ControlError
 from raftmesh.proto.machine_auth import HEADER_KEY, sign_headers
-from raftmesh.proto.routes import MAP, REGISTER
+from raftmesh.proto.routes import MAP, REGISTER, REPORT
 from raftmesh.proto.version import (HEADER_PROTOCOL_VERSION, HISTORY, OLDEST_SERVED, PROTOCOL_VERSION,
                                     UNSUPPORTED, VersionError, requested_version)
 
@@ -210,3 +210,26 @@ def test_the_daemon_reports_a_refused_protocol_version_and_waits(shared_cluster,
         assert node_count(shared_cluster) == before  # refused: nothing registered
     finally:
         agent.ack_sender.close()
+
+
+def test_routes_that_are_not_cidrs_are_refused_and_nothing_is_stored(shared_cluster):
+    c = shared_cluster
+    key = preauth(c, reusable=True)
+    a = client(c)
+    before = node_count(c)
+    for bad in (["10.1.0.1/24"], ["bogus/8"], ["10.1.0.0"]):
+        with pytest.raises(ControlError) as e:
+            a.call("POST", REGISTER, {"node_key": node_key(), "hostname": "router", "auth_key": key,
+                                      "advertised_routes": bad})
+        assert e.value.status == 400 and e.value.code == "invalid_route" and "not a CIDR" in e.value.message
+    assert node_count(c) == before
+    node = a.call("POST", REGISTER, {"node_key": node_key(), "hostname": "router", "auth_key": key,
+                                     "advertised_routes": ["10.1.0.0/24"]})["node"]
+    for bad in ({"advertised_routes": ["10.1.0.1/24"]}, {"unreachable_routes": ["xyz"]}):
+        with pytest.raises(ControlError) as e:
+            a.call("POST", REPORT, bad)
+        assert e.value.status == 400 and e.value.code == "invalid_route"
+    status, now = c.request(c.replicas[0], "GET", f"/api/v1/nodes/{node['id']}")
+    assert now["node"]["advertised_routes"] == ["10.1.0.0/24"]
+    assert a.call("POST", REPORT, {"unreachable_routes": ["10.1.0.0/24"]})["node"][
+        "unreachable_routes"] == ["10.1.0.0/24"]

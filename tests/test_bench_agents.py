@@ -12,7 +12,8 @@ import shutil
 import pytest
 
 from conftest import bench_args
-from raftmesh.bench import connect, lockdown, policy, propagation, revoke, stream_failover, stream_memory
+from raftmesh.bench import (baseline, connect, dns_propagation, lockdown, policy, propagation,
+                            revoke, stream_failover, stream_memory)
 from raftmesh.cluster.policy import MAX_ENTRIES, MAX_POLICY_BYTES, parse_policy
 from raftmesh.lab import namespaces
 from raftmesh.lab.processes import pid_running
@@ -25,6 +26,26 @@ needs_lab = pytest.mark.skipif(
 
 def my_namespaces() -> list[str]:
     return [n for n in namespaces.list_netns() if n.startswith(f"{namespaces.LAB_PREFIX}{os.getpid()}x")]
+
+
+def test_propagation_side_by_side_with_a_baseline_checkout(tmp_path):
+    """--baseline runs the same on another checkout first (here this one, to keep the test
+    self-contained) and prints and saves both, with ratios."""
+    tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = bench_args("propagation", ["--sizes", "4", "--changes", "1", "--workers", "1",
+                                     "--stream-keepalive", "2", "--baseline", tree,
+                                     "--out", str(tmp_path)])
+    assert propagation.main(args) == 0
+    assert json.loads((tmp_path / "baseline" / "propagation.json").read_text())["sizes"][0]["missing"] == 0
+    rows = json.loads((tmp_path / "propagation-compare.json").read_text())["rows"]
+    assert [(r["code"], r["agents"]) for r in rows] == [("baseline", 4), ("this", 4)]
+    assert all(r["replica_us_per_delta"] >= 0 and r["agent_us_per_delta"] >= 0 for r in rows)
+    assert (tmp_path / "propagation-compare.png").stat().st_size > 0
+
+
+def test_a_baseline_that_is_not_a_checkout_is_refused_by_name(tmp_path):
+    with pytest.raises(RuntimeError, match="not a raftmesh checkout"):
+        baseline.run(str(tmp_path), ["propagation"], str(tmp_path), timeout=10)
 
 
 def test_propagation_tiny(tmp_path):
@@ -51,6 +72,17 @@ def test_propagation_tiny(tmp_path):
     assert set(st["by_replica"]) == {"r1", "r2", "r3"}
     assert (tmp_path / "propagation.png").stat().st_size > 1000
     assert saved["pids"] and not [p for p in saved["pids"] if pid_running(p)]
+
+
+def test_dns_propagation_tiny(tmp_path):
+    """The same measurement with DNS changes: every agent gets the new settings."""
+    args = bench_args("dns-propagation", ["--sizes", "4", "--changes", "2", "--workers", "1",
+                                         "--stream-keepalive", "2", "--out", str(tmp_path)])
+    assert dns_propagation.main(args) == 0
+    saved = json.loads((tmp_path / "dns-propagation.json").read_text())
+    (size,) = saved["sizes"]
+    assert size["missing"] == 0 and size["apply"]["n"] == 2 * 4
+    assert saved["config"]["change"] == "dns" and saved["targets"] == []
 
 
 def test_revoke_light_tiny(tmp_path):

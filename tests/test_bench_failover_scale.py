@@ -89,7 +89,7 @@ def test_scale_network_has_every_role_even_when_tiny():
 
 
 @pytest.mark.parametrize("name, dest, value", [
-    ("propagation", "sizes", "4,10"), ("revoke", "light", 10), ("stream-memory", "streams", 20),
+    ("propagation", "sizes", "4,10"), ("dns-propagation", "sizes", "4,10"), ("revoke", "light", 10), ("stream-memory", "streams", 20),
     ("stream-failover", "agents", 9)])
 def test_agents_names_the_agent_count_of_every_agent_benchmark(name, dest, value):
     """Issue #5's command line is `raftmesh bench <name> [--agents N] [--replicas 3]`."""

@@ -205,13 +205,44 @@ def test_node_commands(cli, shared_cluster):
     assert cli.json("nodes", "approve", node_id)["node"]["approved"] is True
     rc, _, err = cli("nodes", "routes", node_id, "10.1.0.0/16")
     assert rc == 1 and err.startswith("error: invalid_route: ")
+    rc, _, err = cli("nodes", "routes", node_id, "10.9.0.1/24")
+    assert rc == 1 and err.startswith("error: invalid_route: ") and "not a CIDR" in err
     assert cli.json("nodes", "routes", node_id, "10.9.0.0/24")["node"]["approved_routes"] == ["10.9.0.0/24"]
+    rc, out, _ = cli("routes", "list")
+    assert rc == 0 and "10.9.0.0/24" in out and node_id in out
+    assert {"cidr": "10.9.0.0/24", "primary": node_id, "candidates": [
+        {"id": node_id, "eligible": False}]} in cli.json("routes", "list")["routes"]
     assert cli.json("nodes", "routes", node_id, "--clear")["node"]["approved_routes"] == []
     rc, out, _ = cli("nodes", "expire", node_id, replica=1)
     assert rc == 0 and "expired" in out
     assert cli("nodes", "delete", node_id, replica=2)[0] == 0
     rc, _, err = cli("nodes", "get", node_id)
     assert rc == 1 and err.startswith("error: not_found: ")
+
+
+def test_dns_lifecycle_and_key_expiry_commands(cli, shared_cluster):
+    node_id = register_pending_node(shared_cluster, uniq("server"))
+    node = cli.json("nodes", "key-expiry", node_id, "disable")["node"]
+    assert node["key_expiry_disabled"] is True and node["key_expiry"] is None
+    assert cli.json("nodes", "key-expiry", node_id, "enable")["node"]["key_expiry_disabled"] is False
+    before = cli.json("dns", "get")["settings"]
+    try:
+        got = cli.json("dns", "set", "--domain", "Corp.Internal", "--nameserver", "9.9.9.9",
+                       "--split", "lab.example=10.0.0.53,10.0.0.54")["settings"]
+        assert got == {"magic_dns": True, "domain": "corp.internal", "nameservers": ["9.9.9.9"],
+                       "split": {"lab.example": ["10.0.0.53", "10.0.0.54"]}}
+        # what is not given stays
+        assert cli.json("dns", "set", "--magic-dns", "off", replica=1)["settings"]["domain"] == \
+            "corp.internal"
+        rc, _, err = cli("dns", "set", "--nameserver", "dns.google")
+        assert rc == 1 and "'dns.google' is not an IP address" in err
+        rc, _, err = cli("dns", "set", "--split", "nothing")
+        assert rc == 2 and "DOMAIN=IP" in err
+    finally:
+        shared_cluster.request(shared_cluster.replicas[0], "PUT", "/api/v1/dns", before)
+    rc, out, _ = cli("lifecycle", "set", "--ephemeral-offline", "15m")
+    assert rc == 0 and "900" in out
+    assert cli.json("lifecycle", "get", replica=2)["settings"] == {"ephemeral_offline_seconds": 900.0}
 
 
 # -- audit ---------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def test_declared_properties_are_what_the_feed_and_the_key_cache_relied_on():
     def ops(prop):
         return {op for op, cls in COMMANDS.items() if getattr(cls, prop)}
     node_record = {"node.register", "node.update", "node.approve", "node.expire", "node.routes",
-                   "node.report", "node.rotate_key", "node.reauthenticate", "node.unlock"}
+                   "node.report", "node.rotate_key", "node.reauthenticate", "node.unlock",
+                   "node.key_expiry"}
     assert ops("result_is_node") == node_record
     # Identity: a login registers a device or creates an admin's API key; deactivating or
     # locking a user revokes its devices and deletes the API keys its logins made.
@@ -49,7 +50,8 @@ def test_declared_properties_are_what_the_feed_and_the_key_cache_relied_on():
                                          "member.remove"} | signed_in | locks
     assert ops("changes_netmaps") == node_record | {"node.delete", "node.presence",
                                                     "node.presence_sweep", "member.remove",
-                                                    "policy.set"} | signed_in | locks
+                                                    "policy.set", "node.remove_ephemeral",
+                                                    "dns.set"} | signed_in | locks
     assert ops("changes_cluster_keys") == {op for op in COMMANDS if op.startswith("clusterkey.")}
     assert ops("changes_api_keys") == {op for op in COMMANDS if op.startswith("apikey.")} | \
         signed_in | {"user.lock"}

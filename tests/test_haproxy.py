@@ -438,3 +438,33 @@ def test_a_console_session_works_through_every_replica_and_outlives_the_one_that
     status, who = through_lb("GET", "/ui/session")
     assert status == 200 and who["signed_in"] and who["replica"] != signed_in["replica"], who
     assert through_lb("GET", "/api/v1/users/after-the-kill")[0] == 200
+
+
+def test_relay_sessions_through_haproxy_meet_on_one_replica(lb):
+    """Two agents' relay WebSockets through the deploy/ HAProxy: the upgrade passes, both
+    sessions land on the same replica (a replica relays only between its own sessions), and
+    WireGuard packets cross between them both ways."""
+    from relay_machine import Machine
+    c = lb.cluster
+    assert c.request(lb.url, "POST", "/api/v1/users", {"name": "relayuser"})[0] == 201
+    key = c.request(lb.url, "POST", "/api/v1/preauth-keys", {"user": "relayuser", "reusable": True})[1]["key"]
+    machines = [Machine(lb.url, key, n) for n in ("lb-r1", "lb-r2")]
+    try:
+        for m in machines:
+            m.relay.start()
+        wait_until(lambda: all(m.relay.server for m in machines), 20, what="relay sessions through HAProxy")
+        a, b = machines
+        for src, dst, packet in ((a, b, b"\x01initiation"), (b, a, b"\x02response")):
+            src.send_to(dst, packet)
+            assert dst.wg.recvfrom(4096)[0] == packet
+        sessions = {r.id: _metric(c, r, "raftmesh_relay_sessions") for r in c.replicas}
+        assert sessions == {"r1": 2.0, "r2": 0.0, "r3": 0.0}
+    finally:
+        for m in machines:
+            m.close()
+
+
+def _metric(c, replica, name: str) -> float:
+    status, text = c.request(replica, "GET", "/metrics")
+    assert status == 200
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))

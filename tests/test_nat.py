@@ -11,16 +11,14 @@ import os
 import shutil
 import sys
 import time
+from contextlib import closing
 
 import pytest
 from nacl.public import PrivateKey
-from netns import Lab, cleanup_stale, wait_for
+from netns import AgentsLab, wait_for
 
 from raftmesh.agent import disco
-from raftmesh.bench import harness
 from raftmesh.lab import nat
-from raftmesh.lab.local_cluster import LocalCluster
-from raftmesh.lab.namespaces import RealAgent
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("wireguard-go", "wg", "nft")),
@@ -33,14 +31,13 @@ ROUTERS = {"r1": "eim", "r2": "eim", "r3": "eim", "r4": "edm", "r5": "edm", "r6"
 HOSTS = {"a": "r1", "b": "r2", "c": "r3", "d": "r3", "e": "r4", "f": "r5", "g": "r6"}
 
 
-class NatLab:
+class NatLab(AgentsLab):
     """a behind EIM router r1, b behind EIM router r2, c and d behind EIM router r3, e and f
     behind EDM routers r4 and r5, g behind r6 that lets no UDP out, p public; three
     replicas; every agent may reach every other (the benchmark's mesh policy)."""
 
     def __init__(self, tmp: str):
-        cleanup_stale()
-        self.lab, self.cluster, self.agents = Lab(), None, {}
+        super().__init__()
         try:
             gateway = nat.public_gateway()
             self.public = gateway.rsplit(".", 1)[0]
@@ -49,13 +46,7 @@ class NatLab:
                             for i, (name, mode) in enumerate(ROUTERS.items(), 1)}
             self.ns = {label: self.routers[r].add_host(label) for label, r in HOSTS.items()}
             self.ns["p"] = self.lab.add("p", f"{self.public}.10/24")
-            self.cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=3, host=host,
-                                        extra_args=["--stream-keepalive", "2"])
-            self.cluster.start_all()
-            self.cluster.wait_ready(timeout=30)
-            self.key = harness.setup_cluster(self.cluster, topology="mesh")[harness.BENCH_USER]
-            self.servers = [r.api_url for r in self.cluster.replicas]
-            self.tmp = tmp
+            self.start_cluster(tmp, host)
             for label in self.ns:
                 self.start(label)
             for label in self.ns:
@@ -64,12 +55,6 @@ class NatLab:
         except BaseException:
             self.close()
             raise
-
-    def start(self, label: str) -> None:
-        agent = self.agents.get(label) or RealAgent(self.lab, self.ns[label], self.tmp,
-                                                    self.servers, self.key, label)
-        self.agents[label] = agent
-        agent.start()
 
     def overlay(self, label: str) -> str:
         return self.agents[label].status()["addresses"][0].split("/")[0]
@@ -104,21 +89,12 @@ class NatLab:
         st["peers"] = {p["name"]: p for p in st["peers"]}
         return st
 
-    def close(self) -> None:
-        for agent in self.agents.values():
-            agent.stop()
-        if self.cluster is not None:
-            self.cluster.stop_all()
-        self.lab.close()
 
 
 @pytest.fixture(scope="module")
 def natlab(tmp_path_factory):
-    lab = NatLab(str(tmp_path_factory.mktemp("nat")))
-    try:
+    with closing(NatLab(str(tmp_path_factory.mktemp("nat")))) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def test_agents_behind_different_nats_discover_and_go_direct(natlab):
@@ -246,3 +222,17 @@ def test_bench_connect_tiny(tmp_path):
         assert {r["nat"] for r in result["rounds"] if r["system"] == "nebula"} == {"eim", "edm"}
     assert json.loads((tmp_path / "connect.json").read_text())["summary"]
     assert (tmp_path / "connect.png").exists()
+
+
+def test_bench_throughput_tiny(tmp_path):
+    """`raftmesh bench throughput` at its smallest: iperf3 once through each of the direct,
+    hand-configured and relayed tunnels; table, targets, JSON and plot."""
+    if shutil.which("iperf3") is None:
+        pytest.skip("needs iperf3")
+    from raftmesh.bench import throughput
+    result = throughput.run(str(tmp_path), seconds=1, rounds=1, replicas=1)
+    assert {s["path"]: s["rounds"] for s in result["summary"]} == {"direct": 1, "hand": 1, "relay": 1}
+    assert all(r["mbit_s"] > 1 for r in result["rounds"])
+    assert [t["what"].split()[0] for t in result["targets"]] == ["direct", "relay"]
+    assert json.loads((tmp_path / "throughput.json").read_text())["summary"]
+    assert (tmp_path / "throughput.png").exists()

@@ -314,17 +314,21 @@ POLICIES = [
      acl(["autogroup:tagged"], ["*:9000-9100"])],
     [acl(["100.64.0.0/29"], ["*:22"]), acl(["bob", "tag:db"], ["100.64.0.0/28:*", "10.0.0.0/8:*"]),
      acl(["*"], ["autogroup:self:*"])],
+    [acl(["autogroup:member"], ["autogroup:internet:*"]),
+     acl(["tag:web"], ["autogroup:internet:443", "10.1.0.0/16:80"])],
 ]
 
 
 def random_node(rng: random.Random, i: int, now: float) -> dict:
     tags = rng.choice([(), (), (), ("tag:web",), ("tag:db",), ("tag:router",), ("tag:web", "tag:db")])
+    routes = rng.sample(["10.1.0.0/24", "10.2.0.0/16", "10.1.0.9/32", "fd00::/64", "0.0.0.0/0",
+                         "::/0"], rng.randint(0, 2))
     return node(
         i, rng.choice(["alice", "bob", "carol", "dave", None]), tags,
         approved=rng.random() < 0.85, expired=rng.random() < 0.05,
         key_expiry=rng.choice([None, None, now + rng.uniform(-20, 60)]),
-        approved_routes=rng.sample(["10.1.0.0/24", "10.2.0.0/16", "10.1.0.9/32", "fd00::/64"],
-                                   rng.randint(0, 2)),
+        approved_routes=routes, advertised_routes=routes if rng.random() < 0.8 else [],
+        standby_routes=rng.sample(routes, rng.randint(0, len(routes))),
         endpoints=[f"192.0.2.{rng.randint(1, 9)}:41641"], online=rng.random() < 0.5,
         last_seen=rng.choice([None, now]))
 

@@ -240,7 +240,7 @@ def test_a_policy_it_cannot_interpret_changes_no_netmap_and_says_why():
     nodes = [node(1, "alice"), node(2, "bob")]
     feed = NetmapFeed(stored(POLICIES[0]), nodes, NOW, 10)
     before = {k: feed.full(k).peers for k in ("n1", "n2")}
-    newer = {"text": "{}", "compiled": {**stored(POLICIES[2])["compiled"], "format": 2}}
+    newer = {"text": "{}", "compiled": {**stored(POLICIES[2])["compiled"], "format": 3}}
     broken = {"text": "{}", "compiled": {"format": 1, "selectors": [], "acls": [["nonsense"]]}}
     for v, args in ((11, newer), (12, broken), (13, {"text": "{not json"})):
         u = feed.apply_batch([(v, record("policy.set", args, time=NOW), ok({"version": v - 9}))])
@@ -248,7 +248,7 @@ def test_a_policy_it_cannot_interpret_changes_no_netmap_and_says_why():
         assert {k: feed.full(k).peers for k in ("n1", "n2")} == before
         assert feed.policy_problem.startswith(f"cannot interpret policy version {v - 9} "
                                               f"(state version {v}): ")
-    assert "format 2; this raftmesh reads format 1" in \
+    assert "format 3; this raftmesh reads formats 1 and 2" in \
         NetmapFeed(newer, nodes, NOW, 11).policy_problem
     u = feed.apply_batch([(14, record("policy.set", stored(POLICIES[2]), time=NOW), ok({}))])
     assert feed.policy_problem is None and set(u.deltas) == {"n1", "n2"}

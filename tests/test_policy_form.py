@@ -47,7 +47,7 @@ def test_entries_from_before_the_compiled_form_are_parsed_from_their_text():
 
 
 @pytest.mark.parametrize("form, reason", [
-    ({"format": 2, "acls": []}, "format 2; this raftmesh reads format 1"),
+    ({"format": 3, "acls": []}, "format 3; this raftmesh reads formats 1 and 2"),
     ({"acls": []}, "no format number"),
     ([], "no format number"),
     ({"format": 1}, "malformed (KeyError"),

@@ -15,7 +15,8 @@ from raftmesh.cluster.raft.background_snapshot import SERIALIZER_STATE, Backgrou
 from raftmesh.lab import power, replica_net
 from raftmesh.lab.lazy_disk import SECTOR, LazyDisk
 from raftmesh.storage import snapshot, state_store
-from raftmesh.storage.journal import DurableJournal, fsync_dir
+from raftmesh.storage.durable_files import fsync_dir
+from raftmesh.storage.journal import DurableJournal
 from raftmesh.storage.state_store import StateStore
 
 from conftest import wait_until

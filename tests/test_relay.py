@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import socket
 import time
@@ -12,16 +11,14 @@ import urllib.request
 import aiohttp
 import pytest
 from in_memory_api import ServedInMemory
-from nacl.public import PrivateKey
 from nacl.signing import SigningKey
+from relay_machine import Machine
 from waiting import wait_until
 
-from raftmesh.agent.control_client import ControlClient
-from raftmesh.agent.relay import RelayClient
 from raftmesh.api.relay import RelayHub
 from raftmesh.proto.machine_auth import sign_headers
-from raftmesh.proto.relay import MAX_FRAME_BYTES
-from raftmesh.proto.routes import REGISTER, RELAY
+from raftmesh.proto.relay import MAX_BATCH_BYTES, MAX_FRAME_BYTES, RelayFrameError, frames, packets
+from raftmesh.proto.routes import RELAY
 from prometheus_client import CollectorRegistry
 
 
@@ -33,32 +30,12 @@ def admin(api, method: str, path: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
-class Machine:
-    """A registered agent's keys and a UDP socket playing its wireguard-go."""
-
-    def __init__(self, api, auth_key: str, name: str):
-        self.key = SigningKey.generate()
-        self.wg_public = bytes(PrivateKey.generate().public_key)
-        self.node_key = base64.b64encode(self.wg_public).decode()
-        ControlClient([api.replicas[0].api_url], self.key).call(
-            "POST", REGISTER, {"node_key": self.node_key, "hostname": name, "auth_key": auth_key})
-        self.wg = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.wg.bind(("127.0.0.1", 0))
-        self.wg.settimeout(5)
-        self.relay = RelayClient([api.replicas[0].api_url], self.key, self.wg.getsockname()[1],
-                                 lambda: None)
-
-    def close(self):
-        self.relay.close()
-        self.wg.close()
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     with ServedInMemory(str(tmp_path_factory.mktemp("relay"))) as api:
         admin(api, "POST", "/api/v1/users", {"name": "u"})
         key = admin(api, "POST", "/api/v1/preauth-keys", {"user": "u", "reusable": True})["key"]
-        machines = [Machine(api, key, n) for n in ("m1", "m2")]
+        machines = [Machine(api.replicas[0].api_url, key, n) for n in ("m1", "m2")]
         try:
             for m in machines:
                 m.relay.start()
@@ -79,6 +56,34 @@ def test_wireguard_packets_pass_between_two_agents_through_the_relay(mesh):
     m2.wg.sendto(b"\x02response", source)
     data, source = m1.wg.recvfrom(4096)
     assert data == b"\x02response" and f"127.0.0.1:{source[1]}" == to_m2
+
+
+def test_a_burst_of_packets_crosses_the_relay_in_few_frames(mesh):
+    """Packets that pile up while the session writes go out together (proto/relay.py): the
+    replica sees fewer frames than packets, and every packet arrives, in order."""
+    api, (m1, m2) = mesh
+    to_m2 = ("127.0.0.1", int(m1.relay.endpoint_for(m2.node_key).rsplit(":", 1)[1]))
+    before = _relay_metrics(api).get("relayed", 0.0)
+    m2.wg.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # holds the whole burst
+    sent = [i.to_bytes(2, "big") * 100 for i in range(200)]
+    for packet in sent:
+        m1.wg.sendto(packet, to_m2)
+    got = [m2.wg.recvfrom(4096)[0] for _ in sent]
+    assert got == sent
+    assert _relay_metrics(api)["relayed"] - before < len(sent) / 2
+
+
+def test_batches_split_into_bounded_frames_and_bad_batches_are_refused():
+    key = b"k" * 32
+    sent = [bytes([i]) * 1400 for i in range(100)]
+    out = frames(key, sent)
+    assert len(out) == 3 and all(len(f) <= MAX_FRAME_BYTES and f[:32] == key for f in out)
+    assert [bytes(p) for f in out for p in packets(f[32:])] == sent
+    for bad, why in ((b"\x00", "inside a packet's length"), (b"\x00\x05abc", "packet of 5 bytes"),
+                     (b"\x00\x00", "packet of 0 bytes"), (b"\x09\x00" + bytes(2304), "packet of 2304 bytes")):
+        with pytest.raises(RelayFrameError, match=why):
+            packets(bad)
+    assert MAX_BATCH_BYTES == MAX_FRAME_BYTES - 32
 
 
 def _relay_metrics(api) -> dict[str, float]:
@@ -110,7 +115,7 @@ def test_sessions_without_a_machine_key_proof_are_refused(mesh):
 def test_frames_to_unknown_peers_and_oversized_frames_are_dropped(mesh):
     api, _ = mesh
     key = admin(api, "POST", "/api/v1/preauth-keys", {"user": "u"})["key"]
-    m3 = Machine(api, key, "m3")  # its own session: one under m1's key would replace m1's
+    m3 = Machine(api.replicas[0].api_url, key, "m3")  # its own session: one under m1's key would replace m1's
     m3.close()
     before = _relay_metrics(api).get("dropped", 0.0)
 

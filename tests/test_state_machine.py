@@ -195,6 +195,7 @@ def test_presence_sessions_sweep_clock_and_reauthentication():
     # r2 restarts: its streams are gone
     r = sm.apply(txn, cmd("node.presence_sweep", t=104, replica="r2"), 13)
     assert [n["id"] for n in r["value"]["nodes"]] == ["n1"] and not node("n1")["online"]
+    assert node("n1")["last_seen"] == 104  # alive until the sweep, as far as anyone knows
     # the replicated clock follows successful commands only
     assert sm.clock(txn) == 104
     sm.apply(txn, cmd("node.approve", t=500, id="nope"), 14)

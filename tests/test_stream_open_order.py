@@ -58,8 +58,8 @@ def test_a_change_applied_while_a_stream_opens_reaches_it(tmp_path):
                 stream, first = await hub.open_stream("a", "127.0.0.1", None, "nonce-1")
                 assert "b" in first.peers, "the first frame was computed before the delete"
                 frames = stream.take_frames()
-                assert any("b" in (body.get("peers_removed") or ()) and version > first.version
-                           for _, version, body in frames), frames
+                assert any("b" in (json.loads(body).get("peers_removed") or ())
+                           and version > first.version for _, version, body in frames), frames
             finally:
                 await hub.stop()
         asyncio.run(scenario())

@@ -21,7 +21,7 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.serializer import Serializer
 
 from raftmesh.storage import snapshot
-from raftmesh.storage.journal import fsync_dir
+from raftmesh.storage.durable_files import fsync_dir
 from raftmesh.storage.state_store import StateStore
 
 log = logging.getLogger("raftmesh.snapshot")
