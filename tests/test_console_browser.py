@@ -145,7 +145,17 @@ def test_approve_a_pending_node_a_real_agent_registered(browser, cluster, consol
     field.send_keys("10.9.0.0/24" + Keys.ENTER)
     wait_until(lambda: api(cluster, "GET", f"/api/v1/nodes/{node_id}")[1]["node"]["approved_routes"] == ["10.9.0.0/24"],
                10, what="the route approved")
-    browser.wait_text("10.9.0.0/24 (approved)")
+    browser.wait_text("10.9.0.0/24 (approved, primary)")  # its only router
+    # a second router of the same subnet: a high-availability set, waiting-box stays primary
+    standby = ControlClient([r.api_url for r in cluster.replicas], SigningKey.generate())
+    standby_id = standby.call("POST", REGISTER, {
+        "node_key": base64.b64encode(bytes(PrivateKey.generate().public_key)).decode(),
+        "hostname": "standby-box", "advertised_routes": ["10.9.0.0/24"]})["node"]["id"]
+    assert api(cluster, "POST", f"/api/v1/nodes/{standby_id}/approve")[0] == 200
+    assert api(cluster, "PUT", f"/api/v1/nodes/{standby_id}/routes", {"approved_routes": ["10.9.0.0/24"]})[0] == 200
+    visit(browser, console, "machines", "standby-box")
+    browser.wait_text("10.9.0.0/24 (approved, standby; primary: waiting-box)")
+    browser.wait_text("10.9.0.0/24 (approved, primary; standby: standby-box)")
 
 
 def test_markup_in_names_is_shown_as_text(browser, cluster, console):
