@@ -131,7 +131,6 @@ def test_approve_a_pending_node_a_real_agent_registered(browser, cluster, consol
     assert registered["approved"] is False
     node_id = registered["node"]["id"]
     visit(browser, console, "machines", "pending approval")
-    browser.screenshot("machines")
     assert browser.accessibility_problems() == []
     order = browser.tab_order(40)
     assert "BUTTON:Approve waiting-box" in order, order  # the keyboard reaches the row's actions
@@ -156,6 +155,7 @@ def test_approve_a_pending_node_a_real_agent_registered(browser, cluster, consol
     visit(browser, console, "machines", "standby-box")
     browser.wait_text("10.9.0.0/24 (approved, standby; primary: waiting-box)")
     browser.wait_text("10.9.0.0/24 (approved, primary; standby: standby-box)")
+    browser.screenshot("machines")
 
 
 def test_markup_in_names_is_shown_as_text(browser, cluster, console):
