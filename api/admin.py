@@ -508,17 +508,22 @@ async def cluster_self(ctx: Ctx):
                                ready=ready, ready_reason=reason)})
 
 
+def raft_members(ctx: Ctx) -> list[dict]:
+    """The members of the Raft configuration, each with its id and API URL if registered."""
+    with ctx.replica.store.read() as txn:
+        known = {m["raft_addr"]: m for _, m in txn.items("members")}
+    return [known.get(a, {"id": None, "raft_addr": a, "api_url": None})
+            for a in ctx.replica.status.get("members", [])]
+
+
 @route("GET", V + "/cluster", "read", "Members, leader, term, commit index, applied versions",
        response=CLUSTER)
 async def get_cluster(ctx: Ctx):
     status = ctx.replica.status
-    with ctx.replica.store.read() as txn:
-        known = {m["raft_addr"]: m for _, m in txn.items("members")}
     auth_header = {auth.PEER_HEADER: auth.peer_token(ctx.config.cluster_secret)}
 
-    async def probe(session, raft_addr):
-        member = known.get(raft_addr, {"id": None, "raft_addr": raft_addr, "api_url": None})
-        if raft_addr == ctx.config.raft_addr:
+    async def probe(session, member):
+        if member["raft_addr"] == ctx.config.raft_addr:
             ready, reason = serving_readiness(ctx.request.app, ctx.replica)
             return dict(member, **{k: status.get(k) for k in ("state", "term", "commit_index",
                                                               "applied_index")},
@@ -537,7 +542,7 @@ async def get_cluster(ctx: Ctx):
 
     timeout = aiohttp.ClientTimeout(total=1.0)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        members = await asyncio.gather(*(probe(session, a) for a in status.get("members", [])))
+        members = await asyncio.gather(*(probe(session, m) for m in raft_members(ctx)))
     leader = next((m for m in members if m["raft_addr"] == status.get("leader")), None)
     return ok({"members": members, "leader": leader and leader.get("id"),
                "leader_raft_addr": status.get("leader"), "term": status.get("term"),

@@ -17,6 +17,7 @@ from raftmesh.cluster.raft import Raft
 from . import process_metrics
 from .map_stream import HUB
 
+REGISTRY = web.AppKey("registry", object)  # the replica's Prometheus registry
 RAFT_STATE_VALUE = {"follower": 0, "candidate": 1, "leader": 2}
 
 
@@ -133,6 +134,7 @@ class ReadinessCollector:
 
 
 def add_routes(app: web.Application, replica: Raft, metrics: Metrics) -> None:
+    app[REGISTRY] = metrics.registry
     metrics.registry.register(ReadinessCollector(app, replica))
 
     async def healthz(request):

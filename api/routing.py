@@ -28,6 +28,7 @@ from raftmesh.proto.numbers import MAX_SAFE_INTEGER, parse_number
 from . import auth, responses
 from .console import sessions
 from .errors import ERROR_CODES, APIError, error_body
+from .read_barrier import applied_or_after_barrier
 from .write_deadlines import WriteDeadlines
 
 Handler = Callable[["Ctx"], Awaitable[web.StreamResponse]]
@@ -387,7 +388,7 @@ async def _authenticate(request: web.Request, replica: Raft,
     lookup = keys.get if keys is not None else (lambda kid: stored_api_key(replica, kid))
     if "Authorization" not in request.headers and sessions.COOKIE in request.cookies \
             and sessions.SESSIONS in request.app:
-        key_id = sessions.session_of(request).key_id
+        key_id = (await sessions.session_of(request)).key_id
         record = lookup(key_id)
         if record is None or _expired(record):
             raise APIError(401, "unauthenticated", "the API key of this console session was "
@@ -406,19 +407,7 @@ async def api_key_record(token: str, replica: Raft, lookup) -> tuple[str, dict]:
     if parts is None:
         raise APIError(401, "unauthenticated", "malformed API key")
     key_id, secret = parts
-    record = lookup(key_id)
-    if record is None:
-        # Maybe created a moment ago through another replica that this one has not applied
-        # yet (a lagging or just re-added replica): look again behind a read barrier.
-        try:
-            outcome = await asyncio.wait_for(asyncio.wrap_future(replica.barrier()),
-                                             replica.config.write_timeout)
-        except asyncio.TimeoutError:
-            outcome = None
-        if outcome is None or outcome.kind != Outcome.APPLIED:
-            raise APIError(503, "not_ready", "API key not known to this replica, which cannot "
-                           "reach the leader to check it now; retry or use another replica")
-        record = lookup(key_id)
+    record = await applied_or_after_barrier(replica, lambda: lookup(key_id), "API key")
     if record is None or not auth.secret_matches(secret, record["hash"]):
         raise APIError(401, "unauthenticated", "unknown API key")
     if _expired(record):

@@ -15,7 +15,7 @@ from raftmesh.cluster import raft
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.audit_export import AuditExporter
 
-from . import admin, agent_api, lockdown_api, relay, settings_api, sso_api  # noqa: F401  (register their routes)
+from . import admin, agent_api, cluster_health, lockdown_api, relay, settings_api, sso_api  # noqa: F401  (register their routes)
 from . import auth, health, routing, scim, stun_server
 from .console import web as console
 from .ephemeral_gc import remove_ephemeral_nodes
@@ -29,7 +29,6 @@ from .oidc import RelyingParty
 from .sso_api import RELYING_PARTY
 
 log = logging.getLogger("raftmesh.server")
-REGISTRY = web.AppKey("registry", object)  # the replica's Prometheus registry
 
 
 def timing_middleware(metrics: health.Metrics):
@@ -53,7 +52,6 @@ def build_app(replica: Raft) -> web.Application:
     if replica.config.oidc_issuer:
         app[RELYING_PARTY] = RelyingParty(replica.config)
     app[CLUSTER_CLOCK] = ClusterClock(replica)
-    app[REGISTRY] = metrics.registry
     app[relay.HUB] = relay.RelayHub(metrics.registry)
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
@@ -116,7 +114,7 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
     await runner.setup()
     site = web.TCPSite(runner, config.api_host, config.api_port, reuse_address=True)
     await site.start()
-    stun = await stun_server.start(config.api_host, config.stun_udp_port, app[REGISTRY])
+    stun = await stun_server.start(config.api_host, config.stun_udp_port, app[health.REGISTRY])
     log.info("replica %s: raft %s, api %s", config.id, config.raft_addr, config.api_url)
     tasks = [asyncio.create_task(announce(replica)), asyncio.create_task(bootstrap_admin_key(replica)),
              asyncio.create_task(bootstrap_cluster_key(replica)),

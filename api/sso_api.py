@@ -92,7 +92,7 @@ async def callback(ctx: Ctx):
         what = "the raftmesh CLI is now signed in"
     r = await ctx.write(LoginComplete(**args))
     if not login.get("machine_key"):
-        to_console = sso_signed_in(ctx.request, login["key_id"], args["key_expiry"])
+        to_console = await sso_signed_in(ctx, login["key_id"], args["key_expiry"])
         if to_console is not None:
             return to_console
     return web.json_response({"user": identity.user, "version": r["version"],

@@ -279,6 +279,21 @@ class ApiKeyDelete(Command):
     id: str
 
 
+# -- console sessions (cluster/session_apply.py) -----------------------------------------------
+@command("session.create")
+class SessionCreate(Command):
+    """A console sign-in: a credential bound to API key `key_id`, stored as a hash."""
+    id: str
+    key_id: str
+    hash: str
+    expires_at: float
+
+
+@command("session.end")
+class SessionEnd(Command):
+    id: str
+
+
 # -- users and pre-auth keys ------------------------------------------------------------------
 @command("user.create")
 class UserCreate(Command):

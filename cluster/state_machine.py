@@ -699,5 +699,5 @@ def _clusterkey_rotate(ctx: Context, cmd: c.ClusterKeyRotate) -> dict:
 
 
 # Handlers of their own modules, which use the above: DNS settings, node lifecycle,
-# lock-down, logins, SCIM provisioning.
-from . import dns_config, lifecycle, lockdown_apply, login_apply, scim_apply  # noqa: E402,F401
+# lock-down, logins, SCIM provisioning, console sessions.
+from . import dns_config, lifecycle, lockdown_apply, login_apply, scim_apply, session_apply  # noqa: E402,F401

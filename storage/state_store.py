@@ -46,7 +46,7 @@ TABLES = (
     "meta", "users", "nodes", "preauth_keys", "api_keys", "policy_versions",
     "audit", "idempotency", "members", "node_ips", "node_by_machine", "cluster_keys",
     "node_names", "logins", "login_index", "scim", "scim_names", "route_sets",
-    "node_routes",
+    "node_routes", "console_sessions",
 )
 _VERSION_KEY = b"applied_version"
 CACHED_META = frozenset({"clock", "audit_head", "policy_head", "ip_cursor"})

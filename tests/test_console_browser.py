@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 
 import pytest
 from nacl.public import PrivateKey
@@ -18,6 +19,7 @@ from nacl.signing import SigningKey
 
 from console_browser import SCREENSHOTS, Browser, needs_browser
 from raftmesh.agent.control_client import ControlClient
+from raftmesh.lab.local_cluster import free_ports
 from raftmesh.lab.light_agents import LightAgents
 from raftmesh.proto.routes import REGISTER
 from waiting import wait_until
@@ -129,7 +131,6 @@ def test_approve_a_pending_node_a_real_agent_registered(browser, cluster, consol
     assert registered["approved"] is False
     node_id = registered["node"]["id"]
     visit(browser, console, "machines", "pending approval")
-    browser.screenshot("machines")
     assert browser.accessibility_problems() == []
     order = browser.tab_order(40)
     assert "BUTTON:Approve waiting-box" in order, order  # the keyboard reaches the row's actions
@@ -143,7 +144,18 @@ def test_approve_a_pending_node_a_real_agent_registered(browser, cluster, consol
     field.send_keys("10.9.0.0/24" + Keys.ENTER)
     wait_until(lambda: api(cluster, "GET", f"/api/v1/nodes/{node_id}")[1]["node"]["approved_routes"] == ["10.9.0.0/24"],
                10, what="the route approved")
-    browser.wait_text("10.9.0.0/24 (approved)")
+    browser.wait_text("10.9.0.0/24 (approved, primary)")  # its only router
+    # a second router of the same subnet: a high-availability set, waiting-box stays primary
+    standby = ControlClient([r.api_url for r in cluster.replicas], SigningKey.generate())
+    standby_id = standby.call("POST", REGISTER, {
+        "node_key": base64.b64encode(bytes(PrivateKey.generate().public_key)).decode(),
+        "hostname": "standby-box", "advertised_routes": ["10.9.0.0/24"]})["node"]["id"]
+    assert api(cluster, "POST", f"/api/v1/nodes/{standby_id}/approve")[0] == 200
+    assert api(cluster, "PUT", f"/api/v1/nodes/{standby_id}/routes", {"approved_routes": ["10.9.0.0/24"]})[0] == 200
+    visit(browser, console, "machines", "standby-box")
+    browser.wait_text("10.9.0.0/24 (approved, standby; primary: waiting-box)")
+    browser.wait_text("10.9.0.0/24 (approved, primary; standby: standby-box)")
+    browser.screenshot("machines")
 
 
 def test_markup_in_names_is_shown_as_text(browser, cluster, console):
@@ -210,6 +222,19 @@ def test_the_audit_log_shows_the_policy_change_and_a_verified_chain(browser, clu
                10, what="the filtered audit page")
     admin_key_id = cluster.admin_key.split("_")[1]
     assert f"apikey:{admin_key_id}" in browser.text("main table")
+    saved = [e["time"] for e in api(cluster, "GET", "/api/v1/audit?action=policy.set&limit=1000")[1]["entries"]]
+    utc = lambda t: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+
+    def shown_when_filtered(since: str, until: str, expected: bool) -> None:
+        browser.driver.execute_script(
+            "document.getElementById('audit-since').value = arguments[0];"
+            "document.getElementById('audit-until').value = arguments[1];", since, until)
+        browser.button("Filter").click()
+        wait_until(lambda: ("policy.set" in browser.text("main table")) == expected, 10,
+                   what=f"policy.set {'shown' if expected else 'hidden'} from {since!r} to {until!r}")
+    shown_when_filtered(utc(max(saved) + 1), "", False)  # nothing after the last save
+    shown_when_filtered(utc(min(saved) - 60), utc(max(saved) + 60), True)
+    shown_when_filtered("", utc(min(saved) - 3600), False)  # nor an hour before the first
     browser.screenshot("audit")
     assert browser.accessibility_problems() == []
 
@@ -229,6 +254,36 @@ def test_keys_page_shows_a_new_pre_auth_key_once(browser, cluster, console):
     assert "rmp_" not in browser.text()
 
 
+def test_rename_tag_and_expire_a_machine(browser, cluster, console):
+    from selenium.webdriver.common.keys import Keys
+    assert api(cluster, "PUT", "/api/v1/policy", POLICY_FIXED.replace(
+        '"groups"', '"tagOwners": {"tag:web": ["group:ops"], "tag:db": ["group:ops"]},\n  "groups"'))[0] == 200
+    node_id = next(n["id"] for n in api(cluster, "GET", "/api/v1/nodes")[1]["nodes"] if n["name"] == "waiting-box")
+    node = lambda: api(cluster, "GET", f"/api/v1/nodes/{node_id}")[1]["node"]
+
+    def answer_dialog(field: str, text: str) -> None:
+        found = wait_until(lambda: next(iter(browser.find(f"#dialog input[name={field}]")), None), 5, what=field)
+        found.clear()
+        found.send_keys(text + Keys.ENTER)
+    visit(browser, console, "machines", "waiting-box")
+    browser.button("Rename waiting-box").click()
+    answer_dialog("name", "renamed-box")
+    wait_until(lambda: node()["name"] == "renamed-box", 10, what="the node renamed")
+    browser.button("Tag renamed-box").click()
+    answer_dialog("tags", "tag:web, tag:db")
+    wait_until(lambda: sorted(node()["tags"]) == ["tag:db", "tag:web"], 10, what="the node tagged")
+    browser.wait_text("tag:db")
+    browser.button("Expire renamed-box").click()  # asks first; cancelled, nothing changes
+    browser.wait_text("Expire the key of renamed-box now?", "#dialog")
+    browser.button("Cancel").click()
+    assert node()["expired"] is False
+    browser.button("Expire renamed-box").click()
+    browser.button("Yes, do it").click()
+    wait_until(lambda: node()["expired"], 10, what="the node expired")
+    wait_until(lambda: any(line.startswith("renamed-box") and "expired" in line
+                           for line in browser.text("main table").splitlines()), 10, what="shown expired")
+
+
 def test_deleting_a_machine_asks_first_and_revokes_it(browser, cluster, console, streaming):
     from selenium.webdriver.common.keys import Keys
     visit(browser, console, "machines", "la1")
@@ -243,15 +298,20 @@ def test_deleting_a_machine_asks_first_and_revokes_it(browser, cluster, console,
     wait_until(lambda: "Delete la1" not in browser.buttons(), 10, what="la1 gone from the page")
 
 
-def test_live_health_charts_update_without_reloading(browser, console, streaming):
+def test_live_health_charts_update_without_reloading(browser, cluster, console, streaming):
     visit(browser, console, "health", "Open agent streams")
-    # this replica's agent (la0) acknowledged the policy's new peers and la1's removal
+    # every replica's figures: each has an agent, which acknowledged the policy's new peers
+    # and la1's removal
+    for r in cluster.replicas:
+        browser.wait_text(f"{r.id}: up")
     observed = r"(\d+) observed"
+    here = f'section[aria-label="Replica {cluster.replicas[0].id}"]'  # la0's figures
     for label in ("Netmap propagation", "Revoke"):
-        wait_until(lambda: int(re.search(label + r" \(s\): " + observed, browser.text()).group(1)) > 0,
+        wait_until(lambda: int(re.search(label + r" \(s\): " + observed, browser.text(here)).group(1)) > 0,
                    15, interval=0.5, what=f"{label} observations: {browser.text()!r}")
     browser.driver.execute_script("window.sameDocument = true;")
-    points = "return document.querySelector('#chart-streams polyline').getAttribute('points').split(' ').length"
+    points = ("return document.querySelector('#chart-%s-streams polyline').getAttribute('points')"
+              ".split(' ').length" % cluster.replicas[1].id)  # a peer's figures, gathered by replica 0
     first = browser.driver.execute_script(points)
     wait_until(lambda: browser.driver.execute_script(points) > first, 10, interval=0.2,
                what="the chart to grow")
@@ -279,10 +339,40 @@ def test_the_cluster_page_shows_a_killed_replica_down_and_back(browser, cluster,
     assert len(api(cluster, "GET", "/api/v1/cluster/self")[1]["replica"]["members"]) == 3
     cluster.kill(victim)
     wait_until(lambda: " down " in row(), 15, what=f"{victim.id} shown down: {row()!r}")
+    visit(browser, console, "health", f"{victim.id}: down")  # live health too, the others still up
+    assert all(f"{r.id}: up" in browser.text() for r in cluster.replicas if r is not victim)
+    visit(browser, console, "cluster", "3 members")
     cluster.start(victim)
     cluster.wait_ready([victim], timeout=30)
     wait_until(lambda: " up " in row() and " ready" in row() and "not ready" not in row(), 20,
                what=f"{victim.id} shown up and ready: {row()!r}")
+
+
+def test_adding_a_member_asks_first_then_removing_it(browser, cluster, console):
+    from selenium.webdriver.common.keys import Keys
+    port = free_ports(1)[0]  # nothing listens there: a member added before its replica started
+    fields = {"id": "r9", "raft_addr": f"127.0.0.1:{port}", "api_url": f"http://127.0.0.1:{port}"}
+    members = lambda: api(cluster, "GET", "/api/v1/cluster/self")[1]["replica"]["members"]
+    visit(browser, console, "cluster", "3 members")
+
+    def fill_in_the_form() -> None:
+        browser.button("Add a member").click()
+        for name, value in fields.items():
+            wait_until(lambda: next(iter(browser.find(f"#dialog input[name={name}]")), None), 5,
+                       what=name).send_keys(value)
+        browser.find("#dialog input[name=api_url]")[0].send_keys(Keys.ENTER)
+        browser.wait_text(f"Add r9 at 127.0.0.1:{port} to the Raft membership?", "#dialog")
+    fill_in_the_form()
+    browser.button("Cancel").click()  # at the confirmation: nothing changes
+    assert len(members()) == 3
+    fill_in_the_form()
+    browser.button("Yes, do it").click()
+    wait_until(lambda: len(members()) == 4, 15, what="r9 added")
+    browser.wait_text("4 members")
+    browser.button("Remove r9").click()
+    browser.button("Yes, do it").click()
+    wait_until(lambda: len(members()) == 3, 15, what="r9 removed")
+    browser.wait_text("3 members")
 
 
 def test_changes_without_the_csrf_token_are_refused_and_change_nothing(browser, cluster, console):

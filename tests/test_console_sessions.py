@@ -246,3 +246,39 @@ def test_the_audit_chain_verifies_across_chunks(admin, monkeypatch):
     monkeypatch.setattr(admin_api, "AUDIT_VERIFY_CHUNK", 2)  # every link between chunks checked too
     status, _, body = admin("GET", "/api/v1/audit/verify")
     assert status == 200 and body["intact"] is True and body["head"]["seq"] > 4, body
+
+
+def test_a_session_token_is_no_api_key(admin, served):
+    """The cookie gives nothing through an Authorization header (no CSRF check to skip there)."""
+    before = audit_head(admin)
+    token = admin.cookie.split(".")[0]
+    for credential in (admin.cookie, token):
+        status, _, body = admin("POST", "/api/v1/users", {"name": "via-session-bearer"},
+                                headers={"Authorization": f"Bearer {credential}"})
+        assert status == 401 and body["error"]["code"] == "unauthenticated", body
+    assert audit_head(admin) == before
+
+
+def test_sessions_are_replicated_records_stored_as_hashes(admin, served):
+    session_id, secret = admin.cookie.split(".")[0].split("_", 2)[1:]
+    with served[1].raft.store.read() as txn:
+        record = txn.get("console_sessions", session_id)
+    assert record["key_id"] == served[1].admin_key.split("_")[1] and secret not in str(record)
+
+
+@pytest.mark.parametrize("forged", ["no activity", "activity moved"])
+def test_a_forged_last_activity_is_idle(base, served, forged):
+    b = Browser(base)
+    b.sign_in(served[1].admin_key)
+    token, at, mac = b.cookie.split(".")
+    b.cookie = token if forged == "no activity" else f"{token}.{int(at) + 10}.{mac}"
+    assert b("GET", "/api/v1/users")[0] == 401
+    b.cookie = f"{token}.{at}.{mac}"  # ended, not just refused
+    assert b("GET", "/api/v1/users")[0] == 401
+
+
+def test_each_answer_refreshes_the_last_activity(admin):
+    status, head, _ = admin("GET", "/api/v1/users")
+    cookie = next(c for c in head["set-cookie-all"] if c.startswith(COOKIE + "="))
+    assert status == 200 and "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+    assert cookie.split(";")[0].split("=", 1)[1].split(".")[0] == admin.cookie.split(".")[0]

@@ -10,14 +10,15 @@ from importlib import resources
 
 from aiohttp import web
 
+from raftmesh.cluster.commands import SessionEnd
 from raftmesh.cluster.raft import Raft
 
 from .. import auth
 from ..errors import APIError
 from ..routing import Ctx, api_key_record, stored_api_key
 from ..sso_api import RELYING_PARTY, start_admin_login
-from .sessions import (COOKIE, SECURITY_HEADERS, SESSIONS, SSO_COOKIE, SSO_COOKIE_PATH, SSO_LOGINS,
-                       Sessions, SsoLogins, check_origin, session_of, set_cookie)
+from .sessions import (COOKIE, SECURITY_HEADERS, SESSIONS, SSO_COOKIE, SSO_COOKIE_PATH, Sessions,
+                       check_origin, refresh_activity, session_of, set_cookie)
 
 TYPES = {"html": "text/html", "js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
 MAX_SIGN_IN_BYTES = 4096
@@ -31,7 +32,8 @@ def _assets() -> dict[str, tuple[bytes, str]]:
 
 
 def add_routes(app: web.Application, replica: Raft) -> None:
-    app[SESSIONS], app[SSO_LOGINS] = Sessions(), SsoLogins()
+    app[SESSIONS] = Sessions(replica)
+    app.middlewares.append(refresh_activity)
     assets = _assets()
 
     def served(name: str) -> web.Response:
@@ -59,7 +61,7 @@ def add_routes(app: web.Application, replica: Raft) -> None:
     async def whoami(request):
         """Who the session is (and its CSRF token, readable by this site's scripts only)."""
         try:
-            session = session_of(request)
+            session = await session_of(request)
         except APIError:
             session = None
         record = session and stored_api_key(replica, session.key_id)
@@ -79,14 +81,15 @@ def add_routes(app: web.Application, replica: Raft) -> None:
             raise APIError(400, "bad_request", 'sign in with a JSON body {"api_key": "rmk_..."}')
         key_id, record = await api_key_record(token.strip(), replica,
                                               lambda kid: stored_api_key(replica, kid))
-        token, session = request.app[SESSIONS].create(key_id, record.get("expires_at"))
+        ctx = Ctx(request, replica, f"apikey:{key_id}", record["scopes"])
+        cookie, session = await request.app[SESSIONS].create(ctx, key_id, record.get("expires_at"))
         response = _json(principal(key_id, record, session))
-        set_cookie(response, request, COOKIE, token, session.expires_at - request.app[SESSIONS].clock())
+        set_cookie(response, request, COOKIE, cookie, session.expires_at - request.app[SESSIONS].clock())
         return response
 
     async def sign_out(request):
-        session_of(request)  # a change like any other: CSRF token and origin
-        request.app[SESSIONS].end(request.cookies[COOKIE])
+        session = await session_of(request)  # a change like any other: CSRF token and origin
+        await Ctx(request, replica, f"apikey:{session.key_id}", []).write(SessionEnd(id=session.id))
         response = _json({"signed_in": False, "replica": replica.config.id})
         response.del_cookie(COOKIE, path="/")
         return response
@@ -99,9 +102,9 @@ def add_routes(app: web.Application, replica: Raft) -> None:
         key_id = secrets.token_hex(6)
         url, until = await start_admin_login(Ctx(request, replica, "anonymous", []), key_id,
                                              auth.hash_secret(secrets.token_urlsafe(32)))
-        nonce = request.app[SSO_LOGINS].start(key_id, until)
+        sessions = request.app[SESSIONS]
         response = web.Response(status=303, headers={"Location": url, **SECURITY_HEADERS})
-        set_cookie(response, request, SSO_COOKIE, nonce, until - request.app[SSO_LOGINS].clock(),
+        set_cookie(response, request, SSO_COOKIE, sessions.sso_nonce(key_id), until - sessions.clock(),
                    same_site="Lax", path=SSO_COOKIE_PATH)  # Lax: sent on the provider's redirect
         return response
 

@@ -1,5 +1,8 @@
-// Live health: this replica's histograms (netmap propagation, revoke, connection set-up)
-// and open streams from /metrics, as charts that move without reloading.
+// Live health: every replica's histograms (netmap propagation, revoke, connection set-up)
+// and open streams, as charts that move without reloading. One request a sample: the
+// replica serving the page gathers its peers' figures (/api/v1/cluster/health); a replica
+// that does not answer is shown down.
+import { call, v1 } from "./api.js";
 import { el, every } from "./dom.js";
 
 const REFRESH_MS = 2000;
@@ -11,18 +14,6 @@ const HISTOGRAMS = [
   ["raftmesh_connect_setup_seconds", "Connection set-up (s)", null],
 ];
 
-// Prometheus text format: {name: [{labels, value}]} for the lines we read.
-export function parseMetrics(text) {
-  const out = {};
-  for (const line of text.split("\n")) {
-    const m = /^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)/.exec(line);
-    if (!m) continue;
-    const labels = Object.fromEntries([...(m[2] ?? "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map((l) => [l[1], l[2]]));
-    (out[m[1]] ??= []).push({ labels, value: Number(m[3]) });
-  }
-  return out;
-}
-
 // Cumulative buckets [[le, count]] -> the upper bound holding quantile q (bucketed, like Prometheus).
 export function quantile(buckets, q) {
   const total = buckets.at(-1)?.[1] ?? 0;
@@ -31,10 +22,8 @@ export function quantile(buckets, q) {
   return hit && Number.isFinite(hit[0]) ? hit[0] : (buckets.at(-2)?.[0] ?? null);
 }
 
-function bucketsOf(metrics, name) {
-  return (metrics[`${name}_bucket`] ?? []).map((b) => [b.labels.le === "+Inf" ? Infinity : Number(b.labels.le), b.value])
-    .sort((a, b) => a[0] - b[0]);
-}
+const bucketsOf = (replica, name) =>
+  (replica.histograms?.[name] ?? []).map(([le, count]) => [le === "+Inf" ? Infinity : Number(le), count]);
 
 function chart(label, series, target) {
   const values = series.flatMap((s) => s.points).filter((v) => v != null).concat(target ?? []);
@@ -64,30 +53,45 @@ function chart(label, series, target) {
   return svg;
 }
 
+function replicaFigures(replica, history) {
+  const name = replica.id ?? replica.raft_addr;
+  const head = el("h3", { class: replica.up ? "up" : "down" }, replica.up ? `${name}: up` : `${name}: down (${replica.error ?? "unreachable"})`);
+  const figures = HISTOGRAMS.map(([metric, label, target]) => {
+    const h = history[metric], buckets = replica.up ? bucketsOf(replica, metric) : [];
+    const count = buckets.at(-1)?.[1] ?? 0;
+    push(h.p50, quantile(buckets, 0.5));
+    push(h.p99, quantile(buckets, 0.99));
+    return el("figure", { id: `chart-${name}-${metric}` }, el("figcaption", {}, replica.up ? `${label}: ${count} observed` : `${label}: down`),
+      chart(`${name} ${label}`, [{ name: "p50", cls: "p50", points: h.p50 }, { name: "p99", cls: "p99", points: h.p99 }], target));
+  });
+  const streams = replica.up ? replica.streams : null;
+  push(history.streams, streams);
+  figures.push(el("figure", { id: `chart-${name}-streams`, class: "streams" },
+    el("figcaption", {}, replica.up ? `Open agent streams: ${streams}` : "Open agent streams: down"),
+    chart(`${name} open agent streams`, [{ name: "streams", cls: "p50", points: history.streams }], null)));
+  return el("section", { "aria-label": `Replica ${name}` },
+    head, el("div", { class: "charts" }, ...figures));
+}
+
+function push(list, v) { list.push(v); if (list.length > KEEP) list.shift(); }
+
 export async function render(main) {
-  const grid = el("div", { class: "charts" });
-  const note = el("p", { class: "muted" }, "This replica's figures, every 2 s. Lines: p50 (blue), p99 (red), target (dashed); histograms are bucketed, so quantiles are bucket bounds.");
-  main.append(note, grid);
-  const history = { streams: [] };
-  for (const [name] of HISTOGRAMS) history[name] = { p50: [], p99: [], count: [] };
-  const push = (list, v) => { list.push(v); if (list.length > KEEP) list.shift(); };
+  const all = el("div", {});
+  const note = el("p", { class: "muted" }, "Every replica's figures, every 2 s. Lines: p50 (blue), p99 (red), target (dashed); histograms are bucketed, so quantiles are bucket bounds.");
+  main.append(note, all);
+  const histories = new Map();  // replica -> its samples
+  const historyOf = (key) => {
+    if (!histories.has(key)) {
+      const h = { streams: [] };
+      for (const [metric] of HISTOGRAMS) h[metric] = { p50: [], p99: [] };
+      histories.set(key, h);
+    }
+    return histories.get(key);
+  };
   const sample = async () => {
-    const response = await fetch("/metrics", { credentials: "same-origin" });
-    const metrics = parseMetrics(await response.text());
-    const figures = HISTOGRAMS.map(([name, label, target]) => {
-      const h = history[name], buckets = bucketsOf(metrics, name);
-      const count = buckets.at(-1)?.[1] ?? 0;
-      push(h.p50, quantile(buckets, 0.5));
-      push(h.p99, quantile(buckets, 0.99));
-      push(h.count, count);
-      return el("figure", { id: `chart-${name}` }, el("figcaption", {}, `${label}: ${count} observed`),
-        chart(label, [{ name: "p50", cls: "p50", points: h.p50 }, { name: "p99", cls: "p99", points: h.p99 }], target));
-    });
-    const streams = metrics.raftmesh_map_streams?.[0]?.value ?? 0;
-    push(history.streams, streams);
-    figures.push(el("figure", { id: "chart-streams" }, el("figcaption", {}, `Open agent streams: ${streams}`),
-      chart("Open agent streams", [{ name: "streams", cls: "p50", points: history.streams }], null)));
-    grid.replaceChildren(...figures);
+    const { replicas } = await call("GET", v1("/cluster/health"));
+    replicas.sort((a, b) => String(a.id ?? a.raft_addr).localeCompare(String(b.id ?? b.raft_addr)));
+    all.replaceChildren(...replicas.map((r) => replicaFigures(r, historyOf(r.raft_addr))));
   };
   await sample();
   return every(REFRESH_MS, sample);

@@ -4,12 +4,13 @@ import { el, table, when, say, ask, confirmed } from "./dom.js";
 import { showError } from "./app.js";
 
 export async function render(main, { can, reload }) {
-  const nodes = (await call("GET", v1("/nodes"))).nodes.sort((a, b) => a.name.localeCompare(b.name));
+  const [listed, routeTable] = await Promise.all([call("GET", v1("/nodes")), call("GET", v1("/routes"))]);
+  const nodes = listed.nodes.sort((a, b) => a.name.localeCompare(b.name));
+  const sets = new Map(routeTable.routes.filter((r) => !r.exit_node).map((r) => [r.cidr, r]));
+  const names = new Map(nodes.map((n) => [n.id, n.name]));
   const act = (label, fn, cls) => el("button", { type: "button", class: cls, on: { click: async () => {
     try { if (await fn() !== false) { say(`${label}: done`); reload(); } } catch (e) { showError(e); }
   } } }, label);
-  const servedBy = new Map();
-  for (const n of nodes) for (const r of n.approved_routes) servedBy.set(r, [...(servedBy.get(r) ?? []), n.name]);
   const rows = nodes.map((n) => {
     const paths = n.stream?.paths;
     const actions = !can.write ? [] : [
@@ -36,7 +37,7 @@ export async function render(main, { can, reload }) {
       n.name, n.approved ? (n.expired ? "expired" : (n.online ? el("span", { class: "up" }, "online") : "offline"))
         : el("span", { class: "warn" }, "pending approval"),
       n.user ?? "—", n.tags.join(", ") || "—", [n.ipv4, n.ipv6].filter(Boolean).join(" "),
-      routes(n, servedBy), paths ? `${paths.direct ?? 0} direct, ${paths.relay ?? 0} relayed` : "—",
+      routes(n, sets, names), paths ? `${paths.direct ?? 0} direct, ${paths.relay ?? 0} relayed` : "—",
       n.stream?.replica ?? n.stream_replica ?? "—", n.stream?.acked_version ?? "—", when(n.last_seen),
       n.expired ? "expired" : when(n.key_expiry), actions,
     ];
@@ -46,13 +47,19 @@ export async function render(main, { can, reload }) {
   can.write ? rows : rows.map((r) => r.slice(0, -1)), `${nodes.length} machine${nodes.length === 1 ? "" : "s"}`));
 }
 
-// A route approved on several nodes is a high-availability set: each row names the others.
-function routes(n, servedBy) {
+// A subnet approved on several nodes is a high-availability set (GET /api/v1/routes): its
+// traffic goes through the primary, the others stand by. Exit routes are not elected.
+function routes(n, sets, names) {
   if (!n.advertised_routes.length) return "—";
   return n.advertised_routes.map((r) => {
     if (!n.approved_routes.includes(r)) return `${r} (not approved)`;
-    const others = (servedBy.get(r) ?? []).filter((name) => name !== n.name);
-    return `${r} (approved${others.length ? `; also via ${others.join(", ")}` : ""})`;
+    const set = sets.get(r);
+    if (!set) return `${r} (approved)`;
+    const name = (id) => names.get(id) ?? id;
+    const standby = set.candidates.map((c) => c.id).filter((id) => id !== n.id && id !== set.primary).map(name);
+    const also = standby.length ? `; standby: ${standby.join(", ")}` : "";
+    if (set.primary === n.id) return `${r} (approved, primary${also})`;
+    return `${r} (approved, ${set.primary ? `standby; primary: ${name(set.primary)}` : "no primary"}${also})`;
   }).join(", ");
 }
 
