@@ -42,6 +42,7 @@ BENCHMARKS = [
     ("stream-memory", "stream_memory", "replica RSS per open agent stream", 1),
     ("connect", "connect", "agent up until its first packet reaches a peer, by NAT type, with Nebula", 1),
     ("policy", "policy", "validate and apply an N-rule policy; /healthz latency meanwhile", 1),
+    ("geo", "geo", "replicas in regions a WAN apart: writes, propagation, failovers per region", None),
 ]
 
 
