@@ -12,8 +12,11 @@ region's replica. Measured, in this order:
    commit back when the replica is a follower). Also reads through the same replica, with
    `?stale=true` (served from local state) and linearizable (a read barrier, which on a
    follower asks the leader);
-2. propagation: policy changes (harness.policy_text: every agent gets one small delta),
-   from the API's answer until each agent applied it, per region;
+2. propagation: policy changes (harness.policy_text: every agent gets one small delta)
+   written through the leader, from its answer (the change is committed) until each agent
+   applied it, per region, next to the floor: half the round trip from the leader to the
+   region's replica (the commit index travels with the leader's next message) and to its
+   agents;
 3. leader failover: SIGKILL the leader; from the kill until the first write sent after
    the process was reaped is acknowledged by a survivor (client requests go over the
    driver's undelayed address; the Raft traffic between survivors has its round trip);
@@ -30,7 +33,7 @@ import signal
 import time
 from contextlib import ExitStack
 
-from raftmesh.bench import harness, propagation, report
+from raftmesh.bench import harness, report
 from raftmesh.lab import replica_net
 from raftmesh.lab.geo_net import API_PORT, RAFT_PORT, GeoNet, Topology, parse_topology
 from raftmesh.lab.light_agents import LightAgents, default_workers
@@ -90,6 +93,24 @@ def measure_region(client: RegionClient, region: int, writes: int, reads: int) -
                 raise RuntimeError(f"{kind} via r{region + 1} answered {status}")
             samples[kind].append(took)
     return samples
+
+
+class PolicyFlipper:
+    """Each call writes a policy change through the current leader (harness.policy_text,
+    flipping its port) and returns its version and the times it was sent and answered."""
+
+    def __init__(self, cluster: LocalCluster):
+        self.cluster, self.port = cluster, 22
+
+    def __call__(self) -> dict:
+        self.port = 2222 if self.port == 22 else 22
+        leader = self.cluster.leader()
+        sent = time.time()
+        status, body = self.cluster.request(leader, "PUT", "/api/v1/policy",
+                                            harness.policy_text(self.port))
+        if status != 200:
+            raise RuntimeError(f"policy change via leader {leader.id}: {status} {body}")
+        return {"version": body["version"], "sent": sent, "acked": time.time(), "via": leader.id}
 
 
 def leader_failover(cluster: LocalCluster, timeout: float) -> dict:
@@ -172,10 +193,12 @@ def run(out_dir: str, topology: Topology, agents_per_region: int = 200, writes: 
                 client.close()
             regions.append({"region": x + 1, "replica": r.id, "role": "leader" if x == leader else "follower",
                             "floor_ms": topology.write_floor_ms(x, leader),
+                            "prop_floor_ms": (topology.link_rtt_ms(x, leader) * (x != leader)
+                                              + topology.local_rtt_ms) / 2,
                             **{k: report.summarize(v) for k, v in samples.items()},
                             "samples_s": samples, "propagation_s": []})
 
-        flip = propagation.flipper(cluster, "policy", "star")
+        flip = PolicyFlipper(cluster)
         for c in range(changes):
             change = flip()
             for x, la in enumerate(agents):
@@ -208,7 +231,8 @@ def run(out_dir: str, topology: Topology, agents_per_region: int = 200, writes: 
              "write_p50_ms": r["write"]["p50_ms"], "write_p99_ms": r["write"]["p99_ms"],
              "floor_ms": r["floor_ms"], "stale_read_p50_ms": r["stale_read"]["p50_ms"],
              "read_p50_ms": r["read"]["p50_ms"], "prop_p50_ms": r["propagation"]["p50_ms"],
-             "prop_p99_ms": r["propagation"]["p99_ms"], "prop_missing": r.get("propagation_missing", 0)}
+             "prop_p99_ms": r["propagation"]["p99_ms"], "prop_floor_ms": r["prop_floor_ms"],
+             "prop_missing": r.get("propagation_missing", 0)}
             for r in regions]
     result = {"benchmark": "geo", "machine": bench_run.machine(), "regions": rows,
               "detail": regions, "leader_failover": leader_fo, "agent_failover": agent_fo,
@@ -222,7 +246,8 @@ def run(out_dir: str, topology: Topology, agents_per_region: int = 200, writes: 
     report.print_table(f"geo: {n} regions, RTT ms {pairs}, local {topology.local_rtt_ms:g}; "
                        f"{agents_per_region} agents per region (ms)", rows, list(rows[0]))
     print("floor_ms: local RTT + (forward to the leader and back, on a follower) + the leader's "
-          "RTT to its nearest peer; prop_*: policy change, API answer -> agent applied")
+          "RTT to its nearest peer; prop_*: policy change, the leader's answer -> agent applied "
+          "(floor: half the RTT leader -> region's replica -> agent)")
     print(f"leader failover: killed {leader_fo['killed']}, first write acknowledged after "
           f"{leader_fo['resume_ms']:.0f} ms (via {leader_fo['first_ack_via']}; new leader "
           f"{leader_fo['new_leader']})")

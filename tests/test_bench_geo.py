@@ -7,6 +7,7 @@ light-agent worker must be gone afterwards, and no namespace left behind.
 import json
 import os
 import time
+import urllib.request
 
 import pytest
 
@@ -80,6 +81,12 @@ def test_each_region_and_each_replica_pair_gets_its_own_round_trip(tmp_path):
             assert status == 201 and seconds >= nearest / 1e3
             for c2 in clients + [c]:
                 c2.close()
+            follower = next(r for r in cluster.replicas if r is not leader)
+            req = urllib.request.Request(follower.api_url + "/api/v1/users?stale=true&max_staleness=2",
+                                         headers={"Authorization": f"Bearer {cluster.admin_key}"})
+            with urllib.request.urlopen(req, timeout=10) as resp:  # heartbeats arrive every 50 ms
+                contact = resp.headers["Raftmesh-Staleness"].split(";")[0]
+            assert 0 <= int(contact.split("=")[1]) < 2000
             pids = [r.pid for r in cluster.replicas]
         finally:
             cluster.stop_all()
