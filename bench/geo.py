@@ -77,6 +77,14 @@ def region_of(replica) -> int:
     return int(replica.id[1:]) - 1
 
 
+def term(cluster: LocalCluster) -> int:
+    """The leader's Raft term: a rise between two reads means an election happened."""
+    status, body = cluster.request(cluster.leader(), "GET", "/api/v1/cluster/self")
+    if status != 200:
+        raise RuntimeError(f"/cluster/self: {status} {body}")
+    return body["replica"]["term"]
+
+
 def measure_region(client: RegionClient, region: int, writes: int, reads: int) -> dict:
     """Sequential writes, then stale and linearizable reads, through the region's replica."""
     samples = {"write": [], "stale_read": [], "read": []}
@@ -181,7 +189,7 @@ def run(out_dir: str, topology: Topology, agents_per_region: int = 200, writes: 
             agents.append(la)
         for la in agents:
             la.settle()
-        leader = region_of(cluster.leader())
+        leader, term_start = region_of(cluster.leader()), term(cluster)
 
         regions = []
         for x, r in enumerate(cluster.replicas):
@@ -211,6 +219,7 @@ def run(out_dir: str, topology: Topology, agents_per_region: int = 200, writes: 
         for reg in regions:
             reg["propagation"] = report.summarize(reg["propagation_s"])
 
+        steady_elections = term(cluster) - term_start
         progress.update("leader failover: SIGKILL the leader", force=True)
         leader_fo = leader_failover(cluster, timeout)
         killed = next(r for r in cluster.replicas if r.id == leader_fo["killed"])
@@ -236,6 +245,7 @@ def run(out_dir: str, topology: Topology, agents_per_region: int = 200, writes: 
             for r in regions]
     result = {"benchmark": "geo", "machine": bench_run.machine(), "regions": rows,
               "detail": regions, "leader_failover": leader_fo, "agent_failover": agent_fo,
+              "elections_in_steady_state": steady_elections,
               "final_status": status, "pids": bench_run.pids,
               "config": {"rtt_ms": topology.rtt_ms, "local_rtt_ms": topology.local_rtt_ms,
                          "agents_per_region": agents_per_region, "workers_per_region": workers,
@@ -248,6 +258,7 @@ def run(out_dir: str, topology: Topology, agents_per_region: int = 200, writes: 
     print("floor_ms: local RTT + (forward to the leader and back, on a follower) + the leader's "
           "RTT to its nearest peer; prop_*: policy change, the leader's answer -> agent applied "
           "(floor: half the RTT leader -> region's replica -> agent)")
+    print(f"elections while nothing failed (writes, reads, propagation): {steady_elections}")
     print(f"leader failover: killed {leader_fo['killed']}, first write acknowledged after "
           f"{leader_fo['resume_ms']:.0f} ms (via {leader_fo['first_ack_via']}; new leader "
           f"{leader_fo['new_leader']})")

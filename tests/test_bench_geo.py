@@ -107,6 +107,7 @@ def test_bench_geo_tiny_end_to_end(tmp_path):
     assert sorted(r["role"] for r in saved["regions"]) == ["follower", "follower", "leader"]
     for r in saved["regions"]:
         assert r["prop_missing"] == 0 and r["write_p50_ms"] >= r["floor_ms"] - 1  # the floor is a floor
+    assert saved["elections_in_steady_state"] >= 0
     fo = saved["leader_failover"]
     assert fo["new_leader"] != fo["killed"] and 0 < fo["resume_ms"] < 60_000
     afo = saved["agent_failover"]
