@@ -17,10 +17,10 @@ region's replica. Measured, in this order:
    applied it, per region, next to the floor: half the round trip from the leader to the
    region's replica (the commit index travels with the leader's next message) and to its
    agents;
-3. leader failover: SIGKILL the leader; from the kill until the first write sent after
-   the process was reaped is acknowledged by a survivor (client requests go over the
-   driver's undelayed address; the Raft traffic between survivors has its round trip);
-   then the old leader is restarted and every agent moved back home;
+3. leader failover, `--kills` times: SIGKILL the leader; from the kill until the first
+   write sent after the process was reaped is acknowledged by a survivor (client requests
+   go over the driver's undelayed address; the Raft traffic between survivors has its
+   round trip); then the old leader is restarted and every agent moved back home;
 4. agent failover: SIGKILL a follower region's replica; a policy change is written right
    after; its agents' time from the kill until their stream is open on another region's
    replica, and until they applied the change (current again).
@@ -165,7 +165,7 @@ def agent_failover(cluster: LocalCluster, agents: list[LightAgents], victim, tim
 
 def run(out_dir: str, topology: Topology, agents_per_region: int = 200, writes: int = 50,
         reads: int = 20, changes: int = 3, workers: int = 0, keepalive: float = 10.0,
-        raft_args: list[str] | None = None, timeout: float = 60.0) -> dict:
+        raft_args: list[str] | None = None, timeout: float = 60.0, kills: int = 1) -> dict:
     n = topology.regions
     workers = workers or default_workers(agents_per_region)
     with harness.BenchRun("geo") as bench_run, ExitStack() as stack:
@@ -220,15 +220,17 @@ def run(out_dir: str, topology: Topology, agents_per_region: int = 200, writes: 
             reg["propagation"] = report.summarize(reg["propagation_s"])
 
         steady_elections = term(cluster) - term_start
-        progress.update("leader failover: SIGKILL the leader", force=True)
-        leader_fo = leader_failover(cluster, timeout)
-        killed = next(r for r in cluster.replicas if r.id == leader_fo["killed"])
-        cluster.start(killed)
-        bench_run.pids.append(killed.pid)
-        cluster.wait_ready(timeout=60)
-        for la in agents:
-            la.rehome(timeout=60)
-            la.settle(quiet=1.0)
+        leader_fo = []
+        for k in range(kills):
+            progress.update(f"leader failover {k + 1}/{kills}: SIGKILL the leader", force=True)
+            leader_fo.append(leader_failover(cluster, timeout))
+            killed = next(r for r in cluster.replicas if r.id == leader_fo[-1]["killed"])
+            cluster.start(killed)
+            bench_run.pids.append(killed.pid)
+            cluster.wait_ready(timeout=60)
+            for la in agents:
+                la.rehome(timeout=60)
+                la.settle(quiet=1.0)
 
         leader = cluster.leader()
         victim = next(r for r in cluster.replicas if r is not leader)
@@ -244,12 +246,14 @@ def run(out_dir: str, topology: Topology, agents_per_region: int = 200, writes: 
              "prop_missing": r.get("propagation_missing", 0)}
             for r in regions]
     result = {"benchmark": "geo", "machine": bench_run.machine(), "regions": rows,
-              "detail": regions, "leader_failover": leader_fo, "agent_failover": agent_fo,
+              "detail": regions, "leader_failover": leader_fo,
+              "leader_failover_resume": report.summarize([f["resume_ms"] / 1e3 for f in leader_fo]),
+              "agent_failover": agent_fo,
               "elections_in_steady_state": steady_elections,
               "final_status": status, "pids": bench_run.pids,
               "config": {"rtt_ms": topology.rtt_ms, "local_rtt_ms": topology.local_rtt_ms,
                          "agents_per_region": agents_per_region, "workers_per_region": workers,
-                         "writes": writes, "reads": reads, "changes": changes,
+                         "writes": writes, "reads": reads, "changes": changes, "kills": kills,
                          "stream_keepalive_s": keepalive, "raft_args": raft_args or []}}
     pairs = ", ".join(f"r{i + 1}-r{j + 1} {topology.rtt_ms[i][j]:g}"
                       for i in range(n) for j in range(i + 1, n))
@@ -259,9 +263,8 @@ def run(out_dir: str, topology: Topology, agents_per_region: int = 200, writes: 
           "RTT to its nearest peer; prop_*: policy change, the leader's answer -> agent applied "
           "(floor: half the RTT leader -> region's replica -> agent)")
     print(f"elections while nothing failed (writes, reads, propagation): {steady_elections}")
-    print(f"leader failover: killed {leader_fo['killed']}, first write acknowledged after "
-          f"{leader_fo['resume_ms']:.0f} ms (via {leader_fo['first_ack_via']}; new leader "
-          f"{leader_fo['new_leader']})")
+    print("leader failover, kill -> first write acknowledged: " + ", ".join(
+        f"{f['killed']} {f['resume_ms']:.0f} ms (new leader {f['new_leader']})" for f in leader_fo))
     print(f"agent failover: killed {agent_fo['killed']}; its {agent_fo['agents']} agents streamed from "
           f"{', '.join(agent_fo['moved_to']) or '-'} after p99 {agent_fo['reconnect']['p99_ms']:.0f} ms "
           f"and were current after p99 {agent_fo['current']['p99_ms']:.0f} ms (max "
@@ -284,6 +287,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--writes", type=int, default=50, help="sequential writes per region")
     parser.add_argument("--reads", type=int, default=20, help="reads of each kind per region")
     parser.add_argument("--changes", type=int, default=3, help="policy changes for propagation")
+    parser.add_argument("--kills", type=int, default=3, help="leader failovers (SIGKILL, restart)")
     parser.add_argument("--workers", type=int, default=0,
                         help="light-agent processes per region (default: one per 400 agents)")
     parser.add_argument("--stream-keepalive", type=float, default=10.0,
@@ -309,6 +313,6 @@ def main(args) -> int:
                  if getattr(args, flag) is not None
                  for x in (f"--{flag.replace('_', '-')}", f"{getattr(args, flag):g}")]
     result = run(args.out, topology, args.agents, args.writes, args.reads, args.changes,
-                 args.workers, args.stream_keepalive, raft_args, args.timeout)
+                 args.workers, args.stream_keepalive, raft_args, args.timeout, args.kills)
     failed = result["agent_failover"]["missing"] or any(r["prop_missing"] for r in result["regions"])
     return 1 if failed else 0

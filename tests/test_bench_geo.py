@@ -98,7 +98,7 @@ def test_each_region_and_each_replica_pair_gets_its_own_round_trip(tmp_path):
 @needs_netns
 def test_bench_geo_tiny_end_to_end(tmp_path):
     args = bench_args("geo", ["--rtts", "20,30,40", "--agents", "2", "--writes", "4", "--reads", "2",
-                              "--changes", "1", "--stream-keepalive", "2", "--timeout", "60",
+                              "--changes", "1", "--kills", "2", "--stream-keepalive", "2", "--timeout", "60",
                               "--out", str(tmp_path)])
     started = time.monotonic()
     assert geo.main(args) == 0
@@ -108,8 +108,9 @@ def test_bench_geo_tiny_end_to_end(tmp_path):
     for r in saved["regions"]:
         assert r["prop_missing"] == 0 and r["write_p50_ms"] >= r["floor_ms"] - 1  # the floor is a floor
     assert saved["elections_in_steady_state"] >= 0
-    fo = saved["leader_failover"]
-    assert fo["new_leader"] != fo["killed"] and 0 < fo["resume_ms"] < 60_000
+    assert len(saved["leader_failover"]) == 2 and saved["leader_failover_resume"]["n"] == 2
+    for fo in saved["leader_failover"]:
+        assert fo["new_leader"] != fo["killed"] and 0 < fo["resume_ms"] < 60_000
     afo = saved["agent_failover"]
     assert afo["agents"] == 2 and afo["missing"] == 0 and afo["killed"] not in afo["moved_to"]
     assert afo["moved_to"] and afo["current"]["n"] == 2
