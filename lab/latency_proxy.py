@@ -1,4 +1,4 @@
-"""User-space latency for Raft links: this kernel has no `tc netem`.
+"""User-space latency for replica links (Raft; the geo lab also API): this kernel has no `tc netem`.
 
 One proxy runs inside each replica's namespace. nftables redirects peers' connections to
 the replica's Raft port into it (lab/replica_net.py), and it relays them to the real port,
