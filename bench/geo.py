@@ -302,6 +302,9 @@ def main(args) -> int:
     """0 when every step finished and every agent got every change, 1 if not, 2 when this
     machine cannot host the lab or the options are wrong."""
     problems = replica_net.preflight()
+    problems += [f"--{name} must be at least {least}, got {getattr(args, name)}"
+                 for name, least in (("agents", 1), ("writes", 1), ("reads", 1), ("changes", 1),
+                                     ("kills", 0)) if getattr(args, name) < least]
     try:
         topology = parse_topology(args.rtts, args.local_rtt)
     except ValueError as e:

@@ -48,10 +48,14 @@ def test_a_bad_topology_is_refused_by_name(text, complaint):
         parse_topology(text)
 
 
-def test_bench_geo_refuses_bad_round_trips_before_starting_anything(capsys, tmp_path):
-    args = bench_args("geo", ["--rtts", "40,80", "--out", str(tmp_path)])
-    assert geo.main(args) == 2
-    assert "do not make the pairs" in capsys.readouterr().out
+@pytest.mark.parametrize("argv, complaint", [
+    (["--rtts", "40,80"], "do not make the pairs"),
+    (["--agents", "0"], "--agents must be at least 1, got 0"),
+    (["--kills", "-1"], "--kills must be at least 0, got -1"),
+])
+def test_bench_geo_refuses_bad_options_before_starting_anything(capsys, tmp_path, argv, complaint):
+    assert geo.main(bench_args("geo", argv + ["--out", str(tmp_path)])) == 2
+    assert complaint in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
 
 
@@ -72,7 +76,7 @@ def test_each_region_and_each_replica_pair_gets_its_own_round_trip(tmp_path):
             for c in clients:
                 c.request("GET", "/api/v1/users?stale=true")  # connects
                 took.append(min(c.request("GET", "/api/v1/users?stale=true")[1] for _ in range(3)))
-            assert took[1] >= 0.060 and took[2] >= 0.120 and took[0] < 0.060
+            assert took[1] >= 0.060 and took[2] >= 0.120 and took[0] < 0.100  # local: no delay
             leader = cluster.leader()
             nearest = min(topology.rtt_ms[geo.region_of(leader)][j] for j in range(3)
                           if j != geo.region_of(leader))
