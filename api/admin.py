@@ -33,7 +33,7 @@ from raftmesh.proto.numbers import MAX_SAFE_INTEGER
 from .health import serving_readiness
 from .map_stream import HUB
 from .route_input import checked_routes
-from .routing import STALE_QUERY, Ctx, openapi, route
+from .routing import STALE_QUERY, Ctx, openapi, route, staleness
 from .responses import (ANY_OBJECT, API_KEY, AUDIT_PAGE, BOOL, CLUSTER, CLUSTER_KEY, DELETED, MEMBER,
                         NODE, NODE_WRITTEN, POLICY_VERSION, POLICY_WARNINGS, PREAUTH_KEY, ROUTE,
                         SECRET_SHOWN_ONCE, STR, STREAM, USER, VERSION, answer, listing, reading,
@@ -503,8 +503,11 @@ async def verify_audit(ctx: Ctx):
        response=answer({"replica": ANY_OBJECT}))
 async def cluster_self(ctx: Ctx):
     ready, reason = serving_readiness(ctx.request.app, ctx.replica)
-    return ok({"replica": dict(ctx.replica.status, api_url=ctx.config.api_url,
+    status = {k: v for k, v in ctx.replica.status.items() if k != "leader_heard"}  # monotonic
+    age, _ = staleness(ctx.replica)
+    return ok({"replica": dict(status, api_url=ctx.config.api_url,
                                applied_version=ctx.replica.store.applied_version(),
+                               leader_contact_ms=None if age is None else round(age * 1e3),
                                ready=ready, ready_reason=reason)})
 
 

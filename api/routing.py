@@ -34,6 +34,7 @@ from .write_deadlines import WriteDeadlines
 Handler = Callable[["Ctx"], Awaitable[web.StreamResponse]]
 IDEMPOTENCY_KEY_MAX = 128
 REPLAYED_HEADER = "Idempotent-Replayed"  # "true" on a write answered from its Idempotency-Key
+STALENESS_HEADER = "Raftmesh-Staleness"  # on ?stale=true answers: what the local state may miss
 MAX_VALIDATION_ERRORS = 50  # reported per request; also bounds the work spent on one body
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 WRITE_DEADLINES = web.AppKey("write_deadlines", WriteDeadlines)
@@ -148,7 +149,15 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-STALE_QUERY = {"stale": {"type": "boolean", "description": "read local state without a barrier"}}
+STALE_QUERY = {
+    "stale": {"type": "boolean", "description": "read this replica's local state without a read "
+              "barrier (no round trip to the leader); the answer's Raftmesh-Staleness header "
+              "says how old it may be: leader-contact-ms=<ms since this replica last heard its "
+              "leader, or unknown>; unapplied=<committed entries not applied here yet>"},
+    "max_staleness": {"type": "number", "minimum": 0, "maximum": 3600, "description":
+                      "with stale=true: answer 503 not_ready instead when this replica last "
+                      "heard its leader more than this many seconds ago, knows of committed "
+                      "entries it has not applied, or knows no leader"}}
 
 
 _COMPILED: dict[int, tuple[dict, Any, Callable[[Any], bool] | None]] = {}
@@ -485,11 +494,51 @@ def make_handler(r: Route, replica: Raft, keys: ApiKeyCache | None = None):
             ctx.body = await _parse_body(request, r.body)
         elif request.method in ("POST", "PUT", "PATCH") and await request.read():
             raise APIError(400, "bad_request", "this operation takes no body")
+        stale = ctx.query.get("stale")
+        if stale:
+            _check_staleness(replica, ctx.query.get("max_staleness"))
+        elif "max_staleness" in ctx.query:
+            raise APIError(400, "bad_request", "max_staleness bounds a ?stale=true read; "
+                           "without stale=true the read is linearizable")
         response = await r.handler(ctx)
         if ctx.replayed:
             response.headers[REPLAYED_HEADER] = "true"
+        if stale:
+            age, unapplied = staleness(replica)
+            response.headers[STALENESS_HEADER] = (
+                f"leader-contact-ms={'unknown' if age is None else round(age * 1e3)}; "
+                f"unapplied={unapplied}")
         return response
     return handle
+
+
+def staleness(replica: Raft) -> tuple[float | None, int]:
+    """What a read of this replica's local state may miss: (seconds since it last heard its
+    leader, entries it knows are committed but has not applied). The state then holds
+    everything the leader had committed that long ago, plus the one-way delay from the
+    leader. A leader with a quorum is current (0; it steps down within election_max of
+    losing it). None: no leader known, the state may be arbitrarily old."""
+    s = replica.status
+    if not s or s["leader"] is None:
+        return None, 0
+    if s["state"] == "leader":
+        return (0.0 if s["has_quorum"] else None), max(0, s["commit_index"] - s["applied_index"])
+    heard = s.get("leader_heard")
+    age = None if heard is None else max(0.0, time.monotonic() - heard)
+    return age, max(0, (s["leader_commit_index"] or 0) - s["applied_index"])
+
+
+def _check_staleness(replica: Raft, bound: float | None) -> None:
+    """?max_staleness=S: refuse (503, before any work) a stale read that could miss writes
+    committed more than S seconds ago."""
+    if bound is None:
+        return
+    age, unapplied = staleness(replica)
+    if age is None or age > bound or unapplied:
+        heard = "no leader known" if age is None else f"leader last heard {age * 1e3:.0f} ms ago"
+        raise APIError(503, "not_ready", f"this replica's state may be older than {bound:g} s "
+                       f"({heard}, {unapplied} committed entries not applied yet); retry, read "
+                       "another replica, or drop stale=true for a linearizable read")
 
 
 async def _expect_100_continue(request: web.Request) -> None:

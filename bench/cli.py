@@ -50,6 +50,7 @@ BENCHMARKS = [
      "through the other (real agents)", None),
     ("route-propagation", "route_propagation", "route approval until every agent applied it "
      "(light agents)", 1),
+    ("geo", "geo", "replicas in regions a WAN apart: writes, propagation, failovers per region", None),
 ]
 
 

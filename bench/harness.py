@@ -45,11 +45,12 @@ class BenchRun:
 
     @contextlib.contextmanager
     def cluster(self, replicas: int = 3, keepalive: float | None = None, subdir: str = "raftmesh",
-                host: str = "127.0.0.1"):
-        """Replicas started and ready (durable journals, the default), stopped on exit."""
+                host: str = "127.0.0.1", extra_args: list[str] | None = None, **placement):
+        """Replicas started and ready (durable journals, the default), stopped on exit.
+        `placement`: LocalCluster's hosts, ports and command_prefix (the geo lab's namespaces)."""
         extra = ["--stream-keepalive", f"{keepalive:g}"] if keepalive is not None else []
         cluster = LocalCluster(os.path.join(self.path, subdir), replicas=replicas, host=host,
-                               extra_args=extra)
+                               extra_args=extra + (extra_args or []), **placement)
         try:
             cluster.start_all()
             self.pids += [r.pid for r in cluster.replicas]

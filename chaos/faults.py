@@ -16,9 +16,10 @@ import urllib.error
 from dataclasses import dataclass, field
 
 from raftmesh.lab.local_cluster import LocalCluster, ReplicaProcess
+from raftmesh.lab import latency_proxy
 from raftmesh.lab.power import PowerLossDisk, power_cut
 
-from . import clock, latency_proxy
+from . import clock
 from raftmesh.lab.replica_net import NetRules, ReplicaNet
 from .schedule import FaultEvent, blocked_pairs
 

@@ -23,9 +23,10 @@ import urllib.error
 from collections import Counter
 from typing import Callable
 
+from raftmesh.lab import latency_proxy
 from raftmesh.lab.local_cluster import LocalCluster
 
-from . import availability, checkers, clock, history as hist, latency_proxy, plot
+from . import availability, checkers, clock, history as hist, plot
 from .checkers import Check
 from .faults import Injector, clear_removed_data
 from raftmesh.lab.power import PowerLossDisk, preflight as power_preflight
@@ -184,7 +185,7 @@ class Run:
     def _start_proxy(self, i: int, ip: str) -> None:
         log = open(os.path.join(self.cluster.log_dir, f"proxy-r{i + 1}.log"), "ab")
         proc = subprocess.Popen(self.net.prefix(i) + [
-            sys.executable, "-m", "raftmesh.chaos.latency_proxy", "--listen", f"{ip}:{PROXY_PORT}",
+            sys.executable, "-m", "raftmesh.lab.latency_proxy", "--listen", f"{ip}:{PROXY_PORT}",
             "--target", f"{ip}:{RAFT_PORT}", "--control", f"{ip}:{CONTROL_PORT}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()

@@ -28,6 +28,11 @@ def _add_server(sub) -> None:
     p.add_argument("--audit-export-url")
     p.add_argument("--snapshot-min-entries", type=int)
     p.add_argument("--stream-keepalive", type=float, help="map-stream keepalive seconds (<= 15)")
+    p.add_argument("--heartbeat", type=float, help="Raft heartbeat period, seconds (default 0.05)")
+    p.add_argument("--election-min", type=float,
+                   help="shortest Raft election timeout, seconds (default 0.3; > 3 x heartbeat)")
+    p.add_argument("--election-max", type=float,
+                   help="longest Raft election timeout, seconds (default 0.6; > election-min)")
     p.add_argument("--stun-port", type=int,
                    help="UDP port of this replica's STUN responder (default: the API port number)")
     p.add_argument("--node-key-lifetime", type=float,
@@ -49,7 +54,8 @@ def cmd_server(args) -> int:
              "audit_export_file": args.audit_export_file, "audit_export_url": args.audit_export_url,
              "snapshot_min_entries": args.snapshot_min_entries,
              "stream_keepalive": args.stream_keepalive, "node_key_lifetime": args.node_key_lifetime,
-             "stun_port": args.stun_port}
+             "stun_port": args.stun_port, "heartbeat": args.heartbeat,
+             "election_min": args.election_min, "election_max": args.election_max}
     env = {"cluster_secret": os.environ.get("RAFTMESH_CLUSTER_SECRET"),
            "bootstrap_admin_key": os.environ.get("RAFTMESH_BOOTSTRAP_ADMIN_KEY")}
     try:

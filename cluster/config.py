@@ -99,6 +99,8 @@ class ReplicaConfig:
                               '{netadmins = ["admin"]}')
         if not 30 <= self.login_timeout <= 3600:
             raise ConfigError("login_timeout must be in [30, 3600] seconds")
+        if not self.heartbeat > 0:
+            raise ConfigError(f"heartbeat must be > 0 seconds, not {self.heartbeat}")
         if not self.election_min > 3 * self.heartbeat or not self.election_max > self.election_min:
             raise ConfigError("need election_min > 3 x heartbeat and election_max > election_min")
 

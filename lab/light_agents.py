@@ -111,7 +111,7 @@ class LightAgent:
 class Swarm:
     """The agents of one worker process and their streams, on one event loop."""
 
-    def __init__(self, urls: list[str], backoff_base: float = 0.2):
+    def __init__(self, urls: list[str], backoff_base: float = 0.2, source: str | None = None):
         import aiohttp
         self.aiohttp = aiohttp
         self.urls = [u.rstrip("/") for u in urls]
@@ -119,7 +119,8 @@ class Swarm:
         self.rng = random.Random()  # backoff and ack jitter of every agent here
         self.agents: list[LightAgent] = []
         self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60,
+                                           local_addr=(source, 0) if source else None),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         self.ack_failures = 0
         self.frame_errors: list[str] = []
@@ -491,7 +492,7 @@ class Swarm:
         await self.http.close()
 
 
-def _worker_main(conn, urls: list[str]) -> None:
+def _worker_main(conn, urls: list[str], source: str | None = None) -> None:
     """A worker process: a Swarm driven by (command, kwargs) messages on `conn`."""
     import gc
     import resource
@@ -505,7 +506,7 @@ def _worker_main(conn, urls: list[str]) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        swarm = Swarm(urls)
+        swarm = Swarm(urls, source=source)
         try:
             while True:
                 try:
@@ -537,8 +538,8 @@ def _worker_main(conn, urls: list[str]) -> None:
         runner.run(main())
 
 
-if __name__ == "__main__":  # a worker: python -m raftmesh.lab.light_agents FD URLS_JSON
-    _worker_main(Connection(int(sys.argv[1])), json.loads(sys.argv[2]))
+if __name__ == "__main__":  # a worker: python -m raftmesh.lab.light_agents FD URLS_JSON [SOURCE_IP]
+    _worker_main(Connection(int(sys.argv[1])), json.loads(sys.argv[2]), *sys.argv[3:4])
 
 
 # ======================================================================================
@@ -547,9 +548,11 @@ if __name__ == "__main__":  # a worker: python -m raftmesh.lab.light_agents FD U
 class LightAgents:
     """Light agents in `workers` processes; every call fans out to all workers and waits.
 
-    Use as a context manager: `close()` ends every worker process (by its pid)."""
+    Use as a context manager: `close()` ends every worker process (by its pid). `source`:
+    the local address every connection binds (the geo lab tells regions apart by it)."""
 
-    def __init__(self, urls: list[str], workers: int = 1, log_dir: str | None = None):
+    def __init__(self, urls: list[str], workers: int = 1, log_dir: str | None = None,
+                 source: str | None = None):
         self.urls = list(urls)
         self.workers: list[tuple] = []
         self.pids: list[int] = []
@@ -559,7 +562,8 @@ class LightAgents:
                 parent, child = socket.socketpair()
                 log = open(os.path.join(log_dir, f"light-agents-{i}.log"), "ab") if log_dir else None
                 p = subprocess.Popen([sys.executable, "-m", "raftmesh.lab.light_agents",
-                                      str(child.fileno()), json.dumps(self.urls)],
+                                      str(child.fileno()), json.dumps(self.urls),
+                                      *([source] if source else [])],
                                      pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
                                      stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
                 if log:

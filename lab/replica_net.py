@@ -61,7 +61,8 @@ class ReplicaNet:
         self.subnet: ipaddress.IPv4Network | None = None
         self.ips: list[str] = []
         self.host_ip = ""
-        self.redirects: dict[int, tuple[int, int]] = {}  # replica index -> (raft port, proxy port)
+        # replica index -> [(source addresses, port, proxy port)]; no sources: its peers
+        self.redirects: dict[int, list[tuple[tuple[str, ...], int, int]]] = {}
         self.rules: dict[int, NetRules] = {}
         self._pids: list[int] = []
 
@@ -103,14 +104,26 @@ class ReplicaNet:
                 run(["ip", "link", "del", veth], check=False)
         run(["ip", "link", "del", self.bridge], check=False)
 
+    def add_host_addresses(self, n: int) -> list[str]:
+        """n more addresses of the host on the bridge, after the replicas', so the lab can
+        tell clients apart by source (the geo lab's regions); gone with the bridge."""
+        hosts = list(self.subnet.hosts())[1 + len(self.namespaces):]
+        if len(hosts) < n:
+            raise RuntimeError(f"a /{self.subnet.prefixlen} has room for {len(hosts)} more addresses, not {n}")
+        added = [str(h) for h in hosts[:n]]
+        for ip in added:
+            run(["ip", "addr", "add", f"{ip}/{self.subnet.prefixlen}", "dev", self.bridge])
+        return added
+
     def prefix(self, i: int) -> list[str]:
         """argv prefix that runs a command inside replica i's namespace (0-based)."""
         return ["ip", "netns", "exec", self.namespaces[i]]
 
     # -- faults --------------------------------------------------------------------------------
-    def redirect(self, i: int, raft_port: int, proxy_port: int) -> None:
-        """Send peers' connections to replica i's Raft port through its latency proxy."""
-        self.redirects[i] = (raft_port, proxy_port)
+    def redirect(self, i: int, port: int, proxy_port: int, sources: tuple[str, ...] = ()) -> None:
+        """Send connections to replica i's `port` through its latency proxy: from its peer
+        replicas (its Raft port), or from the given source addresses (the geo lab's regions)."""
+        self.redirects.setdefault(i, []).append((tuple(sources), port, proxy_port))
         self.apply(i)
 
     def set_rules(self, i: int, rules: NetRules) -> None:
@@ -128,9 +141,9 @@ class ReplicaNet:
         peers = [ip for j, ip in enumerate(self.ips) if j != i]
         peer_set = "{ " + ", ".join(peers) + " }"
         pre, inp, out = [], [], []
-        if i in self.redirects:
-            raft_port, proxy_port = self.redirects[i]
-            pre.append(f"ip saddr {peer_set} tcp dport {raft_port} redirect to :{proxy_port}")
+        for sources, port, proxy_port in self.redirects.get(i, []):
+            source_set = "{ " + ", ".join(sources) + " }" if sources else peer_set
+            pre.append(f"ip saddr {source_set} tcp dport {port} redirect to :{proxy_port}")
         if rules.blocked:
             blocked = "{ " + ", ".join(sorted(rules.blocked)) + " }"
             inp.append(f"ip saddr {blocked} drop")

@@ -3,6 +3,8 @@ forced deterministically on the in-memory Raft (test_cluster shows them on a rea
 where which one happens depends on timing)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from raftmesh.cluster.raft import Outcome
@@ -68,3 +70,29 @@ def test_a_whole_number_written_as_a_float_is_an_integer(api):
     err = assert_error(api("POST", "/api/v1/preauth-keys", {"user": "owner", "reusable": True,
                                                            "usage_limit": 2.5}), 400, "validation_failed")
     assert "usage_limit" in err["message"]
+
+
+def test_a_stale_read_states_its_staleness_and_max_staleness_bounds_it(api):
+    assert api("POST", "/api/v1/users", {"name": "known"}).status == 201
+    fresh = api("GET", "/api/v1/users?stale=true&max_staleness=0")
+    assert fresh.status == 200 and fresh.headers["Raftmesh-Staleness"] == "leader-contact-ms=0; unapplied=0"
+    assert "Raftmesh-Staleness" not in api("GET", "/api/v1/users").headers  # linearizable
+    err = assert_error(api("GET", "/api/v1/users?max_staleness=1"), 400, "bad_request")
+    assert "stale=true" in err["message"]
+    assert_error(api("GET", "/api/v1/users?stale=true&max_staleness=-1"), 400, "bad_request")
+    raft = api.cluster.raft  # now a follower that last heard its leader 5 s ago, 2 entries behind
+    raft.status = dict(raft.status, state="follower", leader_heard=time.monotonic() - 5,
+                       leader_commit_index=raft.status["applied_index"] + 2)
+    err = assert_error(api("GET", "/api/v1/users?stale=true&max_staleness=10"), 503, "not_ready")
+    assert "2 committed entries not applied" in err["message"]
+    raft.status = dict(raft.status, leader_commit_index=raft.status["applied_index"])
+    err = assert_error(api("GET", "/api/v1/users?stale=true&max_staleness=1"), 503, "not_ready")
+    assert "leader last heard 5" in err["message"]
+    old = api("GET", "/api/v1/users?stale=true&max_staleness=10")
+    assert old.status == 200 and [u["name"] for u in old.body["users"]] == ["known"]
+    contact = int(old.headers["Raftmesh-Staleness"].split(";")[0].split("=")[1])
+    assert 5000 <= contact < 15000
+    raft.status = dict(raft.status, leader=None)
+    assert api("GET", "/api/v1/users?stale=true").headers["Raftmesh-Staleness"].startswith(
+        "leader-contact-ms=unknown")
+    assert_error(api("GET", "/api/v1/users?stale=true&max_staleness=3600"), 503, "not_ready")

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from raftmesh.chaos import checkers, latency_proxy, run as chaos_run
+from raftmesh.chaos import checkers, run as chaos_run
+from raftmesh.lab import latency_proxy
 
 from raftmesh.lab import replica_net as netlab
 from raftmesh.chaos.history import Operation
@@ -185,7 +186,7 @@ def test_latency_proxy_delays_both_directions_and_clears():
     listen, control = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
     ports = [listen.getsockname()[1], control.getsockname()[1]]
     listen.close(), control.close()
-    proc = subprocess.Popen([sys.executable, "-m", "raftmesh.chaos.latency_proxy",
+    proc = subprocess.Popen([sys.executable, "-m", "raftmesh.lab.latency_proxy",
                              "--listen", f"127.0.0.1:{ports[0]}", "--target", f"127.0.0.1:{srv.getsockname()[1]}",
                              "--control", f"127.0.0.1:{ports[1]}"])
     try:

@@ -214,6 +214,8 @@ def test_no_quorum_write_is_refused_or_unknown_never_false_success(make_cluster)
     assert status == 503 and body["error"]["code"] == "not_ready"
     status, body = c.request(survivor, "GET", USERS + "?stale=true")
     assert status == 200 and body["stale"] is True
+    status, body = c.request(survivor, "GET", USERS + "?stale=true&max_staleness=1")
+    assert status == 503 and body["error"]["code"] == "not_ready"  # no leader heard for > 1 s
     assert c.request(survivor, "GET", "/readyz")[0] == 503
 
 

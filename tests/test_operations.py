@@ -26,6 +26,21 @@ def test_toml_config_unknown_keys_and_secret(tmp_path):
         ReplicaConfig.from_toml(str(cfg)).validate()
 
 
+@pytest.mark.parametrize("flags, complaint", [
+    (["--heartbeat", "0"], "heartbeat must be > 0"),
+    (["--heartbeat", "0.2", "--election-min", "0.5"], "election_min > 3 x heartbeat"),
+    (["--election-min", "1.0", "--election-max", "0.8"], "election_max > election_min"),
+])
+def test_server_refuses_raft_timing_that_cannot_work(tmp_path, flags, complaint):
+    """The WAN settings (docs/geo.md) are flags too; a bad combination stops the start."""
+    p = subprocess.run([sys.executable, "-m", "raftmesh.cli.main", "server", "--id", "r1",
+                        "--raft-addr", "127.0.0.1:1", "--data-dir", str(tmp_path), *flags],
+                       env=dict(os.environ, RAFTMESH_CLUSTER_SECRET="0123456789abcdef"),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and complaint in p.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_server_runs_from_a_toml_file(tmp_path):
     raft, api = free_ports(2)
     cfg = tmp_path / "replica.toml"

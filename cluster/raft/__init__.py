@@ -42,7 +42,8 @@ class Raft(Protocol):
     store: StateStore  # what committed commands are applied into; read it freely
     # A copy refreshed by the Raft thread: id, raft_addr, state ("leader", "follower",
     # "candidate"), leader, term, commit_index, applied_index, log_entries, has_quorum,
-    # members (raft addresses), leader_commit_index, journal_syncs. Empty until it runs.
+    # members (raft addresses), leader_commit_index, journal_syncs, leader_heard (the
+    # time.monotonic() of the leader's last message; None without one). Empty until it runs.
     status: dict
     stats: dict  # snapshots, snapshot_seconds, snapshot_installs (counters)
 

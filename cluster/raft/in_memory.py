@@ -113,4 +113,5 @@ class InMemoryRaft:
             "leader": self.config.raft_addr, "term": TERM, "commit_index": index,
             "applied_index": index, "log_entries": index, "has_quorum": True,
             "members": sorted(self._members), "leader_commit_index": index, "journal_syncs": 0,
+            "leader_heard": None,  # it is the leader
         }

@@ -681,6 +681,7 @@ class RaftReplica(SyncObj):
             "members": sorted([self.config.raft_addr] + [n.id for n in self._SyncObj__otherNodes]),
             "leader_commit_index": self._SyncObj__leaderCommitIndex,
             "journal_syncs": self.journal.syncs,
+            "leader_heard": self._leader_heard if leader is not None else None,  # monotonic
         }
 
 

@@ -1,16 +1,19 @@
-"""User-space latency for Raft links: this kernel has no `tc netem`.
+"""User-space latency for replica links (Raft; the geo lab also API): this kernel has no `tc netem`.
 
 One proxy runs inside each replica's namespace. nftables redirects peers' connections to
 the replica's Raft port into it (lab/replica_net.py), and it relays them to the real port,
 holding every chunk until `now + delay (+/- jitter)` per direction. Release times never go
 backwards, so TCP's byte order is kept. pysyncobj opens one connection per pair of
-replicas, so every pair's traffic crosses exactly one proxy.
+replicas, so every pair's traffic crosses exactly one proxy, and a delay set per peer
+address gives every pair its own round trip (the geo lab, lab/geo_net.py). One process may
+relay several ports (repeat --listen/--target in pairs; the geo lab adds the API port, its
+clients told apart by their source address); they share one delay table.
 
 The delay is changed at run time over a line protocol on a control port:
   `set <peer-ip|*> <delay-ms> <jitter-ms>` -> `ok`,  `clear` -> `ok`,  `ping` -> `ok`
 and applies to chunks read after the change, on existing connections too.
 
-    python -m raftmesh.chaos.latency_proxy --listen IP:PORT --target IP:PORT --control IP:PORT
+    python -m raftmesh.lab.latency_proxy --listen IP:PORT --target IP:PORT [--listen .. --target ..] --control IP:PORT
 """
 from __future__ import annotations
 
@@ -82,10 +85,12 @@ def _tune(writer) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
-async def serve(listen: tuple[str, int], target: tuple[str, int], control: tuple[str, int]) -> None:
+async def serve(relays: list[tuple[tuple[str, int], tuple[str, int]]],
+                control: tuple[str, int]) -> None:
+    """Relay each (listen, target) pair until SIGTERM/SIGINT."""
     delays, rng = Delays(), random.Random()
 
-    async def relay(c_reader, c_writer):
+    async def relay(c_reader, c_writer, target):
         peer = c_writer.get_extra_info("peername")[0]
         try:
             u_reader, u_writer = await asyncio.wait_for(asyncio.open_connection(*target), 5)
@@ -112,14 +117,18 @@ async def serve(listen: tuple[str, int], target: tuple[str, int], control: tuple
         finally:
             writer.close()
 
-    proxy = await asyncio.start_server(relay, *listen, reuse_address=True)
-    ctl = await asyncio.start_server(controller, *control, reuse_address=True)
+    servers = [await asyncio.start_server(lambda r, w, t=target: relay(r, w, t), *listen,
+                                          reuse_address=True) for listen, target in relays]
+    servers.append(await asyncio.start_server(controller, *control, reuse_address=True))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with proxy, ctl:
+    try:
         await stop.wait()
+    finally:
+        for server in servers:
+            server.close()
 
 
 def send(control: tuple[str, int], line: str, timeout: float = 2.0) -> str:
@@ -137,11 +146,13 @@ def _addr(text: str) -> tuple[str, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--listen", type=_addr, required=True)
-    p.add_argument("--target", type=_addr, required=True)
+    p.add_argument("--listen", type=_addr, action="append", required=True)
+    p.add_argument("--target", type=_addr, action="append", required=True)
     p.add_argument("--control", type=_addr, required=True)
     a = p.parse_args()
-    asyncio.run(serve(a.listen, a.target, a.control))
+    if len(a.listen) != len(a.target):
+        p.error(f"--listen and --target come in pairs; got {len(a.listen)} and {len(a.target)}")
+    asyncio.run(serve(list(zip(a.listen, a.target)), a.control))
 
 
 if __name__ == "__main__":
