@@ -138,6 +138,7 @@ class Swarm:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         self.ack_failures = 0
+        self.ack_datagrams = 0  # acks confirmed as datagrams (the rest went over HTTP)
         self.frame_errors: list[str] = []
         self.watch: set[str] = set()  # peers whose removal agents record (revoke)
         self._watchdog_task: asyncio.Task | None = None
@@ -375,6 +376,7 @@ class Swarm:
         stream_auth, ack_addr = a.view.stream_auth, a.ack_addr
         if ack_addr is not None and stream_auth is not None and \
                 await self._ack_datagram(ack_addr, stream_auth, body):
+            self.ack_datagrams += 1
             self._acked(a, body["version"])
             return
         try:  # as the daemon does (agent/ack_sender.py): over HTTP if no datagram was confirmed
@@ -495,6 +497,7 @@ class Swarm:
                 "started": sum(a.task is not None for a in self.agents),
                 "by_replica": by_replica, "min_version": min(versions, default=None),
                 "max_version": max(versions, default=None), "ack_failures": self.ack_failures,
+                "ack_datagrams": self.ack_datagrams,
                 "stream_errors": sum(a.errors for a in self.agents),
                 "frame_errors": self.frame_errors[:5], "byes": sum(a.bye is not None for a in self.agents),
                 "peers_total": sum(len(a.peers()) for a in self.agents)}
@@ -703,11 +706,11 @@ class LightAgents:
     def status(self) -> dict:
         parts = self._call("status")
         out = {"agents": 0, "connected": 0, "started": 0, "by_replica": {}, "ack_failures": 0,
-               "stream_errors": 0, "frame_errors": [], "byes": 0, "peers_total": 0,
+               "ack_datagrams": 0, "stream_errors": 0, "frame_errors": [], "byes": 0, "peers_total": 0,
                "min_version": None, "max_version": None}
         for p in parts:
-            for k in ("agents", "connected", "started", "ack_failures", "stream_errors", "byes",
-                      "peers_total"):
+            for k in ("agents", "connected", "started", "ack_failures", "ack_datagrams",
+                      "stream_errors", "byes", "peers_total"):
                 out[k] += p[k]
             for r, c in p["by_replica"].items():
                 out["by_replica"][r] = out["by_replica"].get(r, 0) + c
