@@ -469,9 +469,9 @@ class NetmapIndex:
     def visible_count(self) -> int:
         return len(self._ids)
 
-    def next_expiry(self) -> float | None:
-        """The earliest key expiry after `now`: when to call `advance_time` next."""
-        i = bisect.bisect_right(self._expiry, self.now, key=_EXPIRY)
+    def next_expiry(self, after: float | None = None) -> float | None:
+        """The earliest key expiry after `now` (or `after`): when to call `advance_time` next."""
+        i = bisect.bisect_right(self._expiry, self.now if after is None else after, key=_EXPIRY)
         return self._expiry[i][0] if i < len(self._expiry) else None
 
     # -- changes ---------------------------------------------------------------------------
@@ -483,6 +483,13 @@ class NetmapIndex:
         if nid in self._roles and visible(node, self.now) and node_view(node) == self._views[nid]:
             return self._record_changed(nid, node, version)  # the common case: no ACL impact
         return self._apply([nid], version)
+
+    def upsert_nodes(self, nodes: list[dict], version: int) -> Changes:
+        """Several records at once (new nodes registered together): one `_apply` for all."""
+        for node in nodes:
+            self._nodes[node["id"]] = node = dict(node)
+            self._track_expiry(node["id"], node.get("key_expiry"))
+        return self._apply([n["id"] for n in nodes], version)
 
     def remove_node(self, node_id: str, version: int) -> Changes:
         if self._nodes.pop(node_id, None) is None:
