@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 
 from nacl.signing import SigningKey
 
+from raftmesh.proto.ack_datagram import CONFIRM_WAIT, AckDatagramError, decode_confirm, encode_ack
 from raftmesh.proto.routes import ACK
 
 from .control_client import ControlClient, ControlError
@@ -33,14 +35,17 @@ class AckSender:
         self.machine_key = machine_key
         self._queue: queue.Queue = queue.Queue(MAX_QUEUED)
         self._closing = threading.Event()
+        self._udp: socket.socket | None = None  # for ack datagrams, made on first use
         self._thread = threading.Thread(target=self._run, name="acks", daemon=True)
         self._thread.start()
 
-    def send(self, server: str, body: dict, stream_auth: tuple[str, bytes] | None = None) -> None:
+    def send(self, server: str, body: dict, stream_auth: tuple[str, bytes] | None = None,
+             ack_addr: tuple[str, int] | None = None) -> None:
         """To `server`, the replica that sent the frames (it holds their cause times);
-        tagged under the stream's key when `stream_auth` is given (AgentNetmap.stream_auth)."""
+        tagged under the stream's key when `stream_auth` is given (AgentNetmap.stream_auth),
+        then as a datagram first if the stream named an `ack_addr` (proto/ack_datagram.py)."""
         try:
-            self._queue.put_nowait((server, body, stream_auth, time.monotonic()))
+            self._queue.put_nowait((server, body, stream_auth, ack_addr, time.monotonic()))
         except queue.Full:
             log.info("ack of %d dropped: %d acks still unsent", body["version"], MAX_QUEUED)
 
@@ -53,8 +58,13 @@ class AckSender:
         while True:
             item = self._queue.get()
             if item is None:
+                if self._udp is not None:
+                    self._udp.close()
                 return
-            server, body, stream_auth, queued_at = item
+            server, body, stream_auth, ack_addr, queued_at = item
+            if ack_addr is not None and stream_auth is not None and \
+                    self._datagram(ack_addr, stream_auth, aged(body, time.monotonic() - queued_at)):
+                continue
             client = ControlClient([server], self.machine_key, timeout=ACK_TIMEOUT)
             for attempt in range(ATTEMPTS):
                 try:
@@ -68,6 +78,24 @@ class AckSender:
                             or self._closing.wait(RETRY_AFTER * 2 ** attempt):
                         log.info("ack of %d failed: %s", body["version"], e)
                         break
+
+    def _datagram(self, addr: tuple[str, int], stream_auth: tuple[str, bytes], body: dict) -> bool:
+        """Send the ack as one datagram; True once the replica confirmed it in time (else
+        the caller sends it over HTTP: a datagram may be lost, or the path block UDP)."""
+        try:
+            data = encode_ack(stream_auth, body)
+            if self._udp is None:
+                self._udp = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET,
+                                          socket.SOCK_DGRAM)
+            self._udp.sendto(data, addr)
+            deadline = time.monotonic() + CONFIRM_WAIT
+            while (left := deadline - time.monotonic()) > 0:
+                self._udp.settimeout(left)
+                if decode_confirm(self._udp.recv(2048)) == (stream_auth[0], body["version"]):
+                    return True
+        except (OSError, AckDatagramError):  # (a timeout is an OSError)
+            pass
+        return False
 
 
 def aged(body: dict, waited: float) -> dict:

@@ -221,7 +221,7 @@ class Agent:
             ack = session.take_ack(now)
             if ack is not None:
                 self.ack_sender.send(stream.server, self._with_paths_report(ack),
-                                     session.view.stream_auth)
+                                     session.view.stream_auth, stream.ack_addr)
             item = stream.next(timeout=session.poll_timeout(now))
             if item is None:
                 if session.silent(time.monotonic()):

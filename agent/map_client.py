@@ -19,7 +19,8 @@ from nacl.signing import SigningKey
 
 from raftmesh.proto.frames import FrameError, FrameReader, stream_keypair
 from raftmesh.proto.machine_auth import sign_headers
-from raftmesh.proto.routes import DEFAULT_KEEPALIVE, HEADER_KEEPALIVE, HEADER_REPLICA, HEADER_STUN_PORT, MAP
+from raftmesh.proto.routes import (DEFAULT_KEEPALIVE, HEADER_ACK_PORT, HEADER_KEEPALIVE, HEADER_REPLICA,
+                                   HEADER_STUN_PORT, MAP, udp_port)
 from raftmesh.proto.version import version_header
 from raftmesh.proto.wire import HEADER_STREAM_KEY
 
@@ -45,6 +46,7 @@ class MapStream:
         self.replica: str | None = None
         self.keepalive = DEFAULT_KEEPALIVE
         self.stun: tuple[str, int] | None = None  # the replica's STUN responder (version 2)
+        self.ack_addr: tuple[str, int] | None = None  # where it takes ack datagrams (version 3)
         self._closed = False
         try:
             self.conn.request("GET", path, headers=headers)
@@ -65,9 +67,10 @@ class MapStream:
             self.keepalive = float(resp.getheader(HEADER_KEEPALIVE, DEFAULT_KEEPALIVE))
         except ValueError:
             pass
-        stun_port = resp.getheader(HEADER_STUN_PORT, "")
-        if stun_port.isdigit() and 0 < int(stun_port) < 65536:
-            self.stun = (url.hostname, int(stun_port))
+        if (stun_port := udp_port(resp.getheader(HEADER_STUN_PORT))) is not None:
+            self.stun = (url.hostname, stun_port)
+        if (ack_port := udp_port(resp.getheader(HEADER_ACK_PORT))) is not None:
+            self.ack_addr = (url.hostname, ack_port)
         self._resp = resp
         self._thread = threading.Thread(target=self._read, name="map-stream", daemon=True)
         self._thread.start()

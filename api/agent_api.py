@@ -21,12 +21,13 @@ from raftmesh.proto.frames import FrameError, stream_key_bytes
 from raftmesh.proto.machine_auth import (FRESHNESS_SECONDS, HEADER_NONCE, NonceCache, SignatureError,
                                          StaleTimestamp, request_key, verify_headers)
 from raftmesh.proto import routes
+from raftmesh.proto.ack_datagram import AckDatagramError, decode_ack, encode_confirm, tag_matches
 from raftmesh.proto.version import HEADER_PROTOCOL_VERSION, UNSUPPORTED, VersionError, requested_version
 from .cluster_clock import CLUSTER_CLOCK
-from .map_stream import HUB
+from .map_stream import HUB, StreamHub
 from .route_input import checked_routes
 from .responses import BOOL, FRAMES, NODE_WRITTEN, REGISTERED, STR, VERSION, answer
-from .routing import Ctx, route
+from .routing import Ctx, conforms, route
 from .sso_api import device_login, sso_enabled
 from raftmesh.proto.wire import HEADER_STREAM_KEY
 
@@ -273,10 +274,12 @@ ACK_SETUP = {"type": "array", "maxItems": 64, "description": "seconds from a pee
              "the last ack", "items": {"type": "number", "minimum": 0, "maximum": 3600}}
 
 
+ACK_BODY = obj({"version": {"type": "integer", "minimum": 0}, "applied": ACK_APPLIED,
+                "paths": ACK_PATHS, "setup": ACK_SETUP}, ("version",))
+
+
 @route("POST", routes.ACK, None, "Acknowledge the netmap version this machine has applied",
-       body=obj({"version": {"type": "integer", "minimum": 0}, "applied": ACK_APPLIED,
-                 "paths": ACK_PATHS, "setup": ACK_SETUP}, ("version",)),
-       response=answer({"node_id": STR, "version": VERSION, "streaming_here": BOOL}))
+       body=ACK_BODY, response=answer({"node_id": STR, "version": VERSION, "streaming_here": BOOL}))
 async def ack(ctx: Ctx):
     node = await _own_node(ctx, stream_tagged=True)  # an ack may be tagged (machine_auth)
     hub = ctx.request.app[HUB]
@@ -284,3 +287,20 @@ async def ack(ctx: Ctx):
     streaming = hub.ack(node["id"], ctx.body["version"], ctx.body.get("applied"))
     return web.json_response({"node_id": node["id"], "version": ctx.body["version"],
                               "streaming_here": streaming})
+
+
+def ack_datagram(hub: StreamHub, data: bytes) -> bytes | None:
+    """An ack datagram (proto/ack_datagram.py) on the replica's UDP socket: its
+    confirmation, or None (and nothing recorded) unless it is well formed, tagged under
+    the key of a stream open here and a valid ack body as POST /machine/ack takes it."""
+    try:
+        nonce, body, tag, payload = decode_ack(data)
+    except AckDatagramError:
+        return None
+    stream = hub.stream_by_nonce(nonce)
+    if stream is None or not tag_matches(request_key(stream.tag_key), tag, payload) \
+            or not conforms(ACK_BODY, body):
+        return None
+    hub.report_paths(stream.node_id, body.get("paths"), body.get("setup"))
+    hub.ack(stream.node_id, body["version"], body.get("applied"))
+    return encode_confirm(nonce, body["version"])

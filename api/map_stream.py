@@ -32,7 +32,7 @@ from raftmesh.cluster.netmap_feed import FeedUpdate, NetmapFeed
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.state_store import read_version
 from raftmesh.proto.routes import (BYE_REVOKED, BYE_SHUTTING_DOWN, FRAME_CONTENT_TYPE, HEADER_KEEPALIVE,
-                                   HEADER_REPLICA, HEADER_STUN_PORT)
+                                   HEADER_REPLICA, HEADER_STUN_PORT, HEADER_ACK_PORT)
 from raftmesh.proto.wire import Netmap, NetmapDelta
 
 from raftmesh.proto.frames import (ClusterKey, FrameSigner, encode_body, endorse, key_exchange_offer,
@@ -173,6 +173,7 @@ class StreamHub:
         self.stream_keys = stream_keypair()  # this process's X25519 pair for stream tag keys
         # node -> its streams here: a tuple, as it is nearly always one (a set costs 200 bytes)
         self.streams: dict[str, tuple[Stream, ...]] = {}
+        self._tagged: dict[str, Stream] = {}  # stream nonce -> its stream, if it has a tag key
         self.acks: dict[str, tuple[int, float]] = {}  # node -> latest acked version, when
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._tasks: list[asyncio.Task] = []
@@ -432,11 +433,15 @@ class StreamHub:
             s.tag_key = replica_tag_key(self.stream_keys, agent_stream_key)
             s.key_exchange = key_exchange_offer(agent_stream_key, self.stream_keys[0])
         self.streams[node_id] = self.streams.get(node_id, ()) + (s,)
+        if s.tag_key is not None:
+            self._tagged[nonce] = s
         return s
 
     def unsubscribe(self, s: Stream) -> None:
         streams = self.streams.get(s.node_id)
         if streams is not None and s in streams:
+            if self._tagged.get(s.nonce) is s:
+                del self._tagged[s.nonce]
             rest = tuple(x for x in streams if x is not s)
             if rest:
                 self.streams[s.node_id] = rest
@@ -466,6 +471,11 @@ class StreamHub:
                     if revoke:
                         self.revoke.observe(took)
         return node_id in self.streams
+
+    def stream_by_nonce(self, nonce: str) -> Stream | None:
+        """The stream opened here by the map request with `nonce`, if it has a tag key
+        (what an ack datagram names, proto/ack_datagram.py)."""
+        return self._tagged.get(nonce)
 
     def report_paths(self, node_id: str, paths: dict | None, setup: list | None) -> None:
         """What an agent's ack says about its peers' paths (protocol version 2)."""
@@ -517,7 +527,8 @@ class StreamHub:
                                                "Cache-Control": "no-store",
                                                HEADER_REPLICA: self.replica.config.id,
                                                HEADER_KEEPALIVE: f"{keepalive:g}",
-                                               HEADER_STUN_PORT: str(self.replica.config.stun_udp_port)})
+                                               HEADER_STUN_PORT: str(self.replica.config.stun_udp_port),
+                                               HEADER_ACK_PORT: str(self.replica.config.stun_udp_port)})
             await resp.prepare(request)
             # prepare() serialised the head for sending; the header dict would otherwise stay
             # allocated for the stream's life (~0.9 KB each, with aiohttp's Date and Server)

@@ -196,6 +196,13 @@ def _fast_check(schema: dict) -> Callable[[Any], bool] | None:
     return _compiled(schema)[2]
 
 
+def conforms(schema: dict, body: Any) -> bool:
+    """Does `body` (already parsed) satisfy a route's static `schema`? For bodies that come
+    by another way than a request (ack datagrams, api/agent_api.py)."""
+    fast = _fast_check(schema)
+    return (fast is not None and fast(body)) or _validator(schema).is_valid(body)
+
+
 def _as_draft7(schema: Any) -> dict | None:
     """The same schema in draft-07 terms, or None if that is not certain. A 2020-12 tuple
     (`prefixItems`, no `items` beside it: more items allowed) is draft-07's `items` list."""

@@ -114,7 +114,8 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
     await runner.setup()
     site = web.TCPSite(runner, config.api_host, config.api_port, reuse_address=True)
     await site.start()
-    stun = await stun_server.start(config.api_host, config.stun_udp_port, app[health.REGISTRY])
+    stun = await stun_server.start(config.api_host, config.stun_udp_port, app[health.REGISTRY],
+                                   lambda data: agent_api.ack_datagram(app[HUB], data))
     log.info("replica %s: raft %s, api %s", config.id, config.raft_addr, config.api_url)
     tasks = [asyncio.create_task(announce(replica)), asyncio.create_task(bootstrap_admin_key(replica)),
              asyncio.create_task(bootstrap_cluster_key(replica)),

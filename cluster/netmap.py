@@ -93,6 +93,17 @@ def _acl_role(acl: Acl, view: NodeView, text: Callable[[Network], str] = str) ->
     or None when the node plays no part in it. Shared by `node_roles` and the index (which
     passes a cached `text`: formatting IPv6 networks dominated the index build)."""
     matched = [s for s in acl.src if s.matches_node(view)]
+    dests, selfs = _acl_dests(acl, view, text)
+    if not (matched or dests or selfs):
+        return None
+    addr = bool(matched) and not acl.src_any and any(
+        s.kind in NODE_KINDS for s in matched)
+    return bool(matched), addr, dests, selfs, bool(matched) and bool(selfs)
+
+
+def _acl_dests(acl: Acl, view: NodeView, text: Callable[[Network], str] = str) -> tuple[tuple, tuple]:
+    """What the node accepts under `acl`: (dst, self_dst) as in `_acl_role`, whose source
+    matching (prefix tests above all) a port edit need not redo (NetmapIndex._retarget)."""
     dests, selfs = set(), set()
     for entry in acl.dst:
         sel = entry.selector
@@ -105,12 +116,7 @@ def _acl_role(acl: Acl, view: NodeView, text: Callable[[Network], str] = str) ->
         else:
             dests.update(FilterDest(text(n), p) for n in sel.node_prefixes(view)
                          for p in entry.ports)
-    if not (matched or dests or selfs):
-        return None
-    addr = bool(matched) and not acl.src_any and any(
-        s.kind in NODE_KINDS for s in matched)
-    return (bool(matched), addr, tuple(sorted(dests)), tuple(sorted(selfs)),
-            bool(matched) and bool(selfs))
+    return tuple(sorted(dests)), tuple(sorted(selfs))
 
 
 def node_roles(policy: Policy, view: NodeView) -> Roles:
@@ -478,9 +484,9 @@ class NetmapIndex:
     def visible_count(self) -> int:
         return len(self._ids)
 
-    def next_expiry(self) -> float | None:
-        """The earliest key expiry after `now`: when to call `advance_time` next."""
-        i = bisect.bisect_right(self._expiry, self.now, key=_EXPIRY)
+    def next_expiry(self, after: float | None = None) -> float | None:
+        """The earliest key expiry after `now` (or `after`): when to call `advance_time` next."""
+        i = bisect.bisect_right(self._expiry, self.now if after is None else after, key=_EXPIRY)
         return self._expiry[i][0] if i < len(self._expiry) else None
 
     # -- changes ---------------------------------------------------------------------------
@@ -492,6 +498,13 @@ class NetmapIndex:
         if nid in self._roles and visible(node, self.now) and node_view(node) == self._views[nid]:
             return self._record_changed(nid, node, version)  # the common case: no ACL impact
         return self._apply([nid], version)
+
+    def upsert_nodes(self, nodes: list[dict], version: int) -> Changes:
+        """Several records at once (new nodes registered together): one `_apply` for all."""
+        for node in nodes:
+            self._nodes[node["id"]] = node = dict(node)
+            self._track_expiry(node["id"], node.get("key_expiry"))
+        return self._apply([n["id"] for n in nodes], version)
 
     def remove_node(self, node_id: str, version: int) -> Changes:
         if self._nodes.pop(node_id, None) is None:
@@ -537,23 +550,32 @@ class NetmapIndex:
                 slots.append(_Slot(acl))
                 added.append(slots[-1])
         removed = [s for left in pool.values() for s in left]
+        retargeted = _retargetable(added, removed, slots)
+        if retargeted:
+            added = [s for s in added if s not in retargeted]
+            removed = [s for s in removed if s not in retargeted.values()]
         added_set, removed_set = set(added), set(removed)
         kept_order = [s for s in slots if s not in added_set]  # (a set: 20,000 rules)
         reordered = any(a.pos > b.pos for a, b in zip(kept_order, kept_order[1:]))
         self._policy = policy
-        if not added and not removed and not reordered:
+        if not added and not removed and not reordered and not retargeted:
             self._set_slots(slots)
             return NO_CHANGES
 
         # who can gain or lose a peer, and what they reached through the removed ACLs
         new_roles: dict[str, _Roles] = {}
-        r = _Roles()
-        finder = _SlotFinder(added)
-        for k, view in self._views.items():
-            if r.add(finder.candidates(view), view):
-                new_roles[k], r = r, _Roles()
+        if added:
+            r = _Roles()
+            finder = _SlotFinder(added)
+            for k, view in self._views.items():
+                if r.add(finder.candidates(view), view):
+                    new_roles[k], r = r, _Roles()
         members = self._may_change_peers(new_roles, removed)
         targets = {k for k, r in new_roles.items() if r.dst or r.self_dst}
+        for s in retargeted.values():
+            targets |= s.dst
+            for devices in s.self_dst.values():
+                targets |= devices
         for s in removed:
             targets |= s.dst
             for devices in s.self_dst.values():
@@ -566,6 +588,8 @@ class NetmapIndex:
             for k in s.src | s.dst | {k for d in s.self_dst.values() for k in d}:
                 self._roles[k].drop(s)  # its cells go when the filter is rebuilt below
         self._set_slots(slots)
+        for s in retargeted.values():
+            self._retarget(s)
         for k, part in new_roles.items():
             roles, view, addrs = self._roles[k], self._views[k], self._peer[k].addresses
             for s in part.src:
@@ -644,6 +668,20 @@ class NetmapIndex:
                     members |= devices
                     members |= s.self_src[owner]
         return members
+
+    def _retarget(self, s: _Slot) -> None:
+        """Re-derive what slot `s` (given its new ACL by `_retargetable`) lets each of its
+        targets accept, and drop their cached cells for it so that `_build_filter` redoes
+        them. Its members and sources stay: only ports and protocols changed."""
+        acl, text = s.acl, _prefix_text
+        for k in s.dst | {k for d in s.self_dst.values() for k in d}:
+            roles = self._roles[k]
+            dests, selfs = _acl_dests(acl, self._views[k], text)
+            if s in roles.dst:
+                roles.dst[s] = dests
+            if s in roles.self_dst:
+                roles.self_dst[s] = selfs
+            self._rules[k][0].pop(s, None)
 
     # -- internals -------------------------------------------------------------------------
     def _build(self, policy: Policy | None) -> None:
@@ -909,6 +947,37 @@ class NetmapIndex:
                 del deltas[k]
         gone = tuple(k for k in before if k not in self._roles)
         return Changes(deltas, gone)
+
+
+def _shape(acl: Acl) -> tuple | None:
+    """What decides who plays which part in `acl`: its selectors, not its ports or
+    protocols (None if a destination has no ports, which would take its targets out)."""
+    if not all(d.ports for d in acl.dst):
+        return None
+    return acl.src, tuple(d.selector for d in acl.dst)
+
+
+def _retargetable(added: list[_Slot], removed: list[_Slot], slots: list[_Slot]) -> dict:
+    """Pair each new slot with a removed one of the same shape (an ACL whose ports or
+    protocols were edited: the benchmark's and a common edit) and move the removed slot,
+    with its member indexes, into the new one's place with the new ACL: {new: reused}.
+    Its members cannot gain or lose a peer and only its targets' filters change, so a
+    port edit costs O(its targets) instead of matching every node against the new ACL."""
+    if not added or not removed:
+        return {}
+    spare: dict[tuple, list[_Slot]] = {}
+    for s in removed:
+        if (shape := _shape(s.acl)) is not None:
+            spare.setdefault(shape, []).append(s)
+    pairs = {}
+    for s in added:
+        old = spare.get(_shape(s.acl))
+        if old:
+            pairs[s] = reused = old.pop(0)
+            reused.acl, reused.protos = s.acl, s.acl.protos
+    if pairs:
+        slots[:] = [pairs.get(s, s) for s in slots]
+    return pairs
 
 
 def _discard(index: dict[str, set[str]], key: str, k: str) -> None:

@@ -5,8 +5,9 @@ data plane: its own Ed25519 machine key signing every request (`proto/machine_au
 fresh timestamp and a unique nonce per request), registration with a pre-auth key, a map
 stream (`GET /machine/map?since=V`, with a stream key, so frames after the first are tagged)
 whose every frame is verified (against the pinned cluster keys, or the stream's tag key) and
-applied, an ack (`POST /machine/ack`) to the replica it streams from, tagged under the
-stream's key, deferred and coalesced, and failover: on EOF, an error, a 5xx or no frame for
+applied, an ack to the replica it streams from, tagged under the stream's key, deferred and
+coalesced (a datagram to the port the stream names, `POST /machine/ack` if none is confirmed:
+proto/ack_datagram.py), and failover: on EOF, an error, a 5xx or no frame for
 twice the keepalive it moves to the next replica URL after a full-jitter exponential backoff
 (0.2 s doubling) and resumes with the version it holds. Every one of those decisions is the
 daemon's own: each light agent drives an `agent/session.AgentSession`, as the daemon does.
@@ -34,13 +35,15 @@ import sys
 import time
 import traceback
 from multiprocessing.connection import Connection
+from urllib.parse import urlsplit
 
 from nacl.signing import SigningKey
 
 from raftmesh.agent.acks import PendingAcks
 from raftmesh.agent.session import APPLY_ARM_ACK, END, IGNORE, REVOKED, STOPPED_STATES, AgentSession
-from raftmesh.proto.routes import (ACK, DEFAULT_KEEPALIVE, HEADER_KEEPALIVE, HEADER_REPLICA,
-                                   MAP, REGISTER)
+from raftmesh.proto.ack_datagram import CONFIRM_WAIT, AckDatagramError, decode_confirm, encode_ack
+from raftmesh.proto.routes import (ACK, DEFAULT_KEEPALIVE, HEADER_ACK_PORT, HEADER_KEEPALIVE,
+                                   HEADER_REPLICA, MAP, REGISTER, udp_port)
 from raftmesh.proto.version import version_header
 
 
@@ -63,11 +66,23 @@ KEEP_RECORDS = 4096  # per agent: applied versions kept (a benchmark reads them 
 # ======================================================================================
 # inside a worker process
 # ======================================================================================
+class _Confirms(asyncio.DatagramProtocol):
+    """A worker's UDP socket: resolves the future awaiting each confirmed ack datagram."""
+
+    def __init__(self, waiting: dict[tuple[str, int], asyncio.Future]):
+        self.waiting = waiting
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        fut = self.waiting.get(decode_confirm(data))
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+
 class LightAgent:
     __slots__ = ("index", "hostname", "key", "machine", "node_key", "node_id", "ipv4", "home",
                  "url", "session", "applied", "acked", "connected_at", "replica", "bye", "task",
                  "lost_at", "reconnects", "errors", "stop", "first_netmap_at", "gone",
-                 "stale", "max_acked", "stream", "cut")
+                 "stale", "max_acked", "stream", "cut", "ack_addr")
 
     def __init__(self, index: int, hostname: str, home: int):
         self.index, self.hostname, self.home, self.url = index, hostname, home, home
@@ -89,6 +104,7 @@ class LightAgent:
         self.errors = 0
         self.stop = False
         self.stream = None  # the response of the open map stream
+        self.ack_addr: tuple[str, int] | None = None  # where its stream takes ack datagrams
         self.cut: str | None = None  # why the stream was closed from outside: "kick", "silent"
         self.gone: dict[str, tuple[int, float]] = {}  # watched peer -> (version, time) it left
         self.stale: list[tuple[int, int]] = []  # (frame version, held version): must stay empty
@@ -123,9 +139,12 @@ class Swarm:
                                            local_addr=(source, 0) if source else None),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         self.ack_failures = 0
+        self.ack_datagrams = 0  # acks confirmed as datagrams (the rest went over HTTP)
         self.frame_errors: list[str] = []
         self.watch: set[str] = set()  # peers whose removal agents record (revoke)
         self._watchdog_task: asyncio.Task | None = None
+        self._udp: asyncio.DatagramTransport | None = None  # ack datagrams, made on first use
+        self._confirms: dict[tuple[str, int], asyncio.Future] = {}  # (stream, version) awaited
 
     # -- signed requests ---------------------------------------------------------------------
     def _headers(self, agent: LightAgent, method: str, path: str, body: bytes,
@@ -243,6 +262,8 @@ class Swarm:
                             return
                         raise ConnectionError(f"{resp.status} {code}")
                     a.replica = resp.headers.get(HEADER_REPLICA)
+                    ack_port = udp_port(resp.headers.get(HEADER_ACK_PORT))
+                    a.ack_addr = None if ack_port is None else (urlsplit(url).hostname, ack_port)
                     a.connected_at = time.time()
                     if a.lost_at is not None:
                         a.reconnects.append({"lost": a.lost_at, "connected": a.connected_at,
@@ -353,19 +374,52 @@ class Swarm:
         body = acks.take(time.monotonic()) if a.session.acks is acks else None
         if body is None:
             return
-        try:
-            status, _ = await self._post(a, url, ACK, body, timeout=30,
-                                         stream_auth=a.view.stream_auth)
+        stream_auth, ack_addr = a.view.stream_auth, a.ack_addr
+        if ack_addr is not None and stream_auth is not None and \
+                await self._ack_datagram(ack_addr, stream_auth, body):
+            self.ack_datagrams += 1
+            self._acked(a, body["version"])
+            return
+        try:  # as the daemon does (agent/ack_sender.py): over HTTP if no datagram was confirmed
+            status, _ = await self._post(a, url, ACK, body, timeout=30, stream_auth=stream_auth)
             if status == 200:
-                a.acked[body["version"]] = time.time()
-                a.max_acked = max(a.max_acked, body["version"])
-                if len(a.acked) > KEEP_RECORDS:
-                    for v in sorted(a.acked)[:len(a.acked) - KEEP_RECORDS]:
-                        del a.acked[v]
+                self._acked(a, body["version"])
                 return
         except (self.aiohttp.ClientError, asyncio.TimeoutError, OSError):
             pass
         self.ack_failures += 1
+
+    @staticmethod
+    def _acked(a: LightAgent, version: int) -> None:
+        a.acked[version] = time.time()
+        a.max_acked = max(a.max_acked, version)
+        if len(a.acked) > KEEP_RECORDS:
+            for v in sorted(a.acked)[:len(a.acked) - KEEP_RECORDS]:
+                del a.acked[v]
+
+    async def _ack_datagram(self, addr: tuple[str, int], stream_auth: tuple[str, bytes],
+                            body: dict) -> bool:
+        """The ack as one datagram (proto/ack_datagram.py) from this worker's UDP socket;
+        True once the replica confirmed it within CONFIRM_WAIT."""
+        try:
+            data = encode_ack(stream_auth, body)
+        except AckDatagramError:
+            return False
+        loop = asyncio.get_running_loop()
+        if self._udp is None:
+            self._udp, _ = await loop.create_datagram_endpoint(
+                lambda: _Confirms(self._confirms), family=socket.AF_INET)
+            self._udp.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        key = (stream_auth[0], body["version"])
+        fut = self._confirms[key] = loop.create_future()
+        try:
+            self._udp.sendto(data, addr)
+            await asyncio.wait_for(fut, CONFIRM_WAIT)
+            return True
+        except (asyncio.TimeoutError, OSError):
+            return False
+        finally:
+            self._confirms.pop(key, None)
 
     async def _wait(self, pred, timeout: float, interval: float = 0.2) -> bool:
         """Poll `pred` over the agents until all hold (True) or the deadline (False). The
@@ -444,6 +498,7 @@ class Swarm:
                 "started": sum(a.task is not None for a in self.agents),
                 "by_replica": by_replica, "min_version": min(versions, default=None),
                 "max_version": max(versions, default=None), "ack_failures": self.ack_failures,
+                "ack_datagrams": self.ack_datagrams,
                 "stream_errors": sum(a.errors for a in self.agents),
                 "frame_errors": self.frame_errors[:5], "byes": sum(a.bye is not None for a in self.agents),
                 "peers_total": sum(len(a.peers()) for a in self.agents)}
@@ -490,6 +545,8 @@ class Swarm:
         await asyncio.gather(*(a.task for a in self.agents if a.task is not None),
                              return_exceptions=True)
         await self.http.close()
+        if self._udp is not None:
+            self._udp.close()
 
 
 def _worker_main(conn, urls: list[str], source: str | None = None) -> None:
@@ -653,11 +710,11 @@ class LightAgents:
     def status(self) -> dict:
         parts = self._call("status")
         out = {"agents": 0, "connected": 0, "started": 0, "by_replica": {}, "ack_failures": 0,
-               "stream_errors": 0, "frame_errors": [], "byes": 0, "peers_total": 0,
+               "ack_datagrams": 0, "stream_errors": 0, "frame_errors": [], "byes": 0, "peers_total": 0,
                "min_version": None, "max_version": None}
         for p in parts:
-            for k in ("agents", "connected", "started", "ack_failures", "stream_errors", "byes",
-                      "peers_total"):
+            for k in ("agents", "connected", "started", "ack_failures", "ack_datagrams",
+                      "stream_errors", "byes", "peers_total"):
                 out[k] += p[k]
             for r, c in p["by_replica"].items():
                 out["by_replica"][r] = out["by_replica"].get(r, 0) + c

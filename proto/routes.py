@@ -21,7 +21,16 @@ RELAY = MACHINE + "/relay"  # WebSocket: WireGuard packets to and from other age
 HEADER_REPLICA = "X-Raftmesh-Replica"
 HEADER_KEEPALIVE = "X-Raftmesh-Keepalive"
 HEADER_STUN_PORT = "X-Raftmesh-Stun-Port"
+HEADER_ACK_PORT = "X-Raftmesh-Ack-Port"  # UDP port taking ack datagrams (version 3, proto/ack_datagram.py)
 DEFAULT_KEEPALIVE = 10.0  # assumed when a stream does not say
+
+
+def udp_port(header: str | None) -> int | None:
+    """The port a map stream's HEADER_STUN_PORT or HEADER_ACK_PORT names, None if absent
+    or not a port (then the agent does without)."""
+    if header is None or not header.isdigit() or not 0 < int(header) < 65536:
+        return None
+    return int(header)
 FRAME_CONTENT_TYPE = "application/x-raftmesh-frames"
 
 # The `code` of a `bye` frame's body. Revoked: the node left the mesh, the agent drops every

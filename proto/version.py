@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .numbers import NumberError, parse_number
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 OLDEST_SERVED = 1
 HEADER_PROTOCOL_VERSION = "X-Raftmesh-Protocol"
 UNSUPPORTED = "unsupported_protocol_version"  # the error code of a refusal
@@ -30,6 +30,10 @@ HISTORY = {
         "whose messages are a peer's key and a batch of length-prefixed WireGuard packets "
         "(proto/relay.py); acks may carry the agent's peer paths and connection setup times. "
         "Version-1 agents ignore all of it and are served as before."),
+    3: ("2026-12-07", "map stream responses name a UDP port taking acks as datagrams "
+        "(X-Raftmesh-Ack-Port, proto/ack_datagram.py): the ack body tagged under the stream's "
+        "request key, confirmed by the replica; agents fall back to POST /machine/ack when no "
+        "confirmation comes. Older agents ignore the header and ack over HTTP as before."),
 }
 
 

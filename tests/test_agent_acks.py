@@ -84,3 +84,66 @@ def test_an_ack_lost_in_transit_is_sent_again_with_grown_ages():
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_ack_datagrams_carry_the_body_under_the_stream_key():
+    import pytest
+    from raftmesh.proto.ack_datagram import (MAX_DATAGRAM, AckDatagramError, decode_ack, decode_confirm,
+                                             encode_ack, encode_confirm, tag_matches)
+    key = bytes(range(32))
+    body = {"version": 7, "applied": [[5, 1.0], [7, 0.25]], "paths": {"direct": 2, "relay": 1}}
+    nonce, got, tag, payload = decode_ack(encode_ack(("s1", key), body))
+    assert (nonce, got) == ("s1", body) and tag_matches(key, tag, payload)
+    assert not tag_matches(bytes(32), tag, payload)
+    forged = encode_ack(("s1", key), body).replace(b'"version":7', b'"version":8')
+    assert not tag_matches(key, *decode_ack(forged)[2:])
+    for bad in (b"RMAK" + b"x" * 30, b"RMAK" + b"t" * 24 + b'{"version": 1}',
+                b"RMAK" + b"t" * 24 + b'{"stream": "s", "version": NaN}', b"\x00\x01" + b"x" * 40,
+                b"RMAK" + b"t" * 24 + b"[1]", b"RMAK" + b"x" * MAX_DATAGRAM):
+        with pytest.raises(AckDatagramError):
+            decode_ack(bad)
+    with pytest.raises(AckDatagramError):  # never split or truncated: HTTP takes it instead
+        encode_ack(("s1", key), {"version": 1, "applied": [[v, 0.123456] for v in range(200)]})
+    assert decode_confirm(encode_confirm("s1", 7)) == ("s1", 7)
+    assert decode_confirm(b"RMOK[1,2]") is None and decode_confirm(b"RMOK{") is None
+    assert decode_confirm(b"xxxx") is None
+
+
+def test_the_daemon_acks_by_datagram_and_over_http_when_no_confirmation_comes(monkeypatch):
+    import socket
+    import threading
+
+    from nacl.signing import SigningKey
+
+    from raftmesh.agent import ack_sender
+    from raftmesh.proto.ack_datagram import decode_ack, encode_confirm
+
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(10)
+    seen = []
+
+    def replica():  # confirms the first datagram, ignores the second
+        for confirm in (True, False):
+            data, addr = udp.recvfrom(2048)
+            nonce, body, _, _ = decode_ack(data)
+            seen.append(body["version"])
+            if confirm:
+                udp.sendto(encode_confirm(nonce, body["version"]), addr)
+    thread = threading.Thread(target=replica, daemon=True)
+    thread.start()
+    sender = ack_sender.AckSender(SigningKey.generate())
+    posted = []
+    monkeypatch.setattr(ack_sender.ControlClient, "signed_request",
+                        lambda self, m, p, body, **kw: posted.append(body))
+    try:
+        auth, addr = ("s1", bytes(32)), udp.getsockname()
+        sender.send("http://127.0.0.1:9", {"version": 3}, auth, addr)
+        sender.send("http://127.0.0.1:9", {"version": 4}, auth, addr)
+        from conftest import wait_until
+        wait_until(lambda: posted, 10, what="the unconfirmed ack over HTTP")
+        assert seen == [3, 4] and [b["version"] for b in posted] == [4]
+    finally:
+        sender.close()
+        thread.join(5)
+        udp.close()

@@ -69,6 +69,7 @@ def test_propagation_tiny(tmp_path):
         assert all(v >= 0 for v in s["delivery_cpu_s_by_thread"].values())
     st = saved["final_status"]
     assert st["agents"] == 10 and st["connected"] == 10 and st["frame_errors"] == []
+    assert st["ack_datagrams"] >= 2 * 10  # the measured changes' acks came as datagrams
     assert set(st["by_replica"]) == {"r1", "r2", "r3"}
     assert (tmp_path / "propagation.png").stat().st_size > 1000
     assert saved["pids"] and not [p for p in saved["pids"] if pid_running(p)]

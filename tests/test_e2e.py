@@ -173,6 +173,10 @@ def test_policy_on_the_wire_change_and_revocation(mesh):
         stream = m.admin("GET", f"/api/v1/nodes/{m.ids[label]}")[1]["node"]["stream"] or {}
         return stream.get("acked_version") is not None and stream["acked_version"] == stream["sent_version"]
     wait_for(lambda: acked("a") and acked("b"), timeout=15, what="the policy change acked")
+    # as datagrams to the replicas' STUN ports (protocol version 3), which confirmed them
+    taken = [line for r in m.cluster.replicas for line in m.cluster.request(r, "GET", "/metrics")[1].splitlines()
+             if line.startswith('raftmesh_ack_datagrams_total{outcome="taken"}')]
+    assert sum(float(line.split()[-1]) for line in taken) >= 2
 
     # 3. revoking C removes it from every peer's WireGuard config and its traffic stops
     c_key = m.node_key("c")

@@ -293,6 +293,48 @@ def test_acks_tagged_under_the_stream_key_are_accepted_only_by_its_replica(mesh)
     assert "no stream" in refused(tagged())
 
 
+def test_acks_as_datagrams_are_taken_only_with_the_stream_key_on_its_replica(mesh):
+    """An ack datagram (protocol version 3) to the port the stream names records the acked
+    version like POST /machine/ack and is confirmed; one with a wrong key, for another
+    replica's stream or with a body the API would refuse changes nothing and gets no answer."""
+    import socket as sockets
+    from raftmesh.proto.ack_datagram import decode_confirm, encode_ack
+    c, admin, agent = mesh
+    a = agent("alice", "a", 1)
+    a.connect()
+    a.pump(lambda s: s.view.netmap is not None)
+    # (a local cluster's replicas answer STUN, and so ack datagrams, on their API port)
+    port = lambda r: int(c.replicas[r].api_url.rsplit(":", 1)[1])  # noqa: E731
+    assert a.stream.ack_addr == ("127.0.0.1", port(1))
+    auth, version = a.view.stream_auth, a.view.version
+    udp = sockets.socket(sockets.AF_INET, sockets.SOCK_DGRAM)
+    udp.settimeout(0.5)
+
+    def send(data: bytes, replica: int = 1):
+        udp.sendto(data, ("127.0.0.1", port(replica)))
+        try:
+            return decode_confirm(udp.recv(2048))
+        except TimeoutError:
+            return None
+    acked = lambda: (admin("GET", f"/api/v1/nodes/{a.node_id}")[1]["node"]["stream"] or {}).get(  # noqa: E731
+        "acked_version")
+    try:
+        assert send(encode_ack((auth[0], bytes(32)), {"version": version})) is None
+        assert send(encode_ack(auth, {"version": version}), replica=0) is None
+        assert send(encode_ack(auth, {"version": -1})) is None
+        assert send(encode_ack(auth, {"version": version, "applied": [[version, -5]]})) is None
+        assert send(encode_ack(auth, {"version": version}).replace(b'"version"', b'"versioN"')) is None
+        assert acked() is None
+        assert send(encode_ack(auth, {"version": version, "applied": [[version, 0.01]]})) == \
+            (auth[0], version)
+        wait_until(lambda: acked() == version, timeout=10)
+        counted = c.request(c.replicas[1], "GET", "/metrics")[1]
+        assert 'raftmesh_ack_datagrams_total{outcome="taken"} 1.0' in counted
+        assert 'raftmesh_ack_datagrams_total{outcome="dropped"} 4.0' in counted
+    finally:
+        udp.close()
+
+
 def test_refusals(mesh):
     c, admin, agent = mesh
     pending = ControlClient([c.replicas[0].api_url], SigningKey.generate())

@@ -40,7 +40,7 @@ def test_replica_refuses_what_is_not_a_bounded_binding_request(packet, problem):
 def test_replica_stun_responder_answers_requests_and_drops_the_rest():
     async def scenario():
         registry = CollectorRegistry()
-        transport = await stun_server.start("127.0.0.1", 0, registry)
+        transport = await stun_server.start("127.0.0.1", 0, registry, lambda data: None)
         port = transport.get_extra_info("sockname")[1]
         client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         client.bind(("127.0.0.1", 0))

@@ -545,6 +545,36 @@ def nudge(rng: random.Random, pol: Policy | None) -> Policy | None:
 def test_incremental_agrees_with_from_scratch_across_overlapping_policies(seed):
     """Like the test above, with policies that keep most ACLs (the index keeps a kept ACL's
     indexes and only re-derives what added or removed ones touch), more nodes, more steps."""
+    agrees_with_from_scratch(seed, nudge)
+
+
+@pytest.mark.parametrize("seed", range(40, 52))
+def test_incremental_agrees_with_from_scratch_across_port_edits(seed):
+    """The same with edits of ports and protocols mixed in: an edited ACL keeps its slot
+    and member indexes (`_retargetable`) and only its targets' filters are redone."""
+    agrees_with_from_scratch(seed, lambda rng, pol: edit_ports(rng, nudge(rng, pol))
+                             if rng.random() < 0.3 else edit_ports(rng, pol))
+
+
+def edit_ports(rng: random.Random, pol: Policy | None) -> Policy | None:
+    """The policy with the ports and/or protocols of one to three ACLs changed."""
+    if not pol or not pol.acls:
+        return pol
+    acls = list(pol.acls)
+    for i in rng.sample(range(len(acls)), min(len(acls), rng.randint(1, 3))):
+        a = acls[i]
+        ports = rng.choice([(ANY,), (PortRange(22, 22),), (PortRange(80, 80), PortRange(443, 443)),
+                            (PortRange(9000, 9100),)])
+        dst = tuple(dataclasses.replace(d, ports=ports if rng.random() < 0.8 else d.ports)
+                    for d in a.dst)
+        protos = rng.choice([a.protos, a.protos, ("tcp",), ("udp",), ()])
+        acls[i] = dataclasses.replace(a, dst=dst, protos=protos)
+    return dataclasses.replace(pol, acls=tuple(acls))
+
+
+def agrees_with_from_scratch(seed: int, next_policy) -> None:
+    """Random node, time and policy changes (`next_policy(rng, policy)` for most policy
+    steps): every delta applied by a client gives what compute_netmaps gives from scratch."""
     rng = random.Random(seed)
     now, version = NOW, 1
     pol = pooled_policy(rng)
@@ -571,7 +601,7 @@ def test_incremental_agrees_with_from_scratch_across_overlapping_policies(seed):
             now += rng.uniform(-15, 25)
             changes = idx.advance_time(now, version)
         elif op < 0.92:
-            pol = nudge(rng, pol)
+            pol = next_policy(rng, pol)
             changes = idx.replace_policy(pol, version)
         else:
             pol = pooled_policy(rng)
@@ -615,6 +645,28 @@ def test_policy_change_keeps_unrelated_nodes_untouched():
     doc["acls"].reverse()  # reordering kept ACLs reorders the rules of nodes in both
     changes = idx.replace_policy(parse_policy(json.dumps(doc)), 3)
     assert set(changes.deltas) <= dbs | u20
+    assert snapshot(idx) == snapshot(NetmapIndex(idx.policy, nodes, NOW))
+
+
+def test_port_edit_touches_only_the_targets_and_matches_no_node(monkeypatch):
+    """Editing an ACL's ports or protocols re-derives its targets' filters only: no node
+    is matched against the edited ACL again (its slot is reused) and no peer set changes."""
+    from raftmesh.cluster import netmap
+    pol, nodes = big_network()
+    idx = NetmapIndex(pol, nodes, NOW)
+    state = snapshot(idx)
+    edited = dataclasses.replace(pol.acls[0], protos=("tcp",), dst=tuple(
+        dataclasses.replace(d, ports=(PortRange(5433, 5433),)) for d in pol.acls[0].dst))
+
+    def no_matching(*a):
+        raise AssertionError("a port edit matched nodes against an ACL")
+    monkeypatch.setattr(netmap._SlotFinder, "candidates", no_matching)
+    monkeypatch.setattr(netmap, "_acl_role", no_matching)
+    changes = idx.replace_policy(dataclasses.replace(pol, acls=(edited, *pol.acls[1:])), 2)
+    dbs = {f"n{i}" for i in range(1500, 1520)}
+    assert set(changes.deltas) == dbs == changed_ids(state, snapshot(idx))
+    assert all(d.peers_changed == () and d.peers_removed == () for d in changes.deltas.values())
+    monkeypatch.undo()
     assert snapshot(idx) == snapshot(NetmapIndex(idx.policy, nodes, NOW))
 
 

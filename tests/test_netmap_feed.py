@@ -262,3 +262,50 @@ def test_a_feed_built_from_a_policy_it_cannot_interpret_serves_nothing_until_one
     assert NetmapFeed(None, nodes, NOW, 10).serving  # no policy at all: deny all, as ever
     feed.apply_batch([(11, record("policy.set", stored(POLICIES[0]), time=NOW), ok({}))])
     assert feed.serving and feed.policy_problem is None and "n2" in feed.full("n1").peers
+
+
+def test_registrations_applied_together_are_one_change_with_the_same_result():
+    """Runs of node.register in one batch go through the index as one change
+    (NetmapFeed._registrations): agents applying its deltas hold what they would have held
+    had each registration come in its own batch, and the reference's netmaps."""
+    for seed in range(12):
+        rng = random.Random(seed)
+        policy = rng.choice(POLICIES)
+        items, version, clock = [], 10, NOW
+        for i in range(rng.randint(8, 40)):
+            version += 1
+            clock += rng.choice((0.0, 0.0, 2.0))
+            n = node(i, user=rng.choice(("alice", "bob")), tags=rng.choice(((), ("tag:db",))),
+                     key_expiry=rng.choice((None, clock + rng.choice((1, 3, 400)))))
+            result = ok(n) if rng.random() < 0.9 else {"ok": False}
+            items.append((version, record("node.register", {}, time=clock), result))
+        together = NetmapFeed(stored(policy), [], NOW, 10)
+        apart = NetmapFeed(stored(policy), [], NOW, 10)
+        clients: dict[str, Netmap] = {}
+        cut = rng.randint(1, len(items))
+        for update in (together.apply_batch(items[:cut]), together.apply_batch(items[cut:])):
+            for k, d in update.deltas.items():
+                clients[k] = apply_delta(clients.get(k) or Netmap(0, d.self_node), d)
+            for k in update.gone:
+                clients.pop(k, None)
+        held: dict[str, list[Netmap]] = {}  # what agents streaming from `apart` held
+        for item in items:
+            update = apart.apply_batch([item])
+            for k in update.deltas:
+                if k not in update.gone and apart.full(k) is not None:
+                    held.setdefault(k, []).append(apart.full(k))
+            for k in update.gone:
+                held.pop(k, None)
+        assert together.version == apart.version and together.clock == apart.clock
+        for k, versions in held.items():  # each resumes on the replica that batched them
+            for old in versions:
+                got = together.resume(k, old.version)
+                result = got if isinstance(got, Netmap) else apply_delta(old, got)
+                assert result == together.full(k), f"seed {seed} node {k} from {old.version}"
+        nodes = [r["value"] for _, _, r in items if r["ok"]]
+        want = compute_netmaps(parse_policy(policy), nodes, together.clock, together.version)
+        assert {k: together.full(k) for k in together.index.visible_ids()} == want
+        assert {k: apart.full(k) for k in apart.index.visible_ids()} == want
+        assert {k: nm.peers for k, nm in clients.items()} == {k: nm.peers for k, nm in want.items()}
+        assert {k: nm.packet_filter for k, nm in clients.items()} == \
+            {k: nm.packet_filter for k, nm in want.items()}
