@@ -14,7 +14,8 @@ What the session cannot take (the list is full) is dropped, as a congested link 
 WireGuard's traffic is its own retransmission's business.
 
 Every agent prefers the same replica for its relay session (the first of the sorted server
-URLs that answers), so two agents meet on one replica; when that replica dies the session
+URLs that answers), so two agents usually meet on one replica (relayed in one hop; the
+replicas forward between sessions on different ones, api/relay_links.py); when that replica dies the session
 moves to the next at once (the connection is reset or its heartbeat goes unanswered), and
 back to the preferred one when it returns (checked every PREFERRED_RETRY seconds).
 """

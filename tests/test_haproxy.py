@@ -428,7 +428,7 @@ def test_the_console_signs_in_through_haproxy_and_stays_on_one_replica(lb):
 
 def test_relay_sessions_through_haproxy_meet_on_one_replica(lb):
     """Two agents' relay WebSockets through the deploy/ HAProxy: the upgrade passes, both
-    sessions land on the same replica (a replica relays only between its own sessions), and
+    sessions land on the same replica (balance first: relayed in one hop, not forwarded), and
     WireGuard packets cross between them both ways."""
     from relay_machine import Machine
     c = lb.cluster
