@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .numbers import NumberError, parse_number
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 OLDEST_SERVED = 1
 HEADER_PROTOCOL_VERSION = "X-Raftmesh-Protocol"
 UNSUPPORTED = "unsupported_protocol_version"  # the error code of a refusal
@@ -30,6 +30,11 @@ HISTORY = {
         "whose messages are a peer's key and a batch of length-prefixed WireGuard packets "
         "(proto/relay.py); acks may carry the agent's peer paths and connection setup times. "
         "Version-1 agents ignore all of it and are served as before."),
+    3: ("2026-12-07", "agents send their candidates to peers over the relay session, in a box "
+        "sealed like a probe (agent/disco.py, kind CANDIDATES), so a new STUN mapping is probed "
+        "before a netmap delta brings it. Replicas serve it exactly like version 2 (they never "
+        "look inside a relay batch); a version-2 agent hands such a message to wireguard-go, "
+        "which drops it."),
 }
 
 
