@@ -418,6 +418,14 @@ class Agent:
         if path is not None:
             self._set_peer_endpoint(node_key, path)
 
+    def _reassert_direct(self, key: bytes) -> None:
+        """From the relay's thread: packets from the peer came relayed, and WireGuard moves
+        a peer to where its last packet came from; a proven direct path is put back."""
+        node_key = base64.b64encode(key).decode()
+        path = self.prober.direct().get(node_key)
+        if path is not None:
+            self._set_peer_endpoint(node_key, path)  # nothing is changed if WireGuard stayed
+
     def _relay_changed(self) -> None:
         """From the relay's thread: the session came up (or moved): peers without a direct
         path go through it, and hear our candidates through it."""
@@ -462,7 +470,7 @@ class Agent:
         self.prober.set_own_candidates(self._own_candidates())
         self.prober.start()
         self.relay = RelayClient(self.config.servers, self.machine_key, self.config.listen_port,
-                                 self._relay_changed, self.prober.told)
+                                 self._relay_changed, self.prober.told, self._reassert_direct)
         self.relay.start()
 
     def _start_dns(self) -> None:

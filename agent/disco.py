@@ -111,14 +111,15 @@ class PathFinder:
                 self.peers[key] = PeerPaths(cands, (), keep, cur.path_since if keep else None,
                                             cur.last_pong if keep else 0.0, now, now)
 
-    def told(self, key: str, candidates: tuple[str, ...], now: float) -> None:
-        """Candidates the peer sent us over the relay: searched now, besides the netmap's,
-        unless a path is held or they are no news."""
+    def told(self, key: str, candidates: tuple[str, ...], now: float) -> bool:
+        """Candidates the peer sent us over the relay: searched now (True), besides the
+        netmap's, unless a path is held or they are no news."""
         p = self.peers.get(key)
         if p is None or p.path is not None or set(candidates) <= set(p.candidates + p.told):
-            return
+            return False
         p.told = candidates[:MAX_TOLD]
         p.search_started = p.next_ping = now
+        return True
 
     def search(self, key: str, now: float) -> None:
         """Search this peer's candidates again now (it pinged us without a path here)."""

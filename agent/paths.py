@@ -173,8 +173,10 @@ class PathProber:
             return
         candidates = tuple(c for c in probe.seen_from.split(",") if split_endpoint(c) is not None)
         with self.lock:
-            self.finder.told(key, candidates, time.monotonic())
-        self._wake()
+            news = self.finder.told(key, candidates, time.monotonic())
+        if news:
+            log.info("%s told us its candidates over the relay: %s", key[:8], ", ".join(candidates))
+            self._wake()
 
     def set_stun_servers(self, servers: list[tuple[str, int]]) -> None:
         with self.lock:

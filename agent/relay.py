@@ -15,6 +15,11 @@ WireGuard's traffic is its own retransmission's business.
 
 A packet that starts with disco.MAGIC is never WireGuard's (a peer's sealed candidates,
 agent/paths.py): it goes to `told`, not to wireguard-go, and `send` queues such packets.
+WireGuard moves a peer's endpoint to wherever its last packet came from, so a packet that
+arrives relayed (one overtaken by the switch to a direct path, or sent by a peer still
+searching) takes the peer back to the relay: REASSERT_DELAY after relayed packets from a
+peer, `relayed` lets the daemon point it back at a proven direct path (at most that often,
+however many packets come; the delay lets wireguard-go take the packets first).
 
 Every agent prefers the same replica for its relay session (the first of the sorted server
 URLs that answers), so two agents usually meet on one replica (relayed in one hop; the
@@ -52,6 +57,7 @@ log = logging.getLogger("raftmesh.agent.relay")
 HEARTBEAT = 2.0  # a partitioned replica is noticed after 3 s; a dead one at once (reset)
 PREFERRED_RETRY = 5.0
 RETRY = 0.2
+REASSERT_DELAY = 0.2
 PENDING_LIMIT = 1 << 20  # bytes read from wireguard-go and not yet written to the session
 READ_BUDGET = 256  # packets taken from one socket per wake-up: a busy peer cannot starve others
 SOCKET_BUFFER = 1 << 20  # a local socket's receive buffer: wireguard-go's bursts wait there
@@ -61,9 +67,12 @@ class RelayClient:
     """One relay session in a thread of its own, and the local sockets that stand for peers."""
 
     def __init__(self, servers: list[str], machine_key: SigningKey, wg_port: int,
-                 changed: Callable[[], None], told: Callable[[bytes, bytes], None] = lambda k, m: None):
+                 changed: Callable[[], None], told: Callable[[bytes, bytes], None] = lambda k, m: None,
+                 relayed: Callable[[bytes], None] = lambda k: None):
         self.servers = sorted(s.rstrip("/") for s in servers)
         self.key, self.wg_port, self.changed, self.told = machine_key, wg_port, changed, told
+        self.relayed = relayed
+        self._relayed_due: set[bytes] = set()  # peers whose `relayed` call is scheduled
         self.server: str | None = None  # the replica URL while the session is up
         self.proxies: dict[bytes, socket.socket] = {}  # peer key -> its local socket
         self.lock = threading.Lock()
@@ -268,3 +277,10 @@ class RelayClient:
                 sock.sendto(packet, ("127.0.0.1", self.wg_port))
             except OSError:  # wireguard-go's buffer is full: dropped
                 pass
+        if sender not in self._relayed_due:
+            self._relayed_due.add(sender)
+            self.loop.call_later(REASSERT_DELAY, self._after_relayed, sender)
+
+    def _after_relayed(self, sender: bytes) -> None:
+        self._relayed_due.discard(sender)
+        self.relayed(sender)
