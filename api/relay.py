@@ -88,7 +88,10 @@ class RelayHub:
         out = body[KEY_BYTES:]
         if session is None or session.backlogged(len(out)):
             return False
-        await session.ws.send_bytes(out)  # never waits: backlogged() keeps it under the high water
+        try:
+            await session.ws.send_bytes(out)  # never waits: backlogged() keeps it under the high water
+        except ConnectionError:  # the session is closing
+            return False
         return True
 
 

@@ -83,6 +83,8 @@ class Link:
         writer = asyncio.create_task(self._write())
         try:
             async for msg in self.ws:
+                if msg.type == WSMsgType.ERROR:
+                    break
                 if msg.type != WSMsgType.BINARY:
                     raise LinkError(f"a {msg.type.name} message on a relay link")
                 for kind, body in records(self.cipher.open(msg.data)):
