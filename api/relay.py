@@ -100,8 +100,9 @@ class Session:
 
     def __init__(self, ws: web.WebSocketResponse, transport):
         self.ws, self.transport = ws, transport
-        if transport is not None:  # writes wait only once MAX_BUFFERED is reached, which
-            transport.set_write_buffer_limits(high=MAX_BUFFERED, low=MAX_BUFFERED)  # backlogged() prevents
+        if transport is not None:  # a write waits only above MAX_BUFFERED (no hysteresis), so
+            # a frame from a link that backlogged() lets through never holds up the link's reader
+            transport.set_write_buffer_limits(high=MAX_BUFFERED, low=MAX_BUFFERED)
 
     def backlogged(self, adding: int = 0) -> bool:
         """Its reader is behind (or gone): frames to it are dropped, not queued."""
@@ -147,6 +148,7 @@ async def relay(ctx: Ctx):
                 await dst.ws.send_bytes(out)
             else:
                 hub.forwarded.inc()
+                hub.bytes.inc(len(out) - 2 * KEY_BYTES)
                 dst.forward(out)
     finally:
         if hub.sessions.get(key) is session:
