@@ -445,6 +445,10 @@ def test_relay_sessions_through_haproxy_meet_on_one_replica(lb):
             assert dst.wg.recvfrom(4096)[0] == packet
         sessions = {r.id: _metric(c, r, "raftmesh_relay_sessions") for r in c.replicas}
         assert sessions == {"r1": 2.0, "r2": 0.0, "r3": 0.0}
+        # replicas' relay links are not for the load balancer to pass on (a replica itself
+        # would answer this request without a nonce with 400)
+        assert c.request(c.replicas[0], "GET", "/replica/relay-link")[0] == 400
+        assert c.request(lb.url, "GET", "/replica/relay-link")[0] == 403
     finally:
         for m in machines:
             m.close()
