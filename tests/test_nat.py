@@ -1,6 +1,7 @@
 """Real agents behind nftables NAT routers (lab/nat.py): endpoint discovery by STUN from the
 WireGuard port, coordinated probing, direct paths where NATs allow, repair after a NAT
-rebinding and an agent restart, and probes from outside the mesh left unanswered.
+rebinding and an agent restart, probes from outside the mesh left unanswered, and relayed
+pairs whose sessions are on one replica or on two.
 
 One lab for the module (a replica, three routers, a public host) keeps the time bounded."""
 from __future__ import annotations
