@@ -314,7 +314,7 @@ class Agent:
         """Tell the control plane where peers reach us (local addresses and the STUN-mapped
         one) when that changed (a restart, a NAT rebinding); the change comes back as a delta
         like any other, and peers probe the new candidates."""
-        want = tuple(sorted({*self.config.endpoints, *([self.mapped] if self.mapped else [])}))
+        want = self._own_candidates()
         with self._report_lock:
             if netmap is None or not want or tuple(sorted(netmap.self_node.endpoints)) == want:
                 return
@@ -349,10 +349,20 @@ class Agent:
             log.info("route report failed (will retry): %s", e)
 
     def _mapped_changed(self, mapped: str) -> None:
-        """From the prober's thread: STUN saw our port at a new outside address."""
+        """From the prober's thread: STUN saw our port at a new outside address. Peers
+        without a direct path hear it over the relay at once, all of them through the
+        control plane."""
         self.mapped = mapped
+        self.prober.set_own_candidates(self._own_candidates())
         view = self.view
         self._report_endpoints(view.netmap if view is not None else None)
+
+    def _tell(self, key: bytes, message: bytes) -> None:
+        if self.relay is not None:  # None until the relay starts, just after the prober
+            self.relay.send(key, message)
+
+    def _own_candidates(self) -> tuple[str, ...]:
+        return tuple(sorted({*self.config.endpoints, *([self.mapped] if self.mapped else [])}))
 
     def _set_stun_servers(self, stream: MapStream) -> None:
         if self.prober is None:  # no data plane (yet): nothing would send them
@@ -408,9 +418,18 @@ class Agent:
         if path is not None:
             self._set_peer_endpoint(node_key, path)
 
+    def _reassert_direct(self, key: bytes) -> None:
+        """From the relay's thread: packets from the peer came relayed, and WireGuard moves
+        a peer to where its last packet came from; a proven direct path is put back."""
+        node_key = base64.b64encode(key).decode()
+        path = self.prober.direct().get(node_key)
+        if path is not None:
+            self._set_peer_endpoint(node_key, path)  # nothing is changed if WireGuard stayed
+
     def _relay_changed(self) -> None:
         """From the relay's thread: the session came up (or moved): peers without a direct
-        path go through it."""
+        path go through it, and hear our candidates through it."""
+        self.prober.tell_candidates()
         with self._paths_lock:
             nm = self.session.enforced
             direct = self.prober.direct()
@@ -446,10 +465,12 @@ class Agent:
         self.wg.configure(self._private_key(), self.config.listen_port, addresses)
         self._start_dns()
         self.prober = PathProber(self.config.listen_port, self._wireguard_keys,
-                                 self._set_peer_endpoint, self._mapped_changed, self._path_lost)
+                                 self._set_peer_endpoint, self._mapped_changed, self._path_lost,
+                                 self._tell)
+        self.prober.set_own_candidates(self._own_candidates())
         self.prober.start()
         self.relay = RelayClient(self.config.servers, self.machine_key, self.config.listen_port,
-                                 self._relay_changed)
+                                 self._relay_changed, self.prober.told, self._reassert_direct)
         self.relay.start()
 
     def _start_dns(self) -> None:

@@ -13,6 +13,12 @@ the two WireGuard keys, XSalsa20-Poly1305) of kind + transaction id (+ the addre
 saw the ping come from). A receiver drops it unless the key is one of its netmap's peers and
 the box opens: nobody outside the mesh gets an answer, and an answer proves the path.
 
+The same box, of kind CANDIDATES, carries an agent's own candidates to a peer over the relay
+(protocol version 3) when they are newer than what the peer's netmap can say: a new agent's
+STUN mapping reaches its peers this way at once, not after a Raft write and a netmap delta,
+so both sides probe the new address at once. The relay can drop or replay such a message
+but not forge one, and told candidates are only probed (a path still needs a pong).
+
 Pure: no sockets or clock; agent/paths.py does the I/O and passes `now`.
 """
 from __future__ import annotations
@@ -24,7 +30,8 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 MAGIC = b"RMd1"  # never a WireGuard message type (1-4 little endian) nor a STUN header
-PING, PONG = 1, 2
+PING, PONG, CANDIDATES = 1, 2, 3
+MAX_TOLD = 6  # candidates in one CANDIDATES message: it stays within MAX_PROBE_BYTES
 MAX_PROBE_BYTES = 256
 BURST_INTERVAL = 0.2  # while searching, each candidate is pinged this often
 BURST_LENGTH = 10.0  # then every SLOW_INTERVAL, until the candidates change
@@ -41,7 +48,8 @@ class ProbeError(ValueError):
 class Probe:
     kind: int
     txid: bytes  # 12 bytes
-    seen_from: str = ""  # a pong: where the ping came from (the sender's outside address)
+    seen_from: str = ""  # a pong: where the ping came from (the sender's outside address);
+    # CANDIDATES: the sender's candidates, comma-separated
 
 
 def seal(probe: Probe, own_private: bytes, own_public: bytes, peer_public: bytes) -> bytes:
@@ -62,7 +70,7 @@ def open_probe(data: bytes, own_private: bytes, peer_public: bytes) -> Probe:
         body = Box(PrivateKey(own_private), PublicKey(peer_public)).decrypt(data[36:])
     except CryptoError:
         raise ProbeError("probe does not authenticate") from None
-    if body[0] not in (PING, PONG) or len(body) < 13:
+    if body[0] not in (PING, PONG, CANDIDATES) or len(body) < 13:
         raise ProbeError("unknown probe kind")
     try:
         seen = body[13:].decode("ascii")
@@ -75,7 +83,8 @@ def open_probe(data: bytes, own_private: bytes, peer_public: bytes) -> Probe:
 class PeerPaths:
     """What we know about reaching one peer."""
 
-    candidates: tuple[str, ...]
+    candidates: tuple[str, ...]  # from the netmap
+    told: tuple[str, ...] = ()  # from the peer over the relay (CANDIDATES), until the netmap's change
     path: str | None = None  # the endpoint WireGuard uses, once a pong proved it
     path_since: float | None = None
     last_pong: float = 0.0
@@ -99,8 +108,18 @@ class PathFinder:
             cur = self.peers.get(key)
             if cur is None or cur.candidates != cands:
                 keep = cur.path if cur is not None and cur.path in cands else None
-                self.peers[key] = PeerPaths(cands, keep, cur.path_since if keep else None,
+                self.peers[key] = PeerPaths(cands, (), keep, cur.path_since if keep else None,
                                             cur.last_pong if keep else 0.0, now, now)
+
+    def told(self, key: str, candidates: tuple[str, ...], now: float) -> bool:
+        """Candidates the peer sent us over the relay: searched now (True), besides the
+        netmap's, unless a path is held or they are no news."""
+        p = self.peers.get(key)
+        if p is None or p.path is not None or set(candidates) <= set(p.candidates + p.told):
+            return False
+        p.told = candidates[:MAX_TOLD]
+        p.search_started = p.next_ping = now
+        return True
 
     def search(self, key: str, now: float) -> None:
         """Search this peer's candidates again now (it pinged us without a path here)."""
@@ -112,12 +131,13 @@ class PathFinder:
         """Pings to send now: (peer key, candidate, txid)."""
         out = []
         for key, p in self.peers.items():
-            if now < p.next_ping or not p.candidates:
+            candidates = p.candidates + tuple(c for c in p.told if c not in p.candidates)
+            if now < p.next_ping or not candidates:
                 continue
             if p.path is not None and now - p.last_pong > PATH_TIMEOUT:
                 p.path, p.path_since, p.search_started = None, None, now  # rebinding: search
                 self.lost.add(key)
-            targets = (p.path,) if p.path is not None else p.candidates
+            targets = (p.path,) if p.path is not None else candidates
             for cand in targets:
                 txid = new_txid()
                 p.pending[txid] = (cand, now)
@@ -147,7 +167,12 @@ class PathFinder:
         return source
 
     def next_wakeup(self, now: float) -> float:
-        return min((p.next_ping for p in self.peers.values() if p.candidates), default=now + 1.0)
+        return min((p.next_ping for p in self.peers.values() if p.candidates or p.told),
+                   default=now + 1.0)
+
+    def searching(self) -> list[str]:
+        """Peers without a direct path."""
+        return [k for k, p in self.peers.items() if p.path is None]
 
     def direct(self) -> dict[str, str]:
         """Peers with a proven direct path: key -> endpoint."""

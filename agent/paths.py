@@ -10,6 +10,9 @@ them as not WireGuard (Tailscale's magicsock reads the same way on Linux).
 
 One thread per agent: it sends due probes, reads answers, and asks STUN every
 STUN_INTERVAL (sooner while no answer came), reporting a changed mapping to the daemon.
+Our candidates also go to every peer without a direct path over the relay (`tell`; sealed,
+agent/disco.py) when the peer appears, our candidates change or the relay session comes up,
+and what peers tell us there (`told`) is searched at once.
 """
 from __future__ import annotations
 
@@ -86,11 +89,13 @@ class PathProber:
 
     def __init__(self, port: int, keys: Callable[[], tuple[bytes, bytes]],
                  set_endpoint: Callable[[str, str], None], mapped_changed: Callable[[str], None],
-                 path_lost: Callable[[str], None]):
+                 path_lost: Callable[[str], None], tell: Callable[[bytes, bytes], None]):
         self.port = port
         self.keys = keys  # () -> (our WireGuard private key, public key), raw bytes
         self.set_endpoint, self.mapped_changed = set_endpoint, mapped_changed
         self.path_lost = path_lost
+        self.tell = tell  # (peer's key, message) -> through the relay, if a session is up
+        self.own: tuple[str, ...] = ()  # our candidates
         self.finder = disco.PathFinder()
         self.lock = threading.Lock()
         self.stun_servers: list[tuple[str, int]] = []
@@ -123,8 +128,55 @@ class PathProber:
 
     def set_peers(self, candidates: dict[str, tuple[str, ...]]) -> None:
         with self.lock:
+            new = [k for k in candidates if k not in self.finder.peers]
             self.finder.set_peers(candidates, time.monotonic())
         self._wake()
+        self.tell_candidates(new)
+
+    def set_own_candidates(self, own: tuple[str, ...]) -> None:
+        with self.lock:
+            changed, self.own = own != self.own, own
+        if changed:
+            self.tell_candidates()
+
+    def tell_candidates(self, keys: list[str] | None = None) -> None:
+        """Send our candidates over the relay to these peers (default: all) that have no
+        direct path; from any thread."""
+        with self.lock:
+            own = self.own
+            searching = self.finder.searching()
+        own = [c for c in own if split_endpoint(c) is not None][:disco.MAX_TOLD]  # what is probed
+        if not own:
+            return
+        private, public = self.keys()
+        text = ",".join(own)
+        for key in searching if keys is None else set(keys) & set(searching):
+            peer = base64.b64decode(key)
+            self.tell(peer, disco.seal(disco.Probe(disco.CANDIDATES, secrets.token_bytes(12), text),
+                                       private, public, peer))
+
+    def told(self, sender: bytes, message: bytes) -> None:
+        """From the relay's thread: a peer's sealed candidates (else dropped)."""
+        private, _ = self.keys()
+        key = base64.b64encode(sender).decode()
+        try:
+            if disco.sender_of(message) != sender:
+                raise disco.ProbeError("sealed by another key than the relayed sender's")
+            with self.lock:
+                if key not in self.finder.peers:
+                    raise disco.ProbeError("sender is not a peer in our netmap")
+            probe = disco.open_probe(message, private, sender)
+            if probe.kind != disco.CANDIDATES:
+                raise disco.ProbeError("a probe over the relay")
+        except disco.ProbeError as e:
+            log.debug("dropped a message relayed from %s: %s", key[:8], e)
+            return
+        candidates = tuple(c for c in probe.seen_from.split(",") if split_endpoint(c) is not None)
+        with self.lock:
+            news = self.finder.told(key, candidates, time.monotonic())
+        if news:
+            log.info("%s told us its candidates over the relay: %s", key[:8], ", ".join(candidates))
+            self._wake()
 
     def set_stun_servers(self, servers: list[tuple[str, int]]) -> None:
         with self.lock:
@@ -233,6 +285,8 @@ class PathProber:
             if not known:
                 raise disco.ProbeError("sender is not a peer in our netmap")
             probe = disco.open_probe(payload, private, sender)
+            if probe.kind == disco.CANDIDATES:
+                raise disco.ProbeError("candidates come over the relay, not as a probe")
         except disco.ProbeError as e:
             log.debug("dropped a probe from %s: %s", source, e)
             return

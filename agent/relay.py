@@ -13,8 +13,17 @@ under load one WebSocket message carries many packets and at rest a packet leave
 What the session cannot take (the list is full) is dropped, as a congested link would:
 WireGuard's traffic is its own retransmission's business.
 
+A packet that starts with disco.MAGIC is never WireGuard's (a peer's sealed candidates,
+agent/paths.py): it goes to `told`, not to wireguard-go, and `send` queues such packets.
+WireGuard moves a peer's endpoint to wherever its last packet came from, so a packet that
+arrives relayed (one overtaken by the switch to a direct path, or sent by a peer still
+searching) takes the peer back to the relay: REASSERT_DELAY after relayed packets from a
+peer, `relayed` lets the daemon point it back at a proven direct path (at most that often,
+however many packets come; the delay lets wireguard-go take the packets first).
+
 Every agent prefers the same replica for its relay session (the first of the sorted server
-URLs that answers), so two agents meet on one replica; when that replica dies the session
+URLs that answers), so two agents usually meet on one replica (relayed in one hop; the
+replicas forward between sessions on different ones, api/relay_links.py); when that replica dies the session
 moves to the next at once (the connection is reset or its heartbeat goes unanswered), and
 back to the preferred one when it returns (checked every PREFERRED_RETRY seconds).
 """
@@ -39,6 +48,8 @@ from raftmesh.proto.relay import (MAX_FRAME_BYTES, MAX_PACKET_BYTES, RelayFrameE
 from raftmesh.proto.routes import RELAY
 from raftmesh.proto.version import version_header
 
+from .disco import MAGIC
+
 if TYPE_CHECKING:  # imported by the relay's thread: ~0.5 s that the daemon's start does not wait for
     import aiohttp
 
@@ -46,6 +57,7 @@ log = logging.getLogger("raftmesh.agent.relay")
 HEARTBEAT = 2.0  # a partitioned replica is noticed after 3 s; a dead one at once (reset)
 PREFERRED_RETRY = 5.0
 RETRY = 0.2
+REASSERT_DELAY = 0.2
 PENDING_LIMIT = 1 << 20  # bytes read from wireguard-go and not yet written to the session
 READ_BUDGET = 256  # packets taken from one socket per wake-up: a busy peer cannot starve others
 SOCKET_BUFFER = 1 << 20  # a local socket's receive buffer: wireguard-go's bursts wait there
@@ -55,9 +67,12 @@ class RelayClient:
     """One relay session in a thread of its own, and the local sockets that stand for peers."""
 
     def __init__(self, servers: list[str], machine_key: SigningKey, wg_port: int,
-                 changed: Callable[[], None]):
+                 changed: Callable[[], None], told: Callable[[bytes, bytes], None] = lambda k, m: None,
+                 relayed: Callable[[bytes], None] = lambda k: None):
         self.servers = sorted(s.rstrip("/") for s in servers)
-        self.key, self.wg_port, self.changed = machine_key, wg_port, changed
+        self.key, self.wg_port, self.changed, self.told = machine_key, wg_port, changed, told
+        self.relayed = relayed
+        self._relayed_due: set[bytes] = set()  # peers whose `relayed` call is scheduled
         self.server: str | None = None  # the replica URL while the session is up
         self.proxies: dict[bytes, socket.socket] = {}  # peer key -> its local socket
         self.lock = threading.Lock()
@@ -87,6 +102,11 @@ class RelayClient:
         if self.server is None:
             return None
         return f"127.0.0.1:{self._proxy(base64.b64decode(node_key)).getsockname()[1]}"
+
+    def send(self, key: bytes, packet: bytes) -> None:
+        """A packet for the peer through the session (dropped without one); from any thread."""
+        if self.server is not None:
+            self.loop.call_soon_threadsafe(self._queue, key, [packet])
 
     def retain(self, node_keys: set[str]) -> None:
         """Close the sockets of peers no longer in the netmap."""
@@ -129,8 +149,16 @@ class RelayClient:
                 packet = sock.recv(MAX_PACKET_BYTES + 1)
             except OSError:  # BlockingIOError: drained
                 break
-            if self.ws is None or len(packet) > MAX_PACKET_BYTES or self._pending_bytes >= PENDING_LIMIT:
-                continue  # no session, not a WireGuard packet, or the session is behind: dropped
+            if len(packet) <= MAX_PACKET_BYTES:  # else not a WireGuard packet: dropped
+                taken.append(packet)
+        self._queue(key, taken)
+
+    def _queue(self, key: bytes, packets: list[bytes]) -> None:
+        """For the session's sender; dropped without a session or when it is behind."""
+        taken = []
+        for packet in packets:
+            if self.ws is None or self._pending_bytes >= PENDING_LIMIT:
+                break
             taken.append(packet)
             self._pending_bytes += len(packet)
         if taken:
@@ -242,7 +270,17 @@ class RelayClient:
             return
         sock = self._proxy(sender)
         for packet in received:
+            if packet[:len(MAGIC)] == MAGIC:
+                self.told(sender, bytes(packet))
+                continue
             try:
                 sock.sendto(packet, ("127.0.0.1", self.wg_port))
             except OSError:  # wireguard-go's buffer is full: dropped
                 pass
+        if sender not in self._relayed_due:
+            self._relayed_due.add(sender)
+            self.loop.call_later(REASSERT_DELAY, self._after_relayed, sender)
+
+    def _after_relayed(self, sender: bytes) -> None:
+        self._relayed_due.discard(sender)
+        self.relayed(sender)

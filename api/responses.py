@@ -63,6 +63,9 @@ FRAMES = {"type": "string", "format": "binary",
           "description": "length-prefixed signed frames (docs/agents.md)"}
 RELAY_SESSION = {"type": "string", "format": "binary",
                  "description": "a WebSocket of relayed WireGuard packets (docs/agents.md)"}
+RELAY_LINK = {"type": "string", "format": "binary",
+              "description": "a WebSocket of sealed relay frames and session announcements "
+                             "between replicas (docs/deployment.md)"}
 
 ERROR = {
     "type": "object", "required": ["error"], "additionalProperties": False,

@@ -15,7 +15,8 @@ from raftmesh.cluster import raft
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.audit_export import AuditExporter
 
-from . import admin, agent_api, cluster_health, lockdown_api, relay, settings_api, sso_api  # noqa: F401  (register their routes)
+from . import (admin, agent_api, cluster_health, lockdown_api, relay, relay_links,  # noqa: F401  (register
+               settings_api, sso_api)  # their routes)
 from . import auth, health, routing, scim, stun_server
 from .console import web as console
 from .ephemeral_gc import remove_ephemeral_nodes
@@ -53,6 +54,7 @@ def build_app(replica: Raft) -> web.Application:
         app[RELYING_PARTY] = RelyingParty(replica.config)
     app[CLUSTER_CLOCK] = ClusterClock(replica)
     app[relay.HUB] = relay.RelayHub(metrics.registry)
+    app[relay_links.LINKS] = relay_links.Links(app[relay.HUB], replica, metrics.registry)
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
     scim.add_routes(app, replica)
@@ -120,7 +122,8 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
     tasks = [asyncio.create_task(announce(replica)), asyncio.create_task(bootstrap_admin_key(replica)),
              asyncio.create_task(bootstrap_cluster_key(replica)),
              asyncio.create_task(sweep_presence(replica)),
-             asyncio.create_task(remove_ephemeral_nodes(replica))]
+             asyncio.create_task(remove_ephemeral_nodes(replica)),
+             asyncio.create_task(app[relay_links.LINKS].run())]
     if config.audit_export_file or config.audit_export_url:
         exporter = AuditExporter(replica.store, config.data_dir, config.audit_export_file,
                                  config.audit_export_url)

@@ -16,7 +16,8 @@ NAT type (lab/nat.py; `none` is a plain bridge, both sides public):
   registration (a Raft write), wireguard-go's start and the map streams (and when its status
   first says `connected`). The path is then read from the new agent's WireGuard endpoint (a
   local relay socket or a direct address), after waiting up to UPGRADE_WAIT for a direct path
-  (the first packet may go through the relay while the probes still search).
+  (the first packet may go through the relay while the probes still search); direct = when
+  the endpoint was first seen direct (polled every 50 ms) - the pair's first appearance.
 
 Nebula (bench/nebula.py) runs the same rounds on the same topology: a lighthouse (also the
 relay) on the public side, the peer host behind a router of the type, each round a new host
@@ -70,8 +71,9 @@ def _first_reply(prober, timeout: float, tick=lambda: None) -> tuple[float | Non
     return (float(out[0]), int(out[1])) if out else (None, None)
 
 
-def _path(agent: namespaces.RealAgent) -> str | None:
-    """'direct' or 'relay', from the agent's WireGuard endpoint for its (only) peer."""
+def _path(agent: namespaces.RealAgent) -> tuple[str | None, float | None]:
+    """('direct' or 'relay', from the agent's WireGuard endpoint for its (only) peer; the
+    wall time it was first seen direct, or None)."""
     end = time.monotonic() + UPGRADE_WAIT
     path = None
     while time.monotonic() < end:
@@ -79,9 +81,9 @@ def _path(agent: namespaces.RealAgent) -> str | None:
         path = None if len(out) < 2 or out[1] == "(none)" else (
             "relay" if out[1].startswith("127.0.0.1:") else "direct")
         if path == "direct":
-            break
-        time.sleep(0.1)
-    return path
+            return path, time.time()
+        time.sleep(0.05)
+    return path, None
 
 
 def _appeared(agent: namespaces.RealAgent, peer: namespaces.RealAgent) -> float | None:
@@ -117,13 +119,14 @@ def _raftmesh_rounds(bench_run, sides: Sides, cluster, key: str, nat_type: str, 
             agent.start()
             first, sent = _first_reply(prober, timeout + 5, poll_status)
             poll_status()
-            path = _path(agent) if first else None
+            path, direct_at = _path(agent) if first else (None, None)
             node_id = agent.status().get("node_id")
             appeared = _appeared(agent, peer)
             rows.append({"system": "raftmesh", "nat": nat_type, "round": r + 1,
                          "connect_ms": (first - appeared) * 1e3 if first and appeared else None,
                          "start_ms": (first - agent.started) * 1e3 if first else None,
                          "stream_connected_ms": (connected[0] - agent.started) * 1e3 if connected else None,
+                         "direct_ms": (direct_at - appeared) * 1e3 if direct_at and appeared else None,
                          "path": path, "probes_sent": sent, "node_id": node_id})
             bench_run.progress.update(f"raftmesh {nat_type} {r + 1}/{rounds}: "
                                       f"{rows[-1]['connect_ms'] or float('nan'):.0f} ms ({path})", force=True)
@@ -179,10 +182,12 @@ def summarize(rows: list[dict]) -> list[dict]:
         ok = [r["connect_ms"] / 1e3 for r in group if r["connect_ms"] is not None]
         starts = sorted(r["start_ms"] / 1e3 for r in group if r["start_ms"] is not None)
         paths = [r["path"] for r in group if r["path"]]
+        to_direct = sorted(r["direct_ms"] for r in group if r.get("direct_ms") is not None)
         out.append({"system": system, "nat": nat_type, "pairs": len(group),
                     "connected_pct": round(100 * len(ok) / len(group), 1),
                     "direct_pct": round(100 * paths.count("direct") / len(group), 1) if system == "raftmesh" else None,
-                    **report.summarize(ok), "start_p50_ms": report.percentile(starts, 0.5) * 1e3})
+                    **report.summarize(ok), "start_p50_ms": report.percentile(starts, 0.5) * 1e3,
+                    "direct_p50_ms": report.percentile(to_direct, 0.5) if to_direct else None})
     return out
 
 
@@ -219,8 +224,9 @@ def run(out_dir: str, rounds: int = 20, keepalive: float = 10.0, timeout: float 
                          "nat_types": list(nat_types), "nebula": with_nebula, "timeout_s": timeout}}
     report.print_table("connect: first appearance in a netmap (Nebula: host start) -> first ICMP "
                        "echo answered through the tunnel, by NAT type; start_p50: from the agent's "
-                       "start", summary, ["system", "nat", "pairs", "connected_pct", "direct_pct",
-                                          "p50_ms", "p99_ms", "max_ms", "start_p50_ms"])
+                       "start; direct_p50: from the netmap to a direct WireGuard endpoint",
+                       summary, ["system", "nat", "pairs", "connected_pct", "direct_pct",
+                                 "p50_ms", "p99_ms", "max_ms", "start_p50_ms", "direct_p50_ms"])
     report.save(out_dir, "connect", result, lambda: report.plot_cdfs(
         out_dir, "connect", "netmap (Nebula: start) -> first packet through the tunnel, by NAT type",
         {f"{s['system']} {s['nat']}": [r["connect_ms"] / 1e3 for r in rows

@@ -33,7 +33,11 @@ HISTORY = {
     3: ("2026-12-07", "map stream responses name a UDP port taking acks as datagrams "
         "(X-Raftmesh-Ack-Port, proto/ack_datagram.py): the ack body tagged under the stream's "
         "request key, confirmed by the replica; agents fall back to POST /machine/ack when no "
-        "confirmation comes. Older agents ignore the header and ack over HTTP as before."),
+        "confirmation comes. Agents also send their candidates to peers over the relay session, "
+        "in a box sealed like a probe (agent/disco.py, kind CANDIDATES), so a new STUN mapping "
+        "is probed before a netmap delta brings it; replicas never look inside a relay batch. "
+        "Older agents ignore the header and ack over HTTP as before; a version-2 agent hands a "
+        "candidates message to wireguard-go, which drops it."),
 }
 
 

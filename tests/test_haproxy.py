@@ -442,7 +442,7 @@ def test_a_console_session_works_through_every_replica_and_outlives_the_one_that
 
 def test_relay_sessions_through_haproxy_meet_on_one_replica(lb):
     """Two agents' relay WebSockets through the deploy/ HAProxy: the upgrade passes, both
-    sessions land on the same replica (a replica relays only between its own sessions), and
+    sessions land on the same replica (balance first: relayed in one hop, not forwarded), and
     WireGuard packets cross between them both ways."""
     from relay_machine import Machine
     c = lb.cluster
@@ -459,6 +459,10 @@ def test_relay_sessions_through_haproxy_meet_on_one_replica(lb):
             assert dst.wg.recvfrom(4096)[0] == packet
         sessions = {r.id: _metric(c, r, "raftmesh_relay_sessions") for r in c.replicas}
         assert sessions == {"r1": 2.0, "r2": 0.0, "r3": 0.0}
+        # replicas' relay links are not for the load balancer to pass on (a replica itself
+        # would answer this request without a nonce with 400)
+        assert c.request(c.replicas[0], "GET", "/replica/relay-link")[0] == 400
+        assert c.request(lb.url, "GET", "/replica/relay-link")[0] == 403
     finally:
         for m in machines:
             m.close()

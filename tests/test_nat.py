@@ -1,6 +1,7 @@
 """Real agents behind nftables NAT routers (lab/nat.py): endpoint discovery by STUN from the
 WireGuard port, coordinated probing, direct paths where NATs allow, repair after a NAT
-rebinding and an agent restart, and probes from outside the mesh left unanswered.
+rebinding and an agent restart, probes from outside the mesh left unanswered, and relayed
+pairs whose sessions are on one replica or on two.
 
 One lab for the module (a replica, three routers, a public host) keeps the time bounded."""
 from __future__ import annotations
@@ -206,6 +207,29 @@ def test_replicas_expose_reported_paths_and_setup_times(natlab):
     assert status == 200, body
     paths = {n["name"]: (n["stream"] or {}).get("paths") for n in body["nodes"]}
     assert paths["host-e"] and paths["host-e"]["relay"] >= 1  # e has no direct path to f
+
+
+def test_relayed_agents_on_different_replicas_reach_each_other(natlab):
+    """f keeps its relay session on another replica than e's (the only one it is given): the
+    replicas forward between the two sessions over their relay link. (Last of the lab's
+    tests: restarting f disturbs no other; the relay test killed one replica.)"""
+    first, second = sorted(r.api_url for r in natlab.cluster.replicas if r.alive())[:2]
+    f = natlab.agents["f"]
+
+    def relays() -> tuple:
+        return tuple(natlab.status(a)["peers"].get(f"host-{b}", {}).get("path") for a, b in (("e", "f"), ("f", "e")))
+    f.stop()
+    f.servers = [second]
+    natlab.start("f")
+    try:
+        wait_for(lambda: relays() == ({"kind": "relay", "replica": first}, {"kind": "relay", "replica": second}),
+                 20, what="e's session on the first replica, f's on the second")
+        prober = natlab.ns["e"].first_reply(natlab.overlay("f"), interval=0.01, wait=0.2, timeout=15)
+        assert prober.stdout.readline().split(), "no reply from f through two replicas"
+    finally:
+        f.stop()
+        f.servers = natlab.servers
+        natlab.start("f")
 
 
 def test_bench_connect_tiny(tmp_path):

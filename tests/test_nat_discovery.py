@@ -154,3 +154,28 @@ def test_udp_framing_and_endpoint_parsing():
     assert paths.split_endpoint("[2001:db8::1]:41641") is None
     assert paths.split_endpoint("host.example:1") is None
     assert len(paths._bpf_program(41641)) == 9 * 8
+
+
+def test_candidates_told_over_the_relay_are_searched_at_once_until_the_netmap_changes():
+    """A peer's sealed CANDIDATES (its new STUN mapping, before a netmap delta brings it) are
+    pinged at once beside the netmap's; no news changes nothing, nor does anything once a
+    path is held; the next netmap change for the peer replaces them."""
+    (a_priv, a_pub), (b_priv, b_pub) = _keys(), _keys()
+    told = disco.Probe(disco.CANDIDATES, b"t" * 12, "198.51.100.2:41641,10.0.0.2:41641")
+    assert disco.open_probe(disco.seal(told, a_priv, a_pub, b_pub), b_priv, a_pub) == told
+    f, txids = disco.PathFinder(), Txids()
+    f.set_peers({"B": ("10.0.0.2:41641",)}, now=0.0)
+    f.due(0.0, txids)
+    assert f.due(0.05, txids) == []
+    f.told("B", ("198.51.100.2:41641", "10.0.0.2:41641"), now=0.05)
+    pings = f.due(0.05, txids)
+    assert [c for _, c, _ in pings] == ["10.0.0.2:41641", "198.51.100.2:41641"]
+    f.told("B", ("198.51.100.2:41641",), now=0.1)  # no news: the search goes on at its pace
+    assert f.due(0.1, txids) == []
+    assert f.pong("B", pings[1][2], "198.51.100.2:41641", 0.1) == "198.51.100.2:41641"
+    f.told("B", ("198.51.100.7:41641",), now=0.2)  # a path is held: ignored
+    assert [c for _, c, _ in f.due(0.1 + disco.HEARTBEAT, txids)] == ["198.51.100.2:41641"]
+    f.set_peers({"B": ("198.51.100.3:41641",)}, now=2.0)
+    assert f.peers["B"].told == () and [c for _, c, _ in f.due(2.0, txids)] == ["198.51.100.3:41641"]
+    f.told("Z", ("198.51.100.9:41641",), now=2.0)  # not a peer: nothing
+    assert set(f.peers) == {"B"}

@@ -15,6 +15,8 @@ from nacl.signing import SigningKey
 from relay_machine import Machine
 from waiting import wait_until
 
+from raftmesh.agent.disco import MAGIC
+from raftmesh.agent.relay import REASSERT_DELAY
 from raftmesh.api.relay import RelayHub
 from raftmesh.proto.machine_auth import sign_headers
 from raftmesh.proto.relay import MAX_BATCH_BYTES, MAX_FRAME_BYTES, RelayFrameError, frames, packets
@@ -144,3 +146,38 @@ def test_route_frame_names_why_a_frame_is_dropped():
     assert hub.route_frame(peer, peer + b"pkt")[0] is None  # never back to the sender
     assert hub.route_frame(me, peer) == (None, "frame without a packet")
     assert "more than" in hub.route_frame(me, peer + bytes(MAX_FRAME_BYTES))[1]
+
+
+def test_sealed_candidates_cross_the_relay_to_the_agent_not_to_wireguard(mesh):
+    """A packet that starts like a probe (agent/disco.py MAGIC: a peer's sealed candidates)
+    is handed to the agent's `told`, never to wireguard-go; WireGuard packets still are."""
+    _, (m1, m2) = mesh
+    got = []
+    m2.relay.told = lambda sender, message: got.append((sender, message))
+    try:
+        m1.relay.send(m2.wg_public, MAGIC + b"sealed candidates")
+        wait_until(lambda: got, 5, what="the candidates handed to the agent")
+        assert got == [(m1.wg_public, MAGIC + b"sealed candidates")]
+        m1.send_to(m2, b"\x01after")
+        assert m2.wg.recvfrom(4096)[0] == b"\x01after"  # and nothing before it
+    finally:
+        m2.relay.told = lambda sender, message: None
+
+
+def test_relayed_packets_let_the_agent_reassert_a_direct_path_once_per_burst(mesh):
+    """WireGuard moves a peer to wherever its last packet came from: after packets arrive
+    relayed, `relayed` names their sender once per burst (the daemon then puts back a proven
+    direct path, agent/daemon.py), not once per packet."""
+    _, (m1, m2) = mesh
+    calls = []
+    m2.relay.relayed = calls.append
+    try:
+        for i in range(5):
+            m1.send_to(m2, b"\x04burst" + bytes([i]))
+        for _ in range(5):
+            m2.wg.recvfrom(4096)
+        wait_until(lambda: calls, 5, what="the relayed callback")
+        time.sleep(REASSERT_DELAY * 2)  # no second call may follow for the same burst
+        assert calls == [m1.wg_public]
+    finally:
+        m2.relay.relayed = lambda key: None
