@@ -15,8 +15,8 @@ from raftmesh.cluster import raft
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.storage.audit_export import AuditExporter
 
-from . import (admin, agent_api, cluster_health, lockdown_api, relay, relay_links,  # noqa: F401  (register
-               settings_api, sso_api)  # their routes)
+from . import admin, agent_api, cluster_health, lockdown_api  # noqa: F401  (register their routes)
+from . import relay, relay_links, settings_api, sso_api  # noqa: F401  (register their routes)
 from . import auth, health, routing, scim, stun_server
 from .console import web as console
 from .ephemeral_gc import remove_ephemeral_nodes
