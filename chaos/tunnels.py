@@ -44,6 +44,7 @@ class ChaosTunnels:
         self.pinger: subprocess.Popen | None = None
         self.result_path = os.path.join(workdir, "tunnel-probes.json")
         self.peer_ip = ""
+        self.home = ""  # the replica both agents stream from first (the leader at start)
 
     def start(self) -> None:
         """Agents up and a first reply through the tunnel, or RuntimeError (the run aborts)."""
@@ -57,7 +58,8 @@ class ChaosTunnels:
         if status != 200:
             raise RuntimeError(f"cannot set the tunnels' allow-all policy: {status} {body}")
         urls = [r.api_url for r in self.cluster.replicas]
-        home = self.cluster.replicas.index(self.cluster.leader(timeout=30))
+        leader = self.cluster.leader(timeout=30)
+        self.home, home = leader.id, self.cluster.replicas.index(leader)
         for label in LABELS:
             agent = RealAgent(self.lab, ns[label], self.workdir, rotated(urls, home), key, label)
             agent.start()
@@ -110,7 +112,7 @@ class ChaosTunnels:
         except (OSError, ValueError, KeyError) as e:
             return Check("tunnel", False, f"the pinger left no result: {e!r}"), {}
         figures = tunnel_figures([(s - t0, None if r is None else r - t0) for s, r in probes])
-        return check_tunnel(figures), figures
+        return check_tunnel(figures), dict(figures, home=self.home)
 
     def close(self) -> None:
         for agent in self.agents.values():
