@@ -257,6 +257,7 @@ class Run:
         tunnel_check = None
         if self.tunnels is not None:
             tunnel_check, self.tunnel = self.tunnels.check(t0)
+            self.tunnels.close()
         self.load["end"] = round(os.getloadavg()[0], 2)
         self.log(f"workload done: {len(workload.history)} ops in {run_seconds:.1f}s; healed, settling")
         settle_check, members = self._settle()

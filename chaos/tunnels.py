@@ -115,13 +115,18 @@ class ChaosTunnels:
         return check_tunnel(figures), dict(figures, home=self.home)
 
     def close(self) -> None:
+        """Agents, pinger and lab gone (idempotent). The run closes them before it settles:
+        running agents keep writing (reports, stream moves), and a write in flight while the
+        replicas stop leaves their states a few entries apart."""
         for agent in self.agents.values():
             try:
                 agent.stop()
             except Exception as e:  # the lab still ends it by pid below
                 self.log(f"stopping tunnel agent {agent.label}: {e!r}")
+        self.agents.clear()
         if self.lab is not None:
             self.lab.close()
+            self.lab = None
 
 
 def tunnel_figures(probes: list[tuple[float, float | None]]) -> dict:
