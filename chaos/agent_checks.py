@@ -33,35 +33,11 @@ class ChaosAgents:
 
     def start(self) -> None:
         """Register and connect; the workload's own allow-all policies give them peers."""
-        key = self._preauth_key()
+        self.key_id, key = preauth_key(self.cluster, AGENT_USER)
         self.machines = {n["machine_key"] for n in self.swarm.register(self.n, key, prefix="chaos-agent")}
         if not self.swarm.connect(timeout=60):
             raise RuntimeError("chaos agents did not all connect")
         self.log(f"{self.n} light agents streaming: {self.swarm.status()['by_replica']}")
-
-    def _admin(self, method: str, path: str, body=None):
-        deadline = time.monotonic() + 30
-        while True:
-            for r in self.cluster.replicas:
-                try:
-                    status, answer = self.cluster.request(r, method, path, body, timeout=5)
-                except OSError:
-                    continue
-                if status < 500:
-                    return status, answer
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{method} {path} failed on every replica")
-            time.sleep(0.2)
-
-    def _preauth_key(self) -> str:
-        self._admin("POST", "/api/v1/users", {"name": AGENT_USER})
-        status, body = self._admin("POST", "/api/v1/preauth-keys",
-                                   {"user": AGENT_USER, "reusable": True,
-                                    "expiration_seconds": 86400})
-        if status != 201:
-            raise RuntimeError(f"cannot create the agents' pre-auth key: {status} {body}")
-        self.key_id = body["preauth_key"]["id"]
-        return body["key"]
 
     def status(self) -> str:
         s = self.swarm.status()
@@ -102,6 +78,32 @@ class ChaosAgents:
 
     def close(self) -> None:
         self.swarm.close()
+
+
+def admin(cluster, method: str, path: str, body=None):
+    """An admin request answered by any replica (faults may already be under way)."""
+    deadline = time.monotonic() + 30
+    while True:
+        for r in cluster.replicas:
+            try:
+                status, answer = cluster.request(r, method, path, body, timeout=5)
+            except OSError:
+                continue
+            if status < 500:
+                return status, answer
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{method} {path} failed on every replica")
+        time.sleep(0.2)
+
+
+def preauth_key(cluster, user: str) -> tuple[str, str]:
+    """Create `user` and a reusable pre-auth key for it: (key id, key)."""
+    admin(cluster, "POST", "/api/v1/users", {"name": user})
+    status, body = admin(cluster, "POST", "/api/v1/preauth-keys",
+                         {"user": user, "reusable": True, "expiration_seconds": 86400})
+    if status != 201:
+        raise RuntimeError(f"cannot create {user}'s pre-auth key: {status} {body}")
+    return body["preauth_key"]["id"], body["key"]
 
 
 def check_monotonic(snaps: list[dict]) -> Check:

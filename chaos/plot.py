@@ -1,5 +1,6 @@
 """The run at a glance: latency of every op and throughput per second, fault windows shaded,
-and each window's longest write gap (chaos/availability.py) drawn as a bar."""
+each window's longest write gap (chaos/availability.py) drawn as a bar, and with --tunnels
+every ping lost in the tunnel (chaos/tunnels.py) as a red tick."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ COLORS = {"kill": "#d62728", "pause": "#9467bd", "partition": "#ff7f0e", "loss":
 
 
 def plot(path: str, history: list[Operation], timeline: list[dict], title: str,
-         gaps: list[dict] = ()) -> str | None:
+         gaps: list[dict] = (), tunnel: dict | None = None) -> str | None:
     """Write a PNG; returns its path, or None when matplotlib is not installed."""
     try:
         import matplotlib
@@ -59,6 +60,12 @@ def plot(path: str, history: list[Operation], timeline: list[dict], title: str,
         ax2.plot([], [], "k-", label="longest write gap on the other replicas")
         ax2.plot([], [], "k:", label="longest write gap after the heal")
         ax2.legend(loc="upper right", fontsize=8)
+    if tunnel:
+        for at in tunnel["lost_at"]:
+            ax1.axvline(at, color="red", linewidth=0.8, alpha=0.8)
+        ax1.plot([], [], "r-", label=f"tunnel: {tunnel['lost']} of {tunnel['sent']} pings lost, "
+                 f"longest gap {tunnel['longest_gap_s']:.2f}s")
+        ax1.legend(loc="upper right", fontsize=8)
     fig.suptitle(title, y=0.995)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -29,11 +29,13 @@ from raftmesh.lab.local_cluster import LocalCluster
 from . import availability, checkers, clock, history as hist, plot
 from .checkers import Check
 from .faults import Injector, clear_removed_data
+from raftmesh.lab.namespaces import preflight as agents_preflight
 from raftmesh.lab.power import PowerLossDisk, preflight as power_preflight
 from raftmesh.lab.processes import run as run_cmd, stop_pid
 from raftmesh.lab.replica_net import ReplicaNet, preflight
 from .schedule import FAULT_HELP, FAULTS, OPTIONAL_FAULTS, make_schedule
 from .agent_checks import AGENT_USER, ChaosAgents
+from .tunnels import TUNNEL_USER, ChaosTunnels
 from .workload import OWNERS, USER_POOL, Workload
 
 RAFT_PORT, API_PORT, PROXY_PORT, CONTROL_PORT = 7100, 8100, 7101, 7102
@@ -67,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agents", type=int, default=0,
                         help="protocol-exact light agents streaming netmaps through the faults; "
                         "checked for convergence and version order (docs/chaos.md, 'Agents')")
+    parser.add_argument("--tunnels", action="store_true",
+                        help="two real agents (wireguard-go) ping each other through their tunnel "
+                        "for the whole run; any lost ping fails it (docs/chaos.md, 'Live tunnels'); "
+                        "needs wireguard-go and wg")
 
 
 def default_faults() -> list[str]:
@@ -96,7 +102,8 @@ def main(args) -> int:
         print("raftmesh chaos run: powercut and diskfull each need the data directories on their "
               "own filesystem; run them separately", file=sys.stderr)
         return 2
-    problems = preflight() + (power_preflight() if "powercut" in faults else [])
+    problems = (preflight() + (power_preflight() if "powercut" in faults else [])
+                + (agents_preflight() if args.tunnels else []))
     if "clock" in faults and clock.library() is None:
         problems.append("the clock fault needs libfaketime (apt install faketime)")
     if problems:
@@ -116,6 +123,8 @@ class Run:
         self.tmpfs: list[str] = []  # data directories mounted as small tmpfs (diskfull)
         self.passed = False
         self.agents: ChaosAgents | None = None
+        self.tunnels: ChaosTunnels | None = None
+        self.tunnel: dict = {}  # the tunnel's figures (chaos/tunnels.py), when --tunnels
         self.checks: list[Check] = []
         self.started = time.monotonic()
         self.load: dict = {}  # 1-minute load average around the workload: contention inflates gaps
@@ -173,6 +182,9 @@ class Run:
         if self.args.agents:
             self.agents = ChaosAgents(self.cluster, self.args.agents, self.cluster.log_dir, self.log)
             self.agents.start()
+        if self.args.tunnels:
+            self.tunnels = ChaosTunnels(self.cluster, self.net, os.path.join(self.out, "tunnels"), self.log)
+            self.tunnels.start()
 
     def _prefix(self, r) -> list[str]:
         """Replica r runs in its namespace, on a power-loss disk with its own boot id when
@@ -203,6 +215,8 @@ class Run:
         self.net.redirect(i, RAFT_PORT, PROXY_PORT)
 
     def _teardown(self) -> None:
+        if self.tunnels is not None:
+            self.tunnels.close()
         if self.agents is not None:
             self.agents.close()
         try:
@@ -240,6 +254,10 @@ class Run:
             thread.join(60)
             injector.heal_all()
         run_seconds = time.monotonic() - t0
+        tunnel_check = None
+        if self.tunnels is not None:
+            tunnel_check, self.tunnel = self.tunnels.check(t0)
+            self.tunnels.close()
         self.load["end"] = round(os.getloadavg()[0], 2)
         self.log(f"workload done: {len(workload.history)} ops in {run_seconds:.1f}s; healed, settling")
         settle_check, members = self._settle()
@@ -257,7 +275,7 @@ class Run:
                 digests[r.id] = None
                 self.log(f"cannot read {r.id}'s state: {e!r}")
         result = self._check(workload, injector, settle_check, members, digests, tables, run_seconds)
-        self.checks += agent_checks
+        self.checks += agent_checks + ([tunnel_check] if tunnel_check else [])
         self._write(workload, injector, result, run_seconds)
         ok = all(c.ok for c in self.checks)
         self.passed = ok and not self.args.keep_data
@@ -278,6 +296,8 @@ class Run:
             fault = injector.current.detail if injector.current else "no fault"
             if self.agents is not None:
                 fault += " | " + self.agents.status()
+            if self.tunnels is not None:
+                fault += " | " + self.tunnels.status()
             self.log(f"ops {n} (ok {s.done['ok']}, fail {s.done['fail']}, unknown {s.done['unknown']}), "
                      f"{(n - last_n) / max(1e-9, now - last):.0f}/s | {fault}")
             last, last_n = now, n
@@ -326,9 +346,13 @@ class Run:
             pool = [f"u{i}" for i in range(USER_POOL)]
             owners, setup_keys, ours = OWNERS, set(workload.setup_key_ids), tables
             if self.agents is not None:  # the agents' user, key and nodes are setup, not workload
-                owners, setup_keys = OWNERS + (AGENT_USER,), setup_keys | {self.agents.key_id}
-                ours = dict(tables, nodes={k: n for k, n in tables["nodes"].items()
-                                           if n["machine_key"] not in self.agents.machines})
+                owners, setup_keys = owners + (AGENT_USER,), setup_keys | {self.agents.key_id}
+                ours = dict(ours, nodes={k: n for k, n in ours["nodes"].items()
+                                         if n["machine_key"] not in self.agents.machines})
+            if self.tunnels is not None:  # so are the tunnel agents': every node their user registered
+                owners, setup_keys = owners + (TUNNEL_USER,), setup_keys | {self.tunnels.key_id}
+                ours = dict(ours, nodes={k: n for k, n in ours["nodes"].items()
+                                         if n["registered_by"] != TUNNEL_USER})
             final = checkers.final_values(ours, history, pool, owners, setup_keys)
             attributed, extra = checkers.attribute(history, final, ours, pool, owners, setup_keys)
             self.log("checking linearizability ...")
@@ -370,16 +394,17 @@ class Run:
                    "attempts": workload.stats.attempts, "retries": workload.stats.retries,
                    "latency_ok": checkers.latency_stats(workload.history),
                    "faults_injected": len(injector.timeline), "faults_by_kind": dict(kinds),
-                   "write_gaps": run["gaps"], "load": self.load,
+                   "write_gaps": run["gaps"], "load": self.load, "tunnel": self.tunnel or None,
                    "digests": {k: list(v) if v else None for k, v in run["digests"].items()},
                    "checks": {c.name: c.ok for c in self.checks}}
         title = (f"raftmesh chaos {summary['verdict']}: seed {self.seed}, {self.args.replicas} replicas, "
                  f"{len(workload.history)} ops, {len(injector.timeline)} faults")
         png = plot.plot(os.path.join(out, "plot.png"), workload.history,
-                        [e.to_dict() for e in injector.timeline], title, run["gaps"])
+                        [e.to_dict() for e in injector.timeline], title, run["gaps"], self.tunnel)
         summary["files"] = {"history": "history.jsonl", "attempts": "attempts.jsonl", "faults": "faults.jsonl", "checks": "checks.json",
                             "final_state": "final-state.json", "schedule": "schedule.json",
-                            "plot": "plot.png" if png else None, "logs": "cluster/*.log"}
+                            "plot": "plot.png" if png else None, "logs": "cluster/*.log",
+                            "tunnels": "tunnels/ (agent logs, tunnel-probes.json)" if self.tunnels else None}
         summary["out"] = out
         _write_json(os.path.join(out, "summary.json"), summary)
         text = render_summary(summary, self.checks, injector.timeline)
@@ -406,6 +431,10 @@ def render_summary(s: dict, checks: list[Check], timeline) -> str:
         avail = (f" [leader {e.leader}; write gap {g['during']['seconds']:.1f}s on the others, "
                  f"{g['after']['seconds']:.1f}s after]") if g else ""
         lines.append(f"    {e.start:6.1f}-{end}s  #{e.index} {e.detail}{avail}" + "".join(f"; {n}" for n in e.notes))
+    t = s.get("tunnel")
+    if t and t["sent"]:
+        lines.append(f"  tunnel: {t['sent']} pings over {t['last'] - t['first']:.1f}s, {t['lost']} lost, "
+                     f"longest gap {t['longest_gap_s']:.2f}s, max rtt {t['max_rtt_ms']} ms")
     lines += [c.render() for c in checks]
     lines.append(f"  written to {s.get('out', '--out')}: " + ", ".join(v for v in s["files"].values() if v))
     if s["verdict"] == "FAIL":

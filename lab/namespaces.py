@@ -117,7 +117,7 @@ def cleanup_stale() -> None:
         if m and not os.path.exists(f"/proc/{m.group(1)}"):
             delete_netns(ns)
     for line in run(["ip", "-o", "link", "show"], check=False).stdout.splitlines():
-        m = re.match(rf"^\d+: ({LAB_PREFIX}(\d+)x\d+h)[@:]", line)
+        m = re.match(rf"^\d+: ({LAB_PREFIX}(\d+)x\d+[hj])[@:]", line)
         if m and not os.path.exists(f"/proc/{m.group(2)}"):
             run(["ip", "link", "del", m.group(1)], check=False)
 
@@ -240,21 +240,37 @@ class Lab:
         self.on_close(lambda: run(["ip", "link", "del", host_if], check=False))
         run(["ip", "addr", "add", f"{host_ip}/30", "dev", host_if])
         run(["ip", "link", "set", host_if, "up"])
-        run(["ip", "-n", self.hub, "addr", "add", f"{hub_ip}/30", "dev", "up0"])
+        subnet = str(ipaddress.ip_interface(gateway).network)
+        if routed:
+            run(["ip", "route", "add", subnet, "via", hub_ip, "dev", host_if])
+        self._route_out(f"{hub_ip}/30", gateway, exempt=subnet if routed else None)
+        return host_ip
+
+    def join_bridge(self, bridge: str, address: str, gateway: str = "192.0.2.254/24") -> None:
+        """Put the hub on a host bridge as `address` (a free address of the bridge's subnet):
+        the lab's namespaces reach what sits on that bridge (a chaos run's replicas, each in
+        its own namespace) through the hub's masquerade, and the host needs no forwarding."""
+        host_if = f"{self.tag}j"[-15:]
+        run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", "up0", "netns", self.hub])
+        self.on_close(lambda: run(["ip", "link", "del", host_if], check=False))
+        run(["ip", "link", "set", host_if, "master", bridge, "up"])
+        self._route_out(address, gateway)
+
+    def _route_out(self, uplink: str, gateway: str, exempt: str | None = None) -> None:
+        """The hub's `up0` gets `uplink`, br0 `gateway`; the hub forwards and masquerades
+        what leaves by up0 (except from `exempt`), and every namespace routes by default
+        through the gateway."""
+        run(["ip", "-n", self.hub, "addr", "add", uplink, "dev", "up0"])
         run(["ip", "-n", self.hub, "link", "set", "up0", "up"])
         run(["ip", "-n", self.hub, "addr", "add", gateway, "dev", "br0"])
         run(["ip", "netns", "exec", self.hub, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        subnet = str(ipaddress.ip_interface(gateway).network)
-        exempt = f"ip saddr != {subnet} " if routed else ""
-        if routed:
-            run(["ip", "route", "add", subnet, "via", hub_ip, "dev", host_if])
+        unless = f"ip saddr != {exempt} " if exempt else ""
         run(["ip", "netns", "exec", self.hub, "nft", "-f", "-"], input=(
             "table ip lab_nat {\n chain post {\n  type nat hook postrouting priority 100;\n"
-            f'  oifname "up0" {exempt}masquerade\n }}\n}}\n'))
+            f'  oifname "up0" {unless}masquerade\n }}\n}}\n'))
         self.gateway = gateway.split("/")[0]
         for ns in self.namespaces.values():
             run(["ip", "-n", ns.name, "route", "add", "default", "via", self.gateway])
-        return host_ip
 
     def ifname(self, label: str) -> str:
         """An interface name unique on the host (wireguard-go sockets are not per-namespace)."""

@@ -65,6 +65,7 @@ class ReplicaNet:
         self.redirects: dict[int, list[tuple[tuple[str, ...], int, int]]] = {}
         self.rules: dict[int, NetRules] = {}
         self._pids: list[int] = []
+        self._spares_taken = 0
 
     # -- build and tear down ---------------------------------------------------------------
     def setup(self) -> None:
@@ -107,13 +108,18 @@ class ReplicaNet:
     def add_host_addresses(self, n: int) -> list[str]:
         """n more addresses of the host on the bridge, after the replicas', so the lab can
         tell clients apart by source (the geo lab's regions); gone with the bridge."""
-        hosts = list(self.subnet.hosts())[1 + len(self.namespaces):]
-        if len(hosts) < n:
-            raise RuntimeError(f"a /{self.subnet.prefixlen} has room for {len(hosts)} more addresses, not {n}")
-        added = [str(h) for h in hosts[:n]]
+        added = self.spare_addresses(n)
         for ip in added:
             run(["ip", "addr", "add", f"{ip}/{self.subnet.prefixlen}", "dev", self.bridge])
         return added
+
+    def spare_addresses(self, n: int) -> list[str]:
+        """n addresses of the subnet no replica, host or earlier caller has."""
+        hosts = list(self.subnet.hosts())[1 + len(self.namespaces) + self._spares_taken:]
+        if len(hosts) < n:
+            raise RuntimeError(f"a /{self.subnet.prefixlen} has room for {len(hosts)} more addresses, not {n}")
+        self._spares_taken += n
+        return [str(h) for h in hosts[:n]]
 
     def prefix(self, i: int) -> list[str]:
         """argv prefix that runs a command inside replica i's namespace (0-based)."""
