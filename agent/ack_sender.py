@@ -28,6 +28,7 @@ MAX_QUEUED = 8
 ATTEMPTS = 3
 RETRY_AFTER = 1.0  # seconds before the second attempt, doubling
 MAX_AGE = 86400.0  # the API's limit on an age
+UDP_RETRY_AFTER = 60.0  # after an unconfirmed datagram, acks to that replica go over HTTP this long
 
 
 class AckSender:
@@ -36,6 +37,9 @@ class AckSender:
         self._queue: queue.Queue = queue.Queue(MAX_QUEUED)
         self._closing = threading.Event()
         self._udp: socket.socket | None = None  # for ack datagrams, made on first use
+        # Replica ack addresses whose last datagram went unconfirmed, until when to use HTTP
+        # only: behind a TCP-only load balancer every datagram would otherwise cost a wait.
+        self._udp_unconfirmed: dict[tuple[str, int], float] = {}
         self._thread = threading.Thread(target=self._run, name="acks", daemon=True)
         self._thread.start()
 
@@ -63,8 +67,11 @@ class AckSender:
                 return
             server, body, stream_auth, ack_addr, queued_at = item
             if ack_addr is not None and stream_auth is not None and \
-                    self._datagram(ack_addr, stream_auth, aged(body, time.monotonic() - queued_at)):
-                continue
+                    self._udp_unconfirmed.get(ack_addr, 0.0) <= time.monotonic():
+                if self._datagram(ack_addr, stream_auth, aged(body, time.monotonic() - queued_at)):
+                    self._udp_unconfirmed.pop(ack_addr, None)
+                    continue
+                self._udp_unconfirmed[ack_addr] = time.monotonic() + UDP_RETRY_AFTER
             client = ControlClient([server], self.machine_key, timeout=ACK_TIMEOUT)
             for attempt in range(ATTEMPTS):
                 try:

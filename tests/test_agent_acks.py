@@ -111,6 +111,8 @@ def test_ack_datagrams_carry_the_body_under_the_stream_key():
 
 def test_the_daemon_acks_by_datagram_and_over_http_when_no_confirmation_comes(monkeypatch):
     import socket
+
+    import pytest
     import threading
 
     from nacl.signing import SigningKey
@@ -143,6 +145,12 @@ def test_the_daemon_acks_by_datagram_and_over_http_when_no_confirmation_comes(mo
         from conftest import wait_until
         wait_until(lambda: posted, 10, what="the unconfirmed ack over HTTP")
         assert seen == [3, 4] and [b["version"] for b in posted] == [4]
+        udp.settimeout(0.5)  # after an unconfirmed datagram, HTTP only for a while: no wait
+        sender.send("http://127.0.0.1:9", {"version": 5}, auth, addr)
+        wait_until(lambda: len(posted) == 2, 10, what="the next ack straight over HTTP")
+        assert [b["version"] for b in posted] == [4, 5]
+        with pytest.raises(socket.timeout):
+            udp.recvfrom(2048)
     finally:
         sender.close()
         thread.join(5)
