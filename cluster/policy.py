@@ -136,6 +136,18 @@ class Selector:
             return list(node.addresses)
         return []
 
+    def routes_named(self, node: NodeView) -> tuple[Network, ...]:
+        """The routes of `node` (subnet or exit) this selector names, on either side: the
+        traffic it allows to or from them crosses `node`, so only the nodes on the ACL's
+        other side route them through it (netmap.py)."""
+        if self.kind == "any":
+            return node.routes
+        if self.kind == "prefix":
+            return tuple(r for r in node.routes if _overlap(r, self.prefix))
+        if self.kind == "internet":
+            return node.exit_routes
+        return ()
+
     @cached_property
     def prefix_span(self) -> tuple[int, int, int]:
         return span(self.prefix)

@@ -82,8 +82,11 @@ def test_election_is_stable_over_random_flaps():
 POLICY = """{
   "tagOwners": {"tag:router": [], "tag:exit": []},
   "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}, "exitNode": ["tag:exit"]},
-  "acls": [{"action": "accept", "src": ["alice"], "dst": ["10.2.0.0/24:*", "tag:router:22"]}],
+  "acls": [{"action": "accept", "src": ["alice"], "dst": ["10.2.0.0/24:*", "tag:router:22"]},
+           {"action": "accept", "src": ["bob"], "dst": ["tag:router:22"]}],
 }"""
+# bob may use part of the site too
+POLICY_BOB = POLICY.replace('"dst": ["tag:router:22"]', '"dst": ["tag:router:22", "10.2.0.128/25:*"]')
 
 
 def policy_cmd(text=POLICY, **kw):
@@ -176,6 +179,26 @@ def test_primary_moves_when_it_goes_offline_and_does_not_move_back(cluster):
     cluster.check_feed_matches_definition()
 
 
+def ssh_client():
+    """bob's device: a peer of the routers for SSH to them, not for the site behind them."""
+    return [cmd("user.create", name="bob"),
+            cmd("node.register", id="c2", name="ssh", machine_key="mc2", node_key="kc2", user="bob"),
+            cmd("node.approve", id="c2")]
+
+
+def test_a_route_is_shown_only_to_whom_the_policy_lets_use_it(cluster):
+    cluster.apply(*ssh_client(), router(1), router(2), cmd("node.approve", id="r1"),
+                  cmd("node.approve", id="r2"), presence([("r1", True), ("r2", True)]))
+    assert SITE in cluster.allowed_ips("c1", "r1")
+    for r in ("r1", "r2"):
+        assert cluster.allowed_ips("c2", r) == cluster.feed.full(r).self_node.addresses
+    cluster.apply(presence([("r1", False)]))  # the route moves, still out of bob's sight
+    assert SITE in cluster.allowed_ips("c1", "r2") and SITE not in cluster.allowed_ips("c2", "r2")
+    cluster.apply(policy_cmd(POLICY_BOB))
+    assert SITE in cluster.allowed_ips("c2", "r2") and SITE not in cluster.allowed_ips("c2", "r1")
+    cluster.check_feed_matches_definition()
+
+
 def test_unapproving_or_unadvertising_leaves_the_set(cluster):
     cluster.apply(cmd("policy.set", text="{}", compiled=compile_policy(parse_policy("{}"))))
     cluster.apply(router(1), router(2), cmd("node.approve", id="r1"), cmd("node.approve", id="r2"))
@@ -238,11 +261,12 @@ def test_replicas_agree_over_random_histories():
             cmd("node.report", id=r, unreachable_routes=rng.choice([[], [SITE]])),
             cmd("node.report", id=r, advertised_routes=rng.choice([[SITE], [], [SITE, "10.3.0.0/24"]])),
             cmd("node.routes", id=r, approved_routes=[]),
+            policy_cmd(rng.choice([POLICY, POLICY_BOB])),
         ]))
     states = []
     for _ in range(2):
         c = Cluster()
-        c.apply(cmd("user.create", name="alice"), policy_cmd(),
+        c.apply(cmd("user.create", name="alice"), policy_cmd(), *ssh_client(),
                 *[router(i, routes_=(SITE, "10.3.0.0/24")) for i in range(1, 5)],
                 *[cmd("node.approve", id=f"r{i}") for i in range(1, 5)])
         for op in ops:
@@ -252,7 +276,7 @@ def test_replicas_agree_over_random_histories():
                     assert (cidr in (c.node(nid).get("standby_routes") or ())) == (nid != s["primary"])
                 if s["primary"] and any(routes.eligible(c.node(n), cidr) for n in s["routers"]):
                     assert routes.eligible(c.node(s["primary"]), cidr)
-        c.check_feed_matches_definition()
+            c.check_feed_matches_definition()
         states.append(c.txn.tables)
     assert states[0] == states[1]
 
