@@ -115,7 +115,7 @@ class Cluster:
         for c in commands:
             self.version += 1
             r = sm.apply(self.txn, c, self.version)
-            self.feed.apply_batch([(self.version, c, r)])
+            self.update = self.feed.apply_batch([(self.version, c, r)])
             results.append(r)
         return results[-1]
 
@@ -231,6 +231,33 @@ def test_exit_nodes_are_not_elected_and_offer_the_default_routes(cluster):
     table = routes.route_table(cluster.txn)
     assert [(e["cidr"], [c["id"] for c in e["candidates"]]) for e in table] == \
         [("0.0.0.0/0", ["r1", "r2"]), ("::/0", ["r1", "r2"])]
+
+
+def test_exit_node_use_is_recorded_and_audited(cluster):
+    cluster.apply(router(1, routes_=("0.0.0.0/0", "::/0"), tags=("tag:exit",)),
+                  router(2, routes_=("0.0.0.0/0", "::/0"), tags=("tag:exit",)),
+                  cmd("node.approve", id="r1"), cmd("node.approve", id="r2"))
+    version = cluster.feed.version
+    r = cluster.apply(cmd("node.report", id="c1", exit_node="r1", actor="node:c1"))
+    assert r["ok"] and cluster.node("c1")["exit_node"] == "r1"
+    assert cluster.update.deltas == {}  # nothing a netmap shows
+    cluster.apply(cmd("node.report", id="c1", exit_node="r2", actor="node:c1"),
+                  cmd("node.report", id="c1", exit_node="r2", actor="node:c1"),  # no change
+                  cmd("node.report", id="c1", exit_node=None, actor="node:c1"))
+    uses = [(e["before"].get("exit_node"), e["after"]["exit_node"]) for _, e in cluster.txn.items("audit")
+            if e["target"] == "node:c1" and e["action"] == "node.report" and e["version"] > version]
+    assert uses == [(None, "r1"), ("r1", "r2"), ("r2", None)]
+    assert all(e["actor"] == "node:c1" for _, e in cluster.txn.items("audit") if e["version"] > version)
+
+
+@pytest.mark.parametrize("exit_node", ["c1", "nope", "r1"])
+def test_an_exit_node_that_is_none_is_refused_and_changes_nothing(cluster, exit_node):
+    cluster.apply(router(1))  # a subnet router, no exit node
+    before = json.dumps(cluster.txn.tables, sort_keys=True)
+    r = cluster.apply(cmd("node.report", id="c1", exit_node=exit_node))
+    assert not r["ok"] and r["code"] == "invalid_exit_node" and r["status"] == 400
+    assert repr(exit_node) in r["message"]
+    assert json.dumps(cluster.txn.tables, sort_keys=True) == before
 
 
 @pytest.mark.parametrize("approved, message", [
