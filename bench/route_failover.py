@@ -12,8 +12,8 @@ so rounds alternate between the two routers; a round starts once every router ha
 paths to its peers again (a warm standby, as one that has been up for a while is).
 `allowed_ips_moved_ms` is when site A's router's WireGuard gave the subnet to the standby
 (`wg show`, polled every ~20 ms plus its own run time): the control plane's part;
-`handshake_ms` is when its WireGuard session with the standby began (negative: before the
-kill, a session it held), read after the first reply.
+`handshake_ms` is when its WireGuard session with the standby began, read after the first
+reply (wg reports whole seconds: below -1000, a session it held from before the kill).
 """
 from __future__ import annotations
 
