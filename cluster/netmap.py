@@ -58,7 +58,7 @@ def node_view(node: dict) -> NodeView:
 
 
 def peer_record(node: dict, view: NodeView | None = None) -> Peer:
-    """How this node appears to itself (`self_node`) and, before `routes_shown` keeps a
+    """How this node appears to itself (`self_node`) and, before `with_routes_shown` keeps a
     viewer's share of them, to others: its AllowedIPs carry the routes it is the primary
     router for (cluster/routes.py) and the exit routes it offers, which a client uses only
     for the exit node it selected."""
@@ -74,7 +74,7 @@ def peer_record(node: dict, view: NodeView | None = None) -> Peer:
         user=node.get("user"), tags=tuple(sorted(view.tags)))
 
 
-def routes_shown(rec: Peer, shown: frozenset[str]) -> Peer:
+def with_routes_shown(rec: Peer, shown: frozenset[str]) -> Peer:
     """`rec` as one viewer gets it: of the routes it carries, only those in `shown` (the
     record itself when it keeps them all, so that viewers share it)."""
     routes = rec.allowed_ips[len(rec.addresses):]
@@ -204,7 +204,8 @@ def compute_netmaps(policy: Policy | None, nodes: Iterable[dict], now: float,
                     version: int, dns: dict | None = None) -> dict[str, Netmap]:
     """Every visible node's netmap from scratch, pairwise: the reference NetmapIndex is
     tested against. Two nodes are peers when either may reach the other (a WireGuard
-    session needs both ends to know each other); each filters only its inbound traffic."""
+    session needs both ends to know each other); each filters only its inbound traffic.
+    A router's routes are in its record as each peer gets it only as `shown_routes` says."""
     policy = policy or Policy()
     vis = {n["id"]: n for n in nodes if visible(n, now)}
     views = {k: node_view(n) for k, n in vis.items()}
@@ -228,7 +229,7 @@ def compute_netmaps(policy: Policy | None, nodes: Iterable[dict], now: float,
     records = {k: peer_record(vis[k], views[k]) for k in vis}
 
     def seen(k: str, p: str) -> Peer:
-        return routes_shown(records[p], shown_routes(roles[k].src, roles[k].dst,
+        return with_routes_shown(records[p], shown_routes(roles[k].src, roles[k].dst,
                                                      roles[p].route_dst, roles[p].route_src))
 
     out = {}
@@ -942,7 +943,7 @@ class NetmapIndex:
             def before(p: str) -> Peer:
                 shown = self._shown(p, k)
                 if (o := olds.get(shown)) is None:
-                    o = olds[shown] = routes_shown(old, shown)
+                    o = olds[shown] = with_routes_shown(old, shown)
                 return o
             peers = self._news_of_router(k, peers, peers, before)
         deltas = self._shared_news(k, peers, version)
@@ -961,8 +962,8 @@ class NetmapIndex:
         return shown_routes(v.src, v.dst, r.route_dst, r.route_src)
 
     def _seen(self, viewer: str, k: str) -> Peer:
-        """k's record as `viewer` gets it (`routes_shown`): one object per distinct share of
-        a router's routes, so that the viewers of one share can share a delta."""
+        """k's record as `viewer` gets it (`with_routes_shown`): one object per distinct
+        share of a router's routes, so that the viewers of one share can share a delta."""
         rec = self._peer[k]
         if k not in self._routers:
             return rec
@@ -972,7 +973,7 @@ class NetmapIndex:
             cached = self._variants[k] = (rec, {})
         seen = cached[1].get(shown)
         if seen is None:
-            seen = cached[1][shown] = routes_shown(rec, shown)
+            seen = cached[1][shown] = with_routes_shown(rec, shown)
         return seen
 
     def _news_of_router(self, k: str, now: Iterable[str], was: set[str],
