@@ -48,6 +48,7 @@ log = logging.getLogger("raftmesh.agent")
 DEFAULT_MAX_STALE = 7 * 86400.0
 WG_PID_FILE = "wireguard-go.pid"
 ROUTE_CHECK_SECONDS = 5.0
+EXIT_NODE_FILE = "exit_node.json"  # the exit node last reported in use (state directory)
 
 
 @dataclass
@@ -99,6 +100,10 @@ class Agent:
         self._reported: tuple[str, ...] | None = None  # endpoints last reported this run
         self._routes_reported: tuple | None = None  # (advertised, unreachable) reported this run
         self._routes_checked = 0.0  # monotonic time of the last subnet reachability check
+        self._exit_node_used: str | None = None  # the exit node (id) the enforced netmap uses
+        # what the control plane last heard, across runs: a restart without --exit-node
+        # tells it once that the exit node is no longer used
+        self._exit_node_reported = (self.state.read_json(EXIT_NODE_FILE) or {}).get("node")
         self._report_lock = threading.Lock()  # the prober's thread reports a new mapping too
         self._status_lock = threading.Lock()
         # WireGuard's peers change from three threads: a netmap (main), a path proved or lost
@@ -229,6 +234,7 @@ class Agent:
                 self._enforce()
                 self._track_setup()
                 self._report_routes()
+                self._report_exit_node()
                 continue
             kind, payload = item
             if kind != "frame":
@@ -241,6 +247,7 @@ class Agent:
                 self._enforce()
                 self._report_endpoints(verdict.netmap)
                 self._report_routes()
+                self._report_exit_node()
             elif action is REVOKED:
                 self._publish_status(stream)
                 self._save_cache()
@@ -347,6 +354,21 @@ class Agent:
             self._routes_reported = want
         except (ControlError, OSError) as e:
             log.info("route report failed (will retry): %s", e)
+
+    def _report_exit_node(self) -> None:
+        """Tell the control plane which exit node this agent sends its internet traffic
+        through, when that changed: it records it in the node record, and the audit log
+        keeps every change (exit-node use is audited)."""
+        used = self._exit_node_used
+        if used == self._exit_node_reported or self.session.enforced is None:
+            return
+        try:
+            self.client.call("POST", REPORT, {"exit_node": used}, deadline=5)
+        except (ControlError, OSError) as e:
+            log.info("exit node report failed (will retry): %s", e)
+            return
+        self._exit_node_reported = used
+        self.state.write_json(EXIT_NODE_FILE, {"node": used})
 
     def _mapped_changed(self, mapped: str) -> None:
         """From the prober's thread: STUN saw our port at a new outside address. Peers
@@ -543,6 +565,7 @@ class Agent:
         self._peer_since = {p.node_key: self._peer_since.get(p.node_key, wall) for p in nm.peers.values()}
         self.relay.retain({p.node_key for p in nm.peers.values()})
         exit_node = find_exit_node(nm.peers.values(), self.config.exit_node)
+        self._exit_node_used = exit_node.id if exit_node is not None else None
         with self._paths_lock:
             self.wg.reconcile([self._with_path(p) for p in wireguard_peers(nm.peers.values(), exit_node)],
                               self.config.peer_keepalive)

@@ -95,12 +95,15 @@ class PeerOp:
     endpoint: str | None = None
     allowed_ips: tuple[str, ...] | None = None
     keepalive: int | None = None
+    fresh: bool = False  # removed and added again: a new session (see _peer_op)
 
     def wg_args(self) -> list[str]:
         """Arguments for this peer inside a `wg set <if> ...` command line."""
         args = ["peer", self.public_key]
         if self.remove:
             return args + ["remove"]
+        if self.fresh:
+            args += ["remove", "peer", self.public_key]
         if self.endpoint is not None:
             args += ["endpoint", self.endpoint]
         if self.allowed_ips is not None:
@@ -186,7 +189,18 @@ def desired_peers(peers: Iterable[Peer], keepalive: int = 0,
 
 
 def _peer_op(cur: PeerConfig | None, want: DesiredPeer) -> PeerOp | None:
-    """The change turning `cur` into `want`, or None when nothing differs."""
+    """The change turning `cur` into `want`, or None when nothing differs.
+
+    A peer that takes routes over (a standby router becoming a subnet's primary, the exit
+    node chosen) is removed and added again, so the first packet for those routes starts a
+    new handshake at once: the session held may be one its restarted agent no longer knows
+    (a router killed and back as the standby), and WireGuard would send into it until its
+    5 s handshake retry or 15 s of silence, a failover's first reply seconds late."""
+    if cur is not None and any(_is_route(p) for p in set(want.allowed_ips) - set(cur.allowed_ips)):
+        endpoint = cur.endpoint if cur.endpoint in want.endpoints or not want.endpoints \
+            else want.endpoints[0]
+        return PeerOp(want.public_key, endpoint=endpoint, allowed_ips=want.allowed_ips,
+                      keepalive=want.keepalive or None, fresh=True)
     endpoint = None
     if want.endpoints and (cur is None or cur.endpoint not in want.endpoints):
         # Keep an endpoint that is one of the acceptable ones (it may have roamed there).
@@ -198,6 +212,12 @@ def _peer_op(cur: PeerConfig | None, want: DesiredPeer) -> PeerOp | None:
     if cur is None and not want.keepalive:
         keepalive = None  # off is the default for a new peer
     return PeerOp(want.public_key, endpoint=endpoint, allowed_ips=allowed, keepalive=keepalive)
+
+
+def _is_route(prefix: str) -> bool:
+    """A prefix wider than one address: a subnet or exit route, not a peer's own address."""
+    net = ipaddress.ip_network(prefix)
+    return net.prefixlen < net.max_prefixlen
 
 
 def compute_peer_ops(current: dict[str, PeerConfig],

@@ -167,10 +167,12 @@ async def _own_node(ctx: Ctx, stream_tagged: bool = False) -> dict:
 
 
 @route("POST", routes.REPORT, None, "Report endpoints, advertised routes and which of them "
-       "are unreachable now (their primary moves to another router)",
+       "are unreachable now (their primary moves to another router), and the exit node in "
+       "use (its id; null: none)",
        body=obj({"endpoints": {"type": "array", "items": ENDPOINT, "maxItems": 32},
                  "advertised_routes": {"type": "array", "items": CIDR, "maxItems": 256},
-                 "unreachable_routes": {"type": "array", "items": CIDR, "maxItems": 256}}),
+                 "unreachable_routes": {"type": "array", "items": CIDR, "maxItems": 256},
+                 "exit_node": {"type": ["string", "null"], "minLength": 1, "maxLength": 64}}),
        response=NODE_WRITTEN)
 async def report(ctx: Ctx):
     node = await _own_node(ctx)

@@ -39,6 +39,8 @@ ERROR_CODES = {
     "unsupported_protocol_version": (426, "the agent's protocol version is one this replica "
                                           "does not serve; the message names those it does"),
     "invalid_route": (400, "a route is not a CIDR, or one to approve is not advertised"),
+    "invalid_exit_node": (400, "the exit node an agent reports using is no node offering "
+                               "approved exit routes"),
     "invalid_setting": (400, "a cluster setting (DNS, lifecycle) out of its allowed values; the "
                              "message names it"),
     "address_pool_exhausted": (507, "no free overlay address is left"),

@@ -25,7 +25,9 @@ def nullable(schema: dict) -> dict:
 
 
 USER = answer({"name": STR})
-NODE = answer({"id": STR, "name": STR})
+NODE = answer({"id": STR, "name": STR}, {
+    "exit_node": {"type": ["string", "null"], "description": "the exit node (id) the node's "
+                  "agent reports sending its internet traffic through; null or absent: none"}})
 PREAUTH_KEY = answer({"id": STR, "user": STR})
 API_KEY = answer({"id": STR, "name": STR, "scopes": {"type": "array", "items": STR}})
 MEMBER = answer({"id": STR})

@@ -101,14 +101,17 @@ def add_agent_options(parser, workers: bool = True, register_concurrency: bool =
 
 
 # -- the benchmark cluster's users, keys and policy -------------------------------------------
-def policy_text(port: int, topology: str = "star") -> str:
+def policy_text(port: int, topology: str = "star", routes: tuple[str, ...] = ()) -> str:
     """The benchmark policy. Every `bench` agent's inbound filter has a rule from the
     `office` CIDR to its own addresses on `port`, so flipping `port` changes every agent's
     netmap (one small delta each) without giving agents peers. `svc` nodes (revoke victims)
     are reachable from every bench agent, so each of them is a peer of every agent.
-    topology "mesh" also lets every bench agent reach every other (N-1 peers each)."""
+    topology "mesh" also lets every bench agent reach every other (N-1 peers each). `routes`
+    (subnets behind svc nodes) are reachable too: agents see only the routes they may use."""
     acls = [{"action": "accept", "src": ["office"], "dst": [f"{BENCH_USER}:{port}"], "proto": "tcp"},
             {"action": "accept", "src": [BENCH_USER], "dst": [f"{SVC_USER}:*"]}]
+    if routes:
+        acls.append({"action": "accept", "src": [BENCH_USER], "dst": [f"{r}:*" for r in routes]})
     if topology == "mesh":
         acls.append({"action": "accept", "src": [BENCH_USER], "dst": [f"{BENCH_USER}:*"]})
     elif topology != "star":
@@ -116,7 +119,8 @@ def policy_text(port: int, topology: str = "star") -> str:
     return json.dumps({"hosts": {"office": "192.0.2.0/24"}, "acls": acls})
 
 
-def setup_cluster(cluster, topology: str = "star", port: int = 22) -> dict[str, str]:
+def setup_cluster(cluster, topology: str = "star", port: int = 22,
+                  routes: tuple[str, ...] = ()) -> dict[str, str]:
     """Users, one reusable pre-auth key per user, and the policy; returns {user: key}."""
     keys = {}
     for user in (BENCH_USER, SVC_USER):
@@ -128,13 +132,15 @@ def setup_cluster(cluster, topology: str = "star", port: int = 22) -> dict[str, 
         if status != 201:
             raise RuntimeError(f"pre-auth key for {user}: {status} {body}")
         keys[user] = body["key"]
-    put_policy(cluster, port, topology)
+    put_policy(cluster, port, topology, routes=routes)
     return keys
 
 
-def put_policy(cluster, port: int, topology: str = "star", deadline: float = 30.0) -> dict:
+def put_policy(cluster, port: int, topology: str = "star", deadline: float = 30.0,
+               routes: tuple[str, ...] = ()) -> dict:
     """PUT the policy (put_until_accepted)."""
-    return put_until_accepted(cluster, "/api/v1/policy", policy_text(port, topology), deadline)
+    return put_until_accepted(cluster, "/api/v1/policy", policy_text(port, topology, routes),
+                              deadline)
 
 
 def put_until_accepted(cluster, path: str, body, deadline: float = 30.0) -> dict:

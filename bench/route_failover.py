@@ -11,7 +11,9 @@ router's agent is restarted between rounds (it comes back as the standby: no fla
 so rounds alternate between the two routers; a round starts once every router has direct
 paths to its peers again (a warm standby, as one that has been up for a while is).
 `allowed_ips_moved_ms` is when site A's router's WireGuard gave the subnet to the standby
-(`wg show`, polled every ~20 ms plus its own run time): the control plane's part.
+(`wg show`, polled every ~20 ms plus its own run time): the control plane's part;
+`handshake_ms` is when its WireGuard session with the standby began, read after the first
+reply (wg reports whole seconds: below -1000, a session it held from before the kill).
 """
 from __future__ import annotations
 
@@ -46,6 +48,16 @@ def _moved(gateway: namespaces.RealAgent, key: str, cidr: str, moved: list[float
         moved.append(time.time())
 
 
+def _handshake(gateway: namespaces.RealAgent, key: str) -> float | None:
+    """When `gateway`'s latest WireGuard handshake with the peer `key` was (Unix time)."""
+    out = gateway.ns.run("wg", "show", gateway.ifname, "latest-handshakes", check=False).stdout
+    for line in out.splitlines():
+        peer, _, when = line.partition("\t")
+        if peer == key and when.strip().isdigit() and int(when):
+            return float(when)
+    return None
+
+
 def run(out_dir: str, rounds: int = 5, keepalive: float = 1.0, timeout: float = 30.0) -> dict:
     problems = namespaces.preflight()
     if problems:
@@ -77,9 +89,11 @@ def run(out_dir: str, rounds: int = 5, keepalive: float = 1.0, timeout: float = 
                 first, sent = _first_reply(ha1.first_reply(target, interval=0.01, wait=0.05,
                                                            timeout=timeout), timeout + 5,
                                            lambda: moved or _moved(gateway, standby_key, sites.b.lan, moved))
+                handshake = _handshake(gateway, standby_key)
                 rows.append({"round": r + 1, "killed": victim,
                              "failover_ms": (first - killed) * 1e3 if first else None,
                              "allowed_ips_moved_ms": (moved[0] - killed) * 1e3 if moved else None,
+                             "handshake_ms": (handshake - killed) * 1e3 if handshake else None,
                              "probes_sent": sent, "primary_now": sites.primary(sites.b)})
                 bench_run.progress.update(f"round {r + 1}/{rounds}: {victim} killed, traffic "
                                           f"back after {rows[-1]['failover_ms'] or float('nan'):.0f} ms",
@@ -99,7 +113,8 @@ def run(out_dir: str, rounds: int = 5, keepalive: float = 1.0, timeout: float = 
               "config": {"rounds": rounds, "stream_keepalive_s": keepalive}, "pids": bench_run.pids}
     report.print_table("route-failover: SIGKILL of site B's primary router -> first reply through "
                        "the other router (ms)", rows,
-                       ["round", "killed", "failover_ms", "allowed_ips_moved_ms", "probes_sent",
+                       ["round", "killed", "failover_ms", "allowed_ips_moved_ms", "handshake_ms",
+                        "probes_sent",
                         "primary_now"])
     print(f"p50 {summary['p50_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms over {len(samples)} rounds")
     report.print_p99_targets(targets, lambda t: "")

@@ -3,8 +3,8 @@ admin API, until every agent applied it (issue #23).
 
 Target: p99 <= 1 s at 1,000 agents. The cluster and light agents are bench/propagation.py's
 (`grow`: `bench` agents, star topology); one `svc` node, which every agent has as a peer,
-advertises a route, and each change PUTs /api/v1/nodes/{id}/routes through the leader,
-alternately approving and withdrawing it: every agent gets one delta (that peer's
+advertises a route the policy lets every agent use (others would not see it), and each
+change PUTs /api/v1/nodes/{id}/routes through the leader, alternately approving and withdrawing it: every agent gets one delta (that peer's
 AllowedIPs). Per change and agent: from the API's answer until the agent applied a netmap
 at or after the change's version.
 """
@@ -53,7 +53,7 @@ def run(out_dir: str, sizes=(100, 1000), changes: int = 5, workers: int | None =
     per_size = []
     with harness.BenchRun("route-propagation") as bench_run, \
             bench_run.cluster(replicas, keepalive) as cluster:
-        keys = harness.setup_cluster(cluster, "star", port=22)
+        keys = harness.setup_cluster(cluster, "star", port=22, routes=(ROUTE,))
         router = register_router(cluster, keys[harness.SVC_USER])
         approved = False
         with bench_run.light_agents(cluster, workers) as agents:

@@ -389,6 +389,7 @@ class NodeReport(Command):
     endpoints: list[str] | Absent = ABSENT
     advertised_routes: list[str] | Absent = ABSENT
     unreachable_routes: list[str] | Absent = ABSENT  # advertised, but its subnet is down
+    exit_node: str | None | Absent = ABSENT  # the exit node it uses (its id), null: none
     last_seen: float | None | Absent = ABSENT
 
 

@@ -13,10 +13,11 @@ the caller passes `now` and tells the index when time advances.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Container, Iterable, NamedTuple
 
 from raftmesh.proto.wire import FilterDest, FilterRule, Netmap, NetmapDelta, Peer
 from raftmesh.cluster.policy import NODE_KINDS, Acl, Network, NodeView, Policy, Selector
@@ -57,9 +58,10 @@ def node_view(node: dict) -> NodeView:
 
 
 def peer_record(node: dict, view: NodeView | None = None) -> Peer:
-    """How this node appears to others (and to itself, as `self_node`): its AllowedIPs
-    carry the routes it is the primary router for (cluster/routes.py) and the exit routes
-    it offers, which a client uses only for the exit node it selected."""
+    """How this node appears to itself (`self_node`) and, before `with_routes_shown` keeps a
+    viewer's share of them, to others: its AllowedIPs carry the routes it is the primary
+    router for (cluster/routes.py) and the exit routes it offers, which a client uses only
+    for the exit node it selected."""
     view = view or node_view(node)
     addresses = view.address_texts
     standby = node.get("standby_routes") or ()
@@ -72,13 +74,41 @@ def peer_record(node: dict, view: NodeView | None = None) -> Peer:
         user=node.get("user"), tags=tuple(sorted(view.tags)))
 
 
+def with_routes_shown(rec: Peer, shown: frozenset[str]) -> Peer:
+    """`rec` as one viewer gets it: of the routes it carries, only those in `shown` (the
+    record itself when it keeps them all, so that viewers share it)."""
+    routes = rec.allowed_ips[len(rec.addresses):]
+    if all(r in shown for r in routes):
+        return rec
+    return dataclasses.replace(rec, allowed_ips=rec.addresses + tuple(
+        r for r in routes if r in shown))
+
+
+def shown_routes(sends: Container, receives: Container, route_dst: dict,
+                 route_src: dict) -> frozenset[str]:
+    """Which routes of a router a viewer may exchange traffic with, from the viewer's ACLs
+    (`sends` under, `receives` under) and the router's routes per ACL as destination and as
+    source: a route is shown when an ACL lets the viewer reach it, or lets it reach the
+    viewer (the replies, or the traffic, arrive through the router). As Tailscale and
+    Headscale do; nobody else sees it, not even a peer of the router for its own sake."""
+    out: set[str] = set()
+    for acl, routes in route_dst.items():
+        if acl in sends:
+            out |= routes
+    for acl, routes in route_src.items():
+        if acl in receives:
+            out |= routes
+    return frozenset(out)
+
+
 @dataclass(frozen=True)
 class Roles:
     """One node's part in every ACL (by index), a function of the node and the policy only.
 
     `src`: ACLs it may send under; `addr_src`: those whose filter sources list its own
     addresses (node selectors, not `*` or CIDRs); `dst`: ACLs targeting it, with what it
-    accepts; `self_src`/`self_dst`: the same for autogroup:self, among its user's devices.
+    accepts; `self_src`/`self_dst`: the same for autogroup:self, among its user's devices;
+    `route_src`/`route_dst`: its routes each ACL names as a source / destination.
     """
 
     src: frozenset[int] = frozenset()
@@ -86,25 +116,36 @@ class Roles:
     dst: dict[int, tuple[FilterDest, ...]] = field(default_factory=dict)
     self_src: frozenset[int] = frozenset()
     self_dst: dict[int, tuple[FilterDest, ...]] = field(default_factory=dict)
+    route_src: dict[int, frozenset[str]] = field(default_factory=dict)
+    route_dst: dict[int, frozenset[str]] = field(default_factory=dict)
 
 
 def _acl_role(acl: Acl, view: NodeView, text: Callable[[Network], str] = str) -> tuple | None:
-    """One ACL's part in a node's `Roles`: (sends, lists_addresses, dst, self_dst, self_src),
-    or None when the node plays no part in it. Shared by `node_roles` and the index (which
-    passes a cached `text`: formatting IPv6 networks dominated the index build)."""
+    """One ACL's part in a node's `Roles`: (sends, lists_addresses, dst, self_dst, self_src,
+    route_src, route_dst), or None when the node plays no part in it. Shared by `node_roles`
+    and the index (which passes a cached `text`: formatting IPv6 networks dominated the
+    index build)."""
     matched = [s for s in acl.src if s.matches_node(view)]
-    dests, selfs = _acl_dests(acl, view, text)
+    dests, selfs, route_dst = _acl_dests(acl, view, text)
     if not (matched or dests or selfs):
         return None
     addr = bool(matched) and not acl.src_any and any(
         s.kind in NODE_KINDS for s in matched)
-    return bool(matched), addr, dests, selfs, bool(matched) and bool(selfs)
+    route_src = frozenset(text(r) for s in matched for r in s.routes_named(view)) \
+        if view.routes or view.exit_routes else _NONE
+    return (bool(matched), addr, dests, selfs, bool(matched) and bool(selfs), route_src,
+            route_dst)
 
 
-def _acl_dests(acl: Acl, view: NodeView, text: Callable[[Network], str] = str) -> tuple[tuple, tuple]:
-    """What the node accepts under `acl`: (dst, self_dst) as in `_acl_role`, whose source
-    matching (prefix tests above all) a port edit need not redo (NetmapIndex._retarget)."""
+def _acl_dests(acl: Acl, view: NodeView,
+               text: Callable[[Network], str] = str) -> tuple[tuple, tuple, frozenset]:
+    """What the node accepts under `acl`: (dst, self_dst, route_dst) as in `_acl_role`, whose
+    source matching (prefix tests above all) a port edit need not redo
+    (NetmapIndex._retarget; an edit that keeps every destination's ports non-empty leaves
+    route_dst as it was)."""
     dests, selfs = set(), set()
+    routed = bool(view.routes or view.exit_routes)
+    route_dst: set[str] = set()
     for entry in acl.dst:
         sel = entry.selector
         if sel.kind == "self":
@@ -116,16 +157,23 @@ def _acl_dests(acl: Acl, view: NodeView, text: Callable[[Network], str] = str) -
         else:
             dests.update(FilterDest(text(n), p) for n in sel.node_prefixes(view)
                          for p in entry.ports)
-    return tuple(sorted(dests)), tuple(sorted(selfs))
+            if routed and entry.ports:
+                route_dst.update(map(text, sel.routes_named(view)))
+    return tuple(sorted(dests)), tuple(sorted(selfs)), frozenset(route_dst)
 
 
 def node_roles(policy: Policy, view: NodeView) -> Roles:
-    src, addr_src, self_src, dst, self_dst = set(), set(), set(), {}, {}
+    src, addr_src, self_src, dst, self_dst, route_src, route_dst = \
+        set(), set(), set(), {}, {}, {}, {}
     for i, acl in enumerate(policy.acls):
         role = _acl_role(acl, view)
         if role is None:
             continue
-        sends, addr, dests, selfs, self_sends = role
+        sends, addr, dests, selfs, self_sends, routes_from, routes_to = role
+        if routes_from:
+            route_src[i] = routes_from
+        if routes_to:
+            route_dst[i] = routes_to
         if sends:
             src.add(i)
         if addr:
@@ -136,7 +184,8 @@ def node_roles(policy: Policy, view: NodeView) -> Roles:
             self_dst[i] = selfs
         if self_sends:
             self_src.add(i)
-    return Roles(frozenset(src), frozenset(addr_src), dst, frozenset(self_src), self_dst)
+    return Roles(frozenset(src), frozenset(addr_src), dst, frozenset(self_src), self_dst,
+                 route_src, route_dst)
 
 
 def src_cidrs(acl: Acl, member_addresses: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
@@ -165,7 +214,8 @@ def compute_netmaps(policy: Policy | None, nodes: Iterable[dict], now: float,
                     version: int, dns: dict | None = None) -> dict[str, Netmap]:
     """Every visible node's netmap from scratch, pairwise: the reference NetmapIndex is
     tested against. Two nodes are peers when either may reach the other (a WireGuard
-    session needs both ends to know each other); each filters only its inbound traffic."""
+    session needs both ends to know each other); each filters only its inbound traffic.
+    A router's routes are in its record as each peer gets it only as `shown_routes` says."""
     policy = policy or Policy()
     vis = {n["id"]: n for n in nodes if visible(n, now)}
     views = {k: node_view(n) for k, n in vis.items()}
@@ -186,13 +236,18 @@ def compute_netmaps(policy: Policy | None, nodes: Iterable[dict], now: float,
         return tuple(sorted(a for k in vis if views[k].owner == owner
                             and i in roles[k].self_src for a in addresses[k]))
 
+    records = {k: peer_record(vis[k], views[k]) for k in vis}
+
+    def seen(k: str, p: str) -> Peer:
+        return with_routes_shown(records[p], shown_routes(roles[k].src, roles[k].dst,
+                                                     roles[p].route_dst, roles[p].route_src))
+
     out = {}
     for k in sorted(vis):
-        peers = {p: peer_record(vis[p], views[p]) for p in sorted(vis)
-                 if p != k and (reach(k, p) or reach(p, k))}
+        peers = {p: seen(k, p) for p in sorted(vis) if p != k and (reach(k, p) or reach(p, k))}
         pf = _packet_filter(policy, roles[k], srcs.__getitem__,
                             lambda i, o=views[k].owner: self_srcs(i, o))
-        out[k] = Netmap(version, peer_record(vis[k], views[k]), peers, pf, dns)
+        out[k] = Netmap(version, records[k], peers, pf, dns)
     return out
 
 
@@ -340,7 +395,7 @@ class _Roles:
     """`Roles` keyed by slot instead of ACL index, mutable so that a policy change only
     edits the slots it adds or removes."""
 
-    __slots__ = ("src", "addr_src", "dst", "self_src", "self_dst")
+    __slots__ = ("src", "addr_src", "dst", "self_src", "self_dst", "route_src", "route_dst")
 
     def __init__(self):
         self.src: set[_Slot] = set()
@@ -348,6 +403,8 @@ class _Roles:
         self.dst: dict[_Slot, tuple[FilterDest, ...]] = {}
         self.self_src: set[_Slot] = set()
         self.self_dst: dict[_Slot, tuple[FilterDest, ...]] = {}
+        self.route_src: dict[_Slot, frozenset[str]] = {}
+        self.route_dst: dict[_Slot, frozenset[str]] = {}
 
     def add(self, slots: Iterable[_Slot], view: NodeView) -> bool:
         """Compile `slots` for this node; True when it plays a part in any of them."""
@@ -364,7 +421,11 @@ class _Roles:
                     s.outsiders.add(kind)
                 continue
             part = True
-            sends, addr, dests, selfs, self_sends = role
+            sends, addr, dests, selfs, self_sends, routes_from, routes_to = role
+            if routes_from:
+                self.route_src[s] = routes_from
+            if routes_to:
+                self.route_dst[s] = routes_to
             if sends:
                 self.src.add(s)
             if addr:
@@ -383,6 +444,8 @@ class _Roles:
         self.dst.pop(s, None)
         self.self_src.discard(s)
         self.self_dst.pop(s, None)
+        self.route_src.pop(s, None)
+        self.route_dst.pop(s, None)
 
 
 _POS = attrgetter("pos")
@@ -468,7 +531,7 @@ class NetmapIndex:
         """The node's full netmap, or None when it is unknown or not visible."""
         if node_id not in self._roles:
             return None
-        peers = {p: self._peer[p] for p in self._in_order(self._reach(node_id))}
+        peers = {p: self._seen(node_id, p) for p in self._in_order(self._reach(node_id))}
         return Netmap(version, self._peer[node_id], peers, self._filter[node_id], self.dns)
 
     def is_visible(self, node_id: str) -> bool:
@@ -581,6 +644,8 @@ class NetmapIndex:
             for devices in s.self_dst.values():
                 targets |= devices
         lost = {k: self._reach(k, removed_set.__contains__) for k in members if k in self._roles}
+        old_view = {v: {r: self._seen(v, r) for r in routers}
+                    for v, routers in self._route_pairs(new_roles, removed).items()}
         old_filter = self._filter
 
         # edit the indexes: drop the removed slots, add the new ones
@@ -608,6 +673,8 @@ class NetmapIndex:
             for s, dests in part.self_dst.items():
                 roles.self_dst[s] = dests
                 s.self_dst.setdefault(owner, set()).add(k)
+            roles.route_src.update(part.route_src)
+            roles.route_dst.update(part.route_dst)
         for s in added:
             s.publish()
             for owner, devices in s.self_src.items():
@@ -622,19 +689,54 @@ class NetmapIndex:
         records: dict[frozenset, tuple[Peer, ...]] = {}  # many members gain the same peers
         for k, was in lost.items():
             got = self._reach(k, added_set.__contains__)
-            if not (got or was):
+            # routers whose share of routes k sees changed (and that stay its peers: a share
+            # of routes needs an ACL between them, so one of them had or has one)
+            viewed = {r for r, prev in old_view.get(k, {}).items() if self._seen(k, r) != prev}
+            if not (got or was or viewed):
                 continue
             kept = self._reach(k, lambda s: s not in added_set, got ^ was)
             gained = got - was - kept
             dropped = was - got - kept
-            if gained or dropped:
-                key = frozenset(gained)
-                if (recs := records.get(key)) is None:
+            viewed -= gained | dropped
+            if gained or dropped or viewed:
+                if viewed or gained & self._routers:
+                    recs = tuple(self._seen(k, p) for p in sorted(gained | viewed))
+                elif (recs := records.get(key := frozenset(gained))) is None:
                     recs = records[key] = tuple(self._peer[p] for p in sorted(gained))
                 d = deltas.get(k)
                 deltas[k] = NetmapDelta(version, recs, tuple(sorted(dropped)),
                                         d.packet_filter if d else None)
         return Changes(deltas, ())
+
+    def _route_pairs(self, new_roles: dict[str, _Roles], removed: list[_Slot]
+                     ) -> dict[str, set[str]]:
+        """viewer -> the routers whose share of routes shown to it may change with the ACLs
+        a policy change adds (`new_roles`: the nodes' parts in them) or removes: the routers
+        those ACLs name routes of, with the nodes on the ACLs' other side."""
+        pairs: dict[str, set[str]] = {}
+        to_dst: dict[_Slot, list[str]] = {}  # added slot -> routers it names routes of
+        to_src: dict[_Slot, list[str]] = {}
+        for r in self._routers:
+            rr = self._roles[r]
+            for s in removed:
+                for v in (s.src if s in rr.route_dst else ()):
+                    pairs.setdefault(v, set()).add(r)
+                for v in (s.dst if s in rr.route_src else ()):
+                    pairs.setdefault(v, set()).add(r)
+            if (part := new_roles.get(r)) is not None:
+                for s in part.route_dst:
+                    to_dst.setdefault(s, []).append(r)
+                for s in part.route_src:
+                    to_src.setdefault(s, []).append(r)
+        if to_dst or to_src:
+            for v, part in new_roles.items():
+                for s in part.src & to_dst.keys():
+                    pairs.setdefault(v, set()).update(to_dst[s])
+                for s in part.dst.keys() & to_src.keys():
+                    pairs.setdefault(v, set()).update(to_src[s])
+        for v, routers in pairs.items():
+            routers.discard(v)
+        return pairs
 
     def _may_change_peers(self, new_roles: dict[str, _Roles], removed: list[_Slot]) -> set[str]:
         """Who can gain or lose a peer: the members of an added or removed ACL that has
@@ -676,7 +778,7 @@ class NetmapIndex:
         acl, text = s.acl, _prefix_text
         for k in s.dst | {k for d in s.self_dst.values() for k in d}:
             roles = self._roles[k]
-            dests, selfs = _acl_dests(acl, self._views[k], text)
+            dests, selfs, _ = _acl_dests(acl, self._views[k], text)
             if s in roles.dst:
                 roles.dst[s] = dests
             if s in roles.self_dst:
@@ -690,6 +792,8 @@ class NetmapIndex:
         self._views: dict[str, NodeView] = {}  # the visible nodes' views, roles, Peer records
         self._roles: dict[str, _Roles] = {}
         self._peer: dict[str, Peer] = {}
+        self._routers: set[str] = set()  # visible nodes whose record carries routes
+        self._variants: dict[str, tuple[Peer, dict[frozenset, Peer]]] = {}  # see _seen
         # per node: (slot -> position of its two cells, cells); see _compose
         self._rules: dict[str, tuple[dict[_Slot, int], list]] = {}
         self._filter: dict[str, tuple[FilterRule, ...]] = {}
@@ -730,7 +834,7 @@ class NetmapIndex:
         roles = _Roles()
         roles.add(self._finder.candidates(view), view)
         self._views[k], self._roles[k] = view, roles
-        self._peer[k] = rec = peer_record(node, view)
+        self._set_record(k, rec := peer_record(node, view))
         for s in roles.src:
             s.src.add(k)
         for s in roles.dst:
@@ -749,6 +853,8 @@ class NetmapIndex:
         view, roles = self._views.pop(k), self._roles.pop(k)
         del self._ids[bisect.bisect_left(self._ids, k)]
         addrs = self._peer.pop(k).addresses
+        self._routers.discard(k)
+        self._variants.pop(k, None)
         del self._filter[k], self._rules[k]
         for s in roles.src:
             s.src.discard(k)
@@ -867,15 +973,78 @@ class NetmapIndex:
     def _record_changed(self, k: str, node: dict, version: int) -> Changes:
         """Only the Peer record changed (endpoints, presence, key, name...): tell k's peers,
         all with one shared delta."""
-        rec = peer_record(node, self._views[k])
-        if rec == self._peer[k]:
+        rec, old = peer_record(node, self._views[k]), self._peer[k]
+        if rec == old:
             return NO_CHANGES
-        self._peer[k] = rec
+        routed = k in self._routers
+        self._set_record(k, rec)
         peers = self._reach(k)
-        peers.add(k)
-        deltas = dict.fromkeys(peers, NetmapDelta(version, (rec,)))
+        if routed or k in self._routers:  # the peers whose share of it changed
+            olds: dict[frozenset, Peer] = {}
+
+            def before(p: str) -> Peer:
+                shown = self._shown(p, k)
+                if (o := olds.get(shown)) is None:
+                    o = olds[shown] = with_routes_shown(old, shown)
+                return o
+            peers = self._news_of_router(k, peers, peers, before)
+        deltas = self._shared_news(k, peers, version)
         deltas[k] = NetmapDelta(version, self_node=rec)
         return Changes(deltas, ())
+
+    def _set_record(self, k: str, rec: Peer) -> None:
+        self._peer[k] = rec
+        if len(rec.allowed_ips) > len(rec.addresses):
+            self._routers.add(k)
+        else:
+            self._routers.discard(k)
+
+    def _shown(self, viewer: str, router: str) -> frozenset[str]:
+        v, r = self._roles[viewer], self._roles[router]
+        return shown_routes(v.src, v.dst, r.route_dst, r.route_src)
+
+    def _seen(self, viewer: str, k: str) -> Peer:
+        """k's record as `viewer` gets it (`with_routes_shown`): one object per distinct
+        share of a router's routes, so that the viewers of one share can share a delta."""
+        rec = self._peer[k]
+        if k not in self._routers:
+            return rec
+        shown = self._shown(viewer, k)
+        cached = self._variants.get(k)
+        if cached is None or cached[0] is not rec:
+            cached = self._variants[k] = (rec, {})
+        seen = cached[1].get(shown)
+        if seen is None:
+            seen = cached[1][shown] = with_routes_shown(rec, shown)
+        return seen
+
+    def _news_of_router(self, k: str, now: Iterable[str], was: set[str],
+                        before: Callable[[str], Peer]) -> set[str]:
+        """The peers that must hear of router k: those it newly appears to, and those whose
+        view of it (`before`, for old peers) changed: its record or their share of routes."""
+        return {p for p in now if p not in was or self._seen(p, k) != before(p)}
+
+    def _told(self, k: str, now: set[str], was: set[str], moved: set[str],
+              seen_before: dict[str, Peer] | None, old: Peer | None) -> set[str]:
+        """The peers that must hear of changed node k, whose record was `old`; when k was a
+        router, `seen_before` is how each of its old peers saw it."""
+        if seen_before is None and k not in self._routers:
+            return now if k in moved else now - was
+        return self._news_of_router(k, now, was, seen_before.__getitem__
+                                    if seen_before is not None else lambda p: old)
+
+    def _shared_news(self, k: str, told: Iterable[str], version: int) -> dict[str, NetmapDelta]:
+        """k's record for each of `told`, one shared delta per distinct view of it."""
+        if k not in self._routers:
+            return dict.fromkeys(told, NetmapDelta(version, (self._peer[k],)))
+        deltas: dict[str, NetmapDelta] = {}
+        by_view: dict[int, NetmapDelta] = {}
+        for p in told:
+            seen = self._seen(p, k)
+            if (d := by_view.get(id(seen))) is None:
+                d = by_view[id(seen)] = NetmapDelta(version, (seen,))
+            deltas[p] = d
+        return deltas
 
     def _apply(self, ids: Iterable[str], version: int) -> Changes:
         """Re-derive the nodes in `ids` from their current records: detach the old ones,
@@ -886,6 +1055,12 @@ class NetmapIndex:
         old_peers = {k: self._reach(k) for k in before}
         old_rec = {k: self._peer[k] for k in before}
         old_filter = {k: self._filter[k] for k in before}
+        # how the changed nodes saw the peers that may look different to them now (routers,
+        # changed nodes), and how the changed routers' peers saw them
+        old_view = {k: {p: self._seen(k, p) for p in (old_peers[k] & self._routers)
+                        | (old_peers[k] & changed)} for k in before}
+        old_seen = {k: {p: self._seen(p, k) for p in old_peers[k]}
+                    for k in before if k in self._routers}
         dirty: set = set()
         dirty_self: set = set()
         for k in before:
@@ -904,8 +1079,8 @@ class NetmapIndex:
         if len(changed) == 1:
             (k,) = changed
             was, now = old_peers.get(k, _NONE), new_peers.get(k, _NONE)
-            if now and (told := now if k in moved else now - was):
-                deltas = dict.fromkeys(told, NetmapDelta(version, (self._peer[k],)))
+            if now and (told := self._told(k, now, was, moved, old_seen.get(k), old_rec.get(k))):
+                deltas = self._shared_news(k, told, version)
             if was and (gone := was - now):
                 deltas.update(dict.fromkeys(gone, NetmapDelta(version, (), (k,))))
         else:
@@ -913,13 +1088,13 @@ class NetmapIndex:
             gone_of: dict[str, list[str]] = {}
             for k in changed:
                 was, now = old_peers.get(k, _NONE), new_peers.get(k, _NONE)
-                for p in (now if k in moved else now - was) - changed:
+                for p in self._told(k, now, was, moved, old_seen.get(k), old_rec.get(k)) - changed:
                     news_of.setdefault(p, []).append(k)
                 for p in was - now - changed:
                     gone_of.setdefault(p, []).append(k)
             for p in news_of.keys() | gone_of.keys():
                 deltas[p] = NetmapDelta(
-                    version, tuple(self._peer[k] for k in sorted(news_of.get(p, ()))),
+                    version, tuple(self._seen(p, k) for k in sorted(news_of.get(p, ()))),
                     tuple(sorted(gone_of.get(p, ()))))
         get, filters = deltas.get, self._filter
         for p, cells in touched.items():  # their filters changed: compose, send
@@ -928,19 +1103,20 @@ class NetmapIndex:
             deltas[p] = NetmapDelta(version, d.peers_changed, d.peers_removed, pf) if d else \
                 NetmapDelta(version, (), (), pf)
 
-        record = self._peer.__getitem__
+        seen = self._seen
         for k in after:  # the changed nodes themselves (all others' deltas are non-empty)
             now = new_peers[k]
             if k not in old_rec:  # appeared: its whole netmap
-                deltas[k] = NetmapDelta(version, tuple(map(record, self._in_order(now))),
+                deltas[k] = NetmapDelta(version, tuple(seen(k, p) for p in self._in_order(now)),
                                         (), self._filter[k], self._peer[k], self.dns)
                 continue
             was = old_peers[k]
             pf = self._filter[k]
-            # gained or moved peers, and lost ones: one ordering pass for both
-            news = self._in_order((now ^ was) | (now & moved))
+            # gained peers, peers that look different, and lost ones: one ordering pass
+            viewed = {p for p, prev in old_view[k].items() if p in now and seen(k, p) != prev}
+            news = self._in_order((now ^ was) | viewed)
             deltas[k] = NetmapDelta(
-                version, tuple(map(record, [p for p in news if p in now])),
+                version, tuple([seen(k, p) for p in news if p in now]),
                 tuple([p for p in news if p not in now]), None if pf == old_filter[k] else pf,
                 self._peer[k] if k in moved else None)
             if deltas[k].is_empty():

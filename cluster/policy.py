@@ -136,6 +136,18 @@ class Selector:
             return list(node.addresses)
         return []
 
+    def routes_named(self, node: NodeView) -> tuple[Network, ...]:
+        """The routes of `node` (subnet or exit) this selector names, on either side: the
+        traffic it allows to or from them crosses `node`, so only the nodes on the ACL's
+        other side route them through it (netmap.py)."""
+        if self.kind == "any":
+            return node.routes
+        if self.kind == "prefix":
+            return tuple(r for r in node.routes if _overlap(r, self.prefix))
+        if self.kind == "internet":
+            return node.exit_routes
+        return ()
+
     @cached_property
     def prefix_span(self) -> tuple[int, int, int]:
         return span(self.prefix)
@@ -167,9 +179,10 @@ class Acl:
 
 @dataclass(frozen=True)
 class Identity:
-    """A test's endpoint: a user's device, a tagged device, or an address/prefix."""
+    """A test's endpoint: a user's device, a tagged device, an address/prefix, or (as a
+    destination) the internet through an exit node."""
 
-    kind: str  # user | tag | prefix
+    kind: str  # user | tag | prefix | internet
     value: str
     prefix: Network | None = None
 
@@ -317,6 +330,8 @@ def _overlap(a: Network, b: Network) -> Network | None:
 
 def _identity_matches(sel: Selector, ident: Identity, src: Identity | None) -> bool:
     k = sel.kind
+    if ident.kind == "internet" or k == "internet":  # only autogroup:internet reaches it
+        return ident.kind == k
     if k == "any":
         return True
     if k == "users":
@@ -776,7 +791,9 @@ class _Parser:
         if not colon or not host or not is_number(port) or int(port) > 65535:
             self.err(path, f"{text!r} must be host:port with one port, e.g. tag:db:5432")
             return None
-        ident = self.identity(host.removeprefix("[").removesuffix("]"), path)
+        # the internet through exit nodes, written as in dst: autogroup:internet:443
+        ident = Identity("internet", INTERNET) if host == INTERNET else \
+            self.identity(host.removeprefix("[").removesuffix("]"), path)
         return (ident, int(port)) if ident else None
 
     def test_sources(self, text: Any, path: str) -> list[Identity] | None:

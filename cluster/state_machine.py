@@ -571,9 +571,16 @@ def _node_routes(ctx: Context, cmd: c.NodeRoutes) -> dict:
 @handles(c.NodeReport)
 def _node_report(ctx: Context, cmd: c.NodeReport) -> dict:
     """What an agent reports about itself: endpoints, advertised routes (and which of them
-    it cannot reach now: routes.py moves their primary elsewhere), liveness."""
+    it cannot reach now: routes.py moves their primary elsewhere), the exit node it sends
+    its internet traffic through (in the record, so that its use is audited), liveness."""
     changes = {k: sorted(v) for k in ("endpoints", "advertised_routes", "unreachable_routes")
                if (v := getattr(cmd, k)) is not ABSENT}
+    if cmd.exit_node is not ABSENT:
+        if cmd.exit_node is not None and (cmd.exit_node == cmd.id or not routes.exit_routes(
+                ctx.txn.get("nodes", cmd.exit_node) or {})):
+            raise Rejected("invalid_exit_node", f"node {cmd.exit_node!r} is not an exit node "
+                           "(a node offering approved exit routes)", 400)
+        changes["exit_node"] = cmd.exit_node
     if cmd.last_seen is not ABSENT:
         changes["last_seen"] = cmd.last_seen
     return _update_node(ctx, changes)

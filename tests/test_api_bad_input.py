@@ -164,11 +164,17 @@ def valid(value, schema) -> bool:
     return jsonschema.Draft202012Validator(schema).is_valid(value)
 
 
+def kind_of(schema: dict) -> str | None:
+    """The schema's type; for a nullable one (["string", "null"]), the type besides null."""
+    kind = schema.get("type")
+    return next(k for k in kind if k != "null") if isinstance(kind, list) else kind
+
+
 def sample(schema: dict) -> Any:
     """A small instance that satisfies `schema` (required fields only; minProperties honoured)."""
     if "enum" in schema:
         return schema["enum"][0]
-    kind = schema.get("type")
+    kind = kind_of(schema)
     if kind == "object":
         props = schema.get("properties", {})
         out = {k: sample(props[k]) for k in schema.get("required", [])}
@@ -197,7 +203,7 @@ def sample(schema: dict) -> Any:
 
 def wrong_values(schema: dict) -> list[tuple[str, Any]]:
     """(label, value) pairs that `schema` rejects: wrong types, out of range, bad items..."""
-    kind = schema.get("type")
+    kind = kind_of(schema)
     out: list[tuple[str, Any]] = [("null", None)]
     out += {"string": [("number", 12345), ("list", ["a"])],
             "integer": [("string", "12"), ("float", 1.5), ("bool", True)],

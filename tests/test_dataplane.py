@@ -179,6 +179,25 @@ def test_peer_diff_keeps_an_acceptable_roamed_endpoint_and_new_peers():
     assert PeerOp(KEY_C, remove=True).wg_args() == ["peer", KEY_C, "remove"]
 
 
+def test_a_peer_taking_routes_over_gets_a_fresh_session():
+    """Removed and re-added in the same `wg set`: the session it held may belong to a
+    router's earlier run, and the first packet for the routes must start a new handshake."""
+    current = {KEY_B: PeerConfig(KEY_B, "192.0.2.2:51820", ("100.64.0.2/32",), 25)}
+    want = desired_peers([_peer(KEY_B, 2, ("192.0.2.2:51820",), ("10.9.0.0/24",))], keepalive=25)
+    op = compute_peer_ops(current, want)[0]
+    routes = ("10.9.0.0/24", "100.64.0.2/32")
+    assert op == PeerOp(KEY_B, endpoint="192.0.2.2:51820", allowed_ips=routes, keepalive=25,
+                        fresh=True)
+    assert op.wg_args() == ["peer", KEY_B, "remove", "peer", KEY_B, "endpoint", "192.0.2.2:51820",
+                            "allowed-ips", ",".join(routes), "persistent-keepalive", "25"]
+    # giving routes up, or a changed address, keeps the session
+    current = {KEY_B: PeerConfig(KEY_B, "192.0.2.2:51820", ("10.9.0.0/24", "100.64.0.2/32"), 25)}
+    want = desired_peers([_peer(KEY_B, 2, ("192.0.2.2:51820",))], keepalive=25)
+    assert compute_peer_ops(current, want) == [PeerOp(KEY_B, allowed_ips=("100.64.0.2/32",))]
+    want = desired_peers([_peer(KEY_B, 7, ("192.0.2.2:51820",), ("10.9.0.0/24",))], keepalive=25)
+    assert not compute_peer_ops(current, want)[0].fresh
+
+
 def test_desired_peers_skips_self_and_rejects_bad_keys():
     assert list(desired_peers([_peer(KEY_A, 1), _peer(KEY_B, 2)], self_key=KEY_A)) == [KEY_B]
     with pytest.raises(ValueError):

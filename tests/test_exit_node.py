@@ -77,9 +77,18 @@ def rules(ns) -> list[dict]:
             if r.get("priority") in PRIORITIES]
 
 
+def exit_node_of(api, name: str) -> tuple[str, str | None]:
+    """(the node's id, the exit node its record says it uses)."""
+    node = next(n for n in api("GET", "/api/v1/nodes")["nodes"] if n["name"] == name)
+    return node["id"], node.get("exit_node")
+
+
 def test_the_internet_through_the_exit_node_as_the_policy_allows(mesh):
-    c, www, agent = mesh["client"], mesh["www"], mesh["agents"]["c"]
+    c, www, agent, api = mesh["client"], mesh["www"], mesh["agents"]["c"], mesh["api"]
     wait_for(lambda: c.ping(www), 60, what="the client reaches the internet via the exit node")
+    ex, _ = exit_node_of(api, "host-ex")
+    wait_for(lambda: exit_node_of(api, "host-c")[1] == ex, 30,
+             what="the client reports the exit node it uses")
     assert {r["priority"] for r in rules(c)} >= {5200, 5201, 5220, 5230}
     routes = c.run("ip", "-4", "route", "show", "table", str(TABLE)).stdout
     assert routes.startswith(f"default dev {agent.ifname}")
@@ -91,6 +100,11 @@ def test_the_internet_through_the_exit_node_as_the_policy_allows(mesh):
     wait_for(lambda: not c.ping(www, timeout=0.5), 30, what="the exit node's filter drops it")
     mesh["api"]("PUT", "/api/v1/policy", policy("nothing"))
     wait_for(lambda: not rules(c), 30, what="no exit node any more: the rules are gone")
+    wait_for(lambda: exit_node_of(api, "host-c")[1] is None, 30, what="and it reports none")
+    client_id = exit_node_of(api, "host-c")[0]
+    uses = [(e["before"].get("exit_node"), e["after"].get("exit_node")) for e in api(
+        "GET", f"/api/v1/audit?target=node:{client_id}&action=node.report")["entries"]]
+    assert [u for u in uses if u[0] != u[1]] == [(None, ex), (ex, None)]  # audited
     mesh["api"]("PUT", "/api/v1/policy", policy("internet"))
     wait_for(lambda: c.ping(www), 60, what="the internet back through the exit node")
     agent.stop()

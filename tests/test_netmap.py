@@ -141,6 +141,45 @@ def test_subnet_routes():
     assert m["n2"].packet_filter[0].src == ("10.9.0.0/24",)
 
 
+def test_a_router_peer_sees_only_the_routes_the_policy_lets_it_use():
+    """Routes are shown per viewer: to who may reach them or be reached from them, not to
+    every peer of the router (alice may only SSH to the router itself)."""
+    r = node(1, tags=["tag:router"], approved_routes=["10.1.0.0/24", "10.9.0.0/16"])
+    a, b, c, d = node(2, "alice"), node(3, "bob"), node(4, "carol"), node(5, "dave")
+    routes = ("10.1.0.0/24", "10.9.0.0/16")
+    m = maps(policy([acl(["alice"], ["tag:router:22"]),  # the router itself
+                     acl(["bob"], ["10.1.0.5:443"]),  # one host behind one of its subnets
+                     acl(["10.9.0.0/16"], ["carol:22"]),  # a subnet reaching carol
+                     acl(["dave"], ["*:*"])]), [r, a, b, c, d])
+    assert peers(m["n1"]) == {"n2", "n3", "n4", "n5"}
+    assert m["n2"].peers["n1"].allowed_ips == addrs(r)
+    assert m["n3"].peers["n1"].allowed_ips == addrs(r) + ("10.1.0.0/24",)
+    assert m["n4"].peers["n1"].allowed_ips == addrs(r) + ("10.9.0.0/16",)
+    assert m["n5"].peers["n1"].allowed_ips == addrs(r) + routes
+    assert m["n1"].self_node.allowed_ips == addrs(r) + routes  # the router knows them all
+    # only the viewers whose share changes hear of a policy change or a primary moving
+    idx = NetmapIndex(policy([acl(["alice"], ["tag:router:22"])]), [r, a, b], NOW)
+    assert idx.netmap("n2", 1).peers["n1"].allowed_ips == addrs(r)
+    deltas, _ = idx.replace_policy(policy([acl(["alice"], ["tag:router:22"]),
+                                           acl(["alice"], ["10.9.0.0/16:*"])]), 2)
+    assert set(deltas) == {"n1", "n2"}  # the router's filter; alice's view of it
+    assert deltas["n2"].peers_changed[0].allowed_ips == addrs(r) + ("10.9.0.0/16",)
+    deltas, _ = idx.upsert_node(dict(r, standby_routes=["10.1.0.0/24"]), 3)
+    assert set(deltas) == {"n1"}  # alice never saw 10.1.0.0/24
+    deltas, _ = idx.upsert_node(dict(r, standby_routes=["10.9.0.0/16"]), 4)
+    assert set(deltas) == {"n1", "n2"}
+    assert deltas["n2"].peers_changed[0].allowed_ips == addrs(r)
+
+
+def test_exit_routes_are_shown_to_who_may_use_the_internet_only():
+    routes = ["0.0.0.0/0", "::/0", "10.1.0.0/24"]
+    e = node(1, tags=["tag:router"], approved_routes=routes, advertised_routes=routes)
+    a, b = node(2, "alice"), node(3, "bob")
+    m = maps(policy([acl(["alice"], ["autogroup:internet:*"]), acl(["bob"], ["*:*"])]), [e, a, b])
+    assert m["n2"].peers["n1"].allowed_ips == addrs(e) + ("0.0.0.0/0", "::/0")
+    assert m["n3"].peers["n1"].allowed_ips == addrs(e) + ("10.1.0.0/24",)  # * is no internet
+
+
 def test_cidr_source_and_destination_of_node_addresses():
     a, b = node(1, "alice"), node(2, "bob")
     m = maps(policy([acl(["100.64.0.2"], ["100.64.0.0/24:22"])]), [a, b])  # a's address
@@ -316,6 +355,10 @@ POLICIES = [
      acl(["*"], ["autogroup:self:*"])],
     [acl(["autogroup:member"], ["autogroup:internet:*"]),
      acl(["tag:web"], ["autogroup:internet:443", "10.1.0.0/16:80"])],
+    # routers seen for their own sake (SSH), for one subnet, and from a routed subnet
+    [acl(["alice", "tag:web"], ["tag:router:22", "autogroup:tagged:22"]),
+     acl(["bob"], ["10.1.0.9:443"]), acl(["10.2.0.0/16"], ["carol:22", "tag:db:*"]),
+     acl(["dave"], ["autogroup:internet:*"])],
 ]
 
 
@@ -509,6 +552,9 @@ ACL_POOL = [
     acl(["*"], ["autogroup:self:*"]),
     acl(["group:eng", "dave"], ["tag:web:443", "alice:22"]),
     acl(["192.0.2.0/24"], ["tag:web:22", "autogroup:member:22"]),  # sources that are no node
+    acl(["alice", "tag:db"], ["tag:router:22"]),  # routers seen for their own sake
+    acl(["carol"], ["10.1.0.9:443", "fd00::/64:*"]),  # one subnet's share
+    acl(["10.2.0.0/16"], ["dave:22"]),  # a routed subnet reaching in
 ]
 
 

@@ -343,6 +343,22 @@ def test_tests_with_hosts_and_ips():
                             {"src": "192.168.1.9", "accept": ["[10.5.0.1]:5432"]}]))
 
 
+def test_tests_with_the_internet_through_exit_nodes():
+    """autogroup:internet:PORT as a test destination, as in dst: only autogroup:internet
+    reaches it (not `*` or a prefix), as netmaps have it."""
+    p = parse_policy(doc(
+        acls=[acl(["alice"], ["autogroup:internet:443"]), acl(["bob"], ["*:*", "0.0.0.0/0:*"])],
+        tests=[{"src": "alice", "accept": ["autogroup:internet:443"],
+                "deny": ["autogroup:internet:80", "tag:web:443"]},
+               {"src": "bob", "accept": ["tag:web:443"], "deny": ["autogroup:internet:443"]}]))
+    assert len(p.tests) == 2
+    errs = errors(doc(acls=[acl(["bob"], ["*:*"])],
+                      tests=[{"src": "bob", "accept": ["autogroup:internet:443"]}]))
+    assert errs[0]["path"] == "tests[0].accept[0]" and "is denied" in errs[0]["message"]
+    errs = errors(doc(tests=[{"src": "autogroup:internet", "deny": ["alice:22"]}]))
+    assert errs[0]["path"] == "tests[0].src"
+
+
 def test_empty_policy_with_tests_expecting_access_fails():
     errs = errors(json.dumps({"tests": [{"src": "alice", "accept": ["alice:22"]}]}))
     assert errs[0]["path"] == "tests[0].accept[0]"

@@ -82,8 +82,12 @@ def test_election_is_stable_over_random_flaps():
 POLICY = """{
   "tagOwners": {"tag:router": [], "tag:exit": []},
   "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}, "exitNode": ["tag:exit"]},
-  "acls": [{"action": "accept", "src": ["alice"], "dst": ["10.2.0.0/24:*", "tag:router:22"]}],
+  "acls": [{"action": "accept", "src": ["alice"], "dst": ["10.2.0.0/24:*", "tag:router:22"]},
+           {"action": "accept", "src": ["bob"], "dst": ["tag:router:22"]}],
 }"""
+# bob may use part of the site too
+POLICY_BOB = POLICY.replace('"dst": ["tag:router:22"]',
+                            '"dst": ["tag:router:22", "10.2.0.128/25:*"]')
 
 
 def policy_cmd(text=POLICY, **kw):
@@ -112,7 +116,7 @@ class Cluster:
         for c in commands:
             self.version += 1
             r = sm.apply(self.txn, c, self.version)
-            self.feed.apply_batch([(self.version, c, r)])
+            self.update = self.feed.apply_batch([(self.version, c, r)])
             results.append(r)
         return results[-1]
 
@@ -176,6 +180,27 @@ def test_primary_moves_when_it_goes_offline_and_does_not_move_back(cluster):
     cluster.check_feed_matches_definition()
 
 
+def ssh_client():
+    """bob's device: a peer of the routers for SSH to them, not for the site behind them."""
+    return [cmd("user.create", name="bob"),
+            cmd("node.register", id="c2", name="ssh", machine_key="mc2", node_key="kc2",
+                user="bob"),
+            cmd("node.approve", id="c2")]
+
+
+def test_a_route_is_shown_only_to_whom_the_policy_lets_use_it(cluster):
+    cluster.apply(*ssh_client(), router(1), router(2), cmd("node.approve", id="r1"),
+                  cmd("node.approve", id="r2"), presence([("r1", True), ("r2", True)]))
+    assert SITE in cluster.allowed_ips("c1", "r1")
+    for r in ("r1", "r2"):
+        assert cluster.allowed_ips("c2", r) == cluster.feed.full(r).self_node.addresses
+    cluster.apply(presence([("r1", False)]))  # the route moves, still out of bob's sight
+    assert SITE in cluster.allowed_ips("c1", "r2") and SITE not in cluster.allowed_ips("c2", "r2")
+    cluster.apply(policy_cmd(POLICY_BOB))
+    assert SITE in cluster.allowed_ips("c2", "r2") and SITE not in cluster.allowed_ips("c2", "r1")
+    cluster.check_feed_matches_definition()
+
+
 def test_unapproving_or_unadvertising_leaves_the_set(cluster):
     cluster.apply(cmd("policy.set", text="{}", compiled=compile_policy(parse_policy("{}"))))
     cluster.apply(router(1), router(2), cmd("node.approve", id="r1"), cmd("node.approve", id="r2"))
@@ -210,6 +235,34 @@ def test_exit_nodes_are_not_elected_and_offer_the_default_routes(cluster):
         [("0.0.0.0/0", ["r1", "r2"]), ("::/0", ["r1", "r2"])]
 
 
+def test_exit_node_use_is_recorded_and_audited(cluster):
+    cluster.apply(router(1, routes_=("0.0.0.0/0", "::/0"), tags=("tag:exit",)),
+                  router(2, routes_=("0.0.0.0/0", "::/0"), tags=("tag:exit",)),
+                  cmd("node.approve", id="r1"), cmd("node.approve", id="r2"))
+    version = cluster.feed.version
+    r = cluster.apply(cmd("node.report", id="c1", exit_node="r1", actor="node:c1"))
+    assert r["ok"] and cluster.node("c1")["exit_node"] == "r1"
+    assert cluster.update.deltas == {}  # nothing a netmap shows
+    cluster.apply(cmd("node.report", id="c1", exit_node="r2", actor="node:c1"),
+                  cmd("node.report", id="c1", exit_node="r2", actor="node:c1"),  # no change
+                  cmd("node.report", id="c1", exit_node=None, actor="node:c1"))
+    entries = [e for _, e in cluster.txn.items("audit") if e["version"] > version]
+    uses = [(e["before"].get("exit_node"), e["after"]["exit_node"]) for e in entries
+            if e["target"] == "node:c1" and e["action"] == "node.report"]
+    assert uses == [(None, "r1"), ("r1", "r2"), ("r2", None)]
+    assert all(e["actor"] == "node:c1" for e in entries)
+
+
+@pytest.mark.parametrize("exit_node", ["c1", "nope", "r1"])
+def test_an_exit_node_that_is_none_is_refused_and_changes_nothing(cluster, exit_node):
+    cluster.apply(router(1))  # a subnet router, no exit node
+    before = json.dumps(cluster.txn.tables, sort_keys=True)
+    r = cluster.apply(cmd("node.report", id="c1", exit_node=exit_node))
+    assert not r["ok"] and r["code"] == "invalid_exit_node" and r["status"] == 400
+    assert repr(exit_node) in r["message"]
+    assert json.dumps(cluster.txn.tables, sort_keys=True) == before
+
+
 @pytest.mark.parametrize("approved, message", [
     (["10.9.0.0/24"], "not advertised"), (["10.2.0.1/24"], "not a CIDR"), (["x"], "not a CIDR")])
 def test_bad_route_approvals_are_refused_and_change_nothing(cluster, approved, message):
@@ -238,11 +291,12 @@ def test_replicas_agree_over_random_histories():
             cmd("node.report", id=r, unreachable_routes=rng.choice([[], [SITE]])),
             cmd("node.report", id=r, advertised_routes=rng.choice([[SITE], [], [SITE, "10.3.0.0/24"]])),
             cmd("node.routes", id=r, approved_routes=[]),
+            policy_cmd(rng.choice([POLICY, POLICY_BOB])),
         ]))
     states = []
     for _ in range(2):
         c = Cluster()
-        c.apply(cmd("user.create", name="alice"), policy_cmd(),
+        c.apply(cmd("user.create", name="alice"), policy_cmd(), *ssh_client(),
                 *[router(i, routes_=(SITE, "10.3.0.0/24")) for i in range(1, 5)],
                 *[cmd("node.approve", id=f"r{i}") for i in range(1, 5)])
         for op in ops:
@@ -252,7 +306,7 @@ def test_replicas_agree_over_random_histories():
                     assert (cidr in (c.node(nid).get("standby_routes") or ())) == (nid != s["primary"])
                 if s["primary"] and any(routes.eligible(c.node(n), cidr) for n in s["routers"]):
                     assert routes.eligible(c.node(s["primary"]), cidr)
-        c.check_feed_matches_definition()
+            c.check_feed_matches_definition()
         states.append(c.txn.tables)
     assert states[0] == states[1]
 
