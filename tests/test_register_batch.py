@@ -1,16 +1,21 @@
 """Group commit of registrations: a batch entry applies each as if it were its own entry, and
 the replica's batcher sends registrations of one loop turn as one entry with one result each."""
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from nacl.signing import SigningKey
 
+from raftmesh.agent.control_client import ControlClient
 from raftmesh.api.group_commit import RegistrationBatcher
 from raftmesh.cluster import state_machine as sm
 from raftmesh.cluster.commands import Command, Invalid, NodeRegister, NodeRegisterBatch
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.cluster.raft import Outcome
 from raftmesh.cluster.raft.in_memory import InMemoryRaft
+from raftmesh.proto.routes import REGISTER
 
+from test_agent_register import node_key, preauth
 from test_state_machine import DictTxn, cmd, run
 
 
@@ -127,3 +132,26 @@ def test_a_batch_that_was_not_applied_is_reported_so_to_each(raft):
 
     outcomes = asyncio.run(register_together())
     assert [o.kind for o in outcomes] == [Outcome.UNKNOWN, Outcome.UNKNOWN]
+
+
+def test_registrations_acknowledged_together_survive_sigkill_of_every_replica(make_cluster):
+    """Registered means committed: every agent told so finds its node after all replicas
+    were SIGKILLed and restarted, whichever replica it asks."""
+    c = make_cluster(3)
+    key = preauth(c, reusable=True)
+    follower = next(r for r in c.replicas if r is not c.leader())
+    machines = [SigningKey.generate() for _ in range(48)]
+
+    def register(machine, replica):
+        return ControlClient([replica.api_url], machine).call(
+            "POST", REGISTER, {"node_key": node_key(), "hostname": "batched", "auth_key": key})
+
+    with ThreadPoolExecutor(16) as pool:
+        acked = list(pool.map(lambda m: register(m, follower)["node"]["id"], machines))
+    assert len(set(acked)) == len(machines)
+    for r in c.replicas:
+        c.kill(r)
+    c.start_all()
+    c.wait_ready(timeout=30)
+    for i, machine in enumerate(machines):
+        assert register(machine, c.replicas[i % 3])["node"]["id"] == acked[i]
