@@ -16,12 +16,10 @@ from aiohttp import web
 from raftmesh.cluster.commands import NodeRegister, NodeRegisterBatch
 from raftmesh.cluster.raft import Outcome, Raft
 
-BATCH_LIMIT = 256  # registrations per entry: bounds an entry's size (~0.5 KiB each) and apply
-
 
 class RegistrationBatcher:
-    def __init__(self, replica: Raft, limit: int = BATCH_LIMIT):
-        self.replica, self.limit = replica, limit
+    def __init__(self, replica: Raft, limit: int):
+        self.replica, self.limit = replica, limit  # ReplicaConfig.register_batch
         self._waiting: list[tuple[NodeRegister, asyncio.Future]] = []
 
     def propose(self, cmd: NodeRegister) -> asyncio.Future:
@@ -29,10 +27,10 @@ class RegistrationBatcher:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._waiting.append((cmd, fut))
-        if len(self._waiting) == 1:
-            loop.call_soon(self._send)
-        elif len(self._waiting) >= self.limit:
+        if len(self._waiting) >= self.limit:
             self._send()
+        elif len(self._waiting) == 1:
+            loop.call_soon(self._send)
         return fut
 
     def _send(self) -> None:

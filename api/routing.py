@@ -566,7 +566,7 @@ async def _expect_100_continue(request: web.Request) -> None:
 def register(app: web.Application, replica: Raft) -> None:
     keys = ApiKeyCache(replica)
     app[WRITE_DEADLINES] = WriteDeadlines(replica.config.write_timeout)
-    app[REGISTRATIONS] = RegistrationBatcher(replica)
+    app[REGISTRATIONS] = RegistrationBatcher(replica, replica.config.register_batch)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, make_handler(r, replica, keys), name=_route_name(r),
                              expect_handler=_expect_100_continue)

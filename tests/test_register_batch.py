@@ -10,7 +10,7 @@ from raftmesh.agent.control_client import ControlClient
 from raftmesh.api.group_commit import RegistrationBatcher
 from raftmesh.cluster import state_machine as sm
 from raftmesh.cluster.commands import Command, Invalid, NodeRegister, NodeRegisterBatch
-from raftmesh.cluster.config import ReplicaConfig
+from raftmesh.cluster.config import ConfigError, ReplicaConfig
 from raftmesh.cluster.raft import Outcome
 from raftmesh.cluster.raft.in_memory import InMemoryRaft
 from raftmesh.proto.routes import REGISTER
@@ -90,7 +90,7 @@ def test_registrations_of_one_loop_turn_are_one_entry_each_with_its_own_outcome(
     before = raft.store.applied_version()
 
     async def register_together():
-        batcher = RegistrationBatcher(raft)
+        batcher = RegistrationBatcher(raft, 256)
         return await asyncio.gather(*(batcher.propose(r) for r in
                                       (registration(1), registration(2, machine="m1"), registration(3))))
 
@@ -120,14 +120,16 @@ def test_a_lone_registration_stays_an_ordinary_entry_and_batches_are_bounded(raf
         assert txn.get("nodes", "n1") is not None
     asyncio.run(register([registration(i, preauth_key_id=None, user="alice") for i in range(2, 7)], 2))
     assert raft.store.applied_version() == before + 4, "5 registrations, at most 2 an entry"
-    assert [c.id for _, c, _ in published] == ["n1", "n2", "n3", "n4", "n5", "n6"]
+    asyncio.run(register([registration(i, preauth_key_id=None, user="alice") for i in range(7, 10)], 1))
+    assert raft.store.applied_version() == before + 7, "register_batch = 1: an entry each"
+    assert [c.id for _, c, _ in published] == [f"n{i}" for i in range(1, 10)]
 
 
 def test_a_batch_that_was_not_applied_is_reported_so_to_each(raft):
     raft.script_outcomes(Outcome(Outcome.UNKNOWN, reason="leader lost"))
 
     async def register_together():
-        batcher = RegistrationBatcher(raft)
+        batcher = RegistrationBatcher(raft, 256)
         return await asyncio.gather(batcher.propose(registration(1)), batcher.propose(registration(2)))
 
     outcomes = asyncio.run(register_together())
@@ -155,3 +157,11 @@ def test_registrations_acknowledged_together_survive_sigkill_of_every_replica(ma
     c.wait_ready(timeout=30)
     for i, machine in enumerate(machines):
         assert register(machine, c.replicas[i % 3])["node"]["id"] == acked[i]
+
+
+@pytest.mark.parametrize("size", [0, 257])
+def test_a_register_batch_setting_out_of_range_is_refused_naming_it(tmp_path, size):
+    config = ReplicaConfig(id="m", raft_addr="127.0.0.1:1", peers=[], data_dir=str(tmp_path),
+                           cluster_secret="s" * 16, register_batch=size)
+    with pytest.raises(ConfigError, match=r"register_batch must be in \[1, 256\]"):
+        config.validate()
