@@ -17,6 +17,7 @@ from raftmesh.cluster.state_machine import preauth_key_problem, public
 
 from . import auth
 from .errors import APIError
+from .group_commit import REGISTRATIONS
 from raftmesh.proto.frames import FrameError, stream_key_bytes
 from raftmesh.proto.machine_auth import (FRESHNESS_SECONDS, HEADER_NONCE, NonceCache, SignatureError,
                                          StaleTimestamp, request_key, verify_headers)
@@ -105,10 +106,22 @@ def cluster_public_keys(ctx: Ctx) -> list[dict]:
                              "advertised_routes": {"type": "array", "items": CIDR, "maxItems": 256}},
                             ("node_key", "hostname")), response=REGISTERED)
 async def register(ctx: Ctx):
+    """A new machine registers without a read barrier first: the write itself is the
+    linearizable step, and apply refuses a machine key or pre-auth key the state does not
+    allow (state_machine._new_node). Only when this replica's own state cannot answer (the
+    machine is known here, the key unknown here, or the write was refused, e.g. because
+    the machine registered elsewhere a moment ago) does it catch up with a barrier and
+    decide as before, so every answer is one a barrier-first replica could have given."""
     machine = await machine_of(ctx)
+    b = dict(ctx.body, advertised_routes=checked_routes(ctx.body.get("advertised_routes", [])))
+    if node_for_machine(ctx, machine) is None and ("auth_key" in b or not sso_enabled(ctx)):
+        try:
+            return await _register_new(ctx, machine, b)
+        except APIError as e:
+            if e.status == 503:  # outcome unknown or no leader: the agent retries
+                raise
     await ctx.read_version()  # see keys and nodes created on other replicas just before
     existing = node_for_machine(ctx, machine)
-    b = dict(ctx.body, advertised_routes=checked_routes(ctx.body.get("advertised_routes", [])))
     lifetime = ctx.config.node_key_lifetime
     key_expiry = time.time() + lifetime if lifetime else None
     if "auth_key" not in b and sso_enabled(ctx) and (existing is None or _expired(existing)):
@@ -124,13 +137,20 @@ async def register(ctx: Ctx):
             node_key=b["node_key"], key_expiry=key_expiry))
         return web.json_response({"node": public(r["value"]), "approved": True, "expired": False,
                                   "cluster_keys": cluster_public_keys(ctx), "version": r["version"]})
+    return await _register_new(ctx, machine, b)
+
+
+async def _register_new(ctx: Ctx, machine: str, b: dict) -> web.Response:
+    """Register the machine as a new node, through the replica's group commit."""
+    lifetime = ctx.config.node_key_lifetime
     ctx.actor = f"machine:{machine}"
     args = {"id": "n" + secrets.token_hex(6), "name": b["hostname"].lower(), "machine_key": machine,
             "node_key": b["node_key"], "endpoints": b.get("endpoints", []),
-            "advertised_routes": b["advertised_routes"], "key_expiry": key_expiry}
+            "advertised_routes": b["advertised_routes"],
+            "key_expiry": time.time() + lifetime if lifetime else None}
     if "auth_key" in b:
         args["preauth_key_id"] = _check_preauth_key(ctx, b["auth_key"])
-    r = await ctx.write(NodeRegister(**args))
+    r = await ctx.write(NodeRegister(**args), ctx.request.app[REGISTRATIONS].propose)
     node = r["value"]
     return web.json_response({"node": public(node), "approved": node["approved"], "expired": False,
                               "cluster_keys": cluster_public_keys(ctx), "version": r["version"]})

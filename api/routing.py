@@ -28,6 +28,7 @@ from raftmesh.proto.numbers import MAX_SAFE_INTEGER, parse_number
 from . import auth, responses
 from .console import sessions
 from .errors import ERROR_CODES, APIError, error_body
+from .group_commit import REGISTRATIONS, RegistrationBatcher
 from .read_barrier import applied_or_after_barrier
 from .write_deadlines import WriteDeadlines
 
@@ -83,16 +84,19 @@ class Ctx:
     def param(self, name: str) -> str:
         return self.request.match_info[name]
 
-    async def write(self, cmd: Command) -> dict:
+    async def write(self, cmd: Command,
+                    propose: Callable[[Command], asyncio.Future] | None = None) -> dict:
         """Propose `cmd`, stamped with the time, the caller and the request's idempotency
-        key, through Raft and wait; never reports success that did not happen."""
+        key, through Raft (or `propose`, e.g. a group commit) and wait; never reports
+        success that did not happen."""
         key = idempotency_key(self.request)
         # The key is scoped to the caller and to this exact request, so reusing it for a
         # different request can never replay an unrelated result as this one's success.
         cmd = replace(cmd, time=time.time(), actor=self.actor,
                       request_id=f"{self.actor}:{key}:{self.fingerprint()}" if key else None)
         try:
-            outcome = await self.request.app[WRITE_DEADLINES].watch(self.replica.propose_async(cmd))
+            outcome = await self.request.app[WRITE_DEADLINES].watch(
+                (propose or self.replica.propose_async)(cmd))
         except TimeoutError:
             raise APIError(503, "outcome_unknown",
                            f"no commit within {self.config.write_timeout:g}s; the write may still "
@@ -562,6 +566,7 @@ async def _expect_100_continue(request: web.Request) -> None:
 def register(app: web.Application, replica: Raft) -> None:
     keys = ApiKeyCache(replica)
     app[WRITE_DEADLINES] = WriteDeadlines(replica.config.write_timeout)
+    app[REGISTRATIONS] = RegistrationBatcher(replica, replica.config.register_batch)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, make_handler(r, replica, keys), name=_route_name(r),
                              expect_handler=_expect_100_continue)

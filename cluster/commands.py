@@ -17,6 +17,7 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any, Callable, ClassVar, TypedDict
 
 from raftmesh.storage.json_codec import compact_json, loads_utf8
@@ -134,12 +135,16 @@ class Command:
         return {name: v for name, _ in self._arguments
                 if (v := getattr(self, name)) is not ABSENT}
 
-    def encode(self) -> bytes:
+    def record(self) -> dict[str, Any]:
+        """What encode() writes, before it is JSON (a batch holds its commands so)."""
         record = {"v": FORMAT_VERSION, "op": self.op, "args": self.args(),
                   "time": self.time, "actor": self.actor}
         if self.request_id is not None:
             record["request_id"] = self.request_id
-        return _encode(record).encode()
+        return record
+
+    def encode(self) -> bytes:
+        return _encode(self.record()).encode()
 
     @staticmethod
     def decode(data: bytes) -> "Command":
@@ -150,6 +155,11 @@ class Command:
             record = loads_utf8(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise CommandError(f"not JSON: {e}") from None
+        return Command.from_record(record)
+
+    @staticmethod
+    def from_record(record: Any) -> "Command":
+        """decode() of a record already parsed from JSON (one inside a batch)."""
         if not isinstance(record, dict) or record.get("v") != FORMAT_VERSION:
             raise CommandError(f"unsupported command format {record.get('v') if isinstance(record, dict) else None!r}")
         op, args = record.get("op"), record.get("args", {})
@@ -351,6 +361,36 @@ class NodeRegister(Command):
     endpoints: list[str] | Absent = ABSENT
     advertised_routes: list[str] | Absent = ABSENT
     key_expiry: float | None | Absent = ABSENT
+
+
+@command("node.register_batch")
+class NodeRegisterBatch(Command):
+    """Registrations that reached one replica together, as one Raft entry (group commit:
+    one log append, replication and apply wake-up for them all instead of one each).
+
+    `commands` holds node.register records as a single one is logged. Each is applied as
+    if alone, in order, with its own result, idempotency record and audit entry
+    (state_machine.py); one that is malformed or refused fails alone. Apply listeners get
+    them one by one (cluster/raft/applied.py), so nothing downstream sees the batch."""
+
+    commands: list[dict]
+
+    @cached_property
+    def registrations(self) -> tuple[Command, ...]:
+        """The records, decoded once per replica; anything but a node.register is Invalid."""
+        return tuple(_batched(NodeRegister, record, self) for record in self.commands)
+
+
+def _batched(kind: type[Command], record: dict, batch: Command) -> Command:
+    envelope = {"time": batch.time, "actor": batch.actor}
+    try:
+        cmd = Command.from_record(record)
+    except CommandError as e:
+        return Invalid(op=kind.op, given=record, code="bad_command", message=str(e), **envelope)
+    if type(cmd) is not kind and not isinstance(cmd, Invalid):
+        return Invalid(op=cmd.op, given=record, code="bad_command",
+                       message=f"{batch.op} holds only {kind.op} records, not {cmd.op}", **envelope)
+    return cmd
 
 
 @command("node.update", changes_netmaps=True, result_is_node=True)

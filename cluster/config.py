@@ -6,6 +6,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 
 MIN_SECRET_BYTES = 16
+MAX_REGISTER_BATCH = 256  # bounds an entry's size (~0.5 KiB a registration) and its apply
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,10 @@ class ReplicaConfig:
     snapshot_min_seconds: int = 300
     write_timeout: float = 5.0  # after this a write's outcome is reported unknown
     max_body_bytes: int = 1 << 20
-    ready_max_lag: int = 100  # /readyz fails when applied index trails commit by more
+    ready_max_lag: int = 100
+    # registrations grouped in one Raft entry (api/group_commit.py); 1: one entry each, as
+    # replicas older than node.register_batch need during a rolling upgrade
+    register_batch: int = 256  # /readyz fails when applied index trails commit by more
     audit_export_file: str = ""  # append audit entries as JSON lines here
     audit_export_url: str = ""  # or POST them to this HTTP endpoint
     stream_keepalive: float = 10.0  # map-stream keepalive period (agents give up after 2x)
@@ -97,6 +101,9 @@ class ReplicaConfig:
                 for s in self.oidc_group_scopes.values()):
             raise ConfigError('oidc_group_scopes maps group names to lists of API scopes, e.g. '
                               '{netadmins = ["admin"]}')
+        if not 1 <= self.register_batch <= MAX_REGISTER_BATCH:
+            raise ConfigError(f"register_batch must be in [1, {MAX_REGISTER_BATCH}], not "
+                              f"{self.register_batch}")
         if not 30 <= self.login_timeout <= 3600:
             raise ConfigError("login_timeout must be in [30, 3600] seconds")
         if not self.heartbeat > 0:

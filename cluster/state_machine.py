@@ -86,11 +86,14 @@ class StagedTxn:
 
     def flush(self):
         put_raw = getattr(self.base, "put_raw", None) if self.encoded else None
+        nested = isinstance(self.base, StagedTxn)  # a batched command's: the encodings go on
         for (table, key), value in self.writes.items():
             if value is self._DELETED:
                 self.base.delete(table, key)
             elif put_raw is not None and (table, key) in self.encoded:
                 put_raw(table, key, self.encoded[(table, key)])
+            elif nested:
+                self.base.put(table, key, value, self.encoded.get((table, key)))
             else:
                 self.base.put(table, key, value)
 
@@ -450,6 +453,14 @@ def _unique_name(txn: StagedTxn, wanted: str, exclude_id: str | None = None) -> 
 @handles(c.NodeRegister)
 def _node_register(ctx: Context, cmd: c.NodeRegister) -> dict:
     return _new_node(ctx, cmd)
+
+
+@handles(c.NodeRegisterBatch)
+def _node_register_batch(ctx: Context, cmd: c.NodeRegisterBatch) -> dict:
+    """Each registration applied as if it were its own entry at this version: through
+    apply(), over this batch's staged state, so one refused leaves no trace and the next
+    sees every one before it."""
+    return {"results": [apply(ctx.txn, r, ctx.version) for r in cmd.registrations]}
 
 
 def _new_node(ctx: Context, cmd: c.NodeRegister, approved: bool = False) -> dict:

@@ -5,6 +5,7 @@ import secrets
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from nacl.public import PrivateKey
@@ -49,6 +50,20 @@ def test_register_with_preauth_key_is_approved_with_addresses(shared_cluster):
     assert "machine_key" in node and "hash" not in node
     again = a.call("POST", REGISTER, {"node_key": node_key(), "hostname": "laptop"})
     assert again["node"]["id"] == node["id"], "re-registration of a known machine returns its node"
+
+
+def test_concurrent_registrations_of_one_machine_on_every_replica_give_one_node(shared_cluster):
+    """No replica reads before it writes a new machine's registration: the ones that lose
+    the race are refused at apply, catch up and answer the node that won."""
+    c = shared_cluster
+    key, machine = preauth(c, reusable=True), SigningKey.generate()
+    agents = [ControlClient([r.api_url], machine) for r in c.replicas for _ in range(2)]
+    before = node_count(c)
+    with ThreadPoolExecutor(len(agents)) as pool:
+        answers = list(pool.map(lambda a: a.call("POST", REGISTER, {
+            "node_key": node_key(), "hostname": "racer", "auth_key": key}), agents))
+    assert len({a["node"]["id"] for a in answers}) == 1 and all(a["approved"] for a in answers)
+    assert node_count(c) == before + 1
 
 
 def test_register_without_key_is_pending_until_approved(shared_cluster):

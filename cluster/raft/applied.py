@@ -8,7 +8,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 from raftmesh.cluster import state_machine
-from raftmesh.cluster.commands import Command, CommandError
+from raftmesh.cluster.commands import Command, CommandError, NodeRegisterBatch
 from raftmesh.storage.state_store import StateStore
 
 from . import Outcome
@@ -19,11 +19,12 @@ ApplyListener = tuple[Callable[[list], None], "asyncio.AbstractEventLoop | None"
 
 
 def apply_entry(store: StateStore, payload: bytes,
-                index: int) -> tuple[dict, tuple[int, Command, dict] | None]:
+                index: int) -> tuple[dict, list[tuple[int, Command, dict]]]:
     """Apply one entry at Raft `index` into the store's open batch (the caller commits it
     once per batch); an entry that does not decode is answered, not applied. Returns the
-    result and the item apply listeners get, or None (undecodable entries and read
-    barriers change nothing anything is derived from)."""
+    result and the items apply listeners get: none for undecodable entries and read
+    barriers (they change nothing anything is derived from), one per registration of a
+    batch (listeners see each as if it had been its own entry at `index`)."""
     txn = store.write_txn()
     try:
         cmd = Command.decode(payload)
@@ -32,7 +33,12 @@ def apply_entry(store: StateStore, payload: bytes,
         cmd, result = None, {"ok": False, "version": index, "code": "bad_command",
                              "message": str(e), "status": 400}
     store.set_applied_version(txn, index)
-    return result, (index, cmd, result) if cmd is not None and not cmd.read_barrier else None
+    if cmd is None or cmd.read_barrier:
+        return result, []
+    if isinstance(cmd, NodeRegisterBatch) and result["ok"]:
+        return result, [(index, r, res) for r, res in
+                        zip(cmd.registrations, result["value"]["results"])]
+    return result, [(index, cmd, result)]
 
 
 def deliver(batch: list, listeners: list[ApplyListener], settled: list[tuple[Future, Outcome]]) -> None:

@@ -103,8 +103,7 @@ class InMemoryRaft:
             self.store.commit()  # in this thread: an LMDB write transaction cannot move
             self._index = index
             self._refresh_status()
-            batch = [published] if published is not None else []
-            deliver(batch, self._apply_listeners, [(fut, Outcome(Outcome.APPLIED, result))])
+            deliver(published, self._apply_listeners, [(fut, Outcome(Outcome.APPLIED, result))])
 
     def _refresh_status(self) -> None:
         index = self._index

@@ -549,8 +549,7 @@ class RaftReplica(SyncObj):
         if index <= self.store.writer_version():
             return None  # replay after restart: already in LMDB
         result, published = apply_entry(self.store, payload, index)
-        if published is not None:
-            self._applied_batch.append(published)
+        self._applied_batch.extend(published)
         return result
 
     def add_apply_listener(self, fn: Callable[[list], None],
