@@ -203,10 +203,16 @@ def test_replicas_expose_reported_paths_and_setup_times(natlab):
                  30, what="10 direct paths, a relayed one and setup times in the replicas' metrics")
     assert m['raftmesh_agent_peer_paths{kind="direct"}'] >= 10
     live = next(r for r in natlab.cluster.replicas if r.alive())  # the relay test killed one
-    status, body = natlab.cluster.request(live, "GET", "/api/v1/nodes")
-    assert status == 200, body
-    paths = {n["name"]: (n["stream"] or {}).get("paths") for n in body["nodes"]}
-    assert paths["host-e"] and paths["host-e"]["relay"] >= 1  # e has no direct path to f
+
+    def paths_of_e() -> dict | None:
+        """e's paths as its serving replica reports them (e may ack after the others: the
+        relay test moved it to another replica)."""
+        status, body = natlab.cluster.request(live, "GET", "/api/v1/nodes")
+        assert status == 200, body
+        return next(((n["stream"] or {}).get("paths") for n in body["nodes"] if n["name"] == "host-e"), None)
+    paths = wait_for(lambda: (lambda p: p and p.get("relay", 0) >= 1 and p)(paths_of_e()), 30,
+                     what="e's relayed path to f in its node record")
+    assert paths["relay"] >= 1  # e has no direct path to f
 
 
 def test_relayed_agents_on_different_replicas_reach_each_other(natlab):
