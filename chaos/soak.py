@@ -15,11 +15,6 @@ summarised. After the warm-up (the first `--warmup` share of the run) the judgem
 - descriptors flat: no replica ends with more open fds than it had after the warm-up
   (plus FD_SLACK for connections in flight);
 - no stream lost: every agent connected at every sample and none reconnected.
-The warm-up must outlast the filling of the netmap feed's resumable history: every policy
-change adds a delta per agent, kept up to HISTORY_PER_NODE per agent, so the heap grows for
-HISTORY_PER_NODE * POLICY_EVERY seconds (16 min; ~300 KiB per change at 1,000 agents,
-traced with api/memtrace.py) and is bounded after. DEFAULT_WARMUP (30% of an hour: 18 min)
-does; the former 20% judged four minutes of it, ~4% of the heap.
 Writes `soak.json` and `soak.png` (RSS, fds and latency over time) to `--out`.
 """
 from __future__ import annotations
@@ -33,7 +28,6 @@ import time
 
 from raftmesh.bench import harness
 from raftmesh.bench.stream_memory import vm_rss_kib
-from raftmesh.cluster.netmap_feed import HISTORY_PER_NODE
 from raftmesh.lab.light_agents import default_workers
 
 MAX_RSS_GROWTH = 0.05
@@ -41,8 +35,6 @@ FD_SLACK = 5
 MEDIAN_OF = 3
 POLICY_EVERY = 30.0
 SAVE_EVERY = 6  # samples
-DEFAULT_WARMUP = 0.3  # share of the run; covers the history's filling in an hour (module doc)
-HISTORY_FILL_SECONDS = HISTORY_PER_NODE * POLICY_EVERY
 
 
 def rss_anon_kib(pid: int) -> int:
@@ -82,7 +74,7 @@ def judge(samples: list[dict], agents: int, warmup_s: float) -> list[dict]:
 
 
 def run(out: str, minutes: float, agents: int = 1000, writes_per_second: float = 10.0,
-        sample_every: float = 10.0, warmup: float = DEFAULT_WARMUP) -> dict:
+        sample_every: float = 10.0, warmup: float = 0.2) -> dict:
     seconds = minutes * 60
     samples: list[dict] = []
     with harness.BenchRun("soak") as bench_run, bench_run.cluster(3) as cluster:
@@ -198,9 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agents", type=int, default=1000, help="light agents streaming netmaps")
     parser.add_argument("--writes-per-second", type=float, default=10.0)
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between samples")
-    parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
-                        help=f"share of the run before judging (at least {HISTORY_FILL_SECONDS / 60:g} min "
-                             "of it for a steady heap: the netmap history fills)")
+    parser.add_argument("--warmup", type=float, default=0.2, help="share of the run before judging")
     parser.add_argument("--out", default="chaos-soak")
 
 
