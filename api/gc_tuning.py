@@ -19,7 +19,8 @@ FREEZE_MIN_NODES = 1000  # indexes at least this large (when built or once grown
 GC_GEN0_THRESHOLD = 20_000  # young-generation threshold once such an index exists
 REFREEZE_EVERY = 200_000  # index changes plus the deltas they made, between re-freezes of a
 #                           large index (see refreeze_gc)
-FULL_REFREEZE_EVERY = 10  # every 10th re-freeze unfreezes first, to reclaim frozen cycles
+FULL_REFREEZE_EVERY = 10  # every 10th freeze (a re-freeze or a large change's) unfreezes
+#                            first, to reclaim cycles that died frozen
 FREEZE_AFTER_DELTAS = 1000  # a change of a large index making this many deltas is frozen
 #                             when it ends, not walked by the deferred young collection
 
@@ -31,7 +32,7 @@ class GcTuning(ChangeHooks):
     def __init__(self):
         self.large = False
         self._since_freeze = 0  # index changes and their deltas since the last (re-)freeze
-        self._refreezes = 0
+        self._freezes = 0  # re-freezes and frozen changes, counted towards the next full one
         self._freeze_at_end = False
 
     @contextmanager
@@ -42,6 +43,7 @@ class GcTuning(ChangeHooks):
                 yield
             finally:
                 pause.freeze = self._freeze_at_end
+                pause.full = self._freeze_at_end and self._full_due()
 
     def churned(self, units: int) -> None:
         self._since_freeze += units
@@ -52,9 +54,19 @@ class GcTuning(ChangeHooks):
     def index_size(self, nodes: int) -> None:
         self._tune_once_large(nodes)
         if self.large and self._since_freeze >= REFREEZE_EVERY:
-            self._refreezes += 1
-            refreeze_gc(full=self._refreezes % FULL_REFREEZE_EVERY == 0)
+            refreeze_gc(full=self._full_due())
             self._since_freeze = 0
+
+    def _full_due(self) -> bool:
+        """Counts a freeze; True for every FULL_REFREEZE_EVERY-th. Every freeze also freezes
+        the cyclic garbage other threads left uncollected (closed connections, ended
+        streams); counting only the re-freezes let it pile up between the rare full ones
+        (`raftmesh chaos soak`: a policy change to 1,000 agents every 30 s, re-freezes
+        about hourly and a full one every tenth; 300 connections open during one change
+        kept 815 KiB once closed). Counting every freeze bounds it to FULL_REFREEZE_EVERY
+        freezes' worth."""
+        self._freezes += 1
+        return self._freezes % FULL_REFREEZE_EVERY == 0
 
     def _tune_once_large(self, nodes: int) -> None:
         """A cluster usually starts empty and grows: the index gets the GC treatment when it
@@ -106,10 +118,11 @@ def raise_young_gc_threshold() -> None:
 
 
 class _Pause:
-    __slots__ = ("freeze",)
+    __slots__ = ("freeze", "full")
 
     def __init__(self):
         self.freeze = False
+        self.full = False
 
 
 @contextmanager
@@ -129,7 +142,8 @@ def collector_paused():
     after a change that rewrote thousands of nodes' filters and deltas, the walk of what it
     left behind was ~22% of the feed thread (py-spy, 10,000 agents), and a freeze is O(1).
     The objects are still freed by reference counting when replaced; cyclic garbage of
-    other threads frozen with them waits for the next full re-freeze (refreeze_gc)."""
+    other threads frozen with them waits for the next full re-freeze (`full` on the yielded
+    object: refreeze_gc(full=True) instead of the freeze)."""
     pause = _Pause()
     if not gc.isenabled():  # off already: leave it as the caller set it
         yield pause
@@ -138,7 +152,9 @@ def collector_paused():
     try:
         yield pause
     finally:
-        if pause.freeze:
+        if pause.full:
+            refreeze_gc(full=True)
+        elif pause.freeze:
             gc.freeze()
         gc.enable()
 
@@ -158,7 +174,7 @@ def refreeze_gc(full: bool = False) -> None:
     The freeze is process-wide, so it also freezes whatever else is alive (streams,
     connections); those objects' cycles, once garbage, are only reclaimed after an
     unfreeze. `full` unfreezes first (one walk of everything, ~0.3 s at 10,000 nodes), so
-    such garbage lives at most FULL_REFREEZE_EVERY re-freezes.
+    such garbage lives at most FULL_REFREEZE_EVERY freezes (GcTuning._full_due).
     """
     if full:
         gc.unfreeze()

@@ -5,8 +5,9 @@ keep per allocation, default 25). Then every SIGUSR2 writes, next to the data di
 `<data_dir>.memtrace/`:
 
 - `NNNN.tracemalloc`: a tracemalloc snapshot (`tracemalloc.Snapshot.load` reads it);
-- `NNNN.types.json`: live gc-tracked objects by type (count and shallow bytes), the process's
-  VmRSS and the number of map streams open at that moment.
+- `NNNN.types.json`: live gc-tracked objects by type (count and shallow bytes), the number
+  of frozen objects (gc.freeze: api/gc_tuning.py; not in the counts by type), the
+  process's VmRSS and the number of map streams open at that moment.
 
 Compare two dumps with `python -m raftmesh.api.memtrace diff A B [--per N]`, where A and B
 are the snapshot files (or their numbers in a directory given with --dir) and N divides the
@@ -96,6 +97,8 @@ class MemTrace:
         if self.extra is not None:
             info.update(self.extra())
         info["types"] = type_counts()
+        # gc.get_objects() skips the permanent generation: garbage frozen there shows only here
+        info["frozen_objects"] = gc.get_freeze_count()
         snapshot = tracemalloc.take_snapshot()
         snapshot.dump(base + ".tracemalloc.tmp")
         os.replace(base + ".tracemalloc.tmp", base + ".tracemalloc")
@@ -187,6 +190,7 @@ def diff(a: str, b: str, per: float = 1.0, group: str = "traceback", depth: int 
                         - ja.get("tracemalloc_overhead_bytes", 0)) / 1024 / per
             out["rss_kib_without_tracing"] = out["rss_kib"] - overhead
         out["streams"] = [ja.get("streams"), jb.get("streams")]
+        out["frozen_objects"] = [ja.get("frozen_objects"), jb.get("frozen_objects")]
     return out
 
 
@@ -222,6 +226,8 @@ def main(argv=None) -> int:
     print(f"per {per:g}: traced growth {out['total_bytes']:.0f} B"
           + (f", VmRSS growth {out['rss_kib']:.2f} KiB ({out['rss_kib_without_tracing']:.2f} KiB "
              "without tracemalloc's own tables)" if "rss_kib" in out else ""))
+    if out.get("frozen_objects"):
+        print("frozen objects (not in the types below): {} -> {}".format(*out["frozen_objects"]))
     for r in out["top"]:
         print(f"{r['bytes']:10.0f} B {r['blocks']:7.2f} blk  {r['where']}")
     for t in out.get("types", []):

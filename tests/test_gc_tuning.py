@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 from raftmesh.api import gc_tuning
 from raftmesh.api.gc_tuning import GcTuning
@@ -126,3 +127,33 @@ def test_a_large_change_of_a_large_index_is_frozen_when_it_ends(monkeypatch):
     monkeypatch.setattr(gc_tuning, "FREEZE_AFTER_DELTAS", 2)
     assert len(small.apply_batch([policy(11, POLICIES[0])]).deltas) == 2
     assert frozen == [False]
+
+
+def test_cycles_that_die_frozen_are_reclaimed_within_full_refreeze_every_large_changes(monkeypatch):
+    """Every freeze at the end of a large change also freezes other threads' garbage cycles
+    and live objects that die later; they must not wait for a re-freeze (rare: every
+    REFREEZE_EVERY units), or a policy change every 30 s grows the heap for good (soak)."""
+    monkeypatch.setattr(gc_tuning, "FREEZE_MIN_NODES", 3)
+    monkeypatch.setattr(gc_tuning, "FREEZE_AFTER_DELTAS", 4)
+    monkeypatch.setattr(gc_tuning, "FULL_REFREEZE_EVERY", 3)
+    monkeypatch.setattr(gc_tuning, "tune_gc_for_large_index", lambda: None)
+    nodes = [node(i, "alice") for i in range(4)]
+    feed = NetmapFeed(stored(POLICIES[2]), nodes, NOW, 10, hooks=GcTuning())
+
+    class Connection:  # a closed connection's objects: garbage only the collector can free
+        pass
+    try:
+        conn = Connection()
+        conn.self = conn
+        gone = weakref.ref(conn)
+        policies = [POLICIES[0], POLICIES[2]] * 2
+        changes = [feed.apply_batch([(11 + i, record("policy.set", {"text": text}, time=NOW), ok({}))])
+                   for i, text in enumerate(policies[:2])]  # frozen while alive
+        assert all(len(c.deltas) == 4 for c in changes) and gone() is not None
+        del conn, changes
+        gc.collect()
+        assert gone() is not None  # dead, but frozen
+        feed.apply_batch([(13, record("policy.set", {"text": policies[2]}, time=NOW), ok({}))])
+        assert gone() is None  # the third freeze is a full one
+    finally:
+        gc.unfreeze()

@@ -53,6 +53,7 @@ def test_sigusr2_dumps_snapshot_and_counts(make_cluster, monkeypatch):
         info = json.load(f)
     assert info["streams"] == 1 and info["pid"] == r.pid and info["vm_rss_kib"] > 0
     assert info["types"]["raftmesh.api.map_stream.Stream"][0] == 1
+    assert isinstance(info["frozen_objects"], int)  # what the counts by type cannot see
     assert tracemalloc.Snapshot.load(second).traces  # a loadable snapshot with traces
 
     out = io.StringIO()
@@ -61,4 +62,5 @@ def test_sigusr2_dumps_snapshot_and_counts(make_cluster, monkeypatch):
     text = out.getvalue()
     assert text.startswith("per 1: traced growth"), text[:200]
     assert "raftmesh.api.map_stream.Stream" in text  # one more of them between the dumps
+    assert "frozen objects (not in the types below): " in text
     assert memtrace.diff(first, second, per=1, top=3)["top"]
