@@ -303,10 +303,7 @@ def plot(out_dir: str, rows: list[dict]) -> str:
     a2.set_ylabel("fraction of rounds")
     a2.set_title("distribution over rounds")
     a2.legend(fontsize=8)
-    path = os.path.join(out_dir, "failover.png")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, out_dir, "failover")
 
 
 # -- CLI: `raftmesh bench failover` (bench/cli.py) ------------------------------------------

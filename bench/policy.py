@@ -211,10 +211,7 @@ def plot(out_dir: str, result: dict) -> str:
     ax.set_title(f"/healthz while a {cfg['rules']}-rule policy is validated and applied")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    path = os.path.join(out_dir, "policy.png")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, out_dir, "policy")
 
 
 def add_arguments(parser) -> None:

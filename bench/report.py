@@ -119,7 +119,7 @@ def plot_cdfs(out_dir: str, name: str, title: str, series: dict[str, list[float]
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def plot_bars(out_dir: str, name: str, title: str, unit: str,
@@ -138,7 +138,7 @@ def plot_bars(out_dir: str, name: str, title: str, unit: str,
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def _axes():
@@ -148,7 +148,8 @@ def _axes():
     return plt.subplots(figsize=(8, 5))
 
 
-def _save(fig, out_dir: str, name: str) -> str:
+def save_figure(fig, out_dir: str, name: str) -> str:
+    """Every benchmark's PNG the same way (`<out_dir>/<name>.png`), its figure freed."""
     import matplotlib.pyplot as plt
     path = os.path.join(out_dir, f"{name}.png")
     fig.savefig(path, dpi=110, bbox_inches="tight")

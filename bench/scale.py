@@ -461,10 +461,7 @@ def plot(out_dir: str, per_size: list[dict]) -> str:
     a2.set_title(f"CDF at {largest['n']} nodes")
     a2.grid(True, which="both", alpha=0.3)
     a2.legend(fontsize=8)
-    path = os.path.join(out_dir, "scale.png")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, out_dir, "scale")
 
 
 # -- CLI: `raftmesh bench scale` (bench/cli.py) ---------------------------------------------

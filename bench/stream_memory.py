@@ -129,10 +129,7 @@ def plot(out_dir: str, points: list[dict], replica: str) -> str:
     ax.set_title("replica memory vs open agent streams")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    path = os.path.join(out_dir, "stream-memory.png")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, out_dir, "stream-memory")
 
 
 # -- CLI: `raftmesh bench stream-memory` (bench/cli.py) --------------------------------------

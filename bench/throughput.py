@@ -18,7 +18,6 @@ targets: direct at least 90% of hand (the median of the rounds' ratios), relay a
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 
@@ -179,10 +178,7 @@ def _plot(out_dir: str, summary: list[dict]) -> str:
                  [s["max_mbit_s"] - s["median_mbit_s"] for s in summary]], capsize=6)
     ax.set_ylabel("Mbit/s (median, min-max)")
     ax.set_title("iperf3 through the tunnel")
-    path = os.path.join(out_dir, "throughput.png")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, out_dir, "throughput")
 
 
 # -- CLI: `raftmesh bench throughput` (bench/cli.py) -------------------------------------------
