@@ -5,11 +5,13 @@ Each Raft entry costs its own log append, replication, apply wake-up and future 
 replica, about as much as the registration's own work; a fleet starting up registers
 hundreds at once. A registration waits for no other (the batch leaves at the end of the
 turn it started), a lone one stays an ordinary node.register entry, and each caller gets
-its own registration's result, as if it had been proposed alone.
+its own registration's result, as if it had been proposed alone. Until every member's release
+applies node.register_batch (api/command_gate.py), each registration is its own entry.
 """
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 from aiohttp import web
 
@@ -18,8 +20,9 @@ from raftmesh.cluster.raft import Outcome, Raft
 
 
 class RegistrationBatcher:
-    def __init__(self, replica: Raft, limit: int):
+    def __init__(self, replica: Raft, limit: int, may_batch: Callable[[], bool]):
         self.replica, self.limit = replica, limit  # ReplicaConfig.register_batch
+        self.may_batch = may_batch
         self._waiting: list[tuple[NodeRegister, asyncio.Future]] = []
 
     def propose(self, cmd: NodeRegister) -> asyncio.Future:
@@ -35,8 +38,9 @@ class RegistrationBatcher:
 
     def _send(self) -> None:
         waiting, self._waiting = self._waiting, []
-        if len(waiting) == 1:
-            _chain(self.replica.propose_async(waiting[0][0]), waiting[0][1])
+        if len(waiting) == 1 or (waiting and not self.may_batch()):
+            for cmd, fut in waiting:
+                _chain(self.replica.propose_async(cmd), fut)
         elif waiting:
             batch = NodeRegisterBatch(commands=[cmd.record() for cmd, _ in waiting],
                                       time=max(cmd.time for cmd, _ in waiting))

@@ -28,7 +28,6 @@ from raftmesh.proto.numbers import MAX_SAFE_INTEGER, parse_number
 from . import auth, responses
 from .console import sessions
 from .errors import ERROR_CODES, APIError, error_body
-from .group_commit import REGISTRATIONS, RegistrationBatcher
 from .read_barrier import applied_or_after_barrier
 from .write_deadlines import WriteDeadlines
 
@@ -566,7 +565,6 @@ async def _expect_100_continue(request: web.Request) -> None:
 def register(app: web.Application, replica: Raft) -> None:
     keys = ApiKeyCache(replica)
     app[WRITE_DEADLINES] = WriteDeadlines(replica.config.write_timeout)
-    app[REGISTRATIONS] = RegistrationBatcher(replica, replica.config.register_batch)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, make_handler(r, replica, keys), name=_route_name(r),
                              expect_handler=_expect_100_continue)

@@ -9,7 +9,7 @@ import time
 import uvloop
 from aiohttp import web
 
-from raftmesh.cluster.commands import ApiKeyBootstrap, ClusterKeyBootstrap, MemberAnnounce
+from raftmesh.cluster.commands import ApiKeyBootstrap, ClusterKeyBootstrap, MemberAnnounce, NodeRegisterBatch
 from raftmesh.cluster.config import ReplicaConfig
 from raftmesh.cluster import raft
 from raftmesh.cluster.raft import Outcome, Raft
@@ -18,6 +18,8 @@ from raftmesh.storage.audit_export import AuditExporter
 from . import admin, agent_api, cluster_health, lockdown_api  # noqa: F401  (register their routes)
 from . import relay, relay_links, settings_api, sso_api  # noqa: F401  (register their routes)
 from . import auth, health, routing, scim, stun_server
+from .command_gate import COMMAND_GATE, CommandGate
+from .group_commit import REGISTRATIONS, RegistrationBatcher
 from .console import web as console
 from .ephemeral_gc import remove_ephemeral_nodes
 from .gc_tuning import raise_young_gc_threshold
@@ -55,6 +57,9 @@ def build_app(replica: Raft) -> web.Application:
     app[CLUSTER_CLOCK] = ClusterClock(replica)
     app[relay.HUB] = relay.RelayHub(metrics.registry)
     app[relay_links.LINKS] = relay_links.Links(app[relay.HUB], replica, metrics.registry)
+    gate = app[COMMAND_GATE] = CommandGate(replica, metrics.registry)
+    app[REGISTRATIONS] = RegistrationBatcher(replica, replica.config.register_batch,
+                                             lambda: gate.allows(NodeRegisterBatch.op))
     routing.register(app, replica)
     health.add_routes(app, replica, metrics)
     scim.add_routes(app, replica)
@@ -123,7 +128,8 @@ async def serve(config: ReplicaConfig, ready: asyncio.Event | None = None) -> No
              asyncio.create_task(bootstrap_cluster_key(replica)),
              asyncio.create_task(sweep_presence(replica)),
              asyncio.create_task(remove_ephemeral_nodes(replica)),
-             asyncio.create_task(app[relay_links.LINKS].run())]
+             asyncio.create_task(app[relay_links.LINKS].run()),
+             asyncio.create_task(app[COMMAND_GATE].run())]
     if config.audit_export_file or config.audit_export_url:
         exporter = AuditExporter(replica.store, config.data_dir, config.audit_export_file,
                                  config.audit_export_url)

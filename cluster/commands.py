@@ -116,6 +116,9 @@ class Command:
     changes_cluster_keys: ClassVar[bool] = False  # the netmap signer must be re-read
     changes_api_keys: ClassVar[bool] = False  # the only writers of the api_keys table
     read_barrier: ClassVar[bool] = False  # proves prior entries applied; changes nothing
+    # added by a release: proposed only once every member's release applies it, since an
+    # older replica would refuse what the others apply (api/command_gate.py)
+    needs_every_member: ClassVar[bool] = False
     _arguments: ClassVar[tuple[tuple[str, bool], ...]] = ()  # (name, required)
     _checks: ClassVar[tuple[tuple[str, frozenset[type], _Check | None, str], ...]] = ()
 
@@ -363,7 +366,7 @@ class NodeRegister(Command):
     key_expiry: float | None | Absent = ABSENT
 
 
-@command("node.register_batch")
+@command("node.register_batch", needs_every_member=True)
 class NodeRegisterBatch(Command):
     """Registrations that reached one replica together, as one Raft entry (group commit:
     one log append, replication and apply wake-up for them all instead of one each).

@@ -37,10 +37,10 @@ class ReplicaConfig:
     snapshot_min_seconds: int = 300
     write_timeout: float = 5.0  # after this a write's outcome is reported unknown
     max_body_bytes: int = 1 << 20
-    ready_max_lag: int = 100
-    # registrations grouped in one Raft entry (api/group_commit.py); 1: one entry each, as
-    # replicas older than node.register_batch need during a rolling upgrade
-    register_batch: int = 256  # /readyz fails when applied index trails commit by more
+    ready_max_lag: int = 100  # /readyz fails when applied index trails commit by more
+    # at most this many registrations grouped in one Raft entry (api/group_commit.py); 1: one
+    # entry each (held back anyway until every member applies them: api/command_gate.py)
+    register_batch: int = 256
     audit_export_file: str = ""  # append audit entries as JSON lines here
     audit_export_url: str = ""  # or POST them to this HTTP endpoint
     stream_keepalive: float = 10.0  # map-stream keepalive period (agents give up after 2x)

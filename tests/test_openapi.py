@@ -74,7 +74,8 @@ def test_served_document_is_the_generated_one_and_valid(api):
 def test_document_lists_exactly_the_registered_routes():
     """Compare with the routes of the app the server really builds (not the route table)."""
     config = SimpleNamespace(max_body_bytes=1 << 20, write_timeout=5.0, oidc_issuer="",
-                             cluster_secret="stub-cluster-secret", register_batch=1)
+                             cluster_secret="stub-cluster-secret", register_batch=1,
+                             raft_addr="127.0.0.1:1")
     stub = SimpleNamespace(config=config, status={},
                            add_apply_listener=lambda fn: None, add_reset_listener=lambda fn: None)
     app = server.build_app(stub)

@@ -90,7 +90,7 @@ def test_registrations_of_one_loop_turn_are_one_entry_each_with_its_own_outcome(
     before = raft.store.applied_version()
 
     async def register_together():
-        batcher = RegistrationBatcher(raft, 256)
+        batcher = RegistrationBatcher(raft, 256, lambda: True)
         return await asyncio.gather(*(batcher.propose(r) for r in
                                       (registration(1), registration(2, machine="m1"), registration(3))))
 
@@ -111,7 +111,7 @@ def test_a_lone_registration_stays_an_ordinary_entry_and_batches_are_bounded(raf
     before = raft.store.applied_version()
 
     async def register(regs, limit):
-        batcher = RegistrationBatcher(raft, limit)
+        batcher = RegistrationBatcher(raft, limit, lambda: True)
         return await asyncio.gather(*(batcher.propose(r) for r in regs))
 
     lone = asyncio.run(register([registration(1)], 4))
@@ -125,11 +125,25 @@ def test_a_lone_registration_stays_an_ordinary_entry_and_batches_are_bounded(raf
     assert [c.id for _, c, _ in published] == [f"n{i}" for i in range(1, 10)]
 
 
+def test_while_batches_are_held_back_each_registration_is_its_own_entry(raft):
+    """A member's release may not know node.register_batch (api/command_gate.py)."""
+    before = raft.store.applied_version()
+
+    async def register_together():
+        batcher = RegistrationBatcher(raft, 256, lambda: False)
+        return await asyncio.gather(*(batcher.propose(registration(i, preauth_key_id=None, user="alice"))
+                                      for i in range(1, 5)))
+
+    outcomes = asyncio.run(register_together())
+    assert [o.result["ok"] for o in outcomes] == [True] * 4
+    assert raft.store.applied_version() == before + 4, "one entry each"
+
+
 def test_a_batch_that_was_not_applied_is_reported_so_to_each(raft):
     raft.script_outcomes(Outcome(Outcome.UNKNOWN, reason="leader lost"))
 
     async def register_together():
-        batcher = RegistrationBatcher(raft, 256)
+        batcher = RegistrationBatcher(raft, 256, lambda: True)
         return await asyncio.gather(batcher.propose(registration(1)), batcher.propose(registration(2)))
 
     outcomes = asyncio.run(register_together())
