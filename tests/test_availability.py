@@ -1,6 +1,7 @@
 """Availability: the per-window write-gap measure and its check on hand-made data, and the
-cluster fixes it led to, on real replicas in network namespaces (a cut-off replica answers
-within about an election timeout, and serves again soon after the heal)."""
+cluster fixes it led to, on real replicas in network namespaces (a cut-off replica, also a
+leader cut off one way, answers within about an election timeout, and serves again soon
+after the heal)."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -87,26 +88,35 @@ def _timed_write(cluster, r, name):
     return status, body, time.monotonic() - start
 
 
-def _isolate(net, cluster, victim):
+def _isolate(net, cluster, victim, drop="both"):
+    """Cut `victim` off: both ways, or one way like the chaos `oneway` fault ("in": it hears
+    nobody, "out": nobody hears it)."""
     i = cluster.replicas.index(victim)
     others = {ip for j, ip in enumerate(net.ips) if j != i}
-    net.set_rules(i, netlab.NetRules(blocked=others))
+    if drop == "in":
+        net.set_rules(i, netlab.NetRules(deaf_to=others))
+        return
+    if drop == "both":
+        net.set_rules(i, netlab.NetRules(blocked=others))
     for j in range(len(net.ips)):
         if j != i:
-            net.set_rules(j, netlab.NetRules(blocked={net.ips[i]}))
+            net.set_rules(j, netlab.NetRules(deaf_to={net.ips[i]}) if drop == "out"
+                          else netlab.NetRules(blocked={net.ips[i]}))
 
 
 @needs_netns
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("who", ["leader", "follower"])
-def test_a_cut_off_replica_answers_within_about_an_election_and_serves_soon_after_the_heal(netcluster, who):
+@pytest.mark.parametrize("who, drop", [("leader", "both"), ("follower", "both"), ("leader", "in"),
+                                       ("leader", "out")])
+def test_a_cut_off_replica_answers_within_about_an_election_and_serves_soon_after_the_heal(netcluster, who,
+                                                                                          drop):
     net, cluster = netcluster
     leader = cluster.leader()
     victim = leader if who == "leader" else next(r for r in cluster.replicas if r is not leader)
     wait_until(lambda: _timed_write(cluster, victim, f"warm{time.monotonic()}")[0] == 201, 20,
                what="a first write through the victim")
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        _isolate(net, cluster, victim)
+        _isolate(net, cluster, victim, drop)
         cut = time.monotonic()
         # Writes in flight when the replica lost its quorum, then one that comes later.
         first = [pool.submit(_timed_write, cluster, victim, f"in-flight{k}") for k in range(4)]

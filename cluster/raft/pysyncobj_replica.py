@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import os
 import queue
 import threading
@@ -117,6 +118,7 @@ class RaftReplica(SyncObj):
         self._leader_heard = time.monotonic()  # last AppendEntries of the current term or newer
         self._prevote_term: int | None = None  # the election asked about (see _hold_election)
         self._prevotes: set = set()  # peers that would vote in it
+        self._election_allowed = False  # see _SyncObj__raftElectionDeadline
         self._was_leader = False
         self._wake_pending = False  # a wake-up byte is in the pipe, not yet seen by a tick
         self._outbox: dict = {}  # node -> messages queued this tick (see _wrap_transport_send)
@@ -213,8 +215,8 @@ class RaftReplica(SyncObj):
         tick's start."""
         now = time.monotonic()
         if now - last_tick > self.config.tick + self.config.election_min:
-            self._SyncObj__raftElectionDeadline = max(self._SyncObj__raftElectionDeadline,
-                                                      _raft_clock() + self._SyncObj__generateRaftTimeout())
+            self._election_deadline = max(self._election_deadline,
+                                          _raft_clock() + self._SyncObj__generateRaftTimeout())
         return now
 
     def _wait_for_room(self) -> None:
@@ -266,16 +268,22 @@ class RaftReplica(SyncObj):
         holds the election; the election runs once a majority said yes.
         A peer says yes only if it has not heard a leader for election_min itself and the
         asker's log is at least as up to date as its own. Unanswered, it asks again after
-        PREVOTE_AGAIN heartbeats."""
+        PREVOTE_AGAIN heartbeats. The grants say nobody led the peer: they count only until
+        this replica hears or becomes a leader (kept, a leader that had asked while its own
+        election dragged on stood again the moment it stepped down, seconds later)."""
         others = self._SyncObj__otherNodes
+        self._election_allowed = not others  # a lone replica has nobody to ask
+        if self._isLeader():
+            self._prevote_term = None  # its grants said nobody led; now this replica does
         if self._isLeader() or not others or self._SyncObj__selfNode is None:
             return
         now = _raft_clock()
-        if self._SyncObj__raftElectionDeadline > now or not self._SyncObj__connectedToAnyone():
+        if self._election_deadline > now or not self._SyncObj__connectedToAnyone():
             return
         term = self.raftCurrentTerm + 1
         if self._prevote_term == term and len(self._prevotes) + 1 > (len(others) + 1) / 2:
             self._prevote_term = None  # granted: pysyncobj's election goes ahead in this tick
+            self._election_allowed = True
             return
         if self._prevote_term != term:
             self._prevote_term, self._prevotes = term, set()
@@ -285,14 +293,33 @@ class RaftReplica(SyncObj):
             self._SyncObj__transport.send(node, ask)
         # Ask again soon: peers refuse only while they still hear a leader (election_min),
         # and a full timeout between rounds made every failover that much longer.
-        self._SyncObj__raftElectionDeadline = now + PREVOTE_AGAIN * self.config.heartbeat
+        self._election_deadline = now + PREVOTE_AGAIN * self.config.heartbeat
+
+    @property
+    def _SyncObj__raftElectionDeadline(self) -> float:
+        """pysyncobj's election deadline as pysyncobj sees it: never due unless this tick's
+        pre-vote round was granted (_hold_election).
+
+        pysyncobj reads its deadline only where its tick decides to stand for election, a
+        moment after _hold_election looked at it. When the deadline passed in between (the
+        Raft thread descheduled or waiting for the GIL on a loaded machine), pysyncobj stood
+        for election unasked: a replica nobody could hear (a one-way partition) raised its
+        term, then ignored the leader's lower-term heartbeats after the heal and was refused
+        every pre-vote, out of the cluster for good (chaos: `settled` failed), or its vote
+        request deposed that leader. The deadline itself is kept in _election_deadline,
+        where pysyncobj's writes (a heartbeat or a vote pushes it on) land."""
+        return self._election_deadline if self._election_allowed else math.inf
+
+    @_SyncObj__raftElectionDeadline.setter
+    def _SyncObj__raftElectionDeadline(self, deadline: float) -> None:
+        self._election_deadline = deadline
 
     def _on_prevote(self, node, message) -> None:
         if message["type"] == PREVOTE_GRANTED:
             if message["term"] == self._prevote_term and node in self._SyncObj__otherNodes:
                 self._prevotes.add(node)
                 if len(self._prevotes) + 1 > (len(self._SyncObj__otherNodes) + 1) / 2:
-                    self._SyncObj__raftElectionDeadline = 0  # the next tick starts the election
+                    self._election_deadline = 0  # the next tick starts the election
             return
         heard = self._isLeader() or (self._SyncObj__raftLeader is not None and
                                      time.monotonic() - self._leader_heard < self.config.election_min)
@@ -506,6 +533,7 @@ class RaftReplica(SyncObj):
             return self._on_prevote(node, message)
         if message.get("type") == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
             self._leader_heard = time.monotonic()
+            self._prevote_term = None  # its grants said nobody led (see _hold_election)
         if message.get("type") != "append_entries" or "prevLogIdx" not in message \
                 or message.get("transmission") in ("start", "process"):
             return SyncObj._SyncObj__onMessageReceived(self, node, message)
