@@ -7,7 +7,7 @@ document's links (create a user, then read, lock or delete that user; read the p
 then replace it at the version read; approve, rename or delete a registered node...),
 checked the same way and also for a resource still served after its deletion or missing
 right after its creation. Bounded: a few examples per operation and 80 scenarios of at
-most 10 steps, one single-replica cluster (writes commit at once), under two minutes and
+most 10 steps, one single-replica cluster (writes commit at once), about two minutes and
 over 2,000 requests in all; afterwards the replica must still serve and its audit
 chain verify. RAFTMESH_FUZZ_EXAMPLES raises the examples per operation, and the scenarios
 with them, for the long run (docs/chaos.md, "API fuzzing").
