@@ -410,7 +410,8 @@ async def get_policy(ctx: Ctx):
 
 @route("PUT", V + "/policy", "write", "Replace the policy (validated, tests must pass)", body=POLICY_BODY,
        query={"expected_version": {"type": "integer", "minimum": 0}},
-       response=written("policy", POLICY_VERSION, warnings=POLICY_WARNINGS))
+       response=written("policy", POLICY_VERSION, warnings=POLICY_WARNINGS),
+       linked_inputs={"expected_version": "/policy/version", "body": "/policy/text"})
 async def put_policy(ctx: Ctx):
     compiled, warnings = await in_policy_worker(compiled_policy, ctx.body)
     args = {"text": ctx.body, "compiled": compiled}

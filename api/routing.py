@@ -25,7 +25,7 @@ from raftmesh.cluster.commands import Command
 from raftmesh.cluster.raft import Outcome, Raft
 from raftmesh.proto.numbers import MAX_SAFE_INTEGER, parse_number
 
-from . import auth, responses
+from . import auth, openapi_links, responses
 from .console import sessions
 from .errors import ERROR_CODES, APIError, error_body
 from .read_barrier import applied_or_after_barrier
@@ -52,6 +52,9 @@ class Route:
     status: int = 200
     response: dict | None = None  # JSON schema of the success answer (api/responses.py)
     response_type: str = "application/json"
+    # Inputs a client copies from an answer on the same path: parameter name (or "body") ->
+    # JSON pointer into that answer; documented as OpenAPI links (api/openapi_links.py).
+    linked_inputs: dict[str, str] = field(default_factory=dict)
 
 
 ROUTES: list[Route] = []
@@ -59,10 +62,10 @@ ROUTES: list[Route] = []
 
 def route(method: str, path: str, needs: str | None, summary: str, body: dict | None = None,
           query: dict | None = None, status: int = 200, response: dict | None = None,
-          response_type: str = "application/json"):
+          response_type: str = "application/json", linked_inputs: dict | None = None):
     def register(fn: Handler) -> Handler:
         ROUTES.append(Route(method, path, fn, needs, summary, body, query or {}, status, response,
-                            response_type))
+                            response_type, linked_inputs or {}))
         return fn
     return register
 
@@ -580,6 +583,8 @@ def openapi() -> dict:
     for r in ROUTES:
         success: dict[str, Any] = {"description": "success",
                                    "content": {r.response_type: {"schema": r.response}}}
+        if links := openapi_links.links(r, ROUTES, _route_name):
+            success["links"] = links
         op: dict[str, Any] = {"summary": r.summary, "operationId": _route_name(r),
                               "responses": {str(r.status): success}}
         params = [{"name": n, "in": "path", "required": True,

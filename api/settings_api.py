@@ -47,7 +47,7 @@ async def get_dns(ctx: Ctx):
 
 
 @route("PUT", V + "/dns", "write", "Set the DNS settings (left out: the default)", body=DNS,
-       response=written("settings", DNS))
+       response=written("settings", DNS), linked_inputs={"body": "/settings"})
 async def put_dns(ctx: Ctx):
     try:
         settings = dns_config.validated(ctx.body)
@@ -64,7 +64,7 @@ async def get_lifecycle(ctx: Ctx):
 
 
 @route("PUT", V + "/lifecycle", "write", "Set the node lifecycle settings", body=LIFECYCLE,
-       response=written("settings", LIFECYCLE))
+       response=written("settings", LIFECYCLE), linked_inputs={"body": "/settings"})
 async def put_lifecycle(ctx: Ctx):
     r = await ctx.write(LifecycleSet(**ctx.body))
     return web.json_response({"settings": r["value"], "version": r["version"]})

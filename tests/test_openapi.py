@@ -17,7 +17,7 @@ import openapi_spec_validator
 import pytest
 
 import raftmesh.api.server as server
-from raftmesh.api import routing
+from raftmesh.api import openapi_links, routing
 from raftmesh.api.errors import ERROR_CODES
 from in_memory_api import ServedInMemory
 from raftmesh.proto.numbers import MAX_SAFE_INTEGER
@@ -125,6 +125,62 @@ def test_required_scope_is_what_the_server_enforces(api, keys, op):
             assert_error(api(method.upper(), url, key=keys[name]), 403, "forbidden")
     least = keys[SCOPE_KEY[scope]] if scope in SCOPE_KEY else ADMIN
     assert_error(api(method.upper(), url + "?scope_probe=1", key=least), 400, "bad_request")
+
+
+LINKS = [(op, status, link) for op in OPS for status, answer in op[2]["responses"].items()
+         for link in answer.get("links", {}).values()]
+BY_ID = {op["operationId"]: (path, method, op) for path, method, op in OPS}
+
+
+def linked(source: str, target: str) -> dict:
+    """The link from operation `source` to `target` ("METHOD /path"), or {} if none."""
+    return next((link for op, _, link in LINKS if oid(op) == source
+                 and oid(BY_ID[link["operationId"]]) == target), {})
+
+
+@pytest.mark.parametrize("link", LINKS, ids=lambda link: f"{oid(link[0])} -> {link[2]['operationId']}")
+def test_every_link_gives_its_target_inputs_the_source_has(link):
+    """What schemathesis' stateful phase follows: each link names an operation, gives every
+    path parameter of it, and takes each value from a field the source's answer declares
+    (or from the source's own path)."""
+    (path, _, spec), status, link = link
+    target_path, _, target = BY_ID[link["operationId"]]
+    declared = {p["name"]: p["in"] for p in target.get("parameters", [])}
+    given = link.get("parameters", {})
+    assert set(re.findall(r"{(\w+)}", target_path)) <= set(given) <= set(declared), (given, declared)
+    assert given or link.get("requestBody")
+    answer = spec["responses"][status]["content"]["application/json"]["schema"]
+    for expression in [*given.values(), *([link["requestBody"]] if "requestBody" in link else [])]:
+        if expression.startswith("$request.path."):
+            assert "{" + expression.removeprefix("$request.path.") + "}" in path, expression
+        else:
+            pointer = expression.removeprefix("$response.body#")
+            assert pointer != expression and openapi_links.schema_at(answer, pointer), expression
+
+
+def test_links_follow_each_resource_through_its_lifecycle():
+    assert linked("POST /api/v1/users", "GET /api/v1/users/{name}")["parameters"] == {
+        "name": "$response.body#/user/name"}
+    assert linked("POST /api/v1/users", "DELETE /api/v1/users/{name}")
+    assert linked("GET /api/v1/users/{name}", "POST /api/v1/users/{name}/lock")["parameters"] == {
+        "name": "$request.path.name"}
+    assert linked("POST /api/v1/preauth-keys", "DELETE /api/v1/preauth-keys/{id}")["parameters"] == {
+        "id": "$response.body#/preauth_key/id"}
+    assert linked("POST /api/v1/api-keys", "DELETE /api/v1/api-keys/{id}")
+    assert linked("GET /api/v1/nodes", "PATCH /api/v1/nodes/{id}")["parameters"] == {
+        "id": "$response.body#/nodes/0/id"}
+    assert linked("POST /api/v1/nodes/{id}/approve", "GET /api/v1/nodes/{id}")
+    assert linked("GET /api/v1/policy", "PUT /api/v1/policy") == {
+        "operationId": "put_api_v1_policy", "requestBody": "$response.body#/policy/text",
+        "parameters": {"expected_version": "$response.body#/policy/version"}}
+    assert linked("GET /api/v1/dns", "PUT /api/v1/dns")["requestBody"] == "$response.body#/settings"
+    # Not "delete the first listed": a client following that would delete its own API key.
+    assert not linked("GET /api/v1/api-keys", "DELETE /api/v1/api-keys/{id}")
+    assert not linked("GET /api/v1/nodes", "DELETE /api/v1/nodes/{id}")
+    assert linked("GET /api/v1/nodes/{id}", "DELETE /api/v1/nodes/{id}")
+    # A deleted resource leads nowhere; operations on other resources are not linked.
+    assert not [link for op, _, link in LINKS if op[1] == "delete"]
+    assert not linked("POST /api/v1/users", "GET /api/v1/nodes/{id}")
 
 
 @pytest.mark.parametrize("op", OPS, ids=oid)
