@@ -716,8 +716,6 @@ class NetmapIndex:
                     new_roles[k], r = r, _Roles()
         members = self._may_change_peers(new_roles, removed)
         targets = {k for k, r in new_roles.items() if r.dst or r.self_dst}
-        for s in retargeted.values():  # (unwatched targets: the slot's changed_at says it)
-            targets |= s.dcells.keys() | s.scells.keys()
         for s in removed:
             targets |= s.dst
             for devices in s.self_dst.values():
@@ -732,8 +730,9 @@ class NetmapIndex:
             for k in s.src | s.dst | {k for d in s.self_dst.values() for k in d}:
                 self._roles[k].drop(s)  # its cells go when the filter is rebuilt below
         self._set_slots(slots)
+        retouched: dict[str, list] = {}
         for s in retargeted.values():
-            self._retarget(s, version)
+            retouched.update(self._retarget(s, version))
         for k, part in new_roles.items():
             roles, view, addrs = self._roles[k], self._views[k], self._peer[k].addresses
             for s in part.src:
@@ -768,6 +767,11 @@ class NetmapIndex:
             filters[k] = pf = self._build_filter(k)
             if pf != old_filter[k]:
                 deltas[k] = NetmapDelta(version, packet_filter=pf)
+        for k, cells in retouched.items():  # (built above if also a target: from these cells)
+            if not reordered and k not in targets:
+                filters[k] = pf = tuple(filter(None, cells))  # _compose, inlined
+                if pf != old_filter[k]:
+                    deltas[k] = NetmapDelta(version, packet_filter=pf)
         records: dict[frozenset, tuple[Peer, ...]] = {}  # many members gain the same peers
         for k, was in lost.items():
             got = self._reach(k, added_set.__contains__)
@@ -853,20 +857,30 @@ class NetmapIndex:
                     members |= s.self_src[owner]
         return members
 
-    def _retarget(self, s: _Slot, version: int) -> None:
+    def _retarget(self, s: _Slot, version: int) -> dict[str, list]:
         """Re-derive what slot `s` (given its new ACL by `_retargetable`) lets each of its
-        watched targets accept, and drop their cached cells for it so that `_build_filter`
-        redoes them. Its members and sources stay: only ports and protocols changed."""
-        acl, text = s.acl, _prefix_text
+        watched targets accept and swap its rule cells in place, as `_refresh_srcs` does for
+        a changed source list; return those targets' cells (the caller composes them, or
+        `_build_filter` reuses them). Its members and sources stay: only ports and protocols
+        changed. Unwatched targets are told by the slot's `changed_at`."""
+        acl, text, protos, touched = s.acl, _prefix_text, s.protos, {}
         s.changed_at = version
         for k in s.dcells.keys() | s.scells.keys():
             roles = self._roles[k]
             dests, selfs, _ = _acl_dests(acl, self._views[k], text)
-            if s in roles.dst:
+            if (e := s.dcells.get(k)) is not None:
+                cells, i, _ = e
                 roles.dst[s] = dests
-            if s in roles.self_dst:
+                s.dcells[k] = (cells, i, dests)
+                cells[i] = _rule(s.srcs, dests, protos) if dests and s.srcs else None
+            if (e := s.scells.get(k)) is not None:
+                cells, i, _ = e
                 roles.self_dst[s] = selfs
-            self._rules[k][0].pop(s, None)
+                s.scells[k] = (cells, i, selfs)
+                ss = s.self_srcs.get(self._views[k].owner, ())
+                cells[i] = _rule(ss, selfs, protos) if ss else None
+            touched[k] = cells
+        return touched
 
     # -- internals -------------------------------------------------------------------------
     def _build(self, policy: Policy | None) -> None:
