@@ -9,12 +9,12 @@ import random
 
 import pytest
 
-from raftmesh.proto.wire import Netmap, NetmapDelta, apply_delta
+from raftmesh.proto.wire import Netmap, apply_delta
 from raftmesh.cluster.netmap import NetmapIndex, compute_netmaps
 from raftmesh.cluster.netmap_feed import NetmapFeed
 
 from test_netmap import NOW, content, edit_ports, mutate, nudge, pooled_policy, random_node
-from test_netmap_feed import POLICIES, World, feed_batches, stored
+from test_netmap_feed import POLICIES, World, check_resumes, feed_batches, held_versions, stored
 
 
 def check_watched_internals(idx: NetmapIndex) -> None:
@@ -114,17 +114,7 @@ def test_resume_from_any_held_version_on_a_feed_watching_some_nodes(seed):
     items = [world.step() for _ in range(80)]
     a = NetmapFeed(stored(POLICIES[0]), [], NOW, 10)
     b = NetmapFeed(stored(POLICIES[0]), [], NOW, 10, watch_all=False)
-    held: dict[str, list[Netmap]] = {}
-    for update in feed_batches(a, items, random.Random(seed)):
-        for k, d in update.deltas.items():
-            if k in update.gone:
-                held.pop(k, None)
-            elif k in held:
-                held[k].append(apply_delta(held[k][-1], d))
-            elif a.full(k) is not None:
-                held[k] = [a.full(k)]
-        for k in update.gone:
-            held.pop(k, None)
+    held = held_versions(a, items, random.Random(seed))
     rng = random.Random(seed + 7)
     on_b: dict[str, Netmap] = {}
     for update in feed_batches(b, items, random.Random(seed + 1)):
@@ -143,15 +133,4 @@ def test_resume_from_any_held_version_on_a_feed_watching_some_nodes(seed):
         for k, nm in on_b.items():
             assert content(nm) == content(b.full(k)), (seed, k, b.version)
     assert a.version == b.version
-    deltas = 0
-    for k, versions in held.items():
-        final = b.full(k)
-        assert final == a.full(k)
-        for old in versions:
-            got = b.resume(k, old.version)
-            if got is None:
-                continue
-            deltas += isinstance(got, NetmapDelta)
-            result = got if isinstance(got, Netmap) else apply_delta(old, got)
-            assert result == final, f"seed {seed} node {k} from version {old.version}"
-    assert deltas or not held  # history still serves resumes where it can
+    assert check_resumes(a, b, held, seed) or not held  # history serves resumes where it can
