@@ -179,6 +179,7 @@ class StreamHub:
         self._tasks: list[asyncio.Task] = []
         self._ticked_for: float | None = None
         self._feed_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netmap-feed")
+        self._feed_thread_stopped = False
         self._feed_jobs = 0  # queued or running on the feed thread (loop's count; see _on_batch)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._presence: list[dict] = []
@@ -225,6 +226,7 @@ class StreamHub:
         for streams in list(self.streams.values()):
             for s in streams:
                 s.close(BYE_SHUTTING_DOWN, "replica is shutting down; reconnect to another")
+        self._feed_thread_stopped = True
         self._feed_thread.shutdown(wait=False, cancel_futures=True)
 
     def _build_feed(self) -> NetmapFeed:
@@ -236,7 +238,10 @@ class StreamHub:
             nodes = [n for _, n in txn.items("nodes")]
             clock = sm.clock(txn)
             dns = dns_config.stored_settings(txn)
-        return NetmapFeed(policy, nodes, clock, version, hooks=GcTuning(), dns=dns)
+        # Filters are derived for the nodes streaming here only (watched when their first
+        # netmap is computed, unwatched when their last stream ends): see NetmapIndex.watch.
+        return NetmapFeed(policy, nodes, clock, version, hooks=GcTuning(), dns=dns,
+                          watch_all=False)
 
     def _on_reset(self) -> None:
         def rebuild():
@@ -447,6 +452,16 @@ class StreamHub:
                 self.streams[s.node_id] = rest
             else:
                 del self.streams[s.node_id]
+                if self._loop is not None and not self._feed_thread_stopped:
+                    self._submit(_logged(self._unwatch), s.node_id)
+
+    def _unwatch(self, node_id: str) -> None:
+        """On the feed thread, after the node's last stream here ended: unless another has
+        opened meanwhile (its first netmap watches it again anyway), stop deriving its
+        filter. Jobs run in order, so a later stream's first netmap comes after this."""
+        feed = self.feed
+        if feed is not None and node_id not in self.streams:
+            feed.unwatch(node_id)
 
     def ack(self, node_id: str, version: int, applied: list | None = None) -> bool:
         """An agent applied everything up to `version`: record it and observe propagation
@@ -505,7 +520,7 @@ class StreamHub:
         node was deleted keeping that node as a peer for good."""
         stream = self.subscribe(node_id, remote, nonce, agent_stream_key)
         try:
-            first = await self.on_feed(lambda feed: feed.resume(node_id, since))
+            first = await self.on_feed(lambda feed: _watched_resume(feed, node_id, since))
         except BaseException:
             self.unsubscribe(stream)
             raise
@@ -665,8 +680,18 @@ def encode_deltas(deltas: dict[str, NetmapDelta]) -> dict[str, bytes]:
     return out
 
 
+def _watched_resume(feed: NetmapFeed, node_id: str, since: int | None
+                    ) -> Netmap | NetmapDelta | None:
+    """On the feed thread: a stream's first netmap or delta; its deltas carry its filter
+    from now on (it may be on a feed other than the one its stream last watched it on)."""
+    feed.watch(node_id)
+    return feed.resume(node_id, since)
+
+
 def _encoded_full(feed: NetmapFeed, node_id: str) -> tuple[int, bytes] | None:
-    """On the feed thread: the node's full netmap as (version, body bytes), None if gone."""
+    """On the feed thread: a stream's full netmap as (version, body bytes), None if gone;
+    watched, as by _watched_resume."""
+    feed.watch(node_id)
     full = feed.full(node_id)
     return None if full is None else (full.version, encode_body(full.to_json()))
 

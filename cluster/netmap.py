@@ -277,7 +277,8 @@ class _Slot:
     """
 
     __slots__ = ("acl", "pos", "protos", "src", "dst", "counts", "addrs", "srcs",
-                 "self_src", "self_dst", "self_srcs", "outsiders", "dcells", "scells")
+                 "self_src", "self_dst", "self_srcs", "outsiders", "dcells", "scells",
+                 "changed_at")
 
     def __init__(self, acl: Acl):
         self.acl, self.pos, self.protos = acl, 0, acl.protos
@@ -301,6 +302,9 @@ class _Slot:
         # Kept by NetmapIndex._build_filter (which (re)builds a node's cells) and _detach.
         self.dcells: dict[str, tuple[list, int, tuple]] = {}
         self.scells: dict[str, tuple[list, int, tuple]] = {}
+        # the last version its rule changed for every target (its sources, or its ports by
+        # a port edit): what an unwatched target, holding no cells, was not told
+        self.changed_at = -1
 
     def add_addresses(self, addrs: Iterable[str]) -> bool:
         """Count a member's addresses in; True when the distinct list grew."""
@@ -511,8 +515,13 @@ class NetmapIndex:
     """
 
     def __init__(self, policy: Policy | None, nodes: Iterable[dict], now: float,
-                 dns: dict | None = None):
+                 dns: dict | None = None, watch_all: bool = True):
         self.now = now
+        # Filters are derived for watched nodes only (all with `watch_all`): see `watch`.
+        self._watch_all = watch_all
+        self._watched: set[str] = set()
+        self._stale: dict[str, int] = {}  # unwatched node -> last version its filter changed
+        self._released: dict[str, int] = {}  # node -> version it was last unwatched at
         self.dns = dns  # the cluster's DNS settings, the same in every netmap
         self._nodes: dict[str, dict] = {}  # every known record (a copy), visible or not
         self._expiry: list[tuple[float, str]] = []  # sorted (key_expiry, id)
@@ -532,7 +541,77 @@ class NetmapIndex:
         if node_id not in self._roles:
             return None
         peers = {p: self._seen(node_id, p) for p in self._in_order(self._reach(node_id))}
-        return Netmap(version, self._peer[node_id], peers, self._filter[node_id], self.dns)
+        pf = self._filter.get(node_id)
+        if pf is None:  # not watched: derived now, as it would have been kept
+            self._refresh_dests(node_id)
+            pf = self._build_filter(node_id, register=False)
+        return Netmap(version, self._peer[node_id], peers, pf, self.dns)
+
+    # -- which filters are kept --------------------------------------------------------------
+    def watch(self, node_id: str, version: int) -> None:
+        """Keep `node_id`'s filter current from `version` on, as every change's deltas for it.
+
+        A replica serves the streams of its own agents only (about a third of them), yet
+        deriving every node's new filter was most of a policy change on each replica. An
+        index built with `watch_all=False` derives the filters of the nodes the caller
+        watches (those with a stream here) and, for the others, keeps only their roles and
+        the version their filter last changed (`filter_changed_after`): their peer deltas
+        still come, their filter is derived when asked (`netmap`) or watched again. Which
+        nodes are watched is the caller's input: netmaps do not depend on it, only which
+        deltas carry filters."""
+        if self._watch_all or node_id in self._watched:
+            return
+        self._watched.add(node_id)
+        if node_id in self._roles:
+            self._stale[node_id] = self._stale_version(node_id)
+            self._refresh_dests(node_id)
+            self._filter[node_id] = self._build_filter(node_id)
+
+    def unwatch(self, node_id: str, version: int) -> None:
+        """Stop deriving `node_id`'s filter after `version` (its last stream here closed)."""
+        if self._watch_all or node_id not in self._watched:
+            return
+        self._watched.discard(node_id)
+        self._released[node_id] = version
+        if self._filter.pop(node_id, None) is not None:
+            roles = self._roles[node_id]
+            for s in roles.dst:
+                s.dcells.pop(node_id, None)
+            for s in roles.self_dst:
+                s.scells.pop(node_id, None)
+            del self._rules[node_id]
+
+    def filter_changed_after(self, node_id: str, since: int) -> bool:
+        """Whether the node's filter may have changed after `since` without a delta saying so
+        (it was not watched then): its history cannot bring an agent from `since` to now."""
+        if self._watch_all:
+            return False
+        if node_id in self._filter:  # watched: every change since it was is in its deltas
+            return self._stale.get(node_id, -1) > since
+        return self._stale_version(node_id) > since
+
+    def _stale_version(self, k: str) -> int:
+        """The last version k's filter changed while unwatched: marked on k itself, or on
+        a slot targeting it since it was last unwatched (before that it was watched, and
+        changes before it was watched were folded into its mark by `watch`)."""
+        stale, roles = self._stale.get(k, -1), self._roles.get(k)
+        if roles is not None:
+            released = self._released.get(k, -1)
+            for s in (*roles.dst, *roles.self_dst):
+                if s.changed_at > stale and s.changed_at > released:
+                    stale = s.changed_at
+        return stale
+
+    def _refresh_dests(self, k: str) -> None:
+        """Redo k's destinations under every ACL targeting it: a port edit while k was
+        unwatched left them as they were (`_retarget` redoes only watched targets)."""
+        roles, view = self._roles[k], self._views[k]
+        for s in roles.dst.keys() | roles.self_dst.keys():
+            dests, selfs, _ = _acl_dests(s.acl, view, _prefix_text)
+            if s in roles.dst:
+                roles.dst[s] = dests
+            if s in roles.self_dst:
+                roles.self_dst[s] = selfs
 
     def is_visible(self, node_id: str) -> bool:
         return node_id in self._roles
@@ -573,6 +652,8 @@ class NetmapIndex:
         if self._nodes.pop(node_id, None) is None:
             return NO_CHANGES
         self._track_expiry(node_id, None)
+        self._stale.pop(node_id, None)  # gone for good: its history starts over (the feed)
+        self._released.pop(node_id, None)
         return self._apply([node_id], version)
 
     def advance_time(self, now: float, version: int) -> Changes:
@@ -635,10 +716,6 @@ class NetmapIndex:
                     new_roles[k], r = r, _Roles()
         members = self._may_change_peers(new_roles, removed)
         targets = {k for k, r in new_roles.items() if r.dst or r.self_dst}
-        for s in retargeted.values():
-            targets |= s.dst
-            for devices in s.self_dst.values():
-                targets |= devices
         for s in removed:
             targets |= s.dst
             for devices in s.self_dst.values():
@@ -653,8 +730,9 @@ class NetmapIndex:
             for k in s.src | s.dst | {k for d in s.self_dst.values() for k in d}:
                 self._roles[k].drop(s)  # its cells go when the filter is rebuilt below
         self._set_slots(slots)
+        retouched: dict[str, list] = {}
         for s in retargeted.values():
-            self._retarget(s)
+            retouched.update(self._retarget(s, version))
         for k, part in new_roles.items():
             roles, view, addrs = self._roles[k], self._views[k], self._peer[k].addresses
             for s in part.src:
@@ -680,12 +758,20 @@ class NetmapIndex:
             for owner, devices in s.self_src.items():
                 s.self_srcs[owner] = self._self_sources(devices)
 
-        self._filter = dict(old_filter)
+        self._filter = filters = dict(old_filter)
         deltas: dict[str, NetmapDelta] = {}
         for k in (self._roles if reordered else targets):
-            self._filter[k] = pf = self._build_filter(k)
+            if k not in filters:  # not watched
+                self._stale[k] = version
+                continue
+            filters[k] = pf = self._build_filter(k)
             if pf != old_filter[k]:
                 deltas[k] = NetmapDelta(version, packet_filter=pf)
+        for k, cells in retouched.items():  # (built above if also a target: from these cells)
+            if not reordered and k not in targets:
+                filters[k] = pf = tuple(filter(None, cells))  # _compose, inlined
+                if pf != old_filter[k]:
+                    deltas[k] = NetmapDelta(version, packet_filter=pf)
         records: dict[frozenset, tuple[Peer, ...]] = {}  # many members gain the same peers
         for k, was in lost.items():
             got = self._reach(k, added_set.__contains__)
@@ -771,19 +857,30 @@ class NetmapIndex:
                     members |= s.self_src[owner]
         return members
 
-    def _retarget(self, s: _Slot) -> None:
+    def _retarget(self, s: _Slot, version: int) -> dict[str, list]:
         """Re-derive what slot `s` (given its new ACL by `_retargetable`) lets each of its
-        targets accept, and drop their cached cells for it so that `_build_filter` redoes
-        them. Its members and sources stay: only ports and protocols changed."""
-        acl, text = s.acl, _prefix_text
-        for k in s.dst | {k for d in s.self_dst.values() for k in d}:
+        watched targets accept and swap its rule cells in place, as `_refresh_srcs` does for
+        a changed source list; return those targets' cells (the caller composes them, or
+        `_build_filter` reuses them). Its members and sources stay: only ports and protocols
+        changed. Unwatched targets are told by the slot's `changed_at`."""
+        acl, text, protos, touched = s.acl, _prefix_text, s.protos, {}
+        s.changed_at = version
+        for k in s.dcells.keys() | s.scells.keys():
             roles = self._roles[k]
             dests, selfs, _ = _acl_dests(acl, self._views[k], text)
-            if s in roles.dst:
+            if (e := s.dcells.get(k)) is not None:
+                cells, i, _ = e
                 roles.dst[s] = dests
-            if s in roles.self_dst:
+                s.dcells[k] = (cells, i, dests)
+                cells[i] = _rule(s.srcs, dests, protos) if dests and s.srcs else None
+            if (e := s.scells.get(k)) is not None:
+                cells, i, _ = e
                 roles.self_dst[s] = selfs
-            self._rules[k][0].pop(s, None)
+                s.scells[k] = (cells, i, selfs)
+                ss = s.self_srcs.get(self._views[k].owner, ())
+                cells[i] = _rule(ss, selfs, protos) if ss else None
+            touched[k] = cells
+        return touched
 
     # -- internals -------------------------------------------------------------------------
     def _build(self, policy: Policy | None) -> None:
@@ -807,7 +904,8 @@ class NetmapIndex:
             for owner, devices in s.self_src.items():
                 s.self_srcs[owner] = self._self_sources(devices)
         for k in live:
-            self._filter[k] = self._build_filter(k)
+            if self._watch_all or k in self._watched:
+                self._filter[k] = self._build_filter(k)
 
     def _set_slots(self, slots: list[_Slot]) -> None:
         for pos, s in enumerate(slots):
@@ -855,7 +953,8 @@ class NetmapIndex:
         addrs = self._peer.pop(k).addresses
         self._routers.discard(k)
         self._variants.pop(k, None)
-        del self._filter[k], self._rules[k]
+        if self._filter.pop(k, None) is not None:
+            del self._rules[k]
         for s in roles.src:
             s.src.discard(k)
         for s in roles.dst:
@@ -900,19 +999,21 @@ class NetmapIndex:
         out.discard(k)
         return out
 
-    def _build_filter(self, k: str) -> tuple[FilterRule, ...]:
+    def _build_filter(self, k: str, register: bool = True) -> tuple[FilterRule, ...]:
         """(Re)build k's rule cells in ACL order, reusing the rules already built, and
-        register them with their slots (`_Slot.dcells` / `scells`)."""
+        register them with their slots (`_Slot.dcells` / `scells`); with `register` False,
+        only derive the filter (an unwatched node's, asked for once)."""
         roles, owner = self._roles[k], self._views[k].owner
-        old_at, old_cells = self._rules.get(k, (None, None))
+        old_at, old_cells = self._rules.get(k, (None, None)) if register else (None, None)
         at, cells = {}, []
         for s in sorted(roles.dst.keys() | roles.self_dst.keys(), key=_POS):
             at[s] = i = len(cells)
             dests, selfs = roles.dst.get(s), roles.self_dst.get(s)
-            if dests:
-                s.dcells[k] = (cells, i, dests)
-            if selfs:
-                s.scells[k] = (cells, i + 1, selfs)
+            if register:
+                if dests:
+                    s.dcells[k] = (cells, i, dests)
+                if selfs:
+                    s.scells[k] = (cells, i + 1, selfs)
             if old_at is not None and s in old_at:
                 j = old_at[s]
                 cells += old_cells[j:j + 2]
@@ -920,17 +1021,19 @@ class NetmapIndex:
             ss = s.self_srcs.get(owner, ()) if selfs else ()
             cells.append(_rule(s.srcs, dests, s.protos) if dests and s.srcs else None)
             cells.append(_rule(ss, selfs, s.protos) if ss else None)
-        self._rules[k] = at, cells
+        if register:
+            self._rules[k] = at, cells
         return _compose(cells)
 
-    def _refresh_srcs(self, dirty: set, dirty_self: set) -> dict[str, list]:
+    def _refresh_srcs(self, dirty: set, dirty_self: set, version: int) -> dict[str, list]:
         """Publish the source lists in `dirty` and swap the one rule each target built from
         a list that changed; return those targets' cells (the caller composes their new
         filters: a rule of theirs changed, so their filter did).
 
         The targets are the slot's registered cells (`dcells` / `scells`): nodes detached by
         this change are no longer there, and nodes attached by it are not yet (the caller
-        builds their filters whole afterwards). This loop is the O(targets) part of a
+        builds their filters whole afterwards); unwatched ones are told by the slot's
+        `changed_at` (autogroup:self rules: marked each, few per owner). This loop is the O(targets) part of a
         change, so it does as little per target as it can: one registration lookup, one
         rule (built as `_rule` does, inlined), one cell store."""
         touched: dict[str, list] = {}
@@ -939,7 +1042,7 @@ class NetmapIndex:
             new = tuple(s.addrs)
             if new == s.srcs:
                 continue
-            s.srcs = new
+            s.srcs, s.changed_at = new, version
             protos = s.protos
             if not new:
                 for k, (cells, i, _) in s.dcells.items():
@@ -964,7 +1067,10 @@ class NetmapIndex:
             scells = s.scells
             for k in s.self_dst.get(owner, _NONE):
                 if (e := scells.get(k)) is None:
-                    continue  # attached by this change: built whole by the caller
+                    # attached by this change (the caller builds it whole) or not watched
+                    if not self._watch_all and k not in self._watched:
+                        self._stale[k] = version
+                    continue
                 cells, i, selfs = e
                 cells[i] = _rule(new, selfs, s.protos) if new else None
                 touched[k] = cells
@@ -1054,7 +1160,7 @@ class NetmapIndex:
         before = sorted(k for k in changed if k in self._roles)
         old_peers = {k: self._reach(k) for k in before}
         old_rec = {k: self._peer[k] for k in before}
-        old_filter = {k: self._filter[k] for k in before}
+        old_filter = {k: self._filter.get(k) for k in before}
         # how the changed nodes saw the peers that may look different to them now (routers,
         # changed nodes), and how the changed routers' peers saw them
         old_view = {k: {p: self._seen(k, p) for p in (old_peers[k] & self._routers)
@@ -1068,9 +1174,12 @@ class NetmapIndex:
         after = sorted(k for k in changed if k in self._nodes and visible(self._nodes[k], self.now))
         for k in after:
             self._attach(k, dirty, dirty_self)
-        touched = self._refresh_srcs(dirty, dirty_self)
+        touched = self._refresh_srcs(dirty, dirty_self, version)
         for k in after:
-            self._filter[k] = self._build_filter(k)
+            if self._watch_all or k in self._watched:
+                self._filter[k] = self._build_filter(k)
+            else:
+                self._stale[k] = version  # its own delta is left out: resume gives a full one
         new_peers = {k: self._reach(k) for k in after}
         moved = {k for k in after if k not in old_rec or old_rec[k] != self._peer[k]}
 
@@ -1105,6 +1214,8 @@ class NetmapIndex:
 
         seen = self._seen
         for k in after:  # the changed nodes themselves (all others' deltas are non-empty)
+            if k not in filters:
+                continue  # not watched
             now = new_peers[k]
             if k not in old_rec:  # appeared: its whole netmap
                 deltas[k] = NetmapDelta(version, tuple(seen(k, p) for p in self._in_order(now)),

@@ -72,11 +72,16 @@ class NetmapFeed:
     one: the feed keeps the netmaps of the last policy it could read (a policy.set it cannot
     read makes no deltas) and `policy_problem` says why, which makes the replica not ready.
     A feed built from such a policy has no netmaps to serve at all (`serving` is False)
-    until a readable policy arrives."""
+    until a readable policy arrives.
+
+    With `watch_all` False, only the nodes the caller `watch`es (those streaming from this
+    replica) get their filters in deltas; the others' netmaps are derived when asked
+    (`full`, `resume`). See NetmapIndex.watch."""
 
     def __init__(self, policy: dict | None, nodes: Iterable[dict], clock: float,
                  version: int, history_per_node: int = HISTORY_PER_NODE,
-                 hooks: ChangeHooks | None = None, dns: dict | None = None):
+                 hooks: ChangeHooks | None = None, dns: dict | None = None,
+                 watch_all: bool = True):
         self.version = version
         self.floor = version  # nothing before this is in any history
         self.hooks = hooks or ChangeHooks()
@@ -84,7 +89,7 @@ class NetmapFeed:
         readable = self._interpret(policy, policy and policy.get("version"), version)
         self.serving = policy is None or readable is not None
         with self.hooks.changing():
-            self.index = NetmapIndex(readable, nodes, clock, dns)
+            self.index = NetmapIndex(readable, nodes, clock, dns, watch_all)
         self.hooks.index_size(self.index.visible_count())
         self.history_per_node = history_per_node
         self._history: dict[str, _History] = {}
@@ -95,6 +100,14 @@ class NetmapFeed:
 
     def full(self, node_id: str) -> Netmap | None:
         return self.index.netmap(node_id, self.version)
+
+    def watch(self, node_id: str) -> None:
+        """A stream of `node_id` is served from here: derive its deltas whole from now on."""
+        self.index.watch(node_id, self.version)
+
+    def unwatch(self, node_id: str) -> None:
+        """Its last stream here closed."""
+        self.index.unwatch(node_id, self.version)
 
     def next_expiry(self) -> float | None:
         return self.index.next_expiry()
@@ -234,12 +247,14 @@ class NetmapFeed:
     # -- resuming ------------------------------------------------------------------------
     def resume(self, node_id: str, since: int | None) -> Netmap | NetmapDelta | None:
         """What an agent holding version `since` needs: a delta with everything after it,
-        or a full netmap when `since` is unknown, too old, or ahead of this feed (the
-        caller waits for the feed to catch up first). None when the node is not visible."""
+        or a full netmap when `since` is unknown, too old, ahead of this feed (the caller
+        waits for the feed to catch up first), or before a filter change made while the
+        node was not watched (its history lacks it). None when the node is not visible."""
         if not self.index.is_visible(node_id):
             return None
         h = self._history.get(node_id, _History(self.floor))
-        if since is None or since < h.floor or since > self.version:
+        if since is None or since < h.floor or since > self.version or \
+                self.index.filter_changed_after(node_id, since):
             return self.full(node_id)
         i = bisect.bisect_right(h.entries, since, key=lambda e: e[0])
         out = NetmapDelta(self.version)

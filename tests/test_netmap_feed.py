@@ -127,36 +127,50 @@ def test_feed_agrees_with_the_reference_after_every_batch():
             assert got == want, f"seed {seed} at version {feed.version}"
 
 
+def held_versions(feed: NetmapFeed, items, rng: random.Random) -> dict[str, list[Netmap]]:
+    """Feed `items` to `feed`: every netmap the agents streaming from it held, per node."""
+    held: dict[str, list[Netmap]] = {}
+    for update in feed_batches(feed, items, rng):
+        for k, d in update.deltas.items():
+            if k in update.gone:
+                held.pop(k, None)
+            elif k in held:
+                held[k].append(apply_delta(held[k][-1], d))
+            elif feed.full(k) is not None:
+                held[k] = [feed.full(k)]
+        for k in update.gone:
+            held.pop(k, None)
+    return held
+
+
 def test_agents_resume_on_another_replica_from_any_version_they_held():
     for seed in range(30):
         world = World(seed)
         items = [world.step() for _ in range(60)]
         a = NetmapFeed(stored(POLICIES[0]), [], NOW, 10)
         b = NetmapFeed(stored(POLICIES[0]), [], NOW, 10, history_per_node=4)
-        held: dict[str, list[Netmap]] = {}  # what agents streaming from `a` could have held
-        rng = random.Random(seed)
-        for update in feed_batches(a, items, rng):
-            for k, d in update.deltas.items():
-                if k in update.gone:
-                    held.pop(k, None)
-                elif k in held:
-                    held[k].append(apply_delta(held[k][-1], d))
-                elif a.full(k) is not None:
-                    held[k] = [a.full(k)]
-            for k in update.gone:
-                held.pop(k, None)
+        held = held_versions(a, items, random.Random(seed))  # what agents streaming from `a` held
         for _ in feed_batches(b, items, random.Random(seed + 1)):
             pass
         assert a.version == b.version and a.clock == b.clock
-        for k, versions in held.items():
-            final = b.full(k)
-            assert final == a.full(k)
-            for old in versions:
-                got = b.resume(k, old.version)
-                if got is None:
-                    continue
-                result = got if isinstance(got, Netmap) else apply_delta(old, got)
-                assert result == final, f"seed {seed} node {k} from version {old.version}"
+        check_resumes(a, b, held, seed)
+
+
+def check_resumes(a: NetmapFeed, b: NetmapFeed, held: dict[str, list[Netmap]], seed: int) -> int:
+    """From every version an agent of `a` held, `b`'s resume brings it to exactly `a`'s
+    current netmap; returns how many of those resumes were deltas (not full netmaps)."""
+    deltas = 0
+    for k, versions in held.items():
+        final = b.full(k)
+        assert final == a.full(k)
+        for old in versions:
+            got = b.resume(k, old.version)
+            if got is None:
+                continue
+            deltas += isinstance(got, NetmapDelta)
+            result = got if isinstance(got, Netmap) else apply_delta(old, got)
+            assert result == final, f"seed {seed} node {k} from version {old.version}"
+    return deltas
 
 
 def test_resume_without_version_ahead_or_too_old_gives_a_full_netmap():
