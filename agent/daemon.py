@@ -49,6 +49,7 @@ DEFAULT_MAX_STALE = 7 * 86400.0
 WG_PID_FILE = "wireguard-go.pid"
 ROUTE_CHECK_SECONDS = 5.0
 EXIT_NODE_FILE = "exit_node.json"  # the exit node last reported in use (state directory)
+PATHS_READY_WAIT = 2.0  # seconds a first registration waits for the prober and relay threads
 
 
 @dataclass
@@ -137,7 +138,16 @@ class Agent:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self) -> None:
-        self._start_dataplane()
+        log.info("starting")
+        self._start_paths()
+        try:
+            self._start_dataplane()
+        except BaseException:
+            self._stop_dataplane()
+            raise
+        log.info("data plane up")
+        if self.session.registration_due:
+            self._wait_paths_ready()
         try:
             self._enforce()  # the cached netmap, before any replica is reachable
             while not self.stop_event.is_set():
@@ -216,6 +226,7 @@ class Agent:
         """Frames into the session until it ends the stream; None, or why it ended here."""
         session = self.session
         session.stream_opened(stream.nonce, stream.stream_keys, stream.keepalive, time.monotonic())
+        log.info("map stream from %s open", stream.replica or stream.server)
         self._publish_status(stream)
         self._set_stun_servers(stream)
         while not self.stop_event.is_set():
@@ -279,6 +290,9 @@ class Agent:
         if "login_url" in resp:
             self._ask_to_sign_in(resp["login_url"])
             return nxt
+        log.info("registered with %s", self.client.server)
+        if self.relay is not None:  # the replicas take our relay session from now on
+            self.relay.retry_now()
         self._save_registration()
         return nxt
 
@@ -401,7 +415,8 @@ class Agent:
         """From the prober's thread: a probe proved `endpoint`; WireGuard sends there now."""
         try:
             with self._paths_lock:
-                self.wg.set_endpoint(node_key, endpoint)
+                if self.wg.set_endpoint(node_key, endpoint):
+                    log.info("WireGuard sends to %s at %s", node_key[:8], endpoint)
         except Exception as e:  # the peer may have gone in between
             log.info("cannot set the endpoint of %s: %s", node_key[:8], e)
         self._write_status()
@@ -486,6 +501,21 @@ class Agent:
         addresses = self.view.netmap.self_node.addresses if self.view and self.view.netmap else ()
         self.wg.configure(self._private_key(), self.config.listen_port, addresses)
         self._start_dns()
+
+    def _wait_paths_ready(self) -> None:
+        """Before a node registers, its prober and relay threads finish their imports
+        (aioice, aiohttp: ~0.5-1 s of CPU, begun before wireguard-go started). Peers see the
+        node from its registration on and try to reach it: so it can answer their probes and
+        relayed handshakes at once, and its first netmap is applied without those imports
+        competing for the interpreter; bounded by PATHS_READY_WAIT."""
+        deadline = time.monotonic() + PATHS_READY_WAIT
+        for name, part in (("prober", self.prober), ("relay", self.relay)):
+            if not part.ready.wait(max(0.0, deadline - time.monotonic())):
+                log.info("registering before the %s is ready", name)
+
+    def _start_paths(self) -> None:
+        """The prober and the relay session, started first: their threads import what they
+        need while wireguard-go starts, and neither needs it before a netmap gives them peers."""
         self.prober = PathProber(self.config.listen_port, self._wireguard_keys,
                                  self._set_peer_endpoint, self._mapped_changed, self._path_lost,
                                  self._tell)
@@ -553,9 +583,12 @@ class Agent:
         if nm is None:
             return
         old = self.session.enforced
+        started = time.monotonic()
+        # probes first: they leave by the host's own routes, and an answer found while the
+        # rest is configured gives the new peer its direct endpoint in the reconcile below
+        self.prober.set_peers({p.node_key: p.endpoints for p in nm.peers.values()})
         if old is None or old.self_node.addresses != nm.self_node.addresses:
             self.wg.set_addresses(nm.self_node.addresses)
-        self.prober.set_peers({p.node_key: p.endpoints for p in nm.peers.values()})
         now = time.monotonic()
         self._appeared = {k: self._appeared.get(k, now) for k in
                           (p.node_key for p in nm.peers.values())
@@ -566,16 +599,21 @@ class Agent:
         self.relay.retain({p.node_key for p in nm.peers.values()})
         exit_node = find_exit_node(nm.peers.values(), self.config.exit_node)
         self._exit_node_used = exit_node.id if exit_node is not None else None
+        if old is None or old.packet_filter != nm.packet_filter:
+            # before the peers: a path proved meanwhile waits for the lock below, not for nft
+            self.fw.apply(nm.packet_filter)
         with self._paths_lock:
             self.wg.reconcile([self._with_path(p) for p in wireguard_peers(nm.peers.values(), exit_node)],
                               self.config.peer_keepalive)
             if self.exit_routing is not None:
                 self.exit_routing.use(exit_node)
-            if old is None or old.packet_filter != nm.packet_filter:
-                self.fw.apply(nm.packet_filter)
             self.session.enforced = nm
         self._update_dns(nm)
         self._write_status()
+        new = [p.name for p in nm.peers.values() if old is None or p.id not in old.peers]
+        if new:
+            log.info("netmap v%d enforced in %.0f ms; new peers: %s", nm.version,
+                     (time.monotonic() - started) * 1e3, ", ".join(new[:8]))
 
     def _save_cache(self) -> None:
         if self.view is None or self.view.netmap is None:

@@ -113,6 +113,7 @@ class PathProber:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)  # a wake-up already pending is enough
         self.thread = threading.Thread(target=self._run, name="paths", daemon=True)
+        self.ready = threading.Event()  # set once aioice is imported: probes and STUN can go
 
     # -- from the daemon's thread --------------------------------------------------------------
     def start(self) -> None:
@@ -202,7 +203,8 @@ class PathProber:
             log.debug("send to %s:%d: %s", *addr, e)
 
     def _run(self) -> None:
-        stun.codec()  # aioice loads here, while the daemon's main thread registers (proto/stun.py)
+        stun.codec()  # aioice loads here, while the daemon's main thread starts (proto/stun.py)
+        self.ready.set()
         while not self._stop.is_set():
             now = time.monotonic()
             private, public = self.keys()

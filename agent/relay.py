@@ -83,6 +83,8 @@ class RelayClient:
         self._wake: asyncio.Event | None = None  # set when _pending has packets
         self.thread = threading.Thread(target=self._thread_main, name="relay", daemon=True)
         self._stop: asyncio.Event | None = None
+        self._retry: asyncio.Event | None = None  # set: the next attempt need not wait
+        self.ready = threading.Event()  # set once aiohttp is imported: sessions can start
 
     def start(self) -> None:
         self.thread.start()
@@ -96,6 +98,12 @@ class RelayClient:
             for sock in self.proxies.values():
                 sock.close()
             self.proxies.clear()
+
+    def retry_now(self) -> None:
+        """Try again without waiting out the pause (the node was just registered, so the
+        replica that refused the session takes it now); from any thread."""
+        if self._retry is not None:
+            self.loop.call_soon_threadsafe(self._retry.set)
 
     def endpoint_for(self, node_key: str) -> str | None:
         """The local endpoint standing for this peer while the relay is up, else None."""
@@ -120,6 +128,7 @@ class RelayClient:
     def _shutdown(self) -> None:
         """Stop, and end an open session's read at once (in the relay's loop)."""
         self._stop.set()
+        self._retry.set()
         if self.ws is not None:
             self.loop.create_task(self.ws.close())
 
@@ -187,7 +196,8 @@ class RelayClient:
 
     async def _run(self) -> None:
         import aiohttp
-        self._stop, self._wake = asyncio.Event(), asyncio.Event()
+        self.ready.set()
+        self._stop, self._wake, self._retry = asyncio.Event(), asyncio.Event(), asyncio.Event()
         async with aiohttp.ClientSession() as http:
             while not self._stop.is_set():
                 for server in self.servers:
@@ -206,10 +216,12 @@ class RelayClient:
                     await self._pause()
 
     async def _pause(self) -> None:
+        """RETRY, unless stopped or told to retry now."""
         try:
-            await asyncio.wait_for(self._stop.wait(), RETRY)
+            await asyncio.wait_for(self._retry.wait(), RETRY)
         except asyncio.TimeoutError:
             pass
+        self._retry.clear()
 
     async def _session(self, http: aiohttp.ClientSession, server: str) -> str:
         """One session until it "ended"; at once "refused" (the replica answered no) or

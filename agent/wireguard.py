@@ -35,7 +35,7 @@ from raftmesh.proto.wire import Peer
 
 ROUTE_PROTO = "82"  # marks routes this driver owns, so it never deletes anyone else's
 WG_RUN_DIR = "/var/run/wireguard"  # wireguard-go's control sockets; shared by all netns
-FRESH_SPACING = 0.05  # seconds between two re-adds of one peer (set_endpoint)
+FRESH_SPACING = 0.05  # seconds between two first initiations to one peer (set_endpoint)
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,15}$")
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -290,7 +290,7 @@ class WireGuardInterface:
         self.wireguard_go = wireguard_go
         self._proc: subprocess.Popen | None = None
         self._log = None
-        self._fresh_at: dict[str, float] = {}  # peer key -> when set_endpoint last re-added it
+        self._fresh_at: dict[str, float] = {}  # peer key -> when its last first initiation left
 
     # commands -----------------------------------------------------------------------------
     def _in_ns(self, argv: list[str]) -> list[str]:
@@ -454,25 +454,26 @@ class WireGuardInterface:
         if lines:
             self._run(self._ip("-batch", "-"), input="\n".join(lines) + "\n")
 
-    def set_endpoint(self, public_key: str, endpoint: str) -> None:
+    def set_endpoint(self, public_key: str, endpoint: str) -> bool:
         """Point one existing peer at `endpoint` (a path a probe proved, or the relay).
 
         A peer that has not completed a handshake yet is removed and added again in the same
         `wg set`: wireguard-go counts a handshake it could not send (no endpoint yet) and
-        would wait its 5 s retry before trying the new endpoint. Re-adds of one peer are kept
-        FRESH_SPACING apart: the receiver drops an initiation that follows the previous one
-        within 20 ms (flood) or carries the same timestamp (wireguard-go rounds them to
-        ~17 ms), and the relay and a direct path are often found that close together; the
-        dropped second initiation then waited the 5 s retry."""
+        would wait its 5 s retry before trying the new endpoint. A re-add is kept FRESH_SPACING
+        after the peer's last first initiation (a re-add, or `reconcile` adding it with an
+        endpoint): the receiver drops an initiation that follows the previous one within
+        20 ms (flood) or carries the same timestamp (wireguard-go rounds them to ~17 ms), and
+        the relay and a direct path are often found that close together; the dropped second
+        initiation then waited the 5 s retry. Whether anything changed."""
         check_key(public_key)
         endpoint = canonical_endpoint(endpoint)
         dump = self.dump()
         cur = dump.peers.get(public_key)
         if cur is None or cur.endpoint == endpoint:
-            return
+            return False
         if dump.stats[public_key].latest_handshake is not None:
             self._wg("set", self.name, "peer", public_key, "endpoint", endpoint)
-            return
+            return True
         fresh = PeerOp(public_key, endpoint=endpoint, allowed_ips=cur.allowed_ips,
                        keepalive=cur.keepalive or None)
         wait = self._fresh_at.get(public_key, -FRESH_SPACING) + FRESH_SPACING - time.monotonic()
@@ -482,6 +483,7 @@ class WireGuardInterface:
         now = time.monotonic()
         self._fresh_at = {k: t for k, t in self._fresh_at.items() if now - t < FRESH_SPACING}
         self._fresh_at[public_key] = now
+        return True
 
     def reconcile(self, peers: Sequence[Peer], keepalive: int = 0) -> ReconcileResult:
         """Make the device's peers and routes match `peers`, changing only the differences."""
@@ -490,6 +492,11 @@ class WireGuardInterface:
         ops = compute_peer_ops(dump.peers, desired)
         if ops:
             self._wg("set", self.name, *[a for op in ops for a in op.wg_args()])
+        now = time.monotonic()
+        for op in ops:  # those sending a first initiation now: set_endpoint keeps its spacing
+            stats = dump.stats.get(op.public_key)
+            if op.endpoint is not None and (op.fresh or stats is None or stats.latest_handshake is None):
+                self._fresh_at[op.public_key] = now
         add, remove = compute_route_ops(self.routes(), desired_routes(desired))
         self._apply_routes(add, remove)
         return ReconcileResult(tuple(ops), tuple(add), tuple(remove))
