@@ -322,16 +322,29 @@ class Injector:
         self._readd_removed(entry)
 
     def _is_member(self, rid: str, timeout: float = 20) -> bool | None:
-        """Whether the leader counts `rid` as a member (None: no leader answered in time)."""
-        deadline = time.monotonic() + timeout
+        """Whether the leader counts `rid` as a member (None: no leader confirmed in time).
+
+        A removal the leader appended may not have committed and may yet be rolled back;
+        setting a member's data aside could then lose committed writes. So "not a member"
+        holds only once a read barrier (a log entry) has committed on that same leader in
+        the same term, after the removal in its log."""
+        addr, deadline = self.replica(rid).raft_addr, time.monotonic() + timeout
         while time.monotonic() < deadline:
             lead = self.leader()
-            status, own = self._request_quietly(self.replica(lead), "GET", "/api/v1/cluster/self") \
-                if lead else (None, None)
-            if status == 200:
-                return self.replica(rid).raft_addr in own["replica"]["members"]
+            before = self._leader_status(lead) if lead else None
+            if before is not None and addr in before["members"]:
+                return True
+            if before is not None and self._request_quietly(
+                    self.replica(lead), "GET", "/api/v1/cluster/members")[0] == 200:
+                after = self._leader_status(lead)
+                if after is not None and after["term"] == before["term"]:
+                    return addr in after["members"]
             time.sleep(0.3)
         return None
+
+    def _leader_status(self, rid: str) -> dict | None:
+        status, own = self._request_quietly(self.replica(rid), "GET", "/api/v1/cluster/self")
+        return own["replica"] if status == 200 and own["replica"]["state"] == "leader" else None
 
     def _request_quietly(self, r, method, path):
         try:

@@ -158,13 +158,17 @@ class _FakeReplica:
 class _FakeCluster:
     """Answers the injector's admin calls as a cluster with leader r2 would."""
 
-    def __init__(self, tmp_path, removal_answer=200, removal_applies=True):
+    def __init__(self, tmp_path, removal_answer=200, removal_applies=True, rolled_back=False):
         self.replicas = [_FakeReplica(f"r{i}", str(tmp_path / f"r{i}")) for i in (1, 2, 3)]
         self.members = {r.raft_addr for r in self.replicas}
         self.started = []
         self.removal_answer, self.removal_applies = removal_answer, removal_applies
+        self.rolled_back = rolled_back  # the removal never commits: a new leader drops it
 
     def request(self, via, method, path, body=None, timeout=10):
+        if method == "GET" and path == "/api/v1/cluster/members" and self.rolled_back:
+            self.members = {r.raft_addr for r in self.replicas}
+            return 503, {}  # the read barrier cannot commit
         if method == "GET":
             state = "leader" if via.id == "r2" else "follower"
             return 200, {"replica": {"state": state, "term": 3, "members": sorted(self.members)}}
@@ -206,13 +210,15 @@ def test_a_removed_replica_without_a_data_directory_is_still_re_added_fresh(tmp_
     assert os.path.isdir(str(tmp_path / "r1.removed2")) and not os.path.exists(cluster.replicas[0].data_dir)
 
 
-@pytest.mark.parametrize("applies", [True, False])
-def test_a_removal_confirmed_too_late_is_found_and_the_replica_re_added_fresh(tmp_path, applies):
+@pytest.mark.parametrize("applies, rolled_back", [(True, False), (False, False), (True, True)])
+def test_a_removal_confirmed_too_late_is_found_and_the_replica_re_added_fresh(tmp_path, applies, rolled_back):
     """Chaos seed 8: the DELETE timed out but the removal committed; the replica, left running
-    outside the cluster, never became ready and the run did not settle."""
+    outside the cluster, never became ready and the run did not settle. A removal the leader
+    lists but cannot commit is not taken for done: the replica keeps its data."""
     from raftmesh.chaos.faults import Injector, TimelineEntry
     from raftmesh.chaos.schedule import FaultEvent
-    cluster = _FakeCluster(tmp_path, removal_answer=503, removal_applies=applies)
+    cluster = _FakeCluster(tmp_path, removal_answer=503, removal_applies=applies, rolled_back=rolled_back)
+    applies = applies and not rolled_back
     injector = Injector(cluster, None, [], time.monotonic(), log=lambda *_: None)
     ev, entry = FaultEvent(0, "membership", 0.0, 2.0, "r3"), TimelineEntry(0, "membership", "r3", "", 0.0)
     injector._start_membership(ev, entry, "r3")
