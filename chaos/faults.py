@@ -314,24 +314,37 @@ class Injector:
         rid = entry.params.get("member")
         if rid is None:
             return
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # did the removal go through? ask the new leader
-            lead = self.leader()
-            status, own = self._request_quietly(self.replica(lead), "GET", "/api/v1/cluster/self") \
-                if lead else (None, None)
-            if status == 200:
-                if self.replica(rid).raft_addr in own["replica"]["members"]:
-                    entry.notes.append(f"{rid} is still a member")
-                    return
-                break
-            time.sleep(0.3)
+        if self._is_member(rid):  # did the removal go through? (unknown: assume it did)
+            entry.notes.append(f"{rid} is still a member")
+            return
         entry.notes.append(f"{rid} was removed: re-adding it fresh")
-        r = self.replica(rid)
-        self.cluster.kill(r, signal.SIGTERM)
-        self._removals += 1
-        os.rename(r.data_dir, f"{r.data_dir}.removed{self._removals}")
-        self._removed[rid] = True
+        self._stop_removed(rid)
         self._readd_removed(entry)
+
+    def _is_member(self, rid: str, timeout: float = 20) -> bool | None:
+        """Whether the leader counts `rid` as a member (None: no leader confirmed in time).
+
+        A removal the leader appended may not have committed and may yet be rolled back;
+        setting a member's data aside could then lose committed writes. So "not a member"
+        holds only once a read barrier (a log entry) has committed on that same leader in
+        the same term, after the removal in its log."""
+        addr, deadline = self.replica(rid).raft_addr, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lead = self.leader()
+            before = self._leader_status(lead) if lead else None
+            if before is not None and addr in before["members"]:
+                return True
+            if before is not None and self._request_quietly(
+                    self.replica(lead), "GET", "/api/v1/cluster/members")[0] == 200:
+                after = self._leader_status(lead)
+                if after is not None and after["term"] == before["term"]:
+                    return addr in after["members"]
+            time.sleep(0.3)
+        return None
+
+    def _leader_status(self, rid: str) -> dict | None:
+        status, own = self._request_quietly(self.replica(rid), "GET", "/api/v1/cluster/self")
+        return own["replica"] if status == 200 and own["replica"]["state"] == "leader" else None
 
     def _request_quietly(self, r, method, path):
         try:
@@ -345,26 +358,43 @@ class Injector:
             raise RuntimeError(f"latency proxy {control}: {line!r} -> {answer!r}")
 
     def _start_membership(self, ev, entry, rid):
-        r = self.replica(rid)
         deadline = time.monotonic() + max(2.0, ev.duration * 0.6)
         answer = self._until(deadline, lambda via: self.cluster.request(
             via, "DELETE", f"/api/v1/cluster/members/{rid}", timeout=6), rid, ok=(200, 404))
         entry.detail = f"remove {rid} from the cluster"
         if answer is None:
             entry.notes.append(f"removal of {rid} not confirmed in time; left running")
+            entry.params["unconfirmed"] = rid
             return
         entry.notes.append(f"DELETE /cluster/members/{rid} -> {answer[0]}")
+        entry.notes.append(f"{rid} stopped, {self._stop_removed(rid)}")
+
+    def _stop_removed(self, rid: str) -> str:
+        """Stop a removed replica and set its data aside so that it is re-added fresh (by
+        `_readd_removed`, even if this fails). A replica re-added fresh and killed before it
+        created its data directory has nothing to set aside (chaos seeds 7 and 53: the rename
+        raised, the injector failed and the replica was never re-added)."""
+        self._removed[rid] = True
+        r = self.replica(rid)
         self.cluster.kill(r, signal.SIGTERM)
         self._removals += 1
         aside = f"{r.data_dir}.removed{self._removals}"
         if rid in self.disks:  # the data directory is a mount point: set the disk aside
             self.disks[rid].set_aside(aside)
-        else:
+            return f"its data set aside in {aside}"
+        try:
             os.rename(r.data_dir, aside)
-        entry.notes.append(f"{rid} stopped, its data set aside in {aside}")
-        self._removed[rid] = True
+        except FileNotFoundError:
+            return "it had no data directory yet"
+        return f"its data set aside in {aside}"
 
     def _end_membership(self, ev, entry):
+        """A removal not confirmed in time may still commit (chaos seed 8: the replica, left
+        running outside the cluster, never became ready); then it is re-added fresh too."""
+        rid = entry.params.get("unconfirmed")
+        if rid is not None and self._is_member(rid) is False:
+            entry.notes.append(f"{rid} was removed after all: re-adding it fresh")
+            self._stop_removed(rid)
         self._readd_removed(entry)
 
     def _readd_removed(self, entry: TimelineEntry | None):

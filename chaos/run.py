@@ -266,15 +266,10 @@ class Run:
             self.log("checking agents ...")
             agent_checks = self.agents.check(self.args.settle)
         self.cluster.stop_all()
-        digests, tables = {}, None
-        for r in self.cluster.replicas:
-            try:
-                digests[r.id], t = checkers.read_tables(os.path.join(r.data_dir, "state"))
-                tables = tables or t
-            except Exception as e:  # lmdb.Error, OSError: evidence, not a crash
-                digests[r.id] = None
-                self.log(f"cannot read {r.id}'s state: {e!r}")
-        result = self._check(workload, injector, settle_check, members, digests, tables, run_seconds)
+        current = checkers.current_members({r.id: r.raft_addr for r in self.cluster.replicas}, members)
+        digests, tables = checkers.final_states(
+            {r.id: os.path.join(r.data_dir, "state") for r in self.cluster.replicas}, current, self.log)
+        result = self._check(workload, injector, settle_check, members, current, digests, tables, run_seconds)
         self.checks += agent_checks + ([tunnel_check] if tunnel_check else [])
         self._write(workload, injector, result, run_seconds)
         ok = all(c.ok for c in self.checks)
@@ -333,15 +328,15 @@ class Run:
         summary = f"all replicas ready at version {next(iter(versions.values()), '?')}" if not ev else "did not settle"
         return Check("settled", not ev, summary, ev), members
 
-    def _check(self, workload, injector, settle_check, members, digests, tables, run_seconds) -> dict:
+    def _check(self, workload, injector, settle_check, members, current, digests, tables, run_seconds) -> dict:
         history = workload.history
         self.checks = [settle_check]
         if injector.errors:
             self.checks.append(Check("faults", False, "the fault injector failed", injector.errors))
-        self.checks.append(checkers.check_converged(digests, members))
+        self.checks.append(checkers.check_converged(digests, members, current))
         final = {}
         if tables is None:
-            self.checks.append(Check("state", False, "no replica's state could be read"))
+            self.checks.append(Check("state", False, "no current member's state could be read"))
         else:
             pool = [f"u{i}" for i in range(USER_POOL)]
             owners, setup_keys, ours = OWNERS, set(workload.setup_key_ids), tables

@@ -106,6 +106,128 @@ def test_a_divergent_digest_or_membership_is_flagged():
     members = {"r1": ["a", "b", "c"], "r2": ["a", "b", "c"], "r3": ["a", "b"]}
     assert not checkers.check_converged(same, members).ok
 
+    assert checkers.check_converged(same, members, current=["r1", "r2"]).ok, "r3 is not a member"
+
+
+def test_the_members_are_those_most_replicas_list_and_a_removed_replica_is_named_not_compared():
+    """Chaos seeds 7 and 8: a replica removed (empty, or left running on its old log) made the
+    run fail as if the members had diverged, and seed 7's final state was read from it."""
+    addresses = {"r1": "a", "r2": "b", "r3": "c", "r4": "d", "r5": "e"}
+    members = {"r1": ["a", "b", "c", "d"], "r2": ["a", "b", "c", "d"], "r3": ["d", "c", "b", "a"],
+               "r4": ["a", "b", "c", "d"], "r5": ["a", "b", "c", "d", "e"]}
+    assert checkers.current_members(addresses, members) == ["r1", "r2", "r3", "r4"]
+    assert checkers.current_members(addresses, {}) == ["r1", "r2", "r3", "r4", "r5"]
+    # seed 61: a member still on an uncommitted configuration is compared, and differs
+    three = {"r1": "a", "r2": "b", "r3": "c"}
+    stuck = {"r1": ["a", "b", "c"], "r2": ["a", "b", "c"], "r3": ["a", "c"]}
+    assert checkers.current_members(three, stuck) == ["r1", "r2", "r3"]
+    assert not checkers.check_converged({r: (5, "ab" * 32) for r in three}, stuck).ok
+
+    digests = {r: (9, "ab" * 32) for r in addresses} | {"r5": (4, "cd" * 32)}
+    result = checkers.check_converged(digests, members, checkers.current_members(addresses, members))
+    assert result.ok and "not a member, not compared: r5" in result.summary
+    assert not checkers.check_converged(digests | {"r4": (4, "cd" * 32)}, members,
+                                        ["r1", "r2", "r3", "r4"]).ok
+
+
+
+def test_the_final_state_is_read_from_a_current_member(monkeypatch):
+    states = {"r1": ((0, "e3" * 32), {"users": {}}), "r2": ((9, "ab" * 32), {"users": {"u1": {}}})}
+
+    def read_tables(state_dir):
+        if state_dir == "r3/state":
+            raise OSError("unreadable")
+        return states[state_dir.split("/")[0]]
+    monkeypatch.setattr(checkers, "read_tables", read_tables)
+    dirs = {r: f"{r}/state" for r in ("r1", "r2", "r3")}
+    digests, tables = checkers.final_states(dirs, ["r2", "r3"], log=lambda *_: None)
+    assert tables == {"users": {"u1": {}}}, "read from r1, which is not a member"
+    assert digests == {"r1": (0, "e3" * 32), "r2": (9, "ab" * 32), "r3": None}
+    assert checkers.final_states(dirs, ["r3"], log=lambda *_: None)[1] is None
+
+
+class _FakeReplica:
+    def __init__(self, rid, data_dir):
+        self.id, self.data_dir, self.running = rid, data_dir, True
+        self.raft_addr, self.api_url = f"{rid}:7100", f"http://{rid}:8100"
+
+    def alive(self):
+        return self.running
+
+
+class _FakeCluster:
+    """Answers the injector's admin calls as a cluster with leader r2 would."""
+
+    def __init__(self, tmp_path, removal_answer=200, removal_applies=True, rolled_back=False):
+        self.replicas = [_FakeReplica(f"r{i}", str(tmp_path / f"r{i}")) for i in (1, 2, 3)]
+        self.members = {r.raft_addr for r in self.replicas}
+        self.started = []
+        self.removal_answer, self.removal_applies = removal_answer, removal_applies
+        self.rolled_back = rolled_back  # the removal never commits: a new leader drops it
+
+    def request(self, via, method, path, body=None, timeout=10):
+        if method == "GET" and path == "/api/v1/cluster/members" and self.rolled_back:
+            self.members = {r.raft_addr for r in self.replicas}
+            return 503, {}  # the read barrier cannot commit
+        if method == "GET":
+            state = "leader" if via.id == "r2" else "follower"
+            return 200, {"replica": {"state": state, "term": 3, "members": sorted(self.members)}}
+        if method == "DELETE":
+            if self.removal_applies:
+                self.members.discard(f"{path.rsplit('/', 1)[1]}:7100")
+            return self.removal_answer, {}
+        self.members.add(body["raft_addr"])
+        return 201, {}
+
+    def kill(self, r, sig):
+        r.running = False
+
+    def start(self, r, join=False):
+        r.running = True
+        self.started.append((r.id, join))
+
+
+def test_a_removed_replica_without_a_data_directory_is_still_re_added_fresh(tmp_path):
+    """Chaos seeds 7 and 53: a replica re-added fresh and killed before it created its data
+    directory was removed again; setting its (absent) data aside raised, the injector failed
+    and the replica was never re-added."""
+    from raftmesh.chaos.faults import Injector, TimelineEntry
+    from raftmesh.chaos.schedule import FaultEvent
+    cluster = _FakeCluster(tmp_path)
+    os.makedirs(cluster.replicas[0].data_dir)  # r1 has data, r3 none
+    injector = Injector(cluster, None, [], time.monotonic(), log=lambda *_: None)
+    notes = {}
+    for rid in ("r3", "r1"):
+        ev = FaultEvent(0, "membership", 0.0, 2.0, rid)
+        entry = TimelineEntry(0, "membership", rid, "", 0.0)
+        injector._start_membership(ev, entry, rid)
+        assert f"{rid}:7100" not in cluster.members and not cluster.replicas[int(rid[1]) - 1].alive()
+        injector._end_membership(ev, entry)
+        assert cluster.started[-1] == (rid, True) and f"{rid}:7100" in cluster.members
+        assert not injector.errors
+        notes[rid] = entry.notes
+    assert "r3 stopped, it had no data directory yet" in notes["r3"] and "re-add r3: 201" in notes["r3"]
+    assert os.path.isdir(str(tmp_path / "r1.removed2")) and not os.path.exists(cluster.replicas[0].data_dir)
+
+
+@pytest.mark.parametrize("applies, rolled_back", [(True, False), (False, False), (True, True)])
+def test_a_removal_confirmed_too_late_is_found_and_the_replica_re_added_fresh(tmp_path, applies, rolled_back):
+    """Chaos seed 8: the DELETE timed out but the removal committed; the replica, left running
+    outside the cluster, never became ready and the run did not settle. A removal the leader
+    lists but cannot commit is not taken for done: the replica keeps its data."""
+    from raftmesh.chaos.faults import Injector, TimelineEntry
+    from raftmesh.chaos.schedule import FaultEvent
+    cluster = _FakeCluster(tmp_path, removal_answer=503, removal_applies=applies, rolled_back=rolled_back)
+    applies = applies and not rolled_back
+    injector = Injector(cluster, None, [], time.monotonic(), log=lambda *_: None)
+    ev, entry = FaultEvent(0, "membership", 0.0, 2.0, "r3"), TimelineEntry(0, "membership", "r3", "", 0.0)
+    injector._start_membership(ev, entry, "r3")
+    assert "removal of r3 not confirmed in time; left running" in entry.notes
+    injector._end_membership(ev, entry)
+    assert "r3:7100" in cluster.members and not injector.errors
+    assert cluster.started == ([("r3", True)] if applies else [])
+    assert ("r3 was removed after all: re-adding it fresh" in entry.notes) is applies
+
 
 def _tables(**over):
     tables = {t: {} for t in ("meta", "users", "nodes", "preauth_keys", "api_keys", "policy_versions",

@@ -24,7 +24,8 @@ FOLDERS = ["cluster", "storage", "proto", "api", "agent", "cli", "lab", "chaos",
 WHITE_BOX_TESTS = {ROOT / "tests" / f for f in (
     "raft_by_hand.py", "test_follower_truncation.py", "test_lazy_commit.py", "test_raft_codec.py",
     "test_raft_connection.py", "test_state_store.py", "test_transport_crypto.py",
-    "test_raft_adapter.py", "test_prevote_clock.py", "test_prevote_gate.py")}
+    "test_raft_adapter.py", "test_prevote_clock.py", "test_prevote_gate.py",
+    "test_removed_peer_links.py")}
 IMPORT = re.compile(r"^\s*(?:import|from)\s+pysyncobj\b", re.M)
 # Name mangling: `__name` inside class C becomes `_C__name`. Any such name reaches into a
 # class's private members from outside it; pysyncobj's classes are the only ones we reach into.

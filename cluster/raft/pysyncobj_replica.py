@@ -16,7 +16,9 @@ What pysyncobj does not do and this class adds (docs/durability.md has the reaso
 * linearizable reads through coalesced read barriers (one log entry per batch of reads);
 * apply into LMDB idempotently by Raft index, one transaction per tick, with futures
   resolved only after that transaction commits;
-* snapshots copied on a helper thread (background_snapshot.py), not in the tick.
+* snapshots copied on a helper thread (background_snapshot.py), not in the tick;
+* a removed peer's link kept until its removal commits (removed_peer_links.py), so a
+  replica whose removal of that peer is rolled back still hears it as leader.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from . import Outcome, codec, connection
 from .applied import ApplyListener, apply_entry, deliver
 from .background_snapshot import BackgroundSerializer
 from .lazy_commit import ForwardedCommands, Hold
+from .removed_peer_links import RemovedPeerLinks
 from .transport_crypto import AeadEncryptor
 
 log = logging.getLogger("raftmesh.replica")
@@ -60,6 +63,8 @@ RAFT_STATES = {0: "follower", 1: "candidate", 2: "leader"}
 BATCH = "rm_batch"
 PREVOTE, PREVOTE_GRANTED = "rm_prevote", "rm_prevote_granted"  # see RaftReplica._hold_election
 PREVOTE_AGAIN = 2  # heartbeats between pre-vote rounds
+# Answers that count towards a majority: only from peers in this replica's configuration.
+MEMBERS_ONLY = ("response_vote", "next_node_idx")
 _journal_factory_lock = threading.Lock()
 # Log compaction (see _SyncObj__tryLogCompaction): the journal must also hold this share of
 # the last snapshot's bytes, unless it has this many entries.
@@ -166,6 +171,10 @@ class RaftReplica(SyncObj):
         self._SyncObj__serializer = self._snapshots
         self._snapshot_bytes = _file_size(conf.fullDumpFile)
         self._wrap_transport_send()
+        # pysyncobj applies a change as the leader appends it (the entry is added next) and
+        # as a follower receives it (it is in the log by then, perhaps with later entries).
+        self._removed_peers = RemovedPeerLinks(
+            self._SyncObj__transport, lambda: self._log_index() + (1 if self._isLeader() else 0))
         self._notifier = PipeNotifier(self._poller)
         # The tick's wait ends its tick, after the holds of this tick began (lazy_commit):
         # bound it there, not when the tick starts.
@@ -431,6 +440,7 @@ class RaftReplica(SyncObj):
         # After answering: what this tick applied was committed on a majority already, and
         # the leader counts its own new entries only from the next tick's commit step.
         self._sync_journal()
+        self._removed_peers.drop_committed(self.raftCommitIndex)
         if leader and not self._SyncObj__otherNodes and self._log_index() > self.raftCommitIndex:
             self._wake()  # a single replica: no ack will wake the tick that commits these
         self._refresh_status()
@@ -531,6 +541,8 @@ class RaftReplica(SyncObj):
             return
         if message.get("type") in (PREVOTE, PREVOTE_GRANTED):
             return self._on_prevote(node, message)
+        if message.get("type") in MEMBERS_ONLY and node not in self._SyncObj__otherNodes:
+            return  # a removed peer still linked (removed_peer_links): its vote or ack counts not
         if message.get("type") == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
             self._leader_heard = time.monotonic()
             self._prevote_term = None  # its grants said nobody led (see _hold_election)
