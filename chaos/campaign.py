@@ -93,11 +93,27 @@ def _verdict(row: dict) -> str:
     return row["verdict"] + (f" ({', '.join(row['failed'])})" if row["failed"] else "")
 
 
+LIVENESS = frozenset({"available", "settled", "agents converged", "tunnel"})
+HARNESS = frozenset({"faults", "run", "state"})  # the run itself failed, not the cluster
+
+
+def failure_kind(row: dict) -> str | None:
+    """A failed run's worst class: "safety" if any other check failed (an answer or the state
+    was wrong), else "liveness" (it stalled or never settled), else "harness"."""
+    if _counts_as_pass(row):
+        return None
+    failed = set(row["failed"])
+    if failed - LIVENESS - HARNESS:
+        return "safety"
+    return "liveness" if failed & LIVENESS else "harness"
+
+
 def render(rows: list[dict]) -> str:
     passed = sum(_counts_as_pass(r) for r in rows)
-    safety = sum(1 for r in rows if set(r["failed"]) - {"available"})
-    lines = [f"raftmesh chaos campaign: {passed}/{len(rows)} runs passed, {safety} with a safety violation, "
-             f"{sum(r['ops'] for r in rows)} ops, {sum(r['faults'] for r in rows)} faults", "",
+    kinds = [failure_kind(r) for r in rows]
+    lines = [f"raftmesh chaos campaign: {passed}/{len(rows)} runs passed; failed: {kinds.count('safety')} "
+             f"on a safety check, {kinds.count('liveness')} on liveness only, {kinds.count('harness')} in "
+             f"the harness; {sum(r['ops'] for r in rows)} ops, {sum(r['faults'] for r in rows)} faults", "",
              "| run | seed | replicas | verdict | ops | faults | worst majority write gap (s) | load start/end |",
              "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):

@@ -21,12 +21,15 @@ def row(seed, verdict="PASS", failed=(), **extra):
 def test_an_availability_failure_counts_only_if_its_rerun_fails_too():
     flaky = row(2, "FAIL", ["available"], rerun=row(2))
     stalled = row(3, "FAIL", ["available"], rerun=row(3, "FAIL", ["available"]))
-    unsafe = row(4, "FAIL", ["linearizable"])
-    text = campaign.render([row(1), flaky, stalled, unsafe])
-    assert text.startswith("raftmesh chaos campaign: 2/4 runs passed, 1 with a safety violation, 400 ops")
+    unsafe = row(4, "FAIL", ["linearizable", "settled"])
+    stuck = row(5, "FAIL", ["settled", "faults"])
+    broken = row(6, "FAIL", ["faults"])
+    text = campaign.render([row(1), flaky, stalled, unsafe, stuck, broken])
+    assert text.startswith("raftmesh chaos campaign: 2/6 runs passed; failed: 1 on a safety check, 2 on "
+                           "liveness only, 1 in the harness; 600 ops")
     assert "| 2 | 2 | 3 | FAIL (available), re-run PASS |" in text
     assert "| 3 | 3 | 3 | FAIL (available), re-run FAIL |" in text
-    assert "| 4 | 4 | 3 | FAIL (linearizable) |" in text
+    assert "| 4 | 4 | 3 | FAIL (linearizable, settled) |" in text
 
 
 def test_a_run_that_could_not_start_is_an_error_row(tmp_path):
