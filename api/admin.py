@@ -512,6 +512,13 @@ async def cluster_self(ctx: Ctx):
                                ready=ready, ready_reason=reason)})
 
 
+def member_api_urls(store) -> dict[str, str | None]:
+    """Each recorded member's API URL by Raft address (the replicated members table), for
+    replicas that call each other."""
+    with store.read() as txn:
+        return {m["raft_addr"]: m.get("api_url") for _, m in txn.items("members")}
+
+
 def raft_members(ctx: Ctx) -> list[dict]:
     """The members of the Raft configuration, each with its id and API URL if registered."""
     with ctx.replica.store.read() as txn:

@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
 from raftmesh.cluster.commands import COMMANDS
-from .admin import ok
+from .admin import member_api_urls, ok
 from .responses import STR, answer
 from .routing import Ctx, route
 
@@ -63,8 +63,7 @@ class CommandGate:
 
     async def ask_all(self, http: aiohttp.ClientSession) -> None:
         me = self.config.raft_addr
-        with self.replica.store.read() as txn:
-            urls = {m["raft_addr"]: m.get("api_url") for _, m in txn.items("members")}
+        urls = member_api_urls(self.replica.store)
         others = [m for m in self.replica.status.get("members", ()) if m != me]
         answers = await asyncio.gather(*(self._ask(http, urls.get(m)) for m in others))
         before = self.held_back()

@@ -27,6 +27,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from .admin import member_api_urls
 from .errors import APIError
 from .relay import HUB, RelayHub
 from .relay_link_wire import (DOWN, FRAME, MAX_MESSAGE_BYTES, MAX_PLAINTEXT_BYTES, NONCE_BYTES,
@@ -155,8 +156,7 @@ class Links:
                     for peer, link in list(self.hub.links.items()):
                         if peer not in members:
                             link.close()
-                    with self.replica.store.read() as txn:
-                        urls = {m["raft_addr"]: m.get("api_url") for _, m in txn.items("members")}
+                    urls = member_api_urls(self.replica.store)
                     for peer in sorted(members):
                         if (peer > self.config.raft_addr and urls.get(peer)
                                 and peer not in self.hub.links and peer not in self._dials):
