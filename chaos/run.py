@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import shutil
@@ -239,6 +240,7 @@ class Run:
     # -- the run --------------------------------------------------------------------------------
     def _run_and_check(self) -> int:
         t0 = time.monotonic()
+        self.started_wall = time.time()  # the replicas' logs are in wall time; t is from here
         proxies = {i: (ip, CONTROL_PORT) for i, ip in enumerate(self.net.ips)} if self.proxies else {}
         injector = Injector(self.cluster, self.net, self.schedule, t0, proxies, log=self.log,
                             disks=self.disks)
@@ -383,6 +385,7 @@ class Run:
         summary = {"verdict": "PASS" if ok else "FAIL", "seed": self.seed, "replicas": self.args.replicas,
                    "durability": self.args.durability,
                    "duration": self.args.duration, "faults": self.faults, "run_seconds": round(run_seconds, 1),
+                   "workload_started_at": datetime.datetime.fromtimestamp(self.started_wall).isoformat(sep=" "),
                    "ops": len(workload.history), "by_status": dict(counts),
                    "client_ops": workload.stats.started,
                    "ops_per_second": round(len(workload.history) / max(run_seconds, 1e-9), 1),
@@ -432,6 +435,8 @@ def render_summary(s: dict, checks: list[Check], timeline) -> str:
                      f"longest gap {t['longest_gap_s']:.2f}s, max rtt {t['max_rtt_ms']} ms")
     lines += [c.render() for c in checks]
     lines.append(f"  written to {s.get('out', '--out')}: " + ", ".join(v for v in s["files"].values() if v))
+    if s.get("workload_started_at"):
+        lines.append(f"  t=0 is {s['workload_started_at']} in the replicas' logs (cluster/r*.log)")
     if s["verdict"] == "FAIL":
         lines.append("  how to read a failure: docs/chaos.md, 'Reading a failure'")
     return "\n".join(lines)

@@ -57,6 +57,31 @@ def test_libfaketime_moves_the_wall_clock_of_one_process_and_leaves_its_monotoni
         proc.wait()
 
 
+@pytest.mark.skipif(clock.library() is None, reason="needs libfaketime (apt install faketime)")
+@pytest.mark.timeout(60)
+def test_under_libfaketime_a_thread_waits_its_switch_interval_for_the_gil(tmp_path):
+    """libfaketime's forced monotonic fix (on by itself on glibc >= 2.30) misplaced the
+    deadline of CPython's GIL wait: a waiting thread forced a switch at once, every thread
+    of a replica thrashed the GIL and the faked replica served 20-60x fewer requests. A
+    correct wait cannot end before its deadline, so 10 handoffs at a 50 ms switch interval
+    take at least about 10 x 50 ms; the broken wait took a few ms."""
+    code = ("import select, sys, threading, time\n"
+            "sys.setswitchinterval(0.05)\n"
+            "stop = False\n"
+            "def spin():\n"
+            "    while not stop: pass\n"
+            "t = threading.Thread(target=spin); t.start()\n"
+            "start = time.monotonic()\n"
+            "for _ in range(10):\n"
+            "    select.select([], [], [], 0.001)  # lets the spinner take the GIL, then waits for it\n"
+            "took = time.monotonic() - start\n"
+            "stop = True; t.join()\n"
+            "print(round(took, 3))\n")
+    out = subprocess.run(clock.prefix(str(tmp_path / "r1.faketime")) + [sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=50, check=True).stdout
+    assert float(out) >= 0.35, f"10 GIL handoffs took {float(out)} s: the GIL wait ends before its deadline"
+
+
 @needs_netns
 @pytest.mark.timeout(60)
 def test_a_deaf_replica_drops_what_it_receives_and_still_sends():

@@ -130,6 +130,8 @@ class RaftReplica(SyncObj):
         self._acks_queued = False  # the outbox holds an ack: fsync before flushing it
         self.stats = {"snapshots": 0, "snapshot_seconds": 0.0, "snapshot_installs": 0}
         self.status: dict = {}
+        self._last_role: tuple = ()
+        self.slow_ticks = 0
         conf = SyncObjConf(
             password=config.cluster_secret,
             autoTick=False,
@@ -193,8 +195,10 @@ class RaftReplica(SyncObj):
                 # this point finds the flag down and writes a new wake-up (see _wake).
                 self._wake_pending = False
                 last_tick = self._after_a_stall(last_tick)
+                cpu = time.thread_time()
                 self._hold_election()
                 self.doTick(self.config.tick)
+                self._note_slow_tick(last_tick, cpu)
                 self._flush_outbox()  # replies produced while handling received messages
                 if not self.store.has_room():
                     self._wait_for_room()
@@ -208,6 +212,16 @@ class RaftReplica(SyncObj):
                 log.exception("raft tick failed")
                 time.sleep(self.config.tick)
         self.store.commit()
+
+    def _note_slow_tick(self, started: float, cpu_started: float) -> None:
+        """A tick longer than half the shortest election timeout lets followers' timers run
+        out; say how long, and how much of it this thread ran (the rest it waited: for the
+        GIL, a disk, or the scheduler)."""
+        wall = time.monotonic() - started
+        if wall > self.config.election_min / 2:
+            self.slow_ticks += 1
+            log.warning("replica %s: raft tick took %.0f ms, %.0f ms of it running", self.config.id,
+                        wall * 1000, (time.thread_time() - cpu_started) * 1000)
 
     def _after_a_stall(self, last_tick: float) -> float:
         """A replica whose ticks stopped for an election timeout (SIGSTOP, a stalled host)
@@ -722,6 +736,16 @@ class RaftReplica(SyncObj):
             "journal_syncs": self.journal.syncs,
             "leader_heard": self._leader_heard if leader is not None else None,  # monotonic
         }
+        self._log_role_change()
+
+    def _log_role_change(self) -> None:
+        """One line per change of role, term or leader: the replica logs then show who led
+        when, which a fault timeline or an operator reading an outage needs."""
+        role = (self.status["state"], self.status["term"], self.status["leader"])
+        if role != self._last_role:
+            self._last_role = role
+            log.info("replica %s: %s in term %d, leader %s", self.config.id, role[0], role[1],
+                     role[2] or "unknown")
 
 
 def rewind_to_commit(reply: dict, commit_index: int) -> dict:
