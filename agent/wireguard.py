@@ -6,14 +6,17 @@ foreground child (`WG_PROCESS_FOREGROUND=1`), so we hold its pid and can always 
 inside a network namespace through `ip netns exec` when one is given.
 
 `reconcile` is the hot path: a netmap change must touch only what changed. It reads the
-device (`wg show <if> dump`), computes the difference with pure functions
-(`compute_peer_ops`, `compute_route_ops`, unit-tested without root), applies all peer
-changes in one `wg set` and adds or removes only the routes that differ. It never brings the
-link down and never rewrites an unchanged peer, so other peers' sessions keep flowing.
+device, computes the difference with pure functions (`compute_peer_ops`,
+`compute_route_ops`, unit-tested without root), applies all peer changes in one request
+and adds or removes only the routes that differ. It never brings the link down and never
+rewrites an unchanged peer, so other peers' sessions keep flowing. With wireguard-go the
+device is read and changed on its control socket (wireguard_uapi: no process start per
+step); with the kernel module through `wg show <if> dump` and `wg set`.
 
-Secrets: the private key goes to `wg` on stdin only, and is validated before, so that
-`wg`'s own error messages (which echo a bad key) are never needed; the dump's private and
-preshared keys are dropped as soon as it is parsed. No key appears in argv, logs or errors.
+Secrets: the private key goes to wireguard-go's socket or to `wg` on stdin only, and is
+validated before, so that `wg`'s own error messages (which echo a bad key) are never
+needed; the device's private and preshared keys are dropped as soon as they are parsed.
+No key appears in argv, logs or errors.
 """
 from __future__ import annotations
 
@@ -291,6 +294,7 @@ class WireGuardInterface:
         self._proc: subprocess.Popen | None = None
         self._log = None
         self._fresh_at: dict[str, float] = {}  # peer key -> when its last first initiation left
+        self._installed_routes: set[str] | None = None  # reconcile's own record (None: ask ip)
 
     # commands -----------------------------------------------------------------------------
     def _in_ns(self, argv: list[str]) -> list[str]:
@@ -375,8 +379,12 @@ class WireGuardInterface:
                   mtu: int | None = None) -> None:
         """Set key and port, assign overlay addresses and bring the link up."""
         check_key(private_key, "private key")
-        self._wg("set", self.name, "private-key", "/dev/stdin", "listen-port", str(listen_port),
-                 input=private_key + "\n", secret=True)
+        if self.kernel:
+            self._wg("set", self.name, "private-key", "/dev/stdin", "listen-port", str(listen_port),
+                     input=private_key + "\n", secret=True)
+        else:
+            uapi.set_device(self.socket_path, [f"private_key={uapi.hex_key(private_key)}",
+                                               f"listen_port={listen_port}"])
         self.set_addresses(addresses)
         if mtu is not None:
             self._run(self._ip("link", "set", "dev", self.name, "mtu", str(mtu)))
@@ -406,6 +414,8 @@ class WireGuardInterface:
 
     # state --------------------------------------------------------------------------------
     def dump(self) -> DeviceDump:
+        if not self.kernel:
+            return uapi.get(self.socket_path)
         proc = self._wg("show", self.name, "dump", check=False)
         if proc.returncode != 0:
             raise WireGuardError(f"wg show {self.name} dump failed: {proc.stderr.strip()[:500]}")
@@ -472,14 +482,14 @@ class WireGuardInterface:
         if cur is None or cur.endpoint == endpoint:
             return False
         if dump.stats[public_key].latest_handshake is not None:
-            self._wg("set", self.name, "peer", public_key, "endpoint", endpoint)
+            self._set_peers([PeerOp(public_key, endpoint=endpoint)])
             return True
         fresh = PeerOp(public_key, endpoint=endpoint, allowed_ips=cur.allowed_ips,
-                       keepalive=cur.keepalive or None)
+                       keepalive=cur.keepalive or None, fresh=True)
         wait = self._fresh_at.get(public_key, -FRESH_SPACING) + FRESH_SPACING - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        self._wg("set", self.name, "peer", public_key, "remove", *fresh.wg_args())
+        self._set_peers([fresh])
         now = time.monotonic()
         self._fresh_at = {k: t for k, t in self._fresh_at.items() if now - t < FRESH_SPACING}
         self._fresh_at[public_key] = now
@@ -490,16 +500,29 @@ class WireGuardInterface:
         dump = self.dump()
         desired = desired_peers(peers, keepalive, self_key=dump.public_key)
         ops = compute_peer_ops(dump.peers, desired)
-        if ops:
-            self._wg("set", self.name, *[a for op in ops for a in op.wg_args()])
+        self._set_peers(ops)
         now = time.monotonic()
         for op in ops:  # those sending a first initiation now: set_endpoint keeps its spacing
             stats = dump.stats.get(op.public_key)
             if op.endpoint is not None and (op.fresh or stats is None or stats.latest_handshake is None):
                 self._fresh_at[op.public_key] = now
-        add, remove = compute_route_ops(self.routes(), desired_routes(desired))
+        if self._installed_routes is None:
+            self._installed_routes = self.routes()
+        want = desired_routes(desired)
+        add, remove = compute_route_ops(self._installed_routes, want)
+        self._installed_routes = None  # unknown until the change went through
         self._apply_routes(add, remove)
+        self._installed_routes = set(canonical_prefixes(want))
         return ReconcileResult(tuple(ops), tuple(add), tuple(remove))
+
+    def _set_peers(self, ops: Sequence[PeerOp]) -> None:
+        """All peer changes in one request."""
+        if not ops:
+            return
+        if self.kernel:
+            self._wg("set", self.name, *[a for op in ops for a in op.wg_args()])
+        else:
+            uapi.set_device(self.socket_path, [line for op in ops for line in uapi.peer_lines(op)])
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -523,3 +546,7 @@ def public_key_of(private_key: str) -> str:
     from nacl.public import PrivateKey
     raw = base64.b64decode(check_key(private_key, "private key"))
     return base64.b64encode(bytes(PrivateKey(raw).public_key)).decode()
+
+
+# Last: wireguard_uapi builds on the types above.
+from . import wireguard_uapi as uapi  # noqa: E402
