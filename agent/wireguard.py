@@ -294,7 +294,10 @@ class WireGuardInterface:
         self._proc: subprocess.Popen | None = None
         self._log = None
         self._fresh_at: dict[str, float] = {}  # peer key -> when its last first initiation left
-        self._installed_routes: set[str] | None = None  # reconcile's own record (None: ask ip)
+        # What this driver set, so the hot path need not ask `ip` (None: unknown, ask). A link
+        # it created has neither routes nor addresses yet.
+        self._installed_routes: set[str] | None = None
+        self._own_addresses: set[str] | None = None
 
     # commands -----------------------------------------------------------------------------
     def _in_ns(self, argv: list[str]) -> list[str]:
@@ -342,6 +345,7 @@ class WireGuardInterface:
         """Create the interface (down, no key yet)."""
         if self.kernel:
             self._run(self._ip("link", "add", "dev", self.name, "type", "wireguard"))
+            self._installed_routes, self._own_addresses = set(), set()
             return
         if self._socket_alive():
             raise WireGuardError(f"a wireguard-go already serves {self.name}; names must be "
@@ -356,6 +360,7 @@ class WireGuardInterface:
         except BaseException:
             self.close()
             raise
+        self._installed_routes, self._own_addresses = set(), set()
 
     def _wait_started(self) -> None:
         """Wait (bounded) until wireguard-go answers on its socket and the link exists."""
@@ -437,11 +442,14 @@ class WireGuardInterface:
     def set_addresses(self, addresses: Sequence[str]) -> None:
         """Make the interface's addresses exactly `addresses` (CIDR each), touching only diffs."""
         want = {str(ipaddress.ip_interface(a)) for a in addresses}
-        have = {str(ipaddress.ip_interface(a)) for a in self.addresses()}
+        have = self._own_addresses if self._own_addresses is not None else \
+            {str(ipaddress.ip_interface(a)) for a in self.addresses()}
+        self._own_addresses = None  # unknown until the change went through
         for a in sorted(have - want):
             self._run(self._ip("addr", "del", a, "dev", self.name))
         for a in sorted(want - have):
             self._run(self._ip("addr", "add", a, "dev", self.name))
+        self._own_addresses = want
 
     def add_host_address(self, address: str) -> None:
         """An address for local services only (MagicDNS's): host scope, so the kernel never
