@@ -20,11 +20,14 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+from raftmesh.agent.wireguard import WG_RUN_DIR
 
 from .processes import proc_start_time, run, stop_pid, stop_proc
 
@@ -106,6 +109,22 @@ def delete_netns(ns: str) -> None:
     shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
 
 
+def remove_stale_socket(path: str) -> None:
+    """Unlink a wireguard-go control socket nobody listens on any more."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return  # alive: someone else's
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def list_netns() -> list[str]:
     out = run(["ip", "netns", "list"], check=False).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
@@ -120,6 +139,10 @@ def cleanup_stale() -> None:
         m = re.match(rf"^\d+: ({LAB_PREFIX}(\d+)x\d+[hj])[@:]", line)
         if m and not os.path.exists(f"/proc/{m.group(2)}"):
             run(["ip", "link", "del", m.group(1)], check=False)
+    if os.path.isdir(WG_RUN_DIR):  # sockets of labs' wireguard-go processes that were killed
+        for name in os.listdir(WG_RUN_DIR):
+            if name.startswith(("rm", "rb")) and name.endswith(".sock"):
+                remove_stale_socket(os.path.join(WG_RUN_DIR, name))
 
 
 @dataclass
@@ -175,6 +198,7 @@ class Lab:
     pids: list[tuple[int, int | None]] = field(default_factory=list)  # (pid, start time)
     finalizers: list = field(default_factory=list)
     gateway: str | None = None
+    ifnames: list[str] = field(default_factory=list)  # handed out; their sockets go at close
 
     def __post_init__(self) -> None:
         self.tag = self.tag or f"{self.prefix}{os.getpid()}x{next(_counter)}"
@@ -277,6 +301,7 @@ class Lab:
         name = f"{self.ifname_prefix}{label}{os.getpid() % 100000}{next(_counter)}"
         if len(name) > 15:
             raise ValueError(f"interface name {name!r} too long")
+        self.ifnames.append(name)
         return name
 
     def close(self) -> None:
@@ -299,6 +324,9 @@ class Lab:
         for ns in [*(n.name for n in self.namespaces.values()), self.hub]:
             delete_netns(ns)
         self.namespaces.clear()
+        for name in self.ifnames:  # a wireguard-go ended by SIGKILL leaves its socket behind
+            remove_stale_socket(os.path.join(WG_RUN_DIR, f"{name}.sock"))
+        self.ifnames.clear()
         if errors:
             raise errors[0]
 

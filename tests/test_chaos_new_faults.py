@@ -188,7 +188,7 @@ def test_the_cluster_clock_is_the_median_of_recent_proposers_and_says_nothing_wh
 
     from raftmesh.api.cluster_clock import MIN_SAMPLES, SAMPLES, ClusterClock
     listeners = []
-    replica = SimpleNamespace(add_apply_listener=listeners.append)
+    replica = SimpleNamespace(add_apply_listener=listeners.append, add_propose_listener=lambda fn: None)
     cc = ClusterClock(replica)
     cmd = lambda t: SimpleNamespace(time=t)  # noqa: E731
     listeners[0]([(1, cmd(0.0), {})] * 20)  # barriers carry no time
@@ -200,6 +200,27 @@ def test_the_cluster_clock_is_the_median_of_recent_proposers_and_says_nothing_wh
     assert cc.offset() == pytest.approx(0, abs=5), "only recent commands count"
 
 
+def test_a_replica_off_by_a_day_is_told_by_the_others_commands_not_outvoted_by_its_own():
+    """Campaign seed 23: the leader's clock jumped back 14.7 h while another replica was down,
+    so half the commands it applied were its own, carrying its own clock; counted, they made
+    the median say its clock was right, and correctly signed agents got 401."""
+    from types import SimpleNamespace
+
+    from raftmesh.api.cluster_clock import SAMPLES, ClusterClock
+    applied, proposed = [], []
+    cc = ClusterClock(SimpleNamespace(add_apply_listener=applied.append,
+                                      add_propose_listener=proposed.append))
+    mine = lambda: SimpleNamespace(time=time.time())  # noqa: E731  (this replica's clock)
+    theirs = lambda: SimpleNamespace(time=time.time() + 52773)  # noqa: E731
+    batch = []
+    for i in range(SAMPLES):
+        own = mine()
+        proposed[0](own)
+        batch += [(2 * i, own, {}), (2 * i + 1, theirs(), {})]
+    applied[0](batch)
+    assert cc.offset() == pytest.approx(-52773, abs=5), "its clock is behind the others'"
+
+
 def test_a_step_of_the_local_clock_shifts_the_estimate_at_once(monkeypatch):
     from types import SimpleNamespace
 
@@ -208,7 +229,8 @@ def test_a_step_of_the_local_clock_shifts_the_estimate_at_once(monkeypatch):
     monkeypatch.setattr(cluster_clock, "time", SimpleNamespace(time=lambda: clocks["wall"],
                                                                monotonic=lambda: clocks["mono"]))
     listeners = []
-    cc = cluster_clock.ClusterClock(SimpleNamespace(add_apply_listener=listeners.append))
+    cc = cluster_clock.ClusterClock(SimpleNamespace(add_apply_listener=listeners.append,
+                                                    add_propose_listener=lambda fn: None))
     listeners[0]([(i, SimpleNamespace(time=1000.0), {}) for i in range(cluster_clock.MIN_SAMPLES)])
     assert cc.offset() == 0
     clocks["wall"] += 86400  # stepped a day ahead, no command applied since

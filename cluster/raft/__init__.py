@@ -65,6 +65,10 @@ class Raft(Protocol):
     def add_reset_listener(self, fn: Callable[[], None]) -> None:
         """`fn()` after a snapshot replaced the whole state (batches were skipped)."""
 
+    def add_propose_listener(self, fn: Callable[[Command], None]) -> None:
+        """`fn(cmd)` for each command this replica proposes, on the proposing thread, before
+        it is submitted."""
+
     def change_membership(self, action: str, raft_addr: str) -> Future:
         """Add ("add") or remove ("remove") a replica by Raft address."""
 

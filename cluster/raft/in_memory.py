@@ -37,6 +37,7 @@ class InMemoryRaft:
         self._members = [config.raft_addr] + list(config.peers)
         self._apply_listeners: list[ApplyListener] = []
         self._reset_listeners: list[Callable[[], None]] = []
+        self._propose_listeners: list[Callable[[Command], None]] = []
         self._scripted: deque[Outcome] = deque()
         self._lock = threading.Lock()  # one entry at a time, in order, whichever thread proposes
         self._refresh_status()
@@ -49,13 +50,19 @@ class InMemoryRaft:
     # -- the interface -------------------------------------------------------------------
     def propose(self, cmd: Command) -> Future:
         fut: Future = Future()
+        self._proposing(cmd)
         self._commit(cmd, fut)
         return fut
 
     def propose_async(self, cmd: Command) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
+        self._proposing(cmd)
         self._commit(cmd, fut)
         return fut
+
+    def _proposing(self, cmd: Command) -> None:
+        for fn in self._propose_listeners:
+            fn(cmd)
 
     def barrier(self) -> Future:
         return self.propose(Barrier())
@@ -67,6 +74,9 @@ class InMemoryRaft:
     def add_reset_listener(self, fn: Callable[[], None]) -> None:
         """Kept for the interface: nothing here ever replaces the whole state."""
         self._reset_listeners.append(fn)
+
+    def add_propose_listener(self, fn: Callable[[Command], None]) -> None:
+        self._propose_listeners.append(fn)
 
     def change_membership(self, action: str, raft_addr: str) -> Future:
         """Refused (request_denied) like pysyncobj when it would change nothing."""

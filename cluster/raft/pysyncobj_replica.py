@@ -111,6 +111,7 @@ class RaftReplica(SyncObj):
         self._resolutions: list[tuple[Future, object, int]] = []
         self._barrier_waiters: list[Future] = []
         self._apply_listeners: list[ApplyListener] = []
+        self._propose_listeners: list[Callable[[Command], None]] = []
         self._reset_listeners: list[Callable[[], None]] = []
         self._state_replaced = False
         self._applied_batch: list[tuple[int, Command, dict]] = []
@@ -638,6 +639,7 @@ class RaftReplica(SyncObj):
         still commit later.
         """
         fut: Future = Future()
+        self._proposing(cmd)
         self.apply_command(cmd.encode(), callback=lambda res, err: self._resolutions.append((fut, res, err)))
         self._wake()
         return fut
@@ -647,9 +649,17 @@ class RaftReplica(SyncObj):
         together with the others this tick resolved, instead of one thread-safe wake-up
         (and a concurrent Future bridged with wrap_future) per command. Same Outcome rules."""
         fut = asyncio.get_running_loop().create_future()
+        self._proposing(cmd)
         self.apply_command(cmd.encode(), callback=lambda res, err: self._resolutions.append((fut, res, err)))
         self._wake()
         return fut
+
+    def add_propose_listener(self, fn: Callable[[Command], None]) -> None:
+        self._propose_listeners.append(fn)
+
+    def _proposing(self, cmd: Command) -> None:
+        for fn in self._propose_listeners:
+            fn(cmd)
 
     def barrier(self) -> Future:
         """A future that completes once everything committed before this call is applied here."""
