@@ -85,6 +85,10 @@ class RaftCollector:
         c = CounterMetricFamily("raftmesh_snapshot_installs", "snapshots loaded (start-up or from leader)")
         c.add_metric([], r.stats["snapshot_installs"])
         yield c
+        c = CounterMetricFamily("raftmesh_raft_slow_ticks",
+                                "Raft ticks longer than half the shortest election timeout")
+        c.add_metric([], r.stats["slow_ticks"])
+        yield c
 
 
 class Metrics:

@@ -5,6 +5,7 @@ after the heal)."""
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import time
 
 import pytest
@@ -174,6 +175,12 @@ def test_a_resumed_old_leader_does_not_depose_the_leader_elected_while_it_was_pa
     after = _self(cluster, new)
     assert (after["state"], after["term"]) == ("leader", term), \
         f"the resumed old leader forced an election: {after['state']} at term {after['term']} (was {term})"
+    # The pause shows as a slow Raft tick on the paused replica, counted and logged.
+    status, text = cluster.request(old, "GET", "/metrics")
+    slow = re.search(r"^raftmesh_raft_slow_ticks_total (\S+)$", text, re.M)
+    assert status == 200 and slow and float(slow.group(1)) >= 1, slow
+    with open(f"{cluster.log_dir}/{old.id}.log", errors="replace") as log:
+        assert "raft tick took" in log.read()
 
 
 @needs_netns

@@ -45,7 +45,7 @@ class Raft(Protocol):
     # members (raft addresses), leader_commit_index, journal_syncs, leader_heard (the
     # time.monotonic() of the leader's last message; None without one). Empty until it runs.
     status: dict
-    stats: dict  # snapshots, snapshot_seconds, snapshot_installs (counters)
+    stats: dict  # snapshots, snapshot_seconds, snapshot_installs, slow_ticks (counters)
 
     def propose(self, cmd: Command) -> Future:
         """Submit through Raft from any thread."""

@@ -31,7 +31,7 @@ class InMemoryRaft:
         self.config = config
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         self.store = StateStore(os.path.join(config.data_dir, "state"))
-        self.stats = {"snapshots": 0, "snapshot_seconds": 0.0, "snapshot_installs": 0}
+        self.stats = {"snapshots": 0, "snapshot_seconds": 0.0, "snapshot_installs": 0, "slow_ticks": 0}
         self.status: dict = {}
         self._index = self.store.applied_version()  # LMDB write transactions stay in _commit
         self._members = [config.raft_addr] + list(config.peers)

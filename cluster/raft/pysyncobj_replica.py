@@ -129,10 +129,9 @@ class RaftReplica(SyncObj):
         self._wake_pending = False  # a wake-up byte is in the pipe, not yet seen by a tick
         self._outbox: dict = {}  # node -> messages queued this tick (see _wrap_transport_send)
         self._acks_queued = False  # the outbox holds an ack: fsync before flushing it
-        self.stats = {"snapshots": 0, "snapshot_seconds": 0.0, "snapshot_installs": 0}
+        self.stats = {"snapshots": 0, "snapshot_seconds": 0.0, "snapshot_installs": 0, "slow_ticks": 0}
         self.status: dict = {}
         self._last_role: tuple = ()
-        self.slow_ticks = 0
         conf = SyncObjConf(
             password=config.cluster_secret,
             autoTick=False,
@@ -220,7 +219,7 @@ class RaftReplica(SyncObj):
         GIL, a disk, or the scheduler)."""
         wall = time.monotonic() - started
         if wall > self.config.election_min / 2:
-            self.slow_ticks += 1
+            self.stats["slow_ticks"] += 1
             log.warning("replica %s: raft tick took %.0f ms, %.0f ms of it running", self.config.id,
                         wall * 1000, (time.thread_time() - cpu_started) * 1000)
 
