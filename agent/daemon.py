@@ -599,12 +599,15 @@ class Agent:
         self.relay.retain({p.node_key for p in nm.peers.values()})
         exit_node = find_exit_node(nm.peers.values(), self.config.exit_node)
         self._exit_node_used = exit_node.id if exit_node is not None else None
+        filter_at = time.monotonic()
         if old is None or old.packet_filter != nm.packet_filter:
             # before the peers: a path proved meanwhile waits for the lock below, not for nft
             self.fw.apply(nm.packet_filter)
+        wireguard_at = time.monotonic()
         with self._paths_lock:
             self.wg.reconcile([self._with_path(p) for p in wireguard_peers(nm.peers.values(), exit_node)],
                               self.config.peer_keepalive)
+            wireguard_done = time.monotonic()
             if self.exit_routing is not None:
                 self.exit_routing.use(exit_node)
             self.session.enforced = nm
@@ -612,8 +615,9 @@ class Agent:
         self._write_status()
         new = [p.name for p in nm.peers.values() if old is None or p.id not in old.peers]
         if new:
-            log.info("netmap v%d enforced in %.0f ms; new peers: %s", nm.version,
-                     (time.monotonic() - started) * 1e3, ", ".join(new[:8]))
+            log.info("netmap v%d enforced in %.0f ms (filter %.0f, WireGuard %.0f); new peers: %s",
+                     nm.version, (time.monotonic() - started) * 1e3, (wireguard_at - filter_at) * 1e3,
+                     (wireguard_done - wireguard_at) * 1e3, ", ".join(new[:8]))
 
     def _save_cache(self) -> None:
         if self.view is None or self.view.netmap is None:

@@ -4,7 +4,8 @@
 # (/usr/local/bin/raftmesh; empty: no link). Debian packages are installed only when missing.
 #
 #   bash deploy/install.sh            what a replica, an agent and the CLI need: wireguard-go,
-#                                     wireguard-tools, nftables, iproute2 and raftmesh itself
+#                                     wireguard-tools, nftables (and its Python binding),
+#                                     iproute2 and raftmesh itself
 #   bash deploy/install.sh --bench    also the benchmarks' extra (plots), etcd-server (the
 #                                     side-by-side write benchmark starts its own members) and
 #                                     iperf3 (bench throughput; it comes with a service)
@@ -30,6 +31,7 @@
 set -euo pipefail
 
 policy_rc_d=/usr/sbin/policy-rc.d
+nft_binding=/usr/lib/python3/dist-packages/nftables
 dry_run=false
 
 usage() {  # the comment above; to stdout for --help (exit 0), else to stderr (exit 2)
@@ -41,10 +43,11 @@ run() {  # a command that changes the machine; only shown with --dry-run
   if $dry_run; then echo "would run: $*"; else "$@"; fi
 }
 
-missing_packages() {  # package:binary pairs -> the packages whose binary is not installed
+missing_packages() {  # package:binary (or package:/path) pairs -> the packages not installed
   local pkg_bin pkg bin
   for pkg_bin in "$@"; do
     pkg=${pkg_bin%%:*}; bin=${pkg_bin##*:}
+    if [ "${bin#/}" != "$bin" ]; then [ -e "$bin" ] || echo "$pkg"; continue; fi
     command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || echo "$pkg"
   done
 }
@@ -76,7 +79,8 @@ apt_install_without_starting_services() {
 }
 
 main() {
-  local extra="" pkgs=(wireguard-go:wireguard-go wireguard-tools:wg nftables:nft iproute2:ip)
+  local extra="" pkgs=(wireguard-go:wireguard-go wireguard-tools:wg nftables:nft iproute2:ip
+                       python3-nftables:$nft_binding)
   local with_services=()
   while [ $# -gt 0 ]; do
     case "$1" in
@@ -113,6 +117,14 @@ main() {
     "$python" -m venv "$venv"
   fi
   run "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".$extra"
+  # nftables' own Python binding (libnftables through ctypes; Debian ships it, PyPI does not),
+  # and only it, into the virtualenv: the agent loads its packet filter without starting nft
+  if [ -d "$nft_binding" ] || $dry_run; then
+    local site
+    site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null) \
+      || site="$venv/lib/python3/site-packages"
+    run ln -sfn "$nft_binding" "$site/nftables"
+  fi
   # axe-core (the console tests inject it into the browser) from npm, into the virtualenv
   [ "$extra" != "[test]" ] || run npm install --silent --no-save --prefix "$venv/node" axe-core@4
   [ -z "$link" ] || run ln -sf "$venv/bin/raftmesh" "$link"

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, replace
 
 import pytest
@@ -434,6 +435,32 @@ def test_every_rule_shape_loads_in_nft_and_reapplies_atomically():
         fw.close()
         fw.close()  # idempotent
         assert not fw.exists()
+
+
+@needs_root
+@pytest.mark.skipif(firewall._libnftables() is None, reason="needs nftables' Python binding (python3-nftables)")
+def test_an_agent_in_its_namespace_loads_the_filter_in_process_with_the_same_result():
+    """The agent runs inside its namespace, so PacketFilter there has no netns and loads its
+    ruleset through libnftables; the table must be what `nft -f` makes, and nft's own error
+    must come back for a ruleset the kernel refuses."""
+    code = ("import json, sys\n"
+            "from raftmesh.agent import firewall\n"
+            "from raftmesh.proto.wire import FilterDest, FilterRule, PortRange\n"
+            "fw = firewall.PacketFilter('rm-lib0')\n"
+            "assert firewall._libnftables() is not None\n"
+            "fw.apply([FilterRule(('100.64.0.1/32',), (FilterDest('100.64.0.2/32', PortRange(22, 22)),))])\n"
+            "fw.apply([FilterRule(('100.64.0.1/32',), (FilterDest('100.64.0.2/32', PortRange(80, 80)),))])\n"
+            "try:\n"
+            "    fw._load('table inet raftmesh_x { chain c { type filter hook nowhere priority 0; } }')\n"
+            "    print('refused: no')\n"
+            "except firewall.FirewallError as e:\n"
+            "    print('refused:', 'nowhere' in str(e))\n")
+    with Lab() as lab:
+        ns = lab.add("L", "192.0.2.21/24")
+        out = ns.run(sys.executable, "-c", code).stdout
+        assert "refused: True" in out, out
+        listed = ns.run("nft", "list", "table", "inet", firewall.table_name("rm-lib0")).stdout
+        assert "dport 80" in listed and "dport 22" not in listed, listed
 
 
 @needs_root
