@@ -59,27 +59,32 @@ def test_libfaketime_moves_the_wall_clock_of_one_process_and_leaves_its_monotoni
 
 @pytest.mark.skipif(clock.library() is None, reason="needs libfaketime (apt install faketime)")
 @pytest.mark.timeout(60)
-def test_under_libfaketime_a_thread_waits_its_switch_interval_for_the_gil(tmp_path):
+def test_under_libfaketime_a_wait_on_a_monotonic_condition_lasts_until_its_deadline(tmp_path):
     """libfaketime's forced monotonic fix (on by itself on glibc >= 2.30) misplaced the
-    deadline of CPython's GIL wait: a waiting thread forced a switch at once, every thread
-    of a replica thrashed the GIL and the faked replica served 20-60x fewer requests. A
-    correct wait cannot end before its deadline, so 10 handoffs at a 50 ms switch interval
-    take at least about 10 x 50 ms; the broken wait took a few ms."""
-    code = ("import select, sys, threading, time\n"
-            "sys.setswitchinterval(0.05)\n"
-            "stop = False\n"
-            "def spin():\n"
-            "    while not stop: pass\n"
-            "t = threading.Thread(target=spin); t.start()\n"
+    deadline of every wait on a monotonic condition variable, CPython's GIL among them: the
+    wait ended at once, every thread of a replica forced a GIL switch and the faked replica
+    served 20-60x fewer requests. A wait of 200 ms must last 200 ms (never less, however
+    loaded the machine); with the fix on it lasted 0 ms."""
+    code = ("import ctypes, time\n"
+            "libc = ctypes.CDLL(None)\n"
+            "class Timespec(ctypes.Structure):\n"
+            "    _fields_ = [('tv_sec', ctypes.c_long), ('tv_nsec', ctypes.c_long)]\n"
+            "attr, cond, mutex = (ctypes.create_string_buffer(64) for _ in range(3))\n"
+            "libc.pthread_condattr_init(attr)\n"
+            "libc.pthread_condattr_setclock(attr, 1)  # CLOCK_MONOTONIC, as CPython's GIL\n"
+            "libc.pthread_cond_init(cond, attr)\n"
+            "libc.pthread_mutex_init(mutex, None)\n"
+            "now = Timespec()\n"
+            "libc.clock_gettime(1, ctypes.byref(now))\n"
+            "ns = now.tv_nsec + 200_000_000\n"
+            "deadline = Timespec(now.tv_sec + ns // 10**9, ns % 10**9)\n"
+            "libc.pthread_mutex_lock(mutex)\n"
             "start = time.monotonic()\n"
-            "for _ in range(10):\n"
-            "    select.select([], [], [], 0.001)  # lets the spinner take the GIL, then waits for it\n"
-            "took = time.monotonic() - start\n"
-            "stop = True; t.join()\n"
-            "print(round(took, 3))\n")
+            "libc.pthread_cond_timedwait(cond, mutex, ctypes.byref(deadline))\n"
+            "print(round(time.monotonic() - start, 3))\n")
     out = subprocess.run(clock.prefix(str(tmp_path / "r1.faketime")) + [sys.executable, "-c", code],
                          capture_output=True, text=True, timeout=50, check=True).stdout
-    assert float(out) >= 0.35, f"10 GIL handoffs took {float(out)} s: the GIL wait ends before its deadline"
+    assert float(out) >= 0.19, f"a 200 ms wait on a monotonic condition ended after {float(out)} s"
 
 
 @needs_netns
