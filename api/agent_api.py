@@ -18,6 +18,7 @@ from raftmesh.cluster.state_machine import preauth_key_problem, public
 from . import auth
 from .errors import APIError
 from .group_commit import REGISTRATIONS
+from .health import serving_readiness
 from raftmesh.proto.frames import FrameError, stream_key_bytes
 from raftmesh.proto.machine_auth import (FRESHNESS_SECONDS, HEADER_NONCE, NonceCache, SignatureError,
                                          StaleTimestamp, request_key, verify_headers)
@@ -62,6 +63,15 @@ async def machine_of(ctx: Ctx, stream_nodes: dict[str, dict | None] | None = Non
         if offset is not None and abs(offset) > FRESHNESS_SECONDS / 2:
             raise APIError(503, "not_ready", f"this replica's clock is {offset:+.0f}s off the cluster's, so "
                            "it cannot check the signature's timestamp; retry on another replica")
+        # No estimate yet: a replica that is not ready (just started, catching up, cut off)
+        # has applied too few of the others' commands to know whose clock is off (campaign
+        # seed 2: restarted with its clock a day ahead, it told a correct agent to fix its
+        # clock). A ready replica of a quiet cluster still says 401: most likely the agent.
+        ready, reason = serving_readiness(ctx.request.app, ctx.replica) if offset is None else (True, "")
+        if not ready:
+            raise APIError(503, "not_ready", f"the signature's timestamp is off this replica's clock and "
+                           f"this replica cannot yet tell whose clock is wrong ({reason}); retry on "
+                           "another replica")
         raise APIError(401, "unauthenticated", f"machine signature rejected: {e}")
     except SignatureError as e:
         raise APIError(401, "unauthenticated", f"machine signature rejected: {e}")

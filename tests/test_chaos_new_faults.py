@@ -188,6 +188,34 @@ def test_a_replica_whose_clock_is_off_refuses_a_correct_agent_with_503_not_401(t
         cluster.stop_all()
 
 
+@pytest.mark.skipif(clock.library() is None, reason="needs libfaketime (apt install faketime)")
+@pytest.mark.timeout(60)
+def test_a_replica_that_cannot_yet_tell_whose_clock_is_off_sends_a_correct_agent_elsewhere(tmp_path):
+    """Campaign seed 2: restarted while its clock was a day ahead, a replica that had not yet
+    heard the others answered a correctly signed registration 401 (check your clock), which
+    an agent takes as final. Not ready and without an estimate, it now says 503 not_ready."""
+    from raftmesh.lab.local_cluster import LocalCluster
+    control = str(tmp_path / "r3.faketime")
+    cluster = LocalCluster(str(tmp_path / "c"), replicas=3,
+                           command_prefix=lambda r: clock.prefix(control) if r.id == "r3" else [])
+    try:
+        r3 = cluster.replicas[2]
+        cluster.start(r3)  # alone: no quorum, no leader, nothing from the others applied
+        def up():
+            try:
+                return cluster.request(r3, "GET", "/healthz")[0] == 200
+            except OSError:
+                return False
+        wait_until(up, 30, what="r3 up")
+        clock.set_offset(control, 86400)
+        status, body = wait_until(lambda: (lambda a: a if "clock" in str(a[1]) else None)(
+            _signed_register(cluster, r3, "rmp_any")), 10, what="an answer about the clock")
+        assert (status, body["error"]["code"]) == (503, "not_ready"), (status, body)
+        assert "cannot yet tell whose clock is wrong" in body["error"]["message"], body
+    finally:
+        cluster.stop_all()
+
+
 def test_the_cluster_clock_is_the_median_of_recent_proposers_and_says_nothing_when_quiet():
     from types import SimpleNamespace
 
