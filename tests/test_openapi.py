@@ -77,7 +77,8 @@ def test_document_lists_exactly_the_registered_routes():
                              cluster_secret="stub-cluster-secret", register_batch=1,
                              raft_addr="127.0.0.1:1")
     stub = SimpleNamespace(config=config, status={},
-                           add_apply_listener=lambda fn: None, add_reset_listener=lambda fn: None)
+                           add_apply_listener=lambda fn: None, add_reset_listener=lambda fn: None,
+                           add_propose_listener=lambda fn: None)
     app = server.build_app(stub)
     registered = {(r.method, r.resource.canonical) for r in app.router.routes()
                   if r.method != "HEAD" and r.resource is not None}
