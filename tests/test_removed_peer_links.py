@@ -96,3 +96,35 @@ def test_a_committed_removal_closes_the_removed_peers_link(trio):
     lead.change_membership("remove", removed.config.raft_addr)
     _until(trio, lambda: node not in lead._SyncObj__transport._nodes, "the removal committed")
     assert removed.config.raft_addr not in _members(lead)
+
+
+class _Transport:
+    """The three transport calls RemovedPeerLinks wraps, recorded."""
+
+    def __init__(self):
+        self.calls = []
+        self.dropNode = lambda node: self.calls.append(("drop", node))
+        self.addNode = lambda node: self.calls.append(("add", node))
+        self.destroy = lambda: self.calls.append(("destroy",))
+
+
+def test_the_leader_keeps_its_link_when_an_older_configuration_leaves_it_out():
+    """Campaign seed 2 (docs/chaos.md, bug 17): a fresh replica installed a snapshot taken
+    while the leader r1 was out of the cluster (removed, later re-added); the snapshot's
+    configuration dropped r1's link, the entries re-adding r1 could only come from r1, and
+    the replica sat without a leader for good."""
+    from raftmesh.cluster.raft.removed_peer_links import RemovedPeerLinks
+    transport, leader = _Transport(), ["r1"]
+    links = RemovedPeerLinks(transport, removal_index=lambda: 4998, leader=lambda: leader[0])
+    transport.dropNode("r1")  # the snapshot's configuration, applied while r1 leads
+    transport.dropNode("r4")  # a peer the same configuration removed
+    links.drop_committed(5000)
+    assert transport.calls == [("drop", "r4")], "the leader's link stays; the other removal is committed"
+    transport.addNode("r1")  # the entry that adds r1 back, received from r1
+    assert transport.calls == [("drop", "r4")], "the link was never closed, so nothing to reopen"
+    transport.dropNode("r1")
+    links.drop_committed(6000)
+    assert ("drop", "r1") not in transport.calls, "kept while it leads"
+    leader[0] = "r3"
+    links.drop_committed(6000)
+    assert transport.calls[-1] == ("drop", "r1"), "a former leader outside the configuration goes once another leads"

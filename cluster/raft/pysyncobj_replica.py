@@ -176,7 +176,8 @@ class RaftReplica(SyncObj):
         # pysyncobj applies a change as the leader appends it (the entry is added next) and
         # as a follower receives it (it is in the log by then, perhaps with later entries).
         self._removed_peers = RemovedPeerLinks(
-            self._SyncObj__transport, lambda: self._log_index() + (1 if self._isLeader() else 0))
+            self._SyncObj__transport, lambda: self._log_index() + (1 if self._isLeader() else 0),
+            lambda: self._SyncObj__raftLeader)
         self._notifier = PipeNotifier(self._poller)
         # The tick's wait ends its tick, after the holds of this tick began (lazy_commit):
         # bound it there, not when the tick starts.
