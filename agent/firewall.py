@@ -18,6 +18,7 @@ inject nft syntax.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -244,19 +245,15 @@ class PacketFilter:
 
 
 _LIBNFTABLES_LOCK = threading.Lock()  # one context for the process; calls one at a time
-_libnftables_context: list = []
 
 
+@functools.cache
 def _libnftables():
     """nftables' Python binding (Debian python3-nftables, linked into the virtualenv by
     deploy/install.sh), one context for the process; None where it is missing or its
     library will not load, and `nft` is started instead."""
-    with _LIBNFTABLES_LOCK:
-        if not _libnftables_context:
-            try:
-                import nftables
-                context = nftables.Nftables()
-            except (ImportError, OSError):
-                context = None
-            _libnftables_context.append(context)
-        return _libnftables_context[0]
+    try:
+        import nftables
+        return nftables.Nftables()
+    except (ImportError, OSError):
+        return None

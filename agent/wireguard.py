@@ -331,12 +331,7 @@ class WireGuardInterface:
         return os.path.join(WG_RUN_DIR, f"{self.name}.sock")
 
     def _socket_alive(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(self.socket_path)
-                return True
-            except OSError:
-                return False
+        return socket_alive(self.socket_path)
 
     def link_exists(self) -> bool:
         return self._run(self._ip("link", "show", "dev", self.name), check=False).returncode == 0
@@ -402,11 +397,8 @@ class WireGuardInterface:
             self._proc = None
         if self.kernel or self.link_exists():
             self._run(self._ip("link", "del", "dev", self.name), check=False)
-        if not self.kernel and os.path.exists(self.socket_path) and not self._socket_alive():
-            try:
-                os.unlink(self.socket_path)  # stale: its daemon is gone
-            except FileNotFoundError:
-                pass
+        if not self.kernel:
+            remove_stale_socket(self.socket_path)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -531,6 +523,26 @@ class WireGuardInterface:
             self._wg("set", self.name, *[a for op in ops for a in op.wg_args()])
         else:
             uapi.set_device(self.socket_path, [line for op in ops for line in uapi.peer_lines(op)])
+
+
+def socket_alive(path: str) -> bool:
+    """Whether a wireguard-go answers on the control socket at `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def remove_stale_socket(path: str) -> None:
+    """Unlink a control socket nobody listens on any more (its wireguard-go is gone, by
+    SIGKILL for one: it removes its socket only when it stops cleanly)."""
+    if os.path.exists(path) and not socket_alive(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _stop(proc: subprocess.Popen) -> None:

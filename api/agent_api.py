@@ -67,11 +67,12 @@ async def machine_of(ctx: Ctx, stream_nodes: dict[str, dict | None] | None = Non
         # has applied too few of the others' commands to know whose clock is off (campaign
         # seed 2: restarted with its clock a day ahead, it told a correct agent to fix its
         # clock). A ready replica of a quiet cluster still says 401: most likely the agent.
-        ready, reason = serving_readiness(ctx.request.app, ctx.replica) if offset is None else (True, "")
-        if not ready:
-            raise APIError(503, "not_ready", f"the signature's timestamp is off this replica's clock and "
-                           f"this replica cannot yet tell whose clock is wrong ({reason}); retry on "
-                           "another replica")
+        if offset is None:
+            ready, reason = serving_readiness(ctx.request.app, ctx.replica)
+            if not ready:
+                raise APIError(503, "not_ready", f"the signature's timestamp is off this replica's clock "
+                               f"and this replica cannot yet tell whose clock is wrong ({reason}); retry "
+                               "on another replica")
         raise APIError(401, "unauthenticated", f"machine signature rejected: {e}")
     except SignatureError as e:
         raise APIError(401, "unauthenticated", f"machine signature rejected: {e}")

@@ -20,14 +20,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from raftmesh.agent.wireguard import WG_RUN_DIR
+from raftmesh.agent.wireguard import WG_RUN_DIR, remove_stale_socket
 
 from .processes import proc_start_time, run, stop_pid, stop_proc
 
@@ -107,22 +106,6 @@ def delete_netns(ns: str) -> None:
         stop_pid(pid)
     run(["ip", "netns", "del", ns], check=False)
     shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
-
-
-def remove_stale_socket(path: str) -> None:
-    """Unlink a wireguard-go control socket nobody listens on any more."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-            return  # alive: someone else's
-        except FileNotFoundError:
-            return
-        except OSError:
-            pass
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def list_netns() -> list[str]:
