@@ -11,6 +11,7 @@ import logging
 
 import pytest
 from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.config import FAIL_REASON
 from pysyncobj.node import TCPNode
 from raft_by_hand import append_entries, close, hand_driven, regular, user_entry, users
 
@@ -112,3 +113,27 @@ def test_followers_fsync_before_acknowledging(follower):
     acks = [m for m in batch["messages"] if m["type"] == "next_node_idx"]
     assert [m["next_node_idx"] for m in acks] == [3, 4] and all(m["success"] for m in acks)
     assert dirty is False and syncs_at_send == syncs + 1, "one fsync, before anything left"
+
+
+def test_a_snapshot_chunk_commits_nothing_the_follower_holds(follower):
+    """pysyncobj moved a follower's commit index to min(leader's commit, its own last
+    entry) on every snapshot chunk, before any log matching: a deposed leader's uncommitted
+    tail was applied, and its clients told 201 for writes no majority ever stored (chaos
+    campaign, seed 77: a leader resumed after SIGSTOP, far enough behind to be sent a
+    snapshot)."""
+    r, leader = follower
+    committed = [user_entry(r, i, 1, f"u{i}") for i in range(2, 5)]
+    r._SyncObj__onMessageReceived(leader, append_entries(1, 1, 0, committed, 4))
+    stale_tail = [user_entry(r, 5, 1, "stale5"), user_entry(r, 6, 1, "stale6")]
+    r._SyncObj__onMessageReceived(leader, append_entries(1, 4, 1, stale_tail, 4))
+    r.doTick(0)
+    assert r.raftCommitIndex == 4 and "stale5" not in users(r)
+    answers = []  # the deposed leader's own client, waiting on entry 5 of term 1
+    r._SyncObj__commandsWaitingCommit[5].append((1, lambda res, err: answers.append(err)))
+    chunk = {"type": "append_entries", "term": 2, "commit_index": 500,
+             "serialized": (b"first part of a snapshot", True, False)}
+    r._SyncObj__onMessageReceived(leader, chunk)
+    r.doTick(0)
+    assert r.raftCommitIndex == 4, "a chunk vouches for no entry of this log"
+    assert "stale5" not in users(r) and "stale6" not in users(r)
+    assert FAIL_REASON.SUCCESS not in answers, "never told success"

@@ -4,7 +4,8 @@ What pysyncobj does not do and this class adds (docs/durability.md has the reaso
 * durability: entries are fsynced (storage/journal.py) before a follower acknowledges them
   and before a leader counts itself towards a commit, once per batch;
 * Raft's commit rule on followers (commit index <= index of the last *new* entry), which
-  pysyncobj only got right by truncating matching entries on every AppendEntries;
+  pysyncobj only got right by truncating matching entries on every AppendEntries, and
+  a commit index that a snapshot chunk does not move until the snapshot is installed;
 * low latency without a busy loop: our own tick thread, woken by a pipe when a command is
   submitted, sends new entries at once instead of on the next period;
 * commits that travel with the next entries (lazy_commit.py): a commit index nobody
@@ -483,13 +484,13 @@ class RaftReplica(SyncObj):
         if self._SyncObj__raftLeader is None or stepped_down:
             self._end_waiting_proposals()
 
-    def _end_waiting_proposals(self) -> None:
-        """Proposals waiting for their entry to commit end as unknown (it still may)."""
+    def _end_waiting_proposals(self, up_to: float = math.inf) -> None:
+        """Proposals waiting for their entry (up to index `up_to`) to commit end as unknown
+        (it still may)."""
         waiting = self._SyncObj__commandsWaitingCommit
-        for index in sorted(waiting):
-            for _, callback in waiting[index]:
+        for index in sorted(i for i in waiting if i <= up_to):
+            for _, callback in waiting.pop(index):
                 callback(None, FAIL_REASON.LEADER_CHANGED)
-        waiting.clear()
 
     def _log_index(self) -> int:
         return self.journal[-1][1]
@@ -561,6 +562,8 @@ class RaftReplica(SyncObj):
         if message.get("type") == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
             self._leader_heard = time.monotonic()
             self._prevote_term = None  # its grants said nobody led (see _hold_election)
+        if message.get("type") == "append_entries" and "serialized" in message:
+            return self._on_snapshot_chunk(node, message)
         if message.get("type") != "append_entries" or "prevLogIdx" not in message \
                 or message.get("transmission") in ("start", "process"):
             return SyncObj._SyncObj__onMessageReceived(self, node, message)
@@ -587,6 +590,25 @@ class RaftReplica(SyncObj):
         if not entries and self.raftCommitIndex > before:
             self._apply_hold.expire()  # it came alone: the leader held it already (lazy_commit)
         self._redo_membership_after(last_new)
+
+    def _on_snapshot_chunk(self, node, message) -> None:
+        """A snapshot chunk commits nothing of this replica's log until the snapshot is
+        installed.
+
+        pysyncobj set the commit index to min(leader's commit, own last entry) on every
+        chunk, with no log matching: a deposed leader far enough behind to be sent a
+        snapshot applied its own uncommitted entries and answered their clients with
+        success (chaos campaign, seed 77: a 201 for a write no majority stored, after a
+        SIGSTOP of the leader). An installed snapshot replaces the log with the leader's
+        committed state, so pysyncobj's commit index is right then; proposals waiting on
+        an entry the snapshot covers can no longer be told apart and end as unknown."""
+        before, installs = self.raftCommitIndex, self.stats["snapshot_installs"]
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
+        if self.stats["snapshot_installs"] != installs:
+            self._end_waiting_proposals(up_to=self.raftLastApplied)
+        elif self.raftCommitIndex != before:
+            self._SyncObj__raftCommitIndex = before
+            self.journal.setRaftCommitIndex(before)
 
     def _redo_membership_after(self, last_new: int) -> None:
         """pysyncobj rolled back membership changes for every entry after prevLogIdx and
