@@ -34,9 +34,10 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from raftmesh.proto.wire import Peer
+from raftmesh.proto.wire import IPV4_POOL, IPV6_POOL, Peer
 
 ROUTE_PROTO = "82"  # marks routes this driver owns, so it never deletes anyone else's
+OVERLAY_ROUTES = (IPV4_POOL, IPV6_POOL)  # the mesh's covering routes (see desired_routes)
 WG_RUN_DIR = "/var/run/wireguard"  # wireguard-go's control sockets; shared by all netns
 FRESH_SPACING = 0.05  # seconds between two first initiations to one peer (set_endpoint)
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,15}$")
@@ -235,11 +236,26 @@ def compute_peer_ops(current: dict[str, PeerConfig],
     return ops
 
 
-def desired_routes(desired: dict[str, DesiredPeer]) -> set[str]:
-    """Routes to install: every peer's allowed IPs except default routes, which would
-    swallow the underlay (exit nodes need policy routing, not a plain route)."""
-    return {p for d in desired.values() for p in d.allowed_ips
-            if ipaddress.ip_network(p).prefixlen != 0}
+def desired_routes(desired: dict[str, DesiredPeer],
+                   covering: Sequence[str] = OVERLAY_ROUTES) -> set[str]:
+    """Routes to install: the `covering` routes (the overlay pools), and every allowed IP
+    they do not cover (subnet routes) except default routes, which would swallow the
+    underlay (exit nodes need policy routing, not a plain route).
+
+    One route per pool covers every peer's own addresses, as Tailscale's covering route
+    does: WireGuard's allowed IPs then choose the peer, and a peer that joins needs no
+    route change, which was the one process the agent still started on a new peer's path
+    (`ip -batch`, 10-20 ms on a loaded machine). The pools are the protocol's, not the
+    operator's; the more specific routes of an underlay inside 100.64.0.0/10 (a carrier's
+    NAT) still win."""
+    nets = [ipaddress.ip_network(c) for c in covering]
+
+    def needs_route(prefix: str) -> bool:
+        net = ipaddress.ip_network(prefix)
+        return net.prefixlen != 0 and not any(net.version == c.version and net.subnet_of(c)
+                                              for c in nets)
+    return set(canonical_prefixes(covering)) | {p for d in desired.values()
+                                                for p in d.allowed_ips if needs_route(p)}
 
 
 def compute_route_ops(current: set[str], desired: set[str]) -> tuple[list[str], list[str]]:
@@ -284,13 +300,15 @@ class WireGuardInterface:
     """
 
     def __init__(self, name: str, netns: str | None = None, *, kernel: bool | None = None,
-                 wireguard_go: str = "wireguard-go"):
+                 wireguard_go: str = "wireguard-go",
+                 covering_routes: Sequence[str] = OVERLAY_ROUTES):
         if not IFNAME_RE.match(name):
             raise ValueError(f"invalid interface name {name!r} (at most 15 characters)")
         self.name = name
         self.netns = netns
         self.kernel = kernel_wireguard_available() if kernel is None else kernel
         self.wireguard_go = wireguard_go
+        self.covering_routes = tuple(covering_routes)  # () for a tunnel outside the mesh
         self._proc: subprocess.Popen | None = None
         self._log = None
         self._fresh_at: dict[str, float] = {}  # peer key -> when its last first initiation left
@@ -385,10 +403,15 @@ class WireGuardInterface:
         else:
             uapi.set_device(self.socket_path, [f"private_key={uapi.hex_key(private_key)}",
                                                f"listen_port={listen_port}"])
-        self.set_addresses(addresses)
+        lines = self._address_lines(addresses)
         if mtu is not None:
-            self._run(self._ip("link", "set", "dev", self.name, "mtu", str(mtu)))
-        self._run(self._ip("link", "set", "dev", self.name, "up"))
+            lines.append(f"link set dev {self.name} mtu {mtu}")
+        lines.append(f"link set dev {self.name} up")
+        lines += [f"route replace {p} dev {self.name} proto {ROUTE_PROTO}"
+                  for p in self.covering_routes]
+        self._batch(lines)
+        if self._installed_routes is not None:
+            self._installed_routes |= set(canonical_prefixes(self.covering_routes))
 
     def close(self) -> None:
         """Stop wireguard-go by its pid and remove the interface; safe to call twice."""
@@ -433,15 +456,27 @@ class WireGuardInterface:
 
     def set_addresses(self, addresses: Sequence[str]) -> None:
         """Make the interface's addresses exactly `addresses` (CIDR each), touching only diffs."""
+        self._batch(self._address_lines(addresses))
+
+    def _address_lines(self, addresses: Sequence[str]) -> list[str]:
+        """`ip -batch` lines that make the addresses `addresses`; assumes they will be run."""
         want = {str(ipaddress.ip_interface(a)) for a in addresses}
         have = self._own_addresses if self._own_addresses is not None else \
             {str(ipaddress.ip_interface(a)) for a in self.addresses()}
-        self._own_addresses = None  # unknown until the change went through
-        for a in sorted(have - want):
-            self._run(self._ip("addr", "del", a, "dev", self.name))
-        for a in sorted(want - have):
-            self._run(self._ip("addr", "add", a, "dev", self.name))
         self._own_addresses = want
+        return [f"address del {a} dev {self.name}" for a in sorted(have - want)] + \
+               [f"address add {a} dev {self.name}" for a in sorted(want - have)]
+
+    def _batch(self, lines: list[str]) -> None:
+        """Run `ip` commands in one process; what this driver remembers of the link is
+        forgotten if they fail (it asks `ip` again next time)."""
+        if not lines:
+            return
+        try:
+            self._run(self._ip("-batch", "-"), input="\n".join(lines) + "\n")
+        except BaseException:
+            self._own_addresses = self._installed_routes = None
+            raise
 
     def add_host_address(self, address: str) -> None:
         """An address for local services only (MagicDNS's): host scope, so the kernel never
@@ -459,10 +494,8 @@ class WireGuardInterface:
 
     def _apply_routes(self, add: list[str], remove: list[str]) -> None:
         """All route changes in one `ip -batch` run."""
-        lines = [f"route replace {p} dev {self.name} proto {ROUTE_PROTO}" for p in add]
-        lines += [f"route del {p} dev {self.name} proto {ROUTE_PROTO}" for p in remove]
-        if lines:
-            self._run(self._ip("-batch", "-"), input="\n".join(lines) + "\n")
+        self._batch([f"route replace {p} dev {self.name} proto {ROUTE_PROTO}" for p in add] +
+                    [f"route del {p} dev {self.name} proto {ROUTE_PROTO}" for p in remove])
 
     def set_endpoint(self, public_key: str, endpoint: str) -> bool:
         """Point one existing peer at `endpoint` (a path a probe proved, or the relay).
@@ -508,9 +541,8 @@ class WireGuardInterface:
                 self._fresh_at[op.public_key] = now
         if self._installed_routes is None:
             self._installed_routes = self.routes()
-        want = desired_routes(desired)
+        want = desired_routes(desired, self.covering_routes)
         add, remove = compute_route_ops(self._installed_routes, want)
-        self._installed_routes = None  # unknown until the change went through
         self._apply_routes(add, remove)
         self._installed_routes = set(canonical_prefixes(want))
         return ReconcileResult(tuple(ops), tuple(add), tuple(remove))

@@ -69,7 +69,8 @@ def _hand_tunnel(lab, a: namespaces.RealAgent, b: namespaces.RealAgent) -> str:
     wan = {a: _direct_endpoint(b, a).rsplit(":", 1)[0], b: _direct_endpoint(a, b).rsplit(":", 1)[0]}
     ifaces = []
     for i, agent in enumerate((a, b)):
-        iface = WireGuardInterface(lab.ifname("hw"), netns=agent.ns.name, kernel=False)
+        iface = WireGuardInterface(lab.ifname("hw"), netns=agent.ns.name, kernel=False,
+                                   covering_routes=())  # the agent's route to the mesh stays
         lab.on_close(iface.close)
         iface.create()
         lab.track_pid(iface.pid)

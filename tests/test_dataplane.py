@@ -20,6 +20,7 @@ from netns import Lab, Namespace, cleanup_stale, list_netns, stop_proc, wait_for
 from raftmesh.agent import firewall, wireguard
 from raftmesh.agent.firewall import PacketFilter, render_delete, render_rule, render_ruleset
 from raftmesh.agent.wireguard import (
+    OVERLAY_ROUTES,
     DesiredPeer,
     PeerConfig,
     PeerOp,
@@ -206,12 +207,15 @@ def test_desired_peers_skips_self_and_rejects_bad_keys():
 
 
 def test_route_diff_touches_only_changes_and_never_installs_default_routes():
-    want = {KEY_B: DesiredPeer(KEY_B, (), ("0.0.0.0/0", "100.64.0.2/32", "::/0")),
-            KEY_C: DesiredPeer(KEY_C, (), ("100.64.0.3/32", "10.9.0.0/24"))}
+    want = {KEY_B: DesiredPeer(KEY_B, (), ("0.0.0.0/0", "100.64.0.2/32", "::/0",
+                                           "fd7a:115c:a1e0::2/128")),
+            KEY_C: DesiredPeer(KEY_C, (), ("100.64.0.3/32", "10.9.0.0/24", "100.64.9.0/24"))}
     routes = desired_routes(want)
-    assert routes == {"100.64.0.2/32", "100.64.0.3/32", "10.9.0.0/24"}
-    assert compute_route_ops({"100.64.0.2/32", "100.64.0.4/32"}, routes) == (
-        ["10.9.0.0/24", "100.64.0.3/32"], ["100.64.0.4/32"])
+    # the pools cover the peers' own addresses (and a subnet inside them): one route each
+    assert routes == {*OVERLAY_ROUTES, "10.9.0.0/24"}
+    assert desired_routes({}) == set(OVERLAY_ROUTES)
+    assert compute_route_ops({*OVERLAY_ROUTES, "100.64.0.4/32"}, routes) == (
+        ["10.9.0.0/24"], ["100.64.0.4/32"])
     assert compute_route_ops(routes, routes) == ([], [])
 
 
@@ -406,9 +410,8 @@ def test_removing_a_peer_stops_its_traffic_only(mesh):
     _wait_ping(A, C)
     res = A.wg.reconcile([C.peer])
     assert res.peer_ops == (PeerOp(B.peer.node_key, remove=True),)
-    assert res.routes_removed == (f"{B.overlay}/32",)
+    assert res.routes_removed == ()  # the pool's route still covers B's address
     assert B.peer.node_key not in A.wg.peer_stats()
-    assert f"{B.overlay}/32" not in A.wg.routes()
     assert not A.ns.ping(B.overlay, timeout=0.5)
     assert not B.ns.ping(A.overlay, timeout=0.5)  # A no longer accepts B's key
     assert A.ns.ping(C.overlay)

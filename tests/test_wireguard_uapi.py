@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from raftmesh.agent import wireguard_uapi as uapi
-from raftmesh.agent.wireguard import (PeerConfig, PeerOp, WireGuardError, WireGuardInterface,
+from raftmesh.agent.wireguard import (OVERLAY_ROUTES, PeerConfig, PeerOp, WireGuardError, WireGuardInterface,
                                       generate_private_key, public_key_of)
 from raftmesh.proto.wire import Peer
 
@@ -85,12 +85,13 @@ def test_a_real_wireguard_go_is_configured_read_and_refuses_nonsense_through_its
     try:
         wg.create()
         wg.configure(PRIVATE, 51820, ["100.64.0.1/32"])
+        assert wg.routes() == set(OVERLAY_ROUTES)  # with the link: a joining peer adds none
         peers = [Peer(id="2", name="b", node_key=KEY_B, addresses=("100.64.0.2/32",),
                       allowed_ips=("100.64.0.2/32", "10.9.0.0/24"), endpoints=("192.0.2.2:51820",)),
                  Peer(id="3", name="c", node_key=KEY_C, addresses=("100.64.0.3/32",),
                       allowed_ips=("100.64.0.3/32",), endpoints=())]
         first = wg.reconcile(peers, keepalive=25)
-        assert first.routes_added == ("10.9.0.0/24", "100.64.0.2/32", "100.64.0.3/32")
+        assert first.routes_added == ("10.9.0.0/24",)
         d = wg.dump()
         assert d.public_key == public_key_of(PRIVATE) and d.listen_port == 51820
         assert d.peers[KEY_B] == PeerConfig(KEY_B, "192.0.2.2:51820", ("10.9.0.0/24", "100.64.0.2/32"), 25)
@@ -100,10 +101,11 @@ def test_a_real_wireguard_go_is_configured_read_and_refuses_nonsense_through_its
                                capture_output=True, text=True, check=True).stdout
         assert "10.9.0.0/24" in shown and KEY_C in shown
         assert not wg.reconcile(peers, keepalive=25).changed  # nothing differs, nothing sent
-        assert wg.reconcile(peers[:1], keepalive=25).routes_removed == ("100.64.0.3/32",)
-        assert set(wg.dump().peers) == {KEY_B} and "100.64.0.3/32" not in wg.routes()
+        assert not wg.reconcile(peers[:1], keepalive=25).routes_removed
+        assert set(wg.dump().peers) == {KEY_B} and wg.routes() == {*OVERLAY_ROUTES, "10.9.0.0/24"}
         assert wg.set_endpoint(KEY_B, "192.0.2.7:41641")
         assert wg.dump().peers[KEY_B].endpoint == "192.0.2.7:41641"
+        assert wg.reconcile([], keepalive=25).routes_removed == ("10.9.0.0/24",)
         with pytest.raises(WireGuardError, match="refused") as e:
             uapi.set_device(wg.socket_path, [f"private_key={_hex(PRIVATE)}", "listen_port=nonsense"])
         assert _hex(PRIVATE) not in str(e.value) and PRIVATE not in str(e.value)
