@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from raftmesh.proto.routes import REGISTER, REPORT, ROTATE_KEY
 from raftmesh.proto.version import PROTOCOL_VERSION, UNSUPPORTED
-from raftmesh.proto.wire import Netmap
+from raftmesh.proto.wire import Netmap, node_addresses
 
 from .ack_sender import AckSender
 from .control_client import ControlClient, ControlError
@@ -101,6 +101,7 @@ class Agent:
         self._reported: tuple[str, ...] | None = None  # endpoints last reported this run
         self._routes_reported: tuple | None = None  # (advertised, unreachable) reported this run
         self._routes_checked = 0.0  # monotonic time of the last subnet reachability check
+        self._registration_unsaved = False  # registered; registration.json not yet written
         self._exit_node_used: str | None = None  # the exit node (id) the enforced netmap uses
         # what the control plane last heard, across runs: a restart without --exit-node
         # tells it once that the exit node is no longer used
@@ -254,8 +255,10 @@ class Agent:
             if verdict is not None and verdict.new_keys:
                 self._save_registration()
             if action is APPLY or action is APPLY_ARM_ACK:
-                self._save_cache()
-                self._enforce()
+                try:
+                    self._enforce()
+                finally:  # after the data plane: the fsyncs are off the path to the first packet
+                    self._save_cache()
                 self._report_endpoints(verdict.netmap)
                 self._report_routes()
                 self._report_exit_node()
@@ -291,9 +294,14 @@ class Agent:
             self._ask_to_sign_in(resp["login_url"])
             return nxt
         log.info("registered with %s", self.client.server)
+        if nxt is None and self.session.enforced is None:  # see assign_addresses_soon
+            self.wg.assign_addresses_soon(node_addresses(resp["node"]))
         if self.relay is not None:  # the replicas take our relay session from now on
             self.relay.retry_now()
-        self._save_registration()
+        if nxt is None:
+            self._registration_unsaved = True  # saved with the first netmap (_save_cache)
+        else:
+            self._save_registration()
         return nxt
 
     def _ask_to_sign_in(self, url: str) -> None:
@@ -305,8 +313,11 @@ class Agent:
             self._publish_status(None)
 
     def _save_registration(self) -> None:
+        """registration.json; a node that loses it in a crash registers again with its
+        machine key and is answered with the same node."""
         view = self.session.view
         self.state.write_json("registration.json", {"node_id": view.node_id, "pinned": dict(view.pinned)})
+        self._registration_unsaved = False
 
     def _node_key(self) -> str:
         return public_key_of(self._private_key())
@@ -587,9 +598,11 @@ class Agent:
         # probes first: they leave by the host's own routes, and an answer found while the
         # rest is configured gives the new peer its direct endpoint in the reconcile below
         self.prober.set_peers({p.node_key: p.endpoints for p in nm.peers.values()})
+        addresses_at = time.monotonic()
         if old is None or old.self_node.addresses != nm.self_node.addresses:
             self.wg.set_addresses(nm.self_node.addresses)
         now = time.monotonic()
+        addresses_ms = (now - addresses_at) * 1e3
         self._appeared = {k: self._appeared.get(k, now) for k in
                           (p.node_key for p in nm.peers.values())
                           if k in self._appeared or old is None or k not in
@@ -599,15 +612,23 @@ class Agent:
         self.relay.retain({p.node_key for p in nm.peers.values()})
         exit_node = find_exit_node(nm.peers.values(), self.config.exit_node)
         self._exit_node_used = exit_node.id if exit_node is not None else None
-        filter_at = time.monotonic()
-        if old is None or old.packet_filter != nm.packet_filter:
-            # before the peers: a path proved meanwhile waits for the lock below, not for nft
-            self.fw.apply(nm.packet_filter)
-        wireguard_at = time.monotonic()
+        # The first netmap's peers go in before its filter: the filter in force then is the
+        # start-up one (established replies only), stricter than any netmap's, and WireGuard's
+        # handshake overlaps the filter's load. Later filters go first: a narrower one is in
+        # force before a peer it excludes is added, and a path proved meanwhile waits for the
+        # lock below, not for nft.
+        filter_changed = old is None or old.packet_filter != nm.packet_filter
+        filter_first = filter_changed and old is not None
+        filter_ms = 0.0
+        if filter_first:
+            filter_ms = self._apply_filter(nm)
         with self._paths_lock:
+            wireguard_at = time.monotonic()
             self.wg.reconcile([self._with_path(p) for p in wireguard_peers(nm.peers.values(), exit_node)],
                               self.config.peer_keepalive)
-            wireguard_done = time.monotonic()
+            wireguard_ms = (time.monotonic() - wireguard_at) * 1e3
+            if filter_changed and not filter_first:
+                filter_ms = self._apply_filter(nm)
             if self.exit_routing is not None:
                 self.exit_routing.use(exit_node)
             self.session.enforced = nm
@@ -615,13 +636,22 @@ class Agent:
         self._write_status()
         new = [p.name for p in nm.peers.values() if old is None or p.id not in old.peers]
         if new:
-            log.info("netmap v%d enforced in %.0f ms (filter %.0f, WireGuard %.0f); new peers: %s",
-                     nm.version, (time.monotonic() - started) * 1e3, (wireguard_at - filter_at) * 1e3,
-                     (wireguard_done - wireguard_at) * 1e3, ", ".join(new[:8]))
+            log.info("netmap v%d enforced in %.0f ms (probes %.0f, addresses %.0f, filter %.0f, "
+                     "WireGuard %.0f); new peers: %s", nm.version, (time.monotonic() - started) * 1e3,
+                     (addresses_at - started) * 1e3, addresses_ms, filter_ms, wireguard_ms,
+                     ", ".join(new[:8]))
+
+    def _apply_filter(self, nm) -> float:
+        """Load the netmap's packet filter; the milliseconds it took."""
+        started = time.monotonic()
+        self.fw.apply(nm.packet_filter)
+        return (time.monotonic() - started) * 1e3
 
     def _save_cache(self) -> None:
         if self.view is None or self.view.netmap is None:
             return
+        if self._registration_unsaved:  # the cache is only read with it
+            self._save_registration()
         self.state.write_json("netmap.json", {"node_id": self.view.node_id,
                                               "netmap": self.view.netmap.to_json(),
                                               "saved_at": time.time()})
@@ -668,7 +698,7 @@ class Agent:
                       for p in (nm.peers.values() if nm else ())],
             "last_contact": self.session.last_contact,
             "next_expiry": next_expiry(self.view.netmap if self.view else None, time.time()),
-            "updated_at": time.time()})
+            "updated_at": time.time()}, durable=False)
 
 
 def kill_leftover_wireguard(state: StateDir, interface: str) -> None:

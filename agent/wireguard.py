@@ -316,6 +316,7 @@ class WireGuardInterface:
         # it created has neither routes nor addresses yet.
         self._installed_routes: set[str] | None = None
         self._own_addresses: set[str] | None = None
+        self._pending: subprocess.Popen | None = None  # see assign_addresses_soon
 
     # commands -----------------------------------------------------------------------------
     def _in_ns(self, argv: list[str]) -> list[str]:
@@ -415,6 +416,7 @@ class WireGuardInterface:
 
     def close(self) -> None:
         """Stop wireguard-go by its pid and remove the interface; safe to call twice."""
+        self._settle()
         if self._proc is not None:
             _stop(self._proc)
             self._proc = None
@@ -458,8 +460,32 @@ class WireGuardInterface:
         """Make the interface's addresses exactly `addresses` (CIDR each), touching only diffs."""
         self._batch(self._address_lines(addresses))
 
+    def assign_addresses_soon(self, addresses: Sequence[str]) -> None:
+        """set_addresses without waiting: `ip` runs while the caller goes on (a new node
+        opens its map stream meanwhile, so its first netmap finds the addresses set, one
+        process start off the path to the first packet). The next use of the driver waits
+        for it; if it failed, the driver asks `ip` what the link has."""
+        lines = self._address_lines(addresses)
+        if not lines:
+            return
+        self._pending = subprocess.Popen(self._ip("-batch", "-"), stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         text=True)
+        try:
+            self._pending.stdin.write("\n".join(lines) + "\n")
+            self._pending.stdin.close()
+        except OSError:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Wait for an assign_addresses_soon still running."""
+        proc, self._pending = self._pending, None
+        if proc is not None and proc.wait(timeout=30) != 0:
+            self._own_addresses = None
+
     def _address_lines(self, addresses: Sequence[str]) -> list[str]:
         """`ip -batch` lines that make the addresses `addresses`; assumes they will be run."""
+        self._settle()
         want = {str(ipaddress.ip_interface(a)) for a in addresses}
         have = self._own_addresses if self._own_addresses is not None else \
             {str(ipaddress.ip_interface(a)) for a in self.addresses()}
@@ -470,6 +496,7 @@ class WireGuardInterface:
     def _batch(self, lines: list[str]) -> None:
         """Run `ip` commands in one process; what this driver remembers of the link is
         forgotten if they fail (it asks `ip` again next time)."""
+        self._settle()
         if not lines:
             return
         try:

@@ -2,10 +2,12 @@
 
 Removed when the run ends well; kept, and its path printed, when it does not (an exception,
 a failed round, Ctrl-C, SIGTERM: chaos/cli.py turns SIGTERM into SystemExit, so the benches'
-`finally` blocks run), so what went wrong can be read afterwards.
+`finally` blocks run), so what went wrong can be read afterwards; kept always with
+RAFTMESH_BENCH_KEEP=1 (to read the agents' and replicas' logs of a good run).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -16,7 +18,9 @@ class WorkDir:
 
     def close(self, ok: bool, why: str = "") -> None:
         """Last in the bench's `finally`, after its processes are stopped."""
-        if ok:
+        if ok and not os.environ.get("RAFTMESH_BENCH_KEEP"):
             shutil.rmtree(self.path, ignore_errors=True)
+        elif ok:
+            print(f"logs kept in {self.path} (RAFTMESH_BENCH_KEEP)", flush=True)
         else:
             print(f"{why or 'the run did not finish'}; logs kept in {self.path}", flush=True)

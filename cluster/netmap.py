@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
 from typing import Callable, Container, Iterable, NamedTuple
 
-from raftmesh.proto.wire import FilterDest, FilterRule, Netmap, NetmapDelta, Peer
+from raftmesh.proto.wire import FilterDest, FilterRule, Netmap, NetmapDelta, Peer, node_addresses
 from raftmesh.cluster.policy import NODE_KINDS, Acl, Network, NodeView, Policy, Selector
 from raftmesh.cluster.routes import exit_routes
 
@@ -42,8 +42,7 @@ def _net_key(n: Network):
 def node_view(node: dict) -> NodeView:
     """The policy-relevant part of a node record; unparseable routes are ignored, and so
     are exit routes: only autogroup:internet reaches those, not `*` or a prefix."""
-    addrs = tuple(ipaddress.ip_network(f"{a}/{bits}") for a, bits in (
-        (node.get("ipv4"), 32), (node.get("ipv6"), 128)) if a)
+    addrs = tuple(ipaddress.ip_network(a) for a in node_addresses(node))
     routes = set()
     for r in node.get("approved_routes") or ():
         try:

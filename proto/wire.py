@@ -13,6 +13,15 @@ from typing import Any
 IPV4_POOL = "100.64.0.0/10"
 IPV6_POOL = "fd7a:115c:a1e0::/48"
 
+
+
+def node_addresses(node: dict) -> tuple[str, ...]:
+    """A node record's overlay addresses as CIDRs, as its netmap lists them: known to the
+    agent from its registration's answer, before its first netmap."""
+    return tuple(f"{a}/{bits}" for a, bits in ((node.get("ipv4"), 32), (node.get("ipv6"), 128))
+                 if a)
+
+
 PROTOCOLS = ("tcp", "udp", "icmp")
 EXIT_ROUTES = ("0.0.0.0/0", "::/0")  # what an exit node advertises (agent/exit_node.py)
 

@@ -15,14 +15,17 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_file_durably(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Atomically replace `path` with `data`: tmp file, fsync, rename, fsync dir."""
+def write_file_durably(path: str, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+    """Atomically replace `path` with `data`: tmp file, fsync, rename, fsync dir; without
+    `durable`, atomically only (no fsync: after a power cut the file may be the old one)."""
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    if durable:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))

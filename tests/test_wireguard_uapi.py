@@ -86,6 +86,13 @@ def test_a_real_wireguard_go_is_configured_read_and_refuses_nonsense_through_its
         wg.create()
         wg.configure(PRIVATE, 51820, ["100.64.0.1/32"])
         assert wg.routes() == set(OVERLAY_ROUTES)  # with the link: a joining peer adds none
+        wg.assign_addresses_soon(["100.64.0.1/32", "100.64.0.9/32"])  # ip runs meanwhile
+        wg.set_addresses(["100.64.0.1/32", "100.64.0.9/32"])  # waits for it: nothing left to do
+        assert wg.addresses() == {"100.64.0.1/32", "100.64.0.9/32"}
+        wg._own_addresses = set()  # believes the link bare: the next `address add` fails...
+        wg.assign_addresses_soon(["100.64.0.1/32"])
+        wg.set_addresses(["100.64.0.1/32"])  # ...so it asks the link and removes .9 only
+        assert wg.addresses() == {"100.64.0.1/32"}
         peers = [Peer(id="2", name="b", node_key=KEY_B, addresses=("100.64.0.2/32",),
                       allowed_ips=("100.64.0.2/32", "10.9.0.0/24"), endpoints=("192.0.2.2:51820",)),
                  Peer(id="3", name="c", node_key=KEY_C, addresses=("100.64.0.3/32",),
