@@ -534,13 +534,7 @@ class WireGuardInterface:
         endpoint): the receiver drops an initiation that follows the previous one within
         20 ms (flood) or carries the same timestamp (wireguard-go rounds them to ~17 ms), and
         the relay and a direct path are often found that close together; the dropped second
-        initiation then waited the 5 s retry. Within that spacing the endpoint is first
-        changed in place: the initiation already sent (to the relay, typically) is usually
-        answered meanwhile, and a re-add would have thrown that handshake away (a new
-        peer's first packet ~50 ms later in 4 rounds of 10, bench connect). WireGuard moves
-        the peer to where the answer came from; the agent moves it back to a proven direct
-        path when relayed packets arrive. Only an initiation still unanswered at the end of
-        the spacing is redone by a re-add. Whether anything changed."""
+        initiation then waited the 5 s retry. Whether anything changed."""
         check_key(public_key)
         endpoint = canonical_endpoint(endpoint)
         dump = self.dump()
@@ -550,18 +544,11 @@ class WireGuardInterface:
         if dump.stats[public_key].latest_handshake is not None:
             self._set_peers([PeerOp(public_key, endpoint=endpoint)])
             return True
-        wait = self._fresh_at.get(public_key, -FRESH_SPACING) + FRESH_SPACING - time.monotonic()
-        if wait > 0 and cur.endpoint is not None:
-            self._set_peers([PeerOp(public_key, endpoint=endpoint)])
-            time.sleep(wait)
-            dump = self.dump()
-            cur = dump.peers.get(public_key)
-            if cur is None or dump.stats[public_key].latest_handshake is not None:
-                return True
-        elif wait > 0:
-            time.sleep(wait)
         fresh = PeerOp(public_key, endpoint=endpoint, allowed_ips=cur.allowed_ips,
                        keepalive=cur.keepalive or None, fresh=True)
+        wait = self._fresh_at.get(public_key, -FRESH_SPACING) + FRESH_SPACING - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
         self._set_peers([fresh])
         now = time.monotonic()
         self._fresh_at = {k: t for k, t in self._fresh_at.items() if now - t < FRESH_SPACING}

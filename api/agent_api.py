@@ -27,7 +27,6 @@ from raftmesh.proto.ack_datagram import AckDatagramError, decode_ack, encode_con
 from raftmesh.proto.version import HEADER_PROTOCOL_VERSION, UNSUPPORTED, VersionError, requested_version
 from .cluster_clock import CLUSTER_CLOCK
 from .map_stream import HUB, StreamHub
-from .recent_registrations import RECENT_REGISTRATIONS
 from .route_input import checked_routes
 from .responses import BOOL, FRAMES, NODE_WRITTEN, REGISTERED, STR, VERSION, answer
 from .routing import Ctx, conforms, route
@@ -164,7 +163,6 @@ async def _register_new(ctx: Ctx, machine: str, b: dict) -> web.Response:
         args["preauth_key_id"] = _check_preauth_key(ctx, b["auth_key"])
     r = await ctx.write(NodeRegister(**args), ctx.request.app[REGISTRATIONS].propose)
     node = r["value"]
-    ctx.request.app[RECENT_REGISTRATIONS].add(machine, r["version"], time.monotonic())
     return web.json_response({"node": public(node), "approved": node["approved"], "expired": False,
                               "cluster_keys": cluster_public_keys(ctx), "version": r["version"]})
 
@@ -245,23 +243,6 @@ def map_stream(ctx: Ctx):
     return ctx.request.app[HUB].serve(ctx.request, _map_start(ctx), ctx.config.stream_keepalive)
 
 
-async def _caught_up(ctx: Ctx, hub: StreamHub, machine: str) -> bool:
-    """Catch up with the leader first (a read barrier, bounded), so a node deleted or
-    registered a moment ago on another replica is seen as such; without a quorum, serve
-    what is applied here.
-
-    The first stream of a node that registered through this replica a moment ago
-    (recent_registrations) starts from the registration instead, which this replica has
-    applied: the node is served its own registration and everything before it, as a
-    watch from a known revision is, and what others changed meanwhile arrives as deltas.
-    A node deleted since is revoked when the delete applies here, as it is when the
-    delete commits just after a barrier."""
-    registered = ctx.request.app[RECENT_REGISTRATIONS].take(machine, time.monotonic())
-    if registered is not None:
-        return await hub.wait_version(registered, MAP_BARRIER_TIMEOUT)  # the feed follows the store
-    return await hub.catch_up(ctx.replica, MAP_BARRIER_TIMEOUT)
-
-
 def _stream_key(ctx: Ctx) -> bytes | None:
     """The agent's X25519 public key for its stream, if it sent one (proto/frames.py). A
     header, not a query parameter: a replica holds each stream's request for the stream's
@@ -279,7 +260,9 @@ async def _map_start(ctx: Ctx) -> tuple[object, object]:
     machine = await machine_of(ctx)
     stream_key = _stream_key(ctx)
     hub = ctx.request.app[HUB]
-    current = await _caught_up(ctx, hub, machine)
+    # Catch up with the leader first (bounded), so a node deleted or registered a moment
+    # ago on another replica is seen as such; without a quorum, serve what is applied here.
+    current = await hub.catch_up(ctx.replica, MAP_BARRIER_TIMEOUT)
     node = node_for_machine(ctx, machine)
     if not current and (node is None or not node["approved"]):
         # A refusal from a replica that may be behind (just added, cut off) could be wrong,

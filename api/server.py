@@ -20,7 +20,6 @@ from . import relay, relay_links, settings_api, sso_api  # noqa: F401  (register
 from . import auth, health, routing, scim, stun_server
 from .command_gate import COMMAND_GATE, CommandGate
 from .group_commit import REGISTRATIONS, RegistrationBatcher
-from .recent_registrations import RECENT_REGISTRATIONS, RecentRegistrations
 from .console import web as console
 from .ephemeral_gc import remove_ephemeral_nodes
 from .gc_tuning import raise_young_gc_threshold
@@ -53,7 +52,6 @@ def build_app(replica: Raft) -> web.Application:
                           client_max_size=replica.config.max_body_bytes)
     app[MAX_BODY_BYTES] = replica.config.max_body_bytes
     app[HUB] = StreamHub(replica, metrics.registry)
-    app[RECENT_REGISTRATIONS] = RecentRegistrations()
     if replica.config.oidc_issuer:
         app[RELYING_PARTY] = RelyingParty(replica.config)
     app[CLUSTER_CLOCK] = ClusterClock(replica)

@@ -3,17 +3,11 @@ forced deterministically on the in-memory Raft (test_cluster shows them on a rea
 where which one happens depends on timing)."""
 from __future__ import annotations
 
-import base64
 import time
 
 import pytest
-from nacl.public import PrivateKey
-from nacl.signing import SigningKey
 
-from raftmesh.agent.control_client import ControlClient
-from raftmesh.agent.map_client import MapStream
 from raftmesh.cluster.raft import Outcome
-from raftmesh.proto.routes import REGISTER
 
 from in_memory_api import ServedInMemory
 from test_api_bad_input import Api, assert_error
@@ -102,30 +96,3 @@ def test_a_stale_read_states_its_staleness_and_max_staleness_bounds_it(api):
     assert api("GET", "/api/v1/users?stale=true").headers["Raftmesh-Staleness"].startswith(
         "leader-contact-ms=unknown")
     assert_error(api("GET", "/api/v1/users?stale=true&max_staleness=3600"), 503, "not_ready")
-
-
-def test_a_new_nodes_first_stream_starts_from_its_registration_without_a_read_barrier(api):
-    """The replica that registered a machine a moment ago serves its first stream without a
-    read barrier; any later stream asks for one (here scripted to fail: no quorum, so the
-    replica serves what it has applied, as before)."""
-    assert api("POST", "/api/v1/users", {"name": "alice"}).status == 201
-    key = api("POST", "/api/v1/preauth-keys", {"user": "alice", "reusable": True}).body["key"]
-    machine = SigningKey.generate()
-    node_key = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
-    ControlClient([api.url(0)], machine).call(
-        "POST", REGISTER, {"node_key": node_key, "hostname": "new", "auth_key": key})
-    raft = api.cluster.raft
-
-    def first_frame_asked_barrier() -> bool:
-        raft.script_outcomes(Outcome(Outcome.NOT_APPLIED, reason="no_quorum"))
-        stream = MapStream(api.url(0), machine, None, read_timeout=10)
-        try:
-            assert stream.next(timeout=10)[0] == "frame"
-        finally:
-            stream.close()
-        asked = not raft._scripted
-        raft._scripted.clear()
-        return asked
-
-    assert not first_frame_asked_barrier()
-    assert first_frame_asked_barrier(), "only the first stream after the registration"
