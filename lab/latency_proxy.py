@@ -97,12 +97,15 @@ async def serve(relays: list[tuple[tuple[str, int], tuple[str, int]]],
         except (OSError, asyncio.TimeoutError):
             c_writer.close()  # the replica is down: the peer sees the connection drop
             return
-        for w in (c_writer, u_writer):
-            _tune(w)
-        tasks = [asyncio.create_task(_pump(c_reader, u_writer, lambda: delays.get(peer), rng)),
-                 asyncio.create_task(_pump(u_reader, c_writer, lambda: delays.get(peer), rng))]
+        tasks = []
         try:  # one side closing or failing ends both: no half-open Raft connections
+            for w in (c_writer, u_writer):
+                _tune(w)  # EBADF when the peer has gone already (the upstream is closed below)
+            tasks = [asyncio.create_task(_pump(c_reader, u_writer, lambda: delays.get(peer), rng)),
+                     asyncio.create_task(_pump(u_reader, c_writer, lambda: delays.get(peer), rng))]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        except OSError:
+            pass
         finally:
             for t in tasks:
                 t.cancel()

@@ -50,6 +50,7 @@ from .applied import ApplyListener, apply_entry, deliver
 from .background_snapshot import BackgroundSerializer
 from .lazy_commit import ForwardedCommands, Hold
 from .removed_peer_links import RemovedPeerLinks
+from .stall_watch import StallWatch
 from .transport_crypto import AeadEncryptor
 
 log = logging.getLogger("raftmesh.replica")
@@ -185,8 +186,10 @@ class RaftReplica(SyncObj):
         poll = self._poller.poll
         self._poller.poll = lambda timeout: poll(self._idle_wait(timeout))
         self.addOnTickCallback(self._after_tick)
+        self._tick_ended = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"raft-{config.id}", daemon=True)
         self._thread.start()
+        StallWatch(config.id, self._thread, lambda: self._tick_ended, lambda: self._stopping).start()
 
     # -- the tick loop -----------------------------------------------------------------
     def _run(self) -> None:
@@ -200,6 +203,7 @@ class RaftReplica(SyncObj):
                 cpu = time.thread_time()
                 self._hold_election()
                 self.doTick(self.config.tick)
+                self._tick_ended = time.monotonic()
                 self._note_slow_tick(last_tick, cpu)
                 self._flush_outbox()  # replies produced while handling received messages
                 if not self.store.has_room():
