@@ -14,7 +14,6 @@ IPV4_POOL = "100.64.0.0/10"
 IPV6_POOL = "fd7a:115c:a1e0::/48"
 
 
-
 def node_addresses(node: dict) -> tuple[str, ...]:
     """A node record's overlay addresses as CIDRs, as its netmap lists them: known to the
     agent from its registration's answer, before its first netmap."""
