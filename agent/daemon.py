@@ -617,17 +617,15 @@ class Agent:
         # handshake overlaps the filter's load. Later filters go first: a narrower one is in
         # force before a peer it excludes is added, and a path proved meanwhile waits for the
         # lock below, not for nft.
-        filter_changed = old is None or old.packet_filter != nm.packet_filter
-        filter_first = filter_changed and old is not None
         filter_ms = 0.0
-        if filter_first:
+        if old is not None and old.packet_filter != nm.packet_filter:
             filter_ms = self._apply_filter(nm)
         with self._paths_lock:
             wireguard_at = time.monotonic()
             self.wg.reconcile([self._with_path(p) for p in wireguard_peers(nm.peers.values(), exit_node)],
                               self.config.peer_keepalive)
             wireguard_ms = (time.monotonic() - wireguard_at) * 1e3
-            if filter_changed and not filter_first:
+            if old is None:
                 filter_ms = self._apply_filter(nm)
             if self.exit_routing is not None:
                 self.exit_routing.use(exit_node)
