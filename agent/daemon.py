@@ -426,7 +426,7 @@ class Agent:
         """From the prober's thread: a probe proved `endpoint`; WireGuard sends there now."""
         try:
             with self._paths_lock:
-                if self.wg.set_endpoint(node_key, endpoint):
+                if self.wg.set_endpoint(node_key, endpoint, self.config.peer_keepalive):
                     log.info("WireGuard sends to %s at %s", node_key[:8], endpoint)
         except Exception as e:  # the peer may have gone in between
             log.info("cannot set the endpoint of %s: %s", node_key[:8], e)
@@ -444,11 +444,16 @@ class Agent:
         return dataclasses.replace(peer, endpoints=(path,) if path else ())
 
     def _track_setup(self) -> None:
-        """Peers that completed their first handshake since they appeared: how long it took."""
+        """Peers that completed their first handshake since they appeared: how long it took;
+        and their keepalive, if they joined after us."""
         if not self._appeared:
             return
-        stats, now = self.wg.peer_stats(), time.monotonic()
-        for key in [k for k, s in stats.items() if k in self._appeared and s.latest_handshake]:
+        keepalive = self.config.peer_keepalive
+        with self._paths_lock:
+            dump, now = self.wg.dump(), time.monotonic()
+            done = [k for k, s in dump.stats.items() if k in self._appeared and s.latest_handshake]
+            self.wg.arm_keepalive([k for k in done if dump.peers[k].keepalive != keepalive], keepalive)
+        for key in done:
             self._setup_times.append(round(now - self._appeared.pop(key), 3))
 
     def _with_paths_report(self, ack: dict) -> dict:
@@ -465,6 +470,18 @@ class Agent:
         path = self.relay.endpoint_for(node_key)
         if path is not None:
             self._set_peer_endpoint(node_key, path)
+
+    def _retry_unanswered(self, node_key: str) -> None:
+        """From the prober's thread: the peer told us over the relay that it knows us now;
+        a first initiation of ours that went before is sent again (without a direct path:
+        a direct one is proved by the peer's pong, so it knew us)."""
+        try:
+            with self._paths_lock:
+                if node_key not in self.prober.direct() and \
+                        self.wg.retry_unanswered(node_key, self.config.peer_keepalive):
+                    log.info("first handshake with %s sent again: the peer knows us now", node_key[:8])
+        except Exception as e:  # the peer may have gone in between
+            log.info("cannot retry the handshake with %s: %s", node_key[:8], e)
 
     def _reassert_direct(self, key: bytes) -> None:
         """From the relay's thread: packets from the peer came relayed, and WireGuard moves
@@ -529,7 +546,7 @@ class Agent:
         need while wireguard-go starts, and neither needs it before a netmap gives them peers."""
         self.prober = PathProber(self.config.listen_port, self._wireguard_keys,
                                  self._set_peer_endpoint, self._mapped_changed, self._path_lost,
-                                 self._tell)
+                                 self._tell, self._retry_unanswered)
         self.prober.set_own_candidates(self._own_candidates())
         self.prober.start()
         self.relay = RelayClient(self.config.servers, self.machine_key, self.config.listen_port,
@@ -597,7 +614,7 @@ class Agent:
         started = time.monotonic()
         # probes first: they leave by the host's own routes, and an answer found while the
         # rest is configured gives the new peer its direct endpoint in the reconcile below
-        self.prober.set_peers({p.node_key: p.endpoints for p in nm.peers.values()})
+        new_peers = self.prober.set_peers({p.node_key: p.endpoints for p in nm.peers.values()})
         addresses_at = time.monotonic()
         if old is None or old.self_node.addresses != nm.self_node.addresses:
             self.wg.set_addresses(nm.self_node.addresses)
@@ -623,13 +640,14 @@ class Agent:
         with self._paths_lock:
             wireguard_at = time.monotonic()
             self.wg.reconcile([self._with_path(p) for p in wireguard_peers(nm.peers.values(), exit_node)],
-                              self.config.peer_keepalive)
+                              self.config.peer_keepalive, new_peers_initiate=old is None)
             wireguard_ms = (time.monotonic() - wireguard_at) * 1e3
             if old is None:
                 filter_ms = self._apply_filter(nm)
             if self.exit_routing is not None:
                 self.exit_routing.use(exit_node)
             self.session.enforced = nm
+        self.prober.tell_candidates(new_peers)  # now that WireGuard has them (PathProber.peer_told)
         self._update_dns(nm)
         self._write_status()
         new = [p.name for p in nm.peers.values() if old is None or p.id not in old.peers]

@@ -11,8 +11,10 @@ them as not WireGuard (Tailscale's magicsock reads the same way on Linux).
 One thread per agent: it sends due probes, reads answers, and asks STUN every
 STUN_INTERVAL (sooner while no answer came), reporting a changed mapping to the daemon.
 Our candidates also go to every peer without a direct path over the relay (`tell`; sealed,
-agent/disco.py) when the peer appears, our candidates change or the relay session comes up,
-and what peers tell us there (`told`) is searched at once.
+agent/disco.py) when the peer is in our WireGuard, our candidates change or the relay session
+comes up, and what peers tell us there (`told`) is searched at once. Being told also says
+that the peer has us in its WireGuard now, so `peer_told` lets the daemon resend a first
+handshake initiation that left before that and went unanswered.
 """
 from __future__ import annotations
 
@@ -89,12 +91,15 @@ class PathProber:
 
     def __init__(self, port: int, keys: Callable[[], tuple[bytes, bytes]],
                  set_endpoint: Callable[[str, str], None], mapped_changed: Callable[[str], None],
-                 path_lost: Callable[[str], None], tell: Callable[[bytes, bytes], None]):
+                 path_lost: Callable[[str], None], tell: Callable[[bytes, bytes], None],
+                 peer_told: Callable[[str], None] = lambda key: None):
         self.port = port
         self.keys = keys  # () -> (our WireGuard private key, public key), raw bytes
         self.set_endpoint, self.mapped_changed = set_endpoint, mapped_changed
         self.path_lost = path_lost
         self.tell = tell  # (peer's key, message) -> through the relay, if a session is up
+        self.peer_told = peer_told  # called from this thread for each peer that told us
+        self._told_by: set[str] = set()
         self.own: tuple[str, ...] = ()  # our candidates
         self.finder = disco.PathFinder()
         self.lock = threading.Lock()
@@ -127,12 +132,14 @@ class PathProber:
         for s in (self.sock, self._wake_r, self._wake_w):
             s.close()
 
-    def set_peers(self, candidates: dict[str, tuple[str, ...]]) -> None:
+    def set_peers(self, candidates: dict[str, tuple[str, ...]]) -> list[str]:
+        """Probe these peers' candidates; the peers that are new, to be told our candidates
+        (`tell_candidates`) once they are in WireGuard."""
         with self.lock:
             new = [k for k in candidates if k not in self.finder.peers]
             self.finder.set_peers(candidates, time.monotonic())
         self._wake()
-        self.tell_candidates(new)
+        return new
 
     def set_own_candidates(self, own: tuple[str, ...]) -> None:
         with self.lock:
@@ -175,9 +182,10 @@ class PathProber:
         candidates = tuple(c for c in probe.seen_from.split(",") if split_endpoint(c) is not None)
         with self.lock:
             news = self.finder.told(key, candidates, time.monotonic())
+            self._told_by.add(key)
         if news:
             log.info("%s told us its candidates over the relay: %s", key[:8], ", ".join(candidates))
-            self._wake()
+        self._wake()
 
     def set_stun_servers(self, servers: list[tuple[str, int]]) -> None:
         with self.lock:
@@ -212,10 +220,13 @@ class PathProber:
                 pings = self.finder.due(now, lambda: secrets.token_bytes(12))
                 wake = self.finder.next_wakeup(now)
                 lost, self.finder.lost = self.finder.lost, set()
+                told_by, self._told_by = self._told_by, set()
                 if lost:  # perhaps our own mapping changed: ask STUN now
                     self._next_stun = now
             for key in lost:
                 self.path_lost(key)
+            for key in told_by:
+                self.peer_told(key)
             for key, cand, txid in pings:
                 addr = split_endpoint(cand)
                 if addr is not None:

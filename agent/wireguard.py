@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from raftmesh.proto.wire import IPV4_POOL, IPV6_POOL, Peer
 
@@ -189,6 +189,31 @@ def desired_peers(peers: Iterable[Peer], keepalive: int = 0,
             allowed_ips=canonical_prefixes(p.allowed_ips),
             keepalive=keepalive,
         )
+    return out
+
+
+def keepalive_once_handshaken(desired: dict[str, DesiredPeer], current: dict[str, PeerConfig],
+                              stats: dict[str, PeerStats]) -> dict[str, DesiredPeer]:
+    """`desired` with persistent keepalive only for peers that completed a handshake or
+    already have it (`WireGuardInterface.arm_keepalive` arms it after the first handshake).
+
+    wireguard-go sends a keepalive, so a first handshake initiation, the moment a peer gets
+    one. When a node joins, it and its peers add each other within milliseconds, and two
+    initiations that cross are both lost: each side replaces its own handshake in progress by
+    the one it answers and drops the answer to its own, so both wait WireGuard's 5 s retry
+    (the 5 s relayed rounds of `bench connect`). So the agent gives keepalive at once only to
+    the peers of its first netmap (it joins, or restarted: its peers may hold a session its
+    new wireguard-go lost, which its initiation replaces at once); a peer that joins later
+    is the one to initiate, and here only traffic does until the first handshake. NAT
+    mappings meanwhile are held by the path probes (agent/disco.py), which ping a held path
+    every second."""
+    out = {}
+    for key, want in desired.items():
+        st, cur = stats.get(key), current.get(key)
+        if want.keepalive and not (st is not None and st.latest_handshake is not None) \
+                and not (cur is not None and cur.keepalive == want.keepalive):
+            want = replace(want, keepalive=0)
+        out[key] = want
     return out
 
 
@@ -524,41 +549,92 @@ class WireGuardInterface:
         self._batch([f"route replace {p} dev {self.name} proto {ROUTE_PROTO}" for p in add] +
                     [f"route del {p} dev {self.name} proto {ROUTE_PROTO}" for p in remove])
 
-    def set_endpoint(self, public_key: str, endpoint: str) -> bool:
+    def set_endpoint(self, public_key: str, endpoint: str, keepalive: int = 0) -> bool:
         """Point one existing peer at `endpoint` (a path a probe proved, or the relay).
 
-        A peer that has not completed a handshake yet is removed and added again in the same
-        `wg set`: wireguard-go counts a handshake it could not send (no endpoint yet) and
-        would wait its 5 s retry before trying the new endpoint. A re-add is kept FRESH_SPACING
-        after the peer's last first initiation (a re-add, or `reconcile` adding it with an
-        endpoint): the receiver drops an initiation that follows the previous one within
-        20 ms (flood) or carries the same timestamp (wireguard-go rounds them to ~17 ms), and
-        the relay and a direct path are often found that close together; the dropped second
-        initiation then waited the 5 s retry. Whether anything changed."""
+        A peer that has not completed a handshake yet is removed and added again
+        (`_first_initiation_again`): wireguard-go counts a handshake it could not send (no
+        endpoint yet), or one sent on the old path, and would wait its 5 s retry before
+        trying the new endpoint. If we had sent an initiation, we have traffic for the peer:
+        the re-added peer gets `keepalive`, so a new initiation leaves at once. Not so a
+        peer that sent us something: we answered its initiation, and WireGuard shows that
+        handshake only when the peer's first data confirms it, so a re-add would throw the
+        session away while the peer sends into it until its 15 s timeout. Whether anything
+        changed."""
         check_key(public_key)
         endpoint = canonical_endpoint(endpoint)
         dump = self.dump()
         cur = dump.peers.get(public_key)
         if cur is None or cur.endpoint == endpoint:
             return False
-        if dump.stats[public_key].latest_handshake is not None:
+        stats = dump.stats[public_key]
+        if stats.latest_handshake is not None or stats.rx_bytes:
             self._set_peers([PeerOp(public_key, endpoint=endpoint)])
             return True
-        fresh = PeerOp(public_key, endpoint=endpoint, allowed_ips=cur.allowed_ips,
-                       keepalive=cur.keepalive or None, fresh=True)
+        return self._first_initiation_again(public_key, endpoint,
+                                            (keepalive if stats.tx_bytes else cur.keepalive) or None)
+
+    def retry_unanswered(self, public_key: str, keepalive: int) -> bool:
+        """Send a first initiation to a peer at once if ours went unanswered (sent, nothing
+        back): the peer just told us that it knows us now (agent/paths.py), so ours most
+        likely reached it before its netmap did and was dropped, and WireGuard would wait
+        its 5 s retry. The re-added peer gets `keepalive`, which makes it initiate now."""
+        check_key(public_key)
+        dump = self.dump()
+        cur, stats = dump.peers.get(public_key), dump.stats.get(public_key)
+        if cur is None or cur.endpoint is None or stats is None or not stats.tx_bytes \
+                or stats.rx_bytes or stats.latest_handshake is not None:
+            return False
+        return self._first_initiation_again(public_key, cur.endpoint, keepalive or None,
+                                            only_if_unanswered=True)
+
+    def _first_initiation_again(self, public_key: str, endpoint: str, keepalive: int | None,
+                                only_if_unanswered: bool = False) -> bool:
+        """Remove and add the peer again in one `wg set`: a new first initiation leaves.
+
+        It is kept FRESH_SPACING after the peer's last first initiation (a re-add, or
+        `reconcile` adding it with an endpoint): the receiver drops an initiation that follows
+        the previous one within 20 ms (flood) or carries the same timestamp (wireguard-go
+        rounds them to ~17 ms); the dropped second initiation then waited the 5 s retry.
+        The device is read again after that wait: an answer may have come meanwhile."""
         wait = self._fresh_at.get(public_key, -FRESH_SPACING) + FRESH_SPACING - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        self._set_peers([fresh])
+        dump = self.dump()
+        cur, stats = dump.peers.get(public_key), dump.stats.get(public_key)
+        if cur is None or stats is None:
+            return False
+        answered = stats.latest_handshake is not None or stats.rx_bytes
+        if only_if_unanswered:
+            if answered or not stats.tx_bytes or cur.endpoint != endpoint:
+                return False
+        elif answered:  # keep the session; only the endpoint moves
+            if cur.endpoint == endpoint:
+                return False
+            self._set_peers([PeerOp(public_key, endpoint=endpoint)])
+            return True
+        self._set_peers([PeerOp(public_key, endpoint=endpoint, allowed_ips=cur.allowed_ips,
+                                keepalive=keepalive, fresh=True)])
         now = time.monotonic()
         self._fresh_at = {k: t for k, t in self._fresh_at.items() if now - t < FRESH_SPACING}
         self._fresh_at[public_key] = now
         return True
 
-    def reconcile(self, peers: Sequence[Peer], keepalive: int = 0) -> ReconcileResult:
-        """Make the device's peers and routes match `peers`, changing only the differences."""
+    def arm_keepalive(self, public_keys: Iterable[str], keepalive: int) -> None:
+        """Persistent keepalive for peers whose first handshake completed (see
+        keepalive_once_handshaken); the caller knows they are on the device."""
+        if keepalive:
+            self._set_peers([PeerOp(k, keepalive=keepalive) for k in sorted(public_keys)])
+
+    def reconcile(self, peers: Sequence[Peer], keepalive: int = 0,
+                  new_peers_initiate: bool = True) -> ReconcileResult:
+        """Make the device's peers and routes match `peers`, changing only the differences.
+        Without `new_peers_initiate`, a peer gets `keepalive` only after its first handshake
+        (keepalive_once_handshaken)."""
         dump = self.dump()
         desired = desired_peers(peers, keepalive, self_key=dump.public_key)
+        if not new_peers_initiate:
+            desired = keepalive_once_handshaken(desired, dump.peers, dump.stats)
         ops = compute_peer_ops(dump.peers, desired)
         self._set_peers(ops)
         now = time.monotonic()

@@ -24,6 +24,7 @@ from raftmesh.agent.wireguard import (
     DesiredPeer,
     PeerConfig,
     PeerOp,
+    PeerStats,
     WireGuardError,
     WireGuardInterface,
     compute_peer_ops,
@@ -31,6 +32,7 @@ from raftmesh.agent.wireguard import (
     desired_peers,
     desired_routes,
     generate_private_key,
+    keepalive_once_handshaken,
     kernel_wireguard_available,
     parse_dump,
     public_key_of,
@@ -200,6 +202,28 @@ def test_a_peer_taking_routes_over_gets_a_fresh_session():
     assert not compute_peer_ops(current, want)[0].fresh
 
 
+def test_keepalive_waits_for_the_first_handshake():
+    """A keepalive makes wireguard-go initiate at once; two agents adding each other at once
+    would cross their initiations and both wait the 5 s retry. Armed after a handshake, and
+    never taken from a peer that has it."""
+    want = desired_peers([_peer(KEY_B, 2, ("192.0.2.2:51820",)), _peer(KEY_C, 3, ())], keepalive=25)
+    fresh = PeerStats(KEY_B, None, None, 0, 0)
+    done = replace(fresh, latest_handshake=1.7e9, rx_bytes=92, tx_bytes=148)
+    new = keepalive_once_handshaken(want, {}, {})
+    assert {k: d.keepalive for k, d in new.items()} == {KEY_B: 0, KEY_C: 0}
+    assert PeerOp(KEY_B, endpoint="192.0.2.2:51820", allowed_ips=("100.64.0.2/32",)) \
+        in compute_peer_ops({}, new)
+    current = {KEY_B: PeerConfig(KEY_B, "192.0.2.2:51820", ("100.64.0.2/32",), 0),
+               KEY_C: PeerConfig(KEY_C, None, ("100.64.0.3/32",), 25)}
+    held = keepalive_once_handshaken(want, current, {KEY_B: fresh, KEY_C: replace(fresh, public_key=KEY_C)})
+    assert {k: d.keepalive for k, d in held.items()} == {KEY_B: 0, KEY_C: 25}
+    assert compute_peer_ops(current, held) == []
+    armed = keepalive_once_handshaken(want, current, {KEY_B: done})
+    assert compute_peer_ops(current, armed) == [PeerOp(KEY_B, keepalive=25)]
+    off = desired_peers([_peer(KEY_C, 3, ())], keepalive=0)  # configured off: taken away
+    assert PeerOp(KEY_C, keepalive=0) in compute_peer_ops(current, keepalive_once_handshaken(off, current, {}))
+
+
 def test_desired_peers_skips_self_and_rejects_bad_keys():
     assert list(desired_peers([_peer(KEY_A, 1), _peer(KEY_B, 2)], self_key=KEY_A)) == [KEY_B]
     with pytest.raises(ValueError):
@@ -350,6 +374,71 @@ def test_tunnel_passes_ping_and_allowed_tcp_and_drops_denied_port(mesh):
     # Only the WireGuard interface is filtered: the same port over loopback and underlay works.
     assert B.ns.tcp_connect(B.overlay, PORT_DENIED) == "ok"
     assert A.ns.tcp_connect(B.ns.ip, PORT_DENIED) == "ok"
+
+
+@needs_root
+def test_moving_a_responder_keeps_the_session_it_answered(mesh):
+    """B answered A's initiation and A's first data has not reached B: WireGuard shows B no
+    handshake until it does, yet B's session is live. Moving B's endpoint for A (a path proved
+    meanwhile) keeps it; re-adding A, as for a peer never heard from, would drop it, and A,
+    whose handshake completed, would send into it for 15 s before starting another."""
+    A, B = mesh["A"], mesh["B"]
+    a_key = A.peer.node_key
+    # WireGuard data (message type 4, the first byte of the payload) to B is dropped
+    B.ns.run("nft", "add table inet rm_hold; add chain inet rm_hold in { type filter hook input "
+             "priority -10; }; add rule inet rm_hold in udp dport 51820 @th,64,8 4 drop")
+    A.ns.ping(B.overlay, timeout=0.5)  # A initiates, B answers, A's echo request is dropped
+
+    def answered_unconfirmed() -> bool:
+        st = B.wg.peer_stats()[a_key]
+        return st.rx_bytes > 0 and st.latest_handshake is None \
+            and A.wg.peer_stats()[B.peer.node_key].latest_handshake is not None
+    wait_for(answered_unconfirmed, 5, what="B answered A's initiation, no data yet")
+    assert B.wg.set_endpoint(a_key, "192.0.2.1:51821")  # moved, not re-added
+    assert B.wg.dump().peers[a_key].endpoint == "192.0.2.1:51821"
+    B.ns.run("nft", "delete table inet rm_hold")
+    # the session held: A's next data confirms it (and takes B's endpoint back to A's port)
+    wait_for(lambda: A.ns.ping(B.overlay, timeout=0.5), 3, what="ping A->B on the held session")
+    assert B.wg.peer_stats()[a_key].latest_handshake is not None
+
+
+@needs_root
+def test_a_proven_path_gets_a_new_initiation_at_once_only_from_the_side_that_sent_one(mesh):
+    """A sent its first initiation on a path that does not answer; when a probe proves
+    another, A's peer is re-added with keepalive, so a new initiation leaves at once (not
+    with A's next packet). B, which never sent A anything, re-adds A without: B initiating
+    too could cross A's initiation, and two crossed initiations both wait 5 s."""
+    A, B = mesh["A"], mesh["B"]
+    b_key, a_key = B.peer.node_key, A.peer.node_key
+    assert A.wg.set_endpoint(b_key, "192.0.2.2:51821")  # nobody listens there
+    assert not A.ns.ping(B.overlay, timeout=0.3)
+    assert A.wg.peer_stats()[b_key].tx_bytes
+    assert B.wg.set_endpoint(a_key, "192.0.2.1:51822", 25)  # roams back on A's initiation
+    assert B.wg.dump().peers[a_key].keepalive == 0
+    assert A.wg.set_endpoint(b_key, "192.0.2.2:51820", 25)
+    assert A.wg.dump().peers[b_key].keepalive == 25
+    wait_for(lambda: A.wg.peer_stats()[b_key].latest_handshake is not None, 2,
+             what="A's handshake without another packet")
+
+
+@needs_root
+def test_an_initiation_sent_before_the_peer_knew_us_is_sent_again_at_once(mesh):
+    """A's first initiation reached B before B had A (its netmap came later) and was
+    dropped; WireGuard would send the next one after 5 s. When B says that it knows A now
+    (its candidates over the relay), `retry_unanswered` sends one at once, and only then."""
+    A, B = mesh["A"], mesh["B"]
+    b_key = B.peer.node_key
+    B.wg.reconcile([n.peer for lbl, n in sorted(mesh.nodes.items()) if lbl == "C"])  # B lacks A
+    assert not A.ns.ping(B.overlay, timeout=0.3)
+    st = A.wg.peer_stats()[b_key]
+    assert st.tx_bytes and not st.rx_bytes and st.latest_handshake is None
+    B.wg.reconcile(mesh.peers_of("B"))
+    assert not A.ns.ping(B.overlay, timeout=0.3)  # still within WireGuard's 5 s retry
+    assert A.wg.retry_unanswered(b_key, 25)
+    wait_for(lambda: A.ns.ping(B.overlay, timeout=0.3), 2, what="ping A->B after the retry")
+    assert not A.wg.retry_unanswered(b_key, 25)  # answered: nothing to redo
+    assert A.wg.dump().peers[b_key].keepalive == 25
+    assert not A.wg.retry_unanswered(mesh["C"].peer.node_key, 25)  # never sent to C
 
 
 @needs_root

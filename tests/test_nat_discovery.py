@@ -2,6 +2,7 @@
 STUN responder, probe sealing and the path decisions (agent/disco.py), the raw-socket
 framing (agent/paths.py)."""
 import asyncio
+import base64
 import os
 import socket
 
@@ -12,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from raftmesh.agent import disco, paths
 from raftmesh.api import stun_server
 from raftmesh.proto import stun
+from waiting import wait_until
 
 
 def test_binding_request_answer_and_mapped_address_round_trip():
@@ -179,3 +181,28 @@ def test_candidates_told_over_the_relay_are_searched_at_once_until_the_netmap_ch
     assert f.peers["B"].told == () and [c for _, c, _ in f.due(2.0, txids)] == ["198.51.100.3:41641"]
     f.told("Z", ("198.51.100.9:41641",), now=2.0)  # not a peer: nothing
     assert set(f.peers) == {"B"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the prober's raw socket needs root")
+def test_being_told_by_a_peer_is_reported_once_per_message_and_never_for_strangers():
+    """Told candidates also mean the peer has us in its WireGuard now: the prober's thread
+    reports that (`peer_told`), which lets the daemon resend an initiation that went before
+    (WireGuardInterface.retry_unanswered). A stranger's message, or one sealed by another
+    key than the relayed sender's, reports nothing."""
+    (a_priv, a_pub), (b_priv, b_pub), (z_priv, z_pub) = _keys(), _keys(), _keys()
+    reported = []
+    prober = paths.PathProber(0, lambda: (a_priv, a_pub), lambda k, e: None, lambda m: None,
+                              lambda k: None, lambda k, m: None, peer_told=reported.append)
+    b_key = base64.b64encode(b_pub).decode()
+    prober.start()
+    try:
+        assert prober.set_peers({b_key: ()}) == [b_key]
+        assert prober.set_peers({b_key: ()}) == []  # not new any more
+        told = disco.Probe(disco.CANDIDATES, b"t" * 12, "198.51.100.2:41641")
+        prober.told(z_pub, disco.seal(told, z_priv, z_pub, a_pub))  # not a peer
+        prober.told(b_pub, disco.seal(told, z_priv, z_pub, a_pub))  # sealed by someone else
+        prober.told(b_pub, disco.seal(told, b_priv, b_pub, a_pub))
+        wait_until(lambda: reported, 5, what="the peer's message reported")
+        assert reported == [b_key]
+    finally:
+        prober.close()

@@ -97,6 +97,9 @@ def test_a_real_wireguard_go_is_configured_read_and_refuses_nonsense_through_its
                       allowed_ips=("100.64.0.2/32", "10.9.0.0/24"), endpoints=("192.0.2.2:51820",)),
                  Peer(id="3", name="c", node_key=KEY_C, addresses=("100.64.0.3/32",),
                       allowed_ips=("100.64.0.3/32",), endpoints=())]
+        wg.reconcile(peers[1:], keepalive=25, new_peers_initiate=False)
+        assert wg.dump().peers[KEY_C].keepalive == 0  # waits for a first handshake
+        wg.arm_keepalive([KEY_C], 25)
         first = wg.reconcile(peers, keepalive=25)
         assert first.routes_added == ("10.9.0.0/24",)
         d = wg.dump()
