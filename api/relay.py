@@ -118,6 +118,9 @@ HUB = web.AppKey("relay_hub", RelayHub)
 async def relay(ctx: Ctx):
     machine = await machine_of(ctx)
     node = node_for_machine(ctx, machine)
+    if node is None:  # it may have registered through another replica a moment ago
+        await ctx.read_version()
+        node = node_for_machine(ctx, machine)
     if node is None:
         raise APIError(404, "not_found", "this machine is not registered (or was deleted)")
     if not node["approved"]:
