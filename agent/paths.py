@@ -13,8 +13,8 @@ STUN_INTERVAL (sooner while no answer came), reporting a changed mapping to the 
 Our candidates also go to every peer without a direct path over the relay (`tell`; sealed,
 agent/disco.py) when the peer is in our WireGuard, our candidates change or the relay session
 comes up, and what peers tell us there (`told`) is searched at once. Being told also says
-that the peer has us in its WireGuard now, so `peer_told` lets the daemon resend a first
-handshake initiation that left before that and went unanswered.
+that the peer has us in its WireGuard now, so `peer_told` (TOLD_GRACE later) lets the daemon
+resend a first handshake initiation that left before that and went unanswered.
 """
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ from . import disco, exit_node
 
 log = logging.getLogger("raftmesh.agent.paths")
 SO_ATTACH_FILTER = 26
+# The peer's message may overtake the answer to an initiation it got just after sending it
+# (relayed hops are slow on a loaded host): a new initiation would void that answer, and if
+# it reached the peer within 20 ms of the first, WireGuard's flood limit would drop it.
+TOLD_GRACE = 0.25
 STUN_INTERVAL = 20.0  # a NAT rebinding shows up within this (and in probes at once)
 STUN_RETRY = 1.0
 
@@ -98,8 +102,8 @@ class PathProber:
         self.set_endpoint, self.mapped_changed = set_endpoint, mapped_changed
         self.path_lost = path_lost
         self.tell = tell  # (peer's key, message) -> through the relay, if a session is up
-        self.peer_told = peer_told  # called from this thread for each peer that told us
-        self._told_by: set[str] = set()
+        self.peer_told = peer_told  # called from this thread, TOLD_GRACE after a peer told us
+        self._told_by: dict[str, float] = {}  # peer key -> when to call peer_told
         self.own: tuple[str, ...] = ()  # our candidates
         self.finder = disco.PathFinder()
         self.lock = threading.Lock()
@@ -182,7 +186,7 @@ class PathProber:
         candidates = tuple(c for c in probe.seen_from.split(",") if split_endpoint(c) is not None)
         with self.lock:
             news = self.finder.told(key, candidates, time.monotonic())
-            self._told_by.add(key)
+            self._told_by.setdefault(key, time.monotonic() + TOLD_GRACE)
         if news:
             log.info("%s told us its candidates over the relay: %s", key[:8], ", ".join(candidates))
         self._wake()
@@ -220,7 +224,10 @@ class PathProber:
                 pings = self.finder.due(now, lambda: secrets.token_bytes(12))
                 wake = self.finder.next_wakeup(now)
                 lost, self.finder.lost = self.finder.lost, set()
-                told_by, self._told_by = self._told_by, set()
+                told_by = [k for k, due in self._told_by.items() if due <= now]
+                for key in told_by:
+                    del self._told_by[key]
+                wake = min([wake, *self._told_by.values()])
                 if lost:  # perhaps our own mapping changed: ask STUN now
                     self._next_stun = now
             for key in lost:
