@@ -203,9 +203,9 @@ def test_a_peer_taking_routes_over_gets_a_fresh_session():
 
 
 def test_keepalive_waits_for_the_first_handshake():
-    """A keepalive makes wireguard-go initiate at once; two agents adding each other at once
-    would cross their initiations and both wait the 5 s retry. Armed after a handshake, and
-    never taken from a peer that has it."""
+    """For a peer that joins after us: a keepalive makes wireguard-go initiate at once, and
+    it and we add each other at once, so our initiations would cross and both wait the 5 s
+    retry. Armed after a handshake, and never taken from a peer that has it."""
     want = desired_peers([_peer(KEY_B, 2, ("192.0.2.2:51820",)), _peer(KEY_C, 3, ())], keepalive=25)
     fresh = PeerStats(KEY_B, None, None, 0, 0)
     done = replace(fresh, latest_handshake=1.7e9, rx_bytes=92, tx_bytes=148)
@@ -221,7 +221,8 @@ def test_keepalive_waits_for_the_first_handshake():
     armed = keepalive_once_handshaken(want, current, {KEY_B: done})
     assert compute_peer_ops(current, armed) == [PeerOp(KEY_B, keepalive=25)]
     off = desired_peers([_peer(KEY_C, 3, ())], keepalive=0)  # configured off: taken away
-    assert PeerOp(KEY_C, keepalive=0) in compute_peer_ops(current, keepalive_once_handshaken(off, current, {}))
+    taken = compute_peer_ops(current, keepalive_once_handshaken(off, current, {}))
+    assert PeerOp(KEY_C, keepalive=0) in taken
 
 
 def test_desired_peers_skips_self_and_rejects_bad_keys():
