@@ -49,6 +49,7 @@ from . import Outcome, codec, connection
 from .applied import ApplyListener, apply_entry, deliver
 from .background_snapshot import BackgroundSerializer
 from .lazy_commit import ForwardedCommands, Hold
+from .pause import pause
 from .removed_peer_links import RemovedPeerLinks
 from .stall_watch import StallWatch
 from .transport_crypto import AeadEncryptor
@@ -211,12 +212,12 @@ class RaftReplica(SyncObj):
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     log.exception("raft tick failed")
-                    time.sleep(self.config.tick)
+                    pause(self.config.tick)
                     continue
                 self._wait_for_room()
             except Exception:
                 log.exception("raft tick failed")
-                time.sleep(self.config.tick)
+                pause(self.config.tick)
         self.store.commit()
 
     def _note_slow_tick(self, started: float, cpu_started: float) -> None:
@@ -269,7 +270,7 @@ class RaftReplica(SyncObj):
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
-            time.sleep(ROOM_RETRY)
+            pause(ROOM_RETRY)
         log.warning("replica %s: space is back; replicating again", self.config.id)
 
     def _refuse_queued_commands(self) -> None:

@@ -15,6 +15,8 @@ import time
 import traceback
 from typing import Callable
 
+from .pause import pause
+
 log = logging.getLogger("raftmesh.replica")
 STALL_SECONDS = 5.0
 
@@ -51,4 +53,4 @@ class StallWatch:
             message = self.check(time.monotonic())
             if message is not None:
                 log.warning("%s", message)
-            time.sleep(self.limit / 4)  # a watch period, not synchronisation
+            pause(self.limit / 4)
