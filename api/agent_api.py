@@ -59,16 +59,20 @@ async def machine_of(ctx: Ctx, stream_nodes: dict[str, dict | None] | None = Non
         return verify_headers(ctx.request.headers, ctx.request.method, ctx.request.path, body,
                               time.time(), _nonces, key)
     except StaleTimestamp as e:
-        offset = ctx.request.app[CLUSTER_CLOCK].offset()
+        cluster_clock = ctx.request.app[CLUSTER_CLOCK]
+        offset = cluster_clock.offset()
         if offset is not None and abs(offset) > FRESHNESS_SECONDS / 2:
             raise APIError(503, "not_ready", f"this replica's clock is {offset:+.0f}s off the cluster's, so "
                            "it cannot check the signature's timestamp; retry on another replica")
         # No estimate yet: a replica that is not ready (just started, catching up, cut off)
-        # has applied too few of the others' commands to know whose clock is off (campaign
-        # seed 2: restarted with its clock a day ahead, it told a correct agent to fix its
-        # clock). A ready replica of a quiet cluster still says 401: most likely the agent.
+        # or only just started has applied too few of the others' commands to know whose
+        # clock is off (campaign seed 2: restarted with its clock a day ahead, it told a
+        # correct agent to fix its clock). A ready replica of a quiet cluster, up for
+        # ClusterClock.WARMUP, still says 401: most likely the agent.
         if offset is None:
             ready, reason = serving_readiness(ctx.request.app, ctx.replica)
+            if ready and cluster_clock.warming_up():
+                ready, reason = False, "it has only just started"
             if not ready:
                 raise APIError(503, "not_ready", f"the signature's timestamp is off this replica's clock "
                                f"and this replica cannot yet tell whose clock is wrong ({reason}); retry "

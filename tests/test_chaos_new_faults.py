@@ -270,3 +270,17 @@ def test_a_step_of_the_local_clock_shifts_the_estimate_at_once(monkeypatch):
     assert cc.offset() == 86400
     clocks["wall"], clocks["mono"] = clocks["wall"] + 0.5, clocks["mono"] + 0.5  # time passing is no step
     assert cc.offset() == 86400
+
+
+def test_a_replica_just_started_has_no_estimate_yet_rather_than_a_quiet_cluster():
+    """Campaign run 72: restarted with its clock 3 h behind, a replica was ready 0.5 s later,
+    before it had applied 8 of the others' commands, and told a correctly signed agent to
+    check its clock (401). For WARMUP after its start no estimate means "not yet" (503)."""
+    from types import SimpleNamespace
+
+    from raftmesh.api import cluster_clock
+    replica = SimpleNamespace(add_apply_listener=lambda fn: None, add_propose_listener=lambda fn: None)
+    cc = cluster_clock.ClusterClock(replica)
+    assert cc.offset() is None and cc.warming_up()
+    later = time.monotonic() + cluster_clock.WARMUP
+    assert not cc.warming_up(later), "a quiet cluster after the warm-up: 401 for a wrong agent clock"

@@ -9,11 +9,11 @@ import socket
 import pytest
 from nacl.public import PrivateKey
 from prometheus_client import CollectorRegistry
+from waiting import wait_until
 
 from raftmesh.agent import disco, paths
 from raftmesh.api import stun_server
 from raftmesh.proto import stun
-from waiting import wait_until
 
 
 def test_binding_request_answer_and_mapped_address_round_trip():
