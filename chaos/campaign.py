@@ -17,6 +17,7 @@ import sys
 import time
 
 from . import run as chaos_run
+from .schedule import make_schedule
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,12 @@ def main(args) -> int:
     if args.runs < 1 or not sizes or any(n not in (3, 5) for n in sizes):
         print("raftmesh chaos campaign: --runs must be >= 1 and --replicas a list of 3 and 5",
               file=sys.stderr)
+        return 2
+    try:  # refused once, before the first run, rather than by each of the N runs
+        for replicas in set(sizes):
+            make_schedule(args.seed, args.duration, chaos_run.requested_faults(args.faults), replicas)
+    except ValueError as e:
+        print(f"raftmesh chaos campaign: {e}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     rows, started = [], time.monotonic()

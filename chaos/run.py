@@ -81,11 +81,15 @@ def default_faults() -> list[str]:
     return [f for f in FAULTS if f != "clock" or clock.library() is not None]
 
 
+def requested_faults(spec: str | None) -> list[str]:
+    """--faults as given (comma-separated), or every kind this machine can inject."""
+    if spec is None:
+        return default_faults()
+    return [f.strip() for f in spec.split(",") if f.strip()]
+
+
 def main(args) -> int:
-    if args.faults is None:
-        faults = default_faults()
-    else:
-        faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    faults = requested_faults(args.faults)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(3), "big")
     try:
         schedule = make_schedule(seed, args.duration, faults, args.replicas)

@@ -43,6 +43,10 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path, capsys):
     assert campaign.main(parser.parse_args(["--runs", "0", "--out", str(tmp_path)])) == 2
     assert campaign.main(parser.parse_args(["--replicas", "4", "--out", str(tmp_path)])) == 2
     assert "--replicas a list of 3 and 5" in capsys.readouterr().err
+    # too short for every fault kind: said once, not by 100 runs that each fail to start
+    out = tmp_path / "short"
+    assert campaign.main(parser.parse_args(["--runs", "100", "--duration", "30", "--out", str(out)])) == 2
+    assert "--duration 30s is too short" in capsys.readouterr().err and not out.exists()
 
 
 @needs_netns
