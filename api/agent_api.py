@@ -68,10 +68,12 @@ async def machine_of(ctx: Ctx, stream_nodes: dict[str, dict | None] | None = Non
         # or only just started has applied too few of the others' commands to know whose
         # clock is off (campaign seed 2: restarted with its clock a day ahead, it told a
         # correct agent to fix its clock). A ready replica of a quiet cluster, up for
-        # ClusterClock.WARMUP, still says 401: most likely the agent.
+        # ClusterClock.WARMUP, still says 401: most likely the agent; so does one alone in
+        # its cluster, which nobody can correct.
         if offset is None:
             ready, reason = serving_readiness(ctx.request.app, ctx.replica)
-            if ready and cluster_clock.warming_up():
+            alone = len(ctx.replica.status.get("members", ())) <= 1
+            if ready and not alone and cluster_clock.warming_up():
                 ready, reason = False, "it has only just started"
             if not ready:
                 raise APIError(503, "not_ready", f"the signature's timestamp is off this replica's clock "
