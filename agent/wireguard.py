@@ -572,7 +572,7 @@ class WireGuardInterface:
             self._set_peers([PeerOp(public_key, endpoint=endpoint)])
             return True
         return self._first_initiation_again(public_key, endpoint,
-                                            (keepalive if stats.tx_bytes else cur.keepalive) or None)
+                                            (keepalive if stats.tx_bytes else cur.keepalive) or None, dump)
 
     def retry_unanswered(self, public_key: str, keepalive: int) -> bool:
         """Send a first initiation to a peer at once if ours went unanswered (sent, nothing
@@ -585,22 +585,23 @@ class WireGuardInterface:
         if cur is None or cur.endpoint is None or stats is None or not stats.tx_bytes \
                 or stats.rx_bytes or stats.latest_handshake is not None:
             return False
-        return self._first_initiation_again(public_key, cur.endpoint, keepalive or None,
+        return self._first_initiation_again(public_key, cur.endpoint, keepalive or None, dump,
                                             only_if_unanswered=True)
 
     def _first_initiation_again(self, public_key: str, endpoint: str, keepalive: int | None,
-                                only_if_unanswered: bool = False) -> bool:
+                                dump: DeviceDump, only_if_unanswered: bool = False) -> bool:
         """Remove and add the peer again in one `wg set`: a new first initiation leaves.
 
         It is kept FRESH_SPACING after the peer's last first initiation (a re-add, or
         `reconcile` adding it with an endpoint): the receiver drops an initiation that follows
         the previous one within 20 ms (flood) or carries the same timestamp (wireguard-go
         rounds them to ~17 ms); the dropped second initiation then waited the 5 s retry.
-        The device is read again after that wait: an answer may have come meanwhile."""
+        `dump` is the device as the caller read it; after that wait it is read again, since
+        an answer may have come meanwhile."""
         wait = self._fresh_at.get(public_key, -FRESH_SPACING) + FRESH_SPACING - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        dump = self.dump()
+            dump = self.dump()
         cur, stats = dump.peers.get(public_key), dump.stats.get(public_key)
         if cur is None or stats is None:
             return False
