@@ -76,7 +76,6 @@ class ClusterClock:
             deltas = list(self._deltas)
         return -statistics.median_low(deltas) if len(deltas) >= MIN_SAMPLES else None
 
-
     def warming_up(self, now: float | None = None) -> bool:
         """Whether no estimate may only mean "just started": campaign run 72, a replica
         restarted with its clock 3 h behind was ready 0.5 s later, before 8 of the others'
