@@ -69,6 +69,12 @@ class PeerStats:
     rx_bytes: int
     tx_bytes: int
 
+    @property
+    def heard_from(self) -> bool:
+        """A completed handshake, or an initiation we answered: WireGuard shows that handshake
+        only once the peer's first data confirms it, but its bytes count at once."""
+        return self.latest_handshake is not None or self.rx_bytes > 0
+
 
 @dataclass(frozen=True)
 class DeviceDump:
@@ -568,7 +574,7 @@ class WireGuardInterface:
         if cur is None or cur.endpoint == endpoint:
             return False
         stats = dump.stats[public_key]
-        if stats.latest_handshake is not None or stats.rx_bytes:
+        if stats.heard_from:
             self._set_peers([PeerOp(public_key, endpoint=endpoint)])
             return True
         return self._first_initiation_again(public_key, endpoint,
@@ -582,8 +588,7 @@ class WireGuardInterface:
         check_key(public_key)
         dump = self.dump()
         cur, stats = dump.peers.get(public_key), dump.stats.get(public_key)
-        if cur is None or cur.endpoint is None or stats is None or not stats.tx_bytes \
-                or stats.rx_bytes or stats.latest_handshake is not None:
+        if cur is None or cur.endpoint is None or stats is None or not stats.tx_bytes or stats.heard_from:
             return False
         return self._first_initiation_again(public_key, cur.endpoint, keepalive or None, dump,
                                             only_if_unanswered=True)
@@ -605,11 +610,10 @@ class WireGuardInterface:
         cur, stats = dump.peers.get(public_key), dump.stats.get(public_key)
         if cur is None or stats is None:
             return False
-        answered = stats.latest_handshake is not None or stats.rx_bytes
         if only_if_unanswered:
-            if answered or not stats.tx_bytes or cur.endpoint != endpoint:
+            if stats.heard_from or not stats.tx_bytes or cur.endpoint != endpoint:
                 return False
-        elif answered:  # keep the session; only the endpoint moves
+        elif stats.heard_from:  # keep the session; only the endpoint moves
             if cur.endpoint == endpoint:
                 return False
             self._set_peers([PeerOp(public_key, endpoint=endpoint)])
