@@ -46,11 +46,16 @@ def test_the_watch_runs_in_a_replica_whose_clock_is_faked(tmp_path):
         started = time.monotonic()
         pause(0.05)
         assert time.monotonic() - started >= 0.05
-        stuck = threading.Thread(target=threading.Event().wait, args=(1.0,), daemon=True)
+        reported = threading.Event()
+        class Seen(logging.Handler):
+            def emit(self, record):
+                reported.set()
+        logging.getLogger("raftmesh.replica").addHandler(Seen())
+        stuck = threading.Thread(target=threading.Event().wait, args=(10.0,), daemon=True)
         stuck.start()
         done = threading.Event()
         StallWatch("r1", stuck, lambda: started, done.is_set, limit=0.2).start()
-        threading.Event().wait(0.6)
+        assert reported.wait(10), "no stall reported"
         done.set()
     """)
     faked = clock.prefix(control)
